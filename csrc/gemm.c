@@ -1,10 +1,44 @@
-/* gemm.c: y = x @ W^T for float32 weights (OpenBLAS sgemm/sgemv) and bfloat16 weights
- * (converted tile by tile to float32, then sgemm; a streaming GEMV for few rows). */
+/* gemm.c: y (M, Nout) = x (M, Kin) @ W^T + bias, W (Nout, Kin) stored as float32 or bfloat16.
+ *
+ * Two regimes:
+ *  - few rows (decode, M <= GEMV_MAX_M): a streaming GEMV. Every weight is used M times, so
+ *    the time is the time to read W from DRAM once. Our own kernel streams W (bf16 or fp32)
+ *    with float32 accumulation, output rows split across threads in contiguous blocks.
+ *  - many rows (prefill): OpenBLAS sgemm. bf16 weights are widened panel by panel into a
+ *    float32 scratch panel (in parallel) and each panel goes through one sgemm; the
+ *    conversion is O(Nout*Kin) against the product's O(M*Nout*Kin).
+ * Each path has an AVX-512 kernel and a portable C kernel chosen at run time
+ * (bm_cpu_has_avx512()). The float64 reference is blackmamba/ref.py linear.
+ */
 #include "bm.h"
 
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BM_X86 1
+#endif
+
+/* Largest M served by the GEMV kernels. At M rows each weight costs M FMAs; past this
+ * point the kernel is compute bound and sgemm (blocked for the caches) wins. Measured on
+ * Zen 4 with dev/cpu/bench_gemm.c, see benchmarks/RESULTS.md. */
+#define GEMV_MAX_M_BF16 16
+#define GEMV_MAX_M_F32 8
+/* Below this many weights a GEMV runs on one thread: waking the second thread costs more
+ * than the few microseconds of streaming it would save. */
+#define GEMV_PAR_MIN_ELEMS (1 << 16)
+/* Float32 scratch per bf16 panel (bytes): big enough that each sgemm call has a wide N,
+ * small enough to stay in L3 (32 MiB here) and under glibc's mmap threshold so the buffer
+ * is recycled between calls instead of page-faulted in each time. */
+#define PANEL_BYTES (8u << 20)
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ---- float32 <-> bfloat16 --------------------------------------------------------------- */
 
 void bm_bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
     uint32_t *d = (uint32_t *)dst;
@@ -26,44 +60,276 @@ static void add_bias(float *y, const float *bias, int64_t M, int64_t Nout) {
         for (int64_t n = 0; n < Nout; n++) y[m * Nout + n] += bias[n];
 }
 
-/* Rows of W converted per tile: TILE x Kin floats of scratch. */
-#define BF16_TILE 256
+/* ---- GEMV: portable kernels ------------------------------------------------------------- */
 
-static bm_status linear_bf16(const float *x, const uint16_t *W, float *y, int64_t M,
-                             int64_t Nout, int64_t Kin) {
-    float *tile = malloc(sizeof(float) * BF16_TILE * (size_t)Kin);
-    if (!tile) return BM_ERR_NOMEM;
-    for (int64_t n0 = 0; n0 < Nout; n0 += BF16_TILE) {
-        int64_t nt = Nout - n0 < BF16_TILE ? Nout - n0 : BF16_TILE;
-        bm_bf16_to_f32(W + n0 * Kin, tile, nt * Kin);
-        /* y[:, n0:n0+nt] = x @ tile^T */
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)nt, (int)Kin,
-                          1.0f, x, (int)Kin, tile, (int)Kin, 0.0f, y + n0, (int)Nout);
+/* y[m*Nout + n] for n in [n0, n1), all m < M. x (M, Kin); W (Nout, Kin) of `wdtype`.
+ * Eight partial sums per dot product: a fixed order the compiler can vectorise. */
+static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
+                        int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const float *wf = (const float *)W + n * Kin;
+        const uint16_t *wh = (const uint16_t *)W + n * Kin;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * Kin;
+            float acc[8] = {0};
+            int64_t k = 0;
+            for (; k + 8 <= Kin; k += 8)
+                for (int j = 0; j < 8; j++) {
+                    float w;
+                    if (wdtype == BM_BF16) {
+                        uint32_t u = (uint32_t)wh[k + j] << 16;
+                        memcpy(&w, &u, 4);
+                    } else {
+                        w = wf[k + j];
+                    }
+                    acc[j] += w * xm[k + j];
+                }
+            for (int j = 0; k < Kin; k++, j++) {
+                float w;
+                if (wdtype == BM_BF16) {
+                    uint32_t u = (uint32_t)wh[k] << 16;
+                    memcpy(&w, &u, 4);
+                } else {
+                    w = wf[k];
+                }
+                acc[j] += w * xm[k];
+            }
+            y[m * Nout + n] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+                              ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        }
     }
-    free(tile);
+}
+
+/* ---- GEMV: AVX-512 kernels -------------------------------------------------------------- */
+#ifdef BM_X86
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define KERNEL static inline __attribute__((always_inline)) AVX512
+
+/* bf16: one 64-byte load holds 32 weights; as 16 uint32 lanes, lane j = w[2j+1]:w[2j].
+ * `lane << 16` is w[2j] as float32 and `lane & 0xffff0000` is w[2j+1]: two cheap integer ops
+ * widen 32 weights. x is pre-shuffled to match (xp below), so no cross-lane shuffles. */
+
+/* xp (M, Kp), Kp = 32*ceil(Kin/32): per block of 32 the 16 even-index x then the 16 odd
+ * ones; the padding is zero (masked weight loads read zeros there too). */
+static void shuffle_x_bf16(const float *x, float *xp, int64_t M, int64_t Kin, int64_t Kp) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * Kin;
+        float *pm = xp + m * Kp;
+        for (int64_t k = 0; k < Kp; k++) {
+            int64_t blk = k & ~(int64_t)31, j = k & 31;
+            int64_t src = blk + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
+            pm[k] = src < Kin ? xm[src] : 0.0f;
+        }
+    }
+}
+
+/* R weight rows n..n+R-1 against MB shuffled x rows; y rows strided by Nout.
+ * R and MB are compile-time constants at each call site, so acc[][] lives in registers. */
+KERNEL void bf16_block(const uint16_t *W, const float *xp, float *y, int64_t Nout, int64_t Kin,
+                       int64_t Kp, int R, int MB) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    int64_t k = 0;
+    for (; k + 32 <= Kin; k += 32) {
+        __m512 xe[4], xo[4];
+        for (int m = 0; m < MB; m++) {
+            xe[m] = _mm512_loadu_ps(xp + m * Kp + k);
+            xo[m] = _mm512_loadu_ps(xp + m * Kp + k + 16);
+        }
+        for (int r = 0; r < R; r++) {
+            /* ~1 KiB ahead per row: the hardware prefetcher tracks few streams per core */
+            _mm_prefetch((const char *)(W + r * Kin + k) + 1024, _MM_HINT_T0);
+            __m512i w = _mm512_loadu_si512(W + r * Kin + k);
+            __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
+            for (int m = 0; m < MB; m++) {
+                acc[r][m] = _mm512_fmadd_ps(we, xe[m], acc[r][m]);
+                acc[r][m] = _mm512_fmadd_ps(wo, xo[m], acc[r][m]);
+            }
+        }
+    }
+    if (k < Kin) {
+        __mmask32 mk = (__mmask32)((1ull << (Kin - k)) - 1);
+        __m512 xe[4], xo[4];
+        for (int m = 0; m < MB; m++) {
+            xe[m] = _mm512_loadu_ps(xp + m * Kp + k);
+            xo[m] = _mm512_loadu_ps(xp + m * Kp + k + 16);
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i w = _mm512_maskz_loadu_epi16(mk, W + r * Kin + k);
+            __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
+            for (int m = 0; m < MB; m++) {
+                acc[r][m] = _mm512_fmadd_ps(we, xe[m], acc[r][m]);
+                acc[r][m] = _mm512_fmadd_ps(wo, xo[m], acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) y[m * Nout + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+/* fp32: two 16-wide blocks per step into separate accumulators, so even R*MB = 1 keeps two
+ * FMA chains in flight. */
+KERNEL void f32_block(const float *W, const float *x, float *y, int64_t Nout, int64_t Kin,
+                      int R, int MB) {
+    __m512 acc[4][4][2];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= Kin; k += 32) {
+        __m512 x0[4], x1[4];
+        for (int m = 0; m < MB; m++) {
+            x0[m] = _mm512_loadu_ps(x + m * Kin + k);
+            x1[m] = _mm512_loadu_ps(x + m * Kin + k + 16);
+        }
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(W + r * Kin + k) + 1024, _MM_HINT_T0);
+            __m512 w0 = _mm512_loadu_ps(W + r * Kin + k);
+            __m512 w1 = _mm512_loadu_ps(W + r * Kin + k + 16);
+            for (int m = 0; m < MB; m++) {
+                acc[r][m][0] = _mm512_fmadd_ps(w0, x0[m], acc[r][m][0]);
+                acc[r][m][1] = _mm512_fmadd_ps(w1, x1[m], acc[r][m][1]);
+            }
+        }
+    }
+    for (; k < Kin; k += 16) {
+        __mmask16 mk = Kin - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Kin - k)) - 1);
+        __m512 x0[4];
+        for (int m = 0; m < MB; m++) x0[m] = _mm512_maskz_loadu_ps(mk, x + m * Kin + k);
+        for (int r = 0; r < R; r++) {
+            __m512 w0 = _mm512_maskz_loadu_ps(mk, W + r * Kin + k);
+            for (int m = 0; m < MB; m++) acc[r][m][0] = _mm512_fmadd_ps(w0, x0[m], acc[r][m][0]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++)
+            y[m * Nout + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+/* Instantiate the blocks: R = 4 rows of W (x loads shared by 4 rows; 4*MB*2 FMA chains)
+ * and R = 1 for the leftover rows; MB = 1..4 rows of x. */
+#define DISPATCH_MB(CALL, R, mb)                                                               \
+    switch (mb) {                                                                              \
+    case 1: CALL(R, 1); break;                                                                 \
+    case 2: CALL(R, 2); break;                                                                 \
+    case 3: CALL(R, 3); break;                                                                 \
+    default: CALL(R, 4); break;                                                                \
+    }
+
+/* y (M, Nout) rows n in [n0, n1); xp (M, Kp) shuffled; W (Nout, Kin) bf16. */
+AVX512 static void gemv_rows_bf16_avx512(const float *xp, const uint16_t *W, float *y, int64_t M,
+                                         int64_t Nout, int64_t Kin, int64_t Kp, int64_t n0,
+                                         int64_t n1) {
+    int64_t n = n0;
+#define CALL_BF16(R, MB) bf16_block(W + n * Kin, xp + m * Kp, y + m * Nout + n, Nout, Kin, Kp, R, MB)
+    /* W rows stream from DRAM once; the next x group re-reads them from L1/L2 */
+    for (; n + 4 <= n1; n += 4)
+        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_BF16, 4, min64(M - m, 4))
+    for (; n < n1; n++)
+        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_BF16, 1, min64(M - m, 4))
+#undef CALL_BF16
+}
+
+AVX512 static void gemv_rows_f32_avx512(const float *x, const float *W, float *y, int64_t M,
+                                        int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+#define CALL_F32(R, MB) f32_block(W + n * Kin, x + m * Kin, y + m * Nout + n, Nout, Kin, R, MB)
+    for (; n + 4 <= n1; n += 4)
+        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_F32, 4, min64(M - m, 4))
+    for (; n < n1; n++)
+        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_F32, 1, min64(M - m, 4))
+#undef CALL_F32
+}
+#endif /* BM_X86 */
+
+/* ---- GEMV driver ------------------------------------------------------------------------ */
+
+static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
+                      int64_t Nout, int64_t Kin) {
+    int nt = Nout * Kin < GEMV_PAR_MIN_ELEMS ? 1 : bm_get_num_threads();
+    if (nt > Nout / 4) nt = Nout / 4 > 0 ? (int)(Nout / 4) : 1;
+    int avx512 = bm_cpu_has_avx512();
+    const float *xs = x;
+    float *xp = NULL;
+    int64_t Kp = (Kin + 31) / 32 * 32;
+#ifdef BM_X86
+    if (avx512 && wdtype == BM_BF16) {
+        xp = malloc(sizeof(float) * (size_t)(M * Kp));
+        if (!xp) return BM_ERR_NOMEM;
+        shuffle_x_bf16(x, xp, M, Kin, Kp);
+        xs = xp;
+    }
+#endif
+    /* contiguous blocks of output rows, multiples of 4 (the kernel's row block) */
+    #pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        int t = 0, T = 1;
+#endif
+        int64_t per = (Nout / 4 + T - 1) / T * 4;
+        int64_t n0 = min64((int64_t)t * per, Nout), n1 = min64(n0 + per, Nout);
+        if (n0 < n1) {
+#ifdef BM_X86
+            if (avx512 && wdtype == BM_BF16)
+                gemv_rows_bf16_avx512(xs, (const uint16_t *)W, y, M, Nout, Kin, Kp, n0, n1);
+            else if (avx512)
+                gemv_rows_f32_avx512(xs, (const float *)W, y, M, Nout, Kin, n0, n1);
+            else
+#endif
+                gemv_rows_c(xs, W, wdtype, y, M, Nout, Kin, n0, n1);
+        }
+    }
+    free(xp);
+    return BM_OK;
+}
+
+/* ---- bf16 weights, many rows: widen a panel of W in parallel, one sgemm per panel ------- */
+
+static void widen_rows(const uint16_t *src, float *dst, int64_t rows, int64_t Kin) {
+    #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static)
+    for (int64_t r = 0; r < rows; r++) bm_bf16_to_f32(src + r * Kin, dst + r * Kin, Kin);
+}
+
+static bm_status gemm_bf16(const float *x, const uint16_t *W, float *y, int64_t M, int64_t Nout,
+                           int64_t Kin) {
+    int64_t P = (int64_t)PANEL_BYTES / (int64_t)(sizeof(float) * Kin);
+    if (P < 16) P = 16;
+    if (P > Nout) P = Nout;
+    float *panel = malloc(sizeof(float) * (size_t)(P * Kin)); /* (P, Kin) */
+    if (!panel) return BM_ERR_NOMEM;
+    for (int64_t n0 = 0; n0 < Nout; n0 += P) {
+        int64_t nt = min64(P, Nout - n0);
+        widen_rows(W + n0 * Kin, panel, nt, Kin);
+        /* y[:, n0:n0+nt] = x @ panel^T */
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)nt, (int)Kin,
+                          1.0f, x, (int)Kin, panel, (int)Kin, 0.0f, y + n0, (int)Nout);
+    }
+    free(panel);
     return BM_OK;
 }
 
 bm_status bm_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias,
                     float *y, int64_t M, int64_t Nout, int64_t Kin) {
+    if (wdtype != BM_F32 && wdtype != BM_BF16) return BM_ERR_ARG;
     if (M <= 0 || Nout <= 0) return BM_OK;
     if (Kin <= 0) {
         memset(y, 0, sizeof(float) * (size_t)(M * Nout));
         add_bias(y, bias, M, Nout);
         return BM_OK;
     }
-    if (wdtype == BM_BF16) {
-        bm_status st = linear_bf16(x, (const uint16_t *)W, y, M, Nout, Kin);
-        if (st == BM_OK) add_bias(y, bias, M, Nout);
-        return st;
-    }
-    if (wdtype != BM_F32) return BM_ERR_ARG;
-    if (M == 1)
-        scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)Nout, (int)Kin, 1.0f,
-                          (const float *)W, (int)Kin, x, 1, 0.0f, y, 1);
+    bm_status st = BM_OK;
+    if (M <= (wdtype == BM_BF16 ? GEMV_MAX_M_BF16 : GEMV_MAX_M_F32))
+        st = gemv(x, W, wdtype, y, M, Nout, Kin);
+    else if (wdtype == BM_BF16)
+        st = gemm_bf16(x, (const uint16_t *)W, y, M, Nout, Kin);
     else
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)Nout, (int)Kin,
                           1.0f, x, (int)Kin, (const float *)W, (int)Kin, 0.0f, y, (int)Nout);
-    add_bias(y, bias, M, Nout);
-    return BM_OK;
+    if (st == BM_OK) add_bias(y, bias, M, Nout);
+    return st;
 }

@@ -271,7 +271,7 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
 #else
         int t = 0, T = 1;
 #endif
-        int64_t per = (Nout / 4 + T - 1) / T * 4;
+        int64_t per = ((Nout + 3) / 4 + T - 1) / T * 4;
         int64_t n0 = min64((int64_t)t * per, Nout), n1 = min64(n0 + per, Nout);
         if (n0 < n1) {
 #ifdef BM_X86

@@ -40,17 +40,85 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* ---- float32 <-> bfloat16 --------------------------------------------------------------- */
 
-void bm_bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+/* Portable and AVX-512 kernels of one thread; the public functions split big arrays across
+ * threads. f32 -> bf16 rounds with integer arithmetic rather than vcvtneps2bf16, which
+ * flushes denormals to zero. */
+static void widen_c(const uint16_t *src, float *dst, int64_t n) {
     uint32_t *d = (uint32_t *)dst;
     for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
 }
 
-void bm_f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+static void narrow_c(const float *src, uint16_t *dst, int64_t n) {
     const uint32_t *s = (const uint32_t *)src;
     for (int64_t i = 0; i < n; i++) {
         uint32_t u = s[i];
         if ((u & 0x7fffffffu) > 0x7f800000u) dst[i] = (uint16_t)((u >> 16) | 0x40); /* NaN */
         else dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+#ifdef BM_X86
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+AVX512 static void widen_avx512(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_si512(dst + i, _mm512_slli_epi32(v, 16));
+    }
+    widen_c(src + i, dst + i, n - i);
+}
+
+AVX512 static void narrow_avx512(const float *src, uint16_t *dst, int64_t n) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_loadu_si512(src + i);
+        __m512i hi = _mm512_srli_epi32(u, 16);
+        __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(hi, one)), 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+        r = _mm512_mask_or_epi32(r, nan, hi, quiet);
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(r));
+    }
+    narrow_c(src + i, dst + i, n - i);
+}
+#endif
+
+/* Elements per thread-chunk of a conversion: below ~1 MB the threads cost more than they
+ * save. */
+#define CONVERT_CHUNK (1 << 18)
+
+static void widen(const uint16_t *src, float *dst, int64_t n, int avx512) {
+#ifdef BM_X86
+    if (avx512) { widen_avx512(src, dst, n); return; }
+#endif
+    widen_c(src, dst, n);
+}
+
+void bm_bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    int avx512 = bm_cpu_has_avx512();
+    int64_t chunks = (n + CONVERT_CHUNK - 1) / CONVERT_CHUNK;
+    #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; c++)
+        widen(src + c * CONVERT_CHUNK, dst + c * CONVERT_CHUNK,
+              min64(CONVERT_CHUNK, n - c * CONVERT_CHUNK), avx512);
+}
+
+void bm_f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    int avx512 = bm_cpu_has_avx512();
+    int64_t chunks = (n + CONVERT_CHUNK - 1) / CONVERT_CHUNK;
+    #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const float *s = src + c * CONVERT_CHUNK;
+        uint16_t *d = dst + c * CONVERT_CHUNK;
+        int64_t m = min64(CONVERT_CHUNK, n - c * CONVERT_CHUNK);
+#ifdef BM_X86
+        if (avx512) { narrow_avx512(s, d, m); continue; }
+#endif
+        narrow_c(s, d, m);
     }
 }
 
@@ -102,7 +170,6 @@ static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y
 
 /* ---- GEMV: AVX-512 kernels -------------------------------------------------------------- */
 #ifdef BM_X86
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define KERNEL static inline __attribute__((always_inline)) AVX512
 
 /* bf16: one 64-byte load holds 32 weights; as 16 uint32 lanes, lane j = w[2j+1]:w[2j].
@@ -290,11 +357,6 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
 
 /* ---- bf16 weights, many rows: widen a panel of W in parallel, one sgemm per panel ------- */
 
-static void widen_rows(const uint16_t *src, float *dst, int64_t rows, int64_t Kin) {
-    #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static)
-    for (int64_t r = 0; r < rows; r++) bm_bf16_to_f32(src + r * Kin, dst + r * Kin, Kin);
-}
-
 static bm_status gemm_bf16(const float *x, const uint16_t *W, float *y, int64_t M, int64_t Nout,
                            int64_t Kin) {
     int64_t P = (int64_t)PANEL_BYTES / (int64_t)(sizeof(float) * Kin);
@@ -304,7 +366,7 @@ static bm_status gemm_bf16(const float *x, const uint16_t *W, float *y, int64_t 
     if (!panel) return BM_ERR_NOMEM;
     for (int64_t n0 = 0; n0 < Nout; n0 += P) {
         int64_t nt = min64(P, Nout - n0);
-        widen_rows(W + n0 * Kin, panel, nt, Kin);
+        bm_bf16_to_f32(W + n0 * Kin, panel, nt * Kin); /* rows are contiguous: one block */
         /* y[:, n0:n0+nt] = x @ panel^T */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)nt, (int)Kin,
                           1.0f, x, (int)Kin, panel, (int)Kin, 0.0f, y + n0, (int)Nout);

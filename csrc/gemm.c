@@ -172,142 +172,100 @@ static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y
 #ifdef BM_X86
 #define KERNEL static inline __attribute__((always_inline)) AVX512
 
-/* bf16: one 64-byte load holds 32 weights; as 16 uint32 lanes, lane j = w[2j+1]:w[2j].
- * `lane << 16` is w[2j] as float32 and `lane & 0xffff0000` is w[2j+1]: two cheap integer ops
+/* One weight row at a time, start to end, so that each thread reads one sequential stream:
+ * measured on Zen 4, interleaving 2 or 4 rows (to share x loads) or adding software
+ * prefetches lost 10-40% of the bandwidth the hardware prefetcher gets from one stream
+ * (dev/cpu/gemv_variants.c). A row of W is at most a few KiB, so when M > 4 the next group
+ * of x rows re-reads it from L1.
+ *
+ * bf16: one 64-byte load holds 32 weights; as 16 uint32 lanes, lane j = w[2j+1]:w[2j].
+ * `lane << 16` is w[2j] as float32 and `lane & 0xffff0000` is w[2j+1]: two integer ops
  * widen 32 weights. x is pre-shuffled to match (xp below), so no cross-lane shuffles. */
 
 /* xp (M, Kp), Kp = 32*ceil(Kin/32): per block of 32 the 16 even-index x then the 16 odd
  * ones; the padding is zero (masked weight loads read zeros there too). */
-static void shuffle_x_bf16(const float *x, float *xp, int64_t M, int64_t Kin, int64_t Kp) {
+AVX512 static void shuffle_x_bf16(const float *x, float *xp, int64_t M, int64_t Kin, int64_t Kp) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * Kin;
         float *pm = xp + m * Kp;
-        for (int64_t k = 0; k < Kp; k++) {
-            int64_t blk = k & ~(int64_t)31, j = k & 31;
-            int64_t src = blk + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
-            pm[k] = src < Kin ? xm[src] : 0.0f;
+        for (int64_t k = 0; k < Kp; k += 32) {
+            __mmask16 m0 = Kin - k >= 16 ? 0xffff : (__mmask16)((1u << (Kin - k)) - 1);
+            __mmask16 m1 = Kin - k >= 32 ? 0xffff : Kin - k <= 16 ? 0 : (__mmask16)((1u << (Kin - k - 16)) - 1);
+            __m512 a = _mm512_maskz_loadu_ps(m0, xm + k), b = _mm512_maskz_loadu_ps(m1, xm + k + 16);
+            _mm512_storeu_ps(pm + k, _mm512_permutex2var_ps(a, even, b));
+            _mm512_storeu_ps(pm + k + 16, _mm512_permutex2var_ps(a, odd, b));
         }
     }
 }
 
-/* R weight rows n..n+R-1 against MB shuffled x rows; y rows strided by Nout.
- * R and MB are compile-time constants at each call site, so acc[][] lives in registers. */
-KERNEL void bf16_block(const uint16_t *W, const float *xp, float *y, int64_t Nout, int64_t Kin,
-                       int64_t Kp, int R, int MB) {
-    __m512 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
+/* y[m*Nout] for m < MB = dot(W row, x row m); xp (MB, Kp) shuffled. Even and odd halves
+ * go to separate accumulators: two FMA chains per x row. MB is a compile-time constant at
+ * each call site, so the accumulators live in registers. */
+KERNEL void bf16_row(const uint16_t *W, const float *xp, float *y, int64_t Nout, int64_t Kin,
+                     int64_t Kp, int MB) {
+    __m512 ae[4], ao[4];
+    for (int m = 0; m < MB; m++) ae[m] = ao[m] = _mm512_setzero_ps();
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    int64_t k = 0;
-    for (; k + 32 <= Kin; k += 32) {
-        __m512 xe[4], xo[4];
+    for (int64_t k = 0; k < Kin; k += 32) {
+        __m512i w = Kin - k >= 32 ? _mm512_loadu_si512(W + k)
+                                  : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (Kin - k)) - 1), W + k);
+        __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
         for (int m = 0; m < MB; m++) {
-            xe[m] = _mm512_loadu_ps(xp + m * Kp + k);
-            xo[m] = _mm512_loadu_ps(xp + m * Kp + k + 16);
-        }
-        for (int r = 0; r < R; r++) {
-            /* ~1 KiB ahead per row: the hardware prefetcher tracks few streams per core */
-            _mm_prefetch((const char *)(W + r * Kin + k) + 1024, _MM_HINT_T0);
-            __m512i w = _mm512_loadu_si512(W + r * Kin + k);
-            __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
-            for (int m = 0; m < MB; m++) {
-                acc[r][m] = _mm512_fmadd_ps(we, xe[m], acc[r][m]);
-                acc[r][m] = _mm512_fmadd_ps(wo, xo[m], acc[r][m]);
-            }
+            ae[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xp + m * Kp + k), ae[m]);
+            ao[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xp + m * Kp + k + 16), ao[m]);
         }
     }
-    if (k < Kin) {
-        __mmask32 mk = (__mmask32)((1ull << (Kin - k)) - 1);
-        __m512 xe[4], xo[4];
-        for (int m = 0; m < MB; m++) {
-            xe[m] = _mm512_loadu_ps(xp + m * Kp + k);
-            xo[m] = _mm512_loadu_ps(xp + m * Kp + k + 16);
-        }
-        for (int r = 0; r < R; r++) {
-            __m512i w = _mm512_maskz_loadu_epi16(mk, W + r * Kin + k);
-            __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
-            for (int m = 0; m < MB; m++) {
-                acc[r][m] = _mm512_fmadd_ps(we, xe[m], acc[r][m]);
-                acc[r][m] = _mm512_fmadd_ps(wo, xo[m], acc[r][m]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) y[m * Nout + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MB; m++) y[m * Nout] = _mm512_reduce_add_ps(_mm512_add_ps(ae[m], ao[m]));
 }
 
-/* fp32: two 16-wide blocks per step into separate accumulators, so even R*MB = 1 keeps two
- * FMA chains in flight. */
-KERNEL void f32_block(const float *W, const float *x, float *y, int64_t Nout, int64_t Kin,
-                      int R, int MB) {
-    __m512 acc[4][4][2];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+/* fp32: two 16-wide blocks (one 128-byte step) into separate accumulators. */
+KERNEL void f32_row(const float *W, const float *x, float *y, int64_t Nout, int64_t Kin, int MB) {
+    __m512 a0[4], a1[4];
+    for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= Kin; k += 32) {
-        __m512 x0[4], x1[4];
+        __m512 w0 = _mm512_loadu_ps(W + k), w1 = _mm512_loadu_ps(W + k + 16);
         for (int m = 0; m < MB; m++) {
-            x0[m] = _mm512_loadu_ps(x + m * Kin + k);
-            x1[m] = _mm512_loadu_ps(x + m * Kin + k + 16);
-        }
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(W + r * Kin + k) + 1024, _MM_HINT_T0);
-            __m512 w0 = _mm512_loadu_ps(W + r * Kin + k);
-            __m512 w1 = _mm512_loadu_ps(W + r * Kin + k + 16);
-            for (int m = 0; m < MB; m++) {
-                acc[r][m][0] = _mm512_fmadd_ps(w0, x0[m], acc[r][m][0]);
-                acc[r][m][1] = _mm512_fmadd_ps(w1, x1[m], acc[r][m][1]);
-            }
+            a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * Kin + k), a0[m]);
+            a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * Kin + k + 16), a1[m]);
         }
     }
     for (; k < Kin; k += 16) {
         __mmask16 mk = Kin - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Kin - k)) - 1);
-        __m512 x0[4];
-        for (int m = 0; m < MB; m++) x0[m] = _mm512_maskz_loadu_ps(mk, x + m * Kin + k);
-        for (int r = 0; r < R; r++) {
-            __m512 w0 = _mm512_maskz_loadu_ps(mk, W + r * Kin + k);
-            for (int m = 0; m < MB; m++) acc[r][m][0] = _mm512_fmadd_ps(w0, x0[m], acc[r][m][0]);
-        }
-    }
-    for (int r = 0; r < R; r++)
+        __m512 w0 = _mm512_maskz_loadu_ps(mk, W + k);
         for (int m = 0; m < MB; m++)
-            y[m * Nout + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+            a0[m] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mk, x + m * Kin + k), a0[m]);
+    }
+    for (int m = 0; m < MB; m++) y[m * Nout] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
 }
 
-/* Instantiate the blocks: R = 4 rows of W (x loads shared by 4 rows; 4*MB*2 FMA chains)
- * and R = 1 for the leftover rows; MB = 1..4 rows of x. */
-#define DISPATCH_MB(CALL, R, mb)                                                               \
-    switch (mb) {                                                                              \
-    case 1: CALL(R, 1); break;                                                                 \
-    case 2: CALL(R, 2); break;                                                                 \
-    case 3: CALL(R, 3); break;                                                                 \
-    default: CALL(R, 4); break;                                                                \
-    }
+/* y (M, Nout) for rows n in [n0, n1), in groups of up to 4 x rows (MB instantiated 1..4). */
+#define FOR_ROWS_AND_GROUPS(CALL)                                                              \
+    for (int64_t n = n0; n < n1; n++)                                                          \
+        for (int64_t m = 0; m < M; m += 4) switch (min64(M - m, 4)) {                          \
+            case 1: CALL(1); break;                                                            \
+            case 2: CALL(2); break;                                                            \
+            case 3: CALL(3); break;                                                            \
+            default: CALL(4); break;                                                           \
+            }
 
-/* y (M, Nout) rows n in [n0, n1); xp (M, Kp) shuffled; W (Nout, Kin) bf16. */
+/* xp (M, Kp) shuffled; W (Nout, Kin) bf16 */
 AVX512 static void gemv_rows_bf16_avx512(const float *xp, const uint16_t *W, float *y, int64_t M,
                                          int64_t Nout, int64_t Kin, int64_t Kp, int64_t n0,
                                          int64_t n1) {
-    int64_t n = n0;
-#define CALL_BF16(R, MB) bf16_block(W + n * Kin, xp + m * Kp, y + m * Nout + n, Nout, Kin, Kp, R, MB)
-    /* W rows stream from DRAM once; the next x group re-reads them from L1/L2 */
-    for (; n + 4 <= n1; n += 4)
-        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_BF16, 4, min64(M - m, 4))
-    for (; n < n1; n++)
-        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_BF16, 1, min64(M - m, 4))
+#define CALL_BF16(MB) bf16_row(W + n * Kin, xp + m * Kp, y + m * Nout + n, Nout, Kin, Kp, MB)
+    FOR_ROWS_AND_GROUPS(CALL_BF16)
 #undef CALL_BF16
 }
 
+/* x (M, Kin); W (Nout, Kin) fp32 */
 AVX512 static void gemv_rows_f32_avx512(const float *x, const float *W, float *y, int64_t M,
                                         int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
-    int64_t n = n0;
-#define CALL_F32(R, MB) f32_block(W + n * Kin, x + m * Kin, y + m * Nout + n, Nout, Kin, R, MB)
-    for (; n + 4 <= n1; n += 4)
-        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_F32, 4, min64(M - m, 4))
-    for (; n < n1; n++)
-        for (int64_t m = 0; m < M; m += 4) DISPATCH_MB(CALL_F32, 1, min64(M - m, 4))
+#define CALL_F32(MB) f32_row(W + n * Kin, x + m * Kin, y + m * Nout + n, Nout, Kin, MB)
+    FOR_ROWS_AND_GROUPS(CALL_F32)
 #undef CALL_F32
 }
 #endif /* BM_X86 */
@@ -317,7 +275,7 @@ AVX512 static void gemv_rows_f32_avx512(const float *x, const float *W, float *y
 static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
                       int64_t Nout, int64_t Kin) {
     int nt = Nout * Kin < GEMV_PAR_MIN_ELEMS ? 1 : bm_get_num_threads();
-    if (nt > Nout / 4) nt = Nout / 4 > 0 ? (int)(Nout / 4) : 1;
+    if (nt > Nout) nt = (int)Nout;
     int avx512 = bm_cpu_has_avx512();
     const float *xs = x;
     float *xp = NULL;
@@ -330,7 +288,7 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
         xs = xp;
     }
 #endif
-    /* contiguous blocks of output rows, multiples of 4 (the kernel's row block) */
+    /* one contiguous block of output rows per thread: one sequential stream of W each */
     #pragma omp parallel num_threads(nt)
     {
 #ifdef _OPENMP
@@ -338,18 +296,15 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
 #else
         int t = 0, T = 1;
 #endif
-        int64_t per = ((Nout + 3) / 4 + T - 1) / T * 4;
-        int64_t n0 = min64((int64_t)t * per, Nout), n1 = min64(n0 + per, Nout);
-        if (n0 < n1) {
+        int64_t n0 = Nout * t / T, n1 = Nout * (t + 1) / T;
 #ifdef BM_X86
-            if (avx512 && wdtype == BM_BF16)
-                gemv_rows_bf16_avx512(xs, (const uint16_t *)W, y, M, Nout, Kin, Kp, n0, n1);
-            else if (avx512)
-                gemv_rows_f32_avx512(xs, (const float *)W, y, M, Nout, Kin, n0, n1);
-            else
+        if (avx512 && wdtype == BM_BF16)
+            gemv_rows_bf16_avx512(xs, (const uint16_t *)W, y, M, Nout, Kin, Kp, n0, n1);
+        else if (avx512)
+            gemv_rows_f32_avx512(xs, (const float *)W, y, M, Nout, Kin, n0, n1);
+        else
 #endif
-                gemv_rows_c(xs, W, wdtype, y, M, Nout, Kin, n0, n1);
-        }
+            gemv_rows_c(xs, W, wdtype, y, M, Nout, Kin, n0, n1);
     }
     free(xp);
     return BM_OK;

@@ -1,14 +1,15 @@
 /* gemm.c: y (M, Nout) = x (M, Kin) @ W^T + bias, W (Nout, Kin) stored as float32 or bfloat16.
  *
  * Two regimes:
- *  - few rows (decode, M <= GEMV_MAX_M): a streaming GEMV. Every weight is used M times, so
- *    the time is the time to read W from DRAM once. Our own kernel streams W (bf16 or fp32)
- *    with float32 accumulation, output rows split across threads in contiguous blocks.
- *  - many rows (prefill): OpenBLAS sgemm. bf16 weights are widened panel by panel into a
- *    float32 scratch panel (in parallel) and each panel goes through one sgemm; the
- *    conversion is O(Nout*Kin) against the product's O(M*Nout*Kin).
- * Each path has an AVX-512 kernel and a portable C kernel chosen at run time
- * (bm_cpu_has_avx512()). The float64 reference is blackmamba/ref.py linear.
+ *  - few rows (decode, M <= GEMV_MAX_M_*): a streaming GEMV. Every weight is used M times, so
+ *    the time is the time to read W from DRAM once. Our kernel streams W (bf16 or fp32) with
+ *    float32 accumulation; each thread takes a contiguous block of output rows.
+ *  - many rows (prefill): each thread takes a block of output columns (rows of W) and runs one
+ *    single-threaded OpenBLAS sgemm on it; bf16 rows are first widened into the thread's own
+ *    float32 panel. Widening is O(Nout*Kin) against the product's O(M*Nout*Kin).
+ * The GEMV and the conversions have AVX-512 kernels and portable C kernels, chosen at run time
+ * (bm_cpu_has_avx512()). The float64 reference is blackmamba/ref.py linear; tests in
+ * tests/test_gemm.py, measurements in benchmarks/bench_cpu_ops.py and dev/cpu/.
  */
 #include "bm.h"
 
@@ -23,18 +24,22 @@
 #define BM_X86 1
 #endif
 
-/* Largest M served by the GEMV kernels. At M rows each weight costs M FMAs; past this
- * point the kernel is compute bound and sgemm (blocked for the caches) wins. Measured on
- * Zen 4 with dev/cpu/bench_gemm.c, see benchmarks/RESULTS.md. */
-#define GEMV_MAX_M_BF16 16
+/* Largest M served by the GEMV kernels. At M rows each weight costs M FMAs and the kernel
+ * re-reads all of x for every weight row; past these M, sgemm (blocked for the caches) is as
+ * fast or faster. Measured on Zen 4 with dev/cpu/bench_gemm.c (cross mode). */
+#define GEMV_MAX_M_BF16 12
 #define GEMV_MAX_M_F32 8
 /* Below this many weights a GEMV runs on one thread: waking the second thread costs more
  * than the few microseconds of streaming it would save. */
 #define GEMV_PAR_MIN_ELEMS (1 << 16)
-/* Float32 scratch per bf16 panel (bytes): big enough that each sgemm call has a wide N,
- * small enough to stay in L3 (32 MiB here) and under glibc's mmap threshold so the buffer
- * is recycled between calls instead of page-faulted in each time. */
+/* Below this many multiply-adds a GEMM runs on one thread. */
+#define GEMM_PAR_MIN_MACS 1e6
+/* Float32 scratch per thread for a bf16 panel (bytes): big enough that each sgemm call has a
+ * wide N, small enough that all threads' panels stay in L3 (32 MiB here) and under glibc's
+ * mmap threshold, so the buffer is recycled between calls instead of page-faulted in. */
+#ifndef PANEL_BYTES /* (-D for dev/cpu experiments) */
 #define PANEL_BYTES (8u << 20)
+#endif
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -310,24 +315,68 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
     return BM_OK;
 }
 
-/* ---- bf16 weights, many rows: widen a panel of W in parallel, one sgemm per panel ------- */
+/* ---- many rows: one sgemm per thread on its block of output columns ---------------------- */
 
-static bm_status gemm_bf16(const float *x, const uint16_t *W, float *y, int64_t M, int64_t Nout,
-                           int64_t Kin) {
+/* y[m0:m1, n0:n1] = x[m0:m1] @ W[n0:n1]^T on the calling thread. OpenBLAS is single-threaded
+ * (cpu.c): our OpenMP team is the only parallel layer, so the cores are never fought over by
+ * two thread pools (OpenBLAS's idle workers spin for milliseconds after each call, and ours
+ * after each region; alternating the two halved sgemm throughput on 2 cores). bf16 rows are
+ * widened panel by panel into this thread's float32 scratch first: O(Nout*Kin) work against
+ * the product's O(M*Nout*Kin). x (M, Kin); W (Nout, Kin); y (M, Nout). */
+static bm_status gemm_block(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
+                            int64_t Nout, int64_t Kin, int64_t m0, int64_t m1, int64_t n0,
+                            int64_t n1, int avx512) {
+    const float *xb = x + m0 * Kin;
+    float *yb = y + m0 * Nout;
+    if (m0 >= m1 || n0 >= n1) return BM_OK;
+    if (wdtype == BM_F32) {
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(m1 - m0), (int)(n1 - n0),
+                          (int)Kin, 1.0f, xb, (int)Kin, (const float *)W + n0 * Kin, (int)Kin,
+                          0.0f, yb + n0, (int)Nout);
+        return BM_OK;
+    }
     int64_t P = (int64_t)PANEL_BYTES / (int64_t)(sizeof(float) * Kin);
     if (P < 16) P = 16;
-    if (P > Nout) P = Nout;
+    if (P > n1 - n0) P = n1 - n0;
     float *panel = malloc(sizeof(float) * (size_t)(P * Kin)); /* (P, Kin) */
     if (!panel) return BM_ERR_NOMEM;
-    for (int64_t n0 = 0; n0 < Nout; n0 += P) {
-        int64_t nt = min64(P, Nout - n0);
-        bm_bf16_to_f32(W + n0 * Kin, panel, nt * Kin); /* rows are contiguous: one block */
-        /* y[:, n0:n0+nt] = x @ panel^T */
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)nt, (int)Kin,
-                          1.0f, x, (int)Kin, panel, (int)Kin, 0.0f, y + n0, (int)Nout);
+    for (int64_t p0 = n0; p0 < n1; p0 += P) {
+        int64_t np = min64(P, n1 - p0);
+        widen((const uint16_t *)W + p0 * Kin, panel, np * Kin, avx512); /* rows contiguous */
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(m1 - m0), (int)np,
+                          (int)Kin, 1.0f, xb, (int)Kin, panel, (int)Kin, 0.0f, yb + p0,
+                          (int)Nout);
     }
     free(panel);
     return BM_OK;
+}
+
+/* Split the output columns (rows of W) across threads when there are enough of them for every
+ * thread to run a wide sgemm, else the rows of x. */
+static bm_status gemm(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
+                      int64_t Nout, int64_t Kin) {
+    int nt = bm_get_num_threads();
+    if ((double)M * (double)Nout * (double)Kin < GEMM_PAR_MIN_MACS) nt = 1;
+    int split_n = Nout >= 64 * (int64_t)nt;
+    int avx512 = bm_cpu_has_avx512();
+    bm_status st = BM_OK;
+    #pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        int t = 0, T = 1;
+#endif
+        int64_t m0 = 0, m1 = M, n0 = 0, n1 = Nout;
+        if (split_n) n0 = Nout * t / T, n1 = Nout * (t + 1) / T;
+        else m0 = M * t / T, m1 = M * (t + 1) / T;
+        bm_status s = gemm_block(x, W, wdtype, y, M, Nout, Kin, m0, m1, n0, n1, avx512);
+        if (s != BM_OK) {
+            #pragma omp critical(bm_gemm_status)
+            st = s;
+        }
+    }
+    return st;
 }
 
 bm_status bm_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias,
@@ -342,11 +391,8 @@ bm_status bm_linear(const float *x, const void *W, bm_dtype wdtype, const float 
     bm_status st = BM_OK;
     if (M <= (wdtype == BM_BF16 ? GEMV_MAX_M_BF16 : GEMV_MAX_M_F32))
         st = gemv(x, W, wdtype, y, M, Nout, Kin);
-    else if (wdtype == BM_BF16)
-        st = gemm_bf16(x, (const uint16_t *)W, y, M, Nout, Kin);
     else
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)Nout, (int)Kin,
-                          1.0f, x, (int)Kin, (const float *)W, (int)Kin, 0.0f, y, (int)Nout);
+        st = gemm(x, W, wdtype, y, M, Nout, Kin);
     if (st == BM_OK) add_bias(y, bias, M, Nout);
     return st;
 }

@@ -1,9 +1,11 @@
 """ops.linear (csrc/gemm.c) and the bf16 conversions against blackmamba.ref in float64.
 
-linear has three paths: the streaming GEMV (few rows: M <= 16 for bf16, <= 8 for fp32),
-OpenBLAS sgemm (fp32, more rows) and bf16 panels widened to fp32 then sgemm (more rows). The
-GEMV has an AVX-512 kernel and a portable C kernel; BLACKMAMBA_NO_AVX512=1 (read at every
-call) forces the portable one, so both are tested in one process.
+linear has two paths: the streaming GEMV (few rows: M <= 12 for bf16, <= 8 for fp32) and,
+for more rows, one single-threaded OpenBLAS sgemm per thread on its block of output columns
+(or of rows, when there are few columns), bf16 weights widened to float32 panel by panel
+first. The GEMV and the conversions have AVX-512 kernels and portable C kernels;
+BLACKMAMBA_NO_AVX512=1 (read at every call) forces the portable ones, so both are tested in
+one process.
 """
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ TOL = 1e-5
 
 KINS = [1, 7, 33, 1472 + 5, 3872]
 NOUTS = [1, 3, 17, 300]
-MS = [1, 2, 3, 8, 9, 17, 64]   # 8/9 and 16/17 straddle the GEMV -> sgemm switches
+MS = [1, 2, 3, 8, 9, 12, 13, 64]   # 8/9 and 12/13 straddle the GEMV -> sgemm switches
 
 
 def _paths():
@@ -74,11 +76,29 @@ def test_linear_leading_dims(path, dtype):
         assert rel_err(y, ref.linear(x, w, b)) < TOL
 
 
-def test_bf16_many_panels():
-    # Kin = 70001: a float32 panel of 8 MiB holds 29 rows, so Nout = 64 takes 3 panels and a
-    # short last one; M = 20 > 16 is the panel + sgemm path.
-    x, w, b = _case(7, 20, 64, 70001, "bf16", True)
+@pytest.mark.parametrize("Nout", [64, 130])
+def test_bf16_many_panels(Nout):
+    # Kin = 70001: a thread's 8 MiB float32 panel holds 29 rows. Nout = 130 splits columns
+    # across 2 threads (65 rows each: panels of 29, 29, 7); Nout = 64 is too few columns to
+    # split, so the rows of x are split and each thread walks all 64 rows (29, 29, 6).
+    # M = 20 takes the sgemm path.
+    x, w, b = _case(Nout, 20, Nout, 70001, "bf16", True)
     assert rel_err(ops.linear(x, w, b), ref.linear(x, w, b)) < TOL
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_gemm_thread_splits(dtype, threads):
+    # the sgemm path's split: by columns (Nout >= 64 * threads) or by rows of x, with thread
+    # counts that do not divide the sizes
+    n0 = ops.get_num_threads()
+    try:
+        ops.set_num_threads(threads)
+        for seed, (M, Nout, Kin) in enumerate([(13, 200, 77), (50, 7, 300), (31, 129, 33)]):
+            x, w, b = _case(seed, M, Nout, Kin, dtype, True)
+            assert rel_err(ops.linear(x, w, b), ref.linear(x, w, b)) < TOL, (M, Nout, Kin)
+    finally:
+        ops.set_num_threads(n0)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

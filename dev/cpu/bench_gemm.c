@@ -95,20 +95,72 @@ static void model(int M, int reps) {
     free(a); free(x); free(y);
 }
 
-/* GEMV kernel vs the sgemm paths at M rows over a matrix far beyond L3 */
+/* each distinct layer shape on its own: enough copies of it to pass 150 MB, streamed in turn */
+static void layers(int M, int reps) {
+    int64_t n = (int64_t)300 << 20; float *a = aligned_alloc(64, n * 4); fill(a, n, 1);
+    float *x = malloc(sizeof(float) * M * 50304), *y = malloc(sizeof(float) * M * 50304);
+    fill(x, M * 50304, 7);
+    volatile float sink = 0;
+    double tr = 1e9;
+    for (int r = 0; r < reps; r++) { double t = now(); sink += read_bw(a, n); t = now() - t; if (t < tr) tr = t; }
+    printf("read (sum512) %.2f GB/s; bf16 GEMV M=%d per shape:\n", n * 4 / tr / 1e9, M);
+    for (int l = 0; l < 8; l++) {
+        shp s = l < 7 ? layer_shapes[l] : (shp){50304, 1472};
+        int f32 = getenv("F32") && atoi(getenv("F32")), es = f32 ? 4 : 2;
+        int64_t e = s.n * s.k, copies = (150 << 20) / (es * e) + 1;
+        if (copies > 4096) copies = 4096;
+        void **w = malloc(sizeof(void *) * copies);
+        for (int64_t c = 0; c < copies; c++) {
+            w[c] = aligned_alloc(64, (es * e + 63) / 64 * 64);
+            if (f32) fill(w[c], e, c); else fill16(w[c], e, c);
+        }
+        double best = 1e9;
+        for (int r = 0; r < reps; r++) {
+            double t = now();
+            for (int64_t c = 0; c < copies; c++) bm_linear(x, w[c], f32 ? BM_F32 : BM_BF16, NULL, y, M, s.n, s.k);
+            t = now() - t; if (t < best) best = t;
+        }
+        printf("  (%5lld,%5lld) x%4lld: %7.1f us/call %6.2f GB/s %5.1f%%\n", (long long)s.n, (long long)s.k, (long long)copies,
+               best / copies * 1e6, copies * e * es / best / 1e9, 100 * copies * e * es / best / (n * 4 / tr));
+        for (int64_t c = 0; c < copies; c++) free(w[c]);
+        free(w);
+    }
+    free(a); free(x); free(y);
+}
+
+/* the previous design, for comparison: OpenBLAS's own threads, bf16 panels widened by an
+ * OpenMP loop between sgemm calls (two thread pools taking turns on the cores) */
+static void old_linear(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M, int64_t N, int64_t K) {
+    scipy_openblas_set_num_threads(bm_get_num_threads());
+    if (wdtype == BM_F32) {
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, W, K, 0.0f, y, N);
+    } else {
+        int64_t P = (int64_t)(8 << 20) / (4 * K); if (P > N) P = N;
+        float *panel = malloc(4 * P * K);
+        for (int64_t n0 = 0; n0 < N; n0 += P) {
+            int64_t np = min64(P, N - n0);
+            bm_bf16_to_f32((const uint16_t *)W + n0 * K, panel, np * K);
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, np, K, 1.0f, x, K, panel, K, 0.0f, y + n0, N);
+        }
+        free(panel);
+    }
+    scipy_openblas_set_num_threads(1);
+}
+
+/* GEMV kernel vs the sgemm path at M rows over a matrix far beyond L3 */
 static void cross(int64_t K, int64_t N, int M, int reps) {
     int64_t e = N * K;
     float *w = aligned_alloc(64, 4 * e); uint16_t *w16 = aligned_alloc(64, 2 * e); fill(w, e, 1); fill16(w16, e, 2);
     float *x = malloc(4 * M * K), *y = malloc(4 * M * N); fill(x, M * K, 3);
-    var v[] = {{"fp32 gemv", 1e9, 4. * e, 2. * M * e}, {"fp32 sgemm", 1e9, 4. * e, 2. * M * e},
-               {"bf16 gemv", 1e9, 2. * e, 2. * M * e}, {"bf16 panels+sgemm", 1e9, 2. * e, 2. * M * e}};
+    var v[] = {{"fp32 gemv", 1e9, 4. * e, 2. * M * e}, {"fp32 gemm (split)", 1e9, 4. * e, 2. * M * e},
+               {"bf16 gemv", 1e9, 2. * e, 2. * M * e}, {"bf16 gemm (split)", 1e9, 2. * e, 2. * M * e}};
     for (int r = 0; r < reps; r++)
         for (int i = 0; i < 4; i++) {
             double t = now();
             if (i == 0) gemv(x, w, BM_F32, y, M, N, K);
-            if (i == 1) scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, w, K, 0.0f, y, N);
+            if (i == 1) gemm(x, w, BM_F32, y, M, N, K);
             if (i == 2) gemv(x, w16, BM_BF16, y, M, N, K);
-            if (i == 3) gemm_bf16(x, w16, y, M, N, K);
+            if (i == 3) gemm(x, w16, BM_BF16, y, M, N, K);
             t = now() - t; if (t < v[i].best) v[i].best = t;
         }
     printf("M=%d N=%lld K=%lld\n", M, (long long)N, (long long)K);
@@ -116,20 +168,30 @@ static void cross(int64_t K, int64_t N, int M, int reps) {
     free(w); free(w16); free(x); free(y);
 }
 
-static void gemm(int M, int reps) {
+static void gemm_shapes(int M, int reps) {
     for (int l = 0; l < 8; l++) {
-        shp s = l < 7 ? layer_shapes[l] : (shp){4096, 4096};
+        shp s = l < 7 ? layer_shapes[l] : (shp){3072, 3072};
         if (s.n < 1000 || s.k < 1000) continue;
         int64_t e = s.n * s.k;
         float *w = malloc(4 * e); uint16_t *w16 = malloc(2 * e); fill(w, e, 1); fill16(w16, e, 2);
         float *x = malloc(4 * M * s.k), *y = malloc(4 * M * s.n); fill(x, M * s.k, 3);
-        var v[] = {{"fp32 sgemm", 1e9, 4. * e, 2. * M * e}, {"bf16 panels", 1e9, 4. * e, 2. * M * e}};
-        for (int r = 0; r < reps; r++) {
-            double t = now(); bm_linear(x, w, BM_F32, NULL, y, M, s.n, s.k); t = now() - t; if (t < v[0].best) v[0].best = t;
-            t = now(); bm_linear(x, w16, BM_BF16, NULL, y, M, s.n, s.k); t = now() - t; if (t < v[1].best) v[1].best = t;
-        }
+        var v[] = {{"fp32 OpenBLAS threads (old)", 1e9, 4. * e, 2. * M * e}, {"fp32 split (new)", 1e9, 4. * e, 2. * M * e},
+                   {"bf16 old", 1e9, 2. * e, 2. * M * e}, {"bf16 split (new)", 1e9, 2. * e, 2. * M * e}};
+        /* OLD=1: only the old variants, OLD=0 only the new (OpenBLAS's workers keep spinning
+         * after a threaded call, which would slow whatever runs next) */
+        int only = getenv("OLD") ? atoi(getenv("OLD")) : -1;
+        for (int r = 0; r < reps; r++)
+            for (int i = 0; i < 4; i++) {
+                if ((only == 1 && (i & 1)) || (only == 0 && !(i & 1))) continue;
+                double t = now();
+                if (i == 0) old_linear(x, w, BM_F32, y, M, s.n, s.k);
+                if (i == 1) bm_linear(x, w, BM_F32, NULL, y, M, s.n, s.k);
+                if (i == 2) old_linear(x, w16, BM_BF16, y, M, s.n, s.k);
+                if (i == 3) bm_linear(x, w16, BM_BF16, NULL, y, M, s.n, s.k);
+                t = now() - t; if (t < v[i].best) v[i].best = t;
+            }
         printf("gemm M=%d N=%lld K=%lld\n", M, (long long)s.n, (long long)s.k);
-        report(v, 2, 0);
+        report(v, 4, 0);
         free(w); free(w16); free(x); free(y);
     }
 }
@@ -140,7 +202,8 @@ int main(int argc, char **argv) {
     if (argc < 2) return 1;
     if (!strcmp(argv[1], "bw")) bw(reps);
     else if (!strcmp(argv[1], "model")) for (int i = 2; i < argc; i++) model(atoi(argv[i]), reps);
-    else if (!strcmp(argv[1], "gemm")) for (int i = 2; i < argc; i++) gemm(atoi(argv[i]), reps);
+    else if (!strcmp(argv[1], "gemm")) for (int i = 2; i < argc; i++) gemm_shapes(atoi(argv[i]), reps);
+    else if (!strcmp(argv[1], "layers")) for (int i = 2; i < argc; i++) layers(atoi(argv[i]), reps);
     else if (!strcmp(argv[1], "cross")) for (int i = 4; i < argc; i++) cross(atoll(argv[2]), atoll(argv[3]), atoi(argv[i]), reps);
     return 0;
 }

@@ -52,6 +52,15 @@ def _int_arg(name, value, default):
     return v
 
 
+def _cuda_usable():
+    try:
+        from blackmamba import cuda
+        cuda.require()
+        return True
+    except (ImportError, RuntimeError, OSError):
+        return False
+
+
 @register_model("blackmamba")
 class BlackMambaLM(TemplateLM):
     """lm-eval model: loglikelihood, loglikelihood_rolling, generate_until on BlackMamba."""
@@ -85,6 +94,34 @@ class BlackMambaLM(TemplateLM):
         self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks, DEFAULT_MAX_GEN_TOKS)
         self.seed = int(seed)
         self._name = str(pretrained or model.name)
+
+    # -- construction from lm-eval's command line / simple_evaluate -----------------------
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string or ""),
+                                       additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """model_args win over lm-eval's own settings (its command line always sends
+        batch_size, 1 unless --batch_size is given, and device, "cuda:0" unless --device is
+        given). A device that only comes from lm-eval falls back to the CPU, with a
+        warning, where blackmamba's CUDA backend is not usable (as lm-eval's HF model
+        does); device=... in model_args is never overridden."""
+        args = dict(arg_dict or {})
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "device" not in args and str(extra.get("device", "cpu")).startswith("cuda") \
+                and not _cuda_usable():
+            import logging
+            logging.getLogger(__name__).warning(
+                "blackmamba: device %s requested by lm-eval, but the CUDA backend is not "
+                "usable here: running on the CPU (pass --device cpu to silence this)",
+                extra["device"])
+            extra["device"] = "cpu"
+        for k, v in extra.items():
+            args.setdefault(k, v)
+        return cls(**args)
 
     # -- what lm-eval asks of a TemplateLM ------------------------------------------------
     @property

@@ -499,7 +499,10 @@ static int same_shape(PyArrayObject *a, PyArrayObject *b) {
 
 static int parse_eps(Sig *s, double eps) {
     if (!(eps >= 0.0) || eps > 1.0) {
-        PyErr_Format(PyExc_ValueError, "%s: eps must be in [0, 1], got %g", s->fn, eps);
+        /* PyErr_Format has no %g: format the value through a float object */
+        PyObject *v = PyFloat_FromDouble(eps);
+        if (v) PyErr_Format(PyExc_ValueError, "%s: eps must be in [0, 1], got %R", s->fn, v);
+        Py_XDECREF(v);
         return -1;
     }
     return 0;

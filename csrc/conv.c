@@ -6,21 +6,23 @@
  * Reference: blackmamba/ref.py causal_conv1d / causal_conv1d_update.
  *
  * Layout: channels are contiguous (token-major), so each output row is an axpy-like sweep over
- * E with K input rows; we vectorise over E. w is (E, K), strided along E, so each work item
- * first transposes its tile of w to (K, TILE). Work items are (batch, block of rows, E tile),
- * split across threads in one flat loop. The inner sweep is written once (conv_item_body) and
- * compiled twice: for AVX-512 and for the baseline ISA, picked at run time.
+ * E with K input rows; we vectorise over E. w is (E, K), strided along E, so it is transposed
+ * once per call to (K, E). Work items are (batch, block of rows) and sweep whole rows, so x
+ * and y are read and written in address order; the K-1 rows a row reuses stay in L1/L2.
+ * (Tiling E so that the K rows stay in L1 measured no faster: the sweep is bound by memory
+ * traffic, and SiLU by arithmetic.) The sweep is written once (conv_item_body) and compiled
+ * twice, for AVX-512 and for the baseline ISA, picked at run time.
  */
 #include "bm.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define CONV_TILE 512   /* channels per work item: (K, TILE) weights = 16 KiB at K=8, in L1 */
-#define CONV_ROWS 64    /* time steps per work item: weight transpose amortised over 64 rows */
+#define CONV_ROWS 32    /* time steps per work item */
 #define CONV_KMAX 8
 /* Below this many multiply-adds a parallel region costs more than it saves (decode steps). */
-#define CONV_PAR_MIN 32768
+#define CONV_PAR_MIN (1 << 18)
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define INLINE static inline __attribute__((always_inline))
@@ -61,71 +63,59 @@ INLINE float silu_f(float v) {
     return num / (1.0f + e);
 }
 
-/* One output row segment of n <= TILE channels with the width K known at compile time (the
- * sum unrolls, acc stays in registers). rows[k]: input row for tap k, already offset to the
- * tile; wt (K, TILE) transposed weights; bt (TILE) bias or zeros. Summation order matches
+/* One output row, the width K and the activation known at compile time (the tap sum unrolls,
+ * acc stays in a register, SiLU is applied before the store). rows[k]: input row for tap k;
+ * wt (K, E) transposed weights; bias (E), zeros when there is none. Summation order matches
  * ref.py: taps in order, then the bias. */
-INLINE void conv_row(const float *const *rows, const float *wt, const float *bt, float *y,
-                     int64_t n, const int K) {
-    for (int64_t e = 0; e < n; e++) {
+INLINE void conv_row(const float *const *rows, const float *wt, const float *bias, float *y,
+                     int64_t E, const int K, const int SILU) {
+    for (int64_t e = 0; e < E; e++) {
         float acc = wt[e] * rows[0][e];
-        for (int k = 1; k < K; k++) acc += wt[k * CONV_TILE + e] * rows[k][e];
-        y[e] = acc + bt[e];
+        for (int k = 1; k < K; k++) acc += wt[k * E + e] * rows[k][e];
+        acc += bias[e];
+        y[e] = SILU ? silu_f(acc) : acc;
     }
 }
 
 /* Arguments of one call, shared by all work items. */
 typedef struct {
     const float *x;       /* (b, L, E) */
-    const float *w;       /* (E, K) */
-    const float *bias;    /* (E) or NULL */
+    const float *wt;      /* (K, E) the weights transposed, so every tap is a contiguous row */
+    const float *bias;    /* (E) the bias, or zeros */
+    const float *zeros;   /* (E) stands for the state rows when there is no conv_in */
     const float *conv_in; /* (b, K-1, E) or NULL */
     float *y;             /* (b, L, E) */
     int silu;
     int64_t L, E, K;
-    int64_t n_rblk, n_etile;
+    int64_t n_rblk;       /* row blocks per batch entry */
 } conv_args;
 
-/* Work item `item` = (batch bi, row block rb, channel tile et). */
+/* Work item `item` = (batch bi, block of rows rb); whole rows, so x and y stream in order. */
 INLINE void conv_item_body(const conv_args *a, int64_t item) {
     const int64_t L = a->L, E = a->E, K = a->K;
-    const int64_t et = item % a->n_etile;
-    const int64_t rb = (item / a->n_etile) % a->n_rblk;
-    const int64_t bi = item / (a->n_etile * a->n_rblk);
-    const int64_t e0 = et * CONV_TILE;
-    const int64_t n = E - e0 < CONV_TILE ? E - e0 : CONV_TILE;
-    const int64_t t0 = rb * CONV_ROWS;
+    const int64_t bi = item / a->n_rblk;
+    const int64_t t0 = (item % a->n_rblk) * CONV_ROWS;
     const int64_t t1 = L - t0 < CONV_ROWS ? L : t0 + CONV_ROWS;
-
-    float wt[CONV_KMAX * CONV_TILE] __attribute__((aligned(64)));   /* (K, TILE) */
-    float bt[CONV_TILE] __attribute__((aligned(64)));               /* (TILE) */
-    float zeros[CONV_TILE] __attribute__((aligned(64)));            /* missing state rows */
-    for (int64_t k = 0; k < K; k++)
-        for (int64_t e = 0; e < n; e++) wt[k * CONV_TILE + e] = a->w[(e0 + e) * K + k];
-    for (int64_t e = 0; e < n; e++) bt[e] = a->bias ? a->bias[e0 + e] : 0.0f;
-    if (!a->conv_in && t0 < K - 1) memset(zeros, 0, sizeof(float) * (size_t)n);
-
-    const float *xb = a->x + bi * L * E + e0;                       /* (L, E) at the tile */
-    const float *sb = a->conv_in ? a->conv_in + bi * (K - 1) * E + e0 : zeros; /* (K-1, E) */
+    const float *xb = a->x + bi * L * E;                                   /* (L, E) */
+    const float *sb = a->conv_in ? a->conv_in + bi * (K - 1) * E : NULL;   /* (K-1, E) */
     for (int64_t t = t0; t < t1; t++) {
         const float *rows[CONV_KMAX];
         for (int64_t k = 0; k < K; k++) {
-            int64_t p = t + k;                                      /* row of xp */
+            int64_t p = t + k;                                             /* row of xp */
             if (p >= K - 1) rows[k] = xb + (p - (K - 1)) * E;
-            else rows[k] = a->conv_in ? sb + p * E : zeros;
+            else rows[k] = sb ? sb + p * E : a->zeros;
         }
-        float *yr = a->y + (bi * L + t) * E + e0;
+        float *yr = a->y + (bi * L + t) * E;
+#define CONV_CASE(KK)                                                                         \
+    case KK:                                                                                  \
+        if (a->silu) conv_row(rows, a->wt, a->bias, yr, E, KK, 1);                            \
+        else conv_row(rows, a->wt, a->bias, yr, E, KK, 0);                                    \
+        break;
         switch (K) {
-        case 2: conv_row(rows, wt, bt, yr, n, 2); break;
-        case 3: conv_row(rows, wt, bt, yr, n, 3); break;
-        case 4: conv_row(rows, wt, bt, yr, n, 4); break;
-        case 5: conv_row(rows, wt, bt, yr, n, 5); break;
-        case 6: conv_row(rows, wt, bt, yr, n, 6); break;
-        case 7: conv_row(rows, wt, bt, yr, n, 7); break;
-        default: conv_row(rows, wt, bt, yr, n, 8); break;
+            CONV_CASE(2) CONV_CASE(3) CONV_CASE(4) CONV_CASE(5) CONV_CASE(6) CONV_CASE(7)
+            default: CONV_CASE(8)
         }
-        if (a->silu)
-            for (int64_t e = 0; e < n; e++) yr[e] = silu_f(yr[e]);
+#undef CONV_CASE
     }
 }
 
@@ -160,17 +150,28 @@ bm_status bm_conv_forward(const float *x, const float *w, const float *bias,
     if (K < 2 || K > CONV_KMAX || b < 0 || L < 0 || E < 0) return BM_ERR_ARG;
     if (b == 0 || E == 0) return BM_OK;
     if (L > 0) {
-        conv_args a = {x, w, bias, conv_in, y, silu, L, E, K,
-                       (L + CONV_ROWS - 1) / CONV_ROWS, (E + CONV_TILE - 1) / CONV_TILE};
+        /* scratch (K+2, E): wt (K, E), then the bias (or zeros), then a zero row */
+        float *scratch = malloc(sizeof(float) * (size_t)((K + 2) * E));
+        if (!scratch) return BM_ERR_NOMEM;
+        float *wt = scratch, *bz = scratch + K * E, *zeros = scratch + (K + 1) * E;
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t k = 0; k < K; k++) wt[k * E + e] = w[e * K + k];
+        if (bias) memcpy(bz, bias, sizeof(float) * (size_t)E);
+        else memset(bz, 0, sizeof(float) * (size_t)E);
+        memset(zeros, 0, sizeof(float) * (size_t)E);
+
+        conv_args a = {x, wt, bz, zeros, conv_in, y, silu, L, E, K,
+                       (L + CONV_ROWS - 1) / CONV_ROWS};
         void (*item_fn)(const conv_args *, int64_t) = conv_item_base;
 #if defined(__x86_64__) && defined(__GNUC__)
         if (bm_cpu_has_avx512()) item_fn = conv_item_avx512;
 #endif
-        const int64_t n_items = b * a.n_rblk * a.n_etile;
+        const int64_t n_items = b * a.n_rblk;
         /* y is complete before the state is written: conv_out may be conv_in. */
 #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static) \
     if (b * L * E * K >= CONV_PAR_MIN && n_items > 1)
         for (int64_t item = 0; item < n_items; item++) item_fn(&a, item);
+        free(scratch);
     }
     if (conv_out) conv_write_state(x, conv_in, conv_out, b, L, E, K);
     return BM_OK;

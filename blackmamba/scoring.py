@@ -148,8 +148,8 @@ def loglikelihoods(model, requests, batch_size=8, max_tokens=DEFAULT_MAX_TOKENS,
     results = [None] * len(requests)
     groups = {}                                                        # context -> [request]
     for k, (ctx, cont) in enumerate(requests):
-        ctx = tuple(int(t) for t in ctx) or (EOS_ID,)
-        cont = [int(t) for t in cont]
+        ctx = tuple(_ids(model, ctx)) or (EOS_ID,)
+        cont = _ids(model, cont)
         if not cont:
             results[k] = (0.0, True)
             continue
@@ -183,7 +183,7 @@ def perplexity(model, ids, max_tokens=DEFAULT_MAX_TOKENS, progress=False, num_by
     Returns a dict: tokens, nll (nats, summed), ppl, accuracy (argmax == next token),
     seconds, tokens_per_s, and bytes + bits_per_byte when num_bytes is given.
     """
-    ids = [int(t) for t in ids]
+    ids = _ids(model, ids)
     if not ids:
         raise ValueError("perplexity needs at least one token")
     bar = _bar(progress, len(ids), "perplexity", unit="tok")
@@ -198,6 +198,16 @@ def perplexity(model, ids, max_tokens=DEFAULT_MAX_TOKENS, progress=False, num_by
     if num_bytes is not None:
         out["bytes"] = int(num_bytes)
         out["bits_per_byte"] = nll / (num_bytes * np.log(2.0)) if num_bytes else float("nan")
+    return out
+
+
+def _ids(model, ids):
+    """A list of int ids, each checked against the model's vocabulary: a target id is
+    never an input, so the model's own check would not see a bad last token."""
+    out = [int(t) for t in ids]
+    bad = [t for t in out if not 0 <= t < model.vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside [0, {model.vocab_size})")
     return out
 
 

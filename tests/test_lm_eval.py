@@ -11,6 +11,9 @@ import os
 import numpy as np
 import pytest
 
+# local tasks only: never reach for the hub (read when `datasets` is first imported)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402

@@ -32,7 +32,9 @@ static inline const void *weight_at(const void *W, bm_dtype dt, int64_t off) {
 
 /* ---- activations ------------------------------------------------------------------------ */
 
-static inline float act_gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+static inline float act_gelu(float v) {
+    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); /* erf(v / sqrt 2) */
+}
 
 static inline float act_gelu_tanh(float v) {
     const float k = 0.7978845608028654f; /* sqrt(2/pi) */
@@ -182,9 +184,9 @@ bm_status bm_moe_experts(const float *x, const int32_t *ids, const float *gates,
                          float *out, int64_t T, int64_t d, int64_t X, int64_t F) {
     /* x (T, d); ids (T) in [0, X); gates (T) or NULL; fc1 (X, 2F, d); fc2 (X, d, F);
      * out (T, d) */
-    if (!act_valid(act) || (wdtype != BM_F32 && wdtype != BM_BF16) || X <= 0)
-        return BM_ERR_ARG;
+    if (!act_valid(act) || (wdtype != BM_F32 && wdtype != BM_BF16)) return BM_ERR_ARG;
     if (T <= 0 || d <= 0) return BM_OK;
+    if (X <= 0) return BM_ERR_ARG; /* T > 0 tokens cannot all have an expert */
 
     /* idx: counts (X), offsets (X+1), perm (T) */
     int64_t *idx = malloc(sizeof(int64_t) * (size_t)(2 * X + 1 + T));

@@ -8,8 +8,8 @@
  * between them, and scatter the gate-scaled result back to the token order.
  */
 #include "bm.h"
+#include "act.h" /* gelu_f, gelu_tanh_f, silu_f: vectorisable activations */
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,48 +30,48 @@ static inline const void *weight_at(const void *W, bm_dtype dt, int64_t off) {
                          : (const void *)((const float *)W + off);
 }
 
-/* ---- activations ------------------------------------------------------------------------ */
+/* ---- activations (formulas in act.h) ------------------------------------------------------ */
 
-static inline float act_gelu(float v) {
-    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); /* erf(v / sqrt 2) */
-}
+/* h[j] = f(a[j]) * up[j] (gated) or f(a[j]); h may equal a (element j only reads j). */
+#define ACT_LOOP(f)                                                                         \
+    do {                                                                                    \
+        if (up) {                                                                           \
+            _Pragma("omp simd") for (int64_t j = 0; j < F; j++) h[j] = f(a[j]) * up[j];     \
+        } else {                                                                            \
+            _Pragma("omp simd") for (int64_t j = 0; j < F; j++) h[j] = f(a[j]);             \
+        }                                                                                   \
+    } while (0)
 
-static inline float act_gelu_tanh(float v) {
-    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
-}
-
-/* v / (1 + e^-v): for v < -88 e^-v is inf and the quotient -0, the right limit. */
-static inline float act_silu(float v) { return v / (1.0f + expf(-v)); }
-
-/* One row: h (F) = act(a[:F]) * a[F:] when `up` is a + F, or act(a) when up is NULL.
- * The switch sits outside the loops so each loop body is a single function of one element. */
-static void act_row(const float *a, const float *up, float *h, int64_t F, bm_act act) {
+/* One row: h (F) = act(a[:F]) * up[:F] (up = a + F when gated, NULL otherwise). */
+static inline __attribute__((always_inline)) void act_row_impl(const float *a, const float *up,
+                                                                float *h, int64_t F,
+                                                                bm_act act) {
     switch (act) {
-    case BM_ACT_GELU:
-        for (int64_t j = 0; j < F; j++) h[j] = act_gelu(a[j]);
-        break;
-    case BM_ACT_GELU_TANH:
-        for (int64_t j = 0; j < F; j++) h[j] = act_gelu_tanh(a[j]);
-        break;
-    case BM_ACT_SILU:
-        for (int64_t j = 0; j < F; j++) h[j] = act_silu(a[j]);
-        break;
-    default: /* BM_ACT_NONE */
-        if (h != a) memcpy(h, a, sizeof(float) * (size_t)F);
-        break;
+    case BM_ACT_GELU: ACT_LOOP(gelu_f); break;
+    case BM_ACT_GELU_TANH: ACT_LOOP(gelu_tanh_f); break;
+    case BM_ACT_SILU: ACT_LOOP(silu_f); break;
+    default: ACT_LOOP(ident_f); break; /* BM_ACT_NONE */
     }
-    if (up)
-        for (int64_t j = 0; j < F; j++) h[j] *= up[j];
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static void
+act_row_avx512(const float *a, const float *up, float *h, int64_t F, bm_act act) {
+    act_row_impl(a, up, h, F, act);
+}
+
+static void act_row_generic(const float *a, const float *up, float *h, int64_t F, bm_act act) {
+    act_row_impl(a, up, h, F, act);
 }
 
 /* h (M, F) from a (M, 2F) (gated: act(a[:, :F]) * a[:, F:]) or a (M, F) (ungated; h may
  * equal a). */
 static void act_rows(const float *a, float *h, int64_t M, int64_t F, bm_act act, int gated) {
     const int64_t lda = gated ? 2 * F : F;
+    void (*row)(const float *, const float *, float *, int64_t, bm_act) =
+        bm_cpu_has_avx512() ? act_row_avx512 : act_row_generic;
 #pragma omp parallel for num_threads(bm_get_num_threads()) if (M * F >= BM_PAR_MIN)
     for (int64_t i = 0; i < M; i++)
-        act_row(a + i * lda, gated ? a + i * lda + F : NULL, h + i * F, F, act);
+        row(a + i * lda, gated ? a + i * lda + F : NULL, h + i * F, F, act);
 }
 
 static int act_valid(bm_act act) {

@@ -8,6 +8,8 @@ measured relative to the largest |reference| value of the output; the bound 5e-6
 10x above the worst case measured (~5e-7). A wrong index, a missing gate or a swapped half of
 fc1 give errors of order 1; exact vs tanh GELU differ by ~1e-4, still 20x above the bound.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -320,6 +322,49 @@ def test_mlp_matches_single_expert_moe():
     np.testing.assert_allclose(ops.mlp(x, fc1[0], fc2[0]),
                                ops.moe_experts(x, np.zeros(30, np.int64), None, fc1, fc2),
                                rtol=1e-6, atol=1e-7)
+
+
+# ---- activations alone --------------------------------------------------------------------
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_accuracy(act):
+    # Identity weights make mlp(x) = act(x) exactly up to the activation's own rounding
+    # (x @ I is exact), which isolates csrc/act.h from BLAS. Bounds from
+    # dev/cpu/act_accuracy.c, with ~2x margin:
+    #  - |err| <= 3e-7 |x| everywhere: Phi / sigmoid to ~2.5 ulp of 1;
+    #  - relative error <= 1e-5 for |x| <= 8, which includes the negative tails where
+    #    the libm form 0.5 x (1 + erff) would be 100% wrong (cancellation in 1 + erf).
+    d = 64
+    x = np.linspace(-14, 30, 64 * 400, dtype=np.float32).reshape(-1, d)
+    x = np.concatenate([x, np.random.default_rng(0).standard_normal((33, d)).astype(np.float32)])
+    eye = np.eye(d, dtype=np.float32)
+    out = ops.mlp(x, eye, eye, activation=act, gated=False).astype(np.float64)
+    xd = x.astype(np.float64)
+    # ref.gelu and ref.gelu_tanh compute 1 + erf / 1 + tanh, which cancels in float64 too
+    # for x < -6: the truths here are the cancellation-free forms of the same functions.
+    if act == "gelu":
+        want = 0.5 * xd * np.vectorize(math.erfc)(-xd / math.sqrt(2.0))
+    elif act == "gelu_tanh":
+        want = xd / (1.0 + np.exp(-2.0 * math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd**3)))
+    else:
+        want = ref.silu(xd)
+    err = np.abs(out - want)
+    assert np.all(err <= 3e-7 * np.abs(xd) + 1e-37)
+    mid = (np.abs(xd) <= 8) & (want != 0)
+    assert np.all(err[mid] <= 1e-5 * np.abs(want[mid]))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_non_finite(act):
+    x = np.array([[np.nan], [np.inf], [-np.inf], [0.0], [-0.0], [100.0], [-100.0], [1e30],
+                  [-1e30], [1e-30]], np.float32)
+    one = np.ones((1, 1), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ref.ACTIVATIONS[act](x.astype(np.float64))
+    out = ops.mlp(x, one, one, activation=act, gated=False)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))  # NaN, -inf -> NaN
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(out[ok], want[ok], rtol=1e-6, atol=1e-37)  # denormals flush
 
 
 # ---- bad inputs --------------------------------------------------------------------------

@@ -18,9 +18,12 @@
  * 75 MB), while keeping the GEMMs tall enough that BLAS runs near peak. */
 #define BM_MLP_ROWS 1024
 
-/* Loops shorter than this many elements stay on the calling thread: below it the OpenMP
- * fork costs more than the copy or activation it would split. */
-#define BM_PAR_MIN 32768
+/* Loops over fewer elements than this stay on the calling thread. The gathers, scatters and
+ * (vectorised) activations between the GEMMs take ~0.1-0.5 ns per element, so below ~1M
+ * elements splitting them saves less than it risks: after a parallel region OpenMP's
+ * workers spin-wait for a while, competing for the cores with OpenBLAS's threads that run
+ * the very next GEMM. */
+#define BM_PAR_MIN (1 << 20)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 

@@ -316,6 +316,30 @@ def test_mlp_more_rows_than_one_block_and_batched():
     assert rel_err(out.reshape(-1, 20), ref.gated_mlp(x.reshape(-1, 20), fc1, fc2)) < REL
 
 
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_loops_large_enough_to_run_in_parallel(nthreads):
+    # moe.c splits a gather/scatter or activation loop over threads only from 1M elements
+    # (BM_PAR_MIN): these shapes cross it (1024-row block x d = 1030; x F = 1030).
+    rng = np.random.default_rng(51)
+    n = ops.get_num_threads()
+    try:
+        ops.set_num_threads(nthreads)
+        x = rng.standard_normal((1100, 1030)).astype(np.float32)
+        fc1 = (rng.standard_normal((2, 6, 1030)) / 32).astype(np.float32)
+        fc2 = (rng.standard_normal((2, 1030, 3)) / 2).astype(np.float32)
+        ids = (np.arange(1100) % 50 == 0).astype(np.int64)  # expert 0: 1078 rows
+        gates = rng.uniform(0.1, 1, 1100).astype(np.float32)
+        out = ops.moe_experts(x, ids, gates, fc1, fc2, activation="silu")
+        assert rel_err(out, ref.moe_experts(x, ids, gates, fc1, fc2, "silu")) < REL
+        x = rng.standard_normal((1100, 8)).astype(np.float32)
+        w1 = (rng.standard_normal((2060, 8)) / 3).astype(np.float32)
+        w2 = (rng.standard_normal((8, 1030)) / 32).astype(np.float32)
+        out = ops.mlp(x, w1, w2, activation="silu")
+        assert rel_err(out, ref.gated_mlp(x, w1, w2, "silu")) < REL
+    finally:
+        ops.set_num_threads(n)
+
+
 def test_mlp_matches_single_expert_moe():
     # A dense gated MLP is a one-expert MoE with unit gates.
     x, _, _, fc1, fc2 = make_moe(41, 30, 16, 1, 12)

@@ -10,6 +10,7 @@
 #include "bm.h"
 #include "act.h" /* gelu_f, gelu_tanh_f, silu_f: vectorisable activations */
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -223,6 +224,7 @@ bm_status bm_moe_experts(const float *x, const int32_t *ids, const float *gates,
 #pragma omp parallel for num_threads(bm_get_num_threads()) if (mb * d >= BM_PAR_MIN)
             for (int64_t i = 0; i < mb; i++)
                 memcpy(xs + i * d, x + tok[i] * d, sizeof(float) * (size_t)d);
+            /* in place: mb <= BM_MLP_ROWS rows are one block, read before written */
             st = mlp_rows(xs, w1, w2, wdtype, act, 1, xs, mb, d, F, a, h);
             if (st != BM_OK) break;
 #pragma omp parallel for num_threads(bm_get_num_threads()) if (mb * d >= BM_PAR_MIN)

@@ -707,7 +707,7 @@ static PyObject *py_mlp(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|Op", kws, &ox, &o1, &o2, &oact, &gated))
         return NULL;
     bm_act act = BM_ACT_GELU;
-    if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
+    if (oact && parse_act(s.fn, oact, &act, 1) < 0) return NULL;
     PyArrayObject *x, *fc1, *fc2, *out;
     NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
     NEED(fc1 = sig_arr(&s, o1, "fc1", DT_WEIGHT, "Gd", 0));

@@ -31,7 +31,7 @@ def cmd_eval(args):
     lm = BlackMambaLM(model=model, pretrained=args.model, batch_size=args.batch_size,
                       seed=args.seed, max_tokens=args.max_tokens)
     tasks = [t for t in args.tasks.split(",") if t]
-    tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    tm = _task_manager(TaskManager, args.include_path, tasks)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot,
                                   limit=args.limit, task_manager=tm,
                                   log_samples=args.log_samples,
@@ -47,6 +47,16 @@ def cmd_eval(args):
             json.dump(out, f, indent=2, default=str, ensure_ascii=False)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _task_manager(TaskManager, include_path, tasks):
+    """Indexing lm-eval's thousands of built-in task files takes ~10 s: skip it when every
+    requested task is in --include-path."""
+    if include_path:
+        tm = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in tm.all_tasks for t in tasks):
+            return tm
+    return TaskManager(include_path=include_path)
 
 
 def _table(out):

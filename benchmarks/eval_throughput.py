@@ -53,7 +53,7 @@ def random_model(shape, layers=None, dtype="bfloat16", seed=0):
     tensors = {}
     for name, shp in _expected_shapes(cfg).items():
         if len(shp) >= 2 and not name.endswith("A_log") and not name.endswith("conv1d.weight"):
-            a = (rng.standard_normal(shp, dtype=np.float32) * (0.5 / np.sqrt(shp[-1])))
+            a = rng.standard_normal(shp, dtype=np.float32) * np.float32(0.5 / np.sqrt(shp[-1]))
             tensors[name] = _BF16Tensor(ops.f32_to_bf16(a))
         else:      # vectors, A_log, conv weights: float32, random_tensors' recipe
             tensors[name] = _small(name, shp, rng)
@@ -102,16 +102,16 @@ def main():
         for _ in range(4):
             reqs.append((ctx, list(rng.integers(2, 50000, args.cont + int(rng.integers(-5, 6))))))
     scoring.loglikelihoods(model, reqs[:4], batch_size=args.batch_size)     # warm up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scoring.loglikelihoods(model, reqs, batch_size=args.batch_size)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     model_tokens = sum(len(c) for c in {tuple(c) for c, _ in reqs}) + sum(len(t) for _, t in reqs)
     request_tokens = sum(len(c) + len(t) for c, t in reqs)
     res = dict(shape=args.shape, layers=cfg.num_layers, dtype=args.dtype,
                threads=ops.get_num_threads(), requests=len(reqs), seconds=dt,
                model_tokens=model_tokens, request_tokens=request_tokens,
                model_tokens_per_s=model_tokens / dt, request_tokens_per_s=request_tokens / dt,
-               requests_per_s=len(reqs) / dt, build_seconds=build_s,
+               requests_per_s=len(reqs) / dt, build_seconds=build_s, cpu_seconds=cpu,
                batch_size=args.batch_size)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -119,7 +119,8 @@ def main():
         print(f"{args.shape} ({cfg.num_layers} layers) {args.dtype}, {res['threads']} threads, "
               f"batch {args.batch_size}: {len(reqs)} requests in {dt:.1f} s = "
               f"{res['requests_per_s']:.2f} req/s, {res['model_tokens_per_s']:.1f} model "
-              f"tokens/s ({res['request_tokens_per_s']:.1f} request tokens/s)")
+              f"tokens/s ({res['request_tokens_per_s']:.1f} request tokens/s); "
+              f"CPU time {cpu:.1f} s = {cpu / dt:.2f} cores busy on average")
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def add_cli(sub):
     _add_model(e)
     e.add_argument("--tasks", "-t", required=True, help="comma-separated lm-eval task names")
     e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--batch-size", "-b", type=int, default=8,
-                   help="contexts / continuation rows per model call (default 8)")
+    e.add_argument("--batch-size", "-b", type=int, default=16,
+                   help="contexts / continuation rows per model call (default 16)")
     e.add_argument("--max-tokens", type=int, default=2048,
                    help="tokens per model call: bounds the logits in memory (default 2048)")
     e.add_argument("--limit", type=float, default=None,

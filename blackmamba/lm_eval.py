@@ -6,7 +6,7 @@ Importing this module registers the model class under the name "blackmamba":
     import lm_eval
     out = lm_eval.simple_evaluate(model="blackmamba",
                                   model_args="pretrained=Zyphra/BlackMamba-2.8B,dtype=bfloat16",
-                                  tasks=["hellaswag", "piqa"], batch_size=8)
+                                  tasks=["hellaswag", "piqa"], batch_size=16)
 
 From the shell: `blackmamba eval --model M --tasks hellaswag,piqa` (our options), or
 `blackmamba lm-eval --model blackmamba --model_args pretrained=M ...` (lm-eval's own command
@@ -35,7 +35,7 @@ import blackmamba
 from blackmamba import scoring
 from blackmamba.generation import EOS_ID
 
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 16          # 2.8B, 2 cores: 16-32 rows per call is ~30 % faster than 8
 DEFAULT_MAX_GEN_TOKS = 256
 
 

@@ -134,7 +134,7 @@ def score_continuations(model, state, first_logits, conts, max_tokens=DEFAULT_MA
     return out
 
 
-def loglikelihoods(model, requests, batch_size=8, max_tokens=DEFAULT_MAX_TOKENS,
+def loglikelihoods(model, requests, batch_size=16, max_tokens=DEFAULT_MAX_TOKENS,
                    progress=False, desc="loglikelihood"):
     """Log-likelihood of each continuation given its context, sharing contexts' States.
 

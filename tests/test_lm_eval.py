@@ -204,7 +204,7 @@ def test_registered_and_model_args(model):
     lm = BlackMambaLM.create_from_arg_string(f"pretrained={GOLDEN},tokenizer=byte,dtype=bfloat16",
                                              {"batch_size": 5, "max_batch_size": None})
     assert lm.batch_size == 5 and lm.model.dtype == "bfloat16"
-    assert BlackMambaLM(model=model, batch_size="auto").batch_size == 8
+    assert BlackMambaLM(model=model, batch_size="auto").batch_size == 16
     with pytest.raises(ValueError, match="unknown model_args"):
         BlackMambaLM(model=model, temperature=1.0)
     with pytest.raises(ValueError, match="pretrained"):

@@ -99,32 +99,35 @@ static void scan_block_scalar(const scan_params *p, int64_t bi, int64_t e0, int 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define AVX512_INLINE static inline __attribute__((always_inline)) AVX512
 
-/* 2^f on [0, 1): 1 + f*(c1 + f*(c2 + ...)), minimax for relative error (2.0e-9 in exact
- * arithmetic, ~1.4 ulp after float32 Horner), c0 = 1 so that 2^0 and all 2^k are exact. */
+/* 2^f on [-1/2, 1/2]: 1 + f*(c1 + f*(c2 + ...)), minimax for relative error (2.0e-9 in exact
+ * arithmetic, ~1.4 ulp after float32 Horner). c0 = 1: near f = 0 the result is 1 + a small
+ * correction, accurate to ~0.5 ulp, which matters because dt A near 0 (dA near 1, a long
+ * memory) is where a biased error would add up over many tokens. */
 AVX512_INLINE __m512 exp2_poly(__m512 f) {
-    __m512 q = _mm512_set1_ps(2.1612852287944406e-4f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.2467863271012902e-3f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.675449691712856e-3f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.5485282093286514e-2f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.402293086051941e-1f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931470632553101e-1f));
+    __m512 q = _mm512_set1_ps(1.535335031803697e-4f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.3398875016719103e-3f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.618437848985195e-3f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.5503323674201965e-2f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022647738456726e-1f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931471824645996e-1f));
     return _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
 }
 
-/* 2^x for any x: f = x - floor(x) by vreduceps, then vscalefps multiplies by 2^floor(x).
- * vscalefps saturates (huge negative x -> 0 through the denormals, huge positive -> inf),
- * and vreduceps gives f = 0 for +-inf, so no clamping is needed; NaN stays NaN. */
+/* 2^x for any x: 2^(x - k) * 2^k with k = round(x); vreduceps gives x - k exactly and is 0
+ * for +-inf, vscalefps saturates (huge negative k -> 0 through the denormals, huge positive
+ * -> inf), so no clamping is needed; NaN stays NaN. */
 AVX512_INLINE __m512 exp2_avx512(__m512 x) {
-    __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    return _mm512_scalef_ps(exp2_poly(f), x);
+    __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(exp2_poly(f), k);
 }
 
-/* e^v to ~1.5 ulp: k = floor(v log2 e), r = v - k ln2 in two parts (Cephes), e^r = 2^(r log2 e).
+/* e^v to ~1.5 ulp: k = round(v log2 e), r = v - k ln2 in two parts (Cephes), e^r = 2^(r log2 e).
  * Used once per (t, e), where the extra precision costs nothing. */
 AVX512_INLINE __m512 exp_avx512(__m512 v) {
     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(100.0f));
     __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
     r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
     __m512 f = _mm512_mul_ps(r, _mm512_set1_ps(1.44269504088896341f));
@@ -165,14 +168,17 @@ AVX512_INLINE void scan_block_avx512_body(const scan_params *p, int64_t bi, int6
      * the hot loop for one extra rounding of A (relative 2^-24). Lanes >= w are 0. */
     __m512 A2[SCAN_MAX_N]; /* (N) x 16 lanes */
     __m512 h[SCAN_MAX_N];  /* (N) x 16 lanes: state n of the 16 channels */
+    /* the block's rows of A and of the state are (16, N): gather column n (stride N) */
+    const __m512i col = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)N));
+    const float *Ablk = p->A + e0 * N;                                   /* (16, N) */
+    const float *Sblk = p->state_in ? p->state_in + (bi * E + e0) * N : NULL; /* (16, N) */
     for (int64_t n = 0; n < N; n++) {
-        float a[SCAN_BLOCK] = {0}, s[SCAN_BLOCK] = {0};
-        for (int j = 0; j < w; j++) {
-            a[j] = p->A[(e0 + j) * N + n] * 1.44269504088896341f;
-            if (p->state_in) s[j] = p->state_in[(bi * E + e0 + j) * N + n];
-        }
-        A2[n] = _mm512_loadu_ps(a);
-        h[n] = _mm512_loadu_ps(s);
+        A2[n] = _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, Ablk + n, 4),
+                              _mm512_set1_ps(1.44269504088896341f));
+        h[n] = Sblk ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, Sblk + n, 4)
+                    : _mm512_setzero_ps();
     }
     const __m512 Dv = p->D ? _mm512_maskz_loadu_ps(m, p->D + e0) : _mm512_setzero_ps();
     const __m512 biasv =
@@ -225,12 +231,10 @@ AVX512_INLINE void scan_block_avx512_body(const scan_params *p, int64_t bi, int6
         _mm512_mask_storeu_ps(p->y + row, m, yv);
     }
 
-    if (p->state_out)
-        for (int64_t n = 0; n < N; n++) {
-            float s[SCAN_BLOCK];
-            _mm512_storeu_ps(s, h[n]);
-            for (int j = 0; j < w; j++) p->state_out[(bi * E + e0 + j) * N + n] = s[j];
-        }
+    if (p->state_out) {
+        float *Oblk = p->state_out + (bi * E + e0) * N; /* (16, N) */
+        for (int64_t n = 0; n < N; n++) _mm512_mask_i32scatter_ps(Oblk + n, m, col, h[n], 4);
+    }
 }
 
 static AVX512 void scan_block_avx512_n16(const scan_params *p, int64_t bi, int64_t e0, int w) {

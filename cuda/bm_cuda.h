@@ -12,7 +12,8 @@
  *     token counts on the host; see there). Launchers allocate nothing: scratch space is a
  *     caller-owned workspace whose size a *_workspace() function gives.
  *   - Sizes of 0 enqueue nothing and return 0. Launchers are thread-safe (no mutable static
- *     state besides the thread-local error message).
+ *     state besides the thread-local error message and once-per-device shared-memory opt-ins)
+ *     and, except bm_cuda_moe_experts, can be captured into a CUDA graph.
  *   - Arguments are trusted (the Python boundary validates them), except the few checks that
  *     return BM_CUDA_ERR_ARG (unsupported sizes, too small a workspace).
  */

@@ -4,6 +4,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -29,6 +31,20 @@ static inline int bm_cuda_fail_cuda_(const char *file, int line, cudaError_t e) 
 #define BM_CUDA_ARG_FAIL(msg) bm_cuda_fail_(__FILE__, __LINE__, BM_CUDA_ERR_ARG, "BM_CUDA_ERR_ARG", msg)
 
 static inline int64_t bm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Raise `kernel`'s dynamic shared-memory cap to `bytes` once per device (bit d of `done`).
+// Once, not per call: cudaFuncSetAttribute is not a stream operation, and launchers must stay
+// capturable into CUDA graphs. Concurrent first calls just set the same value twice.
+template <typename K>
+static inline int bm_smem_optin(K kernel, int bytes, std::atomic<unsigned> &done) {
+    int dev = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    const unsigned bit = 1u << (dev & 31);
+    if (done.load(std::memory_order_acquire) & bit) return 0;
+    BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done.fetch_or(bit, std::memory_order_release);
+    return 0;
+}
 
 // ---- device helpers ----------------------------------------------------------------------
 

@@ -109,13 +109,8 @@ int block_for(int64_t nv) {
     return (int)(t < 32 ? 32 : t > 256 ? 256 : t);
 }
 
-// Opt in to more than 48 KB of dynamic shared memory for long rows.
-template <typename K>
-int smem_optin(K kernel, size_t bytes) {
-    if (bytes > 48 * 1024)
-        BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    return 0;
-}
+constexpr int NORM_MAX_D = 50000;  // a row in shared memory: up to 200 KB (opt-in above 48 KB)
+std::atomic<unsigned> optin_done[4];  // per kernel: devices whose cap is raised (see bm_smem_optin)
 
 }  // namespace
 
@@ -123,16 +118,16 @@ extern "C" int bm_cuda_rms_norm(const float *x, const float *residual, const flo
                                 float eps, float *out, float *res_out, int64_t T, int64_t d,
                                 cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
-    if (T > INT32_MAX || d > 50000) return BM_CUDA_ARG_FAIL("rms_norm: d > 50000 or T too large");
+    if (T > INT32_MAX || d > NORM_MAX_D) return BM_CUDA_ARG_FAIL("rms_norm: d > 50000 or T too large");
     const size_t smem = (size_t)d * sizeof(float);
     const bool vec = d % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
                      (!residual || aligned16(residual)) && (!res_out || aligned16(res_out));
     int st;
     if (vec) {
-        if ((st = smem_optin(rms_norm_kernel<4>, smem))) return st;
+        if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<4>, NORM_MAX_D * 4, optin_done[0]))) return st;
         rms_norm_kernel<4><<<(unsigned)T, block_for(d / 4), smem, stream>>>(x, residual, w, eps, out, res_out, (int)d);
     } else {
-        if ((st = smem_optin(rms_norm_kernel<1>, smem))) return st;
+        if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<1>, NORM_MAX_D * 4, optin_done[1]))) return st;
         rms_norm_kernel<1><<<(unsigned)T, block_for(d), smem, stream>>>(x, residual, w, eps, out, res_out, (int)d);
     }
     BM_CUDA_LAUNCHED();
@@ -143,16 +138,16 @@ extern "C" int bm_cuda_layer_norm(const float *x, const float *residual, const f
                                   const float *bias, float eps, float *out, int64_t T, int64_t d,
                                   cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
-    if (T > INT32_MAX || d > 50000) return BM_CUDA_ARG_FAIL("layer_norm: d > 50000 or T too large");
+    if (T > INT32_MAX || d > NORM_MAX_D) return BM_CUDA_ARG_FAIL("layer_norm: d > 50000 or T too large");
     const size_t smem = (size_t)d * sizeof(float);
     const bool vec = d % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
                      (!residual || aligned16(residual)) && (!bias || aligned16(bias));
     int st;
     if (vec) {
-        if ((st = smem_optin(layer_norm_kernel<4>, smem))) return st;
+        if (smem > 48 * 1024 && (st = bm_smem_optin(layer_norm_kernel<4>, NORM_MAX_D * 4, optin_done[2]))) return st;
         layer_norm_kernel<4><<<(unsigned)T, block_for(d / 4), smem, stream>>>(x, residual, w, bias, eps, out, (int)d);
     } else {
-        if ((st = smem_optin(layer_norm_kernel<1>, smem))) return st;
+        if (smem > 48 * 1024 && (st = bm_smem_optin(layer_norm_kernel<1>, NORM_MAX_D * 4, optin_done[3]))) return st;
         layer_norm_kernel<1><<<(unsigned)T, block_for(d), smem, stream>>>(x, residual, w, bias, eps, out, (int)d);
     }
     BM_CUDA_LAUNCHED();

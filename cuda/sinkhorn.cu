@@ -135,9 +135,11 @@ extern "C" int bm_cuda_sinkhorn(const float *S, float *P, int64_t T, int64_t X, 
     }
     const int c_in_smem = T * X <= SK_SMEM_C;
     const size_t smem = c_in_smem ? (size_t)(T * X) * sizeof(float) : 0;
-    if (smem > 48 * 1024)
-        BM_CUDA_TRY(cudaFuncSetAttribute(sinkhorn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem));
+    static std::atomic<unsigned> optin_done{0};
+    if (smem > 48 * 1024) {
+        const int st = bm_smem_optin(sinkhorn_kernel, SK_SMEM_C * (int)sizeof(float), optin_done);
+        if (st) return st;
+    }
     sinkhorn_kernel<<<1, SK_THREADS, smem, stream>>>(S, P, (int)T, (int)X, tol, (int)init,
                                                      max_iters, iters, c_in_smem);
     BM_CUDA_LAUNCHED();

@@ -58,7 +58,7 @@ def _preload_cublas():
 
 
 def load(path=None):
-    import torch  # noqa: F401  (loads the CUDA runtime and cuBLAS of the image first)
+    import torch  # noqa: F401  pylint: disable=unused-import  (loads CUDA runtime + cuBLAS first)
     path = path or os.environ.get("BM_DEV_SO", os.path.join(HERE, "libbm_cuda_dev.so"))
     try:
         lib = ctypes.CDLL(path)

@@ -568,6 +568,21 @@ def main():
         e = f"{err:10.2e}" if isinstance(err, float) else ("      True" if err else "     False")
         print(f"{op:14s} {case[:44]:44s} {what[:34]:34s} {e} {tol:8.1e}  {'PASS' if ok else 'FAIL'} {reason}")
         nfail += not ok
+    # Short summary last (the device tool returns the tail of the output).
+    print(f"\n{'op':14s} {'cases':>7s} {'worst err/tol (float checks)':>30s}")
+    ops = []
+    for r in ROWS:
+        if r[0] not in ops:
+            ops.append(r[0])
+    for op in ops:
+        rows = [r for r in ROWS if r[0] == op]
+        npass = sum(r[5] for r in rows)
+        ratios = [r[3] / r[4] for r in rows if isinstance(r[3], float) and r[4] > 0 and r[3] == r[3]]
+        worst = f"{max(ratios):.3f}" if ratios else "-"
+        print(f"{op:14s} {npass:3d}/{len(rows):<3d} {worst:>30s}")
+    for op, case, what, err, tol, ok, reason in ROWS:
+        if not ok:
+            print(f"FAIL {op} | {case} | {what} | err={err} tol={tol} | {reason}")
     print(f"\n{len(ROWS) - nfail}/{len(ROWS)} passed, {nfail} failed, seed0={SEED0}, {time.time() - t0:.1f} s")
     return 1 if nfail else 0
 

@@ -59,14 +59,15 @@ int bm_cuda_scan_forward(const float *u, const float *delta, const float *A, con
                          const float *delta_bias, int delta_softplus, const float *state_in,
                          float *state_out, float *y, int64_t b, int64_t L, int64_t E,
                          int64_t N, cudaStream_t stream);
-/* The same with a chosen kernel variant, for benchmarks: threads_per_channel 0 (auto), 1, 2
- * or 4 (each thread then owns N/threads_per_channel of a channel's states). */
-int bm_cuda_scan_forward_tpc(const float *u, const float *delta, const float *A,
-                             const float *Bm, const float *Cm, const float *D, const float *z,
-                             const float *delta_bias, int delta_softplus,
-                             const float *state_in, float *state_out, float *y, int64_t b,
-                             int64_t L, int64_t E, int64_t N, int threads_per_channel,
-                             cudaStream_t stream);
+/* The same with a chosen kernel, for benchmarks and tests: threads_per_channel 0 (auto), 1, 2
+ * or 4 (each thread then owns N/threads_per_channel of a channel's states); variant -1
+ * (default), 0 (step loop rolled) or 1 (chunks of steps unrolled). */
+int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float *A,
+                                 const float *Bm, const float *Cm, const float *D,
+                                 const float *z, const float *delta_bias, int delta_softplus,
+                                 const float *state_in, float *state_out, float *y, int64_t b,
+                                 int64_t L, int64_t E, int64_t N, int threads_per_channel,
+                                 int variant, cudaStream_t stream);
 /* One token: state (b, E, N) updated in place; x, delta, z, y: (b, E); Bm, Cm: (b, N). */
 int bm_cuda_scan_step(float *state, const float *x, const float *delta, const float *A,
                       const float *Bm, const float *Cm, const float *D, const float *z,
@@ -95,9 +96,12 @@ int bm_cuda_layer_norm(const float *x, const float *residual, const float *w,
 
 /* ---- gemv.cu: y = W x for small M (decode) ---------------------------------------------- */
 /* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16,
- * fp32 accumulate. Reads W once per 8 rows of x; meant for M <= 16. */
+ * fp32 accumulate. Reads W once per 8 rows of x (once for M <= 8); meant for small M. */
 int bm_cuda_gemv(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
                  int64_t M, int64_t Nout, int64_t Kin, cudaStream_t stream);
+/* The same with a chosen K-split (warps sharing one row): 0 (auto), 1, 2, 4 or 8. For tests. */
+int bm_cuda_gemv_ks(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
+                    int64_t M, int64_t Nout, int64_t Kin, int ksplit, cudaStream_t stream);
 
 /* ---- moe.cu: top-1 routing and the expert path (SPEC 3) --------------------------------- */
 /* logits (T, X) = x (T, d) @ rw (X, d)^T + rb (X) (rb may be NULL; logits may be NULL);

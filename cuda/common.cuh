@@ -117,5 +117,5 @@ struct GemvParams {
     int64_t ldy;
     int M, Nout, Kin;
 };
-// X experts (grid.y); X = 1 with ids NULL is the plain GEMV.
-int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, cudaStream_t stream);
+// X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
+int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);

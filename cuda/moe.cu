@@ -28,9 +28,26 @@ constexpr int DISPATCH_THREADS = 1024;
 constexpr int MAX_EXPERTS = 256;
 
 // ---- routing -----------------------------------------------------------------------------
-// One warp per token: lanes stride over d (coalesced x and router rows; the router, X*d
-// floats, stays in L1/L2), 8 experts per pass, shuffle sums, running argmax in lane 0.
+// One warp per token: lanes stride over d (coalesced x and router rows, 16-byte loads when
+// d % 4 == 0; the router, X*d weights, stays in L1/L2), 8 experts per pass, shuffle sums,
+// running argmax in lane 0.
 template <typename WT>
+__device__ __forceinline__ float4 load_w4(const WT *p) {
+    if constexpr (sizeof(WT) == 2) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2 *>(p));
+        const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+        return make_float4(a.x, a.y, b.x, b.y);
+    } else {
+        return __ldg(reinterpret_cast<const float4 *>(p));
+    }
+}
+template <typename WT>
+__device__ __forceinline__ float load_w1(const WT *p) {
+    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(__ldg(p));
+    else return __ldg(p);
+}
+
+template <typename WT, bool VEC>
 __global__ __launch_bounds__(ROUTE_WARPS * 32) void route_kernel(
     const float *__restrict__ x,    // (T, d)
     const WT *__restrict__ rw,      // (X, d)
@@ -49,17 +66,26 @@ __global__ __launch_bounds__(ROUTE_WARPS * 32) void route_kernel(
         float acc[ROUTE_EG];
 #pragma unroll
         for (int j = 0; j < ROUTE_EG; j++) acc[j] = 0.f;
-        for (int k = lane; k < d; k += 32) {
-            const float xv = __ldg(xr + k);
+        if (VEC) {
+            for (int k = 4 * lane; k < d; k += 128) {
+                const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr + k));
 #pragma unroll
-            for (int j = 0; j < ROUTE_EG; j++) {
-                if (e0 + j < X) {
-                    const WT wv = rw[(int64_t)(e0 + j) * d + k];
-                    float wf;
-                    if constexpr (sizeof(WT) == 2) wf = bm_bf16_bits_to_f32(wv);
-                    else wf = wv;
-                    acc[j] = fmaf(xv, wf, acc[j]);
+                for (int j = 0; j < ROUTE_EG; j++) {
+                    if (e0 + j < X) {
+                        const float4 w = load_w4(rw + (int64_t)(e0 + j) * d + k);
+                        acc[j] = fmaf(xv.x, w.x, acc[j]);
+                        acc[j] = fmaf(xv.y, w.y, acc[j]);
+                        acc[j] = fmaf(xv.z, w.z, acc[j]);
+                        acc[j] = fmaf(xv.w, w.w, acc[j]);
+                    }
                 }
+            }
+        } else {
+            for (int k = lane; k < d; k += 32) {
+                const float xv = __ldg(xr + k);
+#pragma unroll
+                for (int j = 0; j < ROUTE_EG; j++)
+                    if (e0 + j < X) acc[j] = fmaf(xv, load_w1(rw + (int64_t)(e0 + j) * d + k), acc[j]);
             }
         }
 #pragma unroll
@@ -268,12 +294,16 @@ extern "C" int bm_cuda_route_top1(const float *x, const void *rw, bm_dtype wdtyp
     if (d > INT32_MAX) return BM_CUDA_ARG_FAIL("route_top1: d too large");
     if (T <= 0) return 0;
     const unsigned grid = (unsigned)bm_cdiv(T, ROUTE_WARPS);
-    if (wdtype == BM_BF16)
-        route_kernel<uint16_t><<<grid, ROUTE_WARPS * 32, 0, stream>>>(
-            x, (const uint16_t *)rw, rb, logits, ids, gates, T, (int)d, (int)X);
-    else
-        route_kernel<float><<<grid, ROUTE_WARPS * 32, 0, stream>>>(
-            x, (const float *)rw, rb, logits, ids, gates, T, (int)d, (int)X);
+    const bool vec = d % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)rw & 15) == 0;
+    if (wdtype == BM_BF16) {
+        const uint16_t *w = (const uint16_t *)rw;
+        if (vec) route_kernel<uint16_t, true><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
+        else route_kernel<uint16_t, false><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
+    } else {
+        const float *w = (const float *)rw;
+        if (vec) route_kernel<float, true><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
+        else route_kernel<float, false><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
+    }
     BM_CUDA_LAUNCHED();
     return 0;
 }
@@ -412,12 +442,12 @@ extern "C" int bm_cuda_moe_experts_decode(const float *x, const int32_t *ids, co
     float *h = (float *)workspace;  // (T, 2F)
     int st;
     GemvParams p1{fc1, x, d, ids, nullptr, nullptr, h, 2 * F, (int)T, (int)(2 * F), (int)d};
-    if ((st = bm_gemv_launch(p1, wdtype, (int)X, stream))) return st;
+    if ((st = bm_gemv_launch(p1, wdtype, (int)X, 0, stream))) return st;
     const int64_t n = T * F;
     act_mul_kernel<float><<<(unsigned)bm_cdiv(n, 256), 256, 0, stream>>>(h, h, 2 * F, nullptr, T, (int)F, (int)act);
     BM_CUDA_LAUNCHED();
     // Tokens whose id is outside [0, X) match no block: zero out first so they read 0.
     BM_CUDA_TRY(cudaMemsetAsync(out, 0, (size_t)(T * d) * sizeof(float), stream));
     GemvParams p2{fc2, h, 2 * F, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
-    return bm_gemv_launch(p2, wdtype, (int)X, stream);
+    return bm_gemv_launch(p2, wdtype, (int)X, 0, stream);
 }

@@ -17,6 +17,7 @@ namespace {
 constexpr int SCAN_THREADS = 64;  // 2 warps: small blocks spread the few warps over all SMs
 constexpr int SCAN_TC = 16;       // steps per chunk
 constexpr int SCAN_STAGES = 3;    // chunks in shared memory: 2 loading while 1 is computed
+constexpr int SCAN_DEFAULT_VAR = 1;  // see scan_fwd_kernel
 
 struct ScanParams {
     const float *u;           // (b, L, E)
@@ -58,8 +59,9 @@ struct ScanSmem {
 };
 
 // At most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs ~22 warps
-// per SM to run in one wave.
-template <int NT, int TPC>
+// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1: full
+// chunks fully unrolled (benchmarked against each other; SCAN_DEFAULT_VAR is the winner).
+template <int NT, int TPC, int VAR>
 __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
     using Smem = ScanSmem<NT, TPC>;
@@ -141,19 +143,32 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
         __syncthreads();                    // everyone's have
 
         // softplus(delta + bias) and silu(z), in place: the TPC threads of a channel each take
-        // 1/TPC of the steps (these are MUFU work too), then meet at a warp barrier.
+        // 1/TPC of the steps (these are MUFU work too), then meet at a warp barrier. Loops with
+        // a compile-time trip count: the TC/TPC long softplus chains overlap instead of running
+        // one after another.
         float(*act)[TC][CPB] = sm.act[s];
-        for (int t = sub; t < TC; t += TPC) {
-            float dv = act[1][t][ch] + dbias;
-            if (p.softplus) dv = bm_softplus(dv);
-            act[1][t][ch] = dv;
-            if (has_z) act[2][t][ch] = bm_silu(act[2][t][ch]);
+        if (p.softplus) {
+#pragma unroll
+            for (int k = 0; k < TC / TPC; k++) {
+                const int t = k * TPC + sub;
+                act[1][t][ch] = bm_softplus(act[1][t][ch] + dbias);
+            }
+        } else if (p.delta_bias) {
+#pragma unroll
+            for (int k = 0; k < TC / TPC; k++) act[1][k * TPC + sub][ch] += dbias;
+        }
+        if (has_z) {
+#pragma unroll
+            for (int k = 0; k < TC / TPC; k++) {
+                const int t = k * TPC + sub;
+                act[2][t][ch] = bm_silu(act[2][t][ch]);
+            }
         }
         __syncwarp();
 
         const int steps = min(TC, L - c * TC);
         const float *bc = &sm.bc[s][0][0];
-        for (int i = 0; i < steps; i++) {
+        auto step = [&](int i) {
             const float dt = act[1][i][ch];
             const float uv = act[0][i][ch];
             const float du = dt * uv;
@@ -179,6 +194,14 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
             if (has_z) yv *= act[2][i][ch];
             if (store) *yp = yv;
             yp += E;
+        };
+        if (VAR == 1 && steps == TC) {
+            // Whole chunk unrolled: the scheduler can start step i+1's exps (independent of
+            // the state) during step i's reduction.
+#pragma unroll
+            for (int i = 0; i < TC; i++) step(i);
+        } else {
+            for (int i = 0; i < steps; i++) step(i);
         }
         __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
     }
@@ -194,11 +217,12 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 }
 
 template <int NT, int TPC>
-int scan_fwd_launch(const ScanParams &p, int b, cudaStream_t stream) {
+int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
-    scan_fwd_kernel<NT, TPC><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    if (var == 1) scan_fwd_kernel<NT, TPC, 1><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    else scan_fwd_kernel<NT, TPC, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
     BM_CUDA_LAUNCHED();
     return 0;
 }
@@ -249,12 +273,14 @@ __global__ void scan_step_kernel(float *state,              // (b, E, N) in plac
 
 }  // namespace
 
-extern "C" int bm_cuda_scan_forward_tpc(const float *u, const float *delta, const float *A,
-                                        const float *Bm, const float *Cm, const float *D,
-                                        const float *z, const float *delta_bias,
-                                        int delta_softplus, const float *state_in,
-                                        float *state_out, float *y, int64_t b, int64_t L,
-                                        int64_t E, int64_t N, int tpc, cudaStream_t stream) {
+extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float *A,
+                                            const float *Bm, const float *Cm, const float *D,
+                                            const float *z, const float *delta_bias,
+                                            int delta_softplus, const float *state_in,
+                                            float *state_out, float *y, int64_t b, int64_t L,
+                                            int64_t E, int64_t N, int tpc, int var,
+                                            cudaStream_t stream) {
+    if (var < 0) var = SCAN_DEFAULT_VAR;
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (b <= 0 || E <= 0) return 0;
@@ -288,15 +314,15 @@ extern "C" int bm_cuda_scan_forward_tpc(const float *u, const float *delta, cons
     if (per > 16) return BM_CUDA_ARG_FAIL("scan: N > 16 * threads_per_channel");
     const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
     switch (tpc * 100 + nt) {
-        case 104: return scan_fwd_launch<4, 1>(p, (int)b, stream);
-        case 108: return scan_fwd_launch<8, 1>(p, (int)b, stream);
-        case 116: return scan_fwd_launch<16, 1>(p, (int)b, stream);
-        case 204: return scan_fwd_launch<4, 2>(p, (int)b, stream);
-        case 208: return scan_fwd_launch<8, 2>(p, (int)b, stream);
-        case 216: return scan_fwd_launch<16, 2>(p, (int)b, stream);
-        case 404: return scan_fwd_launch<4, 4>(p, (int)b, stream);
-        case 408: return scan_fwd_launch<8, 4>(p, (int)b, stream);
-        case 416: return scan_fwd_launch<16, 4>(p, (int)b, stream);
+        case 104: return scan_fwd_launch<4, 1>(p, (int)b, var, stream);
+        case 108: return scan_fwd_launch<8, 1>(p, (int)b, var, stream);
+        case 116: return scan_fwd_launch<16, 1>(p, (int)b, var, stream);
+        case 204: return scan_fwd_launch<4, 2>(p, (int)b, var, stream);
+        case 208: return scan_fwd_launch<8, 2>(p, (int)b, var, stream);
+        case 216: return scan_fwd_launch<16, 2>(p, (int)b, var, stream);
+        case 404: return scan_fwd_launch<4, 4>(p, (int)b, var, stream);
+        case 408: return scan_fwd_launch<8, 4>(p, (int)b, var, stream);
+        case 416: return scan_fwd_launch<16, 4>(p, (int)b, var, stream);
     }
     return BM_CUDA_ARG_FAIL("scan: no kernel for this N");
 }
@@ -307,8 +333,8 @@ extern "C" int bm_cuda_scan_forward(const float *u, const float *delta, const fl
                                     const float *state_in, float *state_out, float *y,
                                     int64_t b, int64_t L, int64_t E, int64_t N,
                                     cudaStream_t stream) {
-    return bm_cuda_scan_forward_tpc(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
-                                    state_in, state_out, y, b, L, E, N, 0, stream);
+    return bm_cuda_scan_forward_variant(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
+                                        state_in, state_out, y, b, L, E, N, 0, -1, stream);
 }
 
 extern "C" int bm_cuda_scan_step(float *state, const float *x, const float *delta,

@@ -100,43 +100,72 @@ def bf16_bits(t):
 
 
 # ---- ceilings ------------------------------------------------------------------------------
+def smi_clocks():
+    import subprocess
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        return str(exc)
+
+
 def bench_copy():
-    n = 1 << 28   # 1 GiB of float32
-    a = torch.randn(n, device=DEV)
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a), inner=5, reps=11)
-    COPY_GBS[0] = 2 * 4 * n / ms / 1e6
-    report("copy d2d 1 GiB (read+write)", ms, 2 * 4 * n, note="the bandwidth ceiling")
+    # Warm the clocks up first (the card idles at a low SM clock).
     x = randn(8192, 8192, dtype=torch.bfloat16)
     y = randn(8192, 8192, dtype=torch.bfloat16)
+    t0 = time.time()
+    while time.time() - t0 < 1.0:
+        torch.matmul(x, y)
+        torch.cuda.synchronize()
+    print("  clocks after warm-up (sm, mem, power, temp):", smi_clocks())
     ms = bench(lambda: torch.matmul(x, y), inner=5, reps=7)
     report("torch bf16 GEMM 8192^3 (random data)", ms, flops=2 * 8192 ** 3, note="the matrix ceiling")
+    best = 0.0
+    for n in (1 << 28, 1 << 29):   # 1 and 2 GiB of float32
+        a = torch.randn(n, device=DEV)
+        b = torch.empty_like(a)
+        for kind, f in (("copy_", lambda: b.copy_(a)), ("add", lambda: torch.add(a, 1.0, out=b))):
+            ms = bench(f, inner=5, reps=11)
+            gbs = 2 * 4 * n / ms / 1e6
+            best = max(best, gbs)
+            report(f"d2d {kind} {4 * n >> 30} GiB (read+write)", ms, 2 * 4 * n)
+    COPY_GBS[0] = best
+    print(f"  bandwidth ceiling used below: {best:.0f} GB/s (best of the above)")
 
 
 # ---- scan ------------------------------------------------------------------------------------
-def bench_scan():
-    for (b, L, E, N, tpc, with_z) in [(8, 2048, 2944, 16, 0, True), (8, 2048, 2944, 16, 1, True),
-                                      (8, 2048, 2944, 16, 2, True), (8, 2048, 2944, 16, 4, True),
-                                      (8, 2048, 2944, 16, 0, False), (8, 2048, 2944, 4, 0, True),
-                                      (16, 2048, 2944, 16, 0, True), (8, 2048, 2304, 16, 0, True),
-                                      (1, 2048, 2944, 16, 0, True)]:
-        u = randn(b, L, E)
-        delta = torch.rand(b, L, E, device=DEV) * 7 - 6
-        z = randn(b, L, E) if with_z else None
-        A = -(torch.rand(E, N, device=DEV) * N + 0.5)
-        B, C = randn(b, L, N), randn(b, L, N)
-        D, bias = randn(E), randn(E, scale=0.5)
-        y = torch.empty(b, L, E, device=DEV)
-        hs = torch.empty(b, E, N, device=DEV)
-        args = [P(t) for t in (u, delta, A, B, C, D, z, bias)]
+def scan_setup(b, L, E, N, with_z=True):
+    t = dict(u=randn(b, L, E), delta=torch.rand(b, L, E, device=DEV) * 7 - 6,
+             z=randn(b, L, E) if with_z else None, A=-(torch.rand(E, N, device=DEV) * N + 0.5),
+             B=randn(b, L, N), C=randn(b, L, N), D=randn(E), bias=randn(E, scale=0.5),
+             y=torch.empty(b, L, E, device=DEV), hs=torch.empty(b, E, N, device=DEV))
+    args = [P(t[k]) for k in ("u", "delta", "A", "B", "C", "D", "z", "bias")]
 
-        def fn():
-            bc.call(LIB, "bm_cuda_scan_forward_tpc", *args, 1, None, P(hs), P(y), b, L, E, N, tpc, S())
-        ms = bench(fn, inner=3, reps=11)
+    def fn(tpc=0, var=-1):
+        bc.call(LIB, "bm_cuda_scan_forward_variant", *args, 1, None, P(t["hs"]), P(t["y"]), b, L, E, N, tpc, var, S())
+    return t, fn
+
+
+def bench_scan():
+    configs = [(8, 2048, 2944, 16, tpc, var, True) for var in (0, 1) for tpc in (0, 1, 2, 4)]
+    configs += [(8, 2048, 2944, 16, 0, -1, False), (8, 2048, 2944, 4, 0, -1, True), (16, 2048, 2944, 16, 0, -1, True),
+                (8, 2048, 2304, 16, 0, -1, True), (1, 2048, 2944, 16, 0, -1, True), (1, 2048, 2944, 16, 1, -1, True),
+                (2, 2048, 2944, 16, 0, -1, True)]
+    cache = {}
+    for (b, L, E, N, tpc, var, with_z) in configs:
+        key = (b, L, E, N, with_z)
+        if key not in cache:
+            cache.clear()
+            torch.cuda.empty_cache()
+            cache[key] = scan_setup(b, L, E, N, with_z)
+        _, fn = cache[key]
+        ms = bench(lambda: fn(tpc, var), inner=3, reps=11)
         nact = 4 if with_z else 3
         nbytes = nact * b * L * E * 4 + 2 * b * L * N * 4 + b * E * N * 4
         note = "ref mamba bf16 0.82 ms: x%.2f" % (0.82 / ms) if (b, L, E, N) == (8, 2048, 2944, 16) else ""
-        report(f"scan_forward b={b} L={L} E={E} N={N} tpc={tpc}{'' if with_z else ' no z'}", ms, nbytes, note=note)
+        vs = "default" if var < 0 else f"var={var}"
+        report(f"scan_forward b={b} L={L} E={E} N={N} tpc={tpc} {vs}{'' if with_z else ' no z'}", ms, nbytes, note=note)
+    cache.clear()
 
 
 def bench_scan_step():
@@ -190,14 +219,16 @@ def bench_gemv():
             Ws = [bf16_bits(randn(Nout, Kin)) for _ in range(copies)]
             x, y = randn(M, Kin), torch.empty(M, Nout, device=DEV)
             inner = max(copies, 20)
-            it = [0]
+            for ks in ((0, 1) if M == 1 else (0,)):
+                it = [0]
 
-            def fn():
-                W = Ws[it[0] % copies]
-                it[0] += 1
-                bc.call(LIB, "bm_cuda_gemv", P(x), P(W), bc.BM_BF16, None, P(y), M, Nout, Kin, S())
-            ms = bench(fn, inner=inner)
-            report(f"gemv bf16 {name} M={M} ({Nout}x{Kin})", ms, nbytes_w + M * (Kin + Nout) * 4)
+                def fn():
+                    W = Ws[it[0] % copies]
+                    it[0] += 1
+                    bc.call(LIB, "bm_cuda_gemv_ks", P(x), P(W), bc.BM_BF16, None, P(y), M, Nout, Kin, ks, S())
+                ms = bench(fn, inner=inner)
+                report(f"gemv bf16 {name} M={M} ({Nout}x{Kin}) ks={'auto' if ks == 0 else ks}", ms,
+                       nbytes_w + M * (Kin + Nout) * 4)
 
 
 # ---- MoE ------------------------------------------------------------------------------------------
@@ -320,7 +351,19 @@ def bench_sinkhorn():
             report(f"  torch loop {str(dt)[6:]} ({itt} it)", tm, note=f"ours is x{tm / ms:.1f} faster")
 
 
+def ncu_targets():
+    """One scan (default) and one K-split GEMV, for `ncu --kernel-name regex:...`."""
+    _, fn = scan_setup(8, 2048, 2944, 16)
+    fn()
+    W, x, y = bf16_bits(randn(1472, 2944)), randn(1, 2944), torch.empty(1, 1472, device=DEV)
+    bc.call(LIB, "bm_cuda_gemv_ks", P(x), P(W), bc.BM_BF16, None, P(y), 1, 1472, 2944, 0, S())
+    torch.cuda.synchronize()
+
+
 def main():
+    if "--ncu" in sys.argv:
+        ncu_targets()
+        return
     out_json = sys.argv[1] if len(sys.argv) > 1 else None
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     t0 = time.time()
@@ -332,6 +375,7 @@ def main():
             traceback.print_exc()
             print(f"{f.__name__} FAILED: {exc}")
         torch.cuda.empty_cache()
+    print("  clocks at the end (sm, mem, power, temp):", smi_clocks())
     print(f"bench done in {time.time() - t0:.1f} s")
     if out_json:
         with open(out_json, "w") as fh:

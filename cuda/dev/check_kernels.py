@@ -31,14 +31,23 @@ def rng():
     return np.random.default_rng(_seed[0])
 
 
+_KEEP = []   # device tensors whose raw pointers are in flight: alive until run() has synced
+
+
 def d(a):
-    """NumPy -> device tensor (float32, int32, or uint16 bits kept as int16)."""
+    """NumPy -> device tensor (float32, int32, or uint16 bits kept as int16).
+
+    The tensor is also kept in _KEEP: a temporary passed as bc.ptr(d(x)) would otherwise be
+    freed at once and its memory handed to the next d() before the kernel reads it."""
     if a is None:
         return None
     a = np.ascontiguousarray(a)
     if a.dtype == np.uint16:
-        return torch.from_numpy(a.view(np.int16).copy()).to(DEV)
-    return torch.from_numpy(a.copy()).to(DEV)
+        t = torch.from_numpy(a.view(np.int16).copy()).to(DEV)
+    else:
+        t = torch.from_numpy(a.copy()).to(DEV)
+    _KEEP.append(t)
+    return t
 
 
 def h(t):
@@ -59,6 +68,7 @@ def S():
 def run(name, *args):
     bc.call(LIB, name, *args)
     torch.cuda.synchronize()  # async faults surface here, at this op
+    _KEEP.clear()
 
 
 def relerr(out, ref):
@@ -112,7 +122,7 @@ def scan_inputs(r, b, L, E, N, softplus=True, with_z=True, with_D=True, with_bia
 
 @guarded
 def check_scan(b, L, E, N, tpc=0, softplus=True, with_z=True, with_D=True, with_bias=True,
-               with_state=True, inplace=False):
+               with_state=True, inplace=False, var=-1):
     r = rng()
     u, delta, A, B, C, D, z, bias, st = scan_inputs(r, b, L, E, N, softplus, with_z, with_D, with_bias, with_state)
     yr, hr = REF.selective_scan(u, delta, A, B, C, D, z, bias, softplus, st)
@@ -124,9 +134,9 @@ def check_scan(b, L, E, N, tpc=0, softplus=True, with_z=True, with_D=True, with_
     else:
         sin = d(st)
         sout = poison((b, E, N))
-    run("bm_cuda_scan_forward_tpc", *map(bc.ptr, (tu, td, tA, tB, tC, tD, tz, tb)), int(softplus),
-        bc.ptr(sin), bc.ptr(sout), bc.ptr(y), b, L, E, N, tpc, S())
-    case = f"b={b} L={L} E={E} N={N} tpc={tpc}" + ("" if with_z else " noz") + \
+    run("bm_cuda_scan_forward_variant", *map(bc.ptr, (tu, td, tA, tB, tC, tD, tz, tb)), int(softplus),
+        bc.ptr(sin), bc.ptr(sout), bc.ptr(y), b, L, E, N, tpc, var, S())
+    case = f"b={b} L={L} E={E} N={N} tpc={tpc}" + (f" var={var}" if var >= 0 else "") + ("" if with_z else " noz") + \
         ("" if softplus else " nosp") + (" inplace" if inplace else "") + ("" if with_state else " h0=0")
     if L > 0:
         record("scan_forward", case, "y", relerr(h(y), yr), SCAN_TOL, SCAN_WHY)
@@ -246,7 +256,7 @@ def check_ln(T, dd, with_res=True, with_bias=True):
 
 # ---- gemv ------------------------------------------------------------------------------------
 @guarded
-def check_gemv(M, Nout, Kin, bf16=True, with_bias=False):
+def check_gemv(M, Nout, Kin, bf16=True, with_bias=False, ks=0):
     r = rng()
     x = r.standard_normal((M, Kin)).astype(np.float32)
     W = r.standard_normal((Nout, Kin)).astype(np.float32)
@@ -255,9 +265,10 @@ def check_gemv(M, Nout, Kin, bf16=True, with_bias=False):
     bias = r.standard_normal(Nout).astype(np.float32) if with_bias else None
     yr = REF.linear(x, W, bias)
     y = poison((M, Nout))
-    run("bm_cuda_gemv", bc.ptr(d(x)), bc.ptr(d(W)), bc.BM_BF16 if bf16 else bc.BM_F32, bc.ptr(d(bias)),
-        bc.ptr(y), M, Nout, Kin, S())
-    case = f"M={M} N={Nout} K={Kin} {'bf16' if bf16 else 'f32'}" + (" bias" if with_bias else "")
+    run("bm_cuda_gemv_ks", bc.ptr(d(x)), bc.ptr(d(W)), bc.BM_BF16 if bf16 else bc.BM_F32, bc.ptr(d(bias)),
+        bc.ptr(y), M, Nout, Kin, ks, S())
+    case = f"M={M} N={Nout} K={Kin} {'bf16' if bf16 else 'f32'}" + (" bias" if with_bias else "") + \
+        (f" ks={ks}" if ks else "")
     record("gemv", case, "y", relerr(h(y), yr), 1e-5, "exact weights, fp32 accumulate over Kin")
 
 
@@ -439,7 +450,8 @@ def check_zero_and_bad():
     record("sizes 0", "scan L=0", "state copied", bool(rc == 0 and torch.equal(st, so)), 0.0, "no tokens: h unchanged")
     bad = [
         ("bm_cuda_scan_forward", [p] * 8 + [1, None, None, p, 1, 2, 3, 65, S()], "N=65"),
-        ("bm_cuda_scan_forward_tpc", [p] * 8 + [1, None, None, p, 1, 2, 3, 40, 1, S()], "N=40 tpc=1"),
+        ("bm_cuda_scan_forward_variant", [p] * 8 + [1, None, None, p, 1, 2, 3, 40, 1, -1, S()], "N=40 tpc=1"),
+        ("bm_cuda_gemv_ks", [p, p, bc.BM_BF16, None, p, 1, 4, 4, 3, S()], "gemv ksplit=3"),
         ("bm_cuda_conv_forward", [p] * 6 + [1, 1, 2, 3, 9, S()], "K=9"),
         ("bm_cuda_sinkhorn", [p, p, 4, 65, 1e-4, 0, 10, p, S()], "X=65"),
         ("bm_cuda_moe_experts", [p] * 5 + [0, 0, 0, p, 4, 4, 2, 4, p, 1, p, S()], "tiny workspace"),
@@ -462,6 +474,12 @@ def main():
     check_scan(2, 37, 36, 16, tpc=1)
     check_scan(2, 37, 36, 16, tpc=2)
     check_scan(2, 37, 36, 16, tpc=4)
+    for var in (0, 1):
+        for tpc in (1, 2, 4):
+            check_scan(2, 45, 37, 16, tpc=tpc, var=var)       # 2 full chunks + a tail, E % 4 != 0
+        check_scan(1, 64, 40, 16, tpc=2, var=var, with_z=False)
+        check_scan(1, 33, 20, 64, tpc=4, var=var)
+        check_scan(2, 32, 16, 8, var=var, softplus=False, with_bias=True)
     check_scan(3, 100, 7, 5, with_z=False, with_D=False, with_bias=False, with_state=False, softplus=False)
     check_scan(2, 64, 2944 + 3, 16)
     check_scan(2, 64, 2944, 16, inplace=True)
@@ -513,6 +531,13 @@ def main():
     check_gemv(8, 130, 256, bf16=False, with_bias=True)
     check_gemv(13, 50, 64, with_bias=True)  # M > 8: two passes
     check_gemv(1, 300, 2944, bf16=False)
+    for ks in (1, 2, 4, 8):
+        check_gemv(1, 124, 2944, ks=ks)
+        check_gemv(3, 61, 3872, ks=ks, with_bias=True)
+        check_gemv(2, 33, 92, ks=ks)                    # scalar path, split
+    check_gemv(1, 1472, 2944)
+    check_gemv(1, 2944, 92, with_bias=True)
+    check_gemv(6, 100, 1472, ks=8)
     check_gemv(5, 31, 33, bf16=False)
     # routing, dispatch
     check_route(1, 1, 1)

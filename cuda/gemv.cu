@@ -149,10 +149,11 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
                      ((uintptr_t)p.x & 15) == 0;
     const int64_t units = vec ? p.Kin / VW : p.Kin;
     if (ks <= 0) {
-        // Split until each lane has at most 4 loads of its slice (one round trip in flight),
-        // and further while there are few rows, as long as a slice still spans the warp.
+        // Split only while there are few rows (warps), as long as a slice still spans the
+        // warp. Measured on the H200 (cuda/NOTES.md): splitting 124 x 2944 by 8 took 9.0 ->
+        // 3.3 us and 1472 x 2944 by 4 9.6 -> 7.1 us, but splitting rows that were already
+        // many (in_proj, fc1, lm_head) only added the reduction: 55 -> 69 us on lm_head.
         ks = 1;
-        while (ks < GEMV_WARPS && bm_cdiv(bm_cdiv(units, 32), ks) > 4) ks *= 2;
         while (ks < GEMV_WARPS && (int64_t)p.Nout * ks < 4096 && units >= 64 * ks) ks *= 2;
     }
     int ks_log2 = 0;

@@ -17,7 +17,6 @@ namespace {
 constexpr int SCAN_THREADS = 64;  // 2 warps: small blocks spread the few warps over all SMs
 constexpr int SCAN_TC = 16;       // steps per chunk
 constexpr int SCAN_STAGES = 3;    // chunks in shared memory: 2 loading while 1 is computed
-constexpr int SCAN_DEFAULT_VAR = 1;  // see scan_fwd_kernel
 
 struct ScanParams {
     const float *u;           // (b, L, E)
@@ -59,8 +58,9 @@ struct ScanSmem {
 };
 
 // At most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs ~22 warps
-// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1: full
-// chunks fully unrolled (benchmarked against each other; SCAN_DEFAULT_VAR is the winner).
+// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it (4x); VAR 1: full
+// chunks fully unrolled. Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
+// VAR 0 wins at NT = 8, TPC = 2 (0.520 vs 0.563 ms), VAR 1 at TPC = 1 and 4 (default below).
 template <int NT, int TPC, int VAR>
 __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
@@ -218,6 +218,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 
 template <int NT, int TPC>
 int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
+    if (var < 0) var = (NT == 8 && TPC == 2) ? 0 : 1;  // the measured winners (see the kernel)
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
@@ -280,7 +281,6 @@ extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, 
                                             float *state_out, float *y, int64_t b, int64_t L,
                                             int64_t E, int64_t N, int tpc, int var,
                                             cudaStream_t stream) {
-    if (var < 0) var = SCAN_DEFAULT_VAR;
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (b <= 0 || E <= 0) return 0;
@@ -299,14 +299,15 @@ extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, 
         return 0;
     }
     if (tpc == 0) {
-        // Few channels leave SMs idle (b*E threads at TPC = 1; b=8, E=2944 is ~1.4 warps per
-        // scheduler, unevenly): split each channel's states over more threads until there are
-        // about 2 warps per scheduler (4 per SM).
+        // At most 8 states per thread: TPC = 1 with 16 states ran at half the speed of TPC = 2
+        // on the H200 (0.98 vs 0.52 ms at b=8, E=2944, N=16). Then, while there are fewer than
+        // ~2 warps per scheduler (b=1: 92 warps at TPC = 1), split further (b=1: TPC = 4,
+        // 0.21 ms against 0.64 at TPC = 1).
         int dev = 0, sms = 132;
         BM_CUDA_TRY(cudaGetDevice(&dev));
         BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
         const int64_t warps1 = bm_cdiv(b * E, 32);
-        tpc = N > 32 ? 4 : N > 16 ? 2 : 1;
+        tpc = N > 16 ? 4 : N > 8 ? 2 : 1;
         while (tpc < 4 && N > 4 * tpc && warps1 * tpc < (int64_t)sms * 4 * 2) tpc *= 2;
     }
     if (tpc != 1 && tpc != 2 && tpc != 4) return BM_CUDA_ARG_FAIL("scan: threads_per_channel must be 1, 2 or 4");

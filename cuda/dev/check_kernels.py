@@ -115,7 +115,12 @@ def scan_inputs(r, b, L, E, N, softplus=True, with_z=True, with_D=True, with_bia
     C = r.standard_normal((b, L, N)).astype(np.float32)
     D = r.standard_normal(E).astype(np.float32) if with_D else None
     z = r.standard_normal((b, L, E)).astype(np.float32) if with_z else None
-    bias = (r.standard_normal(E) * 0.5).astype(np.float32) if with_bias else None
+    # Without softplus a negative delta + bias makes exp(delta*A) > 1 and the state grows
+    # past float32 (the float64 reference reached 3e63 in 32 steps): keep it positive then.
+    if with_bias:
+        bias = (r.standard_normal(E) * 0.5 if softplus else r.uniform(0.0, 0.05, E)).astype(np.float32)
+    else:
+        bias = None
     st = r.standard_normal((b, E, N)).astype(np.float32) if with_state else None
     return u, delta, A, B, C, D, z, bias, st
 

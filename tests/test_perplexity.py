@@ -15,7 +15,8 @@ from conftest import GOLDEN
 TOL = 1e-4
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n"
         "Speak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to "
-        "famish?\n\nAll:\nResolved. resolved.\n\u00c0 bient\u00f4t, na\u00efve caf\u00e9 \u2014 fin.\n")
+        "famish?\n\nAll:\nResolved. resolved.\n"
+        "\u00c0 bient\u00f4t, na\u00efve caf\u00e9 \u2014 fin.\n")          # multi-byte UTF-8
 
 
 @pytest.fixture(scope="module")

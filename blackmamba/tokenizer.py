@@ -6,10 +6,13 @@ is the count of real tokens, so a sampler masks logits[..., tokenizer.vocab_size
 
 StreamDecoder turns generated ids into text pieces as they arrive without ever splitting a
 UTF-8 character: byte-level BPE tokens can end inside a multi-byte character, and decoding
-such a prefix yields U+FFFD until the rest of the character arrives.
+such a prefix yields U+FFFD until the rest of the character arrives. Tokenizers that can say
+which bytes a token stands for (`token_bytes`: both here) are streamed through an incremental
+UTF-8 decoder, exact by construction; others by re-decoding the pending ids.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pathlib
 from typing import List, Protocol, Sequence, runtime_checkable
@@ -56,6 +59,9 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(_check_ids(ids, 256, self.name)).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id) -> bytes:
+        return bytes(_check_ids([token_id], 256, self.name))
+
     def __repr__(self):
         return "ByteTokenizer()"
 
@@ -82,6 +88,18 @@ class HFTokenizer:
         self.eos_id = ids[0]
         self.name = self.path.parent.name if self.path.name == "tokenizer.json" else \
             self.path.stem
+        from tokenizers import decoders
+        self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
+        self._bytes = None     # id -> bytes, built on first use of token_bytes
+
+    def token_bytes(self, token_id) -> bytes:
+        """The bytes token `token_id` decodes to (byte-level BPE only; else TypeError).
+        decode(ids) == b"".join(token_bytes(i) for i in ids).decode("utf-8", "replace")."""
+        if not self._byte_level:
+            raise TypeError(f"{self.name}: token_bytes needs a byte-level BPE tokenizer")
+        if self._bytes is None:
+            self._bytes = _byte_level_table(self._tok, self.vocab_size)
+        return self._bytes[_check_ids([token_id], self.vocab_size, self.name)[0]]
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -92,6 +110,28 @@ class HFTokenizer:
 
     def __repr__(self):
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _byte_level_table(tok, vocab_size) -> List[bytes]:
+    """Bytes of every id, as the `tokenizers` ByteLevel decoder computes them: a token's
+    characters map back through GPT-2's byte<->unicode alphabet; a token with characters
+    outside it (added tokens such as runs of spaces) stands for its own UTF-8."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+                 + list(range(ord("\xae"), ord("\xff") + 1)))
+    char_to_byte = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in char_to_byte.values():
+            char_to_byte[chr(256 + extra)] = b
+            extra += 1
+    table = []
+    for i in range(vocab_size):
+        token = tok.id_to_token(i) or ""
+        try:
+            table.append(bytes(char_to_byte[c] for c in token))
+        except KeyError:
+            table.append(token.encode("utf-8"))
+    return table
 
 
 def load_tokenizer(spec=None, model_dir=None) -> Tokenizer:
@@ -143,22 +183,38 @@ def _hub_tokenizer(repo_id, model_dir=None) -> pathlib.Path:
 class StreamDecoder:
     """Incremental detokenizer: push(id) -> text piece (possibly ""), flush() -> the rest.
 
-    The concatenation of all pieces equals tokenizer.decode(all ids). Pending ids are
-    re-decoded together with the ids of the previous piece (some tokenizers' decoding of a
-    token depends on its left neighbour) and released only when their text no longer ends in
-    U+FFFD, i.e. no multi-byte character is cut. `max_pending` bounds the wait: text that
-    really ends in U+FFFD (invalid bytes, or a literal U+FFFD) is released after that many ids.
+    The pieces never split a UTF-8 character, and their concatenation equals
+    tokenizer.decode(all ids).
+
+    Tokenizers with `token_bytes` (byte-level BPE, bytes) go through an incremental UTF-8
+    decoder: a piece is released as soon as its characters are complete, and invalid bytes
+    become U+FFFD exactly as a one-shot decode makes them.
+
+    Others: the pending ids are re-decoded together with the previous piece's ids (some
+    tokenizers decode a token differently after a neighbour) and released once their text no
+    longer ends in U+FFFD. `max_pending` bounds the wait for text that really ends in U+FFFD;
+    a release forced by it can differ from a one-shot decode in how invalid bytes are
+    replaced (never for valid text).
     """
 
     def __init__(self, tokenizer, max_pending=16):
         self.tokenizer = tokenizer
         self.max_pending = max_pending
+        self._token_bytes = getattr(tokenizer, "token_bytes", None)
+        if self._token_bytes is not None:
+            try:
+                self._token_bytes(tokenizer.eos_id)
+            except TypeError:            # e.g. an HFTokenizer that is not byte-level
+                self._token_bytes = None
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._ids: List[int] = []
         self._prefix = 0      # start of the previous piece's ids: decoding context
         self._read = 0        # ids before this are emitted
         self._prefix_text = ""
 
     def push(self, token_id) -> str:
+        if self._token_bytes is not None:
+            return self._utf8.decode(self._token_bytes(int(token_id)))
         self._ids.append(int(token_id))
         text = self.tokenizer.decode(self._ids[self._prefix:])
         pending = len(self._ids) - self._read
@@ -167,13 +223,15 @@ class StreamDecoder:
         return self._emit(text)
 
     def flush(self) -> str:
+        if self._token_bytes is not None:
+            return self._utf8.decode(b"", final=True)
         if self._read == len(self._ids):
             return ""
         return self._emit(self.tokenizer.decode(self._ids[self._prefix:]))
 
     def _emit(self, text) -> str:
-        # byte-level BPE: the previous piece ended on a whole character, so `text` starts
-        # with it unchanged and the new text is what follows
+        # the previous piece ended on a whole character, so `text` starts with it unchanged
+        # and the new text is what follows
         piece = text[len(self._prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
         self._prefix_text = self.tokenizer.decode(self._ids[self._prefix:])

@@ -39,6 +39,7 @@ import mmap
 import os
 import pathlib
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -159,12 +160,21 @@ class StoredTensor:
 
 
 def to_bfloat16(a) -> StoredTensor:
-    """float array -> StoredTensor("bfloat16"): round to nearest even, NaN stays NaN."""
+    """float array -> StoredTensor("bfloat16"): round to nearest even, NaN stays NaN.
+
+    uint32 arithmetic cannot overflow where it matters: only u >= 0xFFFF8000 would wrap, and
+    those bit patterns are all NaNs, which the last line replaces."""
     f = np.ascontiguousarray(a, dtype=np.float32)
     u = f.view(np.uint32)
-    rounded = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    bits = np.where(np.isnan(f), ((u >> 16) | 0x40).astype(np.uint16), rounded)
-    return StoredTensor(bits.astype(np.uint16, copy=False), "bfloat16")
+    r = (u >> 16) & 1
+    r += u
+    r += 0x7FFF
+    r >>= 16
+    bits = r.astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        bits[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return StoredTensor(bits, "bfloat16")
 
 
 class Deferred:
@@ -346,6 +356,27 @@ _ALLOWED_GLOBALS.update({("torch", n): _StorageType(n) for n in _TORCH_STORAGE})
 _ALLOWED_GLOBALS.update({("torch", n): _DTypeTag(d) for n, d in _TORCH_DTYPE_ALIASES.items()})
 
 
+# protocol-5 out-of-band buffers and the copyreg extension registry: never in a checkpoint,
+# and the buffer opcodes reach corners of the C unpickler we would rather not exercise
+_REFUSED_OPCODES = {"NEXT_BUFFER", "READONLY_BUFFER", "BYTEARRAY8", "EXT1", "EXT2", "EXT4"}
+
+
+def _scan_opcodes(data: bytes, where: str):
+    """Parse the whole opcode stream before running any of it (pickletools: a pure parser,
+    it executes nothing and allocates no more than the data): truncation and refused
+    opcodes surface here with a clear message."""
+    try:
+        for op, _, pos in pickletools.genops(data):
+            if op.name in _REFUSED_OPCODES:
+                raise CheckpointError(f"{where}: pickle opcode {op.name} at byte {pos} has no "
+                                      "place in a checkpoint; refusing")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ValueError on truncated/unknown opcodes, etc.
+        raise CheckpointError(f"{where}: malformed pickle ({type(exc).__name__}: {exc})") \
+            from exc
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only _ALLOWED_GLOBALS (to our stand-ins); storages via `resolve_storage`."""
 
@@ -472,15 +503,22 @@ class _Entry:
 def _zip_entries(path, mm):
     """Central directory -> {name: _Entry}: where each entry's bytes start in the file."""
     try:
-        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            infos = zf.infolist()
+        with open(path, "rb") as f:
+            with zipfile.ZipFile(f) as zf:
+                infos = zf.infolist()
+            # local headers are scattered through the file: read them with pread in file
+            # order, not through the map, whose fault read-around would pull ~1 MB of a
+            # cold file per header (2.4 s instead of 50 ms for the 2.8B checkpoint)
+            infos.sort(key=lambda i: i.header_offset)
+            headers = [os.pread(f.fileno(), 30 + 1024, max(0, i.header_offset))
+                       for i in infos]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
-            struct.error, NotImplementedError) as exc:
+            struct.error, NotImplementedError, OverflowError) as exc:
         raise CheckpointError(f"{path}: not a readable zip file ({exc}); the download may be "
                               "truncated or corrupt") from exc
     file_size = mm.size()
     entries = {}
-    for info in infos:
+    for info, head in zip(infos, headers):
         if info.filename in entries:
             raise CheckpointError(f"{path}: duplicate zip entry {info.filename!r}")
         if info.flag_bits & 0x1:
@@ -489,10 +527,10 @@ def _zip_entries(path, mm):
         if off < 0 or off + 30 > file_size:
             raise CheckpointError(f"{path}: entry {info.filename!r} has its local header "
                                   f"beyond the end of the file (truncated?)")
-        sig, name_len, extra_len = struct.unpack("<I22xHH", mm[off:off + 30])
+        sig, name_len, extra_len = struct.unpack("<I22xHH", head[:30])
         if sig != 0x04034B50:
             raise CheckpointError(f"{path}: bad local header for {info.filename!r}")
-        name = mm[off + 30:off + 30 + name_len]
+        name = head[30:30 + name_len] if name_len <= 1024 else mm[off + 30:off + 30 + name_len]
         if name.decode("utf-8", "replace") != info.filename and \
                 name.decode("cp437", "replace") != info.filename:
             raise CheckpointError(f"{path}: local header name {name!r} does not match the "
@@ -502,6 +540,9 @@ def _zip_entries(path, mm):
             raise CheckpointError(f"{path}: entry {info.filename!r} ({info.compress_size} "
                                   f"bytes) runs past the end of the file ({file_size} bytes): "
                                   "truncated?")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise CheckpointError(f"{path}: stored entry {info.filename!r} declares "
+                                  f"{info.file_size} bytes but occupies {info.compress_size}")
         entries[info.filename] = _Entry(info, start)
     return entries
 
@@ -577,6 +618,7 @@ def _load_torch_zip(path, mm):
         return _StorageRef(key, dtype, numel, regions[entry])
 
     data = _entry_bytes(path, mm, entries[pkl_name], MAX_PICKLE_BYTES)
+    _scan_opcodes(data, where)
     try:
         obj = _RestrictedUnpickler(data, where, resolve_storage).load()
     except CheckpointError:
@@ -730,6 +772,18 @@ def _chunks(total, step=64 << 20):
         yield start, min(step, total - start)
 
 
+def _willneed(mm, start, size):
+    """Ask the kernel to read [start, start+size) ahead, where madvise exists (Linux)."""
+    advice = getattr(mmap, "MADV_WILLNEED", None)
+    if advice is None or not hasattr(mm, "madvise"):
+        return
+    aligned = start - start % mmap.PAGESIZE
+    try:
+        mm.madvise(advice, aligned, min(size + start - aligned, mm.size() - aligned))
+    except (OSError, ValueError):
+        pass       # advice only
+
+
 def _prefault(path, mm, regions):
     """Read every mapped page once, with a progress bar: the disk time of a cold load."""
     from tqdm import tqdm
@@ -738,6 +792,7 @@ def _prefault(path, mm, regions):
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}") as bar:
         for r in regions:
             for start, size in _chunks(r.size):
+                _willneed(mm, r.start + start, size)
                 view = np.frombuffer(mm, np.uint8, count=size, offset=r.start + start)
                 int(view[::page].sum(dtype=np.uint64))   # one byte per page faults it in
                 bar.update(size)

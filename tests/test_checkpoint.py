@@ -7,7 +7,6 @@ import math
 import mmap
 import os
 import pathlib
-import pickle
 import pickletools
 import re
 import struct
@@ -197,6 +196,16 @@ def test_bfloat16_conversion_is_exact_and_rounds_to_nearest_even():
                                                    np.inf, -0.0], dtype=np.float32))
     assert np.signbit(y[6]) and np.isinf(y[7]) and np.isnan(y[8])      # 3.4e38 rounds to inf
     assert t.to_numpy("float64").dtype == np.float64
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_matches_the_reference_on_every_kind_of_bit_pattern(seed):
+    from blackmamba import ref
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x[:4] = np.array([0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFFFFFFFF], np.uint32).view(np.float32)
+    np.testing.assert_array_equal(to_bfloat16(x).array, ref.f32_to_bf16(x))
+    assert np.isnan(x).sum() > 100                      # NaN payloads exercised too
 
 
 def test_safetensors_interoperates_with_the_safetensors_library(tmp_path):

@@ -693,3 +693,52 @@ def test_zip64_many_entries(tmp_path):
     save_torch_zip(p, {f"t{i}": np.array([i], np.int32) for i in range(n)})
     T = load_tensors(p)
     assert len(T) == n and T["t69999"].array[0] == 69999
+
+
+def test_buffer_and_extension_opcodes_refused(tmp_path):
+    for data, op in [(b"\x80\x05\x96\x03\x00\x00\x00\x00\x00\x00\x00abc.", "BYTEARRAY8"),
+                     (b"\x80\x05\x97.", "NEXT_BUFFER"),
+                     (b"\x80\x05C\x03abc\x98.", "READONLY_BUFFER"),
+                     (b"\x80\x02\x82\x01.", "EXT1")]:
+        p = _zip_with_pickle(tmp_path, data)
+        with pytest.raises(CheckpointError, match=op):
+            load_tensors(p)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzzed_files_raise_only_checkpoint_error(tmp_path, seed):
+    """Random damage to a zip checkpoint, its pickle, or a safetensors file: the outcome is
+    a load (damage in the data bytes) or CheckpointError, never another exception."""
+    rng = np.random.default_rng(seed)
+    flat = rng.standard_normal(100).astype(np.float32)
+    recs = collections.OrderedDict(
+        a=TensorRecord("0", "float32", 100, 3, (6, 5), (1, 6)),
+        b=TensorRecord("1", "bfloat16", 12, 0, (3, 4), (4, 1)))
+    pkl = torch_pickle_bytes({"model": recs})
+    stores = {"0": flat, "1": to_bfloat16(np.ones(12))}
+    zpath, spath = tmp_path / "z.bin", tmp_path / "s.safetensors"
+    write_torch_zip_records(zpath, pkl, stores)
+    save_safetensors(spath, {"a": flat, "b": to_bfloat16(np.ones(3))})
+    zbytes, sbytes = zpath.read_bytes(), spath.read_bytes()
+    bad = tmp_path / "bad.bin"
+    outcomes = collections.Counter()
+    for it in range(300):
+        kind = it % 3
+        d = bytearray(pkl if kind == 0 else zbytes if kind == 1 else sbytes)
+        for _ in range(rng.integers(1, 4)):
+            i = int(rng.integers(0, len(d)))
+            if rng.random() < 0.5:
+                d[i] = int(rng.integers(0, 256))
+            else:
+                del d[i:i + int(rng.integers(1, 4))]
+        if kind == 0:
+            write_torch_zip_records(bad, bytes(d), stores)     # valid zip, damaged pickle
+        else:
+            bad.write_bytes(bytes(d))
+        try:
+            for t in load_tensors(bad, verify=bool(it % 2)).values():
+                t.to_numpy()
+            outcomes["loaded"] += 1
+        except CheckpointError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100 and outcomes["loaded"] > 10, outcomes

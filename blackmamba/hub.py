@@ -60,14 +60,13 @@ def _has_weights(d: pathlib.Path) -> bool:
 
 
 def resolve_model_dir(path_or_id) -> pathlib.Path:
-    """The local directory of a model: `path_or_id` itself when it is a directory, its parent
-    when it is a file (see resolve_model_files for the file itself), else a hub id
-    "owner/name" fetched with huggingface_hub.snapshot_download (from the cache first)."""
+    """Where a model is on disk: `path_or_id` itself when it is an existing directory or file
+    (a file is a weights file; its parent directory holds config.json), else a hub id
+    "owner/name" fetched with huggingface_hub.snapshot_download (from the cache first), whose
+    snapshot directory is returned."""
     p = pathlib.Path(os.fspath(path_or_id)).expanduser()
-    if p.is_dir():
+    if p.is_dir() or p.is_file():
         return p
-    if p.is_file():
-        return p.parent
     s = os.fspath(path_or_id)
     if not looks_like_repo_id(s):
         raise FileNotFoundError(f"{s}: no such model directory or checkpoint file")
@@ -97,9 +96,9 @@ def resolve_model_files(path_or_id) -> ModelFiles:
     """Directory, weights file, config.json and tokenizer.json of a model. A file argument
     names the weights; its directory supplies config.json and tokenizer.json."""
     from .checkpoint import find_weights
-    p = pathlib.Path(os.fspath(path_or_id)).expanduser()
-    d = resolve_model_dir(path_or_id)
-    weights = p if p.is_file() else find_weights(d)
+    found = resolve_model_dir(path_or_id)
+    d = found.parent if found.is_file() else found
+    weights = found if found.is_file() else find_weights(d)
     config = d / "config.json"
     tok = d / "tokenizer.json"
     return ModelFiles(d, weights, config if config.is_file() else None,

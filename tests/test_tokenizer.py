@@ -237,7 +237,12 @@ class _FakeHub:
 def test_resolve_model_dir_local(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     assert hub.resolve_model_dir(tmp_path) == tmp_path
-    assert hub.resolve_model_dir(str(tmp_path / "pytorch_model.bin")) == tmp_path
+    assert hub.resolve_model_dir(str(tmp_path / "pytorch_model.bin")) == \
+        tmp_path / "pytorch_model.bin"                   # a file stays the file
+    (tmp_path / "other.safetensors").write_bytes(b"x")
+    assert hub.resolve_model_files(tmp_path / "other.safetensors").weights == \
+        tmp_path / "other.safetensors"
+    assert hub.resolve_model_files(tmp_path).weights == tmp_path / "pytorch_model.bin"
     files = hub.resolve_model_files(tmp_path / "pytorch_model.bin")
     assert files.weights == tmp_path / "pytorch_model.bin" and files.config is None
     (tmp_path / "config.json").write_text("{}")

@@ -1,0 +1,208 @@
+"""Text generation over the recurrent state: greedy and sampling, stop strings, EOS,
+streaming, batches of prompts of different lengths. Memory is constant in the number of
+generated tokens: only the state (fixed size) and the tokens themselves are kept.
+"""
+import math
+
+import numpy as np
+
+EOS_ID = 0   # <|endoftext|>: also the BOS that an empty prompt starts from
+
+
+class SamplingParams:
+    """Validated sampling settings. temperature 0 = greedy (argmax, ties -> lowest id)."""
+
+    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=0):
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+                or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not math.isfinite(top_p)
+                                  or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        self.temperature, self.top_k, self.top_p, self.seed = float(temperature), top_k, top_p, seed
+
+
+def sample_next(logits, params, rng, vocab_limit):
+    """One token id from logits (V,) float32. Ids >= vocab_limit are never chosen."""
+    lg = np.asarray(logits[:vocab_limit], dtype=np.float64)
+    if not np.all(np.isfinite(lg)):
+        if np.isnan(lg).any():
+            raise FloatingPointError("the model produced NaN logits: check the weights/input")
+    if params.temperature == 0.0:
+        return int(np.argmax(lg))
+    lg = lg / params.temperature
+    if params.top_k is not None and params.top_k < lg.size:
+        kth = np.partition(lg, -params.top_k)[-params.top_k]
+        lg = np.where(lg < kth, -np.inf, lg)
+    p = np.exp(lg - lg.max())
+    p /= p.sum()
+    if params.top_p is not None and params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[:int(np.searchsorted(cum, params.top_p) + 1)]   # smallest set >= top_p
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def _encode(model, prompt):
+    """A prompt (str or list of ids) -> non-empty list of ids."""
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids, or load it with "
+                             "tokenizer=...")
+        ids = list(model.tokenizer.encode(prompt))
+    else:
+        ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    if not ids:
+        ids = [EOS_ID]   # documented: an empty prompt starts from <|endoftext|>
+    bad = [t for t in ids if not 0 <= t < model.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside [0, {model.vocab_size})")
+    return ids
+
+
+class _StopMatcher:
+    """Holds back text that could still become a stop string; finds the first stop."""
+
+    def __init__(self, stop):
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop)
+        if any(not isinstance(s, str) or s == "" for s in stop):
+            raise ValueError("stop must be a non-empty string or a list of them")
+        self.stop, self.hold = stop, max((len(s) for s in stop), default=1) - 1
+        self.text, self.emitted, self.done = "", 0, False
+
+    def feed(self, piece):
+        """Add decoded text; return the part that is final now."""
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, max(0, self.emitted - len(s)))
+                               for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done = True
+            end = cut
+        else:
+            end = max(self.emitted, len(self.text) - self.hold)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
+
+    def flush(self):
+        out = "" if self.done else self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+
+def generate(model, prompt, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
+             seed=0, stop=None, stream=False, state=None, return_tokens=False):
+    """Generate from one prompt (str or ids) or a list of prompts.
+
+    Returns the generated text (a list for a list of prompts), or token ids with
+    return_tokens=True. stream=True (one prompt) yields text pieces as they are final.
+    `state`: continue from a prefilled State (prompt caching); it is advanced in place.
+    """
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    batch = isinstance(prompt, (list, tuple)) and prompt and \
+        all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+    prompts = list(prompt) if batch else [prompt]
+    if stream and len(prompts) != 1:
+        raise ValueError("stream=True takes a single prompt")
+    if stream:
+        return _stream(model, prompts[0], max_new_tokens, params, stop, state)
+    outs = _run(model, [_encode(model, p) for p in prompts], max_new_tokens, params, stop, state)
+    if return_tokens:
+        return outs if batch else outs[0]
+    texts = [_finish_text(model, toks, stop) for toks in outs]
+    return texts if batch else texts[0]
+
+
+def _finish_text(model, toks, stop):
+    m = _StopMatcher(stop)
+    text = m.feed(model.tokenizer.decode(toks))
+    return text + m.flush()
+
+
+def _prefill_rows(model, prompts, state):
+    """Prefill each prompt alone (exact for any mix of lengths) into one batch State;
+    returns the last logits (B, V)."""
+    B = len(prompts)
+    if state is None:
+        state = model.new_state(B)
+    elif state.batch_size != B:
+        raise ValueError(f"state holds {state.batch_size} rows, there are {B} prompts")
+    if len(set(map(len, prompts))) == 1:
+        return state, model.prefill(np.array(prompts, np.int64), state, logits="last")
+    last = np.empty((B, model.vocab_size), np.float32)
+    for i, ids in enumerate(prompts):
+        row = state.select([i])
+        last[i] = model.prefill(np.array([ids], np.int64), row, logits="last")[0]
+        state.set_row(i, row)
+    state.seqlen = -1   # rows now differ in length
+    return state, last
+
+
+def _run(model, prompts, max_new, params, stop, state):
+    B = len(prompts)
+    state, logits = _prefill_rows(model, prompts, state)
+    rngs = [np.random.default_rng(params.seed) for _ in range(B)]   # each row as if alone
+    limit = model.real_vocab_size
+    out = [[] for _ in range(B)]
+    alive = [True] * B
+    matchers = decoders = None
+    if stop:
+        from .tokenizer import StreamDecoder
+        matchers = [_StopMatcher(stop) for _ in range(B)]
+        decoders = [StreamDecoder(model.tokenizer) for _ in range(B)]
+    for _ in range(max_new):
+        nxt = np.zeros(B, np.int64)
+        for i in range(B):
+            if alive[i]:
+                nxt[i] = sample_next(logits[i], params, rngs[i], limit)
+                out[i].append(int(nxt[i]))
+                if nxt[i] == EOS_ID:
+                    alive[i] = False
+                elif matchers is not None:
+                    matchers[i].feed(decoders[i].push(int(nxt[i])))
+                    alive[i] = not matchers[i].done
+        if not any(alive):
+            break
+        logits = model.step(nxt, state)
+    return [[t for t in toks if t != EOS_ID] for toks in out]
+
+
+def _stream(model, prompt, max_new, params, stop, state):
+    """Generator of text pieces for one prompt (never splits a UTF-8 character)."""
+    from .tokenizer import StreamDecoder
+    ids = _encode(model, prompt)
+    if model.tokenizer is None:
+        raise ValueError("stream=True needs a tokenizer")
+    state, logits = _prefill_rows(model, [ids], state)
+    rng = np.random.default_rng(params.seed)
+    dec = StreamDecoder(model.tokenizer)
+    matcher = _StopMatcher(stop)
+    for n in range(max_new):
+        t = sample_next(logits[0], params, rng, model.real_vocab_size)
+        if t == EOS_ID:
+            break
+        piece = matcher.feed(dec.push(t))
+        if piece:
+            yield piece
+        if matcher.done:
+            return
+        if n + 1 < max_new:
+            logits = model.step(np.array([t], np.int64), state)
+    piece = matcher.feed(dec.flush()) + matcher.flush()
+    if piece:
+        yield piece

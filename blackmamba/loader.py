@@ -1,0 +1,63 @@
+"""bm.load: a released checkpoint (local folder, file or hub id) -> a ready Model."""
+import os
+
+from .config import load_config
+from .model import DTYPES, Model
+
+
+def _weights_file(model_dir):
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        p = os.path.join(model_dir, name)
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"{model_dir} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def load(path_or_id, device="cpu", dtype=None, tokenizer=None, progress=None):
+    """Load a BlackMamba checkpoint.
+
+    path_or_id: a folder with config.json + pytorch_model.bin (or model.safetensors), a
+      weights file next to its config.json, or a hub id such as "Zyphra/BlackMamba-2.8B".
+    device: "cpu" (or "cuda" where the CUDA backend is built and a GPU is present).
+    dtype: "float32" (weights upcast; the default on the CPU) or "bfloat16" (weights kept at
+      2 bytes, used straight from the mapped file; compute, state and residual stay float32).
+    tokenizer: None (look next to the checkpoint, then the GPT-NeoX-20B tokenizer), "byte",
+      a tokenizer.json path, or a tokenizer object; False for none.
+    """
+    from .checkpoint import load_tensors
+    from .hub import resolve_model_dir
+    from .tokenizer import load_tokenizer
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        from . import cuda
+        cuda.require()
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    model_dir = resolve_model_dir(path_or_id)
+    if os.path.isfile(model_dir):
+        weights, model_dir = str(model_dir), os.path.dirname(str(model_dir))
+    else:
+        model_dir = str(model_dir)
+        weights = _weights_file(model_dir)
+    cfg = load_config(model_dir)
+    if progress is None:
+        progress = os.path.getsize(weights) > (1 << 30)
+    tensors = load_tensors(weights, progress=progress)
+    tokenizer_error = None
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer or None, model_dir=model_dir)
+        except (OSError, ValueError) as exc:   # weights still usable through token ids
+            tokenizer, tokenizer_error = None, str(exc)
+    elif tokenizer is False:
+        tokenizer = None
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(str(tokenizer), model_dir=model_dir)
+    model = Model(cfg, tensors, dtype=dtype, tokenizer=tokenizer,
+                  name=os.path.basename(os.path.normpath(model_dir)))
+    model._tensors = tensors         # keeps the mapped file alive while bf16 views use it
+    model.tokenizer_error = tokenizer_error
+    return model

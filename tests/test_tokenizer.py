@@ -10,10 +10,11 @@ from blackmamba import hub
 from blackmamba import tokenizer as tk
 from blackmamba.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 
-DATA = pathlib.Path("/work/shared/data")
+import conftest
+
+DATA = pathlib.Path(conftest.DATA)
 NEOX = DATA / "gpt-neox-20b-tokenizer.json"
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
-needs_neox = pytest.mark.skipif(not NEOX.exists(), reason="gpt-neox-20b tokenizer.json absent")
 
 MIXED = ("héllo wörld — naïve café. 世界你好，日本語のテキスト。한국어 🙂🎉👩‍👩‍👧 "
          "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑∫√ «quotes» \t tabs\n\nnew    lines <|endoftext|> end")
@@ -21,8 +22,8 @@ MIXED = ("héllo wörld — naïve café. 世界你好，日本語のテキス�
 
 @pytest.fixture(scope="module")
 def neox():
-    if not NEOX.exists():
-        pytest.skip("gpt-neox-20b tokenizer.json absent")
+    if not NEOX.exists() or not SHAKESPEARE.exists():
+        pytest.fail(f"{NEOX} or {SHAKESPEARE} not found (set BLACKMAMBA_SHARED)")
     return HFTokenizer(NEOX)
 
 
@@ -33,7 +34,6 @@ def _shakespeare_samples(seed, n=5, length=2000):
     return [text[s:s + length] for s in starts]
 
 
-@needs_neox
 def test_spec_checks(neox):
     assert neox.encode("Hello world") == [12092, 1533]
     assert neox.encode("    ") == [50274]
@@ -43,7 +43,6 @@ def test_spec_checks(neox):
     assert isinstance(neox, tk.Tokenizer)
 
 
-@needs_neox
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_round_trip_shakespeare(neox, seed):
     for s in _shakespeare_samples(seed):
@@ -52,7 +51,6 @@ def test_round_trip_shakespeare(neox, seed):
         assert neox.decode(ids) == s
 
 
-@needs_neox
 def test_round_trip_unicode(neox):
     ids = neox.encode(MIXED)
     assert neox.decode(ids) == MIXED
@@ -71,7 +69,6 @@ def _stream(tok, ids, **kw):
     return pieces
 
 
-@needs_neox
 def test_stream_decoder_unicode(neox):
     ids = neox.encode(MIXED)
     pieces = _stream(neox, ids)
@@ -82,7 +79,6 @@ def test_stream_decoder_unicode(neox):
     assert partial and pieces.count("") >= 2
 
 
-@needs_neox
 @pytest.mark.parametrize("seed", [3, 4])
 def test_stream_decoder_shakespeare(neox, seed):
     for s in _shakespeare_samples(seed, n=2, length=1500):
@@ -93,7 +89,6 @@ def test_stream_decoder_shakespeare(neox, seed):
         assert sum(1 for p in pieces if p) >= len(ids) * 0.9     # streams, not buffers
 
 
-@needs_neox
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_stream_decoder_random_ids_match_full_decode(neox, seed):
     # what an untrained model emits: arbitrary ids, invalid UTF-8 included
@@ -168,7 +163,6 @@ def test_generic_stream_decoder_pending_bound(ids):
     assert sd.flush() == ""
 
 
-@needs_neox
 def test_generic_stream_decoder_valid_text(neox):
     for tok in (_DecodeOnly(neox), _DecodeOnly(ByteTokenizer())):
         ids = tok.encode(MIXED)
@@ -178,7 +172,6 @@ def test_generic_stream_decoder_valid_text(neox):
         assert pieces.count("") >= 2
 
 
-@needs_neox
 def test_token_bytes_agree_with_decode(neox):
     # the byte table behind streaming reproduces the tokenizer's own decoder for every id
     for i in range(neox.vocab_size):
@@ -188,7 +181,7 @@ def test_token_bytes_agree_with_decode(neox):
         neox.token_bytes(50277)
 
 
-def test_load_tokenizer_specs(tmp_path, monkeypatch):
+def test_load_tokenizer_specs(tmp_path, monkeypatch, neox):
     assert isinstance(load_tokenizer("byte"), ByteTokenizer)
     monkeypatch.setattr(hub, "_hub", lambda: None)       # as if huggingface_hub were absent
     with pytest.raises(FileNotFoundError) as e:
@@ -197,8 +190,6 @@ def test_load_tokenizer_specs(tmp_path, monkeypatch):
     assert "tokenizer.json" in msg and str(tmp_path) in msg and "blackmamba[hub]" in msg
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_tokenizer(str(tmp_path / "nope.json"))
-    if not NEOX.exists():
-        return
     assert load_tokenizer(str(NEOX)).encode("Hello world") == [12092, 1533]
     shutil.copy(NEOX, tmp_path / "tokenizer.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
@@ -207,9 +198,7 @@ def test_load_tokenizer_specs(tmp_path, monkeypatch):
     assert load_tokenizer(model_dir=tmp_path / "pytorch_model.bin").eos_id == 0
 
 
-def test_load_tokenizer_from_hub_cache(tmp_path, monkeypatch):
-    if not NEOX.exists():
-        pytest.skip("no tokenizer.json")
+def test_load_tokenizer_from_hub_cache(tmp_path, monkeypatch, neox):
     seen = []
 
     def cached(repo, filename):

@@ -464,9 +464,11 @@ def load_tensors(path, progress=False, verify=False) -> dict:
 def _load_sharded(index_path: pathlib.Path, progress, verify):
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
     except Exception as exc:  # noqa: BLE001 - any malformation is the same error to the user
         raise CheckpointError(f"{index_path}: not a valid shard index ({exc})") from exc
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to file names")
     out = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard

@@ -29,7 +29,8 @@ from . import ops
 from .config import num_experts
 
 __all__ = ["Trace", "Stats", "SinkhornStudy", "trace", "collect", "sinkhorn_study",
-           "moe_layers", "balance", "agreement_stats", "sinkhorn_curve", "add_cli"]
+           "moe_layers", "balance", "agreement_stats", "sinkhorn_curve",
+           "sinkhorn_marginal_curve", "add_cli"]
 
 
 # ---- statistics of one count vector (pure functions; the tests compare them to NumPy) ---------
@@ -713,7 +714,7 @@ def _fmt_cell(v):
 _TEXT_EXTS = (".txt", ".md", ".text", ".json", ".jsonl", ".csv", ".tsv", ".py", ".rst")
 
 
-def _documents(model, texts_or_files, block_chars=1 << 20):
+def _documents(model, texts_or_files, block_chars=1 << 16):
     """Yield each document as a stream of token-id arrays. A document is a file (read in
     blocks of about block_chars characters cut at a newline, so memory stays bounded and BPE
     merges are split only at line ends), a text, or an integer array of token ids."""
@@ -830,31 +831,71 @@ def collect(model, texts_or_files, max_tokens=None, batch_size=8, seq_len=512, p
 
 # ---- Sinkhorn ------------------------------------------------------------------------------
 
-def sinkhorn_curve(logits, init="blackmamba", tol=1e-4, max_iters=1000):
-    """mean |d1 - d1_prev| after each Sinkhorn iteration (SPEC 3.2, float64, as ref.sinkhorn):
-    the convergence curve. Its length is the iteration count (ops.sinkhorn is authoritative
-    for that; this twin exists to expose the per-iteration residual)."""
-    S = np.asarray(logits, dtype=np.float64)
+def _sinkhorn_iterate(S, init, max_iters):
+    """Yield (d0, d1, d1_prev) after each Sinkhorn iteration on S (T, X), float64, exactly as
+    ref.sinkhorn runs it (SPEC 3.2)."""
     T, X = S.shape
     C = np.exp(2.0 * S) if init == "blackmamba" else np.exp(S)
     d1 = 1.0 / (X * C.sum(0)) if init == "blackmamba" else np.ones(X)
-    out = []
-    while len(out) < max_iters:
+    for _ in range(max_iters):
         d1_prev = d1
         d0 = (1.0 / T) / (C @ d1 + 1e-8)
         d1 = (1.0 / X) / (C.T @ d0 + 1e-8)
+        yield C, d0, d1, d1_prev
+
+
+def sinkhorn_curve(logits, init="blackmamba", tol=1e-4, max_iters=1000):
+    """mean |d1 - d1_prev| after each Sinkhorn iteration (float64 twin of ref.sinkhorn), up
+    to and including the first one <= tol: the convergence curve under the released stopping
+    rule. Its length is the iteration count (ops.sinkhorn is authoritative for that count;
+    this twin exists to expose the per-iteration residual)."""
+    S = np.asarray(logits, dtype=np.float64)
+    out = []
+    for _, _, d1, d1_prev in _sinkhorn_iterate(S, init, max_iters):
         out.append(float(np.mean(np.abs(d1 - d1_prev))))
         if out[-1] <= tol:
             break
     return out
 
 
+def sinkhorn_marginal_curve(logits, init="blackmamba", tol=1e-4, max_iters=1000):
+    """A scale-free view of the same iteration -> (curve, expert ids (T,), stalled).
+
+    curve: mean_t |T * sum_i P[t, i] - 1| after each iteration (the row-marginal error; the
+      columns are exact right after the d1 update), up to the first value <= tol.
+    Why: the released rule tests mean |d1 - d1_prev| in absolute terms, and the BlackMamba
+      init scales d1 by 1/(X colsum exp(2S)) (about 1e-5 for thousands of tokens), so that
+      rule stops after one iteration whatever the balance. The marginal error says how far
+      P is from balanced. It can floor above 0 because of the + 1e-8 in both updates (small
+      against C @ d1 at the BlackMamba scale); stalled=True when it stops falling (less
+      than 1% per iteration) before reaching tol. The expert ids are argmax P at the stop.
+    """
+    S = np.asarray(logits, dtype=np.float64)
+    T = S.shape[0]
+    curve, stalled = [], False
+    for C, d0, d1, _ in _sinkhorn_iterate(S, init, max_iters):
+        curve.append(float(np.mean(np.abs(T * d0 * (C @ d1) - 1.0))))
+        if curve[-1] <= tol:
+            break
+        if len(curve) > 1 and curve[-1] > 0.99 * curve[-2]:
+            stalled = True
+            break
+    return curve, np.argmax(d0[:, None] * C * d1[None, :], 1), stalled
+
+
 class SinkhornStudy:
     """What Sinkhorn balancing does to each layer's routing, per initialisation.
 
-    results[layer][init] = {iterations (from ops.sinkhorn), curve (mean |d1 - d1_prev| per
-      iteration), counts_before/after (X,), cv/max_over_mean/entropy before/after,
-      rerouted (fraction of tokens whose expert changes from argmax S to argmax P)}.
+    results[layer][init] = {
+      iterations        ops.sinkhorn's count under the released rule mean|d1 - d1_prev| <= tol
+      curve             mean |d1 - d1_prev| per iteration (float64 twin)
+      counts_before/after (X,), before/after {entropy, cv, max_over_mean, min_over_mean}:
+                        argmax of the logits vs argmax of ops.sinkhorn's P
+      rerouted          fraction of tokens whose expert differs between the two
+      marginal_curve, iterations_marginal, marginal_stalled, counts_converged, converged,
+      rerouted_converged:
+                        the same iteration run until the row-marginal error of P is <= tol
+                        (see sinkhorn_marginal_curve): what full balancing would do}
     """
 
     def __init__(self, results, num_tokens, tol, inits):
@@ -873,9 +914,12 @@ class SinkhornStudy:
                              "cv_before": r["before"]["cv"], "cv_after": r["after"]["cv"],
                              "max_over_mean_before": r["before"]["max_over_mean"],
                              "max_over_mean_after": r["after"]["max_over_mean"],
-                             "rerouted": r["rerouted"]})
+                             "rerouted": r["rerouted"],
+                             "iterations_marginal": r["iterations_marginal"],
+                             "cv_converged": r["converged"]["cv"]})
         return Table(rows, ["layer", "init", "tokens", "iterations", "cv_before", "cv_after",
-                            "max_over_mean_before", "max_over_mean_after", "rerouted"],
+                            "max_over_mean_before", "max_over_mean_after", "rerouted",
+                            "iterations_marginal", "cv_converged"],
                      title=f"Sinkhorn (tol {self.tol:g})")
 
     def to_dict(self):
@@ -950,11 +994,17 @@ def sinkhorn_study(source, inits=("blackmamba", "uniform"), tol=1e-4, max_iters=
             P, iters = ops.sinkhorn(S, tol=tol, init=init, max_iters=max_iters)
             after = np.argmax(P, 1)
             ca = np.bincount(after, minlength=X)
+            marg, conv, stalled = sinkhorn_marginal_curve(S, init, tol, max_iters)
+            cc = np.bincount(conv, minlength=X)
             per[init] = {"iterations": int(iters),
                          "curve": sinkhorn_curve(S, init, tol, max_iters),
                          "counts_before": cb, "counts_after": ca,
                          "before": balance(cb), "after": balance(ca),
-                         "rerouted": float(np.mean(before != after))}
+                         "rerouted": float(np.mean(before != after)),
+                         "marginal_curve": marg, "iterations_marginal": len(marg),
+                         "marginal_stalled": stalled,
+                         "counts_converged": cc, "converged": balance(cc),
+                         "rerouted_converged": float(np.mean(before != conv))}
         results[l], ntok[l] = per, int(S.shape[0])
     return SinkhornStudy(results, ntok, tol, tuple(inits))
 

@@ -156,13 +156,16 @@ def plot_agreement(st, path=None, figsize=None):
     nr, nc = _grid(len(pairs))
     fig = _figure(figsize or (3.4 * nc + 1.2, 3.2 * nr + 0.8))
     axes, im = [], None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vmax = max([0.25] + [float(np.nanmax(J / J.sum(1, keepdims=True)))
+                             for J in st.agreement.values() if J.sum()])
     for i, (a, b) in enumerate(pairs):
         J = st.agreement[(a, b)].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             cond = J / J.sum(1, keepdims=True)
         ag = agreement_stats(J)
         ax = fig.add_subplot(nr, nc, i + 1, label=f"agreement:{a}-{b}")
-        im = ax.imshow(cond, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        im = ax.imshow(cond, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_xlabel(f"expert in layer {b}")
         ax.set_ylabel(f"expert in layer {a}")
         ax.set_title(f"{a}→{b}: same {ag['same_index']:.0%}, NMI {ag['nmi']:.2f}", fontsize=9)
@@ -173,47 +176,57 @@ def plot_agreement(st, path=None, figsize=None):
 
 
 def plot_sinkhorn(study, path=None, figsize=None):
-    fig = _figure(figsize or (13, 3.8))
+    fig = _figure(figsize or (16, 5.2))
     layers = study.layers
-    ax = fig.add_subplot(1, 3, 1, label="convergence")
-    for init in study.inits:
-        for j, l in enumerate(layers):
-            c = study.results[l][init]["curve"]
-            ax.plot(range(1, len(c) + 1), c, "o-", ms=3, lw=1, alpha=0.75,
-                    color=INIT_COLORS.get(init), label=INIT_NAMES.get(init, init) if j == 0
-                    else None)
-    ax.axhline(study.tol, color="0.4", ls="--", lw=1, label=f"tol {study.tol:g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean |d1 − d1_prev|")
-    ax.set_title("Convergence (one line per MoE layer)")
-    ax.legend(fontsize=8)
-
-    ax = fig.add_subplot(1, 3, 2, label="iterations")
     x = np.arange(len(layers))
+    for k, (key, ylabel, title) in enumerate((
+            ("curve", "mean |d1 − d1_prev|", "Convergence, released rule"),
+            ("marginal_curve", "mean |T·rowsum(P) − 1|", "Convergence, marginal error"))):
+        ax = fig.add_subplot(1, 4, k + 1, label="convergence" if k == 0 else "marginal")
+        for init in study.inits:
+            for j, l in enumerate(layers):
+                c = study.results[l][init][key]
+                ax.plot(range(1, len(c) + 1), c, "o-", ms=3, lw=1, alpha=0.75,
+                        color=INIT_COLORS.get(init),
+                        label=INIT_NAMES.get(init, init) if j == 0 else None)
+        ax.axhline(study.tol, color="0.4", ls="--", lw=1, label=f"tol {study.tol:g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + " (a line per layer)", fontsize=10)
+        ax.legend(fontsize=7)
+
+    ax = fig.add_subplot(1, 4, 3, label="iterations")
     w = 0.8 / max(1, len(study.inits))
     for k, init in enumerate(study.inits):
-        its = [study.results[l][init]["iterations"] for l in layers]
-        ax.bar(x + (k - (len(study.inits) - 1) / 2) * w, its, w, color=INIT_COLORS.get(init),
-               label=INIT_NAMES.get(init, init))
+        off = x + (k - (len(study.inits) - 1) / 2) * w
+        ax.bar(off, [study.results[l][init]["iterations"] for l in layers], w,
+               color=INIT_COLORS.get(init), label=f"{INIT_NAMES.get(init, init)}: released")
+        ax.plot(off, [study.results[l][init]["iterations_marginal"] for l in layers], "_",
+                ms=12, mew=2, color="k" if k == 0 else "0.45",
+                label=f"{INIT_NAMES.get(init, init)}: marginal <= tol")
     ax.set_xticks(x, [str(l) for l in layers])
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("iterations to converge")
-    ax.set_title("Iterations (ops.sinkhorn)")
-    ax.legend(fontsize=8)
+    ax.set_title("Iterations (bars: ops.sinkhorn)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=1)
 
-    ax = fig.add_subplot(1, 3, 3, label="balance")
-    ax.plot(x, [study.results[l][study.inits[0]]["before"]["max_over_mean"] for l in layers],
-            "o-", color="k", label="argmax (no Sinkhorn)")
+    ax = fig.add_subplot(1, 4, 4, label="balance")
+    first = study.inits[0]
+    ax.plot(x, [study.results[l][first]["before"]["max_over_mean"] for l in layers], "o-",
+            color="k", label="argmax (no Sinkhorn)")
     for init in study.inits:
+        c = INIT_COLORS.get(init)
         ax.plot(x, [study.results[l][init]["after"]["max_over_mean"] for l in layers], "s--",
-                color=INIT_COLORS.get(init), label=f"Sinkhorn, {INIT_NAMES.get(init, init)}")
+                color=c, label=f"{INIT_NAMES.get(init, init)}, released stop")
+        ax.plot(x, [study.results[l][init]["converged"]["max_over_mean"] for l in layers],
+                "^:", color=c, alpha=0.6, label=f"{INIT_NAMES.get(init, init)}, converged")
     ax.axhline(1.0, color="0.6", ls=":", lw=1)
     ax.set_xticks(x, [str(l) for l in layers])
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("max load / mean load")
-    ax.set_title("Balance before / after")
-    ax.legend(fontsize=8)
+    ax.set_title("Balance before / after Sinkhorn", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=1)
     T = sorted(set(study.num_tokens.values()))
     fig.suptitle(f"Sinkhorn routing on {'/'.join(f'{t:,}' for t in T)} router-logit rows "
                  "per layer")

@@ -255,7 +255,9 @@ def test_collect_over_batches_equals_one_trace(tiny, golden):
     for li in (1, 3):
         np.testing.assert_array_equal(st.counts[li], one.counts[li])
         np.testing.assert_array_equal(st.position_counts[li], one.position_counts[li])
-        np.testing.assert_allclose(st.router_logits(li), one.router_logits(li), rtol=1e-6)
+        # batches of 1 vs 2 rows change the GEMM blocking: float32 rounding only (3e-5 seen)
+        np.testing.assert_allclose(st.router_logits(li), one.router_logits(li), rtol=1e-4,
+                                   atol=1e-5)
     np.testing.assert_array_equal(st.agreement[(1, 3)], one.agreement[(1, 3)])
     # the stand-in over a token stream: 7 sequences of 24 (+ a tail of 9), batches of 3
     fake = FakeModel()
@@ -360,6 +362,19 @@ def test_sinkhorn_study_golden_iterations(golden):
         np.testing.assert_array_equal(r[init]["counts_after"], np.bincount(after, minlength=8))
         c = np.bincount(after, minlength=8)
         assert r[init]["after"]["cv"] == pytest.approx(c.std() / c.mean())
+    # the scale-free view: row-marginal error of P per iteration; its value after 1 (6)
+    # iterations must be that of the reference's own P after 1 (6) iterations
+    for init, key in (("blackmamba", "sinkhorn_out"), ("uniform", "sinkhorn_uniform_out")):
+        P = golden[key].astype(np.float64)
+        m = np.mean(np.abs(P.shape[0] * P.sum(1) - 1))
+        curve = r[init]["marginal_curve"]
+        assert curve[r[init]["iterations"] - 1] == pytest.approx(m, rel=1e-3)
+        assert curve[-1] <= 1e-4 and not r[init]["marginal_stalled"]
+    # the released rule stops the BlackMamba init after 1 iteration because its d1 is tiny
+    # (1/(X colsum exp 2S)); balancing the marginals to 1e-4 takes 13 iterations (uniform: 6)
+    assert r["blackmamba"]["iterations_marginal"] == 13
+    assert r["uniform"]["iterations_marginal"] == 6
+    assert r["blackmamba"]["marginal_curve"][0] > 0.1
     c = np.bincount(before, minlength=8)
     assert r["blackmamba"]["before"]["max_over_mean"] == pytest.approx(c.max() / c.mean())
     # Sinkhorn balances: the load after is no worse than argmax's on this skewed matrix
@@ -428,7 +443,7 @@ def test_figures(tmp_path):
         ["agreement:1-3", "agreement:3-5"]
     for name, fig in figs.items():
         for ax in fig.axes:
-            if ax.get_label() != "<colorbar>":
+            if ax.get_label() != "<colorbar>" and not ax.get_label().startswith("bars:"):
                 assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), (name, ax)
         assert fig._suptitle is not None and fig._suptitle.get_text()
     conv = next(ax for ax in figs["sinkhorn"].axes if ax.get_label() == "convergence")
@@ -451,17 +466,17 @@ def test_cli_routing(tmp_path, capsys):
     text = os.path.join(DATA, "tinyshakespeare.txt")
     out = tmp_path / "out"
     rc = main(["routing", "--model", GOLDEN, "--tokenizer", "byte", "--text", text,
-               "--out", str(out), "--max-tokens", "1500", "--seq-len", "128", "--quiet"])
+               "--out", str(out), "--max-tokens", "600", "--seq-len", "128", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "routing over 1,500 tokens" in printed and "sinkhorn_iters" in printed
+    assert "routing over 600 tokens" in printed and "sinkhorn_iters" in printed
     for name in ("routing_stats.json", "routing_experts.csv", "routing_layers.csv",
                  "routing_positions.csv", "routing_agreement.csv", "sinkhorn.json",
                  "expert_distribution.png", "load_balance.png", "positions.png",
                  "agreement.png", "sinkhorn_convergence.png"):
         assert (out / name).stat().st_size > 0, name
     d = json.loads((out / "routing_stats.json").read_text())
-    assert d["num_tokens"] == 1500 and [x["layer"] for x in d["layers"]] == [1, 3]
-    assert sum(d["layers"][0]["counts"]) == 1500
+    assert d["num_tokens"] == 600 and [x["layer"] for x in d["layers"]] == [1, 3]
+    assert sum(d["layers"][0]["counts"]) == 600
     with pytest.raises(SystemExit):
         main(["routing", "--text", text, "--out", str(out)])       # --model is required

@@ -262,6 +262,8 @@ def trace(model, ids_or_text, keep_logits=False):
       (L,) or (B, L). Each row starts from a fresh recurrent state.
     keep_logits: also keep the router logits (T, X) per layer (needed for Sinkhorn studies).
     Works on any backend whose model reports routing through `_tracer` (CPU and GPU models).
+    The recorder sits on the model object for the duration of the pass: do not run the same
+    model from another thread meanwhile (its routing would be recorded too).
     """
     ids = _as_ids(model, ids_or_text)
     layers = moe_layers(model)
@@ -916,10 +918,11 @@ class SinkhornStudy:
                              "max_over_mean_after": r["after"]["max_over_mean"],
                              "rerouted": r["rerouted"],
                              "iterations_marginal": r["iterations_marginal"],
+                             "stalled": "yes" if r["marginal_stalled"] else "",
                              "cv_converged": r["converged"]["cv"]})
         return Table(rows, ["layer", "init", "tokens", "iterations", "cv_before", "cv_after",
                             "max_over_mean_before", "max_over_mean_after", "rerouted",
-                            "iterations_marginal", "cv_converged"],
+                            "iterations_marginal", "stalled", "cv_converged"],
                      title=f"Sinkhorn (tol {self.tol:g})")
 
     def to_dict(self):

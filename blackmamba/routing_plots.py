@@ -220,7 +220,8 @@ def plot_sinkhorn(study, path=None, figsize=None):
         ax.plot(x, [study.results[l][init]["after"]["max_over_mean"] for l in layers], "s--",
                 color=c, label=f"{INIT_NAMES.get(init, init)}, released stop")
         ax.plot(x, [study.results[l][init]["converged"]["max_over_mean"] for l in layers],
-                "^:", color=c, alpha=0.6, label=f"{INIT_NAMES.get(init, init)}, converged")
+                "^:", color=c, alpha=0.6,
+                label=f"{INIT_NAMES.get(init, init)}, marginals balanced (or stalled)")
     ax.axhline(1.0, color="0.6", ls=":", lw=1)
     ax.set_xticks(x, [str(l) for l in layers])
     ax.set_xlabel("MoE layer")

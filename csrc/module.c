@@ -415,7 +415,11 @@ fail:
 
 static int parse_silu(Sig *s, PyObject *o, int *silu) {
     if (o == Py_None) { *silu = 0; return 0; }
-    if (PyUnicode_Check(o) && !strcmp(PyUnicode_AsUTF8(o), "silu")) { *silu = 1; return 0; }
+    if (PyUnicode_Check(o)) {
+        const char *u = PyUnicode_AsUTF8(o);
+        if (u == NULL) return -1; /* not encodable: its UnicodeEncodeError propagates */
+        if (!strcmp(u, "silu")) { *silu = 1; return 0; }
+    }
     PyErr_Format(PyExc_ValueError, "%s: activation must be 'silu' or None, got %R", s->fn, o);
     return -1;
 }
@@ -448,8 +452,8 @@ static PyObject *py_causal_conv1d(PyObject *self, PyObject *args, PyObject *kw) 
     int silu = 1;
     if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
     PyArrayObject *x, *w, *b, *cs, *y, *fin;
-    NEED(w = conv_weight(&s, ow));
     NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "bLE", 0));
+    NEED(w = conv_weight(&s, ow));
     OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
     OPT(cs = sig_arr(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_OPTIONAL));
     NEED(y = sig_new(&s, "bLE", NPY_FLOAT32));
@@ -472,8 +476,8 @@ static PyObject *py_causal_conv1d_update(PyObject *self, PyObject *args, PyObjec
     int silu = 1;
     if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
     PyArrayObject *x, *w, *b, *cs, *y;
-    NEED(w = conv_weight(&s, ow));
     NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "bE", 0));
+    NEED(w = conv_weight(&s, ow));
     NEED(cs = sig_arr(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_INPLACE));
     OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
     NEED(y = sig_new(&s, "bE", NPY_FLOAT32));
@@ -487,9 +491,18 @@ fail:
 
 /* ---- norm.c ---------------------------------------------------------------------------- */
 
+/* "...d" alone lets (3, 2, d) stand for (2, 3, d): the residual must match x exactly. */
+static int same_shape(PyArrayObject *a, PyArrayObject *b) {
+    return PyArray_NDIM(a) == PyArray_NDIM(b) &&
+           PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(b), PyArray_NDIM(a));
+}
+
 static int parse_eps(Sig *s, double eps) {
     if (!(eps >= 0.0) || eps > 1.0) {
-        PyErr_Format(PyExc_ValueError, "%s: eps must be in [0, 1], got %g", s->fn, eps);
+        /* PyErr_Format has no %g: format the value through a float object */
+        PyObject *v = PyFloat_FromDouble(eps);
+        if (v) PyErr_Format(PyExc_ValueError, "%s: eps must be in [0, 1], got %R", s->fn, v);
+        Py_XDECREF(v);
         return -1;
     }
     return 0;
@@ -507,8 +520,12 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args, PyObject *kw) {
     NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
     NEED(w = sig_arr(&s, ow, "weight", NPY_FLOAT32, "d", 0));
     OPT(r = sig_arr(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
-    if (r && PyArray_NDIM(r) != PyArray_NDIM(x)) {
-        PyErr_SetString(PyExc_ValueError, "rms_norm: residual must have the shape of x");
+    if (r && !same_shape(r, x)) {
+        char got[256], want[256];
+        shape_str(got, sizeof(got), PyArray_NDIM(r), PyArray_DIMS(r));
+        shape_str(want, sizeof(want), PyArray_NDIM(x), PyArray_DIMS(x));
+        PyErr_Format(PyExc_ValueError, "rms_norm: residual must have the shape of x %s, got %s",
+                     want, got);
         goto fail;
     }
     NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
@@ -535,8 +552,12 @@ static PyObject *py_layer_norm(PyObject *self, PyObject *args, PyObject *kw) {
     NEED(w = sig_arr(&s, ow, "weight", NPY_FLOAT32, "d", 0));
     OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "d", ARG_OPTIONAL));
     OPT(r = sig_arr(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
-    if (r && PyArray_NDIM(r) != PyArray_NDIM(x)) {
-        PyErr_SetString(PyExc_ValueError, "layer_norm: residual must have the shape of x");
+    if (r && !same_shape(r, x)) {
+        char got[256], want[256];
+        shape_str(got, sizeof(got), PyArray_NDIM(r), PyArray_DIMS(r));
+        shape_str(want, sizeof(want), PyArray_NDIM(x), PyArray_DIMS(x));
+        PyErr_Format(PyExc_ValueError, "layer_norm: residual must have the shape of x %s, got %s",
+                     want, got);
         goto fail;
     }
     NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
@@ -686,7 +707,7 @@ static PyObject *py_mlp(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|Op", kws, &ox, &o1, &o2, &oact, &gated))
         return NULL;
     bm_act act = BM_ACT_GELU;
-    if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
+    if (oact && parse_act(s.fn, oact, &act, 1) < 0) return NULL;
     PyArrayObject *x, *fc1, *fc2, *out;
     NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
     NEED(fc1 = sig_arr(&s, o1, "fc1", DT_WEIGHT, "Gd", 0));

@@ -1,0 +1,161 @@
+/* bm_cuda.h: launchers of the CUDA kernels (cuda/*.cu). Plain C, no Python.
+ *
+ * Conventions (the same dimension letters and layouts as csrc/bm.h):
+ *   - Every pointer is a DEVICE pointer, except where a comment says host.
+ *   - Token-major layout: activations (b, L, channels) C-contiguous, float32; the SSM state
+ *     is float32 (b, E, N); weights are float32 or bf16 bits (uint16) where a bm_dtype is
+ *     taken. Shapes are written next to every pointer.
+ *   - Every launcher enqueues its work on `stream` and returns 0, or a nonzero status:
+ *     a cudaError_t value (1..999) or one of BM_CUDA_ERR_* below. After a nonzero status,
+ *     bm_cuda_last_error() gives "file:line: cudaErrorName: message" for the calling thread.
+ *   - No launcher synchronises the stream, except bm_cuda_moe_experts (it reads the per-expert
+ *     token counts on the host; see there). Launchers allocate nothing: scratch space is a
+ *     caller-owned workspace whose size a *_workspace() function gives.
+ *   - Sizes of 0 enqueue nothing and return 0. Launchers are thread-safe (no mutable static
+ *     state besides the thread-local error message and once-per-device shared-memory opt-ins)
+ *     and, except bm_cuda_moe_experts, can be captured into a CUDA graph.
+ *   - Arguments are trusted (the Python boundary validates them), except the few checks that
+ *     return BM_CUDA_ERR_ARG (unsupported sizes, too small a workspace).
+ */
+#ifndef BM_CUDA_H
+#define BM_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>   /* cudaStream_t */
+
+#include "bm.h"                 /* bm_dtype, bm_act, bm_sinkhorn_init */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    BM_CUDA_OK = 0,
+    BM_CUDA_ERR_ARG = 10001,      /* unsupported size or argument, workspace too small */
+    BM_CUDA_ERR_CUBLAS = 10002,   /* a cuBLAS call failed (its status is in the message) */
+};
+
+/* "file:line: cudaErrorName: message" of the last failure on this host thread ("" if none). */
+const char *bm_cuda_last_error(void);
+
+/* ---- common.cu ------------------------------------------------------------------------- */
+/* cuBLAS handle for bm_cuda_moe_experts (opaque cublasHandle_t). Create once per host thread
+ * (or guard it): a handle must not be used by two threads at once. */
+int bm_cuda_cublas_create(void **handle);
+int bm_cuda_cublas_destroy(void *handle);
+/* bf16 bits <-> float32 on the device (round to nearest even, NaN kept NaN). (n) each. */
+int bm_cuda_bf16_to_f32(const uint16_t *src, float *dst, int64_t n, cudaStream_t stream);
+int bm_cuda_f32_to_bf16(const float *src, uint16_t *dst, int64_t n, cudaStream_t stream);
+
+/* ---- scan.cu: Mamba-1 selective scan (SPEC 2), float32 state in registers --------------- */
+/* u, delta, z, y: (b, L, E); A: (E, N) (= -exp(A_log)); Bm, Cm: (b, L, N);
+ * D, delta_bias: (E) or NULL; z NULL -> no gate; state_in (b, E, N) or NULL for zeros;
+ * state_out (b, E, N) (may equal state_in, may be NULL). delta_softplus: delta <-
+ * softplus(delta + delta_bias). y = (sum_n h*C + D*u) * silu(z). 1 <= N <= 64. */
+int bm_cuda_scan_forward(const float *u, const float *delta, const float *A, const float *Bm,
+                         const float *Cm, const float *D, const float *z,
+                         const float *delta_bias, int delta_softplus, const float *state_in,
+                         float *state_out, float *y, int64_t b, int64_t L, int64_t E,
+                         int64_t N, cudaStream_t stream);
+/* The same with a chosen kernel, for benchmarks and tests: threads_per_channel 0 (auto), 1, 2
+ * or 4 (each thread then owns N/threads_per_channel of a channel's states); variant -1
+ * (default), 0 (step loop rolled) or 1 (chunks of steps unrolled). */
+int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float *A,
+                                 const float *Bm, const float *Cm, const float *D,
+                                 const float *z, const float *delta_bias, int delta_softplus,
+                                 const float *state_in, float *state_out, float *y, int64_t b,
+                                 int64_t L, int64_t E, int64_t N, int threads_per_channel,
+                                 int variant, cudaStream_t stream);
+/* One token: state (b, E, N) updated in place; x, delta, z, y: (b, E); Bm, Cm: (b, N). */
+int bm_cuda_scan_step(float *state, const float *x, const float *delta, const float *A,
+                      const float *Bm, const float *Cm, const float *D, const float *z,
+                      const float *delta_bias, int delta_softplus, float *y, int64_t b,
+                      int64_t E, int64_t N, cudaStream_t stream);
+
+/* ---- conv.cu: causal depthwise conv1d (SPEC 2), 2 <= K <= 8 ----------------------------- */
+/* x, y: (b, L, E); w: (E, K); bias: (E) or NULL; conv_in (b, K-1, E) or NULL for zeros;
+ * conv_out (b, K-1, E) or NULL receives the last K-1 inputs (may equal conv_in). */
+int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
+                         const float *conv_in, float *conv_out, float *y, int silu, int64_t b,
+                         int64_t L, int64_t E, int64_t K, cudaStream_t stream);
+/* One token: x, y (b, E); conv_state (b, K-1, E) shifted in place. */
+int bm_cuda_conv_step(const float *x, float *conv_state, const float *w, const float *bias,
+                      float *y, int silu, int64_t b, int64_t E, int64_t K, cudaStream_t stream);
+
+/* ---- norm.cu: one block per row, float32 ------------------------------------------------ */
+/* res_out = x + residual (residual NULL -> x); out = RMSNorm(res_out) * w. All (T, d).
+ * res_out may alias residual or x; res_out NULL -> not written. */
+int bm_cuda_rms_norm(const float *x, const float *residual, const float *w, float eps,
+                     float *out, float *res_out, int64_t T, int64_t d, cudaStream_t stream);
+/* out = LayerNorm(x + residual) * w + bias; residual, bias may be NULL. (T, d). */
+int bm_cuda_layer_norm(const float *x, const float *residual, const float *w,
+                       const float *bias, float eps, float *out, int64_t T, int64_t d,
+                       cudaStream_t stream);
+
+/* ---- gemv.cu: y = W x for small M (decode) ---------------------------------------------- */
+/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16,
+ * fp32 accumulate. Reads W once per 8 rows of x (once for M <= 8); meant for small M. */
+int bm_cuda_gemv(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
+                 int64_t M, int64_t Nout, int64_t Kin, cudaStream_t stream);
+/* The same with a chosen K-split (warps sharing one row): 0 (auto), 1, 2, 4 or 8. For tests. */
+int bm_cuda_gemv_ks(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
+                    int64_t M, int64_t Nout, int64_t Kin, int ksplit, cudaStream_t stream);
+
+/* ---- moe.cu: top-1 routing and the expert path (SPEC 3) --------------------------------- */
+/* logits (T, X) = x (T, d) @ rw (X, d)^T + rb (X) (rb may be NULL; logits may be NULL);
+ * ids (T) argmax (ties -> lowest); gates (T) = sigmoid(logits[t, ids[t]]). X <= 256. */
+int bm_cuda_route_top1(const float *x, const void *rw, bm_dtype wdtype, const float *rb,
+                       float *logits, int32_t *ids, float *gates, int64_t T, int64_t d,
+                       int64_t X, cudaStream_t stream);
+/* counts (X), offsets (X+1) exclusive prefix sums, perm (T): token indices grouped by expert,
+ * in increasing token order inside each expert (stable). One block (a counting sort).
+ * int32 everywhere (bm.h's CPU version uses int64). ids outside [0, X) are counted nowhere
+ * (perm then has offsets[X] < T valid entries). */
+int bm_cuda_moe_dispatch(const int32_t *ids, int64_t T, int64_t X, int32_t *counts,
+                         int32_t *offsets, int32_t *perm, cudaStream_t stream);
+
+/* Math of the expert GEMMs (cuBLAS). */
+enum {
+    BM_CUDA_MATH_FP32 = 0,  /* exact float32 (bf16 weights expanded to fp32 per expert) */
+    BM_CUDA_MATH_TF32 = 1,  /* tensor cores, tf32 inputs, fp32 accumulate (~3e-4 rel.) */
+    BM_CUDA_MATH_BF16 = 2,  /* bf16 weights as stored, activations rounded to bf16, fp32
+                               accumulate (~3e-3 rel.); float32 weights fall back to TF32 */
+};
+/* Bytes of workspace bm_cuda_moe_experts needs. */
+size_t bm_cuda_moe_experts_workspace(int64_t T, int64_t d, int64_t X, int64_t F,
+                                     bm_dtype wdtype, int math);
+/* Prefill path: out (T, d) = gates[t] * fc2[e] @ (act(a[:F]) * a[F:]), a = fc1[e] @ x[t],
+ * e = ids[t]; fc1 (X, 2F, d), fc2 (X, d, F) stored as wdtype; gates (T) or NULL (scale 1).
+ * Dispatch, gather, act and scatter run on the device; the expert GEMMs go through cuBLAS,
+ * one pair per expert with tokens, so the X+1 offsets are copied to the host: this launcher
+ * SYNCHRONISES `stream` once (after the dispatch). cublas_handle from bm_cuda_cublas_create
+ * (its stream is set to `stream`). Dense "1" layers: X = 1, ids all 0, gates NULL. */
+int bm_cuda_moe_experts(const float *x, const int32_t *ids, const float *gates,
+                        const void *fc1, const void *fc2, bm_dtype wdtype, bm_act act, int math,
+                        float *out, int64_t T, int64_t d, int64_t X, int64_t F,
+                        void *workspace, size_t workspace_bytes, void *cublas_handle,
+                        cudaStream_t stream);
+/* Bytes of workspace bm_cuda_moe_experts_decode needs: T * 2F floats. */
+size_t bm_cuda_moe_decode_workspace(int64_t T, int64_t F);
+/* Decode path, no host synchronisation: the same math through a gathered GEMV that reads
+ * each used expert's weights once (fp32 accumulate); meant for small T (decode batches).
+ * Arguments as bm_cuda_moe_experts. */
+int bm_cuda_moe_experts_decode(const float *x, const int32_t *ids, const float *gates,
+                               const void *fc1, const void *fc2, bm_dtype wdtype, bm_act act,
+                               float *out, int64_t T, int64_t d, int64_t X, int64_t F,
+                               void *workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* ---- sinkhorn.cu (SPEC 3.2): one block, all iterations in one launch -------------------- */
+/* P (T, X) = diag(d0) C diag(d1) after iterating to mean|d1 - d1_prev| <= tol or max_iters
+ * (sums in float64); iters (1 int, device) receives the number of iterations. X <= 64.
+ * C lives in shared memory when T*X*4 bytes fit (T*X <= 50000), else in P itself. */
+int bm_cuda_sinkhorn(const float *S, float *P, int64_t T, int64_t X, float tol,
+                     bm_sinkhorn_init init, int max_iters, int *iters, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BM_CUDA_H */

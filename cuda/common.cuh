@@ -1,0 +1,121 @@
+// common.cuh: what every cuda/*.cu file shares: error checking that returns a status (never
+// exits), bf16 conversion, warp/block reductions, fast exp2. Included by the .cu files only.
+#pragma once
+
+#include <stdint.h>
+
+#include <atomic>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "bm_cuda.h"
+
+// Records "file:line: name: message" in the calling thread's error buffer; returns `code`.
+int bm_cuda_fail_(const char *file, int line, int code, const char *name, const char *msg);
+
+static inline int bm_cuda_fail_cuda_(const char *file, int line, cudaError_t e) {
+    return bm_cuda_fail_(file, line, (int)e, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+// Return the status of a failing CUDA runtime call from the enclosing launcher.
+#define BM_CUDA_TRY(call)                                                        \
+    do {                                                                         \
+        cudaError_t e_ = (call);                                                 \
+        if (e_ != cudaSuccess) return bm_cuda_fail_cuda_(__FILE__, __LINE__, e_); \
+    } while (0)
+
+// After every <<<...>>>: launch-configuration errors (and earlier sticky faults) show here.
+#define BM_CUDA_LAUNCHED() BM_CUDA_TRY(cudaGetLastError())
+
+#define BM_CUDA_ARG_FAIL(msg) bm_cuda_fail_(__FILE__, __LINE__, BM_CUDA_ERR_ARG, "BM_CUDA_ERR_ARG", msg)
+
+static inline int64_t bm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Raise `kernel`'s dynamic shared-memory cap to `bytes` once per device (bit d of `done`).
+// Once, not per call: cudaFuncSetAttribute is not a stream operation, and launchers must stay
+// capturable into CUDA graphs. Concurrent first calls just set the same value twice.
+template <typename K>
+static inline int bm_smem_optin(K kernel, int bytes, std::atomic<unsigned> &done) {
+    int dev = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    const unsigned bit = 1u << (dev & 31);
+    if (done.load(std::memory_order_acquire) & bit) return 0;
+    BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done.fetch_or(bit, std::memory_order_release);
+    return 0;
+}
+
+// ---- device helpers ----------------------------------------------------------------------
+
+// bf16 bits -> float32: the top half of the float.
+__device__ __forceinline__ float bm_bf16_bits_to_f32(uint16_t h) {
+    return __uint_as_float(((uint32_t)h) << 16);
+}
+// Two packed bf16 (low half first in memory) -> two floats.
+__device__ __forceinline__ float2 bm_bf16x2_to_f32(uint32_t v) {
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+// float32 -> bf16 bits, round to nearest even, NaN stays NaN (same as ref.f32_to_bf16).
+__device__ __forceinline__ uint16_t bm_f32_to_bf16_bits(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// 2^x on the special-function unit (MUFU.EX2, ~2 ulp; subnormal results flush to 0, which is
+// what a decaying SSM state wants anyway).
+__device__ __forceinline__ float bm_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float bm_softplus(float v) {
+    // softplus(v) = v for v > 20 (mamba_ssm's threshold); log1pf keeps small values exact.
+    // Select, not branch: a divergent branch around log1pf costs both sides anyway.
+    const float sp = log1pf(expf(fminf(v, 20.f)));
+    return v > 20.f ? v : sp;
+}
+
+__device__ __forceinline__ float bm_silu(float v) {
+    // __fdividef(v, inf) = 0 for v << 0, which is silu's limit.
+    return __fdividef(v, 1.f + __expf(-v));
+}
+
+template <typename T>
+__device__ __forceinline__ T bm_warp_sum(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block; `scratch` holds >= 32 values; every thread gets the total. Blocks of a
+// multiple of 32 threads. Ends with a barrier so scratch can be reused right after.
+template <typename T>
+__device__ __forceinline__ T bm_block_sum(T v, T *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = bm_warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    T t = lane < nwarps ? scratch[lane] : T(0);
+    t = bm_warp_sum(t);
+    __syncthreads();
+    return t;
+}
+
+// ---- shared between gemv.cu and moe.cu ----------------------------------------------------
+// y[m, r] = scale[m] * (W[e_m, r, :] . x[m, :]) + bias[r], e_m = ids ? ids[m] : 0.
+struct GemvParams {
+    const void *W;         // (X, Nout, Kin), float32 or bf16 bits
+    const float *x;        // (M, ldx): row m's Kin inputs at x + m*ldx
+    int64_t ldx;
+    const int32_t *ids;    // (M) expert of each row of x, or NULL (all 0)
+    const float *scale;    // (M) or NULL
+    const float *bias;     // (Nout) or NULL
+    float *y;              // (M, ldy)
+    int64_t ldy;
+    int M, Nout, Kin;
+};
+// X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
+int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);

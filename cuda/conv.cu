@@ -1,0 +1,170 @@
+// conv.cu: causal depthwise conv1d of the Mamba mixer (SPEC 2), prefill and one-token step.
+//
+//   y[t,e] = act(bias[e] + sum_{k<K} w[e,k] * x[t-(K-1)+k, e]),  x[<0] from conv_in (or 0)
+//
+// Prefill: one thread per (batch, channel, chunk of CONV_CT steps); the K-1 previous inputs
+// slide through registers, so x is read once (plus K-1 steps of overlap per chunk) and y
+// written once; a warp's loads at one t are 32 contiguous channels. K is a template (2..8)
+// so the window stays in registers.
+#include "common.cuh"
+
+namespace {
+
+constexpr int CONV_CT = 32;       // steps per thread (> K-1, so only chunk 0 reads conv_in)
+constexpr int CONV_THREADS = 128;
+
+template <int K>
+__global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
+                                const float *__restrict__ w,      // (E, K)
+                                const float *__restrict__ bias,   // (E) or NULL
+                                const float *conv_in,             // (b, K-1, E) or NULL
+                                float *conv_out,                  // (b, K-1, E) or NULL
+                                float *__restrict__ y,            // (b, L, E)
+                                int silu, int L, int E) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    const int c = blockIdx.y, bi = blockIdx.z;
+    const int t0 = c * CONV_CT;
+    const float *xb = x + (int64_t)bi * L * E + e;  // x[bi, 0, e]; step E
+    float *yb = y + (int64_t)bi * L * E + e;
+
+    float wk[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) wk[k] = w[(int64_t)e * K + k];
+    const float bv = bias ? bias[e] : 0.f;
+
+    // win[k] = input at position t0 - (K-1) + k.
+    float win[K];
+#pragma unroll
+    for (int k = 0; k < K - 1; k++) {
+        const int pos = t0 - (K - 1) + k;
+        float v = 0.f;
+        if (pos >= 0) {
+            if (pos < L) v = xb[(int64_t)pos * E];
+        } else if (conv_in) {
+            v = conv_in[((int64_t)bi * (K - 1) + (K - 1) + pos) * E + e];
+        }
+        win[k] = v;
+    }
+    float xs[CONV_CT];  // all loads of the chunk issued before the first use
+#pragma unroll
+    for (int i = 0; i < CONV_CT; i++) xs[i] = t0 + i < L ? xb[(int64_t)(t0 + i) * E] : 0.f;
+#pragma unroll
+    for (int i = 0; i < CONV_CT; i++) {
+        if (t0 + i >= L) break;
+        win[K - 1] = xs[i];
+        float acc = bv;
+#pragma unroll
+        for (int k = 0; k < K; k++) acc = fmaf(wk[k], win[k], acc);
+        if (silu) acc = bm_silu(acc);
+        yb[(int64_t)(t0 + i) * E] = acc;
+#pragma unroll
+        for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
+    }
+
+    if (c == 0 && conv_out) {
+        // The last K-1 inputs (combined sequence conv_in ++ x). Read all, then write: conv_out
+        // may be conv_in, and only this thread touches (bi, :, e) of either.
+        float last[K - 1];
+#pragma unroll
+        for (int j = 0; j < K - 1; j++) {
+            const int q = L - (K - 1) + j;
+            float v = 0.f;
+            if (q >= 0) v = xb[(int64_t)q * E];
+            else if (conv_in) v = conv_in[((int64_t)bi * (K - 1) + (K - 1) + q) * E + e];
+            last[j] = v;
+        }
+#pragma unroll
+        for (int j = 0; j < K - 1; j++) conv_out[((int64_t)bi * (K - 1) + j) * E + e] = last[j];
+    }
+}
+
+template <int K>
+__global__ void conv_step_kernel(const float *__restrict__ x,     // (b, E)
+                                 float *__restrict__ state,       // (b, K-1, E) in place
+                                 const float *__restrict__ w,     // (E, K)
+                                 const float *__restrict__ bias,  // (E) or NULL
+                                 float *__restrict__ y,           // (b, E)
+                                 int silu, int64_t bE, int E) {
+    const int64_t be = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (be >= bE) return;
+    const int64_t bi = be / E;
+    const int e = (int)(be % E);
+    float *s = state + bi * (K - 1) * E + e;  // step E
+    float win[K];
+#pragma unroll
+    for (int k = 0; k < K - 1; k++) win[k] = s[(int64_t)k * E];
+    win[K - 1] = x[be];
+    float acc = bias ? bias[e] : 0.f;
+#pragma unroll
+    for (int k = 0; k < K; k++) acc = fmaf(w[(int64_t)e * K + k], win[k], acc);
+    y[be] = silu ? bm_silu(acc) : acc;
+#pragma unroll
+    for (int k = 0; k < K - 1; k++) s[(int64_t)k * E] = win[k + 1];
+}
+
+template <int K>
+int conv_fwd_launch(const float *x, const float *w, const float *bias, const float *conv_in,
+                    float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
+                    cudaStream_t stream) {
+    dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, CONV_CT), (unsigned)b);
+    conv_fwd_kernel<K><<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y,
+                                                          silu, (int)L, (int)E);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+template <int K>
+int conv_step_launch(const float *x, float *state, const float *w, const float *bias, float *y,
+                     int silu, int64_t b, int64_t E, cudaStream_t stream) {
+    conv_step_kernel<K><<<(unsigned)bm_cdiv(b * E, 256), 256, 0, stream>>>(x, state, w, bias, y,
+                                                                           silu, b * E, (int)E);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+}  // namespace
+
+extern "C" int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
+                                    const float *conv_in, float *conv_out, float *y, int silu,
+                                    int64_t b, int64_t L, int64_t E, int64_t K,
+                                    cudaStream_t stream) {
+    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv: K must be in 2..8");
+    if (b > 65535 || bm_cdiv(L, CONV_CT) > 65535 || E > INT32_MAX / 2)
+        return BM_CUDA_ARG_FAIL("conv: size too large (b <= 65535, L <= 2M)");
+    if (b <= 0 || E <= 0) return 0;
+    if (L == 0) {
+        // No new inputs: the state passes through.
+        if (!conv_out || conv_out == conv_in) return 0;
+        const size_t bytes = (size_t)(b * (K - 1) * E) * sizeof(float);
+        if (conv_in) BM_CUDA_TRY(cudaMemcpyAsync(conv_out, conv_in, bytes, cudaMemcpyDeviceToDevice, stream));
+        else BM_CUDA_TRY(cudaMemsetAsync(conv_out, 0, bytes, stream));
+        return 0;
+    }
+    switch (K) {
+        case 2: return conv_fwd_launch<2>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        case 3: return conv_fwd_launch<3>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        case 4: return conv_fwd_launch<4>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        case 5: return conv_fwd_launch<5>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        case 6: return conv_fwd_launch<6>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        case 7: return conv_fwd_launch<7>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        default: return conv_fwd_launch<8>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+    }
+}
+
+extern "C" int bm_cuda_conv_step(const float *x, float *conv_state, const float *w,
+                                 const float *bias, float *y, int silu, int64_t b, int64_t E,
+                                 int64_t K, cudaStream_t stream) {
+    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
+    if (E > INT32_MAX) return BM_CUDA_ARG_FAIL("conv_step: E too large");
+    if (b <= 0 || E <= 0) return 0;
+    switch (K) {
+        case 2: return conv_step_launch<2>(x, conv_state, w, bias, y, silu, b, E, stream);
+        case 3: return conv_step_launch<3>(x, conv_state, w, bias, y, silu, b, E, stream);
+        case 4: return conv_step_launch<4>(x, conv_state, w, bias, y, silu, b, E, stream);
+        case 5: return conv_step_launch<5>(x, conv_state, w, bias, y, silu, b, E, stream);
+        case 6: return conv_step_launch<6>(x, conv_state, w, bias, y, silu, b, E, stream);
+        case 7: return conv_step_launch<7>(x, conv_state, w, bias, y, silu, b, E, stream);
+        default: return conv_step_launch<8>(x, conv_state, w, bias, y, silu, b, E, stream);
+    }
+}

@@ -1,0 +1,201 @@
+// gemv.cu: y = W x for a few rows of x (decode), and the gathered form the MoE decode path
+// uses (each token multiplies the weights of its own expert).
+//
+// Memory-bound: the floor is one pass over W (Nout*Kin*2 bytes in bf16). A warp owns one
+// output row and streams it with 16-byte loads (8 bf16 or 4 float32 per lane and load), up
+// to GEMV_MT rows of x at a time from L1, fp32 accumulate, then a shuffle reduction.
+// Gathered form: W is (X, Nout, Kin); block (row block, expert) first collects the tokens
+// routed to its expert, so an expert with no tokens costs nothing and a used one is read once
+// per GEMV_MT of its tokens.
+#include "common.cuh"
+
+namespace {
+
+constexpr int GEMV_WARPS = 8;    // rows per block
+constexpr int GEMV_LIST = 1024;  // tokens collected per round
+
+template <typename WT>
+struct WLoad;
+template <>
+struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
+    static constexpr int VW = 8;
+    static __device__ __forceinline__ void load(const uint16_t *p, float (&w)[8]) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4 *>(p));
+        float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+        float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+        w[0] = a.x; w[1] = a.y; w[2] = b.x; w[3] = b.y;
+        w[4] = c.x; w[5] = c.y; w[6] = d.x; w[7] = d.y;
+    }
+    static __device__ __forceinline__ float one(const uint16_t *p) { return bm_bf16_bits_to_f32(__ldg(p)); }
+};
+template <>
+struct WLoad<float> {  // float32: 4 per 16 bytes
+    static constexpr int VW = 4;
+    static __device__ __forceinline__ void load(const float *p, float (&w)[4]) {
+        const float4 v = __ldg(reinterpret_cast<const float4 *>(p));
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    }
+    static __device__ __forceinline__ float one(const float *p) { return __ldg(p); }
+};
+
+// K-split: KS = 2^ks_log2 warps share a row, each streaming 1/KS of it, partial sums meeting
+// in shared memory. Rows that are few or long otherwise leave each warp a serial chain of
+// dependent DRAM round trips (out_proj: 1472 rows of 5.9 KB), far from the bandwidth.
+template <typename WT, int MT, bool VEC>
+__global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams p, int ks_log2) {
+    constexpr int VW = WLoad<WT>::VW;
+    __shared__ int list[GEMV_LIST];
+    __shared__ int list_n;
+    __shared__ float part[GEMV_WARPS][MT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int KS = 1 << ks_log2;
+    const int kpart = warp & (KS - 1);
+    // A warp past Nout still takes part in the barriers.
+    const int row = blockIdx.x * (GEMV_WARPS >> ks_log2) + (warp >> ks_log2);
+    const int expert = blockIdx.y;
+    const WT *wrow = reinterpret_cast<const WT *>(p.W) +
+                     ((int64_t)expert * p.Nout + (row < p.Nout ? row : 0)) * p.Kin;
+    const float bias = (p.bias && row < p.Nout) ? p.bias[row] : 0.f;
+    // This warp's slice of the row, in VW-element chunks (VEC) or elements.
+    const int units = VEC ? p.Kin / VW : p.Kin;
+    const int per = (units + KS - 1) / KS;
+    const int u0 = kpart * per, u1 = min(units, u0 + per);
+
+    for (int r0 = 0; r0 < p.M; r0 += GEMV_LIST) {
+        const int r1 = min(p.M, r0 + GEMV_LIST);
+        if (warp == 0) {
+            // Stable compaction of this round's tokens of `expert`.
+            int n = 0;
+            for (int m0 = r0; m0 < r1; m0 += 32) {
+                const int m = m0 + lane;
+                const bool mine = m < r1 && (!p.ids || p.ids[m] == expert);
+                const unsigned bal = __ballot_sync(0xffffffffu, mine);
+                if (mine) list[n + __popc(bal & ((1u << lane) - 1u))] = m;
+                n += __popc(bal);
+            }
+            if (lane == 0) list_n = n;
+        }
+        __syncthreads();
+        const int n = list_n;
+        for (int j0 = 0; j0 < n; j0 += MT) {  // uniform over the block
+            const int nj = min(MT, n - j0);
+            const float *xr[MT];
+#pragma unroll
+            for (int j = 0; j < MT; j++)
+                xr[j] = p.x + (int64_t)list[j0 + (j < nj ? j : 0)] * p.ldx;
+            float acc[MT];
+#pragma unroll
+            for (int j = 0; j < MT; j++) acc[j] = 0.f;
+            if (row < p.Nout) {
+                if (VEC) {
+#pragma unroll 4
+                    for (int u = u0 + lane; u < u1; u += 32) {
+                        const int k = u * VW;
+                        float wv[VW];
+                        WLoad<WT>::load(wrow + k, wv);
+#pragma unroll
+                        for (int j = 0; j < MT; j++) {
+                            if (j < nj) {
+#pragma unroll
+                                for (int q = 0; q < VW; q += 4) {
+                                    const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr[j] + k + q));
+                                    acc[j] = fmaf(wv[q], xv.x, acc[j]);
+                                    acc[j] = fmaf(wv[q + 1], xv.y, acc[j]);
+                                    acc[j] = fmaf(wv[q + 2], xv.z, acc[j]);
+                                    acc[j] = fmaf(wv[q + 3], xv.w, acc[j]);
+                                }
+                            }
+                        }
+                    }
+                } else {
+#pragma unroll 4
+                    for (int k = u0 + lane; k < u1; k += 32) {
+                        const float wv = WLoad<WT>::one(wrow + k);
+#pragma unroll
+                        for (int j = 0; j < MT; j++)
+                            if (j < nj) acc[j] = fmaf(wv, __ldg(xr[j] + k), acc[j]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MT; j++) acc[j] = bm_warp_sum(acc[j]);
+            // lane j finishes token j (compile-time indices: a select, no local array)
+            float v = acc[0];
+#pragma unroll
+            for (int j = 1; j < MT; j++)
+                if (lane == j) v = acc[j];
+            if (KS > 1) {
+                if (lane < MT) part[warp][lane] = v;
+                __syncthreads();
+                if (kpart == 0) {
+                    for (int q = 1; q < KS; q++) v += part[warp + q][lane < MT ? lane : 0];
+                }
+                __syncthreads();  // part is rewritten by the next tile
+            }
+            if (kpart == 0 && row < p.Nout && lane < nj) {
+                const int m = list[j0 + lane];
+                const float s = p.scale ? p.scale[m] : 1.f;
+                p.y[(int64_t)m * p.ldy + row] = fmaf(v, s, bias);
+            }
+        }
+        __syncthreads();  // list is rewritten next round
+    }
+}
+
+template <typename WT, int MT>
+int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
+    constexpr int VW = WLoad<WT>::VW;
+    const bool vec = p.Kin % VW == 0 && p.ldx % 4 == 0 && ((uintptr_t)p.W & 15) == 0 &&
+                     ((uintptr_t)p.x & 15) == 0;
+    const int64_t units = vec ? p.Kin / VW : p.Kin;
+    if (ks <= 0) {
+        // Split only while there are few rows (warps), as long as a slice still spans the
+        // warp. Measured on the H200 (cuda/NOTES.md): splitting 124 x 2944 by 8 took 9.0 ->
+        // 3.3 us and 1472 x 2944 by 4 9.6 -> 7.1 us, but splitting rows that were already
+        // many (in_proj, fc1, lm_head) only added the reduction: 55 -> 69 us on lm_head.
+        ks = 1;
+        while (ks < GEMV_WARPS && (int64_t)p.Nout * ks < 4096 && units >= 64 * ks) ks *= 2;
+    }
+    int ks_log2 = 0;
+    while ((1 << ks_log2) < ks && ks_log2 < 3) ks_log2++;
+    dim3 grid((unsigned)bm_cdiv(p.Nout, GEMV_WARPS >> ks_log2), (unsigned)X);
+    if (vec) gemv_kernel<WT, MT, true><<<grid, GEMV_WARPS * 32, 0, stream>>>(p, ks_log2);
+    else gemv_kernel<WT, MT, false><<<grid, GEMV_WARPS * 32, 0, stream>>>(p, ks_log2);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+template <typename WT>
+int gemv_launch_t(const GemvParams &p, int X, int ks, cudaStream_t stream) {
+    // Rows of x per pass: 1 for single-token decode (fewest registers, most warps resident).
+    if (p.M == 1 && !p.ids) return gemv_launch_mt<WT, 1>(p, X, ks, stream);
+    if (p.M <= 4) return gemv_launch_mt<WT, 4>(p, X, ks, stream);
+    return gemv_launch_mt<WT, 8>(p, X, ks, stream);
+}
+
+}  // namespace
+
+int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream) {
+    if (p.M <= 0 || p.Nout <= 0 || X <= 0) return 0;
+    if (X > 65535) return BM_CUDA_ARG_FAIL("gemv: too many experts");
+    if (ksplit != 0 && ksplit != 1 && ksplit != 2 && ksplit != 4 && ksplit != 8)
+        return BM_CUDA_ARG_FAIL("gemv: ksplit must be 0 (auto), 1, 2, 4 or 8");
+    return wdtype == BM_BF16 ? gemv_launch_t<uint16_t>(p, X, ksplit, stream)
+                             : gemv_launch_t<float>(p, X, ksplit, stream);
+}
+
+extern "C" int bm_cuda_gemv_ks(const float *x, const void *W, bm_dtype wdtype, const float *bias,
+                               float *y, int64_t M, int64_t Nout, int64_t Kin, int ksplit,
+                               cudaStream_t stream) {
+    if (M <= 0 || Nout <= 0) return 0;
+    if (M > INT32_MAX || Nout > INT32_MAX || Kin > INT32_MAX)
+        return BM_CUDA_ARG_FAIL("gemv: size too large");
+    if (Kin <= 0) return BM_CUDA_ARG_FAIL("gemv: Kin must be >= 1");
+    GemvParams p{W, x, Kin, nullptr, nullptr, bias, y, Nout, (int)M, (int)Nout, (int)Kin};
+    return bm_gemv_launch(p, wdtype, 1, ksplit, stream);
+}
+
+extern "C" int bm_cuda_gemv(const float *x, const void *W, bm_dtype wdtype, const float *bias,
+                            float *y, int64_t M, int64_t Nout, int64_t Kin, cudaStream_t stream) {
+    return bm_cuda_gemv_ks(x, W, wdtype, bias, y, M, Nout, Kin, 0, stream);
+}

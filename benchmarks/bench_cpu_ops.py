@@ -10,11 +10,15 @@
   c. decode GEMV over one token's active weights at the 2.8B shapes, bf16 and fp32, every
      matrix its own buffer (one reused matrix would sit in cache), in GB/s of weights read
   d. prefill sgemm at the model's shapes, fp32 and through the bf16 path, in GFLOP/s and as
-     a fraction of OpenBLAS's own rate on a large square sgemm
+     a fraction of OpenBLAS's own rate on a large square sgemm (numpy.matmul float32: NumPy's
+     bundled OpenBLAS with its own threads; measured last, since its idle workers spin)
 
 Every figure is the best of several repetitions: the machine may be shared, and the best run
-is the one least disturbed. Memory: about 2.5 GB at the peak (1.2 GB each for a. and c.'s
-bf16 weights; the fp32 weights of c. are read in two halves of 1.26 GB).
+is the one least disturbed. Ratios against the read bandwidth are also given as the median
+of per-repetition ratios (each repetition times the reference and the kernel back to back),
+which is steadier than a ratio of two bests when the bandwidth drifts. Memory: up to about
+3.8 GB (the 1.2 GB reference matrix stays while c.'s weights, 1.26 GB in bf16 and 2.5 GB in
+fp32, are held one dtype at a time; fp32 is measured in halves below 5 GB available).
 """
 import argparse
 import os
@@ -57,14 +61,17 @@ def interleaved(fns, reps):
 
 
 def cpu_model():
+    """'model name (family F model M)' from /proc/cpuinfo (a VM may show a short name)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    return (f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')} "
+            f"model {info.get('model', '?')})")
 
 
 def mem_available_gb():
@@ -118,7 +125,7 @@ def scan_numpy(u, delta, A, B, C, D_, z, delta_bias):
     y = np.empty_like(u[0])
     for t in range(u.shape[1]):
         h = np.exp(dt[t, :, None] * A) * h + du[t, :, None] * B[0, t, None, :]
-        y[t] = h @ C[0, t]
+        y[t] = (h * C[0, t]).sum(axis=1)          # elementwise: no BLAS threads involved
     y = (y + D_ * u[0]) * (z[0] / (1 + np.exp(-z[0])))
     return y[None]
 
@@ -162,49 +169,65 @@ def token_mats():
     return [s for _ in range(LAYERS) for s in MAMBA_MATS + MOE_MATS] + [HEAD]
 
 
+def paired(ref_fn, fn, reps):
+    """Best times of ref_fn and fn called back to back, and the median of t_ref/t ratios."""
+    tr, tf, ratios = float("inf"), float("inf"), []
+    for _ in range(reps):
+        t = time.perf_counter()
+        ref_fn()
+        a = time.perf_counter() - t
+        t = time.perf_counter()
+        fn()
+        b = time.perf_counter() - t
+        tr, tf = min(tr, a), min(tf, b)
+        ratios.append(a / b)
+    return tr, tf, float(np.median(ratios))
+
+
 def bench_gemv(read_w, read_x, threads, reps):
     mats = token_mats()
     params = sum(n * k for n, k in mats)
     xs = {k: np.full((1, k), 0.5, np.float32) for k in {k for _, k in mats}}
-    print(f"c. decode GEMV (M=1) over one token's active weights: {len(mats)} matrices, "
-          f"{params:,} params")
-    results = {}
-    # bf16 (1.26 GB): the 1.2 GB fp32 read (a.) interleaved with it, so both see the same machine
+    read = lambda: ops.linear(read_x, read_w)  # noqa: E731
+    print(f"c. decode GEMV (M=1) over one token's active weights: {len(mats)} matrices "
+          f"(18 x Mamba in/x/dt/out_proj, 18 x router + one expert's fc1/fc2, LM head), "
+          f"{params:,} params; each repetition times the 1.2 GB fp32 read (a.) back to back")
+    rows = []
+    # bf16: 1.26 GB
     ws = [np.full(s, 0x3c23, np.uint16) for s in mats]           # bf16 0.00995
-    t_read, t16 = interleaved([lambda: ops.linear(read_x, read_w),
-                               lambda: [ops.linear(xs[w.shape[1]], w) for w in ws]], reps)
-    read_bw = read_w.nbytes / t_read
+    tr, t16, med = paired(read, lambda: [ops.linear(xs[w.shape[1]], w) for w in ws], reps)
     del ws
-    results["bf16"] = (params * 2 / t16, t16)
-    # fp32 (2.5 GB): in two halves so that at most ~2.5 GB is held; each timed separately
-    if mem_available_gb() < 3.0:
-        print("  fp32: skipped, less than 3 GB of memory available")
-    else:
-        t32 = 0.0
-        half = len(mats) // 2
-        for part in (mats[:half], mats[half:]):
-            ws = [np.full(s, 0.01, np.float32) for s in part]
-            t32 += best_time(lambda: [ops.linear(xs[w.shape[1]], w) for w in ws], reps)
-            del ws
-        results["fp32"] = (params * 4 / t32, t32)
-    row("fp32 streaming read (a., interleaved)", read_bw / 1e9, "GB/s")
-    for name, (bw, t) in results.items():
-        row(f"{name} token GEMV ({t * 1e3:.1f} ms/token)", bw / 1e9, "GB/s", bw / read_bw,
-            "read")
-    return read_bw, results
+    rows.append(("bf16", read_w.nbytes / tr, params * 2 / t16, t16, med * params * 2 / read_w.nbytes))
+    # fp32: 2.5 GB, in halves when memory is short
+    parts = [mats] if mem_available_gb() > 5.0 else [mats[: len(mats) // 2], mats[len(mats) // 2:]]
+    t32, tr32, med32 = 0.0, float("inf"), []
+    for part in parts:
+        ws = [np.full(s, 0.01, np.float32) for s in part]
+        pb = sum(n * k for n, k in part) * 4
+        a, b, m = paired(read, lambda: [ops.linear(xs[w.shape[1]], w) for w in ws], reps)
+        del ws
+        t32 += b
+        tr32 = min(tr32, a)
+        med32.append(m * pb / read_w.nbytes)
+    # the token's fp32 bandwidth relative to the read, from each part's median ratio
+    rel32 = (params * 4) / sum(pb / r for pb, r in zip(
+        [sum(n * k for n, k in p) * 4 for p in parts], med32))
+    rows.append(("fp32", read_w.nbytes / tr32, params * 4 / t32, t32, rel32))
+    print(f"  {'':<30} {'read GB/s':>10} {'GEMV GB/s':>10} {'ms/token':>9} {'best/best':>10} "
+          f"{'median':>8}")
+    for name, rbw, bw, t, med in rows:
+        print(f"  {name + ' token GEMV':<30} {rbw / 1e9:10.2f} {bw / 1e9:10.2f} {t * 1e3:9.1f} "
+              f"{bw / rbw:10.1%} {med:8.1%}")
+    print("  (ggml on this machine class: bf16 GEMV 21.3 GB/s, fp32 GEMV 28.4 GB/s)")
+    return rows
 
 
 # ---- d. prefill sgemm ----------------------------------------------------------------------
 
 def bench_gemm(reps, Ms=(512, 2048), square=3072):
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((square, square), dtype=np.float32)
-    b = rng.standard_normal((square, square), dtype=np.float32)
-    t = best_time(lambda: ops.linear(a, b), reps)
-    peak = 2 * square**3 / t
-    print(f"d. prefill GEMM, GFLOP/s; BLAS peak = ops.linear fp32 {square}^3: {peak / 1e9:.1f} GFLOP/s")
-    del a, b
     shapes = [("in_proj", 2 * E, D), ("out_proj", D, E), ("fc1", 2 * F, D), ("fc2", D, F)]
+    print("d. prefill GEMM (ops.linear, M tokens x weight (Nout, Kin)), GFLOP/s")
     out = []
     for M in Ms:
         for name, n, k in shapes:
@@ -213,9 +236,21 @@ def bench_gemm(reps, Ms=(512, 2048), square=3072):
             w16 = ops.f32_to_bf16(w32)
             t32, t16 = interleaved([lambda: ops.linear(x, w32), lambda: ops.linear(x, w16)], reps)
             fl = 2 * M * n * k
-            print(f"  M={M:<5} {name:<9}({n:>5},{k:>5})  fp32 {fl / t32 / 1e9:7.1f} ({fl / t32 / peak:6.1%})"
-                  f"   bf16 {fl / t16 / 1e9:7.1f} ({fl / t16 / peak:6.1%})   bf16/fp32 {t32 / t16:6.1%}")
-            out.append((M, name, fl / t32, fl / t16))
+            out.append((M, name, n, k, fl / t32, fl / t16))
+    a = rng.standard_normal((square, square), dtype=np.float32)
+    b = rng.standard_normal((square, square), dtype=np.float32)
+    t_ops = best_time(lambda: ops.linear(a, b), reps)
+    # NumPy's OpenBLAS last: its idle worker threads spin for a while after each call
+    t_np = best_time(lambda: a @ b.T, reps)
+    peak = 2 * square**3 / t_np
+    print(f"  BLAS peak: numpy.matmul float32 {square}^3 (NumPy's OpenBLAS, its own threads): "
+          f"{peak / 1e9:.1f} GFLOP/s; ops.linear fp32 same shape: "
+          f"{2 * square**3 / t_ops / 1e9:.1f} ({t_np / t_ops:.1%})")
+    print(f"  {'M':>5} {'weight':<20} {'fp32':>8} {'of peak':>8} {'bf16':>8} {'of peak':>8} "
+          f"{'bf16/fp32':>10}")
+    for M, name, n, k, g32, g16 in out:
+        print(f"  {M:>5} {name + f' ({n},{k})':<20} {g32 / 1e9:8.1f} {g32 / peak:8.1%} "
+              f"{g16 / 1e9:8.1f} {g16 / peak:8.1%} {g16 / g32:10.1%}")
     return peak, out
 
 
@@ -233,11 +268,11 @@ def main():
           f"{'yes' if info['avx512bf16'] else 'no'}); numpy {np.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     w, x, _ = bench_read(args.threads, args.reps)
+    if "b" not in args.skip:
+        bench_scan(args.threads, args.reps)
     if "c" not in args.skip:
         bench_gemv(w, x, args.threads, args.reps)
     del w, x
-    if "b" not in args.skip:
-        bench_scan(args.threads, args.reps)
     if "d" not in args.skip:
         bench_gemm(max(3, args.reps // 2))
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -1,6 +1,6 @@
 """ops.linear (csrc/gemm.c) and the bf16 conversions against blackmamba.ref in float64.
 
-linear has two paths: the streaming GEMV (few rows: M <= 12 for bf16, <= 8 for fp32) and,
+linear has two paths: the streaming GEMV (few rows: M <= 16 for bf16, <= 8 for fp32) and,
 for more rows, one single-threaded OpenBLAS sgemm per thread on its block of output columns
 (or of rows, when there are few columns), bf16 weights widened to float32 panel by panel
 first. The GEMV and the conversions have AVX-512 kernels and portable C kernels;
@@ -23,7 +23,7 @@ TOL = 1e-5
 
 KINS = [1, 7, 33, 1472 + 5, 3872]
 NOUTS = [1, 3, 17, 300]
-MS = [1, 2, 3, 8, 9, 12, 13, 64]   # 8/9 and 12/13 straddle the GEMV -> sgemm switches
+MS = [1, 2, 3, 5, 8, 9, 16, 17, 64]   # 8/9 and 16/17 straddle the GEMV -> sgemm switches
 
 
 def _paths():

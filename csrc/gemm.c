@@ -205,39 +205,53 @@ AVX512 static void shuffle_x_bf16(const float *x, float *xp, int64_t M, int64_t 
     }
 }
 
-/* y[r + m*Nout] for r < R, m < MB = dot(W row r, x row m); W rows r are Kin apart; xp (MB, Kp)
- * shuffled. R = 1: even and odd halves in separate accumulators, two FMA chains per x row.
- * R = 2 (used when M > 4, where the kernel is bound by loads of x rather than by DRAM): two
- * rows share each x load, 2*MB chains (measured in L2 on Zen 4, M = 8: 52 -> 79 GFLOP/s per
- * core; not used for M <= 4, where a second weight stream costs DRAM bandwidth). R and MB are compile-time constants at each call
- * site, so the accumulators live in registers. */
-KERNEL void bf16_rows(const uint16_t *W, const float *xp, float *y, int64_t Nout, int64_t Kin,
-                      int64_t Kp, int R, int MB) {
-    __m512 ae[2][4], ao[2][4];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
+/* One 32-weight block of R rows at column k into acc; mk masks the last, partial block. */
+KERNEL void bf16_block(const uint16_t *W, int64_t Kin, const float *xp, int64_t Kp, int64_t k,
+                       __mmask32 mk, int R, int MB, __m512 acc[2][4][2]) {
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    for (int64_t k = 0; k < Kin; k += 32) {
-        __mmask32 mk = Kin - k >= 32 ? ~(__mmask32)0 : (__mmask32)((1ull << (Kin - k)) - 1);
-        __m512 we[2], wo[2];
+    __m512 we[2], wo[2];
+    for (int r = 0; r < R; r++) {
+        __m512i w = mk == (__mmask32)~0u ? _mm512_loadu_si512(W + r * Kin + k)
+                                         : _mm512_maskz_loadu_epi16(mk, W + r * Kin + k);
+        we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        wo[r] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
+    }
+    for (int m = 0; m < MB; m++) {
+        __m512 xe = _mm512_loadu_ps(xp + m * Kp + k), xo = _mm512_loadu_ps(xp + m * Kp + k + 16);
         for (int r = 0; r < R; r++) {
-            __m512i w = Kin - k >= 32 ? _mm512_loadu_si512(W + r * Kin + k)
-                                      : _mm512_maskz_loadu_epi16(mk, W + r * Kin + k);
-            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
-        }
-        for (int m = 0; m < MB; m++) {
-            __m512 xe = _mm512_loadu_ps(xp + m * Kp + k), xo = _mm512_loadu_ps(xp + m * Kp + k + 16);
-            for (int r = 0; r < R; r++) {
-                ae[r][m] = _mm512_fmadd_ps(we[r], xe, ae[r][m]);
-                if (R == 1) ao[r][m] = _mm512_fmadd_ps(wo[r], xo, ao[r][m]);
-                else ae[r][m] = _mm512_fmadd_ps(wo[r], xo, ae[r][m]);
-            }
+            acc[r][m][0] = _mm512_fmadd_ps(we[r], xe, acc[r][m][0]);
+            acc[r][m][1] = _mm512_fmadd_ps(wo[r], xo, acc[r][m][1]);
         }
     }
+}
+
+/* y[r + m*Nout] for r < R, m < MB = dot(W row r, x row m); W rows r are Kin apart; xp (MB, Kp)
+ * shuffled. Even and odd halves go to separate accumulators. R = 1 steps 64 weights (two
+ * cache lines) with two accumulator sets: few instructions per line, so the out-of-order
+ * window covers more lines in flight (bf16 carries twice the work of fp32 per line; with one
+ * block per step and the tail mask in the loop it streamed ~15% slower than fp32 at Kin=2944).
+ * R = 2 (used when M > 4, where the kernel is bound by loads of x rather than by DRAM): two
+ * rows share each x load (measured in L2 on Zen 4, M = 8: 52 -> 79 GFLOP/s per core; not used
+ * for M <= 4, where a second weight stream costs DRAM bandwidth). R and MB are compile-time
+ * constants at each call site, so the accumulators live in registers. */
+KERNEL void bf16_rows(const uint16_t *W, const float *xp, float *y, int64_t Nout, int64_t Kin,
+                      int64_t Kp, int R, int MB) {
+    __m512 a[2][4][2], b[2][4][2]; /* b: the second block of a 64-step (R = 1) */
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) a[r][m][0] = a[r][m][1] = b[r][m][0] = b[r][m][1] = _mm512_setzero_ps();
+    const __mmask32 all = (__mmask32)~0u;
+    int64_t k = 0;
+    if (R == 1)
+        for (; k + 64 <= Kin; k += 64) {
+            bf16_block(W, Kin, xp, Kp, k, all, R, MB, a);
+            bf16_block(W, Kin, xp, Kp, k + 32, all, R, MB, b);
+        }
+    for (; k + 32 <= Kin; k += 32) bf16_block(W, Kin, xp, Kp, k, all, R, MB, a);
+    if (k < Kin) bf16_block(W, Kin, xp, Kp, k, (__mmask32)((1ull << (Kin - k)) - 1), R, MB, a);
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++)
-            y[r + m * Nout] = _mm512_reduce_add_ps(R == 1 ? _mm512_add_ps(ae[r][m], ao[r][m]) : ae[r][m]);
+            y[r + m * Nout] = _mm512_reduce_add_ps(_mm512_add_ps(
+                _mm512_add_ps(a[r][m][0], a[r][m][1]), _mm512_add_ps(b[r][m][0], b[r][m][1])));
 }
 
 /* fp32: two 16-wide blocks (one 128-byte step) into separate accumulators. */

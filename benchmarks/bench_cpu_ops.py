@@ -85,6 +85,16 @@ def mem_available_gb():
     return float("inf")
 
 
+def cpu_busy_seconds():
+    """CPU-seconds all processes have spent busy (user, nice, system, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
 def row(name, value, unit, ratio=None, ref=""):
     r = f"{ratio:7.1%} of {ref}" if ratio is not None else ""
     print(f"  {name:<44} {value:10.2f} {unit:<9} {r}".rstrip())
@@ -109,8 +119,10 @@ def bench_read(threads, reps):
     bw = w.nbytes / t_gemv
     print(f"a. memory read bandwidth over {w.nbytes / 1e9:.2f} GB")
     row(f"fp32 GEMV M=1 (ops.linear, {threads} threads)", bw / 1e9, "GB/s")
-    row("numpy.sum (1 thread, pairwise sum)", w.nbytes / t_np1 / 1e9, "GB/s", t_gemv / t_np1, "GEMV")
-    row("numpy.sum on halves (2 Python threads)", w.nbytes / t_np2 / 1e9, "GB/s", t_gemv / t_np2, "GEMV")
+    row("numpy.sum (1 thread, pairwise sum)", w.nbytes / t_np1 / 1e9, "GB/s", t_gemv / t_np1,
+        "GEMV")
+    row("numpy.sum on halves (2 Python threads)", w.nbytes / t_np2 / 1e9, "GB/s",
+        t_gemv / t_np2, "GEMV")
     return w, x, bw
 
 
@@ -197,7 +209,8 @@ def bench_gemv(read_w, read_x, threads, reps):
     ws = [np.full(s, 0x3c23, np.uint16) for s in mats]           # bf16 0.00995
     tr, t16, med = paired(read, lambda: [ops.linear(xs[w.shape[1]], w) for w in ws], reps)
     del ws
-    rows.append(("bf16", read_w.nbytes / tr, params * 2 / t16, t16, med * params * 2 / read_w.nbytes))
+    rows.append(("bf16", read_w.nbytes / tr, params * 2 / t16, t16,
+                 med * params * 2 / read_w.nbytes))
     # fp32: 2.5 GB, in halves when memory is short
     parts = [mats] if mem_available_gb() > 5.0 else [mats[: len(mats) // 2], mats[len(mats) // 2:]]
     t32, tr32, med32 = 0.0, float("inf"), []
@@ -262,20 +275,37 @@ def main():
     args = ap.parse_args()
     ops.set_num_threads(args.threads)
     info = ops.cpu_info()
-    t0 = time.perf_counter()
+    t0, busy0, own0 = time.perf_counter(), cpu_busy_seconds(), sum(os.times()[:2])
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; threads used: {args.threads}; "
           f"AVX-512: {'yes' if info['avx512'] else 'no'} (bf16 insns: "
           f"{'yes' if info['avx512bf16'] else 'no'}); numpy {np.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    w, x, _ = bench_read(args.threads, args.reps)
+    sections = [("a", lambda: bench_read(args.threads, args.reps))]
     if "b" not in args.skip:
-        bench_scan(args.threads, args.reps)
+        sections.append(("b", lambda: bench_scan(args.threads, args.reps)))
     if "c" not in args.skip:
-        bench_gemv(w, x, args.threads, args.reps)
-    del w, x
+        sections.append(("c", lambda: bench_gemv(state["w"], state["x"], args.threads, args.reps)))
     if "d" not in args.skip:
-        bench_gemm(max(3, args.reps // 2))
-    print(f"total {time.perf_counter() - t0:.0f} s")
+        sections.append(("d", lambda: bench_gemm(max(3, args.reps // 2))))
+    state, disturbed = {}, []
+    for name, fn in sections:
+        t, b, o = time.perf_counter(), cpu_busy_seconds(), sum(os.times()[:2])
+        out = fn()
+        if name == "a":
+            state["w"], state["x"] = out[0], out[1]
+        if name == "c" or "c" in args.skip:
+            state.clear()                       # the 1.2 GB reference is no longer needed
+        out = None
+        if b is not None:
+            own, dt = sum(os.times()[:2]) - o, time.perf_counter() - t
+            disturbed.append(f"{name} {((cpu_busy_seconds() - b) - own) / dt:.2f}")
+    wall = time.perf_counter() - t0
+    busy1, own1 = cpu_busy_seconds(), sum(os.times()[:2])
+    other = "" if busy0 is None else (
+        f"; other processes kept the CPUs busy {((busy1 - busy0) - (own1 - own0)) / wall:.2f} "
+        f"CPUs on average (per section: {', '.join(disturbed)}; 0 on a quiet machine, more "
+        f"means those figures are disturbed)")
+    print(f"total {wall:.0f} s{other}")
 
 
 if __name__ == "__main__":

@@ -189,16 +189,22 @@ static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y
 
 /* xp (M, Kp), Kp = 32*ceil(Kin/32): per block of 32 the 16 even-index x then the 16 odd
  * ones; the padding is zero (masked weight loads read zeros there too). */
-AVX512 static void shuffle_x_bf16(const float *x, float *xp, int64_t M, int64_t Kin, int64_t Kp) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+AVX512 static void shuffle_x_bf16(const float *x, float *xp, int64_t M, int64_t Kin,
+                                  int64_t Kp) {
+    const __m512i even =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * Kin;
         float *pm = xp + m * Kp;
         for (int64_t k = 0; k < Kp; k += 32) {
-            __mmask16 m0 = Kin - k >= 16 ? 0xffff : (__mmask16)((1u << (Kin - k)) - 1);
-            __mmask16 m1 = Kin - k >= 32 ? 0xffff : Kin - k <= 16 ? 0 : (__mmask16)((1u << (Kin - k - 16)) - 1);
-            __m512 a = _mm512_maskz_loadu_ps(m0, xm + k), b = _mm512_maskz_loadu_ps(m1, xm + k + 16);
+            int64_t left = Kin - k; /* > 0: Kp - Kin < 32 */
+            __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+            __mmask16 m1 = left >= 32   ? 0xffff
+                           : left <= 16 ? 0
+                                        : (__mmask16)((1u << (left - 16)) - 1);
+            __m512 a = _mm512_maskz_loadu_ps(m0, xm + k);
+            __m512 b = _mm512_maskz_loadu_ps(m1, xm + k + 16);
             _mm512_storeu_ps(pm + k, _mm512_permutex2var_ps(a, even, b));
             _mm512_storeu_ps(pm + k + 16, _mm512_permutex2var_ps(a, odd, b));
         }
@@ -238,7 +244,8 @@ KERNEL void bf16_rows(const uint16_t *W, const float *xp, float *y, int64_t Nout
                       int64_t Kp, int R, int MB) {
     __m512 a[2][4][2], b[2][4][2]; /* b: the second block of a 64-step (R = 1) */
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) a[r][m][0] = a[r][m][1] = b[r][m][0] = b[r][m][1] = _mm512_setzero_ps();
+        for (int m = 0; m < MB; m++)
+            a[r][m][0] = a[r][m][1] = b[r][m][0] = b[r][m][1] = _mm512_setzero_ps();
     const __mmask32 all = (__mmask32)~0u;
     int64_t k = 0;
     if (R == 1)

@@ -83,8 +83,33 @@ AVX512 static void u2pf8k(const uint16_t *W, const float *xp, float *y, int64_t 
 AVX512 static void lib_bf16(const uint16_t *W, const float *xp, float *y, int64_t K, int64_t n0, int64_t n1) { gemv_rows_bf16_avx512(xp, W, y, 1, 1 << 30, K, K, n0, n1); }
 /* the fp32 kernel over the same bytes: half the rows of the same K (as fp32 of 2x... same row bytes: K/2 floats) */
 AVX512 static void lib_f32(const uint16_t *W, const float *xp, float *y, int64_t K, int64_t n0, int64_t n1) { gemv_rows_f32_avx512(xp, (const float *)W, y, 1, 1 << 30, K / 2, n0, n1); }
+/* fp32, one row, 64 floats (4 lines) per step, 4 accumulators; rows of K/2 floats */
+AVX512 static void f32u4(const uint16_t *W16, const float *x, float *y, int64_t K2, int64_t n0, int64_t n1) {
+    int64_t K = K2 / 2;
+    const float *W = (const float *)W16;
+    for (int64_t n = n0; n < n1; n++) {
+        const float *w = W + n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+        }
+        for (; k < K; k += 16) {
+            __mmask16 mk = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a0);
+        }
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+}
+static void blas_f32(const uint16_t *W16, const float *x, float *y, int64_t K2, int64_t n0, int64_t n1) {
+    int64_t K = K2 / 2;
+    scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)(n1 - n0), (int)K, 1.0f, (const float *)W16 + n0 * K, (int)K, x, 1, 0.0f, y + n0, 1);
+}
 static struct { const char *name; fn_t f; } V[] = {
-    {"gemm.c f32 (same bytes)", lib_f32}, {"gemm.c bf16", lib_bf16}, {"u2", u2}, {"u2pf2k", u2pf2k}, {"u2pf8k", u2pf8k}};
+    {"gemm.c f32 (same bytes)", lib_f32}, {"gemm.c bf16", lib_bf16}, {"f32 64/step", f32u4}, {"OpenBLAS sgemv 1thr/blk", blas_f32}};
 #define NVAR (int)(sizeof(V) / sizeof(V[0]))
 
 int main(void) {

@@ -239,7 +239,10 @@ KERNEL void bf16_block(const uint16_t *W, int64_t Kin, const float *xp, int64_t 
  * R = 2 (used when M > 4, where the kernel is bound by loads of x rather than by DRAM): two
  * rows share each x load (measured in L2 on Zen 4, M = 8: 52 -> 79 GFLOP/s per core; not used
  * for M <= 4, where a second weight stream costs DRAM bandwidth). R and MB are compile-time
- * constants at each call site, so the accumulators live in registers. */
+ * constants at each call site, so the accumulators live in registers. x is re-read from L1
+ * for every weight row: past Kin ~ 4K (over 16 KiB of x per x row) it spills to L2 and the
+ * stream slows (Kin = 8192: ~60% of the fp32 kernel's rate; column chunks over blocks of rows
+ * measured worse still). The released shapes have Kin <= 3872. */
 KERNEL void bf16_rows(const uint16_t *W, const float *xp, float *y, int64_t Nout, int64_t Kin,
                       int64_t Kp, int R, int MB) {
     __m512 a[2][4][2], b[2][4][2]; /* b: the second block of a 64-step (R = 1) */

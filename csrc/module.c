@@ -1894,11 +1894,12 @@ static PyObject *cuda_convert(PyObject *arg, const char *fn, int from, int to) {
     PyObject *res = NULL;
     sig_init(&s, fn);
     DeviceArray *a, *o;
-    NEED(a = sig_dev(&s, arg, "a", from, "...n", 0));
+    NEED(a = sig_dev_get(&s, arg, "a", 0));
     if (a->ndim == 0) {
         PyErr_Format(PyExc_ValueError, "%s: a must have at least one dimension", fn);
         goto fail;
     }
+    if (sig_dev_check(&s, a, "a", from, "...n", 0) < 0) goto fail;
     NEED(o = sig_dev_new_like(&s, a, (npy_intp)s.dim['n'], to));
     if (from == NPY_UINT16)
         CUDA_CALL(bm_cuda_bf16_to_f32((const uint16_t *)a->ptr, DF32(o), da_size(a), BM_STREAM));

@@ -6,6 +6,7 @@ Tolerances are relative L2 errors (conftest.rel_err) against blackmamba.ref (flo
 the reason next to each. Every case draws fresh inputs from a seed made of its parameters.
 """
 import gc
+import os
 import sys
 import threading
 import zlib
@@ -45,6 +46,28 @@ def f32(rng, *shape, scale=1.0):
     return (scale * rng.standard_normal(shape)).astype(np.float32)
 
 
+WORST = {}   # op -> (worst rel. error, its tolerance), written out at the end (BM_ERR_TABLE)
+
+
+def check(op, got, want, tol):
+    """rel_err(got, want) < tol, remembering the worst ratio per op for the report."""
+    err = rel_err(got, want)
+    if op not in WORST or err / tol > WORST[op][0] / WORST[op][1]:
+        WORST[op] = (err, tol)
+    assert err < tol, f"{op}: relative error {err:.3g} >= {tol:.3g}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _error_table():
+    yield
+    path = os.environ.get("BM_ERR_TABLE")
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{'op':28s} {'worst rel err':>14s} {'tolerance':>10s} {'ratio':>7s}\n")
+            for op, (err, tol) in sorted(WORST.items()):
+                f.write(f"{op:28s} {err:14.3g} {tol:10.3g} {err / tol:7.3f}\n")
+
+
 def H(a):
     assert isinstance(a, DA), type(a)
     return a.numpy()
@@ -70,8 +93,9 @@ def test_linear(M, N, K, wdt, bias):
     y = ops.linear(D(x), D(W), Dopt(b))
     assert isinstance(y, DA) and y.shape == (M, N) and y.dtype == np.float32
     if M:
-        assert rel_err(H(y), ref.linear(x, W, b)) < TOL_F32
-        assert rel_err(H(y), ops.linear(x, W, b)) < TOL_F32
+        path = "gemv" if M <= (32 if wdt == "bf16" else 8) else "cublas"
+        check(f"linear {path} w={wdt}", H(y), ref.linear(x, W, b), TOL_F32)
+        check("linear vs CPU op", H(y), ops.linear(x, W, b), TOL_F32)
 
 
 def test_linear_leading_dims_and_math():
@@ -79,12 +103,12 @@ def test_linear_leading_dims_and_math():
     x, W, b = f32(rng, 2, 50, 96), f32(rng, 72, 96), f32(rng, 72)
     want = ref.linear(x, W, b)
     assert H(ops.linear(D(x), D(W), D(b))).shape == (2, 50, 72)
-    assert rel_err(H(ops.linear(D(x), D(W), D(b), math="fp32")), want) < TOL_F32
-    assert rel_err(H(ops.linear(D(x), D(W), D(b), math="tf32")), want) < TOL_TF32
+    check("linear", H(ops.linear(D(x), D(W), D(b), math="fp32")), want, TOL_F32)
+    check("linear math=tf32", H(ops.linear(D(x), D(W), D(b), math="tf32")), want, TOL_TF32)
     Wb = ref.f32_to_bf16(W)
     wantb = ref.linear(x, Wb, b)
-    assert rel_err(H(ops.linear(D(x), D(Wb), D(b), math="bf16")), wantb) < TOL_BF16
-    assert rel_err(H(ops.linear(D(x), D(Wb), D(b), math="tf32")), wantb) < TOL_TF32
+    check("linear math=bf16 w=bf16", H(ops.linear(D(x), D(Wb), D(b), math="bf16")), wantb, TOL_BF16)
+    check("linear math=tf32 w=bf16", H(ops.linear(D(x), D(Wb), D(b), math="tf32")), wantb, TOL_TF32)
     # K = 0: an empty sum, y = bias
     y0 = ops.linear(D(np.zeros((20, 0), np.float32)), D(np.zeros((5, 0), np.float32)), D(b[:5]))
     np.testing.assert_array_equal(H(y0), np.broadcast_to(b[:5], (20, 5)))
@@ -133,8 +157,8 @@ def test_selective_scan(b, L, E, N, opts):
     yr, finr = ref.selective_scan(**kw)
     assert y.shape == (b, L, E) and fin.shape == (b, E, N)
     if L:
-        assert rel_err(H(y), yr) < TOL_SCAN
-    assert rel_err(H(fin), finr) < TOL_SCAN
+        check("selective_scan", H(y), yr, TOL_SCAN)
+    check("selective_scan", H(fin), finr, TOL_SCAN)
     if L == 0 and kw["state"] is not None:
         np.testing.assert_array_equal(H(fin), kw["state"])
 
@@ -153,8 +177,8 @@ def test_selective_state_update_in_place(b, E, N, opts):
     yr, str_ = ref.selective_state_update(st, x, dt, kw["A"], B, Cm, kw["D"], z,
                                           kw["delta_bias"], True)
     assert y.shape == (b, E)
-    assert rel_err(H(y), yr) < TOL_F32
-    assert rel_err(H(std), str_) < TOL_F32
+    check("selective_state_update", H(y), yr, TOL_F32)
+    check("selective_state_update", H(std), str_, TOL_F32)
 
 
 def test_prefill_then_step_equals_prefill():
@@ -169,8 +193,8 @@ def test_prefill_then_step_equals_prefill():
     y_last = ops.selective_state_update(st, D(kw["u"][:, -1]), D(kw["delta"][:, -1]), dev["A"],
                                         D(kw["B"][:, -1]), D(kw["C"][:, -1]), dev["D"],
                                         D(kw["z"][:, -1]), dev["delta_bias"], True)
-    assert rel_err(H(y_last), H(y_all)[:, -1]) < 1e-5
-    assert rel_err(H(st), H(fin_all)) < 1e-5
+    check("prefill+step", H(y_last), H(y_all)[:, -1], 1e-5)
+    check("prefill+step", H(st), H(fin_all), 1e-5)
 
 
 # ---- causal conv1d ------------------------------------------------------------------------------
@@ -187,7 +211,7 @@ def test_causal_conv1d(K, b, L, E, variant):
     wd = D(w.reshape(E, 1, K)) if variant == "w3d" else D(w)
     y, fin = ops.causal_conv1d(D(x), wd, Dopt(bias), Dopt(cs), act)
     yr, finr = ref.causal_conv1d(x, w, bias, cs, act)
-    assert rel_err(H(y), yr) < TOL_F32
+    check("causal_conv1d", H(y), yr, TOL_F32)
     np.testing.assert_array_equal(H(fin), finr.astype(np.float32))  # a copy of inputs: exact
 
 
@@ -199,7 +223,7 @@ def test_causal_conv1d_update_in_place(K, b, E):
     csd = D(cs)
     y = ops.causal_conv1d_update(D(x), csd, D(w), D(bias), "silu")
     yr, csr = ref.causal_conv1d_update(x, cs, w, bias, "silu")
-    assert rel_err(H(y), yr) < TOL_F32
+    check("causal_conv1d_update", H(y), yr, TOL_F32)
     np.testing.assert_array_equal(H(csd), csr.astype(np.float32))
 
 
@@ -214,7 +238,7 @@ def test_rms_norm(shape, residual):
     assert out.shape == shape and rout.shape == shape
     if x.size:
         o_ref, r_ref = ref.rms_norm(x, w, r, 1e-5)
-        assert rel_err(H(out), o_ref) < TOL_F32
+        check("rms_norm", H(out), o_ref, TOL_F32)
         # x + residual in float32 on both sides: bit for bit
         np.testing.assert_array_equal(H(rout), x if r is None else x + r)
 
@@ -227,7 +251,7 @@ def test_layer_norm(shape, bias, residual):
     b = f32(rng, shape[-1]) if bias else None
     r = f32(rng, *shape) if residual else None
     out = ops.layer_norm(D(x), D(w), Dopt(b), Dopt(r), 1e-5)
-    assert rel_err(H(out), ref.layer_norm(x, w, b, r, 1e-5)) < TOL_F32
+    check("layer_norm", H(out), ref.layer_norm(x, w, b, r, 1e-5), TOL_F32)
 
 
 # ---- MoE ----------------------------------------------------------------------------------------
@@ -248,10 +272,10 @@ def test_route_top1(T, d, X, wdt):
     ids, gates, logits = ops.route_top1(D(x), D(rw), D(rb), return_logits=True)
     ids_r, gates_r, logits_r = ref.route_top1(x, rw, rb)
     assert ids.dtype == np.int32 and ids.shape == (T,) and logits.shape == (T, X)
-    assert rel_err(H(logits), logits_r) < TOL_F32
+    check("route_top1", H(logits), logits_r, TOL_F32)
     ok = ~near_tie(logits_r)
     np.testing.assert_array_equal(H(ids)[ok], ids_r[ok])
-    assert rel_err(H(gates)[ok], gates_r[ok]) < TOL_F32
+    check("route_top1", H(gates)[ok], gates_r[ok], TOL_F32)
     ids2, gates2 = ops.route_top1(D(x.reshape(1, T, d)), D(rw), D(rb))
     np.testing.assert_array_equal(H(ids2), H(ids))
 
@@ -286,15 +310,16 @@ def test_moe_experts(T, X, d, F, wdt):
     want = ref.moe_experts(x, ids, g, fc1, fc2, "gelu")
     out = ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2))
     assert out.shape == (T, d)
-    assert rel_err(H(out), want) < 2e-5   # fp32 GEMMs/GEMV, erf GELU: measured ~1e-7
+    path = "gemv" if T <= 64 else "cublas"
+    # fp32 GEMMs/GEMV, erf GELU
+    check(f"moe_experts {path} w={wdt}", H(out), want, 2e-5)
     for act in ("silu", "gelu_tanh"):
         o = ops.moe_experts(D(x), D(ids.astype(np.int32)), None, D(fc1), D(fc2), act)
-        assert rel_err(H(o), ref.moe_experts(x, ids, None, fc1, fc2, act)) < 2e-5
+        check(f"moe_experts {path} {act}", H(o), ref.moe_experts(x, ids, None, fc1, fc2, act), 2e-5)
     if T > 64:
-        assert rel_err(H(ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2), math="tf32")),
-                       want) < TOL_TF32
-        assert rel_err(H(ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2), math="bf16")),
-                       want) < (TOL_BF16 if wdt == "bf16" else TOL_TF32)
+        for math, tol in (("tf32", TOL_TF32), ("bf16", TOL_BF16 if wdt == "bf16" else TOL_TF32)):
+            o = ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2), math=math)
+            check(f"moe_experts math={math} w={wdt}", H(o), want, tol)
     bad = ids.copy()
     bad[0] = -1
     with pytest.raises(ValueError, match="outside"):
@@ -315,15 +340,16 @@ def test_moe_and_mlp(T, wdt):
     assert out.shape == (2, T, d) and ids.shape == (2 * T,)
     if not near_tie(l_cpu).any():
         np.testing.assert_array_equal(H(ids), ids_cpu)
-        assert rel_err(H(out), o_cpu) < 2e-5
-        assert rel_err(H(out), ref.moe(x.reshape(-1, d), rw, rb, fc1, fc2)[0].reshape(x.shape)) < 2e-5
-    assert rel_err(H(gates), g_cpu) < TOL_F32 and rel_err(H(logits), l_cpu) < TOL_F32
+        check("moe", H(out), o_cpu, 2e-5)
+        check("moe", H(out), ref.moe(x.reshape(-1, d), rw, rb, fc1, fc2)[0].reshape(x.shape), 2e-5)
+    check("moe gates/logits", H(gates), g_cpu, TOL_F32)
+    check("moe gates/logits", H(logits), l_cpu, TOL_F32)
     assert ops.moe(D(x), D(rw), D(rb), D(fc1), D(fc2)).shape == (2, T, d)
     # the dense gated MLP: one expert
     m = ops.mlp(D(x), D(fc1[0]), D(fc2[0]), "silu")
-    assert rel_err(H(m), ref.gated_mlp(x, fc1[0], fc2[0], "silu")) < 2e-5
+    check("mlp", H(m), ref.gated_mlp(x, fc1[0], fc2[0], "silu"), 2e-5)
     m0 = ops.mlp(D(x), D(fc1[1]), D(fc2[1]), None)
-    assert rel_err(H(m0), ref.gated_mlp(x, fc1[1], fc2[1], None)) < 2e-5
+    check("mlp", H(m0), ref.gated_mlp(x, fc1[1], fc2[1], None), 2e-5)
 
 
 # ---- sinkhorn -----------------------------------------------------------------------------------
@@ -338,7 +364,7 @@ def test_sinkhorn(T, X, scale, init):
     P, it = ops.sinkhorn(D(S), init=init)
     Pr, itr = ref.sinkhorn(S, init=init)
     assert isinstance(it, int) and it == itr
-    assert rel_err(H(P), Pr) < TOL_F32
+    check("sinkhorn", H(P), Pr, TOL_F32)
 
 
 @pytest.mark.parametrize("init,out_key,it_key", [("blackmamba", "sinkhorn_out", "sinkhorn_iters"),
@@ -423,10 +449,10 @@ def test_out_of_memory_is_memory_error_and_process_stays_usable():
     small = D(np.ones(16, np.float32))
 
     class Huge:
-        __cuda_array_interface__ = {"shape": (2 ** 20, 2 ** 20), "typestr": "<f4",
+        __cuda_array_interface__ = {"shape": (2 ** 26, 2 ** 14), "typestr": "<f4",
                                     "data": (small.ptr, False), "version": 3}
     with pytest.raises(MemoryError, match=r"rms_norm: out of GPU memory: cannot allocate 4398046511104 bytes"):
-        ops.rms_norm(Huge(), D(np.ones(2 ** 20, np.float32)))
+        ops.rms_norm(Huge(), D(np.ones(2 ** 14, np.float32)))
     x = np.ones((4, 8), np.float32)
     out, _ = ops.rms_norm(D(x), D(np.ones(8, np.float32)))
     np.testing.assert_allclose(out.numpy(), np.ones((4, 8)), rtol=1e-5)

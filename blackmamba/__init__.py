@@ -12,3 +12,4 @@ from . import ops, ref  # noqa: F401
 from .config import Config, ConfigError, load_config  # noqa: F401
 from .loader import load  # noqa: F401
 from .model import Model, State, WeightError  # noqa: F401
+from . import routing  # noqa: F401  (imports no matplotlib: figures import it lazily)

@@ -111,6 +111,8 @@ def build_parser():
     c.add_argument("--model", "-m", required=True)
     c.add_argument("--out", "-o", required=True, help="output folder")
     c.set_defaults(fn=cmd_convert)
+    from .routing import add_cli as add_routing
+    add_routing(sub)
     return ap
 
 

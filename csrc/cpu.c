@@ -2,6 +2,7 @@
 #include "bm.h"
 
 #include <cblas.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -15,7 +16,11 @@ const char *bm_status_str(bm_status s) {
     }
 }
 
+/* BLACKMAMBA_NO_AVX512=1 forces the portable paths (read at every call, so tests can
+ * compare both paths in one process). */
 int bm_cpu_has_avx512(void) {
+    const char *off = getenv("BLACKMAMBA_NO_AVX512");
+    if (off && off[0] == '1') return 0;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

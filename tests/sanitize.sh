@@ -5,6 +5,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+export BLACKMAMBA_SHARED="${BLACKMAMBA_SHARED:-$(cd "$here/.." && pwd)/shared}"
 cp -r "$here/setup.py" "$here/pyproject.toml" "$here/csrc" "$here/blackmamba" "$here/tests" "$tmp/"
 rm -f "$tmp"/blackmamba/*.so
 cd "$tmp"

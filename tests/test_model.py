@@ -209,7 +209,13 @@ def test_config_errors_name_the_key(raw, key):
     base.update(raw)
     with pytest.raises(bm.ConfigError, match=key):
         Config.from_dict(base)
-    cfg_missing = dict(base)
-    cfg_missing.pop("hidden_size", None)
-    with pytest.raises(bm.ConfigError, match="hidden_size"):
-        Config.from_dict(cfg_missing)
+
+
+@pytest.mark.parametrize("key", ["num_layers", "hidden_size", "state_size", "conv_dimension",
+                                 "vocab_size"])
+def test_config_missing_key_is_named(key):
+    base = dict(num_layers=2, hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
+                ffn_hidden_size=40, mamba_moe_layers=["r", "8"])
+    del base[key]
+    with pytest.raises(bm.ConfigError, match=key):
+        Config.from_dict(base)

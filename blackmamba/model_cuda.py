@@ -111,7 +111,8 @@ def _engine_weights(cfg, t):
 class CudaState:
     """Recurrent state of a batch on the GPU: per Mamba layer the conv window (B, K-1, E) and
     the SSM state (B, E, N), float32. Same methods as model.State; to_cpu() / from_cpu()
-    convert. Not for two threads at once."""
+    convert. Not for two threads at once. Every engine call takes the model's lock: the
+    model has one stream, and a decode graph may be being captured on it."""
 
     def __init__(self, model, batch_size, _handle=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
@@ -120,8 +121,10 @@ class CudaState:
         self.model = model
         self.batch_size = int(batch_size)
         self.seqlen = 0
-        self._h = _handle if _handle is not None else \
-            _lib.C().cuda_state_new(model._eng, self.batch_size)
+        if _handle is None:
+            with model._lock:    # the model's one stream: no capture may be in flight
+                _handle = _lib.C().cuda_state_new(model._eng, self.batch_size)
+        self._h = _handle
         self._lock = threading.Lock()
 
     def _wrap(self, handle, batch_size):
@@ -130,28 +133,34 @@ class CudaState:
         return new
 
     def copy(self):
-        return self._wrap(_lib.C().cuda_state_copy(self.model._eng, self._h), self.batch_size)
+        with self.model._lock:
+            h = _lib.C().cuda_state_copy(self.model._eng, self._h)
+        return self._wrap(h, self.batch_size)
 
     def select(self, rows):
         """A new state holding the given batch rows (e.g. [2] or [0, 0, 1])."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size == 0 or rows.min() < 0 or rows.max() >= self.batch_size:
             raise IndexError(f"rows {rows.tolist()} outside a batch of {self.batch_size}")
-        return self._wrap(_lib.C().cuda_state_copy(self.model._eng, self._h, rows), rows.size)
+        with self.model._lock:
+            h = _lib.C().cuda_state_copy(self.model._eng, self._h, rows)
+        return self._wrap(h, rows.size)
 
     def set_row(self, i, other, j=0):
         """Copy row j of `other` into row i of this state."""
-        _lib.C().cuda_state_set_row(self.model._eng, self._h, int(i), other._h, int(j))
+        with self.model._lock:
+            _lib.C().cuda_state_set_row(self.model._eng, self._h, int(i), other._h, int(j))
 
     def to_cpu(self):
         """A model.State (host arrays) with the same contents."""
         cfg = self.model.config
         st = State(cfg, self.batch_size)
         C = _lib.C()
-        for i, k in enumerate(cfg.layer_kinds):
-            if has_mamba(k):
-                st.conv[i][...] = C.cuda_state_io(self.model._eng, self._h, i, 0)
-                st.ssm[i][...] = C.cuda_state_io(self.model._eng, self._h, i, 1)
+        with self.model._lock:
+            for i, k in enumerate(cfg.layer_kinds):
+                if has_mamba(k):
+                    st.conv[i][...] = C.cuda_state_io(self.model._eng, self._h, i, 0)
+                    st.ssm[i][...] = C.cuda_state_io(self.model._eng, self._h, i, 1)
         st.seqlen = self.seqlen
         return st
 
@@ -160,10 +169,11 @@ class CudaState:
         """A CudaState holding the contents of a model.State."""
         new = cls(model, state.batch_size)
         C = _lib.C()
-        for i, k in enumerate(model.config.layer_kinds):
-            if has_mamba(k):
-                C.cuda_state_io(model._eng, new._h, i, 0, state.conv[i])
-                C.cuda_state_io(model._eng, new._h, i, 1, state.ssm[i])
+        with model._lock:
+            for i, k in enumerate(model.config.layer_kinds):
+                if has_mamba(k):
+                    C.cuda_state_io(model._eng, new._h, i, 0, state.conv[i])
+                    C.cuda_state_io(model._eng, new._h, i, 1, state.ssm[i])
         new.seqlen = state.seqlen
         return new
 

@@ -179,6 +179,22 @@ def main():
               f"{ref:>10.0f} {toks_s / ref:>7.1f}x {TARGET_PREFILL_TOKS[B]:>8.0f}", flush=True)
         res["prefill"][B] = dict(ms=ms, tok_s=toks_s, floor_ms=floor_ms)
 
+    # -- where the time goes ----------------------------------------------------------------
+    prof = {}
+    for label, B, L in (("decode B=1", 1, 0), ("decode B=64", 64, 0), ("prefill B=1", 1, L),
+                        ("prefill B=8", 8, L)):
+        st = model.new_state(B)
+        model.prefill(rng.integers(0, cfg.real_vocab_size, (B, 8)), st, logits=None)
+        ids = rng.integers(0, cfg.real_vocab_size, (B, L)) if L else None
+        prof[label] = C.cuda_bench_profile(model._eng, st._h, ids, 3 if L else 6)
+    names = list(next(iter(prof.values())))
+    print("\nms per stage (events after every stage; decode: inside a graph; sums over layers)")
+    print(f"{'stage':>11} " + " ".join(f"{k:>12}" for k in prof))
+    for n in names:
+        print(f"{n:>11} " + " ".join(f"{prof[k][n]:>12.3f}" for k in prof))
+    print(f"{'total':>11} " + " ".join(f"{sum(prof[k].values()):>12.3f}" for k in prof))
+    res["profile_ms"] = prof
+
     d1, d64 = res["decode"][1]["ms"], res["decode"][64]["tok_s"]
     print(f"\ntargets (issue 4): decode B=1 <= {TARGET_DECODE_MS_B1} ms/token: {d1:.3f} "
           f"({'met' if d1 <= TARGET_DECODE_MS_B1 else 'NOT met'}); B=64 >= "

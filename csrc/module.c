@@ -1501,6 +1501,41 @@ static PyObject *py_cuda_bench_prefill(PyObject *self, PyObject *args) {
     return (PyObject *)ms;
 }
 
+/* cuda_bench_profile(model, state, ids (B, L) | None, iters) -> {stage: ms} */
+static PyObject *py_cuda_bench_profile(PyObject *self, PyObject *args) {
+    PyObject *om, *os, *oids;
+    int iters;
+    if (!PyArg_ParseTuple(args, "OOOi", &om, &os, &oids, &iters)) return NULL;
+    EngModel *em = eng_model(om);
+    EngState *es = em ? eng_state(os, em) : NULL;
+    if (!es) return NULL;
+    if (iters < 2) return PyErr_Format(PyExc_ValueError, "bench_profile: iters >= 2");
+    PyArrayObject *ids = NULL;
+    if (oids != Py_None) {
+        if (!(ids = eng_ids(oids, 2, em->V, "bench_profile"))) return NULL;
+        if (PyArray_DIM(ids, 0) != es->B) {
+            Py_DECREF(ids);
+            return PyErr_Format(PyExc_ValueError, "bench_profile: ids rows != state rows");
+        }
+    }
+    double ms[BM_CUDA_PROF_STAGES];
+    static const char *names[BM_CUDA_PROF_STAGES] = {BM_CUDA_PROF_NAMES};
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_bench_profile(em->m, es->s, ids ? (const int32_t *)PyArray_DATA(ids) : NULL,
+                               ids ? PyArray_DIM(ids, 1) : 0, iters, ms);
+    Py_END_ALLOW_THREADS
+    Py_XDECREF(ids);
+    if (eng_check("bench_profile", st) < 0) return NULL;
+    PyObject *d = PyDict_New();
+    for (int k = 1; d && k < BM_CUDA_PROF_STAGES; k++) {
+        PyObject *v = PyFloat_FromDouble(ms[k]);
+        if (!v || PyDict_SetItemString(d, names[k], v) < 0) Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
 static PyMethodDef engine_methods[] = {
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "cuda_device_count() -> number of CUDA devices (0 without any)"},
     {"cuda_model_create", py_cuda_model_create, METH_VARARGS, "cuda_model_create(cfg dict, weights dict) -> model"},
@@ -1515,6 +1550,7 @@ static PyMethodDef engine_methods[] = {
     {"cuda_bench_copy", py_cuda_bench_copy, METH_VARARGS, "cuda_bench_copy(bytes, iters) -> GB/s (read + write)"},
     {"cuda_bench_gemm", py_cuda_bench_gemm, METH_VARARGS, "cuda_bench_gemm(m, n, k, iters) -> bf16 TFLOP/s"},
     {"cuda_bench_step", py_cuda_bench_step, METH_VARARGS, "cuda_bench_step(model, state, warmup, iters) -> ms per graph replay"},
+    {"cuda_bench_profile", py_cuda_bench_profile, METH_VARARGS, "cuda_bench_profile(model, state, ids (B,L) | None, iters) -> {stage: ms}"},
     {"cuda_bench_prefill", py_cuda_bench_prefill, METH_VARARGS, "cuda_bench_prefill(model, ids (B,L), warmup, iters) -> ms per prefill"},
     {NULL, NULL, 0, NULL},
 };

@@ -125,6 +125,9 @@ struct Ws {
     float *rlog;            // (T, Xmax) router logits (tracing)
     float *eh;              // (rows, G) expert hidden of the GEMV path
     uint16_t *xbf;          // (T, max(d, E, R)) bf16 copy of a GEMM input (BF16 math)
+    float *hall;            // (X, T, G) decode, BF16 math, T > GEMV_ROWS: every expert's fc1
+    uint16_t *abf;          //   (T, F) the chosen expert's act(fc1) as bf16
+    float *oall;            //   (X, T, d) every expert's fc2
     void *moe;              // bm_cuda_moe_experts workspace (prefill)
     size_t moe_bytes;
     int64_t LB;             // rows of logits per block
@@ -163,6 +166,11 @@ struct bm_cuda_model {
     int64_t wf_elems;
     Ws *pre;                   // prefill workspace (grown on demand)
     std::vector<Ws *> dec;     // decode workspaces, one per batch size
+    // Profiling (bm_cuda_bench_profile): an event after each stage while prof_on.
+    bool prof_on;
+    std::vector<cudaEvent_t> prof_ev;
+    std::vector<int> prof_kind;
+    size_t prof_n;
 };
 
 namespace {
@@ -254,6 +262,38 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
     }
 }
 
+// The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
+// (ungated: act(hall[e_t, t, :F])), e_t = ids[t] (ids NULL: 0).
+__global__ void select_act_kernel(const float *__restrict__ hall,   // (X, T, G)
+                                  const int32_t *__restrict__ ids,  // (T) or NULL
+                                  uint16_t *__restrict__ abf,       // (T, F)
+                                  int64_t T, int F, int G, int gated, int act) {
+    const int64_t n = T * F;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / F;
+        const int f = (int)(i % F);
+        const float *row = hall + ((ids ? (int64_t)ids[t] : 0) * T + t) * G;
+        const float a = act_fn(row[f], act);
+        abf[i] = bm_f32_to_bf16_bits(gated ? a * row[F + f] : a);
+    }
+}
+
+// out[t] = gates[t] * oall[e_t, t] (gates NULL: 1).
+__global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
+                                  const int32_t *__restrict__ ids,  // (T) or NULL
+                                  const float *__restrict__ gates,  // (T) or NULL
+                                  float *__restrict__ out,          // (T, d)
+                                  int64_t T, int d) {
+    const int64_t n = T * d;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / d;
+        const int64_t e = ids ? ids[t] : 0;
+        out[i] = (gates ? gates[t] : 1.f) * oall[(e * T + t) * d + i % d];
+    }
+}
+
 // The recurrent step of SPEC 2 with dt_proj fused in. One warp per (b, e):
 //   delta = softplus(dt_b[e] + dt_w[e, :] . dbc[b, :R])
 //   h[n]  = exp(delta * A[e, n]) * h[n] + delta * B[b, n] * x[b, e]      (lanes own n)
@@ -330,6 +370,21 @@ unsigned grid_for(int64_t n) {
     return (unsigned)(g < 1 ? 1 : g > 65536 ? 65536 : g);
 }
 
+// Stages the profiler attributes time to (bm_cuda_bench_profile; names in bm_cuda.h).
+enum { P_START, P_EMBED, P_NORM, P_IN, P_CONV, P_XPROJ, P_DT, P_SCAN, P_OUT, P_ROUTE,
+       P_EXPERTS, P_ADD, P_FINAL, P_HEAD, P_COUNT };
+
+static_assert(P_COUNT == BM_CUDA_PROF_STAGES, "profiler stages: engine.cu vs bm_cuda.h");
+
+// Marks the end of a stage: an event on the stream (captured into the graph as an event
+// record node when capturing). Nothing unless profiling.
+int mark(bm_cuda_model *m, int kind) {
+    if (!m->prof_on || m->prof_n >= m->prof_ev.size()) return 0;
+    BM_CUDA_TRY(cudaEventRecord(m->prof_ev[m->prof_n], m->stream));
+    m->prof_kind[m->prof_n++] = kind;
+    return 0;
+}
+
 // ---- matrix products -------------------------------------------------------------------------
 
 size_t wsize(const bm_cuda_model *m) { return m->cfg.wdtype == BM_BF16 ? 2 : 4; }
@@ -377,8 +432,10 @@ int ensure_wf(bm_cuda_model *m) {
 }
 
 // y (M, ldy)[:, :Nout] = x (M, ldx)[:, :Kin] @ W (Nout, Kin)^T (+ bias (Nout)). See the top.
+// xbf_ready: ws->xbf already holds bf16(x) (the second in_proj half reuses the first's).
 int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
-           const float *bias, float *y, int64_t ldy, int64_t M, int64_t Nout, int64_t Kin) {
+           const float *bias, float *y, int64_t ldy, int64_t M, int64_t Nout, int64_t Kin,
+           bool xbf_ready = false) {
     if (M <= 0 || Nout <= 0) return 0;
     const bool bf = m->cfg.wdtype == BM_BF16;
     const bool bfm = bf16_math(m);
@@ -387,8 +444,10 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
         return bm_gemv_launch(p, m->cfg.wdtype, 1, 0, m->stream);
     }
     if (bfm) {
-        to_bf16_kernel<<<grid_for(M * Kin), 256, 0, m->stream>>>(x, ldx, ws->xbf, M, Kin);
-        BM_CUDA_LAUNCHED();
+        if (!xbf_ready) {
+            to_bf16_kernel<<<grid_for(M * Kin), 256, 0, m->stream>>>(x, ldx, ws->xbf, M, Kin);
+            BM_CUDA_LAUNCHED();
+        }
         TRY(gemm(m, W, CUDA_R_16BF, ws->xbf, CUDA_R_16BF, Kin, y, ldy, M, Nout, Kin,
                  CUBLAS_COMPUTE_32F));
     } else {
@@ -422,15 +481,21 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     cudaStream_t st = m->stream;
     TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, T, E, d));             // x = xz[:, :E]
     TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z, E,
-               T, E, d));                                                   // z = xz[:, E:]
+               T, E, d, true));                                             // z = xz[:, E:]
+    TRY(mark(m, P_IN));
     TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
+    TRY(mark(m, P_CONV));
     TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, T, P, E));    // (T, R + 2N)
+    TRY(mark(m, P_XPROJ));
     split_bc_kernel<<<grid_for(T * N), 256, 0, st>>>(ws->dbc, ws->Bm, ws->Cm, T, (int)R, (int)N);
     BM_CUDA_LAUNCHED();
     TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, T, E, R)); // bias in scan
+    TRY(mark(m, P_DT));
     TRY(bm_cuda_scan_forward(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1, ssm,
                              ssm, ws->y, B, L, E, N, st));
-    return linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E);
+    TRY(mark(m, P_SCAN));
+    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E));
+    return mark(m, P_OUT);
 }
 
 // The same for one token per row: xn (B, d) -> out (B, d).
@@ -445,10 +510,13 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     } else {
         TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, B, E, d));
         TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z,
-                   E, B, E, d));
+                   E, B, E, d, true));
     }
+    TRY(mark(m, P_IN));
     TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
+    TRY(mark(m, P_CONV));
     TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, B, P, E));
+    TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
     const unsigned blocks = (unsigned)bm_cdiv(BE * 32, 256);
     if (c.wdtype == BM_BF16)
@@ -461,7 +529,9 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                                                         (const float *)ly.dt_w, ly.dt_b, ly.A,
                                                         ly.D, ws->y, BE, (int)E, (int)N, (int)R);
     BM_CUDA_LAUNCHED();
-    return linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E);
+    TRY(mark(m, P_SCAN));
+    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
+    return mark(m, P_OUT);
 }
 
 // Experts through the gathered GEMV: out[t] = gates[t] * fc2[e] @ act(fc1[e] @ x[t]),
@@ -479,6 +549,36 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     return bm_gemv_launch(p2, c.wdtype, ly.X, 0, m->stream);
 }
 
+// Decode at more than GEMV_ROWS rows with BF16 math: every token through every expert with
+// two strided-batched bf16 GEMMs (each expert's weights read once, at tensor-core rates; the
+// X-fold FLOPs are free at decode sizes), then each token keeps its own expert's rows. No
+// host synchronisation, so it is captured into the decode graph.
+int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
+               const float *gates, const LayerDev &ly, float *out, int64_t T) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, F = c.F, G = m->G, X = ly.X;
+    cudaStream_t st = m->stream;
+    const float one = 1.f, zero = 0.f;
+    to_bf16_kernel<<<grid_for(T * d), 256, 0, st>>>(x, d, ws->xbf, T, d);
+    BM_CUDA_LAUNCHED();
+    // hall[x] (T, G) = xbf (T, d) @ fc1[x]^T for every x (column-major: hall^T = fc1 xbf^T)
+    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)G, (int)T, (int)d, &one, ly.fc1, CUDA_R_16BF,
+        (int)d, G * d, ws->xbf, CUDA_R_16BF, (int)d, 0, &zero, ws->hall, CUDA_R_32F, (int)G,
+        T * G, (int)X, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    select_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->hall, ids, ws->abf, T, (int)F,
+                                                       (int)G, c.swiglu, (int)c.act);
+    BM_CUDA_LAUNCHED();
+    // oall[x] (T, d) = abf (T, F) @ fc2[x]^T
+    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)F, &one, ly.fc2, CUDA_R_16BF,
+        (int)F, d * F, ws->abf, CUDA_R_16BF, (int)F, 0, &zero, ws->oall, CUDA_R_32F, (int)d,
+        T * d, (int)X, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    select_out_kernel<<<grid_for(T * d), 256, 0, st>>>(ws->oall, ids, gates, out, T, (int)d);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
         int64_t T, const bm_cuda_trace *trace) {
@@ -492,6 +592,7 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
                                ws->ids, ws->gates, T, c.d, ly.X, st));
         ids = ws->ids;
         gates = ws->gates;
+        TRY(mark(m, P_ROUTE));
         if (tr) {  // pageable host memory: these copies complete before returning
             BM_CUDA_TRY(cudaMemcpyAsync(trace->logits[li], ws->rlog, (size_t)(T * ly.X) * 4,
                                         cudaMemcpyDeviceToHost, st));
@@ -508,9 +609,13 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         }
         TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, c.math, out, T,
                                 c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
-        return blas_prepare(m);
+        TRY(blas_prepare(m));
+    } else if (ws->hall) {
+        TRY(expert_all(m, ws, x, ids, gates, ly, out, T));
+    } else {
+        TRY(expert_gemv(m, ws, x, ids, gates, ly, out, T));
     }
-    return expert_gemv(m, ws, x, ids, gates, ly, out, T);
+    return mark(m, P_EXPERTS);
 }
 
 // SPEC 1's layer loop over ws->tok (B, L): leaves LayerNorm_final(h + r) in ws->yf (T, d).
@@ -527,11 +632,13 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         embed_kernel<float><<<(unsigned)T, eth, 0, st>>>(ws->tok, (const float *)m->emb, ws->h,
                                                          (int)d, (int)c.V);
     BM_CUDA_LAUNCHED();
+    TRY(mark(m, P_EMBED));
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
         TRY(bm_cuda_rms_norm(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, T, d,
                              st));
+        TRY(mark(m, P_NORM));
         if (ly.mamba) {
             if (ws->decode)
                 TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B));
@@ -540,15 +647,18 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             if (ly.X) {  // parallel "rX": h = mamba(norm(r)) + mlp(norm_moe(r))
                 TRY(bm_cuda_rms_norm(ws->r, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
                                      st));
+                TRY(mark(m, P_NORM));
                 TRY(mlp(m, ws, ly, li, ws->xm, ws->mo, T, trace));
                 add_kernel<<<grid_for(T * d), 256, 0, st>>>(ws->h, ws->mo, T * d);
                 BM_CUDA_LAUNCHED();
+                TRY(mark(m, P_ADD));
             }
         } else {
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace));
         }
     }
-    return bm_cuda_layer_norm(ws->h, ws->r, m->final_w, m->final_b, EPS, ws->yf, T, d, st);
+    TRY(bm_cuda_layer_norm(ws->h, ws->r, m->final_w, m->final_b, EPS, ws->yf, T, d, st));
+    return mark(m, P_FINAL);
 }
 
 // Logits of rows src (M, d), LB rows at a time through ws->logits, copied to out (M, V).
@@ -563,7 +673,7 @@ int head(bm_cuda_model *m, Ws *ws, const float *src, int64_t M, float *out, int 
                                                 : cudaMemcpyDeviceToHost,
                                         m->stream));
     }
-    return 0;
+    return mark(m, P_HEAD);
 }
 
 // ---- workspaces ------------------------------------------------------------------------------
@@ -594,6 +704,10 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     const int64_t eh_rows = (decode || !c.swiglu) ? T : std::min(T, MOE_GEMV_MAX);
     w->eh = m->has_mlp ? a.take<float>(eh_rows * G) : nullptr;
     w->xbf = bf16_math(m) ? a.take<uint16_t>(T * std::max({d, E, c.R})) : nullptr;
+    const bool all_experts = decode && bf16_math(m) && m->has_mlp && T > GEMV_ROWS;
+    w->hall = all_experts ? a.take<float>(m->Xmax * T * G) : nullptr;
+    w->abf = all_experts ? a.take<uint16_t>(T * c.F) : nullptr;
+    w->oall = all_experts ? a.take<float>(m->Xmax * T * d) : nullptr;
     w->moe_bytes = 0;
     w->moe = nullptr;
     if (!decode && m->has_gated_mlp && T > MOE_GEMV_MAX) {
@@ -673,8 +787,9 @@ int decode_ws(bm_cuda_model *m, int64_t B, Ws **out) {
 int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace *trace) {
     const int64_t B = ws->T;
     TRY(forward(m, ws, s, B, 1, trace));
-    return linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
-                  m->cfg.d);
+    TRY(linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
+               m->cfg.d));
+    return mark(m, P_HEAD);
 }
 
 // Capture the decode graph of ws for state s (again when it was captured for another state:
@@ -982,6 +1097,7 @@ extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
     cudaFree(m->wbase);
     cudaFree(m->blas_ws);
     if (m->blas) bm_cuda_cublas_destroy(m->blas);
+    for (cudaEvent_t e : m->prof_ev) cudaEventDestroy(e);
     if (m->stream) cudaStreamDestroy(m->stream);
     cudaGetLastError();  // frees at interpreter exit may find the runtime unloading
     delete m;
@@ -1021,6 +1137,7 @@ extern "C" int bm_cuda_model_prefill(bm_cuda_model *m, bm_cuda_state *s, const i
                                 ids_on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice,
                                 st));
     TRY(blas_prepare(m));
+    TRY(mark(m, P_START));
     TRY(forward(m, ws, s, B, L, trace));
     if (logits_mode == BM_CUDA_LOGITS_ALL) {
         TRY(head(m, ws, ws->yf, T, logits, logits_on_device));
@@ -1237,7 +1354,7 @@ extern "C" int bm_cuda_bench_step(bm_cuda_model *m, bm_cuda_state *s, int warmup
     std::vector<cudaEvent_t> ev((size_t)iters + 1, nullptr);
     int rc = 0;
     for (auto &e : ev)
-        if (!rc && cudaEventCreate(&e) != cudaSuccess) rc = 1;
+        if (!rc && cudaEventCreate(&e) != cudaSuccess) rc = 1;  // reported below
     if (!rc) {
         cudaError_t e = cudaEventRecord(ev[0], st);
         for (int i = 0; i < iters && e == cudaSuccess; i++) {
@@ -1286,5 +1403,83 @@ extern "C" int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64
     if (e0) cudaEventDestroy(e0);
     if (e1) cudaEventDestroy(e1);
     bm_cuda_state_free(s);
+    return rc;
+}
+
+// Where the time goes: ms per stage (P_* order; bm_cuda.h lists the names), the mean of
+// iters - 1 runs after one warm-up. ids NULL: one decode step of s, through a graph captured
+// with an event after every stage (the cached decode graph is left alone); else a prefill of
+// ids (B, L) (host) with the events on the stream (host waits inside the prefill count).
+extern "C" int bm_cuda_bench_profile(bm_cuda_model *m, bm_cuda_state *s, const int32_t *ids,
+                                     int64_t L, int iters, double *ms) {
+    if (iters < 2) return BM_CUDA_ARG_FAIL("bench_profile: iters must be >= 2");
+    for (int k = 0; k < P_COUNT; k++) ms[k] = 0;
+    const size_t cap = 64 + 16 * (size_t)m->cfg.num_layers;
+    while (m->prof_ev.size() < cap) {
+        cudaEvent_t e = nullptr;
+        BM_CUDA_TRY(cudaEventCreate(&e));
+        try {
+            m->prof_ev.push_back(e);
+        } catch (...) {
+            cudaEventDestroy(e);
+            return BM_CUDA_ARG_FAIL("bench_profile: host allocation failed");
+        }
+    }
+    try {
+        m->prof_kind.resize(cap);
+    } catch (...) {
+        return BM_CUDA_ARG_FAIL("bench_profile: host allocation failed");
+    }
+    cudaStream_t st = m->stream;
+    cudaGraphExec_t exec = nullptr;
+    Ws *ws = nullptr;
+    std::vector<float> logits;
+    if (!ids) {
+        TRY(decode_ws(m, s->B, &ws));
+        TRY(blas_prepare(m));
+        if (needs_wf(m, s->B)) TRY(ensure_wf(m));
+        BM_CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        m->prof_on = true;
+        m->prof_n = 0;
+        int rc = mark(m, P_START);
+        if (!rc) rc = decode_body(m, ws, s, nullptr);
+        m->prof_on = false;
+        cudaGraph_t g = nullptr;
+        const cudaError_t e = cudaStreamEndCapture(st, &g);
+        if (!rc && e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        if (!rc) {
+            const cudaError_t ei = cudaGraphInstantiate(&exec, g, 0);
+            if (ei != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, ei);
+        }
+        if (g) cudaGraphDestroy(g);
+        if (rc) return rc;
+    } else {
+        try {
+            logits.resize((size_t)(s->B * m->cfg.V));
+        } catch (...) {
+            return BM_CUDA_ARG_FAIL("bench_profile: host allocation failed");
+        }
+    }
+    int rc = 0;
+    for (int it = 0; it < iters && !rc; it++) {
+        if (!ids) {
+            cudaError_t e = cudaGraphLaunch(exec, st);
+            if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        } else {
+            m->prof_on = true;
+            m->prof_n = 0;
+            rc = bm_cuda_model_prefill(m, s, ids, 0, s->B, L, BM_CUDA_LOGITS_LAST, logits.data(), 0,
+                                       nullptr);
+            m->prof_on = false;
+        }
+        for (size_t i = 1; i < m->prof_n && !rc && it > 0; i++) {
+            float t = 0.f;
+            const cudaError_t e = cudaEventElapsedTime(&t, m->prof_ev[i - 1], m->prof_ev[i]);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+            ms[m->prof_kind[i]] += t / (iters - 1);
+        }
+    }
+    if (exec) cudaGraphExecDestroy(exec);
     return rc;
 }

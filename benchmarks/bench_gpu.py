@@ -181,8 +181,8 @@ def main():
 
     # -- where the time goes ----------------------------------------------------------------
     prof = {}
-    for label, B, L in (("decode B=1", 1, 0), ("decode B=64", 64, 0), ("prefill B=1", 1, L),
-                        ("prefill B=8", 8, L)):
+    for label, B, L in (("decode B=1", 1, 0), ("decode B=8", 8, 0), ("decode B=64", 64, 0),
+                        ("prefill B=1", 1, L), ("prefill B=8", 8, L)):
         st = model.new_state(B)
         model.prefill(rng.integers(0, cfg.real_vocab_size, (B, 8)), st, logits=None)
         ids = rng.integers(0, cfg.real_vocab_size, (B, L)) if L else None

@@ -168,6 +168,7 @@ struct bm_cuda_model {
     std::vector<Ws *> dec;     // decode workspaces, one per batch size
     // Profiling (bm_cuda_bench_profile): an event after each stage while prof_on.
     bool prof_on;
+    bool prof_graph;           // capturing: events must be recorded as external nodes
     std::vector<cudaEvent_t> prof_ev;
     std::vector<int> prof_kind;
     size_t prof_n;
@@ -260,6 +261,71 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
         const float a = act_fn(row[f], act);
         row[f] = gated ? a * row[F + f] : a;
     }
+}
+
+// Expert rows for a few tokens: y[t, r] = scale[t] * (W[e_t, r, :] . x[t, :]), e_t = ids[t]
+// (ids NULL: 0; scale NULL: 1). Grid (row blocks, T): each token streams its own expert's rows
+// and no block exists for an expert nobody uses (the gathered GEMV of gemv.cu launches blocks
+// for all X experts). KS warps share a row (K-split), partial sums meet in shared memory.
+template <typename WT, int KS, bool VEC>
+__global__ __launch_bounds__(256) void expert_rows_kernel(
+    const WT *__restrict__ W,         // (X, Nout, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    const float *__restrict__ scale,  // (T) or NULL
+    float *__restrict__ y,            // (T, ldy)
+    int64_t ldy, int Nout, int Kin) {
+    constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
+    __shared__ float part[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int row = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    float acc = 0.f;
+    if (row < Nout) {
+        const int64_t e = ids ? ids[t] : 0;
+        const WT *w = W + (e * Nout + row) * (int64_t)Kin;
+        const float *xr = x + t * ldx;
+        if (VEC) {
+            const int units = Kin / VW, per = (units + KS - 1) / KS;
+            const int u0 = kp * per, u1 = min(units, u0 + per);
+#pragma unroll 4
+            for (int u = u0 + lane; u < u1; u += 32) {
+                const int k = u * VW;
+                if constexpr (sizeof(WT) == 2) {
+                    const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                    acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
+                    acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
+                    acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
+                    acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
+                } else {
+                    const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
+                    acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
+                }
+            }
+        } else {
+            const int per = (Kin + KS - 1) / KS;
+            const int k0 = kp * per, k1 = min(Kin, k0 + per);
+#pragma unroll 4
+            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), __ldg(xr + k), acc);
+        }
+    }
+    acc = bm_warp_sum(acc);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) part[warp] = acc;
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) acc += part[warp + q];
+    }
+    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
 }
 
 // The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
@@ -380,7 +446,13 @@ static_assert(P_COUNT == BM_CUDA_PROF_STAGES, "profiler stages: engine.cu vs bm_
 // record node when capturing). Nothing unless profiling.
 int mark(bm_cuda_model *m, int kind) {
     if (!m->prof_on || m->prof_n >= m->prof_ev.size()) return 0;
-    BM_CUDA_TRY(cudaEventRecord(m->prof_ev[m->prof_n], m->stream));
+    // Inside a capture a plain record only orders work; an external record node is what
+    // cudaEventElapsedTime can read after a replay.
+    if (m->prof_graph)
+        BM_CUDA_TRY(cudaEventRecordWithFlags(m->prof_ev[m->prof_n], m->stream,
+                                             cudaEventRecordExternal));
+    else
+        BM_CUDA_TRY(cudaEventRecord(m->prof_ev[m->prof_n], m->stream));
     m->prof_kind[m->prof_n++] = kind;
     return 0;
 }
@@ -534,19 +606,62 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     return mark(m, P_OUT);
 }
 
+template <typename WT, int KS>
+int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                   const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
+                   int64_t Kin, cudaStream_t st) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
+                     ((uintptr_t)x & 15) == 0;
+    dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
+    if (vec)
+        expert_rows_kernel<WT, KS, true><<<grid, 256, 0, st>>>(
+            (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+    else
+        expert_rows_kernel<WT, KS, false><<<grid, 256, 0, st>>>(
+            (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+// K-split as gemv.cu's rule: split while rows are few (Nout * KS < 4096) and slices long.
+template <typename WT>
+int expert_rows(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
+                int64_t Kin, cudaStream_t st) {
+    const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
+    int ks = 1;
+    while (ks < 8 && Nout * ks < 4096 && units >= 64 * ks) ks *= 2;
+    switch (ks) {
+        case 1: return expert_rows_ks<WT, 1>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        case 2: return expert_rows_ks<WT, 2>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        case 4: return expert_rows_ks<WT, 4>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        default: return expert_rows_ks<WT, 8>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+    }
+}
+
 // Experts through the gathered GEMV: out[t] = gates[t] * fc2[e] @ act(fc1[e] @ x[t]),
 // e = ids[t] (ids NULL: expert 0, gates NULL: 1). No host synchronisation.
 int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
                 const float *gates, const LayerDev &ly, float *out, int64_t T) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, F = c.F, G = m->G;
-    GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
-    TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, m->stream));
-    expert_act_kernel<<<grid_for(T * F), 256, 0, m->stream>>>(ws->eh, T, (int)F, (int)G,
-                                                              c.swiglu, (int)c.act);
+    cudaStream_t st = m->stream;
+    // A few tokens (decode): per-token expert rows, exact fp32 accumulate like the GEMV.
+    const bool rows = T <= GEMV_ROWS;
+    auto rows_fn = c.wdtype == BM_BF16 ? expert_rows<uint16_t> : expert_rows<float>;
+    if (rows) {
+        TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, st));
+    } else {
+        GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
+        TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
+    }
+    expert_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->eh, T, (int)F, (int)G, c.swiglu,
+                                                       (int)c.act);
     BM_CUDA_LAUNCHED();
+    if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
     GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
-    return bm_gemv_launch(p2, c.wdtype, ly.X, 0, m->stream);
+    return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
 }
 
 // Decode at more than GEMV_ROWS rows with BF16 math: every token through every expert with
@@ -1439,11 +1554,11 @@ extern "C" int bm_cuda_bench_profile(bm_cuda_model *m, bm_cuda_state *s, const i
         TRY(blas_prepare(m));
         if (needs_wf(m, s->B)) TRY(ensure_wf(m));
         BM_CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        m->prof_on = true;
+        m->prof_on = m->prof_graph = true;
         m->prof_n = 0;
         int rc = mark(m, P_START);
         if (!rc) rc = decode_body(m, ws, s, nullptr);
-        m->prof_on = false;
+        m->prof_on = m->prof_graph = false;
         cudaGraph_t g = nullptr;
         const cudaError_t e = cudaStreamEndCapture(st, &g);
         if (!rc && e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);

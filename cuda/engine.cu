@@ -117,7 +117,7 @@ struct Ws {
     float *xm, *mo;         // (T, d) parallel layers: MLP input and output
     float *xz;              // (2, T, E): x = xz (T, E), z = xz + T*E (T, E)
     float *xc, *y;          // (T, E) conv output, scan output
-    float *delta;           // (T, E) prefill
+    float *delta;           // (T, E) prefill, and decode at T > GEMV_ROWS
     float *dbc;             // (T, R + 2N) x_proj output
     float *Bm, *Cm;         // (T, N) prefill: B and C split out of dbc
     int32_t *ids;           // (T) expert of each token
@@ -360,17 +360,72 @@ __global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
     }
 }
 
+// Top-1 routing (SPEC 3) for a few tokens (decode): one block per token, one warp per expert
+// (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
+// per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
+constexpr int ROUTE_SMALL_MAX = 64;  // tokens
+__global__ __launch_bounds__(256) void route_small_kernel(
+    const float *__restrict__ x,    // (T, d)
+    const float *__restrict__ rw,   // (X, d)
+    const float *__restrict__ rb,   // (X)
+    float *__restrict__ logits,     // (T, X) or NULL
+    int32_t *__restrict__ ids,      // (T)
+    float *__restrict__ gates,      // (T)
+    int d, int X) {
+    __shared__ float sl[256];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.x;
+    const float *xr = x + t * d;
+    const bool vec = (d & 3) == 0 && (((uintptr_t)xr | (uintptr_t)rw) & 15) == 0;
+    for (int e = warp; e < X; e += 8) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+        if (vec) {
+            for (int k = 4 * lane; k < d; k += 128) {
+                const float4 a = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+        } else {
+            for (int k = lane; k < d; k += 32) acc = fmaf(__ldg(xr + k), __ldg(w + k), acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float best = -INFINITY;
+        int bi = 0;
+        for (int e = 0; e < X; e++) {
+            const float v = sl[e];
+            if (logits) logits[t * X + e] = v;
+            if (v > best) {  // strict: ties keep the lowest index
+                best = v;
+                bi = e;
+            }
+        }
+        ids[t] = bi;
+        gates[t] = 1.f / (1.f + expf(-best));
+    }
+}
+
 // The recurrent step of SPEC 2 with dt_proj fused in. One warp per (b, e):
 //   delta = softplus(dt_b[e] + dt_w[e, :] . dbc[b, :R])
 //   h[n]  = exp(delta * A[e, n]) * h[n] + delta * B[b, n] * x[b, e]      (lanes own n)
 //   y     = (sum_n h[n] * C[b, n] + D[e] * x[b, e]) * silu(z[b, e])
 // B and C are read in place from dbc (stride R + 2N), so no split and no delta buffer.
-template <typename WT>
+// FUSED_DT false: delta (B, E) = dt_r @ dt_w^T was computed before (a GEMM at larger batches,
+// where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64).
+template <typename WT, bool FUSED_DT>
 __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) in place
                                  const float *__restrict__ xc,    // (B, E)
                                  const float *__restrict__ z,     // (B, E)
                                  const float *__restrict__ dbc,   // (B, R + 2N)
                                  const WT *__restrict__ dt_w,     // (E, R)
+                                 const float *__restrict__ delta, // (B, E) when !FUSED_DT
                                  const float *__restrict__ dt_b,  // (E)
                                  const float *__restrict__ A,     // (E, N)
                                  const float *__restrict__ D,     // (E)
@@ -383,8 +438,12 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     const int e = (int)(w % E);
     const float *row = dbc + b * (R + 2 * N);
     float acc = 0.f;
-    for (int k = lane; k < R; k += 32) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
-    acc = bm_warp_sum(acc);
+    if (FUSED_DT) {
+        for (int k = lane; k < R; k += 32) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
+        acc = bm_warp_sum(acc);
+    } else {
+        acc = delta[w];
+    }
     const float dt = bm_softplus(acc + dt_b[e]);
     const float xv = xc[w];
     const float dx = dt * xv;
@@ -591,15 +650,33 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
     const unsigned blocks = (unsigned)bm_cdiv(BE * 32, 256);
-    if (c.wdtype == BM_BF16)
-        step_scan_kernel<uint16_t><<<blocks, 256, 0, st>>>(ssm, ws->xc, z, ws->dbc,
-                                                           (const uint16_t *)ly.dt_w, ly.dt_b,
-                                                           ly.A, ly.D, ws->y, BE, (int)E,
-                                                           (int)N, (int)R);
-    else
-        step_scan_kernel<float><<<blocks, 256, 0, st>>>(ssm, ws->xc, z, ws->dbc,
-                                                        (const float *)ly.dt_w, ly.dt_b, ly.A,
-                                                        ly.D, ws->y, BE, (int)E, (int)N, (int)R);
+    const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
+    if (!fused) {
+        TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, B, E, R));
+        TRY(mark(m, P_DT));
+    }
+    const float *dl = ws->delta;
+    if (c.wdtype == BM_BF16) {
+        const uint16_t *dw = (const uint16_t *)ly.dt_w;
+        if (fused)
+            step_scan_kernel<uint16_t, true><<<blocks, 256, 0, st>>>(
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R);
+        else
+            step_scan_kernel<uint16_t, false><<<blocks, 256, 0, st>>>(
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R);
+    } else {
+        const float *dw = (const float *)ly.dt_w;
+        if (fused)
+            step_scan_kernel<float, true><<<blocks, 256, 0, st>>>(
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R);
+        else
+            step_scan_kernel<float, false><<<blocks, 256, 0, st>>>(
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R);
+    }
     BM_CUDA_LAUNCHED();
     TRY(mark(m, P_SCAN));
     TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
@@ -703,8 +780,15 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
     const float *gates = nullptr;
     if (ly.X >= 2) {
         const bool tr = trace && trace->logits && trace->logits[li];
-        TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
-                               ws->ids, ws->gates, T, c.d, ly.X, st));
+        if (T <= ROUTE_SMALL_MAX) {
+            route_small_kernel<<<(unsigned)T, 256, 0, st>>>(x, ly.router_w, ly.router_b,
+                                                            tr ? ws->rlog : nullptr, ws->ids,
+                                                            ws->gates, (int)c.d, ly.X);
+            BM_CUDA_LAUNCHED();
+        } else {
+            TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
+                                   ws->ids, ws->gates, T, c.d, ly.X, st));
+        }
         ids = ws->ids;
         gates = ws->gates;
         TRY(mark(m, P_ROUTE));
@@ -809,7 +893,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->xz = a.take<float>(2 * T * E);
     w->xc = a.take<float>(T * E);
     w->y = a.take<float>(T * E);
-    w->delta = decode ? nullptr : a.take<float>(T * E);
+    w->delta = (decode && T <= GEMV_ROWS) ? nullptr : a.take<float>(T * E);
     w->dbc = a.take<float>(T * P);
     w->Bm = decode ? nullptr : a.take<float>(T * N);
     w->Cm = decode ? nullptr : a.take<float>(T * N);

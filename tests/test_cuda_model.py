@@ -199,12 +199,27 @@ def test_gpu_equals_cpu(ci, dtype):
     for t in range(9, 15):
         lg, lc = g.step(ids[:, t], sg), c.step(ids[:, t], sc)
         assert record(f"gpu_cpu_step_c{ci}_{dtype}", rel_err(lg, lc)) < TOL_F32
+    # routing of a decode step (the eager path with the trace), layer by layer
+    seen = {}
+    g._tracer = lambda li, i, gt, lo: seen.setdefault(("g", li), (i.copy(), gt.copy(), lo.copy()))
+    c._tracer = lambda li, i, gt, lo: seen.setdefault(("c", li), (i.copy(), gt.copy(), lo.copy()))
+    try:
+        g.step(ids[:, 15], sg)
+        c.step(ids[:, 15], sc)
+    finally:
+        g._tracer = c._tracer = None
+    layers = [li for (who, li) in seen if who == "c"]
+    assert sorted(li for (who, li) in seen if who == "g") == sorted(layers)
+    for li in layers:
+        (gi, gg, gl), (ci_, cg, cl) = seen[("g", li)], seen[("c", li)]
+        np.testing.assert_array_equal(gi, ci_)
+        assert rel_err(gl, cl) < TOL_F32 and rel_err(gg, cg) < TOL_F32
     # the recurrent state itself, brought back to the host
     cs = sg.to_cpu()
     for a, b in zip(cs.conv + cs.ssm, sc.conv + sc.ssm):
         if b is not None:
             assert rel_err(a, b) < TOL_F32
-    assert cs.seqlen == sc.seqlen == 15
+    assert cs.seqlen == sc.seqlen == 16
 
 
 @pytest.mark.parametrize("ci", [0, 1, 3])

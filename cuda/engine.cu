@@ -16,9 +16,14 @@
 //     weights once per 8 rows), else the weights expanded to fp32 into a scratch matrix and a
 //     cuBLAS fp32 (or tf32) GEMM;
 //   - fp32 weights: cuBLAS fp32 GEMM (tf32 with BM_CUDA_MATH_TF32 or _BF16).
-// MoE / MLP layers: decode, and prefill of at most MOE_GEMV_MAX tokens, go through the
-// gathered GEMV (no host synchronisation); larger prefills through bm_cuda_moe_experts
-// (cuBLAS per expert, one host sync per layer).
+// MoE / MLP layers (routing: one block per token up to ROUTE_SMALL_MAX tokens, else moe.cu):
+//   - up to GEMV_ROWS tokens: per-token expert rows (expert_rows_kernel), fp32 activations;
+//   - decode of more tokens with BF16 math: every token through all experts with two
+//     strided-batched bf16 GEMMs, then each token keeps its expert's rows (expert_all);
+//   - otherwise up to MOE_GEMV_MAX tokens (or an ungated MLP): the gathered GEMV (gemv.cu);
+//   - larger prefills: bm_cuda_moe_experts (cuBLAS per expert, one host sync per layer).
+// Everything on the decode path is free of host synchronisation, so it is captured.
+// Measured on the H200 at the 2.8B shape: benchmarks/RESULTS.md (GPU section).
 #include <stdio.h>
 #include <string.h>
 

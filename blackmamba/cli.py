@@ -113,6 +113,8 @@ def build_parser():
     c.set_defaults(fn=cmd_convert)
     from .routing import add_cli as add_routing
     add_routing(sub)
+    from .eval_cli import add_cli as add_eval_cli
+    add_eval_cli(sub)
     return ap
 
 

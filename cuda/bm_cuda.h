@@ -1,4 +1,4 @@
-/* bm_cuda.h: launchers of the CUDA kernels (the .cu files of cuda/). Plain C, no Python.
+/* bm_cuda.h: launchers of the CUDA kernels (the cuda/ sources). Plain C, no Python.
  *
  * Conventions (the same dimension letters and layouts as csrc/bm.h):
  *   - Every pointer is a DEVICE pointer, except where a comment says host.

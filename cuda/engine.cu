@@ -333,6 +333,94 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
 }
 
+// fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
+// h[t, f] = act(W[e_t, f, :] . x[t, :]) * (W[e_t, F + f, :] . x[t, :]) for f < F, written to
+// h[t, :F]. One warp (or KS warps, K-split) owns output f and streams both of its rows, so
+// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps two
+// 16-byte weight loads in flight. The per-row sums run in the same order as
+// expert_rows_kernel's, so h is bit-identical to fc1 then expert_act_kernel.
+template <typename WT, int KS, bool VEC>
+__global__ __launch_bounds__(256) void expert_rows_gated_kernel(
+    const WT *__restrict__ W,         // (X, 2F, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    float *__restrict__ h,            // (T, ldh): [:, :F] written
+    int64_t ldh, int F, int Kin, int act) {
+    constexpr int RPB = 8 / KS;
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    __shared__ float part[2][8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int f = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    float ag = 0.f, au = 0.f;
+    if (f < F) {
+        const int64_t e = ids ? ids[t] : 0;
+        const WT *wg = W + (e * 2 * F + f) * (int64_t)Kin;   // gate row
+        const WT *wu = wg + (int64_t)F * Kin;                 // up row
+        const float *xr = x + t * ldx;
+        if (VEC) {
+            const int units = Kin / VW, per = (units + KS - 1) / KS;
+            const int u0 = kp * per, u1 = min(units, u0 + per);
+#pragma unroll 2
+            for (int u = u0 + lane; u < u1; u += 32) {
+                const int k = u * VW;
+                if constexpr (sizeof(WT) == 2) {
+                    const uint4 vg = __ldg(reinterpret_cast<const uint4 *>(wg + k));
+                    const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
+                    float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
+                    ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
+                    ag = fmaf(b.x, x0.z, ag); ag = fmaf(b.y, x0.w, ag);
+                    ag = fmaf(c.x, x1.x, ag); ag = fmaf(c.y, x1.y, ag);
+                    ag = fmaf(d.x, x1.z, ag); ag = fmaf(d.y, x1.w, ag);
+                    a = bm_bf16x2_to_f32(vu.x); b = bm_bf16x2_to_f32(vu.y);
+                    c = bm_bf16x2_to_f32(vu.z); d = bm_bf16x2_to_f32(vu.w);
+                    au = fmaf(a.x, x0.x, au); au = fmaf(a.y, x0.y, au);
+                    au = fmaf(b.x, x0.z, au); au = fmaf(b.y, x0.w, au);
+                    au = fmaf(c.x, x1.x, au); au = fmaf(c.y, x1.y, au);
+                    au = fmaf(d.x, x1.z, au); au = fmaf(d.y, x1.w, au);
+                } else {
+                    const float4 vg = __ldg(reinterpret_cast<const float4 *>(wg + k));
+                    const float4 vu = __ldg(reinterpret_cast<const float4 *>(wu + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    ag = fmaf(vg.x, x0.x, ag); ag = fmaf(vg.y, x0.y, ag);
+                    ag = fmaf(vg.z, x0.z, ag); ag = fmaf(vg.w, x0.w, ag);
+                    au = fmaf(vu.x, x0.x, au); au = fmaf(vu.y, x0.y, au);
+                    au = fmaf(vu.z, x0.z, au); au = fmaf(vu.w, x0.w, au);
+                }
+            }
+        } else {
+            const int per = (Kin + KS - 1) / KS;
+            const int k0 = kp * per, k1 = min(Kin, k0 + per);
+#pragma unroll 4
+            for (int k = k0 + lane; k < k1; k += 32) {
+                const float xv = __ldg(xr + k);
+                ag = fmaf(ld_w(wg + k), xv, ag);
+                au = fmaf(ld_w(wu + k), xv, au);
+            }
+        }
+    }
+    ag = bm_warp_sum(ag);
+    au = bm_warp_sum(au);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) {
+            part[0][warp] = ag;
+            part[1][warp] = au;
+        }
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) {
+                ag += part[0][warp + q];
+                au += part[1][warp + q];
+            }
+    }
+    if (kp == 0 && lane == 0 && f < F) h[t * ldh + f] = act_fn(ag, act) * au;
+}
+
 // The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
 // (ungated: act(hall[e_t, t, :F])), e_t = ids[t] (ids NULL: 0).
 __global__ void select_act_kernel(const float *__restrict__ hall,   // (X, T, G)
@@ -369,6 +457,7 @@ __global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
 // (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
 // per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
 constexpr int ROUTE_SMALL_MAX = 64;  // tokens
+constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
 __global__ __launch_bounds__(256) void route_small_kernel(
     const float *__restrict__ x,    // (T, d)
     const float *__restrict__ rw,   // (X, d)
@@ -377,7 +466,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     int32_t *__restrict__ ids,      // (T)
     float *__restrict__ gates,      // (T)
     int d, int X) {
-    __shared__ float sl[256];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t t = blockIdx.x;
     const float *xr = x + t * d;
@@ -417,13 +506,102 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     }
 }
 
-// The recurrent step of SPEC 2 with dt_proj fused in. One warp per (b, e):
+// RMSNorm with the residual add, then top-1 routing of the normed row, for a few tokens
+// (decode): one block of NR_THREADS per token. The norm is norm.cu's rms_norm_kernel<4> at the
+// same block size (same sums, so bit-identical xn and res_out); its output row stays in shared
+// memory for route_small_kernel's dot products (same order, so the same logits). One graph node
+// instead of two per MoE layer, and the router reads x from shared memory.
+constexpr int NR_THREADS = 256;
+constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
+__global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
+    const float *x,                   // (T, d)
+    const float *residual,            // (T, d) or NULL
+    const float *__restrict__ nw,     // (d)
+    float eps,
+    float *__restrict__ out,          // (T, d) normed
+    float *res_out,                   // (T, d): x + residual (may alias x or residual)
+    const float *__restrict__ rw,     // (X, d)
+    const float *__restrict__ rb,     // (X)
+    float *__restrict__ logits,       // (T, X) or NULL
+    int32_t *__restrict__ ids,        // (T)
+    float *__restrict__ gates,        // (T)
+    int d, int X) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
+    __shared__ float scratch[32];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    const int nv = d / 4;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float4 r = xr[i];
+        if (rr) {
+            const float4 q = rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const float4 a = srow[i], w4 = wv[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
+        o[i] = v;
+    }
+    __syncthreads();
+    const float *xs = reinterpret_cast<const float *>(srow);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = warp; e < X; e += NR_THREADS / 32) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int k = 4 * lane; k < d; k += 128) {
+            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+            const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int64_t t = blockIdx.x;
+        float best = -INFINITY;
+        int bi = 0;
+        for (int e = 0; e < X; e++) {
+            const float v = sl[e];
+            if (logits) logits[t * X + e] = v;
+            if (v > best) {  // strict: ties keep the lowest index
+                best = v;
+                bi = e;
+            }
+        }
+        ids[t] = bi;
+        gates[t] = 1.f / (1.f + expf(-best));
+    }
+}
+
+// The recurrent step of SPEC 2 with dt_proj fused in. A group of G lanes (a power of two
+// <= 32) per (b, e):
 //   delta = softplus(dt_b[e] + dt_w[e, :] . dbc[b, :R])
 //   h[n]  = exp(delta * A[e, n]) * h[n] + delta * B[b, n] * x[b, e]      (lanes own n)
 //   y     = (sum_n h[n] * C[b, n] + D[e] * x[b, e]) * silu(z[b, e])
 // B and C are read in place from dbc (stride R + 2N), so no split and no delta buffer.
 // FUSED_DT false: delta (B, E) = dt_r @ dt_w^T was computed before (a GEMM at larger batches,
-// where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64).
+// where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64). Then G
+// is about N/4 (4 states per lane): a whole warp per (b, e) left half the lanes idle at
+// N = 16 and made 188K warps at B = 64 (60 us per layer on the H200).
 template <typename WT, bool FUSED_DT>
 __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) in place
                                  const float *__restrict__ xc,    // (B, E)
@@ -435,17 +613,21 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
                                  const float *__restrict__ A,     // (E, N)
                                  const float *__restrict__ D,     // (E)
                                  float *__restrict__ y,           // (B, E)
-                                 int64_t BE, int E, int N, int R) {
-    const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (w >= BE) return;  // whole warps leave together
+                                 int64_t BE, int E, int N, int R, int G) {
+    const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t wv = gt / G;  // (b, e) index
+    const int g = (int)(gt % G);
+    // Groups past BE compute on a clamped index and store nothing: every lane of the warp
+    // takes part in the shuffles.
+    const bool valid = wv < BE;
+    const int64_t w = valid ? wv : BE - 1;
     const int64_t b = w / E;
     const int e = (int)(w % E);
     const float *row = dbc + b * (R + 2 * N);
     float acc = 0.f;
     if (FUSED_DT) {
-        for (int k = lane; k < R; k += 32) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
-        acc = bm_warp_sum(acc);
+        for (int k = g; k < R; k += G) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
+        for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     } else {
         acc = delta[w];
     }
@@ -453,14 +635,14 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     const float xv = xc[w];
     const float dx = dt * xv;
     float ya = 0.f;
-    for (int n = lane; n < N; n += 32) {
+    for (int n = g; n < N; n += G) {
         float *s = ssm + w * N + n;
         const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * row[R + n]);
-        *s = hn;
+        if (valid) *s = hn;
         ya = fmaf(hn, row[R + N + n], ya);
     }
-    ya = bm_warp_sum(ya);
-    if (lane == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
+    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+    if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
 // out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
@@ -654,8 +836,14 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, B, P, E));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
-    const unsigned blocks = (unsigned)bm_cdiv(BE * 32, 256);
     const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
+    // Lanes per (b, e): a warp for the fused dt_proj dot (R terms), else ~4 states per lane.
+    int G = 32;
+    if (!fused) {
+        G = 1;
+        while (G < 32 && 4 * G < N) G *= 2;
+    }
+    const unsigned blocks = (unsigned)bm_cdiv(BE * G, 256);
     if (!fused) {
         TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, B, E, R));
         TRY(mark(m, P_DT));
@@ -666,21 +854,21 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         if (fused)
             step_scan_kernel<uint16_t, true><<<blocks, 256, 0, st>>>(
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, G);
         else
             step_scan_kernel<uint16_t, false><<<blocks, 256, 0, st>>>(
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, G);
     } else {
         const float *dw = (const float *)ly.dt_w;
         if (fused)
             step_scan_kernel<float, true><<<blocks, 256, 0, st>>>(
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, G);
         else
             step_scan_kernel<float, false><<<blocks, 256, 0, st>>>(
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, G);
     }
     BM_CUDA_LAUNCHED();
     TRY(mark(m, P_SCAN));
@@ -722,6 +910,39 @@ int expert_rows(const void *W, const float *x, int64_t ldx, const int32_t *ids,
     }
 }
 
+template <typename WT, int KS>
+int expert_rows_gated_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                         float *h, int64_t ldh, int64_t T, int64_t F, int64_t Kin, int act,
+                         cudaStream_t st) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
+                     ((uintptr_t)x & 15) == 0;
+    dim3 grid((unsigned)bm_cdiv(F, 8 / KS), (unsigned)T);
+    if (vec)
+        expert_rows_gated_kernel<WT, KS, true><<<grid, 256, 0, st>>>(
+            (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    else
+        expert_rows_gated_kernel<WT, KS, false><<<grid, 256, 0, st>>>(
+            (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+// The same K-split rule over the F outputs (each warp streams two rows).
+template <typename WT>
+int expert_rows_gated(const void *W, const float *x, int64_t ldx, const int32_t *ids, float *h,
+                      int64_t ldh, int64_t T, int64_t F, int64_t Kin, int act, cudaStream_t st) {
+    const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
+    int ks = 1;
+    while (ks < 8 && F * ks < 4096 && units >= 64 * ks) ks *= 2;
+    switch (ks) {
+        case 1: return expert_rows_gated_ks<WT, 1>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        case 2: return expert_rows_gated_ks<WT, 2>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        case 4: return expert_rows_gated_ks<WT, 4>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        default: return expert_rows_gated_ks<WT, 8>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+    }
+}
+
 // Experts through the gathered GEMV: out[t] = gates[t] * fc2[e] @ act(fc1[e] @ x[t]),
 // e = ids[t] (ids NULL: expert 0, gates NULL: 1). No host synchronisation.
 int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
@@ -732,6 +953,11 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     // A few tokens (decode): per-token expert rows, exact fp32 accumulate like the GEMV.
     const bool rows = T <= GEMV_ROWS;
     auto rows_fn = c.wdtype == BM_BF16 ? expert_rows<uint16_t> : expert_rows<float>;
+    if (rows && c.swiglu) {  // fc1 and the gated act in one kernel
+        auto gated_fn = c.wdtype == BM_BF16 ? expert_rows_gated<uint16_t> : expert_rows_gated<float>;
+        TRY(gated_fn(ly.fc1, x, d, ids, ws->eh, G, T, F, d, (int)c.act, st));
+        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+    }
     if (rows) {
         TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, st));
     } else {
@@ -777,15 +1003,18 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
 }
 
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
+// routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
+// (norm_route_kernel).
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
-        int64_t T, const bm_cuda_trace *trace) {
+        int64_t T, const bm_cuda_trace *trace, bool routed = false) {
     const bm_cuda_config &c = m->cfg;
     cudaStream_t st = m->stream;
     const int32_t *ids = nullptr;
     const float *gates = nullptr;
     if (ly.X >= 2) {
         const bool tr = trace && trace->logits && trace->logits[li];
-        if (T <= ROUTE_SMALL_MAX) {
+        if (routed) {
+        } else if (T <= ROUTE_SMALL_MAX) {
             route_small_kernel<<<(unsigned)T, 256, 0, st>>>(x, ly.router_w, ly.router_b,
                                                             tr ? ws->rlog : nullptr, ws->ids,
                                                             ws->gates, (int)c.d, ly.X);
@@ -840,6 +1069,20 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
+        // A MoE layer at decode sizes: the norm and the routing in one kernel.
+        const bool nr = !ly.mamba && ly.X >= 2 && ly.X <= ROUTE_SMALL_MAX_X &&
+                        T <= ROUTE_SMALL_MAX && d % 4 == 0 && d <= NR_MAX_D &&
+                        (((uintptr_t)ws->h | (uintptr_t)ws->r | (uintptr_t)ws->xn |
+                          (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
+        if (nr) {
+            const bool tr = trace && trace->logits && trace->logits[li];
+            norm_route_kernel<<<(unsigned)T, NR_THREADS, (size_t)d * 4, st>>>(
+                ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
+            BM_CUDA_LAUNCHED();
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true));
+            continue;
+        }
         TRY(bm_cuda_rms_norm(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, T, d,
                              st));
         TRY(mark(m, P_NORM));

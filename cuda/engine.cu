@@ -36,6 +36,8 @@
 
 #include "common.cuh"
 
+#include <type_traits>
+
 #define BM_CUBLAS_TRY(call)                                                                \
     do {                                                                                   \
         cublasStatus_t s_ = (call);                                                        \
@@ -258,6 +260,7 @@ __device__ __forceinline__ float act_fn(float v, int act) {
 // In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
 // else h = act(h).
 __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, int act) {
+    bm_pdl_wait();
     const int64_t n = T * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -265,6 +268,66 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
         const int f = (int)(i % F);
         const float a = act_fn(row[f], act);
         row[f] = gated ? a * row[F + f] : a;
+    }
+}
+
+// acc[r] += sum over the units u = u0 + lane, u0 + lane + 32, ... < u1 of W_r[u] . x[u] (a unit
+// is 16 bytes of weights: 8 bf16 or 4 float32), for NW weight rows sharing x. Software-
+// pipelined like gemv.cu's loop: the next UNR units' weight loads of every row are issued
+// before this group's FMAs (indices clamped into the slice, zero weights past its end, which
+// add exactly 0), so each lane keeps NW * UNR 16-byte loads in flight. The sums run in the
+// plain loop's order.
+template <typename WT, int NW, int UNR>
+__device__ __forceinline__ void rows_dot(const WT *const (&w)[NW], const float *__restrict__ xr,
+                                         int u0, int u1, int lane, float (&acc)[NW]) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    using Raw = typename std::conditional<sizeof(WT) == 2, uint4, float4>::type;
+    const int ul = max(u1 - 1, u0);
+    Raw cur[NW][UNR];
+#pragma unroll
+    for (int r = 0; r < NW; r++)
+#pragma unroll
+        for (int i = 0; i < UNR; i++)
+            cur[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u0 + lane + 32 * i, ul) * VW));
+    for (int u = u0 + lane; u < u1; u += 32 * UNR) {
+        Raw nxt[NW][UNR];
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int i = 0; i < UNR; i++)
+                nxt[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u + 32 * (UNR + i), ul) * VW));
+#pragma unroll
+        for (int i = 0; i < UNR; i++) {
+            const bool in = u + 32 * i < u1;
+            const int k = min(u + 32 * i, ul) * VW;
+            float xv[VW];
+            const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+            xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w;
+            if constexpr (VW == 8) {
+                const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
+            }
+#pragma unroll
+            for (int r = 0; r < NW; r++) {
+                float wv[VW];
+                if constexpr (VW == 8) {
+                    const uint4 v = reinterpret_cast<const uint4 &>(cur[r][i]);
+                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                    wv[0] = a.x; wv[1] = a.y; wv[2] = b.x; wv[3] = b.y;
+                    wv[4] = c.x; wv[5] = c.y; wv[6] = d.x; wv[7] = d.y;
+                } else {
+                    const float4 v = reinterpret_cast<const float4 &>(cur[r][i]);
+                    wv[0] = v.x; wv[1] = v.y; wv[2] = v.z; wv[3] = v.w;
+                }
+#pragma unroll
+                for (int q = 0; q < VW; q++) acc[r] = fmaf(in ? wv[q] : 0.f, xv[q], acc[r]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int i = 0; i < UNR; i++) cur[r][i] = nxt[r][i];
     }
 }
 
@@ -281,6 +344,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const float *__restrict__ scale,  // (T) or NULL
     float *__restrict__ y,            // (T, ldy)
     int64_t ldy, int Nout, int Kin) {
+    bm_pdl_wait();
     constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
     __shared__ float part[8];
@@ -296,26 +360,10 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
         if (VEC) {
             const int units = Kin / VW, per = (units + KS - 1) / KS;
             const int u0 = kp * per, u1 = min(units, u0 + per);
-#pragma unroll 4
-            for (int u = u0 + lane; u < u1; u += 32) {
-                const int k = u * VW;
-                if constexpr (sizeof(WT) == 2) {
-                    const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
-                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
-                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
-                    acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
-                    acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
-                    acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
-                    acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
-                } else {
-                    const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
-                    acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
-                }
-            }
+            const WT *const wr[1] = {w};
+            float a1[1] = {0.f};
+            if (u0 < u1) rows_dot<WT, 1, 4>(wr, xr, u0, u1, lane, a1);
+            acc = a1[0];
         } else {
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
@@ -336,9 +384,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
 // fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
 // h[t, f] = act(W[e_t, f, :] . x[t, :]) * (W[e_t, F + f, :] . x[t, :]) for f < F, written to
 // h[t, :F]. One warp (or KS warps, K-split) owns output f and streams both of its rows, so
-// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps two
-// 16-byte weight loads in flight. The per-row sums run in the same order as
-// expert_rows_kernel's, so h is bit-identical to fc1 then expert_act_kernel.
+// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps 2 x 2
+// 16-byte weight loads in flight (rows_dot).
 template <typename WT, int KS, bool VEC>
 __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const WT *__restrict__ W,         // (X, 2F, Kin)
@@ -347,6 +394,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const int32_t *__restrict__ ids,  // (T) or NULL
     float *__restrict__ h,            // (T, ldh): [:, :F] written
     int64_t ldh, int F, int Kin, int act) {
+    bm_pdl_wait();
     constexpr int RPB = 8 / KS;
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
     __shared__ float part[2][8];
@@ -363,36 +411,11 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
         if (VEC) {
             const int units = Kin / VW, per = (units + KS - 1) / KS;
             const int u0 = kp * per, u1 = min(units, u0 + per);
-#pragma unroll 2
-            for (int u = u0 + lane; u < u1; u += 32) {
-                const int k = u * VW;
-                if constexpr (sizeof(WT) == 2) {
-                    const uint4 vg = __ldg(reinterpret_cast<const uint4 *>(wg + k));
-                    const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
-                    float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
-                    float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
-                    ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
-                    ag = fmaf(b.x, x0.z, ag); ag = fmaf(b.y, x0.w, ag);
-                    ag = fmaf(c.x, x1.x, ag); ag = fmaf(c.y, x1.y, ag);
-                    ag = fmaf(d.x, x1.z, ag); ag = fmaf(d.y, x1.w, ag);
-                    a = bm_bf16x2_to_f32(vu.x); b = bm_bf16x2_to_f32(vu.y);
-                    c = bm_bf16x2_to_f32(vu.z); d = bm_bf16x2_to_f32(vu.w);
-                    au = fmaf(a.x, x0.x, au); au = fmaf(a.y, x0.y, au);
-                    au = fmaf(b.x, x0.z, au); au = fmaf(b.y, x0.w, au);
-                    au = fmaf(c.x, x1.x, au); au = fmaf(c.y, x1.y, au);
-                    au = fmaf(d.x, x1.z, au); au = fmaf(d.y, x1.w, au);
-                } else {
-                    const float4 vg = __ldg(reinterpret_cast<const float4 *>(wg + k));
-                    const float4 vu = __ldg(reinterpret_cast<const float4 *>(wu + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    ag = fmaf(vg.x, x0.x, ag); ag = fmaf(vg.y, x0.y, ag);
-                    ag = fmaf(vg.z, x0.z, ag); ag = fmaf(vg.w, x0.w, ag);
-                    au = fmaf(vu.x, x0.x, au); au = fmaf(vu.y, x0.y, au);
-                    au = fmaf(vu.z, x0.z, au); au = fmaf(vu.w, x0.w, au);
-                }
-            }
+            const WT *const wr[2] = {wg, wu};
+            float a2[2] = {0.f, 0.f};
+            if (u0 < u1) rows_dot<WT, 2, 2>(wr, xr, u0, u1, lane, a2);
+            ag = a2[0];
+            au = a2[1];
         } else {
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
@@ -466,6 +489,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     int32_t *__restrict__ ids,      // (T)
     float *__restrict__ gates,      // (T)
     int d, int X) {
+    bm_pdl_wait();
     __shared__ float sl[ROUTE_SMALL_MAX_X];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t t = blockIdx.x;
@@ -526,6 +550,7 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     int32_t *__restrict__ ids,        // (T)
     float *__restrict__ gates,        // (T)
     int d, int X) {
+    bm_pdl_wait();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float4 *srow = reinterpret_cast<float4 *>(smem_raw);
     __shared__ float scratch[32];
@@ -613,10 +638,14 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
                                  const float *__restrict__ A,     // (E, N)
                                  const float *__restrict__ D,     // (E)
                                  float *__restrict__ y,           // (B, E)
-                                 int64_t BE, int E, int N, int R, int G) {
+                                 int64_t BE, int E, int N, int R, int g_log2) {
+    // Shifts, not divisions by a run-time G (the first version divided by G and ran the
+    // batch-8 step 5 us per layer slower); the fused-dt kernel always has G = 32.
+    bm_pdl_wait();
+    const int glog = FUSED_DT ? 5 : g_log2, G = 1 << glog;
     const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    const int64_t wv = gt / G;  // (b, e) index
-    const int g = (int)(gt % G);
+    const int64_t wv = gt >> glog;  // (b, e) index
+    const int g = (int)(gt & (G - 1));
     // Groups past BE compute on a clamped index and store nothing: every lane of the warp
     // takes part in the shuffles.
     const bool valid = wv < BE;
@@ -838,12 +867,12 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const int64_t BE = B * E;
     const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
     // Lanes per (b, e): a warp for the fused dt_proj dot (R terms), else ~4 states per lane.
-    int G = 32;
+    int glog = 5;
     if (!fused) {
-        G = 1;
-        while (G < 32 && 4 * G < N) G *= 2;
+        glog = 0;
+        while (glog < 5 && 4 << glog < N) glog++;
     }
-    const unsigned blocks = (unsigned)bm_cdiv(BE * G, 256);
+    const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
     if (!fused) {
         TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, B, E, R));
         TRY(mark(m, P_DT));
@@ -852,25 +881,24 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     if (c.wdtype == BM_BF16) {
         const uint16_t *dw = (const uint16_t *)ly.dt_w;
         if (fused)
-            step_scan_kernel<uint16_t, true><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R, G);
+                (int)R, glog);
         else
-            step_scan_kernel<uint16_t, false><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, false>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R, G);
+                (int)R, glog);
     } else {
         const float *dw = (const float *)ly.dt_w;
         if (fused)
-            step_scan_kernel<float, true><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<float, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R, G);
+                (int)R, glog);
         else
-            step_scan_kernel<float, false><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<float, false>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R, G);
+                (int)R, glog);
     }
-    BM_CUDA_LAUNCHED();
     TRY(mark(m, P_SCAN));
     TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
     return mark(m, P_OUT);
@@ -885,12 +913,11 @@ int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *id
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
     if (vec)
-        expert_rows_kernel<WT, KS, true><<<grid, 256, 0, st>>>(
-            (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
     else
-        expert_rows_kernel<WT, KS, false><<<grid, 256, 0, st>>>(
-            (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
-    BM_CUDA_LAUNCHED();
+        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, false>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
     return 0;
 }
 
@@ -919,12 +946,11 @@ int expert_rows_gated_ks(const void *W, const float *x, int64_t ldx, const int32
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(F, 8 / KS), (unsigned)T);
     if (vec)
-        expert_rows_gated_kernel<WT, KS, true><<<grid, 256, 0, st>>>(
-            (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
     else
-        expert_rows_gated_kernel<WT, KS, false><<<grid, 256, 0, st>>>(
-            (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
-    BM_CUDA_LAUNCHED();
+        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, false>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
     return 0;
 }
 
@@ -964,9 +990,8 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
         GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
         TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
     }
-    expert_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->eh, T, (int)F, (int)G, c.swiglu,
-                                                       (int)c.act);
-    BM_CUDA_LAUNCHED();
+    BM_LAUNCH_PDL(expert_act_kernel, dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F,
+                  (int)G, c.swiglu, (int)c.act);
     if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
     GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
     return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
@@ -1015,10 +1040,9 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         const bool tr = trace && trace->logits && trace->logits[li];
         if (routed) {
         } else if (T <= ROUTE_SMALL_MAX) {
-            route_small_kernel<<<(unsigned)T, 256, 0, st>>>(x, ly.router_w, ly.router_b,
-                                                            tr ? ws->rlog : nullptr, ws->ids,
-                                                            ws->gates, (int)c.d, ly.X);
-            BM_CUDA_LAUNCHED();
+            BM_LAUNCH_PDL(route_small_kernel, dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d,
+                          ly.X);
         } else {
             TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
                                    ws->ids, ws->gates, T, c.d, ly.X, st));
@@ -1076,10 +1100,9 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                           (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
-            norm_route_kernel<<<(unsigned)T, NR_THREADS, (size_t)d * 4, st>>>(
-                ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
-                ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
-            BM_CUDA_LAUNCHED();
+            BM_LAUNCH_PDL(norm_route_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
+                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true));
             continue;
         }

@@ -480,3 +480,24 @@ def test_cli_routing(tmp_path, capsys):
     assert sum(d["layers"][0]["counts"]) == 600
     with pytest.raises(SystemExit):
         main(["routing", "--text", text, "--out", str(out)])       # --model is required
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_trace_and_collect_on_gpu_match_cpu(golden, dtype):
+    from blackmamba import model_cuda
+    if not model_cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    gpu = bm.load(GOLDEN, device="cuda", dtype=dtype, tokenizer=False)
+    cpu = bm.load(GOLDEN, dtype="float32", tokenizer=False)
+    tr = routing.trace(gpu, golden["input_ids"], keep_logits=True)
+    for li in (1, 3):
+        ref = golden[f"router_logits/decoder.layers.{li}.mixer"]
+        np.testing.assert_array_equal(tr.expert_ids[li], ref.argmax(-1))
+        err = np.linalg.norm(tr.router_logits[li] - ref) / np.linalg.norm(ref)
+        assert err < 1e-4, (li, err)
+    ids = np.random.default_rng(0).integers(0, 256, (3, 50))
+    st_gpu = routing.collect(gpu, list(ids), batch_size=2, seq_len=50, progress=False)
+    st_cpu = routing.collect(cpu, list(ids), batch_size=2, seq_len=50, progress=False)
+    for a, b in zip(st_gpu.summary(), st_cpu.summary()):
+        assert a["counts"] == b["counts"]

@@ -18,9 +18,11 @@ def load(path_or_id, device="cpu", dtype=None, tokenizer=None, progress=None):
 
     path_or_id: a folder with config.json + pytorch_model.bin (or model.safetensors), a
       weights file next to its config.json, or a hub id such as "Zyphra/BlackMamba-2.8B".
-    device: "cpu" (or "cuda" where the CUDA backend is built and a GPU is present).
+    device: "cpu", or "cuda" (a model_cuda.CudaModel: weights and state on the GPU; needs
+      the CUDA build and a visible GPU).
     dtype: "float32" (weights upcast; the default on the CPU) or "bfloat16" (weights kept at
-      2 bytes, used straight from the mapped file; compute, state and residual stay float32).
+      2 bytes; the default on the GPU). Compute, state and residual stay float32 (on the GPU
+      larger matrix products round activations to bf16: see model_cuda).
     tokenizer: None (look next to the checkpoint, then the GPT-NeoX-20B tokenizer), "byte",
       a tokenizer.json path, or a tokenizer object; False for none.
     """
@@ -31,9 +33,9 @@ def load(path_or_id, device="cpu", dtype=None, tokenizer=None, progress=None):
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
-        from . import cuda
-        cuda.require()
-    dtype = dtype or "float32"
+        from .model_cuda import require
+        require()                    # says why not: no CUDA build, or no visible GPU
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     model_dir = resolve_model_dir(path_or_id)
@@ -56,8 +58,12 @@ def load(path_or_id, device="cpu", dtype=None, tokenizer=None, progress=None):
         tokenizer = None
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer), model_dir=model_dir)
-    model = Model(cfg, tensors, dtype=dtype, tokenizer=tokenizer,
-                  name=os.path.basename(os.path.normpath(model_dir)))
-    model._tensors = tensors         # keeps the mapped file alive while bf16 views use it
+    name = os.path.basename(os.path.normpath(model_dir))
+    if device == "cuda":             # weights uploaded once; the mapped file can go
+        from .model_cuda import CudaModel
+        model = CudaModel(cfg, tensors, dtype=dtype, tokenizer=tokenizer, name=name)
+    else:
+        model = Model(cfg, tensors, dtype=dtype, tokenizer=tokenizer, name=name)
+        model._tensors = tensors     # keeps the mapped file alive while bf16 views use it
     model.tokenizer_error = tokenizer_error
     return model

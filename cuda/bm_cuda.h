@@ -1,4 +1,4 @@
-/* bm_cuda.h: launchers of the CUDA kernels (cuda/*.cu). Plain C, no Python.
+/* bm_cuda.h: launchers of the CUDA kernels (the cuda/ sources). Plain C, no Python.
  *
  * Conventions (the same dimension letters and layouts as csrc/bm.h):
  *   - Every pointer is a DEVICE pointer, except where a comment says host.
@@ -153,6 +153,144 @@ int bm_cuda_moe_experts_decode(const float *x, const int32_t *ids, const float *
  * C lives in shared memory when T*X*4 bytes fit (T*X <= 50000), else in P itself. */
 int bm_cuda_sinkhorn(const float *S, float *P, int64_t T, int64_t X, float tol,
                      bm_sinkhorn_init init, int max_iters, int *iters, cudaStream_t stream);
+
+/* ---- gemm.cu: y = x W^T + bias for any M (the GPU ops.linear) --------------------------- */
+/* Rows of x up to which bm_cuda_linear takes the GEMV (no cuBLAS handle, no workspace). */
+int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math);
+/* Bytes of workspace bm_cuda_linear needs (0 on the GEMV path). */
+size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin, bm_dtype wdtype, int math);
+/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16.
+ * math: BM_CUDA_MATH_FP32 (exact float32; bf16 W expanded in the workspace), TF32, or BF16
+ * (bf16 W as stored, x rounded to bf16; float32 W falls back to TF32). M up to
+ * bm_cuda_linear_gemv_rows: bm_cuda_gemv (fp32 accumulate, whatever `math`); beyond: cuBLAS
+ * through cublas_handle (its stream is set to `stream`). Kin = 0 gives y = bias (or 0). */
+int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
+                   int64_t M, int64_t Nout, int64_t Kin, int math, void *workspace,
+                   size_t workspace_bytes, void *cublas_handle, cudaStream_t stream);
+
+/* ---- util.cu: helpers of the Python bindings -------------------------------------------- */
+/* out (n) int32 = ids (n, int32 or int64 as ids_bits), -1 where outside [0, X);
+ * n_bad (1 int, device) = how many were outside (zeroed here first). */
+int bm_cuda_ids_to_i32(const void *ids, int ids_bits, int64_t n, int64_t X, int32_t *out,
+                       int32_t *n_bad, cudaStream_t stream);
+/* dst (n) int64 = src (n) int32. */
+int bm_cuda_i32_to_i64(const int32_t *src, int64_t *dst, int64_t n, cudaStream_t stream);
+
+/* ---- engine.cu: the whole model on the GPU (SPEC 1) -------------------------------------
+ * Weights live in one device allocation handed out as pointers; matrices (embedding, in/x/
+ * dt/out projections, expert fc1/fc2) in the model's wdtype, everything else float32 (norms,
+ * biases, conv, A = -exp(A_log), D, router). Residual stream, activations and the recurrent
+ * state are float32. One stream and one cuBLAS handle per model: a model must not be used by
+ * two host threads at once (the Python wrapper holds a lock).
+ * Decode (bm_cuda_model_step) is captured into a CUDA graph per batch size the first time it
+ * runs for a state and replayed afterwards; prefill runs eagerly (its MoE layers synchronise
+ * the host once each, see bm_cuda_moe_experts). Errors: a nonzero status as above; a failed
+ * cudaMalloc returns cudaErrorMemoryAllocation (2) with the byte count in the message. */
+typedef struct bm_cuda_model bm_cuda_model;  /* opaque */
+typedef struct bm_cuda_state bm_cuda_state;  /* opaque: per Mamba layer conv (B, K-1, E) and
+                                                ssm (B, E, N), float32, on the device */
+
+typedef struct {
+    int64_t num_layers, d, E, N, K, R, F, V;
+    int64_t real_vocab;      /* argmax (greedy) looks at ids < real_vocab only */
+    const int *mamba;        /* host (num_layers): 1 if the layer has a Mamba mixer */
+    const int *experts;      /* host (num_layers): 0 none, 1 dense MLP, 2..256 MoE experts */
+    int conv_bias;           /* conv1d.bias present */
+    int bias;                /* in_proj.bias and out_proj.bias present */
+    int swiglu;              /* gated MLP: fc1 (2F, d), act(a[:F]) * a[F:]; else fc1 (F, d) */
+    bm_act act;
+    bm_dtype wdtype;         /* storage of the matrices on the device: BM_F32 or BM_BF16 */
+    int math;                /* BM_CUDA_MATH_*: GEMMs of more than 8 rows (see engine.cu) */
+} bm_cuda_config;
+
+/* A HOST array: float32, or bf16 bits (uint16); converted on the device where needed. */
+typedef struct { const void *data; bm_dtype dtype; } bm_cuda_host_tensor;
+
+typedef struct {                       /* any field of a part the layer lacks: data NULL */
+    bm_cuda_host_tensor norm_w;        /* (d) */
+    bm_cuda_host_tensor norm_moe_w;    /* (d), parallel "rX" layers only */
+    bm_cuda_host_tensor in_w, in_b;    /* (2E, d), (2E) or NULL */
+    bm_cuda_host_tensor conv_w, conv_b;  /* (E, K), (E) or NULL */
+    bm_cuda_host_tensor x_w;           /* (R + 2N, E) */
+    bm_cuda_host_tensor dt_w, dt_b;    /* (E, R), (E) */
+    bm_cuda_host_tensor A, D;          /* (E, N) = -exp(A_log) float32, (E) */
+    bm_cuda_host_tensor out_w, out_b;  /* (d, E), (d) or NULL */
+    bm_cuda_host_tensor router_w, router_b;  /* (X, d), (X); MoE only */
+    const bm_cuda_host_tensor *fc1;    /* host (X): each (G, d), G = swiglu ? 2F : F */
+    const bm_cuda_host_tensor *fc2;    /* host (X): each (d, F) */
+} bm_cuda_layer_weights;
+
+typedef struct {
+    bm_cuda_host_tensor emb;           /* (V, d): embedding and tied LM head */
+    bm_cuda_host_tensor final_w, final_b;  /* (d), (d) */
+    const bm_cuda_layer_weights *layers;   /* host (num_layers) */
+} bm_cuda_weights;
+
+/* Per-MoE-layer routing of one call, copied to HOST arrays (tracing). Entries of layers
+ * without a router are NULL. logits[l] (T, X), ids[l] (T), gates[l] (T); T = B*L. */
+typedef struct { float **logits; int32_t **ids; float **gates; } bm_cuda_trace;
+
+enum { BM_CUDA_LOGITS_NONE = 0, BM_CUDA_LOGITS_LAST = 1, BM_CUDA_LOGITS_ALL = 2 };
+
+/* Uploads the weights (synchronously; the host arrays may be freed on return). */
+int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
+                         bm_cuda_model **out);
+void bm_cuda_model_free(bm_cuda_model *m);
+/* Device bytes held: weights, and workspaces (prefill + every decode batch size). */
+void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, size_t *workspaces,
+                         int *graphs);
+
+/* Run ids (B, L) from `s` (advanced in place). ids: int32, host (ids_on_device 0) or device.
+ * logits: (B, L, V) for ALL, (B, V) for LAST, unused for NONE; host or device memory.
+ * trace: NULL, or host arrays receiving the routing of each MoE layer (T = B*L). */
+int bm_cuda_model_prefill(bm_cuda_model *m, bm_cuda_state *s, const int32_t *ids,
+                          int ids_on_device, int64_t B, int64_t L, int logits_mode,
+                          float *logits, int logits_on_device, const bm_cuda_trace *trace);
+/* One token per row: tokens (B) int32 (host or device); logits (B, V) (host or device) or
+ * NULL; argmax (B) host int32 or NULL (greedy over ids < real_vocab, ties -> lowest).
+ * use_graph: replay the decode graph of this batch size (captured when missing, or when it was
+ * captured for another state). A trace forces the eager path. */
+int bm_cuda_model_step(bm_cuda_model *m, bm_cuda_state *s, const int32_t *tokens,
+                       int tokens_on_device, float *logits, int logits_on_device,
+                       int32_t *argmax, int use_graph, const bm_cuda_trace *trace);
+/* Greedy decoding on the device: feed tokens (B) (host), then n-1 more steps each fed the
+ * argmax of the previous one; out (B, n) host receives the n argmaxes (no host round trip
+ * per token: graph replay, device argmax, device copy into the graph's token buffer). */
+int bm_cuda_model_greedy(bm_cuda_model *m, bm_cuda_state *s, const int32_t *tokens, int64_t n,
+                         int32_t *out);
+
+/* States. create: zeros. copy: rows (host, n of them, each < src batch) or NULL for all. */
+int bm_cuda_state_create(bm_cuda_model *m, int64_t B, bm_cuda_state **out);
+void bm_cuda_state_free(bm_cuda_state *s);
+int64_t bm_cuda_state_batch(const bm_cuda_state *s);
+int bm_cuda_state_copy(bm_cuda_model *m, const bm_cuda_state *src, const int64_t *rows,
+                       int64_t n, bm_cuda_state **out);
+/* Row i of dst <- row j of src. */
+int bm_cuda_state_set_row(bm_cuda_model *m, bm_cuda_state *dst, int64_t i,
+                          const bm_cuda_state *src, int64_t j);
+/* One layer's conv (which 0: (B, K-1, E)) or ssm (which 1: (B, E, N)) to / from HOST. */
+int bm_cuda_state_io(bm_cuda_model *m, bm_cuda_state *s, int64_t layer, int which,
+                     float *host, int to_device);
+
+/* ---- bench.cu: ceilings and timings with CUDA events (benchmarks/bench_gpu.py) --------- */
+/* Device-to-device copy of `bytes`, median over iters: GB/s counting read + write. */
+int bm_cuda_bench_copy(size_t bytes, int iters, double *gbps);
+/* bf16 GEMM (m, n, k) through cuBLAS, fp32 accumulate, random data: median TFLOP/s. */
+int bm_cuda_bench_gemm_bf16(int64_t m, int64_t n, int64_t k, int iters, double *tflops);
+/* ms of each of `iters` decode-graph replays of one step for state s (after `warmup`). */
+int bm_cuda_bench_step(bm_cuda_model *m, bm_cuda_state *s, int warmup, int iters, float *ms);
+/* ms of each of `iters` prefills of ids (B, L) (host) from a zero state, logits LAST. */
+int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64_t B, int64_t L,
+                          int warmup, int iters, float *ms);
+/* Time per stage, ms, mean of iters - 1 runs after a warm-up: ids NULL -> one decode step of
+ * s (a graph captured with an event after every stage); else a prefill of ids (B, L) (host,
+ * B = the state's batch; host waits count). ms has BM_CUDA_PROF_STAGES entries in the order
+ * of BM_CUDA_PROF_NAMES. */
+#define BM_CUDA_PROF_STAGES 14
+#define BM_CUDA_PROF_NAMES "start", "embed", "norm", "in_proj", "conv", "x_proj", "dt_proj", \
+    "scan", "out_proj", "route", "experts", "add", "final_norm", "head"
+int bm_cuda_bench_profile(bm_cuda_model *m, bm_cuda_state *s, const int32_t *ids, int64_t L,
+                          int iters, double *ms);
 
 #ifdef __cplusplus
 }

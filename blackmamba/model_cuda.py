@@ -1,0 +1,373 @@
+"""The BlackMamba model on the GPU: CudaModel and CudaState, the same API as model.Model/State.
+
+The whole forward pass runs in the C/CUDA engine (cuda/engine.cu, bound in csrc/module.c as
+_C.cuda_model_*): weights and the recurrent state stay on the device; ids go in and logits
+come out as NumPy arrays. Decoding replays one CUDA graph per batch size (captured on the
+first step of a state), so a step is one launch from Python.
+
+Precision (the `math` argument): the residual stream, activations and the state are always
+float32. Matrix products of at most 8 rows (decode at batch <= 8) multiply bf16 or fp32
+weights with fp32 activations (exact). Larger products (prefill, decode at batch > 8) follow
+`math`: "fp32" (exact float32; bf16 weights expanded to fp32 per product), "tf32", or "bf16"
+(activations rounded to bf16 for the tensor cores, ~3e-3 relative per product). The default
+is "fp32" for float32 weights and "bf16" for bfloat16 weights (the fast path).
+"""
+import threading
+
+import numpy as np
+
+from . import _lib
+from .config import Config, has_mamba, num_experts
+from .model import PREFILL_CHUNK, State, check_weights, count_parameters
+
+DTYPES = ("float32", "bfloat16")
+MATHS = ("fp32", "tf32", "bf16")
+
+
+def device_count():
+    """Number of CUDA devices this build can use: 0 without a CUDA build, driver or GPU."""
+    try:
+        return _lib.C().cuda_device_count()
+    except ImportError:
+        return 0
+
+
+def is_available():
+    return device_count() > 0
+
+
+def require():
+    """Raise RuntimeError saying why the GPU path cannot run, or return None."""
+    C = _lib.C()
+    if not hasattr(C, "cuda_model_create"):
+        raise RuntimeError("device='cuda' needs blackmamba built with CUDA (nvcc was not found "
+                           "at install time, or BLACKMAMBA_CUDA=0): reinstall with nvcc on PATH")
+    if C.cuda_device_count() < 1:
+        raise RuntimeError("device='cuda': no CUDA device is visible (check nvidia-smi and "
+                           "CUDA_VISIBLE_DEVICES)")
+
+
+# ---- weights: NumPy host arrays for the engine --------------------------------------------
+
+def _host(t):
+    """A stored tensor -> C-contiguous float32, or uint16 holding bf16 bits (kept as is: the
+    device converts). NumPy uint16 arrays are taken as bf16 bits, as everywhere in blackmamba."""
+    if isinstance(t, np.ndarray):
+        if t.dtype == np.uint16:
+            return np.ascontiguousarray(t)
+        return np.ascontiguousarray(t, dtype=np.float32)
+    if getattr(t, "dtype", None) == "bfloat16":
+        return np.ascontiguousarray(t.array)
+    return np.ascontiguousarray(t.to_numpy("float32"))
+
+
+def _f32(t):
+    a = _host(t)
+    if a.dtype == np.uint16:    # bf16 bits -> float32 exactly
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return a
+
+
+def _engine_weights(cfg, t):
+    """The engine's weight dict (csrc/module.c py_cuda_model_create) from checkpoint names."""
+    w = {"emb": _host(t["embedding.word_embeddings.weight"]),
+         "final_w": _host(t["decoder.final_layernorm.weight"]),
+         "final_b": _host(t["decoder.final_layernorm.bias"]), "layers": []}
+    for i, kind in enumerate(cfg.layer_kinds):
+        p = f"decoder.layers.{i}."
+        parallel = len(kind) == 2
+        lw = {"norm_w": _host(t[p + "norm.weight"])}
+        if parallel:
+            lw["norm_moe_w"] = _host(t[p + "norm_moe.weight"])
+        if has_mamba(kind):
+            m = p + "mixer."
+            lw.update(in_w=_host(t[m + "in_proj.weight"]), conv_w=_host(t[m + "conv1d.weight"]),
+                      x_w=_host(t[m + "x_proj.weight"]), dt_w=_host(t[m + "dt_proj.weight"]),
+                      dt_b=_host(t[m + "dt_proj.bias"]), D=_host(t[m + "D"]),
+                      out_w=_host(t[m + "out_proj.weight"]),
+                      # A = -exp(A_log) in float32 on the host, exactly as the CPU model
+                      A=np.ascontiguousarray(-np.exp(_f32(t[m + "A_log"]))))
+            for k, name in (("conv_b", "conv1d.bias"), ("in_b", "in_proj.bias"),
+                            ("out_b", "out_proj.bias")):
+                if m + name in t:
+                    lw[k] = _host(t[m + name])
+        X = num_experts(kind)
+        if X:
+            m = p + ("moe." if parallel else "mixer.")
+            if X == 1:
+                lw["fc1"] = [_host(t[m + "linear_fc1.weight"])]
+                lw["fc2"] = [_host(t[m + "linear_fc2.weight"])]
+            else:
+                lw["router_w"] = _host(t[m + "router.weight"])
+                lw["router_b"] = _host(t[m + "router.bias"])
+                lw["fc1"] = [_host(t[f"{m}local_experts.{e}.linear_fc1.weight"]) for e in range(X)]
+                lw["fc2"] = [_host(t[f"{m}local_experts.{e}.linear_fc2.weight"]) for e in range(X)]
+        w["layers"].append(lw)
+    return w
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+class CudaState:
+    """Recurrent state of a batch on the GPU: per Mamba layer the conv window (B, K-1, E) and
+    the SSM state (B, E, N), float32. Same methods as model.State; to_cpu() / from_cpu()
+    convert. Not for two threads at once. Every engine call takes the model's lock: the
+    model has one stream, and a decode graph may be being captured on it."""
+
+    def __init__(self, model, batch_size, _handle=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.seqlen = 0
+        if _handle is None:
+            with model._lock:    # the model's one stream: no capture may be in flight
+                _handle = _lib.C().cuda_state_new(model._eng, self.batch_size)
+        self._h = _handle
+        self._lock = threading.Lock()
+
+    def _wrap(self, handle, batch_size):
+        new = CudaState(self.model, batch_size, _handle=handle)
+        new.seqlen = self.seqlen
+        return new
+
+    def copy(self):
+        with self.model._lock:
+            h = _lib.C().cuda_state_copy(self.model._eng, self._h)
+        return self._wrap(h, self.batch_size)
+
+    def select(self, rows):
+        """A new state holding the given batch rows (e.g. [2] or [0, 0, 1])."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= self.batch_size:
+            raise IndexError(f"rows {rows.tolist()} outside a batch of {self.batch_size}")
+        with self.model._lock:
+            h = _lib.C().cuda_state_copy(self.model._eng, self._h, rows)
+        return self._wrap(h, rows.size)
+
+    def set_row(self, i, other, j=0):
+        """Copy row j of `other` into row i of this state."""
+        with self.model._lock:
+            _lib.C().cuda_state_set_row(self.model._eng, self._h, int(i), other._h, int(j))
+
+    def to_cpu(self):
+        """A model.State (host arrays) with the same contents."""
+        cfg = self.model.config
+        st = State(cfg, self.batch_size)
+        C = _lib.C()
+        with self.model._lock:
+            for i, k in enumerate(cfg.layer_kinds):
+                if has_mamba(k):
+                    st.conv[i][...] = C.cuda_state_io(self.model._eng, self._h, i, 0)
+                    st.ssm[i][...] = C.cuda_state_io(self.model._eng, self._h, i, 1)
+        st.seqlen = self.seqlen
+        return st
+
+    @classmethod
+    def from_cpu(cls, model, state):
+        """A CudaState holding the contents of a model.State."""
+        new = cls(model, state.batch_size)
+        C = _lib.C()
+        with model._lock:
+            for i, k in enumerate(model.config.layer_kinds):
+                if has_mamba(k):
+                    C.cuda_state_io(model._eng, new._h, i, 0, state.conv[i])
+                    C.cuda_state_io(model._eng, new._h, i, 1, state.ssm[i])
+        new.seqlen = state.seqlen
+        return new
+
+    def save(self, path):
+        """The model.State file format (host copies)."""
+        self.to_cpu().save(path)
+
+    @classmethod
+    def load(cls, path, model):
+        """Load a state saved by save() (or by model.State.save) for `model`."""
+        return cls.from_cpu(model, State.load(path, model.config))
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+class CudaModel:
+    """BlackMamba on the GPU. Calls are serialised by a lock (one stream per model)."""
+
+    device = "cuda"
+
+    def __init__(self, config, tensors, dtype="bfloat16", tokenizer=None, name="", math=None):
+        require()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} on the GPU (the CUDA kernels have "
+                             f"no float16 path), got {dtype!r}")
+        if math is None:
+            math = "bf16" if dtype == "bfloat16" else "fp32"
+        if math not in MATHS:
+            raise ValueError(f"math must be one of {MATHS}, got {math!r}")
+        if not isinstance(config, Config):
+            config = Config.from_dict(dict(config))
+        check_weights(config, tensors)
+        self.config = config
+        self.dtype = dtype
+        self.math = math
+        self.name = name
+        self.tokenizer = tokenizer
+        self._tracer = None            # set by blackmamba.routing while tracing
+        self._lock = threading.Lock()
+        cfg = config
+        ecfg = dict(num_layers=cfg.num_layers, d=cfg.hidden_size, E=cfg.d_inner,
+                    N=cfg.state_size, K=cfg.conv_dimension, R=cfg.dt_rank,
+                    F=cfg.ffn_hidden_size, V=cfg.vocab_size, real_vocab=self.real_vocab_size,
+                    mamba=[int(has_mamba(k)) for k in cfg.layer_kinds],
+                    experts=[num_experts(k) for k in cfg.layer_kinds],
+                    conv_bias=int(cfg.conv_bias), bias=int(cfg.bias), swiglu=int(cfg.swiglu),
+                    act=cfg.activation, wdtype=dtype, math=math)
+        self._eng = _lib.C().cuda_model_create(ecfg, _engine_weights(cfg, tensors))
+
+    # -- sizes ------------------------------------------------------------------------------
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    @property
+    def real_vocab_size(self):
+        """Ids >= this are embedding padding rows: never sampled."""
+        n = self.config.real_vocab_size
+        if self.tokenizer is not None:
+            n = min(n, self.tokenizer.vocab_size)
+        return n
+
+    def new_state(self, batch_size=1):
+        return CudaState(self, batch_size)
+
+    def num_parameters(self):
+        """(total, active per token), embeddings counted once (SPEC 4)."""
+        return count_parameters(self.config)
+
+    def memory(self):
+        """Device bytes: {'weight_bytes', 'workspace_bytes', 'graphs'}."""
+        return _lib.C().cuda_model_info(self._eng)
+
+    # -- checks -----------------------------------------------------------------------------
+    def _check_ids(self, ids, ndim, what):
+        a = np.asarray(ids)
+        if a.dtype.kind not in "iu":
+            if a.size == 0 and a.dtype.kind == "f":
+                a = a.astype(np.int64)
+            else:
+                raise TypeError(f"{what} must be integer token ids, got dtype {a.dtype}")
+        if a.ndim != ndim:
+            raise ValueError(f"{what} must have {ndim} dimension(s) "
+                             f"({'(B, L)' if ndim == 2 else '(B,)'}), got shape {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+            bad = a[(a < 0) | (a >= self.vocab_size)].reshape(-1)[0]
+            raise ValueError(f"{what}: token id {int(bad)} is outside [0, {self.vocab_size})")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+    def _check_state(self, state, B):
+        if not isinstance(state, CudaState):
+            raise TypeError(f"state must be a CudaState (model.new_state on the CUDA model), "
+                            f"got {type(state).__name__}")
+        if state.model is not self:
+            raise ValueError("state belongs to another model")
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows, the input has {B}")
+
+    def _trace(self, trace):
+        if trace is None or self._tracer is None:
+            return
+        for li, t in enumerate(trace):
+            if t is not None:
+                ids, gates, logits = t
+                self._tracer(li, ids, gates, logits)
+
+    # -- public -----------------------------------------------------------------------------
+    def __call__(self, ids):
+        """Full forward: ids (B, L) -> logits (B, L, V) float32, from a fresh state."""
+        ids = self._check_ids(ids, 2, "ids")
+        return self.prefill(ids, self.new_state(ids.shape[0]))
+
+    def forward(self, ids):
+        return self(ids)
+
+    def prefill(self, ids, state, logits="all", chunk_size=PREFILL_CHUNK):
+        """Run ids (B, L) from `state` (advanced in place). logits "all" -> (B, L, V),
+        "last" -> (B, V), None -> None. Inputs longer than chunk_size run in chunks."""
+        ids = self._check_ids(ids, 2, "ids")
+        self._check_state(state, ids.shape[0])
+        B, L = ids.shape
+        if L == 0:
+            raise ValueError("ids has no tokens (L = 0): prompts need at least one token")
+        if logits not in ("all", "last", None):
+            raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        C = _lib.C()
+        trace = self._tracer is not None
+        out = None
+        with self._lock, state._lock:
+            if L <= chunk_size:
+                mode = {"all": 2, "last": 1, None: 0}[logits]
+                out, tr = C.cuda_model_prefill(self._eng, state._h, ids, mode, trace)
+                state.seqlen += L
+                self._trace(tr)
+                return out
+            if logits == "all":
+                out = np.empty((B, L, self.vocab_size), np.float32)
+            for s in range(0, L, chunk_size):
+                chunk = np.ascontiguousarray(ids[:, s:s + chunk_size])
+                last = s + chunk_size >= L
+                mode = 2 if logits == "all" else (1 if logits == "last" and last else 0)
+                got, tr = C.cuda_model_prefill(self._eng, state._h, chunk, mode, trace)
+                state.seqlen += chunk.shape[1]
+                self._trace(tr)
+                if logits == "all":
+                    out[:, s:s + chunk.shape[1]] = got
+                elif mode == 1:
+                    out = got
+        return out
+
+    def step(self, tokens, state, graph=True):
+        """One recurrent step: tokens (B,) -> logits (B, V); `state` advances one token.
+        graph=False runs the kernels eagerly (the graph replay computes the same)."""
+        tokens = self._check_ids(tokens, 1, "tokens")
+        self._check_state(state, tokens.shape[0])
+        trace = self._tracer is not None
+        with self._lock, state._lock:
+            logits, _, tr = _lib.C().cuda_model_step(self._eng, state._h, tokens, graph, True,
+                                                     False, trace)
+            state.seqlen += 1
+        self._trace(tr)
+        return logits
+
+    def greedy(self, ids, max_new_tokens, state=None):
+        """Greedy decoding entirely on the device (argmax over ids < real_vocab_size, ties ->
+        lowest; no EOS stop): ids (B, L) -> (B, max_new_tokens) int64. The prompt is
+        prefilled (logits of the last position only), then each step feeds the previous
+        argmax through the decode graph without a round trip to the host."""
+        ids = self._check_ids(ids, 2, "ids")
+        B = ids.shape[0]
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if state is None:
+            state = self.new_state(B)
+        last = self.prefill(ids, state, logits="last")
+        if max_new_tokens == 0:
+            return np.zeros((B, 0), np.int64)
+        first = np.argmax(last[:, :self.real_vocab_size], axis=-1).astype(np.int64)
+        if max_new_tokens == 1:
+            return first[:, None]
+        with self._lock, state._lock:
+            rest = _lib.C().cuda_model_greedy(self._eng, state._h, first, max_new_tokens - 1)
+            state.seqlen += max_new_tokens - 1
+        return np.concatenate([first[:, None], rest], axis=1)
+
+    def generate(self, prompt, max_new_tokens=64, **kw):
+        from .generation import generate
+        return generate(self, prompt, max_new_tokens=max_new_tokens, **kw)
+
+    def __repr__(self):
+        t, a = self.num_parameters()
+        return (f"<blackmamba.CudaModel {self.name or ''} layers={self.config.num_layers} "
+                f"d={self.config.hidden_size} params={t:,} active={a:,} dtype={self.dtype} "
+                f"math={self.math} device=cuda>")

@@ -1,0 +1,1955 @@
+// engine.cu: the whole BlackMamba model on the GPU (SPEC 1): weights, workspaces, recurrent
+// state, prefill, the decode step as a CUDA graph, greedy decoding on the device.
+//
+// Letters: B batch, L length, T = B*L tokens, d hidden, E d_inner, N state, K conv width,
+// R dt rank, X experts, F ffn hidden, G = 2F (gated) or F, V vocab.
+//
+// The layer loop is model.py's `_layers` with the ops replaced by the launchers of
+// cuda/*.cu (bm_cuda.h); this file adds only glue kernels (embedding gather, B/C split,
+// bias add, the fused dt_proj + recurrent scan step, the expert activation, argmax).
+//
+// Matrix products (`linear` below):
+//   - up to GEMV_ROWS rows: the bf16/fp32 GEMV (gemv.cu), fp32 activations, exact;
+//   - more rows, bf16 weights, BM_CUDA_MATH_BF16: activations rounded to bf16, cuBLAS bf16
+//     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product);
+//   - more rows, bf16 weights, FP32/TF32 math: GEMV up to GEMV_ROWS_EXACT rows (reads the
+//     weights once per 8 rows), else the weights expanded to fp32 into a scratch matrix and a
+//     cuBLAS fp32 (or tf32) GEMM;
+//   - fp32 weights: cuBLAS fp32 GEMM (tf32 with BM_CUDA_MATH_TF32 or _BF16).
+// MoE / MLP layers (routing: one block per token up to ROUTE_SMALL_MAX tokens, else moe.cu):
+//   - up to GEMV_ROWS tokens: per-token expert rows (expert_rows_kernel), fp32 activations;
+//   - decode of more tokens with BF16 math: every token through all experts with two
+//     strided-batched bf16 GEMMs, then each token keeps its expert's rows (expert_all);
+//   - otherwise up to MOE_GEMV_MAX tokens (or an ungated MLP): the gathered GEMV (gemv.cu);
+//   - larger prefills: bm_cuda_moe_experts (cuBLAS per expert, one host sync per layer).
+// Everything on the decode path is free of host synchronisation, so it is captured.
+// Measured on the H200 at the 2.8B shape: benchmarks/RESULTS.md (GPU section).
+#include <stdio.h>
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <new>
+#include <vector>
+
+#include <cublas_v2.h>
+
+#include "common.cuh"
+
+#include <type_traits>
+
+#define BM_CUBLAS_TRY(call)                                                                \
+    do {                                                                                   \
+        cublasStatus_t s_ = (call);                                                        \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                   \
+            return bm_cuda_fail_(__FILE__, __LINE__, BM_CUDA_ERR_CUBLAS,                   \
+                                 cublasGetStatusName(s_), cublasGetStatusString(s_));     \
+    } while (0)
+#define TRY(call)                     \
+    do {                              \
+        int st_ = (call);             \
+        if (st_) return st_;          \
+    } while (0)
+
+namespace {
+
+constexpr float EPS = 1e-5f;            // RMSNorm and final LayerNorm (SPEC 1)
+constexpr int64_t GEMV_ROWS = 8;        // the GEMV reads W once for up to 8 rows
+constexpr int64_t GEMV_ROWS_EXACT = 64; // bf16 weights, fp32 math: GEMV instead of expansion
+constexpr int64_t MOE_GEMV_MAX = 64;    // tokens: gathered GEMV below, cuBLAS experts above
+constexpr int64_t LOGIT_ROWS = 1024;    // prefill LM head: rows of logits per block
+constexpr size_t BLAS_WS_BYTES = 32u << 20;  // user workspace: no allocation inside capture
+
+std::atomic<uint64_t> g_state_serial{1};  // identifies a state's buffers for graph reuse
+
+int alloc_fail(const char *file, int line, cudaError_t e, size_t bytes, const char *what) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "cudaMalloc of %zu bytes (%s) failed: %s", bytes, what,
+             cudaGetErrorString(e));
+    cudaGetLastError();  // clear the (non-sticky) allocation error
+    return bm_cuda_fail_(file, line, (int)e, cudaGetErrorName(e), msg);
+}
+
+int dev_alloc(void **p, size_t bytes, const char *what) {
+    *p = nullptr;
+    if (bytes == 0) return 0;
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e != cudaSuccess) {
+        *p = nullptr;
+        return alloc_fail(__FILE__, __LINE__, e, bytes, what);
+    }
+    return 0;
+}
+
+// Hands out 256-byte aligned pieces of one allocation; with base NULL it only counts bytes
+// (the sizing pass).
+struct Arena {
+    char *base;
+    size_t off;
+    template <typename P>
+    P *take(int64_t count) {
+        P *p = base ? reinterpret_cast<P *>(base + off) : nullptr;
+        off += ((size_t)count * sizeof(P) + 255) & ~(size_t)255;
+        return p;
+    }
+};
+
+// One layer's weights on the device; NULL where the layer has no such part.
+struct LayerDev {
+    int mamba;              // has a Mamba mixer
+    int X;                  // 0 no MLP, 1 dense MLP, >= 2 MoE experts
+    float *norm_w;          // (d)
+    float *norm_moe_w;      // (d) parallel "rX" only
+    void *in_w;             // (2E, d) wdtype
+    float *in_b;            // (2E) or NULL
+    float *conv_w, *conv_b; // (E, K), (E) or NULL
+    void *x_w;              // (R + 2N, E) wdtype
+    void *dt_w;             // (E, R) wdtype
+    float *dt_b;            // (E)
+    float *A, *D;           // (E, N) = -exp(A_log), (E)
+    void *out_w;            // (d, E) wdtype
+    float *out_b;           // (d) or NULL
+    float *router_w, *router_b;  // (X, d), (X): float32 like the CPU model
+    void *fc1, *fc2;        // (X, G, d), (X, d, F) wdtype, experts contiguous
+};
+
+// Activations of one batch size (decode) or one token capacity (prefill).
+struct Ws {
+    int64_t T;              // token capacity (decode: = B)
+    bool decode;
+    char *base;
+    size_t bytes;
+    int32_t *tok;           // (T) input ids
+    float *h, *r, *xn, *yf; // (T, d): mixer output, residual, normed input, final LN output
+    float *xm, *mo;         // (T, d) parallel layers: MLP input and output
+    float *xz;              // (2, T, E): x = xz (T, E), z = xz + T*E (T, E)
+    float *xc, *y;          // (T, E) conv output, scan output
+    float *delta;           // (T, E) prefill, and decode at T > GEMV_ROWS
+    float *dbc;             // (T, R + 2N) x_proj output
+    float *Bm, *Cm;         // (T, N) prefill: B and C split out of dbc
+    int32_t *ids;           // (T) expert of each token
+    float *gates;           // (T)
+    float *rlog;            // (T, Xmax) router logits (tracing)
+    float *eh;              // (rows, G) expert hidden of the GEMV path
+    uint16_t *xbf;          // (T, max(d, E, R)) bf16 copy of a GEMM input (BF16 math)
+    float *hall;            // (X, T, G) decode, BF16 math, T > GEMV_ROWS: every expert's fc1
+    uint16_t *abf;          //   (T, F) the chosen expert's act(fc1) as bf16
+    float *oall;            //   (X, T, d) every expert's fc2
+    void *moe;              // bm_cuda_moe_experts workspace (prefill)
+    size_t moe_bytes;
+    int64_t LB;             // rows of logits per block
+    float *logits;          // (LB, V)
+    int32_t *amax;          // (T)
+    cudaGraphExec_t exec;   // decode graph (decode workspaces)
+    uint64_t serial;        // the state it was captured for
+};
+
+}  // namespace
+
+struct bm_cuda_state {
+    int64_t B;
+    uint64_t serial;
+    char *base;
+    size_t bytes;
+    std::vector<float *> conv;  // per layer (B, K-1, E) or NULL
+    std::vector<float *> ssm;   // per layer (B, E, N) or NULL
+};
+
+struct bm_cuda_model {
+    bm_cuda_config cfg;
+    std::vector<int> mamba_v, experts_v;
+    int64_t G;                 // fc1 rows per expert
+    int64_t Xmax;              // most experts in a layer (>= 1)
+    bool has_parallel, has_gated_mlp, has_mlp;
+    char *wbase;
+    size_t wbytes;
+    void *emb;                 // (V, d) wdtype
+    float *final_w, *final_b;  // (d)
+    std::vector<LayerDev> layers;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *blas_ws;
+    float *wf;                 // bf16 -> fp32 expansion scratch (lazy), wf_elems floats
+    int64_t wf_elems;
+    Ws *pre;                   // prefill workspace (grown on demand)
+    std::vector<Ws *> dec;     // decode workspaces, one per batch size
+    // Profiling (bm_cuda_bench_profile): an event after each stage while prof_on.
+    bool prof_on;
+    bool prof_graph;           // capturing: events must be recorded as external nodes
+    std::vector<cudaEvent_t> prof_ev;
+    std::vector<int> prof_kind;
+    size_t prof_n;
+};
+
+namespace {
+
+// ---- glue kernels --------------------------------------------------------------------------
+
+template <typename WT>
+__device__ __forceinline__ float ld_w(const WT *p) {
+    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(*p);
+    else return *p;
+}
+
+// out[t] = emb[ids[t]] as float32. Ids are clamped: a bad id reads a valid row, never past V
+// (host ids are validated at the boundary; device ids come from argmax < V).
+template <typename WT>
+__global__ void embed_kernel(const int32_t *__restrict__ ids,  // (T)
+                             const WT *__restrict__ emb,       // (V, d)
+                             float *__restrict__ out,          // (T, d)
+                             int d, int V) {
+    const int64_t t = blockIdx.x;
+    int id = ids[t];
+    id = id < 0 ? 0 : id >= V ? V - 1 : id;
+    const WT *src = emb + (int64_t)id * d;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) out[t * d + k] = ld_w(src + k);
+}
+
+// Bm[t] = dbc[t, R:R+N], Cm[t] = dbc[t, R+N:R+2N]: the scan reads B, C with stride N.
+__global__ void split_bc_kernel(const float *__restrict__ dbc,  // (T, R + 2N)
+                                float *__restrict__ Bm,         // (T, N)
+                                float *__restrict__ Cm,         // (T, N)
+                                int64_t T, int R, int N) {
+    const int64_t n = T * N;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / N;
+        const int k = (int)(i % N);
+        const float *row = dbc + t * (R + 2 * N) + R;
+        Bm[i] = row[k];
+        Cm[i] = row[N + k];
+    }
+}
+
+// xb (M, K) = bf16(x (M, ldx)[:, :K]): the GEMM input of the BF16 math path.
+__global__ void to_bf16_kernel(const float *__restrict__ x, int64_t ldx,
+                               uint16_t *__restrict__ xb, int64_t M, int64_t K) {
+    const int64_t n = M * K;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        xb[i] = bm_f32_to_bf16_bits(x[(i / K) * ldx + i % K]);
+}
+
+// y (M, ldy)[:, :N] += bias (N)
+__global__ void add_bias_kernel(float *__restrict__ y, int64_t ldy,
+                                const float *__restrict__ bias, int64_t M, int64_t N) {
+    const int64_t n = M * N;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[(i / N) * ldy + i % N] += bias[i % N];
+}
+
+// a (n) += b (n): the parallel layer's mamba(x) + mlp(x).
+__global__ void add_kernel(float *__restrict__ a, const float *__restrict__ b, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        a[i] += b[i];
+}
+
+// Same formulas as moe.cu's act_fn (exact erf GELU by default, SPEC 3).
+__device__ __forceinline__ float act_fn(float v, int act) {
+    switch (act) {
+        case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+        case BM_ACT_GELU_TANH:
+            return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
+        case BM_ACT_SILU: return v / (1.f + expf(-v));
+        default: return v;
+    }
+}
+
+// In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
+// else h = act(h).
+__global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, int act) {
+    bm_pdl_wait();
+    const int64_t n = T * F;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float *row = h + (i / F) * G;
+        const int f = (int)(i % F);
+        const float a = act_fn(row[f], act);
+        row[f] = gated ? a * row[F + f] : a;
+    }
+}
+
+// acc[r] += sum over the units u = u0 + lane, u0 + lane + 32, ... < u1 of W_r[u] . x[u] (a unit
+// is 16 bytes of weights: 8 bf16 or 4 float32), for NW weight rows sharing x. Software-
+// pipelined like gemv.cu's loop: the next UNR units' weight loads of every row are issued
+// before this group's FMAs (indices clamped into the slice, zero weights past its end, which
+// add exactly 0), so each lane keeps NW * UNR 16-byte loads in flight. The sums run in the
+// plain loop's order.
+template <typename WT, int NW, int UNR>
+__device__ __forceinline__ void rows_dot(const WT *const (&w)[NW], const float *__restrict__ xr,
+                                         int u0, int u1, int lane, float (&acc)[NW]) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    using Raw = typename std::conditional<sizeof(WT) == 2, uint4, float4>::type;
+    const int ul = max(u1 - 1, u0);
+    Raw cur[NW][UNR];
+#pragma unroll
+    for (int r = 0; r < NW; r++)
+#pragma unroll
+        for (int i = 0; i < UNR; i++)
+            cur[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u0 + lane + 32 * i, ul) * VW));
+    for (int u = u0 + lane; u < u1; u += 32 * UNR) {
+        Raw nxt[NW][UNR];
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int i = 0; i < UNR; i++)
+                nxt[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u + 32 * (UNR + i), ul) * VW));
+#pragma unroll
+        for (int i = 0; i < UNR; i++) {
+            const bool in = u + 32 * i < u1;
+            const int k = min(u + 32 * i, ul) * VW;
+            float xv[VW];
+            const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+            xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w;
+            if constexpr (VW == 8) {
+                const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
+            }
+#pragma unroll
+            for (int r = 0; r < NW; r++) {
+                float wv[VW];
+                if constexpr (VW == 8) {
+                    const uint4 v = reinterpret_cast<const uint4 &>(cur[r][i]);
+                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                    wv[0] = a.x; wv[1] = a.y; wv[2] = b.x; wv[3] = b.y;
+                    wv[4] = c.x; wv[5] = c.y; wv[6] = d.x; wv[7] = d.y;
+                } else {
+                    const float4 v = reinterpret_cast<const float4 &>(cur[r][i]);
+                    wv[0] = v.x; wv[1] = v.y; wv[2] = v.z; wv[3] = v.w;
+                }
+#pragma unroll
+                for (int q = 0; q < VW; q++) acc[r] = fmaf(in ? wv[q] : 0.f, xv[q], acc[r]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int i = 0; i < UNR; i++) cur[r][i] = nxt[r][i];
+    }
+}
+
+// Expert rows for a few tokens: y[t, r] = scale[t] * (W[e_t, r, :] . x[t, :]), e_t = ids[t]
+// (ids NULL: 0; scale NULL: 1). Grid (row blocks, T): each token streams its own expert's rows
+// and no block exists for an expert nobody uses (the gathered GEMV of gemv.cu launches blocks
+// for all X experts). KS warps share a row (K-split), partial sums meet in shared memory.
+template <typename WT, int KS, bool VEC>
+__global__ __launch_bounds__(256) void expert_rows_kernel(
+    const WT *__restrict__ W,         // (X, Nout, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    const float *__restrict__ scale,  // (T) or NULL
+    float *__restrict__ y,            // (T, ldy)
+    int64_t ldy, int Nout, int Kin) {
+    bm_pdl_wait();
+    constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
+    __shared__ float part[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int row = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    float acc = 0.f;
+    if (row < Nout) {
+        const int64_t e = ids ? ids[t] : 0;
+        const WT *w = W + (e * Nout + row) * (int64_t)Kin;
+        const float *xr = x + t * ldx;
+        if (VEC) {
+            const int units = Kin / VW, per = (units + KS - 1) / KS;
+            const int u0 = kp * per, u1 = min(units, u0 + per);
+            const WT *const wr[1] = {w};
+            float a1[1] = {0.f};
+            if (u0 < u1) rows_dot<WT, 1, 4>(wr, xr, u0, u1, lane, a1);
+            acc = a1[0];
+        } else {
+            const int per = (Kin + KS - 1) / KS;
+            const int k0 = kp * per, k1 = min(Kin, k0 + per);
+#pragma unroll 4
+            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), __ldg(xr + k), acc);
+        }
+    }
+    acc = bm_warp_sum(acc);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) part[warp] = acc;
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) acc += part[warp + q];
+    }
+    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
+}
+
+// fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
+// h[t, f] = act(W[e_t, f, :] . x[t, :]) * (W[e_t, F + f, :] . x[t, :]) for f < F, written to
+// h[t, :F]. One warp (or KS warps, K-split) owns output f and streams both of its rows, so
+// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps 2 x 2
+// 16-byte weight loads in flight (rows_dot).
+template <typename WT, int KS, bool VEC>
+__global__ __launch_bounds__(256) void expert_rows_gated_kernel(
+    const WT *__restrict__ W,         // (X, 2F, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    float *__restrict__ h,            // (T, ldh): [:, :F] written
+    int64_t ldh, int F, int Kin, int act) {
+    bm_pdl_wait();
+    constexpr int RPB = 8 / KS;
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    __shared__ float part[2][8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int f = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    float ag = 0.f, au = 0.f;
+    if (f < F) {
+        const int64_t e = ids ? ids[t] : 0;
+        const WT *wg = W + (e * 2 * F + f) * (int64_t)Kin;   // gate row
+        const WT *wu = wg + (int64_t)F * Kin;                 // up row
+        const float *xr = x + t * ldx;
+        if (VEC) {
+            const int units = Kin / VW, per = (units + KS - 1) / KS;
+            const int u0 = kp * per, u1 = min(units, u0 + per);
+            const WT *const wr[2] = {wg, wu};
+            float a2[2] = {0.f, 0.f};
+            if (u0 < u1) rows_dot<WT, 2, 2>(wr, xr, u0, u1, lane, a2);
+            ag = a2[0];
+            au = a2[1];
+        } else {
+            const int per = (Kin + KS - 1) / KS;
+            const int k0 = kp * per, k1 = min(Kin, k0 + per);
+#pragma unroll 4
+            for (int k = k0 + lane; k < k1; k += 32) {
+                const float xv = __ldg(xr + k);
+                ag = fmaf(ld_w(wg + k), xv, ag);
+                au = fmaf(ld_w(wu + k), xv, au);
+            }
+        }
+    }
+    ag = bm_warp_sum(ag);
+    au = bm_warp_sum(au);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) {
+            part[0][warp] = ag;
+            part[1][warp] = au;
+        }
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) {
+                ag += part[0][warp + q];
+                au += part[1][warp + q];
+            }
+    }
+    if (kp == 0 && lane == 0 && f < F) h[t * ldh + f] = act_fn(ag, act) * au;
+}
+
+// The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
+// (ungated: act(hall[e_t, t, :F])), e_t = ids[t] (ids NULL: 0).
+__global__ void select_act_kernel(const float *__restrict__ hall,   // (X, T, G)
+                                  const int32_t *__restrict__ ids,  // (T) or NULL
+                                  uint16_t *__restrict__ abf,       // (T, F)
+                                  int64_t T, int F, int G, int gated, int act) {
+    const int64_t n = T * F;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / F;
+        const int f = (int)(i % F);
+        const float *row = hall + ((ids ? (int64_t)ids[t] : 0) * T + t) * G;
+        const float a = act_fn(row[f], act);
+        abf[i] = bm_f32_to_bf16_bits(gated ? a * row[F + f] : a);
+    }
+}
+
+// out[t] = gates[t] * oall[e_t, t] (gates NULL: 1).
+__global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
+                                  const int32_t *__restrict__ ids,  // (T) or NULL
+                                  const float *__restrict__ gates,  // (T) or NULL
+                                  float *__restrict__ out,          // (T, d)
+                                  int64_t T, int d) {
+    const int64_t n = T * d;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / d;
+        const int64_t e = ids ? ids[t] : 0;
+        out[i] = (gates ? gates[t] : 1.f) * oall[(e * T + t) * d + i % d];
+    }
+}
+
+// Top-1 routing (SPEC 3) for a few tokens (decode): one block per token, one warp per expert
+// (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
+// per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
+constexpr int ROUTE_SMALL_MAX = 64;  // tokens
+constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
+__global__ __launch_bounds__(256) void route_small_kernel(
+    const float *__restrict__ x,    // (T, d)
+    const float *__restrict__ rw,   // (X, d)
+    const float *__restrict__ rb,   // (X)
+    float *__restrict__ logits,     // (T, X) or NULL
+    int32_t *__restrict__ ids,      // (T)
+    float *__restrict__ gates,      // (T)
+    int d, int X) {
+    bm_pdl_wait();
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.x;
+    const float *xr = x + t * d;
+    const bool vec = (d & 3) == 0 && (((uintptr_t)xr | (uintptr_t)rw) & 15) == 0;
+    for (int e = warp; e < X; e += 8) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+        if (vec) {
+            for (int k = 4 * lane; k < d; k += 128) {
+                const float4 a = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+        } else {
+            for (int k = lane; k < d; k += 32) acc = fmaf(__ldg(xr + k), __ldg(w + k), acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float best = -INFINITY;
+        int bi = 0;
+        for (int e = 0; e < X; e++) {
+            const float v = sl[e];
+            if (logits) logits[t * X + e] = v;
+            if (v > best) {  // strict: ties keep the lowest index
+                best = v;
+                bi = e;
+            }
+        }
+        ids[t] = bi;
+        gates[t] = 1.f / (1.f + expf(-best));
+    }
+}
+
+// RMSNorm with the residual add, then top-1 routing of the normed row, for a few tokens
+// (decode): one block of NR_THREADS per token. The norm is norm.cu's rms_norm_kernel<4> at the
+// same block size (same sums, so bit-identical xn and res_out); its output row stays in shared
+// memory for route_small_kernel's dot products (same order, so the same logits). One graph node
+// instead of two per MoE layer, and the router reads x from shared memory.
+constexpr int NR_THREADS = 256;
+constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
+__global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
+    const float *x,                   // (T, d)
+    const float *residual,            // (T, d) or NULL
+    const float *__restrict__ nw,     // (d)
+    float eps,
+    float *__restrict__ out,          // (T, d) normed
+    float *res_out,                   // (T, d): x + residual (may alias x or residual)
+    const float *__restrict__ rw,     // (X, d)
+    const float *__restrict__ rb,     // (X)
+    float *__restrict__ logits,       // (T, X) or NULL
+    int32_t *__restrict__ ids,        // (T)
+    float *__restrict__ gates,        // (T)
+    int d, int X) {
+    bm_pdl_wait();
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
+    __shared__ float scratch[32];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    const int nv = d / 4;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float4 r = xr[i];
+        if (rr) {
+            const float4 q = rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const float4 a = srow[i], w4 = wv[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
+        o[i] = v;
+    }
+    __syncthreads();
+    const float *xs = reinterpret_cast<const float *>(srow);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = warp; e < X; e += NR_THREADS / 32) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int k = 4 * lane; k < d; k += 128) {
+            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+            const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int64_t t = blockIdx.x;
+        float best = -INFINITY;
+        int bi = 0;
+        for (int e = 0; e < X; e++) {
+            const float v = sl[e];
+            if (logits) logits[t * X + e] = v;
+            if (v > best) {  // strict: ties keep the lowest index
+                best = v;
+                bi = e;
+            }
+        }
+        ids[t] = bi;
+        gates[t] = 1.f / (1.f + expf(-best));
+    }
+}
+
+// The recurrent step of SPEC 2 with dt_proj fused in. A group of G lanes (a power of two
+// <= 32) per (b, e):
+//   delta = softplus(dt_b[e] + dt_w[e, :] . dbc[b, :R])
+//   h[n]  = exp(delta * A[e, n]) * h[n] + delta * B[b, n] * x[b, e]      (lanes own n)
+//   y     = (sum_n h[n] * C[b, n] + D[e] * x[b, e]) * silu(z[b, e])
+// B and C are read in place from dbc (stride R + 2N), so no split and no delta buffer.
+// FUSED_DT false: delta (B, E) = dt_r @ dt_w^T was computed before (a GEMM at larger batches,
+// where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64). Then G
+// is about N/4 (4 states per lane): a whole warp per (b, e) left half the lanes idle at
+// N = 16 and made 188K warps at B = 64 (60 us per layer on the H200).
+template <typename WT, bool FUSED_DT>
+__global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) in place
+                                 const float *__restrict__ xc,    // (B, E)
+                                 const float *__restrict__ z,     // (B, E)
+                                 const float *__restrict__ dbc,   // (B, R + 2N)
+                                 const WT *__restrict__ dt_w,     // (E, R)
+                                 const float *__restrict__ delta, // (B, E) when !FUSED_DT
+                                 const float *__restrict__ dt_b,  // (E)
+                                 const float *__restrict__ A,     // (E, N)
+                                 const float *__restrict__ D,     // (E)
+                                 float *__restrict__ y,           // (B, E)
+                                 int64_t BE, int E, int N, int R, int g_log2) {
+    // Shifts, not divisions by a run-time G (the first version divided by G and ran the
+    // batch-8 step 5 us per layer slower); the fused-dt kernel always has G = 32.
+    bm_pdl_wait();
+    const int glog = FUSED_DT ? 5 : g_log2, G = 1 << glog;
+    const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t wv = gt >> glog;  // (b, e) index
+    const int g = (int)(gt & (G - 1));
+    // Groups past BE compute on a clamped index and store nothing: every lane of the warp
+    // takes part in the shuffles.
+    const bool valid = wv < BE;
+    const int64_t w = valid ? wv : BE - 1;
+    const int64_t b = w / E;
+    const int e = (int)(w % E);
+    const float *row = dbc + b * (R + 2 * N);
+    float acc = 0.f;
+    if (FUSED_DT) {
+        for (int k = g; k < R; k += G) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
+        for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    } else {
+        acc = delta[w];
+    }
+    const float dt = bm_softplus(acc + dt_b[e]);
+    const float xv = xc[w];
+    const float dx = dt * xv;
+    float ya = 0.f;
+    for (int n = g; n < N; n += G) {
+        float *s = ssm + w * N + n;
+        const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * row[R + n]);
+        if (valid) *s = hn;
+        ya = fmaf(hn, row[R + N + n], ya);
+    }
+    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+    if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
+}
+
+// out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
+constexpr int ARGMAX_THREADS = 256;
+__global__ __launch_bounds__(ARGMAX_THREADS) void argmax_kernel(
+    const float *__restrict__ logits,  // (B, V)
+    int64_t V, int limit,
+    int32_t *__restrict__ out) {       // (B)
+    __shared__ float sv[ARGMAX_THREADS];
+    __shared__ int si[ARGMAX_THREADS];
+    const float *p = logits + (int64_t)blockIdx.x * V;
+    float best = -INFINITY;
+    int bi = limit;  // sentinel: larger than every real index
+    for (int i = threadIdx.x; i < limit; i += ARGMAX_THREADS) {
+        const float v = p[i];
+        if (v > best || (v == best && i < bi)) { best = v; bi = i; }
+    }
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = ARGMAX_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float v = sv[threadIdx.x + s];
+            const int j = si[threadIdx.x + s];
+            if (v > sv[threadIdx.x] || (v == sv[threadIdx.x] && j < si[threadIdx.x])) {
+                sv[threadIdx.x] = v;
+                si[threadIdx.x] = j;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = si[0] < limit ? si[0] : 0;  // all-NaN row -> 0
+}
+
+unsigned grid_for(int64_t n) {
+    const int64_t g = bm_cdiv(n, 256);
+    return (unsigned)(g < 1 ? 1 : g > 65536 ? 65536 : g);
+}
+
+// Stages the profiler attributes time to (bm_cuda_bench_profile; names in bm_cuda.h).
+enum { P_START, P_EMBED, P_NORM, P_IN, P_CONV, P_XPROJ, P_DT, P_SCAN, P_OUT, P_ROUTE,
+       P_EXPERTS, P_ADD, P_FINAL, P_HEAD, P_COUNT };
+
+static_assert(P_COUNT == BM_CUDA_PROF_STAGES, "profiler stages: engine.cu vs bm_cuda.h");
+
+// Marks the end of a stage: an event on the stream (captured into the graph as an event
+// record node when capturing). Nothing unless profiling.
+int mark(bm_cuda_model *m, int kind) {
+    if (!m->prof_on || m->prof_n >= m->prof_ev.size()) return 0;
+    // Inside a capture a plain record only orders work; an external record node is what
+    // cudaEventElapsedTime can read after a replay.
+    if (m->prof_graph)
+        BM_CUDA_TRY(cudaEventRecordWithFlags(m->prof_ev[m->prof_n], m->stream,
+                                             cudaEventRecordExternal));
+    else
+        BM_CUDA_TRY(cudaEventRecord(m->prof_ev[m->prof_n], m->stream));
+    m->prof_kind[m->prof_n++] = kind;
+    return 0;
+}
+
+// ---- matrix products -------------------------------------------------------------------------
+
+size_t wsize(const bm_cuda_model *m) { return m->cfg.wdtype == BM_BF16 ? 2 : 4; }
+const void *wrows(const bm_cuda_model *m, const void *W, int64_t row0, int64_t Kin) {
+    return (const char *)W + (size_t)(row0 * Kin) * wsize(m);
+}
+
+// The cuBLAS handle's stream and workspace: set before every eager call and every capture
+// (bm_cuda_moe_experts sets the stream, which resets the workspace to cuBLAS's own pool).
+int blas_prepare(bm_cuda_model *m) {
+    BM_CUBLAS_TRY(cublasSetStream(m->blas, m->stream));
+    BM_CUBLAS_TRY(cublasSetWorkspace(m->blas, m->blas_ws, BLAS_WS_BYTES));
+    BM_CUBLAS_TRY(cublasSetMathMode(m->blas, CUBLAS_DEFAULT_MATH));
+    return 0;
+}
+
+int gemm(bm_cuda_model *m, const void *W, cudaDataType wt, const void *x, cudaDataType xt,
+         int64_t ldx, float *y, int64_t ldy, int64_t M, int64_t Nout, int64_t Kin,
+         cublasComputeType_t ct) {
+    // Row-major y (M, Nout) = x (M, Kin) W^T is column-major y^T = (W viewed (Kin, Nout))^T x^T.
+    const float one = 1.f, zero = 0.f;
+    BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)Nout, (int)M, (int)Kin,
+                               &one, W, wt, (int)Kin, x, xt, (int)ldx, &zero, y, CUDA_R_32F,
+                               (int)ldy, ct, CUBLAS_GEMM_DEFAULT));
+    return 0;
+}
+
+bool bf16_math(const bm_cuda_model *m) {
+    return m->cfg.wdtype == BM_BF16 && m->cfg.math == BM_CUDA_MATH_BF16;
+}
+// Does a product of M rows expand bf16 weights to fp32 (needs the wf scratch)?
+bool needs_wf(const bm_cuda_model *m, int64_t M) {
+    return m->cfg.wdtype == BM_BF16 && !bf16_math(m) && M > GEMV_ROWS_EXACT;
+}
+int ensure_wf(bm_cuda_model *m) {
+    if (m->wf) return 0;
+    const bm_cuda_config &c = m->cfg;
+    int64_t n = c.V * c.d;
+    n = std::max(n, c.E * c.d);
+    n = std::max(n, (c.R + 2 * c.N) * c.E);
+    n = std::max(n, c.E * c.R);
+    TRY(dev_alloc((void **)&m->wf, (size_t)n * 4, "bf16->fp32 weight scratch"));
+    m->wf_elems = n;
+    return 0;
+}
+
+// y (M, ldy)[:, :Nout] = x (M, ldx)[:, :Kin] @ W (Nout, Kin)^T (+ bias (Nout)). See the top.
+// xbf_ready: ws->xbf already holds bf16(x) (the second in_proj half reuses the first's).
+int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
+           const float *bias, float *y, int64_t ldy, int64_t M, int64_t Nout, int64_t Kin,
+           bool xbf_ready = false) {
+    if (M <= 0 || Nout <= 0) return 0;
+    const bool bf = m->cfg.wdtype == BM_BF16;
+    const bool bfm = bf16_math(m);
+    if (M <= GEMV_ROWS || (bf && !bfm && M <= GEMV_ROWS_EXACT)) {
+        GemvParams p{W, x, ldx, nullptr, nullptr, bias, y, ldy, (int)M, (int)Nout, (int)Kin};
+        return bm_gemv_launch(p, m->cfg.wdtype, 1, 0, m->stream);
+    }
+    if (bfm) {
+        if (!xbf_ready) {
+            to_bf16_kernel<<<grid_for(M * Kin), 256, 0, m->stream>>>(x, ldx, ws->xbf, M, Kin);
+            BM_CUDA_LAUNCHED();
+        }
+        TRY(gemm(m, W, CUDA_R_16BF, ws->xbf, CUDA_R_16BF, Kin, y, ldy, M, Nout, Kin,
+                 CUBLAS_COMPUTE_32F));
+    } else {
+        const void *Wf = W;
+        if (bf) {
+            if (!m->wf || Nout * Kin > m->wf_elems)
+                return BM_CUDA_ARG_FAIL("engine: weight scratch missing or too small");
+            TRY(bm_cuda_bf16_to_f32((const uint16_t *)W, m->wf, Nout * Kin, m->stream));
+            Wf = m->wf;
+        }
+        const cublasComputeType_t ct = m->cfg.math == BM_CUDA_MATH_FP32
+                                           ? CUBLAS_COMPUTE_32F
+                                           : CUBLAS_COMPUTE_32F_FAST_TF32;
+        TRY(gemm(m, Wf, CUDA_R_32F, x, CUDA_R_32F, ldx, y, ldy, M, Nout, Kin, ct));
+    }
+    if (bias) {
+        add_bias_kernel<<<grid_for(M * Nout), 256, 0, m->stream>>>(y, ldy, bias, M, Nout);
+        BM_CUDA_LAUNCHED();
+    }
+    return 0;
+}
+
+// ---- layers ----------------------------------------------------------------------------------
+
+// SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
+int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
+                  const float *xn, float *out, int64_t B, int64_t L) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t T = B * L, d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
+    float *x = ws->xz, *z = ws->xz + T * E;
+    cudaStream_t st = m->stream;
+    TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, T, E, d));             // x = xz[:, :E]
+    TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z, E,
+               T, E, d, true));                                             // z = xz[:, E:]
+    TRY(mark(m, P_IN));
+    TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
+    TRY(mark(m, P_CONV));
+    TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, T, P, E));    // (T, R + 2N)
+    TRY(mark(m, P_XPROJ));
+    split_bc_kernel<<<grid_for(T * N), 256, 0, st>>>(ws->dbc, ws->Bm, ws->Cm, T, (int)R, (int)N);
+    BM_CUDA_LAUNCHED();
+    TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, T, E, R)); // bias in scan
+    TRY(mark(m, P_DT));
+    TRY(bm_cuda_scan_forward(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1, ssm,
+                             ssm, ws->y, B, L, E, N, st));
+    TRY(mark(m, P_SCAN));
+    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E));
+    return mark(m, P_OUT);
+}
+
+// The same for one token per row: xn (B, d) -> out (B, d).
+int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
+               const float *xn, float *out, int64_t B) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
+    float *x = ws->xz, *z = ws->xz + B * E;
+    cudaStream_t st = m->stream;
+    if (B == 1) {  // x and z are the two halves of one row: one product
+        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, ws->xz, 2 * E, 1, 2 * E, d));
+    } else {
+        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, B, E, d));
+        TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z,
+                   E, B, E, d, true));
+    }
+    TRY(mark(m, P_IN));
+    TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
+    TRY(mark(m, P_CONV));
+    TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, B, P, E));
+    TRY(mark(m, P_XPROJ));
+    const int64_t BE = B * E;
+    const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
+    // Lanes per (b, e): a warp for the fused dt_proj dot (R terms), else ~4 states per lane.
+    int glog = 5;
+    if (!fused) {
+        glog = 0;
+        while (glog < 5 && 4 << glog < N) glog++;
+    }
+    const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
+    if (!fused) {
+        TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, B, E, R));
+        TRY(mark(m, P_DT));
+    }
+    const float *dl = ws->delta;
+    if (c.wdtype == BM_BF16) {
+        const uint16_t *dw = (const uint16_t *)ly.dt_w;
+        if (fused)
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, false>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+    } else {
+        const float *dw = (const float *)ly.dt_w;
+        if (fused)
+            BM_LAUNCH_PDL((step_scan_kernel<float, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else
+            BM_LAUNCH_PDL((step_scan_kernel<float, false>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+    }
+    TRY(mark(m, P_SCAN));
+    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
+    return mark(m, P_OUT);
+}
+
+template <typename WT, int KS>
+int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                   const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
+                   int64_t Kin, cudaStream_t st) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
+                     ((uintptr_t)x & 15) == 0;
+    dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
+    if (vec)
+        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+    else
+        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, false>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+    return 0;
+}
+
+// K-split as gemv.cu's rule: split while rows are few (Nout * KS < 4096) and slices long.
+template <typename WT>
+int expert_rows(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
+                int64_t Kin, cudaStream_t st) {
+    const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
+    int ks = 1;
+    while (ks < 8 && Nout * ks < 4096 && units >= 64 * ks) ks *= 2;
+    switch (ks) {
+        case 1: return expert_rows_ks<WT, 1>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        case 2: return expert_rows_ks<WT, 2>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        case 4: return expert_rows_ks<WT, 4>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        default: return expert_rows_ks<WT, 8>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+    }
+}
+
+template <typename WT, int KS>
+int expert_rows_gated_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                         float *h, int64_t ldh, int64_t T, int64_t F, int64_t Kin, int act,
+                         cudaStream_t st) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
+                     ((uintptr_t)x & 15) == 0;
+    dim3 grid((unsigned)bm_cdiv(F, 8 / KS), (unsigned)T);
+    if (vec)
+        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    else
+        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, false>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    return 0;
+}
+
+// The same K-split rule over the F outputs (each warp streams two rows).
+template <typename WT>
+int expert_rows_gated(const void *W, const float *x, int64_t ldx, const int32_t *ids, float *h,
+                      int64_t ldh, int64_t T, int64_t F, int64_t Kin, int act, cudaStream_t st) {
+    const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
+    int ks = 1;
+    while (ks < 8 && F * ks < 4096 && units >= 64 * ks) ks *= 2;
+    switch (ks) {
+        case 1: return expert_rows_gated_ks<WT, 1>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        case 2: return expert_rows_gated_ks<WT, 2>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        case 4: return expert_rows_gated_ks<WT, 4>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        default: return expert_rows_gated_ks<WT, 8>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+    }
+}
+
+// Experts through the gathered GEMV: out[t] = gates[t] * fc2[e] @ act(fc1[e] @ x[t]),
+// e = ids[t] (ids NULL: expert 0, gates NULL: 1). No host synchronisation.
+int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
+                const float *gates, const LayerDev &ly, float *out, int64_t T) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, F = c.F, G = m->G;
+    cudaStream_t st = m->stream;
+    // A few tokens (decode): per-token expert rows, exact fp32 accumulate like the GEMV.
+    const bool rows = T <= GEMV_ROWS;
+    auto rows_fn = c.wdtype == BM_BF16 ? expert_rows<uint16_t> : expert_rows<float>;
+    if (rows && c.swiglu) {  // fc1 and the gated act in one kernel
+        auto gated_fn = c.wdtype == BM_BF16 ? expert_rows_gated<uint16_t> : expert_rows_gated<float>;
+        TRY(gated_fn(ly.fc1, x, d, ids, ws->eh, G, T, F, d, (int)c.act, st));
+        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+    }
+    if (rows) {
+        TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, st));
+    } else {
+        GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
+        TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
+    }
+    BM_LAUNCH_PDL(expert_act_kernel, dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F,
+                  (int)G, c.swiglu, (int)c.act);
+    if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+    GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
+    return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
+}
+
+// Decode at more than GEMV_ROWS rows with BF16 math: every token through every expert with
+// two strided-batched bf16 GEMMs (each expert's weights read once, at tensor-core rates; the
+// X-fold FLOPs are free at decode sizes), then each token keeps its own expert's rows. No
+// host synchronisation, so it is captured into the decode graph.
+int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
+               const float *gates, const LayerDev &ly, float *out, int64_t T) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, F = c.F, G = m->G, X = ly.X;
+    cudaStream_t st = m->stream;
+    const float one = 1.f, zero = 0.f;
+    to_bf16_kernel<<<grid_for(T * d), 256, 0, st>>>(x, d, ws->xbf, T, d);
+    BM_CUDA_LAUNCHED();
+    // hall[x] (T, G) = xbf (T, d) @ fc1[x]^T for every x (column-major: hall^T = fc1 xbf^T)
+    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)G, (int)T, (int)d, &one, ly.fc1, CUDA_R_16BF,
+        (int)d, G * d, ws->xbf, CUDA_R_16BF, (int)d, 0, &zero, ws->hall, CUDA_R_32F, (int)G,
+        T * G, (int)X, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    select_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->hall, ids, ws->abf, T, (int)F,
+                                                       (int)G, c.swiglu, (int)c.act);
+    BM_CUDA_LAUNCHED();
+    // oall[x] (T, d) = abf (T, F) @ fc2[x]^T
+    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)F, &one, ly.fc2, CUDA_R_16BF,
+        (int)F, d * F, ws->abf, CUDA_R_16BF, (int)F, 0, &zero, ws->oall, CUDA_R_32F, (int)d,
+        T * d, (int)X, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    select_out_kernel<<<grid_for(T * d), 256, 0, st>>>(ws->oall, ids, gates, out, T, (int)d);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+// SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
+// routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
+// (norm_route_kernel).
+int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
+        int64_t T, const bm_cuda_trace *trace, bool routed = false) {
+    const bm_cuda_config &c = m->cfg;
+    cudaStream_t st = m->stream;
+    const int32_t *ids = nullptr;
+    const float *gates = nullptr;
+    if (ly.X >= 2) {
+        const bool tr = trace && trace->logits && trace->logits[li];
+        if (routed) {
+        } else if (T <= ROUTE_SMALL_MAX) {
+            BM_LAUNCH_PDL(route_small_kernel, dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d,
+                          ly.X);
+        } else {
+            TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
+                                   ws->ids, ws->gates, T, c.d, ly.X, st));
+        }
+        ids = ws->ids;
+        gates = ws->gates;
+        TRY(mark(m, P_ROUTE));
+        if (tr) {  // pageable host memory: these copies complete before returning
+            BM_CUDA_TRY(cudaMemcpyAsync(trace->logits[li], ws->rlog, (size_t)(T * ly.X) * 4,
+                                        cudaMemcpyDeviceToHost, st));
+            BM_CUDA_TRY(cudaMemcpyAsync(trace->ids[li], ws->ids, (size_t)T * 4,
+                                        cudaMemcpyDeviceToHost, st));
+            BM_CUDA_TRY(cudaMemcpyAsync(trace->gates[li], ws->gates, (size_t)T * 4,
+                                        cudaMemcpyDeviceToHost, st));
+        }
+    }
+    if (!ws->decode && c.swiglu && T > MOE_GEMV_MAX) {
+        if (ly.X == 1) {  // dense: every token on "expert 0", no gate
+            BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
+            ids = ws->ids;
+        }
+        TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, c.math, out, T,
+                                c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
+        TRY(blas_prepare(m));
+    } else if (ws->hall) {
+        TRY(expert_all(m, ws, x, ids, gates, ly, out, T));
+    } else {
+        TRY(expert_gemv(m, ws, x, ids, gates, ly, out, T));
+    }
+    return mark(m, P_EXPERTS);
+}
+
+// SPEC 1's layer loop over ws->tok (B, L): leaves LayerNorm_final(h + r) in ws->yf (T, d).
+int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
+            const bm_cuda_trace *trace) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t T = B * L, d = c.d;
+    cudaStream_t st = m->stream;
+    const unsigned eth = (unsigned)std::min<int64_t>(256, bm_cdiv(d, 32) * 32);
+    if (c.wdtype == BM_BF16)
+        embed_kernel<uint16_t><<<(unsigned)T, eth, 0, st>>>(ws->tok, (const uint16_t *)m->emb,
+                                                            ws->h, (int)d, (int)c.V);
+    else
+        embed_kernel<float><<<(unsigned)T, eth, 0, st>>>(ws->tok, (const float *)m->emb, ws->h,
+                                                         (int)d, (int)c.V);
+    BM_CUDA_LAUNCHED();
+    TRY(mark(m, P_EMBED));
+    for (int64_t li = 0; li < c.num_layers; li++) {
+        const LayerDev &ly = m->layers[li];
+        // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
+        // A MoE layer at decode sizes: the norm and the routing in one kernel.
+        const bool nr = !ly.mamba && ly.X >= 2 && ly.X <= ROUTE_SMALL_MAX_X &&
+                        T <= ROUTE_SMALL_MAX && d % 4 == 0 && d <= NR_MAX_D &&
+                        (((uintptr_t)ws->h | (uintptr_t)ws->r | (uintptr_t)ws->xn |
+                          (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
+        if (nr) {
+            const bool tr = trace && trace->logits && trace->logits[li];
+            BM_LAUNCH_PDL(norm_route_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
+                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true));
+            continue;
+        }
+        TRY(bm_cuda_rms_norm(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, T, d,
+                             st));
+        TRY(mark(m, P_NORM));
+        if (ly.mamba) {
+            if (ws->decode)
+                TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B));
+            else
+                TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L));
+            if (ly.X) {  // parallel "rX": h = mamba(norm(r)) + mlp(norm_moe(r))
+                TRY(bm_cuda_rms_norm(ws->r, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
+                                     st));
+                TRY(mark(m, P_NORM));
+                TRY(mlp(m, ws, ly, li, ws->xm, ws->mo, T, trace));
+                add_kernel<<<grid_for(T * d), 256, 0, st>>>(ws->h, ws->mo, T * d);
+                BM_CUDA_LAUNCHED();
+                TRY(mark(m, P_ADD));
+            }
+        } else {
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace));
+        }
+    }
+    TRY(bm_cuda_layer_norm(ws->h, ws->r, m->final_w, m->final_b, EPS, ws->yf, T, d, st));
+    return mark(m, P_FINAL);
+}
+
+// Logits of rows src (M, d), LB rows at a time through ws->logits, copied to out (M, V).
+int head(bm_cuda_model *m, Ws *ws, const float *src, int64_t M, float *out, int out_dev) {
+    const int64_t d = m->cfg.d, V = m->cfg.V;
+    for (int64_t r0 = 0; r0 < M; r0 += ws->LB) {
+        const int64_t n = std::min(ws->LB, M - r0);
+        TRY(linear(m, ws, src + r0 * d, d, m->emb, nullptr, ws->logits, V, n, V, d));
+        if (out)
+            BM_CUDA_TRY(cudaMemcpyAsync(out + r0 * V, ws->logits, (size_t)(n * V) * 4,
+                                        out_dev ? cudaMemcpyDeviceToDevice
+                                                : cudaMemcpyDeviceToHost,
+                                        m->stream));
+    }
+    return mark(m, P_HEAD);
+}
+
+// ---- workspaces ------------------------------------------------------------------------------
+
+void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, E = c.E, N = c.N, P = c.R + 2 * c.N, V = c.V, G = m->G;
+    Arena a{base, 0};
+    w->T = T;
+    w->decode = decode;
+    w->tok = a.take<int32_t>(T);
+    w->h = a.take<float>(T * d);
+    w->r = a.take<float>(T * d);
+    w->xn = a.take<float>(T * d);
+    w->yf = a.take<float>(T * d);
+    w->xm = m->has_parallel ? a.take<float>(T * d) : nullptr;
+    w->mo = m->has_parallel ? a.take<float>(T * d) : nullptr;
+    w->xz = a.take<float>(2 * T * E);
+    w->xc = a.take<float>(T * E);
+    w->y = a.take<float>(T * E);
+    w->delta = (decode && T <= GEMV_ROWS) ? nullptr : a.take<float>(T * E);
+    w->dbc = a.take<float>(T * P);
+    w->Bm = decode ? nullptr : a.take<float>(T * N);
+    w->Cm = decode ? nullptr : a.take<float>(T * N);
+    w->ids = a.take<int32_t>(T);
+    w->gates = a.take<float>(T);
+    w->rlog = a.take<float>(T * m->Xmax);
+    const int64_t eh_rows = (decode || !c.swiglu) ? T : std::min(T, MOE_GEMV_MAX);
+    w->eh = m->has_mlp ? a.take<float>(eh_rows * G) : nullptr;
+    w->xbf = bf16_math(m) ? a.take<uint16_t>(T * std::max({d, E, c.R})) : nullptr;
+    const bool all_experts = decode && bf16_math(m) && m->has_mlp && T > GEMV_ROWS;
+    w->hall = all_experts ? a.take<float>(m->Xmax * T * G) : nullptr;
+    w->abf = all_experts ? a.take<uint16_t>(T * c.F) : nullptr;
+    w->oall = all_experts ? a.take<float>(m->Xmax * T * d) : nullptr;
+    w->moe_bytes = 0;
+    w->moe = nullptr;
+    if (!decode && m->has_gated_mlp && T > MOE_GEMV_MAX) {
+        w->moe_bytes = bm_cuda_moe_experts_workspace(T, d, m->Xmax, c.F, c.wdtype, c.math);
+        w->moe = a.take<char>((int64_t)w->moe_bytes);
+    }
+    w->LB = decode ? T : std::min(T, LOGIT_ROWS);
+    w->logits = a.take<float>(w->LB * V);
+    w->amax = a.take<int32_t>(T);
+    w->bytes = a.off;
+}
+
+void ws_free(Ws *w) {
+    if (!w) return;
+    if (w->exec) cudaGraphExecDestroy(w->exec);
+    cudaFree(w->base);
+    delete w;
+}
+
+int ws_create(bm_cuda_model *m, int64_t T, bool decode, Ws **out) {
+    *out = nullptr;
+    Ws *w = new (std::nothrow) Ws();
+    if (!w) return BM_CUDA_ARG_FAIL("engine: host allocation failed");
+    ws_layout(m, w, nullptr, T, decode);
+    void *base = nullptr;
+    int st = dev_alloc(&base, w->bytes, decode ? "decode workspace" : "prefill workspace");
+    if (st) {
+        delete w;
+        return st;
+    }
+    w->base = (char *)base;
+    ws_layout(m, w, w->base, T, decode);
+    w->exec = nullptr;
+    w->serial = 0;
+    // Tokens start valid (id 0): a benchmark may replay before writing any.
+    st = (int)cudaMemsetAsync(w->tok, 0, (size_t)T * 4, m->stream);
+    if (st) {
+        ws_free(w);
+        return bm_cuda_fail_cuda_(__FILE__, __LINE__, (cudaError_t)st);
+    }
+    *out = w;
+    return 0;
+}
+
+int prefill_ws(bm_cuda_model *m, int64_t T, Ws **out) {
+    if (!m->pre || m->pre->T < T) {
+        if (m->pre) {
+            BM_CUDA_TRY(cudaStreamSynchronize(m->stream));
+            ws_free(m->pre);
+            m->pre = nullptr;
+        }
+        TRY(ws_create(m, T, false, &m->pre));
+    }
+    *out = m->pre;
+    return 0;
+}
+
+int decode_ws(bm_cuda_model *m, int64_t B, Ws **out) {
+    for (Ws *w : m->dec)
+        if (w->T == B) {
+            *out = w;
+            return 0;
+        }
+    Ws *w = nullptr;
+    TRY(ws_create(m, B, true, &w));
+    try {
+        m->dec.push_back(w);
+    } catch (...) {
+        ws_free(w);
+        return BM_CUDA_ARG_FAIL("engine: host allocation failed");
+    }
+    *out = w;
+    return 0;
+}
+
+// One decode step of ws->tok into ws->logits (B, V): what the graph holds.
+int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace *trace) {
+    const int64_t B = ws->T;
+    TRY(forward(m, ws, s, B, 1, trace));
+    TRY(linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
+               m->cfg.d));
+    return mark(m, P_HEAD);
+}
+
+// Capture the decode graph of ws for state s (again when it was captured for another state:
+// the graph holds the state's buffer addresses).
+int ensure_graph(bm_cuda_model *m, Ws *ws, bm_cuda_state *s) {
+    if (ws->exec && ws->serial == s->serial) return 0;
+    TRY(blas_prepare(m));
+    if (needs_wf(m, ws->T)) TRY(ensure_wf(m));
+    BM_CUDA_TRY(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal));
+    const int st = decode_body(m, ws, s, nullptr);
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(m->stream, &g);
+    if (st || e != cudaSuccess) {
+        if (g) cudaGraphDestroy(g);
+        if (st) return st;  // the launcher's message
+        return bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    if (ws->exec) {
+        cudaGraphExecUpdateResultInfo info;
+        if (cudaGraphExecUpdate(ws->exec, g, &info) != cudaSuccess) {
+            cudaGetLastError();  // not updatable (topology changed): instantiate anew
+            cudaGraphExecDestroy(ws->exec);
+            ws->exec = nullptr;
+        }
+    }
+    if (!ws->exec) {
+        const cudaError_t ei = cudaGraphInstantiate(&ws->exec, g, 0);
+        if (ei != cudaSuccess) {
+            ws->exec = nullptr;
+            cudaGraphDestroy(g);
+            return bm_cuda_fail_cuda_(__FILE__, __LINE__, ei);
+        }
+    }
+    cudaGraphDestroy(g);
+    ws->serial = s->serial;
+    return 0;
+}
+
+int upload(bm_cuda_model *m, void *dst, bm_dtype dst_dt, const bm_cuda_host_tensor &src,
+           int64_t n, void *staging) {
+    if (n <= 0) return 0;
+    const size_t sbytes = (size_t)n * (src.dtype == BM_BF16 ? 2 : 4);
+    if (src.dtype == dst_dt) {
+        BM_CUDA_TRY(cudaMemcpyAsync(dst, src.data, sbytes, cudaMemcpyHostToDevice, m->stream));
+        return 0;
+    }
+    // Stream order keeps the staging buffer safe: the next upload's copy into it is queued
+    // after this conversion.
+    BM_CUDA_TRY(cudaMemcpyAsync(staging, src.data, sbytes, cudaMemcpyHostToDevice, m->stream));
+    if (src.dtype == BM_BF16)
+        return bm_cuda_bf16_to_f32((const uint16_t *)staging, (float *)dst, n, m->stream);
+    return bm_cuda_f32_to_bf16((const float *)staging, (uint16_t *)dst, n, m->stream);
+}
+
+// The weight layout, shared by the sizing pass (base NULL) and the assigning pass.
+void weights_layout(bm_cuda_model *m, Arena &a) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, E = c.E, N = c.N, K = c.K, R = c.R, F = c.F, G = m->G;
+    const size_t ws_ = wsize(m);
+    auto wt = [&](int64_t n) -> void * { return a.take<char>(n * (int64_t)ws_); };
+    m->emb = wt(c.V * d);
+    m->final_w = a.take<float>(d);
+    m->final_b = a.take<float>(d);
+    for (int64_t li = 0; li < c.num_layers; li++) {
+        LayerDev &ly = m->layers[li];
+        ly = LayerDev{};
+        ly.mamba = m->mamba_v[li];
+        ly.X = m->experts_v[li];
+        ly.norm_w = a.take<float>(d);
+        if (ly.mamba && ly.X) ly.norm_moe_w = a.take<float>(d);
+        if (ly.mamba) {
+            ly.in_w = wt(2 * E * d);
+            if (c.bias) ly.in_b = a.take<float>(2 * E);
+            ly.conv_w = a.take<float>(E * K);
+            if (c.conv_bias) ly.conv_b = a.take<float>(E);
+            ly.x_w = wt((R + 2 * N) * E);
+            ly.dt_w = wt(E * R);
+            ly.dt_b = a.take<float>(E);
+            ly.A = a.take<float>(E * N);
+            ly.D = a.take<float>(E);
+            ly.out_w = wt(d * E);
+            if (c.bias) ly.out_b = a.take<float>(d);
+        }
+        if (ly.X >= 2) {
+            ly.router_w = a.take<float>(ly.X * d);
+            ly.router_b = a.take<float>(ly.X);
+        }
+        if (ly.X) {
+            ly.fc1 = wt(ly.X * G * d);
+            ly.fc2 = wt(ly.X * d * F);
+        }
+    }
+}
+
+int check_cfg(const bm_cuda_config *c) {
+    if (c->num_layers < 1 || c->d < 1 || c->E < 1 || c->R < 1 || c->V < 1)
+        return BM_CUDA_ARG_FAIL("engine: num_layers, d, E, R, V must be >= 1");
+    if (c->N < 1 || c->N > 64) return BM_CUDA_ARG_FAIL("engine: N must be in 1..64");
+    if (c->K < 2 || c->K > 8) return BM_CUDA_ARG_FAIL("engine: K must be in 2..8");
+    if (c->real_vocab < 1 || c->real_vocab > c->V)
+        return BM_CUDA_ARG_FAIL("engine: real_vocab must be in 1..V");
+    if (c->wdtype != BM_F32 && c->wdtype != BM_BF16)
+        return BM_CUDA_ARG_FAIL("engine: weights must be float32 or bfloat16");
+    if (c->math < BM_CUDA_MATH_FP32 || c->math > BM_CUDA_MATH_BF16)
+        return BM_CUDA_ARG_FAIL("engine: math must be BM_CUDA_MATH_FP32, _TF32 or _BF16");
+    if (c->d > INT32_MAX / 8 || 2 * c->E > INT32_MAX / 8 || c->V > INT32_MAX ||
+        2 * c->F > INT32_MAX / 8)
+        return BM_CUDA_ARG_FAIL("engine: dimensions too large");
+    for (int64_t i = 0; i < c->num_layers; i++) {
+        if (c->experts[i] < 0 || c->experts[i] > 256)
+            return BM_CUDA_ARG_FAIL("engine: experts per layer must be in 0..256");
+        if (!c->mamba[i] && !c->experts[i])
+            return BM_CUDA_ARG_FAIL("engine: a layer has neither a Mamba mixer nor an MLP");
+        if (c->experts[i] && c->F < 1) return BM_CUDA_ARG_FAIL("engine: F must be >= 1");
+    }
+    return 0;
+}
+
+// Names the first missing tensor a layer needs (data NULL), or returns 0.
+int check_layer_weights(const bm_cuda_model *m, int64_t li, const bm_cuda_layer_weights &w) {
+    const LayerDev &ly = m->layers[li];
+    const bm_cuda_config &c = m->cfg;
+    struct Need { const bm_cuda_host_tensor *t; bool need; const char *name; };
+    const Need needs[] = {
+        {&w.norm_w, true, "norm_w"},          {&w.norm_moe_w, ly.mamba && ly.X, "norm_moe_w"},
+        {&w.in_w, !!ly.mamba, "in_w"},        {&w.in_b, ly.mamba && c.bias, "in_b"},
+        {&w.conv_w, !!ly.mamba, "conv_w"},    {&w.conv_b, ly.mamba && c.conv_bias, "conv_b"},
+        {&w.x_w, !!ly.mamba, "x_w"},          {&w.dt_w, !!ly.mamba, "dt_w"},
+        {&w.dt_b, !!ly.mamba, "dt_b"},        {&w.A, !!ly.mamba, "A"},
+        {&w.D, !!ly.mamba, "D"},              {&w.out_w, !!ly.mamba, "out_w"},
+        {&w.out_b, ly.mamba && c.bias, "out_b"},
+        {&w.router_w, ly.X >= 2, "router_w"}, {&w.router_b, ly.X >= 2, "router_b"},
+    };
+    static thread_local char msg[96];
+    for (const Need &n : needs) {
+        if (n.need && (!n.t->data || (n.t->dtype != BM_F32 && n.t->dtype != BM_BF16))) {
+            snprintf(msg, sizeof msg, "engine: layer %lld lacks %s", (long long)li, n.name);
+            return BM_CUDA_ARG_FAIL(msg);
+        }
+    }
+    if (ly.X) {
+        if (!w.fc1 || !w.fc2) return BM_CUDA_ARG_FAIL("engine: a MLP layer lacks fc1/fc2");
+        for (int e = 0; e < ly.X; e++)
+            if (!w.fc1[e].data || !w.fc2[e].data) {
+                snprintf(msg, sizeof msg, "engine: layer %lld lacks expert %d", (long long)li, e);
+                return BM_CUDA_ARG_FAIL(msg);
+            }
+    }
+    return 0;
+}
+
+int model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w, bm_cuda_model *m) {
+    TRY(check_cfg(cfg));
+    m->cfg = *cfg;
+    m->mamba_v.assign(cfg->mamba, cfg->mamba + cfg->num_layers);
+    m->experts_v.assign(cfg->experts, cfg->experts + cfg->num_layers);
+    m->cfg.mamba = m->mamba_v.data();
+    m->cfg.experts = m->experts_v.data();
+    m->G = cfg->swiglu ? 2 * cfg->F : cfg->F;
+    m->Xmax = 1;
+    for (int64_t i = 0; i < cfg->num_layers; i++) {
+        m->Xmax = std::max<int64_t>(m->Xmax, cfg->experts[i]);
+        m->has_parallel |= cfg->mamba[i] && cfg->experts[i];
+        m->has_mlp |= cfg->experts[i] > 0;
+    }
+    m->has_gated_mlp = m->has_mlp && cfg->swiglu;
+    m->layers.resize((size_t)cfg->num_layers);
+    if (!w->emb.data || !w->final_w.data || !w->final_b.data || !w->layers)
+        return BM_CUDA_ARG_FAIL("engine: emb, final_w, final_b and layers are required");
+    for (int64_t li = 0; li < cfg->num_layers; li++) {
+        m->layers[li].mamba = m->mamba_v[li];
+        m->layers[li].X = m->experts_v[li];
+        TRY(check_layer_weights(m, li, w->layers[li]));
+    }
+
+    BM_CUDA_TRY(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    TRY(bm_cuda_cublas_create((void **)&m->blas));
+    TRY(dev_alloc(&m->blas_ws, BLAS_WS_BYTES, "cuBLAS workspace"));
+
+    Arena sizing{nullptr, 0};
+    weights_layout(m, sizing);
+    m->wbytes = sizing.off;
+    TRY(dev_alloc((void **)&m->wbase, m->wbytes, "weights"));
+    Arena a{m->wbase, 0};
+    weights_layout(m, a);
+
+    // Staging for dtype conversions: the largest single tensor in float32.
+    const bm_cuda_config &c = m->cfg;
+    int64_t big = std::max({c.V * c.d, 2 * c.E * c.d, (c.R + 2 * c.N) * c.E, c.E * c.R,
+                            m->G * c.d, c.d * c.F, c.E * c.N});
+    void *staging = nullptr;
+    TRY(dev_alloc(&staging, (size_t)big * 4, "upload staging"));
+    const bm_dtype wd = c.wdtype;
+    const int64_t d = c.d, E = c.E, N = c.N, K = c.K, R = c.R, F = c.F, G = m->G;
+    int st = 0;
+#define UP(dst, dt, src, n) \
+    if (!st) st = upload(m, (dst), (dt), (src), (n), staging)
+    UP(m->emb, wd, w->emb, c.V * d);
+    UP(m->final_w, BM_F32, w->final_w, d);
+    UP(m->final_b, BM_F32, w->final_b, d);
+    for (int64_t li = 0; li < c.num_layers && !st; li++) {
+        const LayerDev &ly = m->layers[li];
+        const bm_cuda_layer_weights &lw = w->layers[li];
+        UP(ly.norm_w, BM_F32, lw.norm_w, d);
+        if (ly.norm_moe_w) UP(ly.norm_moe_w, BM_F32, lw.norm_moe_w, d);
+        if (ly.mamba) {
+            UP(ly.in_w, wd, lw.in_w, 2 * E * d);
+            if (ly.in_b) UP(ly.in_b, BM_F32, lw.in_b, 2 * E);
+            UP(ly.conv_w, BM_F32, lw.conv_w, E * K);
+            if (ly.conv_b) UP(ly.conv_b, BM_F32, lw.conv_b, E);
+            UP(ly.x_w, wd, lw.x_w, (R + 2 * N) * E);
+            UP(ly.dt_w, wd, lw.dt_w, E * R);
+            UP(ly.dt_b, BM_F32, lw.dt_b, E);
+            UP(ly.A, BM_F32, lw.A, E * N);
+            UP(ly.D, BM_F32, lw.D, E);
+            UP(ly.out_w, wd, lw.out_w, d * E);
+            if (ly.out_b) UP(ly.out_b, BM_F32, lw.out_b, d);
+        }
+        if (ly.X >= 2) {
+            UP(ly.router_w, BM_F32, lw.router_w, ly.X * d);
+            UP(ly.router_b, BM_F32, lw.router_b, ly.X);
+        }
+        for (int e = 0; e < ly.X; e++) {
+            UP((char *)ly.fc1 + (size_t)(e * G * d) * wsize(m), wd, lw.fc1[e], G * d);
+            UP((char *)ly.fc2 + (size_t)(e * d * F) * wsize(m), wd, lw.fc2[e], d * F);
+        }
+    }
+#undef UP
+    const cudaError_t e = cudaStreamSynchronize(m->stream);
+    cudaFree(staging);
+    if (st) return st;
+    if (e != cudaSuccess) return bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    return 0;
+}
+
+int state_layout(const bm_cuda_model *m, bm_cuda_state *s, char *base) {
+    const bm_cuda_config &c = m->cfg;
+    Arena a{base, 0};
+    s->conv.assign((size_t)c.num_layers, nullptr);
+    s->ssm.assign((size_t)c.num_layers, nullptr);
+    for (int64_t li = 0; li < c.num_layers; li++) {
+        if (!m->mamba_v[li]) continue;
+        s->conv[li] = a.take<float>(s->B * (c.K - 1) * c.E);
+        s->ssm[li] = a.take<float>(s->B * c.E * c.N);
+    }
+    s->bytes = a.off;
+    return 0;
+}
+
+int state_new(bm_cuda_model *m, int64_t B, bm_cuda_state **out) {
+    *out = nullptr;
+    if (B < 1) return BM_CUDA_ARG_FAIL("state: batch size must be >= 1");
+    bm_cuda_state *s = new (std::nothrow) bm_cuda_state();
+    if (!s) return BM_CUDA_ARG_FAIL("state: host allocation failed");
+    s->B = B;
+    s->serial = g_state_serial.fetch_add(1);
+    try {
+        state_layout(m, s, nullptr);
+    } catch (...) {
+        delete s;
+        return BM_CUDA_ARG_FAIL("state: host allocation failed");
+    }
+    int st = dev_alloc((void **)&s->base, s->bytes, "recurrent state");
+    if (st) {
+        delete s;
+        return st;
+    }
+    state_layout(m, s, s->base);
+    *out = s;
+    return 0;
+}
+
+size_t conv_row(const bm_cuda_model *m) { return (size_t)((m->cfg.K - 1) * m->cfg.E) * 4; }
+size_t ssm_row(const bm_cuda_model *m) { return (size_t)(m->cfg.E * m->cfg.N) * 4; }
+
+}  // namespace
+
+// ---- public API ------------------------------------------------------------------------------
+
+extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
+                                    bm_cuda_model **out) {
+    *out = nullptr;
+    bm_cuda_model *m = new (std::nothrow) bm_cuda_model();
+    if (!m) return BM_CUDA_ARG_FAIL("engine: host allocation failed");
+    int st;
+    try {
+        st = model_create(cfg, w, m);
+    } catch (...) {
+        st = BM_CUDA_ARG_FAIL("engine: host allocation failed");
+    }
+    if (st) {
+        bm_cuda_model_free(m);
+        return st;
+    }
+    *out = m;
+    return 0;
+}
+
+extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
+    if (!m) return;
+    if (m->stream) cudaStreamSynchronize(m->stream);
+    ws_free(m->pre);
+    for (Ws *w : m->dec) ws_free(w);
+    cudaFree(m->wf);
+    cudaFree(m->wbase);
+    cudaFree(m->blas_ws);
+    if (m->blas) bm_cuda_cublas_destroy(m->blas);
+    for (cudaEvent_t e : m->prof_ev) cudaEventDestroy(e);
+    if (m->stream) cudaStreamDestroy(m->stream);
+    cudaGetLastError();  // frees at interpreter exit may find the runtime unloading
+    delete m;
+}
+
+extern "C" void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, size_t *workspaces,
+                                    int *graphs) {
+    size_t ws = m->pre ? m->pre->bytes : 0;
+    int g = 0;
+    for (const Ws *w : m->dec) {
+        ws += w->bytes;
+        g += w->exec != nullptr;
+    }
+    if (m->wf) ws += (size_t)m->wf_elems * 4;
+    if (weights) *weights = m->wbytes;
+    if (workspaces) *workspaces = ws + BLAS_WS_BYTES;
+    if (graphs) *graphs = g;
+}
+
+extern "C" int bm_cuda_model_prefill(bm_cuda_model *m, bm_cuda_state *s, const int32_t *ids,
+                                     int ids_on_device, int64_t B, int64_t L, int logits_mode,
+                                     float *logits, int logits_on_device,
+                                     const bm_cuda_trace *trace) {
+    if (!s || s->B != B) return BM_CUDA_ARG_FAIL("prefill: the state's batch size differs from B");
+    if (B < 1 || L < 1) return BM_CUDA_ARG_FAIL("prefill: B and L must be >= 1");
+    if (logits_mode < BM_CUDA_LOGITS_NONE || logits_mode > BM_CUDA_LOGITS_ALL)
+        return BM_CUDA_ARG_FAIL("prefill: bad logits mode");
+    if (logits_mode != BM_CUDA_LOGITS_NONE && !logits)
+        return BM_CUDA_ARG_FAIL("prefill: logits output missing");
+    const int64_t T = B * L, d = m->cfg.d;
+    if (T > INT32_MAX) return BM_CUDA_ARG_FAIL("prefill: too many tokens");
+    Ws *ws = nullptr;
+    TRY(prefill_ws(m, T, &ws));
+    if (needs_wf(m, T)) TRY(ensure_wf(m));  // every product of this call has <= T rows
+    cudaStream_t st = m->stream;
+    BM_CUDA_TRY(cudaMemcpyAsync(ws->tok, ids, (size_t)T * 4,
+                                ids_on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice,
+                                st));
+    TRY(blas_prepare(m));
+    TRY(mark(m, P_START));
+    TRY(forward(m, ws, s, B, L, trace));
+    if (logits_mode == BM_CUDA_LOGITS_ALL) {
+        TRY(head(m, ws, ws->yf, T, logits, logits_on_device));
+    } else if (logits_mode == BM_CUDA_LOGITS_LAST) {
+        // The last row of each batch row into xn (free after the layer loop): (B, d).
+        BM_CUDA_TRY(cudaMemcpy2DAsync(ws->xn, (size_t)d * 4, ws->yf + (L - 1) * d,
+                                      (size_t)(L * d) * 4, (size_t)d * 4, (size_t)B,
+                                      cudaMemcpyDeviceToDevice, st));
+        TRY(head(m, ws, ws->xn, B, logits, logits_on_device));
+    }
+    BM_CUDA_TRY(cudaStreamSynchronize(st));
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+extern "C" int bm_cuda_model_step(bm_cuda_model *m, bm_cuda_state *s, const int32_t *tokens,
+                                  int tokens_on_device, float *logits, int logits_on_device,
+                                  int32_t *argmax, int use_graph, const bm_cuda_trace *trace) {
+    if (!s) return BM_CUDA_ARG_FAIL("step: no state");
+    const int64_t B = s->B, V = m->cfg.V;
+    Ws *ws = nullptr;
+    TRY(decode_ws(m, B, &ws));
+    cudaStream_t st = m->stream;
+    BM_CUDA_TRY(cudaMemcpyAsync(ws->tok, tokens, (size_t)B * 4,
+                                tokens_on_device ? cudaMemcpyDeviceToDevice
+                                                 : cudaMemcpyHostToDevice,
+                                st));
+    if (use_graph && !trace) {
+        TRY(ensure_graph(m, ws, s));
+        BM_CUDA_TRY(cudaGraphLaunch(ws->exec, st));
+    } else {
+        TRY(blas_prepare(m));
+        if (needs_wf(m, B)) TRY(ensure_wf(m));
+        TRY(decode_body(m, ws, s, trace));
+    }
+    if (argmax) {
+        argmax_kernel<<<(unsigned)B, ARGMAX_THREADS, 0, st>>>(ws->logits, V,
+                                                             (int)m->cfg.real_vocab, ws->amax);
+        BM_CUDA_LAUNCHED();
+        BM_CUDA_TRY(cudaMemcpyAsync(argmax, ws->amax, (size_t)B * 4, cudaMemcpyDeviceToHost, st));
+    }
+    if (logits)
+        BM_CUDA_TRY(cudaMemcpyAsync(logits, ws->logits, (size_t)(B * V) * 4,
+                                    logits_on_device ? cudaMemcpyDeviceToDevice
+                                                     : cudaMemcpyDeviceToHost,
+                                    st));
+    BM_CUDA_TRY(cudaStreamSynchronize(st));
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+extern "C" int bm_cuda_model_greedy(bm_cuda_model *m, bm_cuda_state *s, const int32_t *tokens,
+                                    int64_t n, int32_t *out) {
+    if (!s) return BM_CUDA_ARG_FAIL("greedy: no state");
+    if (n < 0) return BM_CUDA_ARG_FAIL("greedy: n must be >= 0");
+    if (n == 0) return 0;
+    const int64_t B = s->B, V = m->cfg.V;
+    Ws *ws = nullptr;
+    TRY(decode_ws(m, B, &ws));
+    cudaStream_t st = m->stream;
+    int32_t *hist = nullptr;  // (n, B) on the device
+    TRY(dev_alloc((void **)&hist, (size_t)(n * B) * 4, "greedy token history"));
+    int rc = 0;
+    std::vector<int32_t> h;
+    do {
+        if ((rc = (int)cudaMemcpyAsync(ws->tok, tokens, (size_t)B * 4, cudaMemcpyHostToDevice,
+                                       st))) {
+            rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, (cudaError_t)rc);
+            break;
+        }
+        if ((rc = ensure_graph(m, ws, s))) break;
+        for (int64_t k = 0; k < n && !rc; k++) {
+            cudaError_t e = cudaGraphLaunch(ws->exec, st);
+            // the argmax goes straight into the graph's token buffer: the next step's input
+            if (e == cudaSuccess) {
+                argmax_kernel<<<(unsigned)B, ARGMAX_THREADS, 0, st>>>(
+                    ws->logits, V, (int)m->cfg.real_vocab, ws->tok);
+                e = cudaGetLastError();
+            }
+            if (e == cudaSuccess)
+                e = cudaMemcpyAsync(hist + k * B, ws->tok, (size_t)B * 4,
+                                    cudaMemcpyDeviceToDevice, st);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        }
+        if (rc) break;
+        try {
+            h.resize((size_t)(n * B));
+        } catch (...) {
+            rc = BM_CUDA_ARG_FAIL("greedy: host allocation failed");
+            break;
+        }
+        cudaError_t e = cudaMemcpyAsync(h.data(), hist, (size_t)(n * B) * 4,
+                                        cudaMemcpyDeviceToHost, st);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    } while (0);
+    cudaStreamSynchronize(st);
+    cudaFree(hist);
+    if (rc) return rc;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t k = 0; k < n; k++) out[b * n + k] = h[(size_t)(k * B + b)];
+    return 0;
+}
+
+extern "C" int bm_cuda_state_create(bm_cuda_model *m, int64_t B, bm_cuda_state **out) {
+    TRY(state_new(m, B, out));
+    bm_cuda_state *s = *out;
+    cudaError_t e = cudaSuccess;
+    if (s->bytes) e = cudaMemsetAsync(s->base, 0, s->bytes, m->stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(m->stream);
+    if (e != cudaSuccess) {
+        bm_cuda_state_free(s);
+        *out = nullptr;
+        return bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    return 0;
+}
+
+extern "C" void bm_cuda_state_free(bm_cuda_state *s) {
+    if (!s) return;
+    cudaFree(s->base);  // synchronises the device: no graph still reads it
+    cudaGetLastError();
+    delete s;
+}
+
+extern "C" int64_t bm_cuda_state_batch(const bm_cuda_state *s) { return s->B; }
+
+extern "C" int bm_cuda_state_copy(bm_cuda_model *m, const bm_cuda_state *src,
+                                  const int64_t *rows, int64_t n, bm_cuda_state **out) {
+    *out = nullptr;
+    if (rows) {
+        if (n < 1) return BM_CUDA_ARG_FAIL("state copy: no rows");
+        for (int64_t i = 0; i < n; i++)
+            if (rows[i] < 0 || rows[i] >= src->B)
+                return BM_CUDA_ARG_FAIL("state copy: row outside the batch");
+    }
+    bm_cuda_state *s = nullptr;
+    TRY(state_new(m, rows ? n : src->B, &s));
+    cudaStream_t st = m->stream;
+    cudaError_t e = cudaSuccess;
+    if (!rows) {
+        if (s->bytes)
+            e = cudaMemcpyAsync(s->base, src->base, s->bytes, cudaMemcpyDeviceToDevice, st);
+    } else {
+        const size_t cr = conv_row(m), sr = ssm_row(m);
+        for (size_t li = 0; li < s->conv.size() && e == cudaSuccess; li++) {
+            if (!s->conv[li]) continue;
+            for (int64_t i = 0; i < n && e == cudaSuccess; i++) {
+                e = cudaMemcpyAsync((char *)s->conv[li] + i * cr,
+                                    (const char *)src->conv[li] + rows[i] * cr, cr,
+                                    cudaMemcpyDeviceToDevice, st);
+                if (e == cudaSuccess)
+                    e = cudaMemcpyAsync((char *)s->ssm[li] + i * sr,
+                                        (const char *)src->ssm[li] + rows[i] * sr, sr,
+                                        cudaMemcpyDeviceToDevice, st);
+            }
+        }
+    }
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    if (e != cudaSuccess) {
+        bm_cuda_state_free(s);
+        return bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    *out = s;
+    return 0;
+}
+
+extern "C" int bm_cuda_state_set_row(bm_cuda_model *m, bm_cuda_state *dst, int64_t i,
+                                     const bm_cuda_state *src, int64_t j) {
+    if (i < 0 || i >= dst->B || j < 0 || j >= src->B)
+        return BM_CUDA_ARG_FAIL("state set_row: row outside the batch");
+    if (dst->conv.size() != src->conv.size())
+        return BM_CUDA_ARG_FAIL("state set_row: states of different models");
+    const size_t cr = conv_row(m), sr = ssm_row(m);
+    cudaStream_t st = m->stream;
+    for (size_t li = 0; li < dst->conv.size(); li++) {
+        if (!dst->conv[li]) continue;
+        BM_CUDA_TRY(cudaMemcpyAsync((char *)dst->conv[li] + i * cr,
+                                    (const char *)src->conv[li] + j * cr, cr,
+                                    cudaMemcpyDeviceToDevice, st));
+        BM_CUDA_TRY(cudaMemcpyAsync((char *)dst->ssm[li] + i * sr,
+                                    (const char *)src->ssm[li] + j * sr, sr,
+                                    cudaMemcpyDeviceToDevice, st));
+    }
+    BM_CUDA_TRY(cudaStreamSynchronize(st));
+    return 0;
+}
+
+extern "C" int bm_cuda_state_io(bm_cuda_model *m, bm_cuda_state *s, int64_t layer, int which,
+                                float *host, int to_device) {
+    if (layer < 0 || layer >= (int64_t)s->conv.size() || !s->conv[layer])
+        return BM_CUDA_ARG_FAIL("state io: not a Mamba layer");
+    void *dev = which == 0 ? (void *)s->conv[layer] : (void *)s->ssm[layer];
+    const size_t bytes = (size_t)s->B * (which == 0 ? conv_row(m) : ssm_row(m));
+    cudaStream_t st = m->stream;
+    if (to_device)
+        BM_CUDA_TRY(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, st));
+    else
+        BM_CUDA_TRY(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, st));
+    BM_CUDA_TRY(cudaStreamSynchronize(st));
+    return 0;
+}
+
+// ---- bench helpers that need the model's internals (bench.cu has the rest) -------------------
+
+extern "C" int bm_cuda_bench_step(bm_cuda_model *m, bm_cuda_state *s, int warmup, int iters,
+                                  float *ms) {
+    if (iters < 1) return BM_CUDA_ARG_FAIL("bench_step: iters must be >= 1");
+    Ws *ws = nullptr;
+    TRY(decode_ws(m, s->B, &ws));
+    TRY(ensure_graph(m, ws, s));
+    cudaStream_t st = m->stream;
+    for (int i = 0; i < warmup; i++) BM_CUDA_TRY(cudaGraphLaunch(ws->exec, st));
+    std::vector<cudaEvent_t> ev((size_t)iters + 1, nullptr);
+    int rc = 0;
+    for (auto &e : ev)
+        if (!rc && cudaEventCreate(&e) != cudaSuccess) rc = 1;  // reported below
+    if (!rc) {
+        cudaError_t e = cudaEventRecord(ev[0], st);
+        for (int i = 0; i < iters && e == cudaSuccess; i++) {
+            e = cudaGraphLaunch(ws->exec, st);
+            if (e == cudaSuccess) e = cudaEventRecord(ev[(size_t)i + 1], st);
+        }
+        if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+        for (int i = 0; i < iters && e == cudaSuccess; i++)
+            e = cudaEventElapsedTime(&ms[i], ev[(size_t)i], ev[(size_t)i + 1]);
+        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    } else {
+        rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, cudaGetLastError());
+    }
+    for (auto e : ev)
+        if (e) cudaEventDestroy(e);
+    return rc;
+}
+
+extern "C" int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64_t B, int64_t L,
+                                     int warmup, int iters, float *ms) {
+    if (iters < 1) return BM_CUDA_ARG_FAIL("bench_prefill: iters must be >= 1");
+    bm_cuda_state *s = nullptr;
+    TRY(bm_cuda_state_create(m, B, &s));
+    std::vector<float> logits;
+    int rc = 0;
+    try {
+        logits.resize((size_t)(B * m->cfg.V));
+    } catch (...) {
+        rc = BM_CUDA_ARG_FAIL("bench_prefill: host allocation failed");
+    }
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    if (!rc && (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess))
+        rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, cudaGetLastError());
+    for (int i = 0; i < warmup + iters && !rc; i++) {
+        cudaError_t e = cudaEventRecord(e0, m->stream);
+        if (e == cudaSuccess) {
+            rc = bm_cuda_model_prefill(m, s, ids, 0, B, L, BM_CUDA_LOGITS_LAST, logits.data(), 0,
+                                       nullptr);
+            if (rc) break;
+            e = cudaEventRecord(e1, m->stream);
+        }
+        if (e == cudaSuccess) e = cudaEventSynchronize(e1);
+        if (e == cudaSuccess && i >= warmup) e = cudaEventElapsedTime(&ms[i - warmup], e0, e1);
+        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    bm_cuda_state_free(s);
+    return rc;
+}
+
+// Where the time goes: ms per stage (P_* order; bm_cuda.h lists the names), the mean of
+// iters - 1 runs after one warm-up. ids NULL: one decode step of s, through a graph captured
+// with an event after every stage (the cached decode graph is left alone); else a prefill of
+// ids (B, L) (host) with the events on the stream (host waits inside the prefill count).
+extern "C" int bm_cuda_bench_profile(bm_cuda_model *m, bm_cuda_state *s, const int32_t *ids,
+                                     int64_t L, int iters, double *ms) {
+    if (iters < 2) return BM_CUDA_ARG_FAIL("bench_profile: iters must be >= 2");
+    for (int k = 0; k < P_COUNT; k++) ms[k] = 0;
+    const size_t cap = 64 + 16 * (size_t)m->cfg.num_layers;
+    while (m->prof_ev.size() < cap) {
+        cudaEvent_t e = nullptr;
+        BM_CUDA_TRY(cudaEventCreate(&e));
+        try {
+            m->prof_ev.push_back(e);
+        } catch (...) {
+            cudaEventDestroy(e);
+            return BM_CUDA_ARG_FAIL("bench_profile: host allocation failed");
+        }
+    }
+    try {
+        m->prof_kind.resize(cap);
+    } catch (...) {
+        return BM_CUDA_ARG_FAIL("bench_profile: host allocation failed");
+    }
+    cudaStream_t st = m->stream;
+    cudaGraphExec_t exec = nullptr;
+    Ws *ws = nullptr;
+    std::vector<float> logits;
+    if (!ids) {
+        TRY(decode_ws(m, s->B, &ws));
+        TRY(blas_prepare(m));
+        if (needs_wf(m, s->B)) TRY(ensure_wf(m));
+        BM_CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        m->prof_on = m->prof_graph = true;
+        m->prof_n = 0;
+        int rc = mark(m, P_START);
+        if (!rc) rc = decode_body(m, ws, s, nullptr);
+        m->prof_on = m->prof_graph = false;
+        cudaGraph_t g = nullptr;
+        const cudaError_t e = cudaStreamEndCapture(st, &g);
+        if (!rc && e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        if (!rc) {
+            const cudaError_t ei = cudaGraphInstantiate(&exec, g, 0);
+            if (ei != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, ei);
+        }
+        if (g) cudaGraphDestroy(g);
+        if (rc) return rc;
+    } else {
+        try {
+            logits.resize((size_t)(s->B * m->cfg.V));
+        } catch (...) {
+            return BM_CUDA_ARG_FAIL("bench_profile: host allocation failed");
+        }
+    }
+    int rc = 0;
+    for (int it = 0; it < iters && !rc; it++) {
+        if (!ids) {
+            cudaError_t e = cudaGraphLaunch(exec, st);
+            if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        } else {
+            m->prof_on = true;
+            m->prof_n = 0;
+            rc = bm_cuda_model_prefill(m, s, ids, 0, s->B, L, BM_CUDA_LOGITS_LAST, logits.data(), 0,
+                                       nullptr);
+            m->prof_on = false;
+        }
+        for (size_t i = 1; i < m->prof_n && !rc && it > 0; i++) {
+            float t = 0.f;
+            const cudaError_t e = cudaEventElapsedTime(&t, m->prof_ev[i - 1], m->prof_ev[i]);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+            ms[m->prof_kind[i]] += t / (iters - 1);
+        }
+    }
+    if (exec) cudaGraphExecDestroy(exec);
+    return rc;
+}

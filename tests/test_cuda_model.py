@@ -1,0 +1,359 @@
+"""The whole model on the GPU (blackmamba.model_cuda, cuda/engine.cu) against the released
+reference (golden files), against itself (prefill + step == one forward; graph replay ==
+eager step; batch == alone) and against the CPU model on the same random weights.
+
+Tolerances (relative L2, float64 norms):
+  TOL_F32 1e-4: float32 compute from the same weights as the reference or the CPU model; the
+    GPU sums in other orders (cuBLAS, warp reductions) and its prefill scan takes exp through
+    the MUFU ex2 unit (~2 ulp) while the step uses expf, so results agree to float32 rounding
+    accumulated over a few layers, far below 1e-4 (measured values: BM_MEASURE_OUT).
+  TOL_BF16_MATH 0.05 (the issue's bound for bf16 against the fp32 golden): activations are
+    rounded to bf16 before the tensor-core GEMMs of the prefill (~3e-3 per product).
+Set BM_MEASURE_OUT=path.json to record every measured error.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import blackmamba as bm
+from blackmamba import model_cuda
+from blackmamba.config import Config, load_config
+from blackmamba.model import Model, random_tensors
+
+from conftest import GOLDEN, rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not model_cuda.is_available(),
+                                 reason="no CUDA device, or blackmamba built without CUDA")]
+
+TOL_F32 = 1e-4
+TOL_BF16_MATH = 0.05
+
+MEASURED = {}
+
+
+def record(name, value):
+    MEASURED[name] = float(value)
+    return value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_measured():
+    yield
+    path = os.environ.get("BM_MEASURE_OUT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(MEASURED, f, indent=1, sort_keys=True)
+
+
+def golden_tensors():
+    from blackmamba.checkpoint import load_tensors
+    return load_config(GOLDEN), load_tensors(os.path.join(GOLDEN, "pytorch_model.bin"))
+
+
+@pytest.fixture(scope="module")
+def gold_parts():
+    return golden_tensors()
+
+
+def gold_model(parts, dtype, math=None):
+    cfg, t = parts
+    return model_cuda.CudaModel(cfg, t, dtype=dtype, math=math)
+
+
+# ---- golden (tiny-a, the released reference in float32) -----------------------------------
+
+@pytest.mark.parametrize("dtype,math", [("float32", "fp32"), ("bfloat16", "fp32")])
+def test_golden_forward_exact(gold_parts, golden, dtype, math):
+    # tiny-a's weights are bf16 in the file: bf16 storage with fp32 activations is exact too
+    m = gold_model(gold_parts, dtype, math)
+    seen = {}
+    m._tracer = lambda li, ids, gates, logits: seen.setdefault(li, (ids.copy(), logits.copy()))
+    logits = m(golden["input_ids"])
+    m._tracer = None
+    assert logits.shape == golden["logits"].shape and logits.dtype == np.float32
+    assert record(f"golden_forward_{dtype}_{math}", rel_err(logits, golden["logits"])) < TOL_F32
+    assert sorted(seen) == [1, 3]
+    for li in (1, 3):
+        ref = golden[f"router_logits/decoder.layers.{li}.mixer"]
+        ids, rl = seen[li]
+        assert rel_err(rl, ref) < TOL_F32
+        np.testing.assert_array_equal(ids, ref.argmax(-1))
+
+
+def test_golden_forward_bf16_math(gold_parts, golden):
+    # bf16 weights with fp32 activations meet 1e-4 and 100% argmax (test_golden_forward_exact).
+    # The default fast path also rounds the activations of the prefill's GEMMs to bf16: its
+    # error, 6.6e-3 measured on the H200, is 20x below the released bf16 reference's 0.13, but
+    # two of the golden's 74 positions have top-2 logit gaps (0.0033, 0.0036) below that noise
+    # (0.003 RMS per logit): one flipped on the H200 (73/74 = 98.6%, the reference's figure).
+    # So this path is held to 98% here, the exact paths to 100%.
+    m = gold_model(gold_parts, "bfloat16")          # default math for bf16: "bf16"
+    assert m.math == "bf16" and m.dtype == "bfloat16"
+    logits = m(golden["input_ids"])
+    err = record("golden_forward_bf16_bf16math", rel_err(logits, golden["logits"]))
+    agree = record("golden_argmax_agreement_bf16math",
+                   np.mean(logits.argmax(-1) == golden["logits"].argmax(-1)))
+    assert err < TOL_BF16_MATH and agree >= 0.98
+    assert err > 0      # activations really were rounded: this is another path than fp32
+    # generation: the prompt's prefill (12 tokens) rounds activations, the decode steps at
+    # batch 2 multiply fp32 activations (GEMV) whatever `math` is
+    prompt, want = golden["gen_prompt"], golden["gen_tokens"]
+    st = m.new_state(prompt.shape[0])
+    logits = m.prefill(prompt, st, logits="last")
+    steps = []
+    for j in range(want.shape[1]):
+        steps.append(logits)
+        logits = m.step(want[:, j], st)      # teacher-forced along the reference tokens
+    steps = np.stack(steps, 1)
+    assert record("golden_gen_logits_bf16math", rel_err(steps, golden["gen_logits"])) \
+        < TOL_BF16_MATH
+    assert np.mean(steps.argmax(-1) == want) >= 0.9
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_golden_greedy_generation(gold_parts, golden, dtype):
+    m = gold_model(gold_parts, dtype, "fp32")
+    prompt, want = golden["gen_prompt"], golden["gen_tokens"]
+    st = m.new_state(prompt.shape[0])
+    logits = m.prefill(prompt, st, logits="last")
+    toks, steps = [], []
+    for _ in range(want.shape[1]):
+        steps.append(logits)
+        nxt = logits.argmax(-1)
+        toks.append(nxt)
+        logits = m.step(nxt, st)
+    np.testing.assert_array_equal(np.stack(toks, 1), want)
+    assert record(f"golden_gen_logits_{dtype}",
+                  rel_err(np.stack(steps, 1), golden["gen_logits"])) < TOL_F32
+    assert st.seqlen == prompt.shape[1] + want.shape[1]
+    # greedy decoding on the device (graph replay + device argmax) gives the same tokens
+    np.testing.assert_array_equal(m.greedy(prompt, want.shape[1]), want)
+    # and so does generate() (it stops a row at EOS = 0)
+    got = m.generate([list(p) for p in prompt], max_new_tokens=want.shape[1], return_tokens=True)
+    for row, w in zip(got, want):
+        w = list(w)
+        assert row == (w[:w.index(0)] if 0 in w else w)
+
+
+def test_load_device_cuda(golden):
+    m = bm.load(GOLDEN, device="cuda", tokenizer=False)
+    assert isinstance(m, model_cuda.CudaModel)
+    assert m.device == "cuda" and m.dtype == "bfloat16"      # the GPU default
+    assert m.num_parameters() == Model.num_parameters(m)      # same counting as the CPU
+    logits = m(golden["input_ids"][:1, :8])
+    assert rel_err(logits, golden["logits"][:1, :8]) < TOL_BF16_MATH
+
+
+# ---- random models: every layer kind ---------------------------------------------------------
+
+CONFIGS = [
+    dict(mamba_moe_layers=["r", "8", "r", "8"]),
+    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
+    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
+         conv_bias=False),
+    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
+         expansion_factor=1),
+]
+
+
+def make_cfg(**over):
+    base = dict(num_layers=1, hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
+                ffn_hidden_size=40)
+    base.update(over)
+    base["num_layers"] = len(base["mamba_moe_layers"])
+    return Config.from_dict(base)
+
+
+def make_pair(seed, dtype="float32", math="fp32", **over):
+    """(CudaModel, CPU Model) on the same random weights."""
+    cfg = make_cfg(**over)
+    t = random_tensors(cfg, seed=seed)
+    return model_cuda.CudaModel(cfg, t, dtype=dtype, math=math), Model(cfg, t, dtype=dtype)
+
+
+@pytest.mark.parametrize("ci", range(len(CONFIGS)))
+def test_prefill_then_step_equals_forward(ci):
+    g, _ = make_pair(ci, **CONFIGS[ci])
+    ids = np.random.default_rng(100 + ci).integers(0, g.vocab_size, (3, 23))
+    full = g(ids)                   # T = 69: the cuBLAS expert path (more than 64 tokens)
+    for split in (1, 2, 7):
+        st = g.new_state(3)
+        part = g.prefill(ids[:, :split], st)
+        steps = [g.step(ids[:, t], st) for t in range(split, ids.shape[1])]
+        got = np.concatenate([part, np.stack(steps, 1)], axis=1)
+        assert record(f"prefill_step_c{ci}_s{split}", rel_err(got, full)) < TOL_F32, split
+
+
+@pytest.mark.parametrize("ci", range(len(CONFIGS)))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_equals_cpu(ci, dtype):
+    g, c = make_pair(10 + ci, dtype=dtype, math="fp32", **CONFIGS[ci])
+    ids = np.random.default_rng(7 + ci).integers(0, g.vocab_size, (2, 40))
+    assert record(f"gpu_cpu_forward_c{ci}_{dtype}", rel_err(g(ids), c(ids))) < TOL_F32
+    sg, sc = g.new_state(2), c.new_state(2)
+    lg, lc = g.prefill(ids[:, :9], sg, logits="last"), c.prefill(ids[:, :9], sc, logits="last")
+    assert rel_err(lg, lc) < TOL_F32
+    for t in range(9, 15):
+        lg, lc = g.step(ids[:, t], sg), c.step(ids[:, t], sc)
+        assert record(f"gpu_cpu_step_c{ci}_{dtype}", rel_err(lg, lc)) < TOL_F32
+    # routing of a decode step (the eager path with the trace), layer by layer
+    seen = {}
+    g._tracer = lambda li, i, gt, lo: seen.setdefault(("g", li), (i.copy(), gt.copy(), lo.copy()))
+    c._tracer = lambda li, i, gt, lo: seen.setdefault(("c", li), (i.copy(), gt.copy(), lo.copy()))
+    try:
+        g.step(ids[:, 15], sg)
+        c.step(ids[:, 15], sc)
+    finally:
+        g._tracer = c._tracer = None
+    layers = [li for (who, li) in seen if who == "c"]
+    assert sorted(li for (who, li) in seen if who == "g") == sorted(layers)
+    for li in layers:
+        (gi, gg, gl), (ci_, cg, cl) = seen[("g", li)], seen[("c", li)]
+        np.testing.assert_array_equal(gi, ci_)
+        assert rel_err(gl, cl) < TOL_F32 and rel_err(gg, cg) < TOL_F32
+    # the recurrent state itself, brought back to the host
+    cs = sg.to_cpu()
+    for a, b in zip(cs.conv + cs.ssm, sc.conv + sc.ssm):
+        if b is not None:
+            assert rel_err(a, b) < TOL_F32
+    assert cs.seqlen == sc.seqlen == 16
+
+
+@pytest.mark.parametrize("ci", [0, 1, 3])
+def test_bf16_math_against_cpu(ci):
+    g, c = make_pair(21 + ci, dtype="bfloat16", math="bf16", **CONFIGS[ci])
+    ids = np.random.default_rng(3).integers(0, g.vocab_size, (12, 20))
+    err = record(f"gpu_bf16math_vs_cpu_bf16_c{ci}", rel_err(g(ids), c(ids)))
+    assert 0 < err < 2e-2   # bf16-rounded activations in every large product
+    # decode at batch 12 > 8: cuBLAS bf16 products and the all-experts batched GEMMs
+    sg, sc = g.new_state(12), c.new_state(12)
+    g.prefill(ids, sg, logits=None)
+    c.prefill(ids, sc, logits=None)
+    for t in range(3):
+        tok = ids[:, t]
+        err = record(f"gpu_bf16math_step_B12_c{ci}", rel_err(g.step(tok, sg), c.step(tok, sc)))
+        assert 0 < err < 2e-2
+
+
+def test_chunked_prefill_equals_whole():
+    g, _ = make_pair(7, **CONFIGS[0])
+    ids = np.random.default_rng(1).integers(0, g.vocab_size, (2, 40))
+    full = g(ids)
+    st = g.new_state(2)
+    assert rel_err(g.prefill(ids, st, chunk_size=9), full) < TOL_F32
+    st2 = g.new_state(2)
+    last = g.prefill(ids, st2, logits="last", chunk_size=16)
+    assert rel_err(last, full[:, -1]) < TOL_F32 and st2.seqlen == 40
+    assert g.prefill(ids[:, :3], g.new_state(2), logits=None) is None
+
+
+@pytest.mark.parametrize("B,math", [(3, "fp32"), (12, "bf16"), (12, "fp32")])
+def test_graph_replay_equals_eager(B, math):
+    # B = 3: GEMV products; B = 12 with bf16 math: cuBLAS bf16 GEMMs inside the graph
+    g, _ = make_pair(5, dtype="bfloat16", math=math, **CONFIGS[1])
+    rng = np.random.default_rng(B)
+    ids = rng.integers(0, g.vocab_size, (B, 11))
+    sa = g.new_state(B)
+    g.prefill(ids, sa, logits=None)
+    sb, sc = sa.copy(), sa.copy()
+    for _ in range(6):
+        tok = rng.integers(0, g.vocab_size, B)
+        ga = g.step(tok, sa, graph=True)
+        gc = g.step(tok, sc, graph=True)    # another state: the graph is re-captured each time
+        eb = g.step(tok, sb, graph=False)
+        assert record(f"graph_vs_eager_B{B}_{math}", rel_err(ga, eb)) <= 1e-6
+        np.testing.assert_array_equal(ga, gc)
+    assert g.memory()["graphs"] >= 1
+
+
+def test_batch_of_different_lengths_equals_alone():
+    g, _ = make_pair(4, **CONFIGS[0])
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(1, 90, n)) for n in (1, 5, 13)]
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=20, seed=3)):
+        batch = g.generate(prompts, max_new_tokens=10, return_tokens=True, **kw)
+        alone = [g.generate(p, max_new_tokens=10, return_tokens=True, **kw) for p in prompts]
+        assert batch == alone, kw
+
+
+def test_greedy_on_device_equals_host_loop():
+    cfg = make_cfg(**CONFIGS[0])
+    cfg.real_vocab_size = 50          # ids >= 50 are padding: never chosen
+    t = random_tensors(cfg, seed=9)
+    t["embedding.word_embeddings.weight"][50:] *= 4.0   # make them tempting
+    g = model_cuda.CudaModel(cfg, t, dtype="float32")
+    ids = np.random.default_rng(2).integers(0, 50, (2, 7))
+    dev = g.greedy(ids, 12)
+    st = g.new_state(2)
+    logits = g.prefill(ids, st, logits="last")
+    host = []
+    for _ in range(12):
+        nxt = logits[:, :50].argmax(-1)
+        host.append(nxt)
+        logits = g.step(nxt, st)
+    np.testing.assert_array_equal(dev, np.stack(host, 1))
+    assert dev.max() < 50
+
+
+def test_state_ops(tmp_path):
+    g, c = make_pair(3, **CONFIGS[1])
+    ids = np.random.default_rng(2).integers(0, g.vocab_size, (3, 12))
+    st = g.new_state(3)
+    g.prefill(ids, st, logits=None)
+    cached = st.copy()
+    st.save(tmp_path / "s.npz")
+    a = [g.step(ids[:, i], st) for i in range(4)]
+    b = [g.step(ids[:, i], cached) for i in range(4)]
+    loaded = model_cuda.CudaState.load(tmp_path / "s.npz", g)
+    cpu_state = bm.State.load(tmp_path / "s.npz", g.config)      # same file format
+    d = [g.step(ids[:, i], loaded) for i in range(4)]
+    e = [c.step(ids[:, i], cpu_state) for i in range(4)]
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    np.testing.assert_array_equal(np.stack(a), np.stack(d))
+    assert rel_err(np.stack(a), np.stack(e)) < TOL_F32
+    # select / set_row move whole rows
+    sel = cached.select([2, 0])
+    assert sel.batch_size == 2
+    x = sel.to_cpu()
+    y = cached.to_cpu()
+    for i, kind in enumerate(g.config.layer_kinds):
+        if y.ssm[i] is not None:
+            np.testing.assert_array_equal(x.ssm[i], y.ssm[i][[2, 0]])
+            np.testing.assert_array_equal(x.conv[i], y.conv[i][[2, 0]])
+    sel.set_row(1, cached, 1)
+    z = sel.to_cpu()
+    for i in range(g.config.num_layers):
+        if y.ssm[i] is not None:
+            np.testing.assert_array_equal(z.ssm[i][1], y.ssm[i][1])
+    with pytest.raises(IndexError):
+        cached.select([3])
+
+
+def test_bad_inputs():
+    g, _ = make_pair(6, **CONFIGS[0])
+    st = g.new_state(1)
+    with pytest.raises(ValueError, match="outside"):
+        g(np.array([[1, 2, 97]]))
+    with pytest.raises(TypeError, match="integer"):
+        g(np.array([[1.5, 2.0]]))
+    with pytest.raises(ValueError, match="no tokens"):
+        g.prefill(np.zeros((1, 0), np.int64), st)
+    with pytest.raises(ValueError, match="rows"):
+        g.step(np.array([1, 2]), st)
+    with pytest.raises(TypeError, match="CudaState"):
+        g.step(np.array([1]), bm.State(g.config, 1))
+    other, _ = make_pair(6, **CONFIGS[0])
+    with pytest.raises(ValueError, match="another model"):
+        g.step(np.array([1]), other.new_state(1))
+    with pytest.raises(ValueError, match="float16|dtype"):
+        model_cuda.CudaModel(g.config, random_tensors(g.config), dtype="float16")
+    with pytest.raises(ValueError, match="batch_size"):
+        g.new_state(0)
+    # a failed cudaMalloc is a MemoryError that names the bytes
+    with pytest.raises(MemoryError, match="bytes"):
+        g.new_state(1 << 40)
+    # the model still works after the failure
+    assert np.isfinite(g(np.array([[1, 2, 3]]))).all()

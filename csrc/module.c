@@ -3304,7 +3304,7 @@ static PyMethodDef engine_methods[] = {
 
 static PyMethodDef methods[] = {
     {"cpu_info", py_cpu_info, METH_NOARGS, "cpu_info() -> dict of run-time CPU features"},
-    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the C core and OpenBLAS"},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the C core (OpenBLAS runs single-threaded inside them)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     KW(linear, "linear(x (..., K) f32, weight (N, K) f32|bf16-as-uint16, bias=None) -> (..., N)"),
     {"bf16_to_f32", py_bf16_to_f32, METH_O, "bf16_to_f32(a uint16) -> float32"},

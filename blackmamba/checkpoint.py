@@ -40,6 +40,7 @@ import os
 import pathlib
 import pickle
 import pickletools
+import reprlib
 import struct
 import zipfile
 import zlib
@@ -345,12 +346,26 @@ _TORCH_DTYPE_ALIASES = {
     "int8": "int8", "uint8": "uint8", "bool": "bool",
 }
 
+class _Callable(_Inert):
+    """An allow-listed function as the unpickler sees it. Plain functions would be exposed to
+    BUILD, which sets attributes (`__defaults__`, `__dict__` entries) on its target: a file
+    could then change our stand-ins for every later load in the process. This wrapper has no
+    attributes to set and refuses BUILD (_Inert.__setstate__)."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch", "Size"): _torch_size,
+    ("collections", "OrderedDict"): collections.OrderedDict,     # a type: BUILD cannot set
+    ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),   # attributes
+    ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+    ("torch", "Size"): _Callable(_torch_size),
 }
 _ALLOWED_GLOBALS.update({("torch", n): _StorageType(n) for n in _TORCH_STORAGE})
 _ALLOWED_GLOBALS.update({("torch", n): _DTypeTag(d) for n, d in _TORCH_DTYPE_ALIASES.items()})
@@ -361,15 +376,111 @@ _ALLOWED_GLOBALS.update({("torch", n): _DTypeTag(d) for n, d in _TORCH_DTYPE_ALI
 _REFUSED_OPCODES = {"NEXT_BUFFER", "READONLY_BUFFER", "BYTEARRAY8", "EXT1", "EXT2", "EXT4"}
 
 
+# What a pickle may make the unpickler do before our stand-ins see a single object: each is
+# far above a real checkpoint (the 2.8B data.pkl: ~10k objects, ~20 work units a tensor)
+# and far below a stall. Work counts elements visited by hashing or walking shared
+# (memoized) objects: a few bytes of memo GETs build a tuple DAG whose hash doubles per
+# level (24 levels of (t, t): 3 s; 40 levels: days). Objects bound the memory: 16 MB of
+# one-byte EMPTY_LIST opcodes would otherwise build 16M lists (1 GB).
+MAX_PICKLE_WORK = 1 << 24
+MAX_PICKLE_OBJECTS = 1 << 22
+
+_HASHED = {"SETITEM": slice(1, 2), "SETITEMS": slice(1, None, 2), "DICT": slice(0, None, 2),
+           "ADDITEMS": slice(1, None), "FROZENSET": slice(None)}   # which consumed items
+_CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BINPERSID", "PERSID",
+          "STACK_GLOBAL", "BUILD"}      # may hash, compare or repr their arguments
+_SPECIAL = {"GET": "get", "BINGET": "get", "LONG_BINGET": "get", "PUT": "put",
+            "BINPUT": "put", "LONG_BINPUT": "put", "MEMOIZE": "memoize", "DUP": "dup",
+            "MARK": "mark", "APPEND": "grow", "APPENDS": "grow", "SETITEM": "grow",
+            "SETITEMS": "grow", "ADDITEMS": "grow", "BUILD": "grow"}
+
+
+def _opinfo(op):
+    """opcode -> (pops to a mark, items popped (below the mark), hashed slice, charged,
+    what it pushes), from pickletools' stack effects."""
+    mark = pickletools.markobject
+    takes_mark = mark in op.stack_before
+    npop = op.stack_before.index(mark) if takes_mark else len(op.stack_before)
+    pushes = _SPECIAL.get(op.name, "new" if op.stack_after else None)
+    return takes_mark, npop, _HASHED.get(op.name), op.name in _CALLS, pushes
+
+
+_OPINFO = {op.name: _opinfo(op) for op in pickletools.opcodes}
+
+
 def _scan_opcodes(data: bytes, where: str):
-    """Parse the whole opcode stream before running any of it (pickletools: a pure parser,
-    it executes nothing and allocates no more than the data): truncation and refused
-    opcodes surface here with a clear message."""
+    """Parse and simulate the whole opcode stream before running any of it.
+
+    pickletools.genops is a pure parser (it executes nothing and allocates no more than the
+    data): truncation, unknown and refused opcodes surface here with a clear message. The
+    stack, marks and memo are simulated as the C unpickler keeps them, each object reduced
+    to a weight (the elements a recursive walk of it visits) shared by all its aliases (memo
+    GET, DUP), as the real objects are, so a container grown after being memoized grows for
+    every alias. Weights are charged where the unpickler or our stand-ins may walk an object;
+    more than MAX_PICKLE_WORK charged or MAX_PICKLE_OBJECTS built is refused."""
+    stack, marks, memo = [], [], {}    # stack items are one-element lists [weight]
+    work = objects = 0
+    cap = MAX_PICKLE_WORK + 1           # weights saturate: no bignum arithmetic on bombs
+
+    def bad(pos, why):
+        return CheckpointError(f"{where}: malformed pickle (byte {pos}: {why})")
+
     try:
-        for op, _, pos in pickletools.genops(data):
-            if op.name in _REFUSED_OPCODES:
-                raise CheckpointError(f"{where}: pickle opcode {op.name} at byte {pos} has no "
+        for op, arg, pos in pickletools.genops(data):
+            name = op.name
+            takes_mark, npop, hashed, charged, pushes = _OPINFO[name]
+            if name in _REFUSED_OPCODES:
+                raise CheckpointError(f"{where}: pickle opcode {name} at byte {pos} has no "
                                       "place in a checkpoint; refusing")
+            consumed = []
+            if takes_mark or (name == "POP" and marks and marks[-1] == len(stack)):
+                if not marks:
+                    raise bad(pos, f"{name} without a MARK")
+                i = marks.pop()
+                consumed = stack[i:]
+                del stack[i:]
+                if not takes_mark:
+                    npop = 0
+            fence = marks[-1] if marks else 0
+            if npop:
+                if len(stack) - npop < fence:
+                    raise bad(pos, f"{name} pops below the stack or a MARK")
+                consumed = stack[len(stack) - npop:] + consumed
+                del stack[len(stack) - npop:]
+            if hashed is not None:               # dict keys and set members are hashed
+                work += sum(o[0] for o in consumed[hashed])
+            elif charged:
+                work += sum(o[0] for o in consumed)
+            if work > MAX_PICKLE_WORK:
+                raise CheckpointError(
+                    f"{where}: by byte {pos} the pickle would visit more than "
+                    f"{MAX_PICKLE_WORK} elements of shared (memoized) objects: a hash or "
+                    "expansion bomb, not a checkpoint; refusing")
+            if pushes == "get":
+                if arg not in memo:
+                    raise bad(pos, f"memo key {arg} was never stored")
+                stack.append(memo[arg])
+            elif pushes == "put":
+                if len(stack) <= fence:
+                    raise bad(pos, f"{name} with nothing to store")
+                memo[arg] = stack[-1]
+            elif pushes == "memoize":            # index = entries so far, as the C unpickler
+                memo[len(memo)] = consumed[0]
+                stack.append(consumed[0])
+            elif pushes == "dup":
+                stack += consumed * 2
+            elif pushes == "mark":
+                marks.append(len(stack))
+            elif pushes == "grow":               # the container (or BUILD's instance) grows
+                target = consumed[0]
+                target[0] = min(cap, target[0] + sum(o[0] for o in consumed[1:]))
+                stack.append(target)
+            elif pushes == "new":                # a new object built from what was consumed
+                stack.append([min(cap, 1 + sum(o[0] for o in consumed))])
+                objects += 1
+                if objects > MAX_PICKLE_OBJECTS:
+                    raise CheckpointError(f"{where}: the pickle builds more than "
+                                          f"{MAX_PICKLE_OBJECTS} objects; refusing")
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - ValueError on truncated/unknown opcodes, etc.
@@ -647,9 +758,15 @@ def _load_torch_zip(path, mm):
     return tensors, list(regions.values())
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _short(obj, n=120):
+    """A bounded repr for error messages: a hostile object may be a DAG whose full repr
+    would be exponentially long (reprlib stops at depth 3 and a few items per level)."""
     try:
-        s = repr(obj)
+        s = _REPR.repr(obj)
     except Exception:  # noqa: BLE001
         s = f"<{type(obj).__name__}>"
     return s if len(s) <= n else s[:n] + "..."
@@ -672,7 +789,7 @@ def _find_state_dict(obj, where):
             if not obj:
                 return {}
             bad = [k for k, v in obj.items() if not isinstance(v, _TensorRef)][:3]
-            raise CheckpointError(f"{where}: entries {bad!r} are not tensors and there is no "
+            raise CheckpointError(f"{where}: entries {_short(bad)} are not tensors and there is no "
                                   "'model' / 'state_dict' / 'module' dict of tensors")
     else:
         raise CheckpointError(f"{where}: no dict of tensors found")
@@ -742,8 +859,8 @@ def _load_safetensors(path, mm):
         except (TypeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{what}: header entry needs dtype, shape, data_offsets "
                                   f"[begin, end] ({exc})") from exc
-        if tag not in _SAFETENSORS:
-            raise CheckpointError(f"{what}: unsupported dtype {tag!r}; supported: "
+        if not isinstance(tag, str) or tag not in _SAFETENSORS:
+            raise CheckpointError(f"{what}: unsupported dtype {_short(tag)}; supported: "
                                   f"{sorted(_SAFETENSORS)}")
         dtype = DTYPES[_SAFETENSORS[tag]]
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM

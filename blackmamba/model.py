@@ -15,12 +15,15 @@ from .config import Config, has_mamba, num_experts
 DTYPES = ("float32", "bfloat16")
 PREFILL_CHUNK = 2048        # tokens per prefill chunk: memory independent of prompt length
 # Python sees Ctrl-C only between C calls (the kernels run with the GIL released), so the
-# longest single call bounds how late a KeyboardInterrupt arrives. Prefill chunks (and the
-# vocabulary projection of logits="all") are cut so that no call does more than about this
-# many multiply-adds: 2**33 is ~0.2-0.4 s on 2 cores, 500-token chunks at the 2.8B shape
-# (benchmarks/bench_op_latency.py; 2048-token chunks there take 0.7 s for in_proj alone, 2 s
-# for one expert that gets every token, 6 s for the vocabulary projection).
-OP_BUDGET = 1 << 33
+# longest single call bounds how late a KeyboardInterrupt arrives. Measured on 2 cores at
+# the 2.8B shape (benchmarks/bench_op_latency.py): a 2048-token chunk spends 0.7 s in
+# in_proj, ~0.25 s per expert (2 s if one expert got every token) and 3-6 s in the
+# vocabulary projection of logits="all". Shorter calls cost throughput, since every call
+# re-packs its weight matrix (500-token chunks: +30% CPU time; 1000: +10%), so a call may
+# do up to OP_BUDGET multiply-adds: a chunk holds ~2000 tokens of the whole batch (B rows
+# share it), and the vocabulary projection runs in calls of ~460 tokens (0.7 s, +8% CPU
+# time on the projection alone).
+OP_BUDGET = 1 << 35
 
 
 class WeightError(ValueError):
@@ -459,7 +462,7 @@ class Model:
     def _chunk_rows(self, B, chunk_size):
         """Tokens per row in one prefill chunk: at most chunk_size, and few enough that the
         biggest matrix product of a chunk (in_proj, or one expert given every token) stays
-        within OP_BUDGET multiply-adds (see OP_BUDGET: the Ctrl-C latency)."""
+        within OP_BUDGET multiply-adds whatever the batch size (the Ctrl-C latency)."""
         c = self.config
         per_token = c.hidden_size * max(2 * c.d_inner, (3 if c.swiglu else 2)
                                         * c.ffn_hidden_size)

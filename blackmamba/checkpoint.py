@@ -734,8 +734,10 @@ def _load_torch_zip(path, mm):
     _scan_opcodes(data, where)
     try:
         obj = _RestrictedUnpickler(data, where, resolve_storage).load()
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:       # the stand-ins' messages do not know the file
+        if where in str(exc) or str(path) in str(exc):
+            raise
+        raise CheckpointError(f"{where}: {exc}") from exc
     except (RecursionError, MemoryError) as exc:
         raise CheckpointError(f"{where}: pickle too deep or too large "
                               f"({type(exc).__name__})") from exc

@@ -801,6 +801,18 @@ def _find_state_dict(obj, where):
     return obj
 
 
+def _empty(shape, dtype, what):
+    """A read-only empty array of `shape`; NumPy refuses shapes whose other dimensions
+    multiply past 2**63 even with a zero among them: (2**62, 0) is not an array either."""
+    try:
+        empty = np.empty(shape, dtype)
+    except (ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{what}: shape {_short(tuple(shape))} cannot be an array "
+                              f"({exc})") from exc
+    empty.flags.writeable = False
+    return empty
+
+
 def _strided_view(storage, offset, shape, stride, what):
     """View `shape`/`stride` (elements) at `offset` of the 1-D `storage`, after checking that
     every element it can reach lies inside the storage. Never copies, never allocates."""
@@ -812,9 +824,7 @@ def _strided_view(storage, offset, shape, stride, what):
     for s in shape:
         count *= s
     if count == 0:
-        empty = np.empty(shape, storage.dtype)
-        empty.flags.writeable = False
-        return empty
+        return _empty(shape, storage.dtype, what)
     last = offset + sum((s - 1) * st for s, st in zip(shape, stride))
     if last >= numel:
         raise CheckpointError(f"{what}: size {shape}, stride {stride}, offset {offset} reach "
@@ -879,7 +889,8 @@ def _load_safetensors(path, mm):
                                   f"{count * dtype.itemsize} bytes, data_offsets span "
                                   f"{end - begin}")
         spans.append((begin, end, name))
-        view = buffer[begin:end].view(dtype).reshape(shape)
+        view = buffer[begin:end].view(dtype).reshape(shape) if count else \
+            _empty(shape, dtype, what)
         tensors[name] = StoredTensor(view, _SAFETENSORS[tag])
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):

@@ -55,7 +55,8 @@ def sample_next(logits, params, rng, vocab_limit):
     if params.temperature == 0.0:
         return int(np.argmax(lg))
     # shift first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
-    lg = (lg - lg.max()) / params.temperature
+    with np.errstate(over="ignore"):           # -> -inf: probability 0, as it should be
+        lg = (lg - lg.max()) / params.temperature
     if params.top_k is not None and params.top_k < lg.size:
         kth = np.partition(lg, -params.top_k)[-params.top_k]
         lg = np.where(lg < kth, -np.inf, lg)
@@ -144,7 +145,11 @@ def generate(model, prompt, max_new_tokens=64, temperature=0.0, top_k=None, top_
         raise ValueError("stream=True takes a single prompt")
     if stream:
         return _stream(model, prompts[0], max_new_tokens, params, stop, state)
-    outs = _run(model, [_encode(model, p) for p in prompts], max_new_tokens, params, stop, state)
+    ids = [_encode(model, p) for p in prompts]
+    if model.tokenizer is None and (stop or not return_tokens):   # say so before the work
+        raise ValueError("this model has no tokenizer: pass return_tokens=True for token "
+                         "ids (stop strings need a tokenizer), or load it with tokenizer=...")
+    outs = _run(model, ids, max_new_tokens, params, stop, state)
     if return_tokens:
         return outs if batch else outs[0]
     texts = [_finish_text(model, toks, stop) for toks in outs]

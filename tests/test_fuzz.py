@@ -158,6 +158,19 @@ def test_the_released_pickle_is_far_inside_the_bounds():
         ck.MAX_PICKLE_WORK = old
 
 
+@pytest.mark.parametrize("shape", [(2 ** 62, 0), (0, 2 ** 63 - 1, 2 ** 63 - 1), (2 ** 70, 0)])
+def test_empty_tensors_with_huge_dimensions(tmp_path, shape):
+    # NumPy cannot make these shapes even empty: its ValueError/OverflowError escaped
+    rec = TensorRecord("0", "float32", 4, 0, shape, (1,) * len(shape))
+    with pytest.raises(CheckpointError, match="cannot be an array"):
+        load_tensors(_zip(tmp_path, torch_pickle_bytes({"model": {"w": rec}})))
+    h = json.dumps({"a": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 0]}})
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", len(h)) + h.encode())
+    with pytest.raises(CheckpointError, match="cannot be an array"):
+        load_tensors(p)
+
+
 # ------------------------------------------------------------------ regressions: safetensors
 
 @pytest.mark.parametrize("tag", [[1], {"a": 1}, 5, None, ["F32"], 1.5])

@@ -5,7 +5,7 @@ tests/test_fuzz.py runs every target in a child process under a memory limit (RL
 an unbounded allocation surfaces as a failure and a crash as a dead child, never as a hung
 or killed test session:
 
-    python3 tests/fuzz_targets.py TARGET EXAMPLES WORKDIR [SEED]
+    PYTHONPATH=. python3 tests/fuzz_targets.py TARGET EXAMPLES WORKDIR [SEED]
         -> one JSON line {"target", "examples", "seed", outcome: count, ...} on stdout
 
 Every example must end in a load (whose arrays all lie inside the mapped file) or in one of
@@ -33,9 +33,8 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 from hypothesis import strategies as st
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+HERE = pathlib.Path(__file__).resolve().parent    # blackmamba: from PYTHONPATH (the
+                                                  # package the calling test imported)
 
 import blackmamba as bm                                         # noqa: E402
 from blackmamba import checkpoint as ck                         # noqa: E402

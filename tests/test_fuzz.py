@@ -39,7 +39,11 @@ def test_fuzz(target, tmp_path, record_property):
     cmd = [sys.executable, str(HERE / "fuzz_targets.py"), target, str(n), str(tmp_path)]
     if os.environ.get("BLACKMAMBA_FUZZ_SEED"):
         cmd.append(os.environ["BLACKMAMBA_FUZZ_SEED"])
-    env = dict(os.environ, BLACKMAMBA_SHARED=conftest.SHARED, PYTHONHASHSEED="0")
+    # the child imports the blackmamba this process imported (installed, or the tree)
+    pkg_parent = str(pathlib.Path(ck.__file__).resolve().parent.parent)
+    env = dict(os.environ, BLACKMAMBA_SHARED=conftest.SHARED,
+               PYTHONPATH=os.pathsep.join([pkg_parent] + [p for p in os.environ.get(
+                   "PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=120 + 0.1 * n)
     tail = proc.stderr[-6000:]

@@ -29,7 +29,8 @@ from blackmamba.model import Model, random_tensors
 import conftest
 from conftest import SANITIZED, rel_err
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+# children import the blackmamba this process imported (installed, or the source tree)
+ROOT = pathlib.Path(bm.__file__).resolve().parent.parent
 no_asan = pytest.mark.skipif(SANITIZED, reason="RSS and timing are not meaningful under ASan")
 
 

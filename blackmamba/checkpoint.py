@@ -813,13 +813,22 @@ def _empty(shape, dtype, what):
     return empty
 
 
+def _num(v):
+    """An int for messages: a pickle may hold a 10**5000, whose str() Python refuses."""
+    return str(v) if v.bit_length() <= 64 else f"<{v.bit_length()}-bit int>"
+
+
+def _dims(values):
+    return "(" + ", ".join(map(_num, values)) + ")"
+
+
 def _strided_view(storage, offset, shape, stride, what):
     """View `shape`/`stride` (elements) at `offset` of the 1-D `storage`, after checking that
     every element it can reach lies inside the storage. Never copies, never allocates."""
     numel = storage.shape[0]
     if offset < 0 or any(s < 0 for s in shape) or any(s < 0 for s in stride):
-        raise CheckpointError(f"{what}: negative offset/size/stride (offset {offset}, size "
-                              f"{shape}, stride {stride})")
+        raise CheckpointError(f"{what}: negative offset/size/stride (offset {_num(offset)}, "
+                              f"size {_dims(shape)}, stride {_dims(stride)})")
     count = 1
     for s in shape:
         count *= s
@@ -827,11 +836,17 @@ def _strided_view(storage, offset, shape, stride, what):
         return _empty(shape, storage.dtype, what)
     last = offset + sum((s - 1) * st for s, st in zip(shape, stride))
     if last >= numel:
-        raise CheckpointError(f"{what}: size {shape}, stride {stride}, offset {offset} reach "
-                              f"element {last} of a storage of {numel} elements")
+        raise CheckpointError(f"{what}: size {_dims(shape)}, stride {_dims(stride)}, offset "
+                              f"{_num(offset)} reach element {_num(last)} of a storage "
+                              f"of {numel} elements")
     if count > MAX_VIEW_ELEMENTS:     # in bounds only through stride 0: a bomb, not a weight
-        raise CheckpointError(f"{what}: size {shape} has {count} elements; refusing")
-    if tuple(stride) == _contiguous_strides(shape) or count == 1:
+        raise CheckpointError(f"{what}: size {_dims(shape)} has {_num(count)} elements; "
+                              "refusing")
+    # a dimension of size 1 may declare any stride, even one NumPy cannot hold (2**62
+    # elements); it is never used, so make it 0. Every other stride is < numel (in bounds).
+    stride = tuple(st if s > 1 else 0 for s, st in zip(shape, stride))
+    dense = tuple(st if s > 1 else 0 for s, st in zip(shape, _contiguous_strides(shape)))
+    if stride == dense:
         return storage[offset:offset + count].reshape(shape)
     item = storage.dtype.itemsize
     return np.lib.stride_tricks.as_strided(storage[offset:], shape=shape,

@@ -175,6 +175,27 @@ def test_empty_tensors_with_huge_dimensions(tmp_path, shape):
         load_tensors(p)
 
 
+ENORMOUS = [
+    (4, 0, (10 ** 5000,), (0,), "refusing"),                     # str() of it raised
+    (4, 10 ** 5000, (2,), (1,), "reach element"),
+    (4, 0, (2,), (-10 ** 5000,), "negative"),
+    (4, 0, (1, 2), (2 ** 62, 0), None),        # a size-1 dim with a stride NumPy cannot hold
+]
+
+
+@pytest.mark.parametrize("numel,offset,size,stride,match", ENORMOUS,
+                         ids=[str(i) for i in range(len(ENORMOUS))])
+def test_geometry_with_enormous_ints(tmp_path, numel, offset, size, stride, match):
+    rec = TensorRecord("0", "float32", numel, offset, size, stride)
+    p = _zip(tmp_path, torch_pickle_bytes({"model": {"w": rec}}))
+    if match is None:
+        np.testing.assert_array_equal(load_tensors(p)["w"].array, [[0, 0]])
+        return
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_tensors(p)
+    assert len(str(e.value)) < 400
+
+
 # ------------------------------------------------------------------ regressions: safetensors
 
 @pytest.mark.parametrize("tag", [[1], {"a": 1}, 5, None, ["F32"], 1.5])

@@ -34,7 +34,7 @@ class _BF16Tensor:
         return ops.bf16_to_f32(self.array)
 
 
-def random_model(shape, layers=None, dtype="bfloat16", seed=0):
+def random_model(shape, layers=None, dtype="bfloat16", seed=0, device="cpu"):
     import blackmamba as bm
     from blackmamba import ops
     from blackmamba.config import Config
@@ -47,8 +47,13 @@ def random_model(shape, layers=None, dtype="bfloat16", seed=0):
                                 vocab_size=50304, bias=False, add_bias_linear=False,
                                 swiglu=True, max_sequence_length=2048,
                                 mamba_moe_layers=["r", "8"] * (s["num_layers"] // 2), **s))
+    if device == "cuda":
+        from blackmamba.model_cuda import CudaModel
+        Model = CudaModel
+    else:
+        Model = bm.Model
     if dtype == "float32":
-        return bm.Model(cfg, random_tensors(cfg, seed), dtype="float32", name=shape), cfg
+        return Model(cfg, random_tensors(cfg, seed), dtype="float32", name=shape), cfg
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shp in _expected_shapes(cfg).items():
@@ -57,7 +62,7 @@ def random_model(shape, layers=None, dtype="bfloat16", seed=0):
             tensors[name] = _BF16Tensor(ops.f32_to_bf16(a))
         else:      # vectors, A_log, conv weights: float32, random_tensors' recipe
             tensors[name] = _small(name, shp, rng)
-    return bm.Model(cfg, tensors, dtype="bfloat16", name=shape), cfg
+    return Model(cfg, tensors, dtype="bfloat16", name=shape), cfg
 
 
 def _small(name, shape, rng):
@@ -86,6 +91,7 @@ def main():
     ap.add_argument("--cont", type=int, default=25, help="continuation tokens (~25)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -93,7 +99,7 @@ def main():
     if args.threads:
         ops.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, cfg = random_model(args.shape, args.layers, args.dtype)
+    model, cfg = random_model(args.shape, args.layers, args.dtype, device=args.device)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     reqs = []
@@ -107,7 +113,7 @@ def main():
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     model_tokens = sum(len(c) for c in {tuple(c) for c, _ in reqs}) + sum(len(t) for _, t in reqs)
     request_tokens = sum(len(c) + len(t) for c, t in reqs)
-    res = dict(shape=args.shape, layers=cfg.num_layers, dtype=args.dtype,
+    res = dict(shape=args.shape, layers=cfg.num_layers, dtype=args.dtype, device=args.device,
                threads=ops.get_num_threads(), requests=len(reqs), seconds=dt,
                model_tokens=model_tokens, request_tokens=request_tokens,
                model_tokens_per_s=model_tokens / dt, request_tokens_per_s=request_tokens / dt,
@@ -116,7 +122,8 @@ def main():
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{args.shape} ({cfg.num_layers} layers) {args.dtype}, {res['threads']} threads, "
+        print(f"{args.shape} ({cfg.num_layers} layers) {args.dtype} on {args.device}, "
+              f"{res['threads']} CPU threads, "
               f"batch {args.batch_size}: {len(reqs)} requests in {dt:.1f} s = "
               f"{res['requests_per_s']:.2f} req/s, {res['model_tokens_per_s']:.1f} model "
               f"tokens/s ({res['request_tokens_per_s']:.1f} request tokens/s); "

@@ -77,11 +77,10 @@ static void spec_str(Sig *s, char *buf, size_t n, const char *shape) {
     if (k < n) snprintf(buf + k, n - k, ")");
 }
 
-/* Check `a`'s shape against `shape` ("bLE"; a leading "..." allows any leading dims whose
- * product binds letter 'T'), binding unbound letters. */
-static int sig_check_shape(Sig *s, PyArrayObject *a, const char *name, const char *shape) {
-    int nd = PyArray_NDIM(a);
-    const npy_intp *dims = PyArray_DIMS(a);
+/* Check dims (nd) against `shape` ("bLE"; a leading "..." allows any leading dims whose
+ * product binds letter 'T'), binding unbound letters. Host and device arrays share it. */
+static int sig_check_dims(Sig *s, int nd, const npy_intp *dims, const char *name,
+                          const char *shape) {
     int lead = strncmp(shape, "...", 3) == 0;
     const char *letters = lead ? shape + 3 : shape;
     int want = (int)strlen(letters);
@@ -110,6 +109,10 @@ static int sig_check_shape(Sig *s, PyArrayObject *a, const char *name, const cha
         return -1;
     }
     return 0;
+}
+
+static int sig_check_shape(Sig *s, PyArrayObject *a, const char *name, const char *shape) {
+    return sig_check_dims(s, PyArray_NDIM(a), PyArray_DIMS(a), name, shape);
 }
 
 /* Validate argument `obj` named `name`. Returns a C-contiguous aligned array owned by `s`,
@@ -731,6 +734,1739 @@ fail:
     sig_free(&s);
     return res;
 }
+
+/* ==== CUDA: device arrays and the GPU ops ============================================== */
+#ifdef BM_WITH_CUDA
+/* The GPU side of the bindings, in one section:
+ *   - DLPack's ABI structs (dlpack.h 1.0, a public ABI-stable spec, written out here);
+ *   - device memory: stream-ordered cudaMallocAsync on the legacy default stream, plain
+ *     cudaMalloc where the device has no memory pools (or BLACKMAMBA_CUDA_ALLOC=sync);
+ *   - blackmamba._C.DeviceArray: a C-contiguous device array owning its memory, or a view
+ *     that keeps a foreign owner alive; __cuda_array_interface__ (v3) and __dlpack__ out;
+ *   - foreign GPU arrays in (CAI, then DLPack) as DeviceArray views, never copies;
+ *   - sig_dev*: the Sig validation above, for device arrays (the same shape letters);
+ *   - _C.cuda_<op>: the GPU twins of the CPU ops, same signatures and results.
+ * Every launch goes on the legacy default stream (BM_STREAM). It orders itself after and
+ * before all blocking streams (CuPy's and PyTorch's default streams), so callers need no
+ * synchronisation; the host waits only where it needs a value (iteration counts, id range
+ * checks, numpy()). Foreign memory is used in the call only: a temporary whose owner frees
+ * it right after the call is safe when that owner allocates on a blocking stream. */
+#include <cuda_runtime_api.h>
+
+#include "../cuda/bm_cuda.h"
+
+#define BM_STREAM cudaStreamLegacy
+#define DA_MAXDIM 16
+
+/* ---- DLPack (dlpack.h v1.0) ---- */
+enum { kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13 };
+enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLBool = 6 };
+typedef struct { int32_t device_type; int32_t device_id; } DLDevice;
+typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;
+typedef struct {
+    void *data;          /* device pointer (+ byte_offset) */
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape;      /* (ndim) */
+    int64_t *strides;    /* (ndim) in elements, or NULL for compact row-major */
+    uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+typedef struct { uint32_t major, minor; } DLPackVersion;
+typedef struct DLManagedTensorVersioned {
+    DLPackVersion version;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensorVersioned *self);
+    uint64_t flags;
+    DLTensor dl_tensor;
+} DLManagedTensorVersioned;
+#define DLPACK_FLAG_BITMASK_READ_ONLY (1ULL << 0)
+
+/* Element types a DeviceArray may hold: NumPy type <-> DLPack code and bits. bf16 comes in
+ * from DLPack as uint16 bits (the weight convention of every op). */
+static const struct { int typenum; char kind; uint8_t code, bits; } da_types[] = {
+    {NPY_FLOAT32, 'f', kDLFloat, 32}, {NPY_FLOAT64, 'f', kDLFloat, 64},
+    {NPY_FLOAT16, 'f', kDLFloat, 16}, {NPY_INT8, 'i', kDLInt, 8},
+    {NPY_INT16, 'i', kDLInt, 16},     {NPY_INT32, 'i', kDLInt, 32},
+    {NPY_INT64, 'i', kDLInt, 64},     {NPY_UINT8, 'u', kDLUInt, 8},
+    {NPY_UINT16, 'u', kDLUInt, 16},   {NPY_UINT32, 'u', kDLUInt, 32},
+    {NPY_UINT64, 'u', kDLUInt, 64},   {NPY_BOOL, 'b', kDLBool, 8},
+};
+#define DA_NTYPES ((int)(sizeof(da_types) / sizeof(da_types[0])))
+
+/* Canonical type number of a NumPy dtype (int64 and longlong are one type here), or -1. */
+static int da_typenum(PyArray_Descr *d) {
+    for (int i = 0; i < DA_NTYPES; i++)
+        if (da_types[i].kind == d->kind && da_types[i].bits == 8 * PyDataType_ELSIZE(d))
+            return da_types[i].typenum;
+    return -1;
+}
+
+static int da_typenum_dl(DLDataType t) {
+    if (t.lanes != 1) return -1;
+    if (t.code == kDLBfloat && t.bits == 16) return NPY_UINT16;
+    for (int i = 0; i < DA_NTYPES; i++)
+        if (da_types[i].code == t.code && da_types[i].bits == t.bits) return da_types[i].typenum;
+    return -1;
+}
+
+static int cur_device(void) {
+    int d = 0;
+    if (cudaGetDevice(&d) != cudaSuccess) {
+        (void)cudaGetLastError();
+        d = 0;
+    }
+    return d;
+}
+
+/* ---- device memory ---- */
+enum { DA_NONE = 0, DA_SYNC = 1, DA_ASYNC = 2 };  /* how a DeviceArray's memory was taken */
+static int da_alloc_mode = DA_NONE;  /* DA_SYNC or DA_ASYNC once chosen; set under the GIL */
+
+static int alloc_mode(void) {
+    if (da_alloc_mode) return da_alloc_mode;
+    const char *env = getenv("BLACKMAMBA_CUDA_ALLOC");
+    int mode = DA_ASYNC, pools = 0;
+    if (env && !strcmp(env, "sync")) mode = DA_SYNC;
+    else if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, cur_device()) !=
+                 cudaSuccess || !pools)
+        mode = DA_SYNC;
+    (void)cudaGetLastError();
+    return da_alloc_mode = mode;
+}
+
+static void set_alloc_error(const char *fn, cudaError_t e, size_t bytes) {
+    if (e == cudaErrorMemoryAllocation) {
+        size_t fr = 0, tot = 0;
+        if (cudaMemGetInfo(&fr, &tot) != cudaSuccess) (void)cudaGetLastError();
+        const double gib = 1024.0 * 1024.0 * 1024.0;
+        char buf[400];
+        snprintf(buf, sizeof buf,
+                 "%s: out of GPU memory: cannot allocate %zu bytes (%.3f GiB); the device has "
+                 "%zu bytes (%.3f GiB) free of %zu (%.3f GiB)",
+                 fn, bytes, bytes / gib, fr, fr / gib, tot, tot / gib);
+        PyErr_SetString(PyExc_MemoryError, buf);
+    } else if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) {
+        PyErr_Format(PyExc_RuntimeError, "%s: no usable CUDA GPU (%s: %s)", fn,
+                     cudaGetErrorName(e), cudaGetErrorString(e));
+    } else {
+        PyErr_Format(PyExc_RuntimeError, "%s: cannot allocate %zu bytes of GPU memory: %s: %s",
+                     fn, bytes, cudaGetErrorName(e), cudaGetErrorString(e));
+    }
+}
+
+/* `bytes` of device memory in *ptr (NULL for 0 bytes). Returns how it was taken (DA_*), or
+ * -1 with MemoryError (naming the bytes and the free/total memory) or RuntimeError set. */
+static int dev_malloc(const char *fn, size_t bytes, void **ptr) {
+    *ptr = NULL;
+    if (bytes == 0) return DA_NONE;
+    cudaError_t e;
+    if (alloc_mode() == DA_ASYNC) {
+        e = cudaMallocAsync(ptr, bytes, BM_STREAM);
+        if (e == cudaSuccess) return DA_ASYNC;
+        (void)cudaGetLastError();  /* a failed call leaves its error for the next launch check */
+        if (e == cudaErrorMemoryAllocation) goto fail;
+        da_alloc_mode = DA_SYNC;   /* pools refused: plain allocations from now on */
+    }
+    e = cudaMalloc(ptr, bytes);
+    if (e == cudaSuccess) return DA_SYNC;
+    (void)cudaGetLastError();
+fail:
+    *ptr = NULL;
+    set_alloc_error(fn, e, bytes);
+    return -1;
+}
+
+static void dev_free(void *ptr, int kind) {
+    if (!ptr || kind == DA_NONE) return;
+    /* stream-ordered: kernels still reading it on BM_STREAM (or on blocking streams before
+     * this point) finish first. Errors (a runtime already unloaded at exit) are dropped. */
+    cudaError_t e = kind == DA_ASYNC ? cudaFreeAsync(ptr, BM_STREAM) : cudaFree(ptr);
+    if (e != cudaSuccess) (void)cudaGetLastError();
+}
+
+/* ---- DeviceArray ---- */
+typedef struct {
+    PyObject_HEAD
+    char *ptr;                  /* device memory, C-contiguous; NULL when size is 0 */
+    npy_intp shape[DA_MAXDIM];  /* (ndim) */
+    int ndim;
+    int typenum;                /* canonical NumPy type number (da_types) */
+    int itemsize;
+    int device;                 /* CUDA device ordinal */
+    int readonly;
+    int alloc;                  /* DA_NONE (a view, or empty), DA_SYNC, DA_ASYNC */
+    PyObject *base;             /* owner of the memory of a view, else NULL */
+} DeviceArray;
+
+static PyTypeObject DeviceArrayType;
+#define DeviceArray_Check(o) (Py_TYPE(o) == &DeviceArrayType)
+
+static npy_intp da_size(const DeviceArray *a) {
+    npy_intp n = 1;
+    for (int i = 0; i < a->ndim; i++) n *= a->shape[i];
+    return n;
+}
+
+static size_t da_nbytes(const DeviceArray *a) { return (size_t)da_size(a) * (size_t)a->itemsize; }
+
+/* A DeviceArray object with no memory yet; shape checked (ndim, sizes >= 0, no overflow). */
+static DeviceArray *da_new(const char *fn, int ndim, const npy_intp *shape, int typenum) {
+    if (ndim < 0 || ndim > DA_MAXDIM) {
+        PyErr_Format(PyExc_ValueError, "%s: device arrays have at most %d dimensions, got %d",
+                     fn, DA_MAXDIM, ndim);
+        return NULL;
+    }
+    PyArray_Descr *d = PyArray_DescrFromType(typenum);
+    if (!d) return NULL;
+    const int itemsize = (int)PyDataType_ELSIZE(d);
+    Py_DECREF(d);
+    npy_intp n = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative dimension %ld", fn, (long)shape[i]);
+            return NULL;
+        }
+        if (shape[i] && n > NPY_MAX_INTP / shape[i] / itemsize) {
+            PyErr_Format(PyExc_ValueError, "%s: array is too big", fn);
+            return NULL;
+        }
+        n *= shape[i];
+    }
+    DeviceArray *a = PyObject_New(DeviceArray, &DeviceArrayType);
+    if (!a) return NULL;
+    a->ptr = NULL;
+    memset(a->shape, 0, sizeof(a->shape));
+    memcpy(a->shape, shape, sizeof(npy_intp) * (size_t)ndim);
+    a->ndim = ndim;
+    a->typenum = typenum;
+    a->itemsize = itemsize;
+    a->device = cur_device();
+    a->readonly = 0;
+    a->alloc = DA_NONE;
+    a->base = NULL;
+    return a;
+}
+
+/* New uninitialised device array (new reference). */
+static DeviceArray *da_empty(const char *fn, int ndim, const npy_intp *shape, int typenum) {
+    DeviceArray *a = da_new(fn, ndim, shape, typenum);
+    if (!a) return NULL;
+    void *p;
+    const int kind = dev_malloc(fn, da_nbytes(a), &p);
+    if (kind < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    a->ptr = (char *)p;
+    a->alloc = kind;
+    return a;
+}
+
+/* A view of memory owned by `base` (a new reference to base is kept). */
+static DeviceArray *da_view(const char *fn, PyObject *base, void *ptr, int ndim,
+                            const npy_intp *shape, int typenum, int device, int readonly) {
+    DeviceArray *a = da_new(fn, ndim, shape, typenum);
+    if (!a) return NULL;
+    a->ptr = da_size(a) ? (char *)ptr : NULL;
+    a->device = device;
+    a->readonly = readonly;
+    Py_XINCREF(base);
+    a->base = base;
+    return a;
+}
+
+static void da_dealloc(DeviceArray *a) {
+    dev_free(a->ptr, a->alloc);
+    Py_XDECREF(a->base);
+    Py_TYPE(a)->tp_free((PyObject *)a);
+}
+
+static PyObject *da_shape_tuple(const DeviceArray *a) {
+    PyObject *t = PyTuple_New(a->ndim);
+    if (!t) return NULL;
+    for (int i = 0; i < a->ndim; i++) {
+        PyObject *v = PyLong_FromSsize_t(a->shape[i]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static PyObject *da_get_shape(DeviceArray *a, void *c) { return da_shape_tuple(a); }
+static PyObject *da_get_dtype(DeviceArray *a, void *c) { return (PyObject *)PyArray_DescrFromType(a->typenum); }
+static PyObject *da_get_ndim(DeviceArray *a, void *c) { return PyLong_FromLong(a->ndim); }
+static PyObject *da_get_size(DeviceArray *a, void *c) { return PyLong_FromSsize_t(da_size(a)); }
+static PyObject *da_get_nbytes(DeviceArray *a, void *c) { return PyLong_FromSize_t(da_nbytes(a)); }
+static PyObject *da_get_ptr(DeviceArray *a, void *c) { return PyLong_FromVoidPtr(a->ptr); }
+static PyObject *da_get_device(DeviceArray *a, void *c) { return PyLong_FromLong(a->device); }
+static PyObject *da_get_readonly(DeviceArray *a, void *c) { return PyBool_FromLong(a->readonly); }
+static PyObject *da_get_base(DeviceArray *a, void *c) {
+    PyObject *b = a->base ? a->base : Py_None;
+    Py_INCREF(b);
+    return b;
+}
+
+/* __cuda_array_interface__ v3: C-contiguous (strides None); stream 1 = the legacy default
+ * stream, where our writes may still be pending (v3 forbids 0; None would claim there is no
+ * pending work). */
+static PyObject *da_get_cai(DeviceArray *a, void *c) {
+    PyArray_Descr *d = PyArray_DescrFromType(a->typenum);
+    if (!d) return NULL;
+    char typestr[8];
+    snprintf(typestr, sizeof typestr, "%c%c%d", a->itemsize == 1 ? '|' : '<', d->kind,
+             a->itemsize);
+    Py_DECREF(d);
+    return Py_BuildValue("{s:N,s:s,s:(N,O),s:O,s:i,s:i}", "shape", da_shape_tuple(a),
+                         "typestr", typestr, "data", PyLong_FromVoidPtr(a->ptr),
+                         a->readonly ? Py_True : Py_False, "strides", Py_None, "version", 3,
+                         "stream", 1);
+}
+
+static PyObject *da_repr(DeviceArray *a) {
+    PyObject *shape = da_shape_tuple(a);
+    PyObject *dt = (PyObject *)PyArray_DescrFromType(a->typenum);
+    PyObject *r = NULL;
+    if (shape && dt)
+        r = PyUnicode_FromFormat("DeviceArray(shape=%R, dtype=%S, device='cuda:%d'%s)", shape, dt,
+                                 a->device, a->base ? ", view" : "");
+    Py_XDECREF(shape);
+    Py_XDECREF(dt);
+    return r;
+}
+
+/* numpy(): a host copy (waits for pending work on the legacy stream). */
+static PyObject *da_numpy(DeviceArray *a, PyObject *noargs) {
+    PyObject *out = PyArray_EMPTY(a->ndim, a->shape, a->typenum, 0);
+    if (!out) return NULL;
+    const size_t n = da_nbytes(a);
+    if (n) {
+        cudaError_t e;
+        Py_BEGIN_ALLOW_THREADS
+        e = cudaMemcpy(PyArray_DATA((PyArrayObject *)out), a->ptr, n, cudaMemcpyDeviceToHost);
+        Py_END_ALLOW_THREADS
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            Py_DECREF(out);
+            return PyErr_Format(PyExc_RuntimeError, "DeviceArray.numpy: cudaMemcpy: %s: %s",
+                                cudaGetErrorName(e), cudaGetErrorString(e));
+        }
+    }
+    return out;
+}
+
+/* A device copy that owns its memory. */
+static DeviceArray *da_copy_of(const char *fn, DeviceArray *a) {
+    DeviceArray *c = da_empty(fn, a->ndim, a->shape, a->typenum);
+    if (!c) return NULL;
+    const size_t n = da_nbytes(a);
+    if (n) {
+        cudaError_t e = cudaMemcpyAsync(c->ptr, a->ptr, n, cudaMemcpyDeviceToDevice, BM_STREAM);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            Py_DECREF(c);
+            PyErr_Format(PyExc_RuntimeError, "%s: cudaMemcpyAsync: %s: %s", fn,
+                         cudaGetErrorName(e), cudaGetErrorString(e));
+            return NULL;
+        }
+    }
+    return c;
+}
+
+static PyObject *da_copy(DeviceArray *a, PyObject *noargs) {
+    return (PyObject *)da_copy_of("DeviceArray.copy", a);
+}
+
+/* Shape from a tuple/list of ints or the ints themselves; one -1 is inferred from `size`
+ * (size < 0: no inference). Returns ndim or -1. */
+static int parse_shape(const char *fn, PyObject *args, npy_intp *shape, npy_intp size) {
+    PyObject *seq = args;
+    if (PyTuple_Check(args) && PyTuple_GET_SIZE(args) == 1 && !PyIndex_Check(PyTuple_GET_ITEM(args, 0)))
+        seq = PyTuple_GET_ITEM(args, 0);
+    PyObject *fast = PySequence_Fast(seq, "shape must be an int or a sequence of ints");
+    if (!fast) return -1;
+    const Py_ssize_t nd = PySequence_Fast_GET_SIZE(fast);
+    int infer = -1;
+    npy_intp known = 1;
+    if (nd > DA_MAXDIM) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions", fn, DA_MAXDIM);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        const npy_intp v = PyNumber_AsSsize_t(PySequence_Fast_GET_ITEM(fast, i), PyExc_OverflowError);
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        if (v == -1 && size >= 0 && infer < 0) infer = (int)i;
+        else if (v < 0) {
+            Py_DECREF(fast);
+            PyErr_Format(PyExc_ValueError, "%s: negative dimension %ld", fn, (long)v);
+            return -1;
+        } else known *= v;
+        shape[i] = v;
+    }
+    Py_DECREF(fast);
+    if (infer >= 0) {
+        if (known == 0 || size % known) {
+            PyErr_Format(PyExc_ValueError, "%s: cannot infer -1 from size %ld", fn, (long)size);
+            return -1;
+        }
+        shape[infer] = size / known;
+    }
+    return (int)nd;
+}
+
+static PyObject *da_reshape(DeviceArray *a, PyObject *args) {
+    npy_intp shape[DA_MAXDIM];
+    const int nd = parse_shape("DeviceArray.reshape", args, shape, da_size(a));
+    if (nd < 0) return NULL;
+    npy_intp n = 1;
+    for (int i = 0; i < nd; i++) n *= shape[i];
+    if (n != da_size(a))
+        return PyErr_Format(PyExc_ValueError, "DeviceArray.reshape: cannot reshape size %ld into "
+                            "size %ld", (long)da_size(a), (long)n);
+    return (PyObject *)da_view("DeviceArray.reshape", (PyObject *)a, a->ptr, nd, shape,
+                               a->typenum, a->device, a->readonly);
+}
+
+static PyObject *da_array(DeviceArray *a, PyObject *args, PyObject *kw) {
+    PyErr_SetString(PyExc_TypeError,
+                    "DeviceArray lives in GPU memory: copy it to the host explicitly with "
+                    ".numpy()");
+    return NULL;
+}
+
+/* ---- DLPack out ---- */
+typedef struct {                  /* one allocation per export */
+    DLManagedTensor m;
+    int64_t shape[DA_MAXDIM], strides[DA_MAXDIM];
+} DLExport;
+typedef struct {
+    DLManagedTensorVersioned m;
+    int64_t shape[DA_MAXDIM], strides[DA_MAXDIM];
+} DLExportV;
+
+/* The deleter may run on any thread, with or without the GIL. At interpreter exit the
+ * reference is leaked rather than touched. */
+static void dl_export_free(PyObject *owner, void *block) {
+    if (!Py_IsInitialized()) return;
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_XDECREF(owner);
+    PyMem_RawFree(block);
+    PyGILState_Release(g);
+}
+static void dl_deleter(DLManagedTensor *m) { dl_export_free((PyObject *)m->manager_ctx, m); }
+static void dl_deleter_v(DLManagedTensorVersioned *m) { dl_export_free((PyObject *)m->manager_ctx, m); }
+
+/* A capsule not consumed ("dltensor" still) releases the tensor itself. */
+static void dl_capsule_free(PyObject *cap) {
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+        DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
+        if (m && m->deleter) m->deleter(m);
+    } else if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+        DLManagedTensorVersioned *m =
+            (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
+        if (m && m->deleter) m->deleter(m);
+    }
+}
+
+static void dl_fill(DLTensor *t, int64_t *shape, int64_t *strides, DeviceArray *a) {
+    int64_t st = 1;
+    for (int i = a->ndim - 1; i >= 0; i--) {
+        shape[i] = a->shape[i];
+        strides[i] = st;
+        st *= a->shape[i];
+    }
+    t->data = a->ptr;
+    t->device.device_type = kDLCUDA;
+    t->device.device_id = a->device;
+    t->ndim = a->ndim;
+    for (int i = 0; i < DA_NTYPES; i++)
+        if (da_types[i].typenum == a->typenum) {
+            t->dtype.code = da_types[i].code;
+            t->dtype.bits = da_types[i].bits;
+        }
+    t->dtype.lanes = 1;
+    t->shape = shape;
+    t->strides = strides;
+    t->byte_offset = 0;
+}
+
+/* __dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None). The consumer
+ * will use the data on `stream`: None/1 (legacy default) and 2 (per-thread default, a
+ * blocking stream) are ordered after our work already; -1 asks for nothing; any other
+ * stream may be non-blocking, so the legacy stream is synchronised first. */
+static PyObject *da_dlpack(DeviceArray *a, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"stream", "max_version", "dl_device", "copy", NULL};
+    PyObject *ostream = Py_None, *omax = Py_None, *odev = Py_None, *ocopy = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOOO", kws, &ostream, &omax, &odev, &ocopy))
+        return NULL;
+    if (ostream != Py_None) {
+        long long sv = PyLong_AsLongLong(ostream);
+        if (sv == -1 && PyErr_Occurred()) return NULL;
+        if (sv != -1 && sv != 0 && sv != 1 && sv != 2) {
+            cudaError_t e;
+            Py_BEGIN_ALLOW_THREADS
+            e = cudaStreamSynchronize(BM_STREAM);
+            Py_END_ALLOW_THREADS
+            if (e != cudaSuccess) {
+                (void)cudaGetLastError();
+                return PyErr_Format(PyExc_RuntimeError, "__dlpack__: %s: %s", cudaGetErrorName(e),
+                                    cudaGetErrorString(e));
+            }
+        }
+    }
+    if (odev != Py_None) {
+        int dt, di;
+        if (!PyArg_ParseTuple(odev, "ii", &dt, &di)) return NULL;
+        if (dt != kDLCUDA || di != a->device)
+            return PyErr_Format(PyExc_BufferError, "__dlpack__: DeviceArray is on (%d, %d) "
+                                "(kDLCUDA), cannot export to device (%d, %d)", kDLCUDA,
+                                a->device, dt, di);
+    }
+    int versioned = 0;
+    if (omax != Py_None) {
+        int major, minor;
+        if (!PyArg_ParseTuple(omax, "ii", &major, &minor)) return NULL;
+        versioned = major >= 1;
+    }
+    DeviceArray *src = a;
+    int copied = ocopy != Py_None && PyObject_IsTrue(ocopy) == 1;
+    if (copied) {
+        if (!(src = da_copy_of("__dlpack__", a))) return NULL;
+    } else {
+        Py_INCREF(src);
+    }
+    PyObject *cap;
+    if (versioned) {
+        DLExportV *x = (DLExportV *)PyMem_RawCalloc(1, sizeof(DLExportV));
+        if (!x) { Py_DECREF(src); return PyErr_NoMemory(); }
+        x->m.version.major = 1;
+        x->m.version.minor = 0;
+        x->m.manager_ctx = src;   /* our reference, released by the deleter */
+        x->m.deleter = dl_deleter_v;
+        x->m.flags = (src->readonly ? DLPACK_FLAG_BITMASK_READ_ONLY : 0) | (copied ? 2ULL : 0);
+        dl_fill(&x->m.dl_tensor, x->shape, x->strides, src);
+        cap = PyCapsule_New(&x->m, "dltensor_versioned", dl_capsule_free);
+        if (!cap) dl_deleter_v(&x->m);
+    } else {
+        DLExport *x = (DLExport *)PyMem_RawCalloc(1, sizeof(DLExport));
+        if (!x) { Py_DECREF(src); return PyErr_NoMemory(); }
+        x->m.manager_ctx = src;
+        x->m.deleter = dl_deleter;
+        dl_fill(&x->m.dl_tensor, x->shape, x->strides, src);
+        cap = PyCapsule_New(&x->m, "dltensor", dl_capsule_free);
+        if (!cap) dl_deleter(&x->m);
+    }
+    return cap;
+}
+
+static PyObject *da_dlpack_device(DeviceArray *a, PyObject *noargs) {
+    return Py_BuildValue("(ii)", kDLCUDA, a->device);
+}
+
+static PyGetSetDef da_getset[] = {
+    {"shape", (getter)da_get_shape, NULL, "tuple of dimensions", NULL},
+    {"dtype", (getter)da_get_dtype, NULL, "NumPy dtype of the elements", NULL},
+    {"ndim", (getter)da_get_ndim, NULL, "number of dimensions", NULL},
+    {"size", (getter)da_get_size, NULL, "number of elements", NULL},
+    {"nbytes", (getter)da_get_nbytes, NULL, "bytes of device memory", NULL},
+    {"ptr", (getter)da_get_ptr, NULL, "device pointer as an int (0 when empty)", NULL},
+    {"device", (getter)da_get_device, NULL, "CUDA device ordinal", NULL},
+    {"readonly", (getter)da_get_readonly, NULL, "True for a view of read-only memory", NULL},
+    {"base", (getter)da_get_base, NULL, "owner of the memory of a view, else None", NULL},
+    {"__cuda_array_interface__", (getter)da_get_cai, NULL, "CUDA Array Interface, version 3", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef da_methods[] = {
+    {"numpy", (PyCFunction)da_numpy, METH_NOARGS, "numpy() -> a host copy (numpy.ndarray)"},
+    {"copy", (PyCFunction)da_copy, METH_NOARGS, "copy() -> a device copy that owns its memory"},
+    {"reshape", (PyCFunction)da_reshape, METH_VARARGS, "reshape(*shape) -> a view (one -1 allowed)"},
+    {"__dlpack__", (PyCFunction)(void (*)(void))da_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None) -> PyCapsule"},
+    {"__dlpack_device__", (PyCFunction)da_dlpack_device, METH_NOARGS, "-> (2 (kDLCUDA), device id)"},
+    {"__array__", (PyCFunction)(void (*)(void))da_array, METH_VARARGS | METH_KEYWORDS,
+     "raises TypeError: use .numpy() for a host copy"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject DeviceArrayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "blackmamba._C.DeviceArray",
+    .tp_basicsize = sizeof(DeviceArray),
+    .tp_dealloc = (destructor)da_dealloc,
+    .tp_repr = (reprfunc)da_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A C-contiguous array in CUDA device memory (blackmamba.cuda.to_device, op "
+              "results). Exposes __cuda_array_interface__ and __dlpack__; numpy() copies to "
+              "the host.",
+    .tp_methods = da_methods,
+    .tp_getset = da_getset,
+};
+
+/* ---- foreign GPU arrays in ---- */
+
+/* Compact row-major? strides in `unit`s; size-1 dimensions may carry any stride. */
+static int strides_compact(int nd, const npy_intp *shape, const int64_t *strides, int64_t unit) {
+    int64_t want = unit;
+    for (int i = 0; i < nd; i++)
+        if (shape[i] == 0) return 1;
+    for (int i = nd - 1; i >= 0; i--) {
+        if (shape[i] != 1 && strides[i] != want) return 0;
+        want *= shape[i];
+    }
+    return 1;
+}
+
+static PyObject *err_noncontig(const char *fn, const char *name, const char *via) {
+    return PyErr_Format(PyExc_ValueError,
+                        "%s: %s is a non-contiguous GPU array (%s strides): pass a "
+                        "C-contiguous array (e.g. cupy.ascontiguousarray(a), tensor.contiguous())",
+                        fn, name, via);
+}
+
+static int check_aligned(const char *fn, const char *name, const void *p, int itemsize) {
+    if ((uintptr_t)p % (uintptr_t)itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %s's device pointer is not aligned to its %d-byte "
+                     "elements", fn, name, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+/* Work on the producer's `stream` (CAI v3) must finish before ours: the legacy default
+ * stream (1) and the per-thread default stream (2) are blocking, ordered with our launches
+ * already; another stream may be non-blocking: wait for it. */
+static int sync_foreign_stream(const char *fn, PyObject *ostream) {
+    if (!ostream || ostream == Py_None) return 0;
+    const unsigned long long sv = PyLong_AsUnsignedLongLong(ostream);
+    if (sv == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (sv <= 2) return 0;
+    cudaError_t e;
+    Py_BEGIN_ALLOW_THREADS
+    e = cudaStreamSynchronize((cudaStream_t)(uintptr_t)sv);
+    Py_END_ALLOW_THREADS
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        PyErr_Format(PyExc_RuntimeError, "%s: synchronising the producer's stream: %s: %s", fn,
+                     cudaGetErrorName(e), cudaGetErrorString(e));
+        return -1;
+    }
+    return 0;
+}
+
+static DeviceArray *da_from_cai(const char *fn, const char *name, PyObject *owner, PyObject *cai) {
+    if (!PyDict_Check(cai)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s.__cuda_array_interface__ is not a dict", fn, name);
+        return NULL;
+    }
+    PyObject *oshape = PyDict_GetItemString(cai, "shape");      /* borrowed */
+    PyObject *otype = PyDict_GetItemString(cai, "typestr");
+    PyObject *odata = PyDict_GetItemString(cai, "data");
+    PyObject *ostrides = PyDict_GetItemString(cai, "strides");
+    PyObject *omask = PyDict_GetItemString(cai, "mask");
+    if (!oshape || !otype || !odata || !PyTuple_Check(oshape) || !PyTuple_Check(odata) ||
+        PyTuple_GET_SIZE(odata) != 2) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has a malformed __cuda_array_interface__", fn, name);
+        return NULL;
+    }
+    if (omask && omask != Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is a masked GPU array (not supported)", fn, name);
+        return NULL;
+    }
+    const int nd = (int)PyTuple_GET_SIZE(oshape);
+    if (nd > DA_MAXDIM) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has more than %d dimensions", fn, name, DA_MAXDIM);
+        return NULL;
+    }
+    npy_intp shape[DA_MAXDIM];
+    int64_t strides[DA_MAXDIM];
+    for (int i = 0; i < nd; i++) {
+        shape[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(oshape, i));
+        if (shape[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    PyArray_Descr *descr = NULL;
+    if (!PyArray_DescrConverter(otype, &descr)) return NULL;
+    const int typenum = PyArray_ISNBO(descr->byteorder) ? da_typenum(descr) : -1;
+    const int itemsize = (int)PyDataType_ELSIZE(descr);
+    Py_DECREF(descr);
+    if (typenum < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: %s has an unsupported element type %R", fn, name, otype);
+        return NULL;
+    }
+    if (ostrides && ostrides != Py_None) {
+        if (!PyTuple_Check(ostrides) || PyTuple_GET_SIZE(ostrides) != nd) {
+            PyErr_Format(PyExc_ValueError, "%s: %s has malformed strides", fn, name);
+            return NULL;
+        }
+        for (int i = 0; i < nd; i++) {
+            strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ostrides, i));
+            if (strides[i] == -1 && PyErr_Occurred()) return NULL;
+        }
+        if (!strides_compact(nd, shape, strides, itemsize))
+            return (DeviceArray *)err_noncontig(fn, name, "__cuda_array_interface__");
+    }
+    void *ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(odata, 0));
+    if (!ptr && PyErr_Occurred()) return NULL;
+    const int readonly = PyObject_IsTrue(PyTuple_GET_ITEM(odata, 1));
+    if (readonly < 0) return NULL;
+    if (check_aligned(fn, name, ptr, itemsize) < 0) return NULL;
+    if (sync_foreign_stream(fn, PyDict_GetItemString(cai, "stream")) < 0) return NULL;
+    return da_view(fn, owner, ptr, nd, shape, typenum, cur_device(), readonly);
+}
+
+/* Keeps an imported DLManagedTensor alive; its destruction calls the producer's deleter. */
+static void dl_hold_free(PyObject *cap) {
+    DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "blackmamba.dltensor_hold");
+    if (m && m->deleter) m->deleter(m);
+}
+
+static DeviceArray *da_from_dlpack(const char *fn, const char *name, PyObject *obj) {
+    PyObject *meth = PyObject_GetAttrString(obj, "__dlpack__");
+    if (!meth) return NULL;
+    /* stream=1: the producer makes its data ready for the legacy default stream, ours */
+    PyObject *kw = Py_BuildValue("{s:i}", "stream", 1), *empty = PyTuple_New(0), *cap = NULL;
+    if (kw && empty) {
+        cap = PyObject_Call(meth, empty, kw);
+        if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {  /* a producer without stream= */
+            PyErr_Clear();
+            cap = PyObject_Call(meth, empty, NULL);
+        }
+    }
+    Py_DECREF(meth);
+    Py_XDECREF(kw);
+    Py_XDECREF(empty);
+    if (!cap) return NULL;
+    DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
+    if (!m) {
+        Py_DECREF(cap);
+        PyErr_Format(PyExc_TypeError, "%s: %s.__dlpack__() did not return a 'dltensor' capsule",
+                     fn, name);
+        return NULL;
+    }
+    DLTensor *t = &m->dl_tensor;
+    const int dev = cur_device();
+    const int typenum = da_typenum_dl(t->dtype);
+    npy_intp shape[DA_MAXDIM];
+    const char *bad = NULL;
+    if (t->device.device_type != kDLCUDA && t->device.device_type != kDLCUDAManaged)
+        bad = "is not in CUDA device memory";
+    else if (t->device.device_id != dev) bad = "is on another GPU than the current device";
+    else if (t->ndim < 0 || t->ndim > DA_MAXDIM) bad = "has too many dimensions";
+    else if (typenum < 0) bad = "has an unsupported element type";
+    if (bad) {
+        Py_DECREF(cap);
+        PyErr_Format(t->device.device_type == kDLCUDA || t->device.device_type == kDLCUDAManaged
+                         ? PyExc_ValueError : PyExc_TypeError,
+                     "%s: %s (DLPack device (%d, %d), dtype code %d bits %d) %s", fn, name,
+                     (int)t->device.device_type, (int)t->device.device_id, (int)t->dtype.code,
+                     (int)t->dtype.bits, bad);
+        return NULL;
+    }
+    for (int i = 0; i < t->ndim; i++) shape[i] = (npy_intp)t->shape[i];
+    if (t->strides && !strides_compact(t->ndim, shape, t->strides, 1)) {
+        Py_DECREF(cap);
+        return (DeviceArray *)err_noncontig(fn, name, "DLPack");
+    }
+    char *ptr = (char *)t->data + t->byte_offset;
+    PyArray_Descr *d = PyArray_DescrFromType(typenum);
+    const int itemsize = (int)PyDataType_ELSIZE(d);
+    Py_DECREF(d);
+    if (check_aligned(fn, name, ptr, itemsize) < 0) {
+        Py_DECREF(cap);
+        return NULL;
+    }
+    /* Consumed: the capsule's own destructor must no longer call the deleter; ours will. */
+    if (PyCapsule_SetName(cap, "used_dltensor") < 0) {
+        Py_DECREF(cap);
+        return NULL;
+    }
+    Py_DECREF(cap);
+    PyObject *hold = PyCapsule_New(m, "blackmamba.dltensor_hold", dl_hold_free);
+    if (!hold) {
+        if (m->deleter) m->deleter(m);
+        return NULL;
+    }
+    DeviceArray *a = da_view(fn, hold, ptr, t->ndim, shape, typenum, dev, 0);
+    Py_DECREF(hold);
+    return a;
+}
+
+static PyObject *err_host(const char *fn, const char *name, PyObject *obj) {
+    return PyErr_Format(PyExc_TypeError,
+                        "%s: %s is a host array (%s) but this call runs on the GPU: mixing host "
+                        "and device arrays in one call is not supported; move it with "
+                        "blackmamba.cuda.to_device() (or the results back with .numpy())",
+                        fn, name, Py_TYPE(obj)->tp_name);
+}
+
+/* `obj` as a DeviceArray (new reference): itself, or a view of a foreign CUDA array through
+ * __cuda_array_interface__, else __dlpack__. Host arrays -> TypeError. */
+static DeviceArray *da_from_object(const char *fn, const char *name, PyObject *obj) {
+    if (DeviceArray_Check(obj)) {
+        Py_INCREF(obj);
+        return (DeviceArray *)obj;
+    }
+    if (PyArray_Check(obj)) return (DeviceArray *)err_host(fn, name, obj);
+    PyObject *cai = PyObject_GetAttrString(obj, "__cuda_array_interface__");
+    if (cai) {
+        DeviceArray *a = da_from_cai(fn, name, obj, cai);
+        Py_DECREF(cai);
+        return a;
+    }
+    /* No usable CAI (absent; or refused, e.g. torch for bfloat16): try DLPack. */
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    if (!PyObject_HasAttrString(obj, "__dlpack__")) {
+        if (et && !PyErr_GivenExceptionMatches(et, PyExc_AttributeError)) {
+            PyErr_Restore(et, ev, etb);  /* the producer's own complaint */
+            return NULL;
+        }
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(etb);
+        if (PySequence_Check(obj) || PyNumber_Check(obj)) return (DeviceArray *)err_host(fn, name, obj);
+        return (DeviceArray *)PyErr_Format(
+            PyExc_TypeError, "%s: %s must be a CUDA device array (blackmamba DeviceArray, or an "
+            "object with __cuda_array_interface__ or __dlpack__), got %s", fn, name,
+            Py_TYPE(obj)->tp_name);
+    }
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(etb);
+    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (!dev) return NULL;
+    int dt = 0, di = 0;
+    const int ok = PyArg_ParseTuple(dev, "ii", &dt, &di);
+    Py_DECREF(dev);
+    if (!ok) return NULL;
+    if (dt != kDLCUDA && dt != kDLCUDAManaged) return (DeviceArray *)err_host(fn, name, obj);
+    return da_from_dlpack(fn, name, obj);
+}
+
+/* ---- Sig for device arrays ---- */
+
+/* The argument as a DeviceArray owned by s (or the argument itself); NULL with an exception
+ * on error, without one for an absent optional argument. */
+static DeviceArray *sig_dev_get(Sig *s, PyObject *obj, const char *name, int flags) {
+    if (obj == NULL || obj == Py_None) {
+        if (flags & ARG_OPTIONAL) return NULL;
+        PyErr_Format(PyExc_TypeError, "%s: %s is required", s->fn, name);
+        return NULL;
+    }
+    if (DeviceArray_Check(obj)) return (DeviceArray *)obj;
+    return (DeviceArray *)sig_own(s, (PyObject *)da_from_object(s->fn, name, obj));
+}
+
+static int sig_dev_check(Sig *s, DeviceArray *a, const char *name, int dtype, const char *shape,
+                         int flags) {
+    const int t = a->typenum;
+    const int ok = dtype == DT_WEIGHT ? (t == NPY_FLOAT32 || t == NPY_UINT16)
+                 : dtype == DT_INT    ? (t == NPY_INT32 || t == NPY_INT64)
+                                      : t == dtype;
+    if (!ok) {
+        const char *want = dtype == DT_WEIGHT ? "float32 or uint16 (bfloat16 bits)"
+                         : dtype == DT_INT    ? "int32 or int64"
+                         : dtype == NPY_FLOAT32 ? "float32"
+                         : dtype == NPY_UINT16  ? "uint16 (bfloat16 bits)" : "another dtype";
+        PyObject *got = (PyObject *)PyArray_DescrFromType(t);
+        PyErr_Format(PyExc_TypeError, "%s: %s must be %s, got %S", s->fn, name, want, got);
+        Py_XDECREF(got);
+        return -1;
+    }
+    if (a->device != cur_device()) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is on cuda:%d but the current device is cuda:%d",
+                     s->fn, name, a->device, cur_device());
+        return -1;
+    }
+    if (sig_check_dims(s, a->ndim, a->shape, name, shape) < 0) return -1;
+    if ((flags & ARG_INPLACE) && a->readonly) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is updated in place and must be writeable", s->fn,
+                     name);
+        return -1;
+    }
+    return 0;
+}
+
+/* sig_arr for device arrays. */
+static DeviceArray *sig_dev(Sig *s, PyObject *obj, const char *name, int dtype, const char *shape,
+                            int flags) {
+    DeviceArray *a = sig_dev_get(s, obj, name, flags);
+    if (!a) return NULL;
+    return sig_dev_check(s, a, name, dtype, shape, flags) < 0 ? NULL : a;
+}
+
+/* New uninitialised device array of `shape` letters (all bound; "X+" = X + 1). */
+static DeviceArray *sig_dev_new(Sig *s, const char *shape, int typenum) {
+    npy_intp dims[8];
+    int nd = 0;
+    for (const char *c = shape; *c && nd < 8; c++) {
+        if (*c == '+') { dims[nd - 1] += 1; continue; }
+        dims[nd++] = (npy_intp)s->dim[(int)*c];
+    }
+    return (DeviceArray *)sig_own(s, (PyObject *)da_empty(s->fn, nd, dims, typenum));
+}
+
+/* New device array with the leading dims of `like` and last dim `last`. */
+static DeviceArray *sig_dev_new_like(Sig *s, DeviceArray *like, npy_intp last, int typenum) {
+    npy_intp dims[DA_MAXDIM];
+    const int nd = like->ndim > 0 ? like->ndim : 1;
+    memcpy(dims, like->shape, sizeof(npy_intp) * (size_t)nd);
+    dims[nd - 1] = last;
+    return (DeviceArray *)sig_own(s, (PyObject *)da_empty(s->fn, nd, dims, typenum));
+}
+
+/* Scratch bytes for a launcher, freed (stream-ordered) when the call ends. */
+static DeviceArray *sig_dev_bytes(Sig *s, size_t bytes) {
+    npy_intp n = (npy_intp)bytes;
+    return (DeviceArray *)sig_own(s, (PyObject *)da_empty(s->fn, 1, &n, NPY_UINT8));
+}
+
+/* Launcher status -> exception (MemoryError for an allocation failure, else RuntimeError),
+ * with the launcher's "file:line: cudaErrorName: message". */
+static int cuda_check(Sig *s, int st) {
+    if (st == 0) return 0;
+    (void)cudaGetLastError();  /* leave no stale error for the next launch check */
+    PyErr_Format(st == (int)cudaErrorMemoryAllocation ? PyExc_MemoryError : PyExc_RuntimeError,
+                 "%s: CUDA launcher failed (status %d): %s", s->fn, st, bm_cuda_last_error());
+    return -1;
+}
+
+#define DEV(a) ((a) ? (void *)(a)->ptr : NULL)
+#define DF32(a) ((float *)DEV(a))
+#define DI32(a) ((int32_t *)DEV(a))
+#define DWDT(a) ((a)->typenum == NPY_UINT16 ? BM_BF16 : BM_F32)
+#define CUDA_CALL(stmt)                                                                     \
+    do {                                                                                    \
+        int st_;                                                                            \
+        Py_BEGIN_ALLOW_THREADS st_ = (stmt);                                                \
+        Py_END_ALLOW_THREADS if (cuda_check(&s, st_) < 0) goto fail;                        \
+    } while (0)
+
+/* Copy `n` bytes from the device to the host, waiting for the legacy stream. */
+static int dev_read(Sig *s, void *host, const void *dev, size_t n) {
+    cudaError_t e;
+    Py_BEGIN_ALLOW_THREADS
+    e = cudaMemcpy(host, dev, n, cudaMemcpyDeviceToHost);
+    Py_END_ALLOW_THREADS
+    if (e == cudaSuccess) return 0;
+    (void)cudaGetLastError();
+    PyErr_Format(PyExc_RuntimeError, "%s: cudaMemcpy: %s: %s", s->fn, cudaGetErrorName(e),
+                 cudaGetErrorString(e));
+    return -1;
+}
+
+/* ---- cuBLAS handles: a small pool, taken and given back under the GIL ----
+ * A handle must not be used by two threads at once, and the GIL is released around the
+ * launches: each call takes its own. Handles belong to the device current at creation. */
+#define CUBLAS_POOL 8
+static struct { void *h; int dev; } cublas_pool[CUBLAS_POOL];
+static int cublas_npool = 0;
+
+static void *cublas_take(Sig *s) {
+    const int dev = cur_device();
+    for (int i = cublas_npool - 1; i >= 0; i--)
+        if (cublas_pool[i].dev == dev) {
+            void *h = cublas_pool[i].h;
+            cublas_pool[i] = cublas_pool[--cublas_npool];
+            return h;
+        }
+    void *h = NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_cublas_create(&h);
+    Py_END_ALLOW_THREADS
+    if (cuda_check(s, st) < 0) return NULL;
+    return h;
+}
+
+static void cublas_give(void *h) {
+    if (!h) return;
+    if (cublas_npool < CUBLAS_POOL) {
+        cublas_pool[cublas_npool].h = h;
+        cublas_pool[cublas_npool++].dev = cur_device();
+    } else {
+        (void)bm_cuda_cublas_destroy(h);
+    }
+}
+
+/* math= of the cuBLAS paths: "fp32" (exact float32, the default), "tf32", "bf16". */
+static int parse_math(const char *fn, PyObject *o, int *math) {
+    const char *m = (o == NULL || o == Py_None) ? "fp32" : PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    if (m && !strcmp(m, "fp32")) *math = BM_CUDA_MATH_FP32;
+    else if (m && !strcmp(m, "tf32")) *math = BM_CUDA_MATH_TF32;
+    else if (m && !strcmp(m, "bf16")) *math = BM_CUDA_MATH_BF16;
+    else {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: math must be 'fp32', 'tf32' or 'bf16', got %R", fn, o);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- module functions: device, memory, arrays ---- */
+
+static PyObject *py_cuda_probe(PyObject *self, PyObject *noargs) {
+    int n = 0, drv = 0, rt = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    const char *err = e == cudaSuccess ? NULL : cudaGetErrorName(e);
+    if (e != cudaSuccess) n = 0;
+    if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0;
+    if (cudaRuntimeGetVersion(&rt) != cudaSuccess) rt = 0;
+    (void)cudaGetLastError();
+    return Py_BuildValue("{s:i,s:z,s:i,s:i}", "device_count", n, "error", err, "driver_version",
+                         drv, "runtime_version", rt);
+}
+
+static PyObject *py_cuda_synchronize(PyObject *self, PyObject *noargs) {
+    cudaError_t e;
+    Py_BEGIN_ALLOW_THREADS
+    e = cudaDeviceSynchronize();
+    Py_END_ALLOW_THREADS
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return PyErr_Format(PyExc_RuntimeError, "synchronize: %s: %s", cudaGetErrorName(e),
+                            cudaGetErrorString(e));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_cuda_mem_info(PyObject *self, PyObject *noargs) {
+    size_t fr = 0, tot = 0;
+    cudaError_t e = cudaMemGetInfo(&fr, &tot);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return PyErr_Format(PyExc_RuntimeError, "mem_info: %s: %s", cudaGetErrorName(e),
+                            cudaGetErrorString(e));
+    }
+    return Py_BuildValue("(nn)", (Py_ssize_t)fr, (Py_ssize_t)tot);
+}
+
+static PyObject *py_cuda_allocator(PyObject *self, PyObject *args) {
+    const char *mode = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &mode)) return NULL;
+    if (mode) {
+        if (!strcmp(mode, "async")) da_alloc_mode = DA_ASYNC;
+        else if (!strcmp(mode, "sync")) da_alloc_mode = DA_SYNC;
+        else return PyErr_Format(PyExc_ValueError, "cuda_allocator: mode must be 'async' or 'sync'");
+    }
+    return PyUnicode_FromString(alloc_mode() == DA_ASYNC ? "async" : "sync");
+}
+
+static int parse_dtype(const char *fn, PyObject *o, int *typenum) {
+    PyArray_Descr *d = NULL;
+    if (!PyArray_DescrConverter(o, &d)) return -1;
+    *typenum = PyArray_ISNBO(d->byteorder) ? da_typenum(d) : -1;
+    if (*typenum < 0) PyErr_Format(PyExc_TypeError, "%s: unsupported dtype %S", fn, (PyObject *)d);
+    Py_DECREF(d);
+    return *typenum < 0 ? -1 : 0;
+}
+
+static PyObject *py_cuda_empty(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"shape", "dtype", NULL};
+    PyObject *oshape, *odt = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kws, &oshape, &odt)) return NULL;
+    int typenum = NPY_FLOAT32;
+    if (odt && odt != Py_None && parse_dtype("cuda_empty", odt, &typenum) < 0) return NULL;
+    npy_intp shape[DA_MAXDIM];
+    PyObject *t = PyIndex_Check(oshape) ? PyTuple_Pack(1, oshape) : (Py_INCREF(oshape), oshape);
+    if (!t) return NULL;
+    const int nd = parse_shape("cuda_empty", t, shape, -1);
+    Py_DECREF(t);
+    if (nd < 0) return NULL;
+    return (PyObject *)da_empty("cuda_empty", nd, shape, typenum);
+}
+
+/* 1 if `o` is a GPU array (DeviceArray, CAI, or DLPack on a CUDA device), 0 if not, -1 on
+ * error. NumPy arrays are host arrays without a look at their attributes. */
+static int is_device_obj(PyObject *o) {
+    if (DeviceArray_Check(o)) return 1;
+    if (PyArray_Check(o)) return 0;
+    if (PyObject_HasAttrString(o, "__cuda_array_interface__")) return 1;
+    if (!PyObject_HasAttrString(o, "__dlpack_device__")) return 0;
+    PyObject *dev = PyObject_CallMethod(o, "__dlpack_device__", NULL);
+    int dt = 0, di = 0;
+    const int ok = dev && PyArg_ParseTuple(dev, "ii", &dt, &di);
+    Py_XDECREF(dev);
+    if (!ok) return -1;
+    return dt == kDLCUDA || dt == kDLCUDAManaged;
+}
+
+/* to_device(a, dtype=None): a host array copied to the device; a GPU array (DeviceArray,
+ * CAI or DLPack) is returned as a DeviceArray without a copy (dtype must then match). */
+static PyObject *py_to_device(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"a", "dtype", NULL};
+    PyObject *oa, *odt = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kws, &oa, &odt)) return NULL;
+    int want = -1;
+    if (odt != Py_None && parse_dtype("to_device", odt, &want) < 0) return NULL;
+    const int on_dev = is_device_obj(oa);
+    if (on_dev < 0) return NULL;
+    if (on_dev) {
+        DeviceArray *a = da_from_object("to_device", "a", oa);
+        if (a && want >= 0 && a->typenum != want) {
+            Py_DECREF(a);
+            return PyErr_Format(PyExc_TypeError, "to_device: a is already on the GPU with "
+                                "another dtype (no conversion on the device)");
+        }
+        return (PyObject *)a;
+    }
+    PyArray_Descr *d = want >= 0 ? PyArray_DescrFromType(want) : NULL;
+    PyArrayObject *h = (PyArrayObject *)PyArray_FromAny(
+        oa, d, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_NOTSWAPPED, NULL);
+    if (!h) return NULL;
+    const int typenum = da_typenum(PyArray_DESCR(h));
+    if (typenum < 0) {
+        PyErr_Format(PyExc_TypeError, "to_device: unsupported dtype %S", (PyObject *)PyArray_DESCR(h));
+        Py_DECREF(h);
+        return NULL;
+    }
+    DeviceArray *a = da_empty("to_device", PyArray_NDIM(h), PyArray_DIMS(h), typenum);
+    if (a && da_nbytes(a)) {
+        cudaError_t e;
+        Py_BEGIN_ALLOW_THREADS
+        e = cudaMemcpy(a->ptr, PyArray_DATA(h), da_nbytes(a), cudaMemcpyHostToDevice);
+        Py_END_ALLOW_THREADS
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            Py_CLEAR(a);
+            PyErr_Format(PyExc_RuntimeError, "to_device: cudaMemcpy: %s: %s", cudaGetErrorName(e),
+                         cudaGetErrorString(e));
+        }
+    }
+    Py_DECREF(h);
+    return (PyObject *)a;
+}
+
+static PyObject *py_cuda_is_device(PyObject *self, PyObject *obj) {
+    const int r = is_device_obj(obj);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+static PyObject *py_cuda_asarray(PyObject *self, PyObject *obj) {
+    return (PyObject *)da_from_object("cuda_asarray", "a", obj);
+}
+
+/* ---- GPU ops: the CPU bindings' twins (same names in messages, same results) ---- */
+
+static PyObject *py_cuda_linear(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "weight", "bias", "math", NULL};
+    PyObject *ox, *ow, *ob = Py_None, *om = Py_None, *res = NULL;
+    void *hdl = NULL;
+    int math;
+    Sig s;
+    sig_init(&s, "linear");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O$O", kws, &ox, &ow, &ob, &om)) return NULL;
+    if (parse_math(s.fn, om, &math) < 0) return NULL;
+    DeviceArray *x, *w, *b, *y, *ws = NULL;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...K", 0));
+    NEED(w = sig_dev(&s, ow, "weight", DT_WEIGHT, "NK", 0));
+    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "N", ARG_OPTIONAL));
+    if (check_blas_dims(&s, s.dim['T'], s.dim['N'], s.dim['K']) < 0) goto fail;
+    const int64_t M = s.dim['T'], N = s.dim['N'], K = s.dim['K'];
+    const bm_dtype wdt = DWDT(w);
+    NEED(y = sig_dev_new_like(&s, x, (npy_intp)N, NPY_FLOAT32));
+    const size_t wsb = bm_cuda_linear_workspace(M, N, K, wdt, math);
+    if (wsb) NEED(ws = sig_dev_bytes(&s, wsb));
+    if (M > bm_cuda_linear_gemv_rows(wdt, math) && N > 0 && K > 0) NEED(hdl = cublas_take(&s));
+    CUDA_CALL(bm_cuda_linear(DF32(x), DEV(w), wdt, DF32(b), DF32(y), M, N, K, math, DEV(ws), wsb,
+                             hdl, BM_STREAM));
+    res = ret(&s, (PyObject *)y);
+fail:
+    cublas_give(hdl);
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *cuda_convert(PyObject *arg, const char *fn, int from, int to) {
+    Sig s;
+    PyObject *res = NULL;
+    sig_init(&s, fn);
+    DeviceArray *a, *o;
+    NEED(a = sig_dev_get(&s, arg, "a", 0));
+    if (a->ndim == 0) {
+        PyErr_Format(PyExc_ValueError, "%s: a must have at least one dimension", fn);
+        goto fail;
+    }
+    if (sig_dev_check(&s, a, "a", from, "...n", 0) < 0) goto fail;
+    NEED(o = sig_dev_new_like(&s, a, (npy_intp)s.dim['n'], to));
+    if (from == NPY_UINT16)
+        CUDA_CALL(bm_cuda_bf16_to_f32((const uint16_t *)a->ptr, DF32(o), da_size(a), BM_STREAM));
+    else
+        CUDA_CALL(bm_cuda_f32_to_bf16(DF32(a), (uint16_t *)o->ptr, da_size(a), BM_STREAM));
+    res = ret(&s, (PyObject *)o);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *py_cuda_bf16_to_f32(PyObject *self, PyObject *arg) {
+    return cuda_convert(arg, "bf16_to_f32", NPY_UINT16, NPY_FLOAT32);
+}
+
+static PyObject *py_cuda_f32_to_bf16(PyObject *self, PyObject *arg) {
+    return cuda_convert(arg, "f32_to_bf16", NPY_FLOAT32, NPY_UINT16);
+}
+
+static int check_state_n(Sig *s) {  /* the scan kernels keep 1..64 states per channel */
+    if (s->dim['N'] < 1 || s->dim['N'] > 64) {
+        PyErr_Format(PyExc_ValueError, "%s: the GPU kernel needs a state size N in 1..64, got %ld",
+                     s->fn, (long)s->dim['N']);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_cuda_selective_scan(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                          "delta_softplus", "state", NULL};
+    PyObject *ou, *odt, *oA, *oB, *oC, *oD = Py_None, *oz = Py_None, *odb = Py_None,
+             *ost = Py_None, *res = NULL;
+    int softplus = 1;
+    Sig s;
+    sig_init(&s, "selective_scan");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOpO", kws, &ou, &odt, &oA, &oB, &oC,
+                                     &oD, &oz, &odb, &softplus, &ost))
+        return NULL;
+    DeviceArray *u, *dt, *A, *B, *C, *D, *z, *db, *st, *y, *fin;
+    NEED(u = sig_dev(&s, ou, "u", NPY_FLOAT32, "bLE", 0));
+    NEED(dt = sig_dev(&s, odt, "delta", NPY_FLOAT32, "bLE", 0));
+    NEED(A = sig_dev(&s, oA, "A", NPY_FLOAT32, "EN", 0));
+    NEED(B = sig_dev(&s, oB, "B", NPY_FLOAT32, "bLN", 0));
+    NEED(C = sig_dev(&s, oC, "C", NPY_FLOAT32, "bLN", 0));
+    OPT(D = sig_dev(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(z = sig_dev(&s, oz, "z", NPY_FLOAT32, "bLE", ARG_OPTIONAL));
+    OPT(db = sig_dev(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(st = sig_dev(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_OPTIONAL));
+    if (check_state_n(&s) < 0) goto fail;
+    NEED(y = sig_dev_new(&s, "bLE", NPY_FLOAT32));
+    NEED(fin = sig_dev_new(&s, "bEN", NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_scan_forward(DF32(u), DF32(dt), DF32(A), DF32(B), DF32(C), DF32(D), DF32(z),
+                                   DF32(db), softplus, DF32(st), DF32(fin), DF32(y), s.dim['b'],
+                                   s.dim['L'], s.dim['E'], s.dim['N'], BM_STREAM));
+    res = Py_BuildValue("OO", y, fin);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *py_cuda_selective_state_update(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"state", "x", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                          "delta_softplus", NULL};
+    PyObject *ost, *ox, *odt, *oA, *oB, *oC, *oD = Py_None, *oz = Py_None, *odb = Py_None,
+             *res = NULL;
+    int softplus = 1;
+    Sig s;
+    sig_init(&s, "selective_state_update");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|OOOp", kws, &ost, &ox, &odt, &oA, &oB,
+                                     &oC, &oD, &oz, &odb, &softplus))
+        return NULL;
+    DeviceArray *st, *x, *dt, *A, *B, *C, *D, *z, *db, *y;
+    NEED(st = sig_dev(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_INPLACE));
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "bE", 0));
+    NEED(dt = sig_dev(&s, odt, "delta", NPY_FLOAT32, "bE", 0));
+    NEED(A = sig_dev(&s, oA, "A", NPY_FLOAT32, "EN", 0));
+    NEED(B = sig_dev(&s, oB, "B", NPY_FLOAT32, "bN", 0));
+    NEED(C = sig_dev(&s, oC, "C", NPY_FLOAT32, "bN", 0));
+    OPT(D = sig_dev(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(z = sig_dev(&s, oz, "z", NPY_FLOAT32, "bE", ARG_OPTIONAL));
+    OPT(db = sig_dev(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    if (check_state_n(&s) < 0) goto fail;
+    NEED(y = sig_dev_new(&s, "bE", NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_scan_step(DF32(st), DF32(x), DF32(dt), DF32(A), DF32(B), DF32(C), DF32(D),
+                                DF32(z), DF32(db), softplus, DF32(y), s.dim['b'], s.dim['E'],
+                                s.dim['N'], BM_STREAM));
+    res = ret(&s, (PyObject *)y);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+/* weight (E, K) or (E, 1, K) with K in 2..8, on the device */
+static DeviceArray *dev_conv_weight(Sig *s, PyObject *ow) {
+    DeviceArray *w = sig_dev_get(s, ow, "weight", 0);
+    if (!w || sig_dev_check(s, w, "weight", NPY_FLOAT32, w->ndim == 3 ? "EoK" : "EK", 0) < 0)
+        return NULL;
+    if (w->ndim == 3 && s->dim['o'] != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: weight must have shape (E, K) or (E, 1, K)", s->fn);
+        return NULL;
+    }
+    if (s->dim['K'] < 2 || s->dim['K'] > 8) {
+        PyErr_Format(PyExc_ValueError, "%s: conv width K must be in 2..8, got %ld", s->fn,
+                     (long)s->dim['K']);
+        return NULL;
+    }
+    s->dim['k'] = s->dim['K'] - 1;
+    return w;
+}
+
+static PyObject *py_cuda_causal_conv1d(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "weight", "bias", "conv_state", "activation", NULL};
+    PyObject *ox, *ow, *ob = Py_None, *ocs = Py_None, *oact = NULL, *res = NULL;
+    Sig s;
+    sig_init(&s, "causal_conv1d");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO", kws, &ox, &ow, &ob, &ocs, &oact))
+        return NULL;
+    int silu = 1;
+    if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
+    DeviceArray *x, *w, *b, *cs, *y, *fin;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "bLE", 0));
+    NEED(w = dev_conv_weight(&s, ow));
+    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(cs = sig_dev(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_OPTIONAL));
+    NEED(y = sig_dev_new(&s, "bLE", NPY_FLOAT32));
+    NEED(fin = sig_dev_new(&s, "bkE", NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_conv_forward(DF32(x), DF32(w), DF32(b), DF32(cs), DF32(fin), DF32(y), silu,
+                                   s.dim['b'], s.dim['L'], s.dim['E'], s.dim['K'], BM_STREAM));
+    res = Py_BuildValue("OO", y, fin);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *py_cuda_causal_conv1d_update(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "conv_state", "weight", "bias", "activation", NULL};
+    PyObject *ox, *ocs, *ow, *ob = Py_None, *oact = NULL, *res = NULL;
+    Sig s;
+    sig_init(&s, "causal_conv1d_update");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|OO", kws, &ox, &ocs, &ow, &ob, &oact))
+        return NULL;
+    int silu = 1;
+    if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
+    DeviceArray *x, *w, *b, *cs, *y;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "bE", 0));
+    NEED(w = dev_conv_weight(&s, ow));
+    NEED(cs = sig_dev(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_INPLACE));
+    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    NEED(y = sig_dev_new(&s, "bE", NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_conv_step(DF32(x), DF32(cs), DF32(w), DF32(b), DF32(y), silu, s.dim['b'],
+                                s.dim['E'], s.dim['K'], BM_STREAM));
+    res = ret(&s, (PyObject *)y);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+/* residual must match x exactly; d within the norm kernels' shared-memory row */
+static int dev_norm_args(Sig *s, DeviceArray *x, DeviceArray *r) {
+    if (r && (r->ndim != x->ndim ||
+              memcmp(r->shape, x->shape, sizeof(npy_intp) * (size_t)x->ndim))) {
+        char got[256], want[256];
+        shape_str(got, sizeof(got), r->ndim, r->shape);
+        shape_str(want, sizeof(want), x->ndim, x->shape);
+        PyErr_Format(PyExc_ValueError, "%s: residual must have the shape of x %s, got %s", s->fn,
+                     want, got);
+        return -1;
+    }
+    if (s->dim['d'] > 50000) {
+        PyErr_Format(PyExc_ValueError, "%s: the GPU kernel needs d <= 50000, got %ld", s->fn,
+                     (long)s->dim['d']);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_cuda_rms_norm(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "weight", "residual", "eps", NULL};
+    PyObject *ox, *ow, *or = Py_None, *res = NULL;
+    double eps = 1e-5;
+    Sig s;
+    sig_init(&s, "rms_norm");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Od", kws, &ox, &ow, &or, &eps)) return NULL;
+    if (parse_eps(&s, eps) < 0) return NULL;
+    DeviceArray *x, *w, *r, *out, *rout;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(w = sig_dev(&s, ow, "weight", NPY_FLOAT32, "d", 0));
+    OPT(r = sig_dev(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
+    if (dev_norm_args(&s, x, r) < 0) goto fail;
+    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
+    NEED(rout = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_rms_norm(DF32(x), DF32(r), DF32(w), (float)eps, DF32(out), DF32(rout),
+                               s.dim['T'], s.dim['d'], BM_STREAM));
+    res = Py_BuildValue("OO", out, rout);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *py_cuda_layer_norm(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "weight", "bias", "residual", "eps", NULL};
+    PyObject *ox, *ow, *ob = Py_None, *or = Py_None, *res = NULL;
+    double eps = 1e-5;
+    Sig s;
+    sig_init(&s, "layer_norm");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOd", kws, &ox, &ow, &ob, &or, &eps))
+        return NULL;
+    if (parse_eps(&s, eps) < 0) return NULL;
+    DeviceArray *x, *w, *b, *r, *out;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(w = sig_dev(&s, ow, "weight", NPY_FLOAT32, "d", 0));
+    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "d", ARG_OPTIONAL));
+    OPT(r = sig_dev(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
+    if (dev_norm_args(&s, x, r) < 0) goto fail;
+    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_layer_norm(DF32(x), DF32(r), DF32(w), DF32(b), (float)eps, DF32(out),
+                                 s.dim['T'], s.dim['d'], BM_STREAM));
+    res = ret(&s, (PyObject *)out);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+#define GPU_MAX_EXPERTS 256  /* route_top1 / moe_dispatch kernels (moe.cu) */
+
+static int check_experts(Sig *s) {
+    if (s->dim['X'] < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: need at least one expert", s->fn);
+        return -1;
+    }
+    if (s->dim['X'] > GPU_MAX_EXPERTS) {
+        PyErr_Format(PyExc_ValueError, "%s: the GPU kernels take at most %d experts, got %ld",
+                     s->fn, GPU_MAX_EXPERTS, (long)s->dim['X']);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_cuda_route_top1(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "router_weight", "router_bias", "return_logits", NULL};
+    PyObject *ox, *ow, *ob, *res = NULL;
+    int want_logits = 0;
+    Sig s;
+    sig_init(&s, "route_top1");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p", kws, &ox, &ow, &ob, &want_logits))
+        return NULL;
+    DeviceArray *x, *w, *b, *ids, *gates, *logits = NULL;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(w = sig_dev(&s, ow, "router_weight", DT_WEIGHT, "Xd", 0));
+    NEED(b = sig_dev(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
+    if (check_experts(&s) < 0) goto fail;
+    NEED(ids = sig_dev_new(&s, "T", NPY_INT32));
+    NEED(gates = sig_dev_new(&s, "T", NPY_FLOAT32));
+    if (want_logits) NEED(logits = sig_dev_new(&s, "TX", NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_route_top1(DF32(x), DEV(w), DWDT(w), DF32(b), DF32(logits), DI32(ids),
+                                 DF32(gates), s.dim['T'], s.dim['d'], s.dim['X'], BM_STREAM));
+    res = want_logits ? Py_BuildValue("OOO", ids, gates, logits) : Py_BuildValue("OO", ids, gates);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+/* ids (T, int32 or int64) -> int32 on the device; ids outside [0, X) -> ValueError. The
+ * check reads one count back: a host synchronisation. */
+static DeviceArray *dev_ids_int32(Sig *s, DeviceArray *ids, const char *name) {
+    DeviceArray *out, *bad;
+    if (!(out = sig_dev_new(s, "T", NPY_INT32)) || !(bad = sig_dev_new(s, "", NPY_INT32)))
+        return NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_ids_to_i32(ids->ptr, 8 * ids->itemsize, s->dim['T'], s->dim['X'], DI32(out),
+                            DI32(bad), BM_STREAM);
+    Py_END_ALLOW_THREADS
+    if (cuda_check(s, st) < 0) return NULL;
+    int32_t nbad = 0;
+    if (dev_read(s, &nbad, bad->ptr, sizeof nbad) < 0) return NULL;
+    if (nbad) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has %d value(s) outside [0, %ld)", s->fn, name,
+                     (int)nbad, (long)s->dim['X']);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *py_cuda_moe_dispatch(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"ids", "num_experts", NULL};
+    PyObject *oids, *res = NULL;
+    Py_ssize_t X;
+    Sig s;
+    sig_init(&s, "moe_dispatch");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "On", kws, &oids, &X)) return NULL;
+    if (X < 1 || X > GPU_MAX_EXPERTS)
+        return PyErr_Format(PyExc_ValueError, "moe_dispatch: num_experts must be in 1..%d on the "
+                            "GPU, got %zd", GPU_MAX_EXPERTS, X);
+    DeviceArray *ids, *ids32, *c32, *o32, *p32, *counts, *offsets, *perm;
+    NEED(ids = sig_dev(&s, oids, "ids", DT_INT, "T", 0));
+    s.dim['X'] = X;
+    NEED(ids32 = dev_ids_int32(&s, ids, "ids"));
+    NEED(c32 = sig_dev_new(&s, "X", NPY_INT32));
+    NEED(o32 = sig_dev_new(&s, "X+", NPY_INT32));
+    NEED(p32 = sig_dev_new(&s, "T", NPY_INT32));
+    NEED(counts = sig_dev_new(&s, "X", NPY_INT64));
+    NEED(offsets = sig_dev_new(&s, "X+", NPY_INT64));
+    NEED(perm = sig_dev_new(&s, "T", NPY_INT64));
+    CUDA_CALL(bm_cuda_moe_dispatch(DI32(ids32), s.dim['T'], X, DI32(c32), DI32(o32), DI32(p32),
+                                   BM_STREAM));
+    /* the CPU op returns int64 tables */
+    CUDA_CALL(bm_cuda_i32_to_i64(DI32(c32), (int64_t *)counts->ptr, X, BM_STREAM));
+    CUDA_CALL(bm_cuda_i32_to_i64(DI32(o32), (int64_t *)offsets->ptr, X + 1, BM_STREAM));
+    CUDA_CALL(bm_cuda_i32_to_i64(DI32(p32), (int64_t *)perm->ptr, s.dim['T'], BM_STREAM));
+    res = Py_BuildValue("OOO", counts, offsets, perm);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+/* fc1 (X, 2F, d) and fc2 (X, d, F) of one dtype on the device; binds X, F and checks d. */
+static int dev_expert_weights(Sig *s, PyObject *o1, PyObject *o2, DeviceArray **fc1,
+                              DeviceArray **fc2) {
+    if (!(*fc1 = sig_dev(s, o1, "fc1", DT_WEIGHT, "XGd", 0))) return -1;
+    if (s->dim['G'] % 2) {
+        PyErr_Format(PyExc_ValueError, "%s: fc1 must have shape (X, 2F, d): its middle "
+                     "dimension %ld is odd", s->fn, (long)s->dim['G']);
+        return -1;
+    }
+    s->dim['F'] = s->dim['G'] / 2;
+    if (!(*fc2 = sig_dev(s, o2, "fc2", DT_WEIGHT, "XdF", 0))) return -1;
+    if ((*fc1)->typenum != (*fc2)->typenum) {
+        PyErr_Format(PyExc_TypeError, "%s: fc1 and fc2 must have the same dtype", s->fn);
+        return -1;
+    }
+    if (check_experts(s) < 0) return -1;
+    return check_blas_dims(s, s->dim['T'], s->dim['G'], s->dim['d']);
+}
+
+/* Up to this many tokens the experts go through the gathered GEMV (no host sync, each used
+ * expert read once per 8 of its tokens); beyond, through cuBLAS (one host sync per call). */
+#define MOE_GEMV_TOKENS 64
+
+/* out = the expert MLPs of ids32 (valid int32 ids), scaled by gates (or 1). */
+static int dev_experts(Sig *s, DeviceArray *x, DeviceArray *ids32, DeviceArray *gates,
+                       DeviceArray *fc1, DeviceArray *fc2, bm_act act, int math, DeviceArray *out) {
+    const int64_t T = s->dim['T'], d = s->dim['d'], X = s->dim['X'], F = s->dim['F'];
+    const bm_dtype wdt = DWDT(fc1);
+    DeviceArray *ws;
+    void *hdl = NULL;
+    int st;
+    if (T <= MOE_GEMV_TOKENS) {
+        const size_t wsb = bm_cuda_moe_decode_workspace(T, F);
+        if (!(ws = sig_dev_bytes(s, wsb))) return -1;
+        Py_BEGIN_ALLOW_THREADS
+        st = bm_cuda_moe_experts_decode(DF32(x), DI32(ids32), DF32(gates), DEV(fc1), DEV(fc2), wdt,
+                                        act, DF32(out), T, d, X, F, DEV(ws), wsb, BM_STREAM);
+        Py_END_ALLOW_THREADS
+    } else {
+        const size_t wsb = bm_cuda_moe_experts_workspace(T, d, X, F, wdt, math);
+        if (!(ws = sig_dev_bytes(s, wsb)) || !(hdl = cublas_take(s))) return -1;
+        Py_BEGIN_ALLOW_THREADS
+        st = bm_cuda_moe_experts(DF32(x), DI32(ids32), DF32(gates), DEV(fc1), DEV(fc2), wdt, act,
+                                 math, DF32(out), T, d, X, F, DEV(ws), wsb, hdl, BM_STREAM);
+        Py_END_ALLOW_THREADS
+        cublas_give(hdl);
+    }
+    return cuda_check(s, st);
+}
+
+static PyObject *py_cuda_moe_experts(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "ids", "gates", "fc1", "fc2", "activation", "math", NULL};
+    PyObject *ox, *oids, *og, *o1, *o2, *oact = NULL, *om = Py_None, *res = NULL;
+    Sig s;
+    sig_init(&s, "moe_experts");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|O$O", kws, &ox, &oids, &og, &o1, &o2,
+                                     &oact, &om))
+        return NULL;
+    bm_act act = BM_ACT_GELU;
+    int math;
+    if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
+    if (parse_math(s.fn, om, &math) < 0) return NULL;
+    DeviceArray *x, *ids, *ids32, *g, *fc1, *fc2, *out;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(ids = sig_dev(&s, oids, "ids", DT_INT, "T", 0));
+    OPT(g = sig_dev(&s, og, "gates", NPY_FLOAT32, "T", ARG_OPTIONAL));
+    if (dev_expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
+    NEED(ids32 = dev_ids_int32(&s, ids, "ids"));
+    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
+    if (dev_experts(&s, x, ids32, g, fc1, fc2, act, math, out) < 0) goto fail;
+    res = ret(&s, (PyObject *)out);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *py_cuda_moe(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "router_weight", "router_bias", "fc1", "fc2", "activation",
+                          "return_routing", "math", NULL};
+    PyObject *ox, *ow, *ob, *o1, *o2, *oact = NULL, *om = Py_None, *res = NULL;
+    int routing = 0;
+    Sig s;
+    sig_init(&s, "moe");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|Op$O", kws, &ox, &ow, &ob, &o1, &o2, &oact,
+                                     &routing, &om))
+        return NULL;
+    bm_act act = BM_ACT_GELU;
+    int math;
+    if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
+    if (parse_math(s.fn, om, &math) < 0) return NULL;
+    DeviceArray *x, *w, *b, *fc1, *fc2, *ids, *gates, *logits, *out;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(w = sig_dev(&s, ow, "router_weight", DT_WEIGHT, "Xd", 0));
+    NEED(b = sig_dev(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
+    if (dev_expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
+    NEED(ids = sig_dev_new(&s, "T", NPY_INT32));
+    NEED(gates = sig_dev_new(&s, "T", NPY_FLOAT32));
+    NEED(logits = sig_dev_new(&s, "TX", NPY_FLOAT32));
+    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
+    CUDA_CALL(bm_cuda_route_top1(DF32(x), DEV(w), DWDT(w), DF32(b), DF32(logits), DI32(ids),
+                                 DF32(gates), s.dim['T'], s.dim['d'], s.dim['X'], BM_STREAM));
+    if (dev_experts(&s, x, ids, gates, fc1, fc2, act, math, out) < 0) goto fail;
+    res = routing ? Py_BuildValue("OOOO", out, ids, gates, logits) : ret(&s, (PyObject *)out);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+/* The dense gated MLP as one expert (X = 1, every id 0, no gate). */
+static PyObject *py_cuda_mlp(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"x", "fc1", "fc2", "activation", "gated", "math", NULL};
+    PyObject *ox, *o1, *o2, *oact = NULL, *om = Py_None, *res = NULL;
+    int gated = 1, math;
+    Sig s;
+    sig_init(&s, "mlp");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|Op$O", kws, &ox, &o1, &o2, &oact, &gated, &om))
+        return NULL;
+    bm_act act = BM_ACT_GELU;
+    if (oact && parse_act(s.fn, oact, &act, 1) < 0) return NULL;
+    if (parse_math(s.fn, om, &math) < 0) return NULL;
+    if (!gated)
+        return PyErr_Format(PyExc_ValueError, "mlp: gated=False has no GPU kernel (only the gated "
+                            "MLP of BlackMamba's dense layers)");
+    DeviceArray *x, *fc1, *fc2, *ids, *out;
+    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(fc1 = sig_dev(&s, o1, "fc1", DT_WEIGHT, "Gd", 0));
+    if (s.dim['G'] % 2) {
+        PyErr_Format(PyExc_ValueError, "mlp: gated fc1 must have shape (2F, d), got an odd "
+                     "first dimension %ld", (long)s.dim['G']);
+        goto fail;
+    }
+    s.dim['F'] = s.dim['G'] / 2;
+    NEED(fc2 = sig_dev(&s, o2, "fc2", DT_WEIGHT, "dF", 0));
+    if (fc1->typenum != fc2->typenum) {
+        PyErr_SetString(PyExc_TypeError, "mlp: fc1 and fc2 must have the same dtype");
+        goto fail;
+    }
+    if (check_blas_dims(&s, s.dim['T'], s.dim['G'], s.dim['d']) < 0) goto fail;
+    s.dim['X'] = 1;
+    NEED(ids = sig_dev_new(&s, "T", NPY_INT32));
+    if (da_nbytes(ids)) {
+        cudaError_t e = cudaMemsetAsync(ids->ptr, 0, da_nbytes(ids), BM_STREAM);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            PyErr_Format(PyExc_RuntimeError, "mlp: cudaMemsetAsync: %s: %s", cudaGetErrorName(e),
+                         cudaGetErrorString(e));
+            goto fail;
+        }
+    }
+    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
+    if (dev_experts(&s, x, ids, NULL, fc1, fc2, act, math, out) < 0) goto fail;
+    res = ret(&s, (PyObject *)out);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+static PyObject *py_cuda_sinkhorn(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"logits", "tol", "init", "max_iters", NULL};
+    PyObject *ol, *res = NULL;
+    double tol = 1e-4;
+    const char *init = "blackmamba";
+    int max_iters = 1000;
+    Sig s;
+    sig_init(&s, "sinkhorn");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dsi", kws, &ol, &tol, &init, &max_iters))
+        return NULL;
+    bm_sinkhorn_init in;
+    if (!strcmp(init, "blackmamba")) in = BM_SINKHORN_BLACKMAMBA;
+    else if (!strcmp(init, "uniform")) in = BM_SINKHORN_UNIFORM;
+    else return PyErr_Format(PyExc_ValueError, "sinkhorn: init must be 'blackmamba' or 'uniform', got '%s'", init);
+    if (!(tol >= 0.0)) return PyErr_Format(PyExc_ValueError, "sinkhorn: tol must be >= 0");
+    if (max_iters < 1) return PyErr_Format(PyExc_ValueError, "sinkhorn: max_iters must be >= 1");
+    DeviceArray *S, *P, *it;
+    NEED(S = sig_dev(&s, ol, "logits", NPY_FLOAT32, "TX", 0));
+    if (s.dim['T'] < 1 || s.dim['X'] < 1) {
+        PyErr_SetString(PyExc_ValueError, "sinkhorn: logits must have at least one row and column");
+        goto fail;
+    }
+    if (s.dim['X'] > 64) {
+        PyErr_Format(PyExc_ValueError, "sinkhorn: the GPU kernel takes at most 64 experts "
+                     "(columns), got %ld", (long)s.dim['X']);
+        goto fail;
+    }
+    NEED(P = sig_dev_new(&s, "TX", NPY_FLOAT32));
+    NEED(it = sig_dev_new(&s, "", NPY_INT32));
+    CUDA_CALL(bm_cuda_sinkhorn(DF32(S), DF32(P), s.dim['T'], s.dim['X'], (float)tol, in,
+                               max_iters, (int *)it->ptr, BM_STREAM));
+    int iters = 0;
+    if (dev_read(&s, &iters, it->ptr, sizeof iters) < 0) goto fail;  /* the one host sync */
+    res = Py_BuildValue("Oi", P, iters);
+fail:
+    sig_free(&s);
+    return res;
+}
+
+#define CKW(name, doc) {"cuda_" #name, (PyCFunction)(void (*)(void))py_cuda_##name, METH_VARARGS | METH_KEYWORDS, doc}
+
+static PyMethodDef cuda_methods[] = {
+    {"cuda_probe", py_cuda_probe, METH_NOARGS,
+     "cuda_probe() -> {device_count, error (cudaGetDeviceCount's error name or None), "
+     "driver_version, runtime_version}; never raises"},
+    {"cuda_synchronize", py_cuda_synchronize, METH_NOARGS, "cuda_synchronize(): wait for the device"},
+    {"cuda_mem_info", py_cuda_mem_info, METH_NOARGS, "cuda_mem_info() -> (free bytes, total bytes)"},
+    {"cuda_allocator", py_cuda_allocator, METH_VARARGS,
+     "cuda_allocator(mode=None) -> 'async' (cudaMallocAsync) or 'sync' (cudaMalloc); sets it if given"},
+    {"cuda_empty", (PyCFunction)(void (*)(void))py_cuda_empty, METH_VARARGS | METH_KEYWORDS,
+     "cuda_empty(shape, dtype='float32') -> uninitialised DeviceArray"},
+    {"to_device", (PyCFunction)(void (*)(void))py_to_device, METH_VARARGS | METH_KEYWORDS,
+     "to_device(a, dtype=None) -> DeviceArray (host arrays copied; GPU arrays wrapped, no copy)"},
+    {"cuda_is_device", py_cuda_is_device, METH_O,
+     "cuda_is_device(a) -> True for a GPU array (DeviceArray, CAI, DLPack on CUDA)"},
+    {"cuda_asarray", py_cuda_asarray, METH_O,
+     "cuda_asarray(a) -> DeviceArray view of a CUDA array (CAI or DLPack), no copy"},
+    CKW(linear, "GPU linear(x, weight, bias=None, *, math='fp32'|'tf32'|'bf16') -> (..., N)"),
+    {"cuda_bf16_to_f32", py_cuda_bf16_to_f32, METH_O, "GPU bf16_to_f32(a uint16) -> float32"},
+    {"cuda_f32_to_bf16", py_cuda_f32_to_bf16, METH_O, "GPU f32_to_bf16(a float32) -> uint16"},
+    CKW(selective_scan, "GPU selective_scan(...) -> (y (b,L,E), final_state (b,E,N)); N <= 64"),
+    CKW(selective_state_update, "GPU selective_state_update(state, ...) -> y; state updated in place"),
+    CKW(causal_conv1d, "GPU causal_conv1d(x, weight, bias=None, conv_state=None, activation='silu') "
+                       "-> (y, final_conv_state)"),
+    CKW(causal_conv1d_update, "GPU causal_conv1d_update(x, conv_state, weight, bias=None, "
+                              "activation='silu') -> y; conv_state updated in place"),
+    CKW(rms_norm, "GPU rms_norm(x, weight, residual=None, eps=1e-5) -> (out, x + residual)"),
+    CKW(layer_norm, "GPU layer_norm(x, weight, bias=None, residual=None, eps=1e-5) -> out"),
+    CKW(route_top1, "GPU route_top1(x, router_weight, router_bias, return_logits=False) -> "
+                    "(ids int32, gates[, logits]); X <= 256"),
+    CKW(moe_dispatch, "GPU moe_dispatch(ids, num_experts) -> (counts, offsets, perm) int64"),
+    CKW(moe_experts, "GPU moe_experts(x, ids, gates, fc1, fc2, activation='gelu', *, math='fp32') -> out"),
+    CKW(moe, "GPU moe(x, router_weight, router_bias, fc1, fc2, activation='gelu', "
+             "return_routing=False, *, math='fp32')"),
+    CKW(mlp, "GPU mlp(x, fc1, fc2, activation='gelu', gated=True, *, math='fp32') -> out (gated only)"),
+    CKW(sinkhorn, "GPU sinkhorn(logits (T,X<=64), tol=1e-4, init='blackmamba', max_iters=1000) -> "
+                  "(P, iterations)"),
+    {NULL, NULL, 0, NULL},
+};
+
+/* Adds cuda_methods and DeviceArray to the module (PyInit__C). */
+static int cuda_module_init(PyObject *m) {
+    if (PyModule_AddFunctions(m, cuda_methods) < 0) return -1;
+    if (PyType_Ready(&DeviceArrayType) < 0) return -1;
+    Py_INCREF(&DeviceArrayType);
+    if (PyModule_AddObject(m, "DeviceArray", (PyObject *)&DeviceArrayType) < 0) {
+        Py_DECREF(&DeviceArrayType);
+        return -1;
+    }
+    return 0;
+}
+
+#endif /* BM_WITH_CUDA */
 
 /* ---- sinkhorn.c ------------------------------------------------------------------------ */
 
@@ -1603,6 +3339,9 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "blackmamba._C",
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
     PyObject *m = PyModule_Create(&moduledef);
+#ifdef BM_WITH_CUDA
+    if (m && cuda_module_init(m) < 0) Py_CLEAR(m);
+#endif
     if (m && PyModule_AddFunctions(m, engine_methods) < 0) Py_CLEAR(m);
     return m;
 }

@@ -1,4 +1,4 @@
-/* bm_cuda.h: launchers of the CUDA kernels (cuda/*.cu). Plain C, no Python.
+/* bm_cuda.h: launchers of the CUDA kernels (the cuda/ sources). Plain C, no Python.
  *
  * Conventions (the same dimension letters and layouts as csrc/bm.h):
  *   - Every pointer is a DEVICE pointer, except where a comment says host.
@@ -154,6 +154,27 @@ int bm_cuda_moe_experts_decode(const float *x, const int32_t *ids, const float *
 int bm_cuda_sinkhorn(const float *S, float *P, int64_t T, int64_t X, float tol,
                      bm_sinkhorn_init init, int max_iters, int *iters, cudaStream_t stream);
 
+/* ---- gemm.cu: y = x W^T + bias for any M (the GPU ops.linear) --------------------------- */
+/* Rows of x up to which bm_cuda_linear takes the GEMV (no cuBLAS handle, no workspace). */
+int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math);
+/* Bytes of workspace bm_cuda_linear needs (0 on the GEMV path). */
+size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin, bm_dtype wdtype, int math);
+/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16.
+ * math: BM_CUDA_MATH_FP32 (exact float32; bf16 W expanded in the workspace), TF32, or BF16
+ * (bf16 W as stored, x rounded to bf16; float32 W falls back to TF32). M up to
+ * bm_cuda_linear_gemv_rows: bm_cuda_gemv (fp32 accumulate, whatever `math`); beyond: cuBLAS
+ * through cublas_handle (its stream is set to `stream`). Kin = 0 gives y = bias (or 0). */
+int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
+                   int64_t M, int64_t Nout, int64_t Kin, int math, void *workspace,
+                   size_t workspace_bytes, void *cublas_handle, cudaStream_t stream);
+
+/* ---- util.cu: helpers of the Python bindings -------------------------------------------- */
+/* out (n) int32 = ids (n, int32 or int64 as ids_bits), -1 where outside [0, X);
+ * n_bad (1 int, device) = how many were outside (zeroed here first). */
+int bm_cuda_ids_to_i32(const void *ids, int ids_bits, int64_t n, int64_t X, int32_t *out,
+                       int32_t *n_bad, cudaStream_t stream);
+/* dst (n) int64 = src (n) int32. */
+int bm_cuda_i32_to_i64(const int32_t *src, int64_t *dst, int64_t n, cudaStream_t stream);
 
 /* ---- engine.cu: the whole model on the GPU (SPEC 1) -------------------------------------
  * Weights live in one device allocation handed out as pointers; matrices (embedding, in/x/

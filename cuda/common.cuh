@@ -3,6 +3,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #include <atomic>
 
@@ -46,7 +47,50 @@ static inline int bm_smem_optin(K kernel, int bytes, std::atomic<unsigned> &done
     return 0;
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched through bm_launch_pdl may start
+// while the kernel before it in the stream is still finishing, which removes most of the
+// launch gap between the ~160 small kernels of a batch-1 decode graph. Such a kernel must call
+// bm_pdl_wait() first, before touching memory: griddepcontrol.wait returns once the previous
+// grid has completed and its writes are visible, so the stream order is kept (and, every PDL
+// kernel waiting, transitively). On a kernel launched normally the wait is a no-op.
+// Returns a cudaError_t like a launch; on devices below 9.0 the attribute is left off.
+template <typename... KArgs, typename... Args>
+static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                        size_t smem, cudaStream_t stream, Args... args) {
+    int dev = 0, major = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess) return e;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    // BLACKMAMBA_CUDA_PDL=0 turns it off (A/B measurements, or a driver that misbehaves).
+    const char *env = getenv("BLACKMAMBA_CUDA_PDL");
+    cfg.numAttrs = major >= 9 && !(env && env[0] == '0') ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
+}
+
+// Launch `kernel` through bm_launch_pdl and return its status from the enclosing launcher.
+#define BM_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
+    BM_CUDA_TRY(bm_launch_pdl(kernel, grid, block, smem, stream, __VA_ARGS__))
+
 // ---- device helpers ----------------------------------------------------------------------
+
+// First statement of every kernel launched through bm_launch_pdl (see there). After the wait,
+// the kernel lets the next one be scheduled: its blocks only take free slots and wait in turn.
+__device__ __forceinline__ void bm_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 
 // bf16 bits -> float32: the top half of the float.
 __device__ __forceinline__ float bm_bf16_bits_to_f32(uint16_t h) {

@@ -86,6 +86,7 @@ __global__ void conv_step_kernel(const float *__restrict__ x,     // (b, E)
                                  const float *__restrict__ bias,  // (E) or NULL
                                  float *__restrict__ y,           // (b, E)
                                  int silu, int64_t bE, int E) {
+    bm_pdl_wait();
     const int64_t be = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (be >= bE) return;
     const int64_t bi = be / E;
@@ -117,9 +118,8 @@ int conv_fwd_launch(const float *x, const float *w, const float *bias, const flo
 template <int K>
 int conv_step_launch(const float *x, float *state, const float *w, const float *bias, float *y,
                      int silu, int64_t b, int64_t E, cudaStream_t stream) {
-    conv_step_kernel<K><<<(unsigned)bm_cdiv(b * E, 256), 256, 0, stream>>>(x, state, w, bias, y,
-                                                                           silu, b * E, (int)E);
-    BM_CUDA_LAUNCHED();
+    BM_LAUNCH_PDL(conv_step_kernel<K>, dim3((unsigned)bm_cdiv(b * E, 256)), dim3(256), 0, stream,
+                  x, state, w, bias, y, silu, b * E, (int)E);
     return 0;
 }
 

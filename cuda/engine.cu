@@ -36,6 +36,8 @@
 
 #include "common.cuh"
 
+#include <type_traits>
+
 #define BM_CUBLAS_TRY(call)                                                                \
     do {                                                                                   \
         cublasStatus_t s_ = (call);                                                        \
@@ -258,6 +260,7 @@ __device__ __forceinline__ float act_fn(float v, int act) {
 // In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
 // else h = act(h).
 __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, int act) {
+    bm_pdl_wait();
     const int64_t n = T * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -265,6 +268,66 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
         const int f = (int)(i % F);
         const float a = act_fn(row[f], act);
         row[f] = gated ? a * row[F + f] : a;
+    }
+}
+
+// acc[r] += sum over the units u = u0 + lane, u0 + lane + 32, ... < u1 of W_r[u] . x[u] (a unit
+// is 16 bytes of weights: 8 bf16 or 4 float32), for NW weight rows sharing x. Software-
+// pipelined like gemv.cu's loop: the next UNR units' weight loads of every row are issued
+// before this group's FMAs (indices clamped into the slice, zero weights past its end, which
+// add exactly 0), so each lane keeps NW * UNR 16-byte loads in flight. The sums run in the
+// plain loop's order.
+template <typename WT, int NW, int UNR>
+__device__ __forceinline__ void rows_dot(const WT *const (&w)[NW], const float *__restrict__ xr,
+                                         int u0, int u1, int lane, float (&acc)[NW]) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    using Raw = typename std::conditional<sizeof(WT) == 2, uint4, float4>::type;
+    const int ul = max(u1 - 1, u0);
+    Raw cur[NW][UNR];
+#pragma unroll
+    for (int r = 0; r < NW; r++)
+#pragma unroll
+        for (int i = 0; i < UNR; i++)
+            cur[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u0 + lane + 32 * i, ul) * VW));
+    for (int u = u0 + lane; u < u1; u += 32 * UNR) {
+        Raw nxt[NW][UNR];
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int i = 0; i < UNR; i++)
+                nxt[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u + 32 * (UNR + i), ul) * VW));
+#pragma unroll
+        for (int i = 0; i < UNR; i++) {
+            const bool in = u + 32 * i < u1;
+            const int k = min(u + 32 * i, ul) * VW;
+            float xv[VW];
+            const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+            xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w;
+            if constexpr (VW == 8) {
+                const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
+            }
+#pragma unroll
+            for (int r = 0; r < NW; r++) {
+                float wv[VW];
+                if constexpr (VW == 8) {
+                    const uint4 v = reinterpret_cast<const uint4 &>(cur[r][i]);
+                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                    wv[0] = a.x; wv[1] = a.y; wv[2] = b.x; wv[3] = b.y;
+                    wv[4] = c.x; wv[5] = c.y; wv[6] = d.x; wv[7] = d.y;
+                } else {
+                    const float4 v = reinterpret_cast<const float4 &>(cur[r][i]);
+                    wv[0] = v.x; wv[1] = v.y; wv[2] = v.z; wv[3] = v.w;
+                }
+#pragma unroll
+                for (int q = 0; q < VW; q++) acc[r] = fmaf(in ? wv[q] : 0.f, xv[q], acc[r]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int i = 0; i < UNR; i++) cur[r][i] = nxt[r][i];
     }
 }
 
@@ -281,6 +344,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const float *__restrict__ scale,  // (T) or NULL
     float *__restrict__ y,            // (T, ldy)
     int64_t ldy, int Nout, int Kin) {
+    bm_pdl_wait();
     constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
     __shared__ float part[8];
@@ -296,26 +360,10 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
         if (VEC) {
             const int units = Kin / VW, per = (units + KS - 1) / KS;
             const int u0 = kp * per, u1 = min(units, u0 + per);
-#pragma unroll 4
-            for (int u = u0 + lane; u < u1; u += 32) {
-                const int k = u * VW;
-                if constexpr (sizeof(WT) == 2) {
-                    const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
-                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
-                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
-                    acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
-                    acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
-                    acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
-                    acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
-                } else {
-                    const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
-                    acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
-                }
-            }
+            const WT *const wr[1] = {w};
+            float a1[1] = {0.f};
+            if (u0 < u1) rows_dot<WT, 1, 4>(wr, xr, u0, u1, lane, a1);
+            acc = a1[0];
         } else {
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
@@ -331,6 +379,69 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
             for (int q = 1; q < KS; q++) acc += part[warp + q];
     }
     if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
+}
+
+// fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
+// h[t, f] = act(W[e_t, f, :] . x[t, :]) * (W[e_t, F + f, :] . x[t, :]) for f < F, written to
+// h[t, :F]. One warp (or KS warps, K-split) owns output f and streams both of its rows, so
+// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps 2 x 2
+// 16-byte weight loads in flight (rows_dot).
+template <typename WT, int KS, bool VEC>
+__global__ __launch_bounds__(256) void expert_rows_gated_kernel(
+    const WT *__restrict__ W,         // (X, 2F, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    float *__restrict__ h,            // (T, ldh): [:, :F] written
+    int64_t ldh, int F, int Kin, int act) {
+    bm_pdl_wait();
+    constexpr int RPB = 8 / KS;
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    __shared__ float part[2][8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int f = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    float ag = 0.f, au = 0.f;
+    if (f < F) {
+        const int64_t e = ids ? ids[t] : 0;
+        const WT *wg = W + (e * 2 * F + f) * (int64_t)Kin;   // gate row
+        const WT *wu = wg + (int64_t)F * Kin;                 // up row
+        const float *xr = x + t * ldx;
+        if (VEC) {
+            const int units = Kin / VW, per = (units + KS - 1) / KS;
+            const int u0 = kp * per, u1 = min(units, u0 + per);
+            const WT *const wr[2] = {wg, wu};
+            float a2[2] = {0.f, 0.f};
+            if (u0 < u1) rows_dot<WT, 2, 2>(wr, xr, u0, u1, lane, a2);
+            ag = a2[0];
+            au = a2[1];
+        } else {
+            const int per = (Kin + KS - 1) / KS;
+            const int k0 = kp * per, k1 = min(Kin, k0 + per);
+#pragma unroll 4
+            for (int k = k0 + lane; k < k1; k += 32) {
+                const float xv = __ldg(xr + k);
+                ag = fmaf(ld_w(wg + k), xv, ag);
+                au = fmaf(ld_w(wu + k), xv, au);
+            }
+        }
+    }
+    ag = bm_warp_sum(ag);
+    au = bm_warp_sum(au);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) {
+            part[0][warp] = ag;
+            part[1][warp] = au;
+        }
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) {
+                ag += part[0][warp + q];
+                au += part[1][warp + q];
+            }
+    }
+    if (kp == 0 && lane == 0 && f < F) h[t * ldh + f] = act_fn(ag, act) * au;
 }
 
 // The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
@@ -369,6 +480,7 @@ __global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
 // (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
 // per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
 constexpr int ROUTE_SMALL_MAX = 64;  // tokens
+constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
 __global__ __launch_bounds__(256) void route_small_kernel(
     const float *__restrict__ x,    // (T, d)
     const float *__restrict__ rw,   // (X, d)
@@ -377,7 +489,8 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     int32_t *__restrict__ ids,      // (T)
     float *__restrict__ gates,      // (T)
     int d, int X) {
-    __shared__ float sl[256];
+    bm_pdl_wait();
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t t = blockIdx.x;
     const float *xr = x + t * d;
@@ -417,13 +530,103 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     }
 }
 
-// The recurrent step of SPEC 2 with dt_proj fused in. One warp per (b, e):
+// RMSNorm with the residual add, then top-1 routing of the normed row, for a few tokens
+// (decode): one block of NR_THREADS per token. The norm is norm.cu's rms_norm_kernel<4> at the
+// same block size (same sums, so bit-identical xn and res_out); its output row stays in shared
+// memory for route_small_kernel's dot products (same order, so the same logits). One graph node
+// instead of two per MoE layer, and the router reads x from shared memory.
+constexpr int NR_THREADS = 256;
+constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
+__global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
+    const float *x,                   // (T, d)
+    const float *residual,            // (T, d) or NULL
+    const float *__restrict__ nw,     // (d)
+    float eps,
+    float *__restrict__ out,          // (T, d) normed
+    float *res_out,                   // (T, d): x + residual (may alias x or residual)
+    const float *__restrict__ rw,     // (X, d)
+    const float *__restrict__ rb,     // (X)
+    float *__restrict__ logits,       // (T, X) or NULL
+    int32_t *__restrict__ ids,        // (T)
+    float *__restrict__ gates,        // (T)
+    int d, int X) {
+    bm_pdl_wait();
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
+    __shared__ float scratch[32];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    const int nv = d / 4;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float4 r = xr[i];
+        if (rr) {
+            const float4 q = rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const float4 a = srow[i], w4 = wv[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
+        o[i] = v;
+    }
+    __syncthreads();
+    const float *xs = reinterpret_cast<const float *>(srow);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = warp; e < X; e += NR_THREADS / 32) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int k = 4 * lane; k < d; k += 128) {
+            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+            const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int64_t t = blockIdx.x;
+        float best = -INFINITY;
+        int bi = 0;
+        for (int e = 0; e < X; e++) {
+            const float v = sl[e];
+            if (logits) logits[t * X + e] = v;
+            if (v > best) {  // strict: ties keep the lowest index
+                best = v;
+                bi = e;
+            }
+        }
+        ids[t] = bi;
+        gates[t] = 1.f / (1.f + expf(-best));
+    }
+}
+
+// The recurrent step of SPEC 2 with dt_proj fused in. A group of G lanes (a power of two
+// <= 32) per (b, e):
 //   delta = softplus(dt_b[e] + dt_w[e, :] . dbc[b, :R])
 //   h[n]  = exp(delta * A[e, n]) * h[n] + delta * B[b, n] * x[b, e]      (lanes own n)
 //   y     = (sum_n h[n] * C[b, n] + D[e] * x[b, e]) * silu(z[b, e])
 // B and C are read in place from dbc (stride R + 2N), so no split and no delta buffer.
 // FUSED_DT false: delta (B, E) = dt_r @ dt_w^T was computed before (a GEMM at larger batches,
-// where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64).
+// where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64). Then G
+// is about N/4 (4 states per lane): a whole warp per (b, e) left half the lanes idle at
+// N = 16 and made 188K warps at B = 64 (60 us per layer on the H200).
 template <typename WT, bool FUSED_DT>
 __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) in place
                                  const float *__restrict__ xc,    // (B, E)
@@ -435,17 +638,25 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
                                  const float *__restrict__ A,     // (E, N)
                                  const float *__restrict__ D,     // (E)
                                  float *__restrict__ y,           // (B, E)
-                                 int64_t BE, int E, int N, int R) {
-    const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (w >= BE) return;  // whole warps leave together
+                                 int64_t BE, int E, int N, int R, int g_log2) {
+    // Shifts, not divisions by a run-time G (the first version divided by G and ran the
+    // batch-8 step 5 us per layer slower); the fused-dt kernel always has G = 32.
+    bm_pdl_wait();
+    const int glog = FUSED_DT ? 5 : g_log2, G = 1 << glog;
+    const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t wv = gt >> glog;  // (b, e) index
+    const int g = (int)(gt & (G - 1));
+    // Groups past BE compute on a clamped index and store nothing: every lane of the warp
+    // takes part in the shuffles.
+    const bool valid = wv < BE;
+    const int64_t w = valid ? wv : BE - 1;
     const int64_t b = w / E;
     const int e = (int)(w % E);
     const float *row = dbc + b * (R + 2 * N);
     float acc = 0.f;
     if (FUSED_DT) {
-        for (int k = lane; k < R; k += 32) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
-        acc = bm_warp_sum(acc);
+        for (int k = g; k < R; k += G) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
+        for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     } else {
         acc = delta[w];
     }
@@ -453,14 +664,14 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     const float xv = xc[w];
     const float dx = dt * xv;
     float ya = 0.f;
-    for (int n = lane; n < N; n += 32) {
+    for (int n = g; n < N; n += G) {
         float *s = ssm + w * N + n;
         const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * row[R + n]);
-        *s = hn;
+        if (valid) *s = hn;
         ya = fmaf(hn, row[R + N + n], ya);
     }
-    ya = bm_warp_sum(ya);
-    if (lane == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
+    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+    if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
 // out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
@@ -654,8 +865,14 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, B, P, E));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
-    const unsigned blocks = (unsigned)bm_cdiv(BE * 32, 256);
     const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
+    // Lanes per (b, e): a warp for the fused dt_proj dot (R terms), else ~4 states per lane.
+    int glog = 5;
+    if (!fused) {
+        glog = 0;
+        while (glog < 5 && 4 << glog < N) glog++;
+    }
+    const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
     if (!fused) {
         TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, B, E, R));
         TRY(mark(m, P_DT));
@@ -664,25 +881,24 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     if (c.wdtype == BM_BF16) {
         const uint16_t *dw = (const uint16_t *)ly.dt_w;
         if (fused)
-            step_scan_kernel<uint16_t, true><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, glog);
         else
-            step_scan_kernel<uint16_t, false><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, false>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, glog);
     } else {
         const float *dw = (const float *)ly.dt_w;
         if (fused)
-            step_scan_kernel<float, true><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<float, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, glog);
         else
-            step_scan_kernel<float, false><<<blocks, 256, 0, st>>>(
+            BM_LAUNCH_PDL((step_scan_kernel<float, false>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
-                (int)R);
+                (int)R, glog);
     }
-    BM_CUDA_LAUNCHED();
     TRY(mark(m, P_SCAN));
     TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
     return mark(m, P_OUT);
@@ -697,12 +913,11 @@ int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *id
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
     if (vec)
-        expert_rows_kernel<WT, KS, true><<<grid, 256, 0, st>>>(
-            (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
     else
-        expert_rows_kernel<WT, KS, false><<<grid, 256, 0, st>>>(
-            (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
-    BM_CUDA_LAUNCHED();
+        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, false>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
     return 0;
 }
 
@@ -722,6 +937,38 @@ int expert_rows(const void *W, const float *x, int64_t ldx, const int32_t *ids,
     }
 }
 
+template <typename WT, int KS>
+int expert_rows_gated_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
+                         float *h, int64_t ldh, int64_t T, int64_t F, int64_t Kin, int act,
+                         cudaStream_t st) {
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
+                     ((uintptr_t)x & 15) == 0;
+    dim3 grid((unsigned)bm_cdiv(F, 8 / KS), (unsigned)T);
+    if (vec)
+        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    else
+        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, false>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    return 0;
+}
+
+// The same K-split rule over the F outputs (each warp streams two rows).
+template <typename WT>
+int expert_rows_gated(const void *W, const float *x, int64_t ldx, const int32_t *ids, float *h,
+                      int64_t ldh, int64_t T, int64_t F, int64_t Kin, int act, cudaStream_t st) {
+    const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
+    int ks = 1;
+    while (ks < 8 && F * ks < 4096 && units >= 64 * ks) ks *= 2;
+    switch (ks) {
+        case 1: return expert_rows_gated_ks<WT, 1>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        case 2: return expert_rows_gated_ks<WT, 2>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        case 4: return expert_rows_gated_ks<WT, 4>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+        default: return expert_rows_gated_ks<WT, 8>(W, x, ldx, ids, h, ldh, T, F, Kin, act, st);
+    }
+}
+
 // Experts through the gathered GEMV: out[t] = gates[t] * fc2[e] @ act(fc1[e] @ x[t]),
 // e = ids[t] (ids NULL: expert 0, gates NULL: 1). No host synchronisation.
 int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
@@ -732,15 +979,19 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     // A few tokens (decode): per-token expert rows, exact fp32 accumulate like the GEMV.
     const bool rows = T <= GEMV_ROWS;
     auto rows_fn = c.wdtype == BM_BF16 ? expert_rows<uint16_t> : expert_rows<float>;
+    if (rows && c.swiglu) {  // fc1 and the gated act in one kernel
+        auto gated_fn = c.wdtype == BM_BF16 ? expert_rows_gated<uint16_t> : expert_rows_gated<float>;
+        TRY(gated_fn(ly.fc1, x, d, ids, ws->eh, G, T, F, d, (int)c.act, st));
+        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+    }
     if (rows) {
         TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, st));
     } else {
         GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
         TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
     }
-    expert_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->eh, T, (int)F, (int)G, c.swiglu,
-                                                       (int)c.act);
-    BM_CUDA_LAUNCHED();
+    BM_LAUNCH_PDL(expert_act_kernel, dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F,
+                  (int)G, c.swiglu, (int)c.act);
     if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
     GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
     return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
@@ -777,19 +1028,21 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
 }
 
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
+// routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
+// (norm_route_kernel).
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
-        int64_t T, const bm_cuda_trace *trace) {
+        int64_t T, const bm_cuda_trace *trace, bool routed = false) {
     const bm_cuda_config &c = m->cfg;
     cudaStream_t st = m->stream;
     const int32_t *ids = nullptr;
     const float *gates = nullptr;
     if (ly.X >= 2) {
         const bool tr = trace && trace->logits && trace->logits[li];
-        if (T <= ROUTE_SMALL_MAX) {
-            route_small_kernel<<<(unsigned)T, 256, 0, st>>>(x, ly.router_w, ly.router_b,
-                                                            tr ? ws->rlog : nullptr, ws->ids,
-                                                            ws->gates, (int)c.d, ly.X);
-            BM_CUDA_LAUNCHED();
+        if (routed) {
+        } else if (T <= ROUTE_SMALL_MAX) {
+            BM_LAUNCH_PDL(route_small_kernel, dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d,
+                          ly.X);
         } else {
             TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
                                    ws->ids, ws->gates, T, c.d, ly.X, st));
@@ -840,6 +1093,19 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
+        // A MoE layer at decode sizes: the norm and the routing in one kernel.
+        const bool nr = !ly.mamba && ly.X >= 2 && ly.X <= ROUTE_SMALL_MAX_X &&
+                        T <= ROUTE_SMALL_MAX && d % 4 == 0 && d <= NR_MAX_D &&
+                        (((uintptr_t)ws->h | (uintptr_t)ws->r | (uintptr_t)ws->xn |
+                          (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
+        if (nr) {
+            const bool tr = trace && trace->logits && trace->logits[li];
+            BM_LAUNCH_PDL(norm_route_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
+                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true));
+            continue;
+        }
         TRY(bm_cuda_rms_norm(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, T, d,
                              st));
         TRY(mark(m, P_NORM));

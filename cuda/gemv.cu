@@ -13,14 +13,21 @@ namespace {
 
 constexpr int GEMV_WARPS = 8;    // rows per block
 constexpr int GEMV_LIST = 1024;  // tokens collected per round
+constexpr int GEMV_UNR = 4;      // 16-byte weight loads per lane and stage
 
 template <typename WT>
 struct WLoad;
 template <>
 struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
     static constexpr int VW = 8;
+    using Raw = uint4;
+    static __device__ __forceinline__ Raw raw(const uint16_t *p) {
+        return __ldg(reinterpret_cast<const uint4 *>(p));
+    }
     static __device__ __forceinline__ void load(const uint16_t *p, float (&w)[8]) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4 *>(p));
+        unpack(raw(p), w);
+    }
+    static __device__ __forceinline__ void unpack(const uint4 v, float (&w)[8]) {
         float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
         float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
         w[0] = a.x; w[1] = a.y; w[2] = b.x; w[3] = b.y;
@@ -31,8 +38,14 @@ struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
 template <>
 struct WLoad<float> {  // float32: 4 per 16 bytes
     static constexpr int VW = 4;
+    using Raw = float4;
+    static __device__ __forceinline__ Raw raw(const float *p) {
+        return __ldg(reinterpret_cast<const float4 *>(p));
+    }
     static __device__ __forceinline__ void load(const float *p, float (&w)[4]) {
-        const float4 v = __ldg(reinterpret_cast<const float4 *>(p));
+        unpack(raw(p), w);
+    }
+    static __device__ __forceinline__ void unpack(const float4 v, float (&w)[4]) {
         w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
     }
     static __device__ __forceinline__ float one(const float *p) { return __ldg(p); }
@@ -43,6 +56,7 @@ struct WLoad<float> {  // float32: 4 per 16 bytes
 // dependent DRAM round trips (out_proj: 1472 rows of 5.9 KB), far from the bandwidth.
 template <typename WT, int MT, bool VEC>
 __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams p, int ks_log2) {
+    bm_pdl_wait();
     constexpr int VW = WLoad<WT>::VW;
     __shared__ int list[GEMV_LIST];
     __shared__ int list_n;
@@ -88,14 +102,30 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
             for (int j = 0; j < MT; j++) acc[j] = 0.f;
             if (row < p.Nout) {
                 if (VEC) {
-#pragma unroll 4
-                    for (int u = u0 + lane; u < u1; u += 32) {
-                        const int k = u * VW;
-                        float wv[VW];
-                        WLoad<WT>::load(wrow + k, wv);
+                    // Software-pipelined: the next GEMV_UNR 16-byte weight loads are issued
+                    // before this group's FMAs (indices clamped into the slice; past its end the
+                    // weights are zeroed, adding exactly 0). A plain unrolled loop let ptxas
+                    // place each load next to its FMAs: one or two loads in flight per warp.
+                    using Raw = typename WLoad<WT>::Raw;
+                    Raw cur[GEMV_UNR];
+                    const int ul = max(u1 - 1, u0);
 #pragma unroll
-                        for (int j = 0; j < MT; j++) {
-                            if (j < nj) {
+                    for (int i = 0; i < GEMV_UNR; i++) cur[i] = WLoad<WT>::raw(wrow + min(u0 + lane + 32 * i, ul) * VW);
+                    for (int u = u0 + lane; u < u1; u += 32 * GEMV_UNR) {
+                        Raw nxt[GEMV_UNR];
+#pragma unroll
+                        for (int i = 0; i < GEMV_UNR; i++)
+                            nxt[i] = WLoad<WT>::raw(wrow + min(u + 32 * (GEMV_UNR + i), ul) * VW);
+#pragma unroll
+                        for (int i = 0; i < GEMV_UNR; i++) {
+                            const bool in = u + 32 * i < u1;
+                            const int k = min(u + 32 * i, ul) * VW;
+                            float wv[VW];
+                            WLoad<WT>::unpack(cur[i], wv);
+#pragma unroll
+                            for (int q = 0; q < VW; q++) wv[q] = in ? wv[q] : 0.f;
+#pragma unroll
+                            for (int j = 0; j < MT; j++) {
 #pragma unroll
                                 for (int q = 0; q < VW; q += 4) {
                                     const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr[j] + k + q));
@@ -106,6 +136,8 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
                                 }
                             }
                         }
+#pragma unroll
+                        for (int i = 0; i < GEMV_UNR; i++) cur[i] = nxt[i];
                     }
                 } else {
 #pragma unroll 4
@@ -159,9 +191,8 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     int ks_log2 = 0;
     while ((1 << ks_log2) < ks && ks_log2 < 3) ks_log2++;
     dim3 grid((unsigned)bm_cdiv(p.Nout, GEMV_WARPS >> ks_log2), (unsigned)X);
-    if (vec) gemv_kernel<WT, MT, true><<<grid, GEMV_WARPS * 32, 0, stream>>>(p, ks_log2);
-    else gemv_kernel<WT, MT, false><<<grid, GEMV_WARPS * 32, 0, stream>>>(p, ks_log2);
-    BM_CUDA_LAUNCHED();
+    if (vec) BM_LAUNCH_PDL(gemv_kernel<WT, MT, true>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+    else BM_LAUNCH_PDL(gemv_kernel<WT, MT, false>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
     return 0;
 }
 

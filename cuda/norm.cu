@@ -42,6 +42,7 @@ template <int VW>
 __global__ void rms_norm_kernel(const float *x, const float *residual,
                                 const float *__restrict__ w, float eps,
                                 float *__restrict__ out, float *res_out, int d) {
+    bm_pdl_wait();
     using V = typename Vec<VW>::T;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     V *srow = reinterpret_cast<V *>(smem_raw);
@@ -71,6 +72,7 @@ template <int VW>
 __global__ void layer_norm_kernel(const float *__restrict__ x, const float *__restrict__ residual,
                                   const float *__restrict__ w, const float *__restrict__ bias,
                                   float eps, float *__restrict__ out, int d) {
+    bm_pdl_wait();
     using V = typename Vec<VW>::T;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     V *srow = reinterpret_cast<V *>(smem_raw);
@@ -125,10 +127,10 @@ extern "C" int bm_cuda_rms_norm(const float *x, const float *residual, const flo
     int st;
     if (vec) {
         if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<4>, NORM_MAX_D * 4, optin_done[0]))) return st;
-        rms_norm_kernel<4><<<(unsigned)T, block_for(d / 4), smem, stream>>>(x, residual, w, eps, out, res_out, (int)d);
+        BM_LAUNCH_PDL(rms_norm_kernel<4>, dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, eps, out, res_out, (int)d);
     } else {
         if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<1>, NORM_MAX_D * 4, optin_done[1]))) return st;
-        rms_norm_kernel<1><<<(unsigned)T, block_for(d), smem, stream>>>(x, residual, w, eps, out, res_out, (int)d);
+        BM_LAUNCH_PDL(rms_norm_kernel<1>, dim3((unsigned)T), dim3(block_for(d)), smem, stream, x, residual, w, eps, out, res_out, (int)d);
     }
     BM_CUDA_LAUNCHED();
     return 0;
@@ -145,10 +147,10 @@ extern "C" int bm_cuda_layer_norm(const float *x, const float *residual, const f
     int st;
     if (vec) {
         if (smem > 48 * 1024 && (st = bm_smem_optin(layer_norm_kernel<4>, NORM_MAX_D * 4, optin_done[2]))) return st;
-        layer_norm_kernel<4><<<(unsigned)T, block_for(d / 4), smem, stream>>>(x, residual, w, bias, eps, out, (int)d);
+        BM_LAUNCH_PDL(layer_norm_kernel<4>, dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, bias, eps, out, (int)d);
     } else {
         if (smem > 48 * 1024 && (st = bm_smem_optin(layer_norm_kernel<1>, NORM_MAX_D * 4, optin_done[3]))) return st;
-        layer_norm_kernel<1><<<(unsigned)T, block_for(d), smem, stream>>>(x, residual, w, bias, eps, out, (int)d);
+        BM_LAUNCH_PDL(layer_norm_kernel<1>, dim3((unsigned)T), dim3(block_for(d)), smem, stream, x, residual, w, bias, eps, out, (int)d);
     }
     BM_CUDA_LAUNCHED();
     return 0;

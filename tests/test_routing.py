@@ -480,3 +480,29 @@ def test_cli_routing(tmp_path, capsys):
     assert sum(d["layers"][0]["counts"]) == 600
     with pytest.raises(SystemExit):
         main(["routing", "--text", text, "--out", str(out)])       # --model is required
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_trace_and_collect_on_gpu_match_cpu(golden, dtype):
+    from blackmamba import model_cuda
+    if not model_cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    gpu = bm.load(GOLDEN, device="cuda", dtype=dtype, tokenizer=False)
+    cpu = bm.load(GOLDEN, dtype="float32", tokenizer=False)
+    # float32 weights run exact float32 math; bf16 weights default to bf16 tensor-core math
+    # for products of more than 8 rows (activations rounded to bf16: ~1e-2 relative), so
+    # their router logits are held to that and their choices to >= 95% agreement.
+    tol, agree = (1e-4, 1.0) if dtype == "float32" else (2e-2, 0.95)
+    tr = routing.trace(gpu, golden["input_ids"], keep_logits=True)
+    for li in (1, 3):
+        ref = golden[f"router_logits/decoder.layers.{li}.mixer"]
+        assert np.mean(tr.expert_ids[li] == ref.argmax(-1)) >= agree
+        err = np.linalg.norm(tr.router_logits[li] - ref) / np.linalg.norm(ref)
+        assert err < tol, (li, err)
+    ids = np.random.default_rng(0).integers(0, 256, (3, 50))
+    st_gpu = routing.collect(gpu, list(ids), batch_size=2, seq_len=50, progress=False)
+    st_cpu = routing.collect(cpu, list(ids), batch_size=2, seq_len=50, progress=False)
+    for a, b in zip(st_gpu.summary(), st_cpu.summary()):
+        diff = np.abs(np.array(a["counts"]) - np.array(b["counts"])).sum()
+        assert diff <= (1 - agree) * 2 * sum(b["counts"]), (a["counts"], b["counts"])

@@ -1,4 +1,4 @@
-/* cpu.c: run-time CPU features and the thread count shared by our kernels and OpenBLAS. */
+/* cpu.c: run-time CPU features and the thread count of our kernels (OpenBLAS: 1 thread). */
 #include "bm.h"
 
 #include <cblas.h>
@@ -56,5 +56,13 @@ int bm_get_num_threads(void) {
 void bm_set_num_threads(int n) {
     if (n < 1) n = 1;
     g_threads = n;
-    scipy_openblas_set_num_threads(n);
+}
+
+/* OpenBLAS runs single-threaded, always: gemm.c calls it from inside our OpenMP regions, one
+ * call per thread on its own block. Two thread pools on the same cores fight: each pool's idle
+ * workers spin for milliseconds after a call, so alternating OpenBLAS calls with our OpenMP
+ * kernels halved throughput on a 2-core machine (and a multi-threaded pthreads OpenBLAS called
+ * inside an OpenMP region warns that it may hang). Set when the extension is loaded. */
+__attribute__((constructor)) static void bm_blas_single_threaded(void) {
+    scipy_openblas_set_num_threads(1);
 }

@@ -16,14 +16,13 @@ DTYPES = ("float32", "bfloat16")
 PREFILL_CHUNK = 2048        # tokens per prefill chunk: memory independent of prompt length
 # Python sees Ctrl-C only between C calls (the kernels run with the GIL released), so the
 # longest single call bounds how late a KeyboardInterrupt arrives. Measured on 2 cores at
-# the 2.8B shape (benchmarks/bench_op_latency.py): a 2048-token chunk spends 0.7 s in
-# in_proj, ~0.25 s per expert (2 s if one expert got every token) and 3-6 s in the
+# the 2.8B shape (benchmarks/bench_op_latency.py): a 2048-token chunk spends 0.17-0.25 s in
+# in_proj, ~0.1 s per expert (0.4 s if one expert got every token), and 1.6 s in one
 # vocabulary projection of logits="all". Shorter calls cost throughput, since every call
 # re-packs its weight matrix (500-token chunks: +30% CPU time; 1000: +10%), so a call may
-# do up to OP_BUDGET multiply-adds: a chunk holds ~2000 tokens of the whole batch (B rows
-# share it), and the vocabulary projection runs in calls of ~460 tokens (0.7 s, +8% CPU
-# time on the projection alone).
-OP_BUDGET = 1 << 35
+# do up to OP_BUDGET multiply-adds: one prompt keeps 2048-token chunks, a batch shares
+# ~4000 tokens a chunk, and the vocabulary projection runs in calls of ~930 tokens (~0.8 s).
+OP_BUDGET = 1 << 36
 
 
 class WeightError(ValueError):

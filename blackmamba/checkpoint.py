@@ -40,6 +40,7 @@ import os
 import pathlib
 import pickle
 import pickletools
+import reprlib
 import struct
 import zipfile
 import zlib
@@ -345,12 +346,26 @@ _TORCH_DTYPE_ALIASES = {
     "int8": "int8", "uint8": "uint8", "bool": "bool",
 }
 
+class _Callable(_Inert):
+    """An allow-listed function as the unpickler sees it. Plain functions would be exposed to
+    BUILD, which sets attributes (`__defaults__`, `__dict__` entries) on its target: a file
+    could then change our stand-ins for every later load in the process. This wrapper has no
+    attributes to set and refuses BUILD (_Inert.__setstate__)."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch", "Size"): _torch_size,
+    ("collections", "OrderedDict"): collections.OrderedDict,     # a type: BUILD cannot set
+    ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),   # attributes
+    ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+    ("torch", "Size"): _Callable(_torch_size),
 }
 _ALLOWED_GLOBALS.update({("torch", n): _StorageType(n) for n in _TORCH_STORAGE})
 _ALLOWED_GLOBALS.update({("torch", n): _DTypeTag(d) for n, d in _TORCH_DTYPE_ALIASES.items()})
@@ -361,15 +376,111 @@ _ALLOWED_GLOBALS.update({("torch", n): _DTypeTag(d) for n, d in _TORCH_DTYPE_ALI
 _REFUSED_OPCODES = {"NEXT_BUFFER", "READONLY_BUFFER", "BYTEARRAY8", "EXT1", "EXT2", "EXT4"}
 
 
+# What a pickle may make the unpickler do before our stand-ins see a single object: each is
+# far above a real checkpoint (the 2.8B data.pkl: ~10k objects, ~20 work units a tensor)
+# and far below a stall. Work counts elements visited by hashing or walking shared
+# (memoized) objects: a few bytes of memo GETs build a tuple DAG whose hash doubles per
+# level (24 levels of (t, t): 3 s; 40 levels: days). Objects bound the memory: 16 MB of
+# one-byte EMPTY_LIST opcodes would otherwise build 16M lists (1 GB).
+MAX_PICKLE_WORK = 1 << 24
+MAX_PICKLE_OBJECTS = 1 << 22
+
+_HASHED = {"SETITEM": slice(1, 2), "SETITEMS": slice(1, None, 2), "DICT": slice(0, None, 2),
+           "ADDITEMS": slice(1, None), "FROZENSET": slice(None)}   # which consumed items
+_CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BINPERSID", "PERSID",
+          "STACK_GLOBAL", "BUILD"}      # may hash, compare or repr their arguments
+_SPECIAL = {"GET": "get", "BINGET": "get", "LONG_BINGET": "get", "PUT": "put",
+            "BINPUT": "put", "LONG_BINPUT": "put", "MEMOIZE": "memoize", "DUP": "dup",
+            "MARK": "mark", "APPEND": "grow", "APPENDS": "grow", "SETITEM": "grow",
+            "SETITEMS": "grow", "ADDITEMS": "grow", "BUILD": "grow"}
+
+
+def _opinfo(op):
+    """opcode -> (pops to a mark, items popped (below the mark), hashed slice, charged,
+    what it pushes), from pickletools' stack effects."""
+    mark = pickletools.markobject
+    takes_mark = mark in op.stack_before
+    npop = op.stack_before.index(mark) if takes_mark else len(op.stack_before)
+    pushes = _SPECIAL.get(op.name, "new" if op.stack_after else None)
+    return takes_mark, npop, _HASHED.get(op.name), op.name in _CALLS, pushes
+
+
+_OPINFO = {op.name: _opinfo(op) for op in pickletools.opcodes}
+
+
 def _scan_opcodes(data: bytes, where: str):
-    """Parse the whole opcode stream before running any of it (pickletools: a pure parser,
-    it executes nothing and allocates no more than the data): truncation and refused
-    opcodes surface here with a clear message."""
+    """Parse and simulate the whole opcode stream before running any of it.
+
+    pickletools.genops is a pure parser (it executes nothing and allocates no more than the
+    data): truncation, unknown and refused opcodes surface here with a clear message. The
+    stack, marks and memo are simulated as the C unpickler keeps them, each object reduced
+    to a weight (the elements a recursive walk of it visits) shared by all its aliases (memo
+    GET, DUP), as the real objects are, so a container grown after being memoized grows for
+    every alias. Weights are charged where the unpickler or our stand-ins may walk an object;
+    more than MAX_PICKLE_WORK charged or MAX_PICKLE_OBJECTS built is refused."""
+    stack, marks, memo = [], [], {}    # stack items are one-element lists [weight]
+    work = objects = 0
+    cap = MAX_PICKLE_WORK + 1           # weights saturate: no bignum arithmetic on bombs
+
+    def bad(pos, why):
+        return CheckpointError(f"{where}: malformed pickle (byte {pos}: {why})")
+
     try:
-        for op, _, pos in pickletools.genops(data):
-            if op.name in _REFUSED_OPCODES:
-                raise CheckpointError(f"{where}: pickle opcode {op.name} at byte {pos} has no "
+        for op, arg, pos in pickletools.genops(data):
+            name = op.name
+            takes_mark, npop, hashed, charged, pushes = _OPINFO[name]
+            if name in _REFUSED_OPCODES:
+                raise CheckpointError(f"{where}: pickle opcode {name} at byte {pos} has no "
                                       "place in a checkpoint; refusing")
+            consumed = []
+            if takes_mark or (name == "POP" and marks and marks[-1] == len(stack)):
+                if not marks:
+                    raise bad(pos, f"{name} without a MARK")
+                i = marks.pop()
+                consumed = stack[i:]
+                del stack[i:]
+                if not takes_mark:
+                    npop = 0
+            fence = marks[-1] if marks else 0
+            if npop:
+                if len(stack) - npop < fence:
+                    raise bad(pos, f"{name} pops below the stack or a MARK")
+                consumed = stack[len(stack) - npop:] + consumed
+                del stack[len(stack) - npop:]
+            if hashed is not None:               # dict keys and set members are hashed
+                work += sum(o[0] for o in consumed[hashed])
+            elif charged:
+                work += sum(o[0] for o in consumed)
+            if work > MAX_PICKLE_WORK:
+                raise CheckpointError(
+                    f"{where}: by byte {pos} the pickle would visit more than "
+                    f"{MAX_PICKLE_WORK} elements of shared (memoized) objects: a hash or "
+                    "expansion bomb, not a checkpoint; refusing")
+            if pushes == "get":
+                if arg not in memo:
+                    raise bad(pos, f"memo key {arg} was never stored")
+                stack.append(memo[arg])
+            elif pushes == "put":
+                if len(stack) <= fence:
+                    raise bad(pos, f"{name} with nothing to store")
+                memo[arg] = stack[-1]
+            elif pushes == "memoize":            # index = entries so far, as the C unpickler
+                memo[len(memo)] = consumed[0]
+                stack.append(consumed[0])
+            elif pushes == "dup":
+                stack += consumed * 2
+            elif pushes == "mark":
+                marks.append(len(stack))
+            elif pushes == "grow":               # the container (or BUILD's instance) grows
+                target = consumed[0]
+                target[0] = min(cap, target[0] + sum(o[0] for o in consumed[1:]))
+                stack.append(target)
+            elif pushes == "new":                # a new object built from what was consumed
+                stack.append([min(cap, 1 + sum(o[0] for o in consumed))])
+                objects += 1
+                if objects > MAX_PICKLE_OBJECTS:
+                    raise CheckpointError(f"{where}: the pickle builds more than "
+                                          f"{MAX_PICKLE_OBJECTS} objects; refusing")
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - ValueError on truncated/unknown opcodes, etc.
@@ -623,8 +734,10 @@ def _load_torch_zip(path, mm):
     _scan_opcodes(data, where)
     try:
         obj = _RestrictedUnpickler(data, where, resolve_storage).load()
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:       # the stand-ins' messages do not know the file
+        if where in str(exc) or str(path) in str(exc):
+            raise
+        raise CheckpointError(f"{where}: {exc}") from exc
     except (RecursionError, MemoryError) as exc:
         raise CheckpointError(f"{where}: pickle too deep or too large "
                               f"({type(exc).__name__})") from exc
@@ -647,9 +760,15 @@ def _load_torch_zip(path, mm):
     return tensors, list(regions.values())
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _short(obj, n=120):
+    """A bounded repr for error messages: a hostile object may be a DAG whose full repr
+    would be exponentially long (reprlib stops at depth 3 and a few items per level)."""
     try:
-        s = repr(obj)
+        s = _REPR.repr(obj)
     except Exception:  # noqa: BLE001
         s = f"<{type(obj).__name__}>"
     return s if len(s) <= n else s[:n] + "..."
@@ -672,7 +791,7 @@ def _find_state_dict(obj, where):
             if not obj:
                 return {}
             bad = [k for k, v in obj.items() if not isinstance(v, _TensorRef)][:3]
-            raise CheckpointError(f"{where}: entries {bad!r} are not tensors and there is no "
+            raise CheckpointError(f"{where}: entries {_short(bad)} are not tensors and there is no "
                                   "'model' / 'state_dict' / 'module' dict of tensors")
     else:
         raise CheckpointError(f"{where}: no dict of tensors found")
@@ -682,27 +801,52 @@ def _find_state_dict(obj, where):
     return obj
 
 
+def _empty(shape, dtype, what):
+    """A read-only empty array of `shape`; NumPy refuses shapes whose other dimensions
+    multiply past 2**63 even with a zero among them: (2**62, 0) is not an array either."""
+    try:
+        empty = np.empty(shape, dtype)
+    except (ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{what}: shape {_short(tuple(shape))} cannot be an array "
+                              f"({exc})") from exc
+    empty.flags.writeable = False
+    return empty
+
+
+def _num(v):
+    """An int for messages: a pickle may hold a 10**5000, whose str() Python refuses."""
+    return str(v) if v.bit_length() <= 64 else f"<{v.bit_length()}-bit int>"
+
+
+def _dims(values):
+    return "(" + ", ".join(map(_num, values)) + ")"
+
+
 def _strided_view(storage, offset, shape, stride, what):
     """View `shape`/`stride` (elements) at `offset` of the 1-D `storage`, after checking that
     every element it can reach lies inside the storage. Never copies, never allocates."""
     numel = storage.shape[0]
     if offset < 0 or any(s < 0 for s in shape) or any(s < 0 for s in stride):
-        raise CheckpointError(f"{what}: negative offset/size/stride (offset {offset}, size "
-                              f"{shape}, stride {stride})")
+        raise CheckpointError(f"{what}: negative offset/size/stride (offset {_num(offset)}, "
+                              f"size {_dims(shape)}, stride {_dims(stride)})")
     count = 1
     for s in shape:
         count *= s
     if count == 0:
-        empty = np.empty(shape, storage.dtype)
-        empty.flags.writeable = False
-        return empty
+        return _empty(shape, storage.dtype, what)
     last = offset + sum((s - 1) * st for s, st in zip(shape, stride))
     if last >= numel:
-        raise CheckpointError(f"{what}: size {shape}, stride {stride}, offset {offset} reach "
-                              f"element {last} of a storage of {numel} elements")
+        raise CheckpointError(f"{what}: size {_dims(shape)}, stride {_dims(stride)}, offset "
+                              f"{_num(offset)} reach element {_num(last)} of a storage "
+                              f"of {numel} elements")
     if count > MAX_VIEW_ELEMENTS:     # in bounds only through stride 0: a bomb, not a weight
-        raise CheckpointError(f"{what}: size {shape} has {count} elements; refusing")
-    if tuple(stride) == _contiguous_strides(shape) or count == 1:
+        raise CheckpointError(f"{what}: size {_dims(shape)} has {_num(count)} elements; "
+                              "refusing")
+    # a dimension of size 1 may declare any stride, even one NumPy cannot hold (2**62
+    # elements); it is never used, so make it 0. Every other stride is < numel (in bounds).
+    stride = tuple(st if s > 1 else 0 for s, st in zip(shape, stride))
+    dense = tuple(st if s > 1 else 0 for s, st in zip(shape, _contiguous_strides(shape)))
+    if stride == dense:
         return storage[offset:offset + count].reshape(shape)
     item = storage.dtype.itemsize
     return np.lib.stride_tricks.as_strided(storage[offset:], shape=shape,
@@ -742,8 +886,8 @@ def _load_safetensors(path, mm):
         except (TypeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{what}: header entry needs dtype, shape, data_offsets "
                                   f"[begin, end] ({exc})") from exc
-        if tag not in _SAFETENSORS:
-            raise CheckpointError(f"{what}: unsupported dtype {tag!r}; supported: "
+        if not isinstance(tag, str) or tag not in _SAFETENSORS:
+            raise CheckpointError(f"{what}: unsupported dtype {_short(tag)}; supported: "
                                   f"{sorted(_SAFETENSORS)}")
         dtype = DTYPES[_SAFETENSORS[tag]]
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
@@ -760,7 +904,8 @@ def _load_safetensors(path, mm):
                                   f"{count * dtype.itemsize} bytes, data_offsets span "
                                   f"{end - begin}")
         spans.append((begin, end, name))
-        view = buffer[begin:end].view(dtype).reshape(shape)
+        view = buffer[begin:end].view(dtype).reshape(shape) if count else \
+            _empty(shape, dtype, what)
         tensors[name] = StoredTensor(view, _SAFETENSORS[tag])
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):

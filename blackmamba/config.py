@@ -81,18 +81,22 @@ class Config:
                   "max_sequence_length"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError(f"config key {k!r} must be an integer, got {v!r}")
+                raise ConfigError(f"config key {k!r} must be an integer, got {_show(v)}")
             lo, hi = _LIMITS.get(k, (0, 1 << 40))
             if k in ("ffn_hidden_size", "dt_rank", "real_vocab_size") and v == 0:
                 continue
             if not lo <= v <= hi:
-                raise ConfigError(f"config key {k!r} = {v} is outside [{lo}, {hi}]")
+                raise ConfigError(f"config key {k!r} = {_show(v)} is outside [{lo}, {hi}]")
         for k in ("bias", "add_bias_linear", "conv_bias", "swiglu"):
             if not isinstance(getattr(self, k), bool):
                 raise ConfigError(f"config key {k!r} must be true or false")
-        if self.activation not in ("gelu", "gelu_tanh", "silu"):
+        if not isinstance(self.activation, str) or \
+                self.activation not in ("gelu", "gelu_tanh", "silu"):
             raise ConfigError(f"config key 'activation' must be gelu, gelu_tanh or silu, "
-                              f"got {self.activation!r}")
+                              f"got {_show(self.activation)}")
+        if not isinstance(self.tokenizer, str):
+            raise ConfigError(f"config key 'tokenizer' must be a string, got "
+                              f"{type(self.tokenizer).__name__}")
         if self.dt_rank == 0:
             self.dt_rank = math.ceil(self.hidden_size / 16)
         if self.real_vocab_size == 0 or self.real_vocab_size > self.vocab_size:
@@ -100,20 +104,31 @@ class Config:
                 raise ConfigError("config key 'real_vocab_size' exceeds 'vocab_size'")
             self.real_vocab_size = self.vocab_size
         layers = self.mamba_moe_layers
-        if not layers:
+        if layers is None or (isinstance(layers, list) and not layers):    # absent: all Mamba
             layers = self.mamba_moe_layers = ["r"] * self.num_layers
         if not isinstance(layers, list) or len(layers) != self.num_layers:
+            shown = (f"{len(layers)} entries" if isinstance(layers, list)
+                     else type(layers).__name__)
             raise ConfigError(f"config key 'mamba_moe_layers' must list num_layers = "
-                              f"{self.num_layers} entries, got {layers!r:.200}")
+                              f"{self.num_layers} entries, got {shown}")
         for i, kind in enumerate(layers):
             if not isinstance(kind, str) or not _valid_kind(kind):
-                raise ConfigError(f"config key 'mamba_moe_layers'[{i}] = {kind!r}: expected "
+                raise ConfigError(f"config key 'mamba_moe_layers'[{i}] = {_show(kind)}: expected "
                                   f"'r', a digit '1'..'9', or 'r' followed by a digit")
         if any(_mlp_part(k) for k in layers) and self.ffn_hidden_size < 1:
             raise ConfigError("config key 'ffn_hidden_size' must be >= 1 for MoE/MLP layers")
         if self.num_layers * self.hidden_size * max(self.d_inner, self.ffn_hidden_size) > 1 << 40:
             raise ConfigError("config describes an absurdly large model "
                               "(num_layers x hidden_size x width > 2**40)")
+
+
+def _show(v):
+    """A short repr for messages (a hostile config may hold a 10**5000 or a huge list)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {v.bit_length()} bits"
+    r = repr(v) if not isinstance(v, (list, dict)) or len(v) <= 8 else \
+        f"<{type(v).__name__} of {len(v)} items>"
+    return r if len(r) <= 60 else r[:60] + "..."
 
 
 def _valid_kind(kind):

@@ -3,6 +3,7 @@ streaming, batches of prompts of different lengths. Memory is constant in the nu
 generated tokens: only the state (fixed size) and the tokens themselves are kept.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -13,29 +14,49 @@ class SamplingParams:
     """Validated sampling settings. temperature 0 = greedy (argmax, ties -> lowest id)."""
 
     def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=0):
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-                or temperature < 0:
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or top_k < 1):
+        if top_k is not None and (not _is_integer(top_k) or top_k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-        if top_p is not None and (not isinstance(top_p, (int, float)) or not math.isfinite(top_p)
+        if top_p is not None and (not _is_real(top_p) or not math.isfinite(top_p)
                                   or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        if seed is not None and (not _is_integer(seed) or seed < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        self.temperature, self.top_k, self.top_p, self.seed = float(temperature), top_k, top_p, seed
+        self.temperature = float(temperature)
+        self.top_k = None if top_k is None else int(top_k)
+        self.top_p = None if top_p is None else float(top_p)
+        self.seed = None if seed is None else int(seed)
+
+
+def _is_integer(v):
+    """Python or NumPy integers; bool is not a count."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 def sample_next(logits, params, rng, vocab_limit):
-    """One token id from logits (V,) float32. Ids >= vocab_limit are never chosen."""
+    """One token id from logits (V,) float32. Ids >= vocab_limit are never chosen.
+
+    Non-finite logits: NaN raises FloatingPointError; -inf is probability 0; if any logit is
+    +inf the choice is among the +inf ones (the limit of softmax: greedy takes the lowest
+    id, sampling is uniform); all -inf raises FloatingPointError."""
     lg = np.asarray(logits[:vocab_limit], dtype=np.float64)
     if not np.all(np.isfinite(lg)):
         if np.isnan(lg).any():
             raise FloatingPointError("the model produced NaN logits: check the weights/input")
+        if np.isposinf(lg).any():
+            lg = np.where(np.isposinf(lg), 0.0, -np.inf)
+        elif np.isneginf(lg).all():
+            raise FloatingPointError("every logit is -inf: no token can be sampled")
     if params.temperature == 0.0:
         return int(np.argmax(lg))
-    lg = lg / params.temperature
+    # shift first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
+    with np.errstate(over="ignore"):           # -> -inf: probability 0, as it should be
+        lg = (lg - lg.max()) / params.temperature
     if params.top_k is not None and params.top_k < lg.size:
         kth = np.partition(lg, -params.top_k)[-params.top_k]
         lg = np.where(lg < kth, -np.inf, lg)
@@ -59,7 +80,10 @@ def _encode(model, prompt):
                              "tokenizer=...")
         ids = list(model.tokenizer.encode(prompt))
     else:
-        ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        a = np.asarray(prompt)
+        if a.size and a.dtype.kind not in "iu":
+            raise TypeError(f"prompt token ids must be integers, got dtype {a.dtype}")
+        ids = [int(t) for t in a.reshape(-1)]
     if not ids:
         ids = [EOS_ID]   # documented: an empty prompt starts from <|endoftext|>
     bad = [t for t in ids if not 0 <= t < model.vocab_size]
@@ -111,9 +135,9 @@ def generate(model, prompt, max_new_tokens=64, temperature=0.0, top_k=None, top_
     `state`: continue from a prefilled State (prompt caching); it is advanced in place.
     """
     params = SamplingParams(temperature, top_k, top_p, seed)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     batch = isinstance(prompt, (list, tuple)) and prompt and \
         all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
     prompts = list(prompt) if batch else [prompt]
@@ -121,7 +145,11 @@ def generate(model, prompt, max_new_tokens=64, temperature=0.0, top_k=None, top_
         raise ValueError("stream=True takes a single prompt")
     if stream:
         return _stream(model, prompts[0], max_new_tokens, params, stop, state)
-    outs = _run(model, [_encode(model, p) for p in prompts], max_new_tokens, params, stop, state)
+    ids = [_encode(model, p) for p in prompts]
+    if model.tokenizer is None and (stop or not return_tokens):   # say so before the work
+        raise ValueError("this model has no tokenizer: pass return_tokens=True for token "
+                         "ids (stop strings need a tokenizer), or load it with tokenizer=...")
+    outs = _run(model, ids, max_new_tokens, params, stop, state)
     if return_tokens:
         return outs if batch else outs[0]
     texts = [_finish_text(model, toks, stop) for toks in outs]
@@ -145,10 +173,16 @@ def _prefill_rows(model, prompts, state):
     if len(set(map(len, prompts))) == 1:
         return state, model.prefill(np.array(prompts, np.int64), state, logits="last")
     last = np.empty((B, model.vocab_size), np.float32)
-    for i, ids in enumerate(prompts):
-        row = state.select([i])
-        last[i] = model.prefill(np.array([ids], np.int64), row, logits="last")[0]
-        state.set_row(i, row)
+    try:
+        for i, ids in enumerate(prompts):
+            row = state.select([i])
+            last[i] = model.prefill(np.array([ids], np.int64), row, logits="last")[0]
+            state.set_row(i, row)
+    except BaseException:
+        if hasattr(state, "_invalid"):      # model.State: some rows are filled, some not
+            state._invalid = ("generate() was interrupted while it prefilled the rows of "
+                              "this state one by one")
+        raise
     state.seqlen = -1   # rows now differ in length
     return state, last
 

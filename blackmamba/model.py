@@ -6,7 +6,6 @@ Letters: B batch, L length, T = B*L tokens, d hidden, E d_inner, N state, K conv
 R dt rank, X experts, F ffn hidden, V vocab.
 """
 import os
-import threading
 
 import numpy as np
 
@@ -15,6 +14,15 @@ from .config import Config, has_mamba, num_experts
 
 DTYPES = ("float32", "bfloat16")
 PREFILL_CHUNK = 2048        # tokens per prefill chunk: memory independent of prompt length
+# Python sees Ctrl-C only between C calls (the kernels run with the GIL released), so the
+# longest single call bounds how late a KeyboardInterrupt arrives. Measured on 2 cores at
+# the 2.8B shape (benchmarks/bench_op_latency.py): a 2048-token chunk spends 0.17-0.25 s in
+# in_proj, ~0.1 s per expert (0.4 s if one expert got every token), and 1.6 s in one
+# vocabulary projection of logits="all". Shorter calls cost throughput, since every call
+# re-packs its weight matrix (500-token chunks: +30% CPU time; 1000: +10%), so a call may
+# do up to OP_BUDGET multiply-adds: one prompt keeps 2048-token chunks, a batch shares
+# ~4000 tokens a chunk, and the vocabulary projection runs in calls of ~930 tokens (~0.8 s).
+OP_BUDGET = 1 << 36
 
 
 class WeightError(ValueError):
@@ -150,10 +158,20 @@ class _Layer:
 
 # ---- recurrent state ----------------------------------------------------------------------
 
+_INTERRUPTED = ("an update of this state was interrupted (KeyboardInterrupt or an error "
+                "inside prefill/step), so some layers hold the new tokens and some do not")
+
+
 class State:
     """Recurrent state of a batch: per Mamba layer the conv window (B, K-1, E) and the SSM
     state (B, E, N), both float32 (SPEC 2). Reusable: copy() a prefilled prompt to cache it.
-    A State must not be used by two threads at once (it is updated in place)."""
+
+    A State is updated in place, one call at a time: a second prefill/step on it while one
+    runs (another thread, or a callback inside the first) raises RuntimeError instead of
+    racing. A call that does not complete (Ctrl-C, an error) leaves the layers out of step
+    with each other: the State is then marked invalid (`state.invalid`) and every later use
+    raises RuntimeError until reset(); restoring a copy() taken before is the way to resume.
+    """
 
     def __init__(self, cfg, batch_size):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
@@ -166,17 +184,42 @@ class State:
         self.ssm = [np.zeros((B, E, N), np.float32) if has_mamba(k) else None
                     for k in cfg.layer_kinds]
         self.seqlen = 0                  # tokens consumed so far (same for every row)
-        self._lock = threading.Lock()
+        self._users = {}                 # calls inside prefill/step now (see _Using)
+        self._invalid = None             # why the contents cannot be used, or None
+
+    @property
+    def invalid(self):
+        """True after an interrupted update (see the class doc); reset() clears it."""
+        return self._invalid is not None
+
+    def _check_idle(self, what):
+        if self._users:
+            raise RuntimeError(f"cannot {what} a state while a prefill/step is using it")
+        if self._invalid is not None:
+            raise RuntimeError(f"cannot {what} this state: {self._invalid}; reset() it or "
+                               "use a copy taken before")
+
+    def reset(self):
+        """Back to the empty state (zeros, seqlen 0), valid again."""
+        if self._users:
+            raise RuntimeError("cannot reset a state while a prefill/step is using it")
+        for a in self.conv + self.ssm:
+            if a is not None:
+                a[...] = 0
+        self.seqlen, self._invalid = 0, None
 
     def copy(self):
+        self._check_idle("copy")
         new = State.__new__(State)
-        new.batch_size, new.seqlen, new._lock = self.batch_size, self.seqlen, threading.Lock()
+        new.batch_size, new.seqlen, new._users, new._invalid = (self.batch_size, self.seqlen,
+                                                                {}, None)
         new.conv = [None if c is None else c.copy() for c in self.conv]
         new.ssm = [None if s is None else s.copy() for s in self.ssm]
         return new
 
     def select(self, rows):
         """A new State holding the given batch rows (e.g. [2] or [0, 0, 1])."""
+        self._check_idle("select rows of")
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size == 0 or rows.min() < 0 or rows.max() >= self.batch_size:
             raise IndexError(f"rows {rows.tolist()} outside a batch of {self.batch_size}")
@@ -188,12 +231,15 @@ class State:
 
     def set_row(self, i, other, j=0):
         """Copy row j of State `other` into row i of this one."""
+        self._check_idle("set a row of")
+        other._check_idle("copy a row of")
         for mine, theirs in ((self.conv, other.conv), (self.ssm, other.ssm)):
             for a, b in zip(mine, theirs):
                 if a is not None:
                     a[i] = b[j]
 
     def save(self, path):
+        self._check_idle("save")
         arrays = {f"conv{i}": c for i, c in enumerate(self.conv) if c is not None}
         arrays.update({f"ssm{i}": s for i, s in enumerate(self.ssm) if s is not None})
         np.savez(path, seqlen=np.int64(self.seqlen), num_layers=np.int64(len(self.conv)),
@@ -218,6 +264,24 @@ class State:
                         lst[i][...] = a
             st.seqlen = int(f["seqlen"])
         return st
+
+
+def _enter(state, me):
+    """Claim `state` for one prefill/step call `me` (any unique object); the caller's finally
+    releases it with state._users.pop(me, None). Registering is one dict store, with no point
+    between it and the caller's try where Python would run a signal handler, and release is
+    one idempotent pop: a Ctrl-C anywhere cannot leave the state claimed for ever, as a
+    Lock acquired just before the interrupt would be. Two calls that overlap both register,
+    so at least the later one sees the other and raises."""
+    state._users[me] = True
+    if len(state._users) > 1:
+        raise RuntimeError("state is in use by another call (another thread, or a callback "
+                           "inside this one): give each thread its own State "
+                           "(model.new_state(), or state.copy())")
+    if state._invalid is not None:
+        raise RuntimeError(f"state is invalid: {state._invalid}. reset() it, or continue "
+                           "from a copy() taken before")
+    state._invalid = _INTERRUPTED      # until the update completes
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -359,26 +423,56 @@ class Model:
             raise ValueError("ids has no tokens (L = 0): prompts need at least one token")
         if logits not in ("all", "last", None):
             raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+                or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         out = np.empty((B, L, self.vocab_size), np.float32) if logits == "all" else None
-        with state._lock:
-            for s in range(0, L, chunk_size):
-                chunk = ids[:, s:s + chunk_size]
+        n = self._chunk_rows(B, int(chunk_size))
+        me = object()
+        try:
+            _enter(state, me)
+            for s in range(0, L, n):
+                chunk = ids[:, s:s + n]
                 y = self._layers(self._embed(chunk), state, step=False)  # (B, l, d)
                 state.seqlen += chunk.shape[1]
                 if logits == "all":
-                    out[:, s:s + chunk.shape[1]] = ops.linear(y, self.emb)
-                elif logits == "last" and s + chunk_size >= L:
+                    self._project(y, out[:, s:s + chunk.shape[1]])
+                elif logits == "last" and s + n >= L:
                     out = ops.linear(np.ascontiguousarray(y[:, -1]), self.emb)
+            state._invalid = None
+        finally:
+            state._users.pop(me, None)
         return out
 
     def step(self, tokens, state):
         """One recurrent step: tokens (B,) -> logits (B, V); `state` advances one token."""
         tokens = self._check_ids(tokens, 1, "tokens")
         self._check_state(state, tokens.shape[0])
-        with state._lock:
+        me = object()
+        try:
+            _enter(state, me)
             y = self._layers(self._embed(tokens), state, step=True)     # (B, d)
             state.seqlen += 1
-            return ops.linear(y, self.emb)
+            state._invalid = None
+        finally:
+            state._users.pop(me, None)
+        return ops.linear(y, self.emb)
+
+    def _chunk_rows(self, B, chunk_size):
+        """Tokens per row in one prefill chunk: at most chunk_size, and few enough that the
+        biggest matrix product of a chunk (in_proj, or one expert given every token) stays
+        within OP_BUDGET multiply-adds whatever the batch size (the Ctrl-C latency)."""
+        c = self.config
+        per_token = c.hidden_size * max(2 * c.d_inner, (3 if c.swiglu else 2)
+                                        * c.ffn_hidden_size)
+        return max(1, min(chunk_size, OP_BUDGET // (per_token * B)))
+
+    def _project(self, y, out):
+        """out (B, l, V) = y (B, l, d) @ emb^T, in calls of at most OP_BUDGET multiply-adds."""
+        step = max(1, OP_BUDGET // (self.vocab_size * self.config.hidden_size))
+        for b in range(y.shape[0]):
+            for j in range(0, y.shape[1], step):
+                out[b, j:j + step] = ops.linear(y[b, j:j + step], self.emb)
 
     def _check_state(self, state, B):
         if not isinstance(state, State):
@@ -388,9 +482,6 @@ class Model:
             raise ValueError(f"state holds {state.batch_size} rows, the input has {B}")
         if len(state.conv) != len(self.layers):
             raise ValueError("state belongs to a model with a different number of layers")
-        if state._lock.locked():
-            raise RuntimeError("state is in use by another thread: give each thread its own "
-                               "State (state.copy())")
 
     def generate(self, prompt, max_new_tokens=64, **kw):
         from .generation import generate

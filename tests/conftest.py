@@ -22,3 +22,22 @@ def golden():
     if not os.path.exists(os.path.join(GOLDEN, "golden.npz")):
         pytest.fail(f"golden files not found at {GOLDEN} (set BLACKMAMBA_SHARED)")
     return dict(np.load(os.path.join(GOLDEN, "golden.npz")))
+
+
+# Fuzz case counts (tests/test_fuzz.py fills it), printed at the end of the session.
+FUZZ_REPORT = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FUZZ_REPORT:
+        return
+    tr = terminalreporter
+    tr.section("fuzzing")
+    total = 0
+    for name, r in sorted(FUZZ_REPORT.items()):
+        outcomes = ", ".join(f"{k} {v}" for k, v in r.items()
+                             if k not in ("target", "examples", "seed", "seconds"))
+        tr.write_line(f"{name}: {r['examples']} cases in {r['seconds']} s (seed {r['seed']}): "
+                      f"{outcomes}")
+        total += r["examples"]
+    tr.write_line(f"total: {total} fuzz cases (BLACKMAMBA_FUZZ_EXAMPLES sets cases per target)")

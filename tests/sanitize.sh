@@ -17,4 +17,4 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export BLACKMAMBA_SANITIZED=1   # tests that time things or fork skip themselves
 PYTHONPATH="$tmp" python3 -m pytest -q -p no:cacheprovider -x -m "not slow" \
-    $(ls tests/test_*.py | grep -E "test_(scan|conv|norm|moe|sinkhorn|gemm|ops|model)" ) "$@"
+    $(ls tests/test_*.py | grep -E "test_(scan|conv|norm|moe|sinkhorn|gemm|ops|model|reliability)" ) "$@"

@@ -286,7 +286,40 @@ def _enter(state, me):
 
 # ---- the model ----------------------------------------------------------------------------
 
-class Model:
+class TokenModel:
+    """What the CPU and the CUDA model share: vocabulary sizes and token-id checks
+    (subclasses set self.config and self.tokenizer)."""
+
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    @property
+    def real_vocab_size(self):
+        """Ids >= this are embedding padding rows: never sampled."""
+        n = self.config.real_vocab_size
+        if self.tokenizer is not None:
+            n = min(n, self.tokenizer.vocab_size)
+        return n
+
+    def _check_ids(self, ids, ndim, what):
+        """Integer ids of `ndim` dimensions inside the vocabulary -> C-contiguous int64."""
+        a = np.asarray(ids)
+        if a.dtype.kind not in "iu":
+            if a.size == 0 and a.dtype.kind == "f":
+                a = a.astype(np.int64)
+            else:
+                raise TypeError(f"{what} must be integer token ids, got dtype {a.dtype}")
+        if a.ndim != ndim:
+            raise ValueError(f"{what} must have {ndim} dimension(s) "
+                             f"({'(B, L)' if ndim == 2 else '(B,)'}), got shape {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+            bad = a[(a < 0) | (a >= self.vocab_size)].reshape(-1)[0]
+            raise ValueError(f"{what}: token id {int(bad)} is outside [0, {self.vocab_size})")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+
+class Model(TokenModel):
     """BlackMamba on the CPU. Thread-safe for concurrent calls on separate States."""
 
     def __init__(self, config, tensors, dtype="float32", tokenizer=None, name=""):
@@ -307,19 +340,6 @@ class Model:
         self.layers = [_Layer(cfg, tensors, i, k, dtype) for i, k in enumerate(cfg.layer_kinds)]
         self.act = cfg.activation
         self._tracer = None              # set by blackmamba.routing while tracing
-
-    # -- sizes --------------------------------------------------------------------------
-    @property
-    def vocab_size(self):
-        return self.config.vocab_size
-
-    @property
-    def real_vocab_size(self):
-        """Ids >= this are embedding padding rows: never sampled."""
-        n = self.config.real_vocab_size
-        if self.tokenizer is not None:
-            n = min(n, self.tokenizer.vocab_size)
-        return n
 
     def new_state(self, batch_size=1):
         return State(self.config, batch_size)
@@ -385,21 +405,6 @@ class Model:
             else:
                 h = self._mlp(layer.mlp, xn, li)
         return ops.layer_norm(h, self.final_w, self.final_b, r)
-
-    def _check_ids(self, ids, ndim, what):
-        a = np.asarray(ids)
-        if a.dtype.kind not in "iu":
-            if a.size == 0 and a.dtype.kind == "f":
-                a = a.astype(np.int64)
-            else:
-                raise TypeError(f"{what} must be integer token ids, got dtype {a.dtype}")
-        if a.ndim != ndim:
-            raise ValueError(f"{what} must have {ndim} dimension(s) "
-                             f"({'(B, L)' if ndim == 2 else '(B,)'}), got shape {a.shape}")
-        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
-            bad = a[(a < 0) | (a >= self.vocab_size)].reshape(-1)[0]
-            raise ValueError(f"{what}: token id {int(bad)} is outside [0, {self.vocab_size})")
-        return a.astype(np.int64, copy=False)
 
     # -- public -------------------------------------------------------------------------
     def __call__(self, ids):

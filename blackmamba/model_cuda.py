@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _lib
 from .config import Config, has_mamba, num_experts
-from .model import PREFILL_CHUNK, State, check_weights, count_parameters
+from .model import PREFILL_CHUNK, State, TokenModel, check_weights, count_parameters
 
 DTYPES = ("float32", "bfloat16")
 MATHS = ("fp32", "tf32", "bf16")
@@ -189,7 +189,7 @@ class CudaState:
 
 # ---- the model -------------------------------------------------------------------------------
 
-class CudaModel:
+class CudaModel(TokenModel):
     """BlackMamba on the GPU. Calls are serialised by a lock (one stream per model)."""
 
     device = "cuda"
@@ -223,19 +223,6 @@ class CudaModel:
                     act=cfg.activation, wdtype=dtype, math=math)
         self._eng = _lib.C().cuda_model_create(ecfg, _engine_weights(cfg, tensors))
 
-    # -- sizes ------------------------------------------------------------------------------
-    @property
-    def vocab_size(self):
-        return self.config.vocab_size
-
-    @property
-    def real_vocab_size(self):
-        """Ids >= this are embedding padding rows: never sampled."""
-        n = self.config.real_vocab_size
-        if self.tokenizer is not None:
-            n = min(n, self.tokenizer.vocab_size)
-        return n
-
     def new_state(self, batch_size=1):
         return CudaState(self, batch_size)
 
@@ -248,21 +235,6 @@ class CudaModel:
         return _lib.C().cuda_model_info(self._eng)
 
     # -- checks -----------------------------------------------------------------------------
-    def _check_ids(self, ids, ndim, what):
-        a = np.asarray(ids)
-        if a.dtype.kind not in "iu":
-            if a.size == 0 and a.dtype.kind == "f":
-                a = a.astype(np.int64)
-            else:
-                raise TypeError(f"{what} must be integer token ids, got dtype {a.dtype}")
-        if a.ndim != ndim:
-            raise ValueError(f"{what} must have {ndim} dimension(s) "
-                             f"({'(B, L)' if ndim == 2 else '(B,)'}), got shape {a.shape}")
-        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
-            bad = a[(a < 0) | (a >= self.vocab_size)].reshape(-1)[0]
-            raise ValueError(f"{what}: token id {int(bad)} is outside [0, {self.vocab_size})")
-        return np.ascontiguousarray(a, dtype=np.int64)
-
     def _check_state(self, state, B):
         if not isinstance(state, CudaState):
             raise TypeError(f"state must be a CudaState (model.new_state on the CUDA model), "

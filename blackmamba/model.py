@@ -5,7 +5,6 @@ Every number-crunching step is a blackmamba.ops kernel (C core); this file only 
 Letters: B batch, L length, T = B*L tokens, d hidden, E d_inner, N state, K conv width,
 R dt rank, X experts, F ffn hidden, V vocab.
 """
-import os
 
 import numpy as np
 

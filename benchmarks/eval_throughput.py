@@ -38,7 +38,7 @@ def random_model(shape, layers=None, dtype="bfloat16", seed=0, device="cpu"):
     import blackmamba as bm
     from blackmamba import ops
     from blackmamba.config import Config
-    from blackmamba.model import _expected_shapes, random_tensors
+    from blackmamba.model import _expected_shapes, random_tensor, random_tensors
 
     s = dict(SHAPES[shape])
     if layers:
@@ -61,23 +61,8 @@ def random_model(shape, layers=None, dtype="bfloat16", seed=0, device="cpu"):
             a = rng.standard_normal(shp, dtype=np.float32) * np.float32(0.5 / np.sqrt(shp[-1]))
             tensors[name] = _BF16Tensor(ops.f32_to_bf16(a))
         else:      # vectors, A_log, conv weights: float32, random_tensors' recipe
-            tensors[name] = _small(name, shp, rng)
+            tensors[name] = random_tensor(name, shp, rng)
     return Model(cfg, tensors, dtype="bfloat16", name=shape), cfg
-
-
-def _small(name, shape, rng):
-    if name.endswith("A_log"):
-        a = np.log(np.broadcast_to(np.arange(1, shape[1] + 1, dtype=np.float32), shape))
-    elif name.endswith("norm.weight") or name.endswith("norm_moe.weight") \
-            or name.endswith("final_layernorm.weight"):
-        a = 1.0 + 0.1 * rng.standard_normal(shape)
-    elif name.endswith("dt_proj.bias"):
-        a = np.log(np.expm1(rng.uniform(1e-3, 1e-1, shape)))
-    elif len(shape) >= 2:
-        a = rng.standard_normal(shape) * (0.5 / np.sqrt(shape[-1]))
-    else:
-        a = 0.1 * rng.standard_normal(shape)
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def main():

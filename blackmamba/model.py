@@ -317,6 +317,14 @@ class TokenModel:
             raise ValueError(f"{what}: token id {int(bad)} is outside [0, {self.vocab_size})")
         return np.ascontiguousarray(a, dtype=np.int64)
 
+    def __call__(self, ids):
+        """Full forward: ids (B, L) -> logits (B, L, V) float32, from a fresh state."""
+        ids = self._check_ids(ids, 2, "ids")
+        return self.prefill(ids, self.new_state(ids.shape[0]))
+
+    def forward(self, ids):
+        return self(ids)
+
 
 class Model(TokenModel):
     """BlackMamba on the CPU. Thread-safe for concurrent calls on separate States."""
@@ -406,14 +414,6 @@ class Model(TokenModel):
         return ops.layer_norm(h, self.final_w, self.final_b, r)
 
     # -- public -------------------------------------------------------------------------
-    def __call__(self, ids):
-        """Full forward: ids (B, L) -> logits (B, L, V) float32, from a fresh state."""
-        ids = self._check_ids(ids, 2, "ids")
-        return self.prefill(ids, self.new_state(ids.shape[0]))
-
-    def forward(self, ids):
-        return self(ids)
-
     def prefill(self, ids, state, logits="all", chunk_size=PREFILL_CHUNK):
         """Run ids (B, L) from `state` (updated in place to after the last token).
 
@@ -515,21 +515,24 @@ def count_parameters(cfg):
     return total, active
 
 
+def random_tensor(name, shape, rng, scale=0.5):
+    """One random float32 weight of a realistic magnitude for the tensor `name`."""
+    if name.endswith("A_log"):
+        a = np.log(np.broadcast_to(np.arange(1, shape[1] + 1, dtype=np.float32), shape))
+    elif name.endswith("norm.weight") or name.endswith("norm_moe.weight") \
+            or name.endswith("final_layernorm.weight"):
+        a = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif name.endswith("dt_proj.bias"):
+        a = np.log(np.expm1(rng.uniform(1e-3, 1e-1, shape)))     # softplus^-1(dt)
+    elif len(shape) >= 2:
+        a = rng.standard_normal(shape) * (scale / np.sqrt(shape[-1]))
+    else:
+        a = 0.1 * rng.standard_normal(shape)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
 def random_tensors(cfg, seed=0, scale=0.5):
     """Random float32 weights for `cfg` (tests, benchmarks): realistic magnitudes."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in _expected_shapes(cfg).items():
-        if name.endswith("A_log"):
-            a = np.log(np.broadcast_to(np.arange(1, shape[1] + 1, dtype=np.float32), shape))
-        elif name.endswith("norm.weight") or name.endswith("norm_moe.weight") \
-                or name.endswith("final_layernorm.weight"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("dt_proj.bias"):
-            a = np.log(np.expm1(rng.uniform(1e-3, 1e-1, shape)))     # softplus^-1(dt)
-        elif len(shape) >= 2:
-            a = rng.standard_normal(shape) * (scale / np.sqrt(shape[-1]))
-        else:
-            a = 0.1 * rng.standard_normal(shape)
-        out[name] = np.ascontiguousarray(a, dtype=np.float32)
-    return out
+    return {name: random_tensor(name, shape, rng, scale)
+            for name, shape in _expected_shapes(cfg).items()}

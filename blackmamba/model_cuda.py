@@ -253,14 +253,6 @@ class CudaModel(TokenModel):
                 self._tracer(li, ids, gates, logits)
 
     # -- public -----------------------------------------------------------------------------
-    def __call__(self, ids):
-        """Full forward: ids (B, L) -> logits (B, L, V) float32, from a fresh state."""
-        ids = self._check_ids(ids, 2, "ids")
-        return self.prefill(ids, self.new_state(ids.shape[0]))
-
-    def forward(self, ids):
-        return self(ids)
-
     def prefill(self, ids, state, logits="all", chunk_size=PREFILL_CHUNK):
         """Run ids (B, L) from `state` (advanced in place). logits "all" -> (B, L, V),
         "last" -> (B, V), None -> None. Inputs longer than chunk_size run in chunks."""

@@ -9,11 +9,21 @@
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cublas_v2.h>
 
 #include "bm_cuda.h"
 
 // Records "file:line: name: message" in the calling thread's error buffer; returns `code`.
 int bm_cuda_fail_(const char *file, int line, int code, const char *name, const char *msg);
+
+/* A cuBLAS call whose failure returns BM_CUDA_ERR_CUBLAS with the status name and text. */
+#define BM_CUBLAS_TRY(call)                                                                \
+    do {                                                                                   \
+        cublasStatus_t s_ = (call);                                                        \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                   \
+            return bm_cuda_fail_(__FILE__, __LINE__, BM_CUDA_ERR_CUBLAS,                   \
+                                 cublasGetStatusName(s_), cublasGetStatusString(s_));     \
+    } while (0)
 
 static inline int bm_cuda_fail_cuda_(const char *file, int line, cudaError_t e) {
     return bm_cuda_fail_(file, line, (int)e, cudaGetErrorName(e), cudaGetErrorString(e));

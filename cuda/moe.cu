@@ -12,13 +12,6 @@
 
 #include "common.cuh"
 
-#define BM_CUBLAS_TRY(call)                                                                \
-    do {                                                                                   \
-        cublasStatus_t s_ = (call);                                                        \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                                   \
-            return bm_cuda_fail_(__FILE__, __LINE__, BM_CUDA_ERR_CUBLAS,                   \
-                                 cublasGetStatusName(s_), cublasGetStatusString(s_));     \
-    } while (0)
 
 namespace {
 

@@ -7,8 +7,10 @@ import time
 
 
 def _add_model(p, required=True):
-    p.add_argument("--model", "-m", required=required,
-                   help="checkpoint folder, weights file, or hub id (Zyphra/BlackMamba-2.8B)")
+    p.add_argument("--model", "-m", required=required, default=None,
+                   help="checkpoint folder, weights file, or hub id (Zyphra/BlackMamba-2.8B)"
+                   + ("" if required else "; default: the small Shakespeare model shipped "
+                      "with the package"))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights in memory (default float32 on the CPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -57,7 +59,7 @@ def cmd_info(args):
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"model         {args.model}")
+    print(f"model         {args.model or d}")
     print(f"layers        {cfg.num_layers}: {''.join(k if len(k) == 1 else '(' + k + ')' for k in cfg.layer_kinds)}")
     print(f"hidden        d={cfg.hidden_size}  d_inner={cfg.d_inner}  state N={cfg.state_size}  "
           f"conv K={cfg.conv_dimension}  dt_rank={cfg.dt_rank}  ffn F={cfg.ffn_hidden_size}")
@@ -93,7 +95,7 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="blackmamba", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text, streamed to the terminal")
-    _add_model(g)
+    _add_model(g, required=False)
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", "-n", type=int, default=100)
     g.add_argument("--temperature", "-t", type=float, default=0.8)
@@ -104,7 +106,8 @@ def build_parser():
     g.add_argument("--verbose", "-v", action="store_true")
     g.set_defaults(fn=cmd_generate)
     i = sub.add_parser("info", help="config, parameter counts, memory at each dtype")
-    i.add_argument("--model", "-m", required=True)
+    i.add_argument("--model", "-m", default=None,
+                   help="default: the Shakespeare model shipped with the package")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
     c = sub.add_parser("convert", help="write a safetensors copy that loads faster")

@@ -11,12 +11,17 @@ import pathlib
 import re
 from typing import NamedTuple, Optional
 
-__all__ = ["ModelFiles", "resolve_model_dir", "resolve_model_files", "looks_like_repo_id",
+__all__ = ["ModelFiles", "resolve_model_dir", "embedded_model_dir", "EMBEDDED_MODELS",
+           "DEFAULT_MODEL", "resolve_model_files", "looks_like_repo_id",
            "cached_hub_file", "download_hub_file", "HUB_PATTERNS"]
 
 # what a model needs from a hub repository (the released ones hold config.json and
 # pytorch_model.bin only; the tokenizer comes from EleutherAI/gpt-neox-20b)
 HUB_PATTERNS = ["config.json", "pytorch_model.bin", "*.safetensors", "tokenizer.json"]
+# models shipped inside the package (blackmamba/models/<name>/); the first is the default of
+# bm.load() and of the `generate` / `routing` commands
+EMBEDDED_MODELS = ("shakespeare",)
+DEFAULT_MODEL = EMBEDDED_MODELS[0]
 _INSTALL_HINT = "`pip install blackmamba[hub]` enables downloading from the Hugging Face hub"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
@@ -59,15 +64,32 @@ def _has_weights(d: pathlib.Path) -> bool:
                                           "model.safetensors.index.json"))
 
 
-def resolve_model_dir(path_or_id) -> pathlib.Path:
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
+    """The folder of a model shipped inside the package (EMBEDDED_MODELS)."""
+    if name not in EMBEDDED_MODELS:
+        raise FileNotFoundError(f"{name!r} is not a model shipped with blackmamba "
+                                f"(those are: {', '.join(EMBEDDED_MODELS)})")
+    d = pathlib.Path(__file__).resolve().parent / "models" / name
+    if not _has_weights(d):
+        raise FileNotFoundError(f"the embedded model {name!r} is missing from this install "
+                                f"({d} holds no weights): reinstall blackmamba")
+    return d
+
+
+def resolve_model_dir(path_or_id=None) -> pathlib.Path:
     """Where a model is on disk: `path_or_id` itself when it is an existing directory or file
-    (a file is a weights file; its parent directory holds config.json), else a hub id
+    (a file is a weights file; its parent directory holds config.json); None or the name of
+    a model shipped with the package ("shakespeare") gives that model's folder; else a hub id
     "owner/name" fetched with huggingface_hub.snapshot_download (from the cache first), whose
     snapshot directory is returned."""
+    if path_or_id is None:
+        return embedded_model_dir()
     p = pathlib.Path(os.fspath(path_or_id)).expanduser()
     if p.is_dir() or p.is_file():
         return p
     s = os.fspath(path_or_id)
+    if s in EMBEDDED_MODELS:
+        return embedded_model_dir(s)
     if not looks_like_repo_id(s):
         raise FileNotFoundError(f"{s}: no such model directory or checkpoint file")
     hf = _hub()

@@ -13,11 +13,13 @@ def _weights_file(model_dir):
     raise FileNotFoundError(f"{model_dir} holds neither model.safetensors nor pytorch_model.bin")
 
 
-def load(path_or_id, device="cpu", dtype=None, tokenizer=None, progress=None):
+def load(path_or_id=None, device="cpu", dtype=None, tokenizer=None, progress=None):
     """Load a BlackMamba checkpoint.
 
     path_or_id: a folder with config.json + pytorch_model.bin (or model.safetensors), a
-      weights file next to its config.json, or a hub id such as "Zyphra/BlackMamba-2.8B".
+      weights file next to its config.json, a hub id such as "Zyphra/BlackMamba-2.8B", or
+      None / "shakespeare" for the small byte-level model shipped inside the package
+      (blackmamba/models/shakespeare: 4.6M parameters trained on Tiny Shakespeare).
     device: "cpu", or "cuda" (a model_cuda.CudaModel: weights and state on the GPU; needs
       the CUDA build and a visible GPU).
     dtype: "float32" (weights upcast; the default on the CPU) or "bfloat16" (weights kept at

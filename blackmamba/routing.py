@@ -1021,9 +1021,12 @@ def add_cli(subparsers):
         "routing", help="expert routing statistics, load balance, Sinkhorn study, figures",
         description="Run a corpus through the model, record where the router sends every "
                     "token, and write JSON/CSV statistics and PNG figures to --out.")
-    _add_model(p, required=True)
-    p.add_argument("--text", "-t", nargs="+", required=True, help="text file(s) to run")
-    p.add_argument("--out", "-o", required=True, help="output folder")
+    _add_model(p, required=False)
+    p.add_argument("--text", "-t", nargs="+", default=None,
+                   help="text file(s) to run (default: the held-out Tiny Shakespeare text "
+                        "shipped with the default model)")
+    p.add_argument("--out", "-o", default="blackmamba-routing",
+                   help="output folder (default ./blackmamba-routing)")
     p.add_argument("--max-tokens", "-n", type=int, default=50_000,
                    help="stop after this many tokens (default 50000; 0 = the whole corpus)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -1039,6 +1042,9 @@ def add_cli(subparsers):
 
 def _cmd_routing(args):
     from .cli import _load
+    if args.text is None:
+        from .hub import embedded_model_dir
+        args.text = [str(embedded_model_dir() / "heldout.txt")]
     for t in args.text:
         if not os.path.isfile(t):
             raise FileNotFoundError(f"--text {t}: no such file")

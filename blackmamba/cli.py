@@ -128,6 +128,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:   # RuntimeError: no GPU
         print(f"error: {exc}", file=sys.stderr)
         return 2

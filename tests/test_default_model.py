@@ -167,3 +167,12 @@ def test_routing_without_model_or_text(tmp_path, capsys):
         assert l["num_experts"] == 8 and sum(l["counts"]) == 3000
     printed = capsys.readouterr().out
     assert "routing over 3,000 tokens (shakespeare)" in printed
+
+
+def test_generate_on_a_missing_gpu_says_so(capsys):
+    import blackmamba.cuda
+    if blackmamba.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    assert main(["generate", "ROMEO:", "--device", "cuda", "-n", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device='cuda'")

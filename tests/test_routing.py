@@ -478,8 +478,9 @@ def test_cli_routing(tmp_path, capsys):
     d = json.loads((out / "routing_stats.json").read_text())
     assert d["num_tokens"] == 600 and [x["layer"] for x in d["layers"]] == [1, 3]
     assert sum(d["layers"][0]["counts"]) == 600
-    with pytest.raises(SystemExit):
-        main(["routing", "--text", text, "--out", str(out)])       # --model is required
+    # no --model: the shipped default model (tests/test_default_model.py); a missing --text
+    # file is an error line and exit 2
+    assert main(["routing", "--text", str(out / "missing.txt"), "--out", str(out)]) == 2
 
 
 @pytest.mark.gpu

@@ -8,9 +8,14 @@ first step of a state), so a step is one launch from Python.
 Precision (the `math` argument): the residual stream, activations and the state are always
 float32. Matrix products of at most 8 rows (decode at batch <= 8) multiply bf16 or fp32
 weights with fp32 activations (exact). Larger products (prefill, decode at batch > 8) follow
-`math`: "fp32" (exact float32; bf16 weights expanded to fp32 per product), "tf32", or "bf16"
-(activations rounded to bf16 for the tensor cores, ~3e-3 relative per product). The default
-is "fp32" for float32 weights and "bf16" for bfloat16 weights (the fast path).
+`math`: "fp32" (exact float32; bf16 weights expanded to fp32 per product), "tf32", "bf16"
+(activations rounded to bf16 for the tensor cores, ~3e-3 relative per product) or "bf16x2"
+(activations split into bf16 hi + lo and two bf16 GEMMs accumulated in fp32: ~1e-5 relative,
+twice the tensor-core work of "bf16"). Under "bf16", prefills (MoE layers, products) of at
+most `bf16_split_rows` tokens (default 128; 0: never) run as "bf16x2": bf16 noise
+(~0.003 RMS per logit) flips near-ties, and at those sizes the products are bound by launches
+and weight reads, not by the tensor cores (benchmarks/RESULTS.md, GPU precision). The
+default is "fp32" for float32 weights and "bf16" for bfloat16 weights (the fast path).
 """
 import threading
 
@@ -21,7 +26,7 @@ from .config import Config, has_mamba, num_experts
 from .model import PREFILL_CHUNK, State, TokenModel, check_weights, count_parameters
 
 DTYPES = ("float32", "bfloat16")
-MATHS = ("fp32", "tf32", "bf16")
+MATHS = ("fp32", "tf32", "bf16", "bf16x2")
 
 
 def device_count():
@@ -194,7 +199,8 @@ class CudaModel(TokenModel):
 
     device = "cuda"
 
-    def __init__(self, config, tensors, dtype="bfloat16", tokenizer=None, name="", math=None):
+    def __init__(self, config, tensors, dtype="bfloat16", tokenizer=None, name="", math=None,
+                 bf16_split_rows=None):
         require()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} on the GPU (the CUDA kernels have "
@@ -203,6 +209,9 @@ class CudaModel(TokenModel):
             math = "bf16" if dtype == "bfloat16" else "fp32"
         if math not in MATHS:
             raise ValueError(f"math must be one of {MATHS}, got {math!r}")
+        if bf16_split_rows is not None and (isinstance(bf16_split_rows, bool) or
+                                            not isinstance(bf16_split_rows, (int, np.integer))):
+            raise TypeError(f"bf16_split_rows must be an integer, got {bf16_split_rows!r}")
         if not isinstance(config, Config):
             config = Config.from_dict(dict(config))
         check_weights(config, tensors)
@@ -221,6 +230,8 @@ class CudaModel(TokenModel):
                     experts=[num_experts(k) for k in cfg.layer_kinds],
                     conv_bias=int(cfg.conv_bias), bias=int(cfg.bias), swiglu=int(cfg.swiglu),
                     act=cfg.activation, wdtype=dtype, math=math)
+        if bf16_split_rows is not None:
+            ecfg["split_rows"] = max(int(bf16_split_rows), 0) or -1    # 0: never (C: -1)
         self._eng = _lib.C().cuda_model_create(ecfg, _engine_weights(cfg, tensors))
 
     def new_state(self, batch_size=1):

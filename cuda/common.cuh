@@ -116,6 +116,15 @@ __device__ __forceinline__ uint16_t bm_f32_to_bf16_bits(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// float32 f -> bf16 hi + bf16 lo with hi = bf16(f), lo = bf16(f - hi): hi + lo carries 16
+// significant bits (|f - hi - lo| <= 2^-17 |f|), so two bf16 GEMMs, hi and lo, accumulated
+// in fp32 give a product about as exact as fp32 (BM_CUDA_MATH_BF16X2). f - hi is exact in
+// float32 (Sterbenz: hi is within a factor 2 of f). Inf/NaN: lo = 0, hi keeps them.
+__device__ __forceinline__ void bm_f32_to_bf16_split(float f, uint16_t &hi, uint16_t &lo) {
+    hi = bm_f32_to_bf16_bits(f);
+    const float h = bm_bf16_bits_to_f32(hi);
+    lo = isfinite(h) ? bm_f32_to_bf16_bits(f - h) : (uint16_t)0;
+}
 
 // 2^x on the special-function unit (MUFU.EX2, ~2 ulp; subnormal results flush to 0, which is
 // what a decaying SSM state wants anyway).

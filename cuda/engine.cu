@@ -780,8 +780,8 @@ bool bf16_math(const bm_cuda_model *m) {
     return m->cfg.wdtype == BM_BF16 &&
            (m->cfg.math == BM_CUDA_MATH_BF16 || m->cfg.math == BM_CUDA_MATH_BF16X2);
 }
-// Rows up to which a BF16-math prefill product splits its activations (0 under BF16X2 and
-// for other maths: see split_rows_of's callers).
+// Rows up to which a BF16-math prefill product splits its activations (0: never; BF16X2
+// always splits, see split_x).
 int64_t split_limit(const bm_cuda_config &c) {
     if (c.wdtype != BM_BF16 || c.math != BM_CUDA_MATH_BF16) return 0;
     if (c.bf16_split_rows < 0) return 0;

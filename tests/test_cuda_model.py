@@ -406,3 +406,66 @@ def test_bad_inputs():
         g.new_state(1 << 40)
     # the model still works after the failure
     assert np.isfinite(g(np.array([[1, 2, 3]]))).all()
+
+
+# ---- concurrency and interruption (the rules of model.State; tests/test_cuda_state.py checks
+# the Python side over a fake engine) ----------------------------------------------------------
+
+def test_state_in_use_raises_and_interrupted_update_invalidates():
+    import threading
+    g, _ = make_pair(8, **CONFIGS[0])
+    ids = np.random.default_rng(6).integers(0, g.vocab_size, (1, 6))
+    want_state = g.new_state(1)
+    want = g.prefill(ids, want_state, logits="last")
+    st, dst = g.new_state(1), g.new_state(1)
+    inside, release, out = threading.Event(), threading.Event(), {}
+
+    def gate(*a):               # the tracer runs inside the update, after the engine call
+        inside.set()
+        assert release.wait(20)
+    g._tracer = gate
+    t = threading.Thread(target=lambda: out.setdefault("a", g.prefill(ids, st, "last")))
+    t.start()
+    try:
+        assert inside.wait(20)
+        for call in (lambda: g.step(np.array([1]), st), lambda: g.prefill(ids, st),
+                     lambda: g.greedy(ids, 2, state=st), st.copy, lambda: st.select([0]),
+                     st.reset, st.to_cpu, lambda: dst.set_row(0, st, 0)):
+            with pytest.raises(RuntimeError, match="in use|while a prefill/step"):
+                call()
+        # other states of the model still work meanwhile (the model's lock is free)
+        assert rel_err(g.prefill(ids, g.new_state(1), logits="last"), want) == 0
+    finally:
+        release.set()
+        t.join(20)
+        g._tracer = None
+    np.testing.assert_array_equal(out["a"], want)
+    assert not st.invalid and st.seqlen == 6
+    np.testing.assert_array_equal(g.step(np.array([9]), st), g.step(np.array([9]), want_state))
+
+    # an exception between the chunks of a long prefill: the state is invalid until reset()
+    st = g.new_state(1)
+    g.prefill(ids[:, :2], st)
+    saved = st.copy()
+    calls = []
+
+    def boom(li, *a):
+        calls.append(li)
+        if len(calls) == 3:     # 2 MoE layers per chunk: inside the second chunk's trace
+            raise KeyboardInterrupt
+    g._tracer = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            g.prefill(ids, st, chunk_size=3)
+    finally:
+        g._tracer = None
+    assert st.invalid
+    for call in (lambda: g.step(np.array([1]), st), st.copy, st.to_cpu):
+        with pytest.raises(RuntimeError, match="invalid|interrupted"):
+            call()
+    ref_state = g.new_state(1)
+    g.prefill(ids[:, :2], ref_state)
+    np.testing.assert_array_equal(g.step(np.array([4]), saved), g.step(np.array([4]), ref_state))
+    st.reset()
+    assert not st.invalid and st.seqlen == 0
+    np.testing.assert_array_equal(g.prefill(ids, st, logits="last"), want)

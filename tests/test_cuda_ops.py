@@ -370,9 +370,14 @@ def test_moe_and_mlp(T, wdt):
 
 @pytest.mark.parametrize("init", ["blackmamba", "uniform"])
 @pytest.mark.parametrize("T,X,scale", [(1, 1, 1.0), (7, 3, 1.0), (512, 8, 3.0), (20000, 8, 1.0),
-                                       (300, 64, 0.5)])
+                                       (300, 64, 0.5), (513, 8, 1.0), (4096, 8, 3.0),
+                                       (16384, 8, 3.0), (2048, 64, 2.0), (1500, 13, 1.0),
+                                       (60000, 8, 1.0), (9000, 33, 1.0)])
 def test_sinkhorn(T, X, scale, init):
-    # sums in float64 in the kernel (SPEC 3.2): equal iteration counts, P to float32 rounding
+    # sums in float64 in the kernel (SPEC 3.2): equal iteration counts, P to float32 rounding.
+    # The kernel cuts the rows over a cluster of up to 8 blocks (513 rows: 2 blocks; 4096 x 8
+    # and up: 8), C in shared memory padded to 8, 16, 32 or 64 columns (X = 13: 16), or in
+    # global memory when a block's rows do not fit (60000 x 8, 9000 x 33).
     rng = rng_for("sinkhorn", T, X, scale, init)
     S = f32(rng, T, X, scale=scale)
     P, it = ops.sinkhorn(D(S), init=init)

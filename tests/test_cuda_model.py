@@ -420,9 +420,10 @@ def test_state_in_use_raises_and_interrupted_update_invalidates():
     st, dst = g.new_state(1), g.new_state(1)
     inside, release, out = threading.Event(), threading.Event(), {}
 
-    def gate(*a):               # the tracer runs inside the update, after the engine call
-        inside.set()
-        assert release.wait(20)
+    def gate(*a):               # the tracer runs inside the update, after the engine call;
+        if threading.current_thread() is t:     # (it is the model's: only thread A waits)
+            inside.set()
+            assert release.wait(20)
     g._tracer = gate
     t = threading.Thread(target=lambda: out.setdefault("a", g.prefill(ids, st, "last")))
     t.start()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the H200 of the `device` tool): build, the GPU tests, and the
 # benchmarks of the bf16 split, the Sinkhorn and the scan kernels; every log under $OUT (or
-# ./gpu_perf_out). Each stage runs even when an earlier one failed; the summary at the end
+# ./gpu_perf_out), numbered so that the important ones sort first (the device tool brings back
+# only the first few files). Each stage runs even when an earlier one failed; the summary at the end
 # of summary.txt says which failed. Carried paths as for tools/device_test.sh: .whl (wheels
 # the machine lacks) and .shared (golden files).
 #   bash tools/gpu_perf_check.sh [stages]    stages: comma list of
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 STAGES=",${1:-tests,kernels,split},"
 OUT=${OUT:-$PWD/gpu_perf_out}
 mkdir -p "$OUT"
-SUM="$OUT/summary.txt"
+SUM="$OUT/1_summary.txt"
 : > "$SUM"
 note() { echo "$*" | tee -a "$SUM"; }
 
@@ -31,16 +32,17 @@ note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') stages $STAGE
 # builds: the package in place, and (for the kernel benchmarks) the dev library, in parallel
 t0=$(date +%s)
 (BLACKMAMBA_STRICT_BUILD=1 BLACKMAMBA_NVCC_THREADS=8 python3 setup.py -q build_ext --inplace \
-    > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc") &
+    > "$OUT/7_build.log" 2>&1; echo $? > /tmp/bm_build.rc) &
 bp=$!
 if [[ $STAGES == *,kernels,* || $STAGES == *,check,* ]]; then
-    (bash cuda/dev/build_dev.sh > "$OUT/build_dev.log" 2>&1; echo $? > "$OUT/build_dev.rc") &
+    (bash cuda/dev/build_dev.sh > /tmp/bm_build_dev.log 2>&1; echo $? > /tmp/bm_build_dev.rc) &
     dp=$!
     wait $dp
 fi
 wait $bp
-note "build rc $(cat "$OUT/build.rc") dev-build rc $(cat "$OUT/build_dev.rc" 2>/dev/null || echo -) ($(( $(date +%s) - t0 )) s)"
-grep -E "error" "$OUT/build.log" | head -20 | tee -a "$SUM"
+note "build rc $(cat /tmp/bm_build.rc) dev-build rc $(cat /tmp/bm_build_dev.rc 2>/dev/null || echo -) ($(( $(date +%s) - t0 )) s)"
+[ -f /tmp/bm_build_dev.log ] && cat /tmp/bm_build_dev.log >> "$OUT/7_build.log"
+grep -E "error" "$OUT/7_build.log" | head -20 | tee -a "$SUM"
 
 run() {  # run NAME TIMEOUT CMD...: log to $OUT/NAME.log, note the rc and the seconds
     local name=$1 to=$2
@@ -53,28 +55,28 @@ run() {  # run NAME TIMEOUT CMD...: log to $OUT/NAME.log, note the rc and the se
 }
 
 if [[ $STAGES == *,tests,* ]]; then
-    BM_MEASURE_OUT="$OUT/measured.json" BM_ERR_TABLE="$OUT/errors.txt" \
-        run tests 150 python3 -m pytest -q -p no:cacheprovider -rs \
+    BM_MEASURE_OUT="$OUT/5_measured.json" BM_ERR_TABLE="$OUT/6_errors.txt" \
+        run 2_tests 150 python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_cuda_model.py tests/test_cuda_ops.py tests/test_cuda_host.py \
         tests/test_cuda_state.py
-    tail -4 "$OUT/tests.log" | tee -a "$SUM"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 | tee -a "$SUM"
+    tail -4 "$OUT/2_tests.log" | tee -a "$SUM"
+    grep -E "^(FAILED|ERROR)|^E  " "$OUT/2_tests.log" | head -20 | tee -a "$SUM"
 fi
 if [[ $STAGES == *,kernels,* ]]; then
-    run kernels 120 python3 cuda/dev/bench_kernels.py "$OUT/kernels.json" --only=copy,scan,sinkhorn
+    run 4_kernels 120 python3 cuda/dev/bench_kernels.py --only=copy,scan,sinkhorn
     grep -E "scan_forward b=8 L=2048 E=2944 N=16|sinkhorn|torch loop|GEMM|bandwidth" \
-        "$OUT/kernels.log" | tee -a "$SUM"
+        "$OUT/4_kernels.log" | tee -a "$SUM"
 fi
 if [[ $STAGES == *,split,* ]]; then
-    run split 120 python3 benchmarks/bench_gpu_split.py --json "$OUT/split.json"
-    cat "$OUT/split.log" >> "$SUM"
+    run 3_split 120 python3 benchmarks/bench_gpu_split.py
+    cat "$OUT/3_split.log" >> "$SUM"
 fi
 if [[ $STAGES == *,check,* ]]; then
-    run check 200 python3 cuda/dev/check_kernels.py
-    grep -E "FAIL|passed|checks" "$OUT/check.log" | tail -15 | tee -a "$SUM"
+    run 8_check 200 python3 cuda/dev/check_kernels.py
+    grep -E "FAIL|passed|checks" "$OUT/8_check.log" | tail -15 | tee -a "$SUM"
 fi
 if [[ $STAGES == *,model,* ]]; then
-    run model 240 python3 benchmarks/bench_gpu.py --json "$OUT/model.json"
-    grep -A4 -E "^decode|^prefill|targets" "$OUT/model.log" | tee -a "$SUM"
+    run 9_model 240 python3 benchmarks/bench_gpu.py
+    grep -A4 -E "^decode|^prefill|targets" "$OUT/9_model.log" | tee -a "$SUM"
 fi
 note "done $(date -u +%FT%TZ)"

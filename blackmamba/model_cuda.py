@@ -8,9 +8,14 @@ first step of a state), so a step is one launch from Python.
 Precision (the `math` argument): the residual stream, activations and the state are always
 float32. Matrix products of at most 8 rows (decode at batch <= 8) multiply bf16 or fp32
 weights with fp32 activations (exact). Larger products (prefill, decode at batch > 8) follow
-`math`: "fp32" (exact float32; bf16 weights expanded to fp32 per product), "tf32", or "bf16"
-(activations rounded to bf16 for the tensor cores, ~3e-3 relative per product). The default
-is "fp32" for float32 weights and "bf16" for bfloat16 weights (the fast path).
+`math`: "fp32" (exact float32; bf16 weights expanded to fp32 per product), "tf32", "bf16"
+(activations rounded to bf16 for the tensor cores, ~3e-3 relative per product) or "bf16x2"
+(activations split into bf16 hi + lo and two bf16 GEMMs accumulated in fp32: ~1e-5 relative,
+twice the tensor-core work of "bf16"). Under "bf16", prefills (MoE layers, products) of at
+most `bf16_split_rows` tokens (default 128; 0: never) run as "bf16x2": bf16 noise
+(~0.003 RMS per logit) flips near-ties, and at those sizes the products are bound by launches
+and weight reads, not by the tensor cores (benchmarks/RESULTS.md, GPU precision). The
+default is "fp32" for float32 weights and "bf16" for bfloat16 weights (the fast path).
 """
 import threading
 
@@ -18,10 +23,11 @@ import numpy as np
 
 from . import _lib
 from .config import Config, has_mamba, num_experts
-from .model import PREFILL_CHUNK, State, TokenModel, check_weights, count_parameters
+from .model import (PREFILL_CHUNK, State, TokenModel, _enter, check_weights,
+                    count_parameters)
 
 DTYPES = ("float32", "bfloat16")
-MATHS = ("fp32", "tf32", "bf16")
+MATHS = ("fp32", "tf32", "bf16", "bf16x2")
 
 
 def device_count():
@@ -111,8 +117,15 @@ def _engine_weights(cfg, t):
 class CudaState:
     """Recurrent state of a batch on the GPU: per Mamba layer the conv window (B, K-1, E) and
     the SSM state (B, E, N), float32. Same methods as model.State; to_cpu() / from_cpu()
-    convert. Not for two threads at once. Every engine call takes the model's lock: the
-    model has one stream, and a decode graph may be being captured on it."""
+    convert. Every engine call takes the model's lock: the model has one stream, and a decode
+    graph may be being captured on it.
+
+    As model.State: updated in place, one call at a time. A second prefill/step/greedy on it
+    while one runs (another thread, or a callback inside the first) raises RuntimeError
+    ("in use") instead of waiting and then advancing the state twice; copy/select/set_row/
+    to_cpu/save/reset refuse too. A call that does not complete (Ctrl-C between the chunks of
+    a long prefill, an error) marks the state invalid (`state.invalid`): every later use
+    raises RuntimeError until reset(); a copy() taken before resumes."""
 
     def __init__(self, model, batch_size, _handle=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
@@ -121,11 +134,35 @@ class CudaState:
         self.model = model
         self.batch_size = int(batch_size)
         self.seqlen = 0
+        self._users = {}                 # calls inside prefill/step now (model._enter)
+        self._invalid = None             # why the contents cannot be used, or None
         if _handle is None:
             with model._lock:    # the model's one stream: no capture may be in flight
                 _handle = _lib.C().cuda_state_new(model._eng, self.batch_size)
         self._h = _handle
-        self._lock = threading.Lock()
+
+    @property
+    def invalid(self):
+        """True after an interrupted update (see the class doc); reset() clears it."""
+        return self._invalid is not None
+
+    # the same checks and messages as model.State
+    _check_idle = State._check_idle
+
+    def reset(self):
+        """Back to the empty state (zeros, seqlen 0), valid again."""
+        if self._users:
+            raise RuntimeError("cannot reset a state while a prefill/step is using it")
+        cfg = self.model.config
+        B, E, N, K = self.batch_size, cfg.d_inner, cfg.state_size, cfg.conv_dimension
+        conv, ssm = np.zeros((B, K - 1, E), np.float32), np.zeros((B, E, N), np.float32)
+        C = _lib.C()
+        with self.model._lock:
+            for i, k in enumerate(cfg.layer_kinds):
+                if has_mamba(k):
+                    C.cuda_state_io(self.model._eng, self._h, i, 0, conv)
+                    C.cuda_state_io(self.model._eng, self._h, i, 1, ssm)
+        self.seqlen, self._invalid = 0, None
 
     def _wrap(self, handle, batch_size):
         new = CudaState(self.model, batch_size, _handle=handle)
@@ -133,12 +170,14 @@ class CudaState:
         return new
 
     def copy(self):
+        self._check_idle("copy")
         with self.model._lock:
             h = _lib.C().cuda_state_copy(self.model._eng, self._h)
         return self._wrap(h, self.batch_size)
 
     def select(self, rows):
         """A new state holding the given batch rows (e.g. [2] or [0, 0, 1])."""
+        self._check_idle("select rows of")
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size == 0 or rows.min() < 0 or rows.max() >= self.batch_size:
             raise IndexError(f"rows {rows.tolist()} outside a batch of {self.batch_size}")
@@ -148,11 +187,14 @@ class CudaState:
 
     def set_row(self, i, other, j=0):
         """Copy row j of `other` into row i of this state."""
+        self._check_idle("set a row of")
+        other._check_idle("copy a row of")
         with self.model._lock:
             _lib.C().cuda_state_set_row(self.model._eng, self._h, int(i), other._h, int(j))
 
     def to_cpu(self):
         """A model.State (host arrays) with the same contents."""
+        self._check_idle("read")
         cfg = self.model.config
         st = State(cfg, self.batch_size)
         C = _lib.C()
@@ -179,6 +221,7 @@ class CudaState:
 
     def save(self, path):
         """The model.State file format (host copies)."""
+        self._check_idle("save")
         self.to_cpu().save(path)
 
     @classmethod
@@ -190,11 +233,14 @@ class CudaState:
 # ---- the model -------------------------------------------------------------------------------
 
 class CudaModel(TokenModel):
-    """BlackMamba on the GPU. Calls are serialised by a lock (one stream per model)."""
+    """BlackMamba on the GPU. Engine calls are serialised by a lock (one stream per model):
+    calls on separate states from several threads are safe (they take turns); a state used
+    by two calls at once raises RuntimeError (see CudaState)."""
 
     device = "cuda"
 
-    def __init__(self, config, tensors, dtype="bfloat16", tokenizer=None, name="", math=None):
+    def __init__(self, config, tensors, dtype="bfloat16", tokenizer=None, name="", math=None,
+                 bf16_split_rows=None):
         require()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} on the GPU (the CUDA kernels have "
@@ -203,6 +249,9 @@ class CudaModel(TokenModel):
             math = "bf16" if dtype == "bfloat16" else "fp32"
         if math not in MATHS:
             raise ValueError(f"math must be one of {MATHS}, got {math!r}")
+        if bf16_split_rows is not None and (isinstance(bf16_split_rows, bool) or
+                                            not isinstance(bf16_split_rows, (int, np.integer))):
+            raise TypeError(f"bf16_split_rows must be an integer, got {bf16_split_rows!r}")
         if not isinstance(config, Config):
             config = Config.from_dict(dict(config))
         check_weights(config, tensors)
@@ -221,6 +270,8 @@ class CudaModel(TokenModel):
                     experts=[num_experts(k) for k in cfg.layer_kinds],
                     conv_bias=int(cfg.conv_bias), bias=int(cfg.bias), swiglu=int(cfg.swiglu),
                     act=cfg.activation, wdtype=dtype, math=math)
+        if bf16_split_rows is not None:
+            ecfg["split_rows"] = max(int(bf16_split_rows), 0) or -1    # 0: never (C: -1)
         self._eng = _lib.C().cuda_model_create(ecfg, _engine_weights(cfg, tensors))
 
     def new_state(self, batch_size=1):
@@ -268,26 +319,36 @@ class CudaModel(TokenModel):
         C = _lib.C()
         trace = self._tracer is not None
         out = None
-        with self._lock, state._lock:
+        # The state is claimed (not locked) for the whole call, so that a second user raises
+        # instead of waiting; the model's lock is held per engine call only, and the tracer
+        # runs outside it (a callback may use the model on another state).
+        me = object()
+        try:
+            _enter(state, me)
             if L <= chunk_size:
                 mode = {"all": 2, "last": 1, None: 0}[logits]
-                out, tr = C.cuda_model_prefill(self._eng, state._h, ids, mode, trace)
+                with self._lock:
+                    out, tr = C.cuda_model_prefill(self._eng, state._h, ids, mode, trace)
                 state.seqlen += L
                 self._trace(tr)
-                return out
-            if logits == "all":
-                out = np.empty((B, L, self.vocab_size), np.float32)
-            for s in range(0, L, chunk_size):
-                chunk = np.ascontiguousarray(ids[:, s:s + chunk_size])
-                last = s + chunk_size >= L
-                mode = 2 if logits == "all" else (1 if logits == "last" and last else 0)
-                got, tr = C.cuda_model_prefill(self._eng, state._h, chunk, mode, trace)
-                state.seqlen += chunk.shape[1]
-                self._trace(tr)
+            else:
                 if logits == "all":
-                    out[:, s:s + chunk.shape[1]] = got
-                elif mode == 1:
-                    out = got
+                    out = np.empty((B, L, self.vocab_size), np.float32)
+                for s in range(0, L, chunk_size):
+                    chunk = np.ascontiguousarray(ids[:, s:s + chunk_size])
+                    last = s + chunk_size >= L
+                    mode = 2 if logits == "all" else (1 if logits == "last" and last else 0)
+                    with self._lock:
+                        got, tr = C.cuda_model_prefill(self._eng, state._h, chunk, mode, trace)
+                    state.seqlen += chunk.shape[1]
+                    self._trace(tr)
+                    if logits == "all":
+                        out[:, s:s + chunk.shape[1]] = got
+                    elif mode == 1:
+                        out = got
+            state._invalid = None
+        finally:
+            state._users.pop(me, None)
         return out
 
     def step(self, tokens, state, graph=True):
@@ -296,11 +357,17 @@ class CudaModel(TokenModel):
         tokens = self._check_ids(tokens, 1, "tokens")
         self._check_state(state, tokens.shape[0])
         trace = self._tracer is not None
-        with self._lock, state._lock:
-            logits, _, tr = _lib.C().cuda_model_step(self._eng, state._h, tokens, graph, True,
-                                                     False, trace)
+        me = object()
+        try:
+            _enter(state, me)
+            with self._lock:
+                logits, _, tr = _lib.C().cuda_model_step(self._eng, state._h, tokens, graph,
+                                                         True, False, trace)
             state.seqlen += 1
-        self._trace(tr)
+            self._trace(tr)
+            state._invalid = None
+        finally:
+            state._users.pop(me, None)
         return logits
 
     def greedy(self, ids, max_new_tokens, state=None):
@@ -321,9 +388,16 @@ class CudaModel(TokenModel):
         first = np.argmax(last[:, :self.real_vocab_size], axis=-1).astype(np.int64)
         if max_new_tokens == 1:
             return first[:, None]
-        with self._lock, state._lock:
-            rest = _lib.C().cuda_model_greedy(self._eng, state._h, first, max_new_tokens - 1)
+        me = object()
+        try:
+            _enter(state, me)
+            with self._lock:
+                rest = _lib.C().cuda_model_greedy(self._eng, state._h, first,
+                                                  max_new_tokens - 1)
             state.seqlen += max_new_tokens - 1
+            state._invalid = None
+        finally:
+            state._users.pop(me, None)
         return np.concatenate([first[:, None], rest], axis=1)
 
     def generate(self, prompt, max_new_tokens=64, **kw):

@@ -10,8 +10,10 @@ object with ``__cuda_array_interface__`` or ``__dlpack__`` on a CUDA device: CuP
 Numba), the op runs on the GPU (``_C.cuda_<op>``) without copying its inputs and returns
 DeviceArrays, with the same signature and results as on the CPU. Mixing host (NumPy) and
 device arrays in one call raises TypeError. The GPU ops ``linear``, ``moe_experts``, ``moe``
-and ``mlp`` also take ``math='fp32'`` (default, exact float32), ``'tf32'`` or ``'bf16'`` for
-their cuBLAS paths.
+and ``mlp`` also take ``math='fp32'`` (default, exact float32), ``'tf32'``, ``'bf16'`` (bf16
+weights, activations rounded to bf16) or ``'bf16x2'`` (bf16 weights, activations split into
+bf16 hi + lo, two GEMMs: about as exact as fp32 at twice the bf16 tensor work) for their
+cuBLAS paths.
 """
 from ._lib import C as _C_module
 

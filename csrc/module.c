@@ -1701,15 +1701,17 @@ static void cublas_give(void *h) {
     }
 }
 
-/* math= of the cuBLAS paths: "fp32" (exact float32, the default), "tf32", "bf16". */
+/* math= of the cuBLAS paths: "fp32" (exact float32, the default), "tf32", "bf16", "bf16x2". */
 static int parse_math(const char *fn, PyObject *o, int *math) {
     const char *m = (o == NULL || o == Py_None) ? "fp32" : PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
     if (m && !strcmp(m, "fp32")) *math = BM_CUDA_MATH_FP32;
     else if (m && !strcmp(m, "tf32")) *math = BM_CUDA_MATH_TF32;
     else if (m && !strcmp(m, "bf16")) *math = BM_CUDA_MATH_BF16;
+    else if (m && !strcmp(m, "bf16x2")) *math = BM_CUDA_MATH_BF16X2;
     else {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s: math must be 'fp32', 'tf32' or 'bf16', got %R", fn, o);
+        PyErr_Format(PyExc_ValueError, "%s: math must be 'fp32', 'tf32', 'bf16' or 'bf16x2', "
+                     "got %R", fn, o);
         return -1;
     }
     return 0;
@@ -2431,7 +2433,7 @@ static PyMethodDef cuda_methods[] = {
      "cuda_is_device(a) -> True for a GPU array (DeviceArray, CAI, DLPack on CUDA)"},
     {"cuda_asarray", py_cuda_asarray, METH_O,
      "cuda_asarray(a) -> DeviceArray view of a CUDA array (CAI or DLPack), no copy"},
-    CKW(linear, "GPU linear(x, weight, bias=None, *, math='fp32'|'tf32'|'bf16') -> (..., N)"),
+    CKW(linear, "GPU linear(x, weight, bias=None, *, math='fp32'|'tf32'|'bf16'|'bf16x2') -> (..., N)"),
     {"cuda_bf16_to_f32", py_cuda_bf16_to_f32, METH_O, "GPU bf16_to_f32(a uint16) -> float32"},
     {"cuda_f32_to_bf16", py_cuda_f32_to_bf16, METH_O, "GPU f32_to_bf16(a float32) -> uint16"},
     CKW(selective_scan, "GPU selective_scan(...) -> (y (b,L,E), final_state (b,E,N)); N <= 64"),
@@ -2679,8 +2681,13 @@ static PyObject *py_cuda_model_create(PyObject *self, PyObject *args) {
     if (!strcmp(math, "fp32")) c.math = BM_CUDA_MATH_FP32;
     else if (!strcmp(math, "tf32")) c.math = BM_CUDA_MATH_TF32;
     else if (!strcmp(math, "bf16")) c.math = BM_CUDA_MATH_BF16;
-    else return PyErr_Format(PyExc_ValueError, "cuda_model_create: math must be 'fp32', 'tf32' "
-                             "or 'bf16', got '%s'", math);
+    else if (!strcmp(math, "bf16x2")) c.math = BM_CUDA_MATH_BF16X2;
+    else return PyErr_Format(PyExc_ValueError, "cuda_model_create: math must be 'fp32', 'tf32', "
+                             "'bf16' or 'bf16x2', got '%s'", math);
+    if (PyDict_GetItemString(cfgd, "split_rows")) {  /* optional: 0 default, < 0 never */
+        c.bf16_split_rows = eng_int(cfgd, "split_rows", &err);
+        if (err) return NULL;
+    }
 
     const int64_t L = c.num_layers, d = c.d, E = c.E, N = c.N, K = c.K, R = c.R, F = c.F;
     const int64_t G = c.swiglu ? 2 * F : F;

@@ -48,6 +48,10 @@ int bm_cuda_cublas_destroy(void *handle);
 /* bf16 bits <-> float32 on the device (round to nearest even, NaN kept NaN). (n) each. */
 int bm_cuda_bf16_to_f32(const uint16_t *src, float *dst, int64_t n, cudaStream_t stream);
 int bm_cuda_f32_to_bf16(const float *src, uint16_t *dst, int64_t n, cudaStream_t stream);
+/* src (n) -> hi = bf16(src), lo = bf16(src - hi) (n each): hi + lo keeps 16 significant bits,
+ * the operand split of BM_CUDA_MATH_BF16X2. */
+int bm_cuda_f32_to_bf16_split(const float *src, uint16_t *hi, uint16_t *lo, int64_t n,
+                              cudaStream_t stream);
 
 /* ---- scan.cu: Mamba-1 selective scan (SPEC 2), float32 state in registers --------------- */
 /* u, delta, z, y: (b, L, E); A: (E, N) (= -exp(A_log)); Bm, Cm: (b, L, N);
@@ -122,6 +126,9 @@ enum {
     BM_CUDA_MATH_TF32 = 1,  /* tensor cores, tf32 inputs, fp32 accumulate (~3e-4 rel.) */
     BM_CUDA_MATH_BF16 = 2,  /* bf16 weights as stored, activations rounded to bf16, fp32
                                accumulate (~3e-3 rel.); float32 weights fall back to TF32 */
+    BM_CUDA_MATH_BF16X2 = 3, /* bf16 weights as stored, activations split into bf16 hi + lo,
+                               two bf16 GEMMs accumulating in fp32 (~1e-5 rel., twice the
+                               tensor-core work of BF16); float32 weights fall back to TF32 */
 };
 /* Bytes of workspace bm_cuda_moe_experts needs. */
 size_t bm_cuda_moe_experts_workspace(int64_t T, int64_t d, int64_t X, int64_t F,
@@ -160,8 +167,9 @@ int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math);
 /* Bytes of workspace bm_cuda_linear needs (0 on the GEMV path). */
 size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin, bm_dtype wdtype, int math);
 /* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16.
- * math: BM_CUDA_MATH_FP32 (exact float32; bf16 W expanded in the workspace), TF32, or BF16
- * (bf16 W as stored, x rounded to bf16; float32 W falls back to TF32). M up to
+ * math: BM_CUDA_MATH_FP32 (exact float32; bf16 W expanded in the workspace), TF32, BF16
+ * (bf16 W as stored, x rounded to bf16; float32 W falls back to TF32) or BF16X2 (x split into
+ * bf16 hi + lo, two GEMMs; float32 W falls back to TF32). M up to
  * bm_cuda_linear_gemv_rows: bm_cuda_gemv (fp32 accumulate, whatever `math`); beyond: cuBLAS
  * through cublas_handle (its stream is set to `stream`). Kin = 0 gives y = bias (or 0). */
 int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
@@ -201,7 +209,11 @@ typedef struct {
     bm_act act;
     bm_dtype wdtype;         /* storage of the matrices on the device: BM_F32 or BM_BF16 */
     int math;                /* BM_CUDA_MATH_*: GEMMs of more than 8 rows (see engine.cu) */
+    int64_t bf16_split_rows; /* under BM_CUDA_MATH_BF16, prefill products (and MoE layers) of
+                                at most this many rows (tokens) run as BF16X2: 0 = the default
+                                (BM_CUDA_BF16_SPLIT_ROWS), negative = never */
 } bm_cuda_config;
+#define BM_CUDA_BF16_SPLIT_ROWS 128
 
 /* A HOST array: float32, or bf16 bits (uint16); converted on the device where needed. */
 typedef struct { const void *data; bm_dtype dtype; } bm_cuda_host_tensor;

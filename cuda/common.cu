@@ -53,6 +53,15 @@ static __global__ void f32_to_bf16_kernel(const float *__restrict__ src,  // (n)
         dst[i] = bm_f32_to_bf16_bits(src[i]);
 }
 
+static __global__ void f32_to_bf16_split_kernel(const float *__restrict__ src,  // (n)
+                                                uint16_t *__restrict__ hi,       // (n)
+                                                uint16_t *__restrict__ lo,       // (n)
+                                                int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        bm_f32_to_bf16_split(src[i], hi[i], lo[i]);
+}
+
 static int grid_for(int64_t n) { return (int)(bm_cdiv(n, 256) < 8192 ? bm_cdiv(n, 256) : 8192); }
 
 extern "C" int bm_cuda_bf16_to_f32(const uint16_t *src, float *dst, int64_t n,
@@ -67,6 +76,14 @@ extern "C" int bm_cuda_f32_to_bf16(const float *src, uint16_t *dst, int64_t n,
                                    cudaStream_t stream) {
     if (n <= 0) return 0;
     f32_to_bf16_kernel<<<grid_for(n), 256, 0, stream>>>(src, dst, n);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+extern "C" int bm_cuda_f32_to_bf16_split(const float *src, uint16_t *hi, uint16_t *lo, int64_t n,
+                                         cudaStream_t stream) {
+    if (n <= 0) return 0;
+    f32_to_bf16_split_kernel<<<grid_for(n), 256, 0, stream>>>(src, hi, lo, n);
     BM_CUDA_LAUNCHED();
     return 0;
 }

@@ -116,6 +116,15 @@ __device__ __forceinline__ uint16_t bm_f32_to_bf16_bits(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// float32 f -> bf16 hi + bf16 lo with hi = bf16(f), lo = bf16(f - hi): hi + lo carries 16
+// significant bits (|f - hi - lo| <= 2^-17 |f|), so two bf16 GEMMs, hi and lo, accumulated
+// in fp32 give a product about as exact as fp32 (BM_CUDA_MATH_BF16X2). f - hi is exact in
+// float32 (Sterbenz: hi is within a factor 2 of f). Inf/NaN: lo = 0, hi keeps them.
+__device__ __forceinline__ void bm_f32_to_bf16_split(float f, uint16_t &hi, uint16_t &lo) {
+    hi = bm_f32_to_bf16_bits(f);
+    const float h = bm_bf16_bits_to_f32(hi);
+    lo = isfinite(h) ? bm_f32_to_bf16_bits(f - h) : (uint16_t)0;
+}
 
 // 2^x on the special-function unit (MUFU.EX2, ~2 ulp; subnormal results flush to 0, which is
 // what a decaying SSM state wants anyway).
@@ -126,9 +135,22 @@ __device__ __forceinline__ float bm_ex2(float x) {
 }
 
 __device__ __forceinline__ float bm_softplus(float v) {
-    // softplus(v) = v for v > 20 (mamba_ssm's threshold); log1pf keeps small values exact.
-    // Select, not branch: a divergent branch around log1pf costs both sides anyway.
-    const float sp = log1pf(expf(fminf(v, 20.f)));
+    // softplus(v) = v for v > 20 (mamba_ssm's threshold), else max(v, 0) + log1p(w) with
+    // w = exp(-|v|) in (0, 1] from MUFU.EX2 and log1p(w) = 2 atanh(s), s = w / (2 + w) in
+    // [0, 1/3], as the odd series to s^11 (truncation < 1.5e-7 relative). About 16
+    // instructions (two MUFU) against ~35 for log1pf(expf(v)), which the prefill scan runs
+    // once per (token, channel). Relative error against float64: <= 6.2e-7 for v >= -10,
+    // <= 1.8e-6 below (where softplus < 5e-5; ex2's argument rounding), measured over
+    // [-30, 30] in a NumPy float32 model of these operations.
+    const float w = bm_ex2(-fabsf(v) * 1.4426950408889634f);
+    const float s = __fdividef(w, 2.f + w);
+    const float s2 = s * s;
+    float q = fmaf(s2, 0.18181818181818182f, 0.22222222222222222f);
+    q = fmaf(q, s2, 0.2857142857142857f);
+    q = fmaf(q, s2, 0.4f);
+    q = fmaf(q, s2, 0.6666666666666666f);
+    q = fmaf(q, s2, 2.f);
+    const float sp = fmaf(s, q, fmaxf(v, 0.f));
     return v > 20.f ? v : sp;
 }
 

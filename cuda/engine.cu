@@ -11,7 +11,16 @@
 // Matrix products (`linear` below):
 //   - up to GEMV_ROWS rows: the bf16/fp32 GEMV (gemv.cu), fp32 activations, exact;
 //   - more rows, bf16 weights, BM_CUDA_MATH_BF16: activations rounded to bf16, cuBLAS bf16
-//     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product);
+//     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product); except prefill
+//     products (and MoE layers) of at most cfg.bf16_split_rows rows (default 128), which run
+//     as BF16X2;
+//   - BM_CUDA_MATH_BF16X2 (every product of more than GEMV_ROWS rows, decode included): the
+//     activations split into bf16 hi + bf16 lo (x - hi), two bf16 GEMMs accumulating in fp32:
+//     ~1e-5 relative per product, twice the tensor-core work. Why the small prefills split:
+//     bf16 rounding noise (~3e-3 per product, ~0.003 RMS on a logit) decides near-ties, and
+//     real checkpoints have them: on the tiny-a golden (74 tokens) one top-2 logit gap of
+//     0.0036 and one router gap of 0.0037 (tools/bf16_emulate.py); at those sizes the GEMMs are
+//     bound by launches and weight reads, so the second GEMM costs little (benchmarks);
 //   - more rows, bf16 weights, FP32/TF32 math: GEMV up to GEMV_ROWS_EXACT rows (reads the
 //     weights once per 8 rows), else the weights expanded to fp32 into a scratch matrix and a
 //     cuBLAS fp32 (or tf32) GEMM;
@@ -125,8 +134,12 @@ struct Ws {
     float *rlog;            // (T, Xmax) router logits (tracing)
     float *eh;              // (rows, G) expert hidden of the GEMV path
     uint16_t *xbf;          // (T, max(d, E, R)) bf16 copy of a GEMM input (BF16 math)
+    uint16_t *xlo;          // (Ts, max(d, E, R)) its low part (split products), Ts = the
+                            // rows that may split (T under BF16X2, else <= bf16_split_rows)
+    int64_t Ts;
     float *hall;            // (X, T, G) decode, BF16 math, T > GEMV_ROWS: every expert's fc1
     uint16_t *abf;          //   (T, F) the chosen expert's act(fc1) as bf16
+    uint16_t *alo;          //   (T, F) its low part (BF16X2)
     float *oall;            //   (X, T, d) every expert's fc2
     void *moe;              // bm_cuda_moe_experts workspace (prefill)
     size_t moe_bytes;
@@ -214,13 +227,18 @@ __global__ void split_bc_kernel(const float *__restrict__ dbc,  // (T, R + 2N)
     }
 }
 
-// xb (M, K) = bf16(x (M, ldx)[:, :K]): the GEMM input of the BF16 math path.
+// xb (M, K) = bf16(x (M, ldx)[:, :K]): the GEMM input of the BF16 math path; with xlo
+// (split products) also xlo (M, K) = bf16(x - bf16(x)).
 __global__ void to_bf16_kernel(const float *__restrict__ x, int64_t ldx,
-                               uint16_t *__restrict__ xb, int64_t M, int64_t K) {
+                               uint16_t *__restrict__ xb, int64_t M, int64_t K,
+                               uint16_t *__restrict__ xlo = nullptr) {
     const int64_t n = M * K;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
-        xb[i] = bm_f32_to_bf16_bits(x[(i / K) * ldx + i % K]);
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float v = x[(i / K) * ldx + i % K];
+        if (xlo) bm_f32_to_bf16_split(v, xb[i], xlo[i]);
+        else xb[i] = bm_f32_to_bf16_bits(v);
+    }
 }
 
 // y (M, ldy)[:, :N] += bias (N)
@@ -439,9 +457,11 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
 
 // The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
 // (ungated: act(hall[e_t, t, :F])), e_t = ids[t] (ids NULL: 0).
+// alo (BF16X2, else NULL) gets the low part of each value.
 __global__ void select_act_kernel(const float *__restrict__ hall,   // (X, T, G)
                                   const int32_t *__restrict__ ids,  // (T) or NULL
                                   uint16_t *__restrict__ abf,       // (T, F)
+                                  uint16_t *__restrict__ alo,       // (T, F) or NULL
                                   int64_t T, int F, int G, int gated, int act) {
     const int64_t n = T * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
@@ -450,7 +470,9 @@ __global__ void select_act_kernel(const float *__restrict__ hall,   // (X, T, G)
         const int f = (int)(i % F);
         const float *row = hall + ((ids ? (int64_t)ids[t] : 0) * T + t) * G;
         const float a = act_fn(row[f], act);
-        abf[i] = bm_f32_to_bf16_bits(gated ? a * row[F + f] : a);
+        const float v = gated ? a * row[F + f] : a;
+        if (alo) bm_f32_to_bf16_split(v, abf[i], alo[i]);
+        else abf[i] = bm_f32_to_bf16_bits(v);
     }
 }
 
@@ -741,19 +763,35 @@ int blas_prepare(bm_cuda_model *m) {
     return 0;
 }
 
+// beta 1: y += the product (the low half of a split product).
 int gemm(bm_cuda_model *m, const void *W, cudaDataType wt, const void *x, cudaDataType xt,
          int64_t ldx, float *y, int64_t ldy, int64_t M, int64_t Nout, int64_t Kin,
-         cublasComputeType_t ct) {
+         cublasComputeType_t ct, float beta = 0.f) {
     // Row-major y (M, Nout) = x (M, Kin) W^T is column-major y^T = (W viewed (Kin, Nout))^T x^T.
-    const float one = 1.f, zero = 0.f;
+    const float one = 1.f;
     BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)Nout, (int)M, (int)Kin,
-                               &one, W, wt, (int)Kin, x, xt, (int)ldx, &zero, y, CUDA_R_32F,
+                               &one, W, wt, (int)Kin, x, xt, (int)ldx, &beta, y, CUDA_R_32F,
                                (int)ldy, ct, CUBLAS_GEMM_DEFAULT));
     return 0;
 }
 
+// bf16 weights used as stored with bf16 activations (BF16, or BF16X2's hi + lo).
 bool bf16_math(const bm_cuda_model *m) {
-    return m->cfg.wdtype == BM_BF16 && m->cfg.math == BM_CUDA_MATH_BF16;
+    return m->cfg.wdtype == BM_BF16 &&
+           (m->cfg.math == BM_CUDA_MATH_BF16 || m->cfg.math == BM_CUDA_MATH_BF16X2);
+}
+// Rows up to which a BF16-math prefill product splits its activations (0: never; BF16X2
+// always splits, see split_x).
+int64_t split_limit(const bm_cuda_config &c) {
+    if (c.wdtype != BM_BF16 || c.math != BM_CUDA_MATH_BF16) return 0;
+    if (c.bf16_split_rows < 0) return 0;
+    return c.bf16_split_rows ? c.bf16_split_rows : BM_CUDA_BF16_SPLIT_ROWS;
+}
+// Does a bf16-math product (or MoE layer) of M rows split its activations into hi + lo?
+bool split_x(const bm_cuda_model *m, const Ws *ws, int64_t M) {
+    if (!bf16_math(m)) return false;
+    if (m->cfg.math == BM_CUDA_MATH_BF16X2) return true;
+    return !ws->decode && M <= split_limit(m->cfg);
 }
 // Does a product of M rows expand bf16 weights to fp32 (needs the wf scratch)?
 bool needs_wf(const bm_cuda_model *m, int64_t M) {
@@ -784,12 +822,19 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
         return bm_gemv_launch(p, m->cfg.wdtype, 1, 0, m->stream);
     }
     if (bfm) {
+        const bool split = split_x(m, ws, M);
+        if (split && (!ws->xlo || M > ws->Ts))
+            return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
         if (!xbf_ready) {
-            to_bf16_kernel<<<grid_for(M * Kin), 256, 0, m->stream>>>(x, ldx, ws->xbf, M, Kin);
+            to_bf16_kernel<<<grid_for(M * Kin), 256, 0, m->stream>>>(x, ldx, ws->xbf, M, Kin,
+                                                                      split ? ws->xlo : nullptr);
             BM_CUDA_LAUNCHED();
         }
         TRY(gemm(m, W, CUDA_R_16BF, ws->xbf, CUDA_R_16BF, Kin, y, ldy, M, Nout, Kin,
                  CUBLAS_COMPUTE_32F));
+        if (split)  // y += lo @ W^T
+            TRY(gemm(m, W, CUDA_R_16BF, ws->xlo, CUDA_R_16BF, Kin, y, ldy, M, Nout, Kin,
+                     CUBLAS_COMPUTE_32F, 1.f));
     } else {
         const void *Wf = W;
         if (bf) {
@@ -1000,21 +1045,30 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     const int64_t d = c.d, F = c.F, G = m->G, X = ly.X;
     cudaStream_t st = m->stream;
     const float one = 1.f, zero = 0.f;
-    to_bf16_kernel<<<grid_for(T * d), 256, 0, st>>>(x, d, ws->xbf, T, d);
+    const bool split = split_x(m, ws, T);  // BF16X2: a second pair of GEMMs on the low parts
+    if (split && (!ws->xlo || !ws->alo || T > ws->Ts))
+        return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+    to_bf16_kernel<<<grid_for(T * d), 256, 0, st>>>(x, d, ws->xbf, T, d,
+                                                    split ? ws->xlo : nullptr);
     BM_CUDA_LAUNCHED();
     // hall[x] (T, G) = xbf (T, d) @ fc1[x]^T for every x (column-major: hall^T = fc1 xbf^T)
-    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
-        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)G, (int)T, (int)d, &one, ly.fc1, CUDA_R_16BF,
-        (int)d, G * d, ws->xbf, CUDA_R_16BF, (int)d, 0, &zero, ws->hall, CUDA_R_32F, (int)G,
-        T * G, (int)X, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    select_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->hall, ids, ws->abf, T, (int)F,
+    for (int part = 0; part <= (int)split; part++)
+        BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+            m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)G, (int)T, (int)d, &one, ly.fc1,
+            CUDA_R_16BF, (int)d, G * d, part ? ws->xlo : ws->xbf, CUDA_R_16BF, (int)d, 0,
+            part ? &one : &zero, ws->hall, CUDA_R_32F, (int)G, T * G, (int)X,
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    select_act_kernel<<<grid_for(T * F), 256, 0, st>>>(ws->hall, ids, ws->abf,
+                                                       split ? ws->alo : nullptr, T, (int)F,
                                                        (int)G, c.swiglu, (int)c.act);
     BM_CUDA_LAUNCHED();
     // oall[x] (T, d) = abf (T, F) @ fc2[x]^T
-    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
-        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)F, &one, ly.fc2, CUDA_R_16BF,
-        (int)F, d * F, ws->abf, CUDA_R_16BF, (int)F, 0, &zero, ws->oall, CUDA_R_32F, (int)d,
-        T * d, (int)X, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    for (int part = 0; part <= (int)split; part++)
+        BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+            m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)F, &one, ly.fc2,
+            CUDA_R_16BF, (int)F, d * F, part ? ws->alo : ws->abf, CUDA_R_16BF, (int)F, 0,
+            part ? &one : &zero, ws->oall, CUDA_R_32F, (int)d, T * d, (int)X,
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     select_out_kernel<<<grid_for(T * d), 256, 0, st>>>(ws->oall, ids, gates, out, T, (int)d);
     BM_CUDA_LAUNCHED();
     return 0;
@@ -1057,7 +1111,8 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
             BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
             ids = ws->ids;
         }
-        TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, c.math, out, T,
+        const int mm = split_x(m, ws, T) ? BM_CUDA_MATH_BF16X2 : c.math;
+        TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, mm, out, T,
                                 c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
         TRY(blas_prepare(m));
     } else if (ws->hall) {
@@ -1167,14 +1222,25 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     const int64_t eh_rows = (decode || !c.swiglu) ? T : std::min(T, MOE_GEMV_MAX);
     w->eh = m->has_mlp ? a.take<float>(eh_rows * G) : nullptr;
     w->xbf = bf16_math(m) ? a.take<uint16_t>(T * std::max({d, E, c.R})) : nullptr;
+    // rows that may split (split_x): all under BF16X2, the small prefill products under BF16
+    w->Ts = !bf16_math(m) ? 0
+            : c.math == BM_CUDA_MATH_BF16X2 ? T
+            : decode ? 0 : std::min(T, split_limit(c));
+    w->xlo = w->Ts ? a.take<uint16_t>(w->Ts * std::max({d, E, c.R})) : nullptr;
     const bool all_experts = decode && bf16_math(m) && m->has_mlp && T > GEMV_ROWS;
     w->hall = all_experts ? a.take<float>(m->Xmax * T * G) : nullptr;
     w->abf = all_experts ? a.take<uint16_t>(T * c.F) : nullptr;
+    w->alo = all_experts && w->Ts ? a.take<uint16_t>(T * c.F) : nullptr;
     w->oall = all_experts ? a.take<float>(m->Xmax * T * d) : nullptr;
     w->moe_bytes = 0;
     w->moe = nullptr;
     if (!decode && m->has_gated_mlp && T > MOE_GEMV_MAX) {
-        w->moe_bytes = bm_cuda_moe_experts_workspace(T, d, m->Xmax, c.F, c.wdtype, c.math);
+        // A MoE layer of at most Ts tokens may run split (BF16X2 layout, larger per token).
+        w->moe_bytes = std::max(
+            bm_cuda_moe_experts_workspace(T, d, m->Xmax, c.F, c.wdtype, c.math),
+            w->Ts > MOE_GEMV_MAX ? bm_cuda_moe_experts_workspace(w->Ts, d, m->Xmax, c.F,
+                                                                 c.wdtype, BM_CUDA_MATH_BF16X2)
+                                 : (size_t)0);
         w->moe = a.take<char>((int64_t)w->moe_bytes);
     }
     w->LB = decode ? T : std::min(T, LOGIT_ROWS);
@@ -1356,8 +1422,8 @@ int check_cfg(const bm_cuda_config *c) {
         return BM_CUDA_ARG_FAIL("engine: real_vocab must be in 1..V");
     if (c->wdtype != BM_F32 && c->wdtype != BM_BF16)
         return BM_CUDA_ARG_FAIL("engine: weights must be float32 or bfloat16");
-    if (c->math < BM_CUDA_MATH_FP32 || c->math > BM_CUDA_MATH_BF16)
-        return BM_CUDA_ARG_FAIL("engine: math must be BM_CUDA_MATH_FP32, _TF32 or _BF16");
+    if (c->math < BM_CUDA_MATH_FP32 || c->math > BM_CUDA_MATH_BF16X2)
+        return BM_CUDA_ARG_FAIL("engine: math must be BM_CUDA_MATH_FP32, _TF32, _BF16 or _BF16X2");
     if (c->d > INT32_MAX / 8 || 2 * c->E > INT32_MAX / 8 || c->V > INT32_MAX ||
         2 * c->F > INT32_MAX / 8)
         return BM_CUDA_ARG_FAIL("engine: dimensions too large");

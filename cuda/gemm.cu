@@ -29,7 +29,9 @@ __global__ void fill_kernel(float *__restrict__ y, int64_t n, float v) {  // (n)
 
 unsigned grid_for(int64_t n) { return (unsigned)(bm_cdiv(n, 256) < 8192 ? bm_cdiv(n, 256) : 8192); }
 
-bool bf16_math(bm_dtype wdtype, int math) { return wdtype == BM_BF16 && math == BM_CUDA_MATH_BF16; }
+bool bf16_math(bm_dtype wdtype, int math) {
+    return wdtype == BM_BF16 && (math == BM_CUDA_MATH_BF16 || math == BM_CUDA_MATH_BF16X2);
+}
 
 size_t align256(size_t b) { return (b + 255) & ~(size_t)255; }
 
@@ -42,7 +44,8 @@ extern "C" int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math) {
 extern "C" size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin,
                                            bm_dtype wdtype, int math) {
     if (M <= bm_cuda_linear_gemv_rows(wdtype, math)) return 0;
-    if (bf16_math(wdtype, math)) return align256((size_t)(M * Kin) * 2);  // x as bf16
+    if (bf16_math(wdtype, math))  // x as bf16 (and its low part under BF16X2)
+        return align256((size_t)(M * Kin) * 2) * (math == BM_CUDA_MATH_BF16X2 ? 2 : 1);
     if (wdtype == BM_BF16) return align256((size_t)(Nout * Kin) * 4);     // W as float32
     return 0;
 }
@@ -54,8 +57,8 @@ extern "C" int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, co
     if (M <= 0 || Nout <= 0) return 0;
     if (M > INT32_MAX || Nout > INT32_MAX || Kin > INT32_MAX)
         return BM_CUDA_ARG_FAIL("linear: matrix dimensions must be below 2**31");
-    if (math != BM_CUDA_MATH_FP32 && math != BM_CUDA_MATH_TF32 && math != BM_CUDA_MATH_BF16)
-        return BM_CUDA_ARG_FAIL("linear: math must be BM_CUDA_MATH_FP32, TF32 or BF16");
+    if (math < BM_CUDA_MATH_FP32 || math > BM_CUDA_MATH_BF16X2)
+        return BM_CUDA_ARG_FAIL("linear: math must be BM_CUDA_MATH_FP32, TF32, BF16 or BF16X2");
     if (Kin == 0) {  // an empty sum: y = bias (or 0)
         if (bias) bias_rows_kernel<<<grid_for(M * Nout), 256, 0, stream>>>(bias, y, M * Nout, Nout);
         else fill_kernel<<<grid_for(M * Nout), 256, 0, stream>>>(y, M * Nout, 0.f);
@@ -83,10 +86,17 @@ extern "C" int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, co
     cudaDataType at = CUDA_R_32F, bt = CUDA_R_32F;
     cublasComputeType_t ct = math == BM_CUDA_MATH_FP32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
     int st;
+    const uint16_t *xlo = nullptr;  // BF16X2: the low part of x, the second GEMM's input
     if (bf16_math(wdtype, math)) {
-        // bf16 x bf16 -> fp32 accumulate: x rounded to bf16 once.
+        // bf16 x bf16 -> fp32 accumulate: x rounded to bf16 once (BF16X2: hi and lo parts).
         uint16_t *xb = (uint16_t *)workspace;  // (M, Kin)
-        if ((st = bm_cuda_f32_to_bf16(x, xb, M * Kin, stream))) return st;
+        if (math == BM_CUDA_MATH_BF16X2) {
+            uint16_t *lo = (uint16_t *)((char *)workspace + align256((size_t)(M * Kin) * 2));
+            if ((st = bm_cuda_f32_to_bf16_split(x, xb, lo, M * Kin, stream))) return st;
+            xlo = lo;
+        } else if ((st = bm_cuda_f32_to_bf16(x, xb, M * Kin, stream))) {
+            return st;
+        }
         A = W; at = CUDA_R_16BF;
         B = xb; bt = CUDA_R_16BF;
         ct = CUBLAS_COMPUTE_32F;
@@ -101,5 +111,10 @@ extern "C" int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, co
     BM_CUBLAS_TRY(cublasGemmEx(hdl, CUBLAS_OP_T, CUBLAS_OP_N, (int)Nout, (int)M, (int)Kin, &one,
                                A, at, (int)Kin, B, bt, (int)Kin, &beta, y, CUDA_R_32F, (int)Nout,
                                ct, CUBLAS_GEMM_DEFAULT));
+    if (xlo) {  // y += lo @ W^T: the part of x that bf16 rounding dropped
+        BM_CUBLAS_TRY(cublasGemmEx(hdl, CUBLAS_OP_T, CUBLAS_OP_N, (int)Nout, (int)M, (int)Kin,
+                                   &one, A, at, (int)Kin, xlo, bt, (int)Kin, &one, y, CUDA_R_32F,
+                                   (int)Nout, ct, CUBLAS_GEMM_DEFAULT));
+    }
     return 0;
 }

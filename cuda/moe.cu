@@ -171,19 +171,25 @@ __global__ __launch_bounds__(DISPATCH_THREADS) void dispatch_kernel(
 
 // ---- gather / act / scatter --------------------------------------------------------------
 // xg[i] = x[perm[i]] for i < offsets[X]; OT float or bf16 bits (the BF16 GEMM path).
+// xlo (BF16X2 math, else NULL): xg gets bf16(x) and xlo the low part x - bf16(x), as bf16.
 template <typename OT>
 __global__ void gather_kernel(const float *__restrict__ x,        // (T, d)
                               const int32_t *__restrict__ perm,   // (T)
                               const int32_t *__restrict__ total,  // (1) = offsets[X]
                               OT *__restrict__ xg,                // (T, d)
+                              uint16_t *__restrict__ xlo,         // (T, d) or NULL
                               int d) {
     const int i = blockIdx.x;
     if (i >= *total) return;
     const float *src = x + (int64_t)perm[i] * d;
     OT *dst = xg + (int64_t)i * d;
     for (int k = threadIdx.x; k < d; k += blockDim.x) {
-        if constexpr (sizeof(OT) == 2) dst[k] = bm_f32_to_bf16_bits(src[k]);
-        else dst[k] = src[k];
+        if constexpr (sizeof(OT) == 2) {
+            if (xlo) bm_f32_to_bf16_split(src[k], dst[k], xlo[(int64_t)i * d + k]);
+            else dst[k] = bm_f32_to_bf16_bits(src[k]);
+        } else {
+            dst[k] = src[k];
+        }
     }
 }
 
@@ -199,18 +205,24 @@ __device__ __forceinline__ float act_fn(float v, int act) {
 
 // a[i, f] = act(h[i, f]) * h[i, F + f] for rows i < rows (device count or host count).
 // f32 output goes in place into h's gate half (ld 2F): the same thread reads then writes.
+// alo (BF16X2, bf16 output only, else NULL): the low part of a, as in gather_kernel.
 template <typename OT>
 __global__ void act_mul_kernel(float *h,                    // (rows, 2F)
                                OT *a,                       // (rows, lda)
-                               int64_t lda, const int32_t *rows_dev, int64_t rows, int F, int act) {
+                               int64_t lda, const int32_t *rows_dev, int64_t rows, int F, int act,
+                               uint16_t *alo = nullptr) {   // (rows, lda) or NULL
     const int64_t n = (rows_dev ? (int64_t)*rows_dev : rows) * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = i / F;
         const int f = (int)(i % F);
         const float v = act_fn(h[r * 2 * F + f], act) * h[r * 2 * F + F + f];
-        if constexpr (sizeof(OT) == 2) a[r * lda + f] = bm_f32_to_bf16_bits(v);
-        else a[r * lda + f] = v;
+        if constexpr (sizeof(OT) == 2) {
+            if (alo) bm_f32_to_bf16_split(v, a[r * lda + f], alo[r * lda + f]);
+            else a[r * lda + f] = bm_f32_to_bf16_bits(v);
+        } else {
+            a[r * lda + f] = v;
+        }
     }
 }
 
@@ -236,12 +248,19 @@ struct MoeWs {
     int32_t *offsets;   // (X+1)
     float *xg;          // (T, d) gathered rows; then the fc2 outputs (f32 math)
     uint16_t *xg_bf;    // (T, d) bf16 math only
+    uint16_t *xg_lo;    // (T, d) BF16X2 math only: the low parts
     float *h;           // (T, 2F) fc1 outputs; act*up in place in [:, :F] (f32 math)
     uint16_t *a_bf;     // (T, F) bf16 math only
+    uint16_t *a_lo;     // (T, F) BF16X2 math only
     float *og;          // (T, d) fc2 outputs (= xg unless bf16 math)
     float *w1f, *w2f;   // (2F, d), (d, F): one expert's weights as f32 (bf16 weights, f32 math)
     size_t bytes;
 };
+
+// bf16 weights used as stored, activations as bf16 (BF16) or bf16 hi + lo (BF16X2).
+bool is_bf16_math(bm_dtype wdtype, int math) {
+    return wdtype == BM_BF16 && (math == BM_CUDA_MATH_BF16 || math == BM_CUDA_MATH_BF16X2);
+}
 
 MoeWs moe_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, bm_dtype wdtype, int math) {
     MoeWs w{};
@@ -251,14 +270,17 @@ MoeWs moe_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, bm_dtype wd
         off += (bytes + 255) & ~(size_t)255;
         return p;
     };
-    const bool bf16_math = math == BM_CUDA_MATH_BF16 && wdtype == BM_BF16;
+    const bool bf16_math = is_bf16_math(wdtype, math);
+    const bool split = bf16_math && math == BM_CUDA_MATH_BF16X2;
     const bool expand = wdtype == BM_BF16 && !bf16_math;
     w.perm = (int32_t *)take(T * 4);
     w.offsets = (int32_t *)take((X + 1) * 4);
     w.xg = bf16_math ? nullptr : (float *)take(T * d * 4);
     w.xg_bf = bf16_math ? (uint16_t *)take(T * d * 2) : nullptr;
+    w.xg_lo = split ? (uint16_t *)take(T * d * 2) : nullptr;
     w.h = (float *)take(T * 2 * F * 4);
     w.a_bf = bf16_math ? (uint16_t *)take(T * F * 2) : nullptr;
+    w.a_lo = split ? (uint16_t *)take(T * F * 2) : nullptr;
     w.og = bf16_math ? (float *)take(T * d * 4) : w.xg;
     w.w1f = expand ? (float *)take(2 * F * d * 4) : nullptr;
     w.w2f = expand ? (float *)take(d * F * 4) : nullptr;
@@ -266,15 +288,20 @@ MoeWs moe_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, bm_dtype wd
     return w;
 }
 
+// xlo (BF16X2, else NULL): y += xlo @ W^T after the first product (the low parts of x).
 int gemm_rowmajor(cublasHandle_t hdl, const void *W, cudaDataType wt, const void *x,
                   cudaDataType xt, int64_t ldx, float *y, int64_t ldy, int64_t M, int64_t Nout,
-                  int64_t Kin, cublasComputeType_t ct) {
+                  int64_t Kin, cublasComputeType_t ct, const void *xlo = nullptr) {
     // Row-major y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T is, column-major,
     // y^T (Nout, M) = W^T ... i.e. op(A) = W^T with A = W viewed (Kin, Nout), B = x^T (Kin, M).
     const float one = 1.f, zero = 0.f;
     BM_CUBLAS_TRY(cublasGemmEx(hdl, CUBLAS_OP_T, CUBLAS_OP_N, (int)Nout, (int)M, (int)Kin, &one,
                                W, wt, (int)Kin, x, xt, (int)ldx, &zero, y, CUDA_R_32F, (int)ldy,
                                ct, CUBLAS_GEMM_DEFAULT));
+    if (xlo)
+        BM_CUBLAS_TRY(cublasGemmEx(hdl, CUBLAS_OP_T, CUBLAS_OP_N, (int)Nout, (int)M, (int)Kin,
+                                   &one, W, wt, (int)Kin, xlo, xt, (int)ldx, &one, y, CUDA_R_32F,
+                                   (int)ldy, ct, CUBLAS_GEMM_DEFAULT));
     return 0;
 }
 
@@ -340,7 +367,9 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
         return BM_CUDA_ARG_FAIL("moe_experts: workspace too small (bm_cuda_moe_experts_workspace)");
     if (!cublas_handle) return BM_CUDA_ARG_FAIL("moe_experts: no cuBLAS handle");
     cublasHandle_t hdl = (cublasHandle_t)cublas_handle;
-    const bool bf16_math = math == BM_CUDA_MATH_BF16 && wdtype == BM_BF16;
+    if (math < BM_CUDA_MATH_FP32 || math > BM_CUDA_MATH_BF16X2)
+        return BM_CUDA_ARG_FAIL("moe_experts: math must be BM_CUDA_MATH_FP32, TF32, BF16 or BF16X2");
+    const bool bf16_math = is_bf16_math(wdtype, math);
     const cublasComputeType_t ct =
         (math == BM_CUDA_MATH_FP32) ? CUBLAS_COMPUTE_32F
         : bf16_math                 ? CUBLAS_COMPUTE_32F
@@ -349,8 +378,8 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
 
     if ((st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream))) return st;
     const int32_t *total = ws.offsets + X;
-    if (bf16_math) gather_kernel<uint16_t><<<(unsigned)T, 128, 0, stream>>>(x, ws.perm, total, ws.xg_bf, (int)d);
-    else gather_kernel<float><<<(unsigned)T, 128, 0, stream>>>(x, ws.perm, total, ws.xg, (int)d);
+    if (bf16_math) gather_kernel<uint16_t><<<(unsigned)T, 128, 0, stream>>>(x, ws.perm, total, ws.xg_bf, ws.xg_lo, (int)d);
+    else gather_kernel<float><<<(unsigned)T, 128, 0, stream>>>(x, ws.perm, total, ws.xg, nullptr, (int)d);
     BM_CUDA_LAUNCHED();
 
     // The GEMM sizes: the one host sync of this path.
@@ -373,7 +402,8 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
         }
         if (bf16_math)
             st = gemm_rowmajor(hdl, w1, wt, ws.xg_bf + off[e] * d, CUDA_R_16BF, d,
-                               ws.h + off[e] * 2 * F, 2 * F, n, 2 * F, d, ct);
+                               ws.h + off[e] * 2 * F, 2 * F, n, 2 * F, d, ct,
+                               ws.xg_lo ? ws.xg_lo + off[e] * d : nullptr);
         else
             st = gemm_rowmajor(hdl, w1, wt, ws.xg + off[e] * d, CUDA_R_32F, d,
                                ws.h + off[e] * 2 * F, 2 * F, n, 2 * F, d, ct);
@@ -384,7 +414,7 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
         const unsigned grid = (unsigned)(bm_cdiv(n, 256) < 65536 ? bm_cdiv(n, 256) : 65536);
         if (n > 0) {
             if (bf16_math)
-                act_mul_kernel<uint16_t><<<grid, 256, 0, stream>>>(ws.h, ws.a_bf, F, nullptr, rows, (int)F, (int)act);
+                act_mul_kernel<uint16_t><<<grid, 256, 0, stream>>>(ws.h, ws.a_bf, F, nullptr, rows, (int)F, (int)act, ws.a_lo);
             else
                 act_mul_kernel<float><<<grid, 256, 0, stream>>>(ws.h, ws.h, 2 * F, nullptr, rows, (int)F, (int)act);
             BM_CUDA_LAUNCHED();
@@ -400,7 +430,8 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
         }
         if (bf16_math)
             st = gemm_rowmajor(hdl, w2, wt, ws.a_bf + off[e] * F, CUDA_R_16BF, F,
-                               ws.og + off[e] * d, d, n, d, F, ct);
+                               ws.og + off[e] * d, d, n, d, F, ct,
+                               ws.a_lo ? ws.a_lo + off[e] * F : nullptr);
         else
             st = gemm_rowmajor(hdl, w2, wt, ws.h + off[e] * 2 * F, CUDA_R_32F, 2 * F,
                                ws.og + off[e] * d, d, n, d, F, ct);

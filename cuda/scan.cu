@@ -32,7 +32,8 @@ struct ScanParams {
     float *y;                 // (b, L, E)
     int L, E, N;
     int softplus;
-    int vec;                  // E % 4 == 0 and u, delta, z 16-byte aligned: 16-byte copies
+    int vec;                  // E % 4 == 0 and u, delta, z, y 16-byte aligned: 16-byte copies
+    int bcvec;                // N % 4 == 0 and Bm, Cm 16-byte aligned: 16-byte B/C copies
 };
 
 // cp.async: global -> shared without passing through registers. src_bytes = 0 zero-fills
@@ -41,8 +42,8 @@ __device__ __forceinline__ void cp_async4(float *dst, const float *src, bool pre
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 4 : 0));
 }
-__device__ __forceinline__ void cp_async16(float *dst, const float *src, bool pred) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+// 16 bytes, to a shared-window address (formed once per thread, not per copy).
+__device__ __forceinline__ void cp_async16s(unsigned d, const float *src, bool pred) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -55,12 +56,14 @@ struct ScanSmem {
     static constexpr int CPB = SCAN_THREADS / TPC;     // channels per block
     float act[SCAN_STAGES][3][SCAN_TC][CPB];           // u, delta (softplus'd in place), z (silu'd)
     float bc[SCAN_STAGES][SCAN_TC][2 * NP];            // per step: B row, then C row (zeros past N)
+    float y[SCAN_TC][CPB];                             // a chunk's outputs, stored 16 B at a time
 };
 
 // At most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs ~22 warps
-// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it (4x); VAR 1: full
+// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1: full
 // chunks fully unrolled. Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
-// VAR 0 wins at NT = 8, TPC = 2 (0.520 vs 0.563 ms), VAR 1 at TPC = 1 and 4 (default below).
+// with the per-thread copy addressing and the cheaper softplus, VAR 1 wins at every TPC
+// (TPC = 2: 0.4045 vs 0.4225 ms; before them VAR 0 won at TPC = 2, 0.520 vs 0.563).
 template <int NT, int TPC, int VAR>
 __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
@@ -92,20 +95,52 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     const float Dv = p.D ? p.D[e] : 0.f;
     const float dbias = p.delta_bias ? p.delta_bias[e] : 0.f;
 
+    // Copy addressing, formed once per thread (the copies of a chunk then cost a pointer add
+    // and a compare each, not the index divisions and 64-bit products of every copy).
+    // 16-byte path (p.vec): item i of tensor w (u, delta, z) is the float4 q of step
+    // tr + i * ARPI, the same q and steps in every chunk.
+    constexpr int Q = CPB / 4;                         // float4s per (tensor, step)
+    constexpr int ARPI = SCAN_THREADS / Q;             // steps apart of a thread's items
+    constexpr int AITEMS = TC / ARPI;                  // items per tensor and chunk
+    static_assert(SCAN_THREADS % Q == 0 && TC % ARPI == 0, "act copy layout");
+    const int aq = tid % Q, atr = tid / Q;
+    const bool aok = e0 + 4 * aq < E;
+    const int64_t aoff0 = (rowb + atr) * E + e0 + 4 * aq;        // + t0 * E per chunk
+    const int64_t astep = (int64_t)ARPI * E;
+    const unsigned asm0 = (unsigned)__cvta_generic_to_shared(&sm.act[0][0][atr][4 * aq]);
+    constexpr unsigned ASTAGE = sizeof(sm.act[0]), ATENS = sizeof(sm.act[0][0]),
+                       AROW = ARPI * CPB * 4;
+    // B/C, 16-byte path (p.bcvec): per step 2 * NP / 4 float4s (B's, then C's); item i is
+    // float4 r of step tr + i * BRPI.
+    constexpr int BQ = 2 * NP / 4;
+    constexpr int BRPI = BQ >= SCAN_THREADS ? 1 : SCAN_THREADS / BQ;
+    constexpr int BITEMS4 = (TC * BQ + SCAN_THREADS - 1) / SCAN_THREADS;
+    const int br = tid % BQ, btr = tid / BQ;
+    const int bcol = 4 * (br % (NP / 4 > 0 ? NP / 4 : 1));
+    const bool bok = tid < TC * BQ && bcol < N;        // N % 4 == 0: whole float4s
+    const float *bsrc0 = (br < NP / 4 ? p.Bm : p.Cm) + (rowb + btr) * N + bcol;
+    const int64_t bstep = (int64_t)BRPI * N;
+    const unsigned bsm0 = (unsigned)__cvta_generic_to_shared(&sm.bc[0][0][0]) +
+                          (unsigned)((btr * 2 * NP + 4 * br) * 4);
+    constexpr unsigned BSTAGE = sizeof(sm.bc[0]), BROW = BRPI * 2 * NP * 4;
+    static_assert(BQ >= SCAN_THREADS || SCAN_THREADS % BQ == 0, "B/C copy layout");
+
     // Start copying chunk c (steps c*TC ..) into stage s. Always commits a group, possibly
     // empty, so that wait_group counts stay in step.
     auto issue = [&](int c, int s) {
         const int t0 = c * TC;
         if (t0 < L) {
             if (p.vec) {
-                constexpr int Q = CPB / 4, ITEMS = 3 * TC * Q;
+                const int64_t off = aoff0 + (int64_t)t0 * E;
+                const unsigned d0 = asm0 + s * ASTAGE;
 #pragma unroll
-                for (int k = tid; k < ITEMS; k += SCAN_THREADS) {
-                    const int which = k / (TC * Q), t = (k / Q) % TC, q = k % Q;
-                    const float *src = which == 0 ? p.u : which == 1 ? p.delta : zsrc;
-                    const bool ok = t0 + t < L && e0 + 4 * q < E && (which < 2 || has_z);
-                    cp_async16(&sm.act[s][which][t][4 * q],
-                               ok ? src + (rowb + t0 + t) * E + e0 + 4 * q : p.u, ok);
+                for (int i = 0; i < AITEMS; i++) {
+                    const bool ok = aok && t0 + atr + i * ARPI < L;
+                    const int64_t o = off + i * astep;
+                    cp_async16s(d0 + i * AROW, ok ? p.u + o : p.u, ok);
+                    cp_async16s(d0 + ATENS + i * AROW, ok ? p.delta + o : p.u, ok);
+                    cp_async16s(d0 + 2 * ATENS + i * AROW, ok && has_z ? zsrc + o : p.u,
+                                ok && has_z);
                 }
             } else {
                 constexpr int ITEMS = 3 * TC * CPB;
@@ -117,20 +152,29 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                     cp_async4(&sm.act[s][which][t][c2], ok ? src + (rowb + t0 + t) * E + e0 + c2 : p.u, ok);
                 }
             }
-            constexpr int BITEMS = TC * 2 * NP;
+            if (p.bcvec) {
+                const float *src = bsrc0 + (int64_t)t0 * N;
+                const unsigned d0 = bsm0 + s * BSTAGE;
 #pragma unroll
-            for (int k = tid; k < BITEMS; k += SCAN_THREADS) {
-                const int t = k / (2 * NP), r = k % (2 * NP), n = r % NP;
-                const bool ok = t0 + t < L && n < N;
-                const float *src = (r < NP ? p.Bm : p.Cm) + (rowb + t0 + t) * N + n;
-                cp_async4(&sm.bc[s][t][r], ok ? src : p.Bm, ok);
+                for (int i = 0; i < BITEMS4; i++) {
+                    const bool ok = bok && btr + i * BRPI < TC && t0 + btr + i * BRPI < L;
+                    cp_async16s(d0 + i * BROW, ok ? src + i * bstep : p.Bm, ok);
+                }
+            } else {
+                constexpr int BITEMS = TC * 2 * NP;
+#pragma unroll
+                for (int k = tid; k < BITEMS; k += SCAN_THREADS) {
+                    const int t = k / (2 * NP), r = k % (2 * NP), n = r % NP;
+                    const bool ok = t0 + t < L && n < N;
+                    const float *src = (r < NP ? p.Bm : p.Cm) + (rowb + t0 + t) * N + n;
+                    cp_async4(&sm.bc[s][t][r], ok ? src : p.Bm, ok);
+                }
             }
         }
         cp_async_commit();
     };
 
-    const bool store = active && sub == 0;
-    float *yp = p.y + rowb * E + e;
+    const bool store = sub == 0;   // one thread of the channel writes y to shared memory
     const int nchunks = (L + TC - 1) / TC;
 #pragma unroll
     for (int s = 0; s < SCAN_STAGES - 1; s++) issue(s, s);
@@ -192,8 +236,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
             for (int o = 1; o < TPC; o <<= 1) yv += __shfl_xor_sync(0xffffffffu, yv, o);
             yv = fmaf(Dv, uv, yv);
             if (has_z) yv *= act[2][i][ch];
-            if (store) *yp = yv;
-            yp += E;
+            if (store) sm.y[i][ch] = yv;
         };
         if (VAR == 1 && steps == TC) {
             // Whole chunk unrolled: the scheduler can start step i+1's exps (independent of
@@ -204,6 +247,22 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
             for (int i = 0; i < steps; i++) step(i);
         }
         __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
+        // The chunk's y (steps x CPB) to global memory, 16 bytes a thread where aligned. sm.y
+        // is written again only after the next chunk's first barrier.
+        const int64_t yrow = (rowb + (int64_t)c * TC) * E + e0;
+        if (p.vec) {
+            for (int k = tid; k < steps * Q; k += SCAN_THREADS) {
+                const int t = k / Q, q = k % Q;
+                if (e0 + 4 * q < E)
+                    *reinterpret_cast<float4 *>(p.y + yrow + (int64_t)t * E + 4 * q) =
+                        *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
+            }
+        } else {
+            for (int k = tid; k < steps * CPB; k += SCAN_THREADS) {
+                const int t = k / CPB, c2 = k % CPB;
+                if (e0 + c2 < E) p.y[yrow + (int64_t)t * E + c2] = sm.y[t][c2];
+            }
+        }
     }
     cp_async_wait<0>();  // leave no copies in flight (the trailing groups are empty)
 
@@ -218,7 +277,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 
 template <int NT, int TPC>
 int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
-    if (var < 0) var = (NT == 8 && TPC == 2) ? 0 : 1;  // the measured winners (see the kernel)
+    if (var < 0) var = 1;  // the measured winner at every TPC since run 3 (see the kernel)
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
@@ -285,9 +344,10 @@ extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, 
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (b <= 0 || E <= 0) return 0;
     const bool vec = E % 4 == 0 && ((uintptr_t)u & 15) == 0 && ((uintptr_t)delta & 15) == 0 &&
-                     ((uintptr_t)z & 15) == 0;
+                     ((uintptr_t)z & 15) == 0 && ((uintptr_t)y & 15) == 0;
+    const bool bcvec = N % 4 == 0 && ((uintptr_t)Bm & 15) == 0 && ((uintptr_t)Cm & 15) == 0;
     ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y,
-                 (int)L, (int)E, (int)N, delta_softplus, vec ? 1 : 0};
+                 (int)L, (int)E, (int)N, delta_softplus, vec ? 1 : 0, bcvec ? 1 : 0};
     if (L == 0) {
         // No tokens: the state passes through unchanged (zeros without state_in).
         if (!state_out) return 0;

@@ -9,6 +9,9 @@ Tolerances (relative L2, float64 norms):
     accumulated over a few layers, far below 1e-4 (measured values: BM_MEASURE_OUT).
   TOL_BF16_MATH 0.05 (the issue's bound for bf16 against the fp32 golden): activations are
     rounded to bf16 before the tensor-core GEMMs of the prefill (~3e-3 per product).
+  TOL_SPLIT 1e-4: math "bf16x2" (and "bf16" on products of at most bf16_split_rows rows): the
+    activations split into bf16 hi + lo keep 16 significant bits (~1e-5 per product; the
+    NumPy emulation tools/bf16_emulate.py gives 1.0e-5 on the golden).
 Set BM_MEASURE_OUT=path.json to record every measured error.
 """
 import json
@@ -30,6 +33,7 @@ pytestmark = [pytest.mark.gpu,
 
 TOL_F32 = 1e-4
 TOL_BF16_MATH = 0.05
+TOL_SPLIT = 1e-4
 
 MEASURED = {}
 
@@ -84,22 +88,20 @@ def test_golden_forward_exact(gold_parts, golden, dtype, math):
 
 
 def test_golden_forward_bf16_math(gold_parts, golden):
-    # bf16 weights with fp32 activations meet 1e-4 and 100% argmax (test_golden_forward_exact).
-    # The default fast path also rounds the activations of the prefill's GEMMs to bf16: its
-    # error, 6.6e-3 measured on the H200, is 20x below the released bf16 reference's 0.13, but
-    # two of the golden's 74 positions have top-2 logit gaps (0.0033, 0.0036) below that noise
-    # (0.003 RMS per logit): one flipped on the H200 (73/74 = 98.6%, the reference's figure).
-    # So this path is held to 98% here, the exact paths to 100%.
+    # The default math for bf16 weights, "bf16". The golden's 74 tokens are at most
+    # bf16_split_rows (128), so its products split the activations into bf16 hi + lo
+    # (two tensor-core GEMMs): fp32-class error and every argmax. Rounding the activations
+    # to bf16 instead (test_golden_forward_bf16_rounded) flips one position of 74.
     m = gold_model(gold_parts, "bfloat16")          # default math for bf16: "bf16"
     assert m.math == "bf16" and m.dtype == "bfloat16"
     logits = m(golden["input_ids"])
     err = record("golden_forward_bf16_bf16math", rel_err(logits, golden["logits"]))
     agree = record("golden_argmax_agreement_bf16math",
                    np.mean(logits.argmax(-1) == golden["logits"].argmax(-1)))
-    assert err < TOL_BF16_MATH and agree >= 0.98
-    assert err > 0      # activations really were rounded: this is another path than fp32
-    # generation: the prompt's prefill (12 tokens) rounds activations, the decode steps at
-    # batch 2 multiply fp32 activations (GEMV) whatever `math` is
+    assert err < TOL_SPLIT and agree >= 0.99      # the issue: < 0.05 and >= 99%
+    assert err > 0      # not the exact fp32 path (rounded hi + lo parts, tensor cores)
+    # generation: the prompt's prefill (12 tokens) splits, the decode steps at batch 2
+    # multiply fp32 activations (GEMV) whatever `math` is
     prompt, want = golden["gen_prompt"], golden["gen_tokens"]
     st = m.new_state(prompt.shape[0])
     logits = m.prefill(prompt, st, logits="last")
@@ -109,8 +111,33 @@ def test_golden_forward_bf16_math(gold_parts, golden):
         logits = m.step(want[:, j], st)      # teacher-forced along the reference tokens
     steps = np.stack(steps, 1)
     assert record("golden_gen_logits_bf16math", rel_err(steps, golden["gen_logits"])) \
-        < TOL_BF16_MATH
-    assert np.mean(steps.argmax(-1) == want) >= 0.9
+        < TOL_SPLIT
+    np.testing.assert_array_equal(steps.argmax(-1), want)
+
+
+@pytest.mark.parametrize("math,split_rows", [("bf16", 0), ("bf16x2", None)])
+def test_golden_forward_bf16_rounded_and_split(gold_parts, golden, math, split_rows):
+    cfg, t = gold_parts
+    m = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math, bf16_split_rows=split_rows)
+    logits = m(golden["input_ids"])
+    err = record(f"golden_forward_bf16_{math}_split{split_rows}",
+                 rel_err(logits, golden["logits"]))
+    agree = record(f"golden_argmax_agreement_{math}_split{split_rows}",
+                   np.mean(logits.argmax(-1) == golden["logits"].argmax(-1)))
+    if math == "bf16x2":    # split everywhere
+        assert err < TOL_SPLIT and agree == 1.0
+        return
+    # bf16_split_rows=0: every product of more than 8 rows rounds its activations to bf16
+    # (the large-prefill path). Its error, 6.6e-3 (H200; the NumPy emulation of this path,
+    # tools/bf16_emulate.py, gives 6.58e-3), is 20x below the released bf16 reference's 0.13,
+    # but two of the golden's 74 positions have top-2 logit gaps (0.0033, 0.0036) and layer
+    # 3's router one top-2 gap (0.0037) within that noise (0.003 RMS per logit, ~0.01 per
+    # router logit): position (0, 14) flips (73/74, emulated and measured). So this path is
+    # held to 98%; no choice of a few exact products fixes it robustly (the emulation: the
+    # noise comes from in_proj, out_proj, fc1 and fc2 together, not from the LM head or the
+    # router, which is fp32 already).
+    assert err < TOL_BF16_MATH and agree >= 0.98
+    assert err > 1e-3   # activations really were rounded
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -223,19 +250,41 @@ def test_gpu_equals_cpu(ci, dtype):
 
 
 @pytest.mark.parametrize("ci", [0, 1, 3])
-def test_bf16_math_against_cpu(ci):
-    g, c = make_pair(21 + ci, dtype="bfloat16", math="bf16", **CONFIGS[ci])
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_bf16_math_against_cpu(ci, math):
+    g, c = make_pair(21 + ci, dtype="bfloat16", math=math, **CONFIGS[ci])
     ids = np.random.default_rng(3).integers(0, g.vocab_size, (12, 20))
-    err = record(f"gpu_bf16math_vs_cpu_bf16_c{ci}", rel_err(g(ids), c(ids)))
-    assert 0 < err < 2e-2   # bf16-rounded activations in every large product
-    # decode at batch 12 > 8: cuBLAS bf16 products and the all-experts batched GEMMs
+    # "bf16": 240 tokens > bf16_split_rows: bf16-rounded activations in every large product
+    lo, hi = (0, TOL_SPLIT) if math == "bf16x2" else (1e-4, 2e-2)
+    err = record(f"gpu_{math}math_vs_cpu_bf16_c{ci}", rel_err(g(ids), c(ids)))
+    assert lo < err < hi
+    # decode at batch 12 > 8: cuBLAS bf16 products and the all-experts batched GEMMs (split
+    # too under bf16x2; decode never splits under "bf16")
     sg, sc = g.new_state(12), c.new_state(12)
     g.prefill(ids, sg, logits=None)
     c.prefill(ids, sc, logits=None)
     for t in range(3):
         tok = ids[:, t]
-        err = record(f"gpu_bf16math_step_B12_c{ci}", rel_err(g.step(tok, sg), c.step(tok, sc)))
-        assert 0 < err < 2e-2
+        err = record(f"gpu_{math}math_step_B12_c{ci}", rel_err(g.step(tok, sg), c.step(tok, sc)))
+        assert lo < err < hi
+
+
+@pytest.mark.parametrize("ci", [0, 1])
+def test_bf16_split_rows_rule(ci):
+    # math "bf16": prefills of at most bf16_split_rows tokens split (fp32-class error), longer
+    # ones round; 120 tokens against limits 128 (default), 100 and 0 (never)
+    ids = np.random.default_rng(4).integers(0, 90, (10, 12))        # 120 tokens
+    cfg = make_cfg(**CONFIGS[ci])
+    t = random_tensors(cfg, seed=31 + ci)
+    want = Model(cfg, t, dtype="bfloat16")(ids)
+    errs = {}
+    for rows in (None, 120, 119, 0):
+        g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math="bf16", bf16_split_rows=rows)
+        errs[rows] = record(f"split_rows_c{ci}_{rows}", rel_err(g(ids), want))
+    assert errs[None] < TOL_SPLIT and errs[120] < TOL_SPLIT
+    assert 1e-4 < errs[119] < 2e-2 and 1e-4 < errs[0] < 2e-2
+    with pytest.raises(TypeError, match="bf16_split_rows"):
+        model_cuda.CudaModel(cfg, t, dtype="bfloat16", bf16_split_rows=1.5)
 
 
 def test_chunked_prefill_equals_whole():
@@ -357,3 +406,67 @@ def test_bad_inputs():
         g.new_state(1 << 40)
     # the model still works after the failure
     assert np.isfinite(g(np.array([[1, 2, 3]]))).all()
+
+
+# ---- concurrency and interruption (the rules of model.State; tests/test_cuda_state.py checks
+# the Python side over a fake engine) ----------------------------------------------------------
+
+def test_state_in_use_raises_and_interrupted_update_invalidates():
+    import threading
+    g, _ = make_pair(8, **CONFIGS[0])
+    ids = np.random.default_rng(6).integers(0, g.vocab_size, (1, 6))
+    want_state = g.new_state(1)
+    want = g.prefill(ids, want_state, logits="last")
+    st, dst = g.new_state(1), g.new_state(1)
+    inside, release, out = threading.Event(), threading.Event(), {}
+
+    def gate(*a):               # the tracer runs inside the update, after the engine call;
+        if threading.current_thread() is t:     # (it is the model's: only thread A waits)
+            inside.set()
+            assert release.wait(20)
+    g._tracer = gate
+    t = threading.Thread(target=lambda: out.setdefault("a", g.prefill(ids, st, "last")))
+    t.start()
+    try:
+        assert inside.wait(20)
+        for call in (lambda: g.step(np.array([1]), st), lambda: g.prefill(ids, st),
+                     lambda: g.greedy(ids, 2, state=st), st.copy, lambda: st.select([0]),
+                     st.reset, st.to_cpu, lambda: dst.set_row(0, st, 0)):
+            with pytest.raises(RuntimeError, match="in use|while a prefill/step"):
+                call()
+        # other states of the model still work meanwhile (the model's lock is free)
+        assert rel_err(g.prefill(ids, g.new_state(1), logits="last"), want) == 0
+    finally:
+        release.set()
+        t.join(20)
+        g._tracer = None
+    np.testing.assert_array_equal(out["a"], want)
+    assert not st.invalid and st.seqlen == 6
+    np.testing.assert_array_equal(g.step(np.array([9]), st), g.step(np.array([9]), want_state))
+
+    # an exception between the chunks of a long prefill: the state is invalid until reset()
+    st = g.new_state(1)
+    g.prefill(ids[:, :2], st)
+    saved = st.copy()
+    calls = []
+
+    def boom(li, *a):
+        calls.append(li)
+        if len(calls) == 3:     # 2 MoE layers per chunk: inside the second chunk's trace
+            raise KeyboardInterrupt
+    g._tracer = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            g.prefill(ids, st, chunk_size=3)
+    finally:
+        g._tracer = None
+    assert st.invalid
+    for call in (lambda: g.step(np.array([1]), st), st.copy, st.to_cpu):
+        with pytest.raises(RuntimeError, match="invalid|interrupted"):
+            call()
+    ref_state = g.new_state(1)
+    g.prefill(ids[:, :2], ref_state)
+    np.testing.assert_array_equal(g.step(np.array([4]), saved), g.step(np.array([4]), ref_state))
+    st.reset()
+    assert not st.invalid and st.seqlen == 0
+    np.testing.assert_array_equal(g.prefill(ids, st, logits="last"), want)

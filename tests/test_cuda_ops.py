@@ -35,6 +35,9 @@ TOL_F32 = 1e-5
 TOL_SCAN = 3e-5
 # cuBLAS tf32 (10-bit mantissa inputs, fp32 accumulate) and bf16 (8-bit inputs) GEMMs
 TOL_TF32, TOL_BF16 = 3e-3, 1.5e-2
+# bf16x2: x split into bf16 hi + lo keeps 16 significant bits (|x - hi - lo| <= 2^-17 |x|),
+# both GEMMs accumulate in fp32: ~1e-5 at worst per product, 300x below TOL_BF16
+TOL_BF16X2 = 5e-5
 
 
 def rng_for(*key):
@@ -109,6 +112,16 @@ def test_linear_leading_dims_and_math():
     wantb = ref.linear(x, Wb, b)
     check("linear math=bf16 w=bf16", H(ops.linear(D(x), D(Wb), D(b), math="bf16")), wantb, TOL_BF16)
     check("linear math=tf32 w=bf16", H(ops.linear(D(x), D(Wb), D(b), math="tf32")), wantb, TOL_TF32)
+    check("linear math=bf16x2 w=bf16", H(ops.linear(D(x), D(Wb), D(b), math="bf16x2")), wantb,
+          TOL_BF16X2)
+    check("linear math=bf16x2 w=f32 (tf32)", H(ops.linear(D(x), D(W), D(b), math="bf16x2")), want,
+          TOL_TF32)
+    # the low parts really are added: bf16x2 is far closer than bf16 (and than a bf16 rounding)
+    e1 = rel_err(H(ops.linear(D(x), D(Wb), D(b), math="bf16")), wantb)
+    e2 = rel_err(H(ops.linear(D(x), D(Wb), D(b), math="bf16x2")), wantb)
+    assert e2 < e1 / 50, (e1, e2)
+    with pytest.raises(ValueError, match="bf16x2"):
+        ops.linear(D(x), D(Wb), D(b), math="bf16x3")
     # K = 0: an empty sum, y = bias
     y0 = ops.linear(D(np.zeros((20, 0), np.float32)), D(np.zeros((5, 0), np.float32)), D(b[:5]))
     np.testing.assert_array_equal(H(y0), np.broadcast_to(b[:5], (20, 5)))
@@ -317,7 +330,8 @@ def test_moe_experts(T, X, d, F, wdt):
         o = ops.moe_experts(D(x), D(ids.astype(np.int32)), None, D(fc1), D(fc2), act)
         check(f"moe_experts {path} {act}", H(o), ref.moe_experts(x, ids, None, fc1, fc2, act), 2e-5)
     if T > 64:
-        for math, tol in (("tf32", TOL_TF32), ("bf16", TOL_BF16 if wdt == "bf16" else TOL_TF32)):
+        for math, tol in (("tf32", TOL_TF32), ("bf16", TOL_BF16 if wdt == "bf16" else TOL_TF32),
+                          ("bf16x2", TOL_BF16X2 if wdt == "bf16" else TOL_TF32)):
             o = ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2), math=math)
             check(f"moe_experts math={math} w={wdt}", H(o), want, tol)
     bad = ids.copy()
@@ -356,9 +370,14 @@ def test_moe_and_mlp(T, wdt):
 
 @pytest.mark.parametrize("init", ["blackmamba", "uniform"])
 @pytest.mark.parametrize("T,X,scale", [(1, 1, 1.0), (7, 3, 1.0), (512, 8, 3.0), (20000, 8, 1.0),
-                                       (300, 64, 0.5)])
+                                       (300, 64, 0.5), (513, 8, 1.0), (4096, 8, 3.0),
+                                       (16384, 8, 3.0), (2048, 64, 2.0), (1500, 13, 1.0),
+                                       (60000, 8, 1.0), (9000, 33, 1.0)])
 def test_sinkhorn(T, X, scale, init):
-    # sums in float64 in the kernel (SPEC 3.2): equal iteration counts, P to float32 rounding
+    # sums in float64 in the kernel (SPEC 3.2): equal iteration counts, P to float32 rounding.
+    # The kernel cuts the rows over a cluster of up to 8 blocks (513 rows: 2 blocks; 4096 x 8
+    # and up: 8), C in shared memory padded to 8, 16, 32 or 64 columns (X = 13: 16), or in
+    # global memory when a block's rows do not fit (60000 x 8, 9000 x 33).
     rng = rng_for("sinkhorn", T, X, scale, init)
     S = f32(rng, T, X, scale=scale)
     P, it = ops.sinkhorn(D(S), init=init)

@@ -364,10 +364,17 @@ def main():
     if "--ncu" in sys.argv:
         ncu_targets()
         return
-    out_json = sys.argv[1] if len(sys.argv) > 1 else None
+    # [out.json] [--only copy,scan,sinkhorn,...]: the sections to run (default all)
+    args = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    only = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")), None)
+    out_json = args[0] if args else None
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     t0 = time.time()
-    for f in (bench_copy, bench_scan, bench_scan_step, bench_conv_norm, bench_gemv, bench_moe, bench_sinkhorn):
+    sections = (bench_copy, bench_scan, bench_scan_step, bench_conv_norm, bench_gemv, bench_moe,
+                bench_sinkhorn)
+    if only:
+        sections = [f for f in sections if f.__name__[6:] in only.split(",")]
+    for f in sections:
         try:
             f()
         except Exception as exc:  # noqa: BLE001 - keep the other numbers

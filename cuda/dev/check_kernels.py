@@ -576,10 +576,14 @@ def main():
     check_sinkhorn(512, 8)
     check_sinkhorn(512, 8, "uniform")
     check_sinkhorn(4096, 8)
-    check_sinkhorn(3000, 64, "uniform")   # C in global memory (T*X > 50000)
+    check_sinkhorn(3000, 64, "uniform")   # a cluster of 8 blocks, 375 rows x 64 columns each
     check_sinkhorn(20000, 8)
     check_sinkhorn(100, 8, max_iters=0)
     check_sinkhorn(100, 33, max_iters=3)
+    check_sinkhorn(16384, 8, "uniform")     # a cluster of 8 blocks, C in shared memory
+    check_sinkhorn(2048, 64, "uniform")
+    check_sinkhorn(60000, 8, "uniform")     # C in global memory (a block's rows do not fit)
+    check_sinkhorn(9000, 33)
     gold = os.environ.get("BM_GOLDEN", os.path.join(bc.ROOT, "golden_sinkhorn.npz"))
     if os.path.exists(gold):
         g = np.load(gold)

@@ -160,6 +160,40 @@ class StoredTensor:
         return f"StoredTensor(dtype={self.dtype}, shape={self.shape})"
 
 
+def release_pages(arr) -> int:
+    """Drop the mapped-file pages that lie wholly under `arr` from this process's resident set
+    (MADV_DONTNEED on the read-only file mapping; a later read faults them back in from the
+    page cache, so views stay valid). For callers that have copied a tensor out of the file
+    (the float32 upcast): without it the file's pages, all read in by the progress bar, stay
+    resident next to their float32 copies (1.5x the model at the peak instead of 1x).
+    Returns the bytes released; 0 where `arr` is not a contiguous view of an mmap or the
+    platform has no madvise."""
+    if isinstance(arr, StoredTensor):
+        arr = arr.array
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    mm = arr.base if isinstance(arr, np.ndarray) else None
+    while isinstance(mm, (np.ndarray, memoryview)):
+        mm = mm.base if isinstance(mm, np.ndarray) else mm.obj
+    if advice is None or not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise") \
+            or arr.size == 0 or not arr.flags.c_contiguous:
+        return 0
+    try:
+        origin = np.frombuffer(mm, np.uint8, count=1).ctypes.data
+    except (ValueError, TypeError):           # a closed or empty mapping
+        return 0
+    offset = arr.ctypes.data - origin
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page          # pages wholly inside the tensor only
+    end = (offset + arr.nbytes) // page * page
+    if offset < 0 or end <= start or end > mm.size():
+        return 0
+    try:
+        mm.madvise(advice, start, end - start)
+    except (OSError, ValueError):
+        return 0
+    return end - start
+
+
 def to_bfloat16(a) -> StoredTensor:
     """float array -> StoredTensor("bfloat16"): round to nearest even, NaN stays NaN.
 

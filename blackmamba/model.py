@@ -9,6 +9,7 @@ R dt rank, X experts, F ffn hidden, V vocab.
 import numpy as np
 
 from . import ops
+from .checkpoint import release_pages
 from .config import Config, has_mamba, num_experts
 
 DTYPES = ("float32", "bfloat16")
@@ -87,10 +88,13 @@ def check_weights(cfg, tensors):
 
 
 def _f32(t):
-    """float32 contiguous copy-or-view of a stored tensor or array."""
+    """float32 contiguous copy-or-view of a stored tensor or array. A stored tensor is copied
+    out of the mapped file, whose pages then leave the resident set (release_pages)."""
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
-    return np.ascontiguousarray(t.to_numpy("float32"))
+    out = np.ascontiguousarray(t.to_numpy("float32"))
+    release_pages(t)
+    return out
 
 
 def _matrix(t, dtype):

@@ -71,8 +71,15 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
     cfg.stream = stream;
     cfg.attrs = attr;
     // BLACKMAMBA_CUDA_PDL=0 turns it off (A/B measurements, or a driver that misbehaves).
+    // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
+    // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
+    // GEMM (cuda/NOTES.md, gpuperf run 2).
+    int sms = 0;
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
     const char *env = getenv("BLACKMAMBA_CUDA_PDL");
-    cfg.numAttrs = major >= 9 && !(env && env[0] == '0') ? 1 : 0;
+    const bool small = (int64_t)grid.x * grid.y * grid.z <= 8 * (int64_t)sms;
+    cfg.numAttrs = major >= 9 && small && !(env && env[0] == '0') ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
 }
 

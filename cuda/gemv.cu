@@ -101,7 +101,24 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
 #pragma unroll
             for (int j = 0; j < MT; j++) acc[j] = 0.f;
             if (row < p.Nout) {
-                if (VEC) {
+                if (VEC && MT == 1) {
+                    // One row of x: the plain loop (the pipelined one below was slower for
+                    // M = 1 on the H200, cuda/NOTES.md gpuperf run 2).
+#pragma unroll 4
+                    for (int u = u0 + lane; u < u1; u += 32) {
+                        const int k = u * VW;
+                        float wv[VW];
+                        WLoad<WT>::load(wrow + k, wv);
+#pragma unroll
+                        for (int q = 0; q < VW; q += 4) {
+                            const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr[0] + k + q));
+                            acc[0] = fmaf(wv[q], xv.x, acc[0]);
+                            acc[0] = fmaf(wv[q + 1], xv.y, acc[0]);
+                            acc[0] = fmaf(wv[q + 2], xv.z, acc[0]);
+                            acc[0] = fmaf(wv[q + 3], xv.w, acc[0]);
+                        }
+                    }
+                } else if (VEC) {
                     // Software-pipelined: the next GEMV_UNR 16-byte weight loads are issued
                     // before this group's FMAs (indices clamped into the slice; past its end the
                     // weights are zeroed, adding exactly 0). A plain unrolled loop let ptxas

@@ -81,8 +81,15 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
     cfg.stream = stream;
     cfg.attrs = attr;
     // BLACKMAMBA_CUDA_PDL=0 turns it off (A/B measurements, or a driver that misbehaves).
+    // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
+    // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
+    // GEMM (cuda/NOTES.md, gpuperf run 2).
+    int sms = 0;
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
     const char *env = getenv("BLACKMAMBA_CUDA_PDL");
-    cfg.numAttrs = major >= 9 && !(env && env[0] == '0') ? 1 : 0;
+    const bool small = (int64_t)grid.x * grid.y * grid.z <= 8 * (int64_t)sms;
+    cfg.numAttrs = major >= 9 && small && !(env && env[0] == '0') ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
 }
 
@@ -192,6 +199,15 @@ struct GemvParams {
     float *y;              // (M, ldy)
     int64_t ldy;
     int M, Nout, Kin;
+    // Optional epilogue: the Mamba decode conv step (SPEC 2) fused onto in_proj's x rows.
+    // Output rows e < conv_E also advance conv_state (M, K-1, E) by y[m, e] and write
+    // conv_y[m, e] = SiLU(conv_b[e] + sum_k conv_w[e, k] * window_k): conv_step_kernel's
+    // arithmetic in its order, so the result is bit-identical. NULL conv_w: no epilogue.
+    const float *conv_w;   // (E, K) or NULL
+    const float *conv_b;   // (E) or NULL
+    float *conv_state;     // (M, K-1, E) in place
+    float *conv_y;         // (M, E)
+    int conv_E, conv_K;
 };
 // X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);

@@ -282,66 +282,6 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
     }
 }
 
-// acc[r] += sum over the units u = u0 + lane, u0 + lane + 32, ... < u1 of W_r[u] . x[u] (a unit
-// is 16 bytes of weights: 8 bf16 or 4 float32), for NW weight rows sharing x. Software-
-// pipelined like gemv.cu's loop: the next UNR units' weight loads of every row are issued
-// before this group's FMAs (indices clamped into the slice, zero weights past its end, which
-// add exactly 0), so each lane keeps NW * UNR 16-byte loads in flight. The sums run in the
-// plain loop's order.
-template <typename WT, int NW, int UNR>
-__device__ __forceinline__ void rows_dot(const WT *const (&w)[NW], const float *__restrict__ xr,
-                                         int u0, int u1, int lane, float (&acc)[NW]) {
-    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
-    using Raw = typename std::conditional<sizeof(WT) == 2, uint4, float4>::type;
-    const int ul = max(u1 - 1, u0);
-    Raw cur[NW][UNR];
-#pragma unroll
-    for (int r = 0; r < NW; r++)
-#pragma unroll
-        for (int i = 0; i < UNR; i++)
-            cur[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u0 + lane + 32 * i, ul) * VW));
-    for (int u = u0 + lane; u < u1; u += 32 * UNR) {
-        Raw nxt[NW][UNR];
-#pragma unroll
-        for (int r = 0; r < NW; r++)
-#pragma unroll
-            for (int i = 0; i < UNR; i++)
-                nxt[r][i] = __ldg(reinterpret_cast<const Raw *>(w[r] + min(u + 32 * (UNR + i), ul) * VW));
-#pragma unroll
-        for (int i = 0; i < UNR; i++) {
-            const bool in = u + 32 * i < u1;
-            const int k = min(u + 32 * i, ul) * VW;
-            float xv[VW];
-            const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-            xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w;
-            if constexpr (VW == 8) {
-                const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
-                xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
-            }
-#pragma unroll
-            for (int r = 0; r < NW; r++) {
-                float wv[VW];
-                if constexpr (VW == 8) {
-                    const uint4 v = reinterpret_cast<const uint4 &>(cur[r][i]);
-                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
-                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
-                    wv[0] = a.x; wv[1] = a.y; wv[2] = b.x; wv[3] = b.y;
-                    wv[4] = c.x; wv[5] = c.y; wv[6] = d.x; wv[7] = d.y;
-                } else {
-                    const float4 v = reinterpret_cast<const float4 &>(cur[r][i]);
-                    wv[0] = v.x; wv[1] = v.y; wv[2] = v.z; wv[3] = v.w;
-                }
-#pragma unroll
-                for (int q = 0; q < VW; q++) acc[r] = fmaf(in ? wv[q] : 0.f, xv[q], acc[r]);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < NW; r++)
-#pragma unroll
-            for (int i = 0; i < UNR; i++) cur[r][i] = nxt[r][i];
-    }
-}
-
 // Expert rows for a few tokens: y[t, r] = scale[t] * (W[e_t, r, :] . x[t, :]), e_t = ids[t]
 // (ids NULL: 0; scale NULL: 1). Grid (row blocks, T): each token streams its own expert's rows
 // and no block exists for an expert nobody uses (the gathered GEMV of gemv.cu launches blocks
@@ -371,10 +311,26 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
         if (VEC) {
             const int units = Kin / VW, per = (units + KS - 1) / KS;
             const int u0 = kp * per, u1 = min(units, u0 + per);
-            const WT *const wr[1] = {w};
-            float a1[1] = {0.f};
-            if (u0 < u1) rows_dot<WT, 1, 4>(wr, xr, u0, u1, lane, a1);
-            acc = a1[0];
+#pragma unroll 4
+            for (int u = u0 + lane; u < u1; u += 32) {
+                const int k = u * VW;
+                if constexpr (sizeof(WT) == 2) {
+                    const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                    acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
+                    acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
+                    acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
+                    acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
+                } else {
+                    const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
+                    acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
+                }
+            }
         } else {
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
@@ -395,8 +351,9 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
 // fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
 // h[t, f] = act(W[e_t, f, :] . x[t, :]) * (W[e_t, F + f, :] . x[t, :]) for f < F, written to
 // h[t, :F]. One warp (or KS warps, K-split) owns output f and streams both of its rows, so
-// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps 2 x 2
-// 16-byte weight loads in flight (rows_dot).
+// the act pass over h (one more graph node per MoE layer) disappears and each lane keeps two
+// 16-byte weight loads in flight. (The pipelined rows_dot was slower here at B = 1 on the
+// H200: cuda/NOTES.md, gpuperf run 2.)
 template <typename WT, int KS, bool VEC>
 __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const WT *__restrict__ W,         // (X, 2F, Kin)
@@ -422,11 +379,36 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
         if (VEC) {
             const int units = Kin / VW, per = (units + KS - 1) / KS;
             const int u0 = kp * per, u1 = min(units, u0 + per);
-            const WT *const wr[2] = {wg, wu};
-            float a2[2] = {0.f, 0.f};
-            if (u0 < u1) rows_dot<WT, 2, 2>(wr, xr, u0, u1, lane, a2);
-            ag = a2[0];
-            au = a2[1];
+#pragma unroll 2
+            for (int u = u0 + lane; u < u1; u += 32) {
+                const int k = u * VW;
+                if constexpr (sizeof(WT) == 2) {
+                    const uint4 vg = __ldg(reinterpret_cast<const uint4 *>(wg + k));
+                    const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
+                    float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
+                    ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
+                    ag = fmaf(b.x, x0.z, ag); ag = fmaf(b.y, x0.w, ag);
+                    ag = fmaf(c.x, x1.x, ag); ag = fmaf(c.y, x1.y, ag);
+                    ag = fmaf(d.x, x1.z, ag); ag = fmaf(d.y, x1.w, ag);
+                    a = bm_bf16x2_to_f32(vu.x); b = bm_bf16x2_to_f32(vu.y);
+                    c = bm_bf16x2_to_f32(vu.z); d = bm_bf16x2_to_f32(vu.w);
+                    au = fmaf(a.x, x0.x, au); au = fmaf(a.y, x0.y, au);
+                    au = fmaf(b.x, x0.z, au); au = fmaf(b.y, x0.w, au);
+                    au = fmaf(c.x, x1.x, au); au = fmaf(c.y, x1.y, au);
+                    au = fmaf(d.x, x1.z, au); au = fmaf(d.y, x1.w, au);
+                } else {
+                    const float4 vg = __ldg(reinterpret_cast<const float4 *>(wg + k));
+                    const float4 vu = __ldg(reinterpret_cast<const float4 *>(wu + k));
+                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    ag = fmaf(vg.x, x0.x, ag); ag = fmaf(vg.y, x0.y, ag);
+                    ag = fmaf(vg.z, x0.z, ag); ag = fmaf(vg.w, x0.w, ag);
+                    au = fmaf(vu.x, x0.x, au); au = fmaf(vu.y, x0.y, au);
+                    au = fmaf(vu.z, x0.z, au); au = fmaf(vu.w, x0.w, au);
+                }
+            }
         } else {
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
@@ -890,15 +872,26 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
     float *x = ws->xz, *z = ws->xz + B * E;
     cudaStream_t st = m->stream;
-    if (B == 1) {  // x and z are the two halves of one row: one product
-        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, ws->xz, 2 * E, 1, 2 * E, d));
+    // Where in_proj runs as a GEMV (linear()'s rule), the conv step rides on its epilogue:
+    // one launch fewer per Mamba layer (GemvParams::conv_w).
+    const bool bf = c.wdtype == BM_BF16;
+    const bool conv_fused = B <= GEMV_ROWS || (bf && !bf16_math(m) && B <= GEMV_ROWS_EXACT);
+    if (conv_fused) {
+        GemvParams p{ly.in_w, xn, d, nullptr, nullptr, ly.in_b, B == 1 ? ws->xz : x,
+                     B == 1 ? 2 * E : E, (int)B, (int)(B == 1 ? 2 * E : E), (int)d,
+                     ly.conv_w, ly.conv_b, conv, ws->xc, (int)E, (int)c.K};
+        TRY(bm_gemv_launch(p, c.wdtype, 1, 0, st));
+        if (B > 1)
+            TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
+                       z, E, B, E, d, true));
+        TRY(mark(m, P_IN));
     } else {
         TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, B, E, d));
         TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z,
                    E, B, E, d, true));
+        TRY(mark(m, P_IN));
+        TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
-    TRY(mark(m, P_IN));
-    TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     TRY(mark(m, P_CONV));
     TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, B, P, E));
     TRY(mark(m, P_XPROJ));

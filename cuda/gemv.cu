@@ -54,6 +54,20 @@ struct WLoad<float> {  // float32: 4 per 16 bytes
 // K-split: KS = 2^ks_log2 warps share a row, each streaming 1/KS of it, partial sums meeting
 // in shared memory. Rows that are few or long otherwise leave each warp a serial chain of
 // dependent DRAM round trips (out_proj: 1472 rows of 5.9 KB), far from the bandwidth.
+// The decode conv step of channel e of row m, on in_proj's output xv = x[m, e] (see
+// GemvParams): conv_step_kernel (conv.cu) in the same order of operations.
+__device__ __forceinline__ void conv_epilogue(const GemvParams &p, int m, int e, float xv) {
+    const int K = p.conv_K, E = p.conv_E;
+    float *st = p.conv_state + (int64_t)m * (K - 1) * E + e;   // step E
+    const float *w = p.conv_w + (int64_t)e * K;
+    float acc = p.conv_b ? p.conv_b[e] : 0.f;
+    for (int k = 0; k < K - 1; k++) acc = fmaf(w[k], st[(int64_t)k * E], acc);
+    acc = fmaf(w[K - 1], xv, acc);
+    for (int k = 0; k < K - 2; k++) st[(int64_t)k * E] = st[(int64_t)(k + 1) * E];
+    st[(int64_t)(K - 2) * E] = xv;
+    p.conv_y[(int64_t)m * E + e] = bm_silu(acc);
+}
+
 template <typename WT, int MT, bool VEC>
 __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams p, int ks_log2) {
     bm_pdl_wait();
@@ -101,7 +115,24 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
 #pragma unroll
             for (int j = 0; j < MT; j++) acc[j] = 0.f;
             if (row < p.Nout) {
-                if (VEC) {
+                if (VEC && MT == 1) {
+                    // One row of x: the plain loop (the pipelined one below was slower for
+                    // M = 1 on the H200, cuda/NOTES.md gpuperf run 2).
+#pragma unroll 4
+                    for (int u = u0 + lane; u < u1; u += 32) {
+                        const int k = u * VW;
+                        float wv[VW];
+                        WLoad<WT>::load(wrow + k, wv);
+#pragma unroll
+                        for (int q = 0; q < VW; q += 4) {
+                            const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr[0] + k + q));
+                            acc[0] = fmaf(wv[q], xv.x, acc[0]);
+                            acc[0] = fmaf(wv[q + 1], xv.y, acc[0]);
+                            acc[0] = fmaf(wv[q + 2], xv.z, acc[0]);
+                            acc[0] = fmaf(wv[q + 3], xv.w, acc[0]);
+                        }
+                    }
+                } else if (VEC) {
                     // Software-pipelined: the next GEMV_UNR 16-byte weight loads are issued
                     // before this group's FMAs (indices clamped into the slice; past its end the
                     // weights are zeroed, adding exactly 0). A plain unrolled loop let ptxas
@@ -167,7 +198,9 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
             if (kpart == 0 && row < p.Nout && lane < nj) {
                 const int m = list[j0 + lane];
                 const float s = p.scale ? p.scale[m] : 1.f;
-                p.y[(int64_t)m * p.ldy + row] = fmaf(v, s, bias);
+                const float out = fmaf(v, s, bias);
+                p.y[(int64_t)m * p.ldy + row] = out;
+                if (p.conv_w && row < p.conv_E) conv_epilogue(p, m, row, out);
             }
         }
         __syncthreads();  // list is rewritten next round

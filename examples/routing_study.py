@@ -1,7 +1,7 @@
 """Routing study: where BlackMamba's router sends tokens, and what Sinkhorn would change.
 
-    python examples/routing_study.py                                   # tiny golden model
-    python examples/routing_study.py Zyphra/BlackMamba-2.8B --tokens 50000 --dtype bfloat16
+    python examples/routing_study.py                # the shipped Shakespeare model, held-out text
+    python examples/routing_study.py Zyphra/BlackMamba-2.8B --text corpus.txt --tokens 50000 --dtype bfloat16
 
 Each step below is a few lines that also run cell by cell in a notebook (the figures are
 matplotlib Figures: a notebook shows them inline). Needs matplotlib (pip install matplotlib).
@@ -10,24 +10,22 @@ import argparse
 import os
 
 import blackmamba as bm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("BLACKMAMBA_SHARED", os.path.join(HERE, "..", "..", "shared"))
+from blackmamba.hub import embedded_model_dir
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("model", nargs="?", default=os.path.join(SHARED, "golden", "tiny-a"),
-                help="checkpoint folder or hub id (default: the tiny golden model)")
-ap.add_argument("--text", default=os.path.join(SHARED, "data", "tinyshakespeare.txt"))
-ap.add_argument("--tokens", type=int, default=20_000, help="tokens to run (default 20000)")
-ap.add_argument("--tokenizer", default=None,
-                help="'byte' or a tokenizer.json (default: byte for the tiny model)")
+ap.add_argument("model", nargs="?", default=None,
+                help="checkpoint folder or hub id (default: the Shakespeare model shipped "
+                     "with the package)")
+ap.add_argument("--text", default=str(embedded_model_dir() / "heldout.txt"),
+                help="corpus (default: the shipped model's held-out Tiny Shakespeare text)")
+ap.add_argument("--tokens", type=int, default=50_000, help="tokens to run (default 50000)")
+ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json")
 ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 ap.add_argument("--out", default="routing_study", help="folder for the figures and data")
 args = ap.parse_args()
-tokenizer = args.tokenizer or ("byte" if "tiny" in os.path.basename(args.model) else None)
 
-# 1. Load a model. The tiny golden model is random (V=384, d=64) and reads bytes.
-model = bm.load(args.model, dtype=args.dtype, tokenizer=tokenizer)
+# 1. Load a model. The default: 4.6M parameters, bytes in, 4 MoE layers of 8 experts.
+model = bm.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
 print(model)
 
 # 2. One forward pass, traced: which expert every token went to, per MoE layer.

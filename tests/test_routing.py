@@ -507,3 +507,21 @@ def test_trace_and_collect_on_gpu_match_cpu(golden, dtype):
     for a, b in zip(st_gpu.summary(), st_cpu.summary()):
         diff = np.abs(np.array(a["counts"]) - np.array(b["counts"])).sum()
         assert diff <= (1 - agree) * 2 * sum(b["counts"]), (a["counts"], b["counts"])
+
+
+def test_example_routing_study_runs(tmp_path):
+    """examples/routing_study.py end to end on the shipped model (few tokens)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(bm.__file__)),
+               MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "routing_study.py"),
+                        "--tokens", "3000", "--out", str(tmp_path)], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "routing over 3,000 tokens (shakespeare)" in r.stdout
+    for name in ("expert_distribution.png", "load_balance.png", "sinkhorn_convergence.png",
+                 "routing_stats.json", "sinkhorn.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    st = json.loads((tmp_path / "routing_stats.json").read_text())
+    assert st["num_tokens"] == 3000 and len(st["layers"]) == 4

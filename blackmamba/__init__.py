@@ -3,6 +3,8 @@
 C (CPU) and CUDA (GPU) kernels behind the CPython/NumPy C API; no PyTorch at run time.
 
     import blackmamba as bm
+    model = bm.load()                   # the small Shakespeare model shipped with the package
+    print(model.generate("ROMEO:", max_new_tokens=200))
     model = bm.load("Zyphra/BlackMamba-2.8B", dtype="bfloat16")
     print(model.generate("The capital of France is", max_new_tokens=20))
 """

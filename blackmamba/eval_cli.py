@@ -93,6 +93,12 @@ def cmd_lm_eval(args):
 def cmd_perplexity(args):
     """Perplexity and bits per byte of a text file, one recurrent pass with a progress bar."""
     from .scoring import perplexity
+    if args.text is None:
+        if args.model is not None:
+            raise ValueError("--text is required with --model (the default text is the "
+                             "shipped model's held-out split)")
+        from .hub import embedded_model_dir
+        args.text = str(embedded_model_dir() / "heldout.txt")
     model = _load(args)
     if model.tokenizer is None:
         raise SystemExit(f"error: no tokenizer for this model: {model.tokenizer_error}")
@@ -105,7 +111,7 @@ def cmd_perplexity(args):
     num_bytes = len(text.encode("utf-8"))
     res = perplexity(model, ids, max_tokens=args.tokens_per_call, progress=not args.quiet,
                      num_bytes=num_bytes)
-    res.update(model=args.model, text=args.text, dtype=model.dtype)
+    res.update(model=args.model or "shakespeare", text=args.text, dtype=model.dtype)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -157,9 +163,12 @@ def add_cli(sub):
 
     p = sub.add_parser("perplexity", help="perplexity and bits per byte of a text file",
                        description="Token-level perplexity and bits per byte of a UTF-8 text "
-                       "file in one recurrent pass (no context window).")
-    _add_model(p)
-    p.add_argument("--text", required=True, help="UTF-8 text file")
+                       "file in one recurrent pass (no context window). With neither --model "
+                       "nor --text: the shipped Shakespeare model on its held-out split.")
+    _add_model(p, required=False)
+    p.add_argument("--text", default=None,
+                   help="UTF-8 text file (default, without --model: the shipped model's "
+                        "held-out Tiny Shakespeare text)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--tokens-per-call", type=int, default=2048,
                    help="tokens per model call (memory: this x vocab x 4 bytes of logits)")

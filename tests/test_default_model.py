@@ -176,3 +176,13 @@ def test_generate_on_a_missing_gpu_says_so(capsys):
     assert main(["generate", "ROMEO:", "--device", "cuda", "-n", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: device='cuda'")
+
+
+def test_perplexity_command_defaults_to_the_heldout_split(capsys, model, heldout):
+    assert main(["perplexity", "-q", "--json", "--max-tokens", "4000"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == "shakespeare" and r["tokens"] == 4000 and r["bytes"] == 4000
+    want = perplexity(model, list(heldout[:4000]), num_bytes=4000)["bits_per_byte"]
+    assert abs(r["bits_per_byte"] - want) < 1e-9
+    assert main(["perplexity", "-m", "shakespeare"]) == 2      # --model needs --text
+    assert "--text is required" in capsys.readouterr().err

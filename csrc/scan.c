@@ -20,7 +20,7 @@
  *            the block's state held transposed, h[n] = 16 channels of state n; for N = 16
  *            all of it stays in registers. exp comes from vreduceps/vscalefps plus a
  *            degree-6 polynomial (~1.5 ulp), softplus from that exp and an atanh series.
- *   AVX2:    the same code in 8 lanes, a 16-channel block walked as two halves of 8 (so the
+ *   AVX2:    the same code in 8 lanes, a 16-channel block held as two groups of 8 (so the
  *            work split, and with it the thread independence, is the same). AVX2 has no
  *            vreduceps/vscalefps: x - round(x) is exact anyway, and 2^k is applied as two
  *            exact power-of-two factors, so the twins give the AVX-512 results bit for bit
@@ -325,7 +325,7 @@ AVX2_INLINE __m256 dt_avx2(const scan_params *p, const float *delta, __m256 bias
 
 /* Channels [e0, e0 + w), w <= 16, of batch bi, as two groups of 8 lanes (g), both walked in
  * the same token loop: twice the independent work per token for the out-of-order core, which
- * this loop needs more than AVX-512 does (1.5 -> 1.9 G/s per thread at N = 16 on Zen 4).
+ * this loop needs more than AVX-512 does (with dt one token ahead: 1.5 -> 1.8 G/s per thread at N = 16 on Zen 4).
  * Lanes >= w load zeros (vmaskmovps) and are never stored. N is a compile-time 16 in the
  * specialised caller; h[] and A2[] live on the stack (16 ymm registers hold neither). */
 AVX2_INLINE void scan_block_avx2_body(const scan_params *p, int64_t bi, int64_t e0, int w,

@@ -3,10 +3,10 @@
  *
  * Each activation is one branch-free float32 formula, so that the loops over a row vectorise
  * (libm's erff/expf/tanhf are scalar calls, ~15 ns per element for erff). The same source is
- * compiled twice (moe.c): for AVX-512 (16 lanes) and for the baseline ISA (SSE2, 4 lanes).
- * Both use only IEEE add, multiply, divide and bit operations in the same order (-std=c11
- * keeps FMA contraction off), so they give bit-identical results and the tests on one machine
- * cover the other path's math.
+ * compiled three times (moe.c): for AVX-512 (16 lanes), AVX2+FMA (8) and the baseline ISA
+ * (SSE2, 4 lanes). All use only IEEE add, multiply, divide and bit operations in the same
+ * order (-std=c11 keeps FMA contraction off, also under target("fma")), so they give
+ * bit-identical results and the tests on one machine cover the other paths' math.
  *
  * Accuracy (against float64 on dense grids; dev/cpu/act_accuracy.c measures it):
  *   gelu:      |err| <= 1.4e-7 |x| everywhere (libm form 0.5x(1+erff): 1.1e-7 |x|), and

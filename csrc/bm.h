@@ -33,6 +33,7 @@ typedef enum { BM_F32 = 0, BM_BF16 = 1 } bm_dtype;
 /* ---- cpu.c: features and threads ------------------------------------------------------- */
 int bm_cpu_has_avx512(void);      /* avx512f + bw + vl + dq at run time */
 int bm_cpu_has_avx512bf16(void);
+int bm_cpu_has_avx2(void);        /* avx2 + fma at run time; the level below AVX-512 */
 int bm_get_num_threads(void);
 void bm_set_num_threads(int n);   /* OpenMP threads of our kernels; OpenBLAS runs 1 thread inside them */
 /* Kernels parallelise with `#pragma omp parallel for num_threads(bm_get_num_threads())`. */

@@ -11,7 +11,8 @@
  * and y are read and written in address order; the K-1 rows a row reuses stay in L1/L2.
  * (Tiling E so that the K rows stay in L1 measured no faster: the sweep is bound by memory
  * traffic, and SiLU by arithmetic.) The sweep is written once (conv_item_body) and compiled
- * twice, for AVX-512 and for the baseline ISA, picked at run time.
+ * three times, for AVX-512, AVX2+FMA and the baseline ISA, picked at run time in that order.
+ * -std=c11 keeps FMA contraction off, so all three give the same bits.
  */
 #include "bm.h"
 
@@ -125,6 +126,10 @@ static void conv_item_base(const conv_args *a, int64_t item) { conv_item_body(a,
 AVX512_TARGET static void conv_item_avx512(const conv_args *a, int64_t item) {
     conv_item_body(a, item);
 }
+__attribute__((target("avx2,fma"))) static void conv_item_avx2(const conv_args *a,
+                                                               int64_t item) {
+    conv_item_body(a, item);
+}
 #endif
 
 /* conv_out (b, K-1, E) = rows L .. L+K-2 of xp. Row j comes from xp row L+j >= j, so going up
@@ -165,6 +170,7 @@ bm_status bm_conv_forward(const float *x, const float *w, const float *bias,
         void (*item_fn)(const conv_args *, int64_t) = conv_item_base;
 #if defined(__x86_64__) && defined(__GNUC__)
         if (bm_cpu_has_avx512()) item_fn = conv_item_avx512;
+        else if (bm_cpu_has_avx2()) item_fn = conv_item_avx2;
 #endif
         const int64_t n_items = b * a.n_rblk;
         /* y is complete before the state is written: conv_out may be conv_in. */

@@ -30,6 +30,21 @@ int bm_cpu_has_avx512(void) {
 #endif
 }
 
+/* The middle level, for the many x86 CPUs without AVX-512 (laptops, desktops, cloud VMs):
+ * avx2 + fma. BLACKMAMBA_NO_AVX2=1 turns it off (read at every call). Kernels pick AVX-512
+ * first, then this, then the portable C path; so with AVX-512 available this level is only
+ * reached under BLACKMAMBA_NO_AVX512=1. */
+int bm_cpu_has_avx2(void) {
+    const char *off = getenv("BLACKMAMBA_NO_AVX2");
+    if (off && off[0] == '1') return 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
 int bm_cpu_has_avx512bf16(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
     __builtin_cpu_init();

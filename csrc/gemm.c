@@ -7,9 +7,10 @@
  *  - many rows (prefill): each thread takes a block of output columns (rows of W) and runs one
  *    single-threaded OpenBLAS sgemm on it; bf16 rows are first widened into the thread's own
  *    float32 panel. Widening is O(Nout*Kin) against the product's O(M*Nout*Kin).
- * The GEMV and the conversions have AVX-512 kernels and portable C kernels, chosen at run time
- * (bm_cpu_has_avx512()). The float64 reference is blackmamba/ref.py linear; tests in
- * tests/test_gemm.py, measurements in benchmarks/bench_cpu_ops.py and dev/cpu/.
+ * The GEMV and the conversions have AVX-512, AVX2+FMA and portable C kernels, chosen at run
+ * time in that order (bm_cpu_has_avx512(), bm_cpu_has_avx2(); simd_level() below). The
+ * float64 reference is blackmamba/ref.py linear; tests in tests/test_gemm.py, measurements in
+ * benchmarks/bench_cpu_ops.py and dev/cpu/.
  */
 #include "bm.h"
 
@@ -42,6 +43,13 @@
 #endif
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Which kernels run: 2 AVX-512, 1 AVX2+FMA, 0 portable C. Asked once per call, outside the
+ * parallel regions (the environment overrides are read at every call). */
+enum { LEVEL_C = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
+static int simd_level(void) {
+    return bm_cpu_has_avx512() ? LEVEL_AVX512 : bm_cpu_has_avx2() ? LEVEL_AVX2 : LEVEL_C;
+}
 
 /* ---- float32 <-> bfloat16 --------------------------------------------------------------- */
 
@@ -90,30 +98,63 @@ AVX512 static void narrow_avx512(const float *src, uint16_t *dst, int64_t n) {
     }
     narrow_c(src + i, dst + i, n - i);
 }
+
+/* AVX2 twins of the two conversions (8 lanes; same integer arithmetic, same results). */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static void widen_avx2(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(v, 16));
+    }
+    widen_c(src + i, dst + i, n - i);
+}
+
+AVX2 static void narrow_avx2(const float *src, uint16_t *dst, int64_t n) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i quiet = _mm256_set1_epi32(0x40);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i u = _mm256_loadu_si256((const __m256i *)(src + i));
+        __m256i hi = _mm256_srli_epi32(u, 16);
+        __m256i r = _mm256_srli_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(hi, one)), 16);
+        /* |u| and inf are below 2^31, so the signed compare is the unsigned one */
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+        r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, quiet), nan);
+        /* r < 2^16: packus is exact; it packs within 128-bit lanes, the permute restores order */
+        __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_castsi256_si128(pk));
+    }
+    narrow_c(src + i, dst + i, n - i);
+}
 #endif
 
 /* Elements per thread-chunk of a conversion: below ~1 MB the threads cost more than they
  * save. */
 #define CONVERT_CHUNK (1 << 18)
 
-static void widen(const uint16_t *src, float *dst, int64_t n, int avx512) {
+static void widen(const uint16_t *src, float *dst, int64_t n, int level) {
 #ifdef BM_X86
-    if (avx512) { widen_avx512(src, dst, n); return; }
+    if (level == LEVEL_AVX512) { widen_avx512(src, dst, n); return; }
+    if (level == LEVEL_AVX2) { widen_avx2(src, dst, n); return; }
 #endif
     widen_c(src, dst, n);
 }
 
 void bm_bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
-    int avx512 = bm_cpu_has_avx512();
+    int level = simd_level();
     int64_t chunks = (n + CONVERT_CHUNK - 1) / CONVERT_CHUNK;
     #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; c++)
         widen(src + c * CONVERT_CHUNK, dst + c * CONVERT_CHUNK,
-              min64(CONVERT_CHUNK, n - c * CONVERT_CHUNK), avx512);
+              min64(CONVERT_CHUNK, n - c * CONVERT_CHUNK), level);
 }
 
 void bm_f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
-    int avx512 = bm_cpu_has_avx512();
+    int level = simd_level();
     int64_t chunks = (n + CONVERT_CHUNK - 1) / CONVERT_CHUNK;
     #pragma omp parallel for num_threads(bm_get_num_threads()) schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; c++) {
@@ -121,7 +162,8 @@ void bm_f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
         uint16_t *d = dst + c * CONVERT_CHUNK;
         int64_t m = min64(CONVERT_CHUNK, n - c * CONVERT_CHUNK);
 #ifdef BM_X86
-        if (avx512) { narrow_avx512(s, d, m); continue; }
+        if (level == LEVEL_AVX512) { narrow_avx512(s, d, m); continue; }
+        if (level == LEVEL_AVX2) { narrow_avx2(s, d, m); continue; }
 #endif
         narrow_c(s, d, m);
     }
@@ -323,6 +365,86 @@ AVX512 static void gemv_rows_f32_avx512(const float *x, const float *W, float *y
     FOR_ROWS_AND_GROUPS(CALL_F32)
 #undef CALL_F32
 }
+
+/* ---- GEMV: AVX2+FMA kernels ------------------------------------------------------------- */
+/* The AVX-512 layout in 8 lanes, without the x shuffle: vpmovzxwd widens 8 bf16 to 8 uint32
+ * in order and `<< 16` makes them float32, so x is used as it is. One weight row at a time
+ * (one sequential stream per thread, as above), 32 weights (one cache line of bf16, 4 ymm)
+ * per step. MB = 1 (decode) keeps 4 accumulators, so the 4-cycle FMA chains never wait on
+ * each other; MB > 1 has MB independent chains already and keeps 2 per x row (16 ymm
+ * registers: 8 accumulators, 4 weights, the x loads). */
+#define KERNEL2 static inline __attribute__((always_inline)) AVX2
+
+KERNEL2 __m256 load_bf16x8(const uint16_t *w) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+KERNEL2 float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* y[m*Nout] = dot(W row, x row m) for m < MB; W (Kin) bf16 or fp32 (BF16 constant at each
+ * call site); x (MB, Kin). The last Kin % 8 weights are summed in scalar. */
+KERNEL2 void row_avx2(const void *W, int BF16, const float *x, float *y, int64_t Nout,
+                      int64_t Kin, int MB) {
+    const int NA = MB == 1 ? 4 : 2;
+    const uint16_t *wh = (const uint16_t *)W;
+    const float *wf = (const float *)W;
+    __m256 acc[4][4];
+    for (int m = 0; m < MB; m++)
+        for (int j = 0; j < NA; j++) acc[m][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= Kin; k += 32) {
+        __m256 w[4];
+        for (int j = 0; j < 4; j++)
+            w[j] = BF16 ? load_bf16x8(wh + k + 8 * j) : _mm256_loadu_ps(wf + k + 8 * j);
+        for (int m = 0; m < MB; m++)
+            for (int j = 0; j < 4; j++)
+                acc[m][j % NA] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * Kin + k + 8 * j),
+                                                 acc[m][j % NA]);
+    }
+    for (; k + 8 <= Kin; k += 8) {
+        __m256 w = BF16 ? load_bf16x8(wh + k) : _mm256_loadu_ps(wf + k);
+        for (int m = 0; m < MB; m++)
+            acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * Kin + k), acc[m][0]);
+    }
+    for (int m = 0; m < MB; m++) {
+        __m256 a = acc[m][0];
+        for (int j = 1; j < NA; j++) a = _mm256_add_ps(a, acc[m][j]);
+        float t = 0.0f;
+        for (int64_t kk = k; kk < Kin; kk++) {
+            float w;
+            if (BF16) {
+                uint32_t u = (uint32_t)wh[kk] << 16;
+                memcpy(&w, &u, 4);
+            } else {
+                w = wf[kk];
+            }
+            t += w * x[m * Kin + kk];
+        }
+        y[m * Nout] = hsum8(a) + t;
+    }
+}
+
+/* x (M, Kin); W (Nout, Kin) bf16 or fp32 */
+AVX2 static void gemv_rows_bf16_avx2(const float *x, const uint16_t *W, float *y, int64_t M,
+                                     int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+#define CALL_BF16(MB) row_avx2(W + n * Kin, 1, x + m * Kin, y + m * Nout + n, Nout, Kin, MB)
+    FOR_ROWS_AND_GROUPS(CALL_BF16)
+#undef CALL_BF16
+}
+
+AVX2 static void gemv_rows_f32_avx2(const float *x, const float *W, float *y, int64_t M,
+                                    int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+#define CALL_F32(MB) row_avx2(W + n * Kin, 0, x + m * Kin, y + m * Nout + n, Nout, Kin, MB)
+    FOR_ROWS_AND_GROUPS(CALL_F32)
+#undef CALL_F32
+}
 #endif /* BM_X86 */
 
 /* ---- GEMV driver ------------------------------------------------------------------------ */
@@ -331,12 +453,12 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
                       int64_t Nout, int64_t Kin) {
     int nt = Nout * Kin < GEMV_PAR_MIN_ELEMS ? 1 : bm_get_num_threads();
     if (nt > Nout) nt = (int)Nout;
-    int avx512 = bm_cpu_has_avx512();
+    int level = simd_level();
     const float *xs = x;
     float *xp = NULL;
     int64_t Kp = (Kin + 31) / 32 * 32;
 #ifdef BM_X86
-    if (avx512 && wdtype == BM_BF16) {
+    if (level == LEVEL_AVX512 && wdtype == BM_BF16) {
         xp = malloc(sizeof(float) * (size_t)(M * Kp));
         if (!xp) return BM_ERR_NOMEM;
         shuffle_x_bf16(x, xp, M, Kin, Kp);
@@ -353,10 +475,14 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
 #endif
         int64_t n0 = Nout * t / T, n1 = Nout * (t + 1) / T;
 #ifdef BM_X86
-        if (avx512 && wdtype == BM_BF16)
+        if (level == LEVEL_AVX512 && wdtype == BM_BF16)
             gemv_rows_bf16_avx512(xs, (const uint16_t *)W, y, M, Nout, Kin, Kp, n0, n1);
-        else if (avx512)
+        else if (level == LEVEL_AVX512)
             gemv_rows_f32_avx512(xs, (const float *)W, y, M, Nout, Kin, n0, n1);
+        else if (level == LEVEL_AVX2 && wdtype == BM_BF16)
+            gemv_rows_bf16_avx2(xs, (const uint16_t *)W, y, M, Nout, Kin, n0, n1);
+        else if (level == LEVEL_AVX2)
+            gemv_rows_f32_avx2(xs, (const float *)W, y, M, Nout, Kin, n0, n1);
         else
 #endif
             gemv_rows_c(xs, W, wdtype, y, M, Nout, Kin, n0, n1);
@@ -375,7 +501,7 @@ static bm_status gemv(const float *x, const void *W, bm_dtype wdtype, float *y, 
  * the product's O(M*Nout*Kin). x (M, Kin); W (Nout, Kin); y (M, Nout). */
 static bm_status gemm_block(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
                             int64_t Nout, int64_t Kin, int64_t m0, int64_t m1, int64_t n0,
-                            int64_t n1, int avx512) {
+                            int64_t n1, int level) {
     const float *xb = x + m0 * Kin;
     float *yb = y + m0 * Nout;
     if (m0 >= m1 || n0 >= n1) return BM_OK;
@@ -392,7 +518,7 @@ static bm_status gemm_block(const float *x, const void *W, bm_dtype wdtype, floa
     if (!panel) return BM_ERR_NOMEM;
     for (int64_t p0 = n0; p0 < n1; p0 += P) {
         int64_t np = min64(P, n1 - p0);
-        widen((const uint16_t *)W + p0 * Kin, panel, np * Kin, avx512); /* rows contiguous */
+        widen((const uint16_t *)W + p0 * Kin, panel, np * Kin, level); /* rows contiguous */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(m1 - m0), (int)np,
                           (int)Kin, 1.0f, xb, (int)Kin, panel, (int)Kin, 0.0f, yb + p0,
                           (int)Nout);
@@ -408,7 +534,7 @@ static bm_status gemm(const float *x, const void *W, bm_dtype wdtype, float *y, 
     int nt = bm_get_num_threads();
     if ((double)M * (double)Nout * (double)Kin < GEMM_PAR_MIN_MACS) nt = 1;
     int split_n = Nout >= 64 * (int64_t)nt;
-    int avx512 = bm_cpu_has_avx512();
+    int level = simd_level();
     bm_status st = BM_OK;
     #pragma omp parallel num_threads(nt)
     {
@@ -420,7 +546,7 @@ static bm_status gemm(const float *x, const void *W, bm_dtype wdtype, float *y, 
         int64_t m0 = 0, m1 = M, n0 = 0, n1 = Nout;
         if (split_n) n0 = Nout * t / T, n1 = Nout * (t + 1) / T;
         else m0 = M * t / T, m1 = M * (t + 1) / T;
-        bm_status s = gemm_block(x, W, wdtype, y, M, Nout, Kin, m0, m1, n0, n1, avx512);
+        bm_status s = gemm_block(x, W, wdtype, y, M, Nout, Kin, m0, m1, n0, n1, level);
         if (s != BM_OK) {
             #pragma omp critical(bm_gemm_status)
             st = s;

@@ -266,8 +266,9 @@ static int check_blas_dims(Sig *s, int64_t a, int64_t b, int64_t c) {
 /* ---- cpu.c ----------------------------------------------------------------------------- */
 
 static PyObject *py_cpu_info(PyObject *self, PyObject *noargs) {
-    return Py_BuildValue("{s:O,s:O,s:i,s:O}", "avx512", bm_cpu_has_avx512() ? Py_True : Py_False,
+    return Py_BuildValue("{s:O,s:O,s:O,s:i,s:O}", "avx512", bm_cpu_has_avx512() ? Py_True : Py_False,
                          "avx512bf16", bm_cpu_has_avx512bf16() ? Py_True : Py_False,
+                         "avx2", bm_cpu_has_avx2() ? Py_True : Py_False,
                          "threads", bm_get_num_threads(), "cuda",
 #ifdef BM_WITH_CUDA
                          Py_True

@@ -63,6 +63,11 @@ act_row_avx512(const float *a, const float *up, float *h, int64_t F, bm_act act)
     act_row_impl(a, up, h, F, act);
 }
 
+__attribute__((target("avx2,fma"))) static void
+act_row_avx2(const float *a, const float *up, float *h, int64_t F, bm_act act) {
+    act_row_impl(a, up, h, F, act);
+}
+
 static void act_row_generic(const float *a, const float *up, float *h, int64_t F, bm_act act) {
     act_row_impl(a, up, h, F, act);
 }
@@ -72,7 +77,7 @@ static void act_row_generic(const float *a, const float *up, float *h, int64_t F
 static void act_rows(const float *a, float *h, int64_t M, int64_t F, bm_act act, int gated) {
     const int64_t lda = gated ? 2 * F : F;
     void (*row)(const float *, const float *, float *, int64_t, bm_act) =
-        bm_cpu_has_avx512() ? act_row_avx512 : act_row_generic;
+        bm_cpu_has_avx512() ? act_row_avx512 : bm_cpu_has_avx2() ? act_row_avx2 : act_row_generic;
 #pragma omp parallel for num_threads(bm_get_num_threads()) if (M * F >= BM_PAR_MIN)
     for (int64_t i = 0; i < M; i++)
         row(a + i * lda, gated ? a + i * lda + F : NULL, h + i * F, F, act);

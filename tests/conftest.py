@@ -24,6 +24,38 @@ def golden():
     return dict(np.load(os.path.join(GOLDEN, "golden.npz")))
 
 
+# SIMD levels of the C core: kernels pick AVX-512, else AVX2+FMA, else portable C, reading
+# BLACKMAMBA_NO_AVX512 / BLACKMAMBA_NO_AVX2 at every call, so one process tests all three. A
+# level is skipped when the CPU lacks it or when the outer environment already turned it off
+# (valgrind, for one, emulates AVX2 but not AVX-512).
+SIMD_LEVELS = ("avx512", "avx2", "portable")
+_OUTER_OFF = {"avx512": os.environ.get("BLACKMAMBA_NO_AVX512") == "1",
+              "avx2": os.environ.get("BLACKMAMBA_NO_AVX2") == "1"}
+
+
+def use_simd_level(monkeypatch, level):
+    """Make the C core run `level` from now on (monkeypatch restores the environment), or
+    skip the test where this CPU cannot run it."""
+    from blackmamba import ops
+    if _OUTER_OFF.get(level):
+        pytest.skip(f"{level} turned off by the environment")
+    monkeypatch.setenv("BLACKMAMBA_NO_AVX512", "0" if level == "avx512" else "1")
+    monkeypatch.setenv("BLACKMAMBA_NO_AVX2", "1" if level == "portable" else "0")
+    info = ops.cpu_info()
+    if level != "portable" and not info[level]:
+        pytest.skip(f"CPU without {level}")
+    # the dispatch really is at this level: exactly the flags the kernels test are on
+    assert info["avx512"] == (level == "avx512")
+    assert info["avx2"] == (level != "portable")
+    return level
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def simd(request, monkeypatch):
+    """Run the test once at each SIMD level."""
+    return use_simd_level(monkeypatch, request.param)
+
+
 # Fuzz case counts (tests/test_fuzz.py fills it), printed at the end of the session.
 FUZZ_REPORT = {}
 

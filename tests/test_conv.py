@@ -12,6 +12,8 @@ import pytest
 
 from blackmamba import ops, ref
 
+from conftest import use_simd_level
+
 CONV_RTOL = 1e-6
 SEEDS = (0, 1)
 
@@ -73,13 +75,13 @@ def _run_forward(K, E, full):
 
 @pytest.mark.parametrize("K", range(2, 9))
 @pytest.mark.parametrize("E", (1, 7, 33, 2947))
-def test_conv_forward_matches_ref(K, E):
+def test_conv_forward_matches_ref(K, E, simd):
     _run_forward(K, E, full=E < 1000)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("K", range(2, 9))
-def test_conv_forward_matches_ref_wide_full(K):
+def test_conv_forward_matches_ref_wide_full(K, simd):
     _run_forward(K, 2947, full=True)
 
 
@@ -98,7 +100,7 @@ def test_final_state_short_sequences():
         np.testing.assert_array_equal(fin0, want)
 
 
-def test_silu_values():
+def test_silu_values(simd):
     """SiLU through the conv with weight (0, 1): y = silu(x), including the edges of exp."""
     v = np.array([-1e4, -100, -88, -87.3, -87, -50, -20, -1, -1e-3, 0, 1e-3, 1, 20, 50, 100,
                   1e4, 3.4e38, -3.4e38], np.float32)
@@ -116,7 +118,7 @@ def test_silu_values():
 
 
 @pytest.mark.parametrize("K", (2, 4, 8))
-def test_chaining_equals_one_pass(K):
+def test_chaining_equals_one_pass(K, simd):
     """conv over [0:a] then over [a:L] with the carried state == conv over [0:L], bit for bit:
     every output sees the same inputs in the same order, whichever call computes it."""
     E, b, L = 33, 3, 20
@@ -133,7 +135,7 @@ def test_chaining_equals_one_pass(K):
 
 
 @pytest.mark.parametrize("K", range(2, 9))
-def test_update_equals_forward(K):
+def test_update_equals_forward(K, simd):
     """Repeated causal_conv1d_update == causal_conv1d, bit for bit, state included."""
     for E in (1, 7, 2947):
         for seed in SEEDS:
@@ -208,7 +210,7 @@ def test_threads_do_not_change_results():
     _check(y1, x, w, bias, None, "silu")
 
 
-def test_empty():
+def test_empty(simd):
     w = np.ones((5, 4), np.float32)
     y, s = ops.causal_conv1d(np.zeros((0, 3, 5), np.float32), w)
     assert y.shape == (0, 3, 5) and s.shape == (0, 3, 5)
@@ -218,7 +220,7 @@ def test_empty():
     assert y.shape == (0, 5)
 
 
-def test_nan_propagates_causally():
+def test_nan_propagates_causally(simd):
     """A NaN at time t reaches outputs t .. t+K-1 of its channel only."""
     b, L, E, K = 2, 12, 5, 4
     x = np.ones((b, L, E), np.float32)
@@ -269,3 +271,26 @@ def test_bad_inputs():
     ro.flags.writeable = False
     _raises(ValueError, ["conv_state"], g, x[:, 0], ro, w)
     _raises(TypeError, ["conv_state"], g, x[:, 0], st.tolist(), w)
+
+
+@pytest.mark.parametrize("K", (2, 4, 7))
+def test_simd_levels_bitwise_equal(K, monkeypatch):
+    """The sweep is one C source compiled for AVX-512, AVX2+FMA and the baseline ISA with FMA
+    contraction off: the three levels must agree bit for bit (SiLU tails, NaN, odd E)."""
+    rng = np.random.default_rng(40 + K)
+    x = _rand(rng, 3, 37, 2947) * 30
+    x[0, 5, 11] = np.nan
+    x[1, :, 3] = np.linspace(-120, 120, 37)
+    w, bias, state = _rand(rng, 2947, K), _rand(rng, 2947), _rand(rng, 3, K - 1, 2947)
+    out = {}
+    for level in ("avx512", "avx2", "portable"):
+        try:
+            use_simd_level(monkeypatch, level)
+        except pytest.skip.Exception:
+            continue
+        out[level] = ops.causal_conv1d(x, w, bias, state, activation="silu")[0]
+    if len(out) < 2:
+        pytest.skip("only one SIMD level on this CPU")
+    base = out.pop("portable")
+    for level, y in out.items():
+        np.testing.assert_array_equal(y.view(np.uint32), base.view(np.uint32), err_msg=level)

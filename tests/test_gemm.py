@@ -3,9 +3,9 @@
 linear has two paths: the streaming GEMV (few rows: M <= 16 for bf16, <= 8 for fp32) and,
 for more rows, one single-threaded OpenBLAS sgemm per thread on its block of output columns
 (or of rows, when there are few columns), bf16 weights widened to float32 panel by panel
-first. The GEMV and the conversions have AVX-512 kernels and portable C kernels;
-BLACKMAMBA_NO_AVX512=1 (read at every call) forces the portable ones, so both are tested in
-one process.
+first. The GEMV and the conversions have AVX-512, AVX2+FMA and portable C kernels;
+BLACKMAMBA_NO_AVX512=1 and BLACKMAMBA_NO_AVX2=1 (read at every call) step down a level, so all
+three are tested in one process (the `path` fixture, from conftest.simd).
 """
 import numpy as np
 import pytest
@@ -26,18 +26,10 @@ NOUTS = [1, 3, 17, 300]
 MS = [1, 2, 3, 5, 8, 9, 16, 17, 64]   # 8/9 and 16/17 straddle the GEMV -> sgemm switches
 
 
-def _paths():
-    """(name, env value) for each GEMV kernel this CPU can run."""
-    out = [pytest.param("1", id="portable")]
-    if ops.cpu_info()["avx512"]:
-        out.append(pytest.param("0", id="avx512"))
-    return out
-
-
-@pytest.fixture(params=_paths())
-def path(request, monkeypatch):
-    monkeypatch.setenv("BLACKMAMBA_NO_AVX512", request.param)
-    return request.param
+@pytest.fixture
+def path(simd):
+    """Each test taking `path` runs at the three SIMD levels (conftest.simd)."""
+    return simd
 
 
 def _case(seed, M, Nout, Kin, dtype, bias):

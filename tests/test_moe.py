@@ -15,6 +15,8 @@ import pytest
 
 from blackmamba import ops, ref
 
+from conftest import use_simd_level
+
 ACTS = ["gelu", "gelu_tanh", "silu"]
 REL = 5e-6  # see module docstring
 
@@ -351,7 +353,7 @@ def test_mlp_matches_single_expert_moe():
 # ---- activations alone --------------------------------------------------------------------
 
 @pytest.mark.parametrize("act", ACTS)
-def test_activation_accuracy(act):
+def test_activation_accuracy(act, simd):
     # Identity weights make mlp(x) = act(x) exactly up to the activation's own rounding
     # (x @ I is exact), which isolates csrc/act.h from BLAS. Bounds from
     # dev/cpu/act_accuracy.c, with ~2x margin:
@@ -379,7 +381,7 @@ def test_activation_accuracy(act):
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_activation_non_finite(act):
+def test_activation_non_finite(act, simd):
     x = np.array([[np.nan], [np.inf], [-np.inf], [0.0], [-0.0], [100.0], [-100.0], [1e30],
                   [-1e30], [1e-30]], np.float32)
     one = np.ones((1, 1), np.float32)
@@ -389,6 +391,38 @@ def test_activation_non_finite(act):
     np.testing.assert_array_equal(np.isnan(out), np.isnan(want))  # NaN, -inf -> NaN
     ok = ~np.isnan(want)
     np.testing.assert_allclose(out[ok], want[ok], rtol=1e-6, atol=1e-37)  # denormals flush
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_simd_levels_bitwise_equal(act, monkeypatch):
+    """act.h is one C source compiled for AVX-512, AVX2+FMA and the baseline ISA with FMA
+    contraction off, so the three levels give the same bits (identity weights: x @ I is
+    exact on every GEMV/GEMM path, so only the activation differs). d = 37 and 3 or 40 rows:
+    vector tails and both the GEMV and the sgemm path."""
+    d = 37
+    eye = np.eye(d, dtype=np.float32)
+    out = {}
+    for level in ("avx512", "avx2", "portable"):
+        try:
+            use_simd_level(monkeypatch, level)
+        except pytest.skip.Exception:
+            continue
+        out[level] = [ops.mlp(_act_inputs(T, d), eye, eye, activation=act, gated=False)
+                      for T in (3, 40)]
+    if len(out) < 2:
+        pytest.skip("only one SIMD level on this CPU")
+    base = out.pop("portable")
+    for level, ys in out.items():
+        for y, y0 in zip(ys, base):
+            np.testing.assert_array_equal(y.view(np.uint32), y0.view(np.uint32), err_msg=level)
+
+
+def _act_inputs(T, d):
+    # finite only: an inf would make its whole row NaN through x @ I (inf * 0); the
+    # non-finite inputs are test_activation_non_finite's
+    x = np.linspace(-100, 100, T * d, dtype=np.float32).reshape(T, d)
+    x[0, :3] = [-0.0, 1e-30, -1e-30]
+    return x
 
 
 # ---- bad inputs --------------------------------------------------------------------------

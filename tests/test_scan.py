@@ -1,5 +1,7 @@
-"""Selective scan (csrc/scan.c) against the float64 reference (blackmamba/ref.py), on both the
-AVX-512 and the portable scalar path (BLACKMAMBA_NO_AVX512=1 forces the latter at run time).
+"""Selective scan (csrc/scan.c) against the float64 reference (blackmamba/ref.py), on the
+AVX-512, the AVX2+FMA and the portable scalar path (BLACKMAMBA_NO_AVX512=1 and
+BLACKMAMBA_NO_AVX2=1 step down a level at run time; the `path` fixture runs all three).
+The AVX2 path is the AVX-512 code in 8 lanes and must give its results bit for bit.
 
 Tolerance TOL = 1e-5, normwise (‖got - ref‖ / ‖ref‖) and as max |got - ref| / max |ref|.
 The kernel computes in float32 from the same float32 inputs as the reference, so only float32
@@ -11,32 +13,21 @@ elsewhere, on both paths. 1e-5 leaves 5x headroom while a wrong term, channel or
 (errors >= 1e-3) fails.
 """
 import itertools
-import os
 
 import numpy as np
 import pytest
 
 from blackmamba import ops, ref
 
-from conftest import rel_err
+from conftest import rel_err, use_simd_level
 
 TOL = 1e-5
 
-HAS_AVX512 = os.environ.get("BLACKMAMBA_NO_AVX512") != "1" and ops.cpu_info()["avx512"]
-
-
-@pytest.fixture(params=["avx512", "scalar"])
-def path(request, monkeypatch):
-    """Run the test once on each code path; cpu.c reads the variable at every call."""
-    if request.param == "avx512":
-        if not HAS_AVX512:
-            pytest.skip("CPU without AVX-512")
-        monkeypatch.delenv("BLACKMAMBA_NO_AVX512", raising=False)
-        assert ops.cpu_info()["avx512"]
-    else:
-        monkeypatch.setenv("BLACKMAMBA_NO_AVX512", "1")
-        assert not ops.cpu_info()["avx512"]
-    return request.param
+@pytest.fixture
+def path(simd):
+    """Run the test once on each code path (conftest.simd); cpu.c reads the variables at
+    every call."""
+    return simd
 
 
 def make_inputs(seed, b, L, E, N, D=True, z=True, delta_bias=True, state=True,
@@ -200,17 +191,89 @@ def test_scan_nan_stays_in_its_channel(path):
 @pytest.mark.parametrize("shape", [(1, 300, 2947, 16), (2, 37, 33, 64), (3, 20, 7, 1)],
                          ids=lambda s: "b%d-L%d-E%d-N%d" % s)
 def test_scan_paths_agree(shape, monkeypatch):
-    if not HAS_AVX512:
-        pytest.skip("CPU without AVX-512")
     kw = make_inputs(7, *shape, realistic=True)
-    monkeypatch.delenv("BLACKMAMBA_NO_AVX512", raising=False)
+    use_simd_level(monkeypatch, "avx512")
     y_v, h_v = ops.selective_scan(**kw)
-    monkeypatch.setenv("BLACKMAMBA_NO_AVX512", "1")
+    use_simd_level(monkeypatch, "portable")
     y_s, h_s = ops.selective_scan(**kw)
     # both are within TOL of float64; against each other the same float32 rounding bound holds
     assert_close(y_v, y_s.astype(np.float64), "y avx512 vs scalar")
     assert_close(h_v, h_s.astype(np.float64), "state avx512 vs scalar")
     assert not np.array_equal(y_v, y_s)  # the dispatch really switched paths
+
+
+def extreme_inputs(seed, b, L, E, N):
+    """Inputs at the edges of every transcendental: softplus on both sides of its v > 20
+    switch and deep in the tail, dt A down to -1e30 (exp underflows through the denormals to
+    0), silu at +-80 and beyond exp's clamp, A = 0 (no decay), and a NaN."""
+    rng = np.random.default_rng(seed)
+    kw = make_inputs(seed, b, L, E, N)
+    kw["delta"] = rng.choice([-200.0, -90.0, -30.0, -5.0, 0.0, 0.3, 19.99, 20.0, 20.01, 40.0],
+                             (b, L, E)).astype(np.float32)
+    kw["z"] = rng.choice([-200.0, -80.0, -10.0, 0.0, 10.0, 80.0, 200.0],
+                         (b, L, E)).astype(np.float32)
+    kw["A"][:, 0] = -1e5
+    kw["A"][:, -1] = 0.0
+    kw["A"][: E // 2, N // 2] = -1e30
+    kw["A"][E // 2:, N // 2] = -60.0   # dt A * log2 e near -126..-149: denormal exp
+    kw["u"][0, L // 2, E // 3] = np.nan
+    return kw
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 2947, 16), (2, 37, 33, 64), (3, 20, 7, 1),
+                                   (2, 9, 13, 5), (1, 4, 8, 16)],
+                         ids=lambda s: "b%d-L%d-E%d-N%d" % s)
+@pytest.mark.parametrize("kind", ["realistic", "random", "extreme"])
+def test_scan_avx2_equals_avx512(shape, kind, monkeypatch):
+    """The AVX2 twin (8 lanes, 2^k in two exact factors instead of vscalefps) computes the same
+    float32 operations as the AVX-512 path, so the results are identical, bit for bit, also
+    for denormal, zero, infinite and NaN exps, for the prefill and for the step."""
+    if kind == "extreme":
+        kw = extreme_inputs(3, *shape)
+    else:
+        kw = make_inputs(3, *shape, realistic=kind == "realistic")
+    step = {k: v[:, 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in kw.items()}
+    step["x"] = step.pop("u")
+    out = {}
+    for level in ("avx512", "avx2"):
+        use_simd_level(monkeypatch, level)
+        y, h = ops.selective_scan(**kw)
+        st = step["state"].copy()
+        ys = ops.selective_state_update(st, **{k: v for k, v in step.items() if k != "state"})
+        out[level] = (y, h, ys, st)
+    for a, b, what in zip(out["avx512"], out["avx2"], ("y", "state", "step y", "step state")):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=what)
+
+
+def test_scan_exp_avx2_equals_avx512(monkeypatch):
+    """exp(dt A) alone (u = 0, state 1, one token: the final state is exp(dt A)), over the
+    whole float32 range of its argument including the denormal results (dt A from -87.3 to
+    -103.3) and the underflow to 0, bit for bit between the two vector paths; and softplus
+    and silu alone (y = softplus(delta) with u = B = C = 1; y = silu(z) with A = 0)."""
+    rng = np.random.default_rng(21)
+    E = 5003
+    x = np.concatenate([-np.linspace(0, 120, 4000), -np.exp(rng.uniform(-20, 80, 1003))])
+    dt = np.exp(rng.uniform(-3, 3, E))
+    A = (x / dt).astype(np.float32)[:, None]
+    v = np.concatenate([np.linspace(-200, 200, 4000), 10 * rng.standard_normal(1003)])
+    v = v.astype(np.float32)[None, None]
+    one, zero = np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32)
+    out = {}
+    for level in ("avx512", "avx2"):
+        use_simd_level(monkeypatch, level)
+        _, h = ops.selective_scan(np.zeros((1, 1, E), np.float32),
+                                  dt.astype(np.float32)[None, None], A, zero, zero,
+                                  delta_softplus=False, state=np.ones((1, E, 1), np.float32))
+        sp, _ = ops.selective_scan(np.ones((1, 1, E), np.float32), v, -np.ones((E, 1), np.float32),
+                                   one, one)
+        si, _ = ops.selective_scan(np.zeros((1, 1, E), np.float32), np.ones((1, 1, E), np.float32),
+                                   np.zeros((E, 1), np.float32), zero, one, z=v,
+                                   delta_softplus=False, state=np.ones((1, E, 1), np.float32))
+        out[level] = (h, sp, si)
+    h = out["avx2"][0][0, :, 0]
+    assert (h > 0).any() and (h == 0).any() and ((h > 0) & (h < 1.17e-38)).any()  # denormals
+    for a, b, what in zip(out["avx512"], out["avx2"], ("exp", "softplus", "silu")):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=what)
 
 
 # Chaining and stepping are exact, not just close: the step is the scan kernel run on one

@@ -6,8 +6,10 @@
 # any definite leak whose allocation stack passes through our extension (CPython and NumPy
 # leak a little at exit by design; those stacks do not reach blackmamba/_C).
 #
-# Under valgrind the CPU reports no AVX-512 (valgrind does not emulate it), so this checks
-# the portable C paths; tests/sanitize.sh (ASan + UBSan) runs the AVX-512 ones.
+# Under valgrind the CPU reports no AVX-512 (valgrind does not emulate it) but does report
+# AVX2+FMA, so the driver runs everything twice: on the AVX2 paths, then with
+# BLACKMAMBA_NO_AVX2=1 on the portable C paths; tests/sanitize.sh (ASan + UBSan) runs the
+# AVX-512 ones.
 #
 #   bash tests/valgrind.sh            # ~1 min on 2 cores
 #   VALGRIND_SELFTEST=1 bash tests/valgrind.sh   # plants an invalid read: must fail
@@ -37,39 +39,59 @@ import blackmamba as bm
 from blackmamba import ops
 
 golden = sys.argv[1]
-for dtype in ("float32", "bfloat16"):
-    m = bm.load(golden, dtype=dtype, tokenizer=False)
-    st = m.new_state(2)
-    logits = m.prefill(np.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]), st, logits="last")
-    toks = []
-    for _ in range(10):                        # greedy, no EOS stop: exactly 10 steps
-        nxt = logits.argmax(-1)
-        toks.append(nxt)
-        logits = m.step(nxt, st)
-    print(dtype, "greedy", np.stack(toks, 1).tolist())
-    print(dtype, "sampled", m.generate([[3, 1, 4], [1, 5, 9, 2, 6]], max_new_tokens=10,
-                                       temperature=0.8, top_k=20, seed=1, return_tokens=True))
-    full = m(np.array([[7, 7, 1, 2, 3, 4, 5]]))
-    st = m.new_state(1)
-    chunked = m.prefill(np.array([[7, 7, 1, 2, 3, 4, 5]]), st, chunk_size=3)
-    assert np.allclose(full, chunked, atol=1e-4)
 
-rng = np.random.default_rng(0)
-f = lambda *s: rng.standard_normal(s).astype(np.float32)
-x, rw, rb, fc1, fc2 = f(7, 13), f(3, 13), f(3), f(3, 10, 13), f(3, 13, 5)
-out = ops.moe(x, rw, rb, fc1, fc2, return_routing=True)
-ops.moe_experts(x, out[1], out[2], ops.f32_to_bf16(fc1), ops.f32_to_bf16(fc2), "silu")
-ops.sinkhorn(f(7, 3), init="uniform")
-ops.sinkhorn(f(7, 3))
-ops.layer_norm(f(3, 33), f(33), None, f(3, 33))
-for bad in (lambda: ops.linear(x, np.zeros((4, 13), np.int32)),
-            lambda: ops.moe_experts(x, out[1] + 3, out[2], fc1, fc2),
-            lambda: ops.mlp(x, fc1[0], ops.f32_to_bf16(fc2[0])),
-            lambda: ops.selective_scan(f(1, 2, 3), f(1, 2, 3), f(3, 4), f(1, 2, 5), f(1, 2, 4))):
-    try:
-        bad()
-    except (TypeError, ValueError):
-        pass
+
+def run():
+    for dtype in ("float32", "bfloat16"):
+        m = bm.load(golden, dtype=dtype, tokenizer=False)
+        st = m.new_state(2)
+        logits = m.prefill(np.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]), st, logits="last")
+        toks = []
+        for _ in range(10):                        # greedy, no EOS stop: exactly 10 steps
+            nxt = logits.argmax(-1)
+            toks.append(nxt)
+            logits = m.step(nxt, st)
+        print(dtype, "greedy", np.stack(toks, 1).tolist())
+        print(dtype, "sampled", m.generate([[3, 1, 4], [1, 5, 9, 2, 6]], max_new_tokens=10,
+                                           temperature=0.8, top_k=20, seed=1, return_tokens=True))
+        full = m(np.array([[7, 7, 1, 2, 3, 4, 5]]))
+        st = m.new_state(1)
+        chunked = m.prefill(np.array([[7, 7, 1, 2, 3, 4, 5]]), st, chunk_size=3)
+        assert np.allclose(full, chunked, atol=1e-4)
+
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    x, rw, rb, fc1, fc2 = f(7, 13), f(3, 13), f(3), f(3, 10, 13), f(3, 13, 5)
+    out = ops.moe(x, rw, rb, fc1, fc2, return_routing=True)
+    ops.moe_experts(x, out[1], out[2], ops.f32_to_bf16(fc1), ops.f32_to_bf16(fc2), "silu")
+    ops.sinkhorn(f(7, 3), init="uniform")
+    ops.sinkhorn(f(7, 3))
+    ops.layer_norm(f(3, 33), f(33), None, f(3, 33))
+    # the vector kernels at sizes with tails: Kin = 32 + 8 + 5, E = 13 and 19 channels
+    for M in (1, 3, 6, 20):
+        ops.linear(f(M, 45), ops.f32_to_bf16(f(5, 45)), f(5))
+        ops.linear(f(M, 45), f(5, 45))
+    for b, L, E, N in ((2, 9, 13, 5), (1, 3, 19, 16)):
+        ops.selective_scan(f(b, L, E), f(b, L, E), -np.exp(f(E, N)), f(b, L, N), f(b, L, N),
+                           f(E), f(b, L, E), f(E), state=f(b, E, N))
+        ops.selective_state_update(f(b, E, N), f(b, E), f(b, E), -np.exp(f(E, N)), f(b, N),
+                                   f(b, N), f(E), f(b, E), f(E))
+    ops.causal_conv1d(f(2, 5, 13), f(13, 4), f(13), f(2, 3, 13))
+    ops.bf16_to_f32(ops.f32_to_bf16(f(21)))
+    for bad in (lambda: ops.linear(x, np.zeros((4, 13), np.int32)),
+                lambda: ops.moe_experts(x, out[1] + 3, out[2], fc1, fc2),
+                lambda: ops.mlp(x, fc1[0], ops.f32_to_bf16(fc2[0])),
+                lambda: ops.selective_scan(f(1, 2, 3), f(1, 2, 3), f(3, 4), f(1, 2, 5), f(1, 2, 4))):
+        try:
+            bad()
+        except (TypeError, ValueError):
+            pass
+
+
+for no_avx2 in ("0", "1"):                       # the AVX2 paths, then the portable ones
+    os.environ["BLACKMAMBA_NO_AVX2"] = no_avx2
+    print("cpu:", ops.cpu_info())
+    run()
 if os.environ.get("VALGRIND_SELFTEST"):        # an invalid read valgrind must report
     import ctypes
     p = ctypes.CDLL(None).malloc

@@ -184,5 +184,6 @@ def test_perplexity_command_defaults_to_the_heldout_split(capsys, model, heldout
     assert r["model"] == "shakespeare" and r["tokens"] == 4000 and r["bytes"] == 4000
     want = perplexity(model, list(heldout[:4000]), num_bytes=4000)["bits_per_byte"]
     assert abs(r["bits_per_byte"] - want) < 1e-9
-    assert main(["perplexity", "-m", "shakespeare"]) == 2      # --model needs --text
+    from conftest import GOLDEN
+    assert main(["perplexity", "-m", GOLDEN, "--tokenizer", "byte"]) == 2   # needs --text
     assert "--text is required" in capsys.readouterr().err

@@ -50,6 +50,25 @@ def use_simd_level(monkeypatch, level):
     return level
 
 
+def assert_levels_bitwise_equal(monkeypatch, run):
+    """run() at every SIMD level this CPU has; each level's arrays must equal the portable
+    level's bit for bit (one C source built per ISA with FMA contraction off). Skips where
+    the CPU offers only one level."""
+    out = {}
+    for level in ("avx512", "avx2", "portable"):
+        try:
+            use_simd_level(monkeypatch, level)
+        except pytest.skip.Exception:
+            continue
+        out[level] = run()
+    if len(out) < 2:
+        pytest.skip("only one SIMD level on this CPU")
+    base = out.pop("portable")
+    for level, ys in out.items():
+        for y, y0 in zip(ys, base):
+            np.testing.assert_array_equal(y.view(np.uint32), y0.view(np.uint32), err_msg=level)
+
+
 @pytest.fixture(params=SIMD_LEVELS)
 def simd(request, monkeypatch):
     """Run the test once at each SIMD level."""

@@ -12,7 +12,7 @@ import pytest
 
 from blackmamba import ops, ref
 
-from conftest import use_simd_level
+from conftest import assert_levels_bitwise_equal
 
 CONV_RTOL = 1e-6
 SEEDS = (0, 1)
@@ -282,15 +282,5 @@ def test_simd_levels_bitwise_equal(K, monkeypatch):
     x[0, 5, 11] = np.nan
     x[1, :, 3] = np.linspace(-120, 120, 37)
     w, bias, state = _rand(rng, 2947, K), _rand(rng, 2947), _rand(rng, 3, K - 1, 2947)
-    out = {}
-    for level in ("avx512", "avx2", "portable"):
-        try:
-            use_simd_level(monkeypatch, level)
-        except pytest.skip.Exception:
-            continue
-        out[level] = ops.causal_conv1d(x, w, bias, state, activation="silu")[0]
-    if len(out) < 2:
-        pytest.skip("only one SIMD level on this CPU")
-    base = out.pop("portable")
-    for level, y in out.items():
-        np.testing.assert_array_equal(y.view(np.uint32), base.view(np.uint32), err_msg=level)
+    assert_levels_bitwise_equal(
+        monkeypatch, lambda: [ops.causal_conv1d(x, w, bias, state, activation="silu")[0]])

@@ -15,7 +15,7 @@ import pytest
 
 from blackmamba import ops, ref
 
-from conftest import use_simd_level
+from conftest import assert_levels_bitwise_equal
 
 ACTS = ["gelu", "gelu_tanh", "silu"]
 REL = 5e-6  # see module docstring
@@ -401,20 +401,9 @@ def test_activation_simd_levels_bitwise_equal(act, monkeypatch):
     vector tails and both the GEMV and the sgemm path."""
     d = 37
     eye = np.eye(d, dtype=np.float32)
-    out = {}
-    for level in ("avx512", "avx2", "portable"):
-        try:
-            use_simd_level(monkeypatch, level)
-        except pytest.skip.Exception:
-            continue
-        out[level] = [ops.mlp(_act_inputs(T, d), eye, eye, activation=act, gated=False)
-                      for T in (3, 40)]
-    if len(out) < 2:
-        pytest.skip("only one SIMD level on this CPU")
-    base = out.pop("portable")
-    for level, ys in out.items():
-        for y, y0 in zip(ys, base):
-            np.testing.assert_array_equal(y.view(np.uint32), y0.view(np.uint32), err_msg=level)
+    assert_levels_bitwise_equal(
+        monkeypatch, lambda: [ops.mlp(_act_inputs(T, d), eye, eye, activation=act, gated=False)
+                              for T in (3, 40)])
 
 
 def _act_inputs(T, d):

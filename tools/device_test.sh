@@ -5,13 +5,7 @@
 #   bash tools/device_test.sh [pytest args...]      (default: the GPU tests, then all tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -d .shared ] && export BLACKMAMBA_SHARED="$PWD/.shared"
+source tools/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 t0=$(date +%s)
 BLACKMAMBA_STRICT_BUILD=1 BLACKMAMBA_NVCC_THREADS=8 python3 setup.py -q build_ext --inplace 2>&1 \

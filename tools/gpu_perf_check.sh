@@ -18,13 +18,7 @@ SUM="$OUT/1_summary.txt"
 : > "$SUM"
 note() { echo "$*" | tee -a "$SUM"; }
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -d .shared ] && export BLACKMAMBA_SHARED="$PWD/.shared"
+source tools/device_env.sh
 [ -f .shared/golden/tiny-a/golden.npz ] && export BM_GOLDEN="$PWD/.shared/golden/tiny-a/golden.npz"
 note "$(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
 note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') stages $STAGES"

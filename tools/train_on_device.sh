@@ -6,12 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?output folder}; shift
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source tools/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
 t0=$(date +%s)
 BLACKMAMBA_STRICT_BUILD=1 BLACKMAMBA_NVCC_THREADS=8 python3 setup.py -q build_ext --inplace 2>&1 \

@@ -194,16 +194,6 @@ static inline float gemv_lanes_sum(float *acc) {
     return acc[0];
 }
 
-/* dot(w (Kin) fp32, x (Kin)) */
-static float dot_f32_c(const float *restrict w, const float *restrict x, int64_t Kin) {
-    float acc[GEMV_LANES] = {0};
-    int64_t k = 0;
-    for (; k + GEMV_LANES <= Kin; k += GEMV_LANES)
-        for (int j = 0; j < GEMV_LANES; j++) acc[j] += w[k + j] * x[k + j];
-    for (int j = 0; k < Kin; k++, j++) acc[j] += w[k] * x[k];
-    return gemv_lanes_sum(acc);
-}
-
 /* bf16 -> float32: the 16 bits are the top half of the float */
 static inline float bf16_c(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -212,29 +202,54 @@ static inline float bf16_c(uint16_t h) {
     return f;
 }
 
-/* dot(w (Kin) bf16, x (Kin)) */
-static float dot_bf16_c(const uint16_t *restrict w, const float *restrict x, int64_t Kin) {
-    float acc[GEMV_LANES] = {0};
+/* y[m*Nout] = dot(w, x row m) for m < MB: w (Kin) fp32 or bf16 (BF16, like MB, a constant at
+ * each call site, so each instance has one loop without branches), x (MB, Kin). The MB x rows
+ * share each widened weight; every row keeps its own GEMV_LANES sums, so its result does not
+ * depend on MB. */
+static inline __attribute__((always_inline)) void dot_rows_c(const void *restrict w, int BF16,
+                                                             const float *restrict x,
+                                                             float *restrict y, int64_t Nout,
+                                                             int64_t Kin, int MB) {
+    const float *restrict wf = (const float *)w;
+    const uint16_t *restrict wh = (const uint16_t *)w;
+    float acc[4][GEMV_LANES] = {{0}};
     int64_t k = 0;
     for (; k + GEMV_LANES <= Kin; k += GEMV_LANES)
-        for (int j = 0; j < GEMV_LANES; j++) acc[j] += bf16_c(w[k + j]) * x[k + j];
-    for (int j = 0; k < Kin; k++, j++) acc[j] += bf16_c(w[k]) * x[k];
-    return gemv_lanes_sum(acc);
+        for (int j = 0; j < GEMV_LANES; j++) {
+            const float wk = BF16 ? bf16_c(wh[k + j]) : wf[k + j];
+            for (int m = 0; m < MB; m++) acc[m][j] += wk * x[m * Kin + k + j];
+        }
+    for (int j = 0; k < Kin; k++, j++) {
+        const float wk = BF16 ? bf16_c(wh[k]) : wf[k];
+        for (int m = 0; m < MB; m++) acc[m][j] += wk * x[m * Kin + k];
+    }
+    for (int m = 0; m < MB; m++) y[m * Nout] = gemv_lanes_sum(acc[m]);
 }
 
 /* y[m*Nout + n] for n in [n0, n1), all m < M. x (M, Kin); W (Nout, Kin) of `wdtype`. One
- * weight row at a time (one sequential stream per thread); for M > 1 the row is re-read
- * from L1 for every x row. */
+ * weight row at a time (one sequential stream per thread), in groups of up to 2 x rows;
+ * the row is re-read from L1 for every group. */
 static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
                         int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
+#define DOT_C(BF16, T, MB)                                                                     \
+    dot_rows_c((const T *)W + n * Kin, BF16, x + m * Kin, y + m * Nout + n, Nout, Kin, MB)
     if (wdtype == BM_BF16)
         for (int64_t n = n0; n < n1; n++)
-            for (int64_t m = 0; m < M; m++)
-                y[m * Nout + n] = dot_bf16_c((const uint16_t *)W + n * Kin, x + m * Kin, Kin);
+            for (int64_t m = 0; m < M; m += 4) switch (min64(M - m, 4)) {
+                case 1: DOT_C(1, uint16_t, 1); break;
+                case 2: DOT_C(1, uint16_t, 2); break;
+                case 3: DOT_C(1, uint16_t, 3); break;
+                default: DOT_C(1, uint16_t, 4); break;
+                }
     else
         for (int64_t n = n0; n < n1; n++)
-            for (int64_t m = 0; m < M; m++)
-                y[m * Nout + n] = dot_f32_c((const float *)W + n * Kin, x + m * Kin, Kin);
+            for (int64_t m = 0; m < M; m += 4) switch (min64(M - m, 4)) {
+                case 1: DOT_C(0, float, 1); break;
+                case 2: DOT_C(0, float, 2); break;
+                case 3: DOT_C(0, float, 3); break;
+                default: DOT_C(0, float, 4); break;
+                }
+#undef DOT_C
 }
 
 /* ---- GEMV: AVX-512 kernels -------------------------------------------------------------- */

@@ -15,7 +15,9 @@
  * token by token gives bit-for-bit the prefill result (and so does chaining two prefills).
  *
  * Three paths, picked at run time (bm_cpu_has_avx512, then bm_cpu_has_avx2):
- *   scalar:  plain C with expf/log1pf; the portable path and the readable statement.
+ *   portable: plain C in the vector paths' layout (16 channels as lanes) and with their
+ *            polynomials, written so that gcc vectorises it for the baseline ISA (SSE2 on
+ *            x86-64, NEON on aarch64); no FMA, so it rounds a little differently.
  *   AVX-512: 16 channels in one zmm (token-major makes u/delta/z at one t contiguous in e),
  *            the block's state held transposed, h[n] = 16 channels of state n; for N = 16
  *            all of it stays in registers. exp comes from vreduceps/vscalefps plus a

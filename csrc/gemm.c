@@ -227,7 +227,7 @@ static inline __attribute__((always_inline)) void dot_rows_c(const void *restric
 }
 
 /* y[m*Nout + n] for n in [n0, n1), all m < M. x (M, Kin); W (Nout, Kin) of `wdtype`. One
- * weight row at a time (one sequential stream per thread), in groups of up to 2 x rows;
+ * weight row at a time (one sequential stream per thread), in groups of up to 4 x rows;
  * the row is re-read from L1 for every group. */
 static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
                         int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {

@@ -176,43 +176,80 @@ static void add_bias(float *y, const float *bias, int64_t M, int64_t Nout) {
 }
 
 /* ---- GEMV: portable kernels ------------------------------------------------------------- */
+/* Plain C that gcc -O3 vectorises for the baseline ISA (SSE2 on x86-64, NEON on aarch64),
+ * checked with -fopt-info-vec-optimized: one loop per weight dtype (a dtype test inside the
+ * k loop kept it scalar), bf16 widened by an integer shift and a bit copy, restrict pointers.
+ * A float sum over k is a reduction gcc may not reorder without -ffast-math, so the sum is
+ * written as GEMV_LANES independent partial sums, a fixed order that maps onto whole vectors
+ * (4 registers of 4 lanes on SSE2/NEON) and keeps 4 add chains in flight:
+ *   acc[j] = sum over k = j (mod GEMV_LANES), k increasing;
+ *   result = acc halved pairwise: acc[j] += acc[j + h] for h = 8, 4, 2, 1.
+ * This rounds differently from the AVX-512/AVX2 kernels (other lane counts, FMA); each is
+ * tested against the float64 reference. */
+#define GEMV_LANES 16
 
-/* y[m*Nout + n] for n in [n0, n1), all m < M. x (M, Kin); W (Nout, Kin) of `wdtype`.
- * Eight partial sums per dot product: a fixed order the compiler can vectorise. */
+static inline float gemv_lanes_sum(float *acc) {
+    for (int h = GEMV_LANES / 2; h > 0; h /= 2)
+        for (int j = 0; j < h; j++) acc[j] += acc[j + h];
+    return acc[0];
+}
+
+/* bf16 -> float32: the 16 bits are the top half of the float */
+static inline float bf16_c(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* y[m*Nout] = dot(w, x row m) for m < MB: w (Kin) fp32 or bf16 (BF16, like MB, a constant at
+ * each call site, so each instance has one loop without branches), x (MB, Kin). The MB x rows
+ * share each widened weight; every row keeps its own GEMV_LANES sums, so its result does not
+ * depend on MB. */
+static inline __attribute__((always_inline)) void dot_rows_c(const void *restrict w, int BF16,
+                                                             const float *restrict x,
+                                                             float *restrict y, int64_t Nout,
+                                                             int64_t Kin, int MB) {
+    const float *restrict wf = (const float *)w;
+    const uint16_t *restrict wh = (const uint16_t *)w;
+    float acc[4][GEMV_LANES] = {{0}};
+    int64_t k = 0;
+    for (; k + GEMV_LANES <= Kin; k += GEMV_LANES)
+        for (int j = 0; j < GEMV_LANES; j++) {
+            const float wk = BF16 ? bf16_c(wh[k + j]) : wf[k + j];
+            for (int m = 0; m < MB; m++) acc[m][j] += wk * x[m * Kin + k + j];
+        }
+    for (int j = 0; k < Kin; k++, j++) {
+        const float wk = BF16 ? bf16_c(wh[k]) : wf[k];
+        for (int m = 0; m < MB; m++) acc[m][j] += wk * x[m * Kin + k];
+    }
+    for (int m = 0; m < MB; m++) y[m * Nout] = gemv_lanes_sum(acc[m]);
+}
+
+/* y[m*Nout + n] for n in [n0, n1), all m < M. x (M, Kin); W (Nout, Kin) of `wdtype`. One
+ * weight row at a time (one sequential stream per thread), in groups of up to 4 x rows;
+ * the row is re-read from L1 for every group. */
 static void gemv_rows_c(const float *x, const void *W, bm_dtype wdtype, float *y, int64_t M,
                         int64_t Nout, int64_t Kin, int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-        const float *wf = (const float *)W + n * Kin;
-        const uint16_t *wh = (const uint16_t *)W + n * Kin;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * Kin;
-            float acc[8] = {0};
-            int64_t k = 0;
-            for (; k + 8 <= Kin; k += 8)
-                for (int j = 0; j < 8; j++) {
-                    float w;
-                    if (wdtype == BM_BF16) {
-                        uint32_t u = (uint32_t)wh[k + j] << 16;
-                        memcpy(&w, &u, 4);
-                    } else {
-                        w = wf[k + j];
-                    }
-                    acc[j] += w * xm[k + j];
+#define DOT_C(BF16, T, MB)                                                                     \
+    dot_rows_c((const T *)W + n * Kin, BF16, x + m * Kin, y + m * Nout + n, Nout, Kin, MB)
+    if (wdtype == BM_BF16)
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t m = 0; m < M; m += 4) switch (min64(M - m, 4)) {
+                case 1: DOT_C(1, uint16_t, 1); break;
+                case 2: DOT_C(1, uint16_t, 2); break;
+                case 3: DOT_C(1, uint16_t, 3); break;
+                default: DOT_C(1, uint16_t, 4); break;
                 }
-            for (int j = 0; k < Kin; k++, j++) {
-                float w;
-                if (wdtype == BM_BF16) {
-                    uint32_t u = (uint32_t)wh[k] << 16;
-                    memcpy(&w, &u, 4);
-                } else {
-                    w = wf[k];
+    else
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t m = 0; m < M; m += 4) switch (min64(M - m, 4)) {
+                case 1: DOT_C(0, float, 1); break;
+                case 2: DOT_C(0, float, 2); break;
+                case 3: DOT_C(0, float, 3); break;
+                default: DOT_C(0, float, 4); break;
                 }
-                acc[j] += w * xm[k];
-            }
-            y[m * Nout + n] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
-                              ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        }
-    }
+#undef DOT_C
 }
 
 /* ---- GEMV: AVX-512 kernels -------------------------------------------------------------- */

@@ -15,7 +15,9 @@
  * token by token gives bit-for-bit the prefill result (and so does chaining two prefills).
  *
  * Three paths, picked at run time (bm_cpu_has_avx512, then bm_cpu_has_avx2):
- *   scalar:  plain C with expf/log1pf; the portable path and the readable statement.
+ *   portable: plain C in the vector paths' layout (16 channels as lanes) and with their
+ *            polynomials, written so that gcc vectorises it for the baseline ISA (SSE2 on
+ *            x86-64, NEON on aarch64); no FMA, so it rounds a little differently.
  *   AVX-512: 16 channels in one zmm (token-major makes u/delta/z at one t contiguous in e),
  *            the block's state held transposed, h[n] = 16 channels of state n; for N = 16
  *            all of it stays in registers. exp comes from vreduceps/vscalefps plus a
@@ -30,6 +32,8 @@
 
 #include <math.h>
 #include <string.h>
+
+#include "act.h" /* f_as, u_as, sel: bit casts and a branch-free select */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -56,47 +60,150 @@ typedef struct {
     int delta_softplus;
 } scan_params;
 
-/* ---- scalar path ------------------------------------------------------------------------ */
+/* ---- portable path ---------------------------------------------------------------------- */
+/* Plain C that gcc -O3 vectorises for the baseline ISA (SSE2 on x86-64, NEON on aarch64),
+ * laid out as the vector paths are: a block's 16 channels are the lanes (the state held
+ * transposed, h[n][j] = state n of channel e0 + j), so every loop over j is elementwise and
+ * each channel's sum over n keeps its sequential order (a sum across lanes would be a
+ * reduction that gcc may not reorder). Lanes >= w hold zeros and are never stored.
+ * The transcendentals are the vector paths' polynomials in scalar form (libm's expf/log1pf
+ * are calls, which block vectorisation), written branch-free with sel() from act.h. No
+ * fmaf(): on baseline x86-64 it is a library call; a * b + c is left to the compiler, which
+ * under -std=c11 does not contract it, so this path rounds each product and sum separately
+ * and differs from the FMA paths in the last bits (each is tested against float64). */
+#define PORT_INLINE static inline __attribute__((always_inline))
+#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: x + it - it rounds x to an integer (|x| < 2^22) */
 
-static float softplus_scalar(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+/* exp2_poly_avx512's polynomial: 2^f for f in [-1/2, 1/2] */
+PORT_INLINE float exp2_poly_c(float f) {
+    float q = 1.535335031803697e-4f;
+    q = q * f + 1.3398875016719103e-3f;
+    q = q * f + 9.618437848985195e-3f;
+    q = q * f + 5.5503323674201965e-2f;
+    q = q * f + 2.4022647738456726e-1f;
+    q = q * f + 6.931471824645996e-1f;
+    return q * f + 1.0f;
+}
 
-/* Channels [e0, e0 + w) of batch bi. */
-static void scan_block_scalar(const scan_params *p, int64_t bi, int64_t e0, int w) {
-    const int64_t L = p->L, E = p->E, N = p->N;
-    float h[SCAN_BLOCK * SCAN_MAX_N]; /* (w, N): the block's state, rows as in state_in */
-    for (int j = 0; j < w; j++)
-        for (int64_t n = 0; n < N; n++)
-            h[j * N + n] = p->state_in ? p->state_in[(bi * E + e0 + j) * N + n] : 0.0f;
+/* p * 2^k, k integral in [-160, 150] given as the bits of k + ROUND_MAGIC (t): scale2_avx2 in
+ * scalar, k = k1 + k2 with 2^k1 and 2^k2 normal, so p * 2^k1 is exact and the second product
+ * rounds once (to a denormal, 0 or inf at the ends of the range). Unsigned arithmetic: a NaN's
+ * garbage k must not overflow (the result is NaN through p anyway). */
+PORT_INLINE float scale2_c(float p, float t) {
+    uint32_t k = u_as(t) - u_as(ROUND_MAGIC);
+    uint32_t k1 = (uint32_t)((int32_t)k >> 1), k2 = k - k1;
+    return p * f_as((k1 + 127u) << 23) * f_as((k2 + 127u) << 23);
+}
+
+/* 2^x, exp2_avx2 in scalar: the clamp stands in for vscalefps's saturation (2^-150 rounds to
+ * 0, 2^129 is inf); sel() on a comparison keeps a NaN x. */
+PORT_INLINE float exp2_c(float x) {
+    x = sel(x > 129.0f, 129.0f, x);
+    x = sel(x < -150.0f, -150.0f, x);
+    float t = x + ROUND_MAGIC;
+    return scale2_c(exp2_poly_c(x - (t - ROUND_MAGIC)), t);
+}
+
+/* e^v, exp_avx2 in scalar: k = round(v log2 e), r = v - k ln 2 in two parts (k * 0.693359375
+ * is exact for |k| < 2^15), e^r = 2^(r log2 e). */
+PORT_INLINE float exp_c(float v) {
+    v = sel(v < -110.0f, -110.0f, v);
+    v = sel(v > 100.0f, 100.0f, v);
+    float t = v * 1.44269504088896341f + ROUND_MAGIC;
+    float k = t - ROUND_MAGIC;
+    float r = v - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    return scale2_c(exp2_poly_c(r * 1.44269504088896341f), t);
+}
+
+/* softplus_avx512 in scalar: v for v > 20, else max(v, 0) + log1p(e^-|v|), the log1p as
+ * 2 atanh(s), s = w / (2 + w). A NaN v fails both comparisons and stays NaN. */
+PORT_INLINE float softplus_c(float v) {
+    float w = exp_c(f_as(u_as(v) | 0x80000000u)); /* e^-|v| */
+    float s = w / (w + 2.0f);
+    float s2 = s * s;
+    float q = 0.14006000757217407f;
+    q = q * s2 + 0.14000901579856873f;
+    q = q * s2 + 0.2001076340675354f;
+    q = q * s2 + 0.3333320915699005f;
+    float two_s = s + s;
+    float l = (two_s * s2) * q + two_s;
+    return sel(v > 20.0f, v, sel(v < 0.0f, 0.0f, v) + l);
+}
+
+/* z / (1 + e^-z): z = -inf gives -inf / inf = NaN, as the reference's -inf * 0 */
+PORT_INLINE float silu_c(float z) { return z / (1.0f + exp_c(-z)); }
+
+/* Channels [e0, e0 + w), w <= 16, of batch bi. N is a compile-time 16 in the specialised
+ * caller below (the n loop unrolls); the state and A2 live on the stack, in L1. */
+PORT_INLINE void scan_block_c_body(const scan_params *p, int64_t bi, int64_t e0, int w,
+                                   const int64_t N) {
+    enum { W = SCAN_BLOCK };
+    const int64_t L = p->L, E = p->E;
+    /* A2 = A * log2(e), so that exp(dt A) = 2^(dt A2), as on the vector paths */
+    float A2[SCAN_MAX_N][W]; /* (N, 16): A[e0 + j, n] * log2 e */
+    float h[SCAN_MAX_N][W];  /* (N, 16): state n of channel e0 + j */
+    float Dv[W] = {0}, bias[W] = {0};
+    const float *Ablk = p->A + e0 * N;                                        /* (w, N) */
+    const float *Sblk = p->state_in ? p->state_in + (bi * E + e0) * N : NULL; /* (w, N) */
+    for (int64_t n = 0; n < N; n++)
+        for (int j = 0; j < W; j++) {
+            A2[n][j] = j < w ? Ablk[j * N + n] * 1.44269504088896341f : 0.0f;
+            h[n][j] = j < w && Sblk ? Sblk[j * N + n] : 0.0f;
+        }
+    if (p->D) memcpy(Dv, p->D + e0, sizeof(float) * (size_t)w);
+    if (p->delta_bias) memcpy(bias, p->delta_bias + e0, sizeof(float) * (size_t)w);
 
     for (int64_t t = 0; t < L; t++) {
-        const int64_t row = (bi * L + t) * E;       /* token (bi, t) in (b, L, E) */
+        const int64_t row = (bi * L + t) * E + e0;  /* token (bi, t), channel e0 */
         const float *Bt = p->Bm + (bi * L + t) * N; /* (N) */
         const float *Ct = p->Cm + (bi * L + t) * N; /* (N) */
-        for (int j = 0; j < w; j++) {
-            const int64_t e = e0 + j;
-            const float u = p->u[row + e];
-            float dt = p->delta[row + e];
-            if (p->delta_bias) dt += p->delta_bias[e];
-            if (p->delta_softplus) dt = softplus_scalar(dt);
-            const float du = dt * u;
-            float *he = h + j * N;
-            float acc = 0.0f;
-            for (int64_t n = 0; n < N; n++) {
-                he[n] = expf(dt * p->A[e * N + n]) * he[n] + du * Bt[n];
-                acc += he[n] * Ct[n];
-            }
-            if (p->D) acc += p->D[e] * u;
-            if (p->z) {
-                const float zv = p->z[row + e];
-                acc *= zv / (1.0f + expf(-zv));
-            }
-            p->y[row + e] = acc;
+        if (t + SCAN_PREFETCH < L) { /* as on the vector paths: rows E floats apart */
+            const int64_t a0 = row + SCAN_PREFETCH * E, a1 = a0 + w - 1;
+            __builtin_prefetch(p->u + a0), __builtin_prefetch(p->u + a1);
+            __builtin_prefetch(p->delta + a0), __builtin_prefetch(p->delta + a1);
+            if (p->z) __builtin_prefetch(p->z + a0), __builtin_prefetch(p->z + a1);
+            __builtin_prefetch(p->y + a0, 1), __builtin_prefetch(p->y + a1, 1);
         }
+        float uv[W] = {0}, dt[W] = {0}, du[W], acc[W], yv[W];
+        memcpy(uv, p->u + row, sizeof(float) * (size_t)w);
+        memcpy(dt, p->delta + row, sizeof(float) * (size_t)w);
+        for (int j = 0; j < W; j++) dt[j] += bias[j];
+        if (p->delta_softplus)
+            for (int j = 0; j < W; j++) dt[j] = softplus_c(dt[j]);
+        for (int j = 0; j < W; j++) du[j] = dt[j] * uv[j], acc[j] = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            const float bn = Bt[n], cn = Ct[n];
+            for (int j = 0; j < W; j++) {
+                h[n][j] = exp2_c(dt[j] * A2[n][j]) * h[n][j] + du[j] * bn;
+                acc[j] += h[n][j] * cn;
+            }
+        }
+        if (p->D)
+            for (int j = 0; j < W; j++) yv[j] = acc[j] + Dv[j] * uv[j];
+        else
+            memcpy(yv, acc, sizeof(yv));
+        if (p->z) {
+            float zv[W] = {0};
+            memcpy(zv, p->z + row, sizeof(float) * (size_t)w);
+            for (int j = 0; j < W; j++) yv[j] *= silu_c(zv[j]);
+        }
+        memcpy(p->y + row, yv, sizeof(float) * (size_t)w);
     }
 
-    if (p->state_out)
-        for (int j = 0; j < w; j++)
-            memcpy(p->state_out + (bi * E + e0 + j) * N, h + j * N, sizeof(float) * (size_t)N);
+    if (p->state_out) {
+        float *Oblk = p->state_out + (bi * E + e0) * N; /* (w, N) */
+        for (int64_t n = 0; n < N; n++)
+            for (int j = 0; j < w; j++) Oblk[j * N + n] = h[n][j];
+    }
+}
+
+static void scan_block_c_n16(const scan_params *p, int64_t bi, int64_t e0, int w) {
+    scan_block_c_body(p, bi, e0, w, 16);
+}
+
+static void scan_block_c(const scan_params *p, int64_t bi, int64_t e0, int w) {
+    scan_block_c_body(p, bi, e0, w, p->N);
 }
 
 /* ---- AVX-512 path ----------------------------------------------------------------------- */
@@ -443,7 +550,7 @@ typedef void (*scan_block_fn)(const scan_params *, int64_t, int64_t, int);
 static bm_status scan_run(const scan_params *p, int64_t b) {
     const int64_t E = p->E, N = p->N;
     if (b < 0 || p->L < 0 || E < 0 || N < 0 || N > SCAN_MAX_N) return BM_ERR_ARG;
-    scan_block_fn fn = scan_block_scalar;
+    scan_block_fn fn = N == 16 ? scan_block_c_n16 : scan_block_c;
 #ifdef SCAN_X86
     if (bm_cpu_has_avx512()) fn = N == 16 ? scan_block_avx512_n16 : scan_block_avx512;
     else if (bm_cpu_has_avx2()) fn = N == 16 ? scan_block_avx2_n16 : scan_block_avx2;

@@ -12,7 +12,7 @@ import pytest
 
 from blackmamba import ops, ref
 
-from conftest import rel_err
+from conftest import rel_err, use_simd_level
 
 # Relative L2 tolerance for linear against float64 on the same (bf16-rounded) weights: only
 # the float32 accumulation differs. Each output sums Kin products with blocked/partial sums;
@@ -117,6 +117,32 @@ def test_linear_bf16_equals_widened(path, M):
     y16 = ops.linear(x, w)
     y32 = ops.linear(x, ops.bf16_to_f32(w))
     assert rel_err(y16, y32) < TOL
+
+
+def _portable_gemv_order(x, w):
+    """The portable GEMV's documented float32 summation order (csrc/gemm.c, GEMV_LANES = 16),
+    emulated in NumPy: lane j sums the products k = j (mod 16) in increasing k, then the lanes
+    are halved pairwise (acc[j] += acc[j + h], h = 8, 4, 2, 1). x (M, Kin); w (Nout, Kin)."""
+    w = ref.bf16_to_f32(w) if w.dtype == np.uint16 else w
+    M, Kin = x.shape
+    acc = np.zeros((M, w.shape[0], 16), np.float32)
+    for k in range(Kin):
+        acc[:, :, k % 16] += (w[None, :, k] * x[:, None, k]).astype(np.float32)
+    for h in (8, 4, 2, 1):
+        acc[:, :, :h] += acc[:, :, h:2 * h]
+    return acc[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_linear_portable_gemv_order(dtype, monkeypatch):
+    # The portable GEMV sums in one fixed, documented order, the same for every row whatever
+    # M (rows are grouped 1 to 4 per weight pass, each keeping its own partial sums): bit for
+    # bit equal to the NumPy emulation, for every M of the GEMV path, Kin with a tail.
+    use_simd_level(monkeypatch, "portable")
+    for M in (1, 2, 3, 4, 5, 7, 8) + ((16,) if dtype == "bf16" else ()):
+        x, w, _ = _case(20 + M, M, 9, 16 * 5 + 11, dtype, False)
+        y = ops.linear(x, w)
+        np.testing.assert_array_equal(y, _portable_gemv_order(x, w), err_msg=f"M={M}")
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

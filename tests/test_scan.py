@@ -1,16 +1,17 @@
 """Selective scan (csrc/scan.c) against the float64 reference (blackmamba/ref.py), on the
-AVX-512, the AVX2+FMA and the portable scalar path (BLACKMAMBA_NO_AVX512=1 and
+AVX-512, the AVX2+FMA and the portable C path (BLACKMAMBA_NO_AVX512=1 and
 BLACKMAMBA_NO_AVX2=1 step down a level at run time; the `path` fixture runs all three).
 The AVX2 path is the AVX-512 code in 8 lanes and must give its results bit for bit.
 
 Tolerance TOL = 1e-5, normwise (‖got - ref‖ / ‖ref‖) and as max |got - ref| / max |ref|.
 The kernel computes in float32 from the same float32 inputs as the reference, so only float32
-rounding differs: each step rounds exp(dt A) (~1.5 ulp for the AVX-512 polynomial, <1 ulp for
-libm), the update and the sum over N; the recurrence is a contraction (|exp(dt A)| <= 1), so
-these errors do not grow beyond the state's memory. Measured: up to 2e-6 on the realistic
-long-memory cases (dt ~ 0.01, A = -1: exp(dt A) ~ 0.99, ~100 tokens of memory), ~1e-7 to 5e-7
-elsewhere, on both paths. 1e-5 leaves 5x headroom while a wrong term, channel or token
-(errors >= 1e-3) fails.
+rounding differs: each step rounds exp(dt A) (~1.5 ulp for the polynomial with FMA, a little
+more on the portable path, which evaluates the same polynomial without FMA), the update and the
+sum over N; the recurrence is a contraction (|exp(dt A)| <= 1), so these errors do not grow
+beyond the state's memory. Measured: up to 2e-6 on the realistic long-memory cases (dt ~ 0.01,
+A = -1: exp(dt A) ~ 0.99, ~100 tokens of memory), ~1e-7 to 5e-7 elsewhere, on every path (the
+portable path 1.0-1.3x the AVX-512 path's error on the cases of test_scan_realistic). 1e-5
+leaves 5x headroom while a wrong term, channel or token (errors >= 1e-3) fails.
 """
 import itertools
 
@@ -218,6 +219,81 @@ def extreme_inputs(seed, b, L, E, N):
     kw["A"][E // 2:, N // 2] = -60.0   # dt A * log2 e near -126..-149: denormal exp
     kw["u"][0, L // 2, E // 3] = np.nan
     return kw
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 2947, 16), (2, 37, 33, 64), (3, 20, 7, 1),
+                                   (2, 9, 13, 5)], ids=lambda s: "b%d-L%d-E%d-N%d" % s)
+def test_scan_extreme_matches_ref(path, shape):
+    """extreme_inputs against float64, prefill and step: the NaN stays in its channel from its
+    token on (the same positions as the reference), everything else within TOL."""
+    kw = extreme_inputs(4, *shape)
+    y, h = ops.selective_scan(**kw)
+    y_ref, h_ref = ref.selective_scan(**kw)
+    step = {k: v[:, 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in kw.items()}
+    state = step.pop("state").copy()
+    x = step.pop("u")
+    ys_ref, hs_ref = ref.selective_state_update(state, x, **step)
+    ys = ops.selective_state_update(state, x, **step)
+    for got, want, what in ((y, y_ref, "y"), (h, h_ref, "state"), (ys, ys_ref, "step y"),
+                            (state, hs_ref, "step state")):
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(got), nan, err_msg=what)
+        assert_close(np.where(nan, 0, got), np.where(nan, 0, want), what)
+    assert np.isnan(y).any()
+
+
+def test_scan_transcendentals_full_range(path):
+    """exp(dt A), softplus and silu (isolated as in test_scan_elementwise_accuracy) over their
+    whole float32 range: denormal and zero exps, overflow to inf, +-inf and NaN arguments, the
+    softplus switch and tail, silu's limits; against float64 on every level (the portable path
+    has its own, non-FMA, rounding of the same polynomials)."""
+    rng = np.random.default_rng(16)
+    one, zero = np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32)
+    special = [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, -1e-40]
+
+    # exp(x), dt = 1 so x = A exactly: results from inf through the normals and the
+    # denormals (x from -87.3 to -103.3) to 0
+    x = np.concatenate([np.linspace(-110, 90, 4001), -np.exp(rng.uniform(-20, 80, 999)),
+                        special]).astype(np.float32)
+    E = x.size
+    _, h = ops.selective_scan(np.zeros((1, 1, E), np.float32), np.ones((1, 1, E), np.float32),
+                              x[:, None], zero, zero, delta_softplus=False,
+                              state=np.ones((1, E, 1), np.float32))
+    got, want = h[0, :, 0].astype(np.float64), np.exp(x.astype(np.float64))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    big = want > np.finfo(np.float32).max
+    assert np.isinf(got[big]).all() and np.isfinite(got[~big & ~np.isnan(want)]).all()
+    ok = ~big & ~np.isnan(want)
+    xa = np.abs(x.astype(np.float64))
+    tol = (2.5e-7 + 1.2e-7 * np.where(np.isinf(xa), 0, xa)) * want + 2.0 ** -149  # + 1 denormal ulp
+    err = np.abs(got[ok] - want[ok])
+    assert (err <= tol[ok]).all(), err.max()
+    assert ((got > 0) & (got < 1.17e-38)).any() and (got[x < -104] == 0).all()
+
+    # softplus(v): y = dt with u = B = C = 1, state 0
+    v = np.concatenate([np.linspace(-200, 200, 4001), special]).astype(np.float32)
+    E = v.size
+    y, _ = ops.selective_scan(np.ones((1, 1, E), np.float32), v[None, None],
+                              -np.ones((E, 1), np.float32), one, one)
+    got, want = y[0, 0].astype(np.float64), ref.softplus(v)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    ok = np.isfinite(want)
+    assert (np.abs(got[ok] - want[ok]) <= 3e-7 * want[ok] + 1e-36).all()
+
+    # silu(z): y = silu(z) with A = 0, state 1, C = 1
+    z = np.concatenate([np.linspace(-200, 200, 4001), special]).astype(np.float32)
+    E = z.size
+    y, _ = ops.selective_scan(np.zeros((1, 1, E), np.float32), np.ones((1, 1, E), np.float32),
+                              np.zeros((E, 1), np.float32), zero, one, z=z[None, None],
+                              delta_softplus=False, state=np.ones((1, E, 1), np.float32))
+    with np.errstate(invalid="ignore"):                         # -inf / inf
+        want = ref.silu(z)
+    got = y[0, 0].astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))     # silu(-inf) = NaN
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    ok = np.isfinite(want)
+    assert (np.abs(got[ok] - want[ok]) <= 3e-7 * np.abs(want[ok]) + 1e-36).all()
 
 
 @pytest.mark.parametrize("shape", [(1, 300, 2947, 16), (2, 37, 33, 64), (3, 20, 7, 1),

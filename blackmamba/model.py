@@ -321,6 +321,20 @@ class TokenModel:
             raise ValueError(f"{what}: token id {int(bad)} is outside [0, {self.vocab_size})")
         return np.ascontiguousarray(a, dtype=np.int64)
 
+    def _check_prefill(self, ids, state, logits, chunk_size):
+        """prefill's arguments checked -> (ids as C-contiguous int64 (B, L), chunk_size as
+        int); the state check is the subclass's (_check_state)."""
+        ids = self._check_ids(ids, 2, "ids")
+        self._check_state(state, ids.shape[0])
+        if ids.shape[1] == 0:
+            raise ValueError("ids has no tokens (L = 0): prompts need at least one token")
+        if logits not in ("all", "last", None):
+            raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+                or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        return ids, int(chunk_size)
+
     def __call__(self, ids):
         """Full forward: ids (B, L) -> logits (B, L, V) float32, from a fresh state."""
         ids = self._check_ids(ids, 2, "ids")
@@ -424,18 +438,10 @@ class Model(TokenModel):
         logits="all" -> (B, L, V); "last" -> (B, V) (memory independent of L);
         None -> nothing. Long inputs run in chunks of chunk_size tokens carrying the state.
         """
-        ids = self._check_ids(ids, 2, "ids")
-        self._check_state(state, ids.shape[0])
+        ids, chunk_size = self._check_prefill(ids, state, logits, chunk_size)
         B, L = ids.shape
-        if L == 0:
-            raise ValueError("ids has no tokens (L = 0): prompts need at least one token")
-        if logits not in ("all", "last", None):
-            raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-                or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         out = np.empty((B, L, self.vocab_size), np.float32) if logits == "all" else None
-        n = self._chunk_rows(B, int(chunk_size))
+        n = self._chunk_rows(B, chunk_size)
         me = object()
         try:
             _enter(state, me)

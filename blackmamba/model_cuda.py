@@ -307,15 +307,8 @@ class CudaModel(TokenModel):
     def prefill(self, ids, state, logits="all", chunk_size=PREFILL_CHUNK):
         """Run ids (B, L) from `state` (advanced in place). logits "all" -> (B, L, V),
         "last" -> (B, V), None -> None. Inputs longer than chunk_size run in chunks."""
-        ids = self._check_ids(ids, 2, "ids")
-        self._check_state(state, ids.shape[0])
+        ids, chunk_size = self._check_prefill(ids, state, logits, chunk_size)
         B, L = ids.shape
-        if L == 0:
-            raise ValueError("ids has no tokens (L = 0): prompts need at least one token")
-        if logits not in ("all", "last", None):
-            raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         C = _lib.C()
         trace = self._tracer is not None
         out = None

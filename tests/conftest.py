@@ -10,6 +10,15 @@ DATA = os.path.join(SHARED, "data")
 SANITIZED = os.environ.get("BLACKMAMBA_SANITIZED") == "1"
 
 
+def rss_kb():
+    """This process's resident set size (VmRSS, Linux /proc) in kB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def rel_err(a, b):
     """‖a - b‖ / ‖b‖ in float64 (NaN if either has NaN)."""
     a = np.asarray(a, np.float64)

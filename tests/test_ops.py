@@ -9,15 +9,7 @@ import pytest
 
 from blackmamba import ops, ref
 
-from conftest import SANITIZED, rel_err
-
-
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from conftest import SANITIZED, rel_err, rss_kb
 
 
 def op_cases(rng):
@@ -126,12 +118,12 @@ def test_refcounts_and_memory_flat_over_many_calls():
         for _ in range(50):
             fn()
     gc.collect()
-    rss0 = _rss_kb()
+    rss0 = rss_kb()
     for _ in range(1000):
         for name, fn, _ in cases:
             fn()
     gc.collect()
-    grown = _rss_kb() - rss0
+    grown = rss_kb() - rss0
     assert [sys.getrefcount(a) for a in inputs] == refs
     assert grown < 8 * 1024, f"RSS grew by {grown} kB over 7000 op calls"
 

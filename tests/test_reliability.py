@@ -27,19 +27,11 @@ from blackmamba.generation import SamplingParams, sample_next
 from blackmamba.model import Model, random_tensors
 
 import conftest
-from conftest import SANITIZED, rel_err
+from conftest import SANITIZED, rel_err, rss_kb
 
 # children import the blackmamba this process imported (installed, or the source tree)
 ROOT = pathlib.Path(bm.__file__).resolve().parent.parent
 no_asan = pytest.mark.skipif(SANITIZED, reason="RSS and timing are not meaningful under ASan")
-
-
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def make_model(seed=0, dtype="float32", **over):
@@ -156,7 +148,7 @@ def test_refcounts_and_memory_flat_over_thousands_of_calls_of_every_op():
         for _ in range(30):
             _call(fn)
     gc.collect()
-    rss0 = _rss_kb()
+    rss0 = rss_kb()
     tracemalloc.start()
     n = 2000
     for _ in range(n):
@@ -165,7 +157,7 @@ def test_refcounts_and_memory_flat_over_thousands_of_calls_of_every_op():
     gc.collect()
     grown_py, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    grown_rss = _rss_kb() - rss0
+    grown_rss = rss_kb() - rss0
     assert [sys.getrefcount(a) for a in arrays] == refs
     # None/True/False are shared by everything: a missing DECREF of one shows up here as n
     assert all(abs(sys.getrefcount(o) - r) < n // 2
@@ -194,14 +186,14 @@ def test_generate_memory_flat(tiny):
     for _ in range(20):
         work()
     gc.collect()
-    rss0 = _rss_kb()
+    rss0 = rss_kb()
     tracemalloc.start()
     for _ in range(150):               # 150 x (4 generates + 10 batch steps) ~ 8000 steps
         work()
     gc.collect()
     grown_py, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    grown_rss = _rss_kb() - rss0
+    grown_rss = rss_kb() - rss0
     assert grown_py < 256 << 10, grown_py
     assert grown_rss < 8 * 1024, grown_rss
 

@@ -7,7 +7,6 @@ Every bound below carries its reason. Timing and memory tests skip under ASan
 import gc
 import itertools
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from blackmamba.generation import SamplingParams, sample_next
 from blackmamba.model import Model, random_tensors
 
 import conftest
-from conftest import SANITIZED, rel_err, rss_kb
+from conftest import SANITIZED, rss_kb
 
 # children import the blackmamba this process imported (installed, or the source tree)
 ROOT = pathlib.Path(bm.__file__).resolve().parent.parent

@@ -19,6 +19,33 @@ def rss_kb():
     return 0
 
 
+def hammer(call, threads=2, iters=200):
+    """call() `iters` times from each of `threads` threads at once. A call either runs or is
+    refused with RuntimeError("... in use ..."); anything else fails the test. Returns how
+    many calls ran."""
+    import threading
+    done, other = [0] * threads, []
+
+    def work(k):
+        for _ in range(iters):
+            try:
+                call()
+                done[k] += 1
+            except RuntimeError as exc:
+                if "in use" not in str(exc):
+                    other.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                other.append(exc)
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not other, other
+    return sum(done)
+
+
 def rel_err(a, b):
     """‖a - b‖ / ‖b‖ in float64 (NaN if either has NaN)."""
     a = np.asarray(a, np.float64)

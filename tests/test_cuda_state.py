@@ -14,6 +14,7 @@ import pytest
 
 from blackmamba import model_cuda
 from blackmamba.config import Config
+from conftest import hammer
 
 
 def make_cfg():
@@ -157,28 +158,10 @@ def test_a_state_used_by_two_calls_raises_instead_of_waiting(fake):
 def test_a_state_hammered_from_two_threads_never_doubles(fake):
     m, eng = fake
     st = m.new_state(3)
-    done, busy, other = [0, 0], [0, 0], []
     eng.hook = lambda n: None if n % 7 else threading.Event().wait(0.001)
-
-    def work(k):
-        for _ in range(200):
-            try:
-                m.step(np.array([1, 1, 1]), st)
-                done[k] += 1
-            except RuntimeError as exc:
-                assert "in use" in str(exc)
-                busy[k] += 1
-            except BaseException as exc:  # noqa: BLE001
-                other.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not other, other
-    assert not st.invalid and st.seqlen == sum(done) == eng.calls
-    np.testing.assert_array_equal(st._h["n"], [sum(done)] * 3)
+    done = hammer(lambda: m.step(np.array([1, 1, 1]), st), iters=200)
+    assert not st.invalid and st.seqlen == done == eng.calls
+    np.testing.assert_array_equal(st._h["n"], [done] * 3)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("CUDA error: boom")])

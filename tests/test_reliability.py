@@ -26,7 +26,7 @@ from blackmamba.generation import SamplingParams, sample_next
 from blackmamba.model import Model, random_tensors
 
 import conftest
-from conftest import SANITIZED, rss_kb
+from conftest import SANITIZED, hammer, rss_kb
 
 # children import the blackmamba this process imported (installed, or the source tree)
 ROOT = pathlib.Path(bm.__file__).resolve().parent.parent
@@ -278,28 +278,10 @@ def test_a_state_hammered_from_two_threads_never_tears(tiny):
     many times as calls succeeded, whatever the interleaving."""
     st = tiny.new_state(8)
     tok = np.full(8, 11)
-    done, busy, other = [0, 0], [0, 0], []
-
-    def work(k):
-        for _ in range(300):
-            try:
-                tiny.step(tok, st)
-                done[k] += 1
-            except RuntimeError as exc:
-                assert "in use" in str(exc)
-                busy[k] += 1
-            except BaseException as exc:  # noqa: BLE001
-                other.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not other, other
-    assert not st.invalid and st.seqlen == sum(done)
+    done = hammer(lambda: tiny.step(tok, st), iters=300)
+    assert not st.invalid and st.seqlen == done
     ref_state = tiny.new_state(8)
-    for _ in range(sum(done)):
+    for _ in range(done):
         tiny.step(tok, ref_state)
     for a, b in zip(st.conv + st.ssm, ref_state.conv + ref_state.ssm):
         if a is not None:

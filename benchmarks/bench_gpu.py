@@ -27,7 +27,7 @@ import numpy as np
 
 from blackmamba import _lib, model_cuda, ops
 from blackmamba.config import Config
-from blackmamba.model import _expected_shapes, count_parameters
+from blackmamba.model import _expected_shapes, count_parameters, random_tensor
 
 SHAPE_2_8B = dict(num_layers=36, hidden_size=1472, state_size=16, conv_dimension=4,
                   vocab_size=50304, expansion_factor=2, mamba_moe_layers=["r", "8"] * 18,
@@ -55,27 +55,16 @@ def random_bf16_tensors(cfg, seed=0, scale=0.5, pool_size=1 << 25):
 
     out = {}
     for name, shape in _expected_shapes(cfg).items():
-        n = int(np.prod(shape))
-        if name.endswith("A_log"):
-            a = np.log(np.broadcast_to(np.arange(1, shape[1] + 1, dtype=np.float32), shape))
-        elif name.endswith("norm.weight") or name.endswith("norm_moe.weight") \
-                or name.endswith("final_layernorm.weight"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("dt_proj.bias"):
-            a = np.log(np.expm1(rng.uniform(1e-3, 1e-1, shape)))
-        elif name.endswith("router.weight"):
-            a = rng.standard_normal(shape) * (scale / np.sqrt(shape[-1]))
-        elif len(shape) >= 2:
-            p = pool(shape[-1])
-            if n <= p.size:
-                off = int(rng.integers(0, p.size - n + 1))
-                out[name] = p[off:off + n].reshape(shape)
-            else:
-                out[name] = np.resize(p, n).reshape(shape)
+        if len(shape) < 2 or name.endswith(("A_log", "router.weight")):
+            out[name] = random_tensor(name, shape, rng, scale)      # the same draws
             continue
+        n = int(np.prod(shape))
+        p = pool(shape[-1])
+        if n <= p.size:
+            off = int(rng.integers(0, p.size - n + 1))
+            out[name] = p[off:off + n].reshape(shape)
         else:
-            a = 0.1 * rng.standard_normal(shape)
-        out[name] = np.ascontiguousarray(a, dtype=np.float32)
+            out[name] = np.resize(p, n).reshape(shape)
     return out
 
 

@@ -11,15 +11,13 @@ expert at several points of training (argmax routing, the inference rule).
 import argparse
 import json
 import math
+import os
+import sys
 
 import numpy as np
 
-
-def norm_entropy(counts):
-    p = np.asarray(counts, dtype=np.float64)
-    p = p / p.sum()
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(len(p)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from blackmamba.routing import balance  # noqa: E402  normalised entropy of expert counts
 
 
 def main(argv=None):
@@ -70,7 +68,7 @@ def main(argv=None):
 
     ax = fig.add_subplot(gs[0, len(layers) // 2:])
     for i, l in enumerate(layers):
-        ax.plot(es, [norm_entropy(e["argmax"]["expert_counts"][l]) for e in ev], "-",
+        ax.plot(es, [balance(e["argmax"]["expert_counts"][l])["entropy"] for e in ev], "-",
                 color=f"C{i}", label=f"layer {l}: balance (argmax)")
         ax.plot(es, [e["sinkhorn"]["agreement_with_argmax"][l] for e in ev], ":",
                 color=f"C{i}", label=f"layer {l}: Sinkhorn = argmax")

@@ -94,11 +94,11 @@ def cmd_perplexity(args):
     """Perplexity and bits per byte of a text file, one recurrent pass with a progress bar."""
     from .scoring import perplexity
     if args.text is None:
-        from .hub import EMBEDDED_MODELS, embedded_model_dir
+        from .hub import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_heldout_text
         if args.model is not None and args.model not in EMBEDDED_MODELS:
             raise ValueError("--text is required with --model (the default text is the "
                              "shipped model's held-out split)")
-        args.text = str(embedded_model_dir(args.model or EMBEDDED_MODELS[0]) / "heldout.txt")
+        args.text = str(embedded_heldout_text(args.model or DEFAULT_MODEL))
     model = _load(args)
     if model.tokenizer is None:
         raise SystemExit(f"error: no tokenizer for this model: {model.tokenizer_error}")

@@ -11,7 +11,8 @@ import pathlib
 import re
 from typing import NamedTuple, Optional
 
-__all__ = ["ModelFiles", "resolve_model_dir", "embedded_model_dir", "EMBEDDED_MODELS",
+__all__ = ["ModelFiles", "resolve_model_dir", "embedded_model_dir", "embedded_heldout_text",
+           "EMBEDDED_MODELS",
            "DEFAULT_MODEL", "resolve_model_files", "looks_like_repo_id",
            "cached_hub_file", "download_hub_file", "HUB_PATTERNS"]
 
@@ -74,6 +75,12 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
         raise FileNotFoundError(f"the embedded model {name!r} is missing from this install "
                                 f"({d} holds no weights): reinstall blackmamba")
     return d
+
+
+def embedded_heldout_text(name: str = DEFAULT_MODEL) -> pathlib.Path:
+    """The held-out text shipped with an embedded model (never used in its training): the
+    default corpus of `blackmamba routing` and `blackmamba perplexity`."""
+    return embedded_model_dir(name) / "heldout.txt"
 
 
 def resolve_model_dir(path_or_id=None) -> pathlib.Path:

@@ -1043,8 +1043,8 @@ def add_cli(subparsers):
 def _cmd_routing(args):
     from .cli import _load
     if args.text is None:
-        from .hub import embedded_model_dir
-        args.text = [str(embedded_model_dir() / "heldout.txt")]
+        from .hub import embedded_heldout_text
+        args.text = [str(embedded_heldout_text())]
     for t in args.text:
         if not os.path.isfile(t):
             raise FileNotFoundError(f"--text {t}: no such file")

@@ -10,13 +10,13 @@ import argparse
 import os
 
 import blackmamba as bm
-from blackmamba.hub import embedded_model_dir
+from blackmamba.hub import embedded_heldout_text
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("model", nargs="?", default=None,
                 help="checkpoint folder or hub id (default: the Shakespeare model shipped "
                      "with the package)")
-ap.add_argument("--text", default=str(embedded_model_dir() / "heldout.txt"),
+ap.add_argument("--text", default=str(embedded_heldout_text()),
                 help="corpus (default: the shipped model's held-out Tiny Shakespeare text)")
 ap.add_argument("--tokens", type=int, default=50_000, help="tokens to run (default 50000)")
 ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json")

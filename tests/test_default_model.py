@@ -22,7 +22,7 @@ import pytest
 import blackmamba as bm
 from blackmamba.checkpoint import load_tensors
 from blackmamba.cli import main
-from blackmamba.hub import embedded_model_dir
+from blackmamba.hub import embedded_heldout_text, embedded_model_dir
 from blackmamba.scoring import perplexity
 
 from conftest import DATA, HERE, rel_err
@@ -43,7 +43,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def heldout():
-    with open(embedded_model_dir() / "heldout.txt", "rb") as f:
+    with open(embedded_heldout_text(), "rb") as f:
         return f.read()
 
 

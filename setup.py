@@ -8,7 +8,13 @@ All flags live here.  Environment variables:
   BLACKMAMBA_CUDA=0           skip the CUDA sources even where nvcc exists.
   BLACKMAMBA_CUDA_ARCHS       nvcc targets, default "90" (sm_90 SASS plus compute_90 PTX).
   BLACKMAMBA_NVCC_THREADS     nvcc -t value (default 4).
+  BLACKMAMBA_CUDA_OBJ_CACHE   folder for the nvcc objects (default: the build folder). An
+                              object is reused when its key (nvcc's version, the flags and
+                              the bytes of the source and of every cuda/ and csrc/ header)
+                              matches, so objects built on one machine with the same nvcc
+                              can travel to another (tools/device_env.sh).
 """
+import hashlib
 import glob
 import os
 import shutil
@@ -71,18 +77,36 @@ class BuildExt(build_ext):
             a = a.strip()
             gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
         gencode += [f"-gencode=arch=compute_{archs[-1].strip()},code=compute_{archs[-1].strip()}"]
-        objdir = os.path.join(self.build_temp, "cuda")
+        objdir = os.environ.get("BLACKMAMBA_CUDA_OBJ_CACHE") or os.path.join(self.build_temp, "cuda")
         os.makedirs(objdir, exist_ok=True)
+        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo",
+                 "--expt-relaxed-constexpr"] + gencode
+        common = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True).stdout)
+        common.update(" ".join(flags).encode())
+        for h in sorted(glob.glob(os.path.join(HERE, "cuda", "*.h*")) +
+                        glob.glob(os.path.join(HERE, "csrc", "*.h"))):
+            with open(h, "rb") as f:
+                common.update(os.path.basename(h).encode() + f.read())
         objs = []
         for src in sources:
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
-            if not os.path.exists(obj) or os.path.getmtime(obj) < max(
-                    os.path.getmtime(p) for p in [src] + glob.glob(os.path.join(HERE, "cuda", "*.h*"))):
-                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                       "-lineinfo", "--expt-relaxed-constexpr", "-I" + os.path.join(HERE, "csrc"),
-                       "-t", os.environ.get("BLACKMAMBA_NVCC_THREADS", "4")] + gencode
+            key = common.copy()
+            with open(src, "rb") as f:
+                key.update(f.read())
+            key = key.hexdigest()
+            try:
+                with open(obj + ".key") as f:
+                    fresh = os.path.exists(obj) and f.read().strip() == key
+            except OSError:
+                fresh = False
+            if not fresh:
+                cmd = [nvcc, "-c", src, "-o", obj] + flags + [
+                    "-I" + os.path.join(HERE, "csrc"),
+                    "-t", os.environ.get("BLACKMAMBA_NVCC_THREADS", "4")]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)
+                with open(obj + ".key", "w") as f:
+                    f.write(key + "\n")
             objs.append(obj)
         ext.extra_objects += objs
         ext.define_macros.append(("BM_WITH_CUDA", "1"))

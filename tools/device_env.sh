@@ -10,3 +10,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .shared ]; then
     export BLACKMAMBA_SHARED="$PWD/.shared"
 fi
+# nvcc objects built beforehand on another machine with the same nvcc (tools/prebuild_cuda.sh,
+# carried as .cuobj): setup.py reuses each one whose key matches and compiles the rest.
+if [ -d .cuobj ]; then
+    export BLACKMAMBA_CUDA_OBJ_CACHE="$PWD/.cuobj"
+fi

@@ -8,8 +8,8 @@
  *   - Every launcher enqueues its work on `stream` and returns 0, or a nonzero status:
  *     a cudaError_t value (1..999) or one of BM_CUDA_ERR_* below. After a nonzero status,
  *     bm_cuda_last_error() gives "file:line: cudaErrorName: message" for the calling thread.
- *   - No launcher synchronises the stream, except bm_cuda_moe_experts (it reads the per-expert
- *     token counts on the host; see there). Launchers allocate nothing: scratch space is a
+ *   - No launcher synchronises the stream, except bm_cuda_moe_experts on its cuBLAS path (it
+ *     reads the per-expert token counts on the host; see there). Launchers allocate nothing: scratch space is a
  *     caller-owned workspace whose size a *_workspace() function gives.
  *   - Sizes of 0 enqueue nothing and return 0. Launchers are thread-safe (no mutable static
  *     state besides the thread-local error message and once-per-device shared-memory opt-ins)
@@ -137,7 +137,9 @@ size_t bm_cuda_moe_experts_workspace(int64_t T, int64_t d, int64_t X, int64_t F,
  * e = ids[t]; fc1 (X, 2F, d), fc2 (X, d, F) stored as wdtype; gates (T) or NULL (scale 1).
  * Dispatch, gather, act and scatter run on the device; the expert GEMMs go through cuBLAS,
  * one pair per expert with tokens, so the X+1 offsets are copied to the host: this launcher
- * SYNCHRONISES `stream` once (after the dispatch). cublas_handle from bm_cuda_cublas_create
+ * SYNCHRONISES `stream` once (after the dispatch). Except bf16 weights under BF16 or BF16X2
+ * math where bm_cuda_moe_grouped_supported (and bm_cuda_moe_grouped_mode() != 0): then it
+ * runs bm_cuda_moe_grouped in the same workspace, without cuBLAS and without a sync. cublas_handle from bm_cuda_cublas_create
  * (its stream is set to `stream`). Dense "1" layers: X = 1, ids all 0, gates NULL. */
 int bm_cuda_moe_experts(const float *x, const int32_t *ids, const float *gates,
                         const void *fc1, const void *fc2, bm_dtype wdtype, bm_act act, int math,
@@ -153,6 +155,31 @@ int bm_cuda_moe_experts_decode(const float *x, const int32_t *ids, const float *
                                const void *fc1, const void *fc2, bm_dtype wdtype, bm_act act,
                                float *out, int64_t T, int64_t d, int64_t X, int64_t F,
                                void *workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* ---- grouped.cu: the expert MLPs as two grouped bf16 GEMMs, no host synchronisation ----- */
+/* BLACKMAMBA_MOE_GROUPED, read at every call: unset or "1" -> 1 (bm_cuda_moe_experts and the
+ * engine's decode of more than 8 rows use bm_cuda_moe_grouped where it is supported), "0" -> 0
+ * (the cuBLAS paths, for A/B measurements), "force" -> 2 (as 1, but an unsupported case
+ * fails instead of falling back: tests assert the path so). */
+int bm_cuda_moe_grouped_mode(void);
+/* Nonzero if bm_cuda_moe_grouped takes these arguments: bf16 weights, d % 8 == 0,
+ * F % 8 == 0, 1 <= X <= 256, x, fc1, fc2 16-byte aligned, out 8-byte aligned. */
+int bm_cuda_moe_grouped_supported(const float *x, const void *fc1, const void *fc2,
+                                  bm_dtype wdtype, const float *out, int64_t d, int64_t X,
+                                  int64_t F);
+/* Bytes of workspace bm_cuda_moe_grouped needs (split: the low parts too). */
+size_t bm_cuda_moe_grouped_workspace(int64_t T, int64_t d, int64_t X, int64_t F, int split);
+/* bm_cuda_moe_experts's math for bf16 weights (fc1 (X, 2F, d), fc2 (X, d, F) bf16 bits) under
+ * BM_CUDA_MATH_BF16 (split 0: x and the hidden rounded to bf16) or BF16X2 (split 1: both
+ * split into bf16 hi + lo, two MMAs per weight fragment), fp32 accumulate: dispatch, x to
+ * bf16, then fc1 (+ the gated act) and fc2 (+ the gate, written to the token's row) as
+ * grouped GEMMs whose expert offsets stay on the device. Does not synchronise; capturable.
+ * Rows of tokens whose id is outside [0, X) are zero. Fails (BM_CUDA_ERR_ARG) where
+ * bm_cuda_moe_grouped_supported is 0. */
+int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const float *gates,
+                        const void *fc1, const void *fc2, bm_act act, int split, float *out,
+                        int64_t T, int64_t d, int64_t X, int64_t F, void *workspace,
+                        size_t workspace_bytes, cudaStream_t stream);
 
 /* ---- sinkhorn.cu (SPEC 3.2): one block, all iterations in one launch -------------------- */
 /* P (T, X) = diag(d0) C diag(d1) after iterating to mean|d1 - d1_prev| <= tol or max_iters

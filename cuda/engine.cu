@@ -27,10 +27,13 @@
 //   - fp32 weights: cuBLAS fp32 GEMM (tf32 with BM_CUDA_MATH_TF32 or _BF16).
 // MoE / MLP layers (routing: one block per token up to ROUTE_SMALL_MAX tokens, else moe.cu):
 //   - up to GEMV_ROWS tokens: per-token expert rows (expert_rows_kernel), fp32 activations;
-//   - decode of more tokens with BF16 math: every token through all experts with two
-//     strided-batched bf16 GEMMs, then each token keeps its expert's rows (expert_all);
+//   - decode of more tokens with BF16 math: gated layers through grouped.cu's grouped GEMMs
+//     (bm_cuda_moe_grouped: each expert's weights once, its own tokens only); otherwise (or
+//     BLACKMAMBA_MOE_GROUPED=0) every token through all experts with two strided-batched
+//     bf16 GEMMs, then each token keeps its expert's rows (expert_all);
 //   - otherwise up to MOE_GEMV_MAX tokens (or an ungated MLP): the gathered GEMV (gemv.cu);
-//   - larger prefills: bm_cuda_moe_experts (cuBLAS per expert, one host sync per layer).
+//   - larger prefills: bm_cuda_moe_experts (bf16 math: grouped.cu, no host sync; else cuBLAS
+//     per expert, one host sync per layer).
 // Everything on the decode path is free of host synchronisation, so it is captured.
 // Measured on the H200 at the 2.8B shape: benchmarks/RESULTS.md (GPU section).
 #include <stdio.h>
@@ -141,7 +144,8 @@ struct Ws {
     uint16_t *abf;          //   (T, F) the chosen expert's act(fc1) as bf16
     uint16_t *alo;          //   (T, F) its low part (BF16X2)
     float *oall;            //   (X, T, d) every expert's fc2
-    void *moe;              // bm_cuda_moe_experts workspace (prefill)
+    void *moe;              // bm_cuda_moe_experts workspace (prefill), bm_cuda_moe_grouped
+                            // workspace (decode, T > GEMV_ROWS, gated, BF16 math)
     size_t moe_bytes;
     int64_t LB;             // rows of logits per block
     float *logits;          // (LB, V)
@@ -1108,7 +1112,20 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, mm, out, T,
                                 c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
         TRY(blas_prepare(m));
+    } else if (ws->hall && ws->moe && c.swiglu && bm_cuda_moe_grouped_mode() &&
+               bm_cuda_moe_grouped_supported(x, ly.fc1, ly.fc2, c.wdtype, out, c.d, ly.X, c.F)) {
+        // Decode of more than GEMV_ROWS rows: each expert's weights read once, only its own
+        // tokens computed (expert_all computes every token on every expert).
+        if (ly.X == 1) {
+            BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
+            ids = ws->ids;
+        }
+        TRY(bm_cuda_moe_grouped(x, ids, gates, ly.fc1, ly.fc2, c.act, split_x(m, ws, T), out, T,
+                                c.d, ly.X, c.F, ws->moe, ws->moe_bytes, st));
     } else if (ws->hall) {
+        if (ws->moe && bm_cuda_moe_grouped_mode() == 2)
+            return BM_CUDA_ARG_FAIL("engine: BLACKMAMBA_MOE_GROUPED=force but the grouped "
+                                    "decode path does not support this layer");
         TRY(expert_all(m, ws, x, ids, gates, ly, out, T));
     } else {
         TRY(expert_gemv(m, ws, x, ids, gates, ly, out, T));
@@ -1234,6 +1251,9 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
             w->Ts > MOE_GEMV_MAX ? bm_cuda_moe_experts_workspace(w->Ts, d, m->Xmax, c.F,
                                                                  c.wdtype, BM_CUDA_MATH_BF16X2)
                                  : (size_t)0);
+        w->moe = a.take<char>((int64_t)w->moe_bytes);
+    } else if (all_experts && m->has_gated_mlp) {  // the grouped decode (mlp())
+        w->moe_bytes = bm_cuda_moe_grouped_workspace(T, d, m->Xmax, c.F, w->Ts > 0);
         w->moe = a.take<char>((int64_t)w->moe_bytes);
     }
     w->LB = decode ? T : std::min(T, LOGIT_ROWS);

@@ -3,9 +3,11 @@
 //   s = x @ rw^T + rb;  e* = argmax s (ties -> lowest);  g = sigmoid(s[e*])
 //   out[t] = g * fc2[e*] @ (act(a[:F]) * a[F:]),  a = fc1[e*] @ x[t]
 //
-// Prefill: route -> dispatch (one-block stable counting sort) -> gather rows by expert ->
-// per expert two cuBLAS GEMMs around an act*up kernel -> scatter back with the gate. The
-// per-expert GEMM sizes come from a host copy of the offsets (one stream sync per call).
+// Prefill, bf16 weights under bf16 math: grouped.cu (two grouped GEMMs, offsets on the
+// device, no sync). Otherwise: route -> dispatch (one-block stable counting sort) -> gather
+// rows by expert -> per expert two cuBLAS GEMMs around an act*up kernel -> scatter back with
+// the gate. The per-expert GEMM sizes come from a host copy of the offsets (one stream sync
+// per call).
 // Decode: route -> gathered GEMV (gemv.cu) -> act*up -> gathered GEMV with the gate; no sync.
 #include <cublas_v2.h>
 #include <math.h>
@@ -370,6 +372,20 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
     if (math < BM_CUDA_MATH_FP32 || math > BM_CUDA_MATH_BF16X2)
         return BM_CUDA_ARG_FAIL("moe_experts: math must be BM_CUDA_MATH_FP32, TF32, BF16 or BF16X2");
     const bool bf16_math = is_bf16_math(wdtype, math);
+    const int gmode = bm_cuda_moe_grouped_mode();
+    if (bf16_math && gmode) {
+        const bool ok = bm_cuda_moe_grouped_supported(x, fc1, fc2, wdtype, out, d, X, F);
+        if (ok) {  // the workspace above is a superset of the grouped one (moe_ws)
+            const int split = math == BM_CUDA_MATH_BF16X2;
+            if (workspace_bytes < bm_cuda_moe_grouped_workspace(T, d, X, F, split))
+                return BM_CUDA_ARG_FAIL("moe_experts: workspace too small for the grouped path");
+            return bm_cuda_moe_grouped(x, ids, gates, fc1, fc2, act, split, out, T, d, X, F,
+                                       workspace, workspace_bytes, stream);
+        }
+        if (gmode == 2)
+            return BM_CUDA_ARG_FAIL("moe_experts: BLACKMAMBA_MOE_GROUPED=force but the grouped "
+                                    "path does not support these sizes or alignments");
+    }
     const cublasComputeType_t ct =
         (math == BM_CUDA_MATH_FP32) ? CUBLAS_COMPUTE_32F
         : bf16_math                 ? CUBLAS_COMPUTE_32F

@@ -1,0 +1,457 @@
+// grouped.cu: the expert MLPs of a top-1 MoE layer (SPEC 3) as two grouped bf16 GEMMs whose
+// group (expert) boundaries are read on the device: no host synchronisation, capturable.
+//
+//   out[t] = g[t] * fc2[e] @ bf16(act(a[:F]) * a[F:]),  a = fc1[e] @ bf16(x[t]),  e = ids[t]
+//
+// Letters: T tokens, d hidden, X experts, F ffn hidden; slot = a token's place in the
+// expert-sorted order of dispatch (perm[slot] = token, experts in order, tokens ascending).
+//
+// Steps (4 launches):
+//   1. dispatch (moe.cu's counting sort): perm (T), offsets (X+1), on the device;
+//   2. to_bf16: xb = bf16(x) in token order (and xl = bf16(x - xb) where split); rows of
+//      tokens whose id is outside [0, X) are zeroed in out (they are routed nowhere);
+//   3. fc1: A rows gathered through perm straight from xb; one CTA owns matching columns of
+//      the gate half (fc1 rows [n, n+BN/2)) and the up half (rows F + [n, n+BN/2)), so the
+//      epilogue computes act(gate) * up in registers and writes ab = bf16 (and al, the low
+//      part) in slot order; the (T, 2F) fp32 hidden never exists;
+//   4. fc2: A = ab (slot order); the epilogue multiplies by g[perm[slot]] and writes the fp32
+//      row of out[perm[slot]] (top-1: each row has exactly one writer, no atomics).
+// Each GEMM launches an upper bound of row tiles, ceil(T/BM) + min(X, T) per column tile;
+// a CTA finds its (expert, row tile) by walking the offsets and leaves if it has none.
+//
+// The GEMM core: mma.sync m16n8k16 bf16 -> fp32, ldmatrix from XOR-swizzled shared memory,
+// a STAGES-deep cp.async pipeline over K tiles of 64 (K tails and rows past an expert's end
+// are zero-filled by cp.async's src-size). Split (BF16X2, or the small prefills under BF16,
+// engine.cu split_x): each weight fragment meets the hi and the lo activation fragments,
+// two MMAs into one fp32 accumulator: the activations keep 16 significant bits.
+//
+// Needs bf16 weights, d % 8 == 0 and F % 8 == 0 (16-byte cp.async rows), 16-byte aligned x,
+// fc1, fc2 and 8-byte aligned out (bm_cuda_moe_grouped_supported); else moe.cu's cuBLAS path.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+
+
+namespace {
+
+constexpr int BK = 64;             // K per pipeline stage: 128-byte smem rows, 8 chunks of 16 B
+constexpr int MAX_EXPERTS = 256;   // as moe.cu's dispatch
+
+// ---- PTX wrappers ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+// 16 bytes global -> shared; src_bytes 0 writes zeros (rows past the end, K tails).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// d (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col)
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of 16-byte chunk c (0..7) of row r in a tile of 128-byte rows. The XOR keeps
+// the 8 rows an ldmatrix phase reads (same c) on 8 different bank groups.
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+    return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4));
+}
+
+// The same activations as moe.cu (act_fn) and engine.cu: erf GELU, tanh GELU, SiLU in fp32.
+__device__ __forceinline__ float act_fn(float v, int act) {
+    switch (act) {
+        case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+        case BM_ACT_GELU_TANH:
+            return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
+        case BM_ACT_SILU: return v / (1.f + expf(-v));
+        default: return v;
+    }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(uint16_t lo, uint16_t hi) {
+    return (uint32_t)lo | ((uint32_t)hi << 16);
+}
+
+// ---- step 2: x -> bf16 (hi, lo) in token order; zero the rows nobody writes -------------------
+__global__ void to_bf16_kernel(const float *__restrict__ x,      // (T, d)
+                               const int32_t *__restrict__ ids,  // (T)
+                               uint16_t *__restrict__ xb,        // (T, d)
+                               uint16_t *__restrict__ xl,        // (T, d) or NULL
+                               float *__restrict__ out,          // (T, d)
+                               int64_t T, int d, int X) {
+    const int64_t t = blockIdx.x;
+    const int id = ids[t];
+    const float4 *src = reinterpret_cast<const float4 *>(x + t * d);
+    uint2 *hi = reinterpret_cast<uint2 *>(xb + t * d);
+    uint2 *lo = xl ? reinterpret_cast<uint2 *>(xl + t * d) : nullptr;
+    for (int k = threadIdx.x; k < d / 4; k += blockDim.x) {
+        const float4 v = src[k];
+        uint16_t h[4], l[4];
+        bm_f32_to_bf16_split(v.x, h[0], l[0]);
+        bm_f32_to_bf16_split(v.y, h[1], l[1]);
+        bm_f32_to_bf16_split(v.z, h[2], l[2]);
+        bm_f32_to_bf16_split(v.w, h[3], l[3]);
+        hi[k] = make_uint2(pack_bf16(h[0], h[1]), pack_bf16(h[2], h[3]));
+        if (lo) lo[k] = make_uint2(pack_bf16(l[0], l[1]), pack_bf16(l[2], l[3]));
+    }
+    if (id < 0 || id >= X)  // after this block's reads of x: out may alias x
+        for (int k = threadIdx.x; k < d; k += blockDim.x) out[t * d + k] = 0.f;
+}
+
+// ---- steps 3 and 4: the grouped GEMM ---------------------------------------------------------
+enum { MODE_FC1 = 0, MODE_FC2 = 1 };
+
+struct GroupedArgs {
+    const uint16_t *A;        // FC1: xb (T, K) token order; FC2: ab (T, K) slot order
+    const uint16_t *Alo;      // the low parts, same layout (split only)
+    const uint16_t *W;        // FC1: fc1 (X, 2F, d); FC2: fc2 (X, d, F)
+    const int32_t *perm;      // (T) slot -> token
+    const int32_t *offsets;   // (X+1) slot ranges per expert
+    const float *gates;       // (T) or NULL (FC2)
+    uint16_t *ab;             // (T, F) FC1 output, slot order
+    uint16_t *al;             // (T, F) its low parts (split only)
+    float *out;               // (T, d) FC2 output, token order
+    int K;                    // FC1: d; FC2: F
+    int N;                    // output columns: FC1: F; FC2: d
+    int X;
+    int act;
+};
+
+// Tile BM x NB (NB weight rows: FC1 NB/2 gate + NB/2 up, i.e. NB/2 output columns; FC2 NB
+// output columns), WM x WN warps of (BM/WM) x (NB/WN).
+template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
+struct Tile {
+    static constexpr int NT = WM * WN * 32;
+    static constexpr int WTM = BM / WM;          // warp rows
+    static constexpr int WTN = NB / WN;          // warp weight rows
+    static constexpr int MI = WTM / 16;          // m16 tiles per warp
+    static constexpr int NI = WTN / 8;           // n8 tiles per warp
+    static constexpr int A_BYTES = BM * 128;     // one K tile of A (hi or lo)
+    static constexpr int B_BYTES = NB * 128;
+    static constexpr int STAGE = A_BYTES * (SPLIT ? 2 : 1) + B_BYTES;
+    static constexpr int SMEM = STAGE * STAGES;
+    static constexpr int A_ITERS = BM * 8 / NT;  // 16-byte chunks per thread per K tile
+    static constexpr int B_ITERS = NB * 8 / NT;
+    static constexpr int OUT_COLS = MODE == MODE_FC1 ? NB / 2 : NB;  // per CTA
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile");
+    static_assert(MODE != MODE_FC1 || NI % 4 == 0, "FC1: each warp needs 16-column gate/up pairs");
+    static_assert(BM * 8 % NT == 0 && NB * 8 % NT == 0, "loader");
+};
+
+// Two 8-warp CTAs per SM where their shared memory allows (96 KB each unsplit): registers
+// capped at 128 per thread.
+template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
+__global__ void __launch_bounds__(WM * WN * 32, (WM * WN >= 8 && !SPLIT) ? 2 : 1)
+grouped_gemm_kernel(const GroupedArgs p) {
+    using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / WN, wn = warp % WN;
+
+    // Which expert and row tile is this CTA's? Walk the offsets (uniform over the block).
+    int e = 0, tile = blockIdx.y, row0 = 0, rows = 0;
+    for (; e < p.X; e++) {
+        const int beg = __ldg(p.offsets + e), end = __ldg(p.offsets + e + 1);
+        const int nt = (end - beg + BM - 1) / BM;
+        if (tile < nt) {
+            row0 = beg + tile * BM;
+            rows = min(BM, end - row0);
+            break;
+        }
+        tile -= nt;
+    }
+    if (e == p.X) return;  // past the last tile: the grid is an upper bound
+    const int K = p.K, N = p.N;
+    const int n0 = blockIdx.x * C::OUT_COLS;  // first output column
+    if (n0 >= N) return;
+
+    // Per-thread source rows (fixed over K): chunk kc = tid & 7 of rows (tid >> 3) + i*NT/8.
+    const int kc = tid & 7;
+    const uint16_t *a_src[C::A_ITERS];
+    const uint16_t *al_src[SPLIT ? C::A_ITERS : 1];
+    bool a_ok[C::A_ITERS];
+#pragma unroll
+    for (int i = 0; i < C::A_ITERS; i++) {
+        const int r = (tid >> 3) + i * (C::NT / 8);
+        a_ok[i] = r < rows;
+        int64_t src_row = 0;
+        if (a_ok[i]) src_row = MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
+        a_src[i] = p.A + src_row * K + kc * 8;
+        if constexpr (SPLIT) al_src[i] = p.Alo + src_row * K + kc * 8;
+    }
+    const uint16_t *b_src[C::B_ITERS];
+    bool b_ok[C::B_ITERS];
+    const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;  // weight rows per expert
+    const uint16_t *We = p.W + (int64_t)e * wrows * K;
+#pragma unroll
+    for (int i = 0; i < C::B_ITERS; i++) {
+        const int r = (tid >> 3) + i * (C::NT / 8);
+        int64_t wr;
+        if (MODE == MODE_FC1) {  // rows [0, NB/2): gate columns; [NB/2, NB): the up half
+            const int c = n0 + (r % (NB / 2));
+            b_ok[i] = c < N;
+            wr = r < NB / 2 ? c : N + c;
+        } else {
+            wr = n0 + r;
+            b_ok[i] = wr < N;
+        }
+        b_src[i] = We + (b_ok[i] ? wr : 0) * K + kc * 8;
+    }
+
+    const uint32_t sbase = smem_u32(smem);
+    auto load_stage = [&](int stage, int kt) {
+        const uint32_t sA = sbase + stage * C::STAGE;
+        const uint32_t sL = sA + C::A_BYTES;
+        const uint32_t sB = sA + C::A_BYTES * (SPLIT ? 2 : 1);
+        const int k = kt * BK + kc * 8;
+        const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
+#pragma unroll
+        for (int i = 0; i < C::A_ITERS; i++) {
+            const int r = (tid >> 3) + i * (C::NT / 8);
+            const bool ok = a_ok[i] && k_ok;
+            cp_async16(sA + swz(r, kc), ok ? a_src[i] + kt * BK : p.A, ok ? 16 : 0);
+            if constexpr (SPLIT)
+                cp_async16(sL + swz(r, kc), ok ? al_src[i] + kt * BK : p.A, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < C::B_ITERS; i++) {
+            const int r = (tid >> 3) + i * (C::NT / 8);
+            const bool ok = b_ok[i] && k_ok;
+            cp_async16(sB + swz(r, kc), ok ? b_src[i] + kt * BK : p.W, ok ? 16 : 0);
+        }
+    };
+
+    float acc[C::MI][C::NI][4];
+#pragma unroll
+    for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+        for (int ni = 0; ni < C::NI; ni++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[mi][ni][j] = 0.f;
+
+    const int KT = (K + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();  // empty groups keep the count uniform
+    }
+
+    // Shared-memory rows of this warp's ldmatrix.x4 loads: A row tiles of 16; weight-row
+    // pairs of n8 tiles (FC1: the first half of the warp's n8 tiles are gate columns, the
+    // second half the matching up columns, NB/2 rows further).
+    const int a_row = wm * C::WTM + (lane & 15);
+    const int a_chk = lane >> 4;
+    const int b_row = (lane & 7) + ((lane >> 4) << 3);
+    const int b_chk = (lane >> 3) & 1;
+    auto b_base = [&](int j) -> int {  // j: pair of n8 tiles (0 .. NI/2-1)
+        if (MODE == MODE_FC1) {
+            constexpr int JH = C::NI / 4;  // pairs per half
+            const int half = j / JH;
+            return half * (NB / 2) + wn * (C::WTN / 2) + (j % JH) * 16;
+        }
+        return wn * C::WTN + j * 16;
+    };
+
+    for (int kt = 0; kt < KT; kt++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt landed for all; stage kt-1 is free for the next load
+        {
+            const int nk = kt + STAGES - 1;
+            if (nk < KT) load_stage(nk % STAGES, nk);
+            cp_async_commit();
+        }
+        const uint32_t sA = sbase + (kt % STAGES) * C::STAGE;
+        const uint32_t sL = sA + C::A_BYTES;
+        const uint32_t sB = sA + C::A_BYTES * (SPLIT ? 2 : 1);
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) {
+            uint32_t a[C::MI][4], al[SPLIT ? C::MI : 1][4], b[C::NI][2];
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++) {
+                const uint32_t off = swz(a_row + mi * 16, ks * 2 + a_chk);
+                ldmatrix_x4(a[mi], sA + off);
+                if constexpr (SPLIT) ldmatrix_x4(al[mi], sL + off);
+            }
+#pragma unroll
+            for (int j = 0; j < C::NI / 2; j++) {
+                uint32_t r[4];
+                ldmatrix_x4(r, sB + swz(b_base(j) + b_row, ks * 2 + b_chk));
+                b[2 * j][0] = r[0];
+                b[2 * j][1] = r[1];
+                b[2 * j + 1][0] = r[2];
+                b[2 * j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++) {
+                    mma_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                    if constexpr (SPLIT) mma_bf16(acc[mi][ni], al[mi], b[ni][0], b[ni][1]);
+                }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue straight from the accumulators: element j of acc[mi][ni] is row
+    // (lane >> 2) + 8 (j >> 1), column 2 (lane & 3) + (j & 1) of its 16x8 tile.
+#pragma unroll
+    for (int mi = 0; mi < C::MI; mi++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = wm * C::WTM + mi * 16 + (lane >> 2) + 8 * h;
+            if (r >= rows) continue;
+            const int64_t slot = row0 + r;
+            if constexpr (MODE == MODE_FC1) {
+#pragma unroll
+                for (int ni = 0; ni < C::NI / 2; ni++) {
+                    const int col = n0 + wn * (C::WTN / 2) + ni * 8 + 2 * (lane & 3);
+                    if (col >= N) continue;  // N % 8 == 0: col + 1 < N too
+                    const float v0 = act_fn(acc[mi][ni][2 * h], p.act) * acc[mi][ni + C::NI / 2][2 * h];
+                    const float v1 =
+                        act_fn(acc[mi][ni][2 * h + 1], p.act) * acc[mi][ni + C::NI / 2][2 * h + 1];
+                    uint16_t h0, h1, l0, l1;
+                    bm_f32_to_bf16_split(v0, h0, l0);
+                    bm_f32_to_bf16_split(v1, h1, l1);
+                    *reinterpret_cast<uint32_t *>(p.ab + slot * N + col) = pack_bf16(h0, h1);
+                    if constexpr (SPLIT)
+                        *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
+                }
+            } else {
+                const int t = __ldg(p.perm + slot);
+                const float g = p.gates ? __ldg(p.gates + t) : 1.f;
+                float *dst = p.out + (int64_t)t * N;
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++) {
+                    const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
+                    if (col >= N) continue;
+                    *reinterpret_cast<float2 *>(dst + col) =
+                        make_float2(g * acc[mi][ni][2 * h], g * acc[mi][ni][2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+
+// Launch one grouped GEMM of this configuration over an upper bound of row tiles.
+template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
+int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
+    using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
+    auto kernel = grouped_gemm_kernel<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
+    static std::atomic<unsigned> optin{0};
+    int st = bm_smem_optin(kernel, C::SMEM, optin);
+    if (st) return st;
+    const int64_t ytiles = bm_cdiv(T, BM) + (p.X < T ? p.X : T);
+    if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
+    const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
+    kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+// Tile choice. Many rows per expert (prefill): 128 x 128 tiles, 8 warps of 64 x 32, 3
+// stages (96 KB: two CTAs per SM). Few rows per expert (decode batches, small prefills): the
+// GEMMs stream weights, so 32-row tiles (an expert with <= 32 tokens reads each weight once)
+// and deeper pipelines; FC2 (N = d is narrow) takes 64-column tiles to have enough CTAs.
+template <int MODE, bool SPLIT>
+int gemm_dispatch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
+    const bool big = T >= 64 * (int64_t)p.X && T >= 1024;
+    if (MODE == MODE_FC1) {
+        if (big) return gemm_launch<128, 128, 2, 4, 3, MODE, SPLIT>(p, T, stream);
+        return gemm_launch<32, 128, 1, 4, 4, MODE, SPLIT>(p, T, stream);
+    }
+    if (big) return gemm_launch<128, 128, 2, 4, 3, MODE, SPLIT>(p, T, stream);
+    return gemm_launch<32, 64, 1, 2, 4, MODE, SPLIT>(p, T, stream);
+}
+
+// Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | xl (T, d) | al (T, F), each
+// 256-byte aligned; the last two only when split.
+struct GroupedWs {
+    int32_t *perm, *offsets;
+    uint16_t *xb, *ab, *xl, *al;
+    size_t bytes;
+};
+GroupedWs grouped_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, bool split) {
+    GroupedWs w{};
+    size_t off = 0;
+    auto take = [&](size_t bytes) -> char * {
+        char *q = base ? base + off : nullptr;
+        off += (bytes + 255) & ~(size_t)255;
+        return q;
+    };
+    w.perm = (int32_t *)take(T * 4);
+    w.offsets = (int32_t *)take((X + 1) * 4);
+    w.xb = (uint16_t *)take(T * d * 2);
+    w.ab = (uint16_t *)take(T * F * 2);
+    w.xl = split ? (uint16_t *)take(T * d * 2) : nullptr;
+    w.al = split ? (uint16_t *)take(T * F * 2) : nullptr;
+    w.bytes = off;
+    return w;
+}
+
+}  // namespace
+
+extern "C" int bm_cuda_moe_grouped_mode(void) {
+    const char *v = getenv("BLACKMAMBA_MOE_GROUPED");
+    if (!v || !v[0]) return 1;
+    if (v[0] == '0') return 0;
+    return strcmp(v, "force") == 0 ? 2 : 1;
+}
+
+extern "C" int bm_cuda_moe_grouped_supported(const float *x, const void *fc1, const void *fc2,
+                                             bm_dtype wdtype, const float *out, int64_t d,
+                                             int64_t X, int64_t F) {
+    return wdtype == BM_BF16 && d % 8 == 0 && F % 8 == 0 && d > 0 && F > 0 && X >= 1 &&
+           X <= MAX_EXPERTS && d <= INT32_MAX / 2 && F <= INT32_MAX / 2 &&
+           (((uintptr_t)x | (uintptr_t)fc1 | (uintptr_t)fc2) & 15) == 0 &&
+           ((uintptr_t)out & 7) == 0;
+}
+
+extern "C" size_t bm_cuda_moe_grouped_workspace(int64_t T, int64_t d, int64_t X, int64_t F,
+                                                int split) {
+    return grouped_ws(nullptr, T, d, X, F, split != 0).bytes;
+}
+
+extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const float *gates,
+                                   const void *fc1, const void *fc2, bm_act act, int split,
+                                   float *out, int64_t T, int64_t d, int64_t X, int64_t F,
+                                   void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+    if (T <= 0 || d <= 0) return 0;
+    if (T > INT32_MAX) return BM_CUDA_ARG_FAIL("moe_grouped: T too large");
+    if (!bm_cuda_moe_grouped_supported(x, fc1, fc2, BM_BF16, out, d, X, F))
+        return BM_CUDA_ARG_FAIL("moe_grouped: needs d % 8 == 0, F % 8 == 0, X <= 256 and "
+                                "16-byte aligned x, fc1, fc2 (bm_cuda_moe_grouped_supported)");
+    const GroupedWs ws = grouped_ws((char *)workspace, T, d, X, F, split != 0);
+    if (!workspace || workspace_bytes < ws.bytes)
+        return BM_CUDA_ARG_FAIL("moe_grouped: workspace too small (bm_cuda_moe_grouped_workspace)");
+    int st;
+    if ((st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream))) return st;
+    to_bf16_kernel<<<(unsigned)T, 128, 0, stream>>>(x, ids, ws.xb, split ? ws.xl : nullptr, out,
+                                                    T, (int)d, (int)X);
+    BM_CUDA_LAUNCHED();
+    GroupedArgs p1{ws.xb, ws.xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
+                   ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act};
+    st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, stream)
+               : gemm_dispatch<MODE_FC1, false>(p1, T, stream);
+    if (st) return st;
+    GroupedArgs p2{ws.ab, ws.al, (const uint16_t *)fc2, ws.perm, ws.offsets, gates,
+                   nullptr, nullptr, out, (int)F, (int)d, (int)X, (int)act};
+    return split ? gemm_dispatch<MODE_FC2, true>(p2, T, stream)
+                 : gemm_dispatch<MODE_FC2, false>(p2, T, stream);
+}

@@ -1,0 +1,227 @@
+"""The grouped-GEMM expert MLPs (cuda/grouped.cu, bm_cuda_moe_grouped) on the GPU: against
+blackmamba.ref in float64 (exact, and with the bf16 roundings of BM_CUDA_MATH_BF16 emulated),
+against the cuBLAS path it replaces, through ops.moe_experts and the engine's decode.
+Skipped where no GPU is visible.
+
+The launcher is called through ctypes on blackmamba._C (its C symbols are exported), so that
+every T from 1 up can be tested: ops.moe_experts sends T <= 64 to the GEMV path.
+BLACKMAMBA_MOE_GROUPED=force makes an unsupported case fail instead of falling back, which
+is how the tests below assert that the grouped path was the one taken.
+"""
+import ctypes
+import zlib
+
+import numpy as np
+import pytest
+
+from blackmamba import cuda, ops, ref
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.gpu
+
+if not cuda.is_available():
+    pytest.skip("no CUDA GPU visible (or blackmamba built without CUDA)", allow_module_level=True)
+
+from blackmamba import _lib  # noqa: E402
+
+D = cuda.to_device
+ACTS = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
+LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
+
+# bf16 math against float64: x and the hidden rounded to bf16 (8-bit mantissas, ~3e-3 each)
+TOL_BF16 = 1.5e-2
+# bf16x2: x and the hidden split into hi + lo (16 significant bits), fp32 accumulate
+TOL_BF16X2 = 5e-5
+# bf16 math against float64 with the same bf16 roundings emulated: what is left is the fp32
+# accumulation order (~1e-7 relative per sum) and the rare hidden value it moves across a
+# bf16 rounding boundary (one ulp, 2^-8, of one of T*F values)
+TOL_EMULATED = 1e-4
+
+
+def _lib_c():
+    lib = ctypes.CDLL(_lib.C().__file__)
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bm_cuda_moe_grouped.argtypes = [P, P, P, P, P, I32, I32, P, I64, I64, I64, I64, P,
+                                        ctypes.c_size_t, P]
+    lib.bm_cuda_moe_grouped.restype = I32
+    lib.bm_cuda_moe_grouped_workspace.argtypes = [I64, I64, I64, I64, I32]
+    lib.bm_cuda_moe_grouped_workspace.restype = ctypes.c_size_t
+    lib.bm_cuda_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+LIB = _lib_c()
+
+
+def rng_for(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def grouped(x, ids, gates, fc1, fc2, act, split, out_fill=None):
+    """bm_cuda_moe_grouped on host arrays -> out (T, d) float32."""
+    T, d = x.shape
+    X, F = fc1.shape[0], fc1.shape[1] // 2
+    dx, di = D(np.ascontiguousarray(x, np.float32)), D(np.ascontiguousarray(ids, np.int32))
+    dg = D(np.ascontiguousarray(gates, np.float32)) if gates is not None else None
+    d1, d2 = D(fc1), D(fc2)
+    out = D(np.full((T, d), np.float32(out_fill if out_fill is not None else 0.0)))
+    nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, int(split))
+    ws = D(np.zeros(max(nb, 1), np.uint8))
+    st = LIB.bm_cuda_moe_grouped(dx.ptr, di.ptr, dg.ptr if dg is not None else None, d1.ptr,
+                                 d2.ptr, ACTS[act], int(split), out.ptr, T, d, X, F, ws.ptr, nb,
+                                 LEGACY_STREAM)
+    assert st == 0, LIB.bm_cuda_last_error().decode()
+    return out.numpy()
+
+
+def emulated_bf16(x, ids, gates, fc1, fc2, act):
+    """float64 expert MLPs with BM_CUDA_MATH_BF16's roundings: x to bf16, the gated hidden
+    to float32 then bf16 (what the fc1 epilogue writes)."""
+    xb = ref.bf16_to_f32(ref.f32_to_bf16(x)).astype(np.float64)
+    w1, w2 = ref.bf16_to_f32(fc1).astype(np.float64), ref.bf16_to_f32(fc2).astype(np.float64)
+    F = w1.shape[1] // 2
+    out = np.zeros(x.shape, np.float64)
+    for e in range(w1.shape[0]):
+        rows = np.nonzero(ids == e)[0]
+        if rows.size == 0:
+            continue
+        a = xb[rows] @ w1[e].T
+        h = ref.ACTIVATIONS[act](a[:, :F]) * a[:, F:]
+        hb = ref.bf16_to_f32(ref.f32_to_bf16(h.astype(np.float32))).astype(np.float64)
+        out[rows] = hb @ w2[e].T
+    if gates is not None:
+        out *= np.asarray(gates, np.float64)[:, None]
+    return out
+
+
+def make_ids(rng, T, X, kind):
+    if kind == "uniform":
+        return rng.integers(0, X, T)
+    if kind == "skewed":      # ~80% on expert 0, the rest on the odd experts: even ones empty
+        ids = np.where(rng.random(T) < 0.8, 0, 2 * rng.integers(0, max(X // 2, 1), T) + 1)
+        return np.minimum(ids, X - 1)
+    return np.full(T, X - 1)  # "last": one expert takes everything
+
+
+def weights(rng, X, d, F):
+    fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
+    fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
+    return fc1, fc2
+
+
+# T from 1 to past the 128-row tile choice (T >= 1024 and >= 64 X); d, F not multiples of
+# the 64-wide K tiles, nor of the 64/128-wide N tiles (K tails and column tails zero-filled).
+CASES = [
+    (1, 8, 64, 32, "uniform"), (7, 4, 200, 136, "skewed"), (33, 8, 64, 32, "skewed"),
+    (64, 8, 184, 248, "uniform"), (100, 1, 48, 72, "uniform"),
+    (300, 4, 200, 136, "last"), (700, 8, 64, 32, "skewed"), (1100, 8, 200, 136, "uniform"),
+    (2600, 3, 104, 56, "skewed"),
+]
+
+
+@pytest.mark.parametrize("T,X,d,F,kind", CASES)
+@pytest.mark.parametrize("split", [0, 1])
+def test_grouped_against_reference(T, X, d, F, kind, split):
+    rng = rng_for("grouped", T, X, d, F, kind, split)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, kind)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    act = list(ACTS)[(T + split) % 3]
+    got = grouped(x, ids, gates, fc1, fc2, act, split)
+    exact = ref.moe_experts(x, ids, gates, fc1, fc2, act)
+    if split:
+        assert rel_err(got, exact) < TOL_BF16X2
+    else:
+        assert rel_err(got, exact) < TOL_BF16
+        assert rel_err(got, emulated_bf16(x, ids, gates, fc1, fc2, act)) < TOL_EMULATED
+
+
+def test_grouped_no_gates_and_unrouted_rows():
+    # ids outside [0, X) are routed nowhere: their rows are zero (out starts as 7.0)
+    rng = rng_for("unrouted")
+    T, X, d, F = 150, 4, 64, 40
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = rng.integers(0, X, T)
+    ids[::7] = -1
+    ids[3::11] = X
+    fc1, fc2 = weights(rng, X, d, F)
+    got = grouped(x, ids, None, fc1, fc2, "silu", 1, out_fill=7.0)
+    bad = (ids < 0) | (ids >= X)
+    assert np.all(got[bad] == 0)
+    want = ref.moe_experts(x[~bad], ids[~bad], None, fc1, fc2, "silu")
+    assert rel_err(got[~bad], want) < TOL_BF16X2
+
+
+@pytest.mark.parametrize("T,X,d,F", [(65, 8, 64, 24), (400, 4, 200, 136), (3000, 8, 64, 32)])
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_ops_moe_experts_grouped_equals_cublas(monkeypatch, T, X, d, F, math):
+    # ops.moe_experts (T > 64: bm_cuda_moe_experts) forced onto the grouped path, against
+    # the same call forced onto the cuBLAS path: the same roundings, different fp32 sums
+    rng = rng_for("ops", T, X, d, F, math)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, "skewed")
+    g = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED", "force")
+    got = ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2), "gelu", math=math).numpy()
+    monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED", "0")
+    old = ops.moe_experts(D(x), D(ids), D(g), D(fc1), D(fc2), "gelu", math=math).numpy()
+    exact = ref.moe_experts(x, ids, g, fc1, fc2, "gelu")
+    tol = TOL_BF16X2 if math == "bf16x2" else TOL_BF16
+    assert rel_err(got, exact) < tol and rel_err(old, exact) < tol
+    assert rel_err(got, old) < (TOL_BF16X2 if math == "bf16x2" else TOL_EMULATED)
+
+
+def test_ops_moe_experts_fallback(monkeypatch):
+    # d % 8 != 0: not supported; "force" fails, the default falls back to cuBLAS (and fp32
+    # weights or fp32/tf32 math never take the grouped path)
+    rng = rng_for("fallback")
+    T, X, d, F = 200, 4, 36, 24
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = rng.integers(0, X, T)
+    fc1, fc2 = weights(rng, X, d, F)
+    monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED", "force")
+    with pytest.raises(Exception, match="grouped"):
+        ops.moe_experts(D(x), D(ids), None, D(fc1), D(fc2), math="bf16")
+    got = ops.moe_experts(D(x), D(ids), None, D(fc1), D(fc2), math="fp32").numpy()
+    assert rel_err(got, ref.moe_experts(x, ids, None, fc1, fc2)) < 1e-5
+    monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED", "1")
+    got = ops.moe_experts(D(x), D(ids), None, D(fc1), D(fc2), math="bf16").numpy()
+    assert rel_err(got, ref.moe_experts(x, ids, None, fc1, fc2)) < TOL_BF16
+
+
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_engine_decode_and_prefill_grouped(monkeypatch, math):
+    # the engine: decode at batch 12 (> 8 rows) and a 240-token prefill, grouped (forced, so
+    # the path is asserted) against expert_all / the cuBLAS prefill, both against the CPU
+    from blackmamba import model_cuda
+    from blackmamba.config import Config
+    from blackmamba.model import Model, random_tensors
+    cfg = Config.from_dict(dict(num_layers=4, hidden_size=24, state_size=16, conv_dimension=4,
+                                vocab_size=97, ffn_hidden_size=40,
+                                mamba_moe_layers=["r", "8", "r2", "1"]))
+    t = random_tensors(cfg, seed=41)
+    cpu = Model(cfg, t, dtype="bfloat16")
+    ids = np.random.default_rng(2).integers(0, 90, (12, 20))
+    lo, hi = (0, 1e-4) if math == "bf16x2" else (1e-4, 2e-2)
+    outs = {}
+    for mode in ("force", "0"):
+        monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED", mode)
+        g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math)
+        full = g(ids)
+        sg = g.new_state(12)
+        g.prefill(ids, sg, logits=None)
+        steps = [g.step(ids[:, k], sg, graph=k > 0) for k in range(3)]
+        outs[mode] = (full, np.stack(steps))
+    sc = cpu.new_state(12)
+    want_full = cpu(ids)
+    cpu.prefill(ids, sc, logits=None)
+    want_steps = np.stack([cpu.step(ids[:, k], sc) for k in range(3)])
+    for mode, (full, steps) in outs.items():
+        assert lo < rel_err(full, want_full) < hi, mode
+        assert lo <= rel_err(steps, want_steps) < hi, mode
+    # grouped vs the old paths: the same roundings, so far closer than either to the CPU
+    assert rel_err(outs["force"][0], outs["0"][0]) < hi / 10
+    assert rel_err(outs["force"][1], outs["0"][1]) < hi / 10

@@ -150,15 +150,19 @@ struct Tile {
     static constexpr int A_ITERS = BM * 8 / NT;  // 16-byte chunks per thread per K tile
     static constexpr int B_ITERS = NB * 8 / NT;
     static constexpr int OUT_COLS = MODE == MODE_FC1 ? NB / 2 : NB;  // per CTA
+    // CTAs per SM to ask of the register allocator: as many as shared memory allows, as
+    // long as each thread keeps its accumulators plus ~56 registers (no spills measured).
+    static constexpr int SMEM_FIT = 220 * 1024 / SMEM;
+    static constexpr int REG_FIT = 65536 / (NT * (MI * NI * 4 + 56));
+    static constexpr int MINB_ = SMEM_FIT < REG_FIT ? SMEM_FIT : REG_FIT;
+    static constexpr int MINB = MINB_ < 1 ? 1 : MINB_ > 8 ? 8 : MINB_;
     static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile");
     static_assert(MODE != MODE_FC1 || NI % 4 == 0, "FC1: each warp needs 16-column gate/up pairs");
     static_assert(BM * 8 % NT == 0 && NB * 8 % NT == 0, "loader");
 };
 
-// Two 8-warp CTAs per SM where their shared memory allows (96 KB each unsplit): registers
-// capped at 128 per thread.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
-__global__ void __launch_bounds__(WM * WN * 32, (WM * WN >= 8 && !SPLIT) ? 2 : 1)
+__global__ void __launch_bounds__(WM * WN * 32, (Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>::MINB))
 grouped_gemm_kernel(const GroupedArgs p) {
     using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -183,37 +187,30 @@ grouped_gemm_kernel(const GroupedArgs p) {
     if (n0 >= N) return;
 
     // Per-thread source rows (fixed over K): chunk kc = tid & 7 of rows (tid >> 3) + i*NT/8.
+    // Source rows (-1: none) as 32-bit indices, the addresses formed per load: fewer
+    // registers than 64-bit pointers where a thread loads many rows.
     const int kc = tid & 7;
-    const uint16_t *a_src[C::A_ITERS];
-    const uint16_t *al_src[SPLIT ? C::A_ITERS : 1];
-    bool a_ok[C::A_ITERS];
+    int a_row_src[C::A_ITERS];
 #pragma unroll
     for (int i = 0; i < C::A_ITERS; i++) {
         const int r = (tid >> 3) + i * (C::NT / 8);
-        a_ok[i] = r < rows;
-        int64_t src_row = 0;
-        if (a_ok[i]) src_row = MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
-        a_src[i] = p.A + src_row * K + kc * 8;
-        if constexpr (SPLIT) al_src[i] = p.Alo + src_row * K + kc * 8;
+        a_row_src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
     }
-    const uint16_t *b_src[C::B_ITERS];
-    bool b_ok[C::B_ITERS];
-    const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;  // weight rows per expert
-    const uint16_t *We = p.W + (int64_t)e * wrows * K;
+    int b_row_src[C::B_ITERS];
 #pragma unroll
     for (int i = 0; i < C::B_ITERS; i++) {
         const int r = (tid >> 3) + i * (C::NT / 8);
-        int64_t wr;
         if (MODE == MODE_FC1) {  // rows [0, NB/2): gate columns; [NB/2, NB): the up half
             const int c = n0 + (r % (NB / 2));
-            b_ok[i] = c < N;
-            wr = r < NB / 2 ? c : N + c;
+            b_row_src[i] = c >= N ? -1 : r < NB / 2 ? c : N + c;
         } else {
-            wr = n0 + r;
-            b_ok[i] = wr < N;
+            b_row_src[i] = n0 + r < N ? n0 + r : -1;
         }
-        b_src[i] = We + (b_ok[i] ? wr : 0) * K + kc * 8;
     }
+    const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;  // weight rows per expert
+    const uint16_t *We = p.W + (int64_t)e * wrows * K + kc * 8;
+    const uint16_t *Ak = p.A + kc * 8;
+    const uint16_t *Alk = SPLIT ? p.Alo + kc * 8 : nullptr;
 
     const uint32_t sbase = smem_u32(smem);
     auto load_stage = [&](int stage, int kt) {
@@ -225,16 +222,17 @@ grouped_gemm_kernel(const GroupedArgs p) {
 #pragma unroll
         for (int i = 0; i < C::A_ITERS; i++) {
             const int r = (tid >> 3) + i * (C::NT / 8);
-            const bool ok = a_ok[i] && k_ok;
-            cp_async16(sA + swz(r, kc), ok ? a_src[i] + kt * BK : p.A, ok ? 16 : 0);
-            if constexpr (SPLIT)
-                cp_async16(sL + swz(r, kc), ok ? al_src[i] + kt * BK : p.A, ok ? 16 : 0);
+            const bool ok = a_row_src[i] >= 0 && k_ok;
+            const int64_t o = ok ? (int64_t)a_row_src[i] * K + kt * BK : 0;
+            cp_async16(sA + swz(r, kc), Ak + o, ok ? 16 : 0);
+            if constexpr (SPLIT) cp_async16(sL + swz(r, kc), Alk + o, ok ? 16 : 0);
         }
 #pragma unroll
         for (int i = 0; i < C::B_ITERS; i++) {
             const int r = (tid >> 3) + i * (C::NT / 8);
-            const bool ok = b_ok[i] && k_ok;
-            cp_async16(sB + swz(r, kc), ok ? b_src[i] + kt * BK : p.W, ok ? 16 : 0);
+            const bool ok = b_row_src[i] >= 0 && k_ok;
+            const int64_t o = ok ? (int64_t)b_row_src[i] * K + kt * BK : 0;
+            cp_async16(sB + swz(r, kc), We + o, ok ? 16 : 0);
         }
     };
 
@@ -365,19 +363,44 @@ int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
     return 0;
 }
 
-// Tile choice. Many rows per expert (prefill): 128 x 128 tiles, 8 warps of 64 x 32, 3
-// stages (96 KB: two CTAs per SM). Few rows per expert (decode batches, small prefills): the
-// GEMMs stream weights, so 32-row tiles (an expert with <= 32 tokens reads each weight once)
-// and deeper pipelines; FC2 (N = d is narrow) takes 64-column tiles to have enough CTAs.
+// Tile choice. Many rows per expert (prefill, T >= 1024 and >= 64 X): 64..128-row tiles;
+// few (decode batches, small prefills): the GEMMs stream weights, so 16..32-row tiles (an
+// expert with <= 32 tokens reads each weight once), deeper pipelines and narrow column tiles
+// to have enough CTAs. Variants per role (prefill fc1, prefill fc2, decode fc1, decode fc2),
+// numbered 1..5; `tiles` holds one digit per role (0 = the default, DEFAULT_TILES), from
+// BLACKMAMBA_MOE_GROUPED_TILES (dev: measurements; the tests run every variant).
+constexpr char DEFAULT_TILES[] = "2322";
+
 template <int MODE, bool SPLIT>
-int gemm_dispatch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
+int gemm_dispatch(const GroupedArgs &p, int64_t T, const char *tiles, cudaStream_t stream) {
     const bool big = T >= 64 * (int64_t)p.X && T >= 1024;
-    if (MODE == MODE_FC1) {
-        if (big) return gemm_launch<128, 128, 2, 4, 3, MODE, SPLIT>(p, T, stream);
-        return gemm_launch<32, 128, 1, 4, 4, MODE, SPLIT>(p, T, stream);
+    const int role = (big ? 0 : 2) + (MODE == MODE_FC2 ? 1 : 0);
+    int v = tiles[role] - '0';
+    if (v < 1 || v > 5) v = DEFAULT_TILES[role] - '0';
+#define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
+    switch (role * 8 + v) {
+        case 0 * 8 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
+        case 0 * 8 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
+        case 0 * 8 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
+        case 0 * 8 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
+        case 0 * 8 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
+        case 1 * 8 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
+        case 1 * 8 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
+        case 1 * 8 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
+        case 1 * 8 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
+        case 1 * 8 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
+        case 2 * 8 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
+        case 2 * 8 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
+        case 2 * 8 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
+        case 2 * 8 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
+        case 2 * 8 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
+        case 3 * 8 + 1: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);
+        case 3 * 8 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
+        case 3 * 8 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
+        case 3 * 8 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
+        default: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
     }
-    if (big) return gemm_launch<128, 128, 2, 4, 3, MODE, SPLIT>(p, T, stream);
-    return gemm_launch<32, 64, 1, 2, 4, MODE, SPLIT>(p, T, stream);
+#undef BM_GROUPED_LAUNCH
 }
 
 // Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | xl (T, d) | al (T, F), each
@@ -445,13 +468,16 @@ extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const flo
     to_bf16_kernel<<<(unsigned)T, 128, 0, stream>>>(x, ids, ws.xb, split ? ws.xl : nullptr, out,
                                                     T, (int)d, (int)X);
     BM_CUDA_LAUNCHED();
+    const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
+    char tiles[5] = "0000";
+    for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
     GroupedArgs p1{ws.xb, ws.xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
                    ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act};
-    st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, stream)
-               : gemm_dispatch<MODE_FC1, false>(p1, T, stream);
+    st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
+               : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
     if (st) return st;
     GroupedArgs p2{ws.ab, ws.al, (const uint16_t *)fc2, ws.perm, ws.offsets, gates,
                    nullptr, nullptr, out, (int)F, (int)d, (int)X, (int)act};
-    return split ? gemm_dispatch<MODE_FC2, true>(p2, T, stream)
-                 : gemm_dispatch<MODE_FC2, false>(p2, T, stream);
+    return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)
+                 : gemm_dispatch<MODE_FC2, false>(p2, T, tiles, stream);
 }

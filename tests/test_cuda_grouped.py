@@ -33,10 +33,14 @@ LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.o
 TOL_BF16 = 1.5e-2
 # bf16x2: x and the hidden split into hi + lo (16 significant bits), fp32 accumulate
 TOL_BF16X2 = 5e-5
-# bf16 math against float64 with the same bf16 roundings emulated: what is left is the fp32
-# accumulation order (~1e-7 relative per sum) and the rare hidden value it moves across a
-# bf16 rounding boundary (one ulp, 2^-8, of one of T*F values)
-TOL_EMULATED = 1e-4
+# bf16 math against float64 with the same bf16 roundings emulated: what is left is fp32
+# accumulation (~1e-6 relative on a cancelling sum of d terms) and the hidden values it moves
+# across a bf16 rounding boundary, each off by one bf16 ulp (2^-8): measured up to 3.5e-4
+# (T = 7: few values, one flip weighs more), against ~5e-3 for no emulation at all
+TOL_EMULATED = 1e-3
+# the grouped path against the cuBLAS path it replaces: the same roundings and fp32 sums in
+# another order (measured 3e-6 on the 2.8B shape)
+TOL_SAME_ROUNDING = 1e-4
 
 
 def _lib_c():
@@ -122,7 +126,10 @@ CASES = [
 
 @pytest.mark.parametrize("T,X,d,F,kind", CASES)
 @pytest.mark.parametrize("split", [0, 1])
-def test_grouped_against_reference(T, X, d, F, kind, split):
+@pytest.mark.parametrize("tiles", ["0000", "1111", "2222", "3333", "4444", "5555"])
+def test_grouped_against_reference(monkeypatch, T, X, d, F, kind, split, tiles):
+    # every tile variant (BLACKMAMBA_MOE_GROUPED_TILES, grouped.cu gemm_dispatch; 0 = default)
+    monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED_TILES", tiles)
     rng = rng_for("grouped", T, X, d, F, kind, split)
     x = rng.standard_normal((T, d)).astype(np.float32)
     ids = make_ids(rng, T, X, kind)
@@ -171,7 +178,7 @@ def test_ops_moe_experts_grouped_equals_cublas(monkeypatch, T, X, d, F, math):
     exact = ref.moe_experts(x, ids, g, fc1, fc2, "gelu")
     tol = TOL_BF16X2 if math == "bf16x2" else TOL_BF16
     assert rel_err(got, exact) < tol and rel_err(old, exact) < tol
-    assert rel_err(got, old) < (TOL_BF16X2 if math == "bf16x2" else TOL_EMULATED)
+    assert rel_err(got, old) < (TOL_BF16X2 if math == "bf16x2" else TOL_SAME_ROUNDING)
 
 
 def test_ops_moe_experts_fallback(monkeypatch):

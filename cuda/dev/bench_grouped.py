@@ -93,6 +93,27 @@ def kernels(d=1472, F=3872, X=8):
     ok(LIB.bm_cuda_cublas_create(ctypes.byref(hdl)))
     wbytes = 3 * X * F * d * 2
     print(f"experts d={d} F={F} X={X}: FLOPs 6 T d F; weights {wbytes / 1e6:.0f} MB")
+    # tile variants (grouped.cu gemm_dispatch): one role varied at a time from "1111"
+    dec = ("1111", "1121", "1131", "1141", "1151", "1112", "1113", "1114", "1115", "0000")
+    pre = ("1111", "2111", "3111", "4111", "5111", "1211", "1311", "1411", "1511", "0000")
+    for T, combos in ((64, dec), (256, dec), (2048, pre), (16384, pre)):
+        x = torch.randn(T, d, device=DEV)
+        ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)
+        g = torch.rand(T, device=DEV) * 0.9 + 0.1
+        out = torch.empty(T, d, device=DEV)
+        nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, 0)
+        ws = torch.empty(nb, dtype=torch.uint8, device=DEV)
+
+        def grouped():
+            ok(LIB.bm_cuda_moe_grouped(x.data_ptr(), ids.data_ptr(), g.data_ptr(), w1.data_ptr(),
+                                       w2.data_ptr(), SILU, 0, out.data_ptr(), T, d, X, F,
+                                       ws.data_ptr(), nb, stream()))
+        res = []
+        for c in combos:
+            os.environ["BLACKMAMBA_MOE_GROUPED_TILES"] = c
+            res.append(f"{c} {bench_graph(grouped):.4f}")
+        os.environ.pop("BLACKMAMBA_MOE_GROUPED_TILES")
+        print(f"tiles T={T}: " + ", ".join(res) + " ms", flush=True)
     print(f"{'T':>6} {'split':>5} {'grouped ms':>10} {'TFLOP/s':>8} {'GB/s w':>7} {'cuBLAS ms':>9} "
           f"{'dense ms':>8} {'dense/grp':>9} {'rel(grp,cublas)':>15}")
     for T, split in ((64, 0), (64, 1), (256, 0), (512, 0), (2048, 0), (2048, 1), (16384, 0)):

@@ -229,6 +229,8 @@ def test_engine_decode_and_prefill_grouped(monkeypatch, math):
     for mode, (full, steps) in outs.items():
         assert lo < rel_err(full, want_full) < hi, mode
         assert lo <= rel_err(steps, want_steps) < hi, mode
-    # grouped vs the old paths: the same roundings, so far closer than either to the CPU
-    assert rel_err(outs["force"][0], outs["0"][0]) < hi / 10
-    assert rel_err(outs["force"][1], outs["0"][1]) < hi / 10
+    # grouped vs the old paths: under bf16 the same roundings, so far closer than either is
+    # to the CPU; under bf16x2 both are within TOL_SPLIT-class error of the CPU
+    tol_paths = 2e-3 if math == "bf16" else 1e-4
+    assert rel_err(outs["force"][0], outs["0"][0]) < tol_paths
+    assert rel_err(outs["force"][1], outs["0"][1]) < tol_paths

@@ -176,8 +176,11 @@ def model_ab():
     print(f"\nmodel 2.8B shape, bf16 math ({time.perf_counter() - t0:.0f} s to build)")
     rng = np.random.default_rng(0)
     rows = {}
-    for mode in ("1", "0", "1"):
-        os.environ["BLACKMAMBA_MOE_GROUPED"] = mode
+    for mode in ("1", "0", "1111"):
+        # "1111": grouped with the run-2 tiles (BLACKMAMBA_MOE_GROUPED_TILES)
+        os.environ["BLACKMAMBA_MOE_GROUPED"] = "0" if mode == "0" else "1"
+        if mode == "1111":
+            os.environ["BLACKMAMBA_MOE_GROUPED_TILES"] = mode
         r = {}
         for B in (16, 64):
             st = model.new_state(B)   # a new state: the decode graph is captured in this mode
@@ -194,9 +197,10 @@ def model_ab():
             prof = C.cuda_bench_profile(model._eng, st._h, ids, 3)
             r[f"prefill B={B} experts ms"] = prof.get("experts", float("nan"))
         rows.setdefault(mode, []).append(r)
-        print(f"BLACKMAMBA_MOE_GROUPED={mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()),
+        print(f"mode {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()),
               flush=True)
     os.environ["BLACKMAMBA_MOE_GROUPED"] = "1"
+    os.environ.pop("BLACKMAMBA_MOE_GROUPED_TILES")
     print("\nstage names:", list(prof))
     g, o = rows["1"][-1], rows["0"][0]
     for k in g:

@@ -369,7 +369,10 @@ int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
 // to have enough CTAs. Variants per role (prefill fc1, prefill fc2, decode fc1, decode fc2),
 // numbered 1..5; `tiles` holds one digit per role (0 = the default, DEFAULT_TILES), from
 // BLACKMAMBA_MOE_GROUPED_TILES (dev: measurements; the tests run every variant).
-constexpr char DEFAULT_TILES[] = "2322";
+// Measured on the H200 (cuda/NOTES.md, session 3 grouped), all within ~5% of each other
+// except the 64-row prefill fc2 tiles (worse) and variant 5 (worse): 4-warp 64x64 warp
+// tiles for prefill, 32x64 tiles for decode.
+constexpr char DEFAULT_TILES[] = "2222";
 
 template <int MODE, bool SPLIT>
 int gemm_dispatch(const GroupedArgs &p, int64_t T, const char *tiles, cudaStream_t stream) {

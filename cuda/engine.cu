@@ -722,6 +722,84 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
+// The recurrent step for more than GEMV_ROWS rows with dt_proj inside (it was a cuBLAS
+// product of B x E x R plus its bf16 conversion: two graph nodes and a (B, E) round trip,
+// 9 us of the 25 us of a Mamba layer's dt_proj + scan at B = 64 on the H200). A block is a
+// tile of STT_E channels x TB batch rows, G = 2^g_log2 lanes per (b, e) as in
+// step_scan_kernel's unfused form (about 4 states per lane). The tile's dt_w rows (as float)
+// and dbc rows go to shared memory once; each (b, e) takes its R-term dot from there (fp32
+// products of the stored weights and the fp32 x_proj output: exact like the GEMV path, where
+// the product it replaces rounded dbc to bf16 under BF16 math). Then as step_scan_kernel;
+// with N = 4G each lane owns 4 consecutive states, and a warp's 8 channels of one batch row
+// are 8N contiguous floats: 16-byte state and A accesses, fully coalesced.
+constexpr int STT_E = 8;  // channels per tile
+template <typename WT>
+__global__ __launch_bounds__(256) void step_scan_tile_kernel(
+    float *__restrict__ ssm,          // (B, E, N) in place
+    const float *__restrict__ xc,     // (B, E)
+    const float *__restrict__ z,      // (B, E)
+    const float *__restrict__ dbc,    // (B, R + 2N)
+    const WT *__restrict__ dt_w,      // (E, R)
+    const float *__restrict__ dt_b,   // (E)
+    const float *__restrict__ A,      // (E, N)
+    const float *__restrict__ D,      // (E)
+    float *__restrict__ y,            // (B, E)
+    int B, int E, int N, int R, int g_log2) {
+    bm_pdl_wait();
+    extern __shared__ float stt_sm[];  // [STT_E][R] dt_w rows, then [TB][R + 2N] dbc rows
+    const int G = 1 << g_log2, P = R + 2 * N;
+    const int TB = (256 >> g_log2) / STT_E;
+    const int e0 = blockIdx.x * STT_E, b0 = blockIdx.y * TB;
+    float *sw = stt_sm, *sd = stt_sm + STT_E * R;
+    for (int i = threadIdx.x; i < STT_E * R; i += 256) {
+        const int el = i / R, k = i - el * R;
+        sw[i] = ld_w(dt_w + (int64_t)min(e0 + el, E - 1) * R + k);
+    }
+    for (int i = threadIdx.x; i < TB * P; i += 256) {
+        const int bl = i / P, k = i - bl * P;
+        sd[i] = dbc[(int64_t)min(b0 + bl, B - 1) * P + k];
+    }
+    __syncthreads();
+    // Pairs past E or B compute on clamped indices and store nothing (shuffles need all lanes).
+    const int pair = threadIdx.x >> g_log2, g = threadIdx.x & (G - 1);
+    const int el = pair % STT_E, bl = pair / STT_E;
+    const bool valid = e0 + el < E && b0 + bl < B;
+    const int e = min(e0 + el, E - 1), b = min(b0 + bl, B - 1);
+    const float *wr = sw + el * R, *dr = sd + bl * P;
+    float acc = 0.f;
+    for (int k = g; k < R; k += G) acc = fmaf(wr[k], dr[k], acc);
+    for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const float dt = bm_softplus(acc + dt_b[e]);
+    const int64_t w = (int64_t)b * E + e;
+    const float xv = xc[w];
+    const float dx = dt * xv;
+    float ya = 0.f;
+    if (N == 4 * G) {  // N % 4 == 0: the (E, N) and (B, E, N) rows are 16-byte aligned
+        float4 *s4 = reinterpret_cast<float4 *>(ssm + w * N) + g;
+        const float4 a4 = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
+        const float *Bv = dr + R + 4 * g, *Cv = dr + R + N + 4 * g;
+        float4 h4 = *s4;
+        h4.x = fmaf(expf(dt * a4.x), h4.x, dx * Bv[0]);
+        h4.y = fmaf(expf(dt * a4.y), h4.y, dx * Bv[1]);
+        h4.z = fmaf(expf(dt * a4.z), h4.z, dx * Bv[2]);
+        h4.w = fmaf(expf(dt * a4.w), h4.w, dx * Bv[3]);
+        if (valid) *s4 = h4;
+        ya = fmaf(h4.x, Cv[0], ya);
+        ya = fmaf(h4.y, Cv[1], ya);
+        ya = fmaf(h4.z, Cv[2], ya);
+        ya = fmaf(h4.w, Cv[3], ya);
+    } else {
+        for (int n = g; n < N; n += G) {
+            float *s = ssm + w * N + n;
+            const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * dr[R + n]);
+            if (valid) *s = hn;
+            ya = fmaf(hn, dr[R + N + n], ya);
+        }
+    }
+    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+    if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
+}
+
 // out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
 constexpr int ARGMAX_THREADS = 256;
 __global__ __launch_bounds__(ARGMAX_THREADS) void argmax_kernel(
@@ -842,11 +920,20 @@ int ensure_wf(bm_cuda_model *m) {
     return 0;
 }
 
+// BLACKMAMBA_MAMBAPATH=0: the Mamba layer's products as before branch mambapath (two in_proj
+// GEMMs, x_proj unsplit, the scalar to_bf16, y converted after the scan, dt_proj as a
+// product at decode batches > 8), for A/B measurements in one process (cuda/dev/ab_mambapath.py;
+// decode graphs are captured per state, so a new state picks up a change).
+bool mp_on() {
+    const char *e = getenv("BLACKMAMBA_MAMBAPATH");
+    return !(e && e[0] == '0');
+}
+
 // xb (M, K) = bf16(x (M, ldx)[:, :K]) (+ xlo, the low parts): the vectorised kernel where
 // the layout allows it.
 int to_bf16(bm_cuda_model *m, const float *x, int64_t ldx, uint16_t *xb, int64_t M, int64_t K,
             uint16_t *xlo) {
-    if (K % 4 == 0 && ldx % 4 == 0 && M < INT32_MAX && K / 4 < INT32_MAX &&
+    if (mp_on() && K % 4 == 0 && ldx % 4 == 0 && M < INT32_MAX && K / 4 < INT32_MAX &&
         (((uintptr_t)x & 15) | ((uintptr_t)xb & 7) | ((uintptr_t)xlo & 7)) == 0) {
         const int K4 = (int)(K / 4);
         const dim3 grid((unsigned)bm_cdiv(K4, 128), (unsigned)std::min<int64_t>(M, 1024));
@@ -909,9 +996,10 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
 // the CTAs. ks: the most slices of at least 128 (multiple of 8: 16-byte aligned bf16 slices)
 // with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
 std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
+std::atomic<long long> g_step_tile{0};     // step_scan_tile_kernel launches (likewise)
 
 int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int64_t Kin) {
-    if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256) return 1;
+    if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256 || !mp_on()) return 1;
     for (int ks = 32; ks >= 2; ks--) {
         if (Kin % ks || (Kin / ks) % 8 || Kin / ks < 128) continue;
         if (ks * bm_cdiv(M, 128) > 160 || ks * M > ws->xpart_rows) continue;
@@ -919,6 +1007,39 @@ int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int6
         return ks;
     }
     return 1;
+}
+
+// in_proj: x = xz[:M] (M, E) and z = xz[M*E:] (M, E) from xn (M, d). Under BF16 math with more
+// than GEMV_ROWS rows both halves are one strided-batched GEMM (batch 2: the weight halves E*d
+// apart, the outputs M*E apart, the same bf16 input): one launch instead of two and twice the
+// CTAs in it.
+int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64_t M) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, E = c.E;
+    float *x = ws->xz, *z = ws->xz + M * E;
+    if (!bf16_math(m) || M <= GEMV_ROWS || !mp_on()) {
+        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, M, E, d));
+        return linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
+                      z, E, M, E, d, true);
+    }
+    const bool split = split_x(m, ws, M);
+    if (split && (!ws->xlo || M > ws->Ts))
+        return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+    TRY(to_bf16(m, xn, d, ws->xbf, M, d, split ? ws->xlo : nullptr));
+    const float one = 1.f, zero = 0.f;
+    for (int h = 0; h < (split ? 2 : 1); h++)  // hi, then (split) lo accumulating
+        BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+            m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)E, (int)M, (int)d, &one, ly.in_w,
+            CUDA_R_16BF, (int)d, (long long)(E * d), h ? ws->xlo : ws->xbf, CUDA_R_16BF,
+            (int)d, 0LL, h ? &one : &zero, x, CUDA_R_32F, (int)E, (long long)(M * E), 2,
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (ly.in_b) {
+        add_bias_kernel<<<grid_for(M * E), 256, 0, m->stream>>>(x, E, ly.in_b, M, E);
+        BM_CUDA_LAUNCHED();
+        add_bias_kernel<<<grid_for(M * E), 256, 0, m->stream>>>(z, E, ly.in_b + E, M, E);
+        BM_CUDA_LAUNCHED();
+    }
+    return 0;
 }
 
 // dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
@@ -961,9 +1082,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
-    TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, T, E, d));             // x = xz[:, :E]
-    TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z, E,
-               T, E, d, true));                                             // z = xz[:, E:]
+    TRY(in_proj(m, ws, ly, xn, T));                                         // x, z
     TRY(mark(m, P_IN));
     TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
     TRY(mark(m, P_CONV));
@@ -972,11 +1091,18 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, T, E, R)); // bias in scan
     TRY(mark(m, P_DT));
     // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
+    // Where out_proj is a bf16 GEMM (linear()'s rule), the scan writes its input directly:
+    // bf16(y) (+ the low parts when the product splits) into xbf / xlo, no fp32 y.
+    const bool ybf = bf16_math(m) && T > GEMV_ROWS && mp_on();
+    const bool ysplit = ybf && split_x(m, ws, T);
+    if (ysplit && (!ws->xlo || T > ws->Ts))
+        return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
     TRY(bm_cuda_scan_forward_ws(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1,
-                                ssm, ssm, ws->y, B, L, E, N, 0, -1, 0, ws->scan_ws,
+                                ssm, ssm, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
+                                ysplit ? ws->xlo : nullptr, B, L, E, N, 0, -1, 0, ws->scan_ws,
                                 ws->scan_ws_bytes, st));
     TRY(mark(m, P_SCAN));
-    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E));
+    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
     return mark(m, P_OUT);
 }
 
@@ -1001,9 +1127,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
     } else {
-        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, B, E, d));
-        TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z,
-                   E, B, E, d, true));
+        TRY(in_proj(m, ws, ly, xn, B));
         TRY(mark(m, P_IN));
         TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
@@ -1017,6 +1141,25 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     if (!fused) {
         glog = 0;
         while (glog < 5 && 4 << glog < N) glog++;
+    }
+    // More rows: the tiled step with dt_proj inside, while its tile fits in 48 KB of shared
+    // memory (R up to ~1400 at N = 16); else dt_proj as a product first.
+    const int64_t tb = (256 >> glog) / STT_E;
+    const size_t tile_smem = (size_t)(STT_E * R + tb * P) * 4;
+    if (!fused && tile_smem <= 48 * 1024 && B <= 65535 * tb && mp_on()) {
+        const dim3 grid((unsigned)bm_cdiv(E, STT_E), (unsigned)bm_cdiv(B, tb));
+        if (c.wdtype == BM_BF16)
+            BM_LAUNCH_PDL(step_scan_tile_kernel<uint16_t>, grid, dim3(256), tile_smem, st, ssm,
+                          ws->xc, z, ws->dbc, (const uint16_t *)ly.dt_w, ly.dt_b, ly.A, ly.D,
+                          ws->y, (int)B, (int)E, (int)N, (int)R, glog);
+        else
+            BM_LAUNCH_PDL(step_scan_tile_kernel<float>, grid, dim3(256), tile_smem, st, ssm,
+                          ws->xc, z, ws->dbc, (const float *)ly.dt_w, ly.dt_b, ly.A, ly.D,
+                          ws->y, (int)B, (int)E, (int)N, (int)R, glog);
+        g_step_tile.fetch_add(1, std::memory_order_relaxed);
+        TRY(mark(m, P_SCAN));
+        TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
+        return mark(m, P_OUT);
     }
     const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
     if (!fused) {
@@ -1713,6 +1856,10 @@ size_t ssm_row(const bm_cuda_model *m) { return (size_t)(m->cfg.E * m->cfg.N) * 
 
 extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_step_tile_calls(void) {
+    return g_step_tile.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,

@@ -51,7 +51,9 @@ struct ScanParams {
     const float *delta_bias;  // (E) or NULL
     const float *state_in;    // (b, E, N) or NULL
     float *state_out;         // (b, E, N) or NULL; may equal state_in
-    float *y;                 // (b, L, E)
+    float *y;                 // (b, L, E) or NULL (then ybf)
+    uint16_t *ybf;            // (b, L, E) or NULL: y rounded to bf16 (a bf16 GEMM's input)
+    uint16_t *ylo;            // (b, L, E) or NULL: bf16(y - bf16(y)) (split products)
     int L, E, N;
     int softplus;
     int vec;                  // E % 4 == 0 and u, delta, z, y 16-byte aligned: 16-byte copies
@@ -326,17 +328,43 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
         // The chunk's y (steps x CPB) to global memory, 16 bytes a thread where aligned. sm.y
         // is written again only after the next chunk's first barrier.
         const int64_t yrow = (rowb + tb + (int64_t)c * TC) * E + e0;
+        // ybf / ylo: the bf16 conversion of the engine's out_proj input done here, where y
+        // is in shared memory anyway (saves reading y back: bm_f32_to_bf16_* as to_bf16).
         if (p.vec) {
             for (int k = tid; k < steps * Q; k += SCAN_THREADS) {
                 const int t = k / Q, q = k % Q;
-                if (e0 + 4 * q < E)
-                    *reinterpret_cast<float4 *>(p.y + yrow + (int64_t)t * E + 4 * q) =
-                        *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
+                if (e0 + 4 * q < E) {
+                    const int64_t o = yrow + (int64_t)t * E + 4 * q;
+                    const float4 v = *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
+                    if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
+                    if (p.ybf) {
+                        const float f[4] = {v.x, v.y, v.z, v.w};
+                        uint16_t hb[4], lb[4];
+#pragma unroll
+                        for (int r = 0; r < 4; r++) {
+                            if (p.ylo) bm_f32_to_bf16_split(f[r], hb[r], lb[r]);
+                            else hb[r] = bm_f32_to_bf16_bits(f[r]);
+                        }
+                        *reinterpret_cast<uint2 *>(p.ybf + o) =
+                            make_uint2(hb[0] | (uint32_t)hb[1] << 16, hb[2] | (uint32_t)hb[3] << 16);
+                        if (p.ylo)
+                            *reinterpret_cast<uint2 *>(p.ylo + o) =
+                                make_uint2(lb[0] | (uint32_t)lb[1] << 16, lb[2] | (uint32_t)lb[3] << 16);
+                    }
+                }
             }
         } else {
             for (int k = tid; k < steps * CPB; k += SCAN_THREADS) {
                 const int t = k / CPB, c2 = k % CPB;
-                if (e0 + c2 < E) p.y[yrow + (int64_t)t * E + c2] = sm.y[t][c2];
+                if (e0 + c2 < E) {
+                    const int64_t o = yrow + (int64_t)t * E + c2;
+                    const float v = sm.y[t][c2];
+                    if (p.y) p.y[o] = v;
+                    if (p.ybf) {
+                        if (p.ylo) bm_f32_to_bf16_split(v, p.ybf[o], p.ylo[o]);
+                        else p.ybf[o] = bm_f32_to_bf16_bits(v);
+                    }
+                }
             }
         }
     }
@@ -461,17 +489,20 @@ __global__ void scan_step_kernel(float *state,              // (b, E, N) in plac
 static int scan_forward(const float *u, const float *delta, const float *A, const float *Bm,
                         const float *Cm, const float *D, const float *z,
                         const float *delta_bias, int delta_softplus, const float *state_in,
-                        float *state_out, float *y, int64_t b, int64_t L, int64_t E, int64_t N,
-                        int tpc, int var, int segments, void *ws, size_t ws_bytes,
-                        cudaStream_t stream) {
+                        float *state_out, float *y, uint16_t *ybf, uint16_t *ylo, int64_t b,
+                        int64_t L, int64_t E, int64_t N, int tpc, int var, int segments,
+                        void *ws, size_t ws_bytes, cudaStream_t stream) {
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (segments < 0) return BM_CUDA_ARG_FAIL("scan: segments must be >= 0");
+    if (!y && !ybf) return BM_CUDA_ARG_FAIL("scan: no output for y");
+    if (ylo && !ybf) return BM_CUDA_ARG_FAIL("scan: y_lo needs y_bf16");
     if (b <= 0 || E <= 0) return 0;
     const bool vec = E % 4 == 0 && ((uintptr_t)u & 15) == 0 && ((uintptr_t)delta & 15) == 0 &&
-                     ((uintptr_t)z & 15) == 0 && ((uintptr_t)y & 15) == 0;
+                     ((uintptr_t)z & 15) == 0 && ((uintptr_t)y & 15) == 0 &&
+                     (((uintptr_t)ybf | (uintptr_t)ylo) & 7) == 0;
     const bool bcvec = N % 4 == 0 && ((uintptr_t)Bm & 15) == 0 && ((uintptr_t)Cm & 15) == 0;
-    ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y,
+    ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y, ybf, ylo,
                  (int)L, (int)E, (int)N, delta_softplus, vec ? 1 : 0, bcvec ? 1 : 0,
                  (int)L, 1, nullptr, nullptr};
     if (L == 0) {
@@ -491,6 +522,9 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
     }
     // Sequence parallelism (see the top of the file).
     int64_t S = 1;
+    // BLACKMAMBA_SCAN_SEGMENTS=1 turns the auto rule off (A/B measurements).
+    const char *env = getenv("BLACKMAMBA_SCAN_SEGMENTS");
+    if (segments == 0 && env && env[0] == '1' && env[1] == 0) segments = 1;
     if (segments == 0) S = auto_segments(b, L, E, tpc ? tpc : seg_tpc(N), sms);
     else if (segments >= 2) S = std::min<int64_t>(segments, bm_cdiv(L, SCAN_TC));
     void *buf = nullptr;
@@ -563,18 +597,21 @@ extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, 
                                             int64_t E, int64_t N, int tpc, int var,
                                             cudaStream_t stream) {
     return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
-                        state_out, y, b, L, E, N, tpc, var, 1, nullptr, 0, stream);
+                        state_out, y, nullptr, nullptr, b, L, E, N, tpc, var, 1, nullptr, 0,
+                        stream);
 }
 
 extern "C" int bm_cuda_scan_forward_ws(const float *u, const float *delta, const float *A,
                                        const float *Bm, const float *Cm, const float *D,
                                        const float *z, const float *delta_bias,
                                        int delta_softplus, const float *state_in,
-                                       float *state_out, float *y, int64_t b, int64_t L,
-                                       int64_t E, int64_t N, int tpc, int var, int segments,
-                                       void *ws, size_t ws_bytes, cudaStream_t stream) {
+                                       float *state_out, float *y, uint16_t *y_bf16,
+                                       uint16_t *y_lo, int64_t b, int64_t L, int64_t E,
+                                       int64_t N, int tpc, int var, int segments, void *ws,
+                                       size_t ws_bytes, cudaStream_t stream) {
     return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
-                        state_out, y, b, L, E, N, tpc, var, segments, ws, ws_bytes, stream);
+                        state_out, y, y_bf16, y_lo, b, L, E, N, tpc, var, segments, ws,
+                        ws_bytes, stream);
 }
 
 extern "C" size_t bm_cuda_scan_workspace(int64_t E, int64_t N) {
@@ -596,7 +633,7 @@ extern "C" int bm_cuda_scan_forward(const float *u, const float *delta, const fl
                                     int64_t b, int64_t L, int64_t E, int64_t N,
                                     cudaStream_t stream) {
     return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
-                        state_out, y, b, L, E, N, 0, -1, 0, nullptr, 0, stream);
+                        state_out, y, nullptr, nullptr, b, L, E, N, 0, -1, 0, nullptr, 0, stream);
 }
 
 extern "C" int bm_cuda_scan_step(float *state, const float *x, const float *delta,

@@ -215,18 +215,20 @@ def native():
     import ctypes
     lib = ctypes.CDLL(C.__file__)
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.bm_cuda_scan_forward_ws.argtypes = ([P] * 8 + [I32, P, P, P] + [I64] * 4 +
+    lib.bm_cuda_scan_forward_ws.argtypes = ([P] * 8 + [I32, P, P, P, P, P] + [I64] * 4 +
                                             [I32, I32, I32, P, ctypes.c_size_t, P])
     lib.bm_cuda_scan_forward_ws.restype = I32
     lib.bm_cuda_scan_workspace.argtypes = [I64, I64]
     lib.bm_cuda_scan_workspace.restype = ctypes.c_size_t
     lib.bm_cuda_scan_segmented_calls.restype = ctypes.c_longlong
     lib.bm_cuda_xproj_ksplit_calls.restype = ctypes.c_longlong
+    lib.bm_cuda_step_tile_calls.restype = ctypes.c_longlong
     return lib
 
 
-def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None):
-    """bm_cuda_scan_forward_ws on kw (scan_inputs) -> (y, final state) on the host."""
+def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None, bf16_out=False):
+    """bm_cuda_scan_forward_ws on kw (scan_inputs) -> (y, final state) on the host; with
+    bf16_out also y as bf16 hi and lo bits: (y, state, hi, lo)."""
     b, L, E = kw["u"].shape
     N = kw["A"].shape[1]
     lib = native()
@@ -240,12 +242,17 @@ def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None):
     if ws_floats is None:
         ws_floats = max(segments, 1) * b * E * (N + 1)
     ws = D(np.zeros(max(ws_floats, 1), np.float32))
+    hi = lo = None
+    if bf16_out:
+        hi, lo = (D(np.full((b, L, E), 0xFFFF, np.uint16)) for _ in range(2))
     rc = lib.bm_cuda_scan_forward_ws(
         ptr(dev["u"]), ptr(dev["delta"]), ptr(dev["A"]), ptr(dev["B"]), ptr(dev["C"]),
         ptr(dev["D"]), ptr(dev["z"]), ptr(dev["delta_bias"]), int(kw["delta_softplus"]),
-        ptr(st_in), ptr(st_out), y.ptr, b, L, E, N, tpc, -1, segments, ws.ptr, ws_floats * 4,
-        None)
+        ptr(st_in), ptr(st_out), y.ptr, ptr(hi), ptr(lo), b, L, E, N, tpc, -1, segments,
+        ws.ptr, ws_floats * 4, None)
     assert rc == 0, rc
+    if bf16_out:
+        return H(y), H(st_out), H(hi), H(lo)
     return H(y), H(st_out)
 
 
@@ -272,6 +279,20 @@ def test_selective_scan_segmented(b, L, E, N, S, tpc, opts):
     y1, fin1 = scan_ws_call(kw, 1, tpc=tpc)
     assert native().bm_cuda_scan_segmented_calls() == before + 2
     assert rel_err(y, y1) < TOL_SCAN and rel_err(fin, fin1) < TOL_SCAN
+
+
+@pytest.mark.parametrize("b,L,E,N,S", [(1, 100, 64, 16, 3), (2, 37, 30, 16, 1),
+                                       (1, 50, 33, 4, 1)])
+def test_selective_scan_bf16_outputs(b, L, E, N, S):
+    # y_bf16 / y_lo (the engine's out_proj input, written by the scan): exactly the bf16
+    # rounding of the float32 y and of its remainder, as to_bf16 would give; E = 30, 33: the
+    # scalar write-out path, E = 64: the 16-byte one
+    kw = scan_inputs(rng_for("scanbf", b, L, E, N, S), b, L, E, N, "all")
+    y, fin, hi, lo = scan_ws_call(kw, S, bf16_out=True)
+    check("selective_scan", y, ref.selective_scan(**kw)[0], TOL_SCAN)
+    want_hi = ref.f32_to_bf16(y)
+    np.testing.assert_array_equal(hi, want_hi)
+    np.testing.assert_array_equal(lo, ref.f32_to_bf16(y - ref.bf16_to_f32(want_hi)))
 
 
 def test_selective_scan_segmented_auto_rule():

@@ -17,7 +17,7 @@ from blackmamba import _lib
 DEV = "cuda"
 lib = ctypes.CDLL(_lib.C().__file__)
 P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-lib.bm_cuda_scan_forward_ws.argtypes = ([P] * 8 + [I32, P, P, P] + [I64] * 4 +
+lib.bm_cuda_scan_forward_ws.argtypes = ([P] * 8 + [I32, P, P, P, P, P] + [I64] * 4 +
                                         [I32, I32, I32, P, ctypes.c_size_t, P])
 lib.bm_cuda_scan_forward_ws.restype = I32
 lib.bm_cuda_scan_workspace.argtypes = [I64, I64]
@@ -65,7 +65,7 @@ def main():
             hs.copy_(h0)
             rc = lib.bm_cuda_scan_forward_ws(
                 *[t[k].data_ptr() for k in ("u", "delta", "A", "B", "C", "D", "z", "bias")], 1,
-                hs.data_ptr(), hs.data_ptr(), y.data_ptr(), b, L, E, N, 0, -1, seg,
+                hs.data_ptr(), hs.data_ptr(), y.data_ptr(), None, None, b, L, E, N, 0, -1, seg,
                 ws.data_ptr(), ws.numel() * 4, torch.cuda.current_stream().cuda_stream)
             assert rc == 0, rc
         segs = [1, 0] + {1: [4, 8, 11, 16, 22], 2: [3, 5, 8], 4: [2, 3], 8: [2], 16: []}[b]

@@ -722,84 +722,6 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
-// The recurrent step for more than GEMV_ROWS rows with dt_proj inside (it was a cuBLAS
-// product of B x E x R plus its bf16 conversion: two graph nodes and a (B, E) round trip,
-// 9 us of the 25 us of a Mamba layer's dt_proj + scan at B = 64 on the H200). A block is a
-// tile of STT_E channels x TB batch rows, G = 2^g_log2 lanes per (b, e) as in
-// step_scan_kernel's unfused form (about 4 states per lane). The tile's dt_w rows (as float)
-// and dbc rows go to shared memory once; each (b, e) takes its R-term dot from there (fp32
-// products of the stored weights and the fp32 x_proj output: exact like the GEMV path, where
-// the product it replaces rounded dbc to bf16 under BF16 math). Then as step_scan_kernel;
-// with N = 4G each lane owns 4 consecutive states, and a warp's 8 channels of one batch row
-// are 8N contiguous floats: 16-byte state and A accesses, fully coalesced.
-constexpr int STT_E = 8;  // channels per tile
-template <typename WT>
-__global__ __launch_bounds__(256) void step_scan_tile_kernel(
-    float *__restrict__ ssm,          // (B, E, N) in place
-    const float *__restrict__ xc,     // (B, E)
-    const float *__restrict__ z,      // (B, E)
-    const float *__restrict__ dbc,    // (B, R + 2N)
-    const WT *__restrict__ dt_w,      // (E, R)
-    const float *__restrict__ dt_b,   // (E)
-    const float *__restrict__ A,      // (E, N)
-    const float *__restrict__ D,      // (E)
-    float *__restrict__ y,            // (B, E)
-    int B, int E, int N, int R, int g_log2) {
-    bm_pdl_wait();
-    extern __shared__ float stt_sm[];  // [STT_E][R] dt_w rows, then [TB][R + 2N] dbc rows
-    const int G = 1 << g_log2, P = R + 2 * N;
-    const int TB = (256 >> g_log2) / STT_E;
-    const int e0 = blockIdx.x * STT_E, b0 = blockIdx.y * TB;
-    float *sw = stt_sm, *sd = stt_sm + STT_E * R;
-    for (int i = threadIdx.x; i < STT_E * R; i += 256) {
-        const int el = i / R, k = i - el * R;
-        sw[i] = ld_w(dt_w + (int64_t)min(e0 + el, E - 1) * R + k);
-    }
-    for (int i = threadIdx.x; i < TB * P; i += 256) {
-        const int bl = i / P, k = i - bl * P;
-        sd[i] = dbc[(int64_t)min(b0 + bl, B - 1) * P + k];
-    }
-    __syncthreads();
-    // Pairs past E or B compute on clamped indices and store nothing (shuffles need all lanes).
-    const int pair = threadIdx.x >> g_log2, g = threadIdx.x & (G - 1);
-    const int el = pair % STT_E, bl = pair / STT_E;
-    const bool valid = e0 + el < E && b0 + bl < B;
-    const int e = min(e0 + el, E - 1), b = min(b0 + bl, B - 1);
-    const float *wr = sw + el * R, *dr = sd + bl * P;
-    float acc = 0.f;
-    for (int k = g; k < R; k += G) acc = fmaf(wr[k], dr[k], acc);
-    for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    const float dt = bm_softplus(acc + dt_b[e]);
-    const int64_t w = (int64_t)b * E + e;
-    const float xv = xc[w];
-    const float dx = dt * xv;
-    float ya = 0.f;
-    if (N == 4 * G) {  // N % 4 == 0: the (E, N) and (B, E, N) rows are 16-byte aligned
-        float4 *s4 = reinterpret_cast<float4 *>(ssm + w * N) + g;
-        const float4 a4 = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
-        const float *Bv = dr + R + 4 * g, *Cv = dr + R + N + 4 * g;
-        float4 h4 = *s4;
-        h4.x = fmaf(expf(dt * a4.x), h4.x, dx * Bv[0]);
-        h4.y = fmaf(expf(dt * a4.y), h4.y, dx * Bv[1]);
-        h4.z = fmaf(expf(dt * a4.z), h4.z, dx * Bv[2]);
-        h4.w = fmaf(expf(dt * a4.w), h4.w, dx * Bv[3]);
-        if (valid) *s4 = h4;
-        ya = fmaf(h4.x, Cv[0], ya);
-        ya = fmaf(h4.y, Cv[1], ya);
-        ya = fmaf(h4.z, Cv[2], ya);
-        ya = fmaf(h4.w, Cv[3], ya);
-    } else {
-        for (int n = g; n < N; n += G) {
-            float *s = ssm + w * N + n;
-            const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * dr[R + n]);
-            if (valid) *s = hn;
-            ya = fmaf(hn, dr[R + N + n], ya);
-        }
-    }
-    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
-    if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
-}
-
 // out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
 constexpr int ARGMAX_THREADS = 256;
 __global__ __launch_bounds__(ARGMAX_THREADS) void argmax_kernel(
@@ -921,8 +843,8 @@ int ensure_wf(bm_cuda_model *m) {
 }
 
 // BLACKMAMBA_MAMBAPATH=0: the Mamba layer's products as before branch mambapath (two in_proj
-// GEMMs, x_proj unsplit, the scalar to_bf16, y converted after the scan, dt_proj as a
-// product at decode batches > 8), for A/B measurements in one process (cuda/dev/ab_mambapath.py;
+// GEMMs, x_proj unsplit, the scalar to_bf16, y converted after the scan), for A/B
+// measurements in one process (cuda/dev/ab_mambapath.py;
 // decode graphs are captured per state, so a new state picks up a change).
 bool mp_on() {
     const char *e = getenv("BLACKMAMBA_MAMBAPATH");
@@ -996,7 +918,6 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
 // the CTAs. ks: the most slices of at least 128 (multiple of 8: 16-byte aligned bf16 slices)
 // with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
 std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
-std::atomic<long long> g_step_tile{0};     // step_scan_tile_kernel launches (likewise)
 
 int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int64_t Kin) {
     if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256 || !mp_on()) return 1;
@@ -1141,25 +1062,6 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     if (!fused) {
         glog = 0;
         while (glog < 5 && 4 << glog < N) glog++;
-    }
-    // More rows: the tiled step with dt_proj inside, while its tile fits in 48 KB of shared
-    // memory (R up to ~1400 at N = 16); else dt_proj as a product first.
-    const int64_t tb = (256 >> glog) / STT_E;
-    const size_t tile_smem = (size_t)(STT_E * R + tb * P) * 4;
-    if (!fused && tile_smem <= 48 * 1024 && B <= 65535 * tb && mp_on()) {
-        const dim3 grid((unsigned)bm_cdiv(E, STT_E), (unsigned)bm_cdiv(B, tb));
-        if (c.wdtype == BM_BF16)
-            BM_LAUNCH_PDL(step_scan_tile_kernel<uint16_t>, grid, dim3(256), tile_smem, st, ssm,
-                          ws->xc, z, ws->dbc, (const uint16_t *)ly.dt_w, ly.dt_b, ly.A, ly.D,
-                          ws->y, (int)B, (int)E, (int)N, (int)R, glog);
-        else
-            BM_LAUNCH_PDL(step_scan_tile_kernel<float>, grid, dim3(256), tile_smem, st, ssm,
-                          ws->xc, z, ws->dbc, (const float *)ly.dt_w, ly.dt_b, ly.A, ly.D,
-                          ws->y, (int)B, (int)E, (int)N, (int)R, glog);
-        g_step_tile.fetch_add(1, std::memory_order_relaxed);
-        TRY(mark(m, P_SCAN));
-        TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E));
-        return mark(m, P_OUT);
     }
     const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
     if (!fused) {
@@ -1856,10 +1758,6 @@ size_t ssm_row(const bm_cuda_model *m) { return (size_t)(m->cfg.E * m->cfg.N) * 
 
 extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
-}
-
-extern "C" long long bm_cuda_step_tile_calls(void) {
-    return g_step_tile.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,

@@ -170,7 +170,14 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     constexpr int BITEMS4 = (TC * BQ + SCAN_THREADS - 1) / SCAN_THREADS;
     const int br = tid % BQ, btr = tid / BQ;
     const int bcol = 4 * (br % (NP / 4 > 0 ? NP / 4 : 1));
-    const bool bok = tid < TC * BQ && bcol < N;        // N % 4 == 0: whole float4s
+    // A thread copies only into slots of the stage: a predicated-off cp.async still writes
+    // its 16 zero bytes, and at NP = 4 (B and C one float4 each per step: TC * BQ = 32 slots
+    // for 64 threads) the spare threads' slots lay past the stage, in the next stage's B/C or
+    // in sm.y, racing with the chunk being computed (wrong y past step 16 for N <= 4 and L >
+    // 32: found by test_selective_scan_bf16_outputs[1-50-33-4-1]; every other NP fills all
+    // slots).
+    const bool bslot = tid < TC * BQ;
+    const bool bok = bslot && bcol < N;                // N % 4 == 0: whole float4s
     const float *bsrc0 = (br < NP / 4 ? p.Bm : p.Cm) + (rowb + btr) * N + bcol;
     const int64_t bstep = (int64_t)BRPI * N;
     const unsigned bsm0 = (unsigned)__cvta_generic_to_shared(&sm.bc[0][0][0]) +
@@ -210,7 +217,8 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                 const unsigned d0 = bsm0 + s * BSTAGE;
 #pragma unroll
                 for (int i = 0; i < BITEMS4; i++) {
-                    const bool ok = bok && btr + i * BRPI < TC && t0 + btr + i * BRPI < te;
+                    if (!bslot || btr + i * BRPI >= TC) continue;  // no such slot
+                    const bool ok = bok && t0 + btr + i * BRPI < te;
                     cp_async16s(d0 + i * BROW, ok ? src + i * bstep : p.Bm, ok);
                 }
             } else {
@@ -495,7 +503,6 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (segments < 0) return BM_CUDA_ARG_FAIL("scan: segments must be >= 0");
-    if (!y && !ybf) return BM_CUDA_ARG_FAIL("scan: no output for y");
     if (ylo && !ybf) return BM_CUDA_ARG_FAIL("scan: y_lo needs y_bf16");
     if (b <= 0 || E <= 0) return 0;
     const bool vec = E % 4 == 0 && ((uintptr_t)u & 15) == 0 && ((uintptr_t)delta & 15) == 0 &&
@@ -515,6 +522,7 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
             BM_CUDA_TRY(cudaMemsetAsync(state_out, 0, (size_t)(b * E * N) * sizeof(float), stream));
         return 0;
     }
+    if (!y && !ybf) return BM_CUDA_ARG_FAIL("scan: no output for y");  // (L = 0: may be NULL)
     int sms = 132;
     {
         const int st0 = sm_count(&sms);

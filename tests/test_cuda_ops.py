@@ -222,7 +222,6 @@ def native():
     lib.bm_cuda_scan_workspace.restype = ctypes.c_size_t
     lib.bm_cuda_scan_segmented_calls.restype = ctypes.c_longlong
     lib.bm_cuda_xproj_ksplit_calls.restype = ctypes.c_longlong
-    lib.bm_cuda_step_tile_calls.restype = ctypes.c_longlong
     return lib
 
 

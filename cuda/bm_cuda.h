@@ -72,6 +72,24 @@ int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float
                                  const float *state_in, float *state_out, float *y, int64_t b,
                                  int64_t L, int64_t E, int64_t N, int threads_per_channel,
                                  int variant, cudaStream_t stream);
+/* The same with the sequence-parallel option (cuda/scan.cu) and bf16 outputs: y may be NULL
+ * when y_bf16 is given; y_bf16 (b, L, E) gets bf16(y), y_lo (or NULL) bf16(y - bf16(y)) (the
+ * input of a bf16 GEMM, split or not). segments 0 (auto: used when the
+ * grid is under about a wave, e.g. b <= 2 at E = 2944), 1 (off) or >= 2 (forced, at most one
+ * segment per 16 steps); ws: scratch of ws_bytes (bm_cuda_scan_workspace(E, N) covers the
+ * auto rule at any b, L; a forced S needs S * b * E * (N + 1) floats), or NULL to take it from
+ * the stream-ordered pool. threads_per_channel and variant as above (segmented runs use
+ * variant 1). bm_cuda_scan_forward is this with segments 0 and ws NULL. */
+int bm_cuda_scan_forward_ws(const float *u, const float *delta, const float *A, const float *Bm,
+                            const float *Cm, const float *D, const float *z,
+                            const float *delta_bias, int delta_softplus, const float *state_in,
+                            float *state_out, float *y, uint16_t *y_bf16, uint16_t *y_lo,
+                            int64_t b, int64_t L, int64_t E, int64_t N, int threads_per_channel,
+                            int variant, int segments, void *ws, size_t ws_bytes,
+                            cudaStream_t stream);
+size_t bm_cuda_scan_workspace(int64_t E, int64_t N);
+/* How many scans ran sequence-parallel in this process (tests check the path was taken). */
+long long bm_cuda_scan_segmented_calls(void);
 /* One token: state (b, E, N) updated in place; x, delta, z, y: (b, E); Bm, Cm: (b, N). */
 int bm_cuda_scan_step(float *state, const float *x, const float *delta, const float *A,
                       const float *Bm, const float *Cm, const float *D, const float *z,
@@ -271,6 +289,8 @@ typedef struct { float **logits; int32_t **ids; float **gates; } bm_cuda_trace;
 
 enum { BM_CUDA_LOGITS_NONE = 0, BM_CUDA_LOGITS_LAST = 1, BM_CUDA_LOGITS_ALL = 2 };
 
+/* How many x_proj products ran K-split (engine.cu x_proj; tests check the path was taken). */
+long long bm_cuda_xproj_ksplit_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */
 int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                          bm_cuda_model **out);

@@ -132,6 +132,10 @@ struct Ws {
     float *delta;           // (T, E) prefill, and decode at T > GEMV_ROWS
     float *dbc;             // (T, R + 2N) x_proj output
     float *Bm, *Cm;         // (T, N) prefill: B and C split out of dbc
+    char *scan_ws;          // prefill: the sequence-parallel scan's segment states
+    size_t scan_ws_bytes;   //   (bm_cuda_scan_workspace)
+    float *xpart;           // (xpart_rows, R + 2N) BF16 math: x_proj's K-split partial sums
+    int64_t xpart_rows;
     int32_t *ids;           // (T) expert of each token
     float *gates;           // (T)
     float *rlog;            // (T, Xmax) router logits (tracing)
@@ -242,6 +246,53 @@ __global__ void to_bf16_kernel(const float *__restrict__ x, int64_t ldx,
         const float v = x[(i / K) * ldx + i % K];
         if (xlo) bm_f32_to_bf16_split(v, xb[i], xlo[i]);
         else xb[i] = bm_f32_to_bf16_bits(v);
+    }
+}
+
+// to_bf16_kernel without its two 64-bit divisions per element (which made it compute-bound:
+// ~25 us for the 2048 x 2944 x_proj / out_proj inputs against ~9 us of bytes): one float4 per
+// thread and row, rows strided by grid.y. Needs K % 4 == 0, ldx % 4 == 0, x 16-byte aligned,
+// xb / xlo 8-byte aligned (K4 = K / 4).
+__global__ void to_bf16_vec_kernel(const float *__restrict__ x, int64_t ldx,
+                                   uint16_t *__restrict__ xb, int M, int K4,
+                                   uint16_t *__restrict__ xlo) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= K4) return;
+    for (int r = blockIdx.y; r < M; r += gridDim.y) {
+        const float4 v = *reinterpret_cast<const float4 *>(x + (int64_t)r * ldx + 4 * c);
+        const float f[4] = {v.x, v.y, v.z, v.w};
+        uint16_t h[4], l[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            if (xlo) bm_f32_to_bf16_split(f[k], h[k], l[k]);
+            else h[k] = bm_f32_to_bf16_bits(f[k]);
+        }
+        const int64_t o = (int64_t)r * K4 + c;  // uint2 units of xb (M, K)
+        reinterpret_cast<uint2 *>(xb)[o] =
+            make_uint2(h[0] | (uint32_t)h[1] << 16, h[2] | (uint32_t)h[3] << 16);
+        if (xlo)
+            reinterpret_cast<uint2 *>(xlo)[o] =
+                make_uint2(l[0] | (uint32_t)l[1] << 16, l[2] | (uint32_t)l[3] << 16);
+    }
+}
+
+// x_proj's K-split: dbc[m, j] = sum_s part[s, m, j] (s ascending), and in prefill also
+// Bm[m] = dbc[m, R:R+N], Cm[m] = dbc[m, R+N:] (what split_bc_kernel did). ks * M * P < 2^31.
+__global__ void xproj_reduce_kernel(const float *__restrict__ part,  // (ks, M, P)
+                                    int ks, int M, int P,
+                                    float *__restrict__ dbc,         // (M, P)
+                                    float *__restrict__ Bm,          // (M, N) or NULL
+                                    float *__restrict__ Cm,          // (M, N) or NULL
+                                    int R, int N) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * P) return;
+    float acc = part[i];
+    for (int k = 1; k < ks; k++) acc += part[(int64_t)k * M * P + i];
+    dbc[i] = acc;
+    if (Bm) {
+        const int m = i / P, j = i - m * P - R;
+        if (j >= 0 && j < N) Bm[m * N + j] = acc;
+        else if (j >= N) Cm[m * N + j - N] = acc;
     }
 }
 
@@ -795,6 +846,31 @@ int ensure_wf(bm_cuda_model *m) {
     return 0;
 }
 
+// BLACKMAMBA_MAMBAPATH=0: the Mamba layer's products as before branch mambapath (two in_proj
+// GEMMs, x_proj unsplit, the scalar to_bf16, y converted after the scan), for A/B
+// measurements in one process (cuda/dev/ab_mambapath.py;
+// decode graphs are captured per state, so a new state picks up a change).
+bool mp_on() {
+    const char *e = getenv("BLACKMAMBA_MAMBAPATH");
+    return !(e && e[0] == '0');
+}
+
+// xb (M, K) = bf16(x (M, ldx)[:, :K]) (+ xlo, the low parts): the vectorised kernel where
+// the layout allows it.
+int to_bf16(bm_cuda_model *m, const float *x, int64_t ldx, uint16_t *xb, int64_t M, int64_t K,
+            uint16_t *xlo) {
+    if (mp_on() && K % 4 == 0 && ldx % 4 == 0 && M < INT32_MAX && K / 4 < INT32_MAX &&
+        (((uintptr_t)x & 15) | ((uintptr_t)xb & 7) | ((uintptr_t)xlo & 7)) == 0) {
+        const int K4 = (int)(K / 4);
+        const dim3 grid((unsigned)bm_cdiv(K4, 128), (unsigned)std::min<int64_t>(M, 1024));
+        to_bf16_vec_kernel<<<grid, 128, 0, m->stream>>>(x, ldx, xb, (int)M, K4, xlo);
+    } else {
+        to_bf16_kernel<<<grid_for(M * K), 256, 0, m->stream>>>(x, ldx, xb, M, K, xlo);
+    }
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
 // y (M, ldy)[:, :Nout] = x (M, ldx)[:, :Kin] @ W (Nout, Kin)^T (+ bias (Nout)). See the top.
 // xbf_ready: ws->xbf already holds bf16(x) (the second in_proj half reuses the first's).
 int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
@@ -811,11 +887,7 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
         const bool split = split_x(m, ws, M);
         if (split && (!ws->xlo || M > ws->Ts))
             return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
-        if (!xbf_ready) {
-            to_bf16_kernel<<<grid_for(M * Kin), 256, 0, m->stream>>>(x, ldx, ws->xbf, M, Kin,
-                                                                      split ? ws->xlo : nullptr);
-            BM_CUDA_LAUNCHED();
-        }
+        if (!xbf_ready) TRY(to_bf16(m, x, ldx, ws->xbf, M, Kin, split ? ws->xlo : nullptr));
         TRY(gemm(m, W, CUDA_R_16BF, ws->xbf, CUDA_R_16BF, Kin, y, ldy, M, Nout, Kin,
                  CUBLAS_COMPUTE_32F));
         if (split)  // y += lo @ W^T
@@ -843,6 +915,91 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
 
 // ---- layers ----------------------------------------------------------------------------------
 
+// K-split of x_proj (BF16 math, more than GEMV_ROWS rows): the product is 124 outputs long
+// and 2944 deep, so cuBLAS gets cdiv(M, 128) output tiles (16 at a 2048-token prefill, 1 at a
+// 64-row decode) and walks K serially in each. Cutting K into ks slices (a strided-batched
+// GEMM into fp32 partials, then one reduction that also splits out B and C) gives ks times
+// the CTAs. ks: the most slices of at least 128 (multiple of 8: 16-byte aligned bf16 slices)
+// with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
+std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
+
+int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int64_t Kin) {
+    if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256 || !mp_on()) return 1;
+    for (int ks = 32; ks >= 2; ks--) {
+        if (Kin % ks || (Kin / ks) % 8 || Kin / ks < 128) continue;
+        if (ks * bm_cdiv(M, 128) > 160 || ks * M > ws->xpart_rows) continue;
+        if ((int64_t)ks * M * Nout >= INT32_MAX) continue;
+        return ks;
+    }
+    return 1;
+}
+
+// in_proj: x = xz[:M] (M, E) and z = xz[M*E:] (M, E) from xn (M, d). Under BF16 math with more
+// than GEMV_ROWS rows both halves are one strided-batched GEMM (batch 2: the weight halves E*d
+// apart, the outputs M*E apart, the same bf16 input): one launch instead of two and twice the
+// CTAs in it.
+int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64_t M) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t d = c.d, E = c.E;
+    float *x = ws->xz, *z = ws->xz + M * E;
+    if (!bf16_math(m) || M <= GEMV_ROWS || !mp_on()) {
+        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, M, E, d));
+        return linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
+                      z, E, M, E, d, true);
+    }
+    const bool split = split_x(m, ws, M);
+    if (split && (!ws->xlo || M > ws->Ts))
+        return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+    TRY(to_bf16(m, xn, d, ws->xbf, M, d, split ? ws->xlo : nullptr));
+    const float one = 1.f, zero = 0.f;
+    for (int h = 0; h < (split ? 2 : 1); h++)  // hi, then (split) lo accumulating
+        BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+            m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)E, (int)M, (int)d, &one, ly.in_w,
+            CUDA_R_16BF, (int)d, (long long)(E * d), h ? ws->xlo : ws->xbf, CUDA_R_16BF,
+            (int)d, 0LL, h ? &one : &zero, x, CUDA_R_32F, (int)E, (long long)(M * E), 2,
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (ly.in_b) {
+        add_bias_kernel<<<grid_for(M * E), 256, 0, m->stream>>>(x, E, ly.in_b, M, E);
+        BM_CUDA_LAUNCHED();
+        add_bias_kernel<<<grid_for(M * E), 256, 0, m->stream>>>(z, E, ly.in_b + E, M, E);
+        BM_CUDA_LAUNCHED();
+    }
+    return 0;
+}
+
+// dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
+int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t E = c.E, N = c.N, R = c.R, P = R + 2 * N;
+    const int ks = xproj_ks(m, ws, M, P, E);
+    if (ks > 1) {
+        const bool split = split_x(m, ws, M);
+        if (split && (!ws->xlo || M > ws->Ts))
+            return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+        TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E, split ? ws->xlo : nullptr));
+        const int64_t Kc = E / ks;
+        const float one = 1.f, zero = 0.f;
+        for (int h = 0; h < (split ? 2 : 1); h++)  // hi, then (split) lo accumulating
+            BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+                m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)P, (int)M, (int)Kc, &one, ly.x_w,
+                CUDA_R_16BF, (int)E, (long long)Kc, h ? ws->xlo : ws->xbf, CUDA_R_16BF, (int)E,
+                (long long)Kc, h ? &one : &zero, ws->xpart, CUDA_R_32F, (int)P,
+                (long long)(M * P), ks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
+            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N);
+        BM_CUDA_LAUNCHED();
+        g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
+        return 0;
+    }
+    TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, M, P, E));
+    if (Bm) {
+        split_bc_kernel<<<grid_for(M * N), 256, 0, m->stream>>>(ws->dbc, Bm, Cm, M, (int)R,
+                                                                 (int)N);
+        BM_CUDA_LAUNCHED();
+    }
+    return 0;
+}
+
 // SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                   const float *xn, float *out, int64_t B, int64_t L) {
@@ -850,22 +1007,27 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
-    TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, T, E, d));             // x = xz[:, :E]
-    TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z, E,
-               T, E, d, true));                                             // z = xz[:, E:]
+    TRY(in_proj(m, ws, ly, xn, T));                                         // x, z
     TRY(mark(m, P_IN));
     TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
     TRY(mark(m, P_CONV));
-    TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, T, P, E));    // (T, R + 2N)
+    TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm));                              // (T, R + 2N)
     TRY(mark(m, P_XPROJ));
-    split_bc_kernel<<<grid_for(T * N), 256, 0, st>>>(ws->dbc, ws->Bm, ws->Cm, T, (int)R, (int)N);
-    BM_CUDA_LAUNCHED();
     TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, T, E, R)); // bias in scan
     TRY(mark(m, P_DT));
-    TRY(bm_cuda_scan_forward(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1, ssm,
-                             ssm, ws->y, B, L, E, N, st));
+    // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
+    // Where out_proj is a bf16 GEMM (linear()'s rule), the scan writes its input directly:
+    // bf16(y) (+ the low parts when the product splits) into xbf / xlo, no fp32 y.
+    const bool ybf = bf16_math(m) && T > GEMV_ROWS && mp_on();
+    const bool ysplit = ybf && split_x(m, ws, T);
+    if (ysplit && (!ws->xlo || T > ws->Ts))
+        return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+    TRY(bm_cuda_scan_forward_ws(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1,
+                                ssm, ssm, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
+                                ysplit ? ws->xlo : nullptr, B, L, E, N, 0, -1, 0, ws->scan_ws,
+                                ws->scan_ws_bytes, st));
     TRY(mark(m, P_SCAN));
-    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E));
+    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
     return mark(m, P_OUT);
 }
 
@@ -890,14 +1052,12 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
     } else {
-        TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, B, E, d));
-        TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr, z,
-                   E, B, E, d, true));
+        TRY(in_proj(m, ws, ly, xn, B));
         TRY(mark(m, P_IN));
         TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
     TRY(mark(m, P_CONV));
-    TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, B, P, E));
+    TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
     const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
@@ -1226,6 +1386,11 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->dbc = a.take<float>(T * P);
     w->Bm = decode ? nullptr : a.take<float>(T * N);
     w->Cm = decode ? nullptr : a.take<float>(T * N);
+    w->scan_ws_bytes = decode ? 0 : bm_cuda_scan_workspace(E, N);
+    w->scan_ws = w->scan_ws_bytes ? a.take<char>((int64_t)w->scan_ws_bytes) : nullptr;
+    // x_proj's K-split partials (xproj_ks: ks * cdiv(M, 128) <= 160, so ks * M <= 20480)
+    w->xpart_rows = bf16_math(m) && T > GEMV_ROWS ? std::min<int64_t>(20480, 32 * T) : 0;
+    w->xpart = w->xpart_rows ? a.take<float>(w->xpart_rows * P) : nullptr;
     w->ids = a.take<int32_t>(T);
     w->gates = a.take<float>(T);
     w->rlog = a.take<float>(T * m->Xmax);
@@ -1610,6 +1775,10 @@ size_t ssm_row(const bm_cuda_model *m) { return (size_t)(m->cfg.E * m->cfg.N) * 
 }  // namespace
 
 // ---- public API ------------------------------------------------------------------------------
+
+extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
+    return g_xproj_ksplit.load(std::memory_order_relaxed);
+}
 
 extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                                     bm_cuda_model **out) {

@@ -10,7 +10,29 @@
 // pipeline in shared memory (u, delta, z and B, C of two chunks in flight while one is
 // computed), so registers hold only the states and the per-step temporaries.
 // Cost per (t, e, n): one MUFU.EX2 and three FMAs; per (t, e): 16 bytes of u/delta/z/y.
+//
+// Sequence parallelism for small grids (b = 1: 92 blocks of 32 channels on 132 SMs, where each
+// of the 2048 steps costs its serial latency, ~100 ns): L is cut into S segments of seg_len
+// steps and the scan runs in two launches (MODE 1, MODE 2 below). The recurrence is linear in
+// h, so a segment's end state is P_s * h_in + H_s, with H_s the end state from a zero start and
+// P_s[e, n] = prod_t exp(delta_t A[e, n]) = exp(A[e, n] * sum_t delta_t): one float per (s, e)
+// carries the whole decay product.
+//   pass 1 (MODE 1, segments 0..S-2): segment 0 runs from state_in and writes its y (it is
+//     exact); segments >= 1 run from zero, "light": no z, no C, no y; each keeps H_s in hseg
+//     and sum_t delta_t in dsum.
+//   pass 2 (MODE 2, segments 1..S-1): each block folds h_in = P_j h_in + H_j over j < s
+//     (starting from segment 0's true end state), then reruns its segment from that true
+//     initial state, writing y; the last segment writes state_out.
+// Rerunning costs a second pass of exps over (S-1)/S of the steps (light: B only), against
+// correcting y afterwards (y_t += silu(z_t) sum_n C_t[n] exp(A cumsum(delta)) h_in[n]), which
+// needs the same number of exps plus a read and a rewrite of y; and the rerun's y is the
+// sequential y computed from a state that differs only by the rounding of P_s (float32 sum of
+// up to a few hundred positive deltas, ~1e-6 relative; |d/dx (x e^-x)| <= 0.37 bounds its
+// effect on h to ~4e-7 |h_in|), inside TOL_SCAN (3e-5) by far.
 #include "common.cuh"
+
+#include <algorithm>
+#include <atomic>
 
 namespace {
 
@@ -29,11 +51,18 @@ struct ScanParams {
     const float *delta_bias;  // (E) or NULL
     const float *state_in;    // (b, E, N) or NULL
     float *state_out;         // (b, E, N) or NULL; may equal state_in
-    float *y;                 // (b, L, E)
+    float *y;                 // (b, L, E) or NULL (then ybf)
+    uint16_t *ybf;            // (b, L, E) or NULL: y rounded to bf16 (a bf16 GEMM's input)
+    uint16_t *ylo;            // (b, L, E) or NULL: bf16(y - bf16(y)) (split products)
     int L, E, N;
     int softplus;
     int vec;                  // E % 4 == 0 and u, delta, z, y 16-byte aligned: 16-byte copies
     int bcvec;                // N % 4 == 0 and Bm, Cm 16-byte aligned: 16-byte B/C copies
+    // Sequence-parallel passes (MODE 1, 2; see the top): segment s covers steps
+    // [s * seg_len, min(L, (s + 1) * seg_len)); nseg segments.
+    int seg_len, nseg;
+    float *hseg;              // (nseg, b, E, N) segment end states (segment 0: the true one)
+    float *dsum;              // (nseg, b, E) sum of the softplus'd delta over each segment
 };
 
 // cp.async: global -> shared without passing through registers. src_bytes = 0 zero-fills
@@ -64,7 +93,9 @@ struct ScanSmem {
 // chunks fully unrolled. Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
 // with the per-thread copy addressing and the cheaper softplus, VAR 1 wins at every TPC
 // (TPC = 2: 0.4045 vs 0.4225 ms; before them VAR 0 won at TPC = 2, 0.520 vs 0.563).
-template <int NT, int TPC, int VAR>
+// MODE 0: the whole sequence (grid.z = 1). MODE 1 / 2: pass 1 / pass 2 of the sequence-
+// parallel scan (see the top), grid.z = nseg - 1 segments each.
+template <int NT, int TPC, int VAR, int MODE>
 __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
     using Smem = ScanSmem<NT, TPC>;
@@ -72,6 +103,11 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     __shared__ __align__(16) Smem sm;
 
     const int L = p.L, E = p.E, N = p.N;
+    // This block's steps [tb, te) and whether it is a light pass-1 segment (uniform per block).
+    const int seg = MODE == 2 ? (int)blockIdx.z + 1 : MODE == 1 ? (int)blockIdx.z : 0;
+    const int tb = MODE == 0 ? 0 : seg * p.seg_len;
+    const int te = MODE == 0 ? L : min(L, tb + p.seg_len);
+    const bool light = MODE == 1 && seg > 0;
     const int tid = threadIdx.x;
     const int sub = tid % TPC;        // which NT states of the channel
     const int ch = tid / TPC;         // channel inside the block
@@ -82,6 +118,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     const bool active = e0 + ch < E;
     const int e = active ? e0 + ch : E - 1;
     const bool has_z = p.z != nullptr;
+    const bool zcopy = has_z && !light;                // light segments need no gate
     const int64_t rowb = (int64_t)bi * L;              // (bi, 0) in (b, L)
     const float *zsrc = has_z ? p.z : p.u;             // any valid address when there is no z
 
@@ -90,8 +127,24 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     for (int j = 0; j < NT; j++) {
         const int n = sub * NT + j;
         A2[j] = n < N ? p.A[(int64_t)e * N + n] * 1.4426950408889634f : 0.f;
-        h[j] = (n < N && p.state_in) ? p.state_in[((int64_t)bi * E + e) * N + n] : 0.f;
+        if (MODE == 2) {
+            // True initial state of segment seg: segment 0's end state, then j = 1..seg-1:
+            // h = exp(A * dsum_j) h + H_j. Written by pass 1 (the previous launch).
+            float v = 0.f;
+            if (n < N) {
+                const int64_t be = (int64_t)bi * E + e, bE = (int64_t)gridDim.y * E;
+                v = p.hseg[be * N + n];
+                for (int j2 = 1; j2 < seg; j2++)
+                    v = fmaf(bm_ex2(p.dsum[j2 * bE + be] * A2[j]), v,
+                             p.hseg[(j2 * bE + be) * N + n]);
+            }
+            h[j] = v;
+        } else {
+            h[j] = (n < N && p.state_in && !light) ? p.state_in[((int64_t)bi * E + e) * N + n]
+                                                   : 0.f;
+        }
     }
+    float dsum = 0.f;  // light segments: sum of the softplus'd delta
     const float Dv = p.D ? p.D[e] : 0.f;
     const float dbias = p.delta_bias ? p.delta_bias[e] : 0.f;
 
@@ -117,7 +170,14 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     constexpr int BITEMS4 = (TC * BQ + SCAN_THREADS - 1) / SCAN_THREADS;
     const int br = tid % BQ, btr = tid / BQ;
     const int bcol = 4 * (br % (NP / 4 > 0 ? NP / 4 : 1));
-    const bool bok = tid < TC * BQ && bcol < N;        // N % 4 == 0: whole float4s
+    // A thread copies only into slots of the stage: a predicated-off cp.async still writes
+    // its 16 zero bytes, and at NP = 4 (B and C one float4 each per step: TC * BQ = 32 slots
+    // for 64 threads) the spare threads' slots lay past the stage, in the next stage's B/C or
+    // in sm.y, racing with the chunk being computed (wrong y past step 16 for N <= 4 and L >
+    // 32: found by test_selective_scan_bf16_outputs[1-50-33-4-1]; every other NP fills all
+    // slots).
+    const bool bslot = tid < TC * BQ;
+    const bool bok = bslot && bcol < N;                // N % 4 == 0: whole float4s
     const float *bsrc0 = (br < NP / 4 ? p.Bm : p.Cm) + (rowb + btr) * N + bcol;
     const int64_t bstep = (int64_t)BRPI * N;
     const unsigned bsm0 = (unsigned)__cvta_generic_to_shared(&sm.bc[0][0][0]) +
@@ -128,19 +188,19 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     // Start copying chunk c (steps c*TC ..) into stage s. Always commits a group, possibly
     // empty, so that wait_group counts stay in step.
     auto issue = [&](int c, int s) {
-        const int t0 = c * TC;
-        if (t0 < L) {
+        const int t0 = tb + c * TC;
+        if (t0 < te) {
             if (p.vec) {
                 const int64_t off = aoff0 + (int64_t)t0 * E;
                 const unsigned d0 = asm0 + s * ASTAGE;
 #pragma unroll
                 for (int i = 0; i < AITEMS; i++) {
-                    const bool ok = aok && t0 + atr + i * ARPI < L;
+                    const bool ok = aok && t0 + atr + i * ARPI < te;
                     const int64_t o = off + i * astep;
                     cp_async16s(d0 + i * AROW, ok ? p.u + o : p.u, ok);
                     cp_async16s(d0 + ATENS + i * AROW, ok ? p.delta + o : p.u, ok);
-                    cp_async16s(d0 + 2 * ATENS + i * AROW, ok && has_z ? zsrc + o : p.u,
-                                ok && has_z);
+                    cp_async16s(d0 + 2 * ATENS + i * AROW, ok && zcopy ? zsrc + o : p.u,
+                                ok && zcopy);
                 }
             } else {
                 constexpr int ITEMS = 3 * TC * CPB;
@@ -148,7 +208,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                 for (int k = tid; k < ITEMS; k += SCAN_THREADS) {
                     const int which = k / (TC * CPB), t = (k / CPB) % TC, c2 = k % CPB;
                     const float *src = which == 0 ? p.u : which == 1 ? p.delta : zsrc;
-                    const bool ok = t0 + t < L && e0 + c2 < E && (which < 2 || has_z);
+                    const bool ok = t0 + t < te && e0 + c2 < E && (which < 2 || zcopy);
                     cp_async4(&sm.act[s][which][t][c2], ok ? src + (rowb + t0 + t) * E + e0 + c2 : p.u, ok);
                 }
             }
@@ -157,7 +217,8 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                 const unsigned d0 = bsm0 + s * BSTAGE;
 #pragma unroll
                 for (int i = 0; i < BITEMS4; i++) {
-                    const bool ok = bok && btr + i * BRPI < TC && t0 + btr + i * BRPI < L;
+                    if (!bslot || btr + i * BRPI >= TC) continue;  // no such slot
+                    const bool ok = bok && t0 + btr + i * BRPI < te;
                     cp_async16s(d0 + i * BROW, ok ? src + i * bstep : p.Bm, ok);
                 }
             } else {
@@ -165,7 +226,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 #pragma unroll
                 for (int k = tid; k < BITEMS; k += SCAN_THREADS) {
                     const int t = k / (2 * NP), r = k % (2 * NP), n = r % NP;
-                    const bool ok = t0 + t < L && n < N;
+                    const bool ok = t0 + t < te && n < N;
                     const float *src = (r < NP ? p.Bm : p.Cm) + (rowb + t0 + t) * N + n;
                     cp_async4(&sm.bc[s][t][r], ok ? src : p.Bm, ok);
                 }
@@ -175,7 +236,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     };
 
     const bool store = sub == 0;   // one thread of the channel writes y to shared memory
-    const int nchunks = (L + TC - 1) / TC;
+    const int nchunks = (te - tb + TC - 1) / TC;
 #pragma unroll
     for (int s = 0; s < SCAN_STAGES - 1; s++) issue(s, s);
 
@@ -201,7 +262,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 #pragma unroll
             for (int k = 0; k < TC / TPC; k++) act[1][k * TPC + sub][ch] += dbias;
         }
-        if (has_z) {
+        if (zcopy) {
 #pragma unroll
             for (int k = 0; k < TC / TPC; k++) {
                 const int t = k * TPC + sub;
@@ -210,7 +271,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
         }
         __syncwarp();
 
-        const int steps = min(TC, L - c * TC);
+        const int steps = min(TC, te - tb - c * TC);
         const float *bc = &sm.bc[s][0][0];
         auto step = [&](int i) {
             const float dt = act[1][i][ch];
@@ -238,6 +299,31 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
             if (has_z) yv *= act[2][i][ch];
             if (store) sm.y[i][ch] = yv;
         };
+        // Pass 1 of a segment >= 1: the state recurrence only (its end state and the delta sum).
+        auto lstep = [&](int i) {
+            const float dt = act[1][i][ch];
+            const float du = dt * act[0][i][ch];
+            dsum += dt;
+            const float4 *b4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + sub * NT);
+#pragma unroll
+            for (int q = 0; q < NT / 4; q++) {
+                const float4 bq = b4[q];
+                const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    h[4 * q + r] = fmaf(bm_ex2(dt * A2[4 * q + r]), h[4 * q + r], du * bv[r]);
+            }
+        };
+        if (MODE == 1 && light) {
+            if (VAR == 1 && steps == TC) {
+#pragma unroll
+                for (int i = 0; i < TC; i++) lstep(i);
+            } else {
+                for (int i = 0; i < steps; i++) lstep(i);
+            }
+            __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
+            continue;
+        }
         if (VAR == 1 && steps == TC) {
             // Whole chunk unrolled: the scheduler can start step i+1's exps (independent of
             // the state) during step i's reduction.
@@ -249,24 +335,61 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
         __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
         // The chunk's y (steps x CPB) to global memory, 16 bytes a thread where aligned. sm.y
         // is written again only after the next chunk's first barrier.
-        const int64_t yrow = (rowb + (int64_t)c * TC) * E + e0;
+        const int64_t yrow = (rowb + tb + (int64_t)c * TC) * E + e0;
+        // ybf / ylo: the bf16 conversion of the engine's out_proj input done here, where y
+        // is in shared memory anyway (saves reading y back: bm_f32_to_bf16_* as to_bf16).
         if (p.vec) {
             for (int k = tid; k < steps * Q; k += SCAN_THREADS) {
                 const int t = k / Q, q = k % Q;
-                if (e0 + 4 * q < E)
-                    *reinterpret_cast<float4 *>(p.y + yrow + (int64_t)t * E + 4 * q) =
-                        *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
+                if (e0 + 4 * q < E) {
+                    const int64_t o = yrow + (int64_t)t * E + 4 * q;
+                    const float4 v = *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
+                    if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
+                    if (p.ybf) {
+                        const float f[4] = {v.x, v.y, v.z, v.w};
+                        uint16_t hb[4], lb[4];
+#pragma unroll
+                        for (int r = 0; r < 4; r++) {
+                            if (p.ylo) bm_f32_to_bf16_split(f[r], hb[r], lb[r]);
+                            else hb[r] = bm_f32_to_bf16_bits(f[r]);
+                        }
+                        *reinterpret_cast<uint2 *>(p.ybf + o) =
+                            make_uint2(hb[0] | (uint32_t)hb[1] << 16, hb[2] | (uint32_t)hb[3] << 16);
+                        if (p.ylo)
+                            *reinterpret_cast<uint2 *>(p.ylo + o) =
+                                make_uint2(lb[0] | (uint32_t)lb[1] << 16, lb[2] | (uint32_t)lb[3] << 16);
+                    }
+                }
             }
         } else {
             for (int k = tid; k < steps * CPB; k += SCAN_THREADS) {
                 const int t = k / CPB, c2 = k % CPB;
-                if (e0 + c2 < E) p.y[yrow + (int64_t)t * E + c2] = sm.y[t][c2];
+                if (e0 + c2 < E) {
+                    const int64_t o = yrow + (int64_t)t * E + c2;
+                    const float v = sm.y[t][c2];
+                    if (p.y) p.y[o] = v;
+                    if (p.ybf) {
+                        if (p.ylo) bm_f32_to_bf16_split(v, p.ybf[o], p.ylo[o]);
+                        else p.ybf[o] = bm_f32_to_bf16_bits(v);
+                    }
+                }
             }
         }
     }
     cp_async_wait<0>();  // leave no copies in flight (the trailing groups are empty)
 
-    if (active && p.state_out) {
+    if (MODE == 1) {
+        // Segment seg's end state (from zero unless seg = 0) and its delta sum, for pass 2.
+        const int64_t be = ((int64_t)seg * gridDim.y + bi) * E + e;
+        if (active) {
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const int n = sub * NT + j;
+                if (n < N) p.hseg[be * N + n] = h[j];
+            }
+            if (sub == 0) p.dsum[be] = dsum;
+        }
+    } else if (active && p.state_out && (MODE == 0 || seg == p.nseg - 1)) {
 #pragma unroll
         for (int j = 0; j < NT; j++) {
             const int n = sub * NT + j;
@@ -281,10 +404,45 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
-    if (var == 1) scan_fwd_kernel<NT, TPC, 1><<<grid, SCAN_THREADS, 0, stream>>>(p);
-    else scan_fwd_kernel<NT, TPC, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
+        grid.z = (unsigned)(p.nseg - 1);
+        scan_fwd_kernel<NT, TPC, 1, 1><<<grid, SCAN_THREADS, 0, stream>>>(p);
+        BM_CUDA_LAUNCHED();
+        scan_fwd_kernel<NT, TPC, 1, 2><<<grid, SCAN_THREADS, 0, stream>>>(p);
+        BM_CUDA_LAUNCHED();
+        return 0;
+    }
+    if (var == 1) scan_fwd_kernel<NT, TPC, 1, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    else scan_fwd_kernel<NT, TPC, 0, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
     BM_CUDA_LAUNCHED();
     return 0;
+}
+
+// Sequence-parallel scan: the launches that took it (tests assert the path was taken).
+std::atomic<long long> g_scan_segmented{0};
+
+int sm_count(int *sms) {
+    int dev = 0;
+    *sms = 132;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    BM_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev));
+    return 0;
+}
+
+// Threads per channel of the sequence-parallel scan: at most 8 states per thread, the
+// throughput winner at b = 8 (TPC = 2 at N = 16); the segments, not more threads per channel,
+// fill the machine.
+int seg_tpc(int64_t N) { return N > 16 ? 4 : N > 8 ? 2 : 1; }
+
+// Segments the auto rule picks: enough blocks for about one full wave (8 blocks of 64
+// threads per SM: 1056 on the H200), each segment at least 64 steps, at most 64 segments;
+// fewer than 3 segments is not worth the second pass (b = 8 at E = 2944 already has 736
+// blocks and stays unsegmented).
+int64_t auto_segments(int64_t b, int64_t L, int64_t E, int tpc, int sms) {
+    const int64_t nblk = bm_cdiv(E, SCAN_THREADS / tpc) * b;
+    int64_t S = 8 * (int64_t)sms / nblk;
+    S = std::min<int64_t>(std::min<int64_t>(S, L / 64), 64);
+    return S < 3 ? 1 : S;
 }
 
 // One token. A group of G = pow2ceil(N) (<= 32) lanes per (batch, channel); lane g owns states
@@ -333,21 +491,27 @@ __global__ void scan_step_kernel(float *state,              // (b, E, N) in plac
 
 }  // namespace
 
-extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float *A,
-                                            const float *Bm, const float *Cm, const float *D,
-                                            const float *z, const float *delta_bias,
-                                            int delta_softplus, const float *state_in,
-                                            float *state_out, float *y, int64_t b, int64_t L,
-                                            int64_t E, int64_t N, int tpc, int var,
-                                            cudaStream_t stream) {
+// The launcher behind the three entry points below. segments: 0 auto, 1 off, >= 2 forced (a
+// cap: each segment is a whole number of chunks). ws: scratch of ws_bytes for the segment
+// states, or NULL (then taken from the stream-ordered pool when a segmented run needs it).
+static int scan_forward(const float *u, const float *delta, const float *A, const float *Bm,
+                        const float *Cm, const float *D, const float *z,
+                        const float *delta_bias, int delta_softplus, const float *state_in,
+                        float *state_out, float *y, uint16_t *ybf, uint16_t *ylo, int64_t b,
+                        int64_t L, int64_t E, int64_t N, int tpc, int var, int segments,
+                        void *ws, size_t ws_bytes, cudaStream_t stream) {
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
+    if (segments < 0) return BM_CUDA_ARG_FAIL("scan: segments must be >= 0");
+    if (ylo && !ybf) return BM_CUDA_ARG_FAIL("scan: y_lo needs y_bf16");
     if (b <= 0 || E <= 0) return 0;
     const bool vec = E % 4 == 0 && ((uintptr_t)u & 15) == 0 && ((uintptr_t)delta & 15) == 0 &&
-                     ((uintptr_t)z & 15) == 0 && ((uintptr_t)y & 15) == 0;
+                     ((uintptr_t)z & 15) == 0 && ((uintptr_t)y & 15) == 0 &&
+                     (((uintptr_t)ybf | (uintptr_t)ylo) & 7) == 0;
     const bool bcvec = N % 4 == 0 && ((uintptr_t)Bm & 15) == 0 && ((uintptr_t)Cm & 15) == 0;
-    ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y,
-                 (int)L, (int)E, (int)N, delta_softplus, vec ? 1 : 0, bcvec ? 1 : 0};
+    ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y, ybf, ylo,
+                 (int)L, (int)E, (int)N, delta_softplus, vec ? 1 : 0, bcvec ? 1 : 0,
+                 (int)L, 1, nullptr, nullptr};
     if (L == 0) {
         // No tokens: the state passes through unchanged (zeros without state_in).
         if (!state_out) return 0;
@@ -358,34 +522,116 @@ extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, 
             BM_CUDA_TRY(cudaMemsetAsync(state_out, 0, (size_t)(b * E * N) * sizeof(float), stream));
         return 0;
     }
+    if (!y && !ybf) return BM_CUDA_ARG_FAIL("scan: no output for y");  // (L = 0: may be NULL)
+    int sms = 132;
+    {
+        const int st0 = sm_count(&sms);
+        if (st0) return st0;
+    }
+    // Sequence parallelism (see the top of the file).
+    int64_t S = 1;
+    // BLACKMAMBA_SCAN_SEGMENTS=1 turns the auto rule off (A/B measurements).
+    const char *env = getenv("BLACKMAMBA_SCAN_SEGMENTS");
+    if (segments == 0 && env && env[0] == '1' && env[1] == 0) segments = 1;
+    if (segments == 0) S = auto_segments(b, L, E, tpc ? tpc : seg_tpc(N), sms);
+    else if (segments >= 2) S = std::min<int64_t>(segments, bm_cdiv(L, SCAN_TC));
+    void *buf = nullptr;
+    if (S >= 2) {
+        const int64_t seg_len = bm_cdiv(bm_cdiv(L, S), SCAN_TC) * SCAN_TC;
+        S = bm_cdiv(L, seg_len);
+        const size_t need = (size_t)(S * b * E * (N + 1)) * sizeof(float);
+        if (S >= 2 && ws && ws_bytes < need && segments >= 2)
+            return BM_CUDA_ARG_FAIL("scan: workspace too small for the segments asked for");
+        if (S >= 2 && !ws) {
+            if (cudaMallocAsync(&buf, need, stream) != cudaSuccess) {
+                cudaGetLastError();  // no pool: run unsegmented
+                buf = nullptr;
+                if (segments >= 2) return BM_CUDA_ARG_FAIL("scan: no memory for the segments");
+            }
+            ws = buf;
+            ws_bytes = buf ? need : 0;
+        }
+        if (S >= 2 && ws && ws_bytes >= need) {
+            p.seg_len = (int)seg_len;
+            p.nseg = (int)S;
+            p.hseg = (float *)ws;
+            p.dsum = (float *)ws + S * b * E * N;
+            if (tpc == 0) tpc = seg_tpc(N);
+            g_scan_segmented.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
     if (tpc == 0) {
         // At most 8 states per thread: TPC = 1 with 16 states ran at half the speed of TPC = 2
         // on the H200 (0.98 vs 0.52 ms at b=8, E=2944, N=16). Then, while there are fewer than
         // ~2 warps per scheduler (b=1: 92 warps at TPC = 1), split further (b=1: TPC = 4,
         // 0.21 ms against 0.64 at TPC = 1).
-        int dev = 0, sms = 132;
-        BM_CUDA_TRY(cudaGetDevice(&dev));
-        BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
         const int64_t warps1 = bm_cdiv(b * E, 32);
         tpc = N > 16 ? 4 : N > 8 ? 2 : 1;
         while (tpc < 4 && N > 4 * tpc && warps1 * tpc < (int64_t)sms * 4 * 2) tpc *= 2;
     }
-    if (tpc != 1 && tpc != 2 && tpc != 4) return BM_CUDA_ARG_FAIL("scan: threads_per_channel must be 1, 2 or 4");
-    const int64_t per = bm_cdiv(N, tpc);  // states per thread
-    if (per > 16) return BM_CUDA_ARG_FAIL("scan: N > 16 * threads_per_channel");
-    const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
-    switch (tpc * 100 + nt) {
-        case 104: return scan_fwd_launch<4, 1>(p, (int)b, var, stream);
-        case 108: return scan_fwd_launch<8, 1>(p, (int)b, var, stream);
-        case 116: return scan_fwd_launch<16, 1>(p, (int)b, var, stream);
-        case 204: return scan_fwd_launch<4, 2>(p, (int)b, var, stream);
-        case 208: return scan_fwd_launch<8, 2>(p, (int)b, var, stream);
-        case 216: return scan_fwd_launch<16, 2>(p, (int)b, var, stream);
-        case 404: return scan_fwd_launch<4, 4>(p, (int)b, var, stream);
-        case 408: return scan_fwd_launch<8, 4>(p, (int)b, var, stream);
-        case 416: return scan_fwd_launch<16, 4>(p, (int)b, var, stream);
+    int st = -1;
+    if (tpc != 1 && tpc != 2 && tpc != 4) {
+        st = BM_CUDA_ARG_FAIL("scan: threads_per_channel must be 1, 2 or 4");
+    } else if (bm_cdiv(N, tpc) > 16) {
+        st = BM_CUDA_ARG_FAIL("scan: N > 16 * threads_per_channel");
+    } else {
+        const int64_t per = bm_cdiv(N, tpc);  // states per thread
+        const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
+        switch (tpc * 100 + nt) {
+            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, stream); break;
+            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, stream); break;
+            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, stream); break;
+            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, stream); break;
+            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, stream); break;
+            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, stream); break;
+            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, stream); break;
+            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, stream); break;
+            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, stream); break;
+        }
+        if (st == -1) st = BM_CUDA_ARG_FAIL("scan: no kernel for this N");
     }
-    return BM_CUDA_ARG_FAIL("scan: no kernel for this N");
+    if (buf) {  // stream-ordered: freed after the two passes
+        cudaError_t e = cudaFreeAsync(buf, stream);
+        if (!st && e != cudaSuccess) return bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    return st;
+}
+
+extern "C" int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float *A,
+                                            const float *Bm, const float *Cm, const float *D,
+                                            const float *z, const float *delta_bias,
+                                            int delta_softplus, const float *state_in,
+                                            float *state_out, float *y, int64_t b, int64_t L,
+                                            int64_t E, int64_t N, int tpc, int var,
+                                            cudaStream_t stream) {
+    return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
+                        state_out, y, nullptr, nullptr, b, L, E, N, tpc, var, 1, nullptr, 0,
+                        stream);
+}
+
+extern "C" int bm_cuda_scan_forward_ws(const float *u, const float *delta, const float *A,
+                                       const float *Bm, const float *Cm, const float *D,
+                                       const float *z, const float *delta_bias,
+                                       int delta_softplus, const float *state_in,
+                                       float *state_out, float *y, uint16_t *y_bf16,
+                                       uint16_t *y_lo, int64_t b, int64_t L, int64_t E,
+                                       int64_t N, int tpc, int var, int segments, void *ws,
+                                       size_t ws_bytes, cudaStream_t stream) {
+    return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
+                        state_out, y, y_bf16, y_lo, b, L, E, N, tpc, var, segments, ws,
+                        ws_bytes, stream);
+}
+
+extern "C" size_t bm_cuda_scan_workspace(int64_t E, int64_t N) {
+    // The auto rule's S * b is at most 8 * sms / (blocks per batch row) for any b and L.
+    int sms = 132;
+    if (E <= 0 || N < 1 || sm_count(&sms)) return 0;
+    const int64_t nblk1 = bm_cdiv(E, SCAN_THREADS / seg_tpc(N));
+    return (size_t)(8 * (int64_t)sms / nblk1 * E * (N + 1)) * sizeof(float);
+}
+
+extern "C" long long bm_cuda_scan_segmented_calls(void) {
+    return g_scan_segmented.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_scan_forward(const float *u, const float *delta, const float *A,
@@ -394,8 +640,8 @@ extern "C" int bm_cuda_scan_forward(const float *u, const float *delta, const fl
                                     const float *state_in, float *state_out, float *y,
                                     int64_t b, int64_t L, int64_t E, int64_t N,
                                     cudaStream_t stream) {
-    return bm_cuda_scan_forward_variant(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus,
-                                        state_in, state_out, y, b, L, E, N, 0, -1, stream);
+    return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
+                        state_out, y, nullptr, nullptr, b, L, E, N, 0, -1, 0, nullptr, 0, stream);
 }
 
 extern "C" int bm_cuda_scan_step(float *state, const float *x, const float *delta,

@@ -210,6 +210,119 @@ def test_prefill_then_step_equals_prefill():
     check("prefill+step", H(st), H(fin_all), 1e-5)
 
 
+def native():
+    """The extension's C symbols through ctypes (launchers without a Python binding)."""
+    import ctypes
+    lib = ctypes.CDLL(C.__file__)
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bm_cuda_scan_forward_ws.argtypes = ([P] * 8 + [I32, P, P, P, P, P] + [I64] * 4 +
+                                            [I32, I32, I32, P, ctypes.c_size_t, P])
+    lib.bm_cuda_scan_forward_ws.restype = I32
+    lib.bm_cuda_scan_workspace.argtypes = [I64, I64]
+    lib.bm_cuda_scan_workspace.restype = ctypes.c_size_t
+    lib.bm_cuda_scan_segmented_calls.restype = ctypes.c_longlong
+    lib.bm_cuda_xproj_ksplit_calls.restype = ctypes.c_longlong
+    return lib
+
+
+def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None, bf16_out=False):
+    """bm_cuda_scan_forward_ws on kw (scan_inputs) -> (y, final state) on the host; with
+    bf16_out also y as bf16 hi and lo bits: (y, state, hi, lo)."""
+    b, L, E = kw["u"].shape
+    N = kw["A"].shape[1]
+    lib = native()
+    dev = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    ptr = lambda a: None if a is None else a.ptr  # noqa: E731
+    y = D(np.full((b, L, E), np.nan, np.float32))
+    if in_place:
+        st_in = st_out = dev["state"] if dev["state"] is not None else D(np.zeros((b, E, N), np.float32))
+    else:
+        st_in, st_out = dev["state"], D(np.full((b, E, N), np.nan, np.float32))
+    if ws_floats is None:
+        ws_floats = max(segments, 1) * b * E * (N + 1)
+    ws = D(np.zeros(max(ws_floats, 1), np.float32))
+    hi = lo = None
+    if bf16_out:
+        hi, lo = (D(np.full((b, L, E), 0xFFFF, np.uint16)) for _ in range(2))
+    rc = lib.bm_cuda_scan_forward_ws(
+        ptr(dev["u"]), ptr(dev["delta"]), ptr(dev["A"]), ptr(dev["B"]), ptr(dev["C"]),
+        ptr(dev["D"]), ptr(dev["z"]), ptr(dev["delta_bias"]), int(kw["delta_softplus"]),
+        ptr(st_in), ptr(st_out), y.ptr, ptr(hi), ptr(lo), b, L, E, N, tpc, -1, segments,
+        ws.ptr, ws_floats * 4, None)
+    assert rc == 0, rc
+    if bf16_out:
+        return H(y), H(st_out), H(hi), H(lo)
+    return H(y), H(st_out)
+
+
+# Sequence-parallel scan (cuda/scan.cu: pass 1 from zero per segment, pass 2 from the true
+# segment states): forced segment counts (uneven last segments, one-chunk segments, every
+# N kernel, TPC 1/2/4), in place and out of place, against the float64 reference with the
+# scan's tolerance: the only new rounding is exp(A * sum(delta)) for the product of a
+# segment's decays (~1e-6 relative), far below TOL_SCAN.
+@pytest.mark.parametrize("b,L,E,N,S,tpc", [(1, 300, 33, 16, 4, 0), (1, 257, 130, 16, 5, 0),
+                                           (2, 100, 64, 5, 3, 0), (3, 64, 40, 64, 4, 0),
+                                           (1, 33, 70, 16, 3, 4), (2, 200, 36, 8, 64, 1),
+                                           (1, 160, 48, 32, 7, 2)])
+@pytest.mark.parametrize("opts", ["all", "bare", "no_softplus"])
+def test_selective_scan_segmented(b, L, E, N, S, tpc, opts):
+    kw = scan_inputs(rng_for("scanseg", b, L, E, N, S, opts), b, L, E, N, opts)
+    yr, finr = ref.selective_scan(**kw)
+    before = native().bm_cuda_scan_segmented_calls()
+    for in_place in (False, True):
+        y, fin = scan_ws_call(kw, S, tpc=tpc, in_place=in_place)
+        check("selective_scan_segmented", y, yr, TOL_SCAN)
+        check("selective_scan_segmented", fin, finr, TOL_SCAN)
+    assert native().bm_cuda_scan_segmented_calls() == before + 2
+    # segments = 1: the one-pass kernel, which the segmented result must match closely
+    y1, fin1 = scan_ws_call(kw, 1, tpc=tpc)
+    assert native().bm_cuda_scan_segmented_calls() == before + 2
+    assert rel_err(y, y1) < TOL_SCAN and rel_err(fin, fin1) < TOL_SCAN
+
+
+@pytest.mark.parametrize("b,L,E,N,S", [(1, 100, 64, 16, 3), (2, 37, 30, 16, 1),
+                                       (1, 50, 33, 4, 1)])
+def test_selective_scan_bf16_outputs(b, L, E, N, S):
+    # y_bf16 / y_lo (the engine's out_proj input, written by the scan): exactly the bf16
+    # rounding of the float32 y and of its remainder, as to_bf16 would give; E = 30, 33: the
+    # scalar write-out path, E = 64: the 16-byte one
+    kw = scan_inputs(rng_for("scanbf", b, L, E, N, S), b, L, E, N, "all")
+    y, fin, hi, lo = scan_ws_call(kw, S, bf16_out=True)
+    check("selective_scan", y, ref.selective_scan(**kw)[0], TOL_SCAN)
+    want_hi = ref.f32_to_bf16(y)
+    np.testing.assert_array_equal(hi, want_hi)
+    np.testing.assert_array_equal(lo, ref.f32_to_bf16(y - ref.bf16_to_f32(want_hi)))
+
+
+def test_selective_scan_segmented_auto_rule():
+    # b = 1 at the 2.8B width (E = 2944) picks segments by itself, through ops (the scratch
+    # from the stream-ordered pool) and through _ws with bm_cuda_scan_workspace's bytes; b = 8
+    # fills the machine already and does not
+    lib = native()
+    kw = scan_inputs(rng_for("scanseg-auto"), 1, 640, 2944, 16, "all")
+    yr, finr = ref.selective_scan(**kw)
+    n0 = lib.bm_cuda_scan_segmented_calls()
+    dev = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    y, fin = ops.selective_scan(**dev)
+    assert lib.bm_cuda_scan_segmented_calls() == n0 + 1
+    check("selective_scan_segmented", H(y), yr, TOL_SCAN)
+    check("selective_scan_segmented", H(fin), finr, TOL_SCAN)
+    wsb = lib.bm_cuda_scan_workspace(2944, 16)
+    assert wsb >= 10 * 2944 * 17 * 4       # S = 10 here (640 / 64); 11 at L = 2048
+    y2, fin2 = scan_ws_call(kw, 0, in_place=True, ws_floats=wsb // 4)
+    assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
+    check("selective_scan_segmented", y2, yr, TOL_SCAN)
+    check("selective_scan_segmented", fin2, finr, TOL_SCAN)
+    # too little scratch: the auto rule falls back to one pass
+    scan_ws_call(kw, 0, ws_floats=16)
+    assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
+    kw8 = scan_inputs(rng_for("scanseg-auto8"), 8, 128, 2944, 16, "all")
+    dev8 = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw8.items()}
+    y8, _ = ops.selective_scan(**dev8)
+    assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
+    check("selective_scan", H(y8), ref.selective_scan(**kw8)[0], TOL_SCAN)
+
+
 # ---- causal conv1d ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("K", [2, 3, 4, 5, 8])

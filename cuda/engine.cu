@@ -1205,9 +1205,7 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     const bool split = split_x(m, ws, T);  // BF16X2: a second pair of GEMMs on the low parts
     if (split && (!ws->xlo || !ws->alo || T > ws->Ts))
         return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
-    to_bf16_kernel<<<grid_for(T * d), 256, 0, st>>>(x, d, ws->xbf, T, d,
-                                                    split ? ws->xlo : nullptr);
-    BM_CUDA_LAUNCHED();
+    TRY(to_bf16(m, x, d, ws->xbf, T, d, split ? ws->xlo : nullptr));
     // hall[x] (T, G) = xbf (T, d) @ fc1[x]^T for every x (column-major: hall^T = fc1 xbf^T)
     for (int part = 0; part <= (int)split; part++)
         BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(

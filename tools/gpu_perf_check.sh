@@ -50,9 +50,7 @@ run() {  # run NAME TIMEOUT CMD...: log to $OUT/NAME.log, note the rc and the se
 
 if [[ $STAGES == *,tests,* ]]; then
     BM_MEASURE_OUT="$OUT/5_measured.json" BM_ERR_TABLE="$OUT/6_errors.txt" \
-        run 2_tests 150 python3 -m pytest -q -p no:cacheprovider -rs \
-        tests/test_cuda_model.py tests/test_cuda_ops.py tests/test_cuda_host.py \
-        tests/test_cuda_state.py
+        run 2_tests 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_*.py
     tail -4 "$OUT/2_tests.log" | tee -a "$SUM"
     grep -E "^(FAILED|ERROR)|^E  " "$OUT/2_tests.log" | head -20 | tee -a "$SUM"
 fi

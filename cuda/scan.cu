@@ -17,12 +17,15 @@
 // h, so a segment's end state is P_s * h_in + H_s, with H_s the end state from a zero start and
 // P_s[e, n] = prod_t exp(delta_t A[e, n]) = exp(A[e, n] * sum_t delta_t): one float per (s, e)
 // carries the whole decay product.
-//   pass 1 (MODE 1, segments 0..S-2): segment 0 runs from state_in and writes its y (it is
-//     exact); segments >= 1 run from zero, "light": no z, no C, no y; each keeps H_s in hseg
-//     and sum_t delta_t in dsum.
-//   pass 2 (MODE 2, segments 1..S-1): each block folds h_in = P_j h_in + H_j over j < s
-//     (starting from segment 0's true end state), then reruns its segment from that true
-//     initial state, writing y; the last segment writes state_out.
+//   pass 1 (MODE 1, segments 0..S-2), "light": no z, no C, no y; segment 0 runs from
+//     state_in (so its end state is the true one), segments >= 1 from zero; each keeps H_s in
+//     hseg and sum_t delta_t in dsum.
+//   pass 2 (MODE 2, segments 0..S-1): each block folds h_in = P_j h_in + H_j over 0 < j < s
+//     (starting from segment 0's true end state; segment 0 itself starts from state_in), then
+//     reruns its segment from that true initial state, writing y; the last segment writes
+//     state_out.
+// Both passes' critical paths are one segment: a light one, then a full one (segment 0 used to
+// run full in pass 1, so the first pass cost a full segment too).
 // Rerunning costs a second pass of exps over (S-1)/S of the steps (light: B only), against
 // correcting y afterwards (y_t += silu(z_t) sum_n C_t[n] exp(A cumsum(delta)) h_in[n]), which
 // needs the same number of exps plus a read and a rewrite of y; and the rerun's y is the
@@ -61,7 +64,8 @@ struct ScanParams {
     // Sequence-parallel passes (MODE 1, 2; see the top): segment s covers steps
     // [s * seg_len, min(L, (s + 1) * seg_len)); nseg segments.
     int seg_len, nseg;
-    float *hseg;              // (nseg, b, E, N) segment end states (segment 0: the true one)
+    float *hseg;              // (nseg, b, E, N) segment end states (segment 0: the true one);
+                              // slot nseg - 1: segment 0's initial state (pass 1 -> pass 2)
     float *dsum;              // (nseg, b, E) sum of the softplus'd delta over each segment
 };
 
@@ -94,7 +98,7 @@ struct ScanSmem {
 // with the per-thread copy addressing and the cheaper softplus, VAR 1 wins at every TPC
 // (TPC = 2: 0.4045 vs 0.4225 ms; before them VAR 0 won at TPC = 2, 0.520 vs 0.563).
 // MODE 0: the whole sequence (grid.z = 1). MODE 1 / 2: pass 1 / pass 2 of the sequence-
-// parallel scan (see the top), grid.z = nseg - 1 segments each.
+// parallel scan (see the top), grid.z = nseg - 1 / nseg segments.
 template <int NT, int TPC, int VAR, int MODE>
 __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
@@ -104,10 +108,10 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 
     const int L = p.L, E = p.E, N = p.N;
     // This block's steps [tb, te) and whether it is a light pass-1 segment (uniform per block).
-    const int seg = MODE == 2 ? (int)blockIdx.z + 1 : MODE == 1 ? (int)blockIdx.z : 0;
+    const int seg = MODE == 0 ? 0 : (int)blockIdx.z;
     const int tb = MODE == 0 ? 0 : seg * p.seg_len;
     const int te = MODE == 0 ? L : min(L, tb + p.seg_len);
-    const bool light = MODE == 1 && seg > 0;
+    const bool light = MODE == 1;
     const int tid = threadIdx.x;
     const int sub = tid % TPC;        // which NT states of the channel
     const int ch = tid / TPC;         // channel inside the block
@@ -127,7 +131,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     for (int j = 0; j < NT; j++) {
         const int n = sub * NT + j;
         A2[j] = n < N ? p.A[(int64_t)e * N + n] * 1.4426950408889634f : 0.f;
-        if (MODE == 2) {
+        if (MODE == 2 && seg > 0) {
             // True initial state of segment seg: segment 0's end state, then j = 1..seg-1:
             // h = exp(A * dsum_j) h + H_j. Written by pass 1 (the previous launch).
             float v = 0.f;
@@ -139,9 +143,19 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                              p.hseg[(j2 * bE + be) * N + n]);
             }
             h[j] = v;
+        } else if (MODE == 2) {
+            // Segment 0's initial state, as pass 1 saved it in the (otherwise unused) slot
+            // nseg - 1: state_in itself may already hold the last segment's state_out here
+            // (in place, written by another block of this launch).
+            const int64_t be = ((int64_t)(p.nseg - 1) * gridDim.y + bi) * E + e;
+            h[j] = n < N ? p.hseg[be * N + n] : 0.f;
         } else {
-            h[j] = (n < N && p.state_in && !light) ? p.state_in[((int64_t)bi * E + e) * N + n]
-                                                   : 0.f;
+            // MODE 0, and segment 0 of pass 1: the given initial state; other pass-1 segments
+            // start from zero.
+            h[j] = (n < N && p.state_in && seg == 0) ? p.state_in[((int64_t)bi * E + e) * N + n]
+                                                     : 0.f;
+            if (MODE == 1 && seg == 0 && active && n < N)  // for pass 2's segment 0 (above)
+                p.hseg[(((int64_t)(p.nseg - 1) * gridDim.y + bi) * E + e) * N + n] = h[j];
         }
     }
     float dsum = 0.f;  // light segments: sum of the softplus'd delta
@@ -299,7 +313,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
             if (has_z) yv *= act[2][i][ch];
             if (store) sm.y[i][ch] = yv;
         };
-        // Pass 1 of a segment >= 1: the state recurrence only (its end state and the delta sum).
+        // Pass 1: the state recurrence only (the segment's end state and its delta sum).
         auto lstep = [&](int i) {
             const float dt = act[1][i][ch];
             const float du = dt * act[0][i][ch];
@@ -314,7 +328,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                     h[4 * q + r] = fmaf(bm_ex2(dt * A2[4 * q + r]), h[4 * q + r], du * bv[r]);
             }
         };
-        if (MODE == 1 && light) {
+        if (light) {
             if (VAR == 1 && steps == TC) {
 #pragma unroll
                 for (int i = 0; i < TC; i++) lstep(i);
@@ -379,7 +393,8 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     cp_async_wait<0>();  // leave no copies in flight (the trailing groups are empty)
 
     if (MODE == 1) {
-        // Segment seg's end state (from zero unless seg = 0) and its delta sum, for pass 2.
+        // Segment seg's end state (from zero unless seg = 0) and its delta sum, for pass 2
+        // (segment 0's delta sum is never read).
         const int64_t be = ((int64_t)seg * gridDim.y + bi) * E + e;
         if (active) {
 #pragma unroll
@@ -408,6 +423,7 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
         grid.z = (unsigned)(p.nseg - 1);
         scan_fwd_kernel<NT, TPC, 1, 1><<<grid, SCAN_THREADS, 0, stream>>>(p);
         BM_CUDA_LAUNCHED();
+        grid.z = (unsigned)p.nseg;
         scan_fwd_kernel<NT, TPC, 1, 2><<<grid, SCAN_THREADS, 0, stream>>>(p);
         BM_CUDA_LAUNCHED();
         return 0;

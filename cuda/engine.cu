@@ -583,18 +583,13 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     }
 }
 
-// RMSNorm with the residual add, then top-1 routing of the normed rows: one block of
-// NR_THREADS per TB tokens (TB = 1 for decode sizes; TB = NR_TB for prefills, so that each
-// router row is read from L2 once per TB tokens: at T = 2048 on the H200 one token per block
-// took 24 us a layer, bound by the 47 KB of router weights every block read). The norm is
-// norm.cu's rms_norm_kernel<4> at the same block size (same sums, so bit-identical xn and
-// res_out); the normed rows stay in shared memory for route_small_kernel's dot products (same
-// order, so the same logits at every TB). One graph node instead of two per MoE layer, and the
-// router reads x from shared memory.
+// RMSNorm with the residual add, then top-1 routing of the normed row: one block of
+// NR_THREADS per token (decode and prefill). The norm is norm.cu's rms_norm_kernel<4> at the
+// same block size (same sums, so bit-identical xn and res_out); its output row stays in shared
+// memory for route_small_kernel's dot products (same order, so the same logits). One graph node
+// instead of two per MoE layer, and the router reads x from shared memory.
 constexpr int NR_THREADS = 256;
-constexpr int NR_MAX_D = 12288;  // TB * d floats of rows in dynamic smem, <= 48 KB
-constexpr int NR_TB = 4;         // tokens per block above ROUTE_SMALL_MAX tokens
-template <int TB>
+constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
 __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float *x,                   // (T, d)
     const float *residual,            // (T, d) or NULL
@@ -607,78 +602,63 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     float *__restrict__ logits,       // (T, X) or NULL
     int32_t *__restrict__ ids,        // (T)
     float *__restrict__ gates,        // (T)
-    int T, int d, int X) {
+    int d, int X) {
     bm_pdl_wait();
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    float4 *srows = reinterpret_cast<float4 *>(smem_raw);  // (TB, d / 4)
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
     __shared__ float scratch[32];
-    __shared__ float sl[TB][ROUTE_SMALL_MAX_X];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
     const int nv = d / 4;
-    const int64_t t0 = (int64_t)blockIdx.x * TB;
-    const int nt = (int)(T - t0 < TB ? T - t0 : TB);  // tokens of this block (>= 1)
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float4 r = xr[i];
+        if (rr) {
+            const float4 q = rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
     const float4 *wv = reinterpret_cast<const float4 *>(nw);
-    for (int tt = 0; tt < nt; tt++) {
-        const int64_t off = (t0 + tt) * d;
-        const float4 *xr = reinterpret_cast<const float4 *>(x + off);
-        const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
-        float4 *ro = reinterpret_cast<float4 *>(res_out + off);
-        float4 *srow = srows + tt * nv;
-        float ss = 0.f;
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float4 r = xr[i];
-            if (rr) {
-                const float4 q = rr[i];
-                r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
-            }
-            srow[i] = r;
-            ro[i] = r;
-            ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
-        }
-        ss = bm_block_sum(ss, scratch);
-        const float s = rsqrtf(ss / (float)d + eps);
-        float4 *o = reinterpret_cast<float4 *>(out + off);
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            const float4 a = srow[i], w4 = wv[i];
-            const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
-            srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
-            o[i] = v;
-        }
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const float4 a = srow[i], w4 = wv[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
+        o[i] = v;
     }
     __syncthreads();
-    const float *xs = reinterpret_cast<const float *>(srows);
+    const float *xs = reinterpret_cast<const float *>(srow);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int e = warp; e < X; e += NR_THREADS / 32) {
         const float *w = rw + (int64_t)e * d;
-        float acc[TB];
-#pragma unroll
-        for (int tt = 0; tt < TB; tt++) acc[tt] = 0.f;
+        float acc = 0.f;
 #pragma unroll 4
         for (int k = 4 * lane; k < d; k += 128) {
+            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
             const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
-#pragma unroll
-            for (int tt = 0; tt < TB; tt++) {
-                if (tt >= nt) break;  // rows past T were never written
-                const float4 a = *reinterpret_cast<const float4 *>(xs + tt * d + k);
-                acc[tt] = fmaf(a.x, b.x, acc[tt]);
-                acc[tt] = fmaf(a.y, b.y, acc[tt]);
-                acc[tt] = fmaf(a.z, b.z, acc[tt]);
-                acc[tt] = fmaf(a.w, b.w, acc[tt]);
-            }
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
         }
-#pragma unroll
-        for (int tt = 0; tt < TB; tt++) {
-            const float v = bm_warp_sum(acc[tt]);
-            if (lane == 0) sl[tt][e] = v + rb[e];
-        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
     }
     __syncthreads();
-    if (threadIdx.x < nt) {
-        const int tt = threadIdx.x;
-        const int64_t t = t0 + tt;
+    if (threadIdx.x == 0) {
+        const int64_t t = blockIdx.x;
         float best = -INFINITY;
         int bi = 0;
         for (int e = 0; e < X; e++) {
-            const float v = sl[tt][e];
+            const float v = sl[e];
             if (logits) logits[t * X + e] = v;
             if (v > best) {  // strict: ties keep the lowest index
                 best = v;
@@ -1333,22 +1313,14 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         // A MoE layer: the norm and the routing in one kernel, at every size (at T = 2048 on
         // the H200 the separate rms_norm + route_top1 took 14 + 29 us a layer).
         const bool nr = !ly.mamba && ly.X >= 2 && ly.X <= ROUTE_SMALL_MAX_X &&
-                        T < INT32_MAX && d % 4 == 0 && d <= NR_MAX_D &&
+                        T <= INT32_MAX && d % 4 == 0 && d <= NR_MAX_D &&
                         (((uintptr_t)ws->h | (uintptr_t)ws->r | (uintptr_t)ws->xn |
                           (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
-            if (T > ROUTE_SMALL_MAX && NR_TB * d <= NR_MAX_D)
-                BM_LAUNCH_PDL(norm_route_kernel<NR_TB>, dim3((unsigned)bm_cdiv(T, NR_TB)),
-                              dim3(NR_THREADS), (size_t)(NR_TB * d) * 4, st, ws->h,
-                              li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
-                              ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)T,
-                              (int)d, ly.X);
-            else
-                BM_LAUNCH_PDL(norm_route_kernel<1>, dim3((unsigned)T), dim3(NR_THREADS),
-                              (size_t)d * 4, st, ws->h, li ? ws->r : nullptr, ly.norm_w, EPS,
-                              ws->xn, ws->r, ly.router_w, ly.router_b, tr ? ws->rlog : nullptr,
-                              ws->ids, ws->gates, (int)T, (int)d, ly.X);
+            BM_LAUNCH_PDL(norm_route_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
+                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true));
             continue;
         }

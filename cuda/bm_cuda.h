@@ -291,6 +291,8 @@ enum { BM_CUDA_LOGITS_NONE = 0, BM_CUDA_LOGITS_LAST = 1, BM_CUDA_LOGITS_ALL = 2 
 
 /* How many x_proj products ran K-split (engine.cu x_proj; tests check the path was taken). */
 long long bm_cuda_xproj_ksplit_calls(void);
+// x_proj / dt_proj products run in tf32 on float32 weight copies (engine.cu tf32_small()).
+long long bm_cuda_small_tf32_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */
 int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                          bm_cuda_model **out);

@@ -13,7 +13,9 @@
 //   - more rows, bf16 weights, BM_CUDA_MATH_BF16: activations rounded to bf16, cuBLAS bf16
 //     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product); except prefill
 //     products (and MoE layers) of at most cfg.bf16_split_rows rows (default 128), which run
-//     as BF16X2;
+//     as BF16X2, and the two small Mamba products (x_proj, dt_proj) wherever they would round:
+//     tf32 on float32 copies of their weights (tf32_small(): no conversion pass, and more
+//     exact than bf16);
 //   - BM_CUDA_MATH_BF16X2 (every product of more than GEMV_ROWS rows, decode included): the
 //     activations split into bf16 hi + bf16 lo (x - hi), two bf16 GEMMs accumulating in fp32:
 //     ~1e-5 relative per product, twice the tensor-core work. Why the small prefills split:
@@ -111,6 +113,12 @@ struct LayerDev {
     float *conv_w, *conv_b; // (E, K), (E) or NULL
     void *x_w;              // (R + 2N, E) wdtype
     void *dt_w;             // (E, R) wdtype
+    // bf16 weights under BF16 math: float32 copies of the two small projections, for their
+    // tf32 products at more than GEMV_ROWS unsplit rows (tf32_small()): no bf16 conversion
+    // pass over xc / dbc, and dt_proj's 92-deep rows (184 bytes, no 16-byte alignment in
+    // bf16) get cuBLAS's aligned kernels. 2.5 MB a layer at the 2.8B shape.
+    float *x_wf;            // (R + 2N, E) or NULL
+    float *dt_wf;           // (E, R) or NULL
     float *dt_b;            // (E)
     float *A, *D;           // (E, N) = -exp(A_log), (E)
     void *out_w;            // (d, E) wdtype
@@ -924,6 +932,27 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
 // with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
 std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
 
+std::atomic<long long> g_small_tf32{0};    // tf32 x_proj / dt_proj products (tests)
+
+// x_proj and dt_proj of M rows in tf32 on the float32 weight copies (LayerDev::x_wf, dt_wf)?
+// Where BF16 math would round the activations to bf16 without splitting them: tf32 keeps 11
+// significant bits of both operands against bf16's 8, so this is never less exact.
+bool tf32_small(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
+    return ly.x_wf && ly.dt_wf && M > GEMV_ROWS && !split_x(m, ws, M) && mp_on();
+}
+
+// dt_proj: delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T (the bias is added in the scan).
+int dt_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M) {
+    const bm_cuda_config &c = m->cfg;
+    const int64_t E = c.E, R = c.R, P = R + 2 * c.N;
+    if (tf32_small(m, ws, ly, M)) {
+        g_small_tf32.fetch_add(1, std::memory_order_relaxed);
+        return gemm(m, ly.dt_wf, CUDA_R_32F, ws->dbc, CUDA_R_32F, P, ws->delta, E, M, E, R,
+                    CUBLAS_COMPUTE_32F_FAST_TF32);
+    }
+    return linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, M, E, R);
+}
+
 int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int64_t Kin) {
     if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256 || !mp_on()) return 1;
     for (int ks = 32; ks >= 2; ks--) {
@@ -973,6 +1002,22 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
     const bm_cuda_config &c = m->cfg;
     const int64_t E = c.E, N = c.N, R = c.R, P = R + 2 * N;
     const int ks = xproj_ks(m, ws, M, P, E);
+    if (ks > 1 && tf32_small(m, ws, ly, M)) {
+        // The K-split in tf32 straight from the float32 xc and x_wf (no bf16 pass over xc).
+        const int64_t Kc = E / ks;
+        const float one = 1.f, zero = 0.f;
+        BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+            m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)P, (int)M, (int)Kc, &one, ly.x_wf,
+            CUDA_R_32F, (int)E, (long long)Kc, ws->xc, CUDA_R_32F, (int)E, (long long)Kc, &zero,
+            ws->xpart, CUDA_R_32F, (int)P, (long long)(M * P), ks,
+            CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+        xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
+            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N);
+        BM_CUDA_LAUNCHED();
+        g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
+        g_small_tf32.fetch_add(1, std::memory_order_relaxed);
+        return 0;
+    }
     if (ks > 1) {
         const bool split = split_x(m, ws, M);
         if (split && (!ws->xlo || M > ws->Ts))
@@ -1014,7 +1059,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     TRY(mark(m, P_CONV));
     TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm));                              // (T, R + 2N)
     TRY(mark(m, P_XPROJ));
-    TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, T, E, R)); // bias in scan
+    TRY(dt_proj(m, ws, ly, T));                                             // bias in scan
     TRY(mark(m, P_DT));
     // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
     // Where out_proj is a bf16 GEMM (linear()'s rule), the scan writes its input directly:
@@ -1070,7 +1115,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     }
     const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
     if (!fused) {
-        TRY(linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, B, E, R));
+        TRY(dt_proj(m, ws, ly, B));
         TRY(mark(m, P_DT));
     }
     const float *dl = ws->delta;
@@ -1574,6 +1619,10 @@ void weights_layout(bm_cuda_model *m, Arena &a) {
             if (c.conv_bias) ly.conv_b = a.take<float>(E);
             ly.x_w = wt((R + 2 * N) * E);
             ly.dt_w = wt(E * R);
+            if (bf16_math(m)) {
+                ly.x_wf = a.take<float>((R + 2 * N) * E);
+                ly.dt_wf = a.take<float>(E * R);
+            }
             ly.dt_b = a.take<float>(E);
             ly.A = a.take<float>(E * N);
             ly.D = a.take<float>(E);
@@ -1709,6 +1758,8 @@ int model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w, bm_cuda_mo
             if (ly.conv_b) UP(ly.conv_b, BM_F32, lw.conv_b, E);
             UP(ly.x_w, wd, lw.x_w, (R + 2 * N) * E);
             UP(ly.dt_w, wd, lw.dt_w, E * R);
+            if (ly.x_wf) UP(ly.x_wf, BM_F32, lw.x_w, (R + 2 * N) * E);
+            if (ly.dt_wf) UP(ly.dt_wf, BM_F32, lw.dt_w, E * R);
             UP(ly.dt_b, BM_F32, lw.dt_b, E);
             UP(ly.A, BM_F32, lw.A, E * N);
             UP(ly.D, BM_F32, lw.D, E);
@@ -1778,6 +1829,10 @@ size_t ssm_row(const bm_cuda_model *m) { return (size_t)(m->cfg.E * m->cfg.N) * 
 
 extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_small_tf32_calls(void) {
+    return g_small_tf32.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,

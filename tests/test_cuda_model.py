@@ -288,33 +288,38 @@ def test_bf16_split_rows_rule(ci):
 
 
 def native_counters():
-    """(sequence-parallel scans, K-split x_proj products) so far in this process."""
+    """(sequence-parallel scans, K-split x_proj products, tf32 x_proj / dt_proj products) so
+    far in this process."""
     import ctypes
     from blackmamba import _lib
     lib = ctypes.CDLL(_lib.C().__file__)
     lib.bm_cuda_scan_segmented_calls.restype = ctypes.c_longlong
     lib.bm_cuda_xproj_ksplit_calls.restype = ctypes.c_longlong
-    return lib.bm_cuda_scan_segmented_calls(), lib.bm_cuda_xproj_ksplit_calls()
+    lib.bm_cuda_small_tf32_calls.restype = ctypes.c_longlong
+    return (lib.bm_cuda_scan_segmented_calls(), lib.bm_cuda_xproj_ksplit_calls(),
+            lib.bm_cuda_small_tf32_calls())
 
 
 @pytest.mark.parametrize("math", ["fp32", "bf16x2", "bf16"])
 def test_sequence_parallel_scan_and_xproj_ksplit(math):
     # hidden 128 -> E = 256: a batch-1 prefill of 320 tokens has 8 scan blocks per segment, so
     # the scan runs in 5 segments (cuda/scan.cu); under bf16 math x_proj (256 deep) runs
-    # K-split in 2 (engine.cu x_proj), in prefill and in decode at batch 12. Against the CPU
-    # model with each math's tolerance (module docstring).
+    # K-split in 2 (engine.cu x_proj), in prefill and in decode at batch 12; under bf16 (unsplit
+    # at 320 rows) x_proj and dt_proj run in tf32 on float32 weight copies (tf32_small()).
+    # Against the CPU model with each math's tolerance (module docstring).
     cfg = make_cfg(mamba_moe_layers=["r", "8", "r", "8"], hidden_size=128)
     t = random_tensors(cfg, seed=41)
     c = Model(cfg, t, dtype="bfloat16")
     g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math)
     lo, hi = {"fp32": (0, TOL_F32), "bf16x2": (0, TOL_SPLIT), "bf16": (1e-4, 2e-2)}[math]
     ids = np.random.default_rng(5).integers(0, g.vocab_size, (1, 320))
-    n_scan, n_x = native_counters()
+    n_scan, n_x, n_t = native_counters()
     err = record(f"seqpar_prefill_{math}", rel_err(g(ids), c(ids)))
     assert lo < err < hi
-    n_scan2, n_x2 = native_counters()
+    n_scan2, n_x2, n_t2 = native_counters()
     assert n_scan2 == n_scan + 2                       # both Mamba layers segmented
     assert n_x2 == n_x + (0 if math == "fp32" else 2)  # K-split only under bf16 math
+    assert n_t2 == n_t + (4 if math == "bf16" else 0)  # x_proj + dt_proj, two layers
     ids12 = np.random.default_rng(6).integers(0, g.vocab_size, (12, 20))
     sg, sc = g.new_state(12), c.new_state(12)
     g.prefill(ids12, sg, logits=None)
@@ -325,6 +330,8 @@ def test_sequence_parallel_scan_and_xproj_ksplit(math):
         assert (lo if math != "bf16" else 0) < err < hi
     if math != "fp32":  # the prefill, and the steps' graph capture (replays run no host code)
         assert native_counters()[1] >= n_x2 + 4
+    if math == "bf16":  # decode is never split: tf32 x_proj + dt_proj at batch 12 too
+        assert native_counters()[2] >= n_t2 + 4
 
 
 def test_chunked_prefill_equals_whole():

@@ -111,6 +111,11 @@ int bm_cuda_conv_step(const float *x, float *conv_state, const float *w, const f
  * res_out may alias residual or x; res_out NULL -> not written. */
 int bm_cuda_rms_norm(const float *x, const float *residual, const float *w, float eps,
                      float *out, float *res_out, int64_t T, int64_t d, cudaStream_t stream);
+/* The same, and out also as bf16 bits in out_bf16 (T, d) (with out_lo: the low parts
+ * bf16(out - bf16(out)) of a split product), the input of a bf16 GEMM (engine.cu). */
+int bm_cuda_rms_norm_bf16(const float *x, const float *residual, const float *w, float eps,
+                          float *out, float *res_out, uint16_t *out_bf16, uint16_t *out_lo,
+                          int64_t T, int64_t d, cudaStream_t stream);
 /* out = LayerNorm(x + residual) * w + bias; residual, bias may be NULL. (T, d). */
 int bm_cuda_layer_norm(const float *x, const float *residual, const float *w,
                        const float *bias, float eps, float *out, int64_t T, int64_t d,
@@ -198,6 +203,14 @@ int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const float *gates,
                         const void *fc1, const void *fc2, bm_act act, int split, float *out,
                         int64_t T, int64_t d, int64_t X, int64_t F, void *workspace,
                         size_t workspace_bytes, cudaStream_t stream);
+/* The same with x already as bf16 bits xb (T, d) (and, when split, its low parts xl): no
+ * conversion pass (engine.cu: the norm that produced x wrote them). Every id must be in
+ * [0, X) (the conversion pass is also what zeroes the rows of unrouted tokens). */
+int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb, const uint16_t *xl,
+                             const int32_t *ids, const float *gates, const void *fc1,
+                             const void *fc2, bm_act act, int split, float *out, int64_t T,
+                             int64_t d, int64_t X, int64_t F, void *workspace,
+                             size_t workspace_bytes, cudaStream_t stream);
 
 /* ---- sinkhorn.cu (SPEC 3.2): one block, all iterations in one launch -------------------- */
 /* P (T, X) = diag(d0) C diag(d1) after iterating to mean|d1 - d1_prev| <= tol or max_iters

@@ -132,6 +132,26 @@ __device__ __forceinline__ void bm_f32_to_bf16_split(float f, uint16_t &hi, uint
     const float h = bm_bf16_bits_to_f32(hi);
     lo = isfinite(h) ? bm_f32_to_bf16_bits(f - h) : (uint16_t)0;
 }
+// hb[i], (lb[i]) = bf16(v) (and its low part: split products) for one value, or for the four
+// values of float4 number i4 (8-byte stores: hb, lb 8-byte aligned). lb NULL: no low part.
+__device__ __forceinline__ void bm_store_bf16(float v, uint16_t *hb, uint16_t *lb, int64_t i) {
+    if (lb) bm_f32_to_bf16_split(v, hb[i], lb[i]);
+    else hb[i] = bm_f32_to_bf16_bits(v);
+}
+__device__ __forceinline__ void bm_store_bf16(float4 v, uint16_t *hb, uint16_t *lb, int64_t i4) {
+    const float f[4] = {v.x, v.y, v.z, v.w};
+    uint16_t h[4], l[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        if (lb) bm_f32_to_bf16_split(f[k], h[k], l[k]);
+        else h[k] = bm_f32_to_bf16_bits(f[k]);
+    }
+    reinterpret_cast<uint2 *>(hb)[i4] =
+        make_uint2(h[0] | (uint32_t)h[1] << 16, h[2] | (uint32_t)h[3] << 16);
+    if (lb)
+        reinterpret_cast<uint2 *>(lb)[i4] =
+            make_uint2(l[0] | (uint32_t)l[1] << 16, l[2] | (uint32_t)l[3] << 16);
+}
 
 // 2^x on the special-function unit (MUFU.EX2, ~2 ulp; subnormal results flush to 0, which is
 // what a decaying SSM state wants anyway).

@@ -610,7 +610,9 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     float *__restrict__ logits,       // (T, X) or NULL
     int32_t *__restrict__ ids,        // (T)
     float *__restrict__ gates,        // (T)
-    int d, int X) {
+    int d, int X,
+    uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
+    uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
     bm_pdl_wait();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float4 *srow = reinterpret_cast<float4 *>(smem_raw);
@@ -641,6 +643,7 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
         const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
         srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
         o[i] = v;
+        if (obf) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
     }
     __syncthreads();
     const float *xs = reinterpret_cast<const float *>(srow);
@@ -968,11 +971,17 @@ int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int6
 // than GEMV_ROWS rows both halves are one strided-batched GEMM (batch 2: the weight halves E*d
 // apart, the outputs M*E apart, the same bf16 input): one launch instead of two and twice the
 // CTAs in it.
-int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64_t M) {
+bool in_proj_batched(const bm_cuda_model *m, int64_t M) {
+    return bf16_math(m) && M > GEMV_ROWS && mp_on();
+}
+// xbf_ready: the norm already wrote bf16(xn) (and its low parts when split) into ws->xbf
+// (ws->xlo); only where in_proj_batched().
+int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64_t M,
+            bool xbf_ready = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E;
     float *x = ws->xz, *z = ws->xz + M * E;
-    if (!bf16_math(m) || M <= GEMV_ROWS || !mp_on()) {
+    if (!in_proj_batched(m, M)) {
         TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, M, E, d));
         return linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
                       z, E, M, E, d, true);
@@ -980,7 +989,7 @@ int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64
     const bool split = split_x(m, ws, M);
     if (split && (!ws->xlo || M > ws->Ts))
         return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
-    TRY(to_bf16(m, xn, d, ws->xbf, M, d, split ? ws->xlo : nullptr));
+    if (!xbf_ready) TRY(to_bf16(m, xn, d, ws->xbf, M, d, split ? ws->xlo : nullptr));
     const float one = 1.f, zero = 0.f;
     for (int h = 0; h < (split ? 2 : 1); h++)  // hi, then (split) lo accumulating
         BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
@@ -1048,12 +1057,12 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 
 // SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
-                  const float *xn, float *out, int64_t B, int64_t L) {
+                  const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready) {
     const bm_cuda_config &c = m->cfg;
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
-    TRY(in_proj(m, ws, ly, xn, T));                                         // x, z
+    TRY(in_proj(m, ws, ly, xn, T, xbf_ready));                              // x, z
     TRY(mark(m, P_IN));
     TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
     TRY(mark(m, P_CONV));
@@ -1278,8 +1287,22 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
 // routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
 // (norm_route_kernel).
+// Does mlp() run this layer's T rows through grouped.cu? Prefills of more than MOE_GEMV_MAX
+// rows and decode batches with the all-experts scratch (more than GEMV_ROWS rows), gated,
+// bf16 weights under BF16 math, sizes and alignments grouped.cu supports.
+bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const float *x,
+                 const float *out, int64_t T) {
+    const bm_cuda_config &c = m->cfg;
+    if (!c.swiglu || !bf16_math(m) || !ws->moe || !bm_cuda_moe_grouped_mode() ||
+        !bm_cuda_moe_grouped_supported(x, ly.fc1, ly.fc2, c.wdtype, out, c.d, ly.X, c.F))
+        return false;
+    return ws->decode ? ws->hall != nullptr : T > MOE_GEMV_MAX;
+}
+
+// xbf_ready: the norm wrote bf16(x) (and its low parts when split) into ws->xbf (ws->xlo);
+// only where grouped_moe().
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
-        int64_t T, const bm_cuda_trace *trace, bool routed = false) {
+        int64_t T, const bm_cuda_trace *trace, bool routed = false, bool xbf_ready = false) {
     const bm_cuda_config &c = m->cfg;
     cudaStream_t st = m->stream;
     const int32_t *ids = nullptr;
@@ -1307,7 +1330,19 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
                                         cudaMemcpyDeviceToHost, st));
         }
     }
-    if (!ws->decode && c.swiglu && T > MOE_GEMV_MAX) {
+    if (grouped_moe(m, ws, ly, x, out, T)) {
+        // Each expert's weights read once, only its own tokens computed, no host sync (in
+        // decode, expert_all computes every token on every expert).
+        if (ly.X == 1) {
+            BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
+            ids = ws->ids;
+        }
+        const bool split = split_x(m, ws, T);
+        TRY(bm_cuda_moe_grouped_bf16(x, xbf_ready ? ws->xbf : nullptr,
+                                     xbf_ready && split ? ws->xlo : nullptr, ids, gates, ly.fc1,
+                                     ly.fc2, c.act, split, out, T, c.d, ly.X, c.F, ws->moe,
+                                     ws->moe_bytes, st));
+    } else if (!ws->decode && c.swiglu && T > MOE_GEMV_MAX) {
         if (ly.X == 1) {  // dense: every token on "expert 0", no gate
             BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
             ids = ws->ids;
@@ -1316,16 +1351,6 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, mm, out, T,
                                 c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
         TRY(blas_prepare(m));
-    } else if (ws->hall && ws->moe && c.swiglu && bm_cuda_moe_grouped_mode() &&
-               bm_cuda_moe_grouped_supported(x, ly.fc1, ly.fc2, c.wdtype, out, c.d, ly.X, c.F)) {
-        // Decode of more than GEMV_ROWS rows: each expert's weights read once, only its own
-        // tokens computed (expert_all computes every token on every expert).
-        if (ly.X == 1) {
-            BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
-            ids = ws->ids;
-        }
-        TRY(bm_cuda_moe_grouped(x, ids, gates, ly.fc1, ly.fc2, c.act, split_x(m, ws, T), out, T,
-                                c.d, ly.X, c.F, ws->moe, ws->moe_bytes, st));
     } else if (ws->hall) {
         if (ws->moe && bm_cuda_moe_grouped_mode() == 2)
             return BM_CUDA_ARG_FAIL("engine: BLACKMAMBA_MOE_GROUPED=force but the grouped "
@@ -1361,22 +1386,31 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                         T <= INT32_MAX && d % 4 == 0 && d <= NR_MAX_D &&
                         (((uintptr_t)ws->h | (uintptr_t)ws->r | (uintptr_t)ws->xn |
                           (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
+        // The norm also writes the bf16 input (+ low parts) of the product that follows where
+        // that product is a bf16 GEMM that would convert xn itself (grouped_moe, in_proj).
+        const bool split = split_x(m, ws, T);
+        const bool lo_ok = !split || (ws->xlo && T <= ws->Ts);
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
+            const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
             BM_LAUNCH_PDL(norm_route_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
                           ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
-                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X);
-            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true));
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
+                          xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr);
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb));
             continue;
         }
-        TRY(bm_cuda_rms_norm(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, T, d,
-                             st));
+        const bool xb = lo_ok && ly.mamba && !ws->decode && in_proj_batched(m, T);
+        TRY(bm_cuda_rms_norm_bf16(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
+                                  xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
+                                  st));
         TRY(mark(m, P_NORM));
         if (ly.mamba) {
             if (ws->decode)
                 TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B));
             else
-                TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L));
+                TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
+                                  xb));
             if (ly.X) {  // parallel "rX": h = mamba(norm(r)) + mlp(norm_moe(r))
                 TRY(bm_cuda_rms_norm(ws->r, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
                                      st));

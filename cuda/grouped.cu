@@ -458,11 +458,16 @@ extern "C" size_t bm_cuda_moe_grouped_workspace(int64_t T, int64_t d, int64_t X,
     return grouped_ws(nullptr, T, d, X, F, split != 0).bytes;
 }
 
-extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const float *gates,
-                                   const void *fc1, const void *fc2, bm_act act, int split,
-                                   float *out, int64_t T, int64_t d, int64_t X, int64_t F,
-                                   void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+extern "C" int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb_in,
+                                        const uint16_t *xl_in, const int32_t *ids,
+                                        const float *gates, const void *fc1, const void *fc2,
+                                        bm_act act, int split, float *out, int64_t T, int64_t d,
+                                        int64_t X, int64_t F, void *workspace,
+                                        size_t workspace_bytes, cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
+    if (xb_in && ((split && !xl_in) || (((uintptr_t)xb_in | (uintptr_t)xl_in) & 15)))
+        return BM_CUDA_ARG_FAIL("moe_grouped: given bf16 x needs 16-byte alignment and, split, "
+                                "its low parts");
     if (T > INT32_MAX) return BM_CUDA_ARG_FAIL("moe_grouped: T too large");
     if (!bm_cuda_moe_grouped_supported(x, fc1, fc2, BM_BF16, out, d, X, F))
         return BM_CUDA_ARG_FAIL("moe_grouped: needs d % 8 == 0, F % 8 == 0, X <= 256 and "
@@ -472,13 +477,18 @@ extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const flo
         return BM_CUDA_ARG_FAIL("moe_grouped: workspace too small (bm_cuda_moe_grouped_workspace)");
     int st;
     if ((st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream))) return st;
-    to_bf16_kernel<<<(unsigned)T, 128, 0, stream>>>(x, ids, ws.xb, split ? ws.xl : nullptr, out,
-                                                    T, (int)d, (int)X);
-    BM_CUDA_LAUNCHED();
+    const uint16_t *xb = xb_in, *xl = xl_in;
+    if (!xb) {
+        to_bf16_kernel<<<(unsigned)T, 128, 0, stream>>>(x, ids, ws.xb, split ? ws.xl : nullptr,
+                                                        out, T, (int)d, (int)X);
+        BM_CUDA_LAUNCHED();
+        xb = ws.xb;
+        xl = split ? ws.xl : nullptr;
+    }
     const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
     char tiles[5] = "0000";
     for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
-    GroupedArgs p1{ws.xb, ws.xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
+    GroupedArgs p1{xb, xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
                    ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act};
     st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
                : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
@@ -487,4 +497,12 @@ extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const flo
                    nullptr, nullptr, out, (int)F, (int)d, (int)X, (int)act};
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)
                  : gemm_dispatch<MODE_FC2, false>(p2, T, tiles, stream);
+}
+
+extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const float *gates,
+                                   const void *fc1, const void *fc2, bm_act act, int split,
+                                   float *out, int64_t T, int64_t d, int64_t X, int64_t F,
+                                   void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+    return bm_cuda_moe_grouped_bf16(x, nullptr, nullptr, ids, gates, fc1, fc2, act, split, out,
+                                    T, d, X, F, workspace, workspace_bytes, stream);
 }

@@ -36,12 +36,14 @@ __device__ __forceinline__ float4 scale(float4 a, float s, float4 w) {
     return make_float4(a.x * s * w.x, a.y * s * w.y, a.z * s * w.z, a.w * s * w.w);
 }
 
-// x, residual, res_out (T, d); w (d); out (T, d). No __restrict__ on the row pointers:
+// x, residual, res_out (T, d); w (d); out (T, d); obf, olo (T, d) or NULL: out also as bf16
+// (and its low parts), the input of a bf16 GEMM. No __restrict__ on the row pointers:
 // res_out may alias x or residual (each element is read and written by the same thread).
 template <int VW>
 __global__ void rms_norm_kernel(const float *x, const float *residual,
                                 const float *__restrict__ w, float eps,
-                                float *__restrict__ out, float *res_out, int d) {
+                                float *__restrict__ out, float *res_out, int d,
+                                uint16_t *__restrict__ obf, uint16_t *__restrict__ olo) {
     bm_pdl_wait();
     using V = typename Vec<VW>::T;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -65,7 +67,11 @@ __global__ void rms_norm_kernel(const float *x, const float *residual,
     const float s = rsqrtf(ss / (float)d + eps);
     const V *wv = reinterpret_cast<const V *>(w);
     V *o = reinterpret_cast<V *>(out + off);
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) o[i] = scale(srow[i], s, wv[i]);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const V v = scale(srow[i], s, wv[i]);
+        o[i] = v;
+        if (obf) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
+    }
 }
 
 template <int VW>
@@ -116,24 +122,34 @@ std::atomic<unsigned> optin_done[4];  // per kernel: devices whose cap is raised
 
 }  // namespace
 
-extern "C" int bm_cuda_rms_norm(const float *x, const float *residual, const float *w,
-                                float eps, float *out, float *res_out, int64_t T, int64_t d,
-                                cudaStream_t stream) {
+extern "C" int bm_cuda_rms_norm_bf16(const float *x, const float *residual, const float *w,
+                                     float eps, float *out, float *res_out, uint16_t *out_bf16,
+                                     uint16_t *out_lo, int64_t T, int64_t d,
+                                     cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
     if (T > INT32_MAX || d > NORM_MAX_D) return BM_CUDA_ARG_FAIL("rms_norm: d > 50000 or T too large");
+    if (out_lo && !out_bf16) return BM_CUDA_ARG_FAIL("rms_norm: out_lo needs out_bf16");
     const size_t smem = (size_t)d * sizeof(float);
     const bool vec = d % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
-                     (!residual || aligned16(residual)) && (!res_out || aligned16(res_out));
+                     (!residual || aligned16(residual)) && (!res_out || aligned16(res_out)) &&
+                     (((uintptr_t)out_bf16 | (uintptr_t)out_lo) & 7) == 0;
     int st;
     if (vec) {
         if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<4>, NORM_MAX_D * 4, optin_done[0]))) return st;
-        BM_LAUNCH_PDL(rms_norm_kernel<4>, dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, eps, out, res_out, (int)d);
+        BM_LAUNCH_PDL(rms_norm_kernel<4>, dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, eps, out, res_out, (int)d, out_bf16, out_lo);
     } else {
         if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<1>, NORM_MAX_D * 4, optin_done[1]))) return st;
-        BM_LAUNCH_PDL(rms_norm_kernel<1>, dim3((unsigned)T), dim3(block_for(d)), smem, stream, x, residual, w, eps, out, res_out, (int)d);
+        BM_LAUNCH_PDL(rms_norm_kernel<1>, dim3((unsigned)T), dim3(block_for(d)), smem, stream, x, residual, w, eps, out, res_out, (int)d, out_bf16, out_lo);
     }
     BM_CUDA_LAUNCHED();
     return 0;
+}
+
+extern "C" int bm_cuda_rms_norm(const float *x, const float *residual, const float *w,
+                                float eps, float *out, float *res_out, int64_t T, int64_t d,
+                                cudaStream_t stream) {
+    return bm_cuda_rms_norm_bf16(x, residual, w, eps, out, res_out, nullptr, nullptr, T, d,
+                                 stream);
 }
 
 extern "C" int bm_cuda_layer_norm(const float *x, const float *residual, const float *w,

@@ -598,6 +598,9 @@ __global__ __launch_bounds__(256) void route_small_kernel(
 // instead of two per MoE layer, and the router reads x from shared memory.
 constexpr int NR_THREADS = 256;
 constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
+// BF: also write the normed rows as bf16 (obf, and olo where given); a template so that the
+// decode kernels stay as they were measured.
+template <bool BF>
 __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float *x,                   // (T, d)
     const float *residual,            // (T, d) or NULL
@@ -643,7 +646,7 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
         const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
         srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
         o[i] = v;
-        if (obf) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
+        if (BF) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
     }
     __syncthreads();
     const float *xs = reinterpret_cast<const float *>(srow);
@@ -1393,10 +1396,17 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
             const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
-            BM_LAUNCH_PDL(norm_route_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
-                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
-                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
-                          xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr);
+            if (xb)
+                BM_LAUNCH_PDL(norm_route_kernel<true>, dim3((unsigned)T), dim3(NR_THREADS),
+                              (size_t)d * 4, st, ws->h, li ? ws->r : nullptr, ly.norm_w, EPS,
+                              ws->xn, ws->r, ly.router_w, ly.router_b, tr ? ws->rlog : nullptr,
+                              ws->ids, ws->gates, (int)d, ly.X, ws->xbf,
+                              split ? ws->xlo : nullptr);
+            else
+                BM_LAUNCH_PDL(norm_route_kernel<false>, dim3((unsigned)T), dim3(NR_THREADS),
+                              (size_t)d * 4, st, ws->h, li ? ws->r : nullptr, ly.norm_w, EPS,
+                              ws->xn, ws->r, ly.router_w, ly.router_b, tr ? ws->rlog : nullptr,
+                              ws->ids, ws->gates, (int)d, ly.X, nullptr, nullptr);
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb));
             continue;
         }

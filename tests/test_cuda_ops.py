@@ -341,6 +341,19 @@ def test_causal_conv1d(K, b, L, E, variant):
     np.testing.assert_array_equal(H(fin), finr.astype(np.float32))  # a copy of inputs: exact
 
 
+@pytest.mark.parametrize("K", [4, 8])
+def test_causal_conv1d_large(K):
+    # 2 x 1031 x 8195 = 16.9M elements: over conv.cu's CONV_SMALL (16M), so the 32-step chunks
+    # (the small-problem chunks of 8 steps are what every case above runs); odd L and E
+    b, L, E = 2, 1031, 8195
+    rng = rng_for("conv-large", K)
+    x, w, bias, cs = f32(rng, b, L, E), f32(rng, E, K), f32(rng, E), f32(rng, b, K - 1, E)
+    y, fin = ops.causal_conv1d(D(x), D(w), D(bias), D(cs), "silu")
+    yr, finr = ref.causal_conv1d(x, w, bias, cs, "silu")
+    check("causal_conv1d", H(y), yr, TOL_F32)
+    np.testing.assert_array_equal(H(fin), finr.astype(np.float32))
+
+
 @pytest.mark.parametrize("K", [2, 4, 7])
 @pytest.mark.parametrize("b,E", [(1, 1), (3, 130), (2, 33)])
 def test_causal_conv1d_update_in_place(K, b, E):

@@ -132,6 +132,17 @@ __device__ __forceinline__ void bm_f32_to_bf16_split(float f, uint16_t &hi, uint
     const float h = bm_bf16_bits_to_f32(hi);
     lo = isfinite(h) ? bm_f32_to_bf16_bits(f - h) : (uint16_t)0;
 }
+// The MLP activations (SPEC 3) in fp32: exact erf GELU (the default), tanh GELU, SiLU; used
+// by every expert kernel (engine.cu, moe.cu, grouped.cu), so all paths agree bit for bit.
+__device__ __forceinline__ float bm_act_fn(float v, int act) {
+    switch (act) {
+        case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+        case BM_ACT_GELU_TANH:
+            return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
+        case BM_ACT_SILU: return v / (1.f + expf(-v));
+        default: return v;
+    }
+}
 // hb[i], (lb[i]) = bf16(v) (and its low part: split products) for one value, or for the four
 // values of float4 number i4 (8-byte stores: hb, lb 8-byte aligned). lb NULL: no low part.
 __device__ __forceinline__ void bm_store_bf16(float v, uint16_t *hb, uint16_t *lb, int64_t i) {

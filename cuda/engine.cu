@@ -269,19 +269,7 @@ __global__ void to_bf16_vec_kernel(const float *__restrict__ x, int64_t ldx,
     if (c >= K4) return;
     for (int r = blockIdx.y; r < M; r += gridDim.y) {
         const float4 v = *reinterpret_cast<const float4 *>(x + (int64_t)r * ldx + 4 * c);
-        const float f[4] = {v.x, v.y, v.z, v.w};
-        uint16_t h[4], l[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            if (xlo) bm_f32_to_bf16_split(f[k], h[k], l[k]);
-            else h[k] = bm_f32_to_bf16_bits(f[k]);
-        }
-        const int64_t o = (int64_t)r * K4 + c;  // uint2 units of xb (M, K)
-        reinterpret_cast<uint2 *>(xb)[o] =
-            make_uint2(h[0] | (uint32_t)h[1] << 16, h[2] | (uint32_t)h[3] << 16);
-        if (xlo)
-            reinterpret_cast<uint2 *>(xlo)[o] =
-                make_uint2(l[0] | (uint32_t)l[1] << 16, l[2] | (uint32_t)l[3] << 16);
+        bm_store_bf16(v, xb, xlo, (int64_t)r * K4 + c);  // float4 units of xb (M, K)
     }
 }
 
@@ -321,16 +309,6 @@ __global__ void add_kernel(float *__restrict__ a, const float *__restrict__ b, i
         a[i] += b[i];
 }
 
-// Same formulas as moe.cu's act_fn (exact erf GELU by default, SPEC 3).
-__device__ __forceinline__ float act_fn(float v, int act) {
-    switch (act) {
-        case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-        case BM_ACT_GELU_TANH:
-            return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
-        case BM_ACT_SILU: return v / (1.f + expf(-v));
-        default: return v;
-    }
-}
 
 // In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
 // else h = act(h).
@@ -341,7 +319,7 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
          i += (int64_t)gridDim.x * blockDim.x) {
         float *row = h + (i / F) * G;
         const int f = (int)(i % F);
-        const float a = act_fn(row[f], act);
+        const float a = bm_act_fn(row[f], act);
         row[f] = gated ? a * row[F + f] : a;
     }
 }
@@ -498,7 +476,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 au += part[1][warp + q];
             }
     }
-    if (kp == 0 && lane == 0 && f < F) h[t * ldh + f] = act_fn(ag, act) * au;
+    if (kp == 0 && lane == 0 && f < F) h[t * ldh + f] = bm_act_fn(ag, act) * au;
 }
 
 // The all-experts decode path: abf[t] = bf16(act(hall[e_t, t, :F]) * hall[e_t, t, F:])
@@ -515,7 +493,7 @@ __global__ void select_act_kernel(const float *__restrict__ hall,   // (X, T, G)
         const int64_t t = i / F;
         const int f = (int)(i % F);
         const float *row = hall + ((ids ? (int64_t)ids[t] : 0) * T + t) * G;
-        const float a = act_fn(row[f], act);
+        const float a = bm_act_fn(row[f], act);
         const float v = gated ? a * row[F + f] : a;
         if (alo) bm_f32_to_bf16_split(v, abf[i], alo[i]);
         else abf[i] = bm_f32_to_bf16_bits(v);

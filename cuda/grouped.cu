@@ -74,16 +74,6 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
     return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4));
 }
 
-// The same activations as moe.cu (act_fn) and engine.cu: erf GELU, tanh GELU, SiLU in fp32.
-__device__ __forceinline__ float act_fn(float v, int act) {
-    switch (act) {
-        case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-        case BM_ACT_GELU_TANH:
-            return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
-        case BM_ACT_SILU: return v / (1.f + expf(-v));
-        default: return v;
-    }
-}
 
 __device__ __forceinline__ uint32_t pack_bf16(uint16_t lo, uint16_t hi) {
     return (uint32_t)lo | ((uint32_t)hi << 16);
@@ -321,9 +311,9 @@ grouped_gemm_kernel(const GroupedArgs p) {
                 for (int ni = 0; ni < C::NI / 2; ni++) {
                     const int col = n0 + wn * (C::WTN / 2) + ni * 8 + 2 * (lane & 3);
                     if (col >= N) continue;  // N % 8 == 0: col + 1 < N too
-                    const float v0 = act_fn(acc[mi][ni][2 * h], p.act) * acc[mi][ni + C::NI / 2][2 * h];
-                    const float v1 =
-                        act_fn(acc[mi][ni][2 * h + 1], p.act) * acc[mi][ni + C::NI / 2][2 * h + 1];
+                    const float(&g)[4] = acc[mi][ni], (&u)[4] = acc[mi][ni + C::NI / 2];
+                    const float v0 = bm_act_fn(g[2 * h], p.act) * u[2 * h];
+                    const float v1 = bm_act_fn(g[2 * h + 1], p.act) * u[2 * h + 1];
                     uint16_t h0, h1, l0, l1;
                     bm_f32_to_bf16_split(v0, h0, l0);
                     bm_f32_to_bf16_split(v1, h1, l1);

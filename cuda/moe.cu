@@ -195,15 +195,6 @@ __global__ void gather_kernel(const float *__restrict__ x,        // (T, d)
     }
 }
 
-__device__ __forceinline__ float act_fn(float v, int act) {
-    switch (act) {
-        case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-        case BM_ACT_GELU_TANH:
-            return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
-        case BM_ACT_SILU: return v / (1.f + expf(-v));
-        default: return v;
-    }
-}
 
 // a[i, f] = act(h[i, f]) * h[i, F + f] for rows i < rows (device count or host count).
 // f32 output goes in place into h's gate half (ld 2F): the same thread reads then writes.
@@ -218,7 +209,7 @@ __global__ void act_mul_kernel(float *h,                    // (rows, 2F)
          i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = i / F;
         const int f = (int)(i % F);
-        const float v = act_fn(h[r * 2 * F + f], act) * h[r * 2 * F + F + f];
+        const float v = bm_act_fn(h[r * 2 * F + f], act) * h[r * 2 * F + F + f];
         if constexpr (sizeof(OT) == 2) {
             if (alo) bm_f32_to_bf16_split(v, a[r * lda + f], alo[r * lda + f]);
             else a[r * lda + f] = bm_f32_to_bf16_bits(v);

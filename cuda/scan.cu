@@ -359,20 +359,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                     const int64_t o = yrow + (int64_t)t * E + 4 * q;
                     const float4 v = *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
                     if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
-                    if (p.ybf) {
-                        const float f[4] = {v.x, v.y, v.z, v.w};
-                        uint16_t hb[4], lb[4];
-#pragma unroll
-                        for (int r = 0; r < 4; r++) {
-                            if (p.ylo) bm_f32_to_bf16_split(f[r], hb[r], lb[r]);
-                            else hb[r] = bm_f32_to_bf16_bits(f[r]);
-                        }
-                        *reinterpret_cast<uint2 *>(p.ybf + o) =
-                            make_uint2(hb[0] | (uint32_t)hb[1] << 16, hb[2] | (uint32_t)hb[3] << 16);
-                        if (p.ylo)
-                            *reinterpret_cast<uint2 *>(p.ylo + o) =
-                                make_uint2(lb[0] | (uint32_t)lb[1] << 16, lb[2] | (uint32_t)lb[3] << 16);
-                    }
+                    if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o / 4);  // o % 4 == 0 (vec)
                 }
             }
         } else {
@@ -382,10 +369,7 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
                     const int64_t o = yrow + (int64_t)t * E + c2;
                     const float v = sm.y[t][c2];
                     if (p.y) p.y[o] = v;
-                    if (p.ybf) {
-                        if (p.ylo) bm_f32_to_bf16_split(v, p.ybf[o], p.ylo[o]);
-                        else p.ybf[o] = bm_f32_to_bf16_bits(v);
-                    }
+                    if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o);
                 }
             }
         }

@@ -1027,7 +1027,13 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
         g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
         return 0;
     }
-    TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, M, P, E));
+    if (tf32_small(m, ws, ly, M)) {  // too few rows or too short a K for the split
+        g_small_tf32.fetch_add(1, std::memory_order_relaxed);
+        TRY(gemm(m, ly.x_wf, CUDA_R_32F, ws->xc, CUDA_R_32F, E, ws->dbc, P, M, P, E,
+                 CUBLAS_COMPUTE_32F_FAST_TF32));
+    } else {
+        TRY(linear(m, ws, ws->xc, E, ly.x_w, nullptr, ws->dbc, P, M, P, E));
+    }
     if (Bm) {
         split_bc_kernel<<<grid_for(M * N), 256, 0, m->stream>>>(ws->dbc, Bm, Cm, M, (int)R,
                                                                  (int)N);

@@ -1,9 +1,12 @@
 /* module.c: blackmamba._C, the one file that touches Python.h.
  *
- * Each binding: parse arguments, validate every array at the boundary (dtype, ndim, exact
- * shape by dimension letter, contiguity), allocate outputs, release the GIL around the C
- * core call, map its status to a Python exception. Inputs that are not C-contiguous are
- * copied; arrays updated in place must already be C-contiguous and writeable.
+ * Each op has one body, op_<op>(args, kw, dev), behind two bindings: py_<op> takes NumPy
+ * arrays (dev = 0) and, where CUDA is built, py_cuda_<op> takes CUDA device arrays (dev = 1).
+ * The body parses the arguments, validates every array at the boundary (dtype, ndim, exact
+ * shape by dimension letter, contiguity), allocates the outputs, releases the GIL around
+ * the C core call or the CUDA launcher, and maps its status to a Python exception. NumPy
+ * inputs that are not C-contiguous are copied, device ones are refused; arrays updated in
+ * place must already be C-contiguous and writeable.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -17,21 +20,25 @@
 
 #define SIG_MAX_OWNED 24
 
-/* A call's signature state: dimension letters bound so far, arrays this call owns. */
+/* A call's signature state: which binding, dimension letters bound so far, owned arrays. */
 typedef struct {
     const char *fn;
+    int dev;                      /* 1: py_cuda_<op> (device arrays), 0: py_<op> (NumPy) */
+    int math;                     /* GPU: math= of the cuBLAS paths (BM_CUDA_MATH_*, 0 = fp32) */
     int64_t dim[128];             /* dim['E'] = bound size of letter E, -1 while unbound */
     PyObject *owned[SIG_MAX_OWNED];
     int nowned;
 } Sig;
 
 enum { ARG_REQUIRED = 0, ARG_OPTIONAL = 1, ARG_INPLACE = 2 };
-/* dtype class for sig_arr: a NumPy typenum, or WEIGHT = float32 or uint16 (bf16 bits). */
+/* dtype class for arg_in: a NumPy typenum, or WEIGHT = float32 or uint16 (bf16 bits). */
 #define DT_WEIGHT (-1)
-#define DT_INT (-2) /* any integer array, converted to int32 after a range check by caller */
+#define DT_INT (-2) /* integer ids (NumPy: any integer dtype; device: int32 or int64) */
 
-static void sig_init(Sig *s, const char *fn) {
+static void sig_init(Sig *s, const char *fn, int dev) {
     s->fn = fn;
+    s->dev = dev;
+    s->math = 0;
     for (int i = 0; i < 128; i++) s->dim[i] = -1;
     s->nowned = 0;
 }
@@ -115,10 +122,11 @@ static int sig_check_shape(Sig *s, PyArrayObject *a, const char *name, const cha
     return sig_check_dims(s, PyArray_NDIM(a), PyArray_DIMS(a), name, shape);
 }
 
-/* Validate argument `obj` named `name`. Returns a C-contiguous aligned array owned by `s`,
- * or NULL: with an exception set on error, without one for an absent optional argument. */
-static PyArrayObject *sig_arr(Sig *s, PyObject *obj, const char *name, int dtype,
-                              const char *shape, int flags) {
+/* NumPy arguments: sig_arr_get + sig_arr_check (arg_in below picks these or sig_dev_*). */
+
+/* Argument `obj` named `name` as a NumPy array: itself, or converted (owned by s). NULL with
+ * an exception on error, without one for an absent optional argument. */
+static PyArrayObject *sig_arr_get(Sig *s, PyObject *obj, const char *name, int flags) {
     if (obj == NULL || obj == Py_None) {
         if (flags & ARG_OPTIONAL) return NULL;
         PyErr_Format(PyExc_TypeError, "%s: %s is required", s->fn, name);
@@ -134,7 +142,14 @@ static PyArrayObject *sig_arr(Sig *s, PyObject *obj, const char *name, int dtype
         if (obj == NULL) return NULL;
         if (!sig_own(s, obj)) return NULL;
     }
-    PyArrayObject *a = (PyArrayObject *)obj;
+    return (PyArrayObject *)obj;
+}
+
+/* Validate array `a`: dtype class, byte order, shape letters (binding them). Returns a
+ * C-contiguous aligned array (a itself, or a copy owned by s), or NULL with an exception.
+ * In place (ARG_INPLACE): a itself, which must be C-contiguous, aligned and writeable. */
+static PyArrayObject *sig_arr_check(Sig *s, PyArrayObject *a, const char *name, int dtype,
+                                    const char *shape, int flags) {
     int t = PyArray_TYPE(a);
     int ok = dtype == DT_WEIGHT ? (t == NPY_FLOAT32 || t == NPY_UINT16)
            : dtype == DT_INT    ? PyArray_ISINTEGER(a)
@@ -167,7 +182,7 @@ static PyArrayObject *sig_arr(Sig *s, PyObject *obj, const char *name, int dtype
     return (PyArrayObject *)sig_own(s, c);
 }
 
-/* New zeroed array of `shape` letters (all bound), optionally with leading dims of `like`. */
+/* New zeroed array of `shape` letters (all bound; "X+" = X + 1). */
 static PyArrayObject *sig_new(Sig *s, const char *shape, int typenum) {
     npy_intp dims[8];
     int nd = 0;
@@ -202,9 +217,7 @@ static int check_status(Sig *s, bm_status st) {
     return -1;
 }
 
-#define F32(a) ((a) ? (float *)PyArray_DATA(a) : NULL)
-#define DATA(a) ((a) ? PyArray_DATA(a) : NULL)
-#define WDT(a) (PyArray_TYPE(a) == NPY_UINT16 ? BM_BF16 : BM_F32)
+/* The C core call `stmt` (a bm_status) with the GIL released; an error status -> exception. */
 #define CALL(stmt)                                                                          \
     do {                                                                                    \
         bm_status st_;                                                                      \
@@ -233,10 +246,11 @@ static int parse_act(const char *fn, PyObject *o, bm_act *act, int allow_none) {
     return 0;
 }
 
-/* Integer ids -> int32 array owned by s, each in [0, X). */
-static PyArrayObject *ids_int32(Sig *s, PyArrayObject *ids, int64_t X, const char *name) {
+/* Integer ids (NumPy) -> int32 array owned by s, each in [0, X) (X = s->dim['X']). */
+static PyObject *host_ids_int32(Sig *s, PyObject *ids, const char *name) {
+    const int64_t X = s->dim['X'];
     PyArrayObject *c = (PyArrayObject *)sig_own(
-        s, PyArray_FROMANY((PyObject *)ids, NPY_INT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS));
+        s, PyArray_FROMANY(ids, NPY_INT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS));
     if (!c) return NULL;
     npy_intp n = PyArray_SIZE(c);
     const int64_t *p = (const int64_t *)PyArray_DATA(c);
@@ -252,7 +266,7 @@ static PyArrayObject *ids_int32(Sig *s, PyArrayObject *ids, int64_t X, const cha
         }
         o[i] = (int32_t)p[i];
     }
-    return out;
+    return (PyObject *)out;
 }
 
 static int check_blas_dims(Sig *s, int64_t a, int64_t b, int64_t c) {
@@ -290,463 +304,18 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(bm_get_num_threads());
 }
 
-/* ---- gemm.c ---------------------------------------------------------------------------- */
-
-static PyObject *py_linear(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "weight", "bias", NULL};
-    PyObject *ox, *ow, *ob = Py_None, *res = NULL;
-    Sig s;
-    sig_init(&s, "linear");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kws, &ox, &ow, &ob)) return NULL;
-    PyArrayObject *x, *w, *b, *y;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...K", 0));
-    NEED(w = sig_arr(&s, ow, "weight", DT_WEIGHT, "NK", 0));
-    OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "N", ARG_OPTIONAL));
-    if (check_blas_dims(&s, s.dim['T'], s.dim['N'], s.dim['K']) < 0) goto fail;
-    NEED(y = sig_new_like(&s, x, (npy_intp)s.dim['N'], NPY_FLOAT32));
-    CALL(bm_linear(F32(x), DATA(w), WDT(w), F32(b), F32(y), s.dim['T'], s.dim['N'], s.dim['K']));
-    res = ret(&s, (PyObject *)y);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_bf16_to_f32(PyObject *self, PyObject *arg) {
-    Sig s;
-    PyObject *res = NULL;
-    sig_init(&s, "bf16_to_f32");
-    PyArrayObject *a, *o;
-    if (PyArray_Check(arg) && PyArray_NDIM((PyArrayObject *)arg) == 0) {
-        PyErr_SetString(PyExc_ValueError, "bf16_to_f32: a must have at least one dimension");
-        return NULL;
-    }
-    NEED(a = sig_arr(&s, arg, "a", NPY_UINT16, "...n", 0));
-    NEED(o = sig_new_like(&s, a, (npy_intp)s.dim['n'], NPY_FLOAT32));
-    Py_BEGIN_ALLOW_THREADS
-    bm_bf16_to_f32((const uint16_t *)PyArray_DATA(a), F32(o), PyArray_SIZE(a));
-    Py_END_ALLOW_THREADS
-    res = ret(&s, (PyObject *)o);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_f32_to_bf16(PyObject *self, PyObject *arg) {
-    Sig s;
-    PyObject *res = NULL;
-    sig_init(&s, "f32_to_bf16");
-    PyArrayObject *a, *o;
-    if (PyArray_Check(arg) && PyArray_NDIM((PyArrayObject *)arg) == 0) {
-        PyErr_SetString(PyExc_ValueError, "f32_to_bf16: a must have at least one dimension");
-        return NULL;
-    }
-    NEED(a = sig_arr(&s, arg, "a", NPY_FLOAT32, "...n", 0));
-    NEED(o = sig_new_like(&s, a, (npy_intp)s.dim['n'], NPY_UINT16));
-    Py_BEGIN_ALLOW_THREADS
-    bm_f32_to_bf16(F32(a), (uint16_t *)PyArray_DATA(o), PyArray_SIZE(a));
-    Py_END_ALLOW_THREADS
-    res = ret(&s, (PyObject *)o);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-/* ---- scan.c ---------------------------------------------------------------------------- */
-
-static PyObject *py_selective_scan(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                          "delta_softplus", "state", NULL};
-    PyObject *ou, *odt, *oA, *oB, *oC, *oD = Py_None, *oz = Py_None, *odb = Py_None,
-             *ost = Py_None, *res = NULL;
-    int softplus = 1;
-    Sig s;
-    sig_init(&s, "selective_scan");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOpO", kws, &ou, &odt, &oA, &oB, &oC,
-                                     &oD, &oz, &odb, &softplus, &ost))
-        return NULL;
-    PyArrayObject *u, *dt, *A, *B, *C, *D, *z, *db, *st, *y, *fin;
-    NEED(u = sig_arr(&s, ou, "u", NPY_FLOAT32, "bLE", 0));
-    NEED(dt = sig_arr(&s, odt, "delta", NPY_FLOAT32, "bLE", 0));
-    NEED(A = sig_arr(&s, oA, "A", NPY_FLOAT32, "EN", 0));
-    NEED(B = sig_arr(&s, oB, "B", NPY_FLOAT32, "bLN", 0));
-    NEED(C = sig_arr(&s, oC, "C", NPY_FLOAT32, "bLN", 0));
-    OPT(D = sig_arr(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(z = sig_arr(&s, oz, "z", NPY_FLOAT32, "bLE", ARG_OPTIONAL));
-    OPT(db = sig_arr(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(st = sig_arr(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_OPTIONAL));
-    NEED(y = sig_new(&s, "bLE", NPY_FLOAT32));
-    NEED(fin = sig_new(&s, "bEN", NPY_FLOAT32));
-    CALL(bm_scan_forward(F32(u), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z), F32(db),
-                         softplus, F32(st), F32(fin), F32(y), s.dim['b'], s.dim['L'],
-                         s.dim['E'], s.dim['N']));
-    res = Py_BuildValue("OO", y, fin);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_selective_state_update(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"state", "x", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                          "delta_softplus", NULL};
-    PyObject *ost, *ox, *odt, *oA, *oB, *oC, *oD = Py_None, *oz = Py_None, *odb = Py_None,
-             *res = NULL;
-    int softplus = 1;
-    Sig s;
-    sig_init(&s, "selective_state_update");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|OOOp", kws, &ost, &ox, &odt, &oA, &oB,
-                                     &oC, &oD, &oz, &odb, &softplus))
-        return NULL;
-    PyArrayObject *st, *x, *dt, *A, *B, *C, *D, *z, *db, *y;
-    NEED(st = sig_arr(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_INPLACE));
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "bE", 0));
-    NEED(dt = sig_arr(&s, odt, "delta", NPY_FLOAT32, "bE", 0));
-    NEED(A = sig_arr(&s, oA, "A", NPY_FLOAT32, "EN", 0));
-    NEED(B = sig_arr(&s, oB, "B", NPY_FLOAT32, "bN", 0));
-    NEED(C = sig_arr(&s, oC, "C", NPY_FLOAT32, "bN", 0));
-    OPT(D = sig_arr(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(z = sig_arr(&s, oz, "z", NPY_FLOAT32, "bE", ARG_OPTIONAL));
-    OPT(db = sig_arr(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    NEED(y = sig_new(&s, "bE", NPY_FLOAT32));
-    CALL(bm_scan_step(F32(st), F32(x), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z), F32(db),
-                      softplus, F32(y), s.dim['b'], s.dim['E'], s.dim['N']));
-    res = ret(&s, (PyObject *)y);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-/* ---- conv.c ---------------------------------------------------------------------------- */
-
-static int parse_silu(Sig *s, PyObject *o, int *silu) {
-    if (o == Py_None) { *silu = 0; return 0; }
-    if (PyUnicode_Check(o)) {
-        const char *u = PyUnicode_AsUTF8(o);
-        if (u == NULL) return -1; /* not encodable: its UnicodeEncodeError propagates */
-        if (!strcmp(u, "silu")) { *silu = 1; return 0; }
-    }
-    PyErr_Format(PyExc_ValueError, "%s: activation must be 'silu' or None, got %R", s->fn, o);
-    return -1;
-}
-
-/* weight (E, K) or (E, 1, K) with K in 2..8 */
-static PyArrayObject *conv_weight(Sig *s, PyObject *ow) {
-    PyArrayObject *w = sig_arr(s, ow, "weight", NPY_FLOAT32,
-                               PyArray_Check(ow) && PyArray_NDIM((PyArrayObject *)ow) == 3 ? "EoK" : "EK", 0);
-    if (!w) return NULL;
-    if (PyArray_NDIM(w) == 3 && s->dim['o'] != 1) {
-        PyErr_Format(PyExc_ValueError, "%s: weight must have shape (E, K) or (E, 1, K)", s->fn);
-        return NULL;
-    }
-    if (s->dim['K'] < 2 || s->dim['K'] > 8) {
-        PyErr_Format(PyExc_ValueError, "%s: conv width K must be in 2..8, got %ld", s->fn,
-                     (long)s->dim['K']);
-        return NULL;
-    }
-    s->dim['k'] = s->dim['K'] - 1;
-    return w;
-}
-
-static PyObject *py_causal_conv1d(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "weight", "bias", "conv_state", "activation", NULL};
-    PyObject *ox, *ow, *ob = Py_None, *ocs = Py_None, *oact = NULL, *res = NULL;
-    Sig s;
-    sig_init(&s, "causal_conv1d");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO", kws, &ox, &ow, &ob, &ocs, &oact))
-        return NULL;
-    int silu = 1;
-    if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
-    PyArrayObject *x, *w, *b, *cs, *y, *fin;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "bLE", 0));
-    NEED(w = conv_weight(&s, ow));
-    OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(cs = sig_arr(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_OPTIONAL));
-    NEED(y = sig_new(&s, "bLE", NPY_FLOAT32));
-    NEED(fin = sig_new(&s, "bkE", NPY_FLOAT32));
-    CALL(bm_conv_forward(F32(x), F32(w), F32(b), F32(cs), F32(fin), F32(y), silu, s.dim['b'],
-                         s.dim['L'], s.dim['E'], s.dim['K']));
-    res = Py_BuildValue("OO", y, fin);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_causal_conv1d_update(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "conv_state", "weight", "bias", "activation", NULL};
-    PyObject *ox, *ocs, *ow, *ob = Py_None, *oact = NULL, *res = NULL;
-    Sig s;
-    sig_init(&s, "causal_conv1d_update");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|OO", kws, &ox, &ocs, &ow, &ob, &oact))
-        return NULL;
-    int silu = 1;
-    if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
-    PyArrayObject *x, *w, *b, *cs, *y;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "bE", 0));
-    NEED(w = conv_weight(&s, ow));
-    NEED(cs = sig_arr(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_INPLACE));
-    OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    NEED(y = sig_new(&s, "bE", NPY_FLOAT32));
-    CALL(bm_conv_step(F32(x), F32(cs), F32(w), F32(b), F32(y), silu, s.dim['b'], s.dim['E'],
-                      s.dim['K']));
-    res = ret(&s, (PyObject *)y);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-/* ---- norm.c ---------------------------------------------------------------------------- */
-
-/* "...d" alone lets (3, 2, d) stand for (2, 3, d): the residual must match x exactly. */
-static int same_shape(PyArrayObject *a, PyArrayObject *b) {
-    return PyArray_NDIM(a) == PyArray_NDIM(b) &&
-           PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(b), PyArray_NDIM(a));
-}
-
-static int parse_eps(Sig *s, double eps) {
-    if (!(eps >= 0.0) || eps > 1.0) {
-        /* PyErr_Format has no %g: format the value through a float object */
-        PyObject *v = PyFloat_FromDouble(eps);
-        if (v) PyErr_Format(PyExc_ValueError, "%s: eps must be in [0, 1], got %R", s->fn, v);
-        Py_XDECREF(v);
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *py_rms_norm(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "weight", "residual", "eps", NULL};
-    PyObject *ox, *ow, *or = Py_None, *res = NULL;
-    double eps = 1e-5;
-    Sig s;
-    sig_init(&s, "rms_norm");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Od", kws, &ox, &ow, &or, &eps)) return NULL;
-    if (parse_eps(&s, eps) < 0) return NULL;
-    PyArrayObject *x, *w, *r, *out, *rout;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_arr(&s, ow, "weight", NPY_FLOAT32, "d", 0));
-    OPT(r = sig_arr(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
-    if (r && !same_shape(r, x)) {
-        char got[256], want[256];
-        shape_str(got, sizeof(got), PyArray_NDIM(r), PyArray_DIMS(r));
-        shape_str(want, sizeof(want), PyArray_NDIM(x), PyArray_DIMS(x));
-        PyErr_Format(PyExc_ValueError, "rms_norm: residual must have the shape of x %s, got %s",
-                     want, got);
-        goto fail;
-    }
-    NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    NEED(rout = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CALL(bm_rms_norm(F32(x), F32(r), F32(w), (float)eps, F32(out), F32(rout), s.dim['T'],
-                     s.dim['d']));
-    res = Py_BuildValue("OO", out, rout);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_layer_norm(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "weight", "bias", "residual", "eps", NULL};
-    PyObject *ox, *ow, *ob = Py_None, *or = Py_None, *res = NULL;
-    double eps = 1e-5;
-    Sig s;
-    sig_init(&s, "layer_norm");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOd", kws, &ox, &ow, &ob, &or, &eps))
-        return NULL;
-    if (parse_eps(&s, eps) < 0) return NULL;
-    PyArrayObject *x, *w, *b, *r, *out;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_arr(&s, ow, "weight", NPY_FLOAT32, "d", 0));
-    OPT(b = sig_arr(&s, ob, "bias", NPY_FLOAT32, "d", ARG_OPTIONAL));
-    OPT(r = sig_arr(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
-    if (r && !same_shape(r, x)) {
-        char got[256], want[256];
-        shape_str(got, sizeof(got), PyArray_NDIM(r), PyArray_DIMS(r));
-        shape_str(want, sizeof(want), PyArray_NDIM(x), PyArray_DIMS(x));
-        PyErr_Format(PyExc_ValueError, "layer_norm: residual must have the shape of x %s, got %s",
-                     want, got);
-        goto fail;
-    }
-    NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CALL(bm_layer_norm(F32(x), F32(r), F32(w), F32(b), (float)eps, F32(out), s.dim['T'],
-                       s.dim['d']));
-    res = ret(&s, (PyObject *)out);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-/* ---- moe.c ----------------------------------------------------------------------------- */
-
-static PyObject *py_route_top1(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "router_weight", "router_bias", "return_logits", NULL};
-    PyObject *ox, *ow, *ob, *res = NULL;
-    int want_logits = 0;
-    Sig s;
-    sig_init(&s, "route_top1");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p", kws, &ox, &ow, &ob, &want_logits))
-        return NULL;
-    PyArrayObject *x, *w, *b, *ids, *gates, *logits;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_arr(&s, ow, "router_weight", NPY_FLOAT32, "Xd", 0));
-    NEED(b = sig_arr(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
-    if (s.dim['X'] < 1) {
-        PyErr_SetString(PyExc_ValueError, "route_top1: need at least one expert");
-        goto fail;
-    }
-    NEED(ids = sig_new(&s, "T", NPY_INT32));
-    NEED(gates = sig_new(&s, "T", NPY_FLOAT32));
-    NEED(logits = sig_new(&s, "TX", NPY_FLOAT32));
-    CALL(bm_route_top1(F32(x), F32(w), F32(b), F32(logits), (int32_t *)PyArray_DATA(ids),
-                       F32(gates), s.dim['T'], s.dim['d'], s.dim['X']));
-    res = want_logits ? Py_BuildValue("OOO", ids, gates, logits) : Py_BuildValue("OO", ids, gates);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_moe_dispatch(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"ids", "num_experts", NULL};
-    PyObject *oids, *res = NULL;
-    Py_ssize_t X;
-    Sig s;
-    sig_init(&s, "moe_dispatch");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "On", kws, &oids, &X)) return NULL;
-    if (X < 1 || X > 1 << 20)
-        return PyErr_Format(PyExc_ValueError, "moe_dispatch: num_experts must be in 1..2**20");
-    PyArrayObject *ids, *ids32, *counts, *offsets, *perm;
-    NEED(ids = sig_arr(&s, oids, "ids", DT_INT, "T", 0));
-    s.dim['X'] = X;
-    NEED(ids32 = ids_int32(&s, ids, X, "ids"));
-    NEED(counts = sig_new(&s, "X", NPY_INT64));
-    NEED(offsets = sig_new(&s, "X+", NPY_INT64));
-    NEED(perm = sig_new(&s, "T", NPY_INT64));
-    CALL(bm_moe_dispatch((const int32_t *)PyArray_DATA(ids32), s.dim['T'], X,
-                         (int64_t *)PyArray_DATA(counts), (int64_t *)PyArray_DATA(offsets),
-                         (int64_t *)PyArray_DATA(perm)));
-    res = Py_BuildValue("OOO", counts, offsets, perm);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-/* fc1 (X, 2F, d) and fc2 (X, d, F) of one dtype; binds X, F (from 2F) and checks d. */
-static int expert_weights(Sig *s, PyObject *o1, PyObject *o2, PyArrayObject **fc1,
-                          PyArrayObject **fc2) {
-    if (!(*fc1 = sig_arr(s, o1, "fc1", DT_WEIGHT, "XGd", 0))) return -1;
-    if (s->dim['G'] % 2) {
-        PyErr_Format(PyExc_ValueError, "%s: fc1 must have shape (X, 2F, d): its middle "
-                     "dimension %ld is odd", s->fn, (long)s->dim['G']);
-        return -1;
-    }
-    s->dim['F'] = s->dim['G'] / 2;
-    if (!(*fc2 = sig_arr(s, o2, "fc2", DT_WEIGHT, "XdF", 0))) return -1;
-    if (PyArray_TYPE(*fc1) != PyArray_TYPE(*fc2)) {
-        PyErr_Format(PyExc_TypeError, "%s: fc1 and fc2 must have the same dtype", s->fn);
-        return -1;
-    }
-    return check_blas_dims(s, s->dim['T'], s->dim['G'], s->dim['d']);
-}
-
-static PyObject *py_moe_experts(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "ids", "gates", "fc1", "fc2", "activation", NULL};
-    PyObject *ox, *oids, *og, *o1, *o2, *oact = NULL, *res = NULL;
-    Sig s;
-    sig_init(&s, "moe_experts");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|O", kws, &ox, &oids, &og, &o1, &o2, &oact))
-        return NULL;
-    bm_act act = BM_ACT_GELU;
-    if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
-    PyArrayObject *x, *ids, *ids32, *g, *fc1, *fc2, *out;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(ids = sig_arr(&s, oids, "ids", DT_INT, "T", 0));
-    OPT(g = sig_arr(&s, og, "gates", NPY_FLOAT32, "T", ARG_OPTIONAL));
-    if (expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
-    NEED(ids32 = ids_int32(&s, ids, s.dim['X'], "ids"));
-    NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CALL(bm_moe_experts(F32(x), (const int32_t *)PyArray_DATA(ids32), F32(g), DATA(fc1),
-                        DATA(fc2), WDT(fc1), act, F32(out), s.dim['T'], s.dim['d'], s.dim['X'],
-                        s.dim['F']));
-    res = ret(&s, (PyObject *)out);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_moe(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "router_weight", "router_bias", "fc1", "fc2", "activation",
-                          "return_routing", NULL};
-    PyObject *ox, *ow, *ob, *o1, *o2, *oact = NULL, *res = NULL;
-    int routing = 0;
-    Sig s;
-    sig_init(&s, "moe");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|Op", kws, &ox, &ow, &ob, &o1, &o2, &oact,
-                                     &routing))
-        return NULL;
-    bm_act act = BM_ACT_GELU;
-    if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
-    PyArrayObject *x, *w, *b, *fc1, *fc2, *ids, *gates, *logits, *out;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_arr(&s, ow, "router_weight", NPY_FLOAT32, "Xd", 0));
-    NEED(b = sig_arr(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
-    if (expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
-    NEED(ids = sig_new(&s, "T", NPY_INT32));
-    NEED(gates = sig_new(&s, "T", NPY_FLOAT32));
-    NEED(logits = sig_new(&s, "TX", NPY_FLOAT32));
-    NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CALL(bm_route_top1(F32(x), F32(w), F32(b), F32(logits), (int32_t *)PyArray_DATA(ids),
-                       F32(gates), s.dim['T'], s.dim['d'], s.dim['X']));
-    CALL(bm_moe_experts(F32(x), (const int32_t *)PyArray_DATA(ids), F32(gates), DATA(fc1),
-                        DATA(fc2), WDT(fc1), act, F32(out), s.dim['T'], s.dim['d'], s.dim['X'],
-                        s.dim['F']));
-    res = routing ? Py_BuildValue("OOOO", out, ids, gates, logits) : ret(&s, (PyObject *)out);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-static PyObject *py_mlp(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "fc1", "fc2", "activation", "gated", NULL};
-    PyObject *ox, *o1, *o2, *oact = NULL, *res = NULL;
-    int gated = 1;
-    Sig s;
-    sig_init(&s, "mlp");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|Op", kws, &ox, &o1, &o2, &oact, &gated))
-        return NULL;
-    bm_act act = BM_ACT_GELU;
-    if (oact && parse_act(s.fn, oact, &act, 1) < 0) return NULL;
-    PyArrayObject *x, *fc1, *fc2, *out;
-    NEED(x = sig_arr(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(fc1 = sig_arr(&s, o1, "fc1", DT_WEIGHT, "Gd", 0));
-    if (gated && s.dim['G'] % 2) {
-        PyErr_Format(PyExc_ValueError, "mlp: gated fc1 must have shape (2F, d), got an odd "
-                     "first dimension %ld", (long)s.dim['G']);
-        goto fail;
-    }
-    s.dim['F'] = gated ? s.dim['G'] / 2 : s.dim['G'];
-    NEED(fc2 = sig_arr(&s, o2, "fc2", DT_WEIGHT, "dF", 0));
-    if (PyArray_TYPE(fc1) != PyArray_TYPE(fc2)) {
-        PyErr_SetString(PyExc_TypeError, "mlp: fc1 and fc2 must have the same dtype");
-        goto fail;
-    }
-    if (check_blas_dims(&s, s.dim['T'], s.dim['G'], s.dim['d']) < 0) goto fail;
-    NEED(out = sig_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CALL(bm_mlp(F32(x), DATA(fc1), DATA(fc2), WDT(fc1), act, gated, F32(out), s.dim['T'],
-                s.dim['d'], s.dim['F']));
-    res = ret(&s, (PyObject *)out);
-fail:
-    sig_free(&s);
-    return res;
-}
-
-/* ==== CUDA: device arrays and the GPU ops ============================================== */
+/* ==== CUDA: device arrays ============================================================== */
 #ifdef BM_WITH_CUDA
-/* The GPU side of the bindings, in one section:
+/* The GPU side of the bindings' machinery, in one section:
  *   - DLPack's ABI structs (dlpack.h 1.0, a public ABI-stable spec, written out here);
  *   - device memory: stream-ordered cudaMallocAsync on the legacy default stream, plain
  *     cudaMalloc where the device has no memory pools (or BLACKMAMBA_CUDA_ALLOC=sync);
  *   - blackmamba._C.DeviceArray: a C-contiguous device array owning its memory, or a view
  *     that keeps a foreign owner alive; __cuda_array_interface__ (v3) and __dlpack__ out;
  *   - foreign GPU arrays in (CAI, then DLPack) as DeviceArray views, never copies;
- *   - sig_dev*: the Sig validation above, for device arrays (the same shape letters);
- *   - _C.cuda_<op>: the GPU twins of the CPU ops, same signatures and results.
+ *   - sig_dev_*: the Sig validation above, for device arrays (the same shape letters);
+ *   - cuBLAS handles, math=, and the module functions of devices, memory and arrays.
+ * The ops themselves (one body for _C.<op> and _C.cuda_<op>) follow this section.
  * Every launch goes on the legacy default stream (BM_STREAM). It orders itself after and
  * before all blocking streams (CuPy's and PyTorch's default streams), so callers need no
  * synchronisation; the host waits only where it needs a value (iteration counts, id range
@@ -1600,14 +1169,6 @@ static int sig_dev_check(Sig *s, DeviceArray *a, const char *name, int dtype, co
     return 0;
 }
 
-/* sig_arr for device arrays. */
-static DeviceArray *sig_dev(Sig *s, PyObject *obj, const char *name, int dtype, const char *shape,
-                            int flags) {
-    DeviceArray *a = sig_dev_get(s, obj, name, flags);
-    if (!a) return NULL;
-    return sig_dev_check(s, a, name, dtype, shape, flags) < 0 ? NULL : a;
-}
-
 /* New uninitialised device array of `shape` letters (all bound; "X+" = X + 1). */
 static DeviceArray *sig_dev_new(Sig *s, const char *shape, int typenum) {
     npy_intp dims[8];
@@ -1644,10 +1205,7 @@ static int cuda_check(Sig *s, int st) {
     return -1;
 }
 
-#define DEV(a) ((a) ? (void *)(a)->ptr : NULL)
-#define DF32(a) ((float *)DEV(a))
-#define DI32(a) ((int32_t *)DEV(a))
-#define DWDT(a) ((a)->typenum == NPY_UINT16 ? BM_BF16 : BM_F32)
+/* The launcher call `stmt` (a CUDA status) with the GIL released; nonzero -> exception. */
 #define CUDA_CALL(stmt)                                                                     \
     do {                                                                                    \
         int st_;                                                                            \
@@ -1861,68 +1419,353 @@ static PyObject *py_cuda_asarray(PyObject *self, PyObject *obj) {
     return (PyObject *)da_from_object("cuda_asarray", "a", obj);
 }
 
-/* ---- GPU ops: the CPU bindings' twins (same names in messages, same results) ---- */
+#endif /* BM_WITH_CUDA: device arrays */
 
-static PyObject *py_cuda_linear(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "weight", "bias", "math", NULL};
-    PyObject *ox, *ow, *ob = Py_None, *om = Py_None, *res = NULL;
+/* ==== the ops: one body for both bindings =============================================== */
+
+/* ---- arguments of either kind ----------------------------------------------------------
+ * In an op body an array is a PyObject: a NumPy array (s->dev = 0) or a DeviceArray
+ * (s->dev = 1), owned by s or borrowed from the call's arguments. arg_get / arg_check /
+ * arg_in pick sig_arr_* or sig_dev_*, which keep each side's own rules: NumPy inputs of
+ * any integer dtype as ids, non-contiguous ones copied; device ids int32 or int64,
+ * non-contiguous device inputs refused, every array on the current device. */
+
+/* The argument as an array of the call's kind, unchecked (see sig_arr_get, sig_dev_get). */
+static PyObject *arg_get(Sig *s, PyObject *obj, const char *name, int flags) {
+#ifdef BM_WITH_CUDA
+    if (s->dev) return (PyObject *)sig_dev_get(s, obj, name, flags);
+#endif
+    return (PyObject *)sig_arr_get(s, obj, name, flags);
+}
+
+/* Validated `a` (from arg_get), or NULL with an exception (see sig_arr_check, sig_dev_check). */
+static PyObject *arg_check(Sig *s, PyObject *a, const char *name, int dtype, const char *shape,
+                           int flags) {
+#ifdef BM_WITH_CUDA
+    if (s->dev) return sig_dev_check(s, (DeviceArray *)a, name, dtype, shape, flags) < 0 ? NULL : a;
+#endif
+    return (PyObject *)sig_arr_check(s, (PyArrayObject *)a, name, dtype, shape, flags);
+}
+
+/* Validated argument `obj` named `name`; NULL with an exception on error, without one for an
+ * absent optional argument. */
+static PyObject *arg_in(Sig *s, PyObject *obj, const char *name, int dtype, const char *shape,
+                        int flags) {
+    PyObject *a = arg_get(s, obj, name, flags);
+    return a ? arg_check(s, a, name, dtype, shape, flags) : NULL;
+}
+
+/* New output of `shape` letters (all bound; "X+" = X + 1): zeroed on the host, left
+ * uninitialised on the device (the launchers write every element). */
+static PyObject *arg_new(Sig *s, const char *shape, int typenum) {
+#ifdef BM_WITH_CUDA
+    if (s->dev) return (PyObject *)sig_dev_new(s, shape, typenum);
+#endif
+    return (PyObject *)sig_new(s, shape, typenum);
+}
+
+/* New output with the leading dims of `like` and last dim `last`. */
+static PyObject *arg_new_like(Sig *s, PyObject *like, int64_t last, int typenum) {
+#ifdef BM_WITH_CUDA
+    if (s->dev) return (PyObject *)sig_dev_new_like(s, (DeviceArray *)like, (npy_intp)last, typenum);
+#endif
+    return (PyObject *)sig_new_like(s, (PyArrayObject *)like, (npy_intp)last, typenum);
+}
+
+static int arg_ndim(PyObject *a) {
+#ifdef BM_WITH_CUDA
+    if (DeviceArray_Check(a)) return ((DeviceArray *)a)->ndim;
+#endif
+    return PyArray_NDIM((PyArrayObject *)a);
+}
+
+static const npy_intp *arg_dims(PyObject *a) {
+#ifdef BM_WITH_CUDA
+    if (DeviceArray_Check(a)) return ((DeviceArray *)a)->shape;
+#endif
+    return PyArray_DIMS((PyArrayObject *)a);
+}
+
+static int arg_type(PyObject *a) {
+#ifdef BM_WITH_CUDA
+    if (DeviceArray_Check(a)) return ((DeviceArray *)a)->typenum;
+#endif
+    return PyArray_TYPE((PyArrayObject *)a);
+}
+
+static npy_intp arg_size(PyObject *a) {
+#ifdef BM_WITH_CUDA
+    if (DeviceArray_Check(a)) return da_size((DeviceArray *)a);
+#endif
+    return PyArray_SIZE((PyArrayObject *)a);
+}
+
+/* Data pointer (host or device memory), NULL for an absent optional array. */
+static void *arg_ptr(PyObject *a) {
+    if (!a) return NULL;
+#ifdef BM_WITH_CUDA
+    if (DeviceArray_Check(a)) return ((DeviceArray *)a)->ptr;
+#endif
+    return PyArray_DATA((PyArrayObject *)a);
+}
+
+#define DATA(a) arg_ptr(a)
+#define F32(a) ((float *)arg_ptr(a))
+#define I32(a) ((int32_t *)arg_ptr(a))
+#define I64(a) ((int64_t *)arg_ptr(a))
+#define U16(a) ((uint16_t *)arg_ptr(a))
+#define WDT(a) (arg_type(a) == NPY_UINT16 ? BM_BF16 : BM_F32)
+
+/* An op's GPU side at its call site: `if (s.dev) CUDA_CALL(bm_cuda_...); else CALL(bm_...);`
+ * CUDA_CALL (above) launches with the GIL released; CUDA_DO runs one of the dev_* steps
+ * below (0, or -1 with an exception set). */
+#ifdef BM_WITH_CUDA
+#define CUDA_DO(step) do { if ((step) < 0) goto fail; } while (0)
+#else
+/* Built without CUDA there are no py_cuda_<op> bindings, so no Sig has dev set: the GPU
+ * statements of the ops are dropped here, unseen by the compiler. */
+#define NO_CUDA                                                                             \
+    do {                                                                                    \
+        PyErr_SetString(PyExc_SystemError, "blackmamba: this build has no CUDA");           \
+        goto fail;                                                                          \
+    } while (0)
+#define CUDA_CALL(stmt) NO_CUDA
+#define CUDA_DO(step) NO_CUDA
+#endif
+
+/* The op's two bindings: py_<op> (NumPy arrays) and, where CUDA is built, py_cuda_<op>. */
+#ifdef BM_WITH_CUDA
+#define BINDINGS(op)                                                                        \
+    static PyObject *py_##op(PyObject *self, PyObject *args, PyObject *kw) {                \
+        return op_##op(args, kw, 0);                                                        \
+    }                                                                                       \
+    static PyObject *py_cuda_##op(PyObject *self, PyObject *args, PyObject *kw) {           \
+        return op_##op(args, kw, 1);                                                        \
+    }
+#else
+#define BINDINGS(op)                                                                        \
+    static PyObject *py_##op(PyObject *self, PyObject *args, PyObject *kw) {                \
+        return op_##op(args, kw, 0);                                                        \
+    }
+#endif
+
+/* ---- GPU steps of the ops: scratch memory, cuBLAS handles, more than one launch, host
+ * synchronisations. Each returns 0, or -1 with an exception set. ---- */
+#ifdef BM_WITH_CUDA
+
+/* y (T, N) = x (T, K) W^T + b on the GPU: the GEMV up to a few rows (no handle, no
+ * workspace), beyond through cuBLAS with a pooled handle. */
+static int dev_linear(Sig *s, PyObject *x, PyObject *w, PyObject *b, PyObject *y) {
+    const int64_t M = s->dim['T'], N = s->dim['N'], K = s->dim['K'];
+    const bm_dtype wdt = WDT(w);
+    const size_t wsb = bm_cuda_linear_workspace(M, N, K, wdt, s->math);
+    PyObject *ws = NULL;
     void *hdl = NULL;
-    int math;
-    Sig s;
-    sig_init(&s, "linear");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O$O", kws, &ox, &ow, &ob, &om)) return NULL;
-    if (parse_math(s.fn, om, &math) < 0) return NULL;
-    DeviceArray *x, *w, *b, *y, *ws = NULL;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...K", 0));
-    NEED(w = sig_dev(&s, ow, "weight", DT_WEIGHT, "NK", 0));
-    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "N", ARG_OPTIONAL));
-    if (check_blas_dims(&s, s.dim['T'], s.dim['N'], s.dim['K']) < 0) goto fail;
-    const int64_t M = s.dim['T'], N = s.dim['N'], K = s.dim['K'];
-    const bm_dtype wdt = DWDT(w);
-    NEED(y = sig_dev_new_like(&s, x, (npy_intp)N, NPY_FLOAT32));
-    const size_t wsb = bm_cuda_linear_workspace(M, N, K, wdt, math);
-    if (wsb) NEED(ws = sig_dev_bytes(&s, wsb));
-    if (M > bm_cuda_linear_gemv_rows(wdt, math) && N > 0 && K > 0) NEED(hdl = cublas_take(&s));
-    CUDA_CALL(bm_cuda_linear(DF32(x), DEV(w), wdt, DF32(b), DF32(y), M, N, K, math, DEV(ws), wsb,
-                             hdl, BM_STREAM));
-    res = ret(&s, (PyObject *)y);
-fail:
+    if (wsb && !(ws = (PyObject *)sig_dev_bytes(s, wsb))) return -1;
+    if (M > bm_cuda_linear_gemv_rows(wdt, s->math) && N > 0 && K > 0 && !(hdl = cublas_take(s)))
+        return -1;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_linear(F32(x), DATA(w), wdt, F32(b), F32(y), M, N, K, s->math, DATA(ws), wsb,
+                        hdl, BM_STREAM);
+    Py_END_ALLOW_THREADS
+    const int rc = cuda_check(s, st);
     cublas_give(hdl);
+    return rc;
+}
+
+/* ids (T, int32 or int64) -> int32 on the device; ids outside [0, X) -> ValueError. The
+ * check reads one count back: a host synchronisation. */
+static PyObject *dev_ids_int32(Sig *s, PyObject *ids, const char *name) {
+    PyObject *out, *bad;
+    if (!(out = arg_new(s, "T", NPY_INT32)) || !(bad = arg_new(s, "", NPY_INT32))) return NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_ids_to_i32(DATA(ids), 8 * ((DeviceArray *)ids)->itemsize, s->dim['T'],
+                            s->dim['X'], I32(out), I32(bad), BM_STREAM);
+    Py_END_ALLOW_THREADS
+    if (cuda_check(s, st) < 0) return NULL;
+    int32_t nbad = 0;
+    if (dev_read(s, &nbad, DATA(bad), sizeof nbad) < 0) return NULL;
+    if (nbad) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has %d value(s) outside [0, %ld)", s->fn, name,
+                     (int)nbad, (long)s->dim['X']);
+        return NULL;
+    }
+    return out;
+}
+
+/* The dispatch kernel writes int32 tables; the op returns int64 ones, as the CPU op does. */
+static int dev_moe_dispatch(Sig *s, PyObject *ids32, PyObject *counts, PyObject *offsets,
+                            PyObject *perm) {
+    const int64_t T = s->dim['T'], X = s->dim['X'];
+    PyObject *c32, *o32, *p32;
+    if (!(c32 = arg_new(s, "X", NPY_INT32)) || !(o32 = arg_new(s, "X+", NPY_INT32)) ||
+        !(p32 = arg_new(s, "T", NPY_INT32)))
+        return -1;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_moe_dispatch(I32(ids32), T, X, I32(c32), I32(o32), I32(p32), BM_STREAM);
+    if (!st) st = bm_cuda_i32_to_i64(I32(c32), I64(counts), X, BM_STREAM);
+    if (!st) st = bm_cuda_i32_to_i64(I32(o32), I64(offsets), X + 1, BM_STREAM);
+    if (!st) st = bm_cuda_i32_to_i64(I32(p32), I64(perm), T, BM_STREAM);
+    Py_END_ALLOW_THREADS
+    return cuda_check(s, st);
+}
+
+/* Up to this many tokens the experts go through the gathered GEMV (no host sync, each used
+ * expert read once per 8 of its tokens); beyond, through cuBLAS (one host sync per call). */
+#define MOE_GEMV_TOKENS 64
+
+/* out (T, d) = the expert MLPs of ids32 (valid int32 ids), scaled by gates (or 1). */
+static int dev_experts(Sig *s, PyObject *x, PyObject *ids32, PyObject *gates, PyObject *fc1,
+                       PyObject *fc2, bm_act act, PyObject *out) {
+    const int64_t T = s->dim['T'], d = s->dim['d'], X = s->dim['X'], F = s->dim['F'];
+    const bm_dtype wdt = WDT(fc1);
+    PyObject *ws;
+    void *hdl = NULL;
+    int st;
+    if (T <= MOE_GEMV_TOKENS) {
+        const size_t wsb = bm_cuda_moe_decode_workspace(T, F);
+        if (!(ws = (PyObject *)sig_dev_bytes(s, wsb))) return -1;
+        Py_BEGIN_ALLOW_THREADS
+        st = bm_cuda_moe_experts_decode(F32(x), I32(ids32), F32(gates), DATA(fc1), DATA(fc2), wdt,
+                                        act, F32(out), T, d, X, F, DATA(ws), wsb, BM_STREAM);
+        Py_END_ALLOW_THREADS
+    } else {
+        const size_t wsb = bm_cuda_moe_experts_workspace(T, d, X, F, wdt, s->math);
+        if (!(ws = (PyObject *)sig_dev_bytes(s, wsb)) || !(hdl = cublas_take(s))) return -1;
+        Py_BEGIN_ALLOW_THREADS
+        st = bm_cuda_moe_experts(F32(x), I32(ids32), F32(gates), DATA(fc1), DATA(fc2), wdt, act,
+                                 s->math, F32(out), T, d, X, F, DATA(ws), wsb, hdl, BM_STREAM);
+        Py_END_ALLOW_THREADS
+        cublas_give(hdl);
+    }
+    return cuda_check(s, st);
+}
+
+/* The dense gated MLP on the GPU: one expert (X = 1, every id 0, no gate). */
+static int dev_mlp(Sig *s, PyObject *x, PyObject *fc1, PyObject *fc2, bm_act act,
+                   PyObject *out) {
+    s->dim['X'] = 1;
+    PyObject *ids = arg_new(s, "T", NPY_INT32);
+    if (!ids) return -1;
+    const size_t n = (size_t)arg_size(ids) * sizeof(int32_t);
+    if (n) {
+        cudaError_t e = cudaMemsetAsync(DATA(ids), 0, n, BM_STREAM);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            PyErr_Format(PyExc_RuntimeError, "%s: cudaMemsetAsync: %s: %s", s->fn,
+                         cudaGetErrorName(e), cudaGetErrorString(e));
+            return -1;
+        }
+    }
+    return dev_experts(s, x, ids, NULL, fc1, fc2, act, out);
+}
+
+/* Sinkhorn on the GPU; the iteration count comes back to the host (the one host sync). */
+static int dev_sinkhorn(Sig *s, PyObject *S, PyObject *P, float tol, bm_sinkhorn_init init,
+                        int max_iters, int *iters) {
+    PyObject *it = arg_new(s, "", NPY_INT32);
+    if (!it) return -1;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_sinkhorn(F32(S), F32(P), s->dim['T'], s->dim['X'], tol, init, max_iters,
+                          (int *)DATA(it), BM_STREAM);
+    Py_END_ALLOW_THREADS
+    if (cuda_check(s, st) < 0) return -1;
+    return dev_read(s, iters, DATA(it), sizeof *iters);
+}
+
+#endif /* BM_WITH_CUDA: GPU steps */
+
+/* ---- checks shared by the ops ---- */
+
+/* Integer ids (T) -> int32 ids owned by s, each in [0, X): checked on the host in a loop;
+ * on the GPU by a kernel that counts the bad ones (a host synchronisation). */
+static PyObject *ids_int32(Sig *s, PyObject *ids, const char *name) {
+#ifdef BM_WITH_CUDA
+    if (s->dev) return dev_ids_int32(s, ids, name);
+#endif
+    return host_ids_int32(s, ids, name);
+}
+
+/* ---- gemm.c / gemm.cu ------------------------------------------------------------------ */
+
+static PyObject *op_linear(PyObject *args, PyObject *kw, int dev) {
+    char *kws[] = {"x", "weight", "bias", dev ? "math" : NULL, NULL};  /* math=: GPU only */
+    PyObject *ox, *ow, *ob = Py_None, *om = Py_None, *res = NULL;
+    Sig s;
+    sig_init(&s, "linear", dev);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, dev ? "OO|O$O" : "OO|O", kws, &ox, &ow, &ob, &om))
+        return NULL;
+    if (dev) CUDA_DO(parse_math(s.fn, om, &s.math));
+    PyObject *x, *w, *b, *y;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...K", 0));
+    NEED(w = arg_in(&s, ow, "weight", DT_WEIGHT, "NK", 0));
+    OPT(b = arg_in(&s, ob, "bias", NPY_FLOAT32, "N", ARG_OPTIONAL));
+    if (check_blas_dims(&s, s.dim['T'], s.dim['N'], s.dim['K']) < 0) goto fail;
+    NEED(y = arg_new_like(&s, x, s.dim['N'], NPY_FLOAT32));
+    if (dev) CUDA_DO(dev_linear(&s, x, w, b, y));
+    else CALL(bm_linear(F32(x), DATA(w), WDT(w), F32(b), F32(y), s.dim['T'], s.dim['N'],
+                        s.dim['K']));
+    res = ret(&s, y);
+fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(linear)
 
-static PyObject *cuda_convert(PyObject *arg, const char *fn, int from, int to) {
+/* bf16 bits (uint16) <-> float32, elementwise: from/to are NPY_UINT16 and NPY_FLOAT32. */
+static PyObject *op_convert(PyObject *arg, const char *fn, int from, int to, int dev) {
+    PyObject *a, *o, *res = NULL;
     Sig s;
-    PyObject *res = NULL;
-    sig_init(&s, fn);
-    DeviceArray *a, *o;
-    NEED(a = sig_dev_get(&s, arg, "a", 0));
-    if (a->ndim == 0) {
+    sig_init(&s, fn, dev);
+    NEED(a = arg_get(&s, arg, "a", 0));
+    /* On the host only for a NumPy argument: another object is converted to a 0-d array,
+     * which the dtype or the shape check below refuses. */
+    if (arg_ndim(a) == 0 && (dev || a == arg)) {
         PyErr_Format(PyExc_ValueError, "%s: a must have at least one dimension", fn);
         goto fail;
     }
-    if (sig_dev_check(&s, a, "a", from, "...n", 0) < 0) goto fail;
-    NEED(o = sig_dev_new_like(&s, a, (npy_intp)s.dim['n'], to));
-    if (from == NPY_UINT16)
-        CUDA_CALL(bm_cuda_bf16_to_f32((const uint16_t *)a->ptr, DF32(o), da_size(a), BM_STREAM));
-    else
-        CUDA_CALL(bm_cuda_f32_to_bf16(DF32(a), (uint16_t *)o->ptr, da_size(a), BM_STREAM));
-    res = ret(&s, (PyObject *)o);
+    NEED(a = arg_check(&s, a, "a", from, "...n", 0));
+    NEED(o = arg_new_like(&s, a, s.dim['n'], to));
+    const npy_intp n = arg_size(a);
+    if (dev && from == NPY_UINT16) CUDA_CALL(bm_cuda_bf16_to_f32(U16(a), F32(o), n, BM_STREAM));
+    else if (dev) CUDA_CALL(bm_cuda_f32_to_bf16(F32(a), U16(o), n, BM_STREAM));
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        if (from == NPY_UINT16) bm_bf16_to_f32(U16(a), F32(o), n);
+        else bm_f32_to_bf16(F32(a), U16(o), n);
+        Py_END_ALLOW_THREADS
+    }
+    res = ret(&s, o);
 fail:
     sig_free(&s);
     return res;
 }
 
-static PyObject *py_cuda_bf16_to_f32(PyObject *self, PyObject *arg) {
-    return cuda_convert(arg, "bf16_to_f32", NPY_UINT16, NPY_FLOAT32);
+static PyObject *py_bf16_to_f32(PyObject *self, PyObject *a) {
+    return op_convert(a, "bf16_to_f32", NPY_UINT16, NPY_FLOAT32, 0);
 }
 
-static PyObject *py_cuda_f32_to_bf16(PyObject *self, PyObject *arg) {
-    return cuda_convert(arg, "f32_to_bf16", NPY_FLOAT32, NPY_UINT16);
+static PyObject *py_f32_to_bf16(PyObject *self, PyObject *a) {
+    return op_convert(a, "f32_to_bf16", NPY_FLOAT32, NPY_UINT16, 0);
 }
 
-static int check_state_n(Sig *s) {  /* the scan kernels keep 1..64 states per channel */
+#ifdef BM_WITH_CUDA
+static PyObject *py_cuda_bf16_to_f32(PyObject *self, PyObject *a) {
+    return op_convert(a, "bf16_to_f32", NPY_UINT16, NPY_FLOAT32, 1);
+}
+
+static PyObject *py_cuda_f32_to_bf16(PyObject *self, PyObject *a) {
+    return op_convert(a, "f32_to_bf16", NPY_FLOAT32, NPY_UINT16, 1);
+}
+#endif
+
+/* ---- scan.c / scan.cu ------------------------------------------------------------------ */
+
+static int check_gpu_state_n(Sig *s) {  /* the GPU scan kernels keep 1..64 states per channel */
     if (s->dim['N'] < 1 || s->dim['N'] > 64) {
         PyErr_Format(PyExc_ValueError, "%s: the GPU kernel needs a state size N in 1..64, got %ld",
                      s->fn, (long)s->dim['N']);
@@ -1931,77 +1774,103 @@ static int check_state_n(Sig *s) {  /* the scan kernels keep 1..64 states per ch
     return 0;
 }
 
-static PyObject *py_cuda_selective_scan(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_selective_scan(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                           "delta_softplus", "state", NULL};
     PyObject *ou, *odt, *oA, *oB, *oC, *oD = Py_None, *oz = Py_None, *odb = Py_None,
              *ost = Py_None, *res = NULL;
     int softplus = 1;
     Sig s;
-    sig_init(&s, "selective_scan");
+    sig_init(&s, "selective_scan", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOpO", kws, &ou, &odt, &oA, &oB, &oC,
                                      &oD, &oz, &odb, &softplus, &ost))
         return NULL;
-    DeviceArray *u, *dt, *A, *B, *C, *D, *z, *db, *st, *y, *fin;
-    NEED(u = sig_dev(&s, ou, "u", NPY_FLOAT32, "bLE", 0));
-    NEED(dt = sig_dev(&s, odt, "delta", NPY_FLOAT32, "bLE", 0));
-    NEED(A = sig_dev(&s, oA, "A", NPY_FLOAT32, "EN", 0));
-    NEED(B = sig_dev(&s, oB, "B", NPY_FLOAT32, "bLN", 0));
-    NEED(C = sig_dev(&s, oC, "C", NPY_FLOAT32, "bLN", 0));
-    OPT(D = sig_dev(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(z = sig_dev(&s, oz, "z", NPY_FLOAT32, "bLE", ARG_OPTIONAL));
-    OPT(db = sig_dev(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(st = sig_dev(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_OPTIONAL));
-    if (check_state_n(&s) < 0) goto fail;
-    NEED(y = sig_dev_new(&s, "bLE", NPY_FLOAT32));
-    NEED(fin = sig_dev_new(&s, "bEN", NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_scan_forward(DF32(u), DF32(dt), DF32(A), DF32(B), DF32(C), DF32(D), DF32(z),
-                                   DF32(db), softplus, DF32(st), DF32(fin), DF32(y), s.dim['b'],
-                                   s.dim['L'], s.dim['E'], s.dim['N'], BM_STREAM));
+    PyObject *u, *dt, *A, *B, *C, *D, *z, *db, *st, *y, *fin;
+    NEED(u = arg_in(&s, ou, "u", NPY_FLOAT32, "bLE", 0));
+    NEED(dt = arg_in(&s, odt, "delta", NPY_FLOAT32, "bLE", 0));
+    NEED(A = arg_in(&s, oA, "A", NPY_FLOAT32, "EN", 0));
+    NEED(B = arg_in(&s, oB, "B", NPY_FLOAT32, "bLN", 0));
+    NEED(C = arg_in(&s, oC, "C", NPY_FLOAT32, "bLN", 0));
+    OPT(D = arg_in(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(z = arg_in(&s, oz, "z", NPY_FLOAT32, "bLE", ARG_OPTIONAL));
+    OPT(db = arg_in(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(st = arg_in(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_OPTIONAL));
+    if (dev && check_gpu_state_n(&s) < 0) goto fail;
+    NEED(y = arg_new(&s, "bLE", NPY_FLOAT32));
+    NEED(fin = arg_new(&s, "bEN", NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_scan_forward(F32(u), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z),
+                                       F32(db), softplus, F32(st), F32(fin), F32(y), s.dim['b'],
+                                       s.dim['L'], s.dim['E'], s.dim['N'], BM_STREAM));
+    else
+        CALL(bm_scan_forward(F32(u), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z), F32(db),
+                             softplus, F32(st), F32(fin), F32(y), s.dim['b'], s.dim['L'],
+                             s.dim['E'], s.dim['N']));
     res = Py_BuildValue("OO", y, fin);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(selective_scan)
 
-static PyObject *py_cuda_selective_state_update(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_selective_state_update(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"state", "x", "delta", "A", "B", "C", "D", "z", "delta_bias",
                           "delta_softplus", NULL};
     PyObject *ost, *ox, *odt, *oA, *oB, *oC, *oD = Py_None, *oz = Py_None, *odb = Py_None,
              *res = NULL;
     int softplus = 1;
     Sig s;
-    sig_init(&s, "selective_state_update");
+    sig_init(&s, "selective_state_update", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|OOOp", kws, &ost, &ox, &odt, &oA, &oB,
                                      &oC, &oD, &oz, &odb, &softplus))
         return NULL;
-    DeviceArray *st, *x, *dt, *A, *B, *C, *D, *z, *db, *y;
-    NEED(st = sig_dev(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_INPLACE));
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "bE", 0));
-    NEED(dt = sig_dev(&s, odt, "delta", NPY_FLOAT32, "bE", 0));
-    NEED(A = sig_dev(&s, oA, "A", NPY_FLOAT32, "EN", 0));
-    NEED(B = sig_dev(&s, oB, "B", NPY_FLOAT32, "bN", 0));
-    NEED(C = sig_dev(&s, oC, "C", NPY_FLOAT32, "bN", 0));
-    OPT(D = sig_dev(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(z = sig_dev(&s, oz, "z", NPY_FLOAT32, "bE", ARG_OPTIONAL));
-    OPT(db = sig_dev(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    if (check_state_n(&s) < 0) goto fail;
-    NEED(y = sig_dev_new(&s, "bE", NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_scan_step(DF32(st), DF32(x), DF32(dt), DF32(A), DF32(B), DF32(C), DF32(D),
-                                DF32(z), DF32(db), softplus, DF32(y), s.dim['b'], s.dim['E'],
-                                s.dim['N'], BM_STREAM));
-    res = ret(&s, (PyObject *)y);
+    PyObject *st, *x, *dt, *A, *B, *C, *D, *z, *db, *y;
+    NEED(st = arg_in(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_INPLACE));
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "bE", 0));
+    NEED(dt = arg_in(&s, odt, "delta", NPY_FLOAT32, "bE", 0));
+    NEED(A = arg_in(&s, oA, "A", NPY_FLOAT32, "EN", 0));
+    NEED(B = arg_in(&s, oB, "B", NPY_FLOAT32, "bN", 0));
+    NEED(C = arg_in(&s, oC, "C", NPY_FLOAT32, "bN", 0));
+    OPT(D = arg_in(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(z = arg_in(&s, oz, "z", NPY_FLOAT32, "bE", ARG_OPTIONAL));
+    OPT(db = arg_in(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    if (dev && check_gpu_state_n(&s) < 0) goto fail;
+    NEED(y = arg_new(&s, "bE", NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_scan_step(F32(st), F32(x), F32(dt), F32(A), F32(B), F32(C), F32(D),
+                                    F32(z), F32(db), softplus, F32(y), s.dim['b'], s.dim['E'],
+                                    s.dim['N'], BM_STREAM));
+    else
+        CALL(bm_scan_step(F32(st), F32(x), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z),
+                          F32(db), softplus, F32(y), s.dim['b'], s.dim['E'], s.dim['N']));
+    res = ret(&s, y);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(selective_state_update)
 
-/* weight (E, K) or (E, 1, K) with K in 2..8, on the device */
-static DeviceArray *dev_conv_weight(Sig *s, PyObject *ow) {
-    DeviceArray *w = sig_dev_get(s, ow, "weight", 0);
-    if (!w || sig_dev_check(s, w, "weight", NPY_FLOAT32, w->ndim == 3 ? "EoK" : "EK", 0) < 0)
-        return NULL;
-    if (w->ndim == 3 && s->dim['o'] != 1) {
+/* ---- conv.c / conv.cu ------------------------------------------------------------------ */
+
+static int parse_silu(Sig *s, PyObject *o, int *silu) {
+    if (o == Py_None) { *silu = 0; return 0; }
+    if (PyUnicode_Check(o)) {
+        const char *u = PyUnicode_AsUTF8(o);
+        if (u == NULL) return -1; /* not encodable: its UnicodeEncodeError propagates */
+        if (!strcmp(u, "silu")) { *silu = 1; return 0; }
+    }
+    PyErr_Format(PyExc_ValueError, "%s: activation must be 'silu' or None, got %R", s->fn, o);
+    return -1;
+}
+
+/* weight (E, K) or (E, 1, K) with K in 2..8; binds k = K - 1 (the conv state's length). */
+static PyObject *conv_weight(Sig *s, PyObject *ow) {
+    PyObject *w = arg_get(s, ow, "weight", 0);
+    if (!w) return NULL;
+    /* (E, 1, K) from an array argument; on the host a nested list is read as (E, K) */
+    const int w3 = arg_ndim(w) == 3 && (s->dev || w == ow);
+    if (!(w = arg_check(s, w, "weight", NPY_FLOAT32, w3 ? "EoK" : "EK", 0))) return NULL;
+    if (arg_ndim(w) == 3 && s->dim['o'] != 1) {
         PyErr_Format(PyExc_ValueError, "%s: weight must have shape (E, K) or (E, 1, K)", s->fn);
         return NULL;
     }
@@ -2014,64 +1883,91 @@ static DeviceArray *dev_conv_weight(Sig *s, PyObject *ow) {
     return w;
 }
 
-static PyObject *py_cuda_causal_conv1d(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_causal_conv1d(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"x", "weight", "bias", "conv_state", "activation", NULL};
     PyObject *ox, *ow, *ob = Py_None, *ocs = Py_None, *oact = NULL, *res = NULL;
     Sig s;
-    sig_init(&s, "causal_conv1d");
+    sig_init(&s, "causal_conv1d", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO", kws, &ox, &ow, &ob, &ocs, &oact))
         return NULL;
     int silu = 1;
     if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
-    DeviceArray *x, *w, *b, *cs, *y, *fin;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "bLE", 0));
-    NEED(w = dev_conv_weight(&s, ow));
-    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(cs = sig_dev(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_OPTIONAL));
-    NEED(y = sig_dev_new(&s, "bLE", NPY_FLOAT32));
-    NEED(fin = sig_dev_new(&s, "bkE", NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_conv_forward(DF32(x), DF32(w), DF32(b), DF32(cs), DF32(fin), DF32(y), silu,
-                                   s.dim['b'], s.dim['L'], s.dim['E'], s.dim['K'], BM_STREAM));
+    PyObject *x, *w, *b, *cs, *y, *fin;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "bLE", 0));
+    NEED(w = conv_weight(&s, ow));
+    OPT(b = arg_in(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    OPT(cs = arg_in(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_OPTIONAL));
+    NEED(y = arg_new(&s, "bLE", NPY_FLOAT32));
+    NEED(fin = arg_new(&s, "bkE", NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_conv_forward(F32(x), F32(w), F32(b), F32(cs), F32(fin), F32(y), silu,
+                                       s.dim['b'], s.dim['L'], s.dim['E'], s.dim['K'], BM_STREAM));
+    else
+        CALL(bm_conv_forward(F32(x), F32(w), F32(b), F32(cs), F32(fin), F32(y), silu, s.dim['b'],
+                             s.dim['L'], s.dim['E'], s.dim['K']));
     res = Py_BuildValue("OO", y, fin);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(causal_conv1d)
 
-static PyObject *py_cuda_causal_conv1d_update(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_causal_conv1d_update(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"x", "conv_state", "weight", "bias", "activation", NULL};
     PyObject *ox, *ocs, *ow, *ob = Py_None, *oact = NULL, *res = NULL;
     Sig s;
-    sig_init(&s, "causal_conv1d_update");
+    sig_init(&s, "causal_conv1d_update", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|OO", kws, &ox, &ocs, &ow, &ob, &oact))
         return NULL;
     int silu = 1;
     if (oact && parse_silu(&s, oact, &silu) < 0) return NULL;
-    DeviceArray *x, *w, *b, *cs, *y;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "bE", 0));
-    NEED(w = dev_conv_weight(&s, ow));
-    NEED(cs = sig_dev(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_INPLACE));
-    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    NEED(y = sig_dev_new(&s, "bE", NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_conv_step(DF32(x), DF32(cs), DF32(w), DF32(b), DF32(y), silu, s.dim['b'],
-                                s.dim['E'], s.dim['K'], BM_STREAM));
-    res = ret(&s, (PyObject *)y);
+    PyObject *x, *w, *b, *cs, *y;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "bE", 0));
+    NEED(w = conv_weight(&s, ow));
+    NEED(cs = arg_in(&s, ocs, "conv_state", NPY_FLOAT32, "bkE", ARG_INPLACE));
+    OPT(b = arg_in(&s, ob, "bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
+    NEED(y = arg_new(&s, "bE", NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_conv_step(F32(x), F32(cs), F32(w), F32(b), F32(y), silu, s.dim['b'],
+                                    s.dim['E'], s.dim['K'], BM_STREAM));
+    else
+        CALL(bm_conv_step(F32(x), F32(cs), F32(w), F32(b), F32(y), silu, s.dim['b'], s.dim['E'],
+                          s.dim['K']));
+    res = ret(&s, y);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(causal_conv1d_update)
 
-/* residual must match x exactly; d within the norm kernels' shared-memory row */
-static int dev_norm_args(Sig *s, DeviceArray *x, DeviceArray *r) {
-    if (r && (r->ndim != x->ndim ||
-              memcmp(r->shape, x->shape, sizeof(npy_intp) * (size_t)x->ndim))) {
-        char got[256], want[256];
-        shape_str(got, sizeof(got), r->ndim, r->shape);
-        shape_str(want, sizeof(want), x->ndim, x->shape);
-        PyErr_Format(PyExc_ValueError, "%s: residual must have the shape of x %s, got %s", s->fn,
-                     want, got);
+/* ---- norm.c / norm.cu ------------------------------------------------------------------ */
+
+static int parse_eps(Sig *s, double eps) {
+    if (!(eps >= 0.0) || eps > 1.0) {
+        /* PyErr_Format has no %g: format the value through a float object */
+        PyObject *v = PyFloat_FromDouble(eps);
+        if (v) PyErr_Format(PyExc_ValueError, "%s: eps must be in [0, 1], got %R", s->fn, v);
+        Py_XDECREF(v);
         return -1;
     }
+    return 0;
+}
+
+/* "...d" alone lets (3, 2, d) stand for (2, 3, d): the residual must match x exactly. */
+static int check_residual(Sig *s, PyObject *x, PyObject *r) {
+    const int nd = arg_ndim(x);
+    if (!r || (arg_ndim(r) == nd &&
+               !memcmp(arg_dims(r), arg_dims(x), sizeof(npy_intp) * (size_t)nd)))
+        return 0;
+    char got[256], want[256];
+    shape_str(got, sizeof(got), arg_ndim(r), arg_dims(r));
+    shape_str(want, sizeof(want), nd, arg_dims(x));
+    PyErr_Format(PyExc_ValueError, "%s: residual must have the shape of x %s, got %s", s->fn,
+                 want, got);
+    return -1;
+}
+
+static int check_gpu_norm_d(Sig *s) {  /* the GPU norm kernels keep a row in shared memory */
     if (s->dim['d'] > 50000) {
         PyErr_Format(PyExc_ValueError, "%s: the GPU kernel needs d <= 50000, got %ld", s->fn,
                      (long)s->dim['d']);
@@ -2080,56 +1976,70 @@ static int dev_norm_args(Sig *s, DeviceArray *x, DeviceArray *r) {
     return 0;
 }
 
-static PyObject *py_cuda_rms_norm(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_rms_norm(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"x", "weight", "residual", "eps", NULL};
     PyObject *ox, *ow, *or = Py_None, *res = NULL;
     double eps = 1e-5;
     Sig s;
-    sig_init(&s, "rms_norm");
+    sig_init(&s, "rms_norm", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Od", kws, &ox, &ow, &or, &eps)) return NULL;
     if (parse_eps(&s, eps) < 0) return NULL;
-    DeviceArray *x, *w, *r, *out, *rout;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_dev(&s, ow, "weight", NPY_FLOAT32, "d", 0));
-    OPT(r = sig_dev(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
-    if (dev_norm_args(&s, x, r) < 0) goto fail;
-    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    NEED(rout = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_rms_norm(DF32(x), DF32(r), DF32(w), (float)eps, DF32(out), DF32(rout),
-                               s.dim['T'], s.dim['d'], BM_STREAM));
+    PyObject *x, *w, *r, *out, *rout;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(w = arg_in(&s, ow, "weight", NPY_FLOAT32, "d", 0));
+    OPT(r = arg_in(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
+    if (check_residual(&s, x, r) < 0) goto fail;
+    if (dev && check_gpu_norm_d(&s) < 0) goto fail;
+    NEED(out = arg_new_like(&s, x, s.dim['d'], NPY_FLOAT32));
+    NEED(rout = arg_new_like(&s, x, s.dim['d'], NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_rms_norm(F32(x), F32(r), F32(w), (float)eps, F32(out), F32(rout),
+                                   s.dim['T'], s.dim['d'], BM_STREAM));
+    else
+        CALL(bm_rms_norm(F32(x), F32(r), F32(w), (float)eps, F32(out), F32(rout), s.dim['T'],
+                         s.dim['d']));
     res = Py_BuildValue("OO", out, rout);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(rms_norm)
 
-static PyObject *py_cuda_layer_norm(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_layer_norm(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"x", "weight", "bias", "residual", "eps", NULL};
     PyObject *ox, *ow, *ob = Py_None, *or = Py_None, *res = NULL;
     double eps = 1e-5;
     Sig s;
-    sig_init(&s, "layer_norm");
+    sig_init(&s, "layer_norm", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOd", kws, &ox, &ow, &ob, &or, &eps))
         return NULL;
     if (parse_eps(&s, eps) < 0) return NULL;
-    DeviceArray *x, *w, *b, *r, *out;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_dev(&s, ow, "weight", NPY_FLOAT32, "d", 0));
-    OPT(b = sig_dev(&s, ob, "bias", NPY_FLOAT32, "d", ARG_OPTIONAL));
-    OPT(r = sig_dev(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
-    if (dev_norm_args(&s, x, r) < 0) goto fail;
-    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_layer_norm(DF32(x), DF32(r), DF32(w), DF32(b), (float)eps, DF32(out),
-                                 s.dim['T'], s.dim['d'], BM_STREAM));
-    res = ret(&s, (PyObject *)out);
+    PyObject *x, *w, *b, *r, *out;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(w = arg_in(&s, ow, "weight", NPY_FLOAT32, "d", 0));
+    OPT(b = arg_in(&s, ob, "bias", NPY_FLOAT32, "d", ARG_OPTIONAL));
+    OPT(r = arg_in(&s, or, "residual", NPY_FLOAT32, "...d", ARG_OPTIONAL));
+    if (check_residual(&s, x, r) < 0) goto fail;
+    if (dev && check_gpu_norm_d(&s) < 0) goto fail;
+    NEED(out = arg_new_like(&s, x, s.dim['d'], NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_layer_norm(F32(x), F32(r), F32(w), F32(b), (float)eps, F32(out),
+                                     s.dim['T'], s.dim['d'], BM_STREAM));
+    else
+        CALL(bm_layer_norm(F32(x), F32(r), F32(w), F32(b), (float)eps, F32(out), s.dim['T'],
+                           s.dim['d']));
+    res = ret(&s, out);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(layer_norm)
 
-#define GPU_MAX_EXPERTS 256  /* route_top1 / moe_dispatch kernels (moe.cu) */
+/* ---- moe.c / moe.cu -------------------------------------------------------------------- */
 
-static int check_experts(Sig *s) {
+#define GPU_MAX_EXPERTS 256  /* the GPU routing, dispatch and expert kernels (moe.cu) */
+
+static int check_gpu_experts(Sig *s) {
     if (s->dim['X'] < 1) {
         PyErr_Format(PyExc_ValueError, "%s: need at least one expert", s->fn);
         return -1;
@@ -2142,249 +2052,205 @@ static int check_experts(Sig *s) {
     return 0;
 }
 
-static PyObject *py_cuda_route_top1(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_route_top1(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"x", "router_weight", "router_bias", "return_logits", NULL};
     PyObject *ox, *ow, *ob, *res = NULL;
     int want_logits = 0;
     Sig s;
-    sig_init(&s, "route_top1");
+    sig_init(&s, "route_top1", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p", kws, &ox, &ow, &ob, &want_logits))
         return NULL;
-    DeviceArray *x, *w, *b, *ids, *gates, *logits = NULL;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_dev(&s, ow, "router_weight", DT_WEIGHT, "Xd", 0));
-    NEED(b = sig_dev(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
-    if (check_experts(&s) < 0) goto fail;
-    NEED(ids = sig_dev_new(&s, "T", NPY_INT32));
-    NEED(gates = sig_dev_new(&s, "T", NPY_FLOAT32));
-    if (want_logits) NEED(logits = sig_dev_new(&s, "TX", NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_route_top1(DF32(x), DEV(w), DWDT(w), DF32(b), DF32(logits), DI32(ids),
-                                 DF32(gates), s.dim['T'], s.dim['d'], s.dim['X'], BM_STREAM));
+    PyObject *x, *w, *b, *ids, *gates, *logits = NULL;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    /* bf16 router weights: the GPU kernel only */
+    NEED(w = arg_in(&s, ow, "router_weight", dev ? DT_WEIGHT : NPY_FLOAT32, "Xd", 0));
+    NEED(b = arg_in(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
+    if (s.dim['X'] < 1) {
+        PyErr_SetString(PyExc_ValueError, "route_top1: need at least one expert");
+        goto fail;
+    }
+    if (dev && check_gpu_experts(&s) < 0) goto fail;
+    NEED(ids = arg_new(&s, "T", NPY_INT32));
+    NEED(gates = arg_new(&s, "T", NPY_FLOAT32));
+    /* the CPU kernel writes the logits always, the GPU one only when asked */
+    if (want_logits || !dev) NEED(logits = arg_new(&s, "TX", NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_route_top1(F32(x), DATA(w), WDT(w), F32(b), F32(logits), I32(ids),
+                                     F32(gates), s.dim['T'], s.dim['d'], s.dim['X'], BM_STREAM));
+    else
+        CALL(bm_route_top1(F32(x), F32(w), F32(b), F32(logits), I32(ids), F32(gates), s.dim['T'],
+                           s.dim['d'], s.dim['X']));
     res = want_logits ? Py_BuildValue("OOO", ids, gates, logits) : Py_BuildValue("OO", ids, gates);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(route_top1)
 
-/* ids (T, int32 or int64) -> int32 on the device; ids outside [0, X) -> ValueError. The
- * check reads one count back: a host synchronisation. */
-static DeviceArray *dev_ids_int32(Sig *s, DeviceArray *ids, const char *name) {
-    DeviceArray *out, *bad;
-    if (!(out = sig_dev_new(s, "T", NPY_INT32)) || !(bad = sig_dev_new(s, "", NPY_INT32)))
-        return NULL;
-    int st;
-    Py_BEGIN_ALLOW_THREADS
-    st = bm_cuda_ids_to_i32(ids->ptr, 8 * ids->itemsize, s->dim['T'], s->dim['X'], DI32(out),
-                            DI32(bad), BM_STREAM);
-    Py_END_ALLOW_THREADS
-    if (cuda_check(s, st) < 0) return NULL;
-    int32_t nbad = 0;
-    if (dev_read(s, &nbad, bad->ptr, sizeof nbad) < 0) return NULL;
-    if (nbad) {
-        PyErr_Format(PyExc_ValueError, "%s: %s has %d value(s) outside [0, %ld)", s->fn, name,
-                     (int)nbad, (long)s->dim['X']);
-        return NULL;
-    }
-    return out;
-}
-
-static PyObject *py_cuda_moe_dispatch(PyObject *self, PyObject *args, PyObject *kw) {
+static PyObject *op_moe_dispatch(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"ids", "num_experts", NULL};
     PyObject *oids, *res = NULL;
     Py_ssize_t X;
     Sig s;
-    sig_init(&s, "moe_dispatch");
+    sig_init(&s, "moe_dispatch", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "On", kws, &oids, &X)) return NULL;
-    if (X < 1 || X > GPU_MAX_EXPERTS)
+    if (!dev && (X < 1 || X > 1 << 20))
+        return PyErr_Format(PyExc_ValueError, "moe_dispatch: num_experts must be in 1..2**20");
+    if (dev && (X < 1 || X > GPU_MAX_EXPERTS))
         return PyErr_Format(PyExc_ValueError, "moe_dispatch: num_experts must be in 1..%d on the "
                             "GPU, got %zd", GPU_MAX_EXPERTS, X);
-    DeviceArray *ids, *ids32, *c32, *o32, *p32, *counts, *offsets, *perm;
-    NEED(ids = sig_dev(&s, oids, "ids", DT_INT, "T", 0));
+    PyObject *ids, *ids32, *counts, *offsets, *perm;
+    NEED(ids = arg_in(&s, oids, "ids", DT_INT, "T", 0));
     s.dim['X'] = X;
-    NEED(ids32 = dev_ids_int32(&s, ids, "ids"));
-    NEED(c32 = sig_dev_new(&s, "X", NPY_INT32));
-    NEED(o32 = sig_dev_new(&s, "X+", NPY_INT32));
-    NEED(p32 = sig_dev_new(&s, "T", NPY_INT32));
-    NEED(counts = sig_dev_new(&s, "X", NPY_INT64));
-    NEED(offsets = sig_dev_new(&s, "X+", NPY_INT64));
-    NEED(perm = sig_dev_new(&s, "T", NPY_INT64));
-    CUDA_CALL(bm_cuda_moe_dispatch(DI32(ids32), s.dim['T'], X, DI32(c32), DI32(o32), DI32(p32),
-                                   BM_STREAM));
-    /* the CPU op returns int64 tables */
-    CUDA_CALL(bm_cuda_i32_to_i64(DI32(c32), (int64_t *)counts->ptr, X, BM_STREAM));
-    CUDA_CALL(bm_cuda_i32_to_i64(DI32(o32), (int64_t *)offsets->ptr, X + 1, BM_STREAM));
-    CUDA_CALL(bm_cuda_i32_to_i64(DI32(p32), (int64_t *)perm->ptr, s.dim['T'], BM_STREAM));
+    NEED(ids32 = ids_int32(&s, ids, "ids"));
+    NEED(counts = arg_new(&s, "X", NPY_INT64));
+    NEED(offsets = arg_new(&s, "X+", NPY_INT64));
+    NEED(perm = arg_new(&s, "T", NPY_INT64));
+    if (dev) CUDA_DO(dev_moe_dispatch(&s, ids32, counts, offsets, perm));
+    else CALL(bm_moe_dispatch(I32(ids32), s.dim['T'], X, I64(counts), I64(offsets), I64(perm)));
     res = Py_BuildValue("OOO", counts, offsets, perm);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(moe_dispatch)
 
-/* fc1 (X, 2F, d) and fc2 (X, d, F) of one dtype on the device; binds X, F and checks d. */
-static int dev_expert_weights(Sig *s, PyObject *o1, PyObject *o2, DeviceArray **fc1,
-                              DeviceArray **fc2) {
-    if (!(*fc1 = sig_dev(s, o1, "fc1", DT_WEIGHT, "XGd", 0))) return -1;
+/* fc1 (X, 2F, d) and fc2 (X, d, F) of one dtype; binds X, F (from 2F) and checks d. */
+static int expert_weights(Sig *s, PyObject *o1, PyObject *o2, PyObject **fc1, PyObject **fc2) {
+    if (!(*fc1 = arg_in(s, o1, "fc1", DT_WEIGHT, "XGd", 0))) return -1;
     if (s->dim['G'] % 2) {
         PyErr_Format(PyExc_ValueError, "%s: fc1 must have shape (X, 2F, d): its middle "
                      "dimension %ld is odd", s->fn, (long)s->dim['G']);
         return -1;
     }
     s->dim['F'] = s->dim['G'] / 2;
-    if (!(*fc2 = sig_dev(s, o2, "fc2", DT_WEIGHT, "XdF", 0))) return -1;
-    if ((*fc1)->typenum != (*fc2)->typenum) {
+    if (!(*fc2 = arg_in(s, o2, "fc2", DT_WEIGHT, "XdF", 0))) return -1;
+    if (arg_type(*fc1) != arg_type(*fc2)) {
         PyErr_Format(PyExc_TypeError, "%s: fc1 and fc2 must have the same dtype", s->fn);
         return -1;
     }
-    if (check_experts(s) < 0) return -1;
+    if (s->dev && check_gpu_experts(s) < 0) return -1;
     return check_blas_dims(s, s->dim['T'], s->dim['G'], s->dim['d']);
 }
 
-/* Up to this many tokens the experts go through the gathered GEMV (no host sync, each used
- * expert read once per 8 of its tokens); beyond, through cuBLAS (one host sync per call). */
-#define MOE_GEMV_TOKENS 64
-
-/* out = the expert MLPs of ids32 (valid int32 ids), scaled by gates (or 1). */
-static int dev_experts(Sig *s, DeviceArray *x, DeviceArray *ids32, DeviceArray *gates,
-                       DeviceArray *fc1, DeviceArray *fc2, bm_act act, int math, DeviceArray *out) {
-    const int64_t T = s->dim['T'], d = s->dim['d'], X = s->dim['X'], F = s->dim['F'];
-    const bm_dtype wdt = DWDT(fc1);
-    DeviceArray *ws;
-    void *hdl = NULL;
-    int st;
-    if (T <= MOE_GEMV_TOKENS) {
-        const size_t wsb = bm_cuda_moe_decode_workspace(T, F);
-        if (!(ws = sig_dev_bytes(s, wsb))) return -1;
-        Py_BEGIN_ALLOW_THREADS
-        st = bm_cuda_moe_experts_decode(DF32(x), DI32(ids32), DF32(gates), DEV(fc1), DEV(fc2), wdt,
-                                        act, DF32(out), T, d, X, F, DEV(ws), wsb, BM_STREAM);
-        Py_END_ALLOW_THREADS
-    } else {
-        const size_t wsb = bm_cuda_moe_experts_workspace(T, d, X, F, wdt, math);
-        if (!(ws = sig_dev_bytes(s, wsb)) || !(hdl = cublas_take(s))) return -1;
-        Py_BEGIN_ALLOW_THREADS
-        st = bm_cuda_moe_experts(DF32(x), DI32(ids32), DF32(gates), DEV(fc1), DEV(fc2), wdt, act,
-                                 math, DF32(out), T, d, X, F, DEV(ws), wsb, hdl, BM_STREAM);
-        Py_END_ALLOW_THREADS
-        cublas_give(hdl);
-    }
-    return cuda_check(s, st);
-}
-
-static PyObject *py_cuda_moe_experts(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "ids", "gates", "fc1", "fc2", "activation", "math", NULL};
+static PyObject *op_moe_experts(PyObject *args, PyObject *kw, int dev) {
+    char *kws[] = {"x", "ids", "gates", "fc1", "fc2", "activation", dev ? "math" : NULL, NULL};
     PyObject *ox, *oids, *og, *o1, *o2, *oact = NULL, *om = Py_None, *res = NULL;
     Sig s;
-    sig_init(&s, "moe_experts");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|O$O", kws, &ox, &oids, &og, &o1, &o2,
-                                     &oact, &om))
+    sig_init(&s, "moe_experts", dev);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, dev ? "OOOOO|O$O" : "OOOOO|O", kws, &ox, &oids,
+                                     &og, &o1, &o2, &oact, &om))
         return NULL;
     bm_act act = BM_ACT_GELU;
-    int math;
     if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
-    if (parse_math(s.fn, om, &math) < 0) return NULL;
-    DeviceArray *x, *ids, *ids32, *g, *fc1, *fc2, *out;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(ids = sig_dev(&s, oids, "ids", DT_INT, "T", 0));
-    OPT(g = sig_dev(&s, og, "gates", NPY_FLOAT32, "T", ARG_OPTIONAL));
-    if (dev_expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
-    NEED(ids32 = dev_ids_int32(&s, ids, "ids"));
-    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    if (dev_experts(&s, x, ids32, g, fc1, fc2, act, math, out) < 0) goto fail;
-    res = ret(&s, (PyObject *)out);
+    if (dev) CUDA_DO(parse_math(s.fn, om, &s.math));
+    PyObject *x, *ids, *ids32, *g, *fc1, *fc2, *out;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(ids = arg_in(&s, oids, "ids", DT_INT, "T", 0));
+    OPT(g = arg_in(&s, og, "gates", NPY_FLOAT32, "T", ARG_OPTIONAL));
+    if (expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
+    NEED(ids32 = ids_int32(&s, ids, "ids"));
+    NEED(out = arg_new_like(&s, x, s.dim['d'], NPY_FLOAT32));
+    if (dev) CUDA_DO(dev_experts(&s, x, ids32, g, fc1, fc2, act, out));
+    else CALL(bm_moe_experts(F32(x), I32(ids32), F32(g), DATA(fc1), DATA(fc2), WDT(fc1), act,
+                             F32(out), s.dim['T'], s.dim['d'], s.dim['X'], s.dim['F']));
+    res = ret(&s, out);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(moe_experts)
 
-static PyObject *py_cuda_moe(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "router_weight", "router_bias", "fc1", "fc2", "activation",
-                          "return_routing", "math", NULL};
+static PyObject *op_moe(PyObject *args, PyObject *kw, int dev) {
+    char *kws[] = {"x", "router_weight", "router_bias", "fc1", "fc2", "activation",
+                   "return_routing", dev ? "math" : NULL, NULL};
     PyObject *ox, *ow, *ob, *o1, *o2, *oact = NULL, *om = Py_None, *res = NULL;
     int routing = 0;
     Sig s;
-    sig_init(&s, "moe");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|Op$O", kws, &ox, &ow, &ob, &o1, &o2, &oact,
-                                     &routing, &om))
+    sig_init(&s, "moe", dev);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, dev ? "OOOOO|Op$O" : "OOOOO|Op", kws, &ox, &ow,
+                                     &ob, &o1, &o2, &oact, &routing, &om))
         return NULL;
     bm_act act = BM_ACT_GELU;
-    int math;
     if (oact && parse_act(s.fn, oact, &act, 0) < 0) return NULL;
-    if (parse_math(s.fn, om, &math) < 0) return NULL;
-    DeviceArray *x, *w, *b, *fc1, *fc2, *ids, *gates, *logits, *out;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(w = sig_dev(&s, ow, "router_weight", DT_WEIGHT, "Xd", 0));
-    NEED(b = sig_dev(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
-    if (dev_expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
-    NEED(ids = sig_dev_new(&s, "T", NPY_INT32));
-    NEED(gates = sig_dev_new(&s, "T", NPY_FLOAT32));
-    NEED(logits = sig_dev_new(&s, "TX", NPY_FLOAT32));
-    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    CUDA_CALL(bm_cuda_route_top1(DF32(x), DEV(w), DWDT(w), DF32(b), DF32(logits), DI32(ids),
-                                 DF32(gates), s.dim['T'], s.dim['d'], s.dim['X'], BM_STREAM));
-    if (dev_experts(&s, x, ids, gates, fc1, fc2, act, math, out) < 0) goto fail;
-    res = routing ? Py_BuildValue("OOOO", out, ids, gates, logits) : ret(&s, (PyObject *)out);
+    if (dev) CUDA_DO(parse_math(s.fn, om, &s.math));
+    PyObject *x, *w, *b, *fc1, *fc2, *ids, *gates, *logits, *out;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    /* bf16 router weights: the GPU kernel only */
+    NEED(w = arg_in(&s, ow, "router_weight", dev ? DT_WEIGHT : NPY_FLOAT32, "Xd", 0));
+    NEED(b = arg_in(&s, ob, "router_bias", NPY_FLOAT32, "X", 0));
+    if (expert_weights(&s, o1, o2, &fc1, &fc2) < 0) goto fail;
+    NEED(ids = arg_new(&s, "T", NPY_INT32));
+    NEED(gates = arg_new(&s, "T", NPY_FLOAT32));
+    NEED(logits = arg_new(&s, "TX", NPY_FLOAT32));
+    NEED(out = arg_new_like(&s, x, s.dim['d'], NPY_FLOAT32));
+    if (dev)
+        CUDA_CALL(bm_cuda_route_top1(F32(x), DATA(w), WDT(w), F32(b), F32(logits), I32(ids),
+                                     F32(gates), s.dim['T'], s.dim['d'], s.dim['X'], BM_STREAM));
+    else
+        CALL(bm_route_top1(F32(x), F32(w), F32(b), F32(logits), I32(ids), F32(gates), s.dim['T'],
+                           s.dim['d'], s.dim['X']));
+    if (dev) CUDA_DO(dev_experts(&s, x, ids, gates, fc1, fc2, act, out));
+    else CALL(bm_moe_experts(F32(x), I32(ids), F32(gates), DATA(fc1), DATA(fc2), WDT(fc1), act,
+                             F32(out), s.dim['T'], s.dim['d'], s.dim['X'], s.dim['F']));
+    res = routing ? Py_BuildValue("OOOO", out, ids, gates, logits) : ret(&s, out);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(moe)
 
-/* The dense gated MLP as one expert (X = 1, every id 0, no gate). */
-static PyObject *py_cuda_mlp(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"x", "fc1", "fc2", "activation", "gated", "math", NULL};
+static PyObject *op_mlp(PyObject *args, PyObject *kw, int dev) {
+    char *kws[] = {"x", "fc1", "fc2", "activation", "gated", dev ? "math" : NULL, NULL};
     PyObject *ox, *o1, *o2, *oact = NULL, *om = Py_None, *res = NULL;
-    int gated = 1, math;
+    int gated = 1;
     Sig s;
-    sig_init(&s, "mlp");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|Op$O", kws, &ox, &o1, &o2, &oact, &gated, &om))
+    sig_init(&s, "mlp", dev);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, dev ? "OOO|Op$O" : "OOO|Op", kws, &ox, &o1, &o2,
+                                     &oact, &gated, &om))
         return NULL;
     bm_act act = BM_ACT_GELU;
     if (oact && parse_act(s.fn, oact, &act, 1) < 0) return NULL;
-    if (parse_math(s.fn, om, &math) < 0) return NULL;
-    if (!gated)
+    if (dev) CUDA_DO(parse_math(s.fn, om, &s.math));
+    if (dev && !gated)
         return PyErr_Format(PyExc_ValueError, "mlp: gated=False has no GPU kernel (only the gated "
                             "MLP of BlackMamba's dense layers)");
-    DeviceArray *x, *fc1, *fc2, *ids, *out;
-    NEED(x = sig_dev(&s, ox, "x", NPY_FLOAT32, "...d", 0));
-    NEED(fc1 = sig_dev(&s, o1, "fc1", DT_WEIGHT, "Gd", 0));
-    if (s.dim['G'] % 2) {
+    PyObject *x, *fc1, *fc2, *out;
+    NEED(x = arg_in(&s, ox, "x", NPY_FLOAT32, "...d", 0));
+    NEED(fc1 = arg_in(&s, o1, "fc1", DT_WEIGHT, "Gd", 0));
+    if (gated && s.dim['G'] % 2) {
         PyErr_Format(PyExc_ValueError, "mlp: gated fc1 must have shape (2F, d), got an odd "
                      "first dimension %ld", (long)s.dim['G']);
         goto fail;
     }
-    s.dim['F'] = s.dim['G'] / 2;
-    NEED(fc2 = sig_dev(&s, o2, "fc2", DT_WEIGHT, "dF", 0));
-    if (fc1->typenum != fc2->typenum) {
+    s.dim['F'] = gated ? s.dim['G'] / 2 : s.dim['G'];
+    NEED(fc2 = arg_in(&s, o2, "fc2", DT_WEIGHT, "dF", 0));
+    if (arg_type(fc1) != arg_type(fc2)) {
         PyErr_SetString(PyExc_TypeError, "mlp: fc1 and fc2 must have the same dtype");
         goto fail;
     }
     if (check_blas_dims(&s, s.dim['T'], s.dim['G'], s.dim['d']) < 0) goto fail;
-    s.dim['X'] = 1;
-    NEED(ids = sig_dev_new(&s, "T", NPY_INT32));
-    if (da_nbytes(ids)) {
-        cudaError_t e = cudaMemsetAsync(ids->ptr, 0, da_nbytes(ids), BM_STREAM);
-        if (e != cudaSuccess) {
-            (void)cudaGetLastError();
-            PyErr_Format(PyExc_RuntimeError, "mlp: cudaMemsetAsync: %s: %s", cudaGetErrorName(e),
-                         cudaGetErrorString(e));
-            goto fail;
-        }
-    }
-    NEED(out = sig_dev_new_like(&s, x, (npy_intp)s.dim['d'], NPY_FLOAT32));
-    if (dev_experts(&s, x, ids, NULL, fc1, fc2, act, math, out) < 0) goto fail;
-    res = ret(&s, (PyObject *)out);
+    NEED(out = arg_new_like(&s, x, s.dim['d'], NPY_FLOAT32));
+    if (dev) CUDA_DO(dev_mlp(&s, x, fc1, fc2, act, out));
+    else CALL(bm_mlp(F32(x), DATA(fc1), DATA(fc2), WDT(fc1), act, gated, F32(out), s.dim['T'],
+                     s.dim['d'], s.dim['F']));
+    res = ret(&s, out);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(mlp)
 
-static PyObject *py_cuda_sinkhorn(PyObject *self, PyObject *args, PyObject *kw) {
+/* ---- sinkhorn.c / sinkhorn.cu ---------------------------------------------------------- */
+
+static PyObject *op_sinkhorn(PyObject *args, PyObject *kw, int dev) {
     static char *kws[] = {"logits", "tol", "init", "max_iters", NULL};
     PyObject *ol, *res = NULL;
     double tol = 1e-4;
     const char *init = "blackmamba";
     int max_iters = 1000;
     Sig s;
-    sig_init(&s, "sinkhorn");
+    sig_init(&s, "sinkhorn", dev);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dsi", kws, &ol, &tol, &init, &max_iters))
         return NULL;
     bm_sinkhorn_init in;
@@ -2393,29 +2259,31 @@ static PyObject *py_cuda_sinkhorn(PyObject *self, PyObject *args, PyObject *kw) 
     else return PyErr_Format(PyExc_ValueError, "sinkhorn: init must be 'blackmamba' or 'uniform', got '%s'", init);
     if (!(tol >= 0.0)) return PyErr_Format(PyExc_ValueError, "sinkhorn: tol must be >= 0");
     if (max_iters < 1) return PyErr_Format(PyExc_ValueError, "sinkhorn: max_iters must be >= 1");
-    DeviceArray *S, *P, *it;
-    NEED(S = sig_dev(&s, ol, "logits", NPY_FLOAT32, "TX", 0));
+    PyObject *S, *P;
+    NEED(S = arg_in(&s, ol, "logits", NPY_FLOAT32, "TX", 0));
     if (s.dim['T'] < 1 || s.dim['X'] < 1) {
         PyErr_SetString(PyExc_ValueError, "sinkhorn: logits must have at least one row and column");
         goto fail;
     }
-    if (s.dim['X'] > 64) {
+    if (dev && s.dim['X'] > 64) {
         PyErr_Format(PyExc_ValueError, "sinkhorn: the GPU kernel takes at most 64 experts "
                      "(columns), got %ld", (long)s.dim['X']);
         goto fail;
     }
-    NEED(P = sig_dev_new(&s, "TX", NPY_FLOAT32));
-    NEED(it = sig_dev_new(&s, "", NPY_INT32));
-    CUDA_CALL(bm_cuda_sinkhorn(DF32(S), DF32(P), s.dim['T'], s.dim['X'], (float)tol, in,
-                               max_iters, (int *)it->ptr, BM_STREAM));
+    NEED(P = arg_new(&s, "TX", NPY_FLOAT32));
     int iters = 0;
-    if (dev_read(&s, &iters, it->ptr, sizeof iters) < 0) goto fail;  /* the one host sync */
+    if (dev) CUDA_DO(dev_sinkhorn(&s, S, P, (float)tol, in, max_iters, &iters));
+    else CALL(bm_sinkhorn(F32(S), F32(P), s.dim['T'], s.dim['X'], (float)tol, in, max_iters,
+                          &iters));
     res = Py_BuildValue("Oi", P, iters);
 fail:
     sig_free(&s);
     return res;
 }
+BINDINGS(sinkhorn)
 
+/* ---- the GPU module functions ---- */
+#ifdef BM_WITH_CUDA
 #define CKW(name, doc) {"cuda_" #name, (PyCFunction)(void (*)(void))py_cuda_##name, METH_VARARGS | METH_KEYWORDS, doc}
 
 static PyMethodDef cuda_methods[] = {
@@ -2469,40 +2337,7 @@ static int cuda_module_init(PyObject *m) {
     return 0;
 }
 
-#endif /* BM_WITH_CUDA */
-
-/* ---- sinkhorn.c ------------------------------------------------------------------------ */
-
-static PyObject *py_sinkhorn(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"logits", "tol", "init", "max_iters", NULL};
-    PyObject *ol, *res = NULL;
-    double tol = 1e-4;
-    const char *init = "blackmamba";
-    int max_iters = 1000;
-    Sig s;
-    sig_init(&s, "sinkhorn");
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dsi", kws, &ol, &tol, &init, &max_iters))
-        return NULL;
-    bm_sinkhorn_init in;
-    if (!strcmp(init, "blackmamba")) in = BM_SINKHORN_BLACKMAMBA;
-    else if (!strcmp(init, "uniform")) in = BM_SINKHORN_UNIFORM;
-    else return PyErr_Format(PyExc_ValueError, "sinkhorn: init must be 'blackmamba' or 'uniform', got '%s'", init);
-    if (!(tol >= 0.0)) return PyErr_Format(PyExc_ValueError, "sinkhorn: tol must be >= 0");
-    if (max_iters < 1) return PyErr_Format(PyExc_ValueError, "sinkhorn: max_iters must be >= 1");
-    PyArrayObject *S, *P;
-    NEED(S = sig_arr(&s, ol, "logits", NPY_FLOAT32, "TX", 0));
-    if (s.dim['T'] < 1 || s.dim['X'] < 1) {
-        PyErr_SetString(PyExc_ValueError, "sinkhorn: logits must have at least one row and column");
-        goto fail;
-    }
-    NEED(P = sig_new(&s, "TX", NPY_FLOAT32));
-    int iters = 0;
-    CALL(bm_sinkhorn(F32(S), F32(P), s.dim['T'], s.dim['X'], (float)tol, in, max_iters, &iters));
-    res = Py_BuildValue("Oi", P, iters);
-fail:
-    sig_free(&s);
-    return res;
-}
+#endif /* BM_WITH_CUDA: module functions */
 
 /* ---- CUDA engine (cuda/engine.cu): the whole model on the GPU ---------------------------
  * Used by blackmamba/model_cuda.py. Models and states are capsules; a state remembers the

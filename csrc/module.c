@@ -217,13 +217,16 @@ static int check_status(Sig *s, bm_status st) {
     return -1;
 }
 
-/* The C core call `stmt` (a bm_status) with the GIL released; an error status -> exception. */
-#define CALL(stmt)                                                                          \
+/* `stmt` with the GIL released; its status (of type status_t) through `check`, which sets
+ * the exception: then goto fail. */
+#define GIL_FREE_CALL(status_t, check, stmt)                                                \
     do {                                                                                    \
-        bm_status st_;                                                                      \
+        status_t st_;                                                                       \
         Py_BEGIN_ALLOW_THREADS st_ = (stmt);                                                \
-        Py_END_ALLOW_THREADS if (check_status(&s, st_) < 0) goto fail;                      \
+        Py_END_ALLOW_THREADS if (check(&s, st_) < 0) goto fail;                             \
     } while (0)
+/* The C core call `stmt` (a bm_status). */
+#define CALL(stmt) GIL_FREE_CALL(bm_status, check_status, stmt)
 #define NEED(x) do { if ((x) == NULL) goto fail; } while (0)
 #define OPT(x) do { if ((x) == NULL && PyErr_Occurred()) goto fail; } while (0)
 
@@ -1205,13 +1208,8 @@ static int cuda_check(Sig *s, int st) {
     return -1;
 }
 
-/* The launcher call `stmt` (a CUDA status) with the GIL released; nonzero -> exception. */
-#define CUDA_CALL(stmt)                                                                     \
-    do {                                                                                    \
-        int st_;                                                                            \
-        Py_BEGIN_ALLOW_THREADS st_ = (stmt);                                                \
-        Py_END_ALLOW_THREADS if (cuda_check(&s, st_) < 0) goto fail;                        \
-    } while (0)
+/* The launcher call `stmt` (0 or a CUDA / BM_CUDA_ERR_* status). */
+#define CUDA_CALL(stmt) GIL_FREE_CALL(int, cuda_check, stmt)
 
 /* Copy `n` bytes from the device to the host, waiting for the legacy stream. */
 static int dev_read(Sig *s, void *host, const void *dev, size_t n) {
@@ -1467,7 +1465,8 @@ static PyObject *arg_new(Sig *s, const char *shape, int typenum) {
 /* New output with the leading dims of `like` and last dim `last`. */
 static PyObject *arg_new_like(Sig *s, PyObject *like, int64_t last, int typenum) {
 #ifdef BM_WITH_CUDA
-    if (s->dev) return (PyObject *)sig_dev_new_like(s, (DeviceArray *)like, (npy_intp)last, typenum);
+    if (s->dev)
+        return (PyObject *)sig_dev_new_like(s, (DeviceArray *)like, (npy_intp)last, typenum);
 #endif
     return (PyObject *)sig_new_like(s, (PyArrayObject *)like, (npy_intp)last, typenum);
 }
@@ -1679,8 +1678,6 @@ static int dev_sinkhorn(Sig *s, PyObject *S, PyObject *P, float tol, bm_sinkhorn
 
 #endif /* BM_WITH_CUDA: GPU steps */
 
-/* ---- checks shared by the ops ---- */
-
 /* Integer ids (T) -> int32 ids owned by s, each in [0, X): checked on the host in a loop;
  * on the GPU by a kernel that counts the bad ones (a host synchronisation). */
 static PyObject *ids_int32(Sig *s, PyObject *ids, const char *name) {
@@ -1722,8 +1719,8 @@ static PyObject *op_convert(PyObject *arg, const char *fn, int from, int to, int
     Sig s;
     sig_init(&s, fn, dev);
     NEED(a = arg_get(&s, arg, "a", 0));
-    /* On the host only for a NumPy argument: another object is converted to a 0-d array,
-     * which the dtype or the shape check below refuses. */
+    /* On the host this looks at a NumPy argument only: a scalar, converted to a 0-d array,
+     * fails the dtype or the shape check below instead (as it always has). */
     if (arg_ndim(a) == 0 && (dev || a == arg)) {
         PyErr_Format(PyExc_ValueError, "%s: a must have at least one dimension", fn);
         goto fail;
@@ -1867,7 +1864,7 @@ static int parse_silu(Sig *s, PyObject *o, int *silu) {
 static PyObject *conv_weight(Sig *s, PyObject *ow) {
     PyObject *w = arg_get(s, ow, "weight", 0);
     if (!w) return NULL;
-    /* (E, 1, K) from an array argument; on the host a nested list is read as (E, K) */
+    /* on the host only a NumPy argument may be (E, 1, K): a nested list is checked as (E, K) */
     const int w3 = arg_ndim(w) == 3 && (s->dev || w == ow);
     if (!(w = arg_check(s, w, "weight", NPY_FLOAT32, w3 ? "EoK" : "EK", 0))) return NULL;
     if (arg_ndim(w) == 3 && s->dim['o'] != 1) {
@@ -2282,7 +2279,7 @@ fail:
 }
 BINDINGS(sinkhorn)
 
-/* ---- the GPU module functions ---- */
+/* ---- the cuda_* module functions: devices, memory, arrays and the ops' GPU bindings ---- */
 #ifdef BM_WITH_CUDA
 #define CKW(name, doc) {"cuda_" #name, (PyCFunction)(void (*)(void))py_cuda_##name, METH_VARARGS | METH_KEYWORDS, doc}
 

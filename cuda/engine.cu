@@ -518,6 +518,24 @@ __global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
 // Top-1 routing (SPEC 3) for a few tokens (decode): one block per token, one warp per expert
 // (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
 // per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
+// Thread 0 of a routing block: logits[t] = sl (when traced), the argmax (ties -> lowest
+// index) and its sigmoid gate.
+__device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, float *logits,
+                                           int32_t *ids, float *gates) {
+    float best = -INFINITY;
+    int bi = 0;
+    for (int e = 0; e < X; e++) {
+        const float v = sl[e];
+        if (logits) logits[t * X + e] = v;
+        if (v > best) {  // strict: ties keep the lowest index
+            best = v;
+            bi = e;
+        }
+    }
+    ids[t] = bi;
+    gates[t] = 1.f / (1.f + expf(-best));
+}
+
 constexpr int ROUTE_SMALL_MAX = 64;  // tokens
 constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
 __global__ __launch_bounds__(256) void route_small_kernel(
@@ -553,20 +571,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
         if (lane == 0) sl[e] = acc + rb[e];
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float best = -INFINITY;
-        int bi = 0;
-        for (int e = 0; e < X; e++) {
-            const float v = sl[e];
-            if (logits) logits[t * X + e] = v;
-            if (v > best) {  // strict: ties keep the lowest index
-                best = v;
-                bi = e;
-            }
-        }
-        ids[t] = bi;
-        gates[t] = 1.f / (1.f + expf(-best));
-    }
+    if (threadIdx.x == 0) route_pick(sl, X, t, logits, ids, gates);
 }
 
 // RMSNorm with the residual add, then top-1 routing of the normed row: one block of
@@ -645,21 +650,7 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
         if (lane == 0) sl[e] = acc + rb[e];
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        const int64_t t = blockIdx.x;
-        float best = -INFINITY;
-        int bi = 0;
-        for (int e = 0; e < X; e++) {
-            const float v = sl[e];
-            if (logits) logits[t * X + e] = v;
-            if (v > best) {  // strict: ties keep the lowest index
-                best = v;
-                bi = e;
-            }
-        }
-        ids[t] = bi;
-        gates[t] = 1.f / (1.f + expf(-best));
-    }
+    if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
 }
 
 // The recurrent step of SPEC 2 with dt_proj fused in. A group of G lanes (a power of two

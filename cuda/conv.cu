@@ -113,16 +113,12 @@ template <int K>
 int conv_fwd_launch(const float *x, const float *w, const float *bias, const float *conv_in,
                     float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
                     cudaStream_t stream) {
-    if (b * L * E < CONV_SMALL && bm_cdiv(L, CONV_CT_SMALL) <= 65535) {
-        dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, CONV_CT_SMALL),
-                  (unsigned)b);
-        conv_fwd_kernel<K, CONV_CT_SMALL><<<grid, CONV_THREADS, 0, stream>>>(
-            x, w, bias, conv_in, conv_out, y, silu, (int)L, (int)E);
-    } else {
-        dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, CONV_CT), (unsigned)b);
-        conv_fwd_kernel<K, CONV_CT><<<grid, CONV_THREADS, 0, stream>>>(
-            x, w, bias, conv_in, conv_out, y, silu, (int)L, (int)E);
-    }
+    const bool small = b * L * E < CONV_SMALL && bm_cdiv(L, CONV_CT_SMALL) <= 65535;
+    const int ct = small ? CONV_CT_SMALL : CONV_CT;
+    auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL> : conv_fwd_kernel<K, CONV_CT>;
+    dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, ct), (unsigned)b);
+    kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu, (int)L,
+                                              (int)E);
     BM_CUDA_LAUNCHED();
     return 0;
 }

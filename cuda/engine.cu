@@ -515,9 +515,6 @@ __global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
     }
 }
 
-// Top-1 routing (SPEC 3) for a few tokens (decode): one block per token, one warp per expert
-// (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
-// per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
 // Thread 0 of a routing block: logits[t] = sl (when traced), the argmax (ties -> lowest
 // index) and its sigmoid gate.
 __device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, float *logits,
@@ -536,6 +533,9 @@ __device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, fl
     gates[t] = 1.f / (1.f + expf(-best));
 }
 
+// Top-1 routing (SPEC 3) for a few tokens (decode): one block per token, one warp per expert
+// (moe.cu's route_top1 gives each token a single warp, which walks all X rows in series: 29 us
+// per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
 constexpr int ROUTE_SMALL_MAX = 64;  // tokens
 constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
 __global__ __launch_bounds__(256) void route_small_kernel(
@@ -899,14 +899,6 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
 
 // ---- layers ----------------------------------------------------------------------------------
 
-// K-split of x_proj (BF16 math, more than GEMV_ROWS rows): the product is 124 outputs long
-// and 2944 deep, so cuBLAS gets cdiv(M, 128) output tiles (16 at a 2048-token prefill, 1 at a
-// 64-row decode) and walks K serially in each. Cutting K into ks slices (a strided-batched
-// GEMM into fp32 partials, then one reduction that also splits out B and C) gives ks times
-// the CTAs. ks: the most slices of at least 128 (multiple of 8: 16-byte aligned bf16 slices)
-// with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
-std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
-
 std::atomic<long long> g_small_tf32{0};    // tf32 x_proj / dt_proj products (tests)
 
 // x_proj and dt_proj of M rows in tf32 on the float32 weight copies (LayerDev::x_wf, dt_wf)?
@@ -928,6 +920,13 @@ int dt_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M) {
     return linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, M, E, R);
 }
 
+// K-split of x_proj (BF16 math, more than GEMV_ROWS rows): the product is 124 outputs long
+// and 2944 deep, so cuBLAS gets cdiv(M, 128) output tiles (16 at a 2048-token prefill, 1 at a
+// 64-row decode) and walks K serially in each. Cutting K into ks slices (a strided-batched
+// GEMM into fp32 partials, then one reduction that also splits out B and C) gives ks times
+// the CTAs. ks: the most slices of at least 128 (multiple of 8: 16-byte aligned bf16 slices)
+// with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
+std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
 int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int64_t Kin) {
     if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256 || !mp_on()) return 1;
     for (int ks = 32; ks >= 2; ks--) {
@@ -939,13 +938,15 @@ int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int6
     return 1;
 }
 
+// Does in_proj() run M rows as one batched bf16 GEMM (below)?
+bool in_proj_batched(const bm_cuda_model *m, int64_t M) {
+    return bf16_math(m) && M > GEMV_ROWS && mp_on();
+}
+
 // in_proj: x = xz[:M] (M, E) and z = xz[M*E:] (M, E) from xn (M, d). Under BF16 math with more
 // than GEMV_ROWS rows both halves are one strided-batched GEMM (batch 2: the weight halves E*d
 // apart, the outputs M*E apart, the same bf16 input): one launch instead of two and twice the
 // CTAs in it.
-bool in_proj_batched(const bm_cuda_model *m, int64_t M) {
-    return bf16_math(m) && M > GEMV_ROWS && mp_on();
-}
 // xbf_ready: the norm already wrote bf16(xn) (and its low parts when split) into ws->xbf
 // (ws->xlo); only where in_proj_batched().
 int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64_t M,
@@ -1037,7 +1038,7 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                   const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready) {
     const bm_cuda_config &c = m->cfg;
-    const int64_t T = B * L, d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
+    const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
     TRY(in_proj(m, ws, ly, xn, T, xbf_ready));                              // x, z
@@ -1068,7 +1069,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                const float *xn, float *out, int64_t B) {
     const bm_cuda_config &c = m->cfg;
-    const int64_t d = c.d, E = c.E, N = c.N, R = c.R, P = R + 2 * c.N;
+    const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
     cudaStream_t st = m->stream;
     // Where in_proj runs as a GEMV (linear()'s rule), the conv step rides on its epilogue:
@@ -1262,9 +1263,6 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     return 0;
 }
 
-// SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
-// routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
-// (norm_route_kernel).
 // Does mlp() run this layer's T rows through grouped.cu? Prefills of more than MOE_GEMV_MAX
 // rows and decode batches with the all-experts scratch (more than GEMV_ROWS rows), gated,
 // bf16 weights under BF16 math, sizes and alignments grouped.cu supports.
@@ -1277,6 +1275,9 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
     return ws->decode ? ws->hall != nullptr : T > MOE_GEMV_MAX;
 }
 
+// SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
+// routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
+// (norm_route_kernel).
 // xbf_ready: the norm wrote bf16(x) (and its low parts when split) into ws->xbf (ws->xlo);
 // only where grouped_moe().
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
@@ -1371,17 +1372,11 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
             const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
-            if (xb)
-                BM_LAUNCH_PDL(norm_route_kernel<true>, dim3((unsigned)T), dim3(NR_THREADS),
-                              (size_t)d * 4, st, ws->h, li ? ws->r : nullptr, ly.norm_w, EPS,
-                              ws->xn, ws->r, ly.router_w, ly.router_b, tr ? ws->rlog : nullptr,
-                              ws->ids, ws->gates, (int)d, ly.X, ws->xbf,
-                              split ? ws->xlo : nullptr);
-            else
-                BM_LAUNCH_PDL(norm_route_kernel<false>, dim3((unsigned)T), dim3(NR_THREADS),
-                              (size_t)d * 4, st, ws->h, li ? ws->r : nullptr, ly.norm_w, EPS,
-                              ws->xn, ws->r, ly.router_w, ly.router_b, tr ? ws->rlog : nullptr,
-                              ws->ids, ws->gates, (int)d, ly.X, nullptr, nullptr);
+            auto *nr_kernel = xb ? norm_route_kernel<true> : norm_route_kernel<false>;
+            BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
+                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
+                          xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr);
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb));
             continue;
         }

@@ -212,26 +212,6 @@ int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb, const uint16_t 
                              int64_t d, int64_t X, int64_t F, void *workspace,
                              size_t workspace_bytes, cudaStream_t stream);
 
-/* ---- moe_stream.cu: the same at decode sizes, two launches, weights streamed ----------- */
-/* BLACKMAMBA_MOE_STREAM, read at every call: "1" -> 1 (the engine's batched decode MoE layers
- * take bm_cuda_moe_stream_bf16 where supported), else 0 (grouped.cu: the default, faster on
- * the H200; cuda/NOTES.md session 4 dec64). */
-int bm_cuda_moe_stream_mode(void);
-/* Nonzero for 1 <= T <= 1024 tokens and 1 <= X <= 256 experts. */
-int bm_cuda_moe_stream_supported(int64_t T, int64_t X);
-size_t bm_cuda_moe_stream_workspace(int64_t T, int64_t F, int split);
-/* Calls so far (tests assert the path). */
-long long bm_cuda_moe_stream_calls(void);
-/* bm_cuda_moe_grouped_bf16's math (the same fp32 accumulation per output, in the same k
- * order) for x given as bf16 bits xb (T, d) (split: xl too), every id in [0, X), T <= 1024:
- * fc1 + the gated act, then fc2 + the gate, each one persistent launch that sorts the ids
- * itself (no dispatch launch) and requests its first weights before waiting on the kernel
- * before it (programmatic dependent launch). Capturable, no host synchronisation. */
-int bm_cuda_moe_stream_bf16(const uint16_t *xb, const uint16_t *xl, const int32_t *ids,
-                            const float *gates, const void *fc1, const void *fc2, bm_act act,
-                            int split, float *out, int64_t T, int64_t d, int64_t X, int64_t F,
-                            void *workspace, size_t workspace_bytes, cudaStream_t stream);
-
 /* ---- sinkhorn.cu (SPEC 3.2): one block, all iterations in one launch -------------------- */
 /* P (T, X) = diag(d0) C diag(d1) after iterating to mean|d1 - d1_prev| <= tol or max_iters
  * (sums in float64); iters (1 int, device) receives the number of iterations. X <= 64.

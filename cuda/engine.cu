@@ -1483,16 +1483,6 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
     return ws->decode ? ws->hall != nullptr && T > ws->gv : T > MOE_GEMV_MAX;
 }
 
-// Does the grouped decode take moe_stream.cu's two persistent launches (x given as bf16 by
-// the norm)? Else grouped.cu's dispatch + fc1 + fc2.
-std::atomic<long long> g_moe_stream{0};
-bool moe_stream(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, bool xbf_ready,
-                int64_t T) {
-    return ws->decode && xbf_ready && bm_cuda_moe_stream_mode() &&
-           bm_cuda_moe_stream_supported(T, ly.X) &&
-           bm_cuda_moe_stream_workspace(T, m->cfg.F, split_x(m, ws, T)) <= ws->moe_bytes;
-}
-
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
 // routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
 // (norm_route_kernel).
@@ -1535,13 +1525,6 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
             ids = ws->ids;
         }
         const bool split = split_x(m, ws, T);
-        if (ly.X >= 2 && moe_stream(m, ws, ly, xbf_ready, T)) {
-            g_moe_stream.fetch_add(1, std::memory_order_relaxed);
-            TRY(bm_cuda_moe_stream_bf16(ws->xbf, split ? ws->xlo : nullptr, ids, gates, ly.fc1,
-                                        ly.fc2, c.act, split, out, T, c.d, ly.X, c.F, ws->moe,
-                                        ws->moe_bytes, st));
-            return mark(m, P_EXPERTS);
-        }
         TRY(bm_cuda_moe_grouped_bf16(x, xbf_ready ? ws->xbf : nullptr,
                                      xbf_ready && split ? ws->xlo : nullptr, ids, gates, ly.fc1,
                                      ly.fc2, c.act, split, out, T, c.d, ly.X, c.F, ws->moe,

@@ -1,13 +1,12 @@
 """Decode A/B of the batched decode path (session 4, dec64) in one process, 2.8B shape, random
-bf16 weights (bench_gpu's). Each variant sets environment switches that engine.cu /
-moe_stream.cu read at graph capture; a new state per measurement recaptures the graph.
+bf16 weights (bench_gpu's). Each variant sets environment switches that engine.cu
+reads at graph capture; a new state per measurement recaptures the graph.
 
     PYTHONPATH=. python3 cuda/dev/bench_dec64.py [--trace OUT.log] [--profile]
 
 Switches: BLACKMAMBA_DECODE_GEMM_MIN (9: the 8-row GEMVs up to batch 8, as before),
 BLACKMAMBA_SCAN4=0 (scalar step + to_bf16 pass), BLACKMAMBA_DECODE_NORM_BF=0 (in_proj converts
-its input itself), BLACKMAMBA_MOE_STREAM=0 (grouped.cu: dispatch + fc1 + fc2),
-BLACKMAMBA_MOE_STREAM_VAR (moe_stream.cu's variants), BLACKMAMBA_NORM_ROUTE_PRE=0
+its input itself), BLACKMAMBA_NORM_ROUTE_PRE=0
 (norm_route_kernel instead of norm_route_pre_kernel).
 """
 import argparse
@@ -23,13 +22,10 @@ from blackmamba import _lib, model_cuda  # noqa: E402
 from blackmamba.config import Config  # noqa: E402
 
 OLD = dict(BLACKMAMBA_DECODE_GEMM_MIN="9", BLACKMAMBA_SCAN4="0", BLACKMAMBA_DECODE_NORM_BF="0",
-           BLACKMAMBA_MOE_STREAM="0", BLACKMAMBA_NORM_ROUTE_PRE="0")
+           BLACKMAMBA_NORM_ROUTE_PRE="0")
 VARIANTS = [
     ("old", OLD),
     ("new", {}),
-    ("new, stream on", dict(BLACKMAMBA_MOE_STREAM="1")),
-] + [(f"new, stream var {v}", dict(BLACKMAMBA_MOE_STREAM="1", BLACKMAMBA_MOE_STREAM_VAR=str(v)))
-      for v in (3, 5, 6)] + [
     ("new, nr_pre off", dict(BLACKMAMBA_NORM_ROUTE_PRE="0")),
     ("new, scan4 off", dict(BLACKMAMBA_SCAN4="0")),
     ("new, norm_bf off", dict(BLACKMAMBA_DECODE_NORM_BF="0")),
@@ -78,13 +74,13 @@ def main():
     for B in batches:
         tok = rng.integers(0, cfg.real_vocab_size, B)
         out = {}
-        for name, env in (("old", OLD), ("new", {}), ("stream on", dict(BLACKMAMBA_MOE_STREAM="1"))):
+        for name, env in (("old", OLD), ("new", {})):
             setenv(env)
             st = states[B].copy()
             out[name] = model.step(tok, st)
         d = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
         print(f"B={B}: logits rel diff new vs old {d(out['new'], out['old']):.3e}, "
-              f"new vs stream-on {d(out['new'], out['stream on']):.3e}, argmax agree "
+              f"argmax agree "
               f"{np.mean(out['new'].argmax(-1) == out['old'].argmax(-1)):.3f}", flush=True)
     if args.profile:
         prof = {}

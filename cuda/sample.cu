@@ -24,14 +24,19 @@
 // differ from the twin's only when u * W, or top_p * Z, lies within ~1e-5 relative of a
 // boundary of the cumulative weights (tests/test_cuda_sample.py allows exactly that).
 //
+// Rows of up to ~53,000 ids (the H200's 227 KB of shared memory per block, less the static
+// 17 KB) are copied into shared memory by the first pass (float4 loads where the row is
+// 16-byte aligned), and every later pass reads them there; longer rows are read from global
+// memory (L2) each pass. Status bit 16 says which.
 // Paths (all block-uniform decisions; the path taken is reported in status bits 8..15):
 //   1 greedy      one pass (max, argmax, NaN / +inf counts).
 //   2 direct      no top-k / top-p: one more pass of weight sums over contiguous id ranges
 //                 per thread, a block scan, and the owner thread of u * W walks its range.
 //   3 list        top-k and/or top-p, finite logits: a pass counts the logits within
-//                 L * T of the max for a few L; the smallest level that surely holds the kept
-//                 set (<= SAMPLE_LIST entries) is compacted into shared memory, bitonic-sorted
-//                 by (logit desc, id asc), cut by k and p there, re-sorted by id, and drawn.
+//                 L * T of the max for a few L (and, for top-p alone, sums their weights);
+//                 the smallest level that holds the kept set (<= SAMPLE_LIST entries) is
+//                 compacted into a list, bitonic-sorted by (logit desc, id asc), cut by k and
+//                 p there, re-sorted by id, and drawn.
 //   4 generic     everything else (+inf rows, kept sets larger than the list, or forced):
 //                 the thresholds by bisection over the 32-bit order keys of the logits, one
 //                 block reduction per step (32 for top-k, 32 for top-p), then the draw pass
@@ -40,13 +45,18 @@
 
 #include <math.h>
 
+#include <atomic>
+
 namespace {
 
 constexpr int ST = 1024;            // threads per row block
 constexpr int NW = ST / 32;
-constexpr int SAMPLE_LIST = 4096;   // list path capacity (4 entries per thread)
-constexpr int NLEVEL = 6;           // list path: logits within L * T of the max, L below
-__constant__ float kLevels[NLEVEL] = {2.f, 4.f, 8.f, 16.f, 32.f, INFINITY};
+constexpr int SAMPLE_LIST = 2048;   // list path capacity (2 entries per thread)
+constexpr int NLEVEL = 6;           // list path: logits within L * T of the max, L below:
+// a first pass tries the coarse levels (peaked rows); if even L = 2 holds too many logits (a
+// flat row: high temperature), a second pass tries the fine ones.
+__constant__ float kLevels[2 * NLEVEL] = {2.f,    4.f,   8.f,   16.f, 32.f, INFINITY,
+                                          0.03125f, 0.0625f, 0.125f, 0.25f, 0.5f, 1.f};
 
 enum { PATH_GREEDY = 1, PATH_DIRECT = 2, PATH_LIST = 3, PATH_GENERIC = 4 };
 
@@ -233,23 +243,53 @@ __device__ __forceinline__ int pow2_at_least(int m) {
     return p;
 }
 
+// CACHED: the row is copied into dynamic shared memory (4 n bytes) by the first pass, and
+// every later pass reads it there (the generic path's ~70 passes, the walks of one thread);
+// else every pass reads global memory (L2: the logits were just written).
+template <bool CACHED>
 __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
     __shared__ Smem sm;
+    extern __shared__ float4 cache4[];   // (n) floats when CACHED
+    float *cache = reinterpret_cast<float *>(cache4);
     const int row = blockIdx.x, tid = threadIdx.x, n = a.n;
     const float *p = a.logits + (int64_t)row * a.V;
+    auto ld = [&](int i) -> float {
+        if constexpr (CACHED) return cache[i];
+        else return __ldg(p + i);
+    };
 
-    // ---- pass 1: max, first argmax, NaN and +inf counts -----------------------------------
+    // ---- pass 1: max, first argmax, NaN and +inf counts (and the copy) ---------------------
     float best = -INFINITY;
     int bi = n;
     int nan = 0, pinf = 0;
-#pragma unroll 4
-    for (int i = tid; i < n; i += ST) {
-        const float v = __ldg(p + i);
+    // each thread visits its ids in ascending order: the first max it sees is its lowest
+    auto visit = [&](int i, float v) {
         if (v != v) nan++;
         else {
             if (v == INFINITY) pinf++;
-            if (v > best) { best = v; bi = i; }   // strided ascending: first max per thread
+            if (v > best) { best = v; bi = i; }
         }
+    };
+    int done4 = 0;
+    if ((reinterpret_cast<uintptr_t>(p) & 15) == 0) {   // float4 loads: 4x the bytes in flight
+        const int n4 = n >> 2;
+        const float4 *p4 = reinterpret_cast<const float4 *>(p);
+#pragma unroll 4
+        for (int i4 = tid; i4 < n4; i4 += ST) {
+            const float4 q = __ldg(p4 + i4);
+            if constexpr (CACHED) cache4[i4] = q;
+            visit(4 * i4, q.x);
+            visit(4 * i4 + 1, q.y);
+            visit(4 * i4 + 2, q.z);
+            visit(4 * i4 + 3, q.w);
+        }
+        done4 = 4 * n4;
+    }
+#pragma unroll 4
+    for (int i = done4 + tid; i < n; i += ST) {
+        const float v = __ldg(p + i);
+        if constexpr (CACHED) cache[i] = v;
+        visit(i, v);
     }
     // (max, lowest id) over the block: pack as a 64-bit key, order key high, ~id low.
     unsigned long long packed =
@@ -283,48 +323,70 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
 
         if (!use_k && !use_p) {   // ---- path 2: the draw over every id -----------------------
             path = PATH_DIRECT;
-            token = inverse_cdf(n, [&](int i) { return weight(__ldg(p + i)); }, u, sm);
+            token = inverse_cdf(n, [&](int i) { return weight(ld(i)); }, u, sm);
             goto done;
         }
 
         if (!posinf && !a.force_generic) {   // ---- path 3: the candidate list ---------------
             // counts of logits with vmax - v < L * T (a prefix of the order: monotone in v)
-            int cnt[NLEVEL];
+            // and for top-p alone their weights (float32 per thread: only to pick a level)
+            const bool p_only = use_p && !use_k;
+            int lvl = -1, lvl_count = 0;
+            float tau = 0.f;
+            double Z = 0.0;
+            for (int round = 0; round < 2 && lvl < 0; round++) {
+                const float *L = kLevels + round * NLEVEL;
+                int cnt[NLEVEL];
+                float ms[NLEVEL];
 #pragma unroll
-            for (int j = 0; j < NLEVEL; j++) cnt[j] = 0;
-            double z = 0.0;
-            for (int i = tid; i < n; i += ST) {
-                const float v = __ldg(p + i), d = vmax - v;
+                for (int j = 0; j < NLEVEL; j++) cnt[j] = 0, ms[j] = 0.f;
+                double z = 0.0;
+                for (int i = tid; i < n; i += ST) {
+                    const float v = ld(i), d = vmax - v;
+                    const float w = p_only ? weight(v) : 0.f;
 #pragma unroll
-                for (int j = 0; j < NLEVEL; j++) cnt[j] += d < kLevels[j] * T;
-                if (use_p && !use_k) z += (double)weight(v);
+                    for (int j = 0; j < NLEVEL; j++) {
+                        const bool in = d < L[j] * T;
+                        cnt[j] += in;
+                        ms[j] += in ? w : 0.f;
+                    }
+                    z += (double)w;
+                }
+                int lvl_cnt[NLEVEL];
+                double lvl_mass[NLEVEL];
+#pragma unroll
+                for (int j = 0; j < NLEVEL; j++) {
+                    lvl_cnt[j] = (int)block_sum_ll(cnt[j], sm);
+                    lvl_mass[j] = p_only ? block_sum_d((double)ms[j], sm) : 0.0;
+                }
+                if (round == 0) Z = p_only ? block_sum_d(z, sm) : 0.0;
+                // the smallest level that holds the kept set: >= k logits (a prefix of >= k
+                // holds every logit >= the k-th), or for top-p alone, a mass >= top_p Z (with
+                // a margin for the float32 sums; the cut below checks it exactly); else, for
+                // top-p alone, the largest level that fits, as a try.
+#pragma unroll
+                for (int j = NLEVEL - 1; j >= 0; j--) {
+                    const int c = lvl_cnt[j];
+                    if (c > SAMPLE_LIST || c < 1) continue;
+                    const bool enough =
+                        use_k ? c >= K : lvl_mass[j] >= a.top_p * Z * (1.0 + 1e-4);
+                    if (enough || (!use_k && lvl < 0)) {   // top-p alone: largest as a try
+                        lvl = j;
+                        lvl_count = c;
+                        tau = L[j] * T;
+                    }
+                }
+                // the fine levels only help when the coarse ones all hold too many logits
+                if (lvl_cnt[0] <= SAMPLE_LIST) break;
             }
-            int lvl_cnt[NLEVEL];
-#pragma unroll
-            for (int j = 0; j < NLEVEL; j++) lvl_cnt[j] = (int)block_sum_ll(cnt[j], sm);
-            const double Z = use_p && !use_k ? block_sum_d(z, sm) : 0.0;
-            // the smallest level that surely holds the kept set: >= k logits (a prefix of >= k
-            // holds every logit >= the k-th), or for top-p alone, outside mass (each weight
-            // < e^-L) at most (1 - top_p) Z; else the largest that fits, checked below.
-            int lvl = -1;
-#pragma unroll
-            for (int j = NLEVEL - 1; j >= 0; j--) {
-                const int c = lvl_cnt[j];
-                if (c > SAMPLE_LIST || c < 1) continue;
-                bool enough;
-                if (use_k) enough = c >= K;
-                else enough = (double)(n - c) * exp(-(double)kLevels[j]) <= (1.0 - a.top_p) * Z;
-                if (enough || (!use_k && lvl < 0)) lvl = j;   // top-p alone: largest as a try
-            }
-            if (lvl >= 0 && (!use_k || lvl_cnt[lvl] >= K)) {
-                const float tau = kLevels[lvl] * T;
+            if (lvl >= 0 && (!use_k || lvl_count >= K)) {
                 if (tid == 0) sm.cnt = 0;
                 __syncthreads();
                 // compaction: (key << 32 | ~id) sorts by logit descending, then id ascending
                 const int nround = (n + ST - 1) / ST;
                 for (int r = 0; r < nround; r++) {
                     const int i = r * ST + tid;
-                    const float v = i < n ? __ldg(p + i) : -INFINITY;
+                    const float v = i < n ? ld(i) : -INFINITY;
                     const bool in = i < n && vmax - v < tau;
                     const unsigned bal = __ballot_sync(0xffffffffu, in);
                     int base = 0;
@@ -404,7 +466,7 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
             while (hi - lo > 1) {
                 const unsigned long long mid = (lo + hi) >> 1;
                 long long c = 0;
-                for (int i = tid; i < n; i += ST) c += okey(__ldg(p + i)) >= mid;
+                for (int i = tid; i < n; i += ST) c += okey(ld(i)) >= mid;
                 if (block_sum_ll(c, sm) >= K) lo = mid;
                 else hi = mid;
             }
@@ -416,7 +478,7 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
             auto mass_ge = [&](unsigned long long t) {
                 double s = 0.0;
                 for (int i = tid; i < n; i += ST) {
-                    const float v = __ldg(p + i);
+                    const float v = ld(i);
                     const uint32_t k = okey(v);
                     if (k >= kth && k >= t) s += (double)weight(v);
                 }
@@ -436,7 +498,7 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
             const int c = (n + ST - 1) / ST;
             const int lo_i = min(n, tid * c), hi_i = min(n, lo_i + c);
             long long loc = 0;
-            for (int i = lo_i; i < hi_i; i++) loc += okey(__ldg(p + i)) == pt;
+            for (int i = lo_i; i < hi_i; i++) loc += okey(ld(i)) == pt;
             long long ties;
             const long long start = block_exscan(loc, sm.i, &ties);
             long long m = ties;
@@ -448,7 +510,7 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
                 if (start < m && m <= start + loc) {   // the owner of the m-th tie
                     long long seen = start;
                     for (int i = lo_i; i < hi_i; i++)
-                        if (okey(__ldg(p + i)) == pt && ++seen == m) { sm.res = i; break; }
+                        if (okey(ld(i)) == pt && ++seen == m) { sm.res = i; break; }
                 }
                 __syncthreads();
                 pcut = sm.res;
@@ -458,7 +520,7 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
         const int q = inverse_cdf(
             n,
             [&](int i) {
-                const float v = __ldg(p + i);
+                const float v = ld(i);
                 const uint32_t k = okey(v);
                 const bool keep = k >= kth && (k > pt || (k == pt && i <= pcut));
                 return keep ? weight(v) : 0.f;
@@ -469,9 +531,35 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
 done:
     if (tid == 0) {
         a.tokens[row] = token;
-        if (a.status) a.status[row] = (a.status[row] & 0xff) | err | (path << 8);
+        if (a.status)
+            a.status[row] = (a.status[row] & 0xff) | err | (path << 8) | ((int)CACHED << 16);
         if (a.u_out) a.u_out[row] = u;
     }
+}
+
+// The largest dynamic shared memory of sample_kernel<true> on the current device (its opt-in
+// limit less its static shared memory), raised to that once per device (bm_smem_optin).
+std::atomic<unsigned> g_optin_done{0};
+int g_max_dyn[32];
+
+int cached_smem_limit(int *out) {
+    int dev = 0, optin = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    const unsigned bit = 1u << (dev & 31);
+    if (g_optin_done.load(std::memory_order_acquire) & bit) {
+        *out = g_max_dyn[dev & 31];
+        return 0;
+    }
+    BM_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cudaFuncAttributes fa;
+    BM_CUDA_TRY(cudaFuncGetAttributes(&fa, sample_kernel<true>));
+    const int lim = optin - (int)fa.sharedSizeBytes;
+    BM_CUDA_TRY(cudaFuncSetAttribute(sample_kernel<true>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, lim));
+    g_max_dyn[dev & 31] = lim;   // written before the bit is published
+    g_optin_done.fetch_or(bit, std::memory_order_release);
+    *out = lim;
+    return 0;
 }
 
 }  // namespace
@@ -499,11 +587,16 @@ extern "C" int bm_cuda_sample(const float *logits, int64_t B, int64_t V, int64_t
     a.seed = sp->seed;
     a.step = sp->step;
     a.row_streams = sp->row_streams;
-    a.force_generic = sp->path == 1;
+    a.force_generic = sp->path & 1;
     a.tokens = tokens;
     a.status = status;
     a.u_out = u_out;
-    sample_kernel<<<(unsigned)B, ST, 0, stream>>>(a);
+    int max_dyn = 0;   // dynamic shared memory the cached kernel may take on this device
+    if (int rc = cached_smem_limit(&max_dyn)) return rc;
+    if (!(sp->path & 2) && (int64_t)vocab_limit * 4 <= max_dyn)
+        sample_kernel<true><<<(unsigned)B, ST, (size_t)vocab_limit * 4, stream>>>(a);
+    else
+        sample_kernel<false><<<(unsigned)B, ST, 0, stream>>>(a);
     BM_CUDA_LAUNCHED();
     return 0;
 }

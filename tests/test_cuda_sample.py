@@ -78,7 +78,10 @@ def check_rows(logits, T, k=None, p=None, seed=0, step=0, limit=None, path=0):
         assert 0 <= tok[r] < lim
     assert off <= max(2, B // 100), off
     assert np.all(status & 0xFF == 0)
-    return status >> 8
+    # rows that fit in shared memory are cached there, unless path | 2 forbids it
+    cached = lim * 4 <= 200 * 1024 and not path & 2
+    assert np.all((status >> 16) & 1 == int(cached)) or lim * 4 > 200 * 1024
+    return (status >> 8) & 0xFF
 
 
 PARAMS = [(0.0, None, None), (1.0, None, None), (0.7, 50, None), (1.0, None, 0.9),
@@ -108,6 +111,11 @@ def test_random_logits_against_twin(V, seed):
             if use_k or use_p:   # the generic path, forced, agrees too
                 assert np.all(check_rows(logits, T, k, p, seed=seed, step=V, limit=limit,
                                          path=1) == PATH_GENERIC)
+            if V >= 1001 and seed == 7:   # the uncached kernel (global reads), both paths
+                check_rows(logits, T, k, p, seed=seed, step=V, limit=limit, path=2)
+                if use_k or use_p:
+                    assert np.all(check_rows(logits, T, k, p, seed=seed, step=V, limit=limit,
+                                             path=3) == PATH_GENERIC)
 
 
 @gpu
@@ -123,6 +131,9 @@ def test_list_and_generic_paths_taken():
     assert np.all(check_rows(flat, 1.0, None, 0.9, seed=4) == PATH_GENERIC)
     # top_k beyond the list's capacity -> generic
     assert np.all(check_rows(flat, 1.0, 5000, None, seed=5) == PATH_GENERIC)
+    # top-k on flat logits: the fine levels (within T/32 .. T of the max) -> the list
+    assert np.all(check_rows(flat, 1.0, 50, None, seed=6) == PATH_LIST)
+    assert np.all(check_rows(flat, 1.0, 1, 0.5, seed=7) == PATH_LIST)
 
 
 @gpu
@@ -136,6 +147,7 @@ def test_ties():
             check_rows(logits, T, k, p, seed=V, step=1)
             if (k is not None and k < V) or p is not None:
                 check_rows(logits, T, k, p, seed=V, step=1, path=1)
+                check_rows(logits, T, k, p, seed=V, step=1, path=3)
         tok, _, _ = dev_sample(logits, 0.0)
         np.testing.assert_array_equal(tok, np.argmax(logits, 1))   # ties -> lowest id
         assert tok[0] == 0
@@ -149,8 +161,9 @@ def test_tied_top_p_cut_keeps_lowest_ids():
     logits = np.tile(row, (4000, 1))
     tok, _, _ = dev_sample(logits, 1.0, None, 0.5, seed=3)
     assert set(np.unique(tok)) == {2, 5}
-    tok, _, _ = dev_sample(logits, 1.0, None, 0.5, seed=3, path=1)
-    assert set(np.unique(tok)) == {2, 5}
+    for path in (1, 2, 3):
+        tok, _, _ = dev_sample(logits, 1.0, None, 0.5, seed=3, path=path)
+        assert set(np.unique(tok)) == {2, 5}
 
 
 @gpu
@@ -169,8 +182,10 @@ def test_infinities_and_nan():
     for T, k, p in [(0.0, None, None), (1.0, None, None), (1.0, 2, None), (1.0, None, 0.5),
                     (3.0, 1, 0.9)]:
         check_rows(lg, T, k, p, seed=9, limit=299)
+        check_rows(lg, T, k, p, seed=9, limit=299, path=2)
         if k is not None or p is not None:
             check_rows(lg, T, k, p, seed=9, limit=299, path=1)
+            check_rows(lg, T, k, p, seed=9, limit=299, path=3)
     tok, _, _ = dev_sample(lg, 0.0, limit=299)
     assert tok[0] == 3 and tok[1] == 17 and tok[3] == 7 and tok[4] == 40
     many = np.tile(lg[0], (3000, 1))

@@ -32,6 +32,9 @@ CASES = [  # name, temperature, top_k, top_p, path
     ("top_p0.9", 1.0, None, 0.9, 0),
     ("k50_p0.9", 0.8, 50, 0.9, 0),
     ("top_p0.9_generic", 1.0, None, 0.9, 1),
+    ("temp_uncached", 1.0, None, None, 2),
+    ("k50_p0.9_uncached", 0.8, 50, 0.9, 2),
+    ("top_p0.9_gen_unc", 1.0, None, 0.9, 3),
 ]
 
 
@@ -76,7 +79,9 @@ def main():
                 b.record()
                 b.synchronize()
                 per_call = a.elapsed_time(b) / args.iters * 1e3
-                paths = sorted(set((call()[1] >> 8).tolist()))
+                st = call()[1]
+                paths = sorted(set(((st >> 8) & 0xFF).tolist()))
+                paths = [f"{q}{'c' if (st >> 16).max() else ''}" for q in paths]
                 ku = kernel_us(lambda: [call() for _ in range(5)])
                 print(f"{dist:6s} B={B:3d} {name:17s} kernel {ku:8.1f} us   call {per_call:8.1f} us"
                       f"   paths {paths}", file=out)

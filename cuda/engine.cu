@@ -2254,6 +2254,78 @@ extern "C" int bm_cuda_model_greedy(bm_cuda_model *m, bm_cuda_state *s, const in
     return 0;
 }
 
+// Sampled decoding: bm_cuda_model_greedy's loop with bm_cuda_sample (sample.cu) in place of
+// the argmax; draw k uses counter step params->step + k, so a run is reproducible from the
+// seed whatever the chunking of the calls.
+extern "C" int bm_cuda_model_sample(bm_cuda_model *m, bm_cuda_state *s, const float *logits0,
+                                    const int32_t *tokens, int64_t n,
+                                    const bm_cuda_sampling *params, int32_t *out,
+                                    int32_t *status) {
+    if (!s) return BM_CUDA_ARG_FAIL("sample: no state");
+    if (n < 0) return BM_CUDA_ARG_FAIL("sample: n must be >= 0");
+    if (!params) return BM_CUDA_ARG_FAIL("sample: no sampling parameters");
+    if (!logits0 && !tokens) return BM_CUDA_ARG_FAIL("sample: neither logits0 nor tokens");
+    if (n == 0) return 0;
+    const int64_t B = s->B, V = m->cfg.V;
+    Ws *ws = nullptr;
+    TRY(decode_ws(m, B, &ws));
+    cudaStream_t st = m->stream;
+    int32_t *hist = nullptr;  // (n, B) tokens, then (B) status, on the device
+    TRY(dev_alloc((void **)&hist, (size_t)((n + 1) * B) * 4, "sample token history"));
+    int32_t *dstat = hist + n * B;
+    int rc = 0;
+    std::vector<int32_t> h;
+    do {
+        cudaError_t e = cudaMemsetAsync(dstat, 0, (size_t)B * 4, st);
+        // the first draw reads the graph's logits buffer (the graph overwrites it next step)
+        if (e == cudaSuccess)
+            e = logits0 ? cudaMemcpyAsync(ws->logits, logits0, (size_t)(B * V) * 4,
+                                          cudaMemcpyHostToDevice, st)
+                        : cudaMemcpyAsync(ws->tok, tokens, (size_t)B * 4,
+                                          cudaMemcpyHostToDevice, st);
+        if (e != cudaSuccess) {
+            rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+            break;
+        }
+        if ((!logits0 || n > 1) && (rc = ensure_graph(m, ws, s))) break;
+        for (int64_t k = 0; k < n && !rc; k++) {
+            if (!logits0 || k > 0) e = cudaGraphLaunch(ws->exec, st);
+            if (e != cudaSuccess) {
+                rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+                break;
+            }
+            bm_cuda_sampling pk = *params;
+            pk.step = params->step + k;
+            // the token goes straight into the graph's token buffer: the next step's input
+            if ((rc = bm_cuda_sample(ws->logits, B, V, m->cfg.real_vocab, &pk, ws->tok, dstat,
+                                     nullptr, st)))
+                break;
+            e = cudaMemcpyAsync(hist + k * B, ws->tok, (size_t)B * 4, cudaMemcpyDeviceToDevice,
+                                st);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        }
+        if (rc) break;
+        try {
+            h.resize((size_t)((n + 1) * B));
+        } catch (...) {
+            rc = BM_CUDA_ARG_FAIL("sample: host allocation failed");
+            break;
+        }
+        cudaError_t e2 = cudaMemcpyAsync(h.data(), hist, (size_t)((n + 1) * B) * 4,
+                                         cudaMemcpyDeviceToHost, st);
+        if (e2 == cudaSuccess) e2 = cudaStreamSynchronize(st);
+        if (e2 != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e2);
+    } while (0);
+    cudaStreamSynchronize(st);
+    cudaFree(hist);
+    if (rc) return rc;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t k = 0; k < n; k++) out[b * n + k] = h[(size_t)(k * B + b)];
+    if (status)
+        for (int64_t b = 0; b < B; b++) status[b] = h[(size_t)(n * B + b)];
+    return 0;
+}
+
 extern "C" int bm_cuda_state_create(bm_cuda_model *m, int64_t B, bm_cuda_state **out) {
     TRY(state_new(m, B, out));
     bm_cuda_state *s = *out;

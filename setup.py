@@ -99,7 +99,10 @@ class BuildExt(build_ext):
                  "--expt-relaxed-constexpr"] + gencode
         common = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True).stdout)
         common.update(" ".join(flags).encode())
-        for h in sorted(glob.glob(os.path.join(HERE, "cuda", "*.h*")) +
+        # every header: "*.h*" missed the .cuh ones (common.cuh, grouped_wgmma.cuh), so an
+        # edit there kept stale objects
+        for h in sorted(glob.glob(os.path.join(HERE, "cuda", "*.h")) +
+                        glob.glob(os.path.join(HERE, "cuda", "*.cuh")) +
                         glob.glob(os.path.join(HERE, "csrc", "*.h"))):
             with open(h, "rb") as f:
                 common.update(os.path.basename(h).encode() + f.read())

@@ -12,9 +12,10 @@
 //     layout the mma.sync core already used, and the one the descriptor's swizzle mode 1 reads;
 //   - loads: every thread, cp.async 16 bytes (rows gathered through perm, zero-filled past an
 //     expert's end and past K), S stages. Because wgmma runs asynchronously, the threads
-//     issue the next stage's copies while the tensor cores work on this one; one wgmma group
-//     stays in flight across the k-tile barrier (wait_group 1), so a stage is refilled two
-//     k-tiles after it was read: loads run S - 2 tiles ahead.
+//     issue the next stage's copies while the tensor cores work on this one. With LAG 2, one
+//     wgmma group stays in flight across the k-tile barrier (wait_group 1) and a stage is
+//     refilled two k-tiles after it was read (loads run S - 2 tiles ahead); with LAG 1 the
+//     group is retired before the barrier and loads run S - 1 ahead.
 //   - cp.async writes are generic-proxy writes and wgmma reads through the async proxy: each
 //     thread fences (fence.proxy.async) after its copies complete, before the barrier.
 // Accumulators: for n8 block i, register 4 i + j of a thread holds row 16 (warp % 4) +
@@ -34,9 +35,9 @@
 #endif
 
 // Default: the wgmma core on for the prefill tiles, and its tile variants (fc1, fc2; see
-// wgmma_dispatch).
+// wgmma_dispatch) below and from 4096 rows.
 constexpr int WGMMA_DEFAULT_ON = 1;
-constexpr char WGMMA_DEFAULT_TILES[] = "13";
+constexpr char WGMMA_DEFAULT_TILES[2][3] = {"11", "21"};
 
 // ---- wgmma PTX wrappers ------------------------------------------------------------------------
 // Shared-memory matrix descriptor: start address >> 4, leading byte offset 16 (unused by
@@ -177,8 +178,9 @@ __device__ __forceinline__ void wgmma_bf16(float (&)[N / 2], uint64_t, uint64_t)
 #endif
 
 // ---- the kernel ---------------------------------------------------------------------------------
-// Tile: WG warpgroups (BM = 64 WG rows), BN weight rows, S stages, MINB CTAs per SM.
-template <int WG, int BN, int S, int MINB, int MODE>
+// Tile: WG warpgroups (BM = 64 WG rows), BN weight rows, S stages refilled LAG k-tiles after
+// they were read (loads run S - LAG tiles ahead), MINB CTAs per SM.
+template <int WG, int BN, int S, int LAG, int MINB, int MODE>
 struct WgTile {
     static constexpr int NT = WG * 128;
     static constexpr int BM = WG * 64;
@@ -193,15 +195,16 @@ struct WgTile {
     static_assert(BN % 8 == 0 && BN >= 64 && BN <= 256, "wgmma N");
     static_assert(MODE != MODE_FC1 || BN % 16 == 0, "FC1: gate and up halves of n8 blocks");
     static_assert(BN * 8 % NT == 0, "loader");
-    static_assert(S >= 3, "one wgmma group in flight and one stage loading");
+    static_assert(LAG == 1 || LAG == 2, "wgmma groups left in flight: LAG - 1");
+    static_assert(S >= LAG + 1, "a stage loading beside the LAG ones being read");
 };
 
-template <int WG, int BN, int S, int MINB, int MODE>
+template <int WG, int BN, int S, int LAG, int MINB, int MODE>
 __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const GroupedArgs p) {
 #if !BM_WGMMA_DEVICE
     __trap();
 #else
-    using C = WgTile<WG, BN, S, MINB, MODE>;
+    using C = WgTile<WG, BN, S, LAG, MINB, MODE>;
     constexpr int BM = C::BM;
     extern __shared__ unsigned char wg_smem[];
     const uint32_t sbase = (smem_u32(wg_smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
@@ -270,37 +273,47 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
 #pragma unroll
     for (int i = 0; i < C::ACC; i++) acc[i] = 0.f;
 
-    // Pipeline. Before iteration kt, groups for tiles 0 .. kt + S - 3 are committed (S - 2 in
-    // the prologue, one per iteration, empty ones past KT keeping the count uniform), so
-    // wait_group S - 3 leaves tile kt complete. Iteration kt refills the stage of tile kt - 2:
-    // every thread passed wg_wait<1> of iteration kt - 1 (tile kt - 2's wgmma complete in its
-    // warpgroup) before the barrier of iteration kt.
+    // Pipeline, LAG = 2 (one wgmma group left in flight at the end of an iteration) or 1 (none).
+    // Before iteration kt, groups for tiles 0 .. kt + S - LAG - 1 are committed (S - LAG in the
+    // prologue, one per iteration, empty ones past KT keeping the count uniform), so
+    // wait_group S - LAG - 1 leaves tile kt complete. Iteration kt refills the stage of tile
+    // kt - LAG: every thread passed wg_wait<LAG - 1> of iteration kt - 1 (tile kt - LAG's
+    // wgmma complete in its warpgroup) before the barrier of iteration kt. The refill is
+    // issued after this tile's wgmma, so that the tensor cores get it first.
+    // A warpgroup whose 64 rows are all past the expert's end (the last tile of an expert)
+    // issues no wgmma: the other one then has the tensor cores to itself.
     const int KT = (K + BK - 1) / BK;
 #pragma unroll
-    for (int s = 0; s < S - 2; s++) {
+    for (int s = 0; s < S - LAG; s++) {
         if (s < KT) load_stage(s, s);
         cp_async_commit();
     }
     const int wg = warp >> 2;
+    const bool active = wg * 64 < rows;  // uniform over the warpgroup
     for (int kt = 0; kt < KT; kt++) {
-        cp_async_wait<S - 3>();
+        cp_async_wait<S - LAG - 1>();
         fence_proxy_async();  // this thread's copies of tile kt, before wgmma's async reads
         __syncthreads();
+        if (active) {
+            const uint32_t sA = sbase + (kt % S) * C::STAGE + wg * (64 * 128);
+            const uint32_t sB = sbase + (kt % S) * C::STAGE + C::A_BYTES;
+            wg_fence();
+            wg_fence_acc(acc);
+#pragma unroll
+            for (int ks = 0; ks < BK / 16; ks++)
+                wgmma_bf16<BN>(acc, wg_desc(sA + ks * 32), wg_desc(sB + ks * 32));
+            wg_commit();
+            wg_fence_acc(acc);
+        }
         {
-            const int nk = kt + S - 2;
+            const int nk = kt + S - LAG;
             if (nk < KT) load_stage(nk % S, nk);
             cp_async_commit();
         }
-        const uint32_t sA = sbase + (kt % S) * C::STAGE + wg * (64 * 128);
-        const uint32_t sB = sbase + (kt % S) * C::STAGE + C::A_BYTES;
-        wg_fence();
-        wg_fence_acc(acc);
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ks++)
-            wgmma_bf16<BN>(acc, wg_desc(sA + ks * 32), wg_desc(sB + ks * 32));
-        wg_commit();
-        wg_fence_acc(acc);
-        wg_wait<1>();
+        if (active) {
+            wg_wait<LAG - 1>();
+            wg_fence_acc(acc);
+        }
     }
     wg_wait<0>();
     wg_fence_acc(acc);
@@ -345,10 +358,10 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
 // Launches of the wgmma core (bm_cuda_moe_grouped_wgmma_launches): the tests assert the path.
 std::atomic<long long> wgmma_launches{0};
 
-template <int WG, int BN, int S, int MINB, int MODE>
+template <int WG, int BN, int S, int LAG, int MINB, int MODE>
 int wgmma_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
-    using C = WgTile<WG, BN, S, MINB, MODE>;
-    auto kernel = grouped_wgmma_kernel<WG, BN, S, MINB, MODE>;
+    using C = WgTile<WG, BN, S, LAG, MINB, MODE>;
+    auto kernel = grouped_wgmma_kernel<WG, BN, S, LAG, MINB, MODE>;
     static std::atomic<unsigned> optin{0};
     int st = bm_smem_optin(kernel, C::SMEM, optin);
     if (st) return st;
@@ -393,21 +406,25 @@ bool wgmma_usable() {
 }
 
 // Tile variants per role, BLACKMAMBA_MOE_WGMMA_TILES = two digits (fc1, fc2; 0 = default),
-// for dev measurements; the tests run each. WG x BN (weight rows), stages, CTAs per SM:
-//   1: 2 x 256, 4 stages (192 KB), 1 per SM     2: 2 x 128, 3 stages (96 KB), 2 per SM
-//   3: 2 x 192, 4 stages (160 KB), 1 per SM     4: 1 x 256, 4 stages (160 KB), 1 per SM
-//   5: 2 x 128, 6 stages (192 KB), 1 per SM
+// for dev measurements; the tests run each. WG x BN (weight rows), stages, LAG, CTAs per SM:
+//   1: 2 x 256, 4 stages (192 KB), lag 2, 1 per SM   2: 2 x 128, 3 stages (96 KB), lag 2, 2 per SM
+//   3: 2 x 128, 3 stages, lag 1, 2 per SM            4: 2 x 256, 4 stages, lag 1, 1 per SM
+//   5: 2 x 192, 4 stages (160 KB), lag 2, 1 per SM
+// Measured on the H200 (cuda/NOTES.md, session 4 wgmma), run 1 (variants 1, 2, 5 as now; a
+// 1 x 256 and a 2 x 128 6-stage variant were slower), T = 2048 / 16384, ms of the layer:
+// fc1 varied (fc2 = 1): 1: 0.201 / 1.284, 2: 0.209 / 1.228, 5: 0.207 / 1.240;
+// fc2 varied (fc1 = 1): 2: 0.219 / 1.323, 5: 0.241 / 1.269.
 template <int MODE>
 int wgmma_dispatch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
     const char *env = getenv("BLACKMAMBA_MOE_WGMMA_TILES");
     const int role = MODE == MODE_FC2 ? 1 : 0;
     int v = env && (int)strlen(env) > role ? env[role] - '0' : 0;
-    if (v < 1 || v > 5) v = WGMMA_DEFAULT_TILES[role] - '0';
+    if (v < 1 || v > 5) v = WGMMA_DEFAULT_TILES[T >= 4096][role] - '0';
     switch (v) {
-        case 1: return wgmma_launch<2, 256, 4, 1, MODE>(p, T, stream);
-        case 2: return wgmma_launch<2, 128, 3, 2, MODE>(p, T, stream);
-        case 3: return wgmma_launch<2, 192, 4, 1, MODE>(p, T, stream);
-        case 4: return wgmma_launch<1, 256, 4, 1, MODE>(p, T, stream);
-        default: return wgmma_launch<2, 128, 6, 1, MODE>(p, T, stream);
+        case 1: return wgmma_launch<2, 256, 4, 2, 1, MODE>(p, T, stream);
+        case 2: return wgmma_launch<2, 128, 3, 2, 2, MODE>(p, T, stream);
+        case 3: return wgmma_launch<2, 128, 3, 1, 2, MODE>(p, T, stream);
+        case 4: return wgmma_launch<2, 256, 4, 1, 1, MODE>(p, T, stream);
+        default: return wgmma_launch<2, 192, 4, 2, 1, MODE>(p, T, stream);
     }
 }

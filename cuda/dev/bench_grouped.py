@@ -5,7 +5,9 @@ one process (prefill; decode, where the core is not used, with --decode).
 Dev script for the GPU machine (torch for the dense reference and the timing; the package's
 C symbols through ctypes):
 
-    python3 cuda/dev/bench_grouped.py [--no-model] [--decode]
+    python3 cuda/dev/bench_grouped.py [--no-model] [--decode] [--cublas]
+
+(--cublas: the model A/B also on the cuBLAS path, BLACKMAMBA_MOE_GROUPED=0.)
 
 Shapes: BlackMamba-2.8B (d=1472, F=3872, X=8), random bf16 weights, uniform random routing.
 Grouped and dense are timed as CUDA-graph replays (median); the cuBLAS path synchronises the
@@ -96,7 +98,8 @@ def kernels(d=1472, F=3872, X=8):
     wbytes = 3 * X * F * d * 2
     print(f"experts d={d} F={F} X={X}: FLOPs 6 T d F; weights {wbytes / 1e6:.0f} MB")
     # wgmma tile variants (grouped_wgmma.cuh wgmma_dispatch): fc1 varied with fc2 = 1, then fc2
-    wg = ("11", "21", "31", "41", "51", "12", "13", "14", "15", "00")
+    wg = ("11", "21", "31", "41", "51", "12", "13", "14", "15", "22", "33", "44", "24", "34",
+          "00")
     for T in (2048, 16384):
         x = torch.randn(T, d, device=DEV)
         ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)
@@ -189,7 +192,7 @@ def model_ab():
     print(f"\nmodel 2.8B shape, bf16 math ({time.perf_counter() - t0:.0f} s to build)")
     rng = np.random.default_rng(0)
     rows = {}
-    for mode in ("1", "w0", "0"):
+    for mode in ("1", "w0", "0") if "--cublas" in sys.argv else ("1", "w0"):
         # "1": grouped, wgmma core; "w0": grouped, mma.sync core (BLACKMAMBA_MOE_WGMMA=0);
         # "0": the cuBLAS path
         os.environ["BLACKMAMBA_MOE_GROUPED"] = "0" if mode == "0" else "1"
@@ -215,7 +218,8 @@ def model_ab():
     os.environ["BLACKMAMBA_MOE_GROUPED"] = "1"
     os.environ.pop("BLACKMAMBA_MOE_WGMMA")
     print("\nstage names:", list(prof))
-    g, m, o = rows["1"][-1], rows["w0"][0], rows["0"][0]
+    nan = {k: float("nan") for k in rows["1"][-1]}
+    g, m, o = rows["1"][-1], rows["w0"][0], rows.get("0", [nan])[0]
     for k in g:
         extra = ""
         if k.startswith("decode") and not k.endswith("experts ms"):

@@ -5,7 +5,9 @@ element by element with float64; where it is wrong, a map of the wrong 8 x 8 blo
 down, columns across) shows which part of the tile layout is off. Then fc2's output.
 Dev script for the GPU machine:
 
-    PYTHONPATH=. python3 cuda/dev/check_wgmma.py
+    PYTHONPATH=. python3 cuda/dev/check_wgmma.py [--ncu]
+
+--ncu: only two calls at the 2.8B shape (T = 16384), for ncu's kernel profiles.
 """
 import ctypes
 import os
@@ -81,7 +83,31 @@ def run(T, d, F, X, tiles, mode="force", seed=0):
     print("\n  ".join(msg), flush=True)
 
 
+def profile_once(T=16384, d=1472, F=3872, X=8):
+    """One call at the 2.8B shape under the defaults, no checks: for ncu (--ncu)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = rng.integers(0, X, T).astype(np.int32)
+    # bf16 bit patterns 0x3c00..0x3cff and their negatives: values of magnitude ~0.008-0.016
+    sign = lambda n: (rng.integers(0, 2, n, dtype=np.uint16) << 15).astype(np.uint16)
+    fc1 = (rng.integers(0x3c00, 0x3d00, (X, 2 * F, d), dtype=np.uint16) | sign((X, 2 * F, d)))
+    fc2 = (rng.integers(0x3c00, 0x3d00, (X, d, F), dtype=np.uint16) | sign((X, d, F)))
+    nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, 0)
+    ws, out = D(np.zeros(nb, np.uint8)), D(np.zeros((T, d), np.float32))
+    dx, di, d1, d2 = D(x), D(ids), D(fc1), D(fc2)
+    for _ in range(2):
+        st = LIB.bm_cuda_moe_grouped(dx.ptr, di.ptr, None, d1.ptr, d2.ptr, SILU, 0, out.ptr, T,
+                                     d, X, F, ws.ptr, nb, ctypes.c_void_p(1))
+        assert st == 0, LIB.bm_cuda_last_error().decode()
+    cuda.synchronize()
+    print("profiled call done", flush=True)
+
+
 if __name__ == "__main__":
+    import sys
+    if "--ncu" in sys.argv:
+        profile_once()
+        sys.exit(0)
     for tiles in ("11", "22", "33", "44", "55"):
         run(256, 128, 128, 1, tiles)
     run(200, 72, 40, 1, "11")      # partial tiles, K tail (72 = 64 + 8), column tail

@@ -24,6 +24,8 @@
 // are zero-filled by cp.async's src-size). Split (BF16X2, or the small prefills under BF16,
 // engine.cu split_x): each weight fragment meets the hi and the lo activation fragments,
 // two MMAs into one fp32 accumulator: the activations keep 16 significant bits.
+// On a compute capability 9.0 device the unsplit prefill tiles run on the wgmma core instead
+// (grouped_wgmma.cuh; BLACKMAMBA_MOE_WGMMA): same walk, loads and epilogues.
 //
 // Needs bf16 weights, d % 8 == 0 and F % 8 == 0 (16-byte cp.async rows), 16-byte aligned x,
 // fc1, fc2 and 8-byte aligned out (bm_cuda_moe_grouped_supported); else moe.cu's cuBLAS path.

@@ -35,9 +35,9 @@
 #endif
 
 // Default: the wgmma core on for the prefill tiles, and its tile variants (fc1, fc2; see
-// wgmma_dispatch) below and from 4096 rows.
+// wgmma_dispatch) below and from 4096 rows: "44" at both, the best of run 3's sweep.
 constexpr int WGMMA_DEFAULT_ON = 1;
-constexpr char WGMMA_DEFAULT_TILES[2][3] = {"11", "21"};
+constexpr char WGMMA_DEFAULT_TILES[2][3] = {"44", "44"};
 
 // ---- wgmma PTX wrappers ------------------------------------------------------------------------
 // Shared-memory matrix descriptor: start address >> 4, leading byte offset 16 (unused by
@@ -279,7 +279,9 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
     // wait_group S - LAG - 1 leaves tile kt complete. Iteration kt refills the stage of tile
     // kt - LAG: every thread passed wg_wait<LAG - 1> of iteration kt - 1 (tile kt - LAG's
     // wgmma complete in its warpgroup) before the barrier of iteration kt. The refill is
-    // issued after this tile's wgmma, so that the tensor cores get it first.
+    // issued after this tile's wgmma. (Measured: slower than issuing it first, as in run 1,
+    // by 7-20% at T = 16384 for the lag-2 variants, probably because the wgmma issue waits
+    // for the tensor pipe and so delays the copies; not re-measured the other way round.)
     // A warpgroup whose 64 rows are all past the expert's end (the last tile of an expert)
     // issues no wgmma: the other one then has the tensor cores to itself.
     const int KT = (K + BK - 1) / BK;
@@ -410,10 +412,11 @@ bool wgmma_usable() {
 //   1: 2 x 256, 4 stages (192 KB), lag 2, 1 per SM   2: 2 x 128, 3 stages (96 KB), lag 2, 2 per SM
 //   3: 2 x 128, 3 stages, lag 1, 2 per SM            4: 2 x 256, 4 stages, lag 1, 1 per SM
 //   5: 2 x 192, 4 stages (160 KB), lag 2, 1 per SM
-// Measured on the H200 (cuda/NOTES.md, session 4 wgmma), run 1 (variants 1, 2, 5 as now; a
-// 1 x 256 and a 2 x 128 6-stage variant were slower), T = 2048 / 16384, ms of the layer:
-// fc1 varied (fc2 = 1): 1: 0.201 / 1.284, 2: 0.209 / 1.228, 5: 0.207 / 1.240;
-// fc2 varied (fc1 = 1): 2: 0.219 / 1.323, 5: 0.241 / 1.269.
+// Measured on the H200 (cuda/NOTES.md, session 4 wgmma, run 3), ms of the expert layer at
+// T = 2048 / 16384: "44" 0.209 / 1.375, "11" 0.213 / 1.375, "31" 0.212 / 1.583, "21" 0.245 /
+// 1.477, fc2 varied (fc1 = 1): "12" 0.243 / 1.466, "13" 0.230 / 1.466, "15" 0.252 / 1.481.
+// In run 1, before the refill moved behind the wgmma issue, variants 1 and 2 were faster
+// (0.201 / 1.284 and 0.209 / 1.228): see NOTES, what is left.
 template <int MODE>
 int wgmma_dispatch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
     const char *env = getenv("BLACKMAMBA_MOE_WGMMA_TILES");

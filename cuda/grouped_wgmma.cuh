@@ -179,8 +179,9 @@ __device__ __forceinline__ void wgmma_bf16(float (&)[N / 2], uint64_t, uint64_t)
 
 // ---- the kernel ---------------------------------------------------------------------------------
 // Tile: WG warpgroups (BM = 64 WG rows), BN weight rows, S stages refilled LAG k-tiles after
-// they were read (loads run S - LAG tiles ahead), MINB CTAs per SM.
-template <int WG, int BN, int S, int LAG, int MINB, int MODE>
+// they were read (loads run S - LAG tiles ahead), MINB CTAs per SM; EARLY: a k-tile's refill
+// is issued before its wgmma (else after).
+template <int WG, int BN, int S, int LAG, int MINB, int MODE, bool EARLY = false>
 struct WgTile {
     static constexpr int NT = WG * 128;
     static constexpr int BM = WG * 64;
@@ -199,12 +200,12 @@ struct WgTile {
     static_assert(S >= LAG + 1, "a stage loading beside the LAG ones being read");
 };
 
-template <int WG, int BN, int S, int LAG, int MINB, int MODE>
+template <int WG, int BN, int S, int LAG, int MINB, int MODE, bool EARLY>
 __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const GroupedArgs p) {
 #if !BM_WGMMA_DEVICE
     __trap();
 #else
-    using C = WgTile<WG, BN, S, LAG, MINB, MODE>;
+    using C = WgTile<WG, BN, S, LAG, MINB, MODE, EARLY>;
     constexpr int BM = C::BM;
     extern __shared__ unsigned char wg_smem[];
     const uint32_t sbase = (smem_u32(wg_smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
@@ -278,10 +279,10 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
     // prologue, one per iteration, empty ones past KT keeping the count uniform), so
     // wait_group S - LAG - 1 leaves tile kt complete. Iteration kt refills the stage of tile
     // kt - LAG: every thread passed wg_wait<LAG - 1> of iteration kt - 1 (tile kt - LAG's
-    // wgmma complete in its warpgroup) before the barrier of iteration kt. The refill is
-    // issued after this tile's wgmma. (Measured: slower than issuing it first, as in run 1,
-    // by 7-20% at T = 16384 for the lag-2 variants, probably because the wgmma issue waits
-    // for the tensor pipe and so delays the copies; not re-measured the other way round.)
+    // wgmma complete in its warpgroup) before the barrier of iteration kt, so the refill may
+    // go before this tile's wgmma (EARLY) or after it. (Measured in helper wgmma's runs: the
+    // lag-2 variants 7-20% slower at T = 16384 with the refill after, probably because the
+    // wgmma issue waits for the tensor pipe and so delays the copies.)
     // A warpgroup whose 64 rows are all past the expert's end (the last tile of an expert)
     // issues no wgmma: the other one then has the tensor cores to itself.
     const int KT = (K + BK - 1) / BK;
@@ -296,6 +297,11 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
         cp_async_wait<S - LAG - 1>();
         fence_proxy_async();  // this thread's copies of tile kt, before wgmma's async reads
         __syncthreads();
+        const int nk = kt + S - LAG;
+        if (EARLY) {
+            if (nk < KT) load_stage(nk % S, nk);
+            cp_async_commit();
+        }
         if (active) {
             const uint32_t sA = sbase + (kt % S) * C::STAGE + wg * (64 * 128);
             const uint32_t sB = sbase + (kt % S) * C::STAGE + C::A_BYTES;
@@ -307,8 +313,7 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
             wg_commit();
             wg_fence_acc(acc);
         }
-        {
-            const int nk = kt + S - LAG;
+        if (!EARLY) {
             if (nk < KT) load_stage(nk % S, nk);
             cp_async_commit();
         }
@@ -360,10 +365,10 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
 // Launches of the wgmma core (bm_cuda_moe_grouped_wgmma_launches): the tests assert the path.
 std::atomic<long long> wgmma_launches{0};
 
-template <int WG, int BN, int S, int LAG, int MINB, int MODE>
+template <int WG, int BN, int S, int LAG, int MINB, int MODE, bool EARLY = false>
 int wgmma_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
-    using C = WgTile<WG, BN, S, LAG, MINB, MODE>;
-    auto kernel = grouped_wgmma_kernel<WG, BN, S, LAG, MINB, MODE>;
+    using C = WgTile<WG, BN, S, LAG, MINB, MODE, EARLY>;
+    auto kernel = grouped_wgmma_kernel<WG, BN, S, LAG, MINB, MODE, EARLY>;
     static std::atomic<unsigned> optin{0};
     int st = bm_smem_optin(kernel, C::SMEM, optin);
     if (st) return st;
@@ -412,6 +417,7 @@ bool wgmma_usable() {
 //   1: 2 x 256, 4 stages (192 KB), lag 2, 1 per SM   2: 2 x 128, 3 stages (96 KB), lag 2, 2 per SM
 //   3: 2 x 128, 3 stages, lag 1, 2 per SM            4: 2 x 256, 4 stages, lag 1, 1 per SM
 //   5: 2 x 192, 4 stages (160 KB), lag 2, 1 per SM
+//   6, 7, 8, 9: 1, 2, 3, 4 with each k-tile's refill issued before its wgmma (EARLY)
 // Measured on the H200 (cuda/NOTES.md, session 4 wgmma, run 3), ms of the expert layer at
 // T = 2048 / 16384: "44" 0.209 / 1.375, "11" 0.213 / 1.375, "31" 0.212 / 1.583, "21" 0.245 /
 // 1.477, fc2 varied (fc1 = 1): "12" 0.243 / 1.466, "13" 0.230 / 1.466, "15" 0.252 / 1.481.
@@ -422,8 +428,12 @@ int wgmma_dispatch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
     const char *env = getenv("BLACKMAMBA_MOE_WGMMA_TILES");
     const int role = MODE == MODE_FC2 ? 1 : 0;
     int v = env && (int)strlen(env) > role ? env[role] - '0' : 0;
-    if (v < 1 || v > 5) v = WGMMA_DEFAULT_TILES[T >= 4096][role] - '0';
+    if (v < 1 || v > 9) v = WGMMA_DEFAULT_TILES[T >= 4096][role] - '0';
     switch (v) {
+        case 6: return wgmma_launch<2, 256, 4, 2, 1, MODE, true>(p, T, stream);
+        case 7: return wgmma_launch<2, 128, 3, 2, 2, MODE, true>(p, T, stream);
+        case 8: return wgmma_launch<2, 128, 3, 1, 2, MODE, true>(p, T, stream);
+        case 9: return wgmma_launch<2, 256, 4, 1, 1, MODE, true>(p, T, stream);
         case 1: return wgmma_launch<2, 256, 4, 2, 1, MODE>(p, T, stream);
         case 2: return wgmma_launch<2, 128, 3, 2, 2, MODE>(p, T, stream);
         case 3: return wgmma_launch<2, 128, 3, 1, 2, MODE>(p, T, stream);

@@ -263,7 +263,7 @@ def wgmma_run(monkeypatch, mode, fn):
 
 @needs_wgmma
 @pytest.mark.parametrize("T,X,d,F,kind", CASES)
-@pytest.mark.parametrize("tiles", ["00", "11", "22", "33", "44", "55"])
+@pytest.mark.parametrize("tiles", ["00", "11", "22", "33", "44", "55", "66", "77", "88", "99"])
 def test_wgmma_against_reference(monkeypatch, T, X, d, F, kind, tiles):
     # "force": the wgmma core for every unsplit call, so that the small cases (one partial
     # tile, empty experts, K and column tails) run on it too; every tile variant

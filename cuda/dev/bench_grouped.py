@@ -98,8 +98,7 @@ def kernels(d=1472, F=3872, X=8):
     wbytes = 3 * X * F * d * 2
     print(f"experts d={d} F={F} X={X}: FLOPs 6 T d F; weights {wbytes / 1e6:.0f} MB")
     # wgmma tile variants (grouped_wgmma.cuh wgmma_dispatch): fc1 varied with fc2 = 1, then fc2
-    wg = ("11", "21", "31", "41", "51", "12", "13", "14", "15", "22", "33", "44", "24", "34",
-          "00")
+    wg = ("11", "21", "31", "41", "44", "66", "76", "86", "96", "99", "69", "79", "89", "00")
     for T in (2048, 16384):
         x = torch.randn(T, d, device=DEV)
         ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)

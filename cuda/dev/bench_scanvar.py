@@ -6,7 +6,7 @@ tensors; each time is the median of 11 CUDA-graph replays of 3 launches (bench_k
 method) after warm-up, and every variant of a shape is timed in two interleaved rounds (A B A
 B), both printed, so that clock drift shows. Also y and the state of each variant against VAR 1.
   python3 cuda/dev/bench_scanvar.py            the table
-  python3 cuda/dev/bench_scanvar.py --ncu      one b=8 launch of VAR 1, then one of VAR 3 (for
+  python3 cuda/dev/bench_scanvar.py --ncu      one b=8 launch of VAR 3, then one of VAR 4 (for
                                                ncu -k regex:scan_fwd -c 2)
 """
 import ctypes
@@ -94,7 +94,7 @@ def main():
     if "--ncu" in sys.argv:
         b, L, E, N = 8, 2048, 2944, 16
         t = setup(b, L, E, N)
-        for var in (1, 3):
+        for var in (3, 4):
             runner(t, b, L, E, N, var)[0]()
         torch.cuda.synchronize()
         return

@@ -11,6 +11,21 @@
 // computed), so registers hold only the states and the per-step temporaries.
 // Cost per (t, e, n): one MUFU.EX2 and three FMAs; per (t, e): 16 bytes of u/delta/z/y.
 //
+// One-pass variants (VAR, the kernel's template argument; the launcher picks 3 at TPC >= 2):
+//   1: each step reads u, delta, z from the stage and does the per-(t, e) work (delta * u, the
+//      D skip, the gate) in every one of its TPC threads; y stored per step; two barriers a chunk.
+//   2: the packed variant. A prep pass per chunk computes softplus(delta + bias), delta * u,
+//      g = silu(z) and D u g once per (t, e) into one float4 (sm.pk), so a step reads one float4
+//      and does 40 state instructions plus 9 (49, against 56 in VAR 1); y stays in registers
+//      for a full chunk (no shared store between the steps' loads, so the scheduler overlaps
+//      steps) and goes over u's slot of the stage; each warp preps, computes and writes out
+//      only its own channels, so one __syncthreads per chunk (the copy issue moves after it).
+//      32 KB of shared memory at TPC = 2, so 6 blocks per SM, and so up to 168 registers.
+//   3: 2 with one MUFU reciprocal for softplus's and silu's divisions (softplus_silu).
+//   4: 3 with one state exp in 16 on the FMA pipe (ex2_poly), for N = 16 at TPC = 2.
+// At b = 8, L = 2048, E = 2944, N = 16 on the H200: VAR 1 0.419 ms, VAR 3 0.381 (cuda/NOTES.md,
+// "Session 4, scan4"). The sequence-parallel passes below use VAR 1's code.
+//
 // Sequence parallelism for small grids (b = 1: 92 blocks of 32 channels on 132 SMs, where each
 // of the 2048 steps costs its serial latency, ~100 ns): L is cut into S segments of seg_len
 // steps and the scan runs in two launches (MODE 1, MODE 2 below). The recurrence is linear in
@@ -179,9 +194,9 @@ __device__ __forceinline__ void softplus_silu(float v, float z, float &sp, float
     sp = fmaf(s, q, fmaxf(v, 0.f));
 }
 
-// At most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs ~22 warps
-// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1: full
-// chunks fully unrolled. Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
+// VAR 0, 1: at most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs
+// ~22 warps per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1:
+// full chunks fully unrolled (VAR 2..4: see the top). Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
 // with the per-thread copy addressing and the cheaper softplus, VAR 1 wins at every TPC
 // (TPC = 2: 0.4045 vs 0.4225 ms; before them VAR 0 won at TPC = 2, 0.520 vs 0.563).
 // MODE 0: the whole sequence (grid.z = 1). MODE 1 / 2: pass 1 / pass 2 of the sequence-
@@ -189,7 +204,8 @@ __device__ __forceinline__ void softplus_silu(float v, float z, float &sp, float
 // The packed variants (VAR >= 2) take 32 KB of shared memory a block at TPC = 2, so at most 6
 // blocks fit an SM anyway: their bound of 6 blocks gives up to 168 registers. At 128 (the bound
 // of 8) VAR 3 spilled 16 bytes, whose reloads in the copy issue of every chunk cost it its gain
-// (ncu, run 1: long-scoreboard stalls 0.02 -> 0.52 cycles per instruction).
+// (ncu, run 1: long-scoreboard stalls 0.02 -> 0.52 cycles per instruction, 0.424 ms; at 168:
+// 0.04, 0.383 ms).
 template <int NT, int TPC, int VAR, int MODE>
 __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
@@ -620,26 +636,28 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
 std::atomic<long long> g_scan_packed{0};
 
 // The one-pass variant taken by default (var = -1): 3 (packed per-(t, e) values, one shared
-// reciprocal) where it exists (TPC >= 2) and the grid runs in one wave of its 6 blocks per SM
-// (b <= 8 at E = 2944); else 1, whose 8 blocks per SM make fewer waves (b = 16: 0.79 ms
-// against 0.82 for VAR 3 at 128 registers, run 1). BLACKMAMBA_SCAN_VAR=0..4 overrides it, for
-// same-process A/B measurements of the whole model.
-int default_var(int tpc, int64_t blocks, int sms) {
+// reciprocal) where it exists (TPC >= 2), else 1. Measured on the H200 at L = 2048, E = 2944,
+// N = 16 (run 2, cuda/NOTES.md "Session 4, scan4"), VAR 1 -> 3: b = 8 0.419 -> 0.381 ms (bf16 y
+// 0.450 -> 0.381), b = 16 0.79 -> 0.74 (two waves of 6 blocks per SM against 8: still faster),
+// b = 4 0.319 -> 0.299, b = 1 one pass 0.254 -> 0.145. VAR 4 measured 0.3-0.5% under VAR 3 at
+// b = 8, within the rounds' spread: not the default. BLACKMAMBA_SCAN_VAR=0..4 overrides the
+// default, for same-process A/B measurements of the whole model.
+int default_var(int tpc) {
     static const int env = [] {
         const char *v = getenv("BLACKMAMBA_SCAN_VAR");
         return v && v[0] >= '0' && v[0] <= '4' && v[1] == 0 ? v[0] - '0' : -1;
     }();
     if (env >= 0) return env;
-    return tpc >= 2 && blocks <= 6 * (int64_t)sms ? 3 : 1;
+    return tpc >= 2 ? 3 : 1;
 }
 
 template <int NT, int TPC>
-int scan_fwd_launch(const ScanParams &p, int b, int var, int sms, cudaStream_t stream) {
+int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
-    if (var < 0) var = default_var(TPC, (int64_t)grid.x * grid.y, sms);
+    if (var < 0) var = default_var(TPC);
     if (var >= 2 && TPC < 2) var = 1;  // the packed layout does not fit 48 KB at TPC = 1
     if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
         grid.z = (unsigned)(p.nseg - 1);
@@ -826,15 +844,15 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         const int64_t per = bm_cdiv(N, tpc);  // states per thread
         const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
         switch (tpc * 100 + nt) {
-            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, sms, stream); break;
-            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, sms, stream); break;
-            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, sms, stream); break;
-            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, sms, stream); break;
-            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, sms, stream); break;
-            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, sms, stream); break;
-            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, sms, stream); break;
-            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, sms, stream); break;
-            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, sms, stream); break;
+            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, stream); break;
+            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, stream); break;
+            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, stream); break;
+            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, stream); break;
+            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, stream); break;
+            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, stream); break;
+            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, stream); break;
+            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, stream); break;
+            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, stream); break;
         }
         if (st == -1) st = BM_CUDA_ARG_FAIL("scan: no kernel for this N");
     }

@@ -636,28 +636,31 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
 std::atomic<long long> g_scan_packed{0};
 
 // The one-pass variant taken by default (var = -1): 3 (packed per-(t, e) values, one shared
-// reciprocal) where it exists (TPC >= 2), else 1. Measured on the H200 at L = 2048, E = 2944,
-// N = 16 (run 2, cuda/NOTES.md "Session 4, scan4"), VAR 1 -> 3: b = 8 0.419 -> 0.381 ms (bf16 y
-// 0.450 -> 0.381), b = 16 0.79 -> 0.74 (two waves of 6 blocks per SM against 8: still faster),
-// b = 4 0.319 -> 0.299, b = 1 one pass 0.254 -> 0.145. VAR 4 measured 0.3-0.5% under VAR 3 at
+// reciprocal) where it exists (TPC >= 2) and the grid runs in one wave of its 6 blocks per SM
+// (b <= 8 at E = 2944), else 1. Measured on the H200 at L = 2048, E = 2944, N = 16 (run 2,
+// cuda/NOTES.md "Session 4, scan4"), VAR 1 -> 3: b = 8 0.419 -> 0.381 ms (bf16 y 0.450 ->
+// 0.381), b = 4 0.319 -> 0.299, b = 1 one pass 0.254 -> 0.145. The one-wave condition was
+// written when VAR 3 at 128 registers lost at b = 16 (0.82 against 0.79 ms, run 1); at 168 it
+// measured 0.74 there (run 2, var = 3 asked for), so dropping the condition is the next step,
+// once a GPU run has checked the default path there. VAR 4 measured 0.3-0.5% under VAR 3 at
 // b = 8, within the rounds' spread: not the default. BLACKMAMBA_SCAN_VAR=0..4 overrides the
 // default, for same-process A/B measurements of the whole model.
-int default_var(int tpc) {
+int default_var(int tpc, int64_t blocks, int sms) {
     static const int env = [] {
         const char *v = getenv("BLACKMAMBA_SCAN_VAR");
         return v && v[0] >= '0' && v[0] <= '4' && v[1] == 0 ? v[0] - '0' : -1;
     }();
     if (env >= 0) return env;
-    return tpc >= 2 ? 3 : 1;
+    return tpc >= 2 && blocks <= 6 * (int64_t)sms ? 3 : 1;
 }
 
 template <int NT, int TPC>
-int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
+int scan_fwd_launch(const ScanParams &p, int b, int var, int sms, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
-    if (var < 0) var = default_var(TPC);
+    if (var < 0) var = default_var(TPC, (int64_t)grid.x * grid.y, sms);
     if (var >= 2 && TPC < 2) var = 1;  // the packed layout does not fit 48 KB at TPC = 1
     if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
         grid.z = (unsigned)(p.nseg - 1);
@@ -844,15 +847,15 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         const int64_t per = bm_cdiv(N, tpc);  // states per thread
         const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
         switch (tpc * 100 + nt) {
-            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, stream); break;
-            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, stream); break;
-            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, stream); break;
-            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, stream); break;
-            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, stream); break;
-            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, stream); break;
-            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, stream); break;
-            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, stream); break;
-            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, stream); break;
+            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, sms, stream); break;
+            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, sms, stream); break;
+            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, sms, stream); break;
+            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, sms, stream); break;
+            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, sms, stream); break;
+            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, sms, stream); break;
+            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, sms, stream); break;
+            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, sms, stream); break;
+            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, sms, stream); break;
         }
         if (st == -1) st = BM_CUDA_ARG_FAIL("scan: no kernel for this N");
     }

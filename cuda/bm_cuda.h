@@ -65,7 +65,10 @@ int bm_cuda_scan_forward(const float *u, const float *delta, const float *A, con
                          int64_t N, cudaStream_t stream);
 /* The same with a chosen kernel, for benchmarks and tests: threads_per_channel 0 (auto), 1, 2
  * or 4 (each thread then owns N/threads_per_channel of a channel's states); variant -1
- * (default), 0 (step loop rolled) or 1 (chunks of steps unrolled). */
+ * (default), 0 (step loop rolled), 1 (chunks of steps unrolled), 2 (per-(t, e) values packed
+ * once per chunk), 3 (2 with one reciprocal for softplus and silu: the default where
+ * threads_per_channel >= 2) or 4 (3 with one state exp in 16 on the FMA pipe; N = 16,
+ * threads_per_channel 2 only, else 3). 2..4 fall back to 1 at threads_per_channel 1. */
 int bm_cuda_scan_forward_variant(const float *u, const float *delta, const float *A,
                                  const float *Bm, const float *Cm, const float *D,
                                  const float *z, const float *delta_bias, int delta_softplus,
@@ -90,6 +93,8 @@ int bm_cuda_scan_forward_ws(const float *u, const float *delta, const float *A, 
 size_t bm_cuda_scan_workspace(int64_t E, int64_t N);
 /* How many scans ran sequence-parallel in this process (tests check the path was taken). */
 long long bm_cuda_scan_segmented_calls(void);
+/* How many one-pass scans ran a packed variant (2..4, the default where TPC >= 2). */
+long long bm_cuda_scan_packed_calls(void);
 /* One token: state (b, E, N) updated in place; x, delta, z, y: (b, E); Bm, Cm: (b, N). */
 int bm_cuda_scan_step(float *state, const float *x, const float *delta, const float *A,
                       const float *Bm, const float *Cm, const float *D, const float *z,

@@ -11,6 +11,21 @@
 // computed), so registers hold only the states and the per-step temporaries.
 // Cost per (t, e, n): one MUFU.EX2 and three FMAs; per (t, e): 16 bytes of u/delta/z/y.
 //
+// One-pass variants (VAR, the kernel's template argument; the launcher picks 3 at TPC >= 2):
+//   1: each step reads u, delta, z from the stage and does the per-(t, e) work (delta * u, the
+//      D skip, the gate) in every one of its TPC threads; y stored per step; two barriers a chunk.
+//   2: the packed variant. A prep pass per chunk computes softplus(delta + bias), delta * u,
+//      g = silu(z) and D u g once per (t, e) into one float4 (sm.pk), so a step reads one float4
+//      and does 40 state instructions plus 9 (49, against 56 in VAR 1); y stays in registers
+//      for a full chunk (no shared store between the steps' loads, so the scheduler overlaps
+//      steps) and goes over u's slot of the stage; each warp preps, computes and writes out
+//      only its own channels, so one __syncthreads per chunk (the copy issue moves after it).
+//      32 KB of shared memory at TPC = 2, so 6 blocks per SM, and so up to 168 registers.
+//   3: 2 with one MUFU reciprocal for softplus's and silu's divisions (softplus_silu).
+//   4: 3 with one state exp in 16 on the FMA pipe (ex2_poly), for N = 16 at TPC = 2.
+// At b = 8, L = 2048, E = 2944, N = 16 on the H200: VAR 1 0.419 ms, VAR 3 0.381 (cuda/NOTES.md,
+// "Session 4, scan4"). The sequence-parallel passes below use VAR 1's code.
+//
 // Sequence parallelism for small grids (b = 1: 92 blocks of 32 channels on 132 SMs, where each
 // of the 2048 steps costs its serial latency, ~100 ns): L is cut into S segments of seg_len
 // steps and the scan runs in two launches (MODE 1, MODE 2 below). The recurrence is linear in
@@ -36,6 +51,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 namespace {
 
@@ -92,17 +108,109 @@ struct ScanSmem {
     float y[SCAN_TC][CPB];                             // a chunk's outputs, stored 16 B at a time
 };
 
-// At most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs ~22 warps
-// per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1: full
-// chunks fully unrolled. Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
+// VAR 2, 3 (one-pass only): the per-(t, e) values of a step packed once per chunk, so a step
+// reads one float4 and does no per-(t, e) arithmetic but its y epilogue; a chunk's y goes over
+// u's slot of the stage (u is in pk by then), so there is no y array: 32 KB at TPC = 2.
+template <int NT, int TPC>
+struct ScanSmemP {
+    static constexpr int NP = NT * TPC;
+    static constexpr int CPB = SCAN_THREADS / TPC;
+    float act[SCAN_STAGES][3][SCAN_TC][CPB];           // u (then y), delta, z
+    float bc[SCAN_STAGES][SCAN_TC][2 * NP];            // as ScanSmem
+    float4 pk[SCAN_TC][CPB];                           // delta, delta * u, g = silu(z), D * u * g
+};
+
+__device__ __forceinline__ float rcp_approx(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// 2^x on the FMA pipe (VAR 4: part of the state exps, where the MUFU pipe is the bound):
+// 2^j p(f), j = rint(x) by the 1.5 * 2^23 rounding trick (j lands in the low mantissa bits of
+// r, so r's bits << 23 are j's exponent increment), f = x - j in [-0.5, 0.5], p a degree-5
+// fit of 2^f for the relative error (1.9e-7 at most in a float32 NumPy model, about
+// ex2.approx's 2 ulp). x is clamped to [-125, 127] so that j + p's exponent stays a normal
+// exponent: for x < -125 it returns about 2^-125 where ex2.approx gives 0 or a denormal
+// flushed to 0 (a state decayed to 1e-38 either way); past 127 both overflow a state anyway.
+// 12 instructions (FMNMX 2, FADD 3, FFMA 5, SHL, IADD) against one MUFU.EX2.
+__device__ __forceinline__ float ex2_poly(float x) {
+    x = fminf(fmaxf(x, -125.f), 127.f);
+    const float r = __fadd_rn(x, 12582912.f);
+    const float f = __fsub_rn(x, __fsub_rn(r, 12582912.f));
+    float p = fmaf(0.001326472731307149f, f, 0.009671512991189957f);
+    p = fmaf(p, f, 0.05550733581185341f);
+    p = fmaf(p, f, 0.24022242426872253f);
+    p = fmaf(p, f, 0.6931470036506653f);
+    p = fmaf(p, f, 1.f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));
+}
+
+// bm_store_bf16 (float4) with the conversions in hardware (cvt.rn.bf16x2.f32, two values an
+// instruction): round to nearest even like bm_f32_to_bf16_bits, so every non-NaN value gets the
+// same bits (a NaN y comes out as the canonical 0x7fff rather than with its payload); lo =
+// bf16(f - hi), 0 where hi is not finite, as bm_f32_to_bf16_split. About 10 instructions per
+// four values against ~40 (the bf16 write-out cost VAR 3 7% at b=8 in run 1).
+__device__ __forceinline__ uint32_t bf16x2_rn(float first, float second) {
+    uint32_t r;  // first in the low half (the lower address), second in the high half
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
+}
+__device__ __forceinline__ void store_bf16_hw(float4 v, uint16_t *hb, uint16_t *lb, int64_t i4) {
+    const uint32_t h01 = bf16x2_rn(v.x, v.y), h23 = bf16x2_rn(v.z, v.w);
+    reinterpret_cast<uint2 *>(hb)[i4] = make_uint2(h01, h23);
+    if (lb) {
+        auto rest = [](float f, uint32_t hbits) {  // f - hi, exact (Sterbenz), or 0
+            const float h = __uint_as_float(hbits);
+            return fabsf(h) < INFINITY ? f - h : 0.f;
+        };
+        reinterpret_cast<uint2 *>(lb)[i4] =
+            make_uint2(bf16x2_rn(rest(v.x, h01 << 16), rest(v.y, h01 & 0xffff0000u)),
+                       bf16x2_rn(rest(v.z, h23 << 16), rest(v.w, h23 & 0xffff0000u)));
+    }
+}
+
+// softplus(v) (bm_softplus's formula) and silu(z) with one MUFU reciprocal between them (VAR
+// 3): s = w / (2 + w) and z / (1 + e), e = exp(-z), are w (1 + e) r and z (2 + w) r with r =
+// 1 / ((2 + w)(1 + e)): three MUFU operations for the pair instead of four, the prefill scan's
+// only MUFU work besides its one ex2 per state. e is capped at 2^100 so that the product stays
+// finite and r normal (silu(z) for z < -69 then reads z 2^-100 instead of about z e^z: both
+// below 1e-28 |z|). Three more roundings than the two divisions: ~2e-7 relative.
+__device__ __forceinline__ void softplus_silu(float v, float z, float &sp, float &g) {
+    const float w = bm_ex2(-fabsf(v) * 1.4426950408889634f);
+    const float ez = bm_ex2(fminf(-z * 1.4426950408889634f, 100.f));
+    const float a = 2.f + w, bz = 1.f + ez;
+    const float r = rcp_approx(a * bz);
+    const float s = (w * bz) * r;
+    g = (z * a) * r;
+    const float s2 = s * s;
+    float q = fmaf(s2, 0.18181818181818182f, 0.22222222222222222f);
+    q = fmaf(q, s2, 0.2857142857142857f);
+    q = fmaf(q, s2, 0.4f);
+    q = fmaf(q, s2, 0.6666666666666666f);
+    q = fmaf(q, s2, 2.f);
+    // bm_softplus's "v > 20 ? v" is left out: there s q < 5e-9 is below half an ulp of v, so
+    // the sum is v already (and v = inf gives s = 0, inf).
+    sp = fmaf(s, q, fmaxf(v, 0.f));
+}
+
+// VAR 0, 1: at most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs
+// ~22 warps per SM to run in one wave. VAR 0: the step loop as the compiler unrolls it; VAR 1:
+// full chunks fully unrolled (VAR 2..4: see the top). Measured on the H200 at b=8, L=2048, E=2944, N=16 (cuda/NOTES.md):
 // with the per-thread copy addressing and the cheaper softplus, VAR 1 wins at every TPC
 // (TPC = 2: 0.4045 vs 0.4225 ms; before them VAR 0 won at TPC = 2, 0.520 vs 0.563).
 // MODE 0: the whole sequence (grid.z = 1). MODE 1 / 2: pass 1 / pass 2 of the sequence-
 // parallel scan (see the top), grid.z = nseg - 1 / nseg segments.
+// The packed variants (VAR >= 2) take 32 KB of shared memory a block at TPC = 2, so at most 6
+// blocks fit an SM anyway: their bound of 6 blocks gives up to 168 registers. At 128 (the bound
+// of 8) VAR 3 spilled 16 bytes, whose reloads in the copy issue of every chunk cost it its gain
+// (ncu, run 1: long-scoreboard stalls 0.02 -> 0.52 cycles per instruction, 0.424 ms; at 168:
+// 0.04, 0.383 ms).
 template <int NT, int TPC, int VAR, int MODE>
-__global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanParams p) {
+__global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
-    using Smem = ScanSmem<NT, TPC>;
+    static_assert(VAR < 2 || (MODE == 0 && TPC >= 2), "packed variants: one pass, TPC 2 or 4");
+    using Smem = std::conditional_t<(VAR >= 2), ScanSmemP<NT, TPC>, ScanSmem<NT, TPC>>;
     constexpr int NP = Smem::NP, CPB = Smem::CPB;
     __shared__ __align__(16) Smem sm;
 
@@ -254,122 +362,249 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
 #pragma unroll
     for (int s = 0; s < SCAN_STAGES - 1; s++) issue(s, s);
 
-    for (int c = 0; c < nchunks; c++) {
-        const int s = c % SCAN_STAGES;
-        // Stage (c-1)%S, read during chunk c-1, is free since the barrier that ended it.
-        issue(c + SCAN_STAGES - 1, (c + SCAN_STAGES - 1) % SCAN_STAGES);
-        cp_async_wait<SCAN_STAGES - 1>();  // this thread's copies of chunk c have landed
-        __syncthreads();                    // everyone's have
+    if constexpr (VAR >= 2) {
+        // One barrier per chunk: a warp preps, computes and writes out only its own channels
+        // (so __syncwarp orders those), and chunk c+2 is issued after the barrier into chunk
+        // c-1's stage, which every thread has finished with (its y included) by then.
+        constexpr int WCH = 32 / TPC;  // channels of a warp
+        static_assert(WCH % 4 == 0, "a warp's channels are whole float4s");
+        const int warp = tid / 32, lane = tid % 32;
+        constexpr int WQ = WCH / 4, WROWS = 32 / WQ;  // float4s per step; steps per warp pass
+        const int wt = lane / WQ, wc = warp * WCH + 4 * (lane % WQ);
+        const bool wok = e0 + wc < E;
+        for (int c = 0; c < nchunks; c++) {
+            const int s = c % SCAN_STAGES;
+            cp_async_wait<SCAN_STAGES - 2>();  // this thread's copies of chunk c have landed
+            __syncthreads();                    // everyone's have; chunk c-1 is done everywhere
+            issue(c + SCAN_STAGES - 1, (c + SCAN_STAGES - 1) % SCAN_STAGES);
 
-        // softplus(delta + bias) and silu(z), in place: the TPC threads of a channel each take
-        // 1/TPC of the steps (these are MUFU work too), then meet at a warp barrier. Loops with
-        // a compile-time trip count: the TC/TPC long softplus chains overlap instead of running
-        // one after another.
-        float(*act)[TC][CPB] = sm.act[s];
-        if (p.softplus) {
+            // Per (t, e), once: delta = softplus(delta + bias), g = silu(z), delta * u and
+            // D * u * g into pk; the TPC threads of a channel each take 1/TPC of the steps.
+            float(*act)[TC][CPB] = sm.act[s];
+            // All loads first: a store into pk between them would keep the scheduler from
+            // overlapping the TC/TPC independent softplus chains (it cannot tell pk from act).
+            auto prep = [&](auto SP, auto ZZ) {
+                constexpr bool sp = decltype(SP)::value, zz = decltype(ZZ)::value;
+                constexpr int K = TC / TPC;
+                float uv[K], v[K], zv[K];
 #pragma unroll
-            for (int k = 0; k < TC / TPC; k++) {
-                const int t = k * TPC + sub;
-                act[1][t][ch] = bm_softplus(act[1][t][ch] + dbias);
+                for (int k = 0; k < K; k++) {
+                    const int t = k * TPC + sub;
+                    uv[k] = act[0][t][ch];
+                    v[k] = act[1][t][ch] + dbias;
+                    zv[k] = zz ? act[2][t][ch] : 0.f;
+                }
+#pragma unroll
+                for (int k = 0; k < K; k++) {
+                    float dt = v[k], g = 1.f;
+                    if constexpr (sp && zz && VAR >= 3) {
+                        softplus_silu(v[k], zv[k], dt, g);
+                    } else {
+                        if constexpr (sp) dt = bm_softplus(v[k]);
+                        if constexpr (zz) g = bm_silu(zv[k]);
+                    }
+                    sm.pk[k * TPC + sub][ch] = make_float4(dt, dt * uv[k], g, Dv * (uv[k] * g));
+                }
+            };
+            if (p.softplus) {
+                if (zcopy) prep(std::true_type{}, std::true_type{});
+                else prep(std::true_type{}, std::false_type{});
+            } else {
+                if (zcopy) prep(std::false_type{}, std::true_type{});
+                else prep(std::false_type{}, std::false_type{});
             }
-        } else if (p.delta_bias) {
-#pragma unroll
-            for (int k = 0; k < TC / TPC; k++) act[1][k * TPC + sub][ch] += dbias;
-        }
-        if (zcopy) {
-#pragma unroll
-            for (int k = 0; k < TC / TPC; k++) {
-                const int t = k * TPC + sub;
-                act[2][t][ch] = bm_silu(act[2][t][ch]);
-            }
-        }
-        __syncwarp();
+            __syncwarp();
 
-        const int steps = min(TC, te - tb - c * TC);
-        const float *bc = &sm.bc[s][0][0];
-        auto step = [&](int i) {
-            const float dt = act[1][i][ch];
-            const float uv = act[0][i][ch];
-            const float du = dt * uv;
-            const float4 *b4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + sub * NT);
-            const float4 *c4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + NP + sub * NT);
-            float acc[2] = {0.f, 0.f};  // two chains: the y sum is not one long dependency
+            const int steps = min(TC, te - tb - c * TC);
+            const float *bc = &sm.bc[s][0][0];
+            auto step = [&](int i) {
+                const float4 q = sm.pk[i][ch];
+                const float4 *b4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + sub * NT);
+                const float4 *c4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + NP + sub * NT);
+                float acc[2] = {0.f, 0.f};
 #pragma unroll
-            for (int q = 0; q < NT / 4; q++) {
-                const float4 bq = b4[q], cq = c4[q];
-                const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
-                const float cv[4] = {cq.x, cq.y, cq.z, cq.w};
+                for (int qi = 0; qi < NT / 4; qi++) {
+                    const float4 bq = b4[qi], cq = c4[qi];
+                    const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
+                    const float cv[4] = {cq.x, cq.y, cq.z, cq.w};
 #pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int j = 4 * q + r;
-                    h[j] = fmaf(bm_ex2(dt * A2[j]), h[j], du * bv[r]);
-                    acc[r & 1] = fmaf(h[j], cv[r], acc[r & 1]);
+                    for (int r = 0; r < 4; r++) {
+                        const int j = 4 * qi + r;
+                        // VAR 4: one exp in 16 on the FMA pipe (ex2_poly) when MUFU binds
+                        const float x = q.x * A2[j];
+                        const float ex = VAR == 4 && j == NT - 1 && (i & 1) ? ex2_poly(x)
+                                                                            : bm_ex2(x);
+                        h[j] = fmaf(ex, h[j], q.y * bv[r]);
+                        acc[r & 1] = fmaf(h[j], cv[r], acc[r & 1]);
+                    }
+                }
+                float yv = acc[0] + acc[1];
+#pragma unroll
+                for (int o = 1; o < TPC; o <<= 1) yv += __shfl_xor_sync(0xffffffffu, yv, o);
+                return fmaf(yv, q.z, q.w);  // (sum + D u) g
+            };
+            // y over u's slot. A full chunk keeps its y in registers until every step is done:
+            // no shared store between the steps' loads, so the scheduler may hoist step i+1's
+            // loads and exps into step i.
+            float(*ys)[CPB] = act[0];
+            if (steps == TC) {
+                float yr[TC];
+#pragma unroll
+                for (int i = 0; i < TC; i++) yr[i] = step(i);
+                if (store) {
+#pragma unroll
+                    for (int i = 0; i < TC; i++) ys[i][ch] = yr[i];
+                }
+            } else {
+                for (int i = 0; i < steps; i++) {
+                    const float yv = step(i);
+                    if (store) ys[i][ch] = yv;
                 }
             }
-            float yv = acc[0] + acc[1];
-#pragma unroll
-            for (int o = 1; o < TPC; o <<= 1) yv += __shfl_xor_sync(0xffffffffu, yv, o);
-            yv = fmaf(Dv, uv, yv);
-            if (has_z) yv *= act[2][i][ch];
-            if (store) sm.y[i][ch] = yv;
-        };
-        // Pass 1: the state recurrence only (the segment's end state and its delta sum).
-        auto lstep = [&](int i) {
-            const float dt = act[1][i][ch];
-            const float du = dt * act[0][i][ch];
-            dsum += dt;
-            const float4 *b4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + sub * NT);
-#pragma unroll
-            for (int q = 0; q < NT / 4; q++) {
-                const float4 bq = b4[q];
-                const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    h[4 * q + r] = fmaf(bm_ex2(dt * A2[4 * q + r]), h[4 * q + r], du * bv[r]);
-            }
-        };
-        if (light) {
-            if (VAR == 1 && steps == TC) {
-#pragma unroll
-                for (int i = 0; i < TC; i++) lstep(i);
+            __syncwarp();
+
+            // The warp's y (steps x WCH) to global memory, 16 bytes a lane where aligned: lane
+            // (wt, wc) takes steps wt, wt + WROWS, .. of channels wc .. wc + 3.
+            const int64_t yrow = (rowb + tb + (int64_t)c * TC) * E + e0;
+            if (p.vec) {
+                if (wok) {
+                    for (int t = wt; t < steps; t += WROWS) {
+                        const int64_t o = yrow + (int64_t)t * E + wc;
+                        const float4 v = *reinterpret_cast<const float4 *>(&ys[t][wc]);
+                        if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
+                        if (p.ybf) store_bf16_hw(v, p.ybf, p.ylo, o / 4);  // o % 4 == 0 (vec)
+                    }
+                }
             } else {
-                for (int i = 0; i < steps; i++) lstep(i);
+                for (int k = lane; k < steps * WCH; k += 32) {
+                    const int t = k / WCH, c2 = warp * WCH + k % WCH;
+                    if (e0 + c2 < E) {
+                        const int64_t o = yrow + (int64_t)t * E + c2;
+                        const float v = ys[t][c2];
+                        if (p.y) p.y[o] = v;
+                        if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o);
+                    }
+                }
+            }
+        }
+    } else {
+        for (int c = 0; c < nchunks; c++) {
+            const int s = c % SCAN_STAGES;
+            // Stage (c-1)%S, read during chunk c-1, is free since the barrier that ended it.
+            issue(c + SCAN_STAGES - 1, (c + SCAN_STAGES - 1) % SCAN_STAGES);
+            cp_async_wait<SCAN_STAGES - 1>();  // this thread's copies of chunk c have landed
+            __syncthreads();                    // everyone's have
+
+            // softplus(delta + bias) and silu(z), in place: the TPC threads of a channel each take
+            // 1/TPC of the steps (these are MUFU work too), then meet at a warp barrier. Loops with
+            // a compile-time trip count: the TC/TPC long softplus chains overlap instead of running
+            // one after another.
+            float(*act)[TC][CPB] = sm.act[s];
+            if (p.softplus) {
+    #pragma unroll
+                for (int k = 0; k < TC / TPC; k++) {
+                    const int t = k * TPC + sub;
+                    act[1][t][ch] = bm_softplus(act[1][t][ch] + dbias);
+                }
+            } else if (p.delta_bias) {
+    #pragma unroll
+                for (int k = 0; k < TC / TPC; k++) act[1][k * TPC + sub][ch] += dbias;
+            }
+            if (zcopy) {
+    #pragma unroll
+                for (int k = 0; k < TC / TPC; k++) {
+                    const int t = k * TPC + sub;
+                    act[2][t][ch] = bm_silu(act[2][t][ch]);
+                }
+            }
+            __syncwarp();
+
+            const int steps = min(TC, te - tb - c * TC);
+            const float *bc = &sm.bc[s][0][0];
+            auto step = [&](int i) {
+                const float dt = act[1][i][ch];
+                const float uv = act[0][i][ch];
+                const float du = dt * uv;
+                const float4 *b4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + sub * NT);
+                const float4 *c4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + NP + sub * NT);
+                float acc[2] = {0.f, 0.f};  // two chains: the y sum is not one long dependency
+    #pragma unroll
+                for (int q = 0; q < NT / 4; q++) {
+                    const float4 bq = b4[q], cq = c4[q];
+                    const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
+                    const float cv[4] = {cq.x, cq.y, cq.z, cq.w};
+    #pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        const int j = 4 * q + r;
+                        h[j] = fmaf(bm_ex2(dt * A2[j]), h[j], du * bv[r]);
+                        acc[r & 1] = fmaf(h[j], cv[r], acc[r & 1]);
+                    }
+                }
+                float yv = acc[0] + acc[1];
+    #pragma unroll
+                for (int o = 1; o < TPC; o <<= 1) yv += __shfl_xor_sync(0xffffffffu, yv, o);
+                yv = fmaf(Dv, uv, yv);
+                if (has_z) yv *= act[2][i][ch];
+                if (store) sm.y[i][ch] = yv;
+            };
+            // Pass 1: the state recurrence only (the segment's end state and its delta sum).
+            auto lstep = [&](int i) {
+                const float dt = act[1][i][ch];
+                const float du = dt * act[0][i][ch];
+                dsum += dt;
+                const float4 *b4 = reinterpret_cast<const float4 *>(bc + i * 2 * NP + sub * NT);
+    #pragma unroll
+                for (int q = 0; q < NT / 4; q++) {
+                    const float4 bq = b4[q];
+                    const float bv[4] = {bq.x, bq.y, bq.z, bq.w};
+    #pragma unroll
+                    for (int r = 0; r < 4; r++)
+                        h[4 * q + r] = fmaf(bm_ex2(dt * A2[4 * q + r]), h[4 * q + r], du * bv[r]);
+                }
+            };
+            if (light) {
+                if (VAR == 1 && steps == TC) {
+    #pragma unroll
+                    for (int i = 0; i < TC; i++) lstep(i);
+                } else {
+                    for (int i = 0; i < steps; i++) lstep(i);
+                }
+                __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
+                continue;
+            }
+            if (VAR == 1 && steps == TC) {
+                // Whole chunk unrolled: the scheduler can start step i+1's exps (independent of
+                // the state) during step i's reduction.
+    #pragma unroll
+                for (int i = 0; i < TC; i++) step(i);
+            } else {
+                for (int i = 0; i < steps; i++) step(i);
             }
             __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
-            continue;
-        }
-        if (VAR == 1 && steps == TC) {
-            // Whole chunk unrolled: the scheduler can start step i+1's exps (independent of
-            // the state) during step i's reduction.
-#pragma unroll
-            for (int i = 0; i < TC; i++) step(i);
-        } else {
-            for (int i = 0; i < steps; i++) step(i);
-        }
-        __syncthreads();  // stage s is rewritten by the issue of chunk c+1's iteration
-        // The chunk's y (steps x CPB) to global memory, 16 bytes a thread where aligned. sm.y
-        // is written again only after the next chunk's first barrier.
-        const int64_t yrow = (rowb + tb + (int64_t)c * TC) * E + e0;
-        // ybf / ylo: the bf16 conversion of the engine's out_proj input done here, where y
-        // is in shared memory anyway (saves reading y back: bm_f32_to_bf16_* as to_bf16).
-        if (p.vec) {
-            for (int k = tid; k < steps * Q; k += SCAN_THREADS) {
-                const int t = k / Q, q = k % Q;
-                if (e0 + 4 * q < E) {
-                    const int64_t o = yrow + (int64_t)t * E + 4 * q;
-                    const float4 v = *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
-                    if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
-                    if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o / 4);  // o % 4 == 0 (vec)
+            // The chunk's y (steps x CPB) to global memory, 16 bytes a thread where aligned. sm.y
+            // is written again only after the next chunk's first barrier.
+            const int64_t yrow = (rowb + tb + (int64_t)c * TC) * E + e0;
+            // ybf / ylo: the bf16 conversion of the engine's out_proj input done here, where y
+            // is in shared memory anyway (saves reading y back: bm_f32_to_bf16_* as to_bf16).
+            if (p.vec) {
+                for (int k = tid; k < steps * Q; k += SCAN_THREADS) {
+                    const int t = k / Q, q = k % Q;
+                    if (e0 + 4 * q < E) {
+                        const int64_t o = yrow + (int64_t)t * E + 4 * q;
+                        const float4 v = *reinterpret_cast<const float4 *>(&sm.y[t][4 * q]);
+                        if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
+                        if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o / 4);  // o % 4 == 0 (vec)
+                    }
                 }
-            }
-        } else {
-            for (int k = tid; k < steps * CPB; k += SCAN_THREADS) {
-                const int t = k / CPB, c2 = k % CPB;
-                if (e0 + c2 < E) {
-                    const int64_t o = yrow + (int64_t)t * E + c2;
-                    const float v = sm.y[t][c2];
-                    if (p.y) p.y[o] = v;
-                    if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o);
+            } else {
+                for (int k = tid; k < steps * CPB; k += SCAN_THREADS) {
+                    const int t = k / CPB, c2 = k % CPB;
+                    if (e0 + c2 < E) {
+                        const int64_t o = yrow + (int64_t)t * E + c2;
+                        const float v = sm.y[t][c2];
+                        if (p.y) p.y[o] = v;
+                        if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o);
+                    }
                 }
             }
         }
@@ -397,12 +632,36 @@ __global__ __launch_bounds__(SCAN_THREADS, 8) void scan_fwd_kernel(const ScanPar
     }
 }
 
+// One-pass launches of the packed variants (VAR 2..4): tests assert the path was taken.
+std::atomic<long long> g_scan_packed{0};
+
+// The one-pass variant taken by default (var = -1): 3 (packed per-(t, e) values, one shared
+// reciprocal) where it exists (TPC >= 2) and the grid runs in one wave of its 6 blocks per SM
+// (b <= 8 at E = 2944), else 1. Measured on the H200 at L = 2048, E = 2944, N = 16 (run 2,
+// cuda/NOTES.md "Session 4, scan4"), VAR 1 -> 3: b = 8 0.419 -> 0.381 ms (bf16 y 0.450 ->
+// 0.381), b = 4 0.319 -> 0.299, b = 1 one pass 0.254 -> 0.145. The one-wave condition was
+// written when VAR 3 at 128 registers lost at b = 16 (0.82 against 0.79 ms, run 1); at 168 it
+// measured 0.74 there (run 2, var = 3 asked for), so dropping the condition is the next step,
+// once a GPU run has checked the default path there. VAR 4 measured 0.3-0.5% under VAR 3 at
+// b = 8, within the rounds' spread: not the default. BLACKMAMBA_SCAN_VAR=0..4 overrides the
+// default, for same-process A/B measurements of the whole model.
+int default_var(int tpc, int64_t blocks, int sms) {
+    static const int env = [] {
+        const char *v = getenv("BLACKMAMBA_SCAN_VAR");
+        return v && v[0] >= '0' && v[0] <= '4' && v[1] == 0 ? v[0] - '0' : -1;
+    }();
+    if (env >= 0) return env;
+    return tpc >= 2 && blocks <= 6 * (int64_t)sms ? 3 : 1;
+}
+
 template <int NT, int TPC>
-int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
-    if (var < 0) var = 1;  // the measured winner at every TPC since run 3 (see the kernel)
+int scan_fwd_launch(const ScanParams &p, int b, int var, int sms, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
+    static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
+    if (var < 0) var = default_var(TPC, (int64_t)grid.x * grid.y, sms);
+    if (var >= 2 && TPC < 2) var = 1;  // the packed layout does not fit 48 KB at TPC = 1
     if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
         grid.z = (unsigned)(p.nseg - 1);
         scan_fwd_kernel<NT, TPC, 1, 1><<<grid, SCAN_THREADS, 0, stream>>>(p);
@@ -412,8 +671,17 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, cudaStream_t stream) {
         BM_CUDA_LAUNCHED();
         return 0;
     }
+    if (var == 4 && !(NT == 8 && TPC == 2)) var = 3;  // VAR 4 is built for b=8's shape only
+    if (var >= 2) g_scan_packed.fetch_add(1, std::memory_order_relaxed);
+    if constexpr (NT == 8 && TPC == 2) {
+        if (var == 4) scan_fwd_kernel<NT, TPC, 4, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    }
+    if constexpr (TPC >= 2) {
+        if (var == 3) scan_fwd_kernel<NT, TPC, 3, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+        else if (var == 2) scan_fwd_kernel<NT, TPC, 2, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    }
     if (var == 1) scan_fwd_kernel<NT, TPC, 1, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
-    else scan_fwd_kernel<NT, TPC, 0, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+    else if (var == 0) scan_fwd_kernel<NT, TPC, 0, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
     BM_CUDA_LAUNCHED();
     return 0;
 }
@@ -503,6 +771,7 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (segments < 0) return BM_CUDA_ARG_FAIL("scan: segments must be >= 0");
+    if (var < -1 || var > 4) return BM_CUDA_ARG_FAIL("scan: variant must be -1..4");
     if (ylo && !ybf) return BM_CUDA_ARG_FAIL("scan: y_lo needs y_bf16");
     if (b <= 0 || E <= 0) return 0;
     const bool vec = E % 4 == 0 && ((uintptr_t)u & 15) == 0 && ((uintptr_t)delta & 15) == 0 &&
@@ -578,15 +847,15 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         const int64_t per = bm_cdiv(N, tpc);  // states per thread
         const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
         switch (tpc * 100 + nt) {
-            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, stream); break;
-            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, stream); break;
-            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, stream); break;
-            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, stream); break;
-            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, stream); break;
-            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, stream); break;
-            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, stream); break;
-            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, stream); break;
-            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, stream); break;
+            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, sms, stream); break;
+            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, sms, stream); break;
+            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, sms, stream); break;
+            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, sms, stream); break;
+            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, sms, stream); break;
+            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, sms, stream); break;
+            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, sms, stream); break;
+            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, sms, stream); break;
+            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, sms, stream); break;
         }
         if (st == -1) st = BM_CUDA_ARG_FAIL("scan: no kernel for this N");
     }
@@ -632,6 +901,10 @@ extern "C" size_t bm_cuda_scan_workspace(int64_t E, int64_t N) {
 
 extern "C" long long bm_cuda_scan_segmented_calls(void) {
     return g_scan_segmented.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_scan_packed_calls(void) {
+    return g_scan_packed.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_scan_forward(const float *u, const float *delta, const float *A,

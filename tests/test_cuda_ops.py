@@ -221,11 +221,12 @@ def native():
     lib.bm_cuda_scan_workspace.argtypes = [I64, I64]
     lib.bm_cuda_scan_workspace.restype = ctypes.c_size_t
     lib.bm_cuda_scan_segmented_calls.restype = ctypes.c_longlong
+    lib.bm_cuda_scan_packed_calls.restype = ctypes.c_longlong
     lib.bm_cuda_xproj_ksplit_calls.restype = ctypes.c_longlong
     return lib
 
 
-def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None, bf16_out=False):
+def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None, bf16_out=False, var=-1):
     """bm_cuda_scan_forward_ws on kw (scan_inputs) -> (y, final state) on the host; with
     bf16_out also y as bf16 hi and lo bits: (y, state, hi, lo)."""
     b, L, E = kw["u"].shape
@@ -247,7 +248,7 @@ def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None, bf16_out=F
     rc = lib.bm_cuda_scan_forward_ws(
         ptr(dev["u"]), ptr(dev["delta"]), ptr(dev["A"]), ptr(dev["B"]), ptr(dev["C"]),
         ptr(dev["D"]), ptr(dev["z"]), ptr(dev["delta_bias"]), int(kw["delta_softplus"]),
-        ptr(st_in), ptr(st_out), y.ptr, ptr(hi), ptr(lo), b, L, E, N, tpc, -1, segments,
+        ptr(st_in), ptr(st_out), y.ptr, ptr(hi), ptr(lo), b, L, E, N, tpc, var, segments,
         ws.ptr, ws_floats * 4, None)
     assert rc == 0, rc
     if bf16_out:
@@ -292,6 +293,59 @@ def test_selective_scan_bf16_outputs(b, L, E, N, S):
     want_hi = ref.f32_to_bf16(y)
     np.testing.assert_array_equal(hi, want_hi)
     np.testing.assert_array_equal(lo, ref.f32_to_bf16(y - ref.bf16_to_f32(want_hi)))
+
+
+# The one-pass kernel's variants (cuda/scan.cu): 1 (per-(t, e) work per step), 2 (packed once
+# per chunk; the chunk's y over u's slot, one barrier per chunk), 3 (2 with one reciprocal for
+# softplus and silu: the default at TPC >= 2), 4 (3 with one exp in 16 on the FMA pipe; N = 16
+# at TPC = 2 only, else it runs 3). Against float64 with the scan's tolerance (the new roundings,
+# ~2e-7 each, are far below it), and 2..4 against 1. Shapes: E = 7, 130 (no 16-byte copies, the
+# scalar y path, a partial block), L not a multiple of 16 (a partial last chunk), TPC 2 and 4
+# with 4, 8 and 16 states a thread, N = 5 (padded states), one-chunk L.
+@pytest.mark.parametrize("b,L,E,N,tpc", [(2, 33, 7, 16, 0), (1, 300, 64, 16, 2),
+                                         (3, 70, 130, 5, 0), (2, 50, 36, 32, 4),
+                                         (1, 40, 40, 64, 4), (2, 16, 68, 16, 4),
+                                         (4, 129, 96, 16, 2)])
+@pytest.mark.parametrize("opts", ["all", "bare", "no_softplus"])
+def test_selective_scan_variants(b, L, E, N, tpc, opts):
+    kw = scan_inputs(rng_for("scanvar", b, L, E, N, tpc, opts), b, L, E, N, opts)
+    yr, finr = ref.selective_scan(**kw)
+    lib = native()
+    y1, fin1 = scan_ws_call(kw, 1, tpc=tpc, var=1)
+    for var in (2, 3, 4, -1):
+        before = lib.bm_cuda_scan_packed_calls()
+        y, fin = scan_ws_call(kw, 1, tpc=tpc, var=var)
+        # every shape here has TPC >= 2 (auto: N > 8 or b * E small), so the default is packed
+        assert lib.bm_cuda_scan_packed_calls() == before + 1
+        check("selective_scan_variants", y, yr, TOL_SCAN)
+        check("selective_scan_variants", fin, finr, TOL_SCAN)
+        assert rel_err(y, y1) < TOL_SCAN and rel_err(fin, fin1) < TOL_SCAN
+    if N > 16:  # TPC = 1 holds at most 16 states a thread
+        return
+    # TPC = 1 has no packed kernel (48 KB of static shared memory): 3 runs 1, counted as such
+    before = lib.bm_cuda_scan_packed_calls()
+    y, fin = scan_ws_call(kw, 1, tpc=1, var=3)
+    assert lib.bm_cuda_scan_packed_calls() == before
+    check("selective_scan_variants", y, yr, TOL_SCAN)
+
+
+@pytest.mark.parametrize("E", [64, 30])
+def test_selective_scan_variants_bf16_outputs(E):
+    # the packed variants' own y write-out (per warp): bf16 hi / lo exactly as to_bf16 would
+    # round the float32 y; E = 64 the 16-byte path, E = 30 the scalar one
+    kw = scan_inputs(rng_for("scanvarbf", E), 2, 37, E, 16, "all")
+    for var in (2, 3):
+        y, fin, hi, lo = scan_ws_call(kw, 1, bf16_out=True, var=var)
+        check("selective_scan_variants", y, ref.selective_scan(**kw)[0], TOL_SCAN)
+        want_hi = ref.f32_to_bf16(y)
+        np.testing.assert_array_equal(hi, want_hi)
+        np.testing.assert_array_equal(lo, ref.f32_to_bf16(y - ref.bf16_to_f32(want_hi)))
+
+
+def test_selective_scan_variant_bad():
+    kw = scan_inputs(rng_for("scanvarbad"), 1, 5, 8, 16, "all")
+    with pytest.raises(AssertionError):
+        scan_ws_call(kw, 1, var=5)
 
 
 def test_selective_scan_segmented_auto_rule():

@@ -147,7 +147,7 @@ def scan_setup(b, L, E, N, with_z=True):
 
 
 def bench_scan():
-    configs = [(8, 2048, 2944, 16, tpc, var, True) for var in (0, 1) for tpc in (0, 1, 2, 4)]
+    configs = [(8, 2048, 2944, 16, tpc, var, True) for var in (0, 1, 3, 4) for tpc in (0, 1, 2, 4)]
     configs += [(8, 2048, 2944, 16, 0, -1, False), (8, 2048, 2944, 4, 0, -1, True), (16, 2048, 2944, 16, 0, -1, True),
                 (8, 2048, 2304, 16, 0, -1, True), (1, 2048, 2944, 16, 0, -1, True), (1, 2048, 2944, 16, 1, -1, True),
                 (2, 2048, 2944, 16, 0, -1, True)]

@@ -93,6 +93,29 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
 }
 
+// The early form of the decode kernels (BLACKMAMBA_CUDA_PDL_EARLY, default on; "0" turns it
+// off, for A/B measurements): the kernel calls bm_pdl_trigger() as its first statement, loads
+// what no kernel of the graph writes (weights; its own layer's recurrent state, written by
+// itself one step before) and only then bm_pdl_wait_only(). Read at launch, i.e. at capture.
+static inline bool bm_pdl_early() {
+    const char *env = getenv("BLACKMAMBA_CUDA_PDL_EARLY");
+    return !(env && env[0] == '0');
+}
+
+// Launches of the early kernels so far, by kind (tests assert the path was taken; counted at
+// launch, so a captured graph counts once): 0 gemv1_kernel, 1 expert_rows_early_kernel,
+// 2 step_scan_kernel<.., EARLY>, 3 norm_route_kernel<.., EARLY>, 4 rms_norm_kernel<.., EARLY>.
+// Not static: one set for the whole library (vague linkage).
+enum { BM_EARLY_GEMV1, BM_EARLY_ROWS, BM_EARLY_SCAN, BM_EARLY_NORM_ROUTE, BM_EARLY_RMS_NORM,
+       BM_EARLY_KINDS };
+inline std::atomic<long long> *bm_pdl_early_counts() {
+    static std::atomic<long long> c[BM_EARLY_KINDS];
+    return c;
+}
+static inline void bm_pdl_early_count(int kind) {
+    bm_pdl_early_counts()[kind].fetch_add(1, std::memory_order_relaxed);
+}
+
 // Launch `kernel` through bm_launch_pdl and return its status from the enclosing launcher.
 #define BM_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
     BM_CUDA_TRY(bm_launch_pdl(kernel, grid, block, smem, stream, __VA_ARGS__))
@@ -108,6 +131,25 @@ __device__ __forceinline__ void bm_pdl_wait() {
 #endif
 }
 
+// The two halves of bm_pdl_wait, for the early kernels (bm_pdl_early). Triggering first lets
+// the next kernel's blocks take free SM slots (and issue their own weight loads) while this
+// one waits, and so on down the stream as far as slots allow; stream order is still kept,
+// since every kernel waits before it reads activations or writes anything, and a kernel only
+// completes after its own wait returned (its predecessor completed, and so on back). What
+// this costs: before its wait a kernel may run next to ANY earlier kernel still in flight, so
+// a pre-wait read must not touch anything the graph writes in this step, except (fc2's
+// expert ids) data written two kernels back when the kernel in between triggers only after
+// its own wait.
+__device__ __forceinline__ void bm_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bm_pdl_wait_only() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 // bf16 bits -> float32: the top half of the float.
 __device__ __forceinline__ float bm_bf16_bits_to_f32(uint16_t h) {
@@ -239,6 +281,15 @@ struct GemvParams {
     float *conv_state;     // (M, K-1, E) in place
     float *conv_y;         // (M, E)
     int conv_E, conv_K;
+    // The engine's weights (never written after upload): the batch-1 kernel may load W (and
+    // the conv weights and state) before its PDL wait (gemv.cu, gemv1_kernel). 0 for the ops
+    // entry points, whose W may come from the kernel just before. Left out of an initialiser: 0.
+    int w_static;
 };
 // X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);
+// norm.cu: bm_cuda_rms_norm_bf16 for the engine, whose norm weights w are never written after
+// upload: where bm_pdl_early() and T <= 64 the kernel loads w before its PDL wait.
+int bm_rms_norm_static_w(const float *x, const float *residual, const float *w, float eps,
+                         float *out, float *res_out, uint16_t *out_bf16, uint16_t *out_lo,
+                         int64_t T, int64_t d, cudaStream_t stream);

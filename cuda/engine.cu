@@ -390,6 +390,86 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
 }
 
+// expert_rows_kernel<WT, KS, true> in the early PDL form (bm_pdl_early), for fc2 only: the
+// token's expert id and gate are read BEFORE the wait, from L2 (ld.global.cg: this SM's L1 may
+// still hold the previous layer's ids line), and with them this lane's first ROWS_PRE 16-byte
+// pieces of its expert row; then the wait, then the hidden row h and the FMAs (same order as
+// expert_rows_kernel: bit-identical). Why the early ids read is safe: they were written by the
+// routing kernel two launches back, and the kernel in between (fc1: expert_rows_gated_kernel,
+// or expert_act_kernel) triggers its dependents only after its own wait, i.e. after the
+// routing kernel completed; so this kernel's blocks only start once the ids are in L2.
+constexpr int ROWS_PRE = 8;  // covers fc2's slices at the 2.8B shape (484 pieces, split in 2)
+template <typename WT, int KS>
+__global__ __launch_bounds__(256) void expert_rows_early_kernel(
+    const WT *__restrict__ W,         // (X, Nout, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    const float *__restrict__ scale,  // (T) or NULL
+    float *__restrict__ y,            // (T, ldy)
+    int64_t ldy, int Nout, int Kin) {
+    bm_pdl_trigger();
+    constexpr int RPB = 8 / KS;
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    __shared__ float part[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int row = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    const bool live = row < Nout;
+    // ---- before the wait: ids / gates (see above) and weights ----
+    const int64_t e = ids ? __ldcg(ids + t) : 0;
+    const float sc = scale ? __ldcg(scale + t) : 1.f;
+    const WT *w = W + (e * Nout + (live ? row : 0)) * (int64_t)Kin;
+    const int units = Kin / VW, per = (units + KS - 1) / KS;
+    const int u0 = kp * per, u1 = min(units, u0 + per);
+    uint4 wr[ROWS_PRE];
+#pragma unroll
+    for (int i = 0; i < ROWS_PRE; i++) {
+        const int u = u0 + lane + 32 * i;
+        if (live && u < u1) wr[i] = __ldg(reinterpret_cast<const uint4 *>(w + (int64_t)u * VW));
+        else wr[i] = make_uint4(0, 0, 0, 0);  // never used
+    }
+    bm_pdl_wait_only();
+    // ---- after the wait: the hidden row ----
+    float acc = 0.f;
+    if (live) {
+        const float *xr = x + t * ldx;
+        auto fma_piece = [&](const uint4 v, int k) {
+            if constexpr (sizeof(WT) == 2) {
+                const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
+                acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
+                acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
+                acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
+            } else {
+                const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                acc = fmaf(__uint_as_float(v.x), x0.x, acc); acc = fmaf(__uint_as_float(v.y), x0.y, acc);
+                acc = fmaf(__uint_as_float(v.z), x0.z, acc); acc = fmaf(__uint_as_float(v.w), x0.w, acc);
+            }
+        };
+#pragma unroll
+        for (int i = 0; i < ROWS_PRE; i++) {
+            const int u = u0 + lane + 32 * i;
+            if (u < u1) fma_piece(wr[i], u * VW);
+        }
+#pragma unroll 4
+        for (int u = u0 + lane + 32 * ROWS_PRE; u < u1; u += 32)
+            fma_piece(__ldg(reinterpret_cast<const uint4 *>(w + (int64_t)u * VW)), u * VW);
+    }
+    acc = bm_warp_sum(acc);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) part[warp] = acc;
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) acc += part[warp + q];
+    }
+    if (kp == 0 && lane == 0 && live) y[t * ldy + row] = scale ? acc * sc : acc;
+}
+
 // fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
 // h[t, f] = act(W[e_t, f, :] . x[t, :]) * (W[e_t, F + f, :] . x[t, :]) for f < F, written to
 // h[t, :F]. One warp (or KS warps, K-split) owns output f and streams both of its rows, so
@@ -583,7 +663,13 @@ constexpr int NR_THREADS = 256;
 constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
 // BF: also write the normed rows as bf16 (obf, and olo where given); a template so that the
 // decode kernels stay as they were measured.
-template <bool BF>
+// EARLY (decode, bm_pdl_early): trigger first, then before the wait the norm weights (the
+// first NR_PRE_W of this thread's float4) and this warp's first router row (its first NR_PRE
+// float4 pieces, and the bias): weights only; x and residual after it. Same arithmetic in
+// the same order: bit-identical.
+constexpr int NR_PRE = 12;   // router pieces per lane (d = 1472: 11.5)
+constexpr int NR_PRE_W = 2;  // norm-weight float4 per thread (d = 1472: 368 over 256 threads)
+template <bool BF, bool EARLY = false>
 __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float *x,                   // (T, d)
     const float *residual,            // (T, d) or NULL
@@ -599,7 +685,30 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     int d, int X,
     uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
     uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
-    bm_pdl_wait();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nv = d / 4;
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 wpre[EARLY ? NR_PRE_W : 1], rpre[EARLY ? NR_PRE : 1];
+    float rb0 = 0.f;
+    if constexpr (EARLY) {
+        bm_pdl_trigger();
+#pragma unroll
+        for (int j = 0; j < NR_PRE_W; j++) {
+            const int i = threadIdx.x + j * NR_THREADS;
+            wpre[j] = i < nv ? wv[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        const float *w0 = rw + (int64_t)(warp < X ? warp : 0) * d;
+#pragma unroll
+        for (int i = 0; i < NR_PRE; i++) {
+            const int k = 4 * lane + 128 * i;
+            rpre[i] = warp < X && k < d ? __ldg(reinterpret_cast<const float4 *>(w0 + k))
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        if (warp < X) rb0 = rb[warp];
+        bm_pdl_wait_only();
+    } else {
+        bm_pdl_wait();
+    }
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float4 *srow = reinterpret_cast<float4 *>(smem_raw);
     __shared__ float scratch[32];
@@ -608,7 +717,6 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float4 *xr = reinterpret_cast<const float4 *>(x + off);
     const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
     float4 *ro = reinterpret_cast<float4 *>(res_out + off);
-    const int nv = d / 4;
     float ss = 0.f;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
         float4 r = xr[i];
@@ -622,10 +730,19 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     }
     ss = bm_block_sum(ss, scratch);
     const float s = rsqrtf(ss / (float)d + eps);
-    const float4 *wv = reinterpret_cast<const float4 *>(nw);
     float4 *o = reinterpret_cast<float4 *>(out + off);
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        const float4 a = srow[i], w4 = wv[i];
+    for (int i = threadIdx.x, j = 0; i < nv; i += blockDim.x, j++) {
+        float4 w4;
+        if constexpr (EARLY) {
+            w4 = wpre[0];
+#pragma unroll
+            for (int q = 1; q < NR_PRE_W; q++)
+                if (j == q) w4 = wpre[q];
+            if (j >= NR_PRE_W) w4 = wv[i];
+        } else {
+            w4 = wv[i];
+        }
+        const float4 a = srow[i];
         const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
         srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
         o[i] = v;
@@ -633,8 +750,39 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     }
     __syncthreads();
     const float *xs = reinterpret_cast<const float *>(srow);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int e = warp; e < X; e += NR_THREADS / 32) {
+    int e = warp;
+    if constexpr (EARLY) {
+        // the first expert of this warp from the early pieces
+        if (e < X) {
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < NR_PRE; i++) {
+                const int k = 4 * lane + 128 * i;
+                if (k < d) {
+                    const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                    const float4 b = rpre[i];
+                    acc = fmaf(a.x, b.x, acc);
+                    acc = fmaf(a.y, b.y, acc);
+                    acc = fmaf(a.z, b.z, acc);
+                    acc = fmaf(a.w, b.w, acc);
+                }
+            }
+            const float *w = rw + (int64_t)e * d;
+#pragma unroll 4
+            for (int k = 4 * lane + 128 * NR_PRE; k < d; k += 128) {
+                const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+            acc = bm_warp_sum(acc);
+            if (lane == 0) sl[e] = acc + rb0;
+        }
+        e += NR_THREADS / 32;
+    }
+    for (; e < X; e += NR_THREADS / 32) {
         const float *w = rw + (int64_t)e * d;
         float acc = 0.f;
 #pragma unroll 4
@@ -663,7 +811,12 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
 // where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64). Then G
 // is about N/4 (4 states per lane): a whole warp per (b, e) left half the lanes idle at
 // N = 16 and made 188K warps at B = 64 (60 us per layer on the H200).
-template <typename WT, bool FUSED_DT>
+// EARLY (only with FUSED_DT; bm_pdl_early): trigger first, then load what the graph does not
+// write in this step before the wait: dt_w's row slice (the first SCAN_PRE of this lane's
+// terms), dt_b, D, A and this layer's ssm state (written only by this kernel, one step
+// before); dbc, xc, z after it. Same arithmetic in the same order: bit-identical.
+constexpr int SCAN_PRE = 4;  // dt_w terms per lane loaded early (R = 92 at the 2.8B shape: 3)
+template <typename WT, bool FUSED_DT, bool EARLY = false>
 __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) in place
                                  const float *__restrict__ xc,    // (B, E)
                                  const float *__restrict__ z,     // (B, E)
@@ -677,7 +830,9 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
                                  int64_t BE, int E, int N, int R, int g_log2) {
     // Shifts, not divisions by a run-time G (the first version divided by G and ran the
     // batch-8 step 5 us per layer slower); the fused-dt kernel always has G = 32.
-    bm_pdl_wait();
+    static_assert(!EARLY || FUSED_DT, "step_scan_kernel: EARLY needs FUSED_DT");
+    if constexpr (EARLY) bm_pdl_trigger();
+    else bm_pdl_wait();
     const int glog = FUSED_DT ? 5 : g_log2, G = 1 << glog;
     const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     const int64_t wv = gt >> glog;  // (b, e) index
@@ -690,6 +845,46 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     const int e = (int)(w % E);
     const float *row = dbc + b * (R + 2 * N);
     float acc = 0.f;
+    if constexpr (EARLY) {
+        // before the wait: weights and the state (see above)
+        float dw[SCAN_PRE];
+#pragma unroll
+        for (int i = 0; i < SCAN_PRE; i++) {
+            const int k = g + G * i;
+            dw[i] = k < R ? ld_w(dt_w + (int64_t)e * R + k) : 0.f;
+        }
+        const float dtb = dt_b[e], Dv = D[e];
+        const bool st0 = g < N;  // this lane's first state (N <= 32: its only one)
+        const float a0 = st0 ? A[(int64_t)e * N + g] : 0.f;
+        const float h0 = st0 ? ssm[w * N + g] : 0.f;
+        bm_pdl_wait_only();
+#pragma unroll
+        for (int i = 0; i < SCAN_PRE; i++) {
+            const int k = g + G * i;
+            if (k < R) acc = fmaf(dw[i], row[k], acc);
+        }
+        for (int k = g + G * SCAN_PRE; k < R; k += G)
+            acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
+        for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        const float dt = bm_softplus(acc + dtb);
+        const float xv = xc[w];
+        const float dx = dt * xv;
+        float ya = 0.f;
+        if (st0) {
+            const float hn = fmaf(expf(dt * a0), h0, dx * row[R + g]);
+            if (valid) ssm[w * N + g] = hn;
+            ya = fmaf(hn, row[R + N + g], ya);
+        }
+        for (int n = g + G; n < N; n += G) {
+            float *s = ssm + w * N + n;
+            const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * row[R + n]);
+            if (valid) *s = hn;
+            ya = fmaf(hn, row[R + N + n], ya);
+        }
+        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+        if (valid && g == 0) y[w] = fmaf(Dv, xv, ya) * bm_silu(z[w]);
+        return;
+    }
     if (FUSED_DT) {
         for (int k = g; k < R; k += G) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
         for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -865,6 +1060,8 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
     const bool bfm = bf16_math(m);
     if (M <= GEMV_ROWS || (bf && !bfm && M <= GEMV_ROWS_EXACT)) {
         GemvParams p{W, x, ldx, nullptr, nullptr, bias, y, ldy, (int)M, (int)Nout, (int)Kin};
+        p.w_static = 1;  // the model's weights (every engine pass starts with embed_kernel,
+                         // a plain launch: nothing before it in the stream overlaps)
         return bm_gemv_launch(p, m->cfg.wdtype, 1, 0, m->stream);
     }
     if (bfm) {
@@ -1080,6 +1277,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         GemvParams p{ly.in_w, xn, d, nullptr, nullptr, ly.in_b, B == 1 ? ws->xz : x,
                      B == 1 ? 2 * E : E, (int)B, (int)(B == 1 ? 2 * E : E), (int)d,
                      ly.conv_w, ly.conv_b, conv, ws->xc, (int)E, (int)c.K};
+        p.w_static = 1;  // weights, and the conv state only this launch writes (gemv1_kernel)
         TRY(bm_gemv_launch(p, c.wdtype, 1, 0, st));
         if (B > 1)
             TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
@@ -1107,9 +1305,15 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(mark(m, P_DT));
     }
     const float *dl = ws->delta;
+    const bool early = fused && bm_pdl_early();
+    if (early) bm_pdl_early_count(BM_EARLY_SCAN);
     if (c.wdtype == BM_BF16) {
         const uint16_t *dw = (const uint16_t *)ly.dt_w;
-        if (fused)
+        if (early)
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else if (fused)
             BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
                 (int)R, glog);
@@ -1119,7 +1323,11 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                 (int)R, glog);
     } else {
         const float *dw = (const float *)ly.dt_w;
-        if (fused)
+        if (early)
+            BM_LAUNCH_PDL((step_scan_kernel<float, true, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else if (fused)
             BM_LAUNCH_PDL((step_scan_kernel<float, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
                 (int)R, glog);
@@ -1136,12 +1344,16 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
 template <typename WT, int KS>
 int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
                    const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
-                   int64_t Kin, cudaStream_t st) {
+                   int64_t Kin, bool early_ids, cudaStream_t st) {
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
     const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
-    if (vec)
+    if (vec && early_ids && bm_pdl_early()) {
+        BM_LAUNCH_PDL((expert_rows_early_kernel<WT, KS>), grid, dim3(256), 0, st,
+                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+        bm_pdl_early_count(BM_EARLY_ROWS);
+    } else if (vec)
         BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, true>), grid, dim3(256), 0, st,
                       (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
     else
@@ -1151,18 +1363,20 @@ int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *id
 }
 
 // K-split as gemv.cu's rule: split while rows are few (Nout * KS < 4096) and slices long.
+// early_ids: ids and scale were written two launches back and the launch in between triggers
+// only after its wait (fc2 after fc1 or the act pass; expert_rows_early_kernel).
 template <typename WT>
 int expert_rows(const void *W, const float *x, int64_t ldx, const int32_t *ids,
                 const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
-                int64_t Kin, cudaStream_t st) {
+                int64_t Kin, bool early_ids, cudaStream_t st) {
     const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
     int ks = 1;
     while (ks < 8 && Nout * ks < 4096 && units >= 64 * ks) ks *= 2;
     switch (ks) {
-        case 1: return expert_rows_ks<WT, 1>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
-        case 2: return expert_rows_ks<WT, 2>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
-        case 4: return expert_rows_ks<WT, 4>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
-        default: return expert_rows_ks<WT, 8>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        case 1: return expert_rows_ks<WT, 1>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
+        case 2: return expert_rows_ks<WT, 2>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
+        case 4: return expert_rows_ks<WT, 4>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
+        default: return expert_rows_ks<WT, 8>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
     }
 }
 
@@ -1211,17 +1425,17 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     if (rows && c.swiglu) {  // fc1 and the gated act in one kernel
         auto gated_fn = c.wdtype == BM_BF16 ? expert_rows_gated<uint16_t> : expert_rows_gated<float>;
         TRY(gated_fn(ly.fc1, x, d, ids, ws->eh, G, T, F, d, (int)c.act, st));
-        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, true, st);
     }
     if (rows) {
-        TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, st));
+        TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, false, st));
     } else {
         GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
         TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
     }
     BM_LAUNCH_PDL(expert_act_kernel, dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F,
                   (int)G, c.swiglu, (int)c.act);
-    if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+    if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, true, st);
     GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
     return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
 }
@@ -1372,7 +1586,10 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
             const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
-            auto *nr_kernel = xb ? norm_route_kernel<true> : norm_route_kernel<false>;
+            const bool early = ws->decode && T <= ROUTE_SMALL_MAX && bm_pdl_early();
+            if (early) bm_pdl_early_count(BM_EARLY_NORM_ROUTE);
+            auto *nr_kernel = xb ? (early ? norm_route_kernel<true, true> : norm_route_kernel<true>)
+                                 : (early ? norm_route_kernel<false, true> : norm_route_kernel<false>);
             BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
                           ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
                           ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
@@ -1381,9 +1598,9 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             continue;
         }
         const bool xb = lo_ok && ly.mamba && !ws->decode && in_proj_batched(m, T);
-        TRY(bm_cuda_rms_norm_bf16(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
-                                  xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
-                                  st));
+        TRY(bm_rms_norm_static_w(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
+                                 xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
+                                 st));
         TRY(mark(m, P_NORM));
         if (ly.mamba) {
             if (ws->decode)
@@ -1847,6 +2064,13 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
 
 extern "C" long long bm_cuda_small_tf32_calls(void) {
     return g_small_tf32.load(std::memory_order_relaxed);
+}
+
+// Launches of the early PDL decode kernels of `kind` (common.cuh, bm_pdl_early_counts) so far;
+// -1 for an unknown kind.
+extern "C" long long bm_cuda_pdl_early_launches(int kind) {
+    if (kind < 0 || kind >= BM_EARLY_KINDS) return -1;
+    return bm_pdl_early_counts()[kind].load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,

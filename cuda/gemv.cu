@@ -207,6 +207,116 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
     }
 }
 
+// The batch-1 GEMV (one row of x, no expert ids, vector loads) in the early PDL form
+// (bm_pdl_early, GemvParams::w_static): trigger, then this lane's first GEMV1_PRE 16-byte
+// weight pieces of its row (and, for the conv epilogue's rows, the conv weights and this
+// channel's conv state, which only this kernel writes, one step before), then the wait, then x
+// and the FMAs. So the weight bytes move while the kernels before this one finish, instead of
+// each kernel paying an HBM round trip, its ramp-up and its tail after the previous one ended.
+// The FMAs run in gemv_kernel<WT, 1, true>'s order (pieces u0 + lane + 32 i ascending), the
+// conv epilogue in conv_epilogue's: bit-identical outputs. GEMV1_PRE = 6 covers the 2.8B
+// shape's rows (in_proj 184 pieces a row, out_proj 368 split in 2, x_proj 368 in 8); a longer
+// slice continues after the wait with the plain loop. At most 40 registers (6 blocks of 256
+// an SM): the weights held for the wait must leave room for the neighbouring kernels' blocks.
+constexpr int GEMV1_PRE = 6;
+
+template <typename WT>
+__global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvParams p, int ks_log2) {
+    bm_pdl_trigger();
+    constexpr int VW = WLoad<WT>::VW;
+    using Raw = typename WLoad<WT>::Raw;
+    __shared__ float part[GEMV_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int KS = 1 << ks_log2;
+    const int kpart = warp & (KS - 1);
+    const int row = blockIdx.x * (GEMV_WARPS >> ks_log2) + (warp >> ks_log2);
+    const bool live = row < p.Nout;
+    const WT *wrow = reinterpret_cast<const WT *>(p.W) + (int64_t)(live ? row : 0) * p.Kin;
+    const int units = p.Kin / VW;
+    const int per = (units + KS - 1) / KS;
+    const int u0 = kpart * per, u1 = min(units, u0 + per);
+    // ---- before the wait: weights and this row's own conv state only ----
+    Raw w[GEMV1_PRE];
+#pragma unroll
+    for (int i = 0; i < GEMV1_PRE; i++) {
+        const int u = u0 + lane + 32 * i;
+        if (live && u < u1) w[i] = WLoad<WT>::raw(wrow + (int64_t)u * VW);
+        else w[i] = Raw{};  // never used
+    }
+    const float bias = (p.bias && live) ? p.bias[row] : 0.f;
+    // The conv operands of channel `row`, one per lane (warp-uniform condition): lanes k < K
+    // conv_w[row, k], lanes K + k (k < K - 1) state k, lane 2K - 1 conv_b[row].
+    const int K = p.conv_K, E = p.conv_E;
+    const bool conv_sh = p.conv_w && live && row < E && kpart == 0;  // 2 <= K <= 16 (launcher)
+    float *st = conv_sh ? p.conv_state + row : nullptr;   // m = 0, step E
+    float cv = 0.f;
+    if (conv_sh) {
+        if (lane < K) cv = p.conv_w[(int64_t)row * K + lane];
+        else if (lane < 2 * K - 1) cv = st[(int64_t)(lane - K) * E];
+        else if (lane == 2 * K - 1 && p.conv_b) cv = p.conv_b[row];
+    }
+    bm_pdl_wait_only();
+    // ---- after the wait: x (written by the kernel before) ----
+    float acc = 0.f;
+    if (live) {
+        const float *xr = p.x;
+#pragma unroll
+        for (int i = 0; i < GEMV1_PRE; i++) {
+            const int u = u0 + lane + 32 * i;
+            if (u < u1) {
+                const int k = u * VW;
+                float wv[VW];
+                WLoad<WT>::unpack(w[i], wv);
+#pragma unroll
+                for (int q = 0; q < VW; q += 4) {
+                    const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr + k + q));
+                    acc = fmaf(wv[q], xv.x, acc);
+                    acc = fmaf(wv[q + 1], xv.y, acc);
+                    acc = fmaf(wv[q + 2], xv.z, acc);
+                    acc = fmaf(wv[q + 3], xv.w, acc);
+                }
+            }
+        }
+#pragma unroll 2
+        for (int u = u0 + lane + 32 * GEMV1_PRE; u < u1; u += 32) {
+            const int k = u * VW;
+            float wv[VW];
+            WLoad<WT>::load(wrow + k, wv);
+#pragma unroll
+            for (int q = 0; q < VW; q += 4) {
+                const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr + k + q));
+                acc = fmaf(wv[q], xv.x, acc);
+                acc = fmaf(wv[q + 1], xv.y, acc);
+                acc = fmaf(wv[q + 2], xv.z, acc);
+                acc = fmaf(wv[q + 3], xv.w, acc);
+            }
+        }
+    }
+    float v = bm_warp_sum(acc);  // every lane holds the sum
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) part[warp] = v;
+        __syncthreads();
+        if (kpart == 0)
+            for (int q = 1; q < KS; q++) v += part[warp + q];
+    }
+    if (kpart != 0 || !live) return;
+    const float out = fmaf(v, 1.f, bias);  // gemv_kernel's fmaf(v, scale 1, bias)
+    if (lane == 0) p.y[row] = out;
+    if (conv_sh) {
+        // conv_epilogue's arithmetic in its order, every lane (the shuffles), lane 0 stores
+        float a = __shfl_sync(0xffffffffu, cv, 2 * K - 1);
+        for (int k = 0; k < K - 1; k++)
+            a = fmaf(__shfl_sync(0xffffffffu, cv, k), __shfl_sync(0xffffffffu, cv, K + k), a);
+        a = fmaf(__shfl_sync(0xffffffffu, cv, K - 1), out, a);
+        const float next = __shfl_down_sync(0xffffffffu, cv, 1);  // old state k + 1 at lane K + k
+        if (lane >= K && lane < 2 * K - 2) st[(int64_t)(lane - K) * E] = next;
+        if (lane == 0) {
+            st[(int64_t)(K - 2) * E] = out;
+            p.conv_y[row] = bm_silu(a);
+        }
+    }
+}
+
 template <typename WT, int MT>
 int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     constexpr int VW = WLoad<WT>::VW;
@@ -224,7 +334,13 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     int ks_log2 = 0;
     while ((1 << ks_log2) < ks && ks_log2 < 3) ks_log2++;
     dim3 grid((unsigned)bm_cdiv(p.Nout, GEMV_WARPS >> ks_log2), (unsigned)X);
-    if (vec) BM_LAUNCH_PDL(gemv_kernel<WT, MT, true>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+    if (MT == 1 && vec && X == 1 && !p.ids && !p.scale && p.M == 1 && p.w_static &&
+        (!p.conv_w || (p.conv_K >= 2 && p.conv_K <= 16)) && bm_pdl_early())
+    {
+        BM_LAUNCH_PDL(gemv1_kernel<WT>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+        bm_pdl_early_count(BM_EARLY_GEMV1);
+    }
+    else if (vec) BM_LAUNCH_PDL(gemv_kernel<WT, MT, true>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
     else BM_LAUNCH_PDL(gemv_kernel<WT, MT, false>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
     return 0;
 }

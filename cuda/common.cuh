@@ -131,15 +131,38 @@ __device__ __forceinline__ void bm_pdl_wait() {
 #endif
 }
 
-// The two halves of bm_pdl_wait, for the early kernels (bm_pdl_early). Triggering first lets
-// the next kernel's blocks take free SM slots (and issue their own weight loads) while this
-// one waits, and so on down the stream as far as slots allow; stream order is still kept,
-// since every kernel waits before it reads activations or writes anything, and a kernel only
-// completes after its own wait returned (its predecessor completed, and so on back). What
-// this costs: before its wait a kernel may run next to ANY earlier kernel still in flight, so
-// a pre-wait read must not touch anything the graph writes in this step, except (fc2's
-// expert ids) data written two kernels back when the kernel in between triggers only after
-// its own wait.
+// This SM's L1 invalidated (CCTL.IVALL). ptxas emits that instruction for an acquire load at
+// gpu scope (so that later weak loads see what the releasing side wrote); from a shared
+// variable the load itself is one LDS. griddepcontrol.wait compiles to ACQBULK alone, with no
+// L1 invalidation (checked in the SASS, nvcc 13.0).
+__device__ __forceinline__ void bm_l1_invalidate() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    __shared__ int bm_l1_dummy;
+    int v;
+    asm volatile("ld.acquire.gpu.shared.b32 %0, [%1];"
+                 : "=r"(v) : "r"((unsigned)__cvta_generic_to_shared(&bm_l1_dummy)) : "memory");
+    asm volatile("" ::"r"(v));
+#endif
+}
+
+// The halves of bm_pdl_wait, for the early decode kernels (bm_pdl_early). Triggering first
+// lets the next kernel's blocks take free SM slots (and issue their own weight loads) while
+// this one waits, and so on down the stream as far as slots allow. Stream order is still
+// kept: every kernel waits before it reads activations or writes anything, and a kernel only
+// completes after its own wait returned (its predecessor completed, and so on back).
+// What this costs, and how it is paid (cuda/NOTES.md "Session 4, pdl1"):
+//  - before its wait a kernel may run next to ANY earlier kernel still in flight, so a
+//    pre-wait read must not touch anything the graph writes in this step (weights, and a
+//    layer's own recurrent state; fc2's expert ids are the one argued exception);
+//  - a kernel resident early shares its SM's L1 with earlier kernels that may read a buffer
+//    this one reads after a later kernel rewrote it (in_proj and fc1 both read the normed
+//    row): stale L1 lines. Hence the L1 invalidation after the wait (bm_pdl_wait_only,
+//    bm_pdl_wait_inv for the wait-first kernels that may follow an early one);
+//  - ptxas does not order ld.global.nc (__ldg, const __restrict__ loads) against
+//    griddepcontrol.wait: it hoisted a post-wait activation load above it and sank pre-wait
+//    weight loads below it (SASS of the first version). So in these kernels both the
+//    early weight loads and the activation loads are plain ld.global.ca (__ldca) or .cg
+//    (__ldcg), which it keeps on their side of the wait.
 __device__ __forceinline__ void bm_pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -148,6 +171,16 @@ __device__ __forceinline__ void bm_pdl_trigger() {
 __device__ __forceinline__ void bm_pdl_wait_only() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    bm_l1_invalidate();
+#endif
+}
+// bm_pdl_wait with the L1 invalidation: the wait-first decode kernels that may run behind an
+// early one (gemv_kernel, fc1's expert rows, the act pass, route_small).
+__device__ __forceinline__ void bm_pdl_wait_inv() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    bm_l1_invalidate();
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

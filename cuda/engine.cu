@@ -213,6 +213,12 @@ __device__ __forceinline__ float ld_w(const WT *p) {
     if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(*p);
     else return *p;
 }
+// The same through a plain ld.global.ca (the early kernels' pre-wait loads: common.cuh).
+template <typename WT>
+__device__ __forceinline__ float ld_w_ca(const WT *p) {
+    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(__ldca(reinterpret_cast<const unsigned short *>(p)));
+    else return __ldca(p);
+}
 
 // out[t] = emb[ids[t]] as float32. Ids are clamped: a bad id reads a valid row, never past V
 // (host ids are validated at the boundary; device ids come from argmax < V).
@@ -313,7 +319,7 @@ __global__ void add_kernel(float *__restrict__ a, const float *__restrict__ b, i
 // In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
 // else h = act(h).
 __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, int act) {
-    bm_pdl_wait();
+    bm_pdl_wait_inv();  // may run behind an early kernel (common.cuh)
     const int64_t n = T * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -337,7 +343,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const float *__restrict__ scale,  // (T) or NULL
     float *__restrict__ y,            // (T, ldy)
     int64_t ldy, int Nout, int Kin) {
-    bm_pdl_wait();
+    bm_pdl_wait_inv();  // may run behind an early kernel; activations through __ldca (common.cuh)
     constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
     __shared__ float part[8];
@@ -347,7 +353,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const int kp = warp % KS;
     float acc = 0.f;
     if (row < Nout) {
-        const int64_t e = ids ? ids[t] : 0;
+        const int64_t e = ids ? __ldca(ids + t) : 0;
         const WT *w = W + (e * Nout + row) * (int64_t)Kin;
         const float *xr = x + t * ldx;
         if (VEC) {
@@ -358,8 +364,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                 const int k = u * VW;
                 if constexpr (sizeof(WT) == 2) {
                     const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
                     const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
                     const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
                     acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
@@ -368,7 +374,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                     acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
                 } else {
                     const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
                     acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
                     acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
                 }
@@ -377,7 +383,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
 #pragma unroll 4
-            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), __ldg(xr + k), acc);
+            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), __ldca(xr + k), acc);
         }
     }
     acc = bm_warp_sum(acc);
@@ -387,7 +393,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
         if (kp == 0)
             for (int q = 1; q < KS; q++) acc += part[warp + q];
     }
-    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
+    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * __ldca(scale + t) : acc;
 }
 
 // expert_rows_kernel<WT, KS, true> in the early PDL form (bm_pdl_early), for fc2 only: the
@@ -427,7 +433,7 @@ __global__ __launch_bounds__(256) void expert_rows_early_kernel(
 #pragma unroll
     for (int i = 0; i < ROWS_PRE; i++) {
         const int u = u0 + lane + 32 * i;
-        if (live && u < u1) wr[i] = __ldg(reinterpret_cast<const uint4 *>(w + (int64_t)u * VW));
+        if (live && u < u1) wr[i] = __ldca(reinterpret_cast<const uint4 *>(w + (int64_t)u * VW));
         else wr[i] = make_uint4(0, 0, 0, 0);  // never used
     }
     bm_pdl_wait_only();
@@ -437,8 +443,8 @@ __global__ __launch_bounds__(256) void expert_rows_early_kernel(
         const float *xr = x + t * ldx;
         auto fma_piece = [&](const uint4 v, int k) {
             if constexpr (sizeof(WT) == 2) {
-                const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
                 const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
                 const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
                 acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
@@ -446,7 +452,7 @@ __global__ __launch_bounds__(256) void expert_rows_early_kernel(
                 acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
                 acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
             } else {
-                const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
                 acc = fmaf(__uint_as_float(v.x), x0.x, acc); acc = fmaf(__uint_as_float(v.y), x0.y, acc);
                 acc = fmaf(__uint_as_float(v.z), x0.z, acc); acc = fmaf(__uint_as_float(v.w), x0.w, acc);
             }
@@ -484,7 +490,9 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const int32_t *__restrict__ ids,  // (T) or NULL
     float *__restrict__ h,            // (T, ldh): [:, :F] written
     int64_t ldh, int F, int Kin, int act) {
-    bm_pdl_wait();
+    // Wait, then trigger (fc2 reads the expert ids before its own wait, relying on that); may
+    // run behind an early kernel: L1 invalidated, activations through __ldca (common.cuh).
+    bm_pdl_wait_inv();
     constexpr int RPB = 8 / KS;
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
     __shared__ float part[2][8];
@@ -494,7 +502,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const int kp = warp % KS;
     float ag = 0.f, au = 0.f;
     if (f < F) {
-        const int64_t e = ids ? ids[t] : 0;
+        const int64_t e = ids ? __ldca(ids + t) : 0;
         const WT *wg = W + (e * 2 * F + f) * (int64_t)Kin;   // gate row
         const WT *wu = wg + (int64_t)F * Kin;                 // up row
         const float *xr = x + t * ldx;
@@ -507,8 +515,8 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 if constexpr (sizeof(WT) == 2) {
                     const uint4 vg = __ldg(reinterpret_cast<const uint4 *>(wg + k));
                     const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
                     float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
                     float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
                     ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
@@ -524,7 +532,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 } else {
                     const float4 vg = __ldg(reinterpret_cast<const float4 *>(wg + k));
                     const float4 vu = __ldg(reinterpret_cast<const float4 *>(wu + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
                     ag = fmaf(vg.x, x0.x, ag); ag = fmaf(vg.y, x0.y, ag);
                     ag = fmaf(vg.z, x0.z, ag); ag = fmaf(vg.w, x0.w, ag);
                     au = fmaf(vu.x, x0.x, au); au = fmaf(vu.y, x0.y, au);
@@ -536,7 +544,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
 #pragma unroll 4
             for (int k = k0 + lane; k < k1; k += 32) {
-                const float xv = __ldg(xr + k);
+                const float xv = __ldca(xr + k);
                 ag = fmaf(ld_w(wg + k), xv, ag);
                 au = fmaf(ld_w(wu + k), xv, au);
             }
@@ -626,7 +634,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     int32_t *__restrict__ ids,      // (T)
     float *__restrict__ gates,      // (T)
     int d, int X) {
-    bm_pdl_wait();
+    bm_pdl_wait_inv();  // may run behind an early kernel; x through __ldca (common.cuh)
     __shared__ float sl[ROUTE_SMALL_MAX_X];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t t = blockIdx.x;
@@ -637,7 +645,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
         float acc = 0.f;
         if (vec) {
             for (int k = 4 * lane; k < d; k += 128) {
-                const float4 a = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                const float4 a = __ldca(reinterpret_cast<const float4 *>(xr + k));
                 const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
                 acc = fmaf(a.x, b.x, acc);
                 acc = fmaf(a.y, b.y, acc);
@@ -645,7 +653,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
                 acc = fmaf(a.w, b.w, acc);
             }
         } else {
-            for (int k = lane; k < d; k += 32) acc = fmaf(__ldg(xr + k), __ldg(w + k), acc);
+            for (int k = lane; k < d; k += 32) acc = fmaf(__ldca(xr + k), __ldg(w + k), acc);
         }
         acc = bm_warp_sum(acc);
         if (lane == 0) sl[e] = acc + rb[e];
@@ -695,16 +703,16 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
 #pragma unroll
         for (int j = 0; j < NR_PRE_W; j++) {
             const int i = threadIdx.x + j * NR_THREADS;
-            wpre[j] = i < nv ? wv[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            wpre[j] = i < nv ? __ldca(wv + i) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
         const float *w0 = rw + (int64_t)(warp < X ? warp : 0) * d;
 #pragma unroll
         for (int i = 0; i < NR_PRE; i++) {
             const int k = 4 * lane + 128 * i;
-            rpre[i] = warp < X && k < d ? __ldg(reinterpret_cast<const float4 *>(w0 + k))
+            rpre[i] = warp < X && k < d ? __ldca(reinterpret_cast<const float4 *>(w0 + k))
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-        if (warp < X) rb0 = rb[warp];
+        if (warp < X) rb0 = __ldca(rb + warp);
         bm_pdl_wait_only();
     } else {
         bm_pdl_wait();
@@ -719,9 +727,10 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     float4 *ro = reinterpret_cast<float4 *>(res_out + off);
     float ss = 0.f;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        float4 r = xr[i];
+        // EARLY: from L2 (__ldcg: ordered after the wait, and no L1 lines of h / r)
+        float4 r = EARLY ? __ldcg(xr + i) : xr[i];
         if (rr) {
-            const float4 q = rr[i];
+            const float4 q = EARLY ? __ldcg(rr + i) : rr[i];
             r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
         }
         srow[i] = r;
@@ -846,43 +855,45 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     const float *row = dbc + b * (R + 2 * N);
     float acc = 0.f;
     if constexpr (EARLY) {
-        // before the wait: weights and the state (see above)
+        // before the wait: weights and the state (see above); plain loads (__ldca), which
+        // ptxas keeps on their side of the wait (common.cuh bm_pdl_trigger)
         float dw[SCAN_PRE];
 #pragma unroll
         for (int i = 0; i < SCAN_PRE; i++) {
             const int k = g + G * i;
-            dw[i] = k < R ? ld_w(dt_w + (int64_t)e * R + k) : 0.f;
+            dw[i] = k < R ? ld_w_ca(dt_w + (int64_t)e * R + k) : 0.f;
         }
-        const float dtb = dt_b[e], Dv = D[e];
+        const float dtb = __ldca(dt_b + e), Dv = __ldca(D + e);
         const bool st0 = g < N;  // this lane's first state (N <= 32: its only one)
-        const float a0 = st0 ? A[(int64_t)e * N + g] : 0.f;
-        const float h0 = st0 ? ssm[w * N + g] : 0.f;
+        const float a0 = st0 ? __ldca(A + (int64_t)e * N + g) : 0.f;
+        const float h0 = st0 ? __ldca(ssm + w * N + g) : 0.f;
         bm_pdl_wait_only();
 #pragma unroll
         for (int i = 0; i < SCAN_PRE; i++) {
             const int k = g + G * i;
-            if (k < R) acc = fmaf(dw[i], row[k], acc);
+            if (k < R) acc = fmaf(dw[i], __ldca(row + k), acc);
         }
         for (int k = g + G * SCAN_PRE; k < R; k += G)
-            acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
+            acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), __ldca(row + k), acc);
         for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         const float dt = bm_softplus(acc + dtb);
-        const float xv = xc[w];
+        const float xv = __ldca(xc + w);
         const float dx = dt * xv;
         float ya = 0.f;
         if (st0) {
-            const float hn = fmaf(expf(dt * a0), h0, dx * row[R + g]);
+            const float hn = fmaf(expf(dt * a0), h0, dx * __ldca(row + R + g));
             if (valid) ssm[w * N + g] = hn;
-            ya = fmaf(hn, row[R + N + g], ya);
+            ya = fmaf(hn, __ldca(row + R + N + g), ya);
         }
         for (int n = g + G; n < N; n += G) {
             float *s = ssm + w * N + n;
-            const float hn = fmaf(expf(dt * A[(int64_t)e * N + n]), *s, dx * row[R + n]);
+            const float hn = fmaf(expf(dt * __ldca(A + (int64_t)e * N + n)), *s,
+                                  dx * __ldca(row + R + n));
             if (valid) *s = hn;
-            ya = fmaf(hn, row[R + N + n], ya);
+            ya = fmaf(hn, __ldca(row + R + N + n), ya);
         }
         for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
-        if (valid && g == 0) y[w] = fmaf(Dv, xv, ya) * bm_silu(z[w]);
+        if (valid && g == 0) y[w] = fmaf(Dv, xv, ya) * bm_silu(__ldca(z + w));
         return;
     }
     if (FUSED_DT) {

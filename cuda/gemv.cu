@@ -24,6 +24,9 @@ struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
     static __device__ __forceinline__ Raw raw(const uint16_t *p) {
         return __ldg(reinterpret_cast<const uint4 *>(p));
     }
+    static __device__ __forceinline__ Raw raw_ca(const uint16_t *p) {  // see bm_pdl_trigger
+        return __ldca(reinterpret_cast<const uint4 *>(p));
+    }
     static __device__ __forceinline__ void load(const uint16_t *p, float (&w)[8]) {
         unpack(raw(p), w);
     }
@@ -41,6 +44,9 @@ struct WLoad<float> {  // float32: 4 per 16 bytes
     using Raw = float4;
     static __device__ __forceinline__ Raw raw(const float *p) {
         return __ldg(reinterpret_cast<const float4 *>(p));
+    }
+    static __device__ __forceinline__ Raw raw_ca(const float *p) {
+        return __ldca(reinterpret_cast<const float4 *>(p));
     }
     static __device__ __forceinline__ void load(const float *p, float (&w)[4]) {
         unpack(raw(p), w);
@@ -70,7 +76,7 @@ __device__ __forceinline__ void conv_epilogue(const GemvParams &p, int m, int e,
 
 template <typename WT, int MT, bool VEC>
 __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams p, int ks_log2) {
-    bm_pdl_wait();
+    bm_pdl_wait_inv();  // may run behind an early kernel (common.cuh)
     constexpr int VW = WLoad<WT>::VW;
     __shared__ int list[GEMV_LIST];
     __shared__ int list_n;
@@ -240,10 +246,10 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
 #pragma unroll
     for (int i = 0; i < GEMV1_PRE; i++) {
         const int u = u0 + lane + 32 * i;
-        if (live && u < u1) w[i] = WLoad<WT>::raw(wrow + (int64_t)u * VW);
+        if (live && u < u1) w[i] = WLoad<WT>::raw_ca(wrow + (int64_t)u * VW);
         else w[i] = Raw{};  // never used
     }
-    const float bias = (p.bias && live) ? p.bias[row] : 0.f;
+    const float bias = (p.bias && live) ? __ldca(p.bias + row) : 0.f;
     // The conv operands of channel `row`, one per lane (warp-uniform condition): lanes k < K
     // conv_w[row, k], lanes K + k (k < K - 1) state k, lane 2K - 1 conv_b[row].
     const int K = p.conv_K, E = p.conv_E;
@@ -251,9 +257,9 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
     float *st = conv_sh ? p.conv_state + row : nullptr;   // m = 0, step E
     float cv = 0.f;
     if (conv_sh) {
-        if (lane < K) cv = p.conv_w[(int64_t)row * K + lane];
-        else if (lane < 2 * K - 1) cv = st[(int64_t)(lane - K) * E];
-        else if (lane == 2 * K - 1 && p.conv_b) cv = p.conv_b[row];
+        if (lane < K) cv = __ldca(p.conv_w + (int64_t)row * K + lane);
+        else if (lane < 2 * K - 1) cv = __ldca(st + (int64_t)(lane - K) * E);
+        else if (lane == 2 * K - 1 && p.conv_b) cv = __ldca(p.conv_b + row);
     }
     bm_pdl_wait_only();
     // ---- after the wait: x (written by the kernel before) ----
@@ -269,7 +275,7 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
                 WLoad<WT>::unpack(w[i], wv);
 #pragma unroll
                 for (int q = 0; q < VW; q += 4) {
-                    const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr + k + q));
+                    const float4 xv = __ldca(reinterpret_cast<const float4 *>(xr + k + q));
                     acc = fmaf(wv[q], xv.x, acc);
                     acc = fmaf(wv[q + 1], xv.y, acc);
                     acc = fmaf(wv[q + 2], xv.z, acc);
@@ -284,7 +290,7 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
             WLoad<WT>::load(wrow + k, wv);
 #pragma unroll
             for (int q = 0; q < VW; q += 4) {
-                const float4 xv = __ldg(reinterpret_cast<const float4 *>(xr + k + q));
+                const float4 xv = __ldca(reinterpret_cast<const float4 *>(xr + k + q));
                 acc = fmaf(wv[q], xv.x, acc);
                 acc = fmaf(wv[q + 1], xv.y, acc);
                 acc = fmaf(wv[q + 2], xv.z, acc);

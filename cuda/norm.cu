@@ -56,7 +56,7 @@ __global__ void rms_norm_kernel(const float *x, const float *residual,
 #pragma unroll
         for (int j = 0; j < NORM_PRE; j++) {
             const int i = threadIdx.x + j * blockDim.x;
-            wpre[j] = i < nv0 ? wv[i] : V{};
+            wpre[j] = i < nv0 ? __ldca(wv + i) : V{};  // plain: kept before the wait (common.cuh)
         }
         bm_pdl_wait_only();
     } else {
@@ -73,8 +73,9 @@ __global__ void rms_norm_kernel(const float *x, const float *residual,
 
     float ss = 0.f;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        V r = xr[i];
-        if (rr) r = add(r, rr[i]);
+        // EARLY: from L2 (__ldcg: ordered after the wait, and no L1 lines of h / r)
+        V r = EARLY ? __ldcg(xr + i) : xr[i];
+        if (rr) r = add(r, EARLY ? __ldcg(rr + i) : rr[i]);
         srow[i] = r;
         if (ro) ro[i] = r;
         ss += Vec<VW>::dot(r);

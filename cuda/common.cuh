@@ -156,8 +156,9 @@ __device__ __forceinline__ void bm_l1_invalidate() {
 //    layer's own recurrent state; fc2's expert ids are the one argued exception);
 //  - a kernel resident early shares its SM's L1 with earlier kernels that may read a buffer
 //    this one reads after a later kernel rewrote it (in_proj and fc1 both read the normed
-//    row): stale L1 lines. Hence the L1 invalidation after the wait (bm_pdl_wait_only,
-//    bm_pdl_wait_inv for the wait-first kernels that may follow an early one);
+//    row): stale L1 lines. Hence the L1 invalidation after the wait where a kernel then reads
+//    activations through L1 (bm_l1_invalidate_block; bm_pdl_wait_b1 for the wait-first
+//    kernels that may follow an early one); the norms read theirs from L2 (__ldcg) instead;
 //  - ptxas does not order ld.global.nc (__ldg, const __restrict__ loads) against
 //    griddepcontrol.wait: it hoisted a post-wait activation load above it and sank pre-wait
 //    weight loads below it (SASS of the first version). So in these kernels both the
@@ -168,20 +169,26 @@ __device__ __forceinline__ void bm_pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The wait alone (the early kernels: their trigger came first).
 __device__ __forceinline__ void bm_pdl_wait_only() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    bm_l1_invalidate();
 #endif
 }
-// bm_pdl_wait with the L1 invalidation: the wait-first decode kernels that may run behind an
-// early one (gemv_kernel, fc1's expert rows, the act pass, route_small).
-__device__ __forceinline__ void bm_pdl_wait_inv() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    bm_l1_invalidate();
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+// After the wait: this SM's L1 invalidated once for the block (thread 0, then a barrier that
+// every thread of the block must reach), where the block then reads activations through L1.
+// One invalidation per block, not per warp: each one also drops the lines that the other
+// warps on the SM are reading (the first version invalidated per thread; the batch-1 LM head,
+// 50K warps each re-reading its x from L2, went 54 -> 64 us).
+__device__ __forceinline__ void bm_l1_invalidate_block() {
+    if (threadIdx.x == 0) bm_l1_invalidate();
+    __syncthreads();
+}
+// bm_pdl_wait, then bm_l1_invalidate_block(): the wait-first decode kernels that may run
+// behind an early one (their batch-1 variants; larger batches keep bm_pdl_wait).
+__device__ __forceinline__ void bm_pdl_wait_b1() {
+    bm_pdl_wait();
+    bm_l1_invalidate_block();
 }
 
 // bf16 bits -> float32: the top half of the float.
@@ -322,7 +329,7 @@ struct GemvParams {
 // X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);
 // norm.cu: bm_cuda_rms_norm_bf16 for the engine, whose norm weights w are never written after
-// upload: where bm_pdl_early() and T <= 64 the kernel loads w before its PDL wait.
+// upload: where bm_pdl_early() and T == 1 the kernel loads w before its PDL wait.
 int bm_rms_norm_static_w(const float *x, const float *residual, const float *w, float eps,
                          float *out, float *res_out, uint16_t *out_bf16, uint16_t *out_lo,
                          int64_t T, int64_t d, cudaStream_t stream);

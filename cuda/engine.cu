@@ -213,6 +213,13 @@ __device__ __forceinline__ float ld_w(const WT *p) {
     if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(*p);
     else return *p;
 }
+// An activation load of a wait-first kernel: B1 (the batch-1 graph, behind early kernels) a
+// plain ld.global.ca, which ptxas keeps after the wait; else __ldg as before (common.cuh).
+template <bool B1, typename T>
+__device__ __forceinline__ T ld_act(const T *p) {
+    if constexpr (B1) return __ldca(p);
+    else return __ldg(p);
+}
 // The same through a plain ld.global.ca (the early kernels' pre-wait loads: common.cuh).
 template <typename WT>
 __device__ __forceinline__ float ld_w_ca(const WT *p) {
@@ -318,8 +325,11 @@ __global__ void add_kernel(float *__restrict__ a, const float *__restrict__ b, i
 
 // In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
 // else h = act(h).
+// B1: in the batch-1 graph, behind early kernels (common.cuh bm_pdl_wait_b1).
+template <bool B1 = false>
 __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, int act) {
-    bm_pdl_wait_inv();  // may run behind an early kernel (common.cuh)
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     const int64_t n = T * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -334,7 +344,9 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
 // (ids NULL: 0; scale NULL: 1). Grid (row blocks, T): each token streams its own expert's rows
 // and no block exists for an expert nobody uses (the gathered GEMV of gemv.cu launches blocks
 // for all X experts). KS warps share a row (K-split), partial sums meet in shared memory.
-template <typename WT, int KS, bool VEC>
+// B1: in the batch-1 graph, behind early kernels: bm_pdl_wait_b1, and activations through
+// __ldca, which ptxas keeps after the wait (common.cuh).
+template <typename WT, int KS, bool VEC, bool B1 = false>
 __global__ __launch_bounds__(256) void expert_rows_kernel(
     const WT *__restrict__ W,         // (X, Nout, Kin)
     const float *__restrict__ x,      // (T, ldx)
@@ -343,7 +355,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const float *__restrict__ scale,  // (T) or NULL
     float *__restrict__ y,            // (T, ldy)
     int64_t ldy, int Nout, int Kin) {
-    bm_pdl_wait_inv();  // may run behind an early kernel; activations through __ldca (common.cuh)
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
     __shared__ float part[8];
@@ -353,7 +366,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const int kp = warp % KS;
     float acc = 0.f;
     if (row < Nout) {
-        const int64_t e = ids ? __ldca(ids + t) : 0;
+        const int64_t e = ids ? (B1 ? __ldca(ids + t) : ids[t]) : 0;
         const WT *w = W + (e * Nout + row) * (int64_t)Kin;
         const float *xr = x + t * ldx;
         if (VEC) {
@@ -364,8 +377,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                 const int k = u * VW;
                 if constexpr (sizeof(WT) == 2) {
                     const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
-                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k + 4));
                     const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
                     const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
                     acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
@@ -374,7 +387,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                     acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
                 } else {
                     const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
-                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                     acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
                     acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
                 }
@@ -383,7 +396,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
 #pragma unroll 4
-            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), __ldca(xr + k), acc);
+            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), ld_act<B1>(xr + k), acc);
         }
     }
     acc = bm_warp_sum(acc);
@@ -393,7 +406,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
         if (kp == 0)
             for (int q = 1; q < KS; q++) acc += part[warp + q];
     }
-    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * __ldca(scale + t) : acc;
+    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * (B1 ? __ldca(scale + t) : scale[t]) : acc;
 }
 
 // expert_rows_kernel<WT, KS, true> in the early PDL form (bm_pdl_early), for fc2 only: the
@@ -404,9 +417,11 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
 // routing kernel two launches back, and the kernel in between (fc1: expert_rows_gated_kernel,
 // or expert_act_kernel) triggers its dependents only after its own wait, i.e. after the
 // routing kernel completed; so this kernel's blocks only start once the ids are in L2.
-constexpr int ROWS_PRE = 8;  // covers fc2's slices at the 2.8B shape (484 pieces, split in 2)
+// ROWS_PRE covers fc2's slices at the 2.8B shape (484 pieces a row in 4 slices: 3.8 a lane);
+// at most 40 registers, so that all 736 blocks of that fc2 are resident at once (6 an SM).
+constexpr int ROWS_PRE = 4;
 template <typename WT, int KS>
-__global__ __launch_bounds__(256) void expert_rows_early_kernel(
+__global__ __launch_bounds__(256, 6) void expert_rows_early_kernel(
     const WT *__restrict__ W,         // (X, Nout, Kin)
     const float *__restrict__ x,      // (T, ldx)
     int64_t ldx,
@@ -437,6 +452,7 @@ __global__ __launch_bounds__(256) void expert_rows_early_kernel(
         else wr[i] = make_uint4(0, 0, 0, 0);  // never used
     }
     bm_pdl_wait_only();
+    bm_l1_invalidate_block();
     // ---- after the wait: the hidden row ----
     float acc = 0.f;
     if (live) {
@@ -482,17 +498,21 @@ __global__ __launch_bounds__(256) void expert_rows_early_kernel(
 // the act pass over h (one more graph node per MoE layer) disappears and each lane keeps two
 // 16-byte weight loads in flight. (The pipelined rows_dot was slower here at B = 1 on the
 // H200: cuda/NOTES.md, gpuperf run 2.)
-template <typename WT, int KS, bool VEC>
-__global__ __launch_bounds__(256) void expert_rows_gated_kernel(
+// B1 (the batch-1 graph): behind early kernels (bm_pdl_wait_b1; activations through __ldca,
+// kept after the wait: common.cuh), and at most 32 registers, 8 blocks an SM, so that fc1's
+// 968 blocks at the 2.8B shape are resident at once instead of in 1.5 waves (44 registers:
+// 5 an SM). Larger batches keep the kernel as it was.
+template <typename WT, int KS, bool VEC, bool B1 = false>
+__global__ __launch_bounds__(256, B1 ? 8 : 0) void expert_rows_gated_kernel(
     const WT *__restrict__ W,         // (X, 2F, Kin)
     const float *__restrict__ x,      // (T, ldx)
     int64_t ldx,
     const int32_t *__restrict__ ids,  // (T) or NULL
     float *__restrict__ h,            // (T, ldh): [:, :F] written
     int64_t ldh, int F, int Kin, int act) {
-    // Wait, then trigger (fc2 reads the expert ids before its own wait, relying on that); may
-    // run behind an early kernel: L1 invalidated, activations through __ldca (common.cuh).
-    bm_pdl_wait_inv();
+    // Wait, then trigger: fc2 reads the expert ids before its own wait, relying on that.
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     constexpr int RPB = 8 / KS;
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
     __shared__ float part[2][8];
@@ -502,7 +522,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const int kp = warp % KS;
     float ag = 0.f, au = 0.f;
     if (f < F) {
-        const int64_t e = ids ? __ldca(ids + t) : 0;
+        const int64_t e = ids ? (B1 ? __ldca(ids + t) : ids[t]) : 0;
         const WT *wg = W + (e * 2 * F + f) * (int64_t)Kin;   // gate row
         const WT *wu = wg + (int64_t)F * Kin;                 // up row
         const float *xr = x + t * ldx;
@@ -515,8 +535,8 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 if constexpr (sizeof(WT) == 2) {
                     const uint4 vg = __ldg(reinterpret_cast<const uint4 *>(wg + k));
                     const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
-                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k + 4));
                     float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
                     float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
                     ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
@@ -532,7 +552,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 } else {
                     const float4 vg = __ldg(reinterpret_cast<const float4 *>(wg + k));
                     const float4 vu = __ldg(reinterpret_cast<const float4 *>(wu + k));
-                    const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                     ag = fmaf(vg.x, x0.x, ag); ag = fmaf(vg.y, x0.y, ag);
                     ag = fmaf(vg.z, x0.z, ag); ag = fmaf(vg.w, x0.w, ag);
                     au = fmaf(vu.x, x0.x, au); au = fmaf(vu.y, x0.y, au);
@@ -544,7 +564,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
 #pragma unroll 4
             for (int k = k0 + lane; k < k1; k += 32) {
-                const float xv = __ldca(xr + k);
+                const float xv = ld_act<B1>(xr + k);
                 ag = fmaf(ld_w(wg + k), xv, ag);
                 au = fmaf(ld_w(wu + k), xv, au);
             }
@@ -626,6 +646,8 @@ __device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, fl
 // per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
 constexpr int ROUTE_SMALL_MAX = 64;  // tokens
 constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
+// B1: in the batch-1 graph, behind early kernels (bm_pdl_wait_b1, x through __ldca).
+template <bool B1 = false>
 __global__ __launch_bounds__(256) void route_small_kernel(
     const float *__restrict__ x,    // (T, d)
     const float *__restrict__ rw,   // (X, d)
@@ -634,7 +656,8 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     int32_t *__restrict__ ids,      // (T)
     float *__restrict__ gates,      // (T)
     int d, int X) {
-    bm_pdl_wait_inv();  // may run behind an early kernel; x through __ldca (common.cuh)
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     __shared__ float sl[ROUTE_SMALL_MAX_X];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t t = blockIdx.x;
@@ -645,7 +668,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
         float acc = 0.f;
         if (vec) {
             for (int k = 4 * lane; k < d; k += 128) {
-                const float4 a = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                const float4 a = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                 const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
                 acc = fmaf(a.x, b.x, acc);
                 acc = fmaf(a.y, b.y, acc);
@@ -653,7 +676,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
                 acc = fmaf(a.w, b.w, acc);
             }
         } else {
-            for (int k = lane; k < d; k += 32) acc = fmaf(__ldca(xr + k), __ldg(w + k), acc);
+            for (int k = lane; k < d; k += 32) acc = fmaf(ld_act<B1>(xr + k), __ldg(w + k), acc);
         }
         acc = bm_warp_sum(acc);
         if (lane == 0) sl[e] = acc + rb[e];
@@ -671,14 +694,86 @@ constexpr int NR_THREADS = 256;
 constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
 // BF: also write the normed rows as bf16 (obf, and olo where given); a template so that the
 // decode kernels stay as they were measured.
-// EARLY (decode, bm_pdl_early): trigger first, then before the wait the norm weights (the
-// first NR_PRE_W of this thread's float4) and this warp's first router row (its first NR_PRE
-// float4 pieces, and the bias): weights only; x and residual after it. Same arithmetic in
-// the same order: bit-identical.
+template <bool BF>
+__global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
+    const float *x,                   // (T, d)
+    const float *residual,            // (T, d) or NULL
+    const float *__restrict__ nw,     // (d)
+    float eps,
+    float *__restrict__ out,          // (T, d) normed
+    float *res_out,                   // (T, d): x + residual (may alias x or residual)
+    const float *__restrict__ rw,     // (X, d)
+    const float *__restrict__ rb,     // (X)
+    float *__restrict__ logits,       // (T, X) or NULL
+    int32_t *__restrict__ ids,        // (T)
+    float *__restrict__ gates,        // (T)
+    int d, int X,
+    uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
+    uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
+    bm_pdl_wait();
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
+    __shared__ float scratch[32];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    const int nv = d / 4;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float4 r = xr[i];
+        if (rr) {
+            const float4 q = rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const float4 a = srow[i], w4 = wv[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
+        o[i] = v;
+        if (BF) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
+    }
+    __syncthreads();
+    const float *xs = reinterpret_cast<const float *>(srow);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = warp; e < X; e += NR_THREADS / 32) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int k = 4 * lane; k < d; k += 128) {
+            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+            const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
+}
+
+// norm_route_kernel in the early PDL form (the batch-1 decode graph, bm_pdl_early; EARLY is
+// always true, norm_route_kernel stays as it was for the other sizes): trigger first, then
+// before the wait the norm weights (the first NR_PRE_W of this thread's float4) and this
+// warp's first router row (its first NR_PRE float4 pieces, and the bias): weights only; x and
+// residual after it, from L2 (no L1 lines of h / r: common.cuh). Same arithmetic in the same
+// order: bit-identical.
 constexpr int NR_PRE = 12;   // router pieces per lane (d = 1472: 11.5)
 constexpr int NR_PRE_W = 2;  // norm-weight float4 per thread (d = 1472: 368 over 256 threads)
-template <bool BF, bool EARLY = false>
-__global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
+template <bool BF, bool EARLY = true>
+__global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
     const float *x,                   // (T, d)
     const float *residual,            // (T, d) or NULL
     const float *__restrict__ nw,     // (d)
@@ -868,6 +963,7 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
         const float a0 = st0 ? __ldca(A + (int64_t)e * N + g) : 0.f;
         const float h0 = st0 ? __ldca(ssm + w * N + g) : 0.f;
         bm_pdl_wait_only();
+        bm_l1_invalidate_block();  // every thread of the block gets here
 #pragma unroll
         for (int i = 0; i < SCAN_PRE; i++) {
             const int k = g + G * i;
@@ -947,6 +1043,11 @@ __global__ __launch_bounds__(ARGMAX_THREADS) void argmax_kernel(
     }
     if (threadIdx.x == 0) out[blockIdx.x] = si[0] < limit ? si[0] : 0;  // all-NaN row -> 0
 }
+
+// The early PDL kernels (common.cuh bm_pdl_early) run in the one-token graph only: at batch 8
+// they lost to the wait-first ones once made correct (cuda/NOTES.md, Session 4, pdl1), so the
+// graphs of larger batches keep exactly the kernels they had.
+bool b1_early(int64_t T) { return T == 1 && bm_pdl_early(); }
 
 unsigned grid_for(int64_t n) {
     const int64_t g = bm_cdiv(n, 256);
@@ -1316,7 +1417,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(mark(m, P_DT));
     }
     const float *dl = ws->delta;
-    const bool early = fused && bm_pdl_early();
+    const bool early = fused && b1_early(B);
     if (early) bm_pdl_early_count(BM_EARLY_SCAN);
     if (c.wdtype == BM_BF16) {
         const uint16_t *dw = (const uint16_t *)ly.dt_w;
@@ -1360,16 +1461,17 @@ int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *id
     const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
-    if (vec && early_ids && bm_pdl_early()) {
+    const bool b1 = b1_early(T);
+    if (vec && early_ids && b1) {
         BM_LAUNCH_PDL((expert_rows_early_kernel<WT, KS>), grid, dim3(256), 0, st,
                       (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
         bm_pdl_early_count(BM_EARLY_ROWS);
-    } else if (vec)
-        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, true>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
-    else
-        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, false>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+    } else {
+        auto *k = vec ? (b1 ? expert_rows_kernel<WT, KS, true, true> : expert_rows_kernel<WT, KS, true>)
+                      : (b1 ? expert_rows_kernel<WT, KS, false, true> : expert_rows_kernel<WT, KS, false>);
+        BM_LAUNCH_PDL(k, grid, dim3(256), 0, st, (const WT *)W, x, ldx, ids, scale, y, ldy,
+                      (int)Nout, (int)Kin);
+    }
     return 0;
 }
 
@@ -1399,12 +1501,13 @@ int expert_rows_gated_ks(const void *W, const float *x, int64_t ldx, const int32
     const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(F, 8 / KS), (unsigned)T);
-    if (vec)
-        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, true>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
-    else
-        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, false>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    const bool b1 = b1_early(T);
+    auto *k = vec ? (b1 ? expert_rows_gated_kernel<WT, KS, true, true>
+                        : expert_rows_gated_kernel<WT, KS, true>)
+                  : (b1 ? expert_rows_gated_kernel<WT, KS, false, true>
+                        : expert_rows_gated_kernel<WT, KS, false>);
+    BM_LAUNCH_PDL(k, grid, dim3(256), 0, st, (const WT *)W, x, ldx, ids, h, ldh, (int)F,
+                  (int)Kin, act);
     return 0;
 }
 
@@ -1444,8 +1547,9 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
         GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
         TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
     }
-    BM_LAUNCH_PDL(expert_act_kernel, dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F,
-                  (int)G, c.swiglu, (int)c.act);
+    BM_LAUNCH_PDL(b1_early(T) ? expert_act_kernel<true> : expert_act_kernel<false>,
+                  dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F, (int)G, c.swiglu,
+                  (int)c.act);
     if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, true, st);
     GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
     return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
@@ -1515,9 +1619,9 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         const bool tr = trace && trace->logits && trace->logits[li];
         if (routed) {
         } else if (T <= ROUTE_SMALL_MAX) {
-            BM_LAUNCH_PDL(route_small_kernel, dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w,
-                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d,
-                          ly.X);
+            BM_LAUNCH_PDL(b1_early(T) ? route_small_kernel<true> : route_small_kernel<false>,
+                          dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w, ly.router_b,
+                          tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d, ly.X);
         } else {
             TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
                                    ws->ids, ws->gates, T, c.d, ly.X, st));
@@ -1597,10 +1701,10 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
             const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
-            const bool early = ws->decode && T <= ROUTE_SMALL_MAX && bm_pdl_early();
+            const bool early = ws->decode && b1_early(T);
             if (early) bm_pdl_early_count(BM_EARLY_NORM_ROUTE);
-            auto *nr_kernel = xb ? (early ? norm_route_kernel<true, true> : norm_route_kernel<true>)
-                                 : (early ? norm_route_kernel<false, true> : norm_route_kernel<false>);
+            auto *nr_kernel = xb ? (early ? norm_route_early_kernel<true> : norm_route_kernel<true>)
+                                 : (early ? norm_route_early_kernel<false> : norm_route_kernel<false>);
             BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
                           ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
                           ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,

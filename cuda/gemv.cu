@@ -74,9 +74,13 @@ __device__ __forceinline__ void conv_epilogue(const GemvParams &p, int m, int e,
     p.conv_y[(int64_t)m * E + e] = bm_silu(acc);
 }
 
-template <typename WT, int MT, bool VEC>
+// INV (batch-1 graph only, where gemv1_kernel does not apply): behind early kernels, so
+// bm_pdl_wait_b1 (the rows of x are read at addresses from shared memory, which ptxas cannot
+// move above the wait).
+template <typename WT, int MT, bool VEC, bool INV = false>
 __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams p, int ks_log2) {
-    bm_pdl_wait_inv();  // may run behind an early kernel (common.cuh)
+    if constexpr (INV) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     constexpr int VW = WLoad<WT>::VW;
     __shared__ int list[GEMV_LIST];
     __shared__ int list_n;
@@ -262,6 +266,7 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
         else if (lane == 2 * K - 1 && p.conv_b) cv = __ldca(p.conv_b + row);
     }
     bm_pdl_wait_only();
+    bm_l1_invalidate_block();
     // ---- after the wait: x (written by the kernel before) ----
     float acc = 0.f;
     if (live) {
@@ -340,14 +345,23 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     int ks_log2 = 0;
     while ((1 << ks_log2) < ks && ks_log2 < 3) ks_log2++;
     dim3 grid((unsigned)bm_cdiv(p.Nout, GEMV_WARPS >> ks_log2), (unsigned)X);
-    if (MT == 1 && vec && X == 1 && !p.ids && !p.scale && p.M == 1 && p.w_static &&
-        (!p.conv_w || (p.conv_K >= 2 && p.conv_K <= 16)) && bm_pdl_early())
-    {
+    // The batch-1 graph's products in the early form (gemv1_kernel): the engine's weights, one
+    // row of x, and a grid that bm_launch_pdl launches with PDL (one wave; the LM head's 6288
+    // blocks are not, and run gemv_kernel as before).
+    int dev = 0, sms = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const bool early = p.w_static && p.M == 1 && X == 1 && !p.ids && bm_pdl_early() &&
+                       (int64_t)grid.x * grid.y <= 8 * (int64_t)sms;
+    if (MT == 1 && vec && early && !p.scale && (!p.conv_w || (p.conv_K >= 2 && p.conv_K <= 16))) {
         BM_LAUNCH_PDL(gemv1_kernel<WT>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
         bm_pdl_early_count(BM_EARLY_GEMV1);
+        return 0;
     }
-    else if (vec) BM_LAUNCH_PDL(gemv_kernel<WT, MT, true>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
-    else BM_LAUNCH_PDL(gemv_kernel<WT, MT, false>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+    // a wait-first product in the batch-1 graph (behind early kernels: INV), or as before
+    auto *k = vec ? (early ? gemv_kernel<WT, MT, true, true> : gemv_kernel<WT, MT, true>)
+                  : (early ? gemv_kernel<WT, MT, false, true> : gemv_kernel<WT, MT, false>);
+    BM_LAUNCH_PDL(k, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
     return 0;
 }
 

@@ -160,7 +160,7 @@ int rms_norm_launch(const float *x, const float *residual, const float *w, float
                      (!residual || aligned16(residual)) && (!res_out || aligned16(res_out)) &&
                      (((uintptr_t)out_bf16 | (uintptr_t)out_lo) & 7) == 0;
     int st;
-    if (vec && static_w && T <= 64 && smem <= 48 * 1024 && bm_pdl_early()) {
+    if (vec && static_w && T == 1 && smem <= 48 * 1024 && bm_pdl_early()) {
         BM_LAUNCH_PDL((rms_norm_kernel<4, true>), dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, eps, out, res_out, (int)d, out_bf16, out_lo);
         bm_pdl_early_count(BM_EARLY_RMS_NORM);
     } else if (vec) {

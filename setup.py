@@ -6,7 +6,8 @@ All flags live here.  Environment variables:
                               package installs without the extension and says so on import.
   BLACKMAMBA_SANITIZE=1       build the C core with AddressSanitizer + UBSan (tests/asan.sh).
   BLACKMAMBA_CUDA=0           skip the CUDA sources even where nvcc exists.
-  BLACKMAMBA_CUDA_ARCHS       nvcc targets, default "90" (sm_90 SASS plus compute_90 PTX).
+  BLACKMAMBA_CUDA_ARCHS       nvcc targets, default "90" (sm_90 SASS plus compute_90 PTX;
+                              sm_90a SASS for the files in SM90A_SOURCES).
   BLACKMAMBA_NVCC_THREADS     nvcc -t value (default 4).
   BLACKMAMBA_CUDA_OBJ_CACHE   folder for the nvcc objects (default: the build folder). An
                               object is reused when its key (nvcc's version, the flags and
@@ -49,6 +50,21 @@ def _find_nvcc():
     return nvcc
 
 
+# Sources with sm_90a-only instructions (wgmma): their sm_90 SASS target becomes sm_90a, and
+# BM_HAVE_SM90A tells their host code that it exists. sm_90a SASS runs on compute capability
+# 9.0 devices only (H100/H200); the PTX target (compute_XX of the last arch) stays plain, and
+# the code there checks the device before launching an sm_90a kernel.
+SM90A_SOURCES = ("grouped.cu",)
+
+
+def _sm90a_flags(flags):
+    plain = "-gencode=arch=compute_90,code=sm_90"
+    if plain not in flags:
+        return flags
+    return [("-gencode=arch=compute_90a,code=sm_90a" if f == plain else f) for f in flags] + [
+        "-DBM_HAVE_SM90A=1"]
+
+
 class BuildExt(build_ext):
     """build_ext with a separate nvcc step: cuda/*.cu -> objects linked into _C."""
 
@@ -83,7 +99,10 @@ class BuildExt(build_ext):
                  "--expt-relaxed-constexpr"] + gencode
         common = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True).stdout)
         common.update(" ".join(flags).encode())
-        for h in sorted(glob.glob(os.path.join(HERE, "cuda", "*.h*")) +
+        # every header: "*.h*" missed the .cuh ones (common.cuh, grouped_wgmma.cuh), so an
+        # edit there kept stale objects
+        for h in sorted(glob.glob(os.path.join(HERE, "cuda", "*.h")) +
+                        glob.glob(os.path.join(HERE, "cuda", "*.cuh")) +
                         glob.glob(os.path.join(HERE, "csrc", "*.h"))):
             with open(h, "rb") as f:
                 common.update(os.path.basename(h).encode() + f.read())
@@ -93,6 +112,9 @@ class BuildExt(build_ext):
             key = common.copy()
             with open(src, "rb") as f:
                 key.update(f.read())
+            src_flags = _sm90a_flags(flags) if os.path.basename(src) in SM90A_SOURCES else flags
+            if src_flags is not flags:  # (other objects keep their keys)
+                key.update(" ".join(src_flags).encode())
             key = key.hexdigest()
             try:
                 with open(obj + ".key") as f:
@@ -100,7 +122,7 @@ class BuildExt(build_ext):
             except OSError:
                 fresh = False
             if not fresh:
-                cmd = [nvcc, "-c", src, "-o", obj] + flags + [
+                cmd = [nvcc, "-c", src, "-o", obj] + src_flags + [
                     "-I" + os.path.join(HERE, "csrc"),
                     "-t", os.environ.get("BLACKMAMBA_NVCC_THREADS", "4")]
                 print(" ".join(cmd))

@@ -6,6 +6,7 @@
         y = ops.linear(x, cuda.to_device(W))  # runs on the GPU, returns a DeviceArray
         y.numpy()                             # host copy
         cupy.asarray(y); torch.from_dlpack(y) # zero-copy views (CAI / DLPack)
+        ids = cuda.sample(logits_dev, temperature=0.8, top_p=0.95, seed=1, step=0)
 
 All work goes on the legacy default CUDA stream, ordered with CuPy's and PyTorch's default
 streams; synchronize() waits for it.
@@ -98,6 +99,27 @@ def synchronize():
 def mem_info():
     """(free bytes, total bytes) of the current GPU."""
     return _gpu().cuda_mem_info()
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, seed=0, step=0, vocab_limit=None,
+           row_streams=True):
+    """One token per row of GPU logits (B, V) float32, drawn on the device: a DeviceArray of
+    int64 (B,). The semantics of blackmamba.generation.sample_next (ids >= vocab_limit never
+    chosen; temperature 0 = greedy, ties -> lowest id; top_k keeps ties at the k-th largest;
+    top_p keeps the smallest most-probable set whose mass >= top_p; NaN, or every logit -inf,
+    in a row: FloatingPointError; +inf logits: uniform among them), with the uniform u of
+    generation.sample_uniform(seed, step, row) (Philox4x32-10; row 0 for every row when
+    row_streams is False): generation.sample_next_u(logits[r], params, u) is the float64
+    twin. Reproducible: the same (seed, step) gives the same tokens. cuda/sample.cu has the
+    algorithm and its accuracy."""
+    from .generation import SamplingParams, _is_integer
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    if params.seed is None:
+        raise ValueError("seed must be an integer >= 0 here (the draw is reproducible)")
+    if not _is_integer(step) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return _gpu().cuda_sample(logits, params.temperature, params.top_k, params.top_p,
+                              params.seed, int(step), vocab_limit, bool(row_streams))
 
 
 def __getattr__(name):

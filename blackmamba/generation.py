@@ -38,12 +38,9 @@ def _is_real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
-def sample_next(logits, params, rng, vocab_limit):
-    """One token id from logits (V,) float32. Ids >= vocab_limit are never chosen.
-
-    Non-finite logits: NaN raises FloatingPointError; -inf is probability 0; if any logit is
-    +inf the choice is among the +inf ones (the limit of softmax: greedy takes the lowest
-    id, sampling is uniform); all -inf raises FloatingPointError."""
+def sample_probs(logits, params, vocab_limit):
+    """The distribution sample_next draws from, float64 (vocab_limit,), or the greedy id (an
+    int) at temperature 0. See sample_next for the non-finite rules."""
     lg = np.asarray(logits[:vocab_limit], dtype=np.float64)
     if not np.all(np.isfinite(lg)):
         if np.isnan(lg).any():
@@ -69,7 +66,70 @@ def sample_next(logits, params, rng, vocab_limit):
         mask = np.zeros_like(p)
         mask[keep] = p[keep]
         p = mask / mask.sum()
+    return p
+
+
+def sample_next(logits, params, rng, vocab_limit):
+    """One token id from logits (V,) float32. Ids >= vocab_limit are never chosen.
+
+    Non-finite logits: NaN raises FloatingPointError; -inf is probability 0; if any logit is
+    +inf the choice is among the +inf ones (the limit of softmax: greedy takes the lowest
+    id, sampling is uniform); all -inf raises FloatingPointError."""
+    p = sample_probs(logits, params, vocab_limit)
+    if isinstance(p, int):
+        return p
     return int(rng.choice(p.size, p=p))
+
+
+# ---- the device sampler's twin (cuda/sample.cu) ---------------------------------------------
+# A GPU draw takes its uniform u from Philox4x32-10 (Salmon et al., SC'11; Random123's
+# philox4x32 with 10 rounds) keyed by the seed, at the counter (step, row): reproducible from
+# the seed, independent of the batch's launch order. This twin recomputes the same u, and
+# sample_next_u draws from sample_probs's distribution with it, exactly as rng.choice does
+# (first id whose normalised CDF exceeds u), so a test can recompute the device's token.
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def philox4x32(counter, key, rounds=10):
+    """Philox4x32 of counters (..., 4) and keys (..., 2), uint32 words -> (..., 4) uint32."""
+    c = [np.asarray(w, np.uint64) & 0xFFFFFFFF for w in np.moveaxis(np.asarray(counter), -1, 0)]
+    k = [np.asarray(w, np.uint64) & 0xFFFFFFFF for w in np.moveaxis(np.asarray(key), -1, 0)]
+    m0, m1 = np.uint64(_PHILOX_M[0]), np.uint64(_PHILOX_M[1])
+    lo32 = np.uint64(0xFFFFFFFF)
+    for r in range(rounds):
+        if r:
+            k = [(k[0] + np.uint64(_PHILOX_W[0])) & lo32, (k[1] + np.uint64(_PHILOX_W[1])) & lo32]
+        p0, p1 = m0 * c[0], m1 * c[2]          # 32 x 32 -> 64 bits: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k[0], p1 & lo32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ k[1], p0 & lo32]
+    return np.stack(c, -1).astype(np.uint32)
+
+
+def sample_uniform(seed, step, row=0):
+    """The device sampler's u in [0, 1) for (seed, step, row) (arrays broadcast): Philox4x32-10
+    with key (seed low 32 bits, seed high 32 bits) and counter (step low, step high, row, 0);
+    u = (x0 * 2^21 + (x1 >> 11)) * 2^-53, 53 random bits, float64."""
+    seed, step, row = np.broadcast_arrays(np.asarray(seed, np.uint64), np.asarray(step, np.uint64),
+                                          np.asarray(row, np.uint64))
+    lo32, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    ctr = np.stack([step & lo32, step >> s32, row & lo32, np.zeros_like(row)], -1)
+    key = np.stack([seed & lo32, seed >> s32], -1)
+    x = philox4x32(ctr, key).astype(np.uint64)
+    bits = (x[..., 0] << np.uint64(21)) | (x[..., 1] >> np.uint64(11))
+    return bits.astype(np.float64) * 2.0 ** -53
+
+
+def sample_next_u(logits, params, u, vocab_limit):
+    """sample_next with the uniform u given (the device sampler's rule): the first id whose
+    CDF, normalised to end at 1, exceeds u (rng.choice's rule)."""
+    p = sample_probs(logits, params, vocab_limit)
+    if isinstance(p, int):
+        return p
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return int(np.searchsorted(cdf, u, side="right"))
 
 
 def _encode(model, prompt):
@@ -187,7 +247,75 @@ def _prefill_rows(model, prompts, state):
     return state, last
 
 
+def _on_device(model):
+    """A CudaModel: its tokens are drawn by the device sampler (only ids come back)."""
+    return hasattr(model, "_sample_device")
+
+
+# Tokens per engine call of the device loop when nothing needs per-token host control: long
+# enough that the call overhead vanishes, short enough that rows ending at EOS waste little.
+DEVICE_CHUNK = 32
+
+
+def _run_device(model, prompts, max_new, params, stop, state):
+    """_run on a CudaModel: the same loop, but each draw happens on the device (the seed's
+    Philox uniforms, generation.sample_next_u's rule: tokens differ from the host sampler's
+    default_rng draws at temperature > 0, and are reproducible from the seed). Without stop
+    strings or a caller's state, DEVICE_CHUNK tokens per engine call (the state is private:
+    steps after a row's EOS do not matter); else one call per token, fed the host's choice."""
+    from .model_cuda import _seed
+    B = len(prompts)
+    own = state is None
+    state, logits = _prefill_rows(model, prompts, state)
+    seed = _seed(params)
+    out = [[] for _ in range(B)]
+    alive = [True] * B
+    matchers = decoders = None
+    if stop:
+        from .tokenizer import StreamDecoder
+        matchers = [_StopMatcher(stop) for _ in range(B)]
+        decoders = [StreamDecoder(model.tokenizer) for _ in range(B)]
+    if max_new == 0:
+        return out
+    if own and not stop:
+        done = 0
+        toks = model._sample_device(state, min(DEVICE_CHUNK, max_new), params, seed, 0,
+                                    logits0=logits)
+        while True:
+            for i in range(B):
+                for t in toks[i]:
+                    if not alive[i]:
+                        break
+                    out[i].append(int(t))
+                    alive[i] = int(t) != EOS_ID
+            done += toks.shape[1]
+            if done >= max_new or not any(alive):
+                break
+            toks = model._sample_device(state, min(DEVICE_CHUNK, max_new - done), params, seed,
+                                        done, tokens=toks[:, -1])
+        return [[t for t in r if t != EOS_ID] for r in out]
+    # per-token host control: the same steps as _run (dead rows are fed 0)
+    cur = model._sample_device(state, 1, params, seed, 0, logits0=logits)[:, 0]
+    for k in range(max_new):
+        nxt = np.zeros(B, np.int64)
+        for i in range(B):
+            if alive[i]:
+                nxt[i] = cur[i]
+                out[i].append(int(nxt[i]))
+                if nxt[i] == EOS_ID:
+                    alive[i] = False
+                elif matchers is not None:
+                    matchers[i].feed(decoders[i].push(int(nxt[i])))
+                    alive[i] = not matchers[i].done
+        if not any(alive):
+            break
+        cur = model._sample_device(state, 1, params, seed, k + 1, tokens=nxt)[:, 0]
+    return [[t for t in toks if t != EOS_ID] for toks in out]
+
+
 def _run(model, prompts, max_new, params, stop, state):
+    if _on_device(model):
+        return _run_device(model, prompts, max_new, params, stop, state)
     B = len(prompts)
     state, logits = _prefill_rows(model, prompts, state)
     rngs = [np.random.default_rng(params.seed) for _ in range(B)]   # each row as if alone
@@ -226,8 +354,17 @@ def _stream(model, prompt, max_new, params, stop, state):
     rng = np.random.default_rng(params.seed)
     dec = StreamDecoder(model.tokenizer)
     matcher = _StopMatcher(stop)
+    device = _on_device(model)      # CudaModel: each draw on the device, only the id back
+    if device:
+        from .model_cuda import _seed
+        seed = _seed(params)
     for n in range(max_new):
-        t = sample_next(logits[0], params, rng, model.real_vocab_size)
+        if device:
+            t = int(model._sample_device(state, 1, params, seed, n, logits0=logits)[0, 0]
+                    if n == 0 else model._sample_device(state, 1, params, seed, n,
+                                                        tokens=np.array([t], np.int64))[0, 0])
+        else:
+            t = sample_next(logits[0], params, rng, model.real_vocab_size)
         if t == EOS_ID:
             break
         piece = matcher.feed(dec.push(t))
@@ -235,7 +372,7 @@ def _stream(model, prompt, max_new, params, stop, state):
             yield piece
         if matcher.done:
             return
-        if n + 1 < max_new:
+        if n + 1 < max_new and not device:
             logits = model.step(np.array([t], np.int64), state)
     piece = matcher.feed(dec.flush()) + matcher.flush()
     if piece:

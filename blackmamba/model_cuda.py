@@ -230,6 +230,13 @@ class CudaState:
         return cls.from_cpu(model, State.load(path, model.config))
 
 
+def _seed(params):
+    """The device sampler's 64-bit seed: params.seed, or fresh entropy for seed=None."""
+    if params.seed is not None:
+        return params.seed & (2 ** 64 - 1)
+    return int(np.random.SeedSequence().entropy) & (2 ** 64 - 1)
+
+
 # ---- the model -------------------------------------------------------------------------------
 
 class CudaModel(TokenModel):
@@ -392,6 +399,57 @@ class CudaModel(TokenModel):
         finally:
             state._users.pop(me, None)
         return np.concatenate([first[:, None], rest], axis=1)
+
+    def sample(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0,
+               state=None):
+        """Sampled decoding entirely on the device: ids (B, L) -> (B, max_new_tokens) int64.
+        The prompt is prefilled (logits of the last position), then each token is drawn by
+        the device sampler (cuda/sample.cu: generation.sample_probs's distribution, the
+        uniform from Philox4x32-10 at (seed, step)) and fed through the decode graph without
+        a round trip to the host. temperature 0 is greedy. Every row draws as if alone (all
+        rows use the uniforms of (seed, step), as generate() gives each row its own
+        default_rng(seed)); no EOS stop. NaN or all -inf logits: FloatingPointError."""
+        from .generation import SamplingParams, _is_integer
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        ids = self._check_ids(ids, 2, "ids")
+        B = ids.shape[0]
+        if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if state is None:
+            state = self.new_state(B)
+        last = self.prefill(ids, state, logits="last")
+        if max_new_tokens == 0:
+            return np.zeros((B, 0), np.int64)
+        return self._sample_device(state, int(max_new_tokens), params, _seed(params), 0,
+                                   logits0=last)
+
+    def _sample_device(self, state, n, params, seed, step, logits0=None, tokens=None):
+        """n tokens (B, n) drawn on the device, draw k at counter step + k: the first from
+        logits0 (B, V) (host; the state then advances n - 1 steps), or after feeding tokens
+        (B,) (n steps). A NaN / all -inf row raises FloatingPointError after the n steps ran
+        (the state stays valid, advanced)."""
+        B = state.batch_size if tokens is None else len(tokens)
+        self._check_state(state, B)
+        if tokens is not None:
+            tokens = self._check_ids(tokens, 1, "tokens")
+        me = object()
+        advanced = n - (logits0 is not None)
+        try:
+            _enter(state, me)
+            try:
+                with self._lock:
+                    out = _lib.C().cuda_model_sample(
+                        self._eng, state._h, logits0, tokens, n, params.temperature,
+                        params.top_k, params.top_p, seed, step)
+            except FloatingPointError:
+                state.seqlen += advanced
+                state._invalid = None
+                raise
+            state.seqlen += advanced
+            state._invalid = None
+        finally:
+            state._users.pop(me, None)
+        return out
 
     def generate(self, prompt, max_new_tokens=64, **kw):
         from .generation import generate

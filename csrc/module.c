@@ -2279,6 +2279,158 @@ fail:
 }
 BINDINGS(sinkhorn)
 
+/* ---- sample.cu: the next token on the device (GPU only: the twin is generation.py) ------ */
+#ifdef BM_WITH_CUDA
+
+/* Sampling settings from Python values (None = off), validated: 0, or -1 with ValueError. */
+static int parse_sampling(const char *fn, double temperature, PyObject *ok, PyObject *op,
+                          PyObject *oseed, long long step, bm_cuda_sampling *sp) {
+    memset(sp, 0, sizeof *sp);
+    if (!(temperature >= 0.0) || !(temperature <= 3.0e38)) {   /* finite as a float32 */
+        PyErr_Format(PyExc_ValueError, "%s: temperature must be a finite number >= 0, got %g",
+                     fn, temperature);
+        return -1;
+    }
+    /* a positive temperature below float32's range stays positive: sampling among the tied
+     * maxima (the twin's limit), not greedy's lowest id */
+    sp->temperature = temperature > 0.0 && (float)temperature == 0.f ? 1e-45f : (float)temperature;
+    if (ok != Py_None) {
+        const long long k = PyBool_Check(ok) ? -1 : PyLong_AsLongLong(ok);
+        if (k == -1 && PyErr_Occurred()) PyErr_Clear();
+        if (k < 1 || !PyLong_Check(ok)) {
+            PyErr_Format(PyExc_ValueError, "%s: top_k must be None or an integer >= 1, got %R",
+                         fn, ok);
+            return -1;
+        }
+        sp->top_k = k;
+    }
+    sp->top_p = 1.0;
+    if (op != Py_None) {
+        const double p = PyBool_Check(op) ? -1.0 : PyFloat_AsDouble(op);
+        if (p == -1.0 && PyErr_Occurred()) PyErr_Clear();
+        if (!(p > 0.0 && p <= 1.0)) {
+            PyErr_Format(PyExc_ValueError, "%s: top_p must be None or a number in (0, 1], got %R",
+                         fn, op);
+            return -1;
+        }
+        sp->top_p = p;
+    }
+    const unsigned long long seed =
+        PyLong_Check(oseed) && !PyBool_Check(oseed) ? PyLong_AsUnsignedLongLong(oseed)
+                                                    : (unsigned long long)-1;
+    if (PyErr_Occurred() || !PyLong_Check(oseed) || PyBool_Check(oseed)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: seed must be an integer in [0, 2**64), got %R", fn,
+                     oseed);
+        return -1;
+    }
+    if (step < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: step must be >= 0, got %lld", fn, step);
+        return -1;
+    }
+    sp->seed = seed;
+    sp->step = step;
+    return 0;
+}
+
+/* Rows whose status has an error bit -> FloatingPointError naming the first such row. */
+static int sample_status_check(const char *fn, const int32_t *status, int64_t B) {
+    for (int64_t b = 0; b < B; b++) {
+        if (status[b] & BM_CUDA_SAMPLE_NAN) {
+            PyErr_Format(PyExc_FloatingPointError,
+                         "%s: row %lld: the logits contain NaN: check the weights/input", fn,
+                         (long long)b);
+            return -1;
+        }
+        if (status[b] & BM_CUDA_SAMPLE_NEG_INF) {
+            PyErr_Format(PyExc_FloatingPointError,
+                         "%s: row %lld: every logit is -inf: no token can be sampled", fn,
+                         (long long)b);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* cuda_sample(logits (B, V) float32 on the GPU, temperature=1.0, top_k=None, top_p=None,
+ *             seed=0, step=0, vocab_limit=None, row_streams=True, path=0, return_info=False)
+ * -> tokens int64 (B,) DeviceArray, or (tokens, status int32 (B,), u float64 (B,)) (host). */
+static PyObject *py_cuda_sample(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"logits", "temperature", "top_k", "top_p", "seed", "step",
+                          "vocab_limit", "row_streams", "path", "return_info", NULL};
+    PyObject *ol, *ok = Py_None, *op = Py_None, *oseed = NULL, *olim = Py_None, *res = NULL;
+    double temperature = 1.0;
+    long long step = 0;
+    int row_streams = 1, path = 0, info = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dOOOLOpip", kws, &ol, &temperature, &ok, &op,
+                                     &oseed, &step, &olim, &row_streams, &path, &info))
+        return NULL;
+    Sig s;
+    sig_init(&s, "sample", 1);
+    bm_cuda_sampling sp;
+    PyObject *seed0 = NULL;
+    if (!oseed) oseed = seed0 = PyLong_FromLong(0);
+    if (!oseed || parse_sampling(s.fn, temperature, ok, op, oseed, step, &sp) < 0) goto fail;
+    if (path < 0 || path > 3) {
+        PyErr_Format(PyExc_ValueError, "sample: path must be 0 (auto), or 1 (force the generic "
+                     "path) | 2 (force global-memory reads)");
+        goto fail;
+    }
+    sp.row_streams = row_streams;
+    sp.path = path;
+    DeviceArray *lg;
+    NEED(lg = sig_dev_get(&s, ol, "logits", 0));
+    if (sig_dev_check(&s, lg, "logits", NPY_FLOAT32, "BV", 0) < 0) goto fail;
+    const int64_t B = s.dim['B'], V = s.dim['V'];
+    long long limit = V;
+    if (olim != Py_None) {
+        limit = PyBool_Check(olim) ? -1 : PyLong_AsLongLong(olim);
+        if (limit == -1 && PyErr_Occurred()) PyErr_Clear();
+    }
+    if (limit < 1 || limit > V || limit > INT32_MAX - 1024) {
+        PyErr_Format(PyExc_ValueError, "sample: vocab_limit must be None or an integer in [1, "
+                     "V=%lld] (V below 2**31), got %R", (long long)V, olim);
+        goto fail;
+    }
+    PyObject *t32, *t64, *st, *u;
+    NEED(t32 = arg_new(&s, "B", NPY_INT32));
+    NEED(t64 = arg_new(&s, "B", NPY_INT64));
+    NEED(st = arg_new(&s, "B", NPY_INT32));
+    NEED(u = arg_new(&s, "B", NPY_FLOAT64));
+    npy_intp db[1] = {(npy_intp)B};
+    PyArrayObject *hst = (PyArrayObject *)sig_own(&s, PyArray_ZEROS(1, db, NPY_INT32, 0));
+    PyArrayObject *hu = (PyArrayObject *)sig_own(&s, PyArray_ZEROS(1, db, NPY_FLOAT64, 0));
+    if (!hst || !hu) goto fail;
+    {
+        int rc = 0;
+        cudaError_t me = cudaSuccess;
+        Py_BEGIN_ALLOW_THREADS
+        if (B) me = cudaMemsetAsync(DATA(st), 0, (size_t)B * 4, BM_STREAM);  /* |= below */
+        if (me == cudaSuccess)
+            rc = bm_cuda_sample((const float *)lg->ptr, B, V, limit, &sp, I32(t32), I32(st),
+                                (double *)DATA(u), BM_STREAM);
+        if (me == cudaSuccess && !rc) rc = bm_cuda_i32_to_i64(I32(t32), I64(t64), B, BM_STREAM);
+        Py_END_ALLOW_THREADS
+        if (me != cudaSuccess) {
+            (void)cudaGetLastError();
+            PyErr_Format(PyExc_RuntimeError, "sample: cudaMemsetAsync: %s: %s",
+                         cudaGetErrorName(me), cudaGetErrorString(me));
+            goto fail;
+        }
+        if (cuda_check(&s, rc) < 0) goto fail;
+    }
+    if (B && (dev_read(&s, PyArray_DATA(hst), DATA(st), (size_t)B * 4) < 0 ||
+              dev_read(&s, PyArray_DATA(hu), DATA(u), (size_t)B * 8) < 0))
+        goto fail;
+    if (sample_status_check(s.fn, (const int32_t *)PyArray_DATA(hst), B) < 0) goto fail;
+    res = info ? PyTuple_Pack(3, t64, (PyObject *)hst, (PyObject *)hu) : ret(&s, t64);
+fail:
+    Py_XDECREF(seed0);
+    sig_free(&s);
+    return res;
+}
+#endif /* BM_WITH_CUDA: sample */
+
 /* ---- the cuda_* module functions: devices, memory, arrays and the ops' GPU bindings ---- */
 #ifdef BM_WITH_CUDA
 #define CKW(name, doc) {"cuda_" #name, (PyCFunction)(void (*)(void))py_cuda_##name, METH_VARARGS | METH_KEYWORDS, doc}
@@ -2319,6 +2471,10 @@ static PyMethodDef cuda_methods[] = {
     CKW(mlp, "GPU mlp(x, fc1, fc2, activation='gelu', gated=True, *, math='fp32') -> out (gated only)"),
     CKW(sinkhorn, "GPU sinkhorn(logits (T,X<=64), tol=1e-4, init='blackmamba', max_iters=1000) -> "
                   "(P, iterations)"),
+    {"cuda_sample", (PyCFunction)(void (*)(void))py_cuda_sample, METH_VARARGS | METH_KEYWORDS,
+     "cuda_sample(logits (B,V) f32 GPU, temperature=1.0, top_k=None, top_p=None, seed=0, step=0, "
+     "vocab_limit=None, row_streams=True, path=0, return_info=False) -> tokens int64 (B,) "
+     "DeviceArray | (tokens, status (B,), u (B,)); NaN / all -inf rows: FloatingPointError"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2866,6 +3022,68 @@ fail:
     return res;
 }
 
+/* cuda_model_sample(model, state, logits0 (B, V) | None, tokens (B,) | None, n, temperature,
+ *                   top_k, top_p, seed, step, row_streams=False) -> (B, n) int64 (see engine);
+ * a row that met NaN / all -inf logits: FloatingPointError. */
+static PyObject *py_cuda_model_sample(PyObject *self, PyObject *args) {
+    PyObject *om, *os, *ol, *otok, *ok, *op, *oseed;
+    long long n, step;
+    double temperature;
+    int row_streams = 0;
+    if (!PyArg_ParseTuple(args, "OOOOLdOOOL|p", &om, &os, &ol, &otok, &n, &temperature, &ok, &op,
+                          &oseed, &step, &row_streams))
+        return NULL;
+    EngModel *em = eng_model(om);
+    EngState *es = em ? eng_state(os, em) : NULL;
+    if (!es) return NULL;
+    if (n < 0 || n > (1LL << 30)) return PyErr_Format(PyExc_ValueError, "sample: n must be in 0..2**30");
+    bm_cuda_sampling sp;
+    if (parse_sampling("sample", temperature, ok, op, oseed, step, &sp) < 0) return NULL;
+    sp.row_streams = row_streams;
+    PyObject *res = NULL;
+    PyArrayObject *tok = NULL, *lg = NULL, *o32 = NULL;
+    if ((ol == Py_None) == (otok == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "sample: give exactly one of logits0 and tokens");
+        return NULL;
+    }
+    if (otok != Py_None && !(tok = eng_ids(otok, 1, em->V, "sample"))) return NULL;
+    if (ol != Py_None) {
+        lg = (PyArrayObject *)PyArray_FROMANY(ol, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY);
+        if (!lg) goto fail;
+        if (PyArray_DIM(lg, 0) != es->B || PyArray_DIM(lg, 1) != em->V) {
+            PyErr_Format(PyExc_ValueError, "sample: logits0 must have shape (B=%lld, V=%lld)",
+                         (long long)es->B, (long long)em->V);
+            goto fail;
+        }
+    }
+    if (tok && PyArray_DIM(tok, 0) != es->B) {
+        PyErr_Format(PyExc_ValueError, "sample: the state holds %lld rows, tokens has %lld",
+                     (long long)es->B, (long long)PyArray_DIM(tok, 0));
+        goto fail;
+    }
+    npy_intp dims[2] = {(npy_intp)es->B, (npy_intp)n};
+    if (!(o32 = (PyArrayObject *)PyArray_ZEROS(2, dims, NPY_INT32, 0))) goto fail;
+    int32_t *status = PyMem_Calloc((size_t)es->B, sizeof(int32_t));
+    if (!status) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bm_cuda_model_sample(em->m, es->s, lg ? (const float *)PyArray_DATA(lg) : NULL,
+                              tok ? (const int32_t *)PyArray_DATA(tok) : NULL, (int64_t)n, &sp,
+                              (int32_t *)PyArray_DATA(o32), status);
+    Py_END_ALLOW_THREADS
+    if (eng_check("sample", st) == 0 && sample_status_check("sample", status, es->B) == 0)
+        res = PyArray_Cast(o32, NPY_INT64);
+    PyMem_Free(status);
+fail:
+    Py_XDECREF(tok);
+    Py_XDECREF(lg);
+    Py_XDECREF(o32);
+    return res;
+}
+
 static PyObject *py_cuda_model_info(PyObject *self, PyObject *om) {
     EngModel *em = eng_model(om);
     if (!em) return NULL;
@@ -3118,6 +3336,7 @@ static PyMethodDef engine_methods[] = {
     {"cuda_model_prefill", py_cuda_model_prefill, METH_VARARGS, "cuda_model_prefill(model, state, ids (B,L), logits 0|1|2, trace=False) -> (logits, trace)"},
     {"cuda_model_step", py_cuda_model_step, METH_VARARGS, "cuda_model_step(model, state, tokens (B,), graph=True, logits=True, argmax=False, trace=False) -> (logits, argmax, trace)"},
     {"cuda_model_greedy", py_cuda_model_greedy, METH_VARARGS, "cuda_model_greedy(model, state, tokens (B,), n) -> (B, n) int64"},
+    {"cuda_model_sample", py_cuda_model_sample, METH_VARARGS, "cuda_model_sample(model, state, logits0 (B,V) | None, tokens (B,) | None, n, temperature, top_k, top_p, seed, step, row_streams=False) -> (B, n) int64"},
     {"cuda_model_info", py_cuda_model_info, METH_O, "cuda_model_info(model) -> dict of device bytes and graphs"},
     {"cuda_state_new", py_cuda_state_new, METH_VARARGS, "cuda_state_new(model, B) -> state (zeros)"},
     {"cuda_state_copy", py_cuda_state_copy, METH_VARARGS, "cuda_state_copy(model, state, rows=None) -> state"},

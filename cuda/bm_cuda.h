@@ -242,6 +242,31 @@ int bm_cuda_ids_to_i32(const void *ids, int ids_bits, int64_t n, int64_t X, int3
 /* dst (n) int64 = src (n) int32. */
 int bm_cuda_i32_to_i64(const int32_t *src, int64_t *dst, int64_t n, cudaStream_t stream);
 
+/* ---- sample.cu: the next token on the device (greedy, temperature, top-k, top-p) ---------- */
+/* Per-row status bits (|= into status[row]; bits 8..15 = the path taken, see sample.cu). */
+enum { BM_CUDA_SAMPLE_NAN = 1,      /* a logit among ids < vocab_limit is NaN */
+       BM_CUDA_SAMPLE_NEG_INF = 2   /* every logit among ids < vocab_limit is -inf */ };
+typedef struct {
+    float temperature;   /* finite, >= 0; 0 = greedy (argmax, ties -> lowest id) */
+    int64_t top_k;       /* 0 = off; k >= 1 keeps the logits >= the k-th largest */
+    double top_p;        /* (0, 1]; 1 = off */
+    uint64_t seed;       /* Philox4x32-10 key */
+    int64_t step;        /* counter words 0-1: which draw of the stream */
+    int row_streams;     /* 1: row r draws at counter word 2 = r; 0: every row at 0 */
+    int path;            /* 0 = auto; tests: | 1 forces the generic (bisection) path,
+                            | 2 the uncached kernel (global-memory reads) */
+} bm_cuda_sampling;
+/* tokens (B) int32 = one draw per row of logits (B, V) among ids < vocab_limit, with the
+ * semantics of blackmamba/generation.py sample_probs + sample_next_u (sample.cu says how).
+ * status (B) or NULL: error bits |= BM_CUDA_SAMPLE_* (the row's token is then 0), bits 8..15
+ * the path, bit 16 set when the row was cached in shared memory; u_out (B) or NULL: each
+ * row's uniform. One block per row; no workspace; capturable once called outside a capture
+ * (the first call per device raises the kernel's shared-memory cap). A bad argument returns
+ * BM_CUDA_ERR_ARG naming it. */
+int bm_cuda_sample(const float *logits, int64_t B, int64_t V, int64_t vocab_limit,
+                   const bm_cuda_sampling *params, int32_t *tokens, int32_t *status,
+                   double *u_out, cudaStream_t stream);
+
 /* ---- engine.cu: the whole model on the GPU (SPEC 1) -------------------------------------
  * Weights live in one device allocation handed out as pointers; matrices (embedding, in/x/
  * dt/out projections, expert fc1/fc2) in the model's wdtype, everything else float32 (norms,
@@ -309,6 +334,10 @@ long long bm_cuda_small_tf32_calls(void);
 /* Launches of the early PDL decode kernels of one kind (0 batch-1 GEMV, 1 fc2 rows, 2 step
  * scan, 3 norm + route, 4 RMSNorm; cuda/common.cuh bm_pdl_early); -1 for another kind. */
 long long bm_cuda_pdl_early_launches(int kind);
+/* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
+long long bm_cuda_step_scan4_calls(void);
+/* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
+long long bm_cuda_norm_route_pre_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */
 int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                          bm_cuda_model **out);
@@ -335,6 +364,14 @@ int bm_cuda_model_step(bm_cuda_model *m, bm_cuda_state *s, const int32_t *tokens
  * per token: graph replay, device argmax, device copy into the graph's token buffer). */
 int bm_cuda_model_greedy(bm_cuda_model *m, bm_cuda_state *s, const int32_t *tokens, int64_t n,
                          int32_t *out);
+/* Sampled decoding on the device (bm_cuda_sample after each graph replay; no host round trip
+ * per token). logits0 (B, V) host or NULL: the first of the n tokens is drawn from it (and
+ * the state advances n - 1 steps); else tokens (B) host are fed first (n steps). Draw k uses
+ * counter step = params->step + k. out (B, n) host; status (B) host or NULL: the OR of the
+ * rows' BM_CUDA_SAMPLE_* bits over the n draws (bits 8..15: the last draw's path). */
+int bm_cuda_model_sample(bm_cuda_model *m, bm_cuda_state *s, const float *logits0,
+                         const int32_t *tokens, int64_t n, const bm_cuda_sampling *params,
+                         int32_t *out, int32_t *status);
 
 /* States. create: zeros. copy: rows (host, n of them, each < src batch) or NULL for all. */
 int bm_cuda_state_create(bm_cuda_model *m, int64_t B, bm_cuda_state **out);

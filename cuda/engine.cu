@@ -9,7 +9,10 @@
 // bias add, the fused dt_proj + recurrent scan step, the expert activation, argmax).
 //
 // Matrix products (`linear` below):
-//   - up to GEMV_ROWS rows: the bf16/fp32 GEMV (gemv.cu), fp32 activations, exact;
+//   - up to GEMV_ROWS rows: the bf16/fp32 GEMV (gemv.cu), fp32 activations, exact; except
+//     decode batches of dec_gemm_min() (8) to GEMV_ROWS rows under BF16 / BF16X2 math, which
+//     take the batched paths below with split activations (Ws::gv, Ws::dsplit, decode_body:
+//     the 8-row GEMVs read the weights at 0.4-1 TB/s, so batch 8 cost more than batch 64);
 //   - more rows, bf16 weights, BM_CUDA_MATH_BF16: activations rounded to bf16, cuBLAS bf16
 //     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product); except prefill
 //     products (and MoE layers) of at most cfg.bf16_split_rows rows (default 128), which run
@@ -29,7 +32,8 @@
 //   - fp32 weights: cuBLAS fp32 GEMM (tf32 with BM_CUDA_MATH_TF32 or _BF16).
 // MoE / MLP layers (routing: norm_route_kernel, one block per token, fused with the layer's
 // RMSNorm; route_small_kernel or moe.cu's route_top1 where the norm is separate):
-//   - up to GEMV_ROWS tokens: per-token expert rows (expert_rows_kernel), fp32 activations;
+//   - up to GEMV_ROWS tokens (batch 1, or non-BF16 math): per-token expert rows
+//     (expert_rows_kernel), fp32 activations;
 //   - decode of more tokens with BF16 math: gated layers through grouped.cu's grouped GEMMs
 //     (bm_cuda_moe_grouped: each expert's weights once, its own tokens only); otherwise (or
 //     BLACKMAMBA_MOE_GROUPED=0) every token through all experts with two strided-batched
@@ -131,6 +135,9 @@ struct LayerDev {
 struct Ws {
     int64_t T;              // token capacity (decode: = B)
     bool decode;
+    int64_t gv;             // products of at most gv rows run as GEMVs (GEMV_ROWS; 1 in a
+                            // decode of dec_gemm_min() rows or more: see decode_body)
+    bool dsplit;            // decode, batched at <= GEMV_ROWS rows: products split (split_x)
     char *base;
     size_t bytes;
     int32_t *tok;           // (T) input ids
@@ -1012,6 +1019,165 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
+// step_scan_kernel's !FUSED_DT case (delta from the dt_proj GEMM: batched decode) with
+// G = N/4 lanes per (b, e), each owning 4 consecutive states: one 16-byte load and store of
+// the state per lane (the scalar kernel's lanes stride n by G: 4-byte accesses, ~1.6 TB/s on
+// the 12 MB state at B = 64), A, B, C as float4. y goes out as float32 (y) or, where
+// out_proj is a bf16 GEMM, as its bf16 input (yb, and yl: the low parts when it splits).
+// The y sum runs over a lane's 4 states in order, then across lanes (the scalar kernel sums
+// n = g, g+G, ..., then across lanes: the same terms in another order).
+// Needs N % 4 == 0, N/4 = 2^g4 <= 32, R % 4 == 0, ssm, dbc, A 16-byte aligned.
+std::atomic<long long> g_scan4{0};  // launches (tests assert the path)
+__global__ void step_scan4_kernel(float *__restrict__ ssm,          // (B, E, N) in place
+                                  const float *__restrict__ xc,     // (B, E)
+                                  const float *__restrict__ z,      // (B, E)
+                                  const float *__restrict__ dbc,    // (B, R + 2N)
+                                  const float *__restrict__ delta,  // (B, E)
+                                  const float *__restrict__ dt_b,   // (E)
+                                  const float *__restrict__ A,      // (E, N)
+                                  const float *__restrict__ D,      // (E)
+                                  float *__restrict__ y,            // (B, E) or NULL
+                                  uint16_t *__restrict__ yb,        // (B, E) or NULL
+                                  uint16_t *__restrict__ yl,        // (B, E) or NULL
+                                  int64_t BE, int E, int N, int R, int g4) {
+    bm_pdl_wait();
+    const int G = 1 << g4;
+    const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t wv = gt >> g4;  // (b, e) index
+    const int g = (int)(gt & (G - 1));
+    const bool valid = wv < BE;   // groups past BE compute on a clamped index, store nothing
+    const int64_t w = valid ? wv : BE - 1;
+    const int64_t b = w / E;
+    const int e = (int)(w % E);
+    const float *row = dbc + b * (R + 2 * N);
+    const float dt = bm_softplus(delta[w] + dt_b[e]);
+    const float xv = xc[w];
+    const float dx = dt * xv;
+    float4 *sp = reinterpret_cast<float4 *>(ssm + w * N) + g;
+    const float4 s = *sp;
+    const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
+    const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
+    const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
+    float4 h;
+    h.x = fmaf(expf(dt * a.x), s.x, dx * bb.x);
+    h.y = fmaf(expf(dt * a.y), s.y, dx * bb.y);
+    h.z = fmaf(expf(dt * a.z), s.z, dx * bb.z);
+    h.w = fmaf(expf(dt * a.w), s.w, dx * bb.w);
+    if (valid) *sp = h;
+    float ya = h.x * cc.x;
+    ya = fmaf(h.y, cc.y, ya);
+    ya = fmaf(h.z, cc.z, ya);
+    ya = fmaf(h.w, cc.w, ya);
+    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+    if (valid && g == 0) {
+        const float v = fmaf(D[e], xv, ya) * bm_silu(z[w]);
+        if (yb) bm_store_bf16(v, yb, yl, w);
+        else y[w] = v;
+    }
+}
+
+// norm_route_kernel<BF> for decode batches of 2 rows or more (decode_body), d <= 128 * NRP_W4:
+// the same arithmetic in the same order (the same xn, residual, logits, ids and gates, bit for
+// bit), but each warp's first router row is loaded into registers BEFORE griddepcontrol.wait
+// (the weights do not depend on the kernel before), so the dots follow the norm at once
+// instead of walking the row from L2 after it (8.3 us a layer at B = 64 on the H200, ~2/3 of
+// it the dots' dependent L2 loads).
+constexpr int NRP_W4 = 12;  // float4 of a router row per lane: d <= 1536
+std::atomic<long long> g_nr_pre{0};  // launches (tests)
+template <bool BF>
+__global__ __launch_bounds__(NR_THREADS) void norm_route_pre_kernel(
+    const float *x, const float *residual, const float *__restrict__ nw, float eps,
+    float *__restrict__ out, float *res_out, const float *__restrict__ rw,
+    const float *__restrict__ rb, float *__restrict__ logits, int32_t *__restrict__ ids,
+    float *__restrict__ gates, int d, int X, uint16_t *__restrict__ obf,
+    uint16_t *__restrict__ olo) {
+    // (shapes as norm_route_kernel's)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float4 wr[NRP_W4];
+#pragma unroll
+    for (int i = 0; i < NRP_W4; i++) {
+        const int k = 4 * lane + 128 * i;
+        wr[i] = warp < X && k < d ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)warp * d + k))
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    bm_pdl_wait();
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
+    __shared__ float scratch[32];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    const int nv = d / 4;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float4 r = xr[i];
+        if (rr) {
+            const float4 q = rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const float4 a = srow[i], w4 = wv[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;
+        o[i] = v;
+        if (BF) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
+    }
+    __syncthreads();
+    const float *xs = reinterpret_cast<const float *>(srow);
+    for (int e = warp; e < X; e += NR_THREADS / 32) {
+        float acc = 0.f;
+        if (e == warp) {  // the preloaded row, in norm_route_kernel's k order
+#pragma unroll
+            for (int i = 0; i < NRP_W4; i++) {
+                const int k = 4 * lane + 128 * i;
+                if (k < d) {
+                    const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                    acc = fmaf(a.x, wr[i].x, acc);
+                    acc = fmaf(a.y, wr[i].y, acc);
+                    acc = fmaf(a.z, wr[i].z, acc);
+                    acc = fmaf(a.w, wr[i].w, acc);
+                }
+            }
+        } else {
+            const float *w = rw + (int64_t)e * d;
+            for (int k = 4 * lane; k < d; k += 128) {
+                const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
+}
+
+// BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
+bool nr_pre_on() {
+    const char *e = getenv("BLACKMAMBA_NORM_ROUTE_PRE");
+    return !(e && e[0] == '0');
+}
+
+// BLACKMAMBA_SCAN4=0: the batched decode keeps the scalar step and the to_bf16 pass (A/B).
+bool scan4_on() {
+    const char *e = getenv("BLACKMAMBA_SCAN4");
+    return !(e && e[0] == '0');
+}
+
 // out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
 constexpr int ARGMAX_THREADS = 256;
 __global__ __launch_bounds__(ARGMAX_THREADS) void argmax_kernel(
@@ -1119,7 +1285,8 @@ int64_t split_limit(const bm_cuda_config &c) {
 bool split_x(const bm_cuda_model *m, const Ws *ws, int64_t M) {
     if (!bf16_math(m)) return false;
     if (m->cfg.math == BM_CUDA_MATH_BF16X2) return true;
-    return !ws->decode && M <= split_limit(m->cfg);
+    if (ws->decode) return ws->dsplit;
+    return M <= split_limit(m->cfg);
 }
 // Does a product of M rows expand bf16 weights to fp32 (needs the wf scratch)?
 bool needs_wf(const bm_cuda_model *m, int64_t M) {
@@ -1143,6 +1310,24 @@ int ensure_wf(bm_cuda_model *m) {
 // decode graphs are captured per state, so a new state picks up a change).
 bool mp_on() {
     const char *e = getenv("BLACKMAMBA_MAMBAPATH");
+    return !(e && e[0] == '0');
+}
+
+// Decode batches of at least this many rows take the batched paths (decode_body);
+// BLACKMAMBA_DECODE_GEMM_MIN overrides (2..9; 9 = the GEMVs up to 8 rows as before), for A/B.
+// Default 8: measured on the H200 at batch 8 only (2.41 against 3.20 ms/step through the
+// GEMVs; cuda/NOTES.md session 4 dec64). Batches 2..7 keep the GEMVs until measured (the
+// batched path's cost is nearly flat in B, the GEMVs' grows with it: the crossover is
+// expected around 4-6 rows, unmeasured). The tests run 2..8 through both paths.
+int64_t dec_gemm_min() {
+    const char *e = getenv("BLACKMAMBA_DECODE_GEMM_MIN");
+    const int64_t v = e && e[0] ? atoll(e) : GEMV_ROWS;
+    return std::min<int64_t>(std::max<int64_t>(v, 2), GEMV_ROWS + 1);
+}
+
+// BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
+bool norm_bf_on() {
+    const char *e = getenv("BLACKMAMBA_DECODE_NORM_BF");
     return !(e && e[0] == '0');
 }
 
@@ -1170,7 +1355,7 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
     if (M <= 0 || Nout <= 0) return 0;
     const bool bf = m->cfg.wdtype == BM_BF16;
     const bool bfm = bf16_math(m);
-    if (M <= GEMV_ROWS || (bf && !bfm && M <= GEMV_ROWS_EXACT)) {
+    if (M <= ws->gv || (bf && !bfm && M <= GEMV_ROWS_EXACT)) {
         GemvParams p{W, x, ldx, nullptr, nullptr, bias, y, ldy, (int)M, (int)Nout, (int)Kin};
         p.w_static = 1;  // the model's weights (every engine pass starts with embed_kernel,
                          // a plain launch: nothing before it in the stream overlaps)
@@ -1214,7 +1399,7 @@ std::atomic<long long> g_small_tf32{0};    // tf32 x_proj / dt_proj products (te
 // Where BF16 math would round the activations to bf16 without splitting them: tf32 keeps 11
 // significant bits of both operands against bf16's 8, so this is never less exact.
 bool tf32_small(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
-    return ly.x_wf && ly.dt_wf && M > GEMV_ROWS && !split_x(m, ws, M) && mp_on();
+    return ly.x_wf && ly.dt_wf && M > ws->gv && !split_x(m, ws, M) && mp_on();
 }
 
 // dt_proj: delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T (the bias is added in the scan).
@@ -1237,7 +1422,7 @@ int dt_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M) {
 // with ks * cdiv(M, 128) <= 160 (about one wave of CTAs); 1 = no split.
 std::atomic<long long> g_xproj_ksplit{0};  // K-split x_proj launches (tests check the path)
 int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int64_t Kin) {
-    if (!bf16_math(m) || M <= GEMV_ROWS || !ws->xpart || Nout > 256 || !mp_on()) return 1;
+    if (!bf16_math(m) || M <= ws->gv || !ws->xpart || Nout > 256 || !mp_on()) return 1;
     for (int ks = 32; ks >= 2; ks--) {
         if (Kin % ks || (Kin / ks) % 8 || Kin / ks < 128) continue;
         if (ks * bm_cdiv(M, 128) > 160 || ks * M > ws->xpart_rows) continue;
@@ -1248,8 +1433,8 @@ int xproj_ks(const bm_cuda_model *m, const Ws *ws, int64_t M, int64_t Nout, int6
 }
 
 // Does in_proj() run M rows as one batched bf16 GEMM (below)?
-bool in_proj_batched(const bm_cuda_model *m, int64_t M) {
-    return bf16_math(m) && M > GEMV_ROWS && mp_on();
+bool in_proj_batched(const bm_cuda_model *m, const Ws *ws, int64_t M) {
+    return bf16_math(m) && M > ws->gv && mp_on();
 }
 
 // in_proj: x = xz[:M] (M, E) and z = xz[M*E:] (M, E) from xn (M, d). Under BF16 math with more
@@ -1263,7 +1448,7 @@ int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E;
     float *x = ws->xz, *z = ws->xz + M * E;
-    if (!in_proj_batched(m, M)) {
+    if (!in_proj_batched(m, ws, M)) {
         TRY(linear(m, ws, xn, d, ly.in_w, ly.in_b, x, E, M, E, d));
         return linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
                       z, E, M, E, d, true);
@@ -1361,7 +1546,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
     // Where out_proj is a bf16 GEMM (linear()'s rule), the scan writes its input directly:
     // bf16(y) (+ the low parts when the product splits) into xbf / xlo, no fp32 y.
-    const bool ybf = bf16_math(m) && T > GEMV_ROWS && mp_on();
+    const bool ybf = bf16_math(m) && T > ws->gv && mp_on();
     const bool ysplit = ybf && split_x(m, ws, T);
     if (ysplit && (!ws->xlo || T > ws->Ts))
         return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
@@ -1375,8 +1560,9 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
 }
 
 // The same for one token per row: xn (B, d) -> out (B, d).
+// xbf_ready: the norm wrote bf16(xn) into ws->xbf (ws->xlo) for in_proj (in_proj_batched()).
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
-               const float *xn, float *out, int64_t B) {
+               const float *xn, float *out, int64_t B, bool xbf_ready) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
@@ -1384,7 +1570,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // Where in_proj runs as a GEMV (linear()'s rule), the conv step rides on its epilogue:
     // one launch fewer per Mamba layer (GemvParams::conv_w).
     const bool bf = c.wdtype == BM_BF16;
-    const bool conv_fused = B <= GEMV_ROWS || (bf && !bf16_math(m) && B <= GEMV_ROWS_EXACT);
+    const bool conv_fused = B <= ws->gv || (bf && !bf16_math(m) && B <= GEMV_ROWS_EXACT);
     if (conv_fused) {
         GemvParams p{ly.in_w, xn, d, nullptr, nullptr, ly.in_b, B == 1 ? ws->xz : x,
                      B == 1 ? 2 * E : E, (int)B, (int)(B == 1 ? 2 * E : E), (int)d,
@@ -1396,7 +1582,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
     } else {
-        TRY(in_proj(m, ws, ly, xn, B));
+        TRY(in_proj(m, ws, ly, xn, B, xbf_ready));
         TRY(mark(m, P_IN));
         TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
@@ -1404,7 +1590,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
-    const bool fused = B <= GEMV_ROWS;  // else dt_proj as a product of B rows first
+    const bool fused = B <= ws->gv;  // else dt_proj as a product of B rows first
     // Lanes per (b, e): a warp for the fused dt_proj dot (R terms), else ~4 states per lane.
     int glog = 5;
     if (!fused) {
@@ -1417,6 +1603,28 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(mark(m, P_DT));
     }
     const float *dl = ws->delta;
+    // Batched decode (delta from the dt_proj GEMM): the float4 step, which also writes
+    // out_proj's bf16 input where out_proj is a bf16 GEMM (linear()'s rule): no to_bf16 pass.
+    const int nl4 = (int)(N / 4);
+    const bool v4 = !fused && scan4_on() && N % 4 == 0 && R % 4 == 0 && (nl4 & (nl4 - 1)) == 0 &&
+                    nl4 <= 32 && BE * nl4 < INT32_MAX &&
+                    (((uintptr_t)ssm | (uintptr_t)ws->dbc | (uintptr_t)ly.A) & 15) == 0;
+    if (v4) {
+        const bool ybf = bf16_math(m) && B > ws->gv && mp_on();
+        const bool ysplit = ybf && split_x(m, ws, B);
+        if (ysplit && (!ws->xlo || B > ws->Ts))
+            return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+        int g4 = 0;
+        while ((1 << g4) < nl4) g4++;
+        const unsigned b4 = (unsigned)bm_cdiv(BE << g4, 256);
+        g_scan4.fetch_add(1, std::memory_order_relaxed);
+        BM_LAUNCH_PDL(step_scan4_kernel, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
+                      ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
+                      ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4);
+        TRY(mark(m, P_SCAN));
+        TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
+        return mark(m, P_OUT);
+    }
     const bool early = fused && b1_early(B);
     if (early) bm_pdl_early_count(BM_EARLY_SCAN);
     if (c.wdtype == BM_BF16) {
@@ -1601,7 +1809,7 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
     if (!c.swiglu || !bf16_math(m) || !ws->moe || !bm_cuda_moe_grouped_mode() ||
         !bm_cuda_moe_grouped_supported(x, ly.fc1, ly.fc2, c.wdtype, out, c.d, ly.X, c.F))
         return false;
-    return ws->decode ? ws->hall != nullptr : T > MOE_GEMV_MAX;
+    return ws->decode ? ws->hall != nullptr && T > ws->gv : T > MOE_GEMV_MAX;
 }
 
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
@@ -1659,7 +1867,7 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, mm, out, T,
                                 c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
         TRY(blas_prepare(m));
-    } else if (ws->hall) {
+    } else if (ws->hall && T > ws->gv) {
         if (ws->moe && bm_cuda_moe_grouped_mode() == 2)
             return BM_CUDA_ARG_FAIL("engine: BLACKMAMBA_MOE_GROUPED=force but the grouped "
                                     "decode path does not support this layer");
@@ -1705,6 +1913,10 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             if (early) bm_pdl_early_count(BM_EARLY_NORM_ROUTE);
             auto *nr_kernel = xb ? (early ? norm_route_early_kernel<true> : norm_route_kernel<true>)
                                  : (early ? norm_route_early_kernel<false> : norm_route_kernel<false>);
+            if (!early && ws->decode && T > ws->gv && d <= 128 * NRP_W4 && nr_pre_on()) {
+                nr_kernel = xb ? norm_route_pre_kernel<true> : norm_route_pre_kernel<false>;
+                g_nr_pre.fetch_add(1, std::memory_order_relaxed);
+            }
             BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
                           ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
                           ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
@@ -1712,14 +1924,15 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb));
             continue;
         }
-        const bool xb = lo_ok && ly.mamba && !ws->decode && in_proj_batched(m, T);
+        const bool xb = lo_ok && ly.mamba && in_proj_batched(m, ws, T) &&
+                        (!ws->decode || norm_bf_on());
         TRY(bm_rms_norm_static_w(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
                                  xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
                                  st));
         TRY(mark(m, P_NORM));
         if (ly.mamba) {
             if (ws->decode)
-                TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B));
+                TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, xb));
             else
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
                                   xb));
@@ -1763,6 +1976,8 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     Arena a{base, 0};
     w->T = T;
     w->decode = decode;
+    w->gv = GEMV_ROWS;
+    w->dsplit = false;
     w->tok = a.take<int32_t>(T);
     w->h = a.take<float>(T * d);
     w->r = a.take<float>(T * d);
@@ -1773,14 +1988,15 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->xz = a.take<float>(2 * T * E);
     w->xc = a.take<float>(T * E);
     w->y = a.take<float>(T * E);
-    w->delta = (decode && T <= GEMV_ROWS) ? nullptr : a.take<float>(T * E);
+    // Decode buffers of the batched paths from 2 rows on (decode_body picks the path).
+    w->delta = (decode && T < 2) ? nullptr : a.take<float>(T * E);
     w->dbc = a.take<float>(T * P);
     w->Bm = decode ? nullptr : a.take<float>(T * N);
     w->Cm = decode ? nullptr : a.take<float>(T * N);
     w->scan_ws_bytes = decode ? 0 : bm_cuda_scan_workspace(E, N);
     w->scan_ws = w->scan_ws_bytes ? a.take<char>((int64_t)w->scan_ws_bytes) : nullptr;
     // x_proj's K-split partials (xproj_ks: ks * cdiv(M, 128) <= 160, so ks * M <= 20480)
-    w->xpart_rows = bf16_math(m) && T > GEMV_ROWS ? std::min<int64_t>(20480, 32 * T) : 0;
+    w->xpart_rows = bf16_math(m) && T >= 2 ? std::min<int64_t>(20480, 32 * T) : 0;
     w->xpart = w->xpart_rows ? a.take<float>(w->xpart_rows * P) : nullptr;
     w->ids = a.take<int32_t>(T);
     w->gates = a.take<float>(T);
@@ -1791,9 +2007,9 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     // rows that may split (split_x): all under BF16X2, the small prefill products under BF16
     w->Ts = !bf16_math(m) ? 0
             : c.math == BM_CUDA_MATH_BF16X2 ? T
-            : decode ? 0 : std::min(T, split_limit(c));
+            : decode ? (T >= 2 && T <= GEMV_ROWS ? T : 0) : std::min(T, split_limit(c));
     w->xlo = w->Ts ? a.take<uint16_t>(w->Ts * std::max({d, E, c.R})) : nullptr;
-    const bool all_experts = decode && bf16_math(m) && m->has_mlp && T > GEMV_ROWS;
+    const bool all_experts = decode && bf16_math(m) && m->has_mlp && T >= 2;
     w->hall = all_experts ? a.take<float>(m->Xmax * T * G) : nullptr;
     w->abf = all_experts ? a.take<uint16_t>(T * c.F) : nullptr;
     w->alo = all_experts && w->Ts ? a.take<uint16_t>(T * c.F) : nullptr;
@@ -1884,6 +2100,14 @@ int decode_ws(bm_cuda_model *m, int64_t B, Ws **out) {
 // One decode step of ws->tok into ws->logits (B, V): what the graph holds.
 int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace *trace) {
     const int64_t B = ws->T;
+    // From dec_gemm_min() rows on (BF16 math), every product and the experts take the batched
+    // paths (cuBLAS / tf32 GEMMs, the grouped experts) instead of the 8-row GEMVs: those read
+    // the weights at ~0.4-1 TB/s (B = 8 on the H200: in_proj 45 us a layer for 17 MB).
+    // Up to GEMV_ROWS rows these products split their activations (bf16 hi + lo, as the
+    // small prefills do): the GEMVs they replace are fp32-exact, and the tensor-core work is
+    // free at these sizes; the golden's batch-2 generation keeps its argmax so.
+    ws->gv = bf16_math(m) && B >= dec_gemm_min() ? 1 : GEMV_ROWS;
+    ws->dsplit = ws->gv == 1 && B <= GEMV_ROWS;
     TRY(forward(m, ws, s, B, 1, trace));
     TRY(linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
                m->cfg.d));
@@ -2177,6 +2401,14 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
 }
 
+extern "C" long long bm_cuda_step_scan4_calls(void) {
+    return g_scan4.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_norm_route_pre_calls(void) {
+    return g_nr_pre.load(std::memory_order_relaxed);
+}
+
 extern "C" long long bm_cuda_small_tf32_calls(void) {
     return g_small_tf32.load(std::memory_order_relaxed);
 }
@@ -2358,6 +2590,78 @@ extern "C" int bm_cuda_model_greedy(bm_cuda_model *m, bm_cuda_state *s, const in
     if (rc) return rc;
     for (int64_t b = 0; b < B; b++)
         for (int64_t k = 0; k < n; k++) out[b * n + k] = h[(size_t)(k * B + b)];
+    return 0;
+}
+
+// Sampled decoding: bm_cuda_model_greedy's loop with bm_cuda_sample (sample.cu) in place of
+// the argmax; draw k uses counter step params->step + k, so a run is reproducible from the
+// seed whatever the chunking of the calls.
+extern "C" int bm_cuda_model_sample(bm_cuda_model *m, bm_cuda_state *s, const float *logits0,
+                                    const int32_t *tokens, int64_t n,
+                                    const bm_cuda_sampling *params, int32_t *out,
+                                    int32_t *status) {
+    if (!s) return BM_CUDA_ARG_FAIL("sample: no state");
+    if (n < 0) return BM_CUDA_ARG_FAIL("sample: n must be >= 0");
+    if (!params) return BM_CUDA_ARG_FAIL("sample: no sampling parameters");
+    if (!logits0 && !tokens) return BM_CUDA_ARG_FAIL("sample: neither logits0 nor tokens");
+    if (n == 0) return 0;
+    const int64_t B = s->B, V = m->cfg.V;
+    Ws *ws = nullptr;
+    TRY(decode_ws(m, B, &ws));
+    cudaStream_t st = m->stream;
+    int32_t *hist = nullptr;  // (n, B) tokens, then (B) status, on the device
+    TRY(dev_alloc((void **)&hist, (size_t)((n + 1) * B) * 4, "sample token history"));
+    int32_t *dstat = hist + n * B;
+    int rc = 0;
+    std::vector<int32_t> h;
+    do {
+        cudaError_t e = cudaMemsetAsync(dstat, 0, (size_t)B * 4, st);
+        // the first draw reads the graph's logits buffer (the graph overwrites it next step)
+        if (e == cudaSuccess)
+            e = logits0 ? cudaMemcpyAsync(ws->logits, logits0, (size_t)(B * V) * 4,
+                                          cudaMemcpyHostToDevice, st)
+                        : cudaMemcpyAsync(ws->tok, tokens, (size_t)B * 4,
+                                          cudaMemcpyHostToDevice, st);
+        if (e != cudaSuccess) {
+            rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+            break;
+        }
+        if ((!logits0 || n > 1) && (rc = ensure_graph(m, ws, s))) break;
+        for (int64_t k = 0; k < n && !rc; k++) {
+            if (!logits0 || k > 0) e = cudaGraphLaunch(ws->exec, st);
+            if (e != cudaSuccess) {
+                rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+                break;
+            }
+            bm_cuda_sampling pk = *params;
+            pk.step = params->step + k;
+            // the token goes straight into the graph's token buffer: the next step's input
+            if ((rc = bm_cuda_sample(ws->logits, B, V, m->cfg.real_vocab, &pk, ws->tok, dstat,
+                                     nullptr, st)))
+                break;
+            e = cudaMemcpyAsync(hist + k * B, ws->tok, (size_t)B * 4, cudaMemcpyDeviceToDevice,
+                                st);
+            if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        }
+        if (rc) break;
+        try {
+            h.resize((size_t)((n + 1) * B));
+        } catch (...) {
+            rc = BM_CUDA_ARG_FAIL("sample: host allocation failed");
+            break;
+        }
+        cudaError_t e2 = cudaMemcpyAsync(h.data(), hist, (size_t)((n + 1) * B) * 4,
+                                         cudaMemcpyDeviceToHost, st);
+        if (e2 == cudaSuccess) e2 = cudaStreamSynchronize(st);
+        if (e2 != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e2);
+    } while (0);
+    cudaStreamSynchronize(st);
+    cudaFree(hist);
+    if (rc) return rc;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t k = 0; k < n; k++) out[b * n + k] = h[(size_t)(k * B + b)];
+    if (status)
+        for (int64_t b = 0; b < B; b++) status[b] = h[(size_t)(n * B + b)];
     return 0;
 }
 

@@ -24,6 +24,8 @@
 // are zero-filled by cp.async's src-size). Split (BF16X2, or the small prefills under BF16,
 // engine.cu split_x): each weight fragment meets the hi and the lo activation fragments,
 // two MMAs into one fp32 accumulator: the activations keep 16 significant bits.
+// On a compute capability 9.0 device the unsplit prefill tiles run on the wgmma core instead
+// (grouped_wgmma.cuh; BLACKMAMBA_MOE_WGMMA): same walk, loads and epilogues.
 //
 // Needs bf16 weights, d % 8 == 0 and F % 8 == 0 (16-byte cp.async rows), 16-byte aligned x,
 // fc1, fc2 and 8-byte aligned out (bm_cuda_moe_grouped_supported); else moe.cu's cuBLAS path.
@@ -337,6 +339,8 @@ grouped_gemm_kernel(const GroupedArgs p) {
     }
 }
 
+#include "grouped_wgmma.cuh"  // the Hopper (wgmma) core of the prefill tiles
+
 // Launch one grouped GEMM of this configuration over an upper bound of row tiles.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
 int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
@@ -367,6 +371,10 @@ constexpr char DEFAULT_TILES[] = "2222";
 template <int MODE, bool SPLIT>
 int gemm_dispatch(const GroupedArgs &p, int64_t T, const char *tiles, cudaStream_t stream) {
     const bool big = T >= 64 * (int64_t)p.X && T >= 1024;
+    if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
+        const int wm = wgmma_mode();
+        if (wm && (big || wm == 2) && wgmma_usable()) return wgmma_dispatch<MODE>(p, T, stream);
+    }
     const int role = (big ? 0 : 2) + (MODE == MODE_FC2 ? 1 : 0);
     int v = tiles[role] - '0';
     // Default: DEFAULT_TILES, except the prefill fc1 below 4096 tokens: 64-row tiles (variant
@@ -432,6 +440,11 @@ extern "C" int bm_cuda_moe_grouped_mode(void) {
     if (!v || !v[0]) return 1;
     if (v[0] == '0') return 0;
     return strcmp(v, "force") == 0 ? 2 : 1;
+}
+
+// How many GEMMs ran on the wgmma core (grouped_wgmma.cuh) in this process: for the tests.
+extern "C" long long bm_cuda_moe_grouped_wgmma_launches(void) {
+    return wgmma_launches.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_moe_grouped_supported(const float *x, const void *fc1, const void *fc2,

@@ -52,6 +52,7 @@ def _lib_c():
     lib.bm_cuda_moe_grouped_workspace.argtypes = [I64, I64, I64, I64, I32]
     lib.bm_cuda_moe_grouped_workspace.restype = ctypes.c_size_t
     lib.bm_cuda_last_error.restype = ctypes.c_char_p
+    lib.bm_cuda_moe_grouped_wgmma_launches.restype = ctypes.c_longlong
     return lib
 
 
@@ -130,6 +131,7 @@ CASES = [
 def test_grouped_against_reference(monkeypatch, T, X, d, F, kind, split, tiles):
     # every tile variant (BLACKMAMBA_MOE_GROUPED_TILES, grouped.cu gemm_dispatch; 0 = default)
     monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED_TILES", tiles)
+    monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA", "0")  # the mma.sync core (wgmma: below)
     rng = rng_for("grouped", T, X, d, F, kind, split)
     x = rng.standard_normal((T, d)).astype(np.float32)
     ids = make_ids(rng, T, X, kind)
@@ -234,3 +236,84 @@ def test_engine_decode_and_prefill_grouped(monkeypatch, math):
     tol_paths = 2e-3 if math == "bf16" else 1e-4
     assert rel_err(outs["force"][0], outs["0"][0]) < tol_paths
     assert rel_err(outs["force"][1], outs["0"][1]) < tol_paths
+
+
+# ---- the wgmma core (grouped_wgmma.cuh): prefill tiles on compute capability 9.0 ----------------
+
+def compute_capability():
+    """(major, minor) of the current device, through the CUDA runtime _C links."""
+    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    assert LIB.cudaGetDevice(ctypes.byref(dev)) == 0
+    assert LIB.cudaDeviceGetAttribute(ctypes.byref(major), 75, dev) == 0  # ...CapabilityMajor
+    assert LIB.cudaDeviceGetAttribute(ctypes.byref(minor), 76, dev) == 0
+    return major.value, minor.value
+
+
+HOPPER = compute_capability() == (9, 0)
+needs_wgmma = pytest.mark.skipif(not HOPPER, reason="the wgmma core needs compute capability 9.0")
+
+
+def wgmma_run(monkeypatch, mode, fn):
+    """fn() under BLACKMAMBA_MOE_WGMMA=mode -> (its result, wgmma GEMM launches it made)."""
+    monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA", mode)
+    n0 = LIB.bm_cuda_moe_grouped_wgmma_launches()
+    r = fn()
+    return r, LIB.bm_cuda_moe_grouped_wgmma_launches() - n0
+
+
+@needs_wgmma
+@pytest.mark.parametrize("T,X,d,F,kind", CASES)
+@pytest.mark.parametrize("tiles", ["00", "11", "22", "33", "44", "55"])
+def test_wgmma_against_reference(monkeypatch, T, X, d, F, kind, tiles):
+    # "force": the wgmma core for every unsplit call, so that the small cases (one partial
+    # tile, empty experts, K and column tails) run on it too; every tile variant
+    # (BLACKMAMBA_MOE_WGMMA_TILES: fc1, fc2 digits), same tolerances as the mma.sync core
+    monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA_TILES", tiles)
+    rng = rng_for("wgmma", T, X, d, F, kind)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, kind)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    act = list(ACTS)[T % 3]
+    got, n = wgmma_run(monkeypatch, "force",
+                       lambda: grouped(x, ids, gates, fc1, fc2, act, 0))
+    assert n == 2  # fc1 and fc2 both on the wgmma core
+    assert rel_err(got, ref.moe_experts(x, ids, gates, fc1, fc2, act)) < TOL_BF16
+    assert rel_err(got, emulated_bf16(x, ids, gates, fc1, fc2, act)) < TOL_EMULATED
+
+
+@needs_wgmma
+@pytest.mark.parametrize("T,X,d,F,kind", [(1100, 8, 200, 136, "uniform"),
+                                          (2600, 3, 104, 56, "skewed"),
+                                          (4100, 8, 264, 392, "uniform")])
+def test_wgmma_default_and_switch(monkeypatch, T, X, d, F, kind):
+    # prefill-sized calls (T >= 1024 and >= 64 X) take the wgmma core by default and the
+    # mma.sync core under BLACKMAMBA_MOE_WGMMA=0; split calls never take it. The two cores
+    # sum the same bf16 products in fp32 in another order: far closer to each other than to
+    # float64 (a hidden value moved across a bf16 rounding boundary weighs ~1e-4)
+    rng = rng_for("wgmma default", T, X, d, F, kind)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, kind)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    monkeypatch.delenv("BLACKMAMBA_MOE_WGMMA_TILES", raising=False)
+    new, n_new = wgmma_run(monkeypatch, "", lambda: grouped(x, ids, gates, fc1, fc2, "silu", 0))
+    old, n_old = wgmma_run(monkeypatch, "0", lambda: grouped(x, ids, gates, fc1, fc2, "silu", 0))
+    _, n_split = wgmma_run(monkeypatch, "force",
+                           lambda: grouped(x, ids, gates, fc1, fc2, "silu", 1))
+    assert (n_new, n_old, n_split) == (2, 0, 0)
+    assert rel_err(new, old) < 1e-3
+    assert rel_err(new, emulated_bf16(x, ids, gates, fc1, fc2, "silu")) < TOL_EMULATED
+
+
+@needs_wgmma
+def test_wgmma_small_calls_keep_the_old_core(monkeypatch):
+    # below the prefill size (decode batches, T < 1024) the default keeps the mma.sync tiles
+    rng = rng_for("wgmma small")
+    T, X, d, F = 300, 4, 64, 40
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = rng.integers(0, X, T)
+    fc1, fc2 = weights(rng, X, d, F)
+    got, n = wgmma_run(monkeypatch, "", lambda: grouped(x, ids, None, fc1, fc2, "gelu", 0))
+    assert n == 0
+    assert rel_err(got, ref.moe_experts(x, ids, None, fc1, fc2, "gelu")) < TOL_BF16

@@ -8,7 +8,9 @@
 #   bash tools/gpu_perf_check.sh [stages]    stages: comma list of
 #     tests, kernels (cuda/dev/bench_kernels.py: copy, scan, sinkhorn), split
 #     (benchmarks/bench_gpu_split.py), model (benchmarks/bench_gpu.py, ~90 s), check
-#     (cuda/dev/check_kernels.py); default: tests,kernels,split
+#     (cuda/dev/check_kernels.py), trace (cuda/dev/trace_model.py: per-kernel durations and
+#     gaps of decode B=1/64 and prefill B=1 from a CUPTI trace; needs torch); default:
+#     tests,kernels,split
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES=",${1:-tests,kernels,split},"
@@ -70,5 +72,9 @@ fi
 if [[ $STAGES == *,model,* ]]; then
     run 9_model 240 python3 benchmarks/bench_gpu.py
     grep -A4 -E "^decode|^prefill|targets" "$OUT/9_model.log" | tee -a "$SUM"
+fi
+if [[ $STAGES == *,trace,* ]]; then
+    run 10_trace 200 python3 cuda/dev/trace_model.py --cases d1,d64,p1 --out "$OUT/10_trace.txt"
+    grep -E "^== " "$OUT/10_trace.txt" | tee -a "$SUM"
 fi
 note "done $(date -u +%FT%TZ)"

@@ -1,9 +1,13 @@
 """Grouped-GEMM experts (cuda/grouped.cu) against the cuBLAS path and a dense cuBLAS gated MLP
-of the same FLOPs, then the whole model A/B (BLACKMAMBA_MOE_GROUPED=1 vs 0) in one process.
+of the same FLOPs, the wgmma core (grouped_wgmma.cuh) against the mma.sync one
+(BLACKMAMBA_MOE_WGMMA=1 vs 0), then the whole model A/B (wgmma, mma.sync, cuBLAS path) in
+one process (prefill; decode, where the core is not used, with --decode).
 Dev script for the GPU machine (torch for the dense reference and the timing; the package's
 C symbols through ctypes):
 
-    python3 cuda/dev/bench_grouped.py [--no-model]
+    python3 cuda/dev/bench_grouped.py [--no-model] [--decode] [--cublas]
+
+(--cublas: the model A/B also on the cuBLAS path, BLACKMAMBA_MOE_GROUPED=0.)
 
 Shapes: BlackMamba-2.8B (d=1472, F=3872, X=8), random bf16 weights, uniform random routing.
 Grouped and dense are timed as CUDA-graph replays (median); the cuBLAS path synchronises the
@@ -93,10 +97,10 @@ def kernels(d=1472, F=3872, X=8):
     ok(LIB.bm_cuda_cublas_create(ctypes.byref(hdl)))
     wbytes = 3 * X * F * d * 2
     print(f"experts d={d} F={F} X={X}: FLOPs 6 T d F; weights {wbytes / 1e6:.0f} MB")
-    # tile variants (grouped.cu gemm_dispatch): one role varied at a time from "1111"
-    dec = ("1111", "1121", "1131", "1141", "1151", "1112", "1113", "1114", "1115", "0000")
-    pre = ("1111", "2111", "3111", "4111", "5111", "1211", "1311", "1411", "1511", "0000")
-    for T, combos in ((64, dec), (256, dec), (2048, pre), (16384, pre)):
+    # wgmma tile variants (grouped_wgmma.cuh wgmma_dispatch): fc1 varied with fc2 = 1, then fc2
+    wg = ("11", "21", "31", "41", "51", "12", "13", "14", "15", "22", "33", "44", "24", "34",
+          "00")
+    for T in (2048, 16384):
         x = torch.randn(T, d, device=DEV)
         ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)
         g = torch.rand(T, device=DEV) * 0.9 + 0.1
@@ -109,18 +113,20 @@ def kernels(d=1472, F=3872, X=8):
                                        w2.data_ptr(), SILU, 0, out.data_ptr(), T, d, X, F,
                                        ws.data_ptr(), nb, stream()))
         res = []
-        for c in combos:
-            os.environ["BLACKMAMBA_MOE_GROUPED_TILES"] = c
+        for c in wg:
+            os.environ["BLACKMAMBA_MOE_WGMMA_TILES"] = c
             res.append(f"{c} {bench_graph(grouped):.4f}")
-        os.environ.pop("BLACKMAMBA_MOE_GROUPED_TILES")
-        print(f"tiles T={T}: " + ", ".join(res) + " ms", flush=True)
-    print(f"{'T':>6} {'split':>5} {'grouped ms':>10} {'TFLOP/s':>8} {'GB/s w':>7} {'cuBLAS ms':>9} "
-          f"{'dense ms':>8} {'dense/grp':>9} {'rel(grp,cublas)':>15}")
-    for T, split in ((64, 0), (64, 1), (256, 0), (512, 0), (2048, 0), (2048, 1), (16384, 0)):
+        os.environ.pop("BLACKMAMBA_MOE_WGMMA_TILES")
+        print(f"wgmma tiles T={T}: " + ", ".join(res) + " ms", flush=True)
+    print(f"{'T':>6} {'split':>5} {'mma.sync':>8} {'wgmma':>8} {'TFLOP/s':>7} {'cuBLAS':>8} "
+          f"{'dense':>8} {'dense/mma':>9} {'dense/wg':>8} {'rel(wg,mma)':>11} {'rel(wg,cublas)':>14}"
+          "  (ms)")
+    for T, split in ((64, 0), (512, 0), (2048, 0), (2048, 1), (16384, 0)):
         x = torch.randn(T, d, device=DEV)
         ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)
         g = torch.rand(T, device=DEV) * 0.9 + 0.1
         out = torch.empty(T, d, device=DEV)
+        out_mma = torch.empty(T, d, device=DEV)
         out_old = torch.empty(T, d, device=DEV)
         nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, split)
         ws = torch.empty(nb, dtype=torch.uint8, device=DEV)
@@ -128,10 +134,13 @@ def kernels(d=1472, F=3872, X=8):
         nb_old = LIB.bm_cuda_moe_experts_workspace(T, d, X, F, BF16, math)
         ws_old = torch.empty(nb_old, dtype=torch.uint8, device=DEV)
 
-        def grouped():
+        def run_into(o):
             ok(LIB.bm_cuda_moe_grouped(x.data_ptr(), ids.data_ptr(), g.data_ptr(), w1.data_ptr(),
-                                       w2.data_ptr(), SILU, split, out.data_ptr(), T, d, X, F,
+                                       w2.data_ptr(), SILU, split, o.data_ptr(), T, d, X, F,
                                        ws.data_ptr(), nb, stream()))
+
+        def grouped():
+            run_into(out)
 
         def old():
             os.environ["BLACKMAMBA_MOE_GROUPED"] = "0"
@@ -140,10 +149,15 @@ def kernels(d=1472, F=3872, X=8):
                                        X, F, ws_old.data_ptr(), nb_old, hdl, stream()))
             os.environ["BLACKMAMBA_MOE_GROUPED"] = "1"
 
+        os.environ["BLACKMAMBA_MOE_WGMMA"] = "0"
+        run_into(out_mma)
+        ms_m = bench_graph(grouped)
+        os.environ["BLACKMAMBA_MOE_WGMMA"] = "1"
         grouped()
         old()
         torch.cuda.synchronize()
         rel = ((out - out_old).norm() / out_old.norm()).item()
+        rel_m = ((out - out_mma).norm() / out_mma.norm()).item()
         ms_g = bench_graph(grouped)
         ms_o = bench_events(old) if T >= 256 else float("nan")
         ms_d = float("nan")
@@ -157,10 +171,12 @@ def kernels(d=1472, F=3872, X=8):
                 return a @ d2.t()
             ms_d = bench_graph(dense)
         fl = 6 * T * d * F
-        print(f"{T:>6} {split:>5} {ms_g:>10.4f} {fl / ms_g / 1e9:>8.0f} {wbytes / ms_g / 1e6:>7.0f} "
-              f"{ms_o:>9.4f} {ms_d:>8.4f} {ms_d / ms_g:>9.2f} {rel:>15.2e}", flush=True)
+        print(f"{T:>6} {split:>5} {ms_m:>8.4f} {ms_g:>8.4f} {fl / ms_g / 1e9:>7.0f} {ms_o:>8.4f} "
+              f"{ms_d:>8.4f} {ms_d / ms_m:>9.2f} {ms_d / ms_g:>8.2f} {rel_m:>11.2e} {rel:>14.2e}",
+              flush=True)
         del ws, ws_old
         torch.cuda.empty_cache()
+    os.environ.pop("BLACKMAMBA_MOE_WGMMA")
 
 
 def model_ab():
@@ -176,13 +192,13 @@ def model_ab():
     print(f"\nmodel 2.8B shape, bf16 math ({time.perf_counter() - t0:.0f} s to build)")
     rng = np.random.default_rng(0)
     rows = {}
-    for mode in ("1", "0", "1111"):
-        # "1111": grouped with the run-2 tiles (BLACKMAMBA_MOE_GROUPED_TILES)
+    for mode in ("1", "w0", "0") if "--cublas" in sys.argv else ("1", "w0"):
+        # "1": grouped, wgmma core; "w0": grouped, mma.sync core (BLACKMAMBA_MOE_WGMMA=0);
+        # "0": the cuBLAS path
         os.environ["BLACKMAMBA_MOE_GROUPED"] = "0" if mode == "0" else "1"
-        if mode == "1111":
-            os.environ["BLACKMAMBA_MOE_GROUPED_TILES"] = mode
+        os.environ["BLACKMAMBA_MOE_WGMMA"] = "0" if mode == "w0" else "1"
         r = {}
-        for B in (16, 64):
+        for B in ((16, 64) if "--decode" in sys.argv else ()):
             st = model.new_state(B)   # a new state: the decode graph is captured in this mode
             model.prefill(rng.integers(0, cfg.real_vocab_size, (B, 32)), st, logits=None)
             model.step(rng.integers(0, cfg.real_vocab_size, B), st)
@@ -200,9 +216,10 @@ def model_ab():
         print(f"mode {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()),
               flush=True)
     os.environ["BLACKMAMBA_MOE_GROUPED"] = "1"
-    os.environ.pop("BLACKMAMBA_MOE_GROUPED_TILES")
+    os.environ.pop("BLACKMAMBA_MOE_WGMMA")
     print("\nstage names:", list(prof))
-    g, o = rows["1"][-1], rows["0"][0]
+    nan = {k: float("nan") for k in rows["1"][-1]}
+    g, m, o = rows["1"][-1], rows["w0"][0], rows.get("0", [nan])[0]
     for k in g:
         extra = ""
         if k.startswith("decode") and not k.endswith("experts ms"):
@@ -211,7 +228,9 @@ def model_ab():
         if k.startswith("prefill") and not k.endswith("experts ms"):
             B = int(k.split("=")[1].split()[0])
             extra = f"  ({B * 2048 / g[k] * 1e3:.0f} vs {B * 2048 / o[k] * 1e3:.0f} tok/s)"
-        print(f"{k:>24}: grouped {g[k]:8.3f}  old {o[k]:8.3f}{extra}")
+        if k.startswith("prefill") and not k.endswith("experts ms"):
+            extra += f"  (mma.sync core {B * 2048 / m[k] * 1e3:.0f})"
+        print(f"{k:>24}: wgmma {g[k]:8.3f}  mma.sync {m[k]:8.3f}  cuBLAS path {o[k]:8.3f}{extra}")
 
 
 if __name__ == "__main__":

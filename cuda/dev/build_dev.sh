@@ -12,7 +12,9 @@ FLAGS="-O3 -std=c++17 -Xcompiler -fPIC -lineinfo --expt-relaxed-constexpr -Icsrc
        -gencode=arch=compute_90,code=sm_90 ${NVCC_EXTRA:-}"
 pids=()
 for f in cuda/*.cu; do
-    $NVCC -c $FLAGS -o "$OBJ/$(basename "$f").o" "$f" & pids+=($!)
+    F=$FLAGS  # grouped.cu: wgmma needs sm_90a (setup.py SM90A_SOURCES)
+    [ "$(basename "$f")" = grouped.cu ] && F="${FLAGS/compute_90,code=sm_90/compute_90a,code=sm_90a} -DBM_HAVE_SM90A=1"
+    $NVCC -c $F -o "$OBJ/$(basename "$f").o" "$f" & pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
 $NVCC -shared -o "$OUT" "$OBJ"/*.o -lcublas

@@ -1,0 +1,602 @@
+// sample.cu: the next token from logits on the device: greedy, temperature, top-k, top-p, one
+// draw by inverse CDF from a counter-based uniform. One block per row (B rows of V logits).
+//
+// Semantics: blackmamba/generation.py sample_probs / sample_next_u, the float64 twin.
+//   - Only ids < limit are eligible. Any NaN: status SAMPLE_NAN. Any +inf: the choice is
+//     among the +inf ids (weight 1 each, every other weight 0). All -inf: SAMPLE_NEG_INF.
+//   - temperature 0: argmax, ties -> lowest id.
+//   - Else weights w(v) = expf(-((vmax - v) / T)) (the max has weight 1). Order: by logit
+//     descending, ties by lower id first (the twin's stable argsort of -p: distinct float32
+//     logits never give equal float64 p, so ordering by the float32 logit is the same order).
+//   - top_k (1 <= k < limit): keep logits >= the k-th largest (with multiplicity): ties at
+//     the threshold kept (np.partition + `lg < kth`).
+//   - top_p (< 1): of the kept, the smallest prefix in that order whose mass >= top_p * Z
+//     (Z = the kept mass), i.e. np.searchsorted(cumsum, top_p) + 1 of them.
+//   - The draw: u in [0, 1) from Philox4x32-10 (Random123's philox4x32, 10 rounds; the twin
+//     is generation.philox4x32), key (seed lo, seed hi), counter (step lo, step hi, row, 0),
+//     u = (x0 * 2^21 + (x1 >> 11)) * 2^-53; token = the first id (ascending) whose cumulative
+//     kept weight exceeds u * W (W = the kept total): rng.choice's rule.
+//
+// Accuracy: v - vmax and the division by T in float32 (IEEE, no fast math), expf (<= 2 ulp):
+// each weight is within about (|x| + 2) * 2.4e-7 relative of the twin's float64 value, x =
+// (v - vmax) / T; weights of x < -100 are below 1e-43 and weigh nothing. Every sum, prefix
+// and threshold comparison is float64 (per-thread sums, then block scans), so a token can
+// differ from the twin's only when u * W, or top_p * Z, lies within ~1e-5 relative of a
+// boundary of the cumulative weights (tests/test_cuda_sample.py allows exactly that).
+//
+// Rows of up to ~53,000 ids (the H200's 227 KB of shared memory per block, less the static
+// 17 KB) are copied into shared memory by the first pass (float4 loads where the row is
+// 16-byte aligned), and every later pass reads them there; longer rows are read from global
+// memory (L2) each pass. Status bit 16 says which.
+// Paths (all block-uniform decisions; the path taken is reported in status bits 8..15):
+//   1 greedy      one pass (max, argmax, NaN / +inf counts).
+//   2 direct      no top-k / top-p: one more pass of weight sums over contiguous id ranges
+//                 per thread, a block scan, and the owner thread of u * W walks its range.
+//   3 list        top-k and/or top-p, finite logits: a pass counts the logits within
+//                 L * T of the max for a few L (and, for top-p alone, sums their weights);
+//                 the smallest level that holds the kept set (<= SAMPLE_LIST entries) is
+//                 compacted into a list, bitonic-sorted by (logit desc, id asc), cut by k and
+//                 p there, re-sorted by id, and drawn.
+//   4 generic     everything else (+inf rows, kept sets larger than the list, or forced):
+//                 the thresholds by bisection over the 32-bit order keys of the logits, one
+//                 block reduction per step (32 for top-k, 32 for top-p), then the draw pass
+//                 as in 2 with the cut as a predicate. Slow (~70 passes) but rarely taken.
+#include "common.cuh"
+
+#include <math.h>
+
+#include <atomic>
+
+namespace {
+
+constexpr int ST = 1024;            // threads per row block
+constexpr int NW = ST / 32;
+constexpr int SAMPLE_LIST = 2048;   // list path capacity (2 entries per thread)
+constexpr int NLEVEL = 6;           // list path: logits within L * T of the max, L below:
+// a first pass tries the coarse levels (peaked rows); if even L = 2 holds too many logits (a
+// flat row: high temperature), a second pass tries the fine ones.
+__constant__ float kLevels[2 * NLEVEL] = {2.f,    4.f,   8.f,   16.f, 32.f, INFINITY,
+                                          0.03125f, 0.0625f, 0.125f, 0.25f, 0.5f, 1.f};
+
+enum { PATH_GREEDY = 1, PATH_DIRECT = 2, PATH_LIST = 3, PATH_GENERIC = 4 };
+
+struct SampleArgs {
+    const float *logits;   // (B, V)
+    int64_t V;
+    int n;                 // eligible ids: [0, n)
+    float T;               // temperature
+    int top_k;             // 0: off (also when >= n)
+    double top_p;          // 1: off
+    uint64_t seed;
+    int64_t step;
+    int row_streams;
+    int force_generic;
+    int32_t *tokens;       // (B)
+    int32_t *status;       // (B) or NULL: |= SAMPLE_* error bits, bits 8..15 = path
+    double *u_out;         // (B) or NULL
+};
+
+// ---- Philox4x32-10 ------------------------------------------------------------------------
+__device__ __forceinline__ double philox_uniform(uint64_t seed, int64_t step, uint32_t row) {
+    uint32_t c0 = (uint32_t)(uint64_t)step, c1 = (uint32_t)((uint64_t)step >> 32), c2 = row,
+             c3 = 0;
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#pragma unroll
+    for (int r = 0; r < 10; r++) {
+        if (r) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const uint32_t lo0 = 0xD2511F53u * c0, hi0 = __umulhi(0xD2511F53u, c0);
+        const uint32_t lo1 = 0xCD9E8D57u * c2, hi1 = __umulhi(0xCD9E8D57u, c2);
+        const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    return (double)(((uint64_t)c0 << 21) | (c1 >> 11)) * 0x1p-53;
+}
+
+// Order key: a < b as floats <=> okey(a) < okey(b) as unsigned (no NaN here; -0 as +0).
+__device__ __forceinline__ uint32_t okey(float v) {
+    uint32_t b = __float_as_uint(v);
+    if (b == 0x80000000u) b = 0;
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float okey_float(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Shared scratch of a row block.
+struct Smem {
+    unsigned long long list[SAMPLE_LIST];  // list path entries
+    double d[NW];
+    long long i[NW];
+    int cnt;                               // list fill count
+    int res;                               // a broadcast result
+};
+
+// ---- block reductions / scans (ST threads; each ends with a barrier) ------------------------
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ long long block_sum_ll(long long v, Smem &sm) { return bm_block_sum(v, sm.i); }
+__device__ double block_sum_d(double v, Smem &sm) { return bm_block_sum(v, sm.d); }
+
+// Max over the block (every thread gets it); 64-bit T, scratch = sm.i.
+template <typename T>
+__device__ T block_max64(T v, Smem &sm) {
+    static_assert(sizeof(T) == 8, "64-bit values");
+    static_assert(NW == 32, "one warp total per lane");
+    T *scratch = reinterpret_cast<T *>(sm.i);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    T t = scratch[lane];   // NW == 32: one value per lane
+    t = warp_max(t);
+    __syncthreads();
+    return t;
+}
+__device__ long long block_max_ll(long long v, Smem &sm) { return block_max64(v, sm); }
+__device__ long long block_min_ll(long long v, Smem &sm) { return -block_max_ll(-v, sm); }
+
+// Exclusive prefix sum over threads (in thread order); *total gets the sum. Per warp the
+// Hillis-Steele scan, then the warp totals. Values of later threads never enter an earlier
+// thread's prefix, and each start is computed once: the callers use it as is.
+template <typename T>
+__device__ T block_exscan(T v, T *scratch, T *total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    T x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    T ex = __shfl_up_sync(0xffffffffu, x, 1);
+    if (lane == 0) ex = T(0);
+    if (lane == 31) scratch[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        T t = lane < NW ? scratch[lane] : T(0);
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const T y = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += y;
+        }
+        if (lane < NW) scratch[lane] = t;   // inclusive over warps
+    }
+    __syncthreads();
+    const T base = warp ? scratch[warp - 1] : T(0);
+    *total = scratch[NW - 1];
+    __syncthreads();
+    return base + ex;
+}
+
+// The inverse CDF over items [0, m) in id order: the first item whose cumulative weight
+// (float64) exceeds u * W, W the total. Thread t owns the contiguous items [t*c, t*c + c);
+// the owner is the last thread with weight whose start <= u * W (the crossing lies in it, or
+// beyond every item when rounding put u * W at W: then its last weighted item). Returns the
+// item (block-uniform); -1 if every weight is 0.
+template <typename WF>
+__device__ int inverse_cdf(int m, WF w, double u, Smem &sm) {
+    const int c = (m + ST - 1) / ST;
+    const int lo = min(m, (int)threadIdx.x * c), hi = min(m, lo + c);
+    double loc = 0.0;
+    for (int i = lo; i < hi; i++) loc += (double)w(i);
+    double tot;
+    const double start = block_exscan(loc, sm.d, &tot);
+    const double target = u * tot;
+    const long long owner =
+        block_max_ll(loc > 0.0 && start <= target ? (long long)threadIdx.x : -1LL, sm);
+    if (owner < 0) return -1;
+    if ((long long)threadIdx.x == owner) {
+        double acc = start;
+        int pick = -1, last = -1;
+        for (int i = lo; i < hi; i++) {
+            const float wi = w(i);
+            if (wi > 0.f) {
+                last = i;
+                acc += (double)wi;
+                if (acc > target) {
+                    pick = i;
+                    break;
+                }
+            }
+        }
+        sm.res = pick >= 0 ? pick : last;
+    }
+    __syncthreads();
+    const int r = sm.res;
+    __syncthreads();
+    return r;
+}
+
+// Bitonic sort of list[0, P) (P a power of two >= 2), descending or ascending.
+__device__ void bitonic(unsigned long long *a, int P, bool descending) {
+    for (int k = 2; k <= P; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = threadIdx.x; i < P; i += ST) {
+                const int ixj = i ^ j;
+                if (ixj > i) {
+                    const unsigned long long x = a[i], y = a[ixj];
+                    const bool up = ((i & k) == 0) != descending;   // this pair ascending?
+                    if (up ? x > y : x < y) {
+                        a[i] = y;
+                        a[ixj] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+__device__ __forceinline__ int pow2_at_least(int m) {
+    int p = 2;
+    while (p < m) p <<= 1;
+    return p;
+}
+
+// CACHED: the row is copied into dynamic shared memory (4 n bytes) by the first pass, and
+// every later pass reads it there (the generic path's ~70 passes, the walks of one thread);
+// else every pass reads global memory (L2: the logits were just written).
+template <bool CACHED>
+__global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
+    __shared__ Smem sm;
+    extern __shared__ float4 cache4[];   // (n) floats when CACHED
+    float *cache = reinterpret_cast<float *>(cache4);
+    const int row = blockIdx.x, tid = threadIdx.x, n = a.n;
+    const float *p = a.logits + (int64_t)row * a.V;
+    auto ld = [&](int i) -> float {
+        if constexpr (CACHED) return cache[i];
+        else return __ldg(p + i);
+    };
+
+    // ---- pass 1: max, first argmax, NaN and +inf counts (and the copy) ---------------------
+    float best = -INFINITY;
+    int bi = n;
+    int nan = 0, pinf = 0;
+    // each thread visits its ids in ascending order: the first max it sees is its lowest
+    auto visit = [&](int i, float v) {
+        if (v != v) nan++;
+        else {
+            if (v == INFINITY) pinf++;
+            if (v > best) { best = v; bi = i; }
+        }
+    };
+    int done4 = 0;
+    if ((reinterpret_cast<uintptr_t>(p) & 15) == 0) {   // float4 loads: 4x the bytes in flight
+        const int n4 = n >> 2;
+        const float4 *p4 = reinterpret_cast<const float4 *>(p);
+#pragma unroll 4
+        for (int i4 = tid; i4 < n4; i4 += ST) {
+            const float4 q = __ldg(p4 + i4);
+            if constexpr (CACHED) cache4[i4] = q;
+            visit(4 * i4, q.x);
+            visit(4 * i4 + 1, q.y);
+            visit(4 * i4 + 2, q.z);
+            visit(4 * i4 + 3, q.w);
+        }
+        done4 = 4 * n4;
+    }
+#pragma unroll 4
+    for (int i = done4 + tid; i < n; i += ST) {
+        const float v = __ldg(p + i);
+        if constexpr (CACHED) cache[i] = v;
+        visit(i, v);
+    }
+    // (max, lowest id) over the block: pack as a 64-bit key, order key high, ~id low.
+    unsigned long long packed =
+        bi < n ? ((unsigned long long)okey(best) << 32) | (0x7fffffffu - (uint32_t)bi) : 0ull;
+    packed = block_max64(packed, sm);   // 0: no value above -inf (okey(-inf) << 32 > 0)
+    const long long nan_pinf = block_sum_ll(((long long)nan << 32) + pinf, sm);
+    const int any_nan = (int)(nan_pinf >> 32) > 0;
+    const long long npinf = nan_pinf & 0xffffffffLL;
+    const float vmax = packed ? okey_float((uint32_t)(packed >> 32)) : -INFINITY;
+    const int amax = packed ? (int)(0x7fffffffu - (uint32_t)(packed & 0xffffffffu)) : 0;
+    const double u = philox_uniform(a.seed, a.step, a.row_streams ? (uint32_t)row : 0u);
+
+    int err = 0, path = PATH_GREEDY, token = 0;
+    if (any_nan) err = BM_CUDA_SAMPLE_NAN;
+    else if (vmax == -INFINITY) err = BM_CUDA_SAMPLE_NEG_INF;
+    if (err || a.T == 0.f) {
+        token = err ? 0 : amax;
+        goto done;
+    }
+    {
+        const bool posinf = npinf > 0;
+        const float T = a.T;
+        // the weight of logit v; exactly 1 at the max, 0 for -inf (and non-+inf in +inf rows)
+        auto weight = [&](float v) -> float {
+            if (posinf) return v == INFINITY ? 1.f : 0.f;
+            return expf(-__fdiv_rn(vmax - v, T));
+        };
+        const bool use_k = a.top_k > 0 && a.top_k < n;
+        const bool use_p = a.top_p < 1.0;
+        const int K = a.top_k;
+
+        if (!use_k && !use_p) {   // ---- path 2: the draw over every id -----------------------
+            path = PATH_DIRECT;
+            token = inverse_cdf(n, [&](int i) { return weight(ld(i)); }, u, sm);
+            goto done;
+        }
+
+        if (!posinf && !a.force_generic) {   // ---- path 3: the candidate list ---------------
+            // counts of logits with vmax - v < L * T (a prefix of the order: monotone in v)
+            // and for top-p alone their weights (float32 per thread: only to pick a level)
+            const bool p_only = use_p && !use_k;
+            int lvl = -1, lvl_count = 0;
+            float tau = 0.f;
+            double Z = 0.0;
+            for (int round = 0; round < 2 && lvl < 0; round++) {
+                const float *L = kLevels + round * NLEVEL;
+                int cnt[NLEVEL];
+                float ms[NLEVEL];
+#pragma unroll
+                for (int j = 0; j < NLEVEL; j++) cnt[j] = 0, ms[j] = 0.f;
+                double z = 0.0;
+                for (int i = tid; i < n; i += ST) {
+                    const float v = ld(i), d = vmax - v;
+                    const float w = p_only ? weight(v) : 0.f;
+#pragma unroll
+                    for (int j = 0; j < NLEVEL; j++) {
+                        const bool in = d < L[j] * T;
+                        cnt[j] += in;
+                        ms[j] += in ? w : 0.f;
+                    }
+                    z += (double)w;
+                }
+                int lvl_cnt[NLEVEL];
+                double lvl_mass[NLEVEL];
+#pragma unroll
+                for (int j = 0; j < NLEVEL; j++) {
+                    lvl_cnt[j] = (int)block_sum_ll(cnt[j], sm);
+                    lvl_mass[j] = p_only ? block_sum_d((double)ms[j], sm) : 0.0;
+                }
+                if (round == 0) Z = p_only ? block_sum_d(z, sm) : 0.0;
+                // the smallest level that holds the kept set: >= k logits (a prefix of >= k
+                // holds every logit >= the k-th), or for top-p alone, a mass >= top_p Z (with
+                // a margin for the float32 sums; the cut below checks it exactly); else, for
+                // top-p alone, the largest level that fits, as a try.
+#pragma unroll
+                for (int j = NLEVEL - 1; j >= 0; j--) {
+                    const int c = lvl_cnt[j];
+                    if (c > SAMPLE_LIST || c < 1) continue;
+                    const bool enough =
+                        use_k ? c >= K : lvl_mass[j] >= a.top_p * Z * (1.0 + 1e-4);
+                    if (enough || (!use_k && lvl < 0)) {   // top-p alone: largest as a try
+                        lvl = j;
+                        lvl_count = c;
+                        tau = L[j] * T;
+                    }
+                }
+                // the fine levels only help when the coarse ones all hold too many logits
+                if (lvl_cnt[0] <= SAMPLE_LIST) break;
+            }
+            if (lvl >= 0 && (!use_k || lvl_count >= K)) {
+                if (tid == 0) sm.cnt = 0;
+                __syncthreads();
+                // compaction: (key << 32 | ~id) sorts by logit descending, then id ascending
+                const int nround = (n + ST - 1) / ST;
+                for (int r = 0; r < nround; r++) {
+                    const int i = r * ST + tid;
+                    const float v = i < n ? ld(i) : -INFINITY;
+                    const bool in = i < n && vmax - v < tau;
+                    const unsigned bal = __ballot_sync(0xffffffffu, in);
+                    int base = 0;
+                    if ((tid & 31) == 0 && bal) base = atomicAdd(&sm.cnt, __popc(bal));
+                    base = __shfl_sync(0xffffffffu, base, 0);
+                    const int at = base + __popc(bal & ((1u << (tid & 31)) - 1u));
+                    if (in && at < SAMPLE_LIST)   // always: the same test counted <= LIST above
+                        sm.list[at] = ((unsigned long long)okey(v) << 32) | (uint32_t)~(uint32_t)i;
+                }
+                __syncthreads();
+                const int m = min(sm.cnt, SAMPLE_LIST);
+                const int P = pow2_at_least(m);
+                for (int i = m + tid; i < P; i += ST) sm.list[i] = 0ull;   // sorts last
+                __syncthreads();
+                bitonic(sm.list, P, true);
+                auto key_at = [&](int q) { return (uint32_t)(sm.list[q] >> 32); };
+                // top-k with ties: every entry with key >= the k-th key
+                int kept = m;
+                if (use_k) {
+                    const uint32_t kth = key_at(K - 1);
+                    long long first_below = m;
+                    for (int q = K + tid; q < m; q += ST)
+                        if (key_at(q) < kth) { first_below = q; break; }
+                    kept = (int)block_min_ll(first_below, sm);
+                }
+                bool ok = true;
+                if (use_p) {
+                    // prefix sums in the sorted order over [0, kept): 4 entries per thread
+                    const int c = (kept + ST - 1) / ST;
+                    const int lo = min(kept, tid * c), hi = min(kept, lo + c);
+                    double loc = 0.0;
+                    for (int q = lo; q < hi; q++) loc += (double)weight(okey_float(key_at(q)));
+                    double tot;
+                    const double start = block_exscan(loc, sm.d, &tot);
+                    const double target = a.top_p * (use_k ? tot : Z);
+                    long long cut = LLONG_MAX;   // first position whose cumulative >= target
+                    double acc = start;
+                    for (int q = lo; q < hi; q++) {
+                        acc += (double)weight(okey_float(key_at(q)));
+                        if (acc >= target) { cut = q; break; }
+                    }
+                    cut = block_min_ll(cut, sm);
+                    if (cut == LLONG_MAX) ok = false;   // the list's mass is short: generic
+                    else kept = (int)cut + 1;
+                }
+                if (ok) {
+                    path = PATH_LIST;
+                    if (kept == 1) {
+                        token = (int)~(uint32_t)sm.list[0];
+                        goto done;
+                    }
+                    // re-sort the kept entries by id: (id << 32 | key), ascending
+                    const int P2 = pow2_at_least(kept);
+                    for (int q = tid; q < P2; q += ST) {
+                        const unsigned long long e = sm.list[q];
+                        sm.list[q] = q < kept ? ((unsigned long long)(uint32_t)~(uint32_t)e << 32) |
+                                                    (e >> 32)
+                                              : ~0ull;
+                    }
+                    __syncthreads();
+                    bitonic(sm.list, P2, false);
+                    const int q = inverse_cdf(
+                        kept, [&](int i) { return weight(okey_float((uint32_t)sm.list[i])); }, u,
+                        sm);
+                    token = q >= 0 ? (int)(sm.list[q] >> 32) : 0;
+                    goto done;
+                }
+            }
+        }
+
+        // ---- path 4: generic, thresholds by bisection over the order keys ---------------------
+        path = PATH_GENERIC;
+        uint32_t kth = 0;   // keep key >= kth
+        if (use_k) {
+            // the largest t with #(key >= t) >= K
+            unsigned long long lo = 0, hi = 1ull << 32;
+            while (hi - lo > 1) {
+                const unsigned long long mid = (lo + hi) >> 1;
+                long long c = 0;
+                for (int i = tid; i < n; i += ST) c += okey(ld(i)) >= mid;
+                if (block_sum_ll(c, sm) >= K) lo = mid;
+                else hi = mid;
+            }
+            kth = (uint32_t)lo;
+        }
+        uint32_t pt = 0;        // top-p: keep key > pt, and key == pt with id <= pcut
+        int pcut = n;
+        if (use_p) {
+            auto mass_ge = [&](unsigned long long t) {
+                double s = 0.0;
+                for (int i = tid; i < n; i += ST) {
+                    const float v = ld(i);
+                    const uint32_t k = okey(v);
+                    if (k >= kth && k >= t) s += (double)weight(v);
+                }
+                return block_sum_d(s, sm);
+            };
+            const double target = a.top_p * mass_ge(0);
+            unsigned long long lo = kth, hi = 1ull << 32;   // mass_ge(lo) >= target
+            while (hi - lo > 1) {
+                const unsigned long long mid = (lo + hi) >> 1;
+                if (mass_ge(mid) >= target) lo = mid;
+                else hi = mid;
+            }
+            pt = (uint32_t)lo;
+            const double above = pt == 0xffffffffu ? 0.0 : mass_ge((unsigned long long)pt + 1);
+            const double wt = (double)weight(okey_float(pt));
+            // ties at pt (same logit, same weight): the first m of them by id
+            const int c = (n + ST - 1) / ST;
+            const int lo_i = min(n, tid * c), hi_i = min(n, lo_i + c);
+            long long loc = 0;
+            for (int i = lo_i; i < hi_i; i++) loc += okey(ld(i)) == pt;
+            long long ties;
+            const long long start = block_exscan(loc, sm.i, &ties);
+            long long m = ties;
+            if (wt > 0.0) {
+                const double need = ceil((target - above) / wt);
+                m = need < 1.0 ? 1 : need > (double)ties ? ties : (long long)need;
+            }
+            if (m < ties) {
+                if (start < m && m <= start + loc) {   // the owner of the m-th tie
+                    long long seen = start;
+                    for (int i = lo_i; i < hi_i; i++)
+                        if (okey(ld(i)) == pt && ++seen == m) { sm.res = i; break; }
+                }
+                __syncthreads();
+                pcut = sm.res;
+                __syncthreads();
+            }
+        }
+        const int q = inverse_cdf(
+            n,
+            [&](int i) {
+                const float v = ld(i);
+                const uint32_t k = okey(v);
+                const bool keep = k >= kth && (k > pt || (k == pt && i <= pcut));
+                return keep ? weight(v) : 0.f;
+            },
+            u, sm);
+        token = q >= 0 ? q : 0;
+    }
+done:
+    if (tid == 0) {
+        a.tokens[row] = token;
+        if (a.status)
+            a.status[row] = (a.status[row] & 0xff) | err | (path << 8) | ((int)CACHED << 16);
+        if (a.u_out) a.u_out[row] = u;
+    }
+}
+
+// The largest dynamic shared memory of sample_kernel<true> on the current device (its opt-in
+// limit less its static shared memory), raised to that once per device (bm_smem_optin).
+std::atomic<unsigned> g_optin_done{0};
+int g_max_dyn[32];
+
+int cached_smem_limit(int *out) {
+    int dev = 0, optin = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    const unsigned bit = 1u << (dev & 31);
+    if (g_optin_done.load(std::memory_order_acquire) & bit) {
+        *out = g_max_dyn[dev & 31];
+        return 0;
+    }
+    BM_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cudaFuncAttributes fa;
+    BM_CUDA_TRY(cudaFuncGetAttributes(&fa, sample_kernel<true>));
+    const int lim = optin - (int)fa.sharedSizeBytes;
+    BM_CUDA_TRY(cudaFuncSetAttribute(sample_kernel<true>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, lim));
+    g_max_dyn[dev & 31] = lim;   // written before the bit is published
+    g_optin_done.fetch_or(bit, std::memory_order_release);
+    *out = lim;
+    return 0;
+}
+
+}  // namespace
+
+extern "C" int bm_cuda_sample(const float *logits, int64_t B, int64_t V, int64_t vocab_limit,
+                              const bm_cuda_sampling *sp, int32_t *tokens, int32_t *status,
+                              double *u_out, cudaStream_t stream) {
+    if (!sp) return BM_CUDA_ARG_FAIL("sample: no sampling parameters");
+    if (B < 0 || B > INT32_MAX) return BM_CUDA_ARG_FAIL("sample: B must be in [0, 2**31)");
+    if (vocab_limit < 1 || vocab_limit > V || vocab_limit > INT32_MAX - ST)
+        return BM_CUDA_ARG_FAIL("sample: vocab_limit must be in [1, V] (and below 2**31)");
+    if (!(sp->temperature >= 0.f) || isinf(sp->temperature))
+        return BM_CUDA_ARG_FAIL("sample: temperature must be a finite number >= 0");
+    if (sp->top_k < 0) return BM_CUDA_ARG_FAIL("sample: top_k must be >= 0 (0: off)");
+    if (!(sp->top_p > 0.0 && sp->top_p <= 1.0))
+        return BM_CUDA_ARG_FAIL("sample: top_p must be in (0, 1] (1: off)");
+    if (B == 0) return 0;
+    SampleArgs a;
+    a.logits = logits;
+    a.V = V;
+    a.n = (int)vocab_limit;
+    a.T = sp->temperature;
+    a.top_k = sp->top_k >= vocab_limit ? 0 : (int)sp->top_k;
+    a.top_p = sp->top_p;
+    a.seed = sp->seed;
+    a.step = sp->step;
+    a.row_streams = sp->row_streams;
+    a.force_generic = sp->path & 1;
+    a.tokens = tokens;
+    a.status = status;
+    a.u_out = u_out;
+    int max_dyn = 0;   // dynamic shared memory the cached kernel may take on this device
+    if (int rc = cached_smem_limit(&max_dyn)) return rc;
+    if (!(sp->path & 2) && (int64_t)vocab_limit * 4 <= max_dyn)
+        sample_kernel<true><<<(unsigned)B, ST, (size_t)vocab_limit * 4, stream>>>(a);
+    else
+        sample_kernel<false><<<(unsigned)B, ST, 0, stream>>>(a);
+    BM_CUDA_LAUNCHED();
+    return 0;
+}

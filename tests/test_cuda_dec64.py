@@ -1,0 +1,182 @@
+"""The batched decode path (session 4, dec64): decode batches from 2 rows on through the
+tensor-core products and the grouped experts (engine.cu decode_body), the float4 scan step
+that writes out_proj's bf16 input (step_scan4_kernel), and the MoE norm + routing with its
+router rows loaded before the PDL wait (norm_route_pre_kernel). Each fast path is asserted
+taken (native counters), compared with the path it replaces in the same process (environment
+switches, read at graph capture) and with the CPU model. (The helper's two-launch streamed MoE,
+cuda/moe_stream.cu, measured slower and stayed on branch dec64, commit 7d81074.)
+
+Tolerances (relative L2 of the logits, float64 norms):
+  TOL_SPLIT 1e-4: decode batches of 2..8 rows under "bf16" math on the batched path (from 8
+    rows by default; BLACKMAMBA_DECODE_GEMM_MIN=2 here) split their activations into bf16
+    hi + lo (~1e-5 per product), as the 8-row GEMVs they replace were fp32-exact;
+  1e-2 (and > 1e-4, so that the rounding path is really exercised) for batches of more than
+    8 rows under "bf16" (activations rounded to bf16: ~3e-3 per product, as in
+    test_cuda_model.test_bf16_math_against_cpu);
+  TOL_SAME 1e-6: the same math in another kernel: norm_route_pre_kernel against
+    norm_route_kernel (expected bit-identical), the float4 scan step against the scalar one
+    under bf16x2 (the y sum in another order).
+"""
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+from blackmamba import _lib, model_cuda
+from blackmamba.config import Config
+from blackmamba.model import Model, random_tensors
+
+from conftest import rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not model_cuda.is_available(),
+                                 reason="no CUDA device, or blackmamba built without CUDA")]
+
+TOL_SPLIT = 1e-4
+TOL_SAME = 1e-6
+SWITCHES = ("BLACKMAMBA_DECODE_GEMM_MIN", "BLACKMAMBA_SCAN4", "BLACKMAMBA_DECODE_NORM_BF",
+            "BLACKMAMBA_NORM_ROUTE_PRE")
+
+
+def counters():
+    """(float4 scan steps, norm_route_pre launches) so far in this process (counted at graph
+    capture)."""
+    lib = ctypes.CDLL(_lib.C().__file__)
+    lib.bm_cuda_step_scan4_calls.restype = ctypes.c_longlong
+    lib.bm_cuda_norm_route_pre_calls.restype = ctypes.c_longlong
+    return lib.bm_cuda_step_scan4_calls(), lib.bm_cuda_norm_route_pre_calls()
+
+
+@pytest.fixture
+def env():
+    """Sets switches for one test and restores them after."""
+    saved = {k: os.environ.get(k) for k in SWITCHES}
+
+    def set_(**kv):
+        for k in SWITCHES:
+            os.environ.pop(k, None)
+        os.environ.update({k: str(v) for k, v in kv.items()})
+    yield set_
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def make(seed, math="bf16", **over):
+    # hidden 64: dt rank 4 (the float4 step needs R % 4 == 0), E = 128, F = 40 (% 8 == 0)
+    base = dict(num_layers=1, hidden_size=64, state_size=16, conv_dimension=4, vocab_size=97,
+                ffn_hidden_size=40, mamba_moe_layers=["r", "8", "r", "3"])
+    base.update(over)
+    base["num_layers"] = len(base["mamba_moe_layers"])
+    cfg = Config.from_dict(base)
+    t = random_tensors(cfg, seed=seed)
+    return (model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math),
+            Model(cfg, t, dtype="bfloat16"))
+
+
+def steps(g, c, ids, n, state=None):
+    """Prefill ids on both models, then n steps; returns the GPU and CPU logits (n, B, V)."""
+    B = ids.shape[0]
+    sg, sc = (state.copy() if state is not None else g.new_state(B)), c.new_state(B)
+    g.prefill(ids, sg, logits=None)
+    c.prefill(ids, sc, logits=None)
+    rng = np.random.default_rng(B)
+    outg, outc = [], []
+    for _ in range(n):
+        tok = rng.integers(0, g.vocab_size, B)
+        outg.append(g.step(tok, sg))
+        outc.append(c.step(tok, sc))
+    return np.stack(outg), np.stack(outc)
+
+
+@pytest.mark.parametrize("B", [2, 5, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_small_batch_decode_batched_split(env, B, seed):
+    # 2..8 rows: the batched path (split products, float4 scan, norm_route_pre, grouped
+    # experts; the default from 8 rows, forced from 2 here) against the CPU model, and
+    # against the 8-row GEMV path it replaces (BLACKMAMBA_DECODE_GEMM_MIN=9)
+    g, c = make(seed)
+    ids = np.random.default_rng(seed + 10).integers(0, g.vocab_size, (B, 7))
+    env(BLACKMAMBA_DECODE_GEMM_MIN=2)
+    n4, nr = counters()
+    got, want = steps(g, c, ids, 3)
+    n4b, nrb = counters()
+    assert n4b >= n4 + 2 and nrb >= nr + 2        # two Mamba layers, two MoE layers
+    assert rel_err(got, want) < TOL_SPLIT
+    env(BLACKMAMBA_DECODE_GEMM_MIN=9)
+    old, _ = steps(g, c, ids, 3)
+    assert counters() == (n4b, nrb)               # the GEMV path took none of them
+    assert rel_err(got, old) < TOL_SPLIT
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("B", [12, 40])
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_batched_decode_scan4(env, B, math):
+    # more than 8 rows: the batched path by default, against the CPU model, and the float4
+    # scan step (+ the norm's bf16 in_proj input) against the scalar step + conversion passes
+    g, c = make(3 + B, math=math)
+    ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 9))
+    n4, nr = counters()
+    new, want = steps(g, c, ids, 3)
+    n4b, nrb = counters()
+    assert n4b >= n4 + 2 and nrb >= nr + 2        # two Mamba layers, two MoE layers
+    lo, hi = (0, TOL_SPLIT) if math == "bf16x2" else (1e-4, 1e-2)
+    assert lo < rel_err(new, want) < hi
+    env(BLACKMAMBA_SCAN4=0, BLACKMAMBA_DECODE_NORM_BF=0)
+    scalar, _ = steps(g, c, ids, 3)
+    assert counters()[0] == n4b
+    # the bf16 rounding of y (and of xn) at the same values; the y sum's order may flip a
+    # rounding of y to bf16 (unsplit: 2^-9 relative on one element): TOL_SAME where split
+    tol = TOL_SAME if math == "bf16x2" else 1e-3
+    assert rel_err(new, scalar) < tol
+
+
+def test_scan4_fallback_and_ungated(env):
+    # state_size 1 (no float4 step: the scalar one), an ungated MLP (expert_all, not the
+    # grouped experts), a dense MLP layer ("1": grouped.cu with X = 1)
+    g, c = make(9, mamba_moe_layers=["r", "2", "r", "1"], state_size=1)
+    n4 = counters()[0]
+    got, want = steps(g, c, np.random.default_rng(2).integers(0, g.vocab_size, (12, 5)), 2)
+    assert counters()[0] == n4
+    assert 1e-4 < rel_err(got, want) < 1e-2
+    g2, c2 = make(9, mamba_moe_layers=["r", "2"], swiglu=False, activation="silu")
+    got, want = steps(g2, c2, np.random.default_rng(3).integers(0, g2.vocab_size, (12, 5)), 2)
+    assert 1e-4 < rel_err(got, want) < 1e-2
+
+
+def test_batched_decode_skewed_routing(env):
+    # many tokens on few experts (router bias): experts with more than 32 tokens (several
+    # row tiles) and unused experts, at batch 96, against the CPU model
+    base = dict(num_layers=2, hidden_size=64, state_size=16, conv_dimension=4, vocab_size=97,
+                ffn_hidden_size=40, mamba_moe_layers=["r", "8"])
+    cfg = Config.from_dict(base)
+    t = random_tensors(cfg, seed=4)
+    for k in [k for k in t if k.endswith("router.bias")]:
+        t[k] = np.array([4, 3, -9, -9, -9, -9, -9, -9], np.float32)
+    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math="bf16")
+    c = Model(cfg, t, dtype="bfloat16")
+    ids = np.random.default_rng(8).integers(0, g.vocab_size, (96, 4))
+    new, want = steps(g, c, ids, 2)
+    assert 1e-4 < rel_err(new, want) < 1e-2
+
+
+@pytest.mark.parametrize("B,math", [(5, "bf16"), (40, "bf16"), (40, "bf16x2")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_norm_route_pre(env, B, math, seed):
+    # norm_route_pre_kernel against norm_route_kernel (same arithmetic: TOL_SAME)
+    g, c = make(30 + seed, math=math)
+    ids = np.random.default_rng(seed).integers(0, g.vocab_size, (B, 6))
+    env(BLACKMAMBA_DECODE_GEMM_MIN=2)
+    nr = counters()[1]
+    new, want = steps(g, c, ids, 2)
+    nr2 = counters()[1]
+    assert nr2 >= nr + 2
+    assert rel_err(new, want) < (TOL_SPLIT if math == "bf16x2" or B <= 8 else 1e-2)
+    env(BLACKMAMBA_NORM_ROUTE_PRE=0, BLACKMAMBA_DECODE_GEMM_MIN=2)
+    ref, _ = steps(g, c, ids, 2)
+    assert counters()[1] == nr2
+    assert rel_err(new, ref) < TOL_SAME

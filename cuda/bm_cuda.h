@@ -336,6 +336,9 @@ enum { BM_CUDA_LOGITS_NONE = 0, BM_CUDA_LOGITS_LAST = 1, BM_CUDA_LOGITS_ALL = 2 
 long long bm_cuda_xproj_ksplit_calls(void);
 // x_proj / dt_proj products run in tf32 on float32 weight copies (engine.cu tf32_small()).
 long long bm_cuda_small_tf32_calls(void);
+/* Launches of the early PDL decode kernels of one kind (0 batch-1 GEMV, 1 fc2 rows, 2 step
+ * scan, 3 norm + route, 4 RMSNorm; cuda/common.cuh bm_pdl_early); -1 for another kind. */
+long long bm_cuda_pdl_early_launches(int kind);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
 long long bm_cuda_step_scan4_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */

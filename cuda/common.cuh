@@ -93,6 +93,29 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
 }
 
+// The early form of the decode kernels (BLACKMAMBA_CUDA_PDL_EARLY, default on; "0" turns it
+// off, for A/B measurements): the kernel calls bm_pdl_trigger() as its first statement, loads
+// what no kernel of the graph writes (weights; its own layer's recurrent state, written by
+// itself one step before) and only then bm_pdl_wait_only(). Read at launch, i.e. at capture.
+static inline bool bm_pdl_early() {
+    const char *env = getenv("BLACKMAMBA_CUDA_PDL_EARLY");
+    return !(env && env[0] == '0');
+}
+
+// Launches of the early kernels so far, by kind (tests assert the path was taken; counted at
+// launch, so a captured graph counts once): 0 gemv1_kernel, 1 expert_rows_early_kernel,
+// 2 step_scan_kernel<.., EARLY>, 3 norm_route_kernel<.., EARLY>, 4 rms_norm_kernel<.., EARLY>.
+// Not static: one set for the whole library (vague linkage).
+enum { BM_EARLY_GEMV1, BM_EARLY_ROWS, BM_EARLY_SCAN, BM_EARLY_NORM_ROUTE, BM_EARLY_RMS_NORM,
+       BM_EARLY_KINDS };
+inline std::atomic<long long> *bm_pdl_early_counts() {
+    static std::atomic<long long> c[BM_EARLY_KINDS];
+    return c;
+}
+static inline void bm_pdl_early_count(int kind) {
+    bm_pdl_early_counts()[kind].fetch_add(1, std::memory_order_relaxed);
+}
+
 // Launch `kernel` through bm_launch_pdl and return its status from the enclosing launcher.
 #define BM_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
     BM_CUDA_TRY(bm_launch_pdl(kernel, grid, block, smem, stream, __VA_ARGS__))
@@ -108,6 +131,65 @@ __device__ __forceinline__ void bm_pdl_wait() {
 #endif
 }
 
+// This SM's L1 invalidated (CCTL.IVALL). ptxas emits that instruction for an acquire load at
+// gpu scope (so that later weak loads see what the releasing side wrote); from a shared
+// variable the load itself is one LDS. griddepcontrol.wait compiles to ACQBULK alone, with no
+// L1 invalidation (checked in the SASS, nvcc 13.0).
+__device__ __forceinline__ void bm_l1_invalidate() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    __shared__ int bm_l1_dummy;
+    int v;
+    asm volatile("ld.acquire.gpu.shared.b32 %0, [%1];"
+                 : "=r"(v) : "r"((unsigned)__cvta_generic_to_shared(&bm_l1_dummy)) : "memory");
+    asm volatile("" ::"r"(v));
+#endif
+}
+
+// The halves of bm_pdl_wait, for the early decode kernels (bm_pdl_early). Triggering first
+// lets the next kernel's blocks take free SM slots (and issue their own weight loads) while
+// this one waits, and so on down the stream as far as slots allow. Stream order is still
+// kept: every kernel waits before it reads activations or writes anything, and a kernel only
+// completes after its own wait returned (its predecessor completed, and so on back).
+// What this costs, and how it is paid (cuda/NOTES.md "Session 4, pdl1"):
+//  - before its wait a kernel may run next to ANY earlier kernel still in flight, so a
+//    pre-wait read must not touch anything the graph writes in this step (weights, and a
+//    layer's own recurrent state; fc2's expert ids are the one argued exception);
+//  - a kernel resident early shares its SM's L1 with earlier kernels that may read a buffer
+//    this one reads after a later kernel rewrote it (in_proj and fc1 both read the normed
+//    row): stale L1 lines. Hence the L1 invalidation after the wait where a kernel then reads
+//    activations through L1 (bm_l1_invalidate_block; bm_pdl_wait_b1 for the wait-first
+//    kernels that may follow an early one); the norms read theirs from L2 (__ldcg) instead;
+//  - ptxas does not order ld.global.nc (__ldg, const __restrict__ loads) against
+//    griddepcontrol.wait: it hoisted a post-wait activation load above it and sank pre-wait
+//    weight loads below it (SASS of the first version). So in these kernels both the
+//    early weight loads and the activation loads are plain ld.global.ca (__ldca) or .cg
+//    (__ldcg), which it keeps on their side of the wait.
+__device__ __forceinline__ void bm_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// The wait alone (the early kernels: their trigger came first).
+__device__ __forceinline__ void bm_pdl_wait_only() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// After the wait: this SM's L1 invalidated once for the block (thread 0, then a barrier that
+// every thread of the block must reach), where the block then reads activations through L1.
+// One invalidation per block, not per warp: each one also drops the lines that the other
+// warps on the SM are reading (the first version invalidated per thread; the batch-1 LM head,
+// 50K warps each re-reading its x from L2, went 54 -> 64 us).
+__device__ __forceinline__ void bm_l1_invalidate_block() {
+    if (threadIdx.x == 0) bm_l1_invalidate();
+    __syncthreads();
+}
+// bm_pdl_wait, then bm_l1_invalidate_block(): the wait-first decode kernels that may run
+// behind an early one (their batch-1 variants; larger batches keep bm_pdl_wait).
+__device__ __forceinline__ void bm_pdl_wait_b1() {
+    bm_pdl_wait();
+    bm_l1_invalidate_block();
+}
 
 // bf16 bits -> float32: the top half of the float.
 __device__ __forceinline__ float bm_bf16_bits_to_f32(uint16_t h) {
@@ -239,6 +321,15 @@ struct GemvParams {
     float *conv_state;     // (M, K-1, E) in place
     float *conv_y;         // (M, E)
     int conv_E, conv_K;
+    // The engine's weights (never written after upload): the batch-1 kernel may load W (and
+    // the conv weights and state) before its PDL wait (gemv.cu, gemv1_kernel). 0 for the ops
+    // entry points, whose W may come from the kernel just before. Left out of an initialiser: 0.
+    int w_static;
 };
 // X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);
+// norm.cu: bm_cuda_rms_norm_bf16 for the engine, whose norm weights w are never written after
+// upload: where bm_pdl_early() and T == 1 the kernel loads w before its PDL wait.
+int bm_rms_norm_static_w(const float *x, const float *residual, const float *w, float eps,
+                         float *out, float *res_out, uint16_t *out_bf16, uint16_t *out_lo,
+                         int64_t T, int64_t d, cudaStream_t stream);

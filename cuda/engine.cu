@@ -220,6 +220,19 @@ __device__ __forceinline__ float ld_w(const WT *p) {
     if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(*p);
     else return *p;
 }
+// An activation load of a wait-first kernel: B1 (the batch-1 graph, behind early kernels) a
+// plain ld.global.ca, which ptxas keeps after the wait; else __ldg as before (common.cuh).
+template <bool B1, typename T>
+__device__ __forceinline__ T ld_act(const T *p) {
+    if constexpr (B1) return __ldca(p);
+    else return __ldg(p);
+}
+// The same through a plain ld.global.ca (the early kernels' pre-wait loads: common.cuh).
+template <typename WT>
+__device__ __forceinline__ float ld_w_ca(const WT *p) {
+    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(__ldca(reinterpret_cast<const unsigned short *>(p)));
+    else return __ldca(p);
+}
 
 // out[t] = emb[ids[t]] as float32. Ids are clamped: a bad id reads a valid row, never past V
 // (host ids are validated at the boundary; device ids come from argmax < V).
@@ -319,8 +332,11 @@ __global__ void add_kernel(float *__restrict__ a, const float *__restrict__ b, i
 
 // In place on the expert hidden h (T, G): gated h[:, :F] = act(h[:, :F]) * h[:, F:],
 // else h = act(h).
+// B1: in the batch-1 graph, behind early kernels (common.cuh bm_pdl_wait_b1).
+template <bool B1 = false>
 __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, int act) {
-    bm_pdl_wait();
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     const int64_t n = T * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -335,7 +351,9 @@ __global__ void expert_act_kernel(float *h, int64_t T, int F, int G, int gated, 
 // (ids NULL: 0; scale NULL: 1). Grid (row blocks, T): each token streams its own expert's rows
 // and no block exists for an expert nobody uses (the gathered GEMV of gemv.cu launches blocks
 // for all X experts). KS warps share a row (K-split), partial sums meet in shared memory.
-template <typename WT, int KS, bool VEC>
+// B1: in the batch-1 graph, behind early kernels: bm_pdl_wait_b1, and activations through
+// __ldca, which ptxas keeps after the wait (common.cuh).
+template <typename WT, int KS, bool VEC, bool B1 = false>
 __global__ __launch_bounds__(256) void expert_rows_kernel(
     const WT *__restrict__ W,         // (X, Nout, Kin)
     const float *__restrict__ x,      // (T, ldx)
@@ -344,7 +362,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const float *__restrict__ scale,  // (T) or NULL
     float *__restrict__ y,            // (T, ldy)
     int64_t ldy, int Nout, int Kin) {
-    bm_pdl_wait();
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     constexpr int RPB = 8 / KS;                       // rows per block of 8 warps
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;       // weights per 16-byte load
     __shared__ float part[8];
@@ -354,7 +373,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
     const int kp = warp % KS;
     float acc = 0.f;
     if (row < Nout) {
-        const int64_t e = ids ? ids[t] : 0;
+        const int64_t e = ids ? (B1 ? __ldca(ids + t) : ids[t]) : 0;
         const WT *w = W + (e * Nout + row) * (int64_t)Kin;
         const float *xr = x + t * ldx;
         if (VEC) {
@@ -365,8 +384,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                 const int k = u * VW;
                 if constexpr (sizeof(WT) == 2) {
                     const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k + 4));
                     const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
                     const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
                     acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
@@ -375,7 +394,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                     acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
                 } else {
                     const float4 v = __ldg(reinterpret_cast<const float4 *>(w + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                     acc = fmaf(v.x, x0.x, acc); acc = fmaf(v.y, x0.y, acc);
                     acc = fmaf(v.z, x0.z, acc); acc = fmaf(v.w, x0.w, acc);
                 }
@@ -384,7 +403,7 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
             const int per = (Kin + KS - 1) / KS;
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
 #pragma unroll 4
-            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), __ldg(xr + k), acc);
+            for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(ld_w(w + k), ld_act<B1>(xr + k), acc);
         }
     }
     acc = bm_warp_sum(acc);
@@ -394,7 +413,90 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
         if (kp == 0)
             for (int q = 1; q < KS; q++) acc += part[warp + q];
     }
-    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * scale[t] : acc;
+    if (kp == 0 && lane == 0 && row < Nout) y[t * ldy + row] = scale ? acc * (B1 ? __ldca(scale + t) : scale[t]) : acc;
+}
+
+// expert_rows_kernel<WT, KS, true> in the early PDL form (bm_pdl_early), for fc2 only: the
+// token's expert id and gate are read BEFORE the wait, from L2 (ld.global.cg: this SM's L1 may
+// still hold the previous layer's ids line), and with them this lane's first ROWS_PRE 16-byte
+// pieces of its expert row; then the wait, then the hidden row h and the FMAs (same order as
+// expert_rows_kernel: bit-identical). Why the early ids read is safe: they were written by the
+// routing kernel two launches back, and the kernel in between (fc1: expert_rows_gated_kernel,
+// or expert_act_kernel) triggers its dependents only after its own wait, i.e. after the
+// routing kernel completed; so this kernel's blocks only start once the ids are in L2.
+// ROWS_PRE covers fc2's slices at the 2.8B shape (484 pieces a row in 4 slices: 3.8 a lane);
+// at most 40 registers, so that all 736 blocks of that fc2 are resident at once (6 an SM).
+constexpr int ROWS_PRE = 4;
+template <typename WT, int KS>
+__global__ __launch_bounds__(256, 6) void expert_rows_early_kernel(
+    const WT *__restrict__ W,         // (X, Nout, Kin)
+    const float *__restrict__ x,      // (T, ldx)
+    int64_t ldx,
+    const int32_t *__restrict__ ids,  // (T) or NULL
+    const float *__restrict__ scale,  // (T) or NULL
+    float *__restrict__ y,            // (T, ldy)
+    int64_t ldy, int Nout, int Kin) {
+    bm_pdl_trigger();
+    constexpr int RPB = 8 / KS;
+    constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
+    __shared__ float part[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = blockIdx.y;
+    const int row = blockIdx.x * RPB + warp / KS;
+    const int kp = warp % KS;
+    const bool live = row < Nout;
+    // ---- before the wait: ids / gates (see above) and weights ----
+    const int64_t e = ids ? __ldcg(ids + t) : 0;
+    const float sc = scale ? __ldcg(scale + t) : 1.f;
+    const WT *w = W + (e * Nout + (live ? row : 0)) * (int64_t)Kin;
+    const int units = Kin / VW, per = (units + KS - 1) / KS;
+    const int u0 = kp * per, u1 = min(units, u0 + per);
+    uint4 wr[ROWS_PRE];
+#pragma unroll
+    for (int i = 0; i < ROWS_PRE; i++) {
+        const int u = u0 + lane + 32 * i;
+        if (live && u < u1) wr[i] = __ldca(reinterpret_cast<const uint4 *>(w + (int64_t)u * VW));
+        else wr[i] = make_uint4(0, 0, 0, 0);  // never used
+    }
+    bm_pdl_wait_only();
+    bm_l1_invalidate_block();
+    // ---- after the wait: the hidden row ----
+    float acc = 0.f;
+    if (live) {
+        const float *xr = x + t * ldx;
+        auto fma_piece = [&](const uint4 v, int k) {
+            if constexpr (sizeof(WT) == 2) {
+                const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
+                const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+                const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
+                acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
+                acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
+                acc = fmaf(d.x, x1.z, acc); acc = fmaf(d.y, x1.w, acc);
+            } else {
+                const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
+                acc = fmaf(__uint_as_float(v.x), x0.x, acc); acc = fmaf(__uint_as_float(v.y), x0.y, acc);
+                acc = fmaf(__uint_as_float(v.z), x0.z, acc); acc = fmaf(__uint_as_float(v.w), x0.w, acc);
+            }
+        };
+#pragma unroll
+        for (int i = 0; i < ROWS_PRE; i++) {
+            const int u = u0 + lane + 32 * i;
+            if (u < u1) fma_piece(wr[i], u * VW);
+        }
+#pragma unroll 4
+        for (int u = u0 + lane + 32 * ROWS_PRE; u < u1; u += 32)
+            fma_piece(__ldg(reinterpret_cast<const uint4 *>(w + (int64_t)u * VW)), u * VW);
+    }
+    acc = bm_warp_sum(acc);
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) part[warp] = acc;
+        __syncthreads();
+        if (kp == 0)
+            for (int q = 1; q < KS; q++) acc += part[warp + q];
+    }
+    if (kp == 0 && lane == 0 && live) y[t * ldy + row] = scale ? acc * sc : acc;
 }
 
 // fc1 of a gated expert with the activation fused (SwiGLU-style, few tokens):
@@ -403,15 +505,21 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
 // the act pass over h (one more graph node per MoE layer) disappears and each lane keeps two
 // 16-byte weight loads in flight. (The pipelined rows_dot was slower here at B = 1 on the
 // H200: cuda/NOTES.md, gpuperf run 2.)
-template <typename WT, int KS, bool VEC>
-__global__ __launch_bounds__(256) void expert_rows_gated_kernel(
+// B1 (the batch-1 graph): behind early kernels (bm_pdl_wait_b1; activations through __ldca,
+// kept after the wait: common.cuh), and at most 32 registers, 8 blocks an SM, so that fc1's
+// 968 blocks at the 2.8B shape are resident at once instead of in 1.5 waves (44 registers:
+// 5 an SM). Larger batches keep the kernel as it was.
+template <typename WT, int KS, bool VEC, bool B1 = false>
+__global__ __launch_bounds__(256, B1 ? 8 : 0) void expert_rows_gated_kernel(
     const WT *__restrict__ W,         // (X, 2F, Kin)
     const float *__restrict__ x,      // (T, ldx)
     int64_t ldx,
     const int32_t *__restrict__ ids,  // (T) or NULL
     float *__restrict__ h,            // (T, ldh): [:, :F] written
     int64_t ldh, int F, int Kin, int act) {
-    bm_pdl_wait();
+    // Wait, then trigger: fc2 reads the expert ids before its own wait, relying on that.
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     constexpr int RPB = 8 / KS;
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
     __shared__ float part[2][8];
@@ -421,7 +529,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
     const int kp = warp % KS;
     float ag = 0.f, au = 0.f;
     if (f < F) {
-        const int64_t e = ids ? ids[t] : 0;
+        const int64_t e = ids ? (B1 ? __ldca(ids + t) : ids[t]) : 0;
         const WT *wg = W + (e * 2 * F + f) * (int64_t)Kin;   // gate row
         const WT *wu = wg + (int64_t)F * Kin;                 // up row
         const float *xr = x + t * ldx;
@@ -434,8 +542,8 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 if constexpr (sizeof(WT) == 2) {
                     const uint4 vg = __ldg(reinterpret_cast<const uint4 *>(wg + k));
                     const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
-                    const float4 x1 = __ldg(reinterpret_cast<const float4 *>(xr + k + 4));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x1 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k + 4));
                     float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
                     float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
                     ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
@@ -451,7 +559,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
                 } else {
                     const float4 vg = __ldg(reinterpret_cast<const float4 *>(wg + k));
                     const float4 vu = __ldg(reinterpret_cast<const float4 *>(wu + k));
-                    const float4 x0 = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                    const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                     ag = fmaf(vg.x, x0.x, ag); ag = fmaf(vg.y, x0.y, ag);
                     ag = fmaf(vg.z, x0.z, ag); ag = fmaf(vg.w, x0.w, ag);
                     au = fmaf(vu.x, x0.x, au); au = fmaf(vu.y, x0.y, au);
@@ -463,7 +571,7 @@ __global__ __launch_bounds__(256) void expert_rows_gated_kernel(
             const int k0 = kp * per, k1 = min(Kin, k0 + per);
 #pragma unroll 4
             for (int k = k0 + lane; k < k1; k += 32) {
-                const float xv = __ldg(xr + k);
+                const float xv = ld_act<B1>(xr + k);
                 ag = fmaf(ld_w(wg + k), xv, ag);
                 au = fmaf(ld_w(wu + k), xv, au);
             }
@@ -545,6 +653,8 @@ __device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, fl
 // per layer at T = 1 on the H200). Then thread 0 takes the argmax (ties -> lowest) and the gate.
 constexpr int ROUTE_SMALL_MAX = 64;  // tokens
 constexpr int ROUTE_SMALL_MAX_X = 256;  // experts (sl[] of both kernels)
+// B1: in the batch-1 graph, behind early kernels (bm_pdl_wait_b1, x through __ldca).
+template <bool B1 = false>
 __global__ __launch_bounds__(256) void route_small_kernel(
     const float *__restrict__ x,    // (T, d)
     const float *__restrict__ rw,   // (X, d)
@@ -553,7 +663,8 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     int32_t *__restrict__ ids,      // (T)
     float *__restrict__ gates,      // (T)
     int d, int X) {
-    bm_pdl_wait();
+    if constexpr (B1) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     __shared__ float sl[ROUTE_SMALL_MAX_X];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t t = blockIdx.x;
@@ -564,7 +675,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
         float acc = 0.f;
         if (vec) {
             for (int k = 4 * lane; k < d; k += 128) {
-                const float4 a = __ldg(reinterpret_cast<const float4 *>(xr + k));
+                const float4 a = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                 const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
                 acc = fmaf(a.x, b.x, acc);
                 acc = fmaf(a.y, b.y, acc);
@@ -572,7 +683,7 @@ __global__ __launch_bounds__(256) void route_small_kernel(
                 acc = fmaf(a.w, b.w, acc);
             }
         } else {
-            for (int k = lane; k < d; k += 32) acc = fmaf(__ldg(xr + k), __ldg(w + k), acc);
+            for (int k = lane; k < d; k += 32) acc = fmaf(ld_act<B1>(xr + k), __ldg(w + k), acc);
         }
         acc = bm_warp_sum(acc);
         if (lane == 0) sl[e] = acc + rb[e];
@@ -660,6 +771,147 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
 }
 
+// norm_route_kernel in the early PDL form (the batch-1 decode graph, bm_pdl_early; EARLY is
+// always true, norm_route_kernel stays as it was for the other sizes): trigger first, then
+// before the wait the norm weights (the first NR_PRE_W of this thread's float4) and this
+// warp's first router row (its first NR_PRE float4 pieces, and the bias): weights only; x and
+// residual after it, from L2 (no L1 lines of h / r: common.cuh). Same arithmetic in the same
+// order: bit-identical.
+constexpr int NR_PRE = 12;   // router pieces per lane (d = 1472: 11.5)
+constexpr int NR_PRE_W = 2;  // norm-weight float4 per thread (d = 1472: 368 over 256 threads)
+template <bool BF, bool EARLY = true>
+__global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
+    const float *x,                   // (T, d)
+    const float *residual,            // (T, d) or NULL
+    const float *__restrict__ nw,     // (d)
+    float eps,
+    float *__restrict__ out,          // (T, d) normed
+    float *res_out,                   // (T, d): x + residual (may alias x or residual)
+    const float *__restrict__ rw,     // (X, d)
+    const float *__restrict__ rb,     // (X)
+    float *__restrict__ logits,       // (T, X) or NULL
+    int32_t *__restrict__ ids,        // (T)
+    float *__restrict__ gates,        // (T)
+    int d, int X,
+    uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
+    uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nv = d / 4;
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 wpre[EARLY ? NR_PRE_W : 1], rpre[EARLY ? NR_PRE : 1];
+    float rb0 = 0.f;
+    if constexpr (EARLY) {
+        bm_pdl_trigger();
+#pragma unroll
+        for (int j = 0; j < NR_PRE_W; j++) {
+            const int i = threadIdx.x + j * NR_THREADS;
+            wpre[j] = i < nv ? __ldca(wv + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        const float *w0 = rw + (int64_t)(warp < X ? warp : 0) * d;
+#pragma unroll
+        for (int i = 0; i < NR_PRE; i++) {
+            const int k = 4 * lane + 128 * i;
+            rpre[i] = warp < X && k < d ? __ldca(reinterpret_cast<const float4 *>(w0 + k))
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        if (warp < X) rb0 = __ldca(rb + warp);
+        bm_pdl_wait_only();
+    } else {
+        bm_pdl_wait();
+    }
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
+    __shared__ float scratch[32];
+    __shared__ float sl[ROUTE_SMALL_MAX_X];
+    const int64_t off = (int64_t)blockIdx.x * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        // EARLY: from L2 (__ldcg: ordered after the wait, and no L1 lines of h / r)
+        float4 r = EARLY ? __ldcg(xr + i) : xr[i];
+        if (rr) {
+            const float4 q = EARLY ? __ldcg(rr + i) : rr[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
+        srow[i] = r;
+        ro[i] = r;
+        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+    }
+    ss = bm_block_sum(ss, scratch);
+    const float s = rsqrtf(ss / (float)d + eps);
+    float4 *o = reinterpret_cast<float4 *>(out + off);
+    for (int i = threadIdx.x, j = 0; i < nv; i += blockDim.x, j++) {
+        float4 w4;
+        if constexpr (EARLY) {
+            w4 = wpre[0];
+#pragma unroll
+            for (int q = 1; q < NR_PRE_W; q++)
+                if (j == q) w4 = wpre[q];
+            if (j >= NR_PRE_W) w4 = wv[i];
+        } else {
+            w4 = wv[i];
+        }
+        const float4 a = srow[i];
+        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
+        o[i] = v;
+        if (BF) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
+    }
+    __syncthreads();
+    const float *xs = reinterpret_cast<const float *>(srow);
+    int e = warp;
+    if constexpr (EARLY) {
+        // the first expert of this warp from the early pieces
+        if (e < X) {
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < NR_PRE; i++) {
+                const int k = 4 * lane + 128 * i;
+                if (k < d) {
+                    const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                    const float4 b = rpre[i];
+                    acc = fmaf(a.x, b.x, acc);
+                    acc = fmaf(a.y, b.y, acc);
+                    acc = fmaf(a.z, b.z, acc);
+                    acc = fmaf(a.w, b.w, acc);
+                }
+            }
+            const float *w = rw + (int64_t)e * d;
+#pragma unroll 4
+            for (int k = 4 * lane + 128 * NR_PRE; k < d; k += 128) {
+                const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+            acc = bm_warp_sum(acc);
+            if (lane == 0) sl[e] = acc + rb0;
+        }
+        e += NR_THREADS / 32;
+    }
+    for (; e < X; e += NR_THREADS / 32) {
+        const float *w = rw + (int64_t)e * d;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int k = 4 * lane; k < d; k += 128) {
+            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+            const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+        acc = bm_warp_sum(acc);
+        if (lane == 0) sl[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
+}
+
 // The recurrent step of SPEC 2 with dt_proj fused in. A group of G lanes (a power of two
 // <= 32) per (b, e):
 //   delta = softplus(dt_b[e] + dt_w[e, :] . dbc[b, :R])
@@ -670,7 +922,12 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
 // where one warp per (b, e) re-reading its dt_w row cost 75 us per layer at B = 64). Then G
 // is about N/4 (4 states per lane): a whole warp per (b, e) left half the lanes idle at
 // N = 16 and made 188K warps at B = 64 (60 us per layer on the H200).
-template <typename WT, bool FUSED_DT>
+// EARLY (only with FUSED_DT; bm_pdl_early): trigger first, then load what the graph does not
+// write in this step before the wait: dt_w's row slice (the first SCAN_PRE of this lane's
+// terms), dt_b, D, A and this layer's ssm state (written only by this kernel, one step
+// before); dbc, xc, z after it. Same arithmetic in the same order: bit-identical.
+constexpr int SCAN_PRE = 4;  // dt_w terms per lane loaded early (R = 92 at the 2.8B shape: 3)
+template <typename WT, bool FUSED_DT, bool EARLY = false>
 __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) in place
                                  const float *__restrict__ xc,    // (B, E)
                                  const float *__restrict__ z,     // (B, E)
@@ -684,7 +941,9 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
                                  int64_t BE, int E, int N, int R, int g_log2) {
     // Shifts, not divisions by a run-time G (the first version divided by G and ran the
     // batch-8 step 5 us per layer slower); the fused-dt kernel always has G = 32.
-    bm_pdl_wait();
+    static_assert(!EARLY || FUSED_DT, "step_scan_kernel: EARLY needs FUSED_DT");
+    if constexpr (EARLY) bm_pdl_trigger();
+    else bm_pdl_wait();
     const int glog = FUSED_DT ? 5 : g_log2, G = 1 << glog;
     const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     const int64_t wv = gt >> glog;  // (b, e) index
@@ -697,6 +956,49 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     const int e = (int)(w % E);
     const float *row = dbc + b * (R + 2 * N);
     float acc = 0.f;
+    if constexpr (EARLY) {
+        // before the wait: weights and the state (see above); plain loads (__ldca), which
+        // ptxas keeps on their side of the wait (common.cuh bm_pdl_trigger)
+        float dw[SCAN_PRE];
+#pragma unroll
+        for (int i = 0; i < SCAN_PRE; i++) {
+            const int k = g + G * i;
+            dw[i] = k < R ? ld_w_ca(dt_w + (int64_t)e * R + k) : 0.f;
+        }
+        const float dtb = __ldca(dt_b + e), Dv = __ldca(D + e);
+        const bool st0 = g < N;  // this lane's first state (N <= 32: its only one)
+        const float a0 = st0 ? __ldca(A + (int64_t)e * N + g) : 0.f;
+        const float h0 = st0 ? __ldca(ssm + w * N + g) : 0.f;
+        bm_pdl_wait_only();
+        bm_l1_invalidate_block();  // every thread of the block gets here
+#pragma unroll
+        for (int i = 0; i < SCAN_PRE; i++) {
+            const int k = g + G * i;
+            if (k < R) acc = fmaf(dw[i], __ldca(row + k), acc);
+        }
+        for (int k = g + G * SCAN_PRE; k < R; k += G)
+            acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), __ldca(row + k), acc);
+        for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        const float dt = bm_softplus(acc + dtb);
+        const float xv = __ldca(xc + w);
+        const float dx = dt * xv;
+        float ya = 0.f;
+        if (st0) {
+            const float hn = fmaf(expf(dt * a0), h0, dx * __ldca(row + R + g));
+            if (valid) ssm[w * N + g] = hn;
+            ya = fmaf(hn, __ldca(row + R + N + g), ya);
+        }
+        for (int n = g + G; n < N; n += G) {
+            float *s = ssm + w * N + n;
+            const float hn = fmaf(expf(dt * __ldca(A + (int64_t)e * N + n)), *s,
+                                  dx * __ldca(row + R + n));
+            if (valid) *s = hn;
+            ya = fmaf(hn, __ldca(row + R + N + n), ya);
+        }
+        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+        if (valid && g == 0) y[w] = fmaf(Dv, xv, ya) * bm_silu(__ldca(z + w));
+        return;
+    }
     if (FUSED_DT) {
         for (int k = g; k < R; k += G) acc = fmaf(ld_w(dt_w + (int64_t)e * R + k), row[k], acc);
         for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -908,6 +1210,11 @@ __global__ __launch_bounds__(ARGMAX_THREADS) void argmax_kernel(
     if (threadIdx.x == 0) out[blockIdx.x] = si[0] < limit ? si[0] : 0;  // all-NaN row -> 0
 }
 
+// The early PDL kernels (common.cuh bm_pdl_early) run in the one-token graph only: at batch 8
+// they lost to the wait-first ones once made correct (cuda/NOTES.md, Session 4, pdl1), so the
+// graphs of larger batches keep exactly the kernels they had.
+bool b1_early(int64_t T) { return T == 1 && bm_pdl_early(); }
+
 unsigned grid_for(int64_t n) {
     const int64_t g = bm_cdiv(n, 256);
     return (unsigned)(g < 1 ? 1 : g > 65536 ? 65536 : g);
@@ -1050,6 +1357,8 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
     const bool bfm = bf16_math(m);
     if (M <= ws->gv || (bf && !bfm && M <= GEMV_ROWS_EXACT)) {
         GemvParams p{W, x, ldx, nullptr, nullptr, bias, y, ldy, (int)M, (int)Nout, (int)Kin};
+        p.w_static = 1;  // the model's weights (every engine pass starts with embed_kernel,
+                         // a plain launch: nothing before it in the stream overlaps)
         return bm_gemv_launch(p, m->cfg.wdtype, 1, 0, m->stream);
     }
     if (bfm) {
@@ -1266,6 +1575,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         GemvParams p{ly.in_w, xn, d, nullptr, nullptr, ly.in_b, B == 1 ? ws->xz : x,
                      B == 1 ? 2 * E : E, (int)B, (int)(B == 1 ? 2 * E : E), (int)d,
                      ly.conv_w, ly.conv_b, conv, ws->xc, (int)E, (int)c.K};
+        p.w_static = 1;  // weights, and the conv state only this launch writes (gemv1_kernel)
         TRY(bm_gemv_launch(p, c.wdtype, 1, 0, st));
         if (B > 1)
             TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
@@ -1315,9 +1625,15 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
         return mark(m, P_OUT);
     }
+    const bool early = fused && b1_early(B);
+    if (early) bm_pdl_early_count(BM_EARLY_SCAN);
     if (c.wdtype == BM_BF16) {
         const uint16_t *dw = (const uint16_t *)ly.dt_w;
-        if (fused)
+        if (early)
+            BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else if (fused)
             BM_LAUNCH_PDL((step_scan_kernel<uint16_t, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
                 (int)R, glog);
@@ -1327,7 +1643,11 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                 (int)R, glog);
     } else {
         const float *dw = (const float *)ly.dt_w;
-        if (fused)
+        if (early)
+            BM_LAUNCH_PDL((step_scan_kernel<float, true, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else if (fused)
             BM_LAUNCH_PDL((step_scan_kernel<float, true>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
                 (int)R, glog);
@@ -1344,33 +1664,40 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
 template <typename WT, int KS>
 int expert_rows_ks(const void *W, const float *x, int64_t ldx, const int32_t *ids,
                    const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
-                   int64_t Kin, cudaStream_t st) {
+                   int64_t Kin, bool early_ids, cudaStream_t st) {
     constexpr int VW = sizeof(WT) == 2 ? 8 : 4;
     const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(Nout, 8 / KS), (unsigned)T);
-    if (vec)
-        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, true>), grid, dim3(256), 0, st,
+    const bool b1 = b1_early(T);
+    if (vec && early_ids && b1) {
+        BM_LAUNCH_PDL((expert_rows_early_kernel<WT, KS>), grid, dim3(256), 0, st,
                       (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
-    else
-        BM_LAUNCH_PDL((expert_rows_kernel<WT, KS, false>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, scale, y, ldy, (int)Nout, (int)Kin);
+        bm_pdl_early_count(BM_EARLY_ROWS);
+    } else {
+        auto *k = vec ? (b1 ? expert_rows_kernel<WT, KS, true, true> : expert_rows_kernel<WT, KS, true>)
+                      : (b1 ? expert_rows_kernel<WT, KS, false, true> : expert_rows_kernel<WT, KS, false>);
+        BM_LAUNCH_PDL(k, grid, dim3(256), 0, st, (const WT *)W, x, ldx, ids, scale, y, ldy,
+                      (int)Nout, (int)Kin);
+    }
     return 0;
 }
 
 // K-split as gemv.cu's rule: split while rows are few (Nout * KS < 4096) and slices long.
+// early_ids: ids and scale were written two launches back and the launch in between triggers
+// only after its wait (fc2 after fc1 or the act pass; expert_rows_early_kernel).
 template <typename WT>
 int expert_rows(const void *W, const float *x, int64_t ldx, const int32_t *ids,
                 const float *scale, float *y, int64_t ldy, int64_t T, int64_t Nout,
-                int64_t Kin, cudaStream_t st) {
+                int64_t Kin, bool early_ids, cudaStream_t st) {
     const int64_t units = Kin / (sizeof(WT) == 2 ? 8 : 4);
     int ks = 1;
     while (ks < 8 && Nout * ks < 4096 && units >= 64 * ks) ks *= 2;
     switch (ks) {
-        case 1: return expert_rows_ks<WT, 1>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
-        case 2: return expert_rows_ks<WT, 2>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
-        case 4: return expert_rows_ks<WT, 4>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
-        default: return expert_rows_ks<WT, 8>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, st);
+        case 1: return expert_rows_ks<WT, 1>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
+        case 2: return expert_rows_ks<WT, 2>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
+        case 4: return expert_rows_ks<WT, 4>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
+        default: return expert_rows_ks<WT, 8>(W, x, ldx, ids, scale, y, ldy, T, Nout, Kin, early_ids, st);
     }
 }
 
@@ -1382,12 +1709,13 @@ int expert_rows_gated_ks(const void *W, const float *x, int64_t ldx, const int32
     const bool vec = Kin % VW == 0 && ldx % 4 == 0 && ((uintptr_t)W & 15) == 0 &&
                      ((uintptr_t)x & 15) == 0;
     dim3 grid((unsigned)bm_cdiv(F, 8 / KS), (unsigned)T);
-    if (vec)
-        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, true>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
-    else
-        BM_LAUNCH_PDL((expert_rows_gated_kernel<WT, KS, false>), grid, dim3(256), 0, st,
-                      (const WT *)W, x, ldx, ids, h, ldh, (int)F, (int)Kin, act);
+    const bool b1 = b1_early(T);
+    auto *k = vec ? (b1 ? expert_rows_gated_kernel<WT, KS, true, true>
+                        : expert_rows_gated_kernel<WT, KS, true>)
+                  : (b1 ? expert_rows_gated_kernel<WT, KS, false, true>
+                        : expert_rows_gated_kernel<WT, KS, false>);
+    BM_LAUNCH_PDL(k, grid, dim3(256), 0, st, (const WT *)W, x, ldx, ids, h, ldh, (int)F,
+                  (int)Kin, act);
     return 0;
 }
 
@@ -1419,17 +1747,18 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     if (rows && c.swiglu) {  // fc1 and the gated act in one kernel
         auto gated_fn = c.wdtype == BM_BF16 ? expert_rows_gated<uint16_t> : expert_rows_gated<float>;
         TRY(gated_fn(ly.fc1, x, d, ids, ws->eh, G, T, F, d, (int)c.act, st));
-        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+        return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, true, st);
     }
     if (rows) {
-        TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, st));
+        TRY(rows_fn(ly.fc1, x, d, ids, nullptr, ws->eh, G, T, G, d, false, st));
     } else {
         GemvParams p1{ly.fc1, x, d, ids, nullptr, nullptr, ws->eh, G, (int)T, (int)G, (int)d};
         TRY(bm_gemv_launch(p1, c.wdtype, ly.X, 0, st));
     }
-    BM_LAUNCH_PDL(expert_act_kernel, dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F,
-                  (int)G, c.swiglu, (int)c.act);
-    if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, st);
+    BM_LAUNCH_PDL(b1_early(T) ? expert_act_kernel<true> : expert_act_kernel<false>,
+                  dim3(grid_for(T * F)), dim3(256), 0, st, ws->eh, T, (int)F, (int)G, c.swiglu,
+                  (int)c.act);
+    if (rows) return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, true, st);
     GemvParams p2{ly.fc2, ws->eh, G, ids, gates, nullptr, out, d, (int)T, (int)d, (int)F};
     return bm_gemv_launch(p2, c.wdtype, ly.X, 0, st);
 }
@@ -1498,9 +1827,9 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         const bool tr = trace && trace->logits && trace->logits[li];
         if (routed) {
         } else if (T <= ROUTE_SMALL_MAX) {
-            BM_LAUNCH_PDL(route_small_kernel, dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w,
-                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d,
-                          ly.X);
+            BM_LAUNCH_PDL(b1_early(T) ? route_small_kernel<true> : route_small_kernel<false>,
+                          dim3((unsigned)T), dim3(256), 0, st, x, ly.router_w, ly.router_b,
+                          tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)c.d, ly.X);
         } else {
             TRY(bm_cuda_route_top1(x, ly.router_w, BM_F32, ly.router_b, tr ? ws->rlog : nullptr,
                                    ws->ids, ws->gates, T, c.d, ly.X, st));
@@ -1580,8 +1909,11 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
             const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
-            auto *nr_kernel = xb ? norm_route_kernel<true> : norm_route_kernel<false>;
-            if (ws->decode && T > ws->gv && d <= 128 * NRP_W4 && nr_pre_on()) {
+            const bool early = ws->decode && b1_early(T);
+            if (early) bm_pdl_early_count(BM_EARLY_NORM_ROUTE);
+            auto *nr_kernel = xb ? (early ? norm_route_early_kernel<true> : norm_route_kernel<true>)
+                                 : (early ? norm_route_early_kernel<false> : norm_route_kernel<false>);
+            if (!early && ws->decode && T > ws->gv && d <= 128 * NRP_W4 && nr_pre_on()) {
                 nr_kernel = xb ? norm_route_pre_kernel<true> : norm_route_pre_kernel<false>;
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
             }
@@ -1594,9 +1926,9 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         }
         const bool xb = lo_ok && ly.mamba && in_proj_batched(m, ws, T) &&
                         (!ws->decode || norm_bf_on());
-        TRY(bm_cuda_rms_norm_bf16(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
-                                  xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
-                                  st));
+        TRY(bm_rms_norm_static_w(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
+                                 xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
+                                 st));
         TRY(mark(m, P_NORM));
         if (ly.mamba) {
             if (ws->decode)
@@ -2079,6 +2411,13 @@ extern "C" long long bm_cuda_norm_route_pre_calls(void) {
 
 extern "C" long long bm_cuda_small_tf32_calls(void) {
     return g_small_tf32.load(std::memory_order_relaxed);
+}
+
+// Launches of the early PDL decode kernels of `kind` (common.cuh, bm_pdl_early_counts) so far;
+// -1 for an unknown kind.
+extern "C" long long bm_cuda_pdl_early_launches(int kind) {
+    if (kind < 0 || kind >= BM_EARLY_KINDS) return -1;
+    return bm_pdl_early_counts()[kind].load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,

@@ -24,6 +24,9 @@ struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
     static __device__ __forceinline__ Raw raw(const uint16_t *p) {
         return __ldg(reinterpret_cast<const uint4 *>(p));
     }
+    static __device__ __forceinline__ Raw raw_ca(const uint16_t *p) {  // see bm_pdl_trigger
+        return __ldca(reinterpret_cast<const uint4 *>(p));
+    }
     static __device__ __forceinline__ void load(const uint16_t *p, float (&w)[8]) {
         unpack(raw(p), w);
     }
@@ -41,6 +44,9 @@ struct WLoad<float> {  // float32: 4 per 16 bytes
     using Raw = float4;
     static __device__ __forceinline__ Raw raw(const float *p) {
         return __ldg(reinterpret_cast<const float4 *>(p));
+    }
+    static __device__ __forceinline__ Raw raw_ca(const float *p) {
+        return __ldca(reinterpret_cast<const float4 *>(p));
     }
     static __device__ __forceinline__ void load(const float *p, float (&w)[4]) {
         unpack(raw(p), w);
@@ -68,9 +74,13 @@ __device__ __forceinline__ void conv_epilogue(const GemvParams &p, int m, int e,
     p.conv_y[(int64_t)m * E + e] = bm_silu(acc);
 }
 
-template <typename WT, int MT, bool VEC>
+// INV (batch-1 graph only, where gemv1_kernel does not apply): behind early kernels, so
+// bm_pdl_wait_b1 (the rows of x are read at addresses from shared memory, which ptxas cannot
+// move above the wait).
+template <typename WT, int MT, bool VEC, bool INV = false>
 __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams p, int ks_log2) {
-    bm_pdl_wait();
+    if constexpr (INV) bm_pdl_wait_b1();
+    else bm_pdl_wait();
     constexpr int VW = WLoad<WT>::VW;
     __shared__ int list[GEMV_LIST];
     __shared__ int list_n;
@@ -207,6 +217,117 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
     }
 }
 
+// The batch-1 GEMV (one row of x, no expert ids, vector loads) in the early PDL form
+// (bm_pdl_early, GemvParams::w_static): trigger, then this lane's first GEMV1_PRE 16-byte
+// weight pieces of its row (and, for the conv epilogue's rows, the conv weights and this
+// channel's conv state, which only this kernel writes, one step before), then the wait, then x
+// and the FMAs. So the weight bytes move while the kernels before this one finish, instead of
+// each kernel paying an HBM round trip, its ramp-up and its tail after the previous one ended.
+// The FMAs run in gemv_kernel<WT, 1, true>'s order (pieces u0 + lane + 32 i ascending), the
+// conv epilogue in conv_epilogue's: bit-identical outputs. GEMV1_PRE = 6 covers the 2.8B
+// shape's rows (in_proj 184 pieces a row, out_proj 368 split in 2, x_proj 368 in 8); a longer
+// slice continues after the wait with the plain loop. At most 40 registers (6 blocks of 256
+// an SM): the weights held for the wait must leave room for the neighbouring kernels' blocks.
+constexpr int GEMV1_PRE = 6;
+
+template <typename WT>
+__global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvParams p, int ks_log2) {
+    bm_pdl_trigger();
+    constexpr int VW = WLoad<WT>::VW;
+    using Raw = typename WLoad<WT>::Raw;
+    __shared__ float part[GEMV_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int KS = 1 << ks_log2;
+    const int kpart = warp & (KS - 1);
+    const int row = blockIdx.x * (GEMV_WARPS >> ks_log2) + (warp >> ks_log2);
+    const bool live = row < p.Nout;
+    const WT *wrow = reinterpret_cast<const WT *>(p.W) + (int64_t)(live ? row : 0) * p.Kin;
+    const int units = p.Kin / VW;
+    const int per = (units + KS - 1) / KS;
+    const int u0 = kpart * per, u1 = min(units, u0 + per);
+    // ---- before the wait: weights and this row's own conv state only ----
+    Raw w[GEMV1_PRE];
+#pragma unroll
+    for (int i = 0; i < GEMV1_PRE; i++) {
+        const int u = u0 + lane + 32 * i;
+        if (live && u < u1) w[i] = WLoad<WT>::raw_ca(wrow + (int64_t)u * VW);
+        else w[i] = Raw{};  // never used
+    }
+    const float bias = (p.bias && live) ? __ldca(p.bias + row) : 0.f;
+    // The conv operands of channel `row`, one per lane (warp-uniform condition): lanes k < K
+    // conv_w[row, k], lanes K + k (k < K - 1) state k, lane 2K - 1 conv_b[row].
+    const int K = p.conv_K, E = p.conv_E;
+    const bool conv_sh = p.conv_w && live && row < E && kpart == 0;  // 2 <= K <= 16 (launcher)
+    float *st = conv_sh ? p.conv_state + row : nullptr;   // m = 0, step E
+    float cv = 0.f;
+    if (conv_sh) {
+        if (lane < K) cv = __ldca(p.conv_w + (int64_t)row * K + lane);
+        else if (lane < 2 * K - 1) cv = __ldca(st + (int64_t)(lane - K) * E);
+        else if (lane == 2 * K - 1 && p.conv_b) cv = __ldca(p.conv_b + row);
+    }
+    bm_pdl_wait_only();
+    bm_l1_invalidate_block();
+    // ---- after the wait: x (written by the kernel before) ----
+    float acc = 0.f;
+    if (live) {
+        const float *xr = p.x;
+#pragma unroll
+        for (int i = 0; i < GEMV1_PRE; i++) {
+            const int u = u0 + lane + 32 * i;
+            if (u < u1) {
+                const int k = u * VW;
+                float wv[VW];
+                WLoad<WT>::unpack(w[i], wv);
+#pragma unroll
+                for (int q = 0; q < VW; q += 4) {
+                    const float4 xv = __ldca(reinterpret_cast<const float4 *>(xr + k + q));
+                    acc = fmaf(wv[q], xv.x, acc);
+                    acc = fmaf(wv[q + 1], xv.y, acc);
+                    acc = fmaf(wv[q + 2], xv.z, acc);
+                    acc = fmaf(wv[q + 3], xv.w, acc);
+                }
+            }
+        }
+#pragma unroll 2
+        for (int u = u0 + lane + 32 * GEMV1_PRE; u < u1; u += 32) {
+            const int k = u * VW;
+            float wv[VW];
+            WLoad<WT>::load(wrow + k, wv);
+#pragma unroll
+            for (int q = 0; q < VW; q += 4) {
+                const float4 xv = __ldca(reinterpret_cast<const float4 *>(xr + k + q));
+                acc = fmaf(wv[q], xv.x, acc);
+                acc = fmaf(wv[q + 1], xv.y, acc);
+                acc = fmaf(wv[q + 2], xv.z, acc);
+                acc = fmaf(wv[q + 3], xv.w, acc);
+            }
+        }
+    }
+    float v = bm_warp_sum(acc);  // every lane holds the sum
+    if (KS > 1) {  // every warp gets here: the barrier is unconditional
+        if (lane == 0) part[warp] = v;
+        __syncthreads();
+        if (kpart == 0)
+            for (int q = 1; q < KS; q++) v += part[warp + q];
+    }
+    if (kpart != 0 || !live) return;
+    const float out = fmaf(v, 1.f, bias);  // gemv_kernel's fmaf(v, scale 1, bias)
+    if (lane == 0) p.y[row] = out;
+    if (conv_sh) {
+        // conv_epilogue's arithmetic in its order, every lane (the shuffles), lane 0 stores
+        float a = __shfl_sync(0xffffffffu, cv, 2 * K - 1);
+        for (int k = 0; k < K - 1; k++)
+            a = fmaf(__shfl_sync(0xffffffffu, cv, k), __shfl_sync(0xffffffffu, cv, K + k), a);
+        a = fmaf(__shfl_sync(0xffffffffu, cv, K - 1), out, a);
+        const float next = __shfl_down_sync(0xffffffffu, cv, 1);  // old state k + 1 at lane K + k
+        if (lane >= K && lane < 2 * K - 2) st[(int64_t)(lane - K) * E] = next;
+        if (lane == 0) {
+            st[(int64_t)(K - 2) * E] = out;
+            p.conv_y[row] = bm_silu(a);
+        }
+    }
+}
+
 template <typename WT, int MT>
 int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     constexpr int VW = WLoad<WT>::VW;
@@ -224,8 +345,23 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     int ks_log2 = 0;
     while ((1 << ks_log2) < ks && ks_log2 < 3) ks_log2++;
     dim3 grid((unsigned)bm_cdiv(p.Nout, GEMV_WARPS >> ks_log2), (unsigned)X);
-    if (vec) BM_LAUNCH_PDL(gemv_kernel<WT, MT, true>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
-    else BM_LAUNCH_PDL(gemv_kernel<WT, MT, false>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+    // The batch-1 graph's products in the early form (gemv1_kernel): the engine's weights, one
+    // row of x, and a grid that bm_launch_pdl launches with PDL (one wave; the LM head's 6288
+    // blocks are not, and run gemv_kernel as before).
+    int dev = 0, sms = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const bool early = p.w_static && p.M == 1 && X == 1 && !p.ids && bm_pdl_early() &&
+                       (int64_t)grid.x * grid.y <= 8 * (int64_t)sms;
+    if (MT == 1 && vec && early && !p.scale && (!p.conv_w || (p.conv_K >= 2 && p.conv_K <= 16))) {
+        BM_LAUNCH_PDL(gemv1_kernel<WT>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+        bm_pdl_early_count(BM_EARLY_GEMV1);
+        return 0;
+    }
+    // a wait-first product in the batch-1 graph (behind early kernels: INV), or as before
+    auto *k = vec ? (early ? gemv_kernel<WT, MT, true, true> : gemv_kernel<WT, MT, true>)
+                  : (early ? gemv_kernel<WT, MT, false, true> : gemv_kernel<WT, MT, false>);
+    BM_LAUNCH_PDL(k, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
     return 0;
 }
 

@@ -39,13 +39,29 @@ __device__ __forceinline__ float4 scale(float4 a, float s, float4 w) {
 // x, residual, res_out (T, d); w (d); out (T, d); obf, olo (T, d) or NULL: out also as bf16
 // (and its low parts), the input of a bf16 GEMM. No __restrict__ on the row pointers:
 // res_out may alias x or residual (each element is read and written by the same thread).
-template <int VW>
+// EARLY (the engine's decode-size norms, bm_rms_norm_static_w): trigger first, load this
+// thread's first NORM_PRE pieces of w (the model's weights) before the wait; same arithmetic.
+constexpr int NORM_PRE = 2;  // d = 1472: 368 float4 over 256 threads
+template <int VW, bool EARLY = false>
 __global__ void rms_norm_kernel(const float *x, const float *residual,
                                 const float *__restrict__ w, float eps,
                                 float *__restrict__ out, float *res_out, int d,
                                 uint16_t *__restrict__ obf, uint16_t *__restrict__ olo) {
-    bm_pdl_wait();
     using V = typename Vec<VW>::T;
+    const V *wv = reinterpret_cast<const V *>(w);
+    V wpre[EARLY ? NORM_PRE : 1];
+    if constexpr (EARLY) {
+        bm_pdl_trigger();
+        const int nv0 = d / VW;
+#pragma unroll
+        for (int j = 0; j < NORM_PRE; j++) {
+            const int i = threadIdx.x + j * blockDim.x;
+            wpre[j] = i < nv0 ? __ldca(wv + i) : V{};  // plain: kept before the wait (common.cuh)
+        }
+        bm_pdl_wait_only();
+    } else {
+        bm_pdl_wait();
+    }
     extern __shared__ __align__(16) unsigned char smem_raw[];
     V *srow = reinterpret_cast<V *>(smem_raw);
     __shared__ float scratch[32];
@@ -57,18 +73,28 @@ __global__ void rms_norm_kernel(const float *x, const float *residual,
 
     float ss = 0.f;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        V r = xr[i];
-        if (rr) r = add(r, rr[i]);
+        // EARLY: from L2 (__ldcg: ordered after the wait, and no L1 lines of h / r)
+        V r = EARLY ? __ldcg(xr + i) : xr[i];
+        if (rr) r = add(r, EARLY ? __ldcg(rr + i) : rr[i]);
         srow[i] = r;
         if (ro) ro[i] = r;
         ss += Vec<VW>::dot(r);
     }
     ss = bm_block_sum(ss, scratch);
     const float s = rsqrtf(ss / (float)d + eps);
-    const V *wv = reinterpret_cast<const V *>(w);
     V *o = reinterpret_cast<V *>(out + off);
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        const V v = scale(srow[i], s, wv[i]);
+    for (int i = threadIdx.x, j = 0; i < nv; i += blockDim.x, j++) {
+        V wi;
+        if constexpr (EARLY) {
+            wi = wpre[0];
+#pragma unroll
+            for (int q = 1; q < NORM_PRE; q++)
+                if (j == q) wi = wpre[q];
+            if (j >= NORM_PRE) wi = wv[i];
+        } else {
+            wi = wv[i];
+        }
+        const V v = scale(srow[i], s, wi);
         o[i] = v;
         if (obf) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
     }
@@ -122,10 +148,10 @@ std::atomic<unsigned> optin_done[4];  // per kernel: devices whose cap is raised
 
 }  // namespace
 
-extern "C" int bm_cuda_rms_norm_bf16(const float *x, const float *residual, const float *w,
-                                     float eps, float *out, float *res_out, uint16_t *out_bf16,
-                                     uint16_t *out_lo, int64_t T, int64_t d,
-                                     cudaStream_t stream) {
+namespace {
+int rms_norm_launch(const float *x, const float *residual, const float *w, float eps,
+                    float *out, float *res_out, uint16_t *out_bf16, uint16_t *out_lo, int64_t T,
+                    int64_t d, bool static_w, cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
     if (T > INT32_MAX || d > NORM_MAX_D) return BM_CUDA_ARG_FAIL("rms_norm: d > 50000 or T too large");
     if (out_lo && !out_bf16) return BM_CUDA_ARG_FAIL("rms_norm: out_lo needs out_bf16");
@@ -134,7 +160,10 @@ extern "C" int bm_cuda_rms_norm_bf16(const float *x, const float *residual, cons
                      (!residual || aligned16(residual)) && (!res_out || aligned16(res_out)) &&
                      (((uintptr_t)out_bf16 | (uintptr_t)out_lo) & 7) == 0;
     int st;
-    if (vec) {
+    if (vec && static_w && T == 1 && smem <= 48 * 1024 && bm_pdl_early()) {
+        BM_LAUNCH_PDL((rms_norm_kernel<4, true>), dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, eps, out, res_out, (int)d, out_bf16, out_lo);
+        bm_pdl_early_count(BM_EARLY_RMS_NORM);
+    } else if (vec) {
         if (smem > 48 * 1024 && (st = bm_smem_optin(rms_norm_kernel<4>, NORM_MAX_D * 4, optin_done[0]))) return st;
         BM_LAUNCH_PDL(rms_norm_kernel<4>, dim3((unsigned)T), dim3(block_for(d / 4)), smem, stream, x, residual, w, eps, out, res_out, (int)d, out_bf16, out_lo);
     } else {
@@ -143,6 +172,22 @@ extern "C" int bm_cuda_rms_norm_bf16(const float *x, const float *residual, cons
     }
     BM_CUDA_LAUNCHED();
     return 0;
+}
+}  // namespace
+
+extern "C" int bm_cuda_rms_norm_bf16(const float *x, const float *residual, const float *w,
+                                     float eps, float *out, float *res_out, uint16_t *out_bf16,
+                                     uint16_t *out_lo, int64_t T, int64_t d,
+                                     cudaStream_t stream) {
+    return rms_norm_launch(x, residual, w, eps, out, res_out, out_bf16, out_lo, T, d, false,
+                           stream);
+}
+
+int bm_rms_norm_static_w(const float *x, const float *residual, const float *w, float eps,
+                         float *out, float *res_out, uint16_t *out_bf16, uint16_t *out_lo,
+                         int64_t T, int64_t d, cudaStream_t stream) {
+    return rms_norm_launch(x, residual, w, eps, out, res_out, out_bf16, out_lo, T, d, true,
+                           stream);
 }
 
 extern "C" int bm_cuda_rms_norm(const float *x, const float *residual, const float *w,

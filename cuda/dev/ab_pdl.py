@@ -1,0 +1,83 @@
+"""A/B of the early PDL decode kernels (BLACKMAMBA_CUDA_PDL_EARLY=0 / 1) in one process, at the
+2.8B shape with bench_gpu's random bf16 weights (dev only; the trace needs torch).
+
+    PYTHONPATH=. python3 cuda/dev/ab_pdl.py [--batches 1,8,64] [--trace DIR] [--rounds 2]
+
+For each batch size and mode (alternating, `rounds` times): a fresh state, the same 32-token
+prompt, 6 graph steps with the same tokens (their logits must be bit-identical between the
+modes), then the median of 50 graph replays after 10 (cuda_bench_step, CUDA events). With
+--trace: a CUPTI trace of 5 batch-1 replays per mode (cuda/dev/trace_model.py's report).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_gpu import SHAPE_2_8B, random_bf16_tensors  # noqa: E402
+
+from blackmamba import _lib, model_cuda  # noqa: E402
+from blackmamba.config import Config  # noqa: E402
+
+MODES = (("old", "0"), ("early", "1"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--trace", default=None)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    C = _lib.C()
+    cfg = Config.from_dict(dict(SHAPE_2_8B))
+    model = model_cuda.CudaModel(cfg, random_bf16_tensors(cfg), dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    ok = True
+    for B in [int(b) for b in args.batches.split(",")]:
+        prompt = rng.integers(0, cfg.real_vocab_size, (B, 32))
+        toks = rng.integers(0, cfg.real_vocab_size, (6, B))
+        ms = {name: [] for name, _ in MODES}
+        ref = {}
+        for r in range(args.rounds):
+            for name, env in MODES:
+                os.environ["BLACKMAMBA_CUDA_PDL_EARLY"] = env
+                st = model.new_state(B)
+                model.prefill(prompt, st, logits=None)
+                lg = np.stack([np.asarray(model.step(toks[i], st)) for i in range(6)])
+                if name not in ref:
+                    ref[name] = lg
+                elif not np.array_equal(ref[name], lg):
+                    print(f"B={B} {name}: logits differ between rounds", flush=True)
+                    ok = False
+                ms[name].append(float(np.median(C.cuda_bench_step(model._eng, st._h, 10, 50))))
+        same = np.array_equal(ref["old"], ref["early"])
+        ok &= same
+        print(f"B={B:>3}: " + "  ".join(f"{n} {' '.join(f'{v:.4f}' for v in ms[n])} ms"
+                                         for n, _ in MODES)
+              + f"  | early/old {np.median(ms['early']) / np.median(ms['old']):.3f}"
+              + f"  | logits bit-identical: {same}"
+              + ("" if same else f" (max |diff| {np.abs(ref['old'] - ref['early']).max():.3e})"),
+              flush=True)
+    if args.trace:
+        import torch  # noqa: F401
+        from trace_model import kernels_of, report
+        torch.cuda.init()
+        for name, env in MODES:
+            os.environ["BLACKMAMBA_CUDA_PDL_EARLY"] = env
+            st = model.new_state(1)
+            model.prefill(rng.integers(0, cfg.real_vocab_size, (1, 32)), st, logits=None)
+            model.step(rng.integers(0, cfg.real_vocab_size, 1), st)
+            C.cuda_bench_step(model._eng, st._h, 5, 5)
+            reps = 5
+            ks = kernels_of(lambda: C.cuda_bench_step(model._eng, st._h, 0, reps), reps)
+            m = float(np.median(C.cuda_bench_step(model._eng, st._h, 5, 30)))
+            with open(os.path.join(args.trace, f"trace_{name}.log"), "w") as out:
+                report(f"decode B=1 {name} (events: {m:.3f} ms/step)", ks, reps, out)
+    print("ALL BIT-IDENTICAL" if ok else "MISMATCH", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

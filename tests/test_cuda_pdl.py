@@ -1,0 +1,104 @@
+"""The early PDL decode kernels of the batch-1 graph (cuda/common.cuh bm_pdl_early;
+BLACKMAMBA_CUDA_PDL_EARLY): the batch-1 GEMV (gemv.cu gemv1_kernel), fc2's expert rows, the
+fused step scan, norm + route and the RMSNorm load their weights (and their own recurrent
+state) before the PDL wait, and the wait-first kernels behind them invalidate L1 after theirs.
+They must compute exactly what the wait-first kernels compute: decode logits and the state
+after several graph steps are compared for equality (not a tolerance: same arithmetic in the
+same order) between BLACKMAMBA_CUDA_PDL_EARLY=0 and =1, with counters showing which path ran
+(batch 3: none, the larger graphs keep their kernels), and against the CPU model at TOL_F32
+(tests/test_cuda_model.py's float32 tolerance).
+"""
+import ctypes
+
+import numpy as np
+import pytest
+
+from blackmamba import _lib, model_cuda
+from blackmamba.config import Config
+from blackmamba.model import Model, random_tensors
+
+from conftest import rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not model_cuda.is_available(),
+                                 reason="no CUDA device, or blackmamba built without CUDA")]
+
+TOL_F32 = 1e-4  # float32 math against the CPU model (see tests/test_cuda_model.py)
+KINDS = ("gemv1", "rows", "scan", "norm_route", "rms_norm")
+
+# small configs of every layer kind, and one wide enough (fp32 rows of 2112) that every early
+# kernel also runs the part of its row past the registers it loads early
+CONFIGS = [
+    dict(mamba_moe_layers=["r", "8", "r", "8"]),
+    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
+    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
+         conv_bias=False),
+    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
+         expansion_factor=1),
+    dict(mamba_moe_layers=["r", "2"], hidden_size=2112, expansion_factor=1,
+         ffn_hidden_size=2200),
+]
+
+
+def make_cfg(**over):
+    base = dict(num_layers=1, hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
+                ffn_hidden_size=40)
+    base.update(over)
+    base["num_layers"] = len(base["mamba_moe_layers"])
+    return Config.from_dict(base)
+
+
+def counts():
+    lib = ctypes.CDLL(_lib.C().__file__)
+    lib.bm_cuda_pdl_early_launches.restype = ctypes.c_longlong
+    return np.array([lib.bm_cuda_pdl_early_launches(k) for k in range(len(KINDS))])
+
+
+def run(g, B, prompt, toks, graph=True):
+    st = g.new_state(B)
+    g.prefill(prompt, st, logits=None)
+    lg = np.stack([g.step(t, st, graph=graph) for t in toks])
+    cs = st.to_cpu()
+    return lg, [a for a in cs.conv + cs.ssm if a is not None]
+
+
+@pytest.mark.parametrize("ci", range(len(CONFIGS)))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_early_equals_wait_first(ci, dtype, B, monkeypatch):
+    cfg = make_cfg(**CONFIGS[ci])
+    t = random_tensors(cfg, seed=60 + ci)
+    g = model_cuda.CudaModel(cfg, t, dtype=dtype, math="fp32")
+    rng = np.random.default_rng(ci * 10 + B)
+    prompt = rng.integers(0, g.vocab_size, (B, 7))
+    toks = rng.integers(0, g.vocab_size, (5, B))
+    out = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv("BLACKMAMBA_CUDA_PDL_EARLY", env)
+        c0 = counts()
+        out[env] = run(g, B, prompt, toks)
+        eager = run(g, B, prompt, toks[:2], graph=False)[0]   # the same kernels, no graph
+        assert rel_err(eager, out[env][0][:2]) <= 1e-6     # test_graph_replay_equals_eager's
+        dc = counts() - c0
+        if env == "0":
+            assert not dc.any(), dict(zip(KINDS, dc))
+            continue
+        # only the one-token graph runs early kernels (larger batches keep the wait-first
+        # ones); every config has Mamba layers (RMSNorm, scan, the GEMVs) and MLP layers (fc2
+        # rows); norm + route only on MoE layers of their own (the parallel "rX" layers
+        # route separately)
+        taken = dict(zip(KINDS, dc > 0))
+        want = dict(gemv1=True, rows=True, scan=True, rms_norm=True,
+                    norm_route=any(k.isdigit() and int(k) >= 2 for k in cfg.mamba_moe_layers))
+        if B > 1:
+            want = dict.fromkeys(KINDS, False)
+        assert taken == want, dc
+    np.testing.assert_array_equal(out["0"][0], out["1"][0])
+    for a, b in zip(out["0"][1], out["1"][1]):
+        np.testing.assert_array_equal(a, b)
+    if ci < 4 and dtype == "float32":  # and both against the CPU model
+        c = Model(cfg, t, dtype=dtype)
+        sc = c.new_state(B)
+        c.prefill(prompt, sc, logits=None)
+        want = np.stack([c.step(tk, sc) for tk in toks])
+        assert rel_err(out["1"][0], want) < TOL_F32

@@ -1097,7 +1097,9 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_pre_kernel(
 #pragma unroll
     for (int i = 0; i < NRP_W4; i++) {
         const int k = 4 * lane + 128 * i;
-        wr[i] = warp < X && k < d ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)warp * d + k))
+        // __ldca, not __ldg: ptxas sank ld.global.nc loads below griddepcontrol.wait (all of
+        // them, in this kernel's SASS), which undid the early load (NOTES, session 4 pdl1)
+        wr[i] = warp < X && k < d ? __ldca(reinterpret_cast<const float4 *>(rw + (int64_t)warp * d + k))
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     bm_pdl_wait();

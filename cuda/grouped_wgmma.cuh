@@ -35,9 +35,11 @@
 #endif
 
 // Default: the wgmma core on for the prefill tiles, and its tile variants (fc1, fc2; see
-// wgmma_dispatch) below and from 4096 rows: "44" at both, the best of run 3's sweep.
+// wgmma_dispatch) below and from 4096 rows: "66" at both (2 x 256, 4 stages, lag 2, refill
+// before the wgmma), the best of the lead's sweep (benchmarks/results/s4-h200/final1: T = 2048
+// 0.205 ms, T = 16384 1.333 ms, against "44" 0.215 / 1.366).
 constexpr int WGMMA_DEFAULT_ON = 1;
-constexpr char WGMMA_DEFAULT_TILES[2][3] = {"44", "44"};
+constexpr char WGMMA_DEFAULT_TILES[2][3] = {"66", "66"};
 
 // ---- wgmma PTX wrappers ------------------------------------------------------------------------
 // Shared-memory matrix descriptor: start address >> 4, leading byte offset 16 (unused by

@@ -104,7 +104,7 @@ static inline bool bm_pdl_early() {
 
 // Launches of the early kernels so far, by kind (tests assert the path was taken; counted at
 // launch, so a captured graph counts once): 0 gemv1_kernel, 1 expert_rows_early_kernel,
-// 2 step_scan_kernel<.., EARLY>, 3 norm_route_kernel<.., EARLY>, 4 rms_norm_kernel<.., EARLY>.
+// 2 step_scan_kernel<.., EARLY>, 3 norm_route_kernel<., NR_EARLY>, 4 rms_norm_kernel<.., EARLY>.
 // Not static: one set for the whole library (vague linkage).
 enum { BM_EARLY_GEMV1, BM_EARLY_ROWS, BM_EARLY_SCAN, BM_EARLY_NORM_ROUTE, BM_EARLY_RMS_NORM,
        BM_EARLY_KINDS };

@@ -697,11 +697,26 @@ __global__ __launch_bounds__(256) void route_small_kernel(
 // same block size (same sums, so bit-identical xn and res_out); its output row stays in shared
 // memory for route_small_kernel's dot products (same order, so the same logits). One graph node
 // instead of two per MoE layer, and the router reads x from shared memory.
+// BF: also write the normed rows as bf16 (obf, and olo where given).
+// MODE, how the kernel meets programmatic dependent launch (the arithmetic and its order are
+// the same in all three: the same xn, residual, logits, ids and gates, bit for bit):
+//   NR_PLAIN  wait first (prefill, and decode where neither applies);
+//   NR_PRE    this warp's first router row (NR_PRE float4 a lane: d <= 128 NR_PRE, checked by
+//             the host) loaded into registers before the wait: batched decode (session 4
+//             dec64: 8.3 -> 4.8 us a layer at B = 64, the dots no longer walk the row from L2
+//             after the norm);
+//   NR_EARLY  the batch-1 graph's early form (bm_pdl_early): trigger first, then before the
+//             wait the norm weights (the first NR_PRE_W float4 of this thread) and the router
+//             row and bias as NR_PRE; x and residual after it from L2 (__ldcg: no L1 lines of
+//             h / r, common.cuh).
+// The early loads are __ldca, not __ldg: ptxas moves ld.global.nc across griddepcontrol.wait
+// (cuda/NOTES.md, session 4 pdl1).
 constexpr int NR_THREADS = 256;
 constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
-// BF: also write the normed rows as bf16 (obf, and olo where given); a template so that the
-// decode kernels stay as they were measured.
-template <bool BF>
+constexpr int NR_PRE = 12;       // router pieces per lane (d = 1472: 11.5)
+constexpr int NR_PRE_W = 2;      // norm-weight float4 per thread (d = 1472: 368 over 256 threads)
+enum { NR_PLAIN = 0, NR_PRE_ROW = 1, NR_EARLY = 2 };
+template <bool BF, int MODE>
 __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float *x,                   // (T, d)
     const float *residual,            // (T, d) or NULL
@@ -717,88 +732,11 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     int d, int X,
     uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
     uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
-    bm_pdl_wait();
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
-    __shared__ float scratch[32];
-    __shared__ float sl[ROUTE_SMALL_MAX_X];
-    const int64_t off = (int64_t)blockIdx.x * d;
-    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
-    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
-    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
-    const int nv = d / 4;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        float4 r = xr[i];
-        if (rr) {
-            const float4 q = rr[i];
-            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
-        }
-        srow[i] = r;
-        ro[i] = r;
-        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
-    }
-    ss = bm_block_sum(ss, scratch);
-    const float s = rsqrtf(ss / (float)d + eps);
-    const float4 *wv = reinterpret_cast<const float4 *>(nw);
-    float4 *o = reinterpret_cast<float4 *>(out + off);
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        const float4 a = srow[i], w4 = wv[i];
-        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
-        srow[i] = v;  // the same thread wrote srow[i]: no barrier needed before this
-        o[i] = v;
-        if (BF) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
-    }
-    __syncthreads();
-    const float *xs = reinterpret_cast<const float *>(srow);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int e = warp; e < X; e += NR_THREADS / 32) {
-        const float *w = rw + (int64_t)e * d;
-        float acc = 0.f;
-#pragma unroll 4
-        for (int k = 4 * lane; k < d; k += 128) {
-            const float4 a = *reinterpret_cast<const float4 *>(xs + k);
-            const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
-            acc = fmaf(a.x, b.x, acc);
-            acc = fmaf(a.y, b.y, acc);
-            acc = fmaf(a.z, b.z, acc);
-            acc = fmaf(a.w, b.w, acc);
-        }
-        acc = bm_warp_sum(acc);
-        if (lane == 0) sl[e] = acc + rb[e];
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
-}
-
-// norm_route_kernel in the early PDL form (the batch-1 decode graph, bm_pdl_early; EARLY is
-// always true, norm_route_kernel stays as it was for the other sizes): trigger first, then
-// before the wait the norm weights (the first NR_PRE_W of this thread's float4) and this
-// warp's first router row (its first NR_PRE float4 pieces, and the bias): weights only; x and
-// residual after it, from L2 (no L1 lines of h / r: common.cuh). Same arithmetic in the same
-// order: bit-identical.
-constexpr int NR_PRE = 12;   // router pieces per lane (d = 1472: 11.5)
-constexpr int NR_PRE_W = 2;  // norm-weight float4 per thread (d = 1472: 368 over 256 threads)
-template <bool BF, bool EARLY = true>
-__global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
-    const float *x,                   // (T, d)
-    const float *residual,            // (T, d) or NULL
-    const float *__restrict__ nw,     // (d)
-    float eps,
-    float *__restrict__ out,          // (T, d) normed
-    float *res_out,                   // (T, d): x + residual (may alias x or residual)
-    const float *__restrict__ rw,     // (X, d)
-    const float *__restrict__ rb,     // (X)
-    float *__restrict__ logits,       // (T, X) or NULL
-    int32_t *__restrict__ ids,        // (T)
-    float *__restrict__ gates,        // (T)
-    int d, int X,
-    uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
-    uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
+    constexpr bool EARLY = MODE == NR_EARLY, ROW = MODE != NR_PLAIN;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nv = d / 4;
     const float4 *wv = reinterpret_cast<const float4 *>(nw);
-    float4 wpre[EARLY ? NR_PRE_W : 1], rpre[EARLY ? NR_PRE : 1];
+    float4 wpre[EARLY ? NR_PRE_W : 1], rpre[ROW ? NR_PRE : 1];
     float rb0 = 0.f;
     if constexpr (EARLY) {
         bm_pdl_trigger();
@@ -807,6 +745,8 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
             const int i = threadIdx.x + j * NR_THREADS;
             wpre[j] = i < nv ? __ldca(wv + i) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+    }
+    if constexpr (ROW) {
         const float *w0 = rw + (int64_t)(warp < X ? warp : 0) * d;
 #pragma unroll
         for (int i = 0; i < NR_PRE; i++) {
@@ -814,6 +754,8 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
             rpre[i] = warp < X && k < d ? __ldca(reinterpret_cast<const float4 *>(w0 + k))
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+    }
+    if constexpr (EARLY) {
         if (warp < X) rb0 = __ldca(rb + warp);
         bm_pdl_wait_only();
     } else {
@@ -829,7 +771,6 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
     float4 *ro = reinterpret_cast<float4 *>(res_out + off);
     float ss = 0.f;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        // EARLY: from L2 (__ldcg: ordered after the wait, and no L1 lines of h / r)
         float4 r = EARLY ? __ldcg(xr + i) : xr[i];
         if (rr) {
             const float4 q = EARLY ? __ldcg(rr + i) : rr[i];
@@ -861,43 +802,12 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
     }
     __syncthreads();
     const float *xs = reinterpret_cast<const float *>(srow);
-    int e = warp;
-    if constexpr (EARLY) {
-        // the first expert of this warp from the early pieces
-        if (e < X) {
-            float acc = 0.f;
-#pragma unroll
-            for (int i = 0; i < NR_PRE; i++) {
-                const int k = 4 * lane + 128 * i;
-                if (k < d) {
-                    const float4 a = *reinterpret_cast<const float4 *>(xs + k);
-                    const float4 b = rpre[i];
-                    acc = fmaf(a.x, b.x, acc);
-                    acc = fmaf(a.y, b.y, acc);
-                    acc = fmaf(a.z, b.z, acc);
-                    acc = fmaf(a.w, b.w, acc);
-                }
-            }
-            const float *w = rw + (int64_t)e * d;
-#pragma unroll 4
-            for (int k = 4 * lane + 128 * NR_PRE; k < d; k += 128) {
-                const float4 a = *reinterpret_cast<const float4 *>(xs + k);
-                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
-                acc = fmaf(a.x, b.x, acc);
-                acc = fmaf(a.y, b.y, acc);
-                acc = fmaf(a.z, b.z, acc);
-                acc = fmaf(a.w, b.w, acc);
-            }
-            acc = bm_warp_sum(acc);
-            if (lane == 0) sl[e] = acc + rb0;
-        }
-        e += NR_THREADS / 32;
-    }
-    for (; e < X; e += NR_THREADS / 32) {
+    // One dot per expert and warp, in the same k order whether its first pieces were loaded
+    // early (the warp's first expert) or not.
+    auto dot = [&](int e, int k0, float acc) {
         const float *w = rw + (int64_t)e * d;
-        float acc = 0.f;
 #pragma unroll 4
-        for (int k = 4 * lane; k < d; k += 128) {
+        for (int k = k0; k < d; k += 128) {
             const float4 a = *reinterpret_cast<const float4 *>(xs + k);
             const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
             acc = fmaf(a.x, b.x, acc);
@@ -905,7 +815,30 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_early_kernel(
             acc = fmaf(a.z, b.z, acc);
             acc = fmaf(a.w, b.w, acc);
         }
-        acc = bm_warp_sum(acc);
+        return bm_warp_sum(acc);
+    };
+    int e = warp;
+    if constexpr (ROW) {
+        if (e < X) {
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < NR_PRE; i++) {
+                const int k = 4 * lane + 128 * i;
+                if (k < d) {
+                    const float4 a = *reinterpret_cast<const float4 *>(xs + k);
+                    acc = fmaf(a.x, rpre[i].x, acc);
+                    acc = fmaf(a.y, rpre[i].y, acc);
+                    acc = fmaf(a.z, rpre[i].z, acc);
+                    acc = fmaf(a.w, rpre[i].w, acc);
+                }
+            }
+            acc = dot(e, 4 * lane + 128 * NR_PRE, acc);
+            if (lane == 0) sl[e] = acc + (EARLY ? rb0 : rb[e]);
+        }
+        e += NR_THREADS / 32;
+    }
+    for (; e < X; e += NR_THREADS / 32) {
+        const float acc = dot(e, 4 * lane, 0.f);
         if (lane == 0) sl[e] = acc + rb[e];
     }
     __syncthreads();
@@ -1076,98 +1009,7 @@ __global__ void step_scan4_kernel(float *__restrict__ ssm,          // (B, E, N)
     }
 }
 
-// norm_route_kernel<BF> for decode batches of 2 rows or more (decode_body), d <= 128 * NRP_W4:
-// the same arithmetic in the same order (the same xn, residual, logits, ids and gates, bit for
-// bit), but each warp's first router row is loaded into registers BEFORE griddepcontrol.wait
-// (the weights do not depend on the kernel before), so the dots follow the norm at once
-// instead of walking the row from L2 after it (8.3 us a layer at B = 64 on the H200, ~2/3 of
-// it the dots' dependent L2 loads).
-constexpr int NRP_W4 = 12;  // float4 of a router row per lane: d <= 1536
-std::atomic<long long> g_nr_pre{0};  // launches (tests)
-template <bool BF>
-__global__ __launch_bounds__(NR_THREADS) void norm_route_pre_kernel(
-    const float *x, const float *residual, const float *__restrict__ nw, float eps,
-    float *__restrict__ out, float *res_out, const float *__restrict__ rw,
-    const float *__restrict__ rb, float *__restrict__ logits, int32_t *__restrict__ ids,
-    float *__restrict__ gates, int d, int X, uint16_t *__restrict__ obf,
-    uint16_t *__restrict__ olo) {
-    // (shapes as norm_route_kernel's)
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float4 wr[NRP_W4];
-#pragma unroll
-    for (int i = 0; i < NRP_W4; i++) {
-        const int k = 4 * lane + 128 * i;
-        // __ldca, not __ldg: ptxas sank ld.global.nc loads below griddepcontrol.wait (all of
-        // them, in this kernel's SASS), which undid the early load (NOTES, session 4 pdl1)
-        wr[i] = warp < X && k < d ? __ldca(reinterpret_cast<const float4 *>(rw + (int64_t)warp * d + k))
-                                  : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    bm_pdl_wait();
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    float4 *srow = reinterpret_cast<float4 *>(smem_raw);
-    __shared__ float scratch[32];
-    __shared__ float sl[ROUTE_SMALL_MAX_X];
-    const int64_t off = (int64_t)blockIdx.x * d;
-    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
-    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
-    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
-    const int nv = d / 4;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        float4 r = xr[i];
-        if (rr) {
-            const float4 q = rr[i];
-            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
-        }
-        srow[i] = r;
-        ro[i] = r;
-        ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
-    }
-    ss = bm_block_sum(ss, scratch);
-    const float s = rsqrtf(ss / (float)d + eps);
-    const float4 *wv = reinterpret_cast<const float4 *>(nw);
-    float4 *o = reinterpret_cast<float4 *>(out + off);
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        const float4 a = srow[i], w4 = wv[i];
-        const float4 v = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
-        srow[i] = v;
-        o[i] = v;
-        if (BF) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
-    }
-    __syncthreads();
-    const float *xs = reinterpret_cast<const float *>(srow);
-    for (int e = warp; e < X; e += NR_THREADS / 32) {
-        float acc = 0.f;
-        if (e == warp) {  // the preloaded row, in norm_route_kernel's k order
-#pragma unroll
-            for (int i = 0; i < NRP_W4; i++) {
-                const int k = 4 * lane + 128 * i;
-                if (k < d) {
-                    const float4 a = *reinterpret_cast<const float4 *>(xs + k);
-                    acc = fmaf(a.x, wr[i].x, acc);
-                    acc = fmaf(a.y, wr[i].y, acc);
-                    acc = fmaf(a.z, wr[i].z, acc);
-                    acc = fmaf(a.w, wr[i].w, acc);
-                }
-            }
-        } else {
-            const float *w = rw + (int64_t)e * d;
-            for (int k = 4 * lane; k < d; k += 128) {
-                const float4 a = *reinterpret_cast<const float4 *>(xs + k);
-                const float4 b = __ldg(reinterpret_cast<const float4 *>(w + k));
-                acc = fmaf(a.x, b.x, acc);
-                acc = fmaf(a.y, b.y, acc);
-                acc = fmaf(a.z, b.z, acc);
-                acc = fmaf(a.w, b.w, acc);
-            }
-        }
-        acc = bm_warp_sum(acc);
-        if (lane == 0) sl[e] = acc + rb[e];
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
-}
-
+std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
 // BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
 bool nr_pre_on() {
     const char *e = getenv("BLACKMAMBA_NORM_ROUTE_PRE");
@@ -1913,10 +1755,12 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
             const bool early = ws->decode && b1_early(T);
             if (early) bm_pdl_early_count(BM_EARLY_NORM_ROUTE);
-            auto *nr_kernel = xb ? (early ? norm_route_early_kernel<true> : norm_route_kernel<true>)
-                                 : (early ? norm_route_early_kernel<false> : norm_route_kernel<false>);
-            if (!early && ws->decode && T > ws->gv && d <= 128 * NRP_W4 && nr_pre_on()) {
-                nr_kernel = xb ? norm_route_pre_kernel<true> : norm_route_pre_kernel<false>;
+            auto *nr_kernel = xb ? (early ? norm_route_kernel<true, NR_EARLY>
+                                          : norm_route_kernel<true, NR_PLAIN>)
+                                 : (early ? norm_route_kernel<false, NR_EARLY>
+                                          : norm_route_kernel<false, NR_PLAIN>);
+            if (!early && ws->decode && T > ws->gv && d <= 128 * NR_PRE && nr_pre_on()) {
+                nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
             }
             BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,

@@ -153,6 +153,54 @@ struct Tile {
     static_assert(BM * 8 % NT == 0 && NB * 8 % NT == 0, "loader");
 };
 
+// Which expert and row tile is this CTA's (both cores)? blockIdx.y counts the row tiles of
+// BM rows of the experts in order; walks the offsets (uniform over the block). False when
+// blockIdx.y is past the last tile (the grid is an upper bound).
+__device__ __forceinline__ bool find_tile(const GroupedArgs &p, int BM, int &e, int &row0,
+                                          int &rows) {
+    int tile = blockIdx.y;
+    for (e = 0; e < p.X; e++) {
+        const int beg = __ldg(p.offsets + e), end = __ldg(p.offsets + e + 1);
+        const int nt = (end - beg + BM - 1) / BM;
+        if (tile < nt) {
+            row0 = beg + tile * BM;
+            rows = min(BM, end - row0);
+            return true;
+        }
+        tile -= nt;
+    }
+    return false;
+}
+
+// The loaders' source rows (both cores; fixed over K): chunk tid & 7 of tile rows
+// (tid >> 3) + i NT/8, -1 = none (zeros). Row indices as 32-bit values, the addresses formed
+// per load: fewer registers than 64-bit pointers where a thread loads many rows.
+// A: the gathered token rows (FC1: through perm) of the tile's `rows`.
+template <int ITERS, int NT, int MODE>
+__device__ __forceinline__ void a_sources(const GroupedArgs &p, int row0, int rows,
+                                          int (&src)[ITERS]) {
+#pragma unroll
+    for (int i = 0; i < ITERS; i++) {
+        const int r = (threadIdx.x >> 3) + i * (NT / 8);
+        src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
+    }
+}
+// B: NB weight rows from output column n0; FC1: rows [0, NB/2) the gate columns, [NB/2, NB)
+// the matching up half.
+template <int ITERS, int NT, int NB, int MODE>
+__device__ __forceinline__ void b_sources(const GroupedArgs &p, int n0, int (&src)[ITERS]) {
+#pragma unroll
+    for (int i = 0; i < ITERS; i++) {
+        const int r = (threadIdx.x >> 3) + i * (NT / 8);
+        if (MODE == MODE_FC1) {
+            const int c = n0 + (r % (NB / 2));
+            src[i] = c >= p.N ? -1 : r < NB / 2 ? c : p.N + c;
+        } else {
+            src[i] = n0 + r < p.N ? n0 + r : -1;
+        }
+    }
+}
+
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
 __global__ void __launch_bounds__(WM * WN * 32, (Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>::MINB))
 grouped_gemm_kernel(const GroupedArgs p) {
@@ -161,44 +209,15 @@ grouped_gemm_kernel(const GroupedArgs p) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
 
-    // Which expert and row tile is this CTA's? Walk the offsets (uniform over the block).
-    int e = 0, tile = blockIdx.y, row0 = 0, rows = 0;
-    for (; e < p.X; e++) {
-        const int beg = __ldg(p.offsets + e), end = __ldg(p.offsets + e + 1);
-        const int nt = (end - beg + BM - 1) / BM;
-        if (tile < nt) {
-            row0 = beg + tile * BM;
-            rows = min(BM, end - row0);
-            break;
-        }
-        tile -= nt;
-    }
-    if (e == p.X) return;  // past the last tile: the grid is an upper bound
+    int e = 0, row0 = 0, rows = 0;
+    if (!find_tile(p, BM, e, row0, rows)) return;
     const int K = p.K, N = p.N;
     const int n0 = blockIdx.x * C::OUT_COLS;  // first output column
     if (n0 >= N) return;
-
-    // Per-thread source rows (fixed over K): chunk kc = tid & 7 of rows (tid >> 3) + i*NT/8.
-    // Source rows (-1: none) as 32-bit indices, the addresses formed per load: fewer
-    // registers than 64-bit pointers where a thread loads many rows.
     const int kc = tid & 7;
-    int a_row_src[C::A_ITERS];
-#pragma unroll
-    for (int i = 0; i < C::A_ITERS; i++) {
-        const int r = (tid >> 3) + i * (C::NT / 8);
-        a_row_src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
-    }
-    int b_row_src[C::B_ITERS];
-#pragma unroll
-    for (int i = 0; i < C::B_ITERS; i++) {
-        const int r = (tid >> 3) + i * (C::NT / 8);
-        if (MODE == MODE_FC1) {  // rows [0, NB/2): gate columns; [NB/2, NB): the up half
-            const int c = n0 + (r % (NB / 2));
-            b_row_src[i] = c >= N ? -1 : r < NB / 2 ? c : N + c;
-        } else {
-            b_row_src[i] = n0 + r < N ? n0 + r : -1;
-        }
-    }
+    int a_row_src[C::A_ITERS], b_row_src[C::B_ITERS];
+    a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src);
+    b_sources<C::B_ITERS, C::NT, NB, MODE>(p, n0, b_row_src);
     const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;  // weight rows per expert
     const uint16_t *We = p.W + (int64_t)e * wrows * K + kc * 8;
     const uint16_t *Ak = p.A + kc * 8;

@@ -1,5 +1,6 @@
 // grouped_wgmma.cuh: the Hopper core of grouped.cu's prefill GEMMs (wgmma, sm_90a).
-// Included by grouped.cu after GroupedArgs, MODE_FC1/FC2, swz and cp_async16; no other user.
+// Included by grouped.cu after GroupedArgs, MODE_FC1/FC2, swz, cp_async16 and the tile walk
+// (find_tile, a_sources, b_sources); no other user.
 //
 // The same grouped GEMMs as grouped_gemm_kernel (the tile walk over the device-side expert
 // offsets, the gathered A rows, the fc1 gate/up pairing and both epilogues), with the inner
@@ -213,42 +214,15 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
     const uint32_t sbase = (smem_u32(wg_smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-    // Which expert and row tile is this CTA's? As grouped_gemm_kernel.
-    int e = 0, tile = blockIdx.y, row0 = 0, rows = 0;
-    for (; e < p.X; e++) {
-        const int beg = __ldg(p.offsets + e), end = __ldg(p.offsets + e + 1);
-        const int nt = (end - beg + BM - 1) / BM;
-        if (tile < nt) {
-            row0 = beg + tile * BM;
-            rows = min(BM, end - row0);
-            break;
-        }
-        tile -= nt;
-    }
-    if (e == p.X) return;
+    int e = 0, row0 = 0, rows = 0;
+    if (!find_tile(p, BM, e, row0, rows)) return;  // grouped.cu, as grouped_gemm_kernel
     const int K = p.K, N = p.N;
     const int n0 = blockIdx.x * C::OUT_COLS;
     if (n0 >= N) return;
-
-    // Loader: chunk kc = tid & 7 of tile rows (tid >> 3) + i NT/8; source rows, -1 = zeros.
     const int kc = tid & 7;
-    int a_row_src[C::A_ITERS];
-#pragma unroll
-    for (int i = 0; i < C::A_ITERS; i++) {
-        const int r = (tid >> 3) + i * (C::NT / 8);
-        a_row_src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
-    }
-    int b_row_src[C::B_ITERS];
-#pragma unroll
-    for (int i = 0; i < C::B_ITERS; i++) {
-        const int r = (tid >> 3) + i * (C::NT / 8);
-        if (MODE == MODE_FC1) {  // rows [0, BN/2): gate columns; [BN/2, BN): the up half
-            const int c = n0 + (r % (BN / 2));
-            b_row_src[i] = c >= N ? -1 : r < BN / 2 ? c : N + c;
-        } else {
-            b_row_src[i] = n0 + r < N ? n0 + r : -1;
-        }
-    }
+    int a_row_src[C::A_ITERS], b_row_src[C::B_ITERS];
+    a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src);
+    b_sources<C::B_ITERS, C::NT, BN, MODE>(p, n0, b_row_src);
     const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;  // weight rows per expert
     const uint16_t *We = p.W + (int64_t)e * wrows * K + kc * 8;
     const uint16_t *Ak = p.A + kc * 8;

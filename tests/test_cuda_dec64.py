@@ -1,7 +1,7 @@
 """The batched decode path (session 4, dec64): decode batches from 2 rows on through the
 tensor-core products and the grouped experts (engine.cu decode_body), the float4 scan step
 that writes out_proj's bf16 input (step_scan4_kernel), and the MoE norm + routing with its
-router rows loaded before the PDL wait (norm_route_pre_kernel). Each fast path is asserted
+router rows loaded before the PDL wait (norm_route_kernel<., NR_PRE_ROW>). Each fast path is asserted
 taken (native counters), compared with the path it replaces in the same process (environment
 switches, read at graph capture) and with the CPU model. (The helper's two-launch streamed MoE,
 cuda/moe_stream.cu, measured slower and stayed on branch dec64, commit 7d81074.)
@@ -13,7 +13,7 @@ Tolerances (relative L2 of the logits, float64 norms):
   1e-2 (and > 1e-4, so that the rounding path is really exercised) for batches of more than
     8 rows under "bf16" (activations rounded to bf16: ~3e-3 per product, as in
     test_cuda_model.test_bf16_math_against_cpu);
-  TOL_SAME 1e-6: the same math in another kernel: norm_route_pre_kernel against
+  TOL_SAME 1e-6: the same math in another kernel: norm_route_kernel<., NR_PRE_ROW> against
     norm_route_kernel (expected bit-identical), the float4 scan step against the scalar one
     under bf16x2 (the y sum in another order).
 """
@@ -167,7 +167,7 @@ def test_batched_decode_skewed_routing(env):
 @pytest.mark.parametrize("B,math", [(5, "bf16"), (40, "bf16"), (40, "bf16x2")])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_norm_route_pre(env, B, math, seed):
-    # norm_route_pre_kernel against norm_route_kernel (same arithmetic: TOL_SAME)
+    # norm_route_kernel<., NR_PRE_ROW> against <., NR_PLAIN> (same arithmetic: TOL_SAME)
     g, c = make(30 + seed, math=math)
     ids = np.random.default_rng(seed).integers(0, g.vocab_size, (B, 6))
     env(BLACKMAMBA_DECODE_GEMM_MIN=2)

@@ -7,7 +7,7 @@ reads at graph capture; a new state per measurement recaptures the graph.
 Switches: BLACKMAMBA_DECODE_GEMM_MIN (9: the 8-row GEMVs up to batch 8, as before),
 BLACKMAMBA_SCAN4=0 (scalar step + to_bf16 pass), BLACKMAMBA_DECODE_NORM_BF=0 (in_proj converts
 its input itself), BLACKMAMBA_NORM_ROUTE_PRE=0
-(norm_route_kernel instead of norm_route_pre_kernel).
+(norm_route_kernel<., NR_PLAIN> instead of <., NR_PRE_ROW>).
 """
 import argparse
 import os

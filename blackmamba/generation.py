@@ -257,6 +257,31 @@ def _on_device(model):
 DEVICE_CHUNK = 32
 
 
+def _stop_trackers(model, B, stop):
+    """(matchers, decoders) for the stop strings of B rows, or (None, None) without any."""
+    if not stop:
+        return None, None
+    from .tokenizer import StreamDecoder
+    return ([_StopMatcher(stop) for _ in range(B)],
+            [StreamDecoder(model.tokenizer) for _ in range(B)])
+
+
+def _accept(cur, out, alive, matchers, decoders):
+    """One step of B rows: each live row's token cur[i] is appended to out[i], and the row dies
+    at EOS or when its stop string completes. Returns the next step's input (dead rows 0)."""
+    nxt = np.zeros(len(out), np.int64)
+    for i in range(len(out)):
+        if alive[i]:
+            nxt[i] = cur[i]
+            out[i].append(int(nxt[i]))
+            if nxt[i] == EOS_ID:
+                alive[i] = False
+            elif matchers is not None:
+                matchers[i].feed(decoders[i].push(int(nxt[i])))
+                alive[i] = not matchers[i].done
+    return nxt
+
+
 def _run_device(model, prompts, max_new, params, stop, state):
     """_run on a CudaModel: the same loop, but each draw happens on the device (the seed's
     Philox uniforms, generation.sample_next_u's rule: tokens differ from the host sampler's
@@ -270,11 +295,7 @@ def _run_device(model, prompts, max_new, params, stop, state):
     seed = _seed(params)
     out = [[] for _ in range(B)]
     alive = [True] * B
-    matchers = decoders = None
-    if stop:
-        from .tokenizer import StreamDecoder
-        matchers = [_StopMatcher(stop) for _ in range(B)]
-        decoders = [StreamDecoder(model.tokenizer) for _ in range(B)]
+    matchers, decoders = _stop_trackers(model, B, stop)
     if max_new == 0:
         return out
     if own and not stop:
@@ -297,16 +318,7 @@ def _run_device(model, prompts, max_new, params, stop, state):
     # per-token host control: the same steps as _run (dead rows are fed 0)
     cur = model._sample_device(state, 1, params, seed, 0, logits0=logits)[:, 0]
     for k in range(max_new):
-        nxt = np.zeros(B, np.int64)
-        for i in range(B):
-            if alive[i]:
-                nxt[i] = cur[i]
-                out[i].append(int(nxt[i]))
-                if nxt[i] == EOS_ID:
-                    alive[i] = False
-                elif matchers is not None:
-                    matchers[i].feed(decoders[i].push(int(nxt[i])))
-                    alive[i] = not matchers[i].done
+        nxt = _accept(cur, out, alive, matchers, decoders)
         if not any(alive):
             break
         cur = model._sample_device(state, 1, params, seed, k + 1, tokens=nxt)[:, 0]
@@ -322,22 +334,11 @@ def _run(model, prompts, max_new, params, stop, state):
     limit = model.real_vocab_size
     out = [[] for _ in range(B)]
     alive = [True] * B
-    matchers = decoders = None
-    if stop:
-        from .tokenizer import StreamDecoder
-        matchers = [_StopMatcher(stop) for _ in range(B)]
-        decoders = [StreamDecoder(model.tokenizer) for _ in range(B)]
+    matchers, decoders = _stop_trackers(model, B, stop)
     for _ in range(max_new):
-        nxt = np.zeros(B, np.int64)
-        for i in range(B):
-            if alive[i]:
-                nxt[i] = sample_next(logits[i], params, rngs[i], limit)
-                out[i].append(int(nxt[i]))
-                if nxt[i] == EOS_ID:
-                    alive[i] = False
-                elif matchers is not None:
-                    matchers[i].feed(decoders[i].push(int(nxt[i])))
-                    alive[i] = not matchers[i].done
+        cur = [sample_next(logits[i], params, rngs[i], limit) if alive[i] else 0
+               for i in range(B)]
+        nxt = _accept(cur, out, alive, matchers, decoders)
         if not any(alive):
             break
         logits = model.step(nxt, state)

@@ -13,7 +13,9 @@ device arrays in one call raises TypeError. The GPU ops ``linear``, ``moe_expert
 and ``mlp`` also take ``math='fp32'`` (default, exact float32), ``'tf32'``, ``'bf16'`` (bf16
 weights, activations rounded to bf16) or ``'bf16x2'`` (bf16 weights, activations split into
 bf16 hi + lo, two GEMMs: about as exact as fp32 at twice the bf16 tensor work) for their
-cuBLAS paths.
+cuBLAS paths. The GPU ``selective_scan`` also takes u, delta and z as float16
+or bfloat16 (uint16 bits; all three one dtype; A, B, C, D, delta_bias and the state float32)
+and returns y in that dtype, rounded to nearest even from float32 math.
 """
 from ._lib import C as _C_module
 

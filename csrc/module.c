@@ -34,6 +34,7 @@ enum { ARG_REQUIRED = 0, ARG_OPTIONAL = 1, ARG_INPLACE = 2 };
 /* dtype class for arg_in: a NumPy typenum, or WEIGHT = float32 or uint16 (bf16 bits). */
 #define DT_WEIGHT (-1)
 #define DT_INT (-2) /* integer ids (NumPy: any integer dtype; device: int32 or int64) */
+#define DT_ACT (-3) /* device activations: float32, float16 or uint16 (bfloat16 bits) */
 
 static void sig_init(Sig *s, const char *fn, int dev) {
     s->fn = fn;
@@ -1096,7 +1097,17 @@ static DeviceArray *da_from_object(const char *fn, const char *name, PyObject *o
     if (cai) {
         DeviceArray *a = da_from_cai(fn, name, obj, cai);
         Py_DECREF(cai);
-        return a;
+        if (a || !PyErr_ExceptionMatches(PyExc_TypeError)) return a;
+        /* A type CAI cannot name (torch gives bfloat16 as '<V2'): DLPack can, if offered. */
+        PyObject *t1, *v1, *tb1;
+        PyErr_Fetch(&t1, &v1, &tb1);
+        if (!PyObject_HasAttrString(obj, "__dlpack__")) {
+            PyErr_Restore(t1, v1, tb1);
+            return NULL;
+        }
+        Py_XDECREF(t1);
+        Py_XDECREF(v1);
+        Py_XDECREF(tb1);
     }
     /* No usable CAI (absent; or refused, e.g. torch for bfloat16): try DLPack. */
     PyObject *et, *ev, *etb;
@@ -1147,11 +1158,14 @@ static int sig_dev_check(Sig *s, DeviceArray *a, const char *name, int dtype, co
     const int t = a->typenum;
     const int ok = dtype == DT_WEIGHT ? (t == NPY_FLOAT32 || t == NPY_UINT16)
                  : dtype == DT_INT    ? (t == NPY_INT32 || t == NPY_INT64)
+                 : dtype == DT_ACT    ? (t == NPY_FLOAT32 || t == NPY_FLOAT16 || t == NPY_UINT16)
                                       : t == dtype;
     if (!ok) {
         const char *want = dtype == DT_WEIGHT ? "float32 or uint16 (bfloat16 bits)"
                          : dtype == DT_INT    ? "int32 or int64"
+                         : dtype == DT_ACT    ? "float32, float16 or uint16 (bfloat16 bits)"
                          : dtype == NPY_FLOAT32 ? "float32"
+                         : dtype == NPY_FLOAT16 ? "float16"
                          : dtype == NPY_UINT16  ? "uint16 (bfloat16 bits)" : "another dtype";
         PyObject *got = (PyObject *)PyArray_DescrFromType(t);
         PyErr_Format(PyExc_TypeError, "%s: %s must be %s, got %S", s->fn, name, want, got);
@@ -1783,22 +1797,27 @@ static PyObject *op_selective_scan(PyObject *args, PyObject *kw, int dev) {
                                      &oD, &oz, &odb, &softplus, &ost))
         return NULL;
     PyObject *u, *dt, *A, *B, *C, *D, *z, *db, *st, *y, *fin;
-    NEED(u = arg_in(&s, ou, "u", NPY_FLOAT32, "bLE", 0));
-    NEED(dt = arg_in(&s, odt, "delta", NPY_FLOAT32, "bLE", 0));
+    /* On the GPU u, delta, z (and so y) may be float32, float16 or bf16 bits, all one dtype;
+     * the rest is float32 (bm_cuda_scan_forward_act). */
+    NEED(u = arg_in(&s, ou, "u", dev ? DT_ACT : NPY_FLOAT32, "bLE", 0));
+    const int at = arg_type(u);
+    NEED(dt = arg_in(&s, odt, "delta", at, "bLE", 0));
     NEED(A = arg_in(&s, oA, "A", NPY_FLOAT32, "EN", 0));
     NEED(B = arg_in(&s, oB, "B", NPY_FLOAT32, "bLN", 0));
     NEED(C = arg_in(&s, oC, "C", NPY_FLOAT32, "bLN", 0));
     OPT(D = arg_in(&s, oD, "D", NPY_FLOAT32, "E", ARG_OPTIONAL));
-    OPT(z = arg_in(&s, oz, "z", NPY_FLOAT32, "bLE", ARG_OPTIONAL));
+    OPT(z = arg_in(&s, oz, "z", at, "bLE", ARG_OPTIONAL));
     OPT(db = arg_in(&s, odb, "delta_bias", NPY_FLOAT32, "E", ARG_OPTIONAL));
     OPT(st = arg_in(&s, ost, "state", NPY_FLOAT32, "bEN", ARG_OPTIONAL));
     if (dev && check_gpu_state_n(&s) < 0) goto fail;
-    NEED(y = arg_new(&s, "bLE", NPY_FLOAT32));
+    NEED(y = arg_new(&s, "bLE", at));
     NEED(fin = arg_new(&s, "bEN", NPY_FLOAT32));
     if (dev)
-        CUDA_CALL(bm_cuda_scan_forward(F32(u), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z),
-                                       F32(db), softplus, F32(st), F32(fin), F32(y), s.dim['b'],
-                                       s.dim['L'], s.dim['E'], s.dim['N'], BM_STREAM));
+        CUDA_CALL(bm_cuda_scan_forward_act(DATA(u), DATA(dt), F32(A), F32(B), F32(C), F32(D),
+                                           DATA(z), F32(db), softplus, F32(st), F32(fin),
+                                           DATA(y), at == NPY_UINT16 ? 1 : at == NPY_FLOAT16 ? 2 : 0,
+                                           s.dim['b'], s.dim['L'], s.dim['E'], s.dim['N'],
+                                           BM_STREAM));
     else
         CALL(bm_scan_forward(F32(u), F32(dt), F32(A), F32(B), F32(C), F32(D), F32(z), F32(db),
                              softplus, F32(st), F32(fin), F32(y), s.dim['b'], s.dim['L'],
@@ -2454,7 +2473,8 @@ static PyMethodDef cuda_methods[] = {
     CKW(linear, "GPU linear(x, weight, bias=None, *, math='fp32'|'tf32'|'bf16'|'bf16x2') -> (..., N)"),
     {"cuda_bf16_to_f32", py_cuda_bf16_to_f32, METH_O, "GPU bf16_to_f32(a uint16) -> float32"},
     {"cuda_f32_to_bf16", py_cuda_f32_to_bf16, METH_O, "GPU f32_to_bf16(a float32) -> uint16"},
-    CKW(selective_scan, "GPU selective_scan(...) -> (y (b,L,E), final_state (b,E,N)); N <= 64"),
+    CKW(selective_scan, "GPU selective_scan(...) -> (y (b,L,E), final_state (b,E,N)); N <= 64; "
+                        "u, delta, z and y float32, float16 or uint16 (bfloat16 bits), one dtype"),
     CKW(selective_state_update, "GPU selective_state_update(state, ...) -> y; state updated in place"),
     CKW(causal_conv1d, "GPU causal_conv1d(x, weight, bias=None, conv_state=None, activation='silu') "
                        "-> (y, final_conv_state)"),

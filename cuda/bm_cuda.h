@@ -90,6 +90,15 @@ int bm_cuda_scan_forward_ws(const float *u, const float *delta, const float *A, 
                             int64_t b, int64_t L, int64_t E, int64_t N, int threads_per_channel,
                             int variant, int segments, void *ws, size_t ws_bytes,
                             cudaStream_t stream);
+/* bm_cuda_scan_forward with 16-bit activations: u, delta, z and y in act_dtype, 0 float32, 1
+ * bf16 (uint16_t bits), 2 IEEE fp16; A, Bm, Cm, D, delta_bias and the states float32 in every
+ * case. The 16-bit kernels widen the activations to float32 in shared memory and run the
+ * packed one-pass variant (3) in one pass; y is rounded to nearest even. */
+int bm_cuda_scan_forward_act(const void *u, const void *delta, const float *A, const float *Bm,
+                             const float *Cm, const float *D, const void *z,
+                             const float *delta_bias, int delta_softplus, const float *state_in,
+                             float *state_out, void *y, int act_dtype, int64_t b, int64_t L,
+                             int64_t E, int64_t N, cudaStream_t stream);
 size_t bm_cuda_scan_workspace(int64_t E, int64_t N);
 /* How many scans ran sequence-parallel in this process (tests check the path was taken). */
 long long bm_cuda_scan_segmented_calls(void);

@@ -49,6 +49,8 @@
 // effect on h to ~4e-7 |h_in|), inside TOL_SCAN (3e-5) by far.
 #include "common.cuh"
 
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
@@ -59,6 +61,8 @@ constexpr int SCAN_THREADS = 64;  // 2 warps: small blocks spread the few warps 
 constexpr int SCAN_TC = 16;       // steps per chunk
 constexpr int SCAN_STAGES = 3;    // chunks in shared memory: 2 loading while 1 is computed
 
+// u, delta and z are float32, or the bits of bf16 / fp16 values where the kernel's ADT says so
+// (ACT_BF16, ACT_F16: the pointers are then reinterpreted as uint16_t; y then goes to ybf / yh).
 struct ScanParams {
     const float *u;           // (b, L, E)
     const float *delta;       // (b, L, E)
@@ -73,6 +77,7 @@ struct ScanParams {
     float *y;                 // (b, L, E) or NULL (then ybf)
     uint16_t *ybf;            // (b, L, E) or NULL: y rounded to bf16 (a bf16 GEMM's input)
     uint16_t *ylo;            // (b, L, E) or NULL: bf16(y - bf16(y)) (split products)
+    uint16_t *yh;             // (b, L, E) or NULL: y rounded to IEEE half (ACT_F16 kernels)
     int L, E, N;
     int softplus;
     int vec;                  // E % 4 == 0 and u, delta, z, y 16-byte aligned: 16-byte copies
@@ -85,11 +90,25 @@ struct ScanParams {
     float *dsum;              // (nseg, b, E) sum of the softplus'd delta over each segment
 };
 
+// Activation dtypes of u, delta, z and y (the kernel's ADT): the state, A, B, C, D and the
+// bias stay float32 in every case (B and C are N / E of the bytes: 0.5% at N = 16, E = 2944).
+constexpr int ACT_F32 = 0, ACT_BF16 = 1, ACT_F16 = 2;
+
+template <int ADT>
+__device__ __forceinline__ float act_to_f32(uint16_t v) {
+    if constexpr (ADT == ACT_BF16) return __uint_as_float((uint32_t)v << 16);
+    else return __half2float(__ushort_as_half(v));
+}
+
 // cp.async: global -> shared without passing through registers. src_bytes = 0 zero-fills
 // (past L, past E, states past N) and reads nothing.
 __device__ __forceinline__ void cp_async4(float *dst, const float *src, bool pred) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 4 : 0));
+}
+// 8 bytes (four 16-bit activations), to a shared-window address.
+__device__ __forceinline__ void cp_async8s(unsigned d, const void *src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 8 : 0));
 }
 // 16 bytes, to a shared-window address (formed once per thread, not per copy).
 __device__ __forceinline__ void cp_async16s(unsigned d, const float *src, bool pred) {
@@ -111,6 +130,10 @@ struct ScanSmem {
 // VAR 2, 3 (one-pass only): the per-(t, e) values of a step packed once per chunk, so a step
 // reads one float4 and does no per-(t, e) arithmetic but its y epilogue; a chunk's y goes over
 // u's slot of the stage (u is in pk by then), so there is no y array: 32 KB at TPC = 2.
+// With 16-bit activations (ADT != 0) a stage's act holds u, delta, z as uint16_t [3][TC][CPB]
+// in its first 1.5 slots (act16 below), and the chunk's y goes over z's float slot (act[s][2]),
+// which no 16-bit data reaches: u's slot would not do, since a warp's float y of its own
+// channels would land on 16-bit u values of the other warp's channels before their prep.
 template <int NT, int TPC>
 struct ScanSmemP {
     static constexpr int NP = NT * TPC;
@@ -170,6 +193,15 @@ __device__ __forceinline__ void store_bf16_hw(float4 v, uint16_t *hb, uint16_t *
     }
 }
 
+// Four floats to IEEE half, round to nearest even (cvt.rn.f16x2.f32: overflow gives inf, as
+// __float2half_rn), 8 bytes at element 4 * i4.
+__device__ __forceinline__ void store_f16_hw(float4 v, uint16_t *h, int64_t i4) {
+    uint32_t a, b;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(a) : "f"(v.y), "f"(v.x));
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(b) : "f"(v.w), "f"(v.z));
+    reinterpret_cast<uint2 *>(h)[i4] = make_uint2(a, b);
+}
+
 // softplus(v) (bm_softplus's formula) and silu(z) with one MUFU reciprocal between them (VAR
 // 3): s = w / (2 + w) and z / (1 + e), e = exp(-z), are w (1 + e) r and z (2 + w) r with r =
 // 1 / ((2 + w)(1 + e)): three MUFU operations for the pair instead of four, the prefill scan's
@@ -206,10 +238,15 @@ __device__ __forceinline__ void softplus_silu(float v, float z, float &sp, float
 // of 8) VAR 3 spilled 16 bytes, whose reloads in the copy issue of every chunk cost it its gain
 // (ncu, run 1: long-scoreboard stalls 0.02 -> 0.52 cycles per instruction, 0.424 ms; at 168:
 // 0.04, 0.383 ms).
-template <int NT, int TPC, int VAR, int MODE>
+// ADT (ACT_*): the activations' dtype; 16-bit activations only in the packed variants.
+// One-pass launches of the packed variants (VAR 2..4): tests assert the path was taken.
+std::atomic<long long> g_scan_packed{0};
+
+template <int NT, int TPC, int VAR, int MODE, int ADT = ACT_F32>
 __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kernel(const ScanParams p) {
     constexpr int TC = SCAN_TC;
     static_assert(VAR < 2 || (MODE == 0 && TPC >= 2), "packed variants: one pass, TPC 2 or 4");
+    static_assert(ADT == ACT_F32 || VAR >= 2, "16-bit activations: packed variants only");
     using Smem = std::conditional_t<(VAR >= 2), ScanSmemP<NT, TPC>, ScanSmem<NT, TPC>>;
     constexpr int NP = Smem::NP, CPB = Smem::CPB;
     __shared__ __align__(16) Smem sm;
@@ -285,6 +322,10 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
     const unsigned asm0 = (unsigned)__cvta_generic_to_shared(&sm.act[0][0][atr][4 * aq]);
     constexpr unsigned ASTAGE = sizeof(sm.act[0]), ATENS = sizeof(sm.act[0][0]),
                        AROW = ARPI * CPB * 4;
+    // 16-bit activations (ADT != 0): the same items, 8 bytes each, into act16's layout.
+    constexpr unsigned ATENS16 = TC * CPB * 2, AROW16 = ARPI * CPB * 2;
+    const unsigned asm16 = (unsigned)__cvta_generic_to_shared(&sm.act[0][0][0][0]) +
+                           (unsigned)((atr * CPB + 4 * aq) * 2);
     // B/C, 16-byte path (p.bcvec): per step 2 * NP / 4 float4s (B's, then C's); item i is
     // float4 r of step tr + i * BRPI.
     constexpr int BQ = 2 * NP / 4;
@@ -312,7 +353,36 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
     auto issue = [&](int c, int s) {
         const int t0 = tb + c * TC;
         if (t0 < te) {
-            if (p.vec) {
+            if constexpr (ADT != ACT_F32) {
+                const uint16_t *u16 = reinterpret_cast<const uint16_t *>(p.u);
+                const uint16_t *d16 = reinterpret_cast<const uint16_t *>(p.delta);
+                const uint16_t *z16 = reinterpret_cast<const uint16_t *>(zsrc);
+                if (p.vec) {  // E % 4 == 0, 8-byte aligned tensors
+                    const int64_t off = aoff0 + (int64_t)t0 * E;
+                    const unsigned d0 = asm16 + s * ASTAGE;
+#pragma unroll
+                    for (int i = 0; i < AITEMS; i++) {
+                        const bool ok = aok && t0 + atr + i * ARPI < te;
+                        const int64_t o = off + i * astep;
+                        cp_async8s(d0 + i * AROW16, ok ? u16 + o : u16, ok);
+                        cp_async8s(d0 + ATENS16 + i * AROW16, ok ? d16 + o : u16, ok);
+                        cp_async8s(d0 + 2 * ATENS16 + i * AROW16, ok && zcopy ? z16 + o : u16,
+                                   ok && zcopy);
+                    }
+                } else {
+                    // cp.async has no 2-byte copy: plain loads and shared stores (this stage is
+                    // read after the barrier of chunk c's iteration, which publishes them).
+                    uint16_t *a16 = reinterpret_cast<uint16_t *>(&sm.act[s][0][0][0]);
+                    constexpr int ITEMS = 3 * TC * CPB;
+#pragma unroll 4
+                    for (int k = tid; k < ITEMS; k += SCAN_THREADS) {
+                        const int which = k / (TC * CPB), t = (k / CPB) % TC, c2 = k % CPB;
+                        const uint16_t *src = which == 0 ? u16 : which == 1 ? d16 : z16;
+                        const bool ok = t0 + t < te && e0 + c2 < E && (which < 2 || zcopy);
+                        a16[k] = ok ? src[(rowb + t0 + t) * E + e0 + c2] : (uint16_t)0;
+                    }
+                }
+            } else if (p.vec) {
                 const int64_t off = aoff0 + (int64_t)t0 * E;
                 const unsigned d0 = asm0 + s * ASTAGE;
 #pragma unroll
@@ -390,9 +460,16 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
 #pragma unroll
                 for (int k = 0; k < K; k++) {
                     const int t = k * TPC + sub;
-                    uv[k] = act[0][t][ch];
-                    v[k] = act[1][t][ch] + dbias;
-                    zv[k] = zz ? act[2][t][ch] : 0.f;
+                    if constexpr (ADT != ACT_F32) {
+                        const uint16_t *a16 = reinterpret_cast<const uint16_t *>(&act[0][0][0]);
+                        uv[k] = act_to_f32<ADT>(a16[t * CPB + ch]);
+                        v[k] = act_to_f32<ADT>(a16[(TC + t) * CPB + ch]) + dbias;
+                        zv[k] = zz ? act_to_f32<ADT>(a16[(2 * TC + t) * CPB + ch]) : 0.f;
+                    } else {
+                        uv[k] = act[0][t][ch];
+                        v[k] = act[1][t][ch] + dbias;
+                        zv[k] = zz ? act[2][t][ch] : 0.f;
+                    }
                 }
 #pragma unroll
                 for (int k = 0; k < K; k++) {
@@ -446,7 +523,7 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
             // y over u's slot. A full chunk keeps its y in registers until every step is done:
             // no shared store between the steps' loads, so the scheduler may hoist step i+1's
             // loads and exps into step i.
-            float(*ys)[CPB] = act[0];
+            float(*ys)[CPB] = ADT == ACT_F32 ? act[0] : act[2];  // (see ScanSmemP)
             if (steps == TC) {
                 float yr[TC];
 #pragma unroll
@@ -473,6 +550,7 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
                         const float4 v = *reinterpret_cast<const float4 *>(&ys[t][wc]);
                         if (p.y) *reinterpret_cast<float4 *>(p.y + o) = v;
                         if (p.ybf) store_bf16_hw(v, p.ybf, p.ylo, o / 4);  // o % 4 == 0 (vec)
+                        if constexpr (ADT == ACT_F16) store_f16_hw(v, p.yh, o / 4);
                     }
                 }
             } else {
@@ -483,6 +561,7 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
                         const float v = ys[t][c2];
                         if (p.y) p.y[o] = v;
                         if (p.ybf) bm_store_bf16(v, p.ybf, p.ylo, o);
+                        if constexpr (ADT == ACT_F16) p.yh[o] = __half_as_ushort(__float2half_rn(v));
                     }
                 }
             }
@@ -632,8 +711,6 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
     }
 }
 
-// One-pass launches of the packed variants (VAR 2..4): tests assert the path was taken.
-std::atomic<long long> g_scan_packed{0};
 
 // The one-pass variant taken by default (var = -1): 3 (packed per-(t, e) values, one shared
 // reciprocal) where it exists (TPC >= 2) and the grid runs in one wave of its 6 blocks per SM
@@ -655,11 +732,26 @@ int default_var(int tpc, int64_t blocks, int sms) {
 }
 
 template <int NT, int TPC>
-int scan_fwd_launch(const ScanParams &p, int b, int var, int sms, cudaStream_t stream) {
+int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, int sms, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
+    if (adt != ACT_F32) {
+        // 16-bit activations: VAR 3, one pass (scan_forward made TPC >= 2 and nseg = 1).
+        if constexpr (TPC >= 2) {
+            if (p.nseg == 1) {
+                g_scan_packed.fetch_add(1, std::memory_order_relaxed);
+                if (adt == ACT_BF16)
+                    scan_fwd_kernel<NT, TPC, 3, 0, ACT_BF16><<<grid, SCAN_THREADS, 0, stream>>>(p);
+                else
+                    scan_fwd_kernel<NT, TPC, 3, 0, ACT_F16><<<grid, SCAN_THREADS, 0, stream>>>(p);
+                BM_CUDA_LAUNCHED();
+                return 0;
+            }
+        }
+        return BM_CUDA_ARG_FAIL("scan: 16-bit activations need one pass at threads_per_channel >= 2");
+    }
     if (var < 0) var = default_var(TPC, (int64_t)grid.x * grid.y, sms);
     if (var >= 2 && TPC < 2) var = 1;  // the packed layout does not fit 48 KB at TPC = 1
     if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
@@ -767,18 +859,22 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
                         const float *delta_bias, int delta_softplus, const float *state_in,
                         float *state_out, float *y, uint16_t *ybf, uint16_t *ylo, int64_t b,
                         int64_t L, int64_t E, int64_t N, int tpc, int var, int segments,
-                        void *ws, size_t ws_bytes, cudaStream_t stream) {
+                        void *ws, size_t ws_bytes, cudaStream_t stream, int adt = ACT_F32,
+                        uint16_t *yh = nullptr) {
     if (N < 1 || N > 64) return BM_CUDA_ARG_FAIL("scan: N must be in 1..64");
     if (b > 65535 || L > INT32_MAX || E > INT32_MAX) return BM_CUDA_ARG_FAIL("scan: size too large");
     if (segments < 0) return BM_CUDA_ARG_FAIL("scan: segments must be >= 0");
     if (var < -1 || var > 4) return BM_CUDA_ARG_FAIL("scan: variant must be -1..4");
     if (ylo && !ybf) return BM_CUDA_ARG_FAIL("scan: y_lo needs y_bf16");
     if (b <= 0 || E <= 0) return 0;
-    const bool vec = E % 4 == 0 && ((uintptr_t)u & 15) == 0 && ((uintptr_t)delta & 15) == 0 &&
-                     ((uintptr_t)z & 15) == 0 && ((uintptr_t)y & 15) == 0 &&
-                     (((uintptr_t)ybf | (uintptr_t)ylo) & 7) == 0;
+    // 16-byte copies of float32 activations; 8-byte ones (four values) of 16-bit ones.
+    const uintptr_t amask = adt == ACT_F32 ? 15 : 7;
+    const bool vec = E % 4 == 0 && ((uintptr_t)u & amask) == 0 &&
+                     ((uintptr_t)delta & amask) == 0 && ((uintptr_t)z & amask) == 0 &&
+                     ((uintptr_t)y & 15) == 0 &&
+                     (((uintptr_t)ybf | (uintptr_t)ylo | (uintptr_t)yh) & 7) == 0;
     const bool bcvec = N % 4 == 0 && ((uintptr_t)Bm & 15) == 0 && ((uintptr_t)Cm & 15) == 0;
-    ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y, ybf, ylo,
+    ScanParams p{u, delta, A, Bm, Cm, D, z, delta_bias, state_in, state_out, y, ybf, ylo, yh,
                  (int)L, (int)E, (int)N, delta_softplus, vec ? 1 : 0, bcvec ? 1 : 0,
                  (int)L, 1, nullptr, nullptr};
     if (L == 0) {
@@ -791,7 +887,10 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
             BM_CUDA_TRY(cudaMemsetAsync(state_out, 0, (size_t)(b * E * N) * sizeof(float), stream));
         return 0;
     }
-    if (!y && !ybf) return BM_CUDA_ARG_FAIL("scan: no output for y");  // (L = 0: may be NULL)
+    if (!y && !ybf && !yh) return BM_CUDA_ARG_FAIL("scan: no output for y");  // (L = 0: may be NULL)
+    if (adt != ACT_F32 && (y || ylo || (adt == ACT_BF16) != (ybf != nullptr) ||
+                           (adt == ACT_F16) != (yh != nullptr)))
+        return BM_CUDA_ARG_FAIL("scan: 16-bit activations write y in their own dtype only");
     int sms = 132;
     {
         const int st0 = sm_count(&sms);
@@ -802,6 +901,8 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
     // BLACKMAMBA_SCAN_SEGMENTS=1 turns the auto rule off (A/B measurements).
     const char *env = getenv("BLACKMAMBA_SCAN_SEGMENTS");
     if (segments == 0 && env && env[0] == '1' && env[1] == 0) segments = 1;
+    // 16-bit activations run one pass (the packed kernel; the segmented passes are VAR 1's).
+    if (adt != ACT_F32) segments = 1;
     if (segments == 0) S = auto_segments(b, L, E, tpc ? tpc : seg_tpc(N), sms);
     else if (segments >= 2) S = std::min<int64_t>(segments, bm_cdiv(L, SCAN_TC));
     void *buf = nullptr;
@@ -837,6 +938,7 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         const int64_t warps1 = bm_cdiv(b * E, 32);
         tpc = N > 16 ? 4 : N > 8 ? 2 : 1;
         while (tpc < 4 && N > 4 * tpc && warps1 * tpc < (int64_t)sms * 4 * 2) tpc *= 2;
+        if (adt != ACT_F32 && tpc < 2) tpc = 2;  // the packed layout needs TPC >= 2
     }
     int st = -1;
     if (tpc != 1 && tpc != 2 && tpc != 4) {
@@ -847,15 +949,15 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         const int64_t per = bm_cdiv(N, tpc);  // states per thread
         const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
         switch (tpc * 100 + nt) {
-            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, sms, stream); break;
-            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, sms, stream); break;
-            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, sms, stream); break;
-            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, sms, stream); break;
-            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, sms, stream); break;
-            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, sms, stream); break;
-            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, sms, stream); break;
-            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, sms, stream); break;
-            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, sms, stream); break;
+            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, adt, sms, stream); break;
+            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, adt, sms, stream); break;
+            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, adt, sms, stream); break;
+            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, adt, sms, stream); break;
+            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, adt, sms, stream); break;
+            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, adt, sms, stream); break;
+            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, adt, sms, stream); break;
+            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, adt, sms, stream); break;
+            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, adt, sms, stream); break;
         }
         if (st == -1) st = BM_CUDA_ARG_FAIL("scan: no kernel for this N");
     }
@@ -889,6 +991,27 @@ extern "C" int bm_cuda_scan_forward_ws(const float *u, const float *delta, const
     return scan_forward(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state_in,
                         state_out, y, y_bf16, y_lo, b, L, E, N, tpc, var, segments, ws,
                         ws_bytes, stream);
+}
+
+extern "C" int bm_cuda_scan_forward_act(const void *u, const void *delta, const float *A,
+                                        const float *Bm, const float *Cm, const float *D,
+                                        const void *z, const float *delta_bias,
+                                        int delta_softplus, const float *state_in,
+                                        float *state_out, void *y, int act_dtype, int64_t b,
+                                        int64_t L, int64_t E, int64_t N, cudaStream_t stream) {
+    if (act_dtype != ACT_F32 && act_dtype != ACT_BF16 && act_dtype != ACT_F16)
+        return BM_CUDA_ARG_FAIL("scan: act_dtype must be 0 (float32), 1 (bf16) or 2 (fp16)");
+    const float *uf = static_cast<const float *>(u), *df = static_cast<const float *>(delta),
+                *zf = static_cast<const float *>(z);
+    if (act_dtype == ACT_F32)
+        return scan_forward(uf, df, A, Bm, Cm, D, zf, delta_bias, delta_softplus, state_in,
+                            state_out, static_cast<float *>(y), nullptr, nullptr, b, L, E, N, 0,
+                            -1, 0, nullptr, 0, stream);
+    uint16_t *y16 = static_cast<uint16_t *>(y);
+    return scan_forward(uf, df, A, Bm, Cm, D, zf, delta_bias, delta_softplus, state_in, state_out,
+                        nullptr, act_dtype == ACT_BF16 ? y16 : nullptr, nullptr, b, L, E, N, 0,
+                        -1, 1, nullptr, 0, stream, act_dtype,
+                        act_dtype == ACT_F16 ? y16 : nullptr);
 }
 
 extern "C" size_t bm_cuda_scan_workspace(int64_t E, int64_t N) {

@@ -5,6 +5,8 @@ Calls bm_cuda_scan_forward_ws of the built package (blackmamba._C through ctypes
 tensors; each time is the median of 11 CUDA-graph replays of 3 launches (bench_kernels.py's
 method) after warm-up, and every variant of a shape is timed in two interleaved rounds (A B A
 B), both printed, so that clock drift shows. Also y and the state of each variant against VAR 1.
+Last, the 16-bit activations (bm_cuda_scan_forward_act: u, delta, z, y in bf16 / fp16) at b = 8
+against the float32 kernel in the same rounds: bf16 is the reference kernel's own dtype.
   python3 cuda/dev/bench_scanvar.py            the table
   python3 cuda/dev/bench_scanvar.py --ncu      one b=8 launch of VAR 3, then one of VAR 4 (for
                                                ncu -k regex:scan_fwd -c 2)
@@ -25,6 +27,8 @@ lib.bm_cuda_scan_forward_ws.argtypes = ([P] * 8 + [I32, P, P, P, P, P] + [I64] *
                                         [I32, I32, I32, P, ctypes.c_size_t, P])
 lib.bm_cuda_scan_forward_ws.restype = I32
 lib.bm_cuda_scan_packed_calls.restype = ctypes.c_longlong
+lib.bm_cuda_scan_forward_act.argtypes = [P] * 8 + [I32, P, P, P, I32] + [I64] * 4 + [P]
+lib.bm_cuda_scan_forward_act.restype = I32
 
 
 def bench(fn, inner=3, reps=11):
@@ -75,6 +79,58 @@ def runner(t, b, L, E, N, var, seg=1, bf16=False):
             ptr(ws), 0 if ws is None else ws.numel() * 4, torch.cuda.current_stream().cuda_stream)
         assert rc == 0, rc
     return run, (y if y is not None else ybf), hs
+
+
+def runner_act(t, b, L, E, N, tdt):
+    """bm_cuda_scan_forward_act: u, delta, z and y in tdt (torch.bfloat16 / float16 / float32),
+    the rest float32, as the reference's kernel takes its activations."""
+    adt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[tdt]
+    a = {k: t[k].to(tdt) for k in ("u", "delta", "z")}
+    y = torch.empty(b, L, E, dtype=tdt, device=DEV)
+    hs = torch.empty(b, E, N, device=DEV)
+
+    def run():
+        rc = lib.bm_cuda_scan_forward_act(
+            a["u"].data_ptr(), a["delta"].data_ptr(), t["A"].data_ptr(), t["B"].data_ptr(),
+            t["C"].data_ptr(), t["D"].data_ptr(), a["z"].data_ptr(), t["bias"].data_ptr(), 1,
+            t["h0"].data_ptr(), hs.data_ptr(), y.data_ptr(), adt, b, L, E, N,
+            torch.cuda.current_stream().cuda_stream)
+        assert rc == 0, rc
+    return run, y, hs
+
+
+def act_dtypes(L, E):
+    """16-bit activations (ADT) at b = 8, N = 16 against the float32 default, interleaved;
+    each y against the float32 kernel's y on the same (rounded) inputs."""
+    b, N = 8, 16
+    t = setup(b, L, E, N, True, seed=8)
+    kinds = (torch.float32, torch.bfloat16, torch.float16)
+    runs = {k: runner_act(t, b, L, E, N, k) for k in kinds}
+    times = {k: [] for k in kinds}
+    for _ in range(2):
+        for k in kinds:
+            times[k].append(bench(runs[k][0]))
+    # bytes of the activations (u, delta, z read, y written) at each width
+    for k in kinds:
+        w = torch.tensor([], dtype=k).element_size()
+        gbs = 4 * b * L * E * w / min(times[k]) / 1e6
+        ref32, hs32 = None, None
+        if k != torch.float32:  # the float32 kernel on this dtype's rounded inputs
+            t32 = dict(t, **{n: t[n].to(k).float() for n in ("u", "delta", "z")})
+            r32 = runner_act(t32, b, L, E, N, torch.float32)
+            r32[0]()
+            runs[k][0]()
+            torch.cuda.synchronize()
+            ref32, hs32 = r32[1], r32[2]
+            diff = (f"y vs float32 kernel {rel(runs[k][1].float(), ref32):.2e}, state "
+                    f"{rel(runs[k][2], hs32):.2e}")
+        else:
+            diff = ""
+        r = " ".join(f"{x:.4f}" for x in times[k])
+        print(f"  b=8 N=16 {str(k).split('.')[-1]:8s} activations: {r} ms  act bytes {gbs:6.0f} GB/s"
+              f"  ref 0.82 ms (bf16): x{0.82 / min(times[k]):.2f}  {diff}", flush=True)
+    del t, runs
+    torch.cuda.empty_cache()
 
 
 def rel(a, b):
@@ -138,6 +194,8 @@ def main():
                   f"{rel(h, hb):.2e}", flush=True)
         del t, runs
         torch.cuda.empty_cache()
+    print("16-bit activations (bm_cuda_scan_forward_act):")
+    act_dtypes(L, E)
     print("packed launches:", lib.bm_cuda_scan_packed_calls())
 
 

@@ -95,6 +95,8 @@ def _f16(t, name):
     (as with the other dtypes)."""
     if isinstance(t, np.ndarray) and t.dtype == np.float16:
         return np.ascontiguousarray(t)
+    if getattr(t, "dtype", None) == "float16":      # a float16 checkpoint tensor: as stored
+        return np.ascontiguousarray(t.to_numpy("float16"))
     f = _f32(t)
     with np.errstate(over="ignore"):
         h = f.astype(np.float16)

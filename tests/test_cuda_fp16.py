@@ -15,7 +15,8 @@ Tolerances (relative L2, float64 norms):
     wherever |w| >= 2^-17 (its 8 significant bits fit in fp16's 11, the exponent in range):
     only 8 of its 386,192 weights change (relative L2 3.3e-10), so the float16 model is held
     to TOL_F32 against the float32 golden like the float32 model (the CPU model on the rounded
-    weights: 7.36e-7, the same as on the bf16 ones).
+    weights: 7.36e-7, the same as on the bf16 ones; the GPU float16 model on the H200:
+    6.11e-7, generation logits 5.16e-7).
   TOL_ROUND 5e-3 (and > 5e-5): against the CPU model on the UNROUNDED float32 random weights:
     the rounding itself (at most 2^-12 relative per weight) moves the logits of these configs
     by 2.8e-4 .. 4.1e-4 (the CPU model on rounded vs unrounded weights), so 5e-3 bounds it
@@ -156,11 +157,12 @@ def test_golden_float16(gold_parts, golden, math):
             np.testing.assert_array_equal(seen[li][0], ref.argmax(-1))
     else:
         # tf32 rounds the activations of the products of more than 64 rows to 11 significant
-        # bits (~8x less noise than bf16's 8, whose unsplit path gives 6.4e-3 here): the
-        # issue's bound for the 16-bit paths, 0.05, and 99% argmax agreement. The golden's
-        # near-ties (top-2 logit gaps 0.0033, a router gap 0.0037: test_cuda_model.py) may
-        # still flip under noise of ~1e-3, so one position in 74 may differ (98.6%).
-        assert err < 0.05 and agree >= 0.98
+        # bits (~8x less noise than bf16's 8, whose unsplit path gives 6.4e-3 here). Measured
+        # on the H200: 8.61e-4 and 74/74 argmax; held to 5e-3 (6x margin; the issue's bound for
+        # the 16-bit paths is 0.05) and 98%: the golden's near-ties (top-2 logit gaps 0.0033,
+        # a router gap 0.0037: test_cuda_model.py) could flip one position in 74 under noise
+        # of ~1e-3 on another GPU or cuBLAS version.
+        assert err < 5e-3 and agree >= 0.98
     # generation: prefill (12 tokens: GEMVs) and steps; device greedy and generate()
     prompt, want = golden["gen_prompt"], golden["gen_tokens"]
     st = m.new_state(prompt.shape[0])

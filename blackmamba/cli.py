@@ -11,8 +11,9 @@ def _add_model(p, required=True):
                    help="checkpoint folder, weights file, or hub id (Zyphra/BlackMamba-2.8B)"
                    + ("" if required else "; default: the small Shakespeare model shipped "
                       "with the package"))
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="weights in memory (default float32 on the CPU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights in memory (default float32 on the CPU, bfloat16 on the GPU; "
+                   "float16: --device cuda only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json path")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")

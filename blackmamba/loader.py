@@ -23,8 +23,10 @@ def load(path_or_id=None, device="cpu", dtype=None, tokenizer=None, progress=Non
     device: "cpu", or "cuda" (a model_cuda.CudaModel: weights and state on the GPU; needs
       the CUDA build and a visible GPU).
     dtype: "float32" (weights upcast; the default on the CPU) or "bfloat16" (weights kept at
-      2 bytes; the default on the GPU). Compute, state and residual stay float32 (on the GPU
-      larger matrix products round activations to bf16: see model_cuda).
+      2 bytes; the default on the GPU); on the GPU also "float16" (IEEE half weights, 2 bytes,
+      fp32 math; a weight beyond fp16's range raises ValueError naming it). Compute, state and
+      residual stay float32 (on the GPU, with bf16 weights, larger matrix products round
+      activations to bf16: see model_cuda).
     tokenizer: None (look next to the checkpoint, then the GPT-NeoX-20B tokenizer), "byte",
       a tokenizer.json path, or a tokenizer object; False for none.
     """
@@ -38,8 +40,13 @@ def load(path_or_id=None, device="cpu", dtype=None, tokenizer=None, progress=Non
         from .model_cuda import require
         require()                    # says why not: no CUDA build, or no visible GPU
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device == "cuda":
+        from .model_cuda import DTYPES as CUDA_DTYPES
+        if dtype not in CUDA_DTYPES:
+            raise ValueError(f"dtype must be one of {CUDA_DTYPES} on the GPU, got {dtype!r}")
+    elif dtype not in DTYPES:
+        hint = " (float16 is GPU-only: device='cuda')" if dtype == "float16" else ""
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}{hint}")
     model_dir = resolve_model_dir(path_or_id)
     if os.path.isfile(model_dir):
         weights, model_dir = str(model_dir), os.path.dirname(str(model_dir))

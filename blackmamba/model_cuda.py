@@ -16,6 +16,17 @@ most `bf16_split_rows` tokens (default 128; 0: never) run as "bf16x2": bf16 nois
 (~0.003 RMS per logit) flips near-ties, and at those sizes the products are bound by launches
 and weight reads, not by the tensor cores (benchmarks/RESULTS.md, GPU precision). The
 default is "fp32" for float32 weights and "bf16" for bfloat16 weights (the fast path).
+
+dtype="float16": the matrices (embedding / LM head, the Mamba projections, the experts) are
+stored on the device as IEEE half (2 bytes a weight, like bf16, with 11 significant bits
+against bf16's 8), rounded to nearest even on the host; a finite weight beyond fp16's range
+(one that would round to inf: |w| >= 65520, the largest half being 65504) raises ValueError
+naming the tensor. Norms, biases, conv, A, D and the router stay float32 as with every dtype.
+Products multiply the half weights with fp32 activations and accumulate in fp32 (the GEMVs
+read them as stored; larger products expand them to fp32 exactly): the fp32 model's math on
+the rounded weights, so no activation is ever rounded to fp16 or can overflow its range.
+math is "fp32" (default) or "tf32" (larger products on the tensor cores in tf32); "bf16" and
+"bf16x2" need bfloat16 weights and raise ValueError.
 """
 import threading
 
@@ -26,7 +37,7 @@ from .config import Config, has_mamba, num_experts
 from .model import (PREFILL_CHUNK, State, TokenModel, _enter, check_weights,
                     count_parameters)
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 MATHS = ("fp32", "tf32", "bf16", "bf16x2")
 
 
@@ -74,9 +85,42 @@ def _f32(t):
     return a
 
 
-def _engine_weights(cfg, t):
-    """The engine's weight dict (csrc/module.c py_cuda_model_create) from checkpoint names."""
-    w = {"emb": _host(t["embedding.word_embeddings.weight"]),
+F16_MAX = 65504.0      # the largest finite IEEE half
+
+
+def _f16(t, name):
+    """A weight matrix as C-contiguous float16 (dtype="float16"): float32 or bf16 values rounded
+    to nearest even (NumPy's cast). A finite weight that would become +-inf (|w| >= 65520)
+    raises ValueError naming the tensor; NaN / inf already in the checkpoint stay as they are
+    (as with the other dtypes)."""
+    if isinstance(t, np.ndarray) and t.dtype == np.float16:
+        return np.ascontiguousarray(t)
+    if getattr(t, "dtype", None) == "float16":      # a float16 checkpoint tensor: as stored
+        return np.ascontiguousarray(t.to_numpy("float16"))
+    f = _f32(t)
+    with np.errstate(over="ignore"):
+        h = f.astype(np.float16)
+    if not np.isfinite(h).all():
+        bad = np.isfinite(f) & ~np.isfinite(h)
+        if bad.any():
+            worst = float(np.abs(f[bad]).max())
+            raise ValueError(f"{name}: weight {worst:g} is outside float16's range (|w| <= "
+                             f"{F16_MAX:g}): load it with dtype='bfloat16' or 'float32'")
+    return h
+
+
+def _engine_weights(cfg, t, dtype="bfloat16"):
+    """The engine's weight dict (csrc/module.c py_cuda_model_create) from checkpoint names.
+    The matrices the engine keeps in its dtype go as float16 where dtype is "float16" (a
+    checked host conversion, _f16), else as stored (float32 or bf16 bits: the device converts);
+    every other tensor as float32 / bf16 bits (the engine keeps those in float32)."""
+    if dtype == "float16":
+        def mat(name):
+            return _f16(t[name], name)
+    else:
+        def mat(name):
+            return _host(t[name])
+    w = {"emb": mat("embedding.word_embeddings.weight"),
          "final_w": _host(t["decoder.final_layernorm.weight"]),
          "final_b": _host(t["decoder.final_layernorm.bias"]), "layers": []}
     for i, kind in enumerate(cfg.layer_kinds):
@@ -87,10 +131,10 @@ def _engine_weights(cfg, t):
             lw["norm_moe_w"] = _host(t[p + "norm_moe.weight"])
         if has_mamba(kind):
             m = p + "mixer."
-            lw.update(in_w=_host(t[m + "in_proj.weight"]), conv_w=_host(t[m + "conv1d.weight"]),
-                      x_w=_host(t[m + "x_proj.weight"]), dt_w=_host(t[m + "dt_proj.weight"]),
+            lw.update(in_w=mat(m + "in_proj.weight"), conv_w=_host(t[m + "conv1d.weight"]),
+                      x_w=mat(m + "x_proj.weight"), dt_w=mat(m + "dt_proj.weight"),
                       dt_b=_host(t[m + "dt_proj.bias"]), D=_host(t[m + "D"]),
-                      out_w=_host(t[m + "out_proj.weight"]),
+                      out_w=mat(m + "out_proj.weight"),
                       # A = -exp(A_log) in float32 on the host, exactly as the CPU model
                       A=np.ascontiguousarray(-np.exp(_f32(t[m + "A_log"]))))
             for k, name in (("conv_b", "conv1d.bias"), ("in_b", "in_proj.bias"),
@@ -101,13 +145,13 @@ def _engine_weights(cfg, t):
         if X:
             m = p + ("moe." if parallel else "mixer.")
             if X == 1:
-                lw["fc1"] = [_host(t[m + "linear_fc1.weight"])]
-                lw["fc2"] = [_host(t[m + "linear_fc2.weight"])]
+                lw["fc1"] = [mat(m + "linear_fc1.weight")]
+                lw["fc2"] = [mat(m + "linear_fc2.weight")]
             else:
                 lw["router_w"] = _host(t[m + "router.weight"])
                 lw["router_b"] = _host(t[m + "router.bias"])
-                lw["fc1"] = [_host(t[f"{m}local_experts.{e}.linear_fc1.weight"]) for e in range(X)]
-                lw["fc2"] = [_host(t[f"{m}local_experts.{e}.linear_fc2.weight"]) for e in range(X)]
+                lw["fc1"] = [mat(f"{m}local_experts.{e}.linear_fc1.weight") for e in range(X)]
+                lw["fc2"] = [mat(f"{m}local_experts.{e}.linear_fc2.weight") for e in range(X)]
         w["layers"].append(lw)
     return w
 
@@ -250,12 +294,14 @@ class CudaModel(TokenModel):
                  bf16_split_rows=None):
         require()
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} on the GPU (the CUDA kernels have "
-                             f"no float16 path), got {dtype!r}")
+            raise ValueError(f"dtype must be one of {DTYPES} on the GPU, got {dtype!r}")
         if math is None:
             math = "bf16" if dtype == "bfloat16" else "fp32"
         if math not in MATHS:
             raise ValueError(f"math must be one of {MATHS}, got {math!r}")
+        if dtype == "float16" and math in ("bf16", "bf16x2"):
+            raise ValueError(f"math={math!r} needs bfloat16 weights; float16 weights take "
+                             f"math='fp32' (the default) or 'tf32'")
         if bf16_split_rows is not None and (isinstance(bf16_split_rows, bool) or
                                             not isinstance(bf16_split_rows, (int, np.integer))):
             raise TypeError(f"bf16_split_rows must be an integer, got {bf16_split_rows!r}")
@@ -279,7 +325,7 @@ class CudaModel(TokenModel):
                     act=cfg.activation, wdtype=dtype, math=math)
         if bf16_split_rows is not None:
             ecfg["split_rows"] = max(int(bf16_split_rows), 0) or -1    # 0: never (C: -1)
-        self._eng = _lib.C().cuda_model_create(ecfg, _engine_weights(cfg, tensors))
+        self._eng = _lib.C().cuda_model_create(ecfg, _engine_weights(cfg, tensors, dtype))
 
     def new_state(self, batch_size=1):
         return CudaState(self, batch_size)

@@ -27,8 +27,10 @@ const char *bm_status_str(bm_status s);
 /* Activations of the expert / dense MLPs (SPEC 3). */
 typedef enum { BM_ACT_GELU = 0, BM_ACT_GELU_TANH = 1, BM_ACT_SILU = 2, BM_ACT_NONE = 3 } bm_act;
 
-/* Storage type of a weight matrix. Activations are always float32. */
-typedef enum { BM_F32 = 0, BM_BF16 = 1 } bm_dtype;
+/* Storage type of a weight matrix. Activations are always float32. BM_F16 (IEEE half) is
+ * taken by the CUDA engine and its GEMV / expert kernels only; the CPU kernels return
+ * BM_ERR_ARG for it. */
+typedef enum { BM_F32 = 0, BM_BF16 = 1, BM_F16 = 2 } bm_dtype;
 
 /* ---- cpu.c: features and threads ------------------------------------------------------- */
 int bm_cpu_has_avx512(void);      /* avx512f + bw + vl + dq at run time */

@@ -2615,7 +2615,7 @@ static const char *eng_str(PyObject *cfg, const char *key) {
     return PyUnicode_AsUTF8(v);
 }
 
-/* A host tensor from dict `d`[key]: float32 or uint16 (bf16 bits), `numel` elements, kept
+/* A host tensor from dict `d`[key]: float32, uint16 (bf16 bits) or float16, `numel` elements, kept
  * alive in `keep` until the upload is done. Absent/None: data NULL (an error if required). */
 static int eng_tensor(PyObject *obj, const char *where, const char *key, int64_t numel,
                       int required, PyObject *keep, bm_cuda_host_tensor *t) {
@@ -2631,9 +2631,9 @@ static int eng_tensor(PyObject *obj, const char *where, const char *key, int64_t
         return -1;
     }
     int tn = PyArray_TYPE((PyArrayObject *)obj);
-    if (tn != NPY_FLOAT32 && tn != NPY_UINT16) {
-        PyErr_Format(PyExc_TypeError, "cuda_model_create: %s %s must be float32 or uint16 "
-                     "(bf16 bits)", where, key);
+    if (tn != NPY_FLOAT32 && tn != NPY_UINT16 && tn != NPY_FLOAT16) {
+        PyErr_Format(PyExc_TypeError, "cuda_model_create: %s %s must be float32, uint16 "
+                     "(bf16 bits) or float16", where, key);
         return -1;
     }
     PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, tn, 0, 0, NPY_ARRAY_IN_ARRAY);
@@ -2647,7 +2647,7 @@ static int eng_tensor(PyObject *obj, const char *where, const char *key, int64_t
         return -1;
     }
     t->data = PyArray_DATA(a);
-    t->dtype = tn == NPY_UINT16 ? BM_BF16 : BM_F32;
+    t->dtype = tn == NPY_UINT16 ? BM_BF16 : tn == NPY_FLOAT16 ? BM_F16 : BM_F32;
     return 0;
 }
 
@@ -2685,8 +2685,9 @@ static PyObject *py_cuda_model_create(PyObject *self, PyObject *args) {
     if (parse_act("cuda_model_create", PyDict_GetItemString(cfgd, "act"), &c.act, 0) < 0) return NULL;
     if (!strcmp(wdt, "float32")) c.wdtype = BM_F32;
     else if (!strcmp(wdt, "bfloat16")) c.wdtype = BM_BF16;
-    else return PyErr_Format(PyExc_ValueError, "cuda_model_create: wdtype must be 'float32' or "
-                             "'bfloat16' (the kernels have no fp16 path), got '%s'", wdt);
+    else if (!strcmp(wdt, "float16")) c.wdtype = BM_F16;
+    else return PyErr_Format(PyExc_ValueError, "cuda_model_create: wdtype must be 'float32', "
+                             "'bfloat16' or 'float16', got '%s'", wdt);
     if (!strcmp(math, "fp32")) c.math = BM_CUDA_MATH_FP32;
     else if (!strcmp(math, "tf32")) c.math = BM_CUDA_MATH_TF32;
     else if (!strcmp(math, "bf16")) c.math = BM_CUDA_MATH_BF16;

@@ -4,7 +4,8 @@
  *   - Every pointer is a DEVICE pointer, except where a comment says host.
  *   - Token-major layout: activations (b, L, channels) C-contiguous, float32; the SSM state
  *     is float32 (b, E, N); weights are float32 or bf16 bits (uint16) where a bm_dtype is
- *     taken. Shapes are written next to every pointer.
+ *     taken, and IEEE half (BM_F16) where a comment says so (the engine, the GEMV, the MoE
+ *     paths). Shapes are written next to every pointer.
  *   - Every launcher enqueues its work on `stream` and returns 0, or a nonzero status:
  *     a cudaError_t value (1..999) or one of BM_CUDA_ERR_* below. After a nonzero status,
  *     bm_cuda_last_error() gives "file:line: cudaErrorName: message" for the calling thread.
@@ -48,6 +49,11 @@ int bm_cuda_cublas_destroy(void *handle);
 /* bf16 bits <-> float32 on the device (round to nearest even, NaN kept NaN). (n) each. */
 int bm_cuda_bf16_to_f32(const uint16_t *src, float *dst, int64_t n, cudaStream_t stream);
 int bm_cuda_f32_to_bf16(const float *src, uint16_t *dst, int64_t n, cudaStream_t stream);
+/* dst (n) = src (n) between the weight types (float32, bf16 bits, IEEE half): to float32
+ * exactly, to bf16 / fp16 rounding to nearest even (fp16: a value beyond its range becomes
+ * +-inf; the Python boundary rejects such weights first). sdt == ddt: a device copy. */
+int bm_cuda_convert(const void *src, bm_dtype sdt, void *dst, bm_dtype ddt, int64_t n,
+                    cudaStream_t stream);
 /* src (n) -> hi = bf16(src), lo = bf16(src - hi) (n each): hi + lo keeps 16 significant bits,
  * the operand split of BM_CUDA_MATH_BF16X2. */
 int bm_cuda_f32_to_bf16_split(const float *src, uint16_t *hi, uint16_t *lo, int64_t n,
@@ -136,8 +142,8 @@ int bm_cuda_layer_norm(const float *x, const float *residual, const float *w,
                        cudaStream_t stream);
 
 /* ---- gemv.cu: y = W x for small M (decode) ---------------------------------------------- */
-/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16,
- * fp32 accumulate. Reads W once per 8 rows of x (once for M <= 8); meant for small M. */
+/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32, bf16 or fp16
+ * (BM_F16), fp32 accumulate. Reads W once per 8 rows of x (once for M <= 8); meant for small M. */
 int bm_cuda_gemv(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
                  int64_t M, int64_t Nout, int64_t Kin, cudaStream_t stream);
 /* The same with a chosen K-split (warps sharing one row): 0 (auto), 1, 2, 4 or 8. For tests. */
@@ -145,7 +151,7 @@ int bm_cuda_gemv_ks(const float *x, const void *W, bm_dtype wdtype, const float 
                     int64_t M, int64_t Nout, int64_t Kin, int ksplit, cudaStream_t stream);
 
 /* ---- moe.cu: top-1 routing and the expert path (SPEC 3) --------------------------------- */
-/* logits (T, X) = x (T, d) @ rw (X, d)^T + rb (X) (rb may be NULL; logits may be NULL);
+/* logits (T, X) = x (T, d) @ rw (X, d)^T (rw float32, bf16 or fp16) + rb (X) (rb may be NULL; logits may be NULL);
  * ids (T) argmax (ties -> lowest); gates (T) = sigmoid(logits[t, ids[t]]). X <= 256. */
 int bm_cuda_route_top1(const float *x, const void *rw, bm_dtype wdtype, const float *rb,
                        float *logits, int32_t *ids, float *gates, int64_t T, int64_t d,
@@ -171,7 +177,8 @@ enum {
 size_t bm_cuda_moe_experts_workspace(int64_t T, int64_t d, int64_t X, int64_t F,
                                      bm_dtype wdtype, int math);
 /* Prefill path: out (T, d) = gates[t] * fc2[e] @ (act(a[:F]) * a[F:]), a = fc1[e] @ x[t],
- * e = ids[t]; fc1 (X, 2F, d), fc2 (X, d, F) stored as wdtype; gates (T) or NULL (scale 1).
+ * e = ids[t]; fc1 (X, 2F, d), fc2 (X, d, F) stored as wdtype (fp16 weights: expanded to
+ * float32 per expert as bf16 ones under FP32/TF32 math); gates (T) or NULL (scale 1).
  * Dispatch, gather, act and scatter run on the device; the expert GEMMs go through cuBLAS,
  * one pair per expert with tokens, so the X+1 offsets are copied to the host: this launcher
  * SYNCHRONISES `stream` once (after the dispatch). Except bf16 weights under BF16 or BF16X2
@@ -304,7 +311,9 @@ typedef struct {
     int bias;                /* in_proj.bias and out_proj.bias present */
     int swiglu;              /* gated MLP: fc1 (2F, d), act(a[:F]) * a[F:]; else fc1 (F, d) */
     bm_act act;
-    bm_dtype wdtype;         /* storage of the matrices on the device: BM_F32 or BM_BF16 */
+    bm_dtype wdtype;         /* storage of the matrices on the device: BM_F32, BM_BF16 or
+                                BM_F16 (IEEE half: products in fp32 as bf16 weights under
+                                FP32/TF32 math; BF16/BF16X2 math then act as TF32) */
     int math;                /* BM_CUDA_MATH_*: GEMMs of more than 8 rows (see engine.cu) */
     int64_t bf16_split_rows; /* under BM_CUDA_MATH_BF16, prefill products (and MoE layers) of
                                 at most this many rows (tokens) run as BF16X2: 0 = the default
@@ -312,7 +321,9 @@ typedef struct {
 } bm_cuda_config;
 #define BM_CUDA_BF16_SPLIT_ROWS 128
 
-/* A HOST array: float32, or bf16 bits (uint16); converted on the device where needed. */
+/* A HOST array: float32, bf16 bits (uint16) or IEEE half (BM_F16); converted on the device
+ * where needed (to fp16 with round to nearest even: out-of-range values become inf, so the
+ * caller checks them first, as model_cuda.py does). */
 typedef struct { const void *data; bm_dtype dtype; } bm_cuda_host_tensor;
 
 typedef struct {                       /* any field of a part the layer lacks: data NULL */

@@ -87,3 +87,53 @@ extern "C" int bm_cuda_f32_to_bf16_split(const float *src, uint16_t *hi, uint16_
     BM_CUDA_LAUNCHED();
     return 0;
 }
+
+// One weight element as float32 (exact from any of the three types), and back with round to
+// nearest even (__float2half_rn: beyond fp16's range -> +-inf, NaN kept NaN).
+template <typename T>
+__device__ __forceinline__ float conv_ld(const T *p, int64_t i) {
+    if constexpr (std::is_same<T, float>::value) return p[i];
+    else if constexpr (std::is_same<T, __half>::value) return __half2float(p[i]);
+    else return bm_bf16_bits_to_f32(p[i]);
+}
+template <typename T>
+__device__ __forceinline__ void conv_st(T *p, int64_t i, float v) {
+    if constexpr (std::is_same<T, float>::value) p[i] = v;
+    else if constexpr (std::is_same<T, __half>::value) p[i] = __float2half_rn(v);
+    else p[i] = bm_f32_to_bf16_bits(v);
+}
+template <typename S, typename D>
+static __global__ void convert_kernel(const S *__restrict__ src,  // (n)
+                                      D *__restrict__ dst,        // (n)
+                                      int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        conv_st(dst, i, conv_ld(src, i));
+}
+template <typename S>
+static int convert_from(const S *src, void *dst, bm_dtype ddt, int64_t n, cudaStream_t stream) {
+    switch (ddt) {
+        case BM_F32: convert_kernel<<<grid_for(n), 256, 0, stream>>>(src, (float *)dst, n); break;
+        case BM_BF16: convert_kernel<<<grid_for(n), 256, 0, stream>>>(src, (uint16_t *)dst, n); break;
+        case BM_F16: convert_kernel<<<grid_for(n), 256, 0, stream>>>(src, (__half *)dst, n); break;
+        default: return BM_CUDA_ARG_FAIL("convert: unknown destination dtype");
+    }
+    BM_CUDA_LAUNCHED();
+    return 0;
+}
+
+extern "C" int bm_cuda_convert(const void *src, bm_dtype sdt, void *dst, bm_dtype ddt,
+                               int64_t n, cudaStream_t stream) {
+    if (n <= 0) return 0;
+    if (sdt == ddt) {
+        BM_CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)n * (sdt == BM_F32 ? 4 : 2),
+                                    cudaMemcpyDeviceToDevice, stream));
+        return 0;
+    }
+    switch (sdt) {
+        case BM_F32: return convert_from((const float *)src, dst, ddt, n, stream);
+        case BM_BF16: return convert_from((const uint16_t *)src, dst, ddt, n, stream);
+        case BM_F16: return convert_from((const __half *)src, dst, ddt, n, stream);
+    }
+    return BM_CUDA_ARG_FAIL("convert: unknown source dtype");
+}

@@ -6,8 +6,10 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
 
@@ -198,6 +200,27 @@ __device__ __forceinline__ float bm_bf16_bits_to_f32(uint16_t h) {
 // Two packed bf16 (low half first in memory) -> two floats.
 __device__ __forceinline__ float2 bm_bf16x2_to_f32(uint32_t v) {
     return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+// A 16-bit weight type's conversions, for the kernels templated on the weight type WT:
+// uint16_t holds bf16 bits (the convention everywhere), __half IEEE half (BM_F16), float
+// float32. For uint16_t they are exactly bm_bf16_bits_to_f32 / bm_bf16x2_to_f32 (so the bf16
+// instantiations compile as before); half -> float is exact too (fp16 weights, fp32 math).
+template <typename WT>
+__device__ __forceinline__ float bm_w_bits_to_f32(uint16_t h) {
+    if constexpr (std::is_same<WT, __half>::value) return __half2float(__ushort_as_half(h));
+    else return bm_bf16_bits_to_f32(h);
+}
+// Two packed 16-bit weights (low half first in memory) -> two floats.
+template <typename WT>
+__device__ __forceinline__ float2 bm_w2_to_f32(uint32_t v) {
+    if constexpr (std::is_same<WT, __half>::value) {
+        __half2_raw r;
+        r.x = (unsigned short)(v & 0xffffu);
+        r.y = (unsigned short)(v >> 16);
+        return __half22float2(__half2(r));
+    } else {
+        return bm_bf16x2_to_f32(v);
+    }
 }
 // float32 -> bf16 bits, round to nearest even, NaN stays NaN (same as ref.f32_to_bf16).
 __device__ __forceinline__ uint16_t bm_f32_to_bf16_bits(float f) {

@@ -29,7 +29,12 @@
 //   - more rows, bf16 weights, FP32/TF32 math: GEMV up to GEMV_ROWS_EXACT rows (reads the
 //     weights once per 8 rows), else the weights expanded to fp32 into a scratch matrix and a
 //     cuBLAS fp32 (or tf32) GEMM;
-//   - fp32 weights: cuBLAS fp32 GEMM (tf32 with BM_CUDA_MATH_TF32 or _BF16).
+//   - fp32 weights: cuBLAS fp32 GEMM (tf32 with BM_CUDA_MATH_TF32 or _BF16);
+//   - fp16 weights (BM_F16, IEEE half): as bf16 weights under FP32/TF32 math whatever `math`
+//     says (the GEMVs and expert rows read the half weights, 8 per 16-byte load; larger
+//     products expand them to fp32 exactly, and the MoE prefill per expert, moe.cu): the
+//     activations stay fp32, so nothing can overflow fp16's range (|x| <= 65504), and the
+//     result is the fp32 model's on the fp16-rounded weights up to summation order.
 // MoE / MLP layers (routing: norm_route_kernel, one block per token, fused with the layer's
 // RMSNorm; route_small_kernel or moe.cu's route_top1 where the norm is separate):
 //   - up to GEMV_ROWS tokens (batch 1, or non-BF16 math): per-token expert rows
@@ -215,9 +220,11 @@ namespace {
 
 // ---- glue kernels --------------------------------------------------------------------------
 
+// WT: float, uint16_t (bf16 bits) or __half (common.cuh bm_w2_to_f32).
 template <typename WT>
 __device__ __forceinline__ float ld_w(const WT *p) {
-    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(*p);
+    if constexpr (std::is_same<WT, __half>::value) return __half2float(*p);
+    else if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(*p);
     else return *p;
 }
 // An activation load of a wait-first kernel: B1 (the batch-1 graph, behind early kernels) a
@@ -230,7 +237,7 @@ __device__ __forceinline__ T ld_act(const T *p) {
 // The same through a plain ld.global.ca (the early kernels' pre-wait loads: common.cuh).
 template <typename WT>
 __device__ __forceinline__ float ld_w_ca(const WT *p) {
-    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(__ldca(reinterpret_cast<const unsigned short *>(p)));
+    if constexpr (sizeof(WT) == 2) return bm_w_bits_to_f32<WT>(__ldca(reinterpret_cast<const unsigned short *>(p)));
     else return __ldca(p);
 }
 
@@ -386,8 +393,8 @@ __global__ __launch_bounds__(256) void expert_rows_kernel(
                     const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w + k));
                     const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                     const float4 x1 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k + 4));
-                    const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
-                    const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                    const float2 a = bm_w2_to_f32<WT>(v.x), b = bm_w2_to_f32<WT>(v.y);
+                    const float2 c = bm_w2_to_f32<WT>(v.z), d = bm_w2_to_f32<WT>(v.w);
                     acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
                     acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
                     acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
@@ -468,8 +475,8 @@ __global__ __launch_bounds__(256, 6) void expert_rows_early_kernel(
             if constexpr (sizeof(WT) == 2) {
                 const float4 x0 = __ldca(reinterpret_cast<const float4 *>(xr + k));
                 const float4 x1 = __ldca(reinterpret_cast<const float4 *>(xr + k + 4));
-                const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
-                const float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+                const float2 a = bm_w2_to_f32<WT>(v.x), b = bm_w2_to_f32<WT>(v.y);
+                const float2 c = bm_w2_to_f32<WT>(v.z), d = bm_w2_to_f32<WT>(v.w);
                 acc = fmaf(a.x, x0.x, acc); acc = fmaf(a.y, x0.y, acc);
                 acc = fmaf(b.x, x0.z, acc); acc = fmaf(b.y, x0.w, acc);
                 acc = fmaf(c.x, x1.x, acc); acc = fmaf(c.y, x1.y, acc);
@@ -544,14 +551,14 @@ __global__ __launch_bounds__(256, B1 ? 8 : 0) void expert_rows_gated_kernel(
                     const uint4 vu = __ldg(reinterpret_cast<const uint4 *>(wu + k));
                     const float4 x0 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k));
                     const float4 x1 = ld_act<B1>(reinterpret_cast<const float4 *>(xr + k + 4));
-                    float2 a = bm_bf16x2_to_f32(vg.x), b = bm_bf16x2_to_f32(vg.y);
-                    float2 c = bm_bf16x2_to_f32(vg.z), d = bm_bf16x2_to_f32(vg.w);
+                    float2 a = bm_w2_to_f32<WT>(vg.x), b = bm_w2_to_f32<WT>(vg.y);
+                    float2 c = bm_w2_to_f32<WT>(vg.z), d = bm_w2_to_f32<WT>(vg.w);
                     ag = fmaf(a.x, x0.x, ag); ag = fmaf(a.y, x0.y, ag);
                     ag = fmaf(b.x, x0.z, ag); ag = fmaf(b.y, x0.w, ag);
                     ag = fmaf(c.x, x1.x, ag); ag = fmaf(c.y, x1.y, ag);
                     ag = fmaf(d.x, x1.z, ag); ag = fmaf(d.y, x1.w, ag);
-                    a = bm_bf16x2_to_f32(vu.x); b = bm_bf16x2_to_f32(vu.y);
-                    c = bm_bf16x2_to_f32(vu.z); d = bm_bf16x2_to_f32(vu.w);
+                    a = bm_w2_to_f32<WT>(vu.x); b = bm_w2_to_f32<WT>(vu.y);
+                    c = bm_w2_to_f32<WT>(vu.z); d = bm_w2_to_f32<WT>(vu.w);
                     au = fmaf(a.x, x0.x, au); au = fmaf(a.y, x0.y, au);
                     au = fmaf(b.x, x0.z, au); au = fmaf(b.y, x0.w, au);
                     au = fmaf(c.x, x1.x, au); au = fmaf(c.y, x1.y, au);
@@ -1087,7 +1094,7 @@ int mark(bm_cuda_model *m, int kind) {
 
 // ---- matrix products -------------------------------------------------------------------------
 
-size_t wsize(const bm_cuda_model *m) { return m->cfg.wdtype == BM_BF16 ? 2 : 4; }
+size_t wsize(const bm_cuda_model *m) { return m->cfg.wdtype == BM_F32 ? 4 : 2; }
 const void *wrows(const bm_cuda_model *m, const void *W, int64_t row0, int64_t Kin) {
     return (const char *)W + (size_t)(row0 * Kin) * wsize(m);
 }
@@ -1132,9 +1139,10 @@ bool split_x(const bm_cuda_model *m, const Ws *ws, int64_t M) {
     if (ws->decode) return ws->dsplit;
     return M <= split_limit(m->cfg);
 }
-// Does a product of M rows expand bf16 weights to fp32 (needs the wf scratch)?
+// Does a product of M rows expand 16-bit weights (bf16 outside BF16 math; fp16 always) to fp32
+// (needs the wf scratch)?
 bool needs_wf(const bm_cuda_model *m, int64_t M) {
-    return m->cfg.wdtype == BM_BF16 && !bf16_math(m) && M > GEMV_ROWS_EXACT;
+    return m->cfg.wdtype != BM_F32 && !bf16_math(m) && M > GEMV_ROWS_EXACT;
 }
 int ensure_wf(bm_cuda_model *m) {
     if (m->wf) return 0;
@@ -1143,7 +1151,7 @@ int ensure_wf(bm_cuda_model *m) {
     n = std::max(n, c.E * c.d);
     n = std::max(n, (c.R + 2 * c.N) * c.E);
     n = std::max(n, c.E * c.R);
-    TRY(dev_alloc((void **)&m->wf, (size_t)n * 4, "bf16->fp32 weight scratch"));
+    TRY(dev_alloc((void **)&m->wf, (size_t)n * 4, "16-bit -> fp32 weight scratch"));
     m->wf_elems = n;
     return 0;
 }
@@ -1197,7 +1205,7 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
            const float *bias, float *y, int64_t ldy, int64_t M, int64_t Nout, int64_t Kin,
            bool xbf_ready = false) {
     if (M <= 0 || Nout <= 0) return 0;
-    const bool bf = m->cfg.wdtype == BM_BF16;
+    const bool bf = m->cfg.wdtype != BM_F32;  // 16-bit weights: bf16, or fp16 (never bf16 math)
     const bool bfm = bf16_math(m);
     if (M <= ws->gv || (bf && !bfm && M <= GEMV_ROWS_EXACT)) {
         GemvParams p{W, x, ldx, nullptr, nullptr, bias, y, ldy, (int)M, (int)Nout, (int)Kin};
@@ -1220,7 +1228,8 @@ int linear(bm_cuda_model *m, Ws *ws, const float *x, int64_t ldx, const void *W,
         if (bf) {
             if (!m->wf || Nout * Kin > m->wf_elems)
                 return BM_CUDA_ARG_FAIL("engine: weight scratch missing or too small");
-            TRY(bm_cuda_bf16_to_f32((const uint16_t *)W, m->wf, Nout * Kin, m->stream));
+            // exact (bf16 or fp16 -> fp32): the product is then the fp32 one on these weights
+            TRY(bm_cuda_convert(W, m->cfg.wdtype, m->wf, BM_F32, Nout * Kin, m->stream));
             Wf = m->wf;
         }
         const cublasComputeType_t ct = m->cfg.math == BM_CUDA_MATH_FP32
@@ -1413,7 +1422,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     cudaStream_t st = m->stream;
     // Where in_proj runs as a GEMV (linear()'s rule), the conv step rides on its epilogue:
     // one launch fewer per Mamba layer (GemvParams::conv_w).
-    const bool bf = c.wdtype == BM_BF16;
+    const bool bf = c.wdtype != BM_F32;  // 16-bit weights, as in linear()
     const bool conv_fused = B <= ws->gv || (bf && !bf16_math(m) && B <= GEMV_ROWS_EXACT);
     if (conv_fused) {
         GemvParams p{ly.in_w, xn, d, nullptr, nullptr, ly.in_b, B == 1 ? ws->xz : x,
@@ -1483,6 +1492,20 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                 (int)R, glog);
         else
             BM_LAUNCH_PDL((step_scan_kernel<uint16_t, false>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+    } else if (c.wdtype == BM_F16) {
+        const __half *dw = (const __half *)ly.dt_w;
+        if (early)
+            BM_LAUNCH_PDL((step_scan_kernel<__half, true, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else if (fused)
+            BM_LAUNCH_PDL((step_scan_kernel<__half, true>), dim3(blocks), dim3(256), 0, st,
+                ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
+                (int)R, glog);
+        else
+            BM_LAUNCH_PDL((step_scan_kernel<__half, false>), dim3(blocks), dim3(256), 0, st,
                 ssm, ws->xc, z, ws->dbc, dw, dl, ly.dt_b, ly.A, ly.D, ws->y, BE, (int)E, (int)N,
                 (int)R, glog);
     } else {
@@ -1587,9 +1610,13 @@ int expert_gemv(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     cudaStream_t st = m->stream;
     // A few tokens (decode): per-token expert rows, exact fp32 accumulate like the GEMV.
     const bool rows = T <= GEMV_ROWS;
-    auto rows_fn = c.wdtype == BM_BF16 ? expert_rows<uint16_t> : expert_rows<float>;
+    auto rows_fn = c.wdtype == BM_BF16  ? expert_rows<uint16_t>
+                   : c.wdtype == BM_F16 ? expert_rows<__half>
+                                        : expert_rows<float>;
     if (rows && c.swiglu) {  // fc1 and the gated act in one kernel
-        auto gated_fn = c.wdtype == BM_BF16 ? expert_rows_gated<uint16_t> : expert_rows_gated<float>;
+        auto gated_fn = c.wdtype == BM_BF16  ? expert_rows_gated<uint16_t>
+                        : c.wdtype == BM_F16 ? expert_rows_gated<__half>
+                                             : expert_rows_gated<float>;
         TRY(gated_fn(ly.fc1, x, d, ids, ws->eh, G, T, F, d, (int)c.act, st));
         return rows_fn(ly.fc2, ws->eh, G, ids, gates, out, d, T, d, F, true, st);
     }
@@ -1732,6 +1759,9 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
     if (c.wdtype == BM_BF16)
         embed_kernel<uint16_t><<<(unsigned)T, eth, 0, st>>>(ws->tok, (const uint16_t *)m->emb,
                                                             ws->h, (int)d, (int)c.V);
+    else if (c.wdtype == BM_F16)
+        embed_kernel<__half><<<(unsigned)T, eth, 0, st>>>(ws->tok, (const __half *)m->emb, ws->h,
+                                                          (int)d, (int)c.V);
     else
         embed_kernel<float><<<(unsigned)T, eth, 0, st>>>(ws->tok, (const float *)m->emb, ws->h,
                                                          (int)d, (int)c.V);
@@ -1999,7 +2029,7 @@ int ensure_graph(bm_cuda_model *m, Ws *ws, bm_cuda_state *s) {
 int upload(bm_cuda_model *m, void *dst, bm_dtype dst_dt, const bm_cuda_host_tensor &src,
            int64_t n, void *staging) {
     if (n <= 0) return 0;
-    const size_t sbytes = (size_t)n * (src.dtype == BM_BF16 ? 2 : 4);
+    const size_t sbytes = (size_t)n * (src.dtype == BM_F32 ? 4 : 2);
     if (src.dtype == dst_dt) {
         BM_CUDA_TRY(cudaMemcpyAsync(dst, src.data, sbytes, cudaMemcpyHostToDevice, m->stream));
         return 0;
@@ -2007,9 +2037,7 @@ int upload(bm_cuda_model *m, void *dst, bm_dtype dst_dt, const bm_cuda_host_tens
     // Stream order keeps the staging buffer safe: the next upload's copy into it is queued
     // after this conversion.
     BM_CUDA_TRY(cudaMemcpyAsync(staging, src.data, sbytes, cudaMemcpyHostToDevice, m->stream));
-    if (src.dtype == BM_BF16)
-        return bm_cuda_bf16_to_f32((const uint16_t *)staging, (float *)dst, n, m->stream);
-    return bm_cuda_f32_to_bf16((const float *)staging, (uint16_t *)dst, n, m->stream);
+    return bm_cuda_convert(staging, src.dtype, dst, dst_dt, n, m->stream);
 }
 
 // The weight layout, shared by the sizing pass (base NULL) and the assigning pass.
@@ -2063,8 +2091,8 @@ int check_cfg(const bm_cuda_config *c) {
     if (c->K < 2 || c->K > 8) return BM_CUDA_ARG_FAIL("engine: K must be in 2..8");
     if (c->real_vocab < 1 || c->real_vocab > c->V)
         return BM_CUDA_ARG_FAIL("engine: real_vocab must be in 1..V");
-    if (c->wdtype != BM_F32 && c->wdtype != BM_BF16)
-        return BM_CUDA_ARG_FAIL("engine: weights must be float32 or bfloat16");
+    if (c->wdtype != BM_F32 && c->wdtype != BM_BF16 && c->wdtype != BM_F16)
+        return BM_CUDA_ARG_FAIL("engine: weights must be float32, bfloat16 or float16");
     if (c->math < BM_CUDA_MATH_FP32 || c->math > BM_CUDA_MATH_BF16X2)
         return BM_CUDA_ARG_FAIL("engine: math must be BM_CUDA_MATH_FP32, _TF32, _BF16 or _BF16X2");
     if (c->d > INT32_MAX / 8 || 2 * c->E > INT32_MAX / 8 || c->V > INT32_MAX ||
@@ -2097,7 +2125,8 @@ int check_layer_weights(const bm_cuda_model *m, int64_t li, const bm_cuda_layer_
     };
     static thread_local char msg[96];
     for (const Need &n : needs) {
-        if (n.need && (!n.t->data || (n.t->dtype != BM_F32 && n.t->dtype != BM_BF16))) {
+        if (n.need && (!n.t->data || (n.t->dtype != BM_F32 && n.t->dtype != BM_BF16 &&
+                                      n.t->dtype != BM_F16))) {
             snprintf(msg, sizeof msg, "engine: layer %lld lacks %s", (long long)li, n.name);
             return BM_CUDA_ARG_FAIL(msg);
         }

@@ -38,7 +38,7 @@ size_t align256(size_t b) { return (b + 255) & ~(size_t)255; }
 }  // namespace
 
 extern "C" int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math) {
-    return (wdtype == BM_BF16 && !bf16_math(wdtype, math)) ? 32 : 8;
+    return (wdtype != BM_F32 && !bf16_math(wdtype, math)) ? 32 : 8;  // bf16 or fp16 (BM_F16)
 }
 
 extern "C" size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin,
@@ -46,7 +46,7 @@ extern "C" size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin,
     if (M <= bm_cuda_linear_gemv_rows(wdtype, math)) return 0;
     if (bf16_math(wdtype, math))  // x as bf16 (and its low part under BF16X2)
         return align256((size_t)(M * Kin) * 2) * (math == BM_CUDA_MATH_BF16X2 ? 2 : 1);
-    if (wdtype == BM_BF16) return align256((size_t)(Nout * Kin) * 4);     // W as float32
+    if (wdtype != BM_F32) return align256((size_t)(Nout * Kin) * 4);     // W as float32
     return 0;
 }
 
@@ -100,9 +100,9 @@ extern "C" int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, co
         A = W; at = CUDA_R_16BF;
         B = xb; bt = CUDA_R_16BF;
         ct = CUBLAS_COMPUTE_32F;
-    } else if (wdtype == BM_BF16) {
+    } else if (wdtype != BM_F32) {  // bf16 (not bf16 math) or fp16: expanded exactly
         float *wf = (float *)workspace;  // (Nout, Kin)
-        if ((st = bm_cuda_bf16_to_f32((const uint16_t *)W, wf, Nout * Kin, stream))) return st;
+        if ((st = bm_cuda_convert(W, wdtype, wf, BM_F32, Nout * Kin, stream))) return st;
         A = wf;
     }
     // Row-major y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T is, read column-major,

@@ -1,9 +1,10 @@
 // gemv.cu: y = W x for a few rows of x (decode), and the gathered form the MoE decode path
 // uses (each token multiplies the weights of its own expert).
 //
-// Memory-bound: the floor is one pass over W (Nout*Kin*2 bytes in bf16). A warp owns one
-// output row and streams it with 16-byte loads (8 bf16 or 4 float32 per lane and load), up
-// to GEMV_MT rows of x at a time from L1, fp32 accumulate, then a shuffle reduction.
+// Memory-bound: the floor is one pass over W (Nout*Kin*2 bytes in bf16 or fp16). A warp owns
+// one output row and streams it with 16-byte loads (8 bf16 / fp16 or 4 float32 per lane and
+// load), up to GEMV_MT rows of x at a time from L1, fp32 accumulate, then a shuffle
+// reduction.
 // Gathered form: W is (X, Nout, Kin); block (row block, expert) first collects the tokens
 // routed to its expert, so an expert with no tokens costs nothing and a used one is read once
 // per GEMV_MT of its tokens.
@@ -37,6 +38,29 @@ struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
         w[4] = c.x; w[5] = c.y; w[6] = d.x; w[7] = d.y;
     }
     static __device__ __forceinline__ float one(const uint16_t *p) { return bm_bf16_bits_to_f32(__ldg(p)); }
+};
+template <>
+struct WLoad<__half> {  // IEEE half (BM_F16): 8 per 16 bytes, converted exactly to float32
+    static constexpr int VW = 8;
+    using Raw = uint4;
+    static __device__ __forceinline__ Raw raw(const __half *p) {
+        return __ldg(reinterpret_cast<const uint4 *>(p));
+    }
+    static __device__ __forceinline__ Raw raw_ca(const __half *p) {  // see bm_pdl_trigger
+        return __ldca(reinterpret_cast<const uint4 *>(p));
+    }
+    static __device__ __forceinline__ void load(const __half *p, float (&w)[8]) {
+        unpack(raw(p), w);
+    }
+    static __device__ __forceinline__ void unpack(const uint4 v, float (&w)[8]) {
+        float2 a = bm_w2_to_f32<__half>(v.x), b = bm_w2_to_f32<__half>(v.y);
+        float2 c = bm_w2_to_f32<__half>(v.z), d = bm_w2_to_f32<__half>(v.w);
+        w[0] = a.x; w[1] = a.y; w[2] = b.x; w[3] = b.y;
+        w[4] = c.x; w[5] = c.y; w[6] = d.x; w[7] = d.y;
+    }
+    static __device__ __forceinline__ float one(const __half *p) {
+        return bm_w_bits_to_f32<__half>(__ldg(reinterpret_cast<const unsigned short *>(p)));
+    }
 };
 template <>
 struct WLoad<float> {  // float32: 4 per 16 bytes
@@ -380,8 +404,12 @@ int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cuda
     if (X > 65535) return BM_CUDA_ARG_FAIL("gemv: too many experts");
     if (ksplit != 0 && ksplit != 1 && ksplit != 2 && ksplit != 4 && ksplit != 8)
         return BM_CUDA_ARG_FAIL("gemv: ksplit must be 0 (auto), 1, 2, 4 or 8");
-    return wdtype == BM_BF16 ? gemv_launch_t<uint16_t>(p, X, ksplit, stream)
-                             : gemv_launch_t<float>(p, X, ksplit, stream);
+    switch (wdtype) {
+        case BM_BF16: return gemv_launch_t<uint16_t>(p, X, ksplit, stream);
+        case BM_F16: return gemv_launch_t<__half>(p, X, ksplit, stream);
+        case BM_F32: return gemv_launch_t<float>(p, X, ksplit, stream);
+    }
+    return BM_CUDA_ARG_FAIL("gemv: weights must be float32, bfloat16 or float16");
 }
 
 extern "C" int bm_cuda_gemv_ks(const float *x, const void *W, bm_dtype wdtype, const float *bias,

@@ -30,7 +30,7 @@ template <typename WT>
 __device__ __forceinline__ float4 load_w4(const WT *p) {
     if constexpr (sizeof(WT) == 2) {
         const uint2 v = __ldg(reinterpret_cast<const uint2 *>(p));
-        const float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
+        const float2 a = bm_w2_to_f32<WT>(v.x), b = bm_w2_to_f32<WT>(v.y);
         return make_float4(a.x, a.y, b.x, b.y);
     } else {
         return __ldg(reinterpret_cast<const float4 *>(p));
@@ -38,7 +38,8 @@ __device__ __forceinline__ float4 load_w4(const WT *p) {
 }
 template <typename WT>
 __device__ __forceinline__ float load_w1(const WT *p) {
-    if constexpr (sizeof(WT) == 2) return bm_bf16_bits_to_f32(__ldg(p));
+    if constexpr (sizeof(WT) == 2)
+        return bm_w_bits_to_f32<WT>(__ldg(reinterpret_cast<const unsigned short *>(p)));
     else return __ldg(p);
 }
 
@@ -246,7 +247,8 @@ struct MoeWs {
     uint16_t *a_bf;     // (T, F) bf16 math only
     uint16_t *a_lo;     // (T, F) BF16X2 math only
     float *og;          // (T, d) fc2 outputs (= xg unless bf16 math)
-    float *w1f, *w2f;   // (2F, d), (d, F): one expert's weights as f32 (bf16 weights, f32 math)
+    float *w1f, *w2f;   // (2F, d), (d, F): one expert's weights as f32 (bf16 / fp16 weights,
+                        // not bf16 math: fp16 weights always, exact, the activations fp32)
     size_t bytes;
 };
 
@@ -265,7 +267,7 @@ MoeWs moe_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, bm_dtype wd
     };
     const bool bf16_math = is_bf16_math(wdtype, math);
     const bool split = bf16_math && math == BM_CUDA_MATH_BF16X2;
-    const bool expand = wdtype == BM_BF16 && !bf16_math;
+    const bool expand = wdtype != BM_F32 && !bf16_math;
     w.perm = (int32_t *)take(T * 4);
     w.offsets = (int32_t *)take((X + 1) * 4);
     w.xg = bf16_math ? nullptr : (float *)take(T * d * 4);
@@ -312,6 +314,10 @@ extern "C" int bm_cuda_route_top1(const float *x, const void *rw, bm_dtype wdtyp
         const uint16_t *w = (const uint16_t *)rw;
         if (vec) route_kernel<uint16_t, true><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
         else route_kernel<uint16_t, false><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
+    } else if (wdtype == BM_F16) {
+        const __half *w = (const __half *)rw;
+        if (vec) route_kernel<__half, true><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
+        else route_kernel<__half, false><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
     } else {
         const float *w = (const float *)rw;
         if (vec) route_kernel<float, true><<<grid, ROUTE_WARPS * 32, 0, stream>>>(x, w, rb, logits, ids, gates, T, (int)d, (int)X);
@@ -397,14 +403,14 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
 
     BM_CUBLAS_TRY(cublasSetStream(hdl, stream));
     BM_CUBLAS_TRY(cublasSetMathMode(hdl, CUBLAS_DEFAULT_MATH));
-    const size_t wsz = wdtype == BM_BF16 ? 2 : 4;
+    const size_t wsz = wdtype == BM_F32 ? 4 : 2;
     const cudaDataType wt = bf16_math ? CUDA_R_16BF : CUDA_R_32F;
     for (int64_t e = 0; e < X; e++) {
         const int64_t n = off[e + 1] - off[e];
         if (n == 0) continue;
         const void *w1 = (const char *)fc1 + e * 2 * F * d * wsz;
         if (ws.w1f) {
-            if ((st = bm_cuda_bf16_to_f32((const uint16_t *)w1, ws.w1f, 2 * F * d, stream))) return st;
+            if ((st = bm_cuda_convert(w1, wdtype, ws.w1f, BM_F32, 2 * F * d, stream))) return st;
             w1 = ws.w1f;
         }
         if (bf16_math)
@@ -432,7 +438,7 @@ extern "C" int bm_cuda_moe_experts(const float *x, const int32_t *ids, const flo
         if (n == 0) continue;
         const void *w2 = (const char *)fc2 + e * d * F * wsz;
         if (ws.w2f) {
-            if ((st = bm_cuda_bf16_to_f32((const uint16_t *)w2, ws.w2f, d * F, stream))) return st;
+            if ((st = bm_cuda_convert(w2, wdtype, ws.w2f, BM_F32, d * F, stream))) return st;
             w2 = ws.w2f;
         }
         if (bf16_math)

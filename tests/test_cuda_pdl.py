@@ -63,7 +63,7 @@ def run(g, B, prompt, toks, graph=True):
 
 
 @pytest.mark.parametrize("ci", range(len(CONFIGS)))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("B", [1, 3])
 def test_early_equals_wait_first(ci, dtype, B, monkeypatch):
     cfg = make_cfg(**CONFIGS[ci])

@@ -361,6 +361,8 @@ long long bm_cuda_small_tf32_calls(void);
 long long bm_cuda_pdl_early_launches(int kind);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
 long long bm_cuda_step_scan4_calls(void);
+/* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */
+long long bm_cuda_gemv1_norm_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */

@@ -323,6 +323,13 @@ __device__ __forceinline__ T bm_block_sum(T v, T *scratch) {
     return t;
 }
 
+// a.x^2 + a.y^2 + a.z^2 + a.w^2 in one fixed order of fused operations, so that every kernel
+// that sums squares through it gets the same bits (rms_norm_kernel and gemv1_kernel's norm
+// prologue), whatever contraction the compiler would choose for the plain expression.
+__device__ __forceinline__ float bm_sumsq4(float4 a) {
+    return __fmaf_rn(a.w, a.w, __fmaf_rn(a.z, a.z, __fmaf_rn(a.y, a.y, __fmul_rn(a.x, a.x))));
+}
+
 // ---- shared between gemv.cu and moe.cu ----------------------------------------------------
 // y[m, r] = scale[m] * (W[e_m, r, :] . x[m, :]) + bias[r], e_m = ids ? ids[m] : 0.
 struct GemvParams {
@@ -348,6 +355,18 @@ struct GemvParams {
     // the conv weights and state) before its PDL wait (gemv.cu, gemv1_kernel). 0 for the ops
     // entry points, whose W may come from the kernel just before. Left out of an initialiser: 0.
     int w_static;
+    // Optional prologue (M = 1): x = RMSNorm(norm_h + norm_r) * norm_w (norm_r NULL: norm_h
+    // alone), with the sum also written to norm_r_out and x to norm_x_out (= x). gemv1_kernel
+    // computes it in every block from L2, in rms_norm_kernel's arithmetic (the same bits), and
+    // block 0 writes the two outputs; elsewhere the launcher runs the norm kernel first.
+    // norm_r_out must not alias norm_r: other blocks of the launch still read that. The
+    // engine's batch-1 Mamba layers (one graph node fewer a layer). NULL norm_h: off.
+    const float *norm_h;   // (Kin)
+    const float *norm_r;   // (Kin) or NULL
+    const float *norm_w;   // (Kin) model weights
+    float *norm_r_out;     // (Kin)
+    float *norm_x_out;     // (Kin): the x this GEMV reads
+    float norm_eps;
 };
 // X experts (grid.y); X = 1 with ids NULL is the plain GEMV. ksplit 0 = auto (gemv.cu).
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream);

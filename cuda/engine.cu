@@ -147,6 +147,7 @@ struct Ws {
     size_t bytes;
     int32_t *tok;           // (T) input ids
     float *h, *r, *xn, *yf; // (T, d): mixer output, residual, normed input, final LN output
+    float *r2;              // (T, d) decode: the residual's other buffer (NormIn, forward())
     float *xm, *mo;         // (T, d) parallel layers: MLP input and output
     float *xz;              // (2, T, E): x = xz (T, E), z = xz + T*E (T, E)
     float *xc, *y;          // (T, E) conv output, scan output
@@ -1178,6 +1179,19 @@ int64_t dec_gemm_min() {
 }
 
 // BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
+// The batch-1 Mamba layers' RMSNorm carried by in_proj's early GEMV (GemvParams::norm_h;
+// BLACKMAMBA_DECODE_NORM_FUSE=0: its own kernel, as before). Read at graph capture.
+bool norm_fuse_on() {
+    const char *e = getenv("BLACKMAMBA_DECODE_NORM_FUSE");
+    return !(e && e[0] == '0');
+}
+
+// A Mamba layer's input norm handed to mamba_step: xn = RMSNorm(h + r) * w, the sum to r_out.
+struct NormIn {
+    const float *h, *r, *w;
+    float *r_out;
+};
+
 bool norm_bf_on() {
     const char *e = getenv("BLACKMAMBA_DECODE_NORM_BF");
     return !(e && e[0] == '0');
@@ -1414,8 +1428,11 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
 
 // The same for one token per row: xn (B, d) -> out (B, d).
 // xbf_ready: the norm wrote bf16(xn) into ws->xbf (ws->xlo) for in_proj (in_proj_batched()).
+// nin: the layer's input norm still to do (forward(): batch 1), carried by in_proj's GEMV
+// where that is one (it writes xn = ws->xn), else run first.
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
-               const float *xn, float *out, int64_t B, bool xbf_ready) {
+               const float *xn, float *out, int64_t B, bool xbf_ready,
+               const NormIn *nin = nullptr) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
@@ -1424,11 +1441,25 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // one launch fewer per Mamba layer (GemvParams::conv_w).
     const bool bf = c.wdtype != BM_F32;  // 16-bit weights, as in linear()
     const bool conv_fused = B <= ws->gv || (bf && !bf16_math(m) && B <= GEMV_ROWS_EXACT);
+    if (nin && (!conv_fused || B != 1 || xn != ws->xn)) {
+        TRY(bm_rms_norm_static_w(nin->h, nin->r, nin->w, EPS, ws->xn, nin->r_out, nullptr,
+                                 nullptr, B, d, st));
+        TRY(mark(m, P_NORM));
+        nin = nullptr;
+    }
     if (conv_fused) {
         GemvParams p{ly.in_w, xn, d, nullptr, nullptr, ly.in_b, B == 1 ? ws->xz : x,
                      B == 1 ? 2 * E : E, (int)B, (int)(B == 1 ? 2 * E : E), (int)d,
                      ly.conv_w, ly.conv_b, conv, ws->xc, (int)E, (int)c.K};
         p.w_static = 1;  // weights, and the conv state only this launch writes (gemv1_kernel)
+        if (nin) {
+            p.norm_h = nin->h;
+            p.norm_r = nin->r;
+            p.norm_w = nin->w;
+            p.norm_r_out = nin->r_out;
+            p.norm_x_out = ws->xn;
+            p.norm_eps = EPS;
+        }
         TRY(bm_gemv_launch(p, c.wdtype, 1, 0, st));
         if (B > 1)
             TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
@@ -1767,6 +1798,10 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                                                          (int)d, (int)c.V);
     BM_CUDA_LAUNCHED();
     TRY(mark(m, P_EMBED));
+    // The residual stream's buffer now: ws->r, or ws->r2 after a batch-1 Mamba layer whose
+    // norm rode on in_proj (the launch's other blocks still read the old one while block 0
+    // writes the sum: so it goes to the other buffer, and the two take turns).
+    float *rc = ws->r;
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
@@ -1774,7 +1809,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         // the H200 the separate rms_norm + route_top1 took 14 + 29 us a layer).
         const bool nr = !ly.mamba && ly.X >= 2 && ly.X <= ROUTE_SMALL_MAX_X &&
                         T <= INT32_MAX && d % 4 == 0 && d <= NR_MAX_D &&
-                        (((uintptr_t)ws->h | (uintptr_t)ws->r | (uintptr_t)ws->xn |
+                        (((uintptr_t)ws->h | (uintptr_t)rc | (uintptr_t)ws->xn |
                           (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
         // The norm also writes the bf16 input (+ low parts) of the product that follows where
         // that product is a bf16 GEMM that would convert xn itself (grouped_moe, in_proj).
@@ -1794,7 +1829,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
             }
             BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
-                          ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r, ly.router_w,
+                          ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc, ly.router_w,
                           ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
                           xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr);
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb));
@@ -1802,7 +1837,16 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         }
         const bool xb = lo_ok && ly.mamba && in_proj_batched(m, ws, T) &&
                         (!ws->decode || norm_bf_on());
-        TRY(bm_rms_norm_static_w(ws->h, li ? ws->r : nullptr, ly.norm_w, EPS, ws->xn, ws->r,
+        if (ly.mamba && !ly.X && ws->decode && T == 1 && !xb && ws->r2 && b1_early(T) &&
+            norm_fuse_on()) {
+            // batch 1: the norm rides on in_proj's early GEMV (mamba_step, NormIn)
+            float *rn = rc == ws->r ? ws->r2 : ws->r;
+            const NormIn nin{ws->h, li ? rc : nullptr, ly.norm_w, rn};
+            TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, false, &nin));
+            rc = rn;
+            continue;
+        }
+        TRY(bm_rms_norm_static_w(ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc,
                                  xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
                                  st));
         TRY(mark(m, P_NORM));
@@ -1813,7 +1857,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
                                   xb));
             if (ly.X) {  // parallel "rX": h = mamba(norm(r)) + mlp(norm_moe(r))
-                TRY(bm_cuda_rms_norm(ws->r, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
+                TRY(bm_cuda_rms_norm(rc, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
                                      st));
                 TRY(mark(m, P_NORM));
                 TRY(mlp(m, ws, ly, li, ws->xm, ws->mo, T, trace));
@@ -1825,7 +1869,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace));
         }
     }
-    TRY(bm_cuda_layer_norm(ws->h, ws->r, m->final_w, m->final_b, EPS, ws->yf, T, d, st));
+    TRY(bm_cuda_layer_norm(ws->h, rc, m->final_w, m->final_b, EPS, ws->yf, T, d, st));
     return mark(m, P_FINAL);
 }
 
@@ -1857,6 +1901,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->tok = a.take<int32_t>(T);
     w->h = a.take<float>(T * d);
     w->r = a.take<float>(T * d);
+    w->r2 = decode ? a.take<float>(T * d) : nullptr;
     w->xn = a.take<float>(T * d);
     w->yf = a.take<float>(T * d);
     w->xm = m->has_parallel ? a.take<float>(T * d) : nullptr;

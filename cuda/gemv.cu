@@ -252,9 +252,17 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
 // shape's rows (in_proj 184 pieces a row, out_proj 368 split in 2, x_proj 368 in 8); a longer
 // slice continues after the wait with the plain loop. At most 40 registers (6 blocks of 256
 // an SM): the weights held for the wait must leave room for the neighbouring kernels' blocks.
+// NORM: the RMSNorm prologue of GemvParams (norm_h ..): after the wait each block sums h + r
+// from L2 and normalises it into shared memory (x, Kin floats of dynamic shared memory), in
+// rms_norm_kernel<4, true>'s arithmetic and thread layout (256 threads = its block_for(d / 4)
+// from d = 1024 on; below, its missing threads are this block's idle ones, which add exact
+// zeros to the sums), so x has the bits the norm kernel would have written; block 0 writes the
+// residual and x out. It replaces the norm's graph node (at the 2.8B shape ~4.7 us of a
+// batch-1 step's critical path a Mamba layer, its L2 reads queued behind in_proj's early
+// weight loads) by ~12 KB of L2 reads in each block after the wait.
 constexpr int GEMV1_PRE = 6;
 
-template <typename WT>
+template <typename WT, bool NORM = false>
 __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvParams p, int ks_log2) {
     bm_pdl_trigger();
     constexpr int VW = WLoad<WT>::VW;
@@ -291,10 +299,52 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
     }
     bm_pdl_wait_only();
     bm_l1_invalidate_block();
-    // ---- after the wait: x (written by the kernel before) ----
+    // ---- after the wait: x (written by the kernel before), or NORM: x from h and r ----
+    float *xs = nullptr;  // NORM: (Kin) the normalised row, in dynamic shared memory
+    if constexpr (NORM) {
+        extern __shared__ __align__(16) float xs_dyn[];
+        xs = xs_dyn;
+        __shared__ float scratch[32];
+        const int nv = p.Kin / 4;
+        const float4 *h4 = reinterpret_cast<const float4 *>(p.norm_h);
+        const float4 *r4 = reinterpret_cast<const float4 *>(p.norm_r);
+        float4 *xs4 = reinterpret_cast<float4 *>(xs);
+        float4 *ro = blockIdx.x == 0 ? reinterpret_cast<float4 *>(p.norm_r_out) : nullptr;
+        float ss = 0.f;
+        // Through L1 (clean since this block's invalidation after the wait): the blocks of an
+        // SM share the row's lines instead of each pulling all of them from the same few L2
+        // slices (run 8: __ldcg made this launch 17.2 us against the norm + in_proj's 8.5 +
+        // 11.0; every one of 736 blocks read the same 96 lines).
+        for (int i = threadIdx.x; i < nv; i += GEMV_WARPS * 32) {
+            float4 r = __ldca(h4 + i);
+            if (r4) {
+                const float4 q = __ldca(r4 + i);
+                r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+            }
+            xs4[i] = r;
+            if (ro) ro[i] = r;
+            ss += bm_sumsq4(r);
+        }
+        ss = bm_block_sum(ss, scratch);
+        const float s = rsqrtf(ss / (float)p.Kin + p.norm_eps);
+        float4 *xo = blockIdx.x == 0 ? reinterpret_cast<float4 *>(p.norm_x_out) : nullptr;
+        for (int i = threadIdx.x; i < nv; i += GEMV_WARPS * 32) {
+            const float4 a = xs4[i], nw = __ldca(reinterpret_cast<const float4 *>(p.norm_w) + i);
+            const float4 v = make_float4(a.x * s * nw.x, a.y * s * nw.y, a.z * s * nw.z,
+                                         a.w * s * nw.w);
+            xs4[i] = v;
+            if (xo) xo[i] = v;
+        }
+        __syncthreads();
+    }
     float acc = 0.f;
     if (live) {
-        const float *xr = p.x;
+        // x from shared memory (NORM) or global memory
+        const float *xr = NORM ? xs : p.x;
+        auto ldx = [&](int k) {
+            if constexpr (NORM) return *reinterpret_cast<const float4 *>(xr + k);
+            else return __ldca(reinterpret_cast<const float4 *>(xr + k));
+        };
 #pragma unroll
         for (int i = 0; i < GEMV1_PRE; i++) {
             const int u = u0 + lane + 32 * i;
@@ -304,7 +354,7 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
                 WLoad<WT>::unpack(w[i], wv);
 #pragma unroll
                 for (int q = 0; q < VW; q += 4) {
-                    const float4 xv = __ldca(reinterpret_cast<const float4 *>(xr + k + q));
+                    const float4 xv = ldx(k + q);
                     acc = fmaf(wv[q], xv.x, acc);
                     acc = fmaf(wv[q + 1], xv.y, acc);
                     acc = fmaf(wv[q + 2], xv.z, acc);
@@ -319,7 +369,7 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
             WLoad<WT>::load(wrow + k, wv);
 #pragma unroll
             for (int q = 0; q < VW; q += 4) {
-                const float4 xv = __ldca(reinterpret_cast<const float4 *>(xr + k + q));
+                const float4 xv = ldx(k + q);
                 acc = fmaf(wv[q], xv.x, acc);
                 acc = fmaf(wv[q + 1], xv.y, acc);
                 acc = fmaf(wv[q + 2], xv.z, acc);
@@ -352,6 +402,9 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
     }
 }
 
+// gemv1_kernel launches with the norm prologue (tests assert the path was taken).
+std::atomic<long long> g_gemv1_norm{0};
+
 template <typename WT, int MT>
 int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     constexpr int VW = WLoad<WT>::VW;
@@ -377,10 +430,29 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     const bool early = p.w_static && p.M == 1 && X == 1 && !p.ids && bm_pdl_early() &&
                        (int64_t)grid.x * grid.y <= 8 * (int64_t)sms;
-    if (MT == 1 && vec && early && !p.scale && (!p.conv_w || (p.conv_K >= 2 && p.conv_K <= 16))) {
-        BM_LAUNCH_PDL(gemv1_kernel<WT>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+    // The norm prologue rides along where its row fits 48 KB of shared memory, float4-wise.
+    const bool norm = p.norm_h != nullptr;
+    const bool norm_in = norm && p.Kin % 4 == 0 && p.Kin <= 12288 &&
+                         ((uintptr_t)p.norm_h & 15) == 0 && ((uintptr_t)p.norm_r & 15) == 0 &&
+                         ((uintptr_t)p.norm_w & 15) == 0 && ((uintptr_t)p.norm_r_out & 15) == 0 &&
+                         ((uintptr_t)p.norm_x_out & 15) == 0;
+    if (MT == 1 && vec && early && !p.scale && (!p.conv_w || (p.conv_K >= 2 && p.conv_K <= 16)) &&
+        (!norm || norm_in)) {
+        if (norm) {
+            BM_LAUNCH_PDL((gemv1_kernel<WT, true>), grid, dim3(GEMV_WARPS * 32),
+                          (size_t)p.Kin * 4, stream, p, ks_log2);
+            g_gemv1_norm.fetch_add(1, std::memory_order_relaxed);
+        } else {
+            BM_LAUNCH_PDL(gemv1_kernel<WT>, grid, dim3(GEMV_WARPS * 32), 0, stream, p, ks_log2);
+        }
         bm_pdl_early_count(BM_EARLY_GEMV1);
         return 0;
+    }
+    if (norm) {  // the prologue as its own kernel (norm_x_out is p.x)
+        const int st = bm_rms_norm_static_w(p.norm_h, p.norm_r, p.norm_w, p.norm_eps,
+                                            p.norm_x_out, p.norm_r_out, nullptr, nullptr, 1,
+                                            p.Kin, stream);
+        if (st) return st;
     }
     // a wait-first product in the batch-1 graph (behind early kernels: INV), or as before
     auto *k = vec ? (early ? gemv_kernel<WT, MT, true, true> : gemv_kernel<WT, MT, true>)
@@ -402,6 +474,10 @@ int gemv_launch_t(const GemvParams &p, int X, int ks, cudaStream_t stream) {
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream) {
     if (p.M <= 0 || p.Nout <= 0 || X <= 0) return 0;
     if (X > 65535) return BM_CUDA_ARG_FAIL("gemv: too many experts");
+    if (p.norm_h && (p.M != 1 || X != 1 || p.ids || p.x != p.norm_x_out || !p.norm_w ||
+                     !p.norm_r_out || p.norm_r_out == p.norm_r))
+        return BM_CUDA_ARG_FAIL("gemv: the norm prologue takes one row, x = norm_x_out and a "
+                                "separate residual output");
     if (ksplit != 0 && ksplit != 1 && ksplit != 2 && ksplit != 4 && ksplit != 8)
         return BM_CUDA_ARG_FAIL("gemv: ksplit must be 0 (auto), 1, 2, 4 or 8");
     switch (wdtype) {
@@ -426,4 +502,8 @@ extern "C" int bm_cuda_gemv_ks(const float *x, const void *W, bm_dtype wdtype, c
 extern "C" int bm_cuda_gemv(const float *x, const void *W, bm_dtype wdtype, const float *bias,
                             float *y, int64_t M, int64_t Nout, int64_t Kin, cudaStream_t stream) {
     return bm_cuda_gemv_ks(x, W, wdtype, bias, y, M, Nout, Kin, 0, stream);
+}
+
+extern "C" long long bm_cuda_gemv1_norm_calls(void) {
+    return g_gemv1_norm.load(std::memory_order_relaxed);
 }

@@ -18,7 +18,7 @@ struct Vec<1> {
 template <>
 struct Vec<4> {
     using T = float4;
-    static __device__ __forceinline__ float dot(T a) { return a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w; }
+    static __device__ __forceinline__ float dot(T a) { return bm_sumsq4(a); }  // (common.cuh)
     static __device__ __forceinline__ float sum(T a) { return (a.x + a.y) + (a.z + a.w); }
 };
 

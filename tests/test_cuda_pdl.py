@@ -6,7 +6,9 @@ They must compute exactly what the wait-first kernels compute: decode logits and
 after several graph steps are compared for equality (not a tolerance: same arithmetic in the
 same order) between BLACKMAMBA_CUDA_PDL_EARLY=0 and =1, with counters showing which path ran
 (batch 3: none, the larger graphs keep their kernels), and against the CPU model at TOL_F32
-(tests/test_cuda_model.py's float32 tolerance).
+(tests/test_cuda_model.py's float32 tolerance). The batch-1 Mamba layers' RMSNorm rides on
+in_proj's early GEMV (GemvParams::norm_h): the same bits as the norm kernel, so the third run
+(BLACKMAMBA_DECODE_NORM_FUSE=0: the norm kernel) must be equal too.
 """
 import ctypes
 
@@ -54,6 +56,12 @@ def counts():
     return np.array([lib.bm_cuda_pdl_early_launches(k) for k in range(len(KINDS))])
 
 
+def norm_fused_calls():
+    lib = ctypes.CDLL(_lib.C().__file__)
+    lib.bm_cuda_gemv1_norm_calls.restype = ctypes.c_longlong
+    return lib.bm_cuda_gemv1_norm_calls()
+
+
 def run(g, B, prompt, toks, graph=True):
     st = g.new_state(B)
     g.prefill(prompt, st, logits=None)
@@ -73,10 +81,15 @@ def test_early_equals_wait_first(ci, dtype, B, monkeypatch):
     prompt = rng.integers(0, g.vocab_size, (B, 7))
     toks = rng.integers(0, g.vocab_size, (5, B))
     out = {}
-    for env in ("0", "1"):
-        monkeypatch.setenv("BLACKMAMBA_CUDA_PDL_EARLY", env)
-        c0 = counts()
+    layers = cfg.mamba_moe_layers
+    for env in ("0", "1", "nofuse"):
+        monkeypatch.setenv("BLACKMAMBA_CUDA_PDL_EARLY", "0" if env == "0" else "1")
+        monkeypatch.setenv("BLACKMAMBA_DECODE_NORM_FUSE", "0" if env == "nofuse" else "1")
+        c0, n0 = counts(), norm_fused_calls()
         out[env] = run(g, B, prompt, toks)
+        # plain Mamba layers ("r") at batch 1 with the early kernels: the norm on in_proj
+        fused = env == "1" and B == 1 and "r" in layers
+        assert (norm_fused_calls() > n0) == fused, (env, B, layers)
         eager = run(g, B, prompt, toks[:2], graph=False)[0]   # the same kernels, no graph
         assert rel_err(eager, out[env][0][:2]) <= 1e-6     # test_graph_replay_equals_eager's
         dc = counts() - c0
@@ -88,14 +101,18 @@ def test_early_equals_wait_first(ci, dtype, B, monkeypatch):
         # rows); norm + route only on MoE layers of their own (the parallel "rX" layers
         # route separately)
         taken = dict(zip(KINDS, dc > 0))
-        want = dict(gemv1=True, rows=True, scan=True, rms_norm=True,
-                    norm_route=any(k.isdigit() and int(k) >= 2 for k in cfg.mamba_moe_layers))
+        moe = [k.isdigit() and int(k) >= 2 for k in layers]
+        # the RMSNorm kernel: every layer but MoE ones (norm + route) and, fused, plain "r"
+        want = dict(gemv1=True, rows=True, scan=True, norm_route=any(moe),
+                    rms_norm=any(not m and (env == "nofuse" or k != "r")
+                                 for k, m in zip(layers, moe)))
         if B > 1:
             want = dict.fromkeys(KINDS, False)
         assert taken == want, dc
-    np.testing.assert_array_equal(out["0"][0], out["1"][0])
-    for a, b in zip(out["0"][1], out["1"][1]):
-        np.testing.assert_array_equal(a, b)
+    for env in ("1", "nofuse"):
+        np.testing.assert_array_equal(out["0"][0], out[env][0])
+        for a, b in zip(out["0"][1], out[env][1]):
+            np.testing.assert_array_equal(a, b)
     if ci < 4 and dtype == "float32":  # and both against the CPU model
         c = Model(cfg, t, dtype=dtype)
         sc = c.new_state(B)

@@ -2,6 +2,9 @@
 2.8B shape with bench_gpu's random bf16 weights (dev only; the trace needs torch).
 
     PYTHONPATH=. python3 cuda/dev/ab_pdl.py [--batches 1,8,64] [--trace DIR] [--rounds 2]
+                                            [--env BLACKMAMBA_DECODE_NORM_FUSE]
+
+--env: A/B another switch read at graph capture instead ("old" = 0, "early" = 1).
 
 For each batch size and mode (alternating, `rounds` times): a fresh state, the same 32-token
 prompt, 6 graph steps with the same tokens (their logits must be bit-identical between the
@@ -29,12 +32,14 @@ def main():
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--trace", default=None)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--env", default="BLACKMAMBA_CUDA_PDL_EARLY")
     args = ap.parse_args()
     C = _lib.C()
     cfg = Config.from_dict(dict(SHAPE_2_8B))
     model = model_cuda.CudaModel(cfg, random_bf16_tensors(cfg), dtype="bfloat16")
     rng = np.random.default_rng(0)
     ok = True
+    print(f"A/B of {args.env}: old = 0, early = 1", flush=True)
     for B in [int(b) for b in args.batches.split(",")]:
         prompt = rng.integers(0, cfg.real_vocab_size, (B, 32))
         toks = rng.integers(0, cfg.real_vocab_size, (6, B))
@@ -42,7 +47,7 @@ def main():
         ref = {}
         for r in range(args.rounds):
             for name, env in MODES:
-                os.environ["BLACKMAMBA_CUDA_PDL_EARLY"] = env
+                os.environ[args.env] = env
                 st = model.new_state(B)
                 model.prefill(prompt, st, logits=None)
                 lg = np.stack([np.asarray(model.step(toks[i], st)) for i in range(6)])
@@ -65,7 +70,7 @@ def main():
         from trace_model import kernels_of, report
         torch.cuda.init()
         for name, env in MODES:
-            os.environ["BLACKMAMBA_CUDA_PDL_EARLY"] = env
+            os.environ[args.env] = env
             st = model.new_state(1)
             model.prefill(rng.integers(0, cfg.real_vocab_size, (1, 32)), st, logits=None)
             model.step(rng.integers(0, cfg.real_vocab_size, 1), st)

@@ -961,7 +961,15 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
 // n = g, g+G, ..., then across lanes: the same terms in another order).
 // Needs N % 4 == 0, N/4 = 2^g4 <= 32, R % 4 == 0, ssm, dbc, A 16-byte aligned.
 std::atomic<long long> g_scan4{0};  // launches (tests assert the path)
-__global__ void step_scan4_kernel(float *__restrict__ ssm,          // (B, E, N) in place
+std::atomic<long long> g_scan4_rows{0};  // launches with RB > 1 (tests)
+// RB > 1 (BLACKMAMBA_SCAN4_ROWS): each lane steps RB batch rows b = q RB + j of one (e, g),
+// their loads issued together, A / dt_b / D once: Nsight Compute had the RB = 1 kernel at
+// 28% of DRAM, 2.8 waves of 256-thread blocks each with one 16-byte state load in flight a
+// lane (latency-bound). The arithmetic per (b, e) is the same, so the results are
+// bit-identical to RB = 1.
+template <int RB>
+__global__ void __launch_bounds__(256, RB >= 4 ? 4 : RB >= 2 ? 5 : 8) step_scan4_kernel(
+                                  float *__restrict__ ssm,          // (B, E, N) in place
                                   const float *__restrict__ xc,     // (B, E)
                                   const float *__restrict__ z,      // (B, E)
                                   const float *__restrict__ dbc,    // (B, R + 2N)
@@ -976,37 +984,64 @@ __global__ void step_scan4_kernel(float *__restrict__ ssm,          // (B, E, N)
     bm_pdl_wait();
     const int G = 1 << g4;
     const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    const int64_t wv = gt >> g4;  // (b, e) index
+    const int64_t qv = gt >> g4;  // (row group, e) index: rows qb RB .. qb RB + RB-1
     const int g = (int)(gt & (G - 1));
-    const bool valid = wv < BE;   // groups past BE compute on a clamped index, store nothing
-    const int64_t w = valid ? wv : BE - 1;
-    const int64_t b = w / E;
-    const int e = (int)(w % E);
-    const float *row = dbc + b * (R + 2 * N);
-    const float dt = bm_softplus(delta[w] + dt_b[e]);
-    const float xv = xc[w];
-    const float dx = dt * xv;
-    float4 *sp = reinterpret_cast<float4 *>(ssm + w * N) + g;
-    const float4 s = *sp;
-    const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
-    const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
-    const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
-    float4 h;
-    h.x = fmaf(expf(dt * a.x), s.x, dx * bb.x);
-    h.y = fmaf(expf(dt * a.y), s.y, dx * bb.y);
-    h.z = fmaf(expf(dt * a.z), s.z, dx * bb.z);
-    h.w = fmaf(expf(dt * a.w), s.w, dx * bb.w);
-    if (valid) *sp = h;
-    float ya = h.x * cc.x;
-    ya = fmaf(h.y, cc.y, ya);
-    ya = fmaf(h.z, cc.z, ya);
-    ya = fmaf(h.w, cc.w, ya);
-    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
-    if (valid && g == 0) {
-        const float v = fmaf(D[e], xv, ya) * bm_silu(z[w]);
-        if (yb) bm_store_bf16(v, yb, yl, w);
-        else y[w] = v;
+    const int64_t B = BE / E, QE = (B + RB - 1) / RB * E;
+    const bool qvalid = qv < QE;  // groups past the end compute on a clamped index, store nothing
+    const int64_t q = qvalid ? qv : QE - 1;
+    const int64_t qb = q / E;
+    const int e = (int)(q % E);
+    // The DRAM-bound loads of every row first (state, delta, x, z: RB rows in flight a lane);
+    // B and C (one row of dbc shared by the E channels of a batch row: L1 / L2 hits) per row.
+    float4 s[RB];
+    float dl[RB], xv[RB], zv[RB];
+#pragma unroll
+    for (int j = 0; j < RB; j++) {
+        const int64_t b = min(qb * RB + j, B - 1);
+        const int64_t w = b * E + e;
+        s[j] = reinterpret_cast<const float4 *>(ssm + w * N)[g];
+        dl[j] = delta[w];
+        xv[j] = xc[w];
+        zv[j] = z[w];
     }
+    const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
+    const float dtb = dt_b[e], De = D[e];
+#pragma unroll
+    for (int j = 0; j < RB; j++) {
+        const int64_t b = min(qb * RB + j, B - 1);
+        const bool valid = qvalid && qb * RB + j < B;
+        const int64_t w = b * E + e;
+        const float *row = dbc + b * (R + 2 * N);
+        const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
+        const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
+        const float dt = bm_softplus(dl[j] + dtb);
+        const float dx = dt * xv[j];
+        float4 h;
+        h.x = fmaf(expf(dt * a.x), s[j].x, dx * bb.x);
+        h.y = fmaf(expf(dt * a.y), s[j].y, dx * bb.y);
+        h.z = fmaf(expf(dt * a.z), s[j].z, dx * bb.z);
+        h.w = fmaf(expf(dt * a.w), s[j].w, dx * bb.w);
+        if (valid) reinterpret_cast<float4 *>(ssm + w * N)[g] = h;
+        float ya = h.x * cc.x;
+        ya = fmaf(h.y, cc.y, ya);
+        ya = fmaf(h.z, cc.z, ya);
+        ya = fmaf(h.w, cc.w, ya);
+        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+        if (valid && g == 0) {
+            const float v = fmaf(De, xv[j], ya) * bm_silu(zv[j]);
+            if (yb) bm_store_bf16(v, yb, yl, w);
+            else y[w] = v;
+        }
+    }
+}
+
+// BLACKMAMBA_SCAN4_ROWS: batch rows a lane of step_scan4_kernel (1, 2 or 4; default
+// SCAN4_ROWS_DEFAULT, from the measurements in cuda/NOTES.md).
+constexpr int SCAN4_ROWS_DEFAULT = 1;
+int scan4_rows() {
+    const char *e = getenv("BLACKMAMBA_SCAN4_ROWS");
+    const int v = e && e[0] ? atoi(e) : SCAN4_ROWS_DEFAULT;
+    return v == 2 || v == 4 ? v : 1;
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
@@ -1460,9 +1495,13 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
         int g4 = 0;
         while ((1 << g4) < nl4) g4++;
-        const unsigned b4 = (unsigned)bm_cdiv(BE << g4, 256);
+        const int rb = scan4_rows();
+        const unsigned b4 = (unsigned)bm_cdiv((bm_cdiv(B, rb) * E) << g4, 256);
         g_scan4.fetch_add(1, std::memory_order_relaxed);
-        BM_LAUNCH_PDL(step_scan4_kernel, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
+        if (rb > 1) g_scan4_rows.fetch_add(1, std::memory_order_relaxed);
+        BM_LAUNCH_PDL(rb == 4 ? step_scan4_kernel<4> : rb == 2 ? step_scan4_kernel<2>
+                                                               : step_scan4_kernel<1>,
+                      dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
                       ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
                       ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4);
         TRY(mark(m, P_SCAN));
@@ -2249,6 +2288,10 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
 
 extern "C" long long bm_cuda_step_scan4_calls(void) {
     return g_scan4.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_step_scan4_rows_calls(void) {
+    return g_scan4_rows.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {

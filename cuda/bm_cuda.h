@@ -347,6 +347,8 @@ long long bm_cuda_pdl_early_launches(int kind);
 long long bm_cuda_step_scan4_calls(void);
 /* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
 long long bm_cuda_step_scan4_rows_calls(void);
+/* ... of them computing delta themselves (no dt_proj GEMM; BLACKMAMBA_SCAN4_DT). */
+long long bm_cuda_step_scan4_dt_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */

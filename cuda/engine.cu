@@ -967,8 +967,14 @@ std::atomic<long long> g_scan4_rows{0};  // launches with RB > 1 (tests)
 // 28% of DRAM, 2.8 waves of 256-thread blocks each with one 16-byte state load in flight a
 // lane (latency-bound). The arithmetic per (b, e) is the same, so the results are
 // bit-identical to RB = 1.
-template <int RB>
-__global__ void __launch_bounds__(256, RB >= 4 ? 4 : RB >= 2 ? 5 : 8) step_scan4_kernel(
+//
+// FDT (BLACKMAMBA_SCAN4_DT): delta is not read but computed here, delta[b, e] = dbc[b, :R] .
+// dtw[e, :] (float32 weights, R % 4 == 0): the G lanes of (b, e) each sum the float4 chunks
+// g, g + G, ... in fp32 FMAs, then a butterfly (every lane gets the same sum: each addition
+// commutes). This replaces the dt_proj GEMM (tf32 at B > 8, two split bf16 GEMMs at B <= 8):
+// one launch fewer a Mamba layer, and an fp32 product instead of a tf32 / split one.
+template <int RB, bool FDT = false>
+__global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT ? 4 : 5) : (FDT ? 6 : 8)) step_scan4_kernel(
                                   float *__restrict__ ssm,          // (B, E, N) in place
                                   const float *__restrict__ xc,     // (B, E)
                                   const float *__restrict__ z,      // (B, E)
@@ -980,7 +986,8 @@ __global__ void __launch_bounds__(256, RB >= 4 ? 4 : RB >= 2 ? 5 : 8) step_scan4
                                   float *__restrict__ y,            // (B, E) or NULL
                                   uint16_t *__restrict__ yb,        // (B, E) or NULL
                                   uint16_t *__restrict__ yl,        // (B, E) or NULL
-                                  int64_t BE, int E, int N, int R, int g4) {
+                                  int64_t BE, int E, int N, int R, int g4,
+                                  const float *__restrict__ dtw = nullptr) {  // (E, R), FDT
     bm_pdl_wait();
     const int G = 1 << g4;
     const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -1000,9 +1007,29 @@ __global__ void __launch_bounds__(256, RB >= 4 ? 4 : RB >= 2 ? 5 : 8) step_scan4
         const int64_t b = min(qb * RB + j, B - 1);
         const int64_t w = b * E + e;
         s[j] = reinterpret_cast<const float4 *>(ssm + w * N)[g];
-        dl[j] = delta[w];
+        if constexpr (!FDT) dl[j] = delta[w];
         xv[j] = xc[w];
         zv[j] = z[w];
+    }
+    if constexpr (FDT) {  // dt_proj: dl[j] = dbc[b, :R] . dtw[e, :]
+        const float4 *wr = reinterpret_cast<const float4 *>(dtw + (int64_t)e * R);
+        const int R4 = R / 4;
+#pragma unroll
+        for (int j = 0; j < RB; j++) {
+            const int64_t b = min(qb * RB + j, B - 1);
+            const float4 *xr = reinterpret_cast<const float4 *>(dbc + b * (R + 2 * N));
+            float acc = 0.f;
+#pragma unroll 2
+            for (int c = g; c < R4; c += G) {
+                const float4 wv = wr[c], xq = xr[c];
+                acc = fmaf(wv.x, xq.x, acc);
+                acc = fmaf(wv.y, xq.y, acc);
+                acc = fmaf(wv.z, xq.z, acc);
+                acc = fmaf(wv.w, xq.w, acc);
+            }
+            for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            dl[j] = acc;
+        }
     }
     const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
     const float dtb = dt_b[e], De = D[e];
@@ -1042,6 +1069,14 @@ int scan4_rows() {
     const char *e = getenv("BLACKMAMBA_SCAN4_ROWS");
     const int v = e && e[0] ? atoi(e) : SCAN4_ROWS_DEFAULT;
     return v == 2 || v == 4 ? v : 1;
+}
+
+// BLACKMAMBA_SCAN4_DT=0: the batched decode keeps the dt_proj GEMM before step_scan4_kernel
+// (A/B); else the scan computes delta itself (FDT) where float32 dt_proj weights exist.
+std::atomic<long long> g_scan4_dt{0};  // step_scan4_kernel<., true> launches (tests)
+bool scan4_dt_on() {
+    const char *e = getenv("BLACKMAMBA_SCAN4_DT");
+    return !(e && e[0] == '0');
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
@@ -1477,10 +1512,6 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         while (glog < 5 && 4 << glog < N) glog++;
     }
     const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
-    if (!fused) {
-        TRY(dt_proj(m, ws, ly, B));
-        TRY(mark(m, P_DT));
-    }
     const float *dl = ws->delta;
     // Batched decode (delta from the dt_proj GEMM): the float4 step, which also writes
     // out_proj's bf16 input where out_proj is a bf16 GEMM (linear()'s rule): no to_bf16 pass.
@@ -1488,6 +1519,14 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const bool v4 = !fused && scan4_on() && N % 4 == 0 && R % 4 == 0 && (nl4 & (nl4 - 1)) == 0 &&
                     nl4 <= 32 && BE * nl4 < INT32_MAX &&
                     (((uintptr_t)ssm | (uintptr_t)ws->dbc | (uintptr_t)ly.A) & 15) == 0;
+    // ... and delta too (FDT), from float32 dt_proj weights (the copy under bf16 math)
+    const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
+                                                                : nullptr;
+    const bool fdt = v4 && scan4_dt_on() && dtw && ((uintptr_t)dtw & 15) == 0;
+    if (!fused && !fdt) {
+        TRY(dt_proj(m, ws, ly, B));
+        TRY(mark(m, P_DT));
+    }
     if (v4) {
         const bool ybf = bf16_math(m) && B > ws->gv && mp_on();
         const bool ysplit = ybf && split_x(m, ws, B);
@@ -1499,11 +1538,17 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         const unsigned b4 = (unsigned)bm_cdiv((bm_cdiv(B, rb) * E) << g4, 256);
         g_scan4.fetch_add(1, std::memory_order_relaxed);
         if (rb > 1) g_scan4_rows.fetch_add(1, std::memory_order_relaxed);
-        BM_LAUNCH_PDL(rb == 4 ? step_scan4_kernel<4> : rb == 2 ? step_scan4_kernel<2>
-                                                               : step_scan4_kernel<1>,
-                      dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
+        if (fdt) g_scan4_dt.fetch_add(1, std::memory_order_relaxed);
+        auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
+                          : rb == 2 ? step_scan4_kernel<2, true>
+                                    : step_scan4_kernel<1, true>)
+                       : (rb == 4   ? step_scan4_kernel<4>
+                          : rb == 2 ? step_scan4_kernel<2>
+                                    : step_scan4_kernel<1>);
+        BM_LAUNCH_PDL(k4, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
                       ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
-                      ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4);
+                      ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
+                      fdt ? dtw : nullptr);
         TRY(mark(m, P_SCAN));
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
         return mark(m, P_OUT);
@@ -2292,6 +2337,10 @@ extern "C" long long bm_cuda_step_scan4_calls(void) {
 
 extern "C" long long bm_cuda_step_scan4_rows_calls(void) {
     return g_scan4_rows.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_step_scan4_dt_calls(void) {
+    return g_scan4_dt.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {

@@ -664,11 +664,15 @@ int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
 // few (decode batches, small prefills): the GEMMs stream weights, so 16..32-row tiles (an
 // expert with <= 32 tokens reads each weight once), deeper pipelines and narrow column tiles
 // to have enough CTAs. Variants per role (prefill fc1, prefill fc2, decode fc1, decode fc2),
-// numbered 1..5; `tiles` holds one digit per role (0 = the default, DEFAULT_TILES), from
+// numbered 1..5, and for the decode roles 6..9 on grouped_dec_kernel; `tiles` holds one digit
+// per role (0 = the default, DEFAULT_TILES except the decode fc2 below), from
 // BLACKMAMBA_MOE_GROUPED_TILES (dev: measurements; the tests run every variant).
 // Measured on the H200 (cuda/NOTES.md, session 3 grouped), all within ~5% of each other
 // except the 64-row prefill fc2 tiles (worse) and variant 5 (worse): 4-warp 64x64 warp
-// tiles for prefill, 32x64 tiles for decode.
+// tiles for prefill, 32x64 tiles for decode. Session 5 (dec64b): at T = 64 the decode fc2
+// variants all land within 1 us (84.4..85.5 us for the layer), so the fc2 there is not
+// bound by the kernel's instruction stream as Nsight Compute suggested; the one-warp decode
+// fc1 variants 6..9 were 5-9 us slower than 32x64 two-warp tiles.
 constexpr char DEFAULT_TILES[] = "2222";
 
 template <int MODE, bool SPLIT>
@@ -684,7 +688,15 @@ int gemm_dispatch(const GroupedArgs &p, int64_t T, const char *tiles, cudaStream
     // 4) waste half as many padding rows at each expert's end (~32 of ~256 rows an expert at
     // T = 2048, X = 8): 0.2763 against 0.2840 ms for the layer at T = 2048 on the H200; at
     // T = 16384, where the padding is 3%, the 128-row tiles win (1.736 against 1.944 ms).
-    if (v < 1 || v > (role >= 2 ? 9 : 5)) v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
+    // Decode fc2 at up to 16 rows an expert on average (decode batches; cuda/NOTES.md session 5
+    // dec64b, same-process A/B on the H200): split (batch 8) variant 7, grouped_dec_kernel on
+    // 2-warp k slices, 74 against 80 us for the layer's experts and 2.34-2.45 against 2.54-2.58
+    // ms/step; unsplit (batch 64) variant 5, the 16-row tiles, 84.4 against 85.5 us and
+    // 2.467-2.473 against 2.484-2.493 ms/step. More rows: variant 2 as before.
+    if (v < 1 || v > (role >= 2 ? 9 : 5)) {
+        if (role == 3 && T <= 16 * (int64_t)p.X) v = SPLIT ? 7 : 5;
+        else v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
+    }
 #define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
 #define BM_DEC_LAUNCH(BM, NB, WK, ST) return dec_launch<BM, NB, WK, ST, MODE, SPLIT>(p, T, stream)
     switch (role * 10 + v) {

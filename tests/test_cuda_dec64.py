@@ -36,7 +36,8 @@ pytestmark = [pytest.mark.gpu,
 TOL_SPLIT = 1e-4
 TOL_SAME = 1e-6
 SWITCHES = ("BLACKMAMBA_DECODE_GEMM_MIN", "BLACKMAMBA_SCAN4", "BLACKMAMBA_DECODE_NORM_BF",
-            "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_SCAN4_ROWS", "BLACKMAMBA_MOE_GROUPED_TILES")
+            "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_SCAN4_ROWS", "BLACKMAMBA_MOE_GROUPED_TILES",
+            "BLACKMAMBA_SCAN4_DT")
 
 
 def counters():
@@ -186,11 +187,14 @@ def test_norm_route_pre(env, B, math, seed):
 # kernel (grouped.cu grouped_dec_kernel) in the engine -------------------------------------------
 
 def counters5():
-    """(step_scan4 launches with RB > 1, grouped_dec_kernel launches) so far (at capture)."""
+    """(step_scan4 launches with RB > 1, grouped_dec_kernel launches, step_scan4 launches
+    computing delta) so far (at capture)."""
     lib = ctypes.CDLL(_lib.C().__file__)
     lib.bm_cuda_step_scan4_rows_calls.restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_dec_launches.restype = ctypes.c_longlong
-    return lib.bm_cuda_step_scan4_rows_calls(), lib.bm_cuda_moe_grouped_dec_launches()
+    lib.bm_cuda_step_scan4_dt_calls.restype = ctypes.c_longlong
+    return (lib.bm_cuda_step_scan4_rows_calls(), lib.bm_cuda_moe_grouped_dec_launches(),
+            lib.bm_cuda_step_scan4_dt_calls())
 
 
 @pytest.mark.parametrize("B,math", [(13, "bf16"), (40, "bf16x2"), (64, "bf16")])
@@ -236,3 +240,42 @@ def test_grouped_dec_kernel_in_engine(env, B, math):
         else:  # sums in another order; under bf16 a hidden value may cross a rounding boundary
             assert rel_err(got, old) < (TOL_SAME * 10 if split else 1e-3), tiles
         assert rel_err(got, want) < (TOL_SPLIT if split else 1e-2), tiles
+
+
+# (B, math, scan rows a lane, weight dtype); tolerances: against the CPU each math's own; between
+# the paths the dt_proj GEMM's rounding of delta: tf32 (2^-11 relative per operand; bf16 math
+# above 8 rows, and fp32 weights under bf16 math) -> 2e-3 on the logits, split bf16 (8 rows,
+# bf16x2) or fp32 -> TOL_SPLIT
+SCAN4_DT_CASES = [(12, "bf16", 1, "bfloat16"), (64, "bf16", 1, "bfloat16"),
+                  (40, "bf16x2", 1, "bfloat16"), (8, "bf16", 1, "bfloat16"),
+                  (13, "bf16", 4, "bfloat16"), (40, "bf16", 2, "bfloat16"),
+                  (12, "fp32", 1, "float32"), (40, "bf16", 4, "float32")]
+
+
+@pytest.mark.parametrize("B,math,rows,dtype", SCAN4_DT_CASES)
+def test_scan4_dt(env, B, math, rows, dtype):
+    # step_scan4_kernel<., FDT> (the default: delta computed in the scan from float32 dt_proj
+    # weights, the copy under bf16 math or dt_w itself, fp32 FMAs) against
+    # BLACKMAMBA_SCAN4_DT=0 (the dt_proj GEMM before the scan) and the CPU model
+    if dtype == "float32":
+        cfg = Config.from_dict(dict(num_layers=4, hidden_size=64, state_size=16,
+                                    conv_dimension=4, vocab_size=97, ffn_hidden_size=40,
+                                    mamba_moe_layers=["r", "8", "r", "3"]))
+        t = random_tensors(cfg, seed=90 + B)
+        g = model_cuda.CudaModel(cfg, t, dtype="float32", math=math)
+        c = Model(cfg, t, dtype="float32")
+        exact = math == "fp32"
+    else:
+        g, c = make(90 + B, math=math)
+        exact = math == "bf16x2" or B <= 8
+    ids = np.random.default_rng(B + 3).integers(0, g.vocab_size, (B, 6))
+    env(BLACKMAMBA_SCAN4_ROWS=rows)
+    n0 = counters5()[2]
+    new, want = steps(g, c, ids, 3)
+    assert counters5()[2] >= n0 + 2                  # two Mamba layers
+    assert rel_err(new, want) < (TOL_SPLIT if exact else 1e-2)
+    env(BLACKMAMBA_SCAN4_DT=0, BLACKMAMBA_SCAN4_ROWS=rows)
+    n0 = counters5()[2]
+    old, _ = steps(g, c, ids, 3)
+    assert counters5()[2] == n0
+    assert rel_err(new, old) < (TOL_SPLIT if exact else 2e-3)

@@ -7,9 +7,11 @@
    per BLACKMAMBA_MOE_GROUPED_TILES string (digits 3, 4: decode fc1, fc2; 6..9 =
    grouped_dec_kernel, grouped.cu), and the largest difference from the old tiles ("0022").
 2. The model's decode step (ms/step, graph replay, median of 50 after 10) per variant of
-   BLACKMAMBA_MOE_GROUPED_TILES and BLACKMAMBA_SCAN4_ROWS, read at graph capture; "best" is
-   the fastest decode digits of part 2 at B = 64 with the fastest scan rows.
-3. --trace: per-kernel durations of decode B = 64 (CUPTI) for "old" and "best".
+   BLACKMAMBA_MOE_GROUPED_TILES, BLACKMAMBA_SCAN4_ROWS and BLACKMAMBA_SCAN4_DT, read at graph
+   capture: "old" = the session-4 paths, "new" = the defaults. (Run 1 of the session swept the
+   tile digits one role at a time and picked the best automatically; its log is
+   benchmarks/results/s5-dec64b/run1_bench.log.)
+3. --trace: per-kernel durations of decode B = 8 and 64 (CUPTI) for "new" and "old".
 """
 import argparse
 import os
@@ -28,7 +30,7 @@ from blackmamba import _lib, model_cuda  # noqa: E402
 from blackmamba.config import Config  # noqa: E402
 
 DEV = torch.device("cuda")
-KEYS = ("BLACKMAMBA_MOE_GROUPED_TILES", "BLACKMAMBA_SCAN4_ROWS")
+KEYS = ("BLACKMAMBA_MOE_GROUPED_TILES", "BLACKMAMBA_SCAN4_ROWS", "BLACKMAMBA_SCAN4_DT")
 
 
 def setenv(env):
@@ -96,54 +98,46 @@ def model_ab(trace):
             row[B] = float(np.median(C.cuda_bench_step(model._eng, st._h, 10, 50)))
         return row
 
-    old = {"BLACKMAMBA_MOE_GROUPED_TILES": "0022", "BLACKMAMBA_SCAN4_ROWS": "1"}
-    variants = [("old", old)]
-    variants += [(f"fc2 {v}", {**old, "BLACKMAMBA_MOE_GROUPED_TILES": f"002{v}"})
-                 for v in "56789"]
-    variants += [(f"fc1 {v}", {**old, "BLACKMAMBA_MOE_GROUPED_TILES": f"00{v}2"})
-                 for v in "6789"]
-    variants += [(f"scan rows {r}", {**old, "BLACKMAMBA_SCAN4_ROWS": r}) for r in "24"]
+    old = {"BLACKMAMBA_MOE_GROUPED_TILES": "0022", "BLACKMAMBA_SCAN4_ROWS": "1",
+           "BLACKMAMBA_SCAN4_DT": "0"}
+    new = {}
+    variants = [("old", old), ("new", new),
+                ("new, scan dt off", {"BLACKMAMBA_SCAN4_DT": "0"}),
+                ("new, fc2 tiles old", {"BLACKMAMBA_MOE_GROUPED_TILES": "0022"}),
+                ("new, fc2 7", {"BLACKMAMBA_MOE_GROUPED_TILES": "0027"}),
+                ("new, fc2 5", {"BLACKMAMBA_MOE_GROUPED_TILES": "0025"}),
+                ("new, scan rows 2", {"BLACKMAMBA_SCAN4_ROWS": "2"}),
+                ("new, scan rows 4", {"BLACKMAMBA_SCAN4_ROWS": "4"}),
+                ("old (again)", old), ("new (again)", new), ("old (3)", old), ("new (3)", new)]
     print("\ndecode ms/step (graph replay, median of 50 after 10; same process)", flush=True)
-    print(f"{'variant':>22} {'B=8':>8} {'B=64':>8} {'tok/s B=64':>10}", flush=True)
-    res = {}
-    for name, env in variants + [("old (again)", old)]:
-        r = measure(env, (8, 64))
-        res[name] = r
-        print(f"{name:>22} {r[8]:8.3f} {r[64]:8.3f} {64e3 / r[64]:10.0f}", flush=True)
-    f2 = min("56789", key=lambda v: res[f"fc2 {v}"][64])
-    f2 = f2 if res[f"fc2 {f2}"][64] < res["old"][64] else "2"
-    f1 = min("6789", key=lambda v: res[f"fc1 {v}"][64])
-    f1 = f1 if res[f"fc1 {f1}"][64] < res["old"][64] else "2"
-    rb = min("124", key=lambda r: res["old"][64] if r == "1" else res[f"scan rows {r}"][64])
-    best = {"BLACKMAMBA_MOE_GROUPED_TILES": f"00{f1}{f2}", "BLACKMAMBA_SCAN4_ROWS": rb}
-    print(f"best: {best}", flush=True)
-    for name, env in (("best", best), ("best, fc1 old", {**best,
-                      "BLACKMAMBA_MOE_GROUPED_TILES": f"002{f2}"}), ("old (3)", old),
-                      ("best (again)", best)):
+    print(f"{'variant':>22} {'B=1':>8} {'B=8':>8} {'B=64':>8} {'tok/s B=64':>10}", flush=True)
+    for name, env in variants:
         r = measure(env, (1, 8, 64))
-        print(f"{name:>22} {r[8]:8.3f} {r[64]:8.3f} {64e3 / r[64]:10.0f}   B=1 {r[1]:.3f}",
+        print(f"{name:>22} {r[1]:8.3f} {r[8]:8.3f} {r[64]:8.3f} {64e3 / r[64]:10.0f}",
               flush=True)
-    # logits of one step, best vs old, same state and token
-    for B in (8, 64):
+    best = new
+    # logits of one step, new vs old, same state and token
+    for B in (1, 8, 64):
         tok = rng.integers(0, cfg.real_vocab_size, B)
         out = {}
-        for name, env in (("old", old), ("best", best)):
+        for name, env in (("old", old), ("new", new)):
             setenv(env)
             out[name] = model.step(tok, states[B].copy())
-        rel = float(np.linalg.norm(out["best"] - out["old"]) / np.linalg.norm(out["old"]))
-        agree = float(np.mean(out["best"].argmax(-1) == out["old"].argmax(-1)))
-        print(f"B={B}: logits rel diff best vs old {rel:.3e}, argmax agree {agree:.3f}",
+        rel = float(np.linalg.norm(out["new"] - out["old"]) / np.linalg.norm(out["old"]))
+        agree = float(np.mean(out["new"].argmax(-1) == out["old"].argmax(-1)))
+        print(f"B={B}: logits rel diff new vs old {rel:.3e}, argmax agree {agree:.3f}",
               flush=True)
     if trace:
         from trace_model import kernels_of, report
         with open(trace, "w") as out:
-            for name, env in (("best", best), ("old", old)):
+            for name, env in (("new", best), ("old", old)):
                 setenv(env)
-                st = states[64].copy()
-                model.step(rng.integers(0, cfg.real_vocab_size, 64), st)
-                C.cuda_bench_step(model._eng, st._h, 5, 5)
-                ks = kernels_of(lambda: C.cuda_bench_step(model._eng, st._h, 0, 5), 5)
-                report(f"{name} decode B=64 {env}", ks, 5, out)
+                for B in (8, 64):
+                    st = states[B].copy()
+                    model.step(rng.integers(0, cfg.real_vocab_size, B), st)
+                    C.cuda_bench_step(model._eng, st._h, 5, 5)
+                    ks = kernels_of(lambda: C.cuda_bench_step(model._eng, st._h, 0, 5), 5)
+                    report(f"{name} decode B={B} {env}", ks, 5, out)
     setenv({})
 
 

@@ -1071,12 +1071,18 @@ int scan4_rows() {
     return v == 2 || v == 4 ? v : 1;
 }
 
-// BLACKMAMBA_SCAN4_DT=0: the batched decode keeps the dt_proj GEMM before step_scan4_kernel
-// (A/B); else the scan computes delta itself (FDT) where float32 dt_proj weights exist.
+// Does the batched decode's scan step compute delta itself (FDT) at B rows, instead of the
+// dt_proj GEMM before it? BLACKMAMBA_SCAN4_DT: unset = at most GEMV_ROWS rows (measured on
+// the H200, session 5 dec64b: at B = 8, where dt_proj is a conversion pass and two split
+// bf16 GEMMs, 2.08-2.14 against 2.22 ms/step; at B = 64, where it is one tf32 GEMM, 2.48
+// against 2.36: the fp32 dot, ~92 float4 L1 loads a (b, e), costs more than the GEMM there);
+// "1" = at every batch (tests, A/B); "0" = never.
 std::atomic<long long> g_scan4_dt{0};  // step_scan4_kernel<., true> launches (tests)
-bool scan4_dt_on() {
+bool scan4_dt_on(int64_t B) {
     const char *e = getenv("BLACKMAMBA_SCAN4_DT");
-    return !(e && e[0] == '0');
+    if (e && e[0] == '0') return false;
+    if (e && e[0] == '1') return true;
+    return B <= GEMV_ROWS;
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
@@ -1522,7 +1528,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // ... and delta too (FDT), from float32 dt_proj weights (the copy under bf16 math)
     const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
                                                                 : nullptr;
-    const bool fdt = v4 && scan4_dt_on() && dtw && ((uintptr_t)dtw & 15) == 0;
+    const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
     if (!fused && !fdt) {
         TRY(dt_proj(m, ws, ly, B));
         TRY(mark(m, P_DT));

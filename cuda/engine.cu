@@ -963,16 +963,17 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
 std::atomic<long long> g_scan4{0};  // launches (tests assert the path)
 std::atomic<long long> g_scan4_rows{0};  // launches with RB > 1 (tests)
 // RB > 1 (BLACKMAMBA_SCAN4_ROWS): each lane steps RB batch rows b = q RB + j of one (e, g),
-// their loads issued together, A / dt_b / D once: Nsight Compute had the RB = 1 kernel at
-// 28% of DRAM, 2.8 waves of 256-thread blocks each with one 16-byte state load in flight a
-// lane (latency-bound). The arithmetic per (b, e) is the same, so the results are
-// bit-identical to RB = 1.
+// their loads issued together, A / dt_b / D once. Nsight Compute had the RB = 1 kernel at
+// 28% of DRAM with one 16-byte state load in flight a lane, but RB = 2 and 4 measured no
+// faster at B = 64 (10.0 us a layer either way; cuda/NOTES.md session 5 dec64b), so the
+// default stays 1. The arithmetic per (b, e) is the same: results as RB = 1.
 //
 // FDT (BLACKMAMBA_SCAN4_DT): delta is not read but computed here, delta[b, e] = dbc[b, :R] .
 // dtw[e, :] (float32 weights, R % 4 == 0): the G lanes of (b, e) each sum the float4 chunks
 // g, g + G, ... in fp32 FMAs, then a butterfly (every lane gets the same sum: each addition
-// commutes). This replaces the dt_proj GEMM (tf32 at B > 8, two split bf16 GEMMs at B <= 8):
-// one launch fewer a Mamba layer, and an fp32 product instead of a tf32 / split one.
+// commutes). This replaces the dt_proj GEMM (two split bf16 GEMMs and a conversion pass at
+// B <= 8; tf32 above): fewer launches, and an fp32 product. Default at B <= 8 only (see
+// scan4_dt_on: at B = 64 the dot costs more than the tf32 GEMM).
 template <int RB, bool FDT = false>
 __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT ? 4 : 5) : (FDT ? 6 : 8)) step_scan4_kernel(
                                   float *__restrict__ ssm,          // (B, E, N) in place

@@ -213,6 +213,10 @@ int bm_cuda_moe_grouped_supported(const float *x, const void *fc1, const void *f
                                   int64_t F);
 /* Bytes of workspace bm_cuda_moe_grouped needs (split: the low parts too). */
 size_t bm_cuda_moe_grouped_workspace(int64_t T, int64_t d, int64_t X, int64_t F, int split);
+/* GEMMs run on grouped.cu's decode kernel (grouped_dec_kernel) so far, and on its wgmma
+ * core: the tests assert the paths. */
+long long bm_cuda_moe_grouped_dec_launches(void);
+long long bm_cuda_moe_grouped_wgmma_launches(void);
 /* bm_cuda_moe_experts's math for bf16 weights (fc1 (X, 2F, d), fc2 (X, d, F) bf16 bits) under
  * BM_CUDA_MATH_BF16 (split 0: x and the hidden rounded to bf16) or BF16X2 (split 1: both
  * split into bf16 hi + lo, two MMAs per weight fragment), fp32 accumulate: dispatch, x to
@@ -363,6 +367,10 @@ long long bm_cuda_pdl_early_launches(int kind);
 long long bm_cuda_step_scan4_calls(void);
 /* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */
 long long bm_cuda_gemv1_norm_calls(void);
+/* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
+long long bm_cuda_step_scan4_rows_calls(void);
+/* ... of them computing delta themselves (no dt_proj GEMM; BLACKMAMBA_SCAN4_DT). */
+long long bm_cuda_step_scan4_dt_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */

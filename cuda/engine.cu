@@ -969,7 +969,22 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
 // n = g, g+G, ..., then across lanes: the same terms in another order).
 // Needs N % 4 == 0, N/4 = 2^g4 <= 32, R % 4 == 0, ssm, dbc, A 16-byte aligned.
 std::atomic<long long> g_scan4{0};  // launches (tests assert the path)
-__global__ void step_scan4_kernel(float *__restrict__ ssm,          // (B, E, N) in place
+std::atomic<long long> g_scan4_rows{0};  // launches with RB > 1 (tests)
+// RB > 1 (BLACKMAMBA_SCAN4_ROWS): each lane steps RB batch rows b = q RB + j of one (e, g),
+// their loads issued together, A / dt_b / D once. Nsight Compute had the RB = 1 kernel at
+// 28% of DRAM with one 16-byte state load in flight a lane, but RB = 2 and 4 measured no
+// faster at B = 64 (10.0 us a layer either way; cuda/NOTES.md session 5 dec64b), so the
+// default stays 1. The arithmetic per (b, e) is the same: results as RB = 1.
+//
+// FDT (BLACKMAMBA_SCAN4_DT): delta is not read but computed here, delta[b, e] = dbc[b, :R] .
+// dtw[e, :] (float32 weights, R % 4 == 0): the G lanes of (b, e) each sum the float4 chunks
+// g, g + G, ... in fp32 FMAs, then a butterfly (every lane gets the same sum: each addition
+// commutes). This replaces the dt_proj GEMM (two split bf16 GEMMs and a conversion pass at
+// B <= 8; tf32 above): fewer launches, and an fp32 product. Default at B <= 8 only (see
+// scan4_dt_on: at B = 64 the dot costs more than the tf32 GEMM).
+template <int RB, bool FDT = false>
+__global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT ? 4 : 5) : (FDT ? 6 : 8)) step_scan4_kernel(
+                                  float *__restrict__ ssm,          // (B, E, N) in place
                                   const float *__restrict__ xc,     // (B, E)
                                   const float *__restrict__ z,      // (B, E)
                                   const float *__restrict__ dbc,    // (B, R + 2N)
@@ -980,41 +995,103 @@ __global__ void step_scan4_kernel(float *__restrict__ ssm,          // (B, E, N)
                                   float *__restrict__ y,            // (B, E) or NULL
                                   uint16_t *__restrict__ yb,        // (B, E) or NULL
                                   uint16_t *__restrict__ yl,        // (B, E) or NULL
-                                  int64_t BE, int E, int N, int R, int g4) {
+                                  int64_t BE, int E, int N, int R, int g4,
+                                  const float *__restrict__ dtw = nullptr) {  // (E, R), FDT
     bm_pdl_wait();
     const int G = 1 << g4;
     const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    const int64_t wv = gt >> g4;  // (b, e) index
+    const int64_t qv = gt >> g4;  // (row group, e) index: rows qb RB .. qb RB + RB-1
     const int g = (int)(gt & (G - 1));
-    const bool valid = wv < BE;   // groups past BE compute on a clamped index, store nothing
-    const int64_t w = valid ? wv : BE - 1;
-    const int64_t b = w / E;
-    const int e = (int)(w % E);
-    const float *row = dbc + b * (R + 2 * N);
-    const float dt = bm_softplus(delta[w] + dt_b[e]);
-    const float xv = xc[w];
-    const float dx = dt * xv;
-    float4 *sp = reinterpret_cast<float4 *>(ssm + w * N) + g;
-    const float4 s = *sp;
-    const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
-    const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
-    const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
-    float4 h;
-    h.x = fmaf(expf(dt * a.x), s.x, dx * bb.x);
-    h.y = fmaf(expf(dt * a.y), s.y, dx * bb.y);
-    h.z = fmaf(expf(dt * a.z), s.z, dx * bb.z);
-    h.w = fmaf(expf(dt * a.w), s.w, dx * bb.w);
-    if (valid) *sp = h;
-    float ya = h.x * cc.x;
-    ya = fmaf(h.y, cc.y, ya);
-    ya = fmaf(h.z, cc.z, ya);
-    ya = fmaf(h.w, cc.w, ya);
-    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
-    if (valid && g == 0) {
-        const float v = fmaf(D[e], xv, ya) * bm_silu(z[w]);
-        if (yb) bm_store_bf16(v, yb, yl, w);
-        else y[w] = v;
+    const int64_t B = BE / E, QE = (B + RB - 1) / RB * E;
+    const bool qvalid = qv < QE;  // groups past the end compute on a clamped index, store nothing
+    const int64_t q = qvalid ? qv : QE - 1;
+    const int64_t qb = q / E;
+    const int e = (int)(q % E);
+    // The DRAM-bound loads of every row first (state, delta, x, z: RB rows in flight a lane);
+    // B and C (one row of dbc shared by the E channels of a batch row: L1 / L2 hits) per row.
+    float4 s[RB];
+    float dl[RB], xv[RB], zv[RB];
+#pragma unroll
+    for (int j = 0; j < RB; j++) {
+        const int64_t b = min(qb * RB + j, B - 1);
+        const int64_t w = b * E + e;
+        s[j] = reinterpret_cast<const float4 *>(ssm + w * N)[g];
+        if constexpr (!FDT) dl[j] = delta[w];
+        xv[j] = xc[w];
+        zv[j] = z[w];
     }
+    if constexpr (FDT) {  // dt_proj: dl[j] = dbc[b, :R] . dtw[e, :]
+        const float4 *wr = reinterpret_cast<const float4 *>(dtw + (int64_t)e * R);
+        const int R4 = R / 4;
+#pragma unroll
+        for (int j = 0; j < RB; j++) {
+            const int64_t b = min(qb * RB + j, B - 1);
+            const float4 *xr = reinterpret_cast<const float4 *>(dbc + b * (R + 2 * N));
+            float acc = 0.f;
+#pragma unroll 2
+            for (int c = g; c < R4; c += G) {
+                const float4 wv = wr[c], xq = xr[c];
+                acc = fmaf(wv.x, xq.x, acc);
+                acc = fmaf(wv.y, xq.y, acc);
+                acc = fmaf(wv.z, xq.z, acc);
+                acc = fmaf(wv.w, xq.w, acc);
+            }
+            for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            dl[j] = acc;
+        }
+    }
+    const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
+    const float dtb = dt_b[e], De = D[e];
+#pragma unroll
+    for (int j = 0; j < RB; j++) {
+        const int64_t b = min(qb * RB + j, B - 1);
+        const bool valid = qvalid && qb * RB + j < B;
+        const int64_t w = b * E + e;
+        const float *row = dbc + b * (R + 2 * N);
+        const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
+        const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
+        const float dt = bm_softplus(dl[j] + dtb);
+        const float dx = dt * xv[j];
+        float4 h;
+        h.x = fmaf(expf(dt * a.x), s[j].x, dx * bb.x);
+        h.y = fmaf(expf(dt * a.y), s[j].y, dx * bb.y);
+        h.z = fmaf(expf(dt * a.z), s[j].z, dx * bb.z);
+        h.w = fmaf(expf(dt * a.w), s[j].w, dx * bb.w);
+        if (valid) reinterpret_cast<float4 *>(ssm + w * N)[g] = h;
+        float ya = h.x * cc.x;
+        ya = fmaf(h.y, cc.y, ya);
+        ya = fmaf(h.z, cc.z, ya);
+        ya = fmaf(h.w, cc.w, ya);
+        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+        if (valid && g == 0) {
+            const float v = fmaf(De, xv[j], ya) * bm_silu(zv[j]);
+            if (yb) bm_store_bf16(v, yb, yl, w);
+            else y[w] = v;
+        }
+    }
+}
+
+// BLACKMAMBA_SCAN4_ROWS: batch rows a lane of step_scan4_kernel (1, 2 or 4; default
+// SCAN4_ROWS_DEFAULT, from the measurements in cuda/NOTES.md).
+constexpr int SCAN4_ROWS_DEFAULT = 1;
+int scan4_rows() {
+    const char *e = getenv("BLACKMAMBA_SCAN4_ROWS");
+    const int v = e && e[0] ? atoi(e) : SCAN4_ROWS_DEFAULT;
+    return v == 2 || v == 4 ? v : 1;
+}
+
+// Does the batched decode's scan step compute delta itself (FDT) at B rows, instead of the
+// dt_proj GEMM before it? BLACKMAMBA_SCAN4_DT: unset = at most GEMV_ROWS rows (measured on
+// the H200, session 5 dec64b: at B = 8, where dt_proj is a conversion pass and two split
+// bf16 GEMMs, 2.08-2.14 against 2.22 ms/step; at B = 64, where it is one tf32 GEMM, 2.48
+// against 2.36: the fp32 dot, ~92 float4 L1 loads a (b, e), costs more than the GEMM there);
+// "1" = at every batch (tests, A/B); "0" = never.
+std::atomic<long long> g_scan4_dt{0};  // step_scan4_kernel<., true> launches (tests)
+bool scan4_dt_on(int64_t B) {
+    const char *e = getenv("BLACKMAMBA_SCAN4_DT");
+    if (e && e[0] == '0') return false;
+    if (e && e[0] == '1') return true;
+    return B <= GEMV_ROWS;
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
@@ -1482,10 +1559,6 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         while (glog < 5 && 4 << glog < N) glog++;
     }
     const unsigned blocks = (unsigned)bm_cdiv(BE << glog, 256);
-    if (!fused) {
-        TRY(dt_proj(m, ws, ly, B));
-        TRY(mark(m, P_DT));
-    }
     const float *dl = ws->delta;
     // Batched decode (delta from the dt_proj GEMM): the float4 step, which also writes
     // out_proj's bf16 input where out_proj is a bf16 GEMM (linear()'s rule): no to_bf16 pass.
@@ -1493,6 +1566,14 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const bool v4 = !fused && scan4_on() && N % 4 == 0 && R % 4 == 0 && (nl4 & (nl4 - 1)) == 0 &&
                     nl4 <= 32 && BE * nl4 < INT32_MAX &&
                     (((uintptr_t)ssm | (uintptr_t)ws->dbc | (uintptr_t)ly.A) & 15) == 0;
+    // ... and delta too (FDT), from float32 dt_proj weights (the copy under bf16 math)
+    const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
+                                                                : nullptr;
+    const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
+    if (!fused && !fdt) {
+        TRY(dt_proj(m, ws, ly, B));
+        TRY(mark(m, P_DT));
+    }
     if (v4) {
         const bool ybf = bf16_math(m) && B > ws->gv && mp_on();
         const bool ysplit = ybf && split_x(m, ws, B);
@@ -1500,11 +1581,21 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
         int g4 = 0;
         while ((1 << g4) < nl4) g4++;
-        const unsigned b4 = (unsigned)bm_cdiv(BE << g4, 256);
+        const int rb = scan4_rows();
+        const unsigned b4 = (unsigned)bm_cdiv((bm_cdiv(B, rb) * E) << g4, 256);
         g_scan4.fetch_add(1, std::memory_order_relaxed);
-        BM_LAUNCH_PDL(step_scan4_kernel, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
+        if (rb > 1) g_scan4_rows.fetch_add(1, std::memory_order_relaxed);
+        if (fdt) g_scan4_dt.fetch_add(1, std::memory_order_relaxed);
+        auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
+                          : rb == 2 ? step_scan4_kernel<2, true>
+                                    : step_scan4_kernel<1, true>)
+                       : (rb == 4   ? step_scan4_kernel<4>
+                          : rb == 2 ? step_scan4_kernel<2>
+                                    : step_scan4_kernel<1>);
+        BM_LAUNCH_PDL(k4, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
                       ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
-                      ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4);
+                      ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
+                      fdt ? dtw : nullptr);
         TRY(mark(m, P_SCAN));
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
         return mark(m, P_OUT);
@@ -2323,6 +2414,14 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
 
 extern "C" long long bm_cuda_step_scan4_calls(void) {
     return g_scan4.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_step_scan4_rows_calls(void) {
+    return g_scan4_rows.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_step_scan4_dt_calls(void) {
+    return g_scan4_dt.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {

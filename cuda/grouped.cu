@@ -358,6 +358,290 @@ grouped_gemm_kernel(const GroupedArgs p) {
     }
 }
 
+// ---- the decode tiles: one warp per k slice, row pointers formed once --------------------------
+// Decode batches give each expert a few rows (B = 64, X = 8: ~8 tokens), so the GEMMs stream
+// weights, and Nsight Compute showed grouped_gemm_kernel's one-warp fc2 CTAs (32x32) issuing
+// an instruction every 2.8 cycles at 63% of DRAM with 2.8 warps an SM: bound by each warp's
+// own instruction stream, ~263 SASS instructions a k tile of which ~170 were the loader's
+// address arithmetic (row index * K per chunk, src-size selects, 32 zero-filled rows).
+// This kernel (BLACKMAMBA_MOE_GROUPED_TILES variants 6..9 of the decode roles):
+//  - WK warps a CTA, each an independent cp.async pipeline over the k tiles w, w + WK, ...
+//    (__syncwarp, no CTA barrier in the loop), their fp32 accumulators summed through shared
+//    memory at the end in warp order (deterministic), warp 0 writing the epilogue: WK times
+//    the warps in flight for the same grid, the same bytes;
+//  - every lane's source rows as 64-bit pointers formed once, a k tile adding one offset and
+//    two chunks of a row one pointer (immediates 0 and 64 bytes), the shared-memory slots as
+//    two per-lane offsets plus constants; no per-lane predicates: rows past the tile's `rows`
+//    (A) and columns past N (B) load a copy of the last valid row, and groups of 8 A rows
+//    wholly past `rows` are not loaded (their shared memory keeps garbage, even NaN). Both
+//    are harmless: an MMA output element (r, c) reads only A row r and B row c, and the
+//    epilogue stores no such r or c. Inside K, the tail chunks are zero-filled in every row.
+// Same per-warp tile math, fragments, k order and epilogues as grouped_gemm_kernel: with
+// WK = 1 the results are bit-identical to it; with WK > 1 the sum over k runs per warp slice,
+// then over the warps, so they differ by fp32 rounding only.
+template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
+struct DecTile {
+    static constexpr int NT = 32 * WK;
+    static constexpr int MI = BM / 16;
+    static constexpr int NI = NB / 8;
+    static constexpr int A_BYTES = BM * 128;
+    static constexpr int B_BYTES = NB * 128;
+    static constexpr int SUB = A_BYTES * (SPLIT ? 2 : 1) + B_BYTES;  // one warp's stage
+    static constexpr int WARP_SMEM = SUB * STAGES;
+    static constexpr int RED = (WK - 1) * MI * NI * 4 * 32 * 4;      // the k-slice sums
+    static constexpr int SMEM = WK * WARP_SMEM > RED ? WK * WARP_SMEM : RED;
+    static constexpr int A_ROWS = BM / 8;  // rows a lane loads (2 chunks each, see the loader)
+    static constexpr int B_ROWS = NB / 8;
+    static constexpr int OUT_COLS = MODE == MODE_FC1 ? NB / 2 : NB;
+    static constexpr int SMEM_FIT = 220 * 1024 / SMEM;
+    static constexpr int MINB = SMEM_FIT < 1 ? 1 : SMEM_FIT > 16 ? 16 : SMEM_FIT;
+    static_assert(BM % 16 == 0 && NB % 16 == 0, "tile");
+    static_assert(MODE != MODE_FC1 || NI % 4 == 0, "FC1: 16-column gate/up pairs");
+};
+
+template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
+__global__ void __launch_bounds__(32 * WK, (DecTile<BM, NB, WK, STAGES, MODE, SPLIT>::MINB))
+grouped_dec_kernel(const GroupedArgs p) {
+    using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+
+    int e = 0, row0 = 0, rows = 0;
+    if (!find_tile(p, BM, e, row0, rows)) return;  // uniform over the block
+    const int K = p.K, N = p.N;
+    const int n0 = blockIdx.x * C::OUT_COLS;
+    if (n0 >= N) return;
+
+    // The loader: lane -> rows lane/4 + 8i, chunks c_j = lane%4 + 4j (j = 0, 1) of each k tile:
+    // 4 lanes read 64 contiguous bytes (two full sectors) of a row, and one row's two chunks
+    // are one pointer plus the immediates 0 and 64 bytes. Shared slots: swz(r, c) with
+    // r & 7 = lane/4 for every i, so two per-lane offsets q_j plus the immediates 1024 i.
+    // Source rows, fixed over K, as pointers at chunk c_0 of k tile 0. Rows past the tile's
+    // end (A) and columns past N (B) repeat the last valid one: loaded, never stored (an MMA
+    // output (r, c) reads only A row r and B row c), so no per-lane predicates; a group of 8
+    // A rows wholly past `rows` is not loaded at all (uniform test).
+    const int lr = lane >> 2, lc = lane & 3;
+    const uint16_t *a_src[C::A_ROWS];
+#pragma unroll
+    for (int i = 0; i < C::A_ROWS; i++) {
+        const int r = min(lr + 8 * i, rows - 1);
+        const int src = MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
+        a_src[i] = p.A + (int64_t)src * K + lc * 8;
+    }
+    const int64_t a_lo = SPLIT ? p.Alo - p.A : 0;  // the low parts: same layout, other buffer
+    const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;
+    const uint16_t *We = p.W + (int64_t)e * wrows * K + lc * 8;
+    const uint16_t *b_src[C::B_ROWS];
+#pragma unroll
+    for (int i = 0; i < C::B_ROWS; i++) {
+        const int r = lr + 8 * i;
+        int src;
+        if (MODE == MODE_FC1) {
+            const int c = min(n0 + (r % (NB / 2)), N - 1);
+            src = r < NB / 2 ? c : N + c;
+        } else {
+            src = min(n0 + r, N - 1);
+        }
+        b_src[i] = We + (int64_t)src * K;
+    }
+    const uint32_t q0 = lr * 128 + ((lc ^ lr) << 4), q1 = lr * 128 + (((lc + 4) ^ lr) << 4);
+
+    const uint32_t wbase = smem_u32(smem) + w * C::WARP_SMEM;
+    auto load = [&](int stage, int kt) {
+        const uint32_t sW = wbase + stage * C::SUB;
+        const uint32_t s0 = sW + q0, s1 = sW + q1;
+        constexpr uint32_t BOFF = C::A_BYTES * (SPLIT ? 2 : 1);
+        const int k0 = kt * BK;
+        if (k0 + BK <= K) {  // a full k tile (uniform)
+#pragma unroll
+            for (int i = 0; i < C::A_ROWS; i++)
+                if (8 * i < rows) {
+                    const uint16_t *g = a_src[i] + k0;
+                    cp_async16(s0 + 1024 * i, g, 16);
+                    cp_async16(s1 + 1024 * i, g + 32, 16);
+                    if constexpr (SPLIT) {
+                        cp_async16(s0 + C::A_BYTES + 1024 * i, g + a_lo, 16);
+                        cp_async16(s1 + C::A_BYTES + 1024 * i, g + a_lo + 32, 16);
+                    }
+                }
+#pragma unroll
+            for (int i = 0; i < C::B_ROWS; i++) {
+                const uint16_t *g = b_src[i] + k0;
+                cp_async16(s0 + BOFF + 1024 * i, g, 16);
+                cp_async16(s1 + BOFF + 1024 * i, g + 32, 16);
+            }
+        } else {  // the K tail: chunks past K zero-filled (K % 8 == 0: all in or all out)
+            const bool in0 = k0 + lc * 8 < K, in1 = k0 + lc * 8 + 32 < K;
+            const int o0 = in0 ? k0 : 0, o1 = in1 ? k0 + 32 : 0;
+            const int n0b = in0 ? 16 : 0, n1b = in1 ? 16 : 0;
+#pragma unroll
+            for (int i = 0; i < C::A_ROWS; i++)
+                if (8 * i < rows) {
+                    cp_async16(s0 + 1024 * i, a_src[i] + o0, n0b);
+                    cp_async16(s1 + 1024 * i, a_src[i] + o1, n1b);
+                    if constexpr (SPLIT) {
+                        cp_async16(s0 + C::A_BYTES + 1024 * i, a_src[i] + a_lo + o0, n0b);
+                        cp_async16(s1 + C::A_BYTES + 1024 * i, a_src[i] + a_lo + o1, n1b);
+                    }
+                }
+#pragma unroll
+            for (int i = 0; i < C::B_ROWS; i++) {
+                cp_async16(s0 + BOFF + 1024 * i, b_src[i] + o0, n0b);
+                cp_async16(s1 + BOFF + 1024 * i, b_src[i] + o1, n1b);
+            }
+        }
+    };
+
+    float acc[C::MI][C::NI][4];
+#pragma unroll
+    for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+        for (int ni = 0; ni < C::NI; ni++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[mi][ni][j] = 0.f;
+
+    const int KT = (K + BK - 1) / BK;
+    const int nk = KT > w ? (KT - w + WK - 1) / WK : 0;  // this warp's k tiles w, w + WK, ...
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < nk) load(s, w + s * WK);
+        cp_async_commit();  // empty groups keep the count uniform
+    }
+    const int a_row = lane & 15, a_chk = lane >> 4;
+    const int b_row = (lane & 7) + ((lane >> 4) << 3), b_chk = (lane >> 3) & 1;
+    auto b_base = [&](int j) -> int {  // as grouped_gemm_kernel's, one warp over the tile
+        if (MODE == MODE_FC1) {
+            constexpr int JH = C::NI / 4;
+            return (j / JH) * (NB / 2) + (j % JH) * 16;
+        }
+        return j * 16;
+    };
+    int rs = 0, ws = STAGES - 1;  // the stage read, the stage refilled
+    for (int j = 0; j < nk; j++) {
+        cp_async_wait<STAGES - 2>();
+        __syncwarp();  // stage rs landed for every lane; every lane is done with stage ws
+        {
+            const int jn = j + STAGES - 1;
+            if (jn < nk) load(ws, w + jn * WK);
+            cp_async_commit();
+            ws = ws + 1 == STAGES ? 0 : ws + 1;
+        }
+        const uint32_t sA = wbase + rs * C::SUB;
+        const uint32_t sL = sA + C::A_BYTES;
+        const uint32_t sB = sA + C::A_BYTES * (SPLIT ? 2 : 1);
+        rs = rs + 1 == STAGES ? 0 : rs + 1;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) {
+            uint32_t a[C::MI][4], al[SPLIT ? C::MI : 1][4], b[C::NI][2];
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++) {
+                const uint32_t off = swz(a_row + mi * 16, ks * 2 + a_chk);
+                ldmatrix_x4(a[mi], sA + off);
+                if constexpr (SPLIT) ldmatrix_x4(al[mi], sL + off);
+            }
+#pragma unroll
+            for (int jj = 0; jj < C::NI / 2; jj++) {
+                uint32_t r[4];
+                ldmatrix_x4(r, sB + swz(b_base(jj) + b_row, ks * 2 + b_chk));
+                b[2 * jj][0] = r[0];
+                b[2 * jj][1] = r[1];
+                b[2 * jj + 1][0] = r[2];
+                b[2 * jj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++) {
+                    mma_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                    if constexpr (SPLIT) mma_bf16(acc[mi][ni], al[mi], b[ni][0], b[ni][1]);
+                }
+        }
+    }
+    cp_async_wait<0>();
+
+    if constexpr (WK > 1) {  // warps 1.. hand their sums to warp 0 (the pipelines' smem reused)
+        __syncthreads();     // every warp done reading its stages
+        float *red = reinterpret_cast<float *>(smem);  // (WK-1, MI, NI, 4, 32)
+        if (w > 0) {
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        red[((((w - 1) * C::MI + mi) * C::NI + ni) * 4 + j) * 32 + lane] =
+                            acc[mi][ni][j];
+        }
+        __syncthreads();
+        if (w > 0) return;
+#pragma unroll
+        for (int v = 0; v < WK - 1; v++)
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        acc[mi][ni][j] += red[(((v * C::MI + mi) * C::NI + ni) * 4 + j) * 32 + lane];
+    }
+
+    // Epilogue (warp 0): grouped_gemm_kernel's with WM = WN = 1.
+#pragma unroll
+    for (int mi = 0; mi < C::MI; mi++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = mi * 16 + (lane >> 2) + 8 * h;
+            if (r >= rows) continue;
+            const int64_t slot = row0 + r;
+            if constexpr (MODE == MODE_FC1) {
+#pragma unroll
+                for (int ni = 0; ni < C::NI / 2; ni++) {
+                    const int col = n0 + ni * 8 + 2 * (lane & 3);
+                    if (col >= N) continue;
+                    const float(&g)[4] = acc[mi][ni], (&u)[4] = acc[mi][ni + C::NI / 2];
+                    const float v0 = bm_act_fn(g[2 * h], p.act) * u[2 * h];
+                    const float v1 = bm_act_fn(g[2 * h + 1], p.act) * u[2 * h + 1];
+                    uint16_t h0, h1, l0, l1;
+                    bm_f32_to_bf16_split(v0, h0, l0);
+                    bm_f32_to_bf16_split(v1, h1, l1);
+                    *reinterpret_cast<uint32_t *>(p.ab + slot * N + col) = pack_bf16(h0, h1);
+                    if constexpr (SPLIT)
+                        *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
+                }
+            } else {
+                const int t = __ldg(p.perm + slot);
+                const float g = p.gates ? __ldg(p.gates + t) : 1.f;
+                float *dst = p.out + (int64_t)t * N;
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++) {
+                    const int col = n0 + ni * 8 + 2 * (lane & 3);
+                    if (col >= N) continue;
+                    *reinterpret_cast<float2 *>(dst + col) =
+                        make_float2(g * acc[mi][ni][2 * h], g * acc[mi][ni][2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+
+std::atomic<long long> dec_launches{0};  // grouped_dec_kernel launches (the tests)
+
+template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
+int dec_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
+    using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
+    auto kernel = grouped_dec_kernel<BM, NB, WK, STAGES, MODE, SPLIT>;
+    static std::atomic<unsigned> optin{0};
+    int st = bm_smem_optin(kernel, C::SMEM, optin);
+    if (st) return st;
+    const int64_t ytiles = bm_cdiv(T, BM) + (p.X < T ? p.X : T);
+    if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
+    const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
+    kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
+    BM_CUDA_LAUNCHED();
+    dec_launches.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+
 #include "grouped_wgmma.cuh"  // the Hopper (wgmma) core of the prefill tiles
 
 // Launch one grouped GEMM of this configuration over an upper bound of row tiles.
@@ -380,11 +664,15 @@ int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
 // few (decode batches, small prefills): the GEMMs stream weights, so 16..32-row tiles (an
 // expert with <= 32 tokens reads each weight once), deeper pipelines and narrow column tiles
 // to have enough CTAs. Variants per role (prefill fc1, prefill fc2, decode fc1, decode fc2),
-// numbered 1..5; `tiles` holds one digit per role (0 = the default, DEFAULT_TILES), from
+// numbered 1..5, and for the decode roles 6..9 on grouped_dec_kernel; `tiles` holds one digit
+// per role (0 = the default, DEFAULT_TILES except the decode fc2 below), from
 // BLACKMAMBA_MOE_GROUPED_TILES (dev: measurements; the tests run every variant).
 // Measured on the H200 (cuda/NOTES.md, session 3 grouped), all within ~5% of each other
 // except the 64-row prefill fc2 tiles (worse) and variant 5 (worse): 4-warp 64x64 warp
-// tiles for prefill, 32x64 tiles for decode.
+// tiles for prefill, 32x64 tiles for decode. Session 5 (dec64b): at T = 64 the decode fc2
+// variants all land within 1 us (84.4..85.5 us for the layer), so the fc2 there is not
+// bound by the kernel's instruction stream as Nsight Compute suggested; the one-warp decode
+// fc1 variants 6..9 were 5-9 us slower than 32x64 two-warp tiles.
 constexpr char DEFAULT_TILES[] = "2222";
 
 template <int MODE, bool SPLIT>
@@ -400,31 +688,51 @@ int gemm_dispatch(const GroupedArgs &p, int64_t T, const char *tiles, cudaStream
     // 4) waste half as many padding rows at each expert's end (~32 of ~256 rows an expert at
     // T = 2048, X = 8): 0.2763 against 0.2840 ms for the layer at T = 2048 on the H200; at
     // T = 16384, where the padding is 3%, the 128-row tiles win (1.736 against 1.944 ms).
-    if (v < 1 || v > 5) v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
+    // Decode fc2 at up to 16 rows an expert on average (decode batches; cuda/NOTES.md session 5
+    // dec64b, same-process A/B on the H200): split (batch 8) variant 7, grouped_dec_kernel on
+    // 2-warp k slices, 74 against 80 us for the layer's experts and 2.34-2.45 against 2.54-2.58
+    // ms/step; unsplit (batch 64) variant 5, the 16-row tiles, 84.4 against 85.5 us and
+    // 2.467-2.473 against 2.484-2.493 ms/step. More rows: variant 2 as before.
+    if (v < 1 || v > (role >= 2 ? 9 : 5)) {
+        if (role == 3 && T <= 16 * (int64_t)p.X) v = SPLIT ? 7 : 5;
+        else v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
+    }
 #define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
-    switch (role * 8 + v) {
-        case 0 * 8 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
-        case 0 * 8 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
-        case 0 * 8 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
-        case 0 * 8 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
-        case 0 * 8 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
-        case 1 * 8 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
-        case 1 * 8 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
-        case 1 * 8 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
-        case 1 * 8 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
-        case 1 * 8 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
-        case 2 * 8 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
-        case 2 * 8 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
-        case 2 * 8 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
-        case 2 * 8 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
-        case 2 * 8 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
-        case 3 * 8 + 1: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);
-        case 3 * 8 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
-        case 3 * 8 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
-        case 3 * 8 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
-        default: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
+#define BM_DEC_LAUNCH(BM, NB, WK, ST) return dec_launch<BM, NB, WK, ST, MODE, SPLIT>(p, T, stream)
+    switch (role * 10 + v) {
+        case 0 * 10 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
+        case 0 * 10 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
+        case 0 * 10 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
+        case 0 * 10 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
+        case 0 * 10 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
+        case 1 * 10 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
+        case 1 * 10 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
+        case 1 * 10 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
+        case 1 * 10 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
+        case 1 * 10 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
+        case 2 * 10 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
+        case 2 * 10 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
+        case 2 * 10 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
+        case 2 * 10 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
+        case 2 * 10 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
+        case 3 * 10 + 1: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);
+        case 3 * 10 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
+        case 3 * 10 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
+        case 3 * 10 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
+        case 3 * 10 + 5: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
+        // grouped_dec_kernel (BM, NB, WK warps on k slices, stages): decode fc1 ...
+        case 2 * 10 + 6: BM_DEC_LAUNCH(16, 64, 1, 4);
+        case 2 * 10 + 7: BM_DEC_LAUNCH(32, 64, 1, 4);
+        case 2 * 10 + 8: BM_DEC_LAUNCH(16, 64, 2, 4);
+        case 2 * 10 + 9: BM_DEC_LAUNCH(16, 128, 1, 4);
+        // ... and decode fc2
+        case 3 * 10 + 6: BM_DEC_LAUNCH(16, 32, 1, 6);
+        case 3 * 10 + 7: BM_DEC_LAUNCH(16, 32, 2, 4);
+        case 3 * 10 + 8: BM_DEC_LAUNCH(16, 32, 4, 3);
+        default: BM_DEC_LAUNCH(32, 32, 2, 4);  // 3 * 10 + 9
     }
 #undef BM_GROUPED_LAUNCH
+#undef BM_DEC_LAUNCH
 }
 
 // Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | xl (T, d) | al (T, F), each
@@ -464,6 +772,11 @@ extern "C" int bm_cuda_moe_grouped_mode(void) {
 // How many GEMMs ran on the wgmma core (grouped_wgmma.cuh) in this process: for the tests.
 extern "C" long long bm_cuda_moe_grouped_wgmma_launches(void) {
     return wgmma_launches.load(std::memory_order_relaxed);
+}
+
+// How many GEMMs ran on the decode kernel (grouped_dec_kernel) in this process: for the tests.
+extern "C" long long bm_cuda_moe_grouped_dec_launches(void) {
+    return dec_launches.load(std::memory_order_relaxed);
 }
 
 extern "C" int bm_cuda_moe_grouped_supported(const float *x, const void *fc1, const void *fc2,

@@ -53,6 +53,7 @@ def _lib_c():
     lib.bm_cuda_moe_grouped_workspace.restype = ctypes.c_size_t
     lib.bm_cuda_last_error.restype = ctypes.c_char_p
     lib.bm_cuda_moe_grouped_wgmma_launches.restype = ctypes.c_longlong
+    lib.bm_cuda_moe_grouped_dec_launches.restype = ctypes.c_longlong
     return lib
 
 
@@ -317,3 +318,78 @@ def test_wgmma_small_calls_keep_the_old_core(monkeypatch):
     got, n = wgmma_run(monkeypatch, "", lambda: grouped(x, ids, None, fc1, fc2, "gelu", 0))
     assert n == 0
     assert rel_err(got, ref.moe_experts(x, ids, None, fc1, fc2, "gelu")) < TOL_BF16
+
+
+# ---- the decode kernel (grouped.cu grouped_dec_kernel): variants 6..9 of the decode roles ------
+
+# T < 1024: the decode roles (digits 3 and 4 of BLACKMAMBA_MOE_GROUPED_TILES). Experts with
+# more than 16 / 32 rows (several row tiles: skewed, last), K below one 64-wide k tile (d =
+# 48), K and N tails (d = 200, F = 136, 72), one expert (X = 1).
+DEC_CASES = [
+    (1, 8, 64, 32, "uniform"), (7, 4, 200, 136, "skewed"), (33, 8, 64, 32, "skewed"),
+    (64, 8, 184, 248, "uniform"), (100, 1, 48, 72, "uniform"), (300, 4, 200, 136, "last"),
+]
+# variants whose warps each run the whole K (one warp a CTA: fc1 6, 7, 9; fc2 6) sum every
+# output in grouped_gemm_kernel's order: bit-identical to the old tiles ("0022")
+DEC_SAME = ["0066", "0076", "0096", "0026", "0062"]
+# fc2 on k slices of 2 or 4 warps (7, 8, 9) after the old fc1: the same bf16 hidden, the fp32
+# sum over k in another order (~1e-7 relative)
+DEC_FC2_SLICED = ["0027", "0028", "0029"]
+# fc1 on 2 warps' k slices (8): a hidden value may cross a bf16 rounding boundary (2^-8 on
+# one element), as between the mma.sync and wgmma cores
+DEC_FC1_SLICED = ["0088", "0087", "0086"]
+
+
+def grouped_dec(monkeypatch, tiles, *args):
+    monkeypatch.setenv("BLACKMAMBA_MOE_GROUPED_TILES", tiles)
+    n0 = LIB.bm_cuda_moe_grouped_dec_launches()
+    out = grouped(*args)
+    return out, LIB.bm_cuda_moe_grouped_dec_launches() - n0
+
+
+@pytest.mark.parametrize("T,X,d,F,kind", DEC_CASES)
+@pytest.mark.parametrize("split", [0, 1])
+def test_grouped_dec_kernel(monkeypatch, T, X, d, F, kind, split):
+    monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA", "0")
+    rng = rng_for("grouped dec", T, X, d, F, kind, split)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, kind)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    act = list(ACTS)[(T + split) % 3]
+    args = (x, ids, gates, fc1, fc2, act, split)
+    old, n = grouped_dec(monkeypatch, "0022", *args)
+    assert n == 0
+    exact = ref.moe_experts(x, ids, gates, fc1, fc2, act)
+    emul = None if split else emulated_bf16(x, ids, gates, fc1, fc2, act)
+    for tiles in DEC_SAME + DEC_FC2_SLICED + DEC_FC1_SLICED:
+        got, n = grouped_dec(monkeypatch, tiles, *args)
+        assert n == sum(c >= "6" for c in tiles[2:]), tiles      # the path was taken
+        if tiles in DEC_SAME:
+            np.testing.assert_array_equal(got, old, err_msg=tiles)
+        elif tiles in DEC_FC2_SLICED:
+            assert rel_err(got, old) < 1e-5, tiles
+        else:
+            assert rel_err(got, old) < (TOL_BF16X2 if split else 1e-3), tiles
+        if split:
+            assert rel_err(got, exact) < TOL_BF16X2, tiles
+        else:
+            assert rel_err(got, exact) < TOL_BF16, tiles
+            assert rel_err(got, emul) < TOL_EMULATED, tiles
+
+
+def test_grouped_dec_unrouted_rows(monkeypatch):
+    # ids outside [0, X) (rows zeroed by the conversion pass) on the decode kernel
+    rng = rng_for("dec unrouted")
+    T, X, d, F = 150, 4, 64, 40
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = rng.integers(0, X, T)
+    ids[::7] = -1
+    ids[3::11] = X
+    fc1, fc2 = weights(rng, X, d, F)
+    got, n = grouped_dec(monkeypatch, "0088", x, ids, None, fc1, fc2, "silu", 1, 7.0)
+    assert n == 2
+    bad = (ids < 0) | (ids >= X)
+    assert np.all(got[bad] == 0)
+    want = ref.moe_experts(x[~bad], ids[~bad], None, fc1, fc2, "silu")
+    assert rel_err(got[~bad], want) < TOL_BF16X2

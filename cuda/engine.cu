@@ -1256,11 +1256,13 @@ int64_t dec_gemm_min() {
 }
 
 // BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
-// The batch-1 Mamba layers' RMSNorm carried by in_proj's early GEMV (GemvParams::norm_h;
-// BLACKMAMBA_DECODE_NORM_FUSE=0: its own kernel, as before). Read at graph capture.
+// The batch-1 Mamba layers' RMSNorm carried by in_proj's early GEMV (GemvParams::norm_h):
+// BLACKMAMBA_DECODE_NORM_FUSE=1 only. Off by default: measured slower on the H200 (0.734
+// against 0.684 ms a batch-1 step at the 2.8B shape, same process, bit-identical logits;
+// cuda/NOTES.md "Session 5, lead"). Read at graph capture.
 bool norm_fuse_on() {
     const char *e = getenv("BLACKMAMBA_DECODE_NORM_FUSE");
-    return !(e && e[0] == '0');
+    return e && e[0] == '1';
 }
 
 // A Mamba layer's input norm handed to mamba_step: xn = RMSNorm(h + r) * w, the sum to r_out.

@@ -259,7 +259,9 @@ __global__ __launch_bounds__(GEMV_WARPS * 32) void gemv_kernel(const GemvParams 
 // zeros to the sums), so x has the bits the norm kernel would have written; block 0 writes the
 // residual and x out. It replaces the norm's graph node (at the 2.8B shape ~4.7 us of a
 // batch-1 step's critical path a Mamba layer, its L2 reads queued behind in_proj's early
-// weight loads) by ~12 KB of L2 reads in each block after the wait.
+// weight loads) by ~12 KB of reads in each block after the wait. Measured slower (a batch-1
+// step 0.684 -> 0.734 ms, with __ldcg or __ldca alike), so the engine takes it only with
+// BLACKMAMBA_DECODE_NORM_FUSE=1.
 constexpr int GEMV1_PRE = 6;
 
 template <typename WT, bool NORM = false>

@@ -33,13 +33,18 @@ def main():
     ap.add_argument("--trace", default=None)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--env", default="BLACKMAMBA_CUDA_PDL_EARLY")
+    ap.add_argument("--values", default="0,1", help="the switch's values (the first is 'old')")
     args = ap.parse_args()
     C = _lib.C()
     cfg = Config.from_dict(dict(SHAPE_2_8B))
     model = model_cuda.CudaModel(cfg, random_bf16_tensors(cfg), dtype="bfloat16")
     rng = np.random.default_rng(0)
     ok = True
-    print(f"A/B of {args.env}: old = 0, early = 1", flush=True)
+    global MODES
+    vals = args.values.split(",")
+    MODES = tuple(("old" if i == 0 else "early" if i == 1 else f"v{v}", v)
+                  for i, v in enumerate(vals))
+    print(f"A/B of {args.env}: " + ", ".join(f"{n} = {v}" for n, v in MODES), flush=True)
     for B in [int(b) for b in args.batches.split(",")]:
         prompt = rng.integers(0, cfg.real_vocab_size, (B, 32))
         toks = rng.integers(0, cfg.real_vocab_size, (6, B))
@@ -57,7 +62,7 @@ def main():
                     print(f"B={B} {name}: logits differ between rounds", flush=True)
                     ok = False
                 ms[name].append(float(np.median(C.cuda_bench_step(model._eng, st._h, 10, 50))))
-        same = np.array_equal(ref["old"], ref["early"])
+        same = all(np.array_equal(ref["old"], ref[n]) for n, _ in MODES)
         ok &= same
         print(f"B={B:>3}: " + "  ".join(f"{n} {' '.join(f'{v:.4f}' for v in ms[n])} ms"
                                          for n, _ in MODES)

@@ -407,6 +407,79 @@ __global__ __launch_bounds__(GEMV_WARPS * 32, 6) void gemv1_kernel(const GemvPar
 // gemv1_kernel launches with the norm prologue (tests assert the path was taken).
 std::atomic<long long> g_gemv1_norm{0};
 
+// The batch-1 graph's long products (the LM head: 50304 rows of 1472 at the 2.8B shape),
+// which gemv_kernel ran as one block per 8 rows: 6288 blocks in ~6 waves, 59 us for 148 MB
+// (2.5 TB/s), and not PDL-launched (more than one wave). Here a one-wave grid whose warps walk
+// rows (row = global warp, + all warps, ..): each lane holds its HEAD_PRE 16-byte pieces of
+// the current row and loads the next row's before the current row's FMAs and reduction, so
+// two rows' loads are in flight per warp without the block launches and barriers of short
+// blocks; the first row's pieces are loaded before the PDL wait. x goes to shared memory
+// once per block after the wait (and the L1 invalidation: this kernel runs early). Per row the
+// FMAs run in gemv_kernel<WT, 1, true>'s order (pieces lane + 32 i ascending; its clamped
+// extra pieces add exact zeros), so the logits are bit-identical.
+// BLACKMAMBA_DECODE_HEAD=0: gemv_kernel, as before (read at launch, i.e. at capture).
+constexpr int HEAD_PRE = 6;      // pieces a lane holds per row: Kin <= 6 * 32 * VW (1536 bf16)
+constexpr int HEAD_THREADS = 256;
+std::atomic<long long> g_gemv_head{0};
+
+bool head_on() {
+    const char *e = getenv("BLACKMAMBA_DECODE_HEAD");
+    return !(e && e[0] == '0');
+}
+
+template <typename WT>
+__global__ __launch_bounds__(HEAD_THREADS) void gemv_head_kernel(const GemvParams p) {
+    bm_pdl_trigger();
+    constexpr int VW = WLoad<WT>::VW;
+    using Raw = typename WLoad<WT>::Raw;
+    extern __shared__ __align__(16) float xs[];  // (Kin)
+    const int lane = threadIdx.x & 31;
+    const int64_t nw = (int64_t)gridDim.x * (HEAD_THREADS / 32);
+    int64_t row = (int64_t)blockIdx.x * (HEAD_THREADS / 32) + (threadIdx.x >> 5);
+    const int units = p.Kin / VW;
+    const WT *W = reinterpret_cast<const WT *>(p.W);
+    auto load = [&](int64_t r, Raw (&w)[HEAD_PRE]) {
+        const WT *wr = W + (r < p.Nout ? r : 0) * (int64_t)p.Kin;
+#pragma unroll
+        for (int i = 0; i < HEAD_PRE; i++) {
+            const int u = lane + 32 * i;
+            w[i] = r < p.Nout && u < units ? WLoad<WT>::raw_ca(wr + (int64_t)u * VW) : Raw{};
+        }
+    };
+    Raw cur[HEAD_PRE];
+    load(row, cur);  // weights only before the wait
+    bm_pdl_wait_only();
+    bm_l1_invalidate_block();
+    for (int i = threadIdx.x; i < p.Kin / 4; i += HEAD_THREADS)
+        reinterpret_cast<float4 *>(xs)[i] = __ldca(reinterpret_cast<const float4 *>(p.x) + i);
+    __syncthreads();
+    for (; row < p.Nout; row += nw) {
+        Raw nxt[HEAD_PRE];
+        load(row + nw, nxt);
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < HEAD_PRE; i++) {
+            const int u = lane + 32 * i;
+            if (u < units) {
+                float wv[VW];
+                WLoad<WT>::unpack(cur[i], wv);
+#pragma unroll
+                for (int q = 0; q < VW; q += 4) {
+                    const float4 xv = *reinterpret_cast<const float4 *>(xs + u * VW + q);
+                    acc = fmaf(wv[q], xv.x, acc);
+                    acc = fmaf(wv[q + 1], xv.y, acc);
+                    acc = fmaf(wv[q + 2], xv.z, acc);
+                    acc = fmaf(wv[q + 3], xv.w, acc);
+                }
+            }
+        }
+        const float v = bm_warp_sum(acc);
+        if (lane == 0) p.y[row] = fmaf(v, 1.f, p.bias ? p.bias[row] : 0.f);  // gemv_kernel's
+#pragma unroll
+        for (int i = 0; i < HEAD_PRE; i++) cur[i] = nxt[i];
+    }
+}
+
 template <typename WT, int MT>
 int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     constexpr int VW = WLoad<WT>::VW;
@@ -455,6 +528,19 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
                                             p.norm_x_out, p.norm_r_out, nullptr, nullptr, 1,
                                             p.Kin, stream);
         if (st) return st;
+    }
+    // The long batch-1 products (the LM head): gemv_head_kernel, one wave, PDL.
+    if (MT == 1 && vec && p.w_static && p.M == 1 && X == 1 && !p.ids && !p.scale &&
+        !p.conv_w && !p.norm_h && p.Kin % 4 == 0 && p.Kin / VW <= 32 * HEAD_PRE &&
+        p.Kin <= 12288 && grid.x > 8 * sms && bm_pdl_early() && head_on()) {
+        int per_sm = 0;
+        BM_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, gemv_head_kernel<WT>, HEAD_THREADS, (size_t)p.Kin * 4));
+        const unsigned blocks = (unsigned)std::max(1, per_sm) * (unsigned)sms;
+        BM_LAUNCH_PDL(gemv_head_kernel<WT>, dim3(blocks), dim3(HEAD_THREADS),
+                      (size_t)p.Kin * 4, stream, p);
+        g_gemv_head.fetch_add(1, std::memory_order_relaxed);
+        return 0;
     }
     // a wait-first product in the batch-1 graph (behind early kernels: INV), or as before
     auto *k = vec ? (early ? gemv_kernel<WT, MT, true, true> : gemv_kernel<WT, MT, true>)
@@ -508,4 +594,8 @@ extern "C" int bm_cuda_gemv(const float *x, const void *W, bm_dtype wdtype, cons
 
 extern "C" long long bm_cuda_gemv1_norm_calls(void) {
     return g_gemv1_norm.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_gemv_head_calls(void) {
+    return g_gemv_head.load(std::memory_order_relaxed);
 }

@@ -365,14 +365,14 @@ long long bm_cuda_small_tf32_calls(void);
 long long bm_cuda_pdl_early_launches(int kind);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
 long long bm_cuda_step_scan4_calls(void);
-/* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */
-long long bm_cuda_gemv1_norm_calls(void);
-/* Batch-1 LM-head-sized GEMVs through the one-wave row-walking kernel (gemv.cu). */
-long long bm_cuda_gemv_head_calls(void);
 /* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
 long long bm_cuda_step_scan4_rows_calls(void);
 /* ... of them computing delta themselves (no dt_proj GEMM; BLACKMAMBA_SCAN4_DT). */
 long long bm_cuda_step_scan4_dt_calls(void);
+/* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */
+long long bm_cuda_gemv1_norm_calls(void);
+/* Batch-1 LM-head-sized GEMVs through the one-wave row-walking kernel (gemv.cu). */
+long long bm_cuda_gemv_head_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */

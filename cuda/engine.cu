@@ -1255,7 +1255,6 @@ int64_t dec_gemm_min() {
     return std::min<int64_t>(std::max<int64_t>(v, 2), GEMV_ROWS + 1);
 }
 
-// BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
 // The batch-1 Mamba layers' RMSNorm carried by in_proj's early GEMV (GemvParams::norm_h):
 // BLACKMAMBA_DECODE_NORM_FUSE=1 only. Off by default: measured slower on the H200 (0.734
 // against 0.684 ms a batch-1 step at the 2.8B shape, same process, bit-identical logits;
@@ -1271,6 +1270,7 @@ struct NormIn {
     float *r_out;
 };
 
+// BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
 bool norm_bf_on() {
     const char *e = getenv("BLACKMAMBA_DECODE_NORM_BF");
     return !(e && e[0] == '0');

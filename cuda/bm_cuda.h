@@ -249,10 +249,10 @@ int bm_cuda_sinkhorn(const float *S, float *P, int64_t T, int64_t X, float tol,
 int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math);
 /* Bytes of workspace bm_cuda_linear needs (0 on the GEMV path). */
 size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin, bm_dtype wdtype, int math);
-/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16.
- * math: BM_CUDA_MATH_FP32 (exact float32; bf16 W expanded in the workspace), TF32, BF16
- * (bf16 W as stored, x rounded to bf16; float32 W falls back to TF32) or BF16X2 (x split into
- * bf16 hi + lo, two GEMMs; float32 W falls back to TF32). M up to
+/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32, bf16 or fp16.
+ * math: BM_CUDA_MATH_FP32 (exact float32; bf16 / fp16 W expanded in the workspace), TF32, BF16
+ * (bf16 W as stored, x rounded to bf16; float32 and fp16 W fall back to TF32) or BF16X2 (x
+ * split into bf16 hi + lo, two GEMMs; float32 and fp16 W fall back to TF32). M up to
  * bm_cuda_linear_gemv_rows: bm_cuda_gemv (fp32 accumulate, whatever `math`); beyond: cuBLAS
  * through cublas_handle (its stream is set to `stream`). Kin = 0 gives y = bias (or 0). */
 int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,

@@ -89,15 +89,20 @@ F16_MAX = 65504.0      # the largest finite IEEE half
 
 
 def _f16(t, name):
-    """A weight matrix as C-contiguous float16 (dtype="float16"): float32 or bf16 values rounded
-    to nearest even (NumPy's cast). A finite weight that would become +-inf (|w| >= 65520)
+    """A weight matrix as C-contiguous float16 (dtype="float16"): float32, float64 or bf16 values
+    rounded to nearest even (NumPy's cast, from the stored values: float64 not via float32). A finite weight that would become +-inf (|w| >= 65520)
     raises ValueError naming the tensor; NaN / inf already in the checkpoint stay as they are
     (as with the other dtypes)."""
     if isinstance(t, np.ndarray) and t.dtype == np.float16:
         return np.ascontiguousarray(t)
     if getattr(t, "dtype", None) == "float16":      # a float16 checkpoint tensor: as stored
         return np.ascontiguousarray(t.to_numpy("float16"))
-    f = _f32(t)
+    if isinstance(t, np.ndarray) and t.dtype == np.float64:
+        f = np.ascontiguousarray(t)                 # one rounding, f64 -> f16, and a value
+    elif getattr(t, "dtype", None) == "float64":    # past float32's range is still named
+        f = t.to_numpy("float64")
+    else:
+        f = _f32(t)
     with np.errstate(over="ignore"):
         h = f.astype(np.float16)
     if not np.isfinite(h).all():

@@ -249,10 +249,10 @@ int bm_cuda_sinkhorn(const float *S, float *P, int64_t T, int64_t X, float tol,
 int bm_cuda_linear_gemv_rows(bm_dtype wdtype, int math);
 /* Bytes of workspace bm_cuda_linear needs (0 on the GEMV path). */
 size_t bm_cuda_linear_workspace(int64_t M, int64_t Nout, int64_t Kin, bm_dtype wdtype, int math);
-/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32 or bf16.
- * math: BM_CUDA_MATH_FP32 (exact float32; bf16 W expanded in the workspace), TF32, BF16
- * (bf16 W as stored, x rounded to bf16; float32 W falls back to TF32) or BF16X2 (x split into
- * bf16 hi + lo, two GEMMs; float32 W falls back to TF32). M up to
+/* y (M, Nout) = x (M, Kin) @ W (Nout, Kin)^T + bias (Nout, or NULL); W float32, bf16 or fp16.
+ * math: BM_CUDA_MATH_FP32 (exact float32; bf16 / fp16 W expanded in the workspace), TF32, BF16
+ * (bf16 W as stored, x rounded to bf16; float32 and fp16 W fall back to TF32) or BF16X2 (x
+ * split into bf16 hi + lo, two GEMMs; float32 and fp16 W fall back to TF32). M up to
  * bm_cuda_linear_gemv_rows: bm_cuda_gemv (fp32 accumulate, whatever `math`); beyond: cuBLAS
  * through cublas_handle (its stream is set to `stream`). Kin = 0 gives y = bias (or 0). */
 int bm_cuda_linear(const float *x, const void *W, bm_dtype wdtype, const float *bias, float *y,
@@ -365,14 +365,14 @@ long long bm_cuda_small_tf32_calls(void);
 long long bm_cuda_pdl_early_launches(int kind);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
 long long bm_cuda_step_scan4_calls(void);
-/* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */
-long long bm_cuda_gemv1_norm_calls(void);
-/* Batch-1 LM-head-sized GEMVs through the one-wave row-walking kernel (gemv.cu). */
-long long bm_cuda_gemv_head_calls(void);
 /* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
 long long bm_cuda_step_scan4_rows_calls(void);
 /* ... of them computing delta themselves (no dt_proj GEMM; BLACKMAMBA_SCAN4_DT). */
 long long bm_cuda_step_scan4_dt_calls(void);
+/* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */
+long long bm_cuda_gemv1_norm_calls(void);
+/* Batch-1 LM-head-sized GEMVs through the one-wave row-walking kernel (gemv.cu). */
+long long bm_cuda_gemv_head_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */

@@ -333,7 +333,7 @@ __device__ __forceinline__ float bm_sumsq4(float4 a) {
 // ---- shared between gemv.cu and moe.cu ----------------------------------------------------
 // y[m, r] = scale[m] * (W[e_m, r, :] . x[m, :]) + bias[r], e_m = ids ? ids[m] : 0.
 struct GemvParams {
-    const void *W;         // (X, Nout, Kin), float32 or bf16 bits
+    const void *W;         // (X, Nout, Kin), float32, bf16 bits or IEEE half (BM_F16)
     const float *x;        // (M, ldx): row m's Kin inputs at x + m*ldx
     int64_t ldx;
     const int32_t *ids;    // (M) expert of each row of x, or NULL (all 0)

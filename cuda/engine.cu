@@ -147,7 +147,7 @@ struct Ws {
     size_t bytes;
     int32_t *tok;           // (T) input ids
     float *h, *r, *xn, *yf; // (T, d): mixer output, residual, normed input, final LN output
-    float *r2;              // (T, d) decode: the residual's other buffer (NormIn, forward())
+    float *r2;              // (1, d) batch-1 decode: the residual's other buffer (NormIn)
     float *xm, *mo;         // (T, d) parallel layers: MLP input and output
     float *xz;              // (2, T, E): x = xz (T, E), z = xz + T*E (T, E)
     float *xc, *y;          // (T, E) conv output, scan output
@@ -1255,7 +1255,6 @@ int64_t dec_gemm_min() {
     return std::min<int64_t>(std::max<int64_t>(v, 2), GEMV_ROWS + 1);
 }
 
-// BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
 // The batch-1 Mamba layers' RMSNorm carried by in_proj's early GEMV (GemvParams::norm_h):
 // BLACKMAMBA_DECODE_NORM_FUSE=1 only. Off by default: measured slower on the H200 (0.734
 // against 0.684 ms a batch-1 step at the 2.8B shape, same process, bit-identical logits;
@@ -1271,6 +1270,7 @@ struct NormIn {
     float *r_out;
 };
 
+// BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
 bool norm_bf_on() {
     const char *e = getenv("BLACKMAMBA_DECODE_NORM_BF");
     return !(e && e[0] == '0');
@@ -1994,7 +1994,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->tok = a.take<int32_t>(T);
     w->h = a.take<float>(T * d);
     w->r = a.take<float>(T * d);
-    w->r2 = decode ? a.take<float>(T * d) : nullptr;
+    w->r2 = decode && T == 1 ? a.take<float>(d) : nullptr;  // only batch 1 fuses (forward())
     w->xn = a.take<float>(T * d);
     w->yf = a.take<float>(T * d);
     w->xm = m->has_parallel ? a.take<float>(T * d) : nullptr;

@@ -505,9 +505,11 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     const bool early = p.w_static && p.M == 1 && X == 1 && !p.ids && bm_pdl_early() &&
                        (int64_t)grid.x * grid.y <= 8 * (int64_t)sms;
-    // The norm prologue rides along where its row fits 48 KB of shared memory, float4-wise.
+    // The norm prologue rides along where its row fits 48 KB of shared memory, float4-wise:
+    // the dynamic row plus the kernel's static part[] and scratch[] (176 bytes; 256 kept free),
+    // since without an opt-in the launch fails once static + dynamic exceed 48 KB.
     const bool norm = p.norm_h != nullptr;
-    const bool norm_in = norm && p.Kin % 4 == 0 && p.Kin <= 12288 &&
+    const bool norm_in = norm && p.Kin % 4 == 0 && (size_t)p.Kin * 4 + 256 <= 48 * 1024 &&
                          ((uintptr_t)p.norm_h & 15) == 0 && ((uintptr_t)p.norm_r & 15) == 0 &&
                          ((uintptr_t)p.norm_w & 15) == 0 && ((uintptr_t)p.norm_r_out & 15) == 0 &&
                          ((uintptr_t)p.norm_x_out & 15) == 0;
@@ -562,10 +564,14 @@ int gemv_launch_t(const GemvParams &p, int X, int ks, cudaStream_t stream) {
 int bm_gemv_launch(const GemvParams &p, bm_dtype wdtype, int X, int ksplit, cudaStream_t stream) {
     if (p.M <= 0 || p.Nout <= 0 || X <= 0) return 0;
     if (X > 65535) return BM_CUDA_ARG_FAIL("gemv: too many experts");
+    // Block 0 writes norm_r_out and norm_x_out while the other blocks still read norm_h and
+    // norm_r: neither output may be one of the inputs (the engine's buffers are disjoint).
     if (p.norm_h && (p.M != 1 || X != 1 || p.ids || p.x != p.norm_x_out || !p.norm_w ||
-                     !p.norm_r_out || p.norm_r_out == p.norm_r))
-        return BM_CUDA_ARG_FAIL("gemv: the norm prologue takes one row, x = norm_x_out and a "
-                                "separate residual output");
+                     !p.norm_r_out || p.norm_r_out == p.norm_r || p.norm_r_out == p.norm_h ||
+                     p.norm_x_out == p.norm_h || p.norm_x_out == p.norm_r ||
+                     p.norm_x_out == p.norm_r_out))
+        return BM_CUDA_ARG_FAIL("gemv: the norm prologue takes one row, x = norm_x_out and "
+                                "outputs (x, residual) apart from its inputs and each other");
     if (ksplit != 0 && ksplit != 1 && ksplit != 2 && ksplit != 4 && ksplit != 8)
         return BM_CUDA_ARG_FAIL("gemv: ksplit must be 0 (auto), 1, 2, 4 or 8");
     switch (wdtype) {

@@ -138,7 +138,7 @@ template <int NT, int TPC>
 struct ScanSmemP {
     static constexpr int NP = NT * TPC;
     static constexpr int CPB = SCAN_THREADS / TPC;
-    float act[SCAN_STAGES][3][SCAN_TC][CPB];           // u (then y), delta, z
+    float act[SCAN_STAGES][3][SCAN_TC][CPB];           // u (then y), delta, z; 16-bit: act16, y in z's slot
     float bc[SCAN_STAGES][SCAN_TC][2 * NP];            // as ScanSmem
     float4 pk[SCAN_TC][CPB];                           // delta, delta * u, g = silu(z), D * u * g
 };

@@ -99,6 +99,16 @@ def test_f16_host_conversion_and_overflow():
     st = StoredTensor(np.array([[1.5, 65504.0]], np.float16), "float16")
     got = model_cuda._f16(st, "x")
     assert got.dtype == np.float16 and got.shape == (1, 2) and got[0, 1] == 65504.0
+    # float64 storage: rounded once from the stored values (via float32, 1 + 2^-11 + 2^-40
+    # would first round to the tie 1 + 2^-11 and then to even, 1.0), and a finite value past
+    # float32's range is named instead of passing as inf
+    tie = 1.0 + 2.0 ** -11 + 2.0 ** -40
+    assert model_cuda._f16(np.array([tie], np.float32), "x")[0] == 1.0   # (the double rounding)
+    for src in (np.array([tie]), StoredTensor(np.array([tie]), "float64")):
+        assert model_cuda._f16(src, "x")[0] == np.float16(1.0 + 2.0 ** -10)
+    for src in (np.array([1.0, 1e39]), StoredTensor(np.array([1.0, -1e39]), "float64")):
+        with pytest.raises(ValueError, match="1e\\+39.*float16's range"):
+            model_cuda._f16(src, "f64")
 
 
 def test_engine_weights_float16_names_the_tensor():

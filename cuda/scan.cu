@@ -713,13 +713,13 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
 
 
 // The one-pass variant taken by default (var = -1): 3 (packed per-(t, e) values, one shared
-// reciprocal) where it exists (TPC >= 2) and the grid runs in one wave of its 6 blocks per SM
-// (b <= 8 at E = 2944), else 1. Measured on the H200 at L = 2048, E = 2944, N = 16 (run 2,
-// cuda/NOTES.md "Session 4, scan4"), VAR 1 -> 3: b = 8 0.419 -> 0.381 ms (bf16 y 0.450 ->
-// 0.381), b = 4 0.319 -> 0.299, b = 1 one pass 0.254 -> 0.145. The one-wave condition was
-// written when VAR 3 at 128 registers lost at b = 16 (0.82 against 0.79 ms, run 1); at 168 it
-// measured 0.74 there (run 2, var = 3 asked for), so dropping the condition is the next step,
-// once a GPU run has checked the default path there. VAR 4 measured 0.3-0.5% under VAR 3 at
+// reciprocal) where it exists (TPC >= 2), else 1. Measured on the H200 at L = 2048, E = 2944,
+// N = 16 (run 2, cuda/NOTES.md "Session 4, scan4"), VAR 1 -> 3: b = 8 0.419 -> 0.381 ms (bf16 y
+// 0.450 -> 0.381), b = 4 0.319 -> 0.299, b = 1 one pass 0.254 -> 0.145. Until session 5 the
+// default was 3 only where the grid runs in one wave of its 6 blocks per SM (b <= 8 at E =
+// 2944): VAR 3 at 128 registers had lost at b = 16 (0.82 against 0.79 ms, session 4 run 1); at
+// 168 registers it wins there (session 5 final check, 4_scan.log: b = 16 VAR 1 0.7935 / 0.7928,
+// VAR 3 0.7393 / 0.7402 ms), so the condition is gone. VAR 4 measured 0.3-0.5% under VAR 3 at
 // b = 8, within the rounds' spread: not the default. BLACKMAMBA_SCAN_VAR=0..4 overrides the
 // default, for same-process A/B measurements of the whole model.
 int default_var(int tpc, int64_t blocks, int sms) {
@@ -728,7 +728,9 @@ int default_var(int tpc, int64_t blocks, int sms) {
         return v && v[0] >= '0' && v[0] <= '4' && v[1] == 0 ? v[0] - '0' : -1;
     }();
     if (env >= 0) return env;
-    return tpc >= 2 && blocks <= 6 * (int64_t)sms ? 3 : 1;
+    (void)blocks;
+    (void)sms;
+    return tpc >= 2 ? 3 : 1;
 }
 
 template <int NT, int TPC>

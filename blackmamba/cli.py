@@ -54,8 +54,10 @@ def cmd_info(args):
     cfg = bm.load_config(d if os.path.isdir(d) else os.path.dirname(d))
     total, active = count_parameters(cfg)
     info = {"config": cfg.to_dict(), "parameters_total": total, "parameters_active": active,
-            "memory_bytes": {"float32": 4 * total, "bfloat16": 2 * total},
-            "active_bytes_per_token": {"float32": 4 * active, "bfloat16": 2 * active},
+            # float16: GPU only (--device cuda); 2 bytes a weight like bfloat16
+            "memory_bytes": {"float32": 4 * total, "bfloat16": 2 * total, "float16": 2 * total},
+            "active_bytes_per_token": {"float32": 4 * active, "bfloat16": 2 * active,
+                                       "float16": 2 * active},
             "cpu": bm.ops.cpu_info()}
     if args.json:
         print(json.dumps(info, indent=2))

@@ -19,6 +19,7 @@ def test_info_json(capsys):
     total, active = bm.model.count_parameters(bm.load_config(GOLDEN))
     assert (info["parameters_total"], info["parameters_active"]) == (total, active)
     assert info["memory_bytes"]["bfloat16"] == 2 * total
+    assert info["memory_bytes"]["float16"] == 2 * total
 
 
 def test_convert_to_safetensors_loads_the_same(tmp_path, golden):

@@ -46,6 +46,29 @@ def hammer(call, threads=2, iters=200):
     return sum(done)
 
 
+# Small configs of every layer kind (MoE "8"/"3"/"2", dense MLP "1", parallel "r2"/"r4",
+# ungated MLP, biases, N = 1..64): the CPU and GPU model tests draw random models of these.
+LAYER_KIND_CONFIGS = [
+    dict(mamba_moe_layers=["r", "8", "r", "8"]),
+    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
+    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
+         conv_bias=False),
+    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
+         expansion_factor=1),
+]
+
+
+def small_config(**over):
+    """A tiny Config (d = 24, N = 16, K = 4, V = 97, F = 40) with `over` applied (which must
+    name mamba_moe_layers; num_layers follows from it)."""
+    from blackmamba.config import Config
+    base = dict(hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
+                ffn_hidden_size=40)
+    base.update(over)
+    base["num_layers"] = len(base["mamba_moe_layers"])
+    return Config.from_dict(base)
+
+
 def rel_err(a, b):
     """‖a - b‖ / ‖b‖ in float64 (NaN if either has NaN)."""
     a = np.asarray(a, np.float64)

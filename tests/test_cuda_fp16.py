@@ -27,10 +27,9 @@ import pytest
 
 import blackmamba as bm
 from blackmamba import model_cuda
-from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import GOLDEN, rel_err
+from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config as make_cfg
 
 _needs_gpu = pytest.mark.skipif(not model_cuda.is_available(),
                                 reason="no CUDA device, or blackmamba built without CUDA")
@@ -47,26 +46,12 @@ TOL_ROUND = 5e-3
 MATS = ("word_embeddings.weight", "in_proj.weight", "x_proj.weight", "dt_proj.weight",
         "out_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
 
-CONFIGS = [
-    dict(mamba_moe_layers=["r", "8", "r", "8"]),
-    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
-    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
-         conv_bias=False),
-    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
-         expansion_factor=1),
+CONFIGS = LAYER_KIND_CONFIGS + [
     # odd sizes: d = 22, E = 44 and F = 37 are no multiples of 8, so every 16-bit product
     # takes the scalar (unvectorised) loads; V = 101
     dict(mamba_moe_layers=["r", "3", "r5", "1"], hidden_size=22, ffn_hidden_size=37,
          vocab_size=101, state_size=8, conv_dimension=3),
 ]
-
-
-def make_cfg(**over):
-    base = dict(num_layers=1, hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
-                ffn_hidden_size=40)
-    base.update(over)
-    base["num_layers"] = len(base["mamba_moe_layers"])
-    return Config.from_dict(base)
 
 
 def rounded(t):

@@ -22,10 +22,10 @@ import pytest
 
 import blackmamba as bm
 from blackmamba import model_cuda
-from blackmamba.config import Config, load_config
+from blackmamba.config import load_config
 from blackmamba.model import Model, random_tensors
 
-from conftest import GOLDEN, rel_err
+from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -177,22 +177,8 @@ def test_load_device_cuda(golden):
 
 # ---- random models: every layer kind ---------------------------------------------------------
 
-CONFIGS = [
-    dict(mamba_moe_layers=["r", "8", "r", "8"]),
-    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
-    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
-         conv_bias=False),
-    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
-         expansion_factor=1),
-]
-
-
-def make_cfg(**over):
-    base = dict(num_layers=1, hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
-                ffn_hidden_size=40)
-    base.update(over)
-    base["num_layers"] = len(base["mamba_moe_layers"])
-    return Config.from_dict(base)
+CONFIGS = LAYER_KIND_CONFIGS
+make_cfg = small_config
 
 
 def make_pair(seed, dtype="float32", math="fp32", **over):

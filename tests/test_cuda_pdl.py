@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from blackmamba import _lib, model_cuda
-from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import rel_err
+from conftest import LAYER_KIND_CONFIGS, rel_err, small_config as make_cfg
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -30,13 +29,7 @@ KINDS = ("gemv1", "rows", "scan", "norm_route", "rms_norm")
 
 # small configs of every layer kind, and one wide enough (fp32 rows of 2112) that every early
 # kernel also runs the part of its row past the registers it loads early
-CONFIGS = [
-    dict(mamba_moe_layers=["r", "8", "r", "8"]),
-    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
-    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
-         conv_bias=False),
-    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
-         expansion_factor=1),
+CONFIGS = LAYER_KIND_CONFIGS + [
     dict(mamba_moe_layers=["r", "2"], hidden_size=2112, expansion_factor=1,
          ffn_hidden_size=2200),
     # a vocabulary past one wave of 8-row GEMV blocks (> 8448 rows on 132 SMs): the LM head
@@ -47,14 +40,6 @@ CONFIGS = [
     # GEMV launcher (float32 rows of 20 still take the fused form)
     dict(mamba_moe_layers=["r", "2", "r", "2"], hidden_size=20),
 ]
-
-
-def make_cfg(**over):
-    base = dict(num_layers=1, hidden_size=24, state_size=16, conv_dimension=4, vocab_size=97,
-                ffn_hidden_size=40)
-    base.update(over)
-    base["num_layers"] = len(base["mamba_moe_layers"])
-    return Config.from_dict(base)
 
 
 def counts():

@@ -9,7 +9,7 @@ import blackmamba as bm
 from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import GOLDEN, rel_err
+from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config
 
 # fp32 compute from the same bf16 weights as the reference: only float32 rounding differs
 # (the reference ran in float32 with TF32 off), so 1e-4 relative L2 is a loose bound.
@@ -64,22 +64,11 @@ def test_golden_greedy_generation(tiny, golden):
         assert row == (w[:w.index(0)] if 0 in w else w)
 
 
-CONFIGS = [
-    dict(mamba_moe_layers=["r", "8", "r", "8"]),
-    dict(mamba_moe_layers=["r", "1", "r2", "3"], state_size=4, conv_dimension=2),
-    dict(mamba_moe_layers=["r4", "r", "1"], state_size=1, conv_dimension=6, bias=True,
-         conv_bias=False),
-    dict(mamba_moe_layers=["r", "2"], swiglu=False, activation="silu", state_size=64,
-         expansion_factor=1),
-]
+CONFIGS = LAYER_KIND_CONFIGS
 
 
 def make_model(seed, dtype="float32", **over):
-    base = dict(num_layers=len(over.get("mamba_moe_layers", ["r"])), hidden_size=24,
-                state_size=16, conv_dimension=4, vocab_size=97, ffn_hidden_size=40)
-    base.update(over)
-    base["num_layers"] = len(base["mamba_moe_layers"])
-    cfg = Config.from_dict(base)
+    cfg = small_config(**over)
     return Model(cfg, random_tensors(cfg, seed=seed), dtype=dtype)
 
 

@@ -41,16 +41,21 @@ TARGET_DECODE_TOKS_B64 = 30e3       # tokens/s at batch 64
 TARGET_PREFILL_TOKS = {1: 200e3, 8: 450e3}
 
 
-def random_bf16_tensors(cfg, seed=0, scale=0.5, pool_size=1 << 25):
+def random_bf16_tensors(cfg, seed=0, scale=0.5, pool_size=1 << 25, half=False):
     """Weights with random_tensors' magnitudes: matrices as bf16 bits (uint16) sliced from a
-    pool of N(0, scale^2 / fan_in) values, vectors as float32."""
+    pool of N(0, scale^2 / fan_in) values, vectors as float32. half: the same values with each
+    pool converted to float16 (exact for |w| >= 2^-17), so that a float16 model's matrices are
+    views of a few converted pools (cuda/dev/bench_fp16.py)."""
     rng = np.random.default_rng(seed)
     base = rng.standard_normal(pool_size, dtype=np.float32)
     pools = {}
 
     def pool(fan_in):
         if fan_in not in pools:
-            pools[fan_in] = ops.f32_to_bf16(base * np.float32(scale / math.sqrt(fan_in)))
+            b = ops.f32_to_bf16(base * np.float32(scale / math.sqrt(fan_in)))
+            if half:
+                b = (b.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+            pools[fan_in] = b
         return pools[fan_in]
 
     out = {}

@@ -14,7 +14,6 @@ float16 model gets them converted from bf16 exactly, |w| >= 2^-17, pool by pool)
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -22,42 +21,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from bench_gpu import SHAPE_2_8B, median  # noqa: E402
+from bench_gpu import SHAPE_2_8B, median, random_bf16_tensors  # noqa: E402
 
-from blackmamba import _lib, model_cuda, ops  # noqa: E402
+from blackmamba import _lib, model_cuda  # noqa: E402
 from blackmamba.config import Config  # noqa: E402
-from blackmamba.model import _expected_shapes, random_tensor  # noqa: E402
-
-
-def random_tensors_16(cfg, half, seed=0, scale=0.5, pool_size=1 << 25):
-    """bench_gpu.random_bf16_tensors with the pools kept as bf16 bits (half False) or converted
-    to float16 (half True), so that the float16 model's weights are views of 4 converted
-    pools instead of 2.8B elements converted one tensor at a time."""
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal(pool_size, dtype=np.float32)
-    pools = {}
-
-    def pool(fan_in):
-        if fan_in not in pools:
-            b = ops.f32_to_bf16(base * np.float32(scale / math.sqrt(fan_in)))
-            if half:
-                b = (b.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
-            pools[fan_in] = b
-        return pools[fan_in]
-
-    out = {}
-    for name, shape in _expected_shapes(cfg).items():
-        if len(shape) < 2 or name.endswith(("A_log", "router.weight")):
-            out[name] = random_tensor(name, shape, rng, scale)
-            continue
-        n = int(np.prod(shape))
-        p = pool(shape[-1])
-        if n <= p.size:
-            off = int(rng.integers(0, p.size - n + 1))
-            out[name] = p[off:off + n].reshape(shape)
-        else:
-            out[name] = np.resize(p, n).reshape(shape)
-    return out
 
 
 def main():
@@ -77,7 +44,7 @@ def main():
                        ("float32", "fp32")):
         label = f"{dtype}/{mth}"
         t0 = time.perf_counter()
-        tensors = random_tensors_16(cfg, half=dtype == "float16")
+        tensors = random_bf16_tensors(cfg, half=dtype == "float16")
         t1 = time.perf_counter()
         model = model_cuda.CudaModel(cfg, tensors, dtype=dtype, math=mth)
         t2 = time.perf_counter()

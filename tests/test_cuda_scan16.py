@@ -8,8 +8,6 @@ differences are that math's error (TOL_SCAN of test_cuda_ops, relative to the ou
 and the final rounding of y to 16 bits: at most half an ulp, 2^-8 |y| for bf16 (8 significant
 bits), 2^-11 |y| for fp16 (11). Each element is held to that bound plus the float32 slack.
 """
-import zlib
-
 import numpy as np
 import pytest
 
@@ -20,15 +18,10 @@ pytestmark = pytest.mark.gpu
 if not cuda.is_available():
     pytest.skip("no CUDA GPU visible (or blackmamba built without CUDA)", allow_module_level=True)
 
-from blackmamba import _lib  # noqa: E402
+from test_cuda_ops import TOL_SCAN, native, rng_for, scan_inputs  # noqa: E402
 
 D = cuda.to_device
-TOL_SCAN = 3e-5          # float32 scan vs float64 (test_cuda_ops.py), relative L2
 HALF_ULP = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
-
-
-def rng_for(*key):
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 def to16(x, dt):
@@ -45,30 +38,15 @@ def from16(a, dt):
 
 
 def inputs(rng, b, L, E, N, opts, dt):
-    f = lambda *s, scale=1.0: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
-    u, delta, z = f(b, L, E), f(b, L, E), f(b, L, E)
-    A = -np.exp(f(E, N, scale=0.5))
-    B, C = f(b, L, N), f(b, L, N)
-    Dv, db, st = f(E), f(E), f(b, E, N)
-    softplus = opts != "no_softplus"
-    if not softplus:  # delta must stay positive without softplus (else exp blows up)
-        delta = (0.1 * np.abs(delta) + 0.01).astype(np.float32)
-        db = (0.05 * np.abs(db)).astype(np.float32)
-    if opts == "bare":
-        Dv = z = db = st = None
+    """test_cuda_ops.scan_inputs's draws with u, delta and z rounded to dt: (the 16-bit
+    arguments for the GPU, the same with their exact float32 values)."""
+    kw = scan_inputs(rng, b, L, E, N, opts)
+    u, delta, z = kw["u"], kw["delta"], kw["z"]
     (u16, uw), (d16, dw) = to16(u, dt), to16(delta, dt)
     z16, zw = to16(z, dt) if z is not None else (None, None)
-    dev = dict(u=u16, delta=d16, A=A, B=B, C=C, D=Dv, z=z16, delta_bias=db,
-               delta_softplus=softplus, state=st)
+    dev = dict(kw, u=u16, delta=d16, z=z16)
     wide = dict(dev, u=uw, delta=dw, z=zw)
     return dev, wide
-
-
-def packed_calls():
-    import ctypes
-    lib = ctypes.CDLL(_lib.C().__file__)
-    lib.bm_cuda_scan_packed_calls.restype = ctypes.c_longlong
-    return lib.bm_cuda_scan_packed_calls()
 
 
 def check_y(y16, dt, yr):
@@ -97,10 +75,10 @@ SHAPES = [(1, 1, 4, 1), (2, 33, 7, 16), (3, 70, 130, 5), (2, 50, 64, 16), (1, 30
 def test_scan_16bit_activations(dt, b, L, E, N, opts):
     dev, wide = inputs(rng_for("scan16", dt, b, L, E, N, opts), b, L, E, N, opts, dt)
     yr, finr = ref.selective_scan(**wide)
-    before = packed_calls()
+    before = native().bm_cuda_scan_packed_calls()
     y, fin = ops.selective_scan(**{k: (D(v) if isinstance(v, np.ndarray) else v)
                                    for k, v in dev.items()})
-    assert packed_calls() == before + 1
+    assert native().bm_cuda_scan_packed_calls() == before + 1
     yh = y.numpy()
     assert yh.dtype == dev["u"].dtype and yh.shape == (b, L, E)
     assert fin.numpy().dtype == np.float32 and fin.shape == (b, E, N)

@@ -16,50 +16,31 @@ constexpr int GEMV_WARPS = 8;    // rows per block
 constexpr int GEMV_LIST = 1024;  // tokens collected per round
 constexpr int GEMV_UNR = 4;      // 16-byte weight loads per lane and stage
 
+// 16-bit weights, bf16 bits (uint16_t) or IEEE half (__half, BM_F16): 8 per 16 bytes,
+// converted exactly to float32 (bm_w2_to_f32 / bm_w_bits_to_f32: for uint16_t exactly the
+// bf16 conversions).
 template <typename WT>
-struct WLoad;
-template <>
-struct WLoad<uint16_t> {  // bf16 bits: 8 per 16 bytes
+struct WLoad {
+    static_assert(sizeof(WT) == 2, "16-bit weights (float32: the specialisation below)");
     static constexpr int VW = 8;
     using Raw = uint4;
-    static __device__ __forceinline__ Raw raw(const uint16_t *p) {
+    static __device__ __forceinline__ Raw raw(const WT *p) {
         return __ldg(reinterpret_cast<const uint4 *>(p));
     }
-    static __device__ __forceinline__ Raw raw_ca(const uint16_t *p) {  // see bm_pdl_trigger
+    static __device__ __forceinline__ Raw raw_ca(const WT *p) {  // see bm_pdl_trigger
         return __ldca(reinterpret_cast<const uint4 *>(p));
     }
-    static __device__ __forceinline__ void load(const uint16_t *p, float (&w)[8]) {
+    static __device__ __forceinline__ void load(const WT *p, float (&w)[8]) {
         unpack(raw(p), w);
     }
     static __device__ __forceinline__ void unpack(const uint4 v, float (&w)[8]) {
-        float2 a = bm_bf16x2_to_f32(v.x), b = bm_bf16x2_to_f32(v.y);
-        float2 c = bm_bf16x2_to_f32(v.z), d = bm_bf16x2_to_f32(v.w);
+        float2 a = bm_w2_to_f32<WT>(v.x), b = bm_w2_to_f32<WT>(v.y);
+        float2 c = bm_w2_to_f32<WT>(v.z), d = bm_w2_to_f32<WT>(v.w);
         w[0] = a.x; w[1] = a.y; w[2] = b.x; w[3] = b.y;
         w[4] = c.x; w[5] = c.y; w[6] = d.x; w[7] = d.y;
     }
-    static __device__ __forceinline__ float one(const uint16_t *p) { return bm_bf16_bits_to_f32(__ldg(p)); }
-};
-template <>
-struct WLoad<__half> {  // IEEE half (BM_F16): 8 per 16 bytes, converted exactly to float32
-    static constexpr int VW = 8;
-    using Raw = uint4;
-    static __device__ __forceinline__ Raw raw(const __half *p) {
-        return __ldg(reinterpret_cast<const uint4 *>(p));
-    }
-    static __device__ __forceinline__ Raw raw_ca(const __half *p) {  // see bm_pdl_trigger
-        return __ldca(reinterpret_cast<const uint4 *>(p));
-    }
-    static __device__ __forceinline__ void load(const __half *p, float (&w)[8]) {
-        unpack(raw(p), w);
-    }
-    static __device__ __forceinline__ void unpack(const uint4 v, float (&w)[8]) {
-        float2 a = bm_w2_to_f32<__half>(v.x), b = bm_w2_to_f32<__half>(v.y);
-        float2 c = bm_w2_to_f32<__half>(v.z), d = bm_w2_to_f32<__half>(v.w);
-        w[0] = a.x; w[1] = a.y; w[2] = b.x; w[3] = b.y;
-        w[4] = c.x; w[5] = c.y; w[6] = d.x; w[7] = d.y;
-    }
-    static __device__ __forceinline__ float one(const __half *p) {
-        return bm_w_bits_to_f32<__half>(__ldg(reinterpret_cast<const unsigned short *>(p)));
+    static __device__ __forceinline__ float one(const WT *p) {
+        return bm_w_bits_to_f32<WT>(__ldg(reinterpret_cast<const unsigned short *>(p)));
     }
 };
 template <>

@@ -277,6 +277,18 @@ __device__ __forceinline__ float bm_ex2(float x) {
     return y;
 }
 
+// max(v, 0) + log1p(w) for s = w / (2 + w), w = exp(-|v|): log1p(w) = 2 atanh(s) as the odd
+// series to s^11 (bm_softplus below; scan.cu's softplus_silu, which forms s its own way).
+__device__ __forceinline__ float bm_softplus_series(float s, float v) {
+    const float s2 = s * s;
+    float q = fmaf(s2, 0.18181818181818182f, 0.22222222222222222f);
+    q = fmaf(q, s2, 0.2857142857142857f);
+    q = fmaf(q, s2, 0.4f);
+    q = fmaf(q, s2, 0.6666666666666666f);
+    q = fmaf(q, s2, 2.f);
+    return fmaf(s, q, fmaxf(v, 0.f));
+}
+
 __device__ __forceinline__ float bm_softplus(float v) {
     // softplus(v) = v for v > 20 (mamba_ssm's threshold), else max(v, 0) + log1p(w) with
     // w = exp(-|v|) in (0, 1] from MUFU.EX2 and log1p(w) = 2 atanh(s), s = w / (2 + w) in
@@ -286,14 +298,7 @@ __device__ __forceinline__ float bm_softplus(float v) {
     // <= 1.8e-6 below (where softplus < 5e-5; ex2's argument rounding), measured over
     // [-30, 30] in a NumPy float32 model of these operations.
     const float w = bm_ex2(-fabsf(v) * 1.4426950408889634f);
-    const float s = __fdividef(w, 2.f + w);
-    const float s2 = s * s;
-    float q = fmaf(s2, 0.18181818181818182f, 0.22222222222222222f);
-    q = fmaf(q, s2, 0.2857142857142857f);
-    q = fmaf(q, s2, 0.4f);
-    q = fmaf(q, s2, 0.6666666666666666f);
-    q = fmaf(q, s2, 2.f);
-    const float sp = fmaf(s, q, fmaxf(v, 0.f));
+    const float sp = bm_softplus_series(__fdividef(w, 2.f + w), v);
     return v > 20.f ? v : sp;
 }
 

@@ -215,15 +215,9 @@ __device__ __forceinline__ void softplus_silu(float v, float z, float &sp, float
     const float r = rcp_approx(a * bz);
     const float s = (w * bz) * r;
     g = (z * a) * r;
-    const float s2 = s * s;
-    float q = fmaf(s2, 0.18181818181818182f, 0.22222222222222222f);
-    q = fmaf(q, s2, 0.2857142857142857f);
-    q = fmaf(q, s2, 0.4f);
-    q = fmaf(q, s2, 0.6666666666666666f);
-    q = fmaf(q, s2, 2.f);
     // bm_softplus's "v > 20 ? v" is left out: there s q < 5e-9 is below half an ulp of v, so
     // the sum is v already (and v = inf gives s = 0, inf).
-    sp = fmaf(s, q, fmaxf(v, 0.f));
+    sp = bm_softplus_series(s, v);
 }
 
 // VAR 0, 1: at most 128 registers (8 blocks, 16 warps per SM): TPC = 4 at b=8, E=2944 needs

@@ -16,12 +16,13 @@ host queue ahead).
 """
 import ctypes
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 import torch
+
+from gpu_timing import events_ms, graph_ms
 
 from blackmamba import _lib
 
@@ -49,44 +50,11 @@ def ok(st):
 
 
 def bench_graph(fn, inner=10, reps=11):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+    return graph_ms(fn, inner, reps)
 
 
 def bench_events(fn, inner=10, reps=7):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1_000_000)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+    return events_ms(fn, inner, reps)
 
 
 def kernels(d=1472, F=3872, X=8):

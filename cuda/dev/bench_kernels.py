@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from gpu_timing import events_ms, graph_ms
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bmcuda as bc  # noqa: E402
 
@@ -37,41 +39,13 @@ def P(t):
 
 def bench(fn, inner=20, reps=15, graph=True):
     """Median ms of one fn() (fn enqueues work on the current stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
     if graph:
         try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(inner):
-                    fn()
-            g.replay()
-            torch.cuda.synchronize()
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-            for a, b in ev:
-                a.record()
-                g.replay()
-                b.record()
-            torch.cuda.synchronize()
-            return statistics.median(a.elapsed_time(b) for a, b in ev) / inner
+            return graph_ms(fn, inner, reps)
         except Exception as exc:  # noqa: BLE001
             print(f"  (graph capture failed: {exc}; timing with events)")
             torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)   # let the host queue the launches ahead of the GPU
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+    return events_ms(fn, inner, reps, sleep_cycles=2_000_000)
 
 
 def report(name, ms, nbytes=None, flops=None, note=""):

@@ -8,9 +8,10 @@ library) on torch tensors; each line is the median of 11 CUDA-graph replays of 3
   python3 cuda/dev/bench_scanseg.py
 """
 import ctypes
-import statistics
 
 import torch
+
+from gpu_timing import graph_ms
 
 from blackmamba import _lib
 
@@ -24,27 +25,7 @@ lib.bm_cuda_scan_workspace.argtypes = [I64, I64]
 lib.bm_cuda_scan_workspace.restype = ctypes.c_size_t
 
 
-def bench(fn, inner=3, reps=11):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev) / inner
+bench = graph_ms  # median ms of one call, CUDA graph replays
 
 
 def main():

@@ -12,11 +12,12 @@ against the float32 kernel in the same rounds: bf16 is the reference kernel's ow
                                                ncu -k regex:scan_fwd -c 2)
 """
 import ctypes
-import statistics
 import sys
 import time
 
 import torch
+
+from gpu_timing import graph_ms
 
 from blackmamba import _lib
 
@@ -31,27 +32,7 @@ lib.bm_cuda_scan_forward_act.argtypes = [P] * 8 + [I32, P, P, P, I32] + [I64] * 
 lib.bm_cuda_scan_forward_act.restype = I32
 
 
-def bench(fn, inner=3, reps=11):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev) / inner
+bench = graph_ms  # median ms of one call, CUDA graph replays
 
 
 def setup(b, L, E, N, z=True, seed=0):

@@ -375,6 +375,14 @@ long long bm_cuda_gemv1_norm_calls(void);
 long long bm_cuda_gemv_head_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
+/* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;
+ * -1 for another kind. */
+long long bm_cuda_xdt_launches(int kind);
+/* xdt.cu's two products on device arrays, synchronising `stream` (tests): dbc (M, R + 2N) =
+ * xc (M, E) @ x_w^T, delta (M, E) = dbc[:, :R] @ dt_w^T, float32 everywhere. BM_CUDA_ERR_ARG
+ * where the kernels do not support the shape, alignment or device. */
+int bm_cuda_xdt_products(const float *xc, const float *x_w, const float *dt_w, float *dbc,
+                         float *delta, int64_t M, int64_t E, int64_t R, int64_t N, void *stream);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */
 int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                          bm_cuda_model **out);

@@ -62,6 +62,14 @@
 
 #include <type_traits>
 
+// xdt.cu: the batched decode's x_proj / dt_proj kernels (float32 weights).
+bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const void *x_w,
+               const void *dbc, const void *dt_w, const void *delta);
+int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
+                 int64_t E, cudaStream_t stream);
+int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
+                  int64_t E, int64_t R, cudaStream_t stream);
+
 #define TRY(call)                     \
     do {                              \
         int st_ = (call);             \
@@ -1094,6 +1102,19 @@ bool scan4_dt_on(int64_t B) {
     return B <= GEMV_ROWS;
 }
 
+// BLACKMAMBA_XDT_DEC: the batched decode's x_proj and dt_proj through xdt.cu's PDL kernels
+// (fp32 FMAs on the float32 weights, one cluster K-split kernel and one dt_proj kernel) instead
+// of cuBLAS's tf32 K-split GEMM, its reduction kernel and the tf32 dt_proj GEMM. Unset: at
+// more than GEMV_ROWS rows (XDT_DEC_DEFAULT; measured in cuda/NOTES.md, session 6 xdt64);
+// "1": at every batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never.
+constexpr bool XDT_DEC_DEFAULT = true;
+bool xdt_dec_on(int64_t B) {
+    const char *e = getenv("BLACKMAMBA_XDT_DEC");
+    if (e && e[0] == '0') return false;
+    if (e && e[0] == '1') return true;
+    return XDT_DEC_DEFAULT && B > GEMV_ROWS;
+}
+
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
 // BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
 bool nr_pre_on() {
@@ -1550,7 +1571,17 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
     TRY(mark(m, P_CONV));
-    TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
+    // Float32 dt_proj weights (the copy under bf16 math, dt_w itself for fp32 weights): the
+    // FDT scan's and the xdt kernels'; x_proj's likewise.
+    const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
+                                                                : nullptr;
+    const float *xw32 = ly.x_wf ? ly.x_wf : c.wdtype == BM_F32 ? (const float *)ly.x_w
+                                                                : nullptr;
+    // The batched decode's x_proj and dt_proj as xdt.cu's PDL kernels (BLACKMAMBA_XDT_DEC).
+    const bool xdt = B > ws->gv && xdt_dec_on(B) && xw32 && dtw &&
+                     bm_xdt_ok(B, E, R, N, ws->xc, xw32, ws->dbc, dtw, ws->delta);
+    if (xdt) TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st));
+    else TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
     const bool fused = B <= ws->gv;  // else dt_proj as a product of B rows first
@@ -1568,12 +1599,11 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const bool v4 = !fused && scan4_on() && N % 4 == 0 && R % 4 == 0 && (nl4 & (nl4 - 1)) == 0 &&
                     nl4 <= 32 && BE * nl4 < INT32_MAX &&
                     (((uintptr_t)ssm | (uintptr_t)ws->dbc | (uintptr_t)ly.A) & 15) == 0;
-    // ... and delta too (FDT), from float32 dt_proj weights (the copy under bf16 math)
-    const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
-                                                                : nullptr;
+    // ... and delta too (FDT), from float32 dt_proj weights (dtw above)
     const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
     if (!fused && !fdt) {
-        TRY(dt_proj(m, ws, ly, B));
+        if (xdt) TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st));
+        else TRY(dt_proj(m, ws, ly, B));
         TRY(mark(m, P_DT));
     }
     if (v4) {

@@ -288,12 +288,15 @@ def native_counters():
 
 
 @pytest.mark.parametrize("math", ["fp32", "bf16x2", "bf16"])
-def test_sequence_parallel_scan_and_xproj_ksplit(math):
+def test_sequence_parallel_scan_and_xproj_ksplit(math, monkeypatch):
     # hidden 128 -> E = 256: a batch-1 prefill of 320 tokens has 8 scan blocks per segment, so
     # the scan runs in 5 segments (cuda/scan.cu); under bf16 math x_proj (256 deep) runs
     # K-split in 2 (engine.cu x_proj), in prefill and in decode at batch 12; under bf16 (unsplit
     # at 320 rows) x_proj and dt_proj run in tf32 on float32 weight copies (tf32_small()).
-    # Against the CPU model with each math's tolerance (module docstring).
+    # Against the CPU model with each math's tolerance (module docstring). The decode's
+    # cuBLAS products, that is: BLACKMAMBA_XDT_DEC=0 (by default, decode batches above 8 rows
+    # run them through cuda/xdt.cu's kernels: tests/test_cuda_xdt.py).
+    monkeypatch.setenv("BLACKMAMBA_XDT_DEC", "0")
     cfg = make_cfg(mamba_moe_layers=["r", "8", "r", "8"], hidden_size=128)
     t = random_tensors(cfg, seed=41)
     c = Model(cfg, t, dtype="bfloat16")

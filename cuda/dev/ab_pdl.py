@@ -9,7 +9,7 @@
 For each batch size and mode (alternating, `rounds` times): a fresh state, the same 32-token
 prompt, 6 graph steps with the same tokens (their logits must be bit-identical between the
 modes), then the median of 50 graph replays after 10 (cuda_bench_step, CUDA events). With
---trace: a CUPTI trace of 5 batch-1 replays per mode (cuda/dev/trace_model.py's report).
+--trace: a CUPTI trace of 5 replays per mode at batch --trace-batch (default 1) (cuda/dev/trace_model.py's report).
 """
 import argparse
 import os
@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--env", default="BLACKMAMBA_CUDA_PDL_EARLY")
     ap.add_argument("--values", default="0,1", help="the switch's values (the first is 'old')")
+    ap.add_argument("--trace-batch", type=int, default=1, help="the traced decode's batch")
     args = ap.parse_args()
     C = _lib.C()
     cfg = Config.from_dict(dict(SHAPE_2_8B))
@@ -76,15 +77,16 @@ def main():
         torch.cuda.init()
         for name, env in MODES:
             os.environ[args.env] = env
-            st = model.new_state(1)
-            model.prefill(rng.integers(0, cfg.real_vocab_size, (1, 32)), st, logits=None)
-            model.step(rng.integers(0, cfg.real_vocab_size, 1), st)
+            TB = args.trace_batch
+            st = model.new_state(TB)
+            model.prefill(rng.integers(0, cfg.real_vocab_size, (TB, 32)), st, logits=None)
+            model.step(rng.integers(0, cfg.real_vocab_size, TB), st)
             C.cuda_bench_step(model._eng, st._h, 5, 5)
             reps = 5
             ks = kernels_of(lambda: C.cuda_bench_step(model._eng, st._h, 0, reps), reps)
             m = float(np.median(C.cuda_bench_step(model._eng, st._h, 5, 30)))
             with open(os.path.join(args.trace, f"trace_{name}.log"), "w") as out:
-                report(f"decode B=1 {name} (events: {m:.3f} ms/step)", ks, reps, out)
+                report(f"decode B={TB} {name} (events: {m:.3f} ms/step)", ks, reps, out)
     print("ALL BIT-IDENTICAL" if ok else "MISMATCH", flush=True)
     return 0 if ok else 1
 

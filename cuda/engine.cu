@@ -66,9 +66,9 @@
 bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const void *x_w,
                const void *dbc, const void *dt_w, const void *delta);
 int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
-                 int64_t E, cudaStream_t stream);
+                 int64_t E, cudaStream_t stream, bool late);
 int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
-                  int64_t E, int64_t R, cudaStream_t stream);
+                  int64_t E, int64_t R, cudaStream_t stream, bool late);
 
 #define TRY(call)                     \
     do {                              \
@@ -1105,14 +1105,16 @@ bool scan4_dt_on(int64_t B) {
 // BLACKMAMBA_XDT_DEC: the batched decode's x_proj and dt_proj through xdt.cu's PDL kernels
 // (fp32 FMAs on the float32 weights, one cluster K-split kernel and one dt_proj kernel) instead
 // of cuBLAS's tf32 K-split GEMM, its reduction kernel and the tf32 dt_proj GEMM. Unset: at
-// more than GEMV_ROWS rows (XDT_DEC_DEFAULT; measured in cuda/NOTES.md, session 6 xdt64);
-// "1": at every batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never.
+// more than GEMV_ROWS rows (XDT_DEC_DEFAULT; measured on the H200, cuda/NOTES.md session 6
+// xdt64: B = 16 1.964 against 2.025 ms/step, B = 64 2.357 against 2.356); "1": at every
+// batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never. "2" / "3": as "1"
+// with dt_proj's (2) or both kernels' (3) PDL trigger at their end instead of first, the same
+// arithmetic (bit-identical results; not measured yet: an A/B for the next session).
 constexpr bool XDT_DEC_DEFAULT = true;
-bool xdt_dec_on(int64_t B) {
+int xdt_dec_mode(int64_t B) {
     const char *e = getenv("BLACKMAMBA_XDT_DEC");
-    if (e && e[0] == '0') return false;
-    if (e && e[0] == '1') return true;
-    return XDT_DEC_DEFAULT && B > GEMV_ROWS;
+    if (e && e[0] >= '0' && e[0] <= '3') return e[0] - '0';
+    return XDT_DEC_DEFAULT && B > GEMV_ROWS ? 1 : 0;
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
@@ -1578,9 +1580,10 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const float *xw32 = ly.x_wf ? ly.x_wf : c.wdtype == BM_F32 ? (const float *)ly.x_w
                                                                 : nullptr;
     // The batched decode's x_proj and dt_proj as xdt.cu's PDL kernels (BLACKMAMBA_XDT_DEC).
-    const bool xdt = B > ws->gv && xdt_dec_on(B) && xw32 && dtw &&
+    const int xmode = xdt_dec_mode(B);
+    const bool xdt = B > ws->gv && xmode && xw32 && dtw &&
                      bm_xdt_ok(B, E, R, N, ws->xc, xw32, ws->dbc, dtw, ws->delta);
-    if (xdt) TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st));
+    if (xdt) TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st, xmode == 3));
     else TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
@@ -1602,7 +1605,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // ... and delta too (FDT), from float32 dt_proj weights (dtw above)
     const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
     if (!fused && !fdt) {
-        if (xdt) TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st));
+        if (xdt) TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st, xmode >= 2));
         else TRY(dt_proj(m, ws, ly, B));
         TRY(mark(m, P_DT));
     }

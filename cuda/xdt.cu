@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     const float *W,   // (Nout, K) float32 weights, never written after upload (read before it)
     float *C,         // (M, ldc)
     int64_t ldc, int M, int Nout, int K,
-    int kc) {         // K columns a CTA: CL, slice blockIdx.x; else all of K
+    int kc,           // K columns a CTA: CL, slice blockIdx.x; else all of K
+    int late) {       // 1: trigger the next kernel at the end, not first (BLACKMAMBA_XDT_DEC)
     constexpr int WK = 8 / WM;  // warps along K
     constexpr int TM = 16 * WM; // rows a CTA
     constexpr int TO = TM * XDT_TN;
@@ -102,8 +103,10 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     const int n0 = (int)blockIdx.y * XDT_TN, m0 = (int)blockIdx.z * TM;
     // Trigger first: the next kernel's CTAs may take free slots and load their own weights
     // (the dt_proj CTAs behind x_proj, the scan behind dt_proj); each waits on this grid's
-    // completion before reading what it writes (common.cuh bm_pdl_trigger).
-    bm_pdl_trigger();
+    // completion before reading what it writes (common.cuh bm_pdl_trigger). late: at the
+    // end instead, so that the next kernel's CTAs (the scan's 2944 at B = 64) are not
+    // resident, waiting, while this one computes (not measured; see cuda/NOTES.md).
+    if (!late) bm_pdl_trigger();
     // Before the wait: the weight tile (rows past Nout zero-filled).
     for (int i = tid; i < XDT_TN * kl4; i += XDT_THREADS) {
         const int r = i / kl4, c4 = i - r * kl4;
@@ -193,6 +196,7 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
         }
         cl.sync();  // no CTA leaves (freeing its shared memory) while others still read it
     }
+    if (late) bm_pdl_trigger();
 }
 
 std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0};
@@ -266,7 +270,7 @@ bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const
 
 // dbc (M, P) = xc (M, E) @ x_w^T, x_w (P, E) float32: the cluster K-split kernel.
 int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
-                 int64_t E, cudaStream_t stream) {
+                 int64_t E, cudaStream_t stream, bool late) {
     if (E % 4 || (((uintptr_t)xc | (uintptr_t)x_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt x_proj: needs E % 4 == 0 and 16-byte aligned rows");
     const int kc = (int)xdt_kc(E);
@@ -279,13 +283,13 @@ int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64
     g_xdt[0].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(XDT_CS, (unsigned)bm_cdiv(P, XDT_TN), (unsigned)bm_cdiv(M, 16));
     BM_CUDA_TRY(xdt_launch(k, grid, XDT_CS, smem, stream, xc, (int64_t)E, x_w, dbc, (int64_t)P,
-                           (int)M, (int)P, (int)E, kc));
+                           (int)M, (int)P, (int)E, kc, late ? 1 : 0));
     return 0;
 }
 
 // delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T, dt_w (E, R) float32.
 int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
-                  int64_t E, int64_t R, cudaStream_t stream) {
+                  int64_t E, int64_t R, cudaStream_t stream, bool late) {
     if (R % 4 || P % 4 || (((uintptr_t)dbc | (uintptr_t)dt_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt dt_proj: needs R, P % 4 == 0 and 16-byte aligned rows");
     const size_t smem = (size_t)xdt_smem_floats(2, false, (int)R) * 4;
@@ -297,7 +301,7 @@ int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, 
     g_xdt[1].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(1, (unsigned)bm_cdiv(E, XDT_TN), (unsigned)bm_cdiv(M, 32));
     BM_CUDA_TRY(xdt_launch(k, grid, 1, smem, stream, dbc, P, dt_w, delta, E, (int)M, (int)E,
-                           (int)R, (int)R));
+                           (int)R, (int)R, late ? 1 : 0));
     return 0;
 }
 
@@ -309,8 +313,8 @@ extern "C" int bm_cuda_xdt_products(const float *xc, const float *x_w, const flo
         return BM_CUDA_ARG_FAIL("xdt: shape, alignment or device not supported");
     cudaStream_t st = (cudaStream_t)stream;
     const int64_t P = R + 2 * N;
-    if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st)) return s;
-    if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st)) return s;
+    if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st, false)) return s;
+    if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st, false)) return s;
     BM_CUDA_TRY(cudaStreamSynchronize(st));
     return 0;
 }

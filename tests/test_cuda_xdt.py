@@ -213,3 +213,21 @@ def test_xdt_decode_fallback(env):
     got, want = steps(g, c, ids, 2)
     assert launches() == n0
     assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("B", [12, 64])
+def test_xdt_trigger_variants(env, B):
+    # BLACKMAMBA_XDT_DEC 2 / 3: the PDL trigger of dt_proj (2) or of both kernels (3) at their
+    # end instead of first: scheduling only, the same arithmetic, so bit-identical to "1"
+    g, c = model(130 + B, "bfloat16", "bf16")
+    ids = np.random.default_rng(B + 9).integers(0, g.vocab_size, (B, 5))
+    env(BLACKMAMBA_XDT_DEC=1)
+    one, want = steps(g, c, ids, 3)
+    assert rel_err(one, want) < 1e-2
+    for mode in (2, 3):
+        env(BLACKMAMBA_XDT_DEC=mode)
+        n0 = launches()
+        got, _ = steps(g, c, ids, 3)
+        n1 = launches()
+        assert n1[0] >= n0[0] + 2 and n1[1] >= n0[1] + 2, mode
+        np.testing.assert_array_equal(got, one)

@@ -68,7 +68,7 @@ bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const
 int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
                  int64_t E, cudaStream_t stream, bool late);
 int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
-                  int64_t E, int64_t R, cudaStream_t stream, bool late);
+                  int64_t E, int64_t R, cudaStream_t stream, bool late, bool wide);
 
 #define TRY(call)                     \
     do {                              \
@@ -1107,13 +1107,14 @@ bool scan4_dt_on(int64_t B) {
 // of cuBLAS's tf32 K-split GEMM, its reduction kernel and the tf32 dt_proj GEMM. Unset: at
 // more than GEMV_ROWS rows (XDT_DEC_DEFAULT; measured on the H200, cuda/NOTES.md session 6
 // xdt64: B = 16 1.964 against 2.025 ms/step, B = 64 2.357 against 2.356); "1": at every
-// batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never. "2" / "3": as "1"
-// with dt_proj's (2) or both kernels' (3) PDL trigger at their end instead of first, the same
-// arithmetic (bit-identical results; not measured yet: an A/B for the next session).
+// batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never. Variants of "1",
+// not measured yet (an A/B for the next session; cuda/NOTES.md session 6 xdt64): "2" / "3"
+// dt_proj's / both kernels' PDL trigger at their end instead of first (bit-identical
+// results); "4" dt_proj in 64-row tiles (its sums in another order); "5" = 4 + 2.
 constexpr bool XDT_DEC_DEFAULT = true;
 int xdt_dec_mode(int64_t B) {
     const char *e = getenv("BLACKMAMBA_XDT_DEC");
-    if (e && e[0] >= '0' && e[0] <= '3') return e[0] - '0';
+    if (e && e[0] >= '0' && e[0] <= '5') return e[0] - '0';
     return XDT_DEC_DEFAULT && B > GEMV_ROWS ? 1 : 0;
 }
 
@@ -1605,7 +1606,9 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // ... and delta too (FDT), from float32 dt_proj weights (dtw above)
     const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
     if (!fused && !fdt) {
-        if (xdt) TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st, xmode >= 2));
+        if (xdt)
+            TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st,
+                              xmode == 2 || xmode == 3 || xmode == 5, xmode >= 4));
         else TRY(dt_proj(m, ws, ly, B));
         TRY(mark(m, P_DT));
     }

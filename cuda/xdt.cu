@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     if (late) bm_pdl_trigger();
 }
 
-std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0};
+std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0}, g_xdt_optin_w{0};
 
 // The launch: cluster dimension (x_proj) and programmatic stream serialization together
 // (bm_launch_pdl sets only the latter); BLACKMAMBA_CUDA_PDL=0 turns PDL off as there.
@@ -265,7 +265,7 @@ bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const
         return false;
     }
     return major >= 9 && (size_t)xdt_smem_floats(1, true, (int)xdt_kc(E)) * 4 <= (size_t)optin &&
-           (size_t)xdt_smem_floats(2, false, (int)R) * 4 <= (size_t)optin;
+           (size_t)xdt_smem_floats(4, false, (int)R) * 4 <= (size_t)optin;  // >= WM 2's
 }
 
 // dbc (M, P) = xc (M, E) @ x_w^T, x_w (P, E) float32: the cluster K-split kernel.
@@ -287,19 +287,22 @@ int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64
     return 0;
 }
 
-// delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T, dt_w (E, R) float32.
+// delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T, dt_w (E, R) float32. wide: 64-row tiles
+// (xdt_gemm_kernel<4, false>: 92 CTAs at the 2.8B shape and B = 64, one an SM next to
+// x_proj's, where the 32-row tiles' 184 do not all fit beside it), not measured yet.
 int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
-                  int64_t E, int64_t R, cudaStream_t stream, bool late) {
+                  int64_t E, int64_t R, cudaStream_t stream, bool late, bool wide) {
     if (R % 4 || P % 4 || (((uintptr_t)dbc | (uintptr_t)dt_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt dt_proj: needs R, P % 4 == 0 and 16-byte aligned rows");
-    const size_t smem = (size_t)xdt_smem_floats(2, false, (int)R) * 4;
+    const int WM = wide ? 4 : 2;
+    const size_t smem = (size_t)xdt_smem_floats(WM, false, (int)R) * 4;
     int optin = 0;
     if (int st = xdt_check_dev(smem, &optin)) return st;
-    auto *k = xdt_gemm_kernel<2, false>;
+    auto *k = wide ? xdt_gemm_kernel<4, false> : xdt_gemm_kernel<2, false>;
     if (smem > 48 * 1024)
-        if (int st = bm_smem_optin(k, optin, g_xdt_optin_d)) return st;
+        if (int st = bm_smem_optin(k, optin, wide ? g_xdt_optin_w : g_xdt_optin_d)) return st;
     g_xdt[1].fetch_add(1, std::memory_order_relaxed);
-    const dim3 grid(1, (unsigned)bm_cdiv(E, XDT_TN), (unsigned)bm_cdiv(M, 32));
+    const dim3 grid(1, (unsigned)bm_cdiv(E, XDT_TN), (unsigned)bm_cdiv(M, 16 * WM));
     BM_CUDA_TRY(xdt_launch(k, grid, 1, smem, stream, dbc, P, dt_w, delta, E, (int)M, (int)E,
                            (int)R, (int)R, late ? 1 : 0));
     return 0;
@@ -314,7 +317,7 @@ extern "C" int bm_cuda_xdt_products(const float *xc, const float *x_w, const flo
     cudaStream_t st = (cudaStream_t)stream;
     const int64_t P = R + 2 * N;
     if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st, false)) return s;
-    if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st, false)) return s;
+    if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st, false, false)) return s;
     BM_CUDA_TRY(cudaStreamSynchronize(st));
     return 0;
 }

@@ -204,9 +204,9 @@ std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0}, g_xdt_optin_w{0};
 // The launch: cluster dimension (x_proj) and programmatic stream serialization together
 // (bm_launch_pdl sets only the latter); BLACKMAMBA_CUDA_PDL=0 turns PDL off as there.
 template <typename... KArgs, typename... Args>
-cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, size_t smem,
-                       cudaStream_t stream, Args... args) {
-    cudaLaunchAttribute attr[2];
+cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, bool spread,
+                       size_t smem, cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attr[3];
     int n = 0;
     if (cluster_x > 1) {
         attr[n].id = cudaLaunchAttributeClusterDimension;
@@ -214,6 +214,11 @@ cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, size_
         attr[n].val.clusterDim.y = 1;
         attr[n].val.clusterDim.z = 1;
         n++;
+        if (spread) {  // a cluster's CTAs on distinct SMs where possible (not measured)
+            attr[n].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+            attr[n].val.clusterSchedulingPolicyPreference = cudaClusterSchedulingPolicySpread;
+            n++;
+        }
     }
     const char *env = getenv("BLACKMAMBA_CUDA_PDL");
     if (!(env && env[0] == '0')) {
@@ -270,7 +275,7 @@ bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const
 
 // dbc (M, P) = xc (M, E) @ x_w^T, x_w (P, E) float32: the cluster K-split kernel.
 int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
-                 int64_t E, cudaStream_t stream, bool late) {
+                 int64_t E, cudaStream_t stream, bool late, bool spread) {
     if (E % 4 || (((uintptr_t)xc | (uintptr_t)x_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt x_proj: needs E % 4 == 0 and 16-byte aligned rows");
     const int kc = (int)xdt_kc(E);
@@ -282,7 +287,8 @@ int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64
     if (int st = bm_smem_optin(k, optin, g_xdt_optin_x)) return st;
     g_xdt[0].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(XDT_CS, (unsigned)bm_cdiv(P, XDT_TN), (unsigned)bm_cdiv(M, 16));
-    BM_CUDA_TRY(xdt_launch(k, grid, XDT_CS, smem, stream, xc, (int64_t)E, x_w, dbc, (int64_t)P,
+    BM_CUDA_TRY(xdt_launch(k, grid, XDT_CS, spread, smem, stream, xc, (int64_t)E, x_w, dbc,
+                           (int64_t)P,
                            (int)M, (int)P, (int)E, kc, late ? 1 : 0));
     return 0;
 }
@@ -303,8 +309,8 @@ int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, 
         if (int st = bm_smem_optin(k, optin, wide ? g_xdt_optin_w : g_xdt_optin_d)) return st;
     g_xdt[1].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(1, (unsigned)bm_cdiv(E, XDT_TN), (unsigned)bm_cdiv(M, 16 * WM));
-    BM_CUDA_TRY(xdt_launch(k, grid, 1, smem, stream, dbc, P, dt_w, delta, E, (int)M, (int)E,
-                           (int)R, (int)R, late ? 1 : 0));
+    BM_CUDA_TRY(xdt_launch(k, grid, 1, false, smem, stream, dbc, P, dt_w, delta, E, (int)M,
+                           (int)E, (int)R, (int)R, late ? 1 : 0));
     return 0;
 }
 
@@ -316,7 +322,7 @@ extern "C" int bm_cuda_xdt_products(const float *xc, const float *x_w, const flo
         return BM_CUDA_ARG_FAIL("xdt: shape, alignment or device not supported");
     cudaStream_t st = (cudaStream_t)stream;
     const int64_t P = R + 2 * N;
-    if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st, false)) return s;
+    if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st, false, false)) return s;
     if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st, false, false)) return s;
     BM_CUDA_TRY(cudaStreamSynchronize(st));
     return 0;

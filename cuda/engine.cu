@@ -1117,25 +1117,34 @@ bool route_dispatch_on() {
     const char *e = getenv("BLACKMAMBA_MOE_ROUTE_DISPATCH");
     return !(e && e[0] == '0');
 }
-// BLACKMAMBA_MOE_DEC_PDL: how the batched decode's grouped expert GEMMs of T rows meet PDL
-// (grouped.cu launch_grouped): 0 plain launches, 1 both wait first, 2 also fc2's first weight
-// stages before its wait, 3 also fc1 one CTA row per expert, its first weight stages before
-// its wait; 4 fc1 as 1 and 5 fc1 as 3, fc2 plain. Default (session 6 moe64, run 1, same
-// process): 2 up to GEMV_ROWS rows (B = 8: 2.174 against 2.202 ms/step), else 0 (B = 64: 1, 2
-// and 3 took 2.56-2.60 against 2.40 ms: fc2's CTAs, launched in fc1's last wave, gather on
-// the SMs that free first). BLACKMAMBA_MOE_DEC_PDL_CAP=1: fc2's residency capped (grouped.cu).
-// Returns bm_cuda_moe_grouped_bf16_ex's flags.
-int moe_dec_pdl_flags(int64_t T) {
+// BLACKMAMBA_MOE_DEC_PDL: how the batched decode's grouped expert GEMMs (T rows, X experts)
+// meet PDL (grouped.cu launch_grouped): 0 plain launches, 1 both wait first, 2 also fc2's
+// first weight stages before its wait, 3 also fc1 one CTA row per expert, its first weight
+// stages before its wait; 4 fc1 as 1 and 5 fc1 as 3, fc2 plain. BLACKMAMBA_MOE_DEC_PDL_CAP:
+// 1 caps fc2's CTAs an SM (grouped.cu, BM_MOE_GROUPED_FC2_CAP), 0 not. Defaults (session 6
+// moe64, runs 1 and 2, same process, cuda/NOTES.md): up to GEMV_ROWS rows 2 uncapped (B = 8:
+// 2.173 against 2.210 ms/step with neither); from 2X rows 3 capped (B = 64: 2.318 against
+// 2.382 with plain launches; fc1's early tiles lose where experts have no token, ~0.75 us a
+// layer for each such expert measured at B = 8, and at 2X rows fewer than one of X is
+// expected empty) up to 32X rows (past one 32-row tile an expert on average, fc1's one CTA
+// row per expert would run its tiles one after another); otherwise 2 capped. Uncapped, fc2 launched early lost 6-11 us a layer at
+// B = 64: its CTAs gathered on the SMs that fc1 freed first. Returns
+// bm_cuda_moe_grouped_bf16_ex's flags.
+int moe_dec_pdl_flags(int64_t T, int64_t X) {
     const char *e = getenv("BLACKMAMBA_MOE_DEC_PDL");
-    const int v = e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0' : T <= GEMV_ROWS ? 2 : 0;
+    const char *c = getenv("BLACKMAMBA_MOE_DEC_PDL_CAP");
+    const int v = e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0'
+                  : T <= GEMV_ROWS                 ? 2
+                  : T >= 2 * X && T <= 32 * X      ? 3
+                                                   : 2;
+    const bool cap = c && (c[0] == '0' || c[0] == '1') ? c[0] == '1' : T > GEMV_ROWS;
     static const int f[6] = {0,
                              BM_MOE_GROUPED_PDL,
                              BM_MOE_GROUPED_PDL_EARLY,
                              BM_MOE_GROUPED_PDL_EXPERT,
                              BM_MOE_GROUPED_PDL | BM_MOE_GROUPED_FC2_PLAIN,
                              BM_MOE_GROUPED_PDL_EXPERT | BM_MOE_GROUPED_FC2_PLAIN};
-    const char *cap = getenv("BLACKMAMBA_MOE_DEC_PDL_CAP");
-    return f[v] | (f[v] && cap && cap[0] == '1' ? BM_MOE_GROUPED_FC2_CAP : 0);
+    return f[v] | (f[v] && cap ? BM_MOE_GROUPED_FC2_CAP : 0);
 }
 // BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
 bool nr_pre_on() {
@@ -1896,7 +1905,7 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         // The decode's GEMMs with PDL (moe_dec_pdl_flags; at capture), and no dispatch launch
         // where the routing built it.
         const int flags = (dispatched ? BM_MOE_GROUPED_DISPATCHED : 0) |
-                          (ws->decode ? moe_dec_pdl_flags(T) : 0);
+                          (ws->decode ? moe_dec_pdl_flags(T, ly.X) : 0);
         TRY(bm_cuda_moe_grouped_bf16_ex(x, xbf_ready ? ws->xbf : nullptr,
                                         xbf_ready && split ? ws->xlo : nullptr, ids, gates,
                                         ly.fc1, ly.fc2, c.act, split, out, T, c.d, ly.X, c.F,

@@ -232,8 +232,9 @@ PDL_MODES = {"0": (0, False), "1": (2, False), "2": (2, False), "3": (2, True),
 @pytest.mark.parametrize("B,math,bias", CASES)
 def test_route_dispatch_and_pdl(env, B, math, bias):
     # every combination of the switches against all off: logits bit-identical; the default
-    # (unset) fuses the dispatch, and takes PDL mode 2 up to 8 rows, 0 above; against the CPU
-    # model within the math's tolerance
+    # (unset) fuses the dispatch and takes PDL mode 2 up to 8 rows, above 3 where
+    # 2X <= B <= 32X and 2 elsewhere, fc2 capped above 8 rows (engine.cu moe_dec_pdl_flags);
+    # against the CPU model within the math's tolerance
     g, c = make(200 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 7).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0)
@@ -245,7 +246,7 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
     split = math == "bf16x2" or B <= 8
     assert rel_err(old, want) < (TOL_SPLIT if split else 1e-2)
     combos = [(d, p, None) for d in ("0", "1", None) for p in list(PDL_MODES) + [None]]
-    combos += [("1", p, "1") for p in ("1", "2", "3")]   # fc2's residency capped
+    combos += [("1", p, c) for p in ("1", "2", "3") for c in ("0", "1")]  # fc2 capped or not
     for disp, pdl, cap in combos:
         if disp == "0" and pdl == "0":
             continue
@@ -261,12 +262,17 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
         got, _ = steps(g, ids, 3)
         k1 = counts()
         on_d = disp != "0"
-        n_p, on_x = PDL_MODES[pdl if pdl is not None else ("2" if B <= 8 else "0")]
+        if pdl is not None:
+            n_p, on_x = PDL_MODES[pdl]
+            xm = 2 if on_x else 0                 # fc1 one row per expert, of 2 MoE layers
+        else:   # the default: 2 up to 8 rows; above, 3 for the layers with 2X <= B <= 32X
+            n_p = 2
+            xm = 0 if B <= 8 else sum(2 * X <= B <= 32 * X for X in (8, 3))
         nr = k1[2] - k0[2]                        # batched routings captured (2 a capture)
         assert nr >= 2, kv
         assert k1[0] - k0[0] == (nr if on_d else 0), kv
         assert k1[1] - k0[1] == n_p * nr, kv          # n_p GEMMs of each MoE layer with PDL
-        assert k1[3] - k0[3] == (nr if on_x else 0), kv
+        assert k1[3] - k0[3] == xm * nr // 2, kv
         np.testing.assert_array_equal(got, old, err_msg=str(kv))
 
 

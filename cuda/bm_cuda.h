@@ -162,6 +162,10 @@ int bm_cuda_route_top1(const float *x, const void *rw, bm_dtype wdtype, const fl
  * (perm then has offsets[X] < T valid entries). */
 int bm_cuda_moe_dispatch(const int32_t *ids, int64_t T, int64_t X, int32_t *counts,
                          int32_t *offsets, int32_t *perm, cudaStream_t stream);
+/* Calls of bm_cuda_moe_dispatch that ran the last-block form (BLACKMAMBA_MOE_DISPATCH_LAST=1,
+ * read per call; dev/tests only: one ticket counter for the process, so no concurrent calls):
+ * the code of the engine's fused routing + dispatch (cuda/moe_dispatch.cuh). */
+long long bm_cuda_moe_dispatch_last_calls(void);
 
 /* Math of the expert GEMMs (cuBLAS). */
 enum {
@@ -236,6 +240,32 @@ int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb, const uint16_t 
                              const void *fc2, bm_act act, int split, float *out, int64_t T,
                              int64_t d, int64_t X, int64_t F, void *workspace,
                              size_t workspace_bytes, cudaStream_t stream);
+/* bm_cuda_moe_grouped_bf16 with flags (the engine's batched decode, session 6 moe64):
+ * BM_MOE_GROUPED_DISPATCHED: perm and offsets are already in the workspace (where
+ * bm_cuda_moe_grouped_dispatch_bufs says; engine.cu's routing kernel builds them), so no
+ * dispatch launch; BM_MOE_GROUPED_PDL: the decode-size GEMMs launched with programmatic
+ * dependent launch (each waits before reading what the kernel before wrote);
+ * BM_MOE_GROUPED_PDL_EARLY (implies PDL): fc2 also requests its first weight stages before
+ * its wait; BM_MOE_GROUPED_PDL_EXPERT (implies PDL): fc1 runs one CTA row per expert, which
+ * requests its first weight stages before its wait (on the mma.sync tiles, not the decode
+ * kernel's variants 6..9). Large (prefill) sizes ignore the PDL flags. */
+enum { BM_MOE_GROUPED_DISPATCHED = 1, BM_MOE_GROUPED_PDL = 2, BM_MOE_GROUPED_PDL_EARLY = 4,
+       BM_MOE_GROUPED_PDL_EXPERT = 8,
+       /* with a PDL flag: fc2 launched plainly all the same (the PDL forms of fc1 alone) */
+       BM_MOE_GROUPED_FC2_PLAIN = 16,
+       /* fc2 launched with PDL: its dynamic shared memory padded so that at most
+        * ceil(CTAs / SMs) of its CTAs fit an SM (they gather where fc1's leave first) */
+       BM_MOE_GROUPED_FC2_CAP = 32 };
+int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb, const uint16_t *xl,
+                                const int32_t *ids, const float *gates, const void *fc1,
+                                const void *fc2, bm_act act, int split, float *out, int64_t T,
+                                int64_t d, int64_t X, int64_t F, void *workspace,
+                                size_t workspace_bytes, int flags, cudaStream_t stream);
+void bm_cuda_moe_grouped_dispatch_bufs(void *workspace, int64_t T, int64_t d, int64_t X,
+                                       int64_t F, int split, int32_t **perm, int32_t **offsets);
+long long bm_cuda_moe_grouped_pdl_launches(void);
+/* ... of them fc1 in the one-row-per-expert form (BM_MOE_GROUPED_PDL_EXPERT). */
+long long bm_cuda_moe_grouped_expert_launches(void);
 
 /* ---- sinkhorn.cu (SPEC 3.2): one block, all iterations in one launch -------------------- */
 /* P (T, X) = diag(d0) C diag(d1) after iterating to mean|d1 - d1_prev| <= tol or max_iters
@@ -383,6 +413,9 @@ long long bm_cuda_xdt_launches(int kind);
  * where the kernels do not support the shape, alignment or device. */
 int bm_cuda_xdt_products(const float *xc, const float *x_w, const float *dt_w, float *dbc,
                          float *delta, int64_t M, int64_t E, int64_t R, int64_t N, void *stream);
+/* norm_route_kernel launches that also built the grouped experts' dispatch (the last block;
+ * BLACKMAMBA_MOE_ROUTE_DISPATCH), counted at launch (graph capture). */
+long long bm_cuda_norm_route_dispatch_calls(void);
 /* Uploads the weights (synchronously; the host arrays may be freed on return). */
 int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                          bm_cuda_model **out);

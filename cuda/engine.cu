@@ -59,6 +59,7 @@
 #include <cublas_v2.h>
 
 #include "common.cuh"
+#include "moe_dispatch.cuh"
 
 #include <type_traits>
 
@@ -184,6 +185,7 @@ struct Ws {
     int64_t LB;             // rows of logits per block
     float *logits;          // (LB, V)
     int32_t *amax;          // (T)
+    unsigned *ticket;       // (1) decode: norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
     cudaGraphExec_t exec;   // decode graph (decode workspaces)
     uint64_t serial;        // the state it was captured for
 };
@@ -724,14 +726,20 @@ __global__ __launch_bounds__(256) void route_small_kernel(
 //   NR_EARLY  the batch-1 graph's early form (bm_pdl_early): trigger first, then before the
 //             wait the norm weights (the first NR_PRE_W float4 of this thread) and the router
 //             row and bias as NR_PRE; x and residual after it from L2 (__ldcg: no L1 lines of
-//             h / r, common.cuh).
+//             h / r, common.cuh);
+//   NR_PRE_DISP  NR_PRE_ROW, and then the last block to finish its routing builds the grouped
+//             experts' dispatch (perm, offsets: moe_dispatch.cuh, dispatch_kernel's result)
+//             from every block's ids, through a self-resetting ticket counter: the batched
+//             decode's dispatch_kernel launch (3.7 us + a launch a MoE layer at B = 64) goes
+//             (BLACKMAMBA_MOE_ROUTE_DISPATCH, session 6 moe64). The dynamic shared memory
+//             then holds max(d, bm_dispatch_smem_ints(X, 8)) values (the row is dead by then).
 // The early loads are __ldca, not __ldg: ptxas moves ld.global.nc across griddepcontrol.wait
 // (cuda/NOTES.md, session 4 pdl1).
 constexpr int NR_THREADS = 256;
 constexpr int NR_MAX_D = 12288;  // the row in static-size dynamic smem, <= 48 KB
 constexpr int NR_PRE = 12;       // router pieces per lane (d = 1472: 11.5)
 constexpr int NR_PRE_W = 2;      // norm-weight float4 per thread (d = 1472: 368 over 256 threads)
-enum { NR_PLAIN = 0, NR_PRE_ROW = 1, NR_EARLY = 2 };
+enum { NR_PLAIN = 0, NR_PRE_ROW = 1, NR_EARLY = 2, NR_PRE_DISP = 3 };
 template <bool BF, int MODE>
 __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float *x,                   // (T, d)
@@ -747,7 +755,10 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     float *__restrict__ gates,        // (T)
     int d, int X,
     uint16_t *__restrict__ obf,       // (T, d) or NULL: out as bf16 (grouped.cu's GEMM input)
-    uint16_t *__restrict__ olo) {     // (T, d) or NULL: its low parts (split products)
+    uint16_t *__restrict__ olo,       // (T, d) or NULL: its low parts (split products)
+    int32_t *perm,                    // (T) NR_PRE_DISP: the dispatch (else unused)
+    int32_t *offsets,                 // (X+1) NR_PRE_DISP
+    unsigned *ticket) {               // (1) NR_PRE_DISP: 0 before and after each launch
     constexpr bool EARLY = MODE == NR_EARLY, ROW = MODE != NR_PLAIN;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nv = d / 4;
@@ -859,6 +870,10 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     }
     __syncthreads();
     if (threadIdx.x == 0) route_pick(sl, X, blockIdx.x, logits, ids, gates);
+    if constexpr (MODE == NR_PRE_DISP) {
+        if (!bm_last_block(ticket)) return;  // its barrier: every warp is done with srow
+        bm_dispatch_block(ids, (int)gridDim.x, X, offsets, perm, reinterpret_cast<int *>(smem_raw));
+    }
 }
 
 // The recurrent step of SPEC 2 with dt_proj fused in. A group of G lanes (a power of two
@@ -1120,6 +1135,42 @@ int xdt_dec_mode(int64_t B) {
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
+std::atomic<long long> g_nr_disp{0};  // norm_route_kernel<., NR_PRE_DISP> launches (tests)
+// BLACKMAMBA_MOE_ROUTE_DISPATCH=0: the batched decode's routing leaves the dispatch to
+// dispatch_kernel (A/B; session 6 moe64).
+bool route_dispatch_on() {
+    const char *e = getenv("BLACKMAMBA_MOE_ROUTE_DISPATCH");
+    return !(e && e[0] == '0');
+}
+// BLACKMAMBA_MOE_DEC_PDL: how the batched decode's grouped expert GEMMs (T rows, X experts)
+// meet PDL (grouped.cu launch_grouped): 0 plain launches, 1 both wait first, 2 also fc2's
+// first weight stages before its wait, 3 also fc1 one CTA row per expert, its first weight
+// stages before its wait; 4 fc1 as 1 and 5 fc1 as 3, fc2 plain. BLACKMAMBA_MOE_DEC_PDL_CAP:
+// 1 caps fc2's CTAs an SM (grouped.cu, BM_MOE_GROUPED_FC2_CAP), 0 not. Defaults (session 6
+// moe64, runs 1 and 2, same process, cuda/NOTES.md): up to GEMV_ROWS rows 2 uncapped (B = 8:
+// 2.173 against 2.210 ms/step with neither); from 2X rows 3 capped (B = 64: 2.318 against
+// 2.382 with plain launches; fc1's early tiles lose where experts have no token, ~0.75 us a
+// layer for each such expert measured at B = 8, and at 2X rows fewer than one of X is
+// expected empty) up to 32X rows (past one 32-row tile an expert on average, fc1's one CTA
+// row per expert would run its tiles one after another); otherwise 2 capped. Uncapped, fc2 launched early lost 6-11 us a layer at
+// B = 64: its CTAs gathered on the SMs that fc1 freed first. Returns
+// bm_cuda_moe_grouped_bf16_ex's flags.
+int moe_dec_pdl_flags(int64_t T, int64_t X) {
+    const char *e = getenv("BLACKMAMBA_MOE_DEC_PDL");
+    const char *c = getenv("BLACKMAMBA_MOE_DEC_PDL_CAP");
+    const int v = e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0'
+                  : T <= GEMV_ROWS                 ? 2
+                  : T >= 2 * X && T <= 32 * X      ? 3
+                                                   : 2;
+    const bool cap = c && (c[0] == '0' || c[0] == '1') ? c[0] == '1' : T > GEMV_ROWS;
+    static const int f[6] = {0,
+                             BM_MOE_GROUPED_PDL,
+                             BM_MOE_GROUPED_PDL_EARLY,
+                             BM_MOE_GROUPED_PDL_EXPERT,
+                             BM_MOE_GROUPED_PDL | BM_MOE_GROUPED_FC2_PLAIN,
+                             BM_MOE_GROUPED_PDL_EXPERT | BM_MOE_GROUPED_FC2_PLAIN};
+    return f[v] | (f[v] && cap ? BM_MOE_GROUPED_FC2_CAP : 0);
+}
 // BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
 bool nr_pre_on() {
     const char *e = getenv("BLACKMAMBA_NORM_ROUTE_PRE");
@@ -1849,9 +1900,11 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
 // routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
 // (norm_route_kernel).
 // xbf_ready: the norm wrote bf16(x) (and its low parts when split) into ws->xbf (ws->xlo);
-// only where grouped_moe().
+// only where grouped_moe(). dispatched: the routing also wrote the grouped path's perm and
+// offsets into ws->moe (norm_route_kernel<., NR_PRE_DISP>); only where grouped_moe().
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
-        int64_t T, const bm_cuda_trace *trace, bool routed = false, bool xbf_ready = false) {
+        int64_t T, const bm_cuda_trace *trace, bool routed = false, bool xbf_ready = false,
+        bool dispatched = false) {
     const bm_cuda_config &c = m->cfg;
     cudaStream_t st = m->stream;
     const int32_t *ids = nullptr;
@@ -1887,10 +1940,14 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
             ids = ws->ids;
         }
         const bool split = split_x(m, ws, T);
-        TRY(bm_cuda_moe_grouped_bf16(x, xbf_ready ? ws->xbf : nullptr,
-                                     xbf_ready && split ? ws->xlo : nullptr, ids, gates, ly.fc1,
-                                     ly.fc2, c.act, split, out, T, c.d, ly.X, c.F, ws->moe,
-                                     ws->moe_bytes, st));
+        // The decode's GEMMs with PDL (moe_dec_pdl_flags; at capture), and no dispatch launch
+        // where the routing built it.
+        const int flags = (dispatched ? BM_MOE_GROUPED_DISPATCHED : 0) |
+                          (ws->decode ? moe_dec_pdl_flags(T, ly.X) : 0);
+        TRY(bm_cuda_moe_grouped_bf16_ex(x, xbf_ready ? ws->xbf : nullptr,
+                                        xbf_ready && split ? ws->xlo : nullptr, ids, gates,
+                                        ly.fc1, ly.fc2, c.act, split, out, T, c.d, ly.X, c.F,
+                                        ws->moe, ws->moe_bytes, flags, st));
     } else if (!ws->decode && c.swiglu && T > MOE_GEMV_MAX) {
         if (ly.X == 1) {  // dense: every token on "expert 0", no gate
             BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
@@ -1955,15 +2012,29 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                                           : norm_route_kernel<true, NR_PLAIN>)
                                  : (early ? norm_route_kernel<false, NR_EARLY>
                                           : norm_route_kernel<false, NR_PLAIN>);
+            // The dispatch in the routing's last block (NR_PRE_DISP) where the grouped
+            // experts follow (their workspace holds perm and offsets).
+            int32_t *perm = nullptr, *offsets = nullptr;
+            size_t smem = (size_t)d * 4;
             if (!early && ws->decode && T > ws->gv && d <= 128 * NR_PRE && nr_pre_on()) {
                 nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
+                if (ws->ticket && route_dispatch_on() && grouped_moe(m, ws, ly, ws->xn, ws->h, T)) {
+                    nr_kernel = xb ? norm_route_kernel<true, NR_PRE_DISP>
+                                   : norm_route_kernel<false, NR_PRE_DISP>;
+                    bm_cuda_moe_grouped_dispatch_bufs(ws->moe, T, d, ly.X, c.F, split, &perm,
+                                                      &offsets);
+                    smem = (size_t)std::max<int64_t>(
+                               d, bm_dispatch_smem_ints(ly.X, NR_THREADS / 32)) * 4;
+                    g_nr_disp.fetch_add(1, std::memory_order_relaxed);
+                }
             }
-            BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), (size_t)d * 4, st,
+            BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), smem, st,
                           ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc, ly.router_w,
                           ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
-                          xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr);
-            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb));
+                          xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, perm, offsets,
+                          ws->ticket);
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, perm != nullptr));
             continue;
         }
         const bool xb = lo_ok && ly.mamba && in_proj_batched(m, ws, T) &&
@@ -2083,6 +2154,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->LB = decode ? T : std::min(T, LOGIT_ROWS);
     w->logits = a.take<float>(w->LB * V);
     w->amax = a.take<int32_t>(T);
+    w->ticket = decode ? a.take<unsigned>(1) : nullptr;
     w->bytes = a.off;
 }
 
@@ -2110,6 +2182,8 @@ int ws_create(bm_cuda_model *m, int64_t T, bool decode, Ws **out) {
     w->serial = 0;
     // Tokens start valid (id 0): a benchmark may replay before writing any.
     st = (int)cudaMemsetAsync(w->tok, 0, (size_t)T * 4, m->stream);
+    // The routing's ticket counter starts at 0 (and each launch leaves it so).
+    if (!st && w->ticket) st = (int)cudaMemsetAsync(w->ticket, 0, sizeof(unsigned), m->stream);
     if (st) {
         ws_free(w);
         return bm_cuda_fail_cuda_(__FILE__, __LINE__, (cudaError_t)st);
@@ -2462,6 +2536,10 @@ extern "C" long long bm_cuda_step_scan4_rows_calls(void) {
 
 extern "C" long long bm_cuda_step_scan4_dt_calls(void) {
     return g_scan4_dt.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_norm_route_dispatch_calls(void) {
+    return g_nr_disp.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {

@@ -124,7 +124,19 @@ struct GroupedArgs {
     int N;                    // output columns: FC1: F; FC2: d
     int X;
     int act;
+    // How the launch meets programmatic dependent launch (decode roles only; launch_grouped):
+    // PDL_NONE a plain launch; PDL_WAIT griddepcontrol.wait first (FC1 then lets the next
+    // kernel, fc2, be scheduled); PDL_EARLY (FC2): the first STAGES-1 k tiles of weights
+    // requested before the wait (see grouped_gemm_kernel); PDL_EXPERT (FC1 on
+    // grouped_gemm_kernel): CTA row blockIdx.y is expert blockIdx.y, which requests its first
+    // weight stages before the wait and then runs all of its expert's row tiles.
+    // Left out of an initialiser: 0.
+    int pdl;
+    // Host side (launch_grouped), with pdl: pad the dynamic shared memory so that at most
+    // ceil(CTAs / SMs) CTAs fit an SM (BM_MOE_GROUPED_FC2_CAP). 0: no padding.
+    int cap;
 };
+enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
 
 // Tile BM x NB (NB weight rows: FC1 NB/2 gate + NB/2 up, i.e. NB/2 output columns; FC2 NB
 // output columns), WM x WN warps of (BM/WM) x (NB/WN).
@@ -155,12 +167,16 @@ struct Tile {
 
 // Which expert and row tile is this CTA's (both cores)? blockIdx.y counts the row tiles of
 // BM rows of the experts in order; walks the offsets (uniform over the block). False when
-// blockIdx.y is past the last tile (the grid is an upper bound).
+// blockIdx.y is past the last tile (the grid is an upper bound). The offsets, perm and gates
+// are read from L2 (__ldcg), not through L1 or the non-coherent path (__ldg): a PDL launch
+// (decode) may start next to the kernel that writes them, this SM's L1 may hold lines of
+// them from an earlier layer, and ptxas does not order ld.global.nc against
+// griddepcontrol.wait (cuda/common.cuh).
 __device__ __forceinline__ bool find_tile(const GroupedArgs &p, int BM, int &e, int &row0,
                                           int &rows) {
     int tile = blockIdx.y;
     for (e = 0; e < p.X; e++) {
-        const int beg = __ldg(p.offsets + e), end = __ldg(p.offsets + e + 1);
+        const int beg = __ldcg(p.offsets + e), end = __ldcg(p.offsets + e + 1);
         const int nt = (end - beg + BM - 1) / BM;
         if (tile < nt) {
             row0 = beg + tile * BM;
@@ -182,7 +198,7 @@ __device__ __forceinline__ void a_sources(const GroupedArgs &p, int row0, int ro
 #pragma unroll
     for (int i = 0; i < ITERS; i++) {
         const int r = (threadIdx.x >> 3) + i * (NT / 8);
-        src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
+        src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldcg(p.perm + row0 + r) : row0 + r;
     }
 }
 // B: NB weight rows from output column n0; FC1: rows [0, NB/2) the gate columns, [NB/2, NB)
@@ -209,14 +225,29 @@ grouped_gemm_kernel(const GroupedArgs p) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
 
-    int e = 0, row0 = 0, rows = 0;
-    if (!find_tile(p, BM, e, row0, rows)) return;
+    // PDL (decode): FC1 waits first (its offsets and perm come from the routing kernel just
+    // before) and then lets fc2 be scheduled; FC2 waits first, or (PDL_EARLY) after
+    // requesting its first weight stages below. Neither FC2 form triggers its successor
+    // early: the next layer's norm reads h through L1, which griddepcontrol.wait does not
+    // invalidate (cuda/common.cuh); launched at fc2's end, it finds L1 clean as before.
+    // PDL_EXPERT (FC1, decode): the expert is blockIdx.y, known before the wait, so the CTA
+    // requests its first STAGES-1 weight tiles while the routing kernel still runs, waits,
+    // reads its expert's rows from the offsets, and runs every row tile of them (each after
+    // the first reloads the weights; the grid has X rows instead of an upper bound of tiles).
+    // Each tile's k loop and epilogue are the other forms', so the outputs are bit-identical.
+    const bool xm = MODE == MODE_FC1 && p.pdl == PDL_EXPERT;
+    if (p.pdl != PDL_NONE && !xm && (MODE == MODE_FC1 || p.pdl == PDL_WAIT)) {
+        if (MODE == MODE_FC1) bm_pdl_wait();
+        else bm_pdl_wait_only();
+    }
+    int e = 0, row0 = 0, rows = 0, row_end = 0;
+    if (xm) e = blockIdx.y;
+    else if (!find_tile(p, BM, e, row0, rows)) return;
     const int K = p.K, N = p.N;
     const int n0 = blockIdx.x * C::OUT_COLS;  // first output column
     if (n0 >= N) return;
     const int kc = tid & 7;
     int a_row_src[C::A_ITERS], b_row_src[C::B_ITERS];
-    a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src);
     b_sources<C::B_ITERS, C::NT, NB, MODE>(p, n0, b_row_src);
     const int64_t wrows = MODE == MODE_FC1 ? 2 * (int64_t)N : N;  // weight rows per expert
     const uint16_t *We = p.W + (int64_t)e * wrows * K + kc * 8;
@@ -224,12 +255,10 @@ grouped_gemm_kernel(const GroupedArgs p) {
     const uint16_t *Alk = SPLIT ? p.Alo + kc * 8 : nullptr;
 
     const uint32_t sbase = smem_u32(smem);
-    auto load_stage = [&](int stage, int kt) {
+    auto load_a = [&](int stage, int kt) {
         const uint32_t sA = sbase + stage * C::STAGE;
         const uint32_t sL = sA + C::A_BYTES;
-        const uint32_t sB = sA + C::A_BYTES * (SPLIT ? 2 : 1);
-        const int k = kt * BK + kc * 8;
-        const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
+        const bool k_ok = kt * BK + kc * 8 < K;  // K % 8 == 0: a chunk is all in or all out
 #pragma unroll
         for (int i = 0; i < C::A_ITERS; i++) {
             const int r = (tid >> 3) + i * (C::NT / 8);
@@ -238,6 +267,10 @@ grouped_gemm_kernel(const GroupedArgs p) {
             cp_async16(sA + swz(r, kc), Ak + o, ok ? 16 : 0);
             if constexpr (SPLIT) cp_async16(sL + swz(r, kc), Alk + o, ok ? 16 : 0);
         }
+    };
+    auto load_b = [&](int stage, int kt) {
+        const uint32_t sB = sbase + stage * C::STAGE + C::A_BYTES * (SPLIT ? 2 : 1);
+        const bool k_ok = kt * BK + kc * 8 < K;
 #pragma unroll
         for (int i = 0; i < C::B_ITERS; i++) {
             const int r = (tid >> 3) + i * (C::NT / 8);
@@ -246,7 +279,30 @@ grouped_gemm_kernel(const GroupedArgs p) {
             cp_async16(sB + swz(r, kc), We + o, ok ? 16 : 0);
         }
     };
+    auto load_stage = [&](int stage, int kt) {
+        load_a(stage, kt);
+        load_b(stage, kt);
+    };
 
+    const int KT = (K + BK - 1) / BK;
+    if (xm) {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++)
+            if (s < KT) load_b(s, s);  // uncommitted: they join the first tile's first group
+        bm_pdl_wait();                 // the routing (and dispatch) completed; fc2 may start
+        const int beg = __ldcg(p.offsets + e);
+        row_end = __ldcg(p.offsets + e + 1);
+        if (beg >= row_end) {  // no tokens: let the early copies land before the CTA leaves
+            cp_async_commit();
+            cp_async_wait<0>();
+            return;
+        }
+        row0 = beg;
+        rows = min(BM, row_end - beg);
+    }
+    bool first = true;
+  for (;;) {  // the row tiles: one, or (xm) every tile of the expert (not re-indented)
+    a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src);
     float acc[C::MI][C::NI][4];
 #pragma unroll
     for (int mi = 0; mi < C::MI; mi++)
@@ -255,11 +311,35 @@ grouped_gemm_kernel(const GroupedArgs p) {
 #pragma unroll
             for (int j = 0; j < 4; j++) acc[mi][ni][j] = 0.f;
 
-    const int KT = (K + BK - 1) / BK;
+    if (xm && first) {  // the weight part of these stages is in flight already
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < KT) load_stage(s, s);
-        cp_async_commit();  // empty groups keep the count uniform
+        for (int s = 0; s < STAGES - 1; s++) {
+            if (s < KT) load_a(s, s);
+            cp_async_commit();
+        }
+    } else if (MODE == MODE_FC2 && p.pdl == PDL_EARLY) {
+        // fc2's first STAGES-1 weight tiles before the wait: they depend only on the expert,
+        // from the offsets, which are final here: the routing kernel that wrote them is two
+        // launches back, and fc1, launched with PDL between, lets this kernel be scheduled
+        // only after its own wait, i.e. after that kernel completed (as fc2's expert ids at
+        // batch 1, cuda/NOTES.md "Session 4, pdl1"). The ab rows (fc1's output) after it.
+        // Left uncommitted, the early loads join the first group (stage 0's A): the group
+        // count and the waits below are as in the plain prologue.
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++)
+            if (s < KT) load_b(s, s);
+        bm_pdl_wait_only();
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++) {
+            if (s < KT) load_a(s, s);
+            cp_async_commit();
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++) {
+            if (s < KT) load_stage(s, s);
+            cp_async_commit();  // empty groups keep the count uniform
+        }
     }
 
     // Shared-memory rows of this warp's ldmatrix.x4 loads: A row tiles of 16; weight-row
@@ -343,8 +423,8 @@ grouped_gemm_kernel(const GroupedArgs p) {
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
             } else {
-                const int t = __ldg(p.perm + slot);
-                const float g = p.gates ? __ldg(p.gates + t) : 1.f;
+                const int t = __ldcg(p.perm + slot);
+                const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
                 float *dst = p.out + (int64_t)t * N;
 #pragma unroll
                 for (int ni = 0; ni < C::NI; ni++) {
@@ -356,6 +436,13 @@ grouped_gemm_kernel(const GroupedArgs p) {
             }
         }
     }
+    if (!xm) break;
+    row0 += BM;
+    if (row0 >= row_end) break;
+    rows = min(BM, row_end - row0);
+    first = false;
+    __syncthreads();  // every warp done reading the stages before the next tile refills them
+  }
 }
 
 // ---- the decode tiles: one warp per k slice, row pointers formed once --------------------------
@@ -406,6 +493,11 @@ grouped_dec_kernel(const GroupedArgs p) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 
+    // PDL (decode): as grouped_gemm_kernel's prologue.
+    if (p.pdl != PDL_NONE && (MODE == MODE_FC1 || p.pdl == PDL_WAIT)) {
+        if (MODE == MODE_FC1) bm_pdl_wait();
+        else bm_pdl_wait_only();
+    }
     int e = 0, row0 = 0, rows = 0;
     if (!find_tile(p, BM, e, row0, rows)) return;  // uniform over the block
     const int K = p.K, N = p.N;
@@ -425,7 +517,7 @@ grouped_dec_kernel(const GroupedArgs p) {
 #pragma unroll
     for (int i = 0; i < C::A_ROWS; i++) {
         const int r = min(lr + 8 * i, rows - 1);
-        const int src = MODE == MODE_FC1 ? __ldg(p.perm + row0 + r) : row0 + r;
+        const int src = MODE == MODE_FC1 ? __ldcg(p.perm + row0 + r) : row0 + r;
         a_src[i] = p.A + (int64_t)src * K + lc * 8;
     }
     const int64_t a_lo = SPLIT ? p.Alo - p.A : 0;  // the low parts: same layout, other buffer
@@ -447,7 +539,9 @@ grouped_dec_kernel(const GroupedArgs p) {
     const uint32_t q0 = lr * 128 + ((lc ^ lr) << 4), q1 = lr * 128 + (((lc + 4) ^ lr) << 4);
 
     const uint32_t wbase = smem_u32(smem) + w * C::WARP_SMEM;
-    auto load = [&](int stage, int kt) {
+    // parts: 1 the A rows, 2 the weight rows, 3 both (a constant at every call).
+    auto load = [&](int stage, int kt, int parts) {
+        const bool la = parts & 1, lb = parts & 2;
         const uint32_t sW = wbase + stage * C::SUB;
         const uint32_t s0 = sW + q0, s1 = sW + q1;
         constexpr uint32_t BOFF = C::A_BYTES * (SPLIT ? 2 : 1);
@@ -455,7 +549,7 @@ grouped_dec_kernel(const GroupedArgs p) {
         if (k0 + BK <= K) {  // a full k tile (uniform)
 #pragma unroll
             for (int i = 0; i < C::A_ROWS; i++)
-                if (8 * i < rows) {
+                if (la && 8 * i < rows) {
                     const uint16_t *g = a_src[i] + k0;
                     cp_async16(s0 + 1024 * i, g, 16);
                     cp_async16(s1 + 1024 * i, g + 32, 16);
@@ -466,6 +560,7 @@ grouped_dec_kernel(const GroupedArgs p) {
                 }
 #pragma unroll
             for (int i = 0; i < C::B_ROWS; i++) {
+                if (!lb) break;
                 const uint16_t *g = b_src[i] + k0;
                 cp_async16(s0 + BOFF + 1024 * i, g, 16);
                 cp_async16(s1 + BOFF + 1024 * i, g + 32, 16);
@@ -476,7 +571,7 @@ grouped_dec_kernel(const GroupedArgs p) {
             const int n0b = in0 ? 16 : 0, n1b = in1 ? 16 : 0;
 #pragma unroll
             for (int i = 0; i < C::A_ROWS; i++)
-                if (8 * i < rows) {
+                if (la && 8 * i < rows) {
                     cp_async16(s0 + 1024 * i, a_src[i] + o0, n0b);
                     cp_async16(s1 + 1024 * i, a_src[i] + o1, n1b);
                     if constexpr (SPLIT) {
@@ -486,6 +581,7 @@ grouped_dec_kernel(const GroupedArgs p) {
                 }
 #pragma unroll
             for (int i = 0; i < C::B_ROWS; i++) {
+                if (!lb) break;
                 cp_async16(s0 + BOFF + 1024 * i, b_src[i] + o0, n0b);
                 cp_async16(s1 + BOFF + 1024 * i, b_src[i] + o1, n1b);
             }
@@ -502,10 +598,22 @@ grouped_dec_kernel(const GroupedArgs p) {
 
     const int KT = (K + BK - 1) / BK;
     const int nk = KT > w ? (KT - w + WK - 1) / WK : 0;  // this warp's k tiles w, w + WK, ...
+    if (MODE == MODE_FC2 && p.pdl == PDL_EARLY) {  // as grouped_gemm_kernel's prologue
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < nk) load(s, w + s * WK);
-        cp_async_commit();  // empty groups keep the count uniform
+        for (int s = 0; s < STAGES - 1; s++)
+            if (s < nk) load(s, w + s * WK, 2);
+        bm_pdl_wait_only();
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++) {
+            if (s < nk) load(s, w + s * WK, 1);
+            cp_async_commit();
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++) {
+            if (s < nk) load(s, w + s * WK, 3);
+            cp_async_commit();  // empty groups keep the count uniform
+        }
     }
     const int a_row = lane & 15, a_chk = lane >> 4;
     const int b_row = (lane & 7) + ((lane >> 4) << 3), b_chk = (lane >> 3) & 1;
@@ -522,7 +630,7 @@ grouped_dec_kernel(const GroupedArgs p) {
         __syncwarp();  // stage rs landed for every lane; every lane is done with stage ws
         {
             const int jn = j + STAGES - 1;
-            if (jn < nk) load(ws, w + jn * WK);
+            if (jn < nk) load(ws, w + jn * WK, 3);
             cp_async_commit();
             ws = ws + 1 == STAGES ? 0 : ws + 1;
         }
@@ -609,8 +717,8 @@ grouped_dec_kernel(const GroupedArgs p) {
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
             } else {
-                const int t = __ldg(p.perm + slot);
-                const float g = p.gates ? __ldg(p.gates + t) : 1.f;
+                const int t = __ldcg(p.perm + slot);
+                const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
                 float *dst = p.out + (int64_t)t * N;
 #pragma unroll
                 for (int ni = 0; ni < C::NI; ni++) {
@@ -625,19 +733,82 @@ grouped_dec_kernel(const GroupedArgs p) {
 }
 
 std::atomic<long long> dec_launches{0};  // grouped_dec_kernel launches (the tests)
+std::atomic<long long> pdl_launches{0};  // decode GEMMs launched with PDL (the tests)
+std::atomic<long long> expert_launches{0};  // fc1 launches in the PDL_EXPERT form (the tests)
+
+// Row tiles a launch needs at most: tokens T' <= T over m <= min(X, T) experts with tokens
+// make sum_e ceil(n_e / BM) = m + sum_e floor((n_e - 1) / BM) <= m + floor((T - m) / BM),
+// which grows with m: so min(X, T) + floor((T - min(X, T)) / BM) (at T = 64, X = 8: 9 tiles
+// of 32 rows, 11 of 16, against the 10 and 12 of the earlier ceil(T / BM) + min(X, T)).
+int64_t row_tiles(int64_t T, int64_t X, int BM) {
+    const int64_t m = X < T ? X : T;
+    return m + (T - m) / BM;
+}
+
+// Launch a grouped GEMM, with the programmatic-stream-serialization attribute where p.pdl
+// asks for it (decode roles; BLACKMAMBA_CUDA_PDL=0 and devices below 9.0: never). Not through
+// bm_launch_pdl: its one-wave rule (grids of <= 8 blocks an SM) would drop fc1's at T = 64
+// (121 x 9 CTAs of which ~20% leave at once, 4 resident an SM); these kernels wait before
+// they read what the kernel before writes, whatever the grid, and the rule is about large
+// prefill grids waiting behind a GEMM (cuda/NOTES.md, gpuperf run 2), which keep plain launches.
+template <typename K>
+int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
+                   const GroupedArgs &p) {
+    int on = 0;
+    if (p.pdl != PDL_NONE) {
+        int dev = 0, major = 0;
+        BM_CUDA_TRY(cudaGetDevice(&dev));
+        BM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        const char *env = getenv("BLACKMAMBA_CUDA_PDL");
+        on = major >= 9 && !(env && env[0] == '0');
+    }
+    if (!on) {
+        kernel<<<grid, nt, smem, stream>>>(p);
+        BM_CUDA_LAUNCHED();
+        return 0;
+    }
+    if (p.cap) {
+        // A grid launched early takes SM slots as the kernel before frees them, so its CTAs
+        // gather on the SMs that free first (up to the shared-memory limit: 9 of fc2's 24 KB
+        // CTAs at T = 64) instead of spreading over all of them as a plain launch does.
+        // Padding the shared memory caps them at ceil(CTAs / SMs) an SM (of 220 KB).
+        int dev = 0, sms = 0;
+        BM_CUDA_TRY(cudaGetDevice(&dev));
+        BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        const int64_t per = bm_cdiv((int64_t)grid.x * grid.y * grid.z, sms > 0 ? sms : 1);
+        const int pad = (int)((220 * 1024 / (per > 0 ? per : 1)) & ~127);
+        if (pad > smem) {
+            BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
+            smem = pad;
+        }
+    }
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(nt);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    BM_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, p));
+    pdl_launches.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
 
 template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
-int dec_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
+int dec_launch(GroupedArgs p, int64_t T, cudaStream_t stream) {
+    if (p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;  // grouped_gemm_kernel's form only
     using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
     auto kernel = grouped_dec_kernel<BM, NB, WK, STAGES, MODE, SPLIT>;
     static std::atomic<unsigned> optin{0};
     int st = bm_smem_optin(kernel, C::SMEM, optin);
     if (st) return st;
-    const int64_t ytiles = bm_cdiv(T, BM) + (p.X < T ? p.X : T);
+    const int64_t ytiles = row_tiles(T, p.X, BM);
     if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
     const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
-    kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
-    BM_CUDA_LAUNCHED();
+    if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p))) return st;
     dec_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
@@ -652,11 +823,13 @@ int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
     static std::atomic<unsigned> optin{0};
     int st = bm_smem_optin(kernel, C::SMEM, optin);
     if (st) return st;
-    const int64_t ytiles = bm_cdiv(T, BM) + (p.X < T ? p.X : T);
+    // PDL_EXPERT: one CTA row per expert (FC1); else an upper bound of row tiles
+    const int64_t ytiles = MODE == MODE_FC1 && p.pdl == PDL_EXPERT ? p.X : row_tiles(T, p.X, BM);
     if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
     const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
-    kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
-    BM_CUDA_LAUNCHED();
+    if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p))) return st;
+    if (MODE == MODE_FC1 && p.pdl == PDL_EXPERT)
+        expert_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
 
@@ -676,11 +849,15 @@ int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
 constexpr char DEFAULT_TILES[] = "2222";
 
 template <int MODE, bool SPLIT>
-int gemm_dispatch(const GroupedArgs &p, int64_t T, const char *tiles, cudaStream_t stream) {
+int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stream) {
     const bool big = T >= 64 * (int64_t)p.X && T >= 1024;
+    if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles (the caller asks at decode)
     if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
         const int wm = wgmma_mode();
-        if (wm && (big || wm == 2) && wgmma_usable()) return wgmma_dispatch<MODE>(p, T, stream);
+        if (wm && (big || wm == 2) && wgmma_usable()) {
+            p.pdl = PDL_NONE;
+            return wgmma_dispatch<MODE>(p, T, stream);
+        }
     }
     const int role = (big ? 0 : 2) + (MODE == MODE_FC2 ? 1 : 0);
     int v = tiles[role] - '0';
@@ -779,6 +956,27 @@ extern "C" long long bm_cuda_moe_grouped_dec_launches(void) {
     return dec_launches.load(std::memory_order_relaxed);
 }
 
+// How many GEMMs were launched with PDL (BM_MOE_GROUPED_PDL) in this process: for the tests.
+extern "C" long long bm_cuda_moe_grouped_pdl_launches(void) {
+    return pdl_launches.load(std::memory_order_relaxed);
+}
+
+// How many fc1 GEMMs ran in the one-row-per-expert form (BM_MOE_GROUPED_PDL_EXPERT).
+extern "C" long long bm_cuda_moe_grouped_expert_launches(void) {
+    return expert_launches.load(std::memory_order_relaxed);
+}
+
+// perm and offsets inside a bm_cuda_moe_grouped workspace of these sizes: where a caller
+// that builds the dispatch itself (engine.cu's routing kernel) writes it for
+// bm_cuda_moe_grouped_bf16_ex(.., BM_MOE_GROUPED_DISPATCHED, ..).
+extern "C" void bm_cuda_moe_grouped_dispatch_bufs(void *workspace, int64_t T, int64_t d,
+                                                  int64_t X, int64_t F, int split,
+                                                  int32_t **perm, int32_t **offsets) {
+    const GroupedWs ws = grouped_ws((char *)workspace, T, d, X, F, split != 0);
+    *perm = ws.perm;
+    *offsets = ws.offsets;
+}
+
 extern "C" int bm_cuda_moe_grouped_supported(const float *x, const void *fc1, const void *fc2,
                                              bm_dtype wdtype, const float *out, int64_t d,
                                              int64_t X, int64_t F) {
@@ -793,12 +991,13 @@ extern "C" size_t bm_cuda_moe_grouped_workspace(int64_t T, int64_t d, int64_t X,
     return grouped_ws(nullptr, T, d, X, F, split != 0).bytes;
 }
 
-extern "C" int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb_in,
-                                        const uint16_t *xl_in, const int32_t *ids,
-                                        const float *gates, const void *fc1, const void *fc2,
-                                        bm_act act, int split, float *out, int64_t T, int64_t d,
-                                        int64_t X, int64_t F, void *workspace,
-                                        size_t workspace_bytes, cudaStream_t stream) {
+extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in,
+                                           const uint16_t *xl_in, const int32_t *ids,
+                                           const float *gates, const void *fc1,
+                                           const void *fc2, bm_act act, int split, float *out,
+                                           int64_t T, int64_t d, int64_t X, int64_t F,
+                                           void *workspace, size_t workspace_bytes, int flags,
+                                           cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
     if (xb_in && ((split && !xl_in) || (((uintptr_t)xb_in | (uintptr_t)xl_in) & 15)))
         return BM_CUDA_ARG_FAIL("moe_grouped: given bf16 x needs 16-byte alignment and, split, "
@@ -811,7 +1010,9 @@ extern "C" int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb_in,
     if (!workspace || workspace_bytes < ws.bytes)
         return BM_CUDA_ARG_FAIL("moe_grouped: workspace too small (bm_cuda_moe_grouped_workspace)");
     int st;
-    if ((st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream))) return st;
+    if (!(flags & BM_MOE_GROUPED_DISPATCHED) &&
+        (st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream)))
+        return st;
     const uint16_t *xb = xb_in, *xl = xl_in;
     if (!xb) {
         to_bf16_kernel<<<(unsigned)T, 128, 0, stream>>>(x, ids, ws.xb, split ? ws.xl : nullptr,
@@ -823,15 +1024,35 @@ extern "C" int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb_in,
     const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
     char tiles[5] = "0000";
     for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
+    const bool pdl =
+        flags & (BM_MOE_GROUPED_PDL | BM_MOE_GROUPED_PDL_EARLY | BM_MOE_GROUPED_PDL_EXPERT);
     GroupedArgs p1{xb, xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
-                   ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act};
+                   ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act,
+                   !pdl ? PDL_NONE : (flags & BM_MOE_GROUPED_PDL_EXPERT) ? PDL_EXPERT : PDL_WAIT};
     st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
                : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
     if (st) return st;
+    // fc2's early weights need fc1 launched with PDL in front of it (gemm_dispatch keeps
+    // both off or both on: the same `big` rule for both at the same T)
     GroupedArgs p2{ws.ab, ws.al, (const uint16_t *)fc2, ws.perm, ws.offsets, gates,
-                   nullptr, nullptr, out, (int)F, (int)d, (int)X, (int)act};
+                   nullptr, nullptr, out, (int)F, (int)d, (int)X, (int)act,
+                   !pdl || (flags & BM_MOE_GROUPED_FC2_PLAIN) ? PDL_NONE
+                   : (flags & (BM_MOE_GROUPED_PDL_EARLY | BM_MOE_GROUPED_PDL_EXPERT))
+                       ? PDL_EARLY
+                       : PDL_WAIT,
+                   (flags & BM_MOE_GROUPED_FC2_CAP) ? 1 : 0};
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)
                  : gemm_dispatch<MODE_FC2, false>(p2, T, tiles, stream);
+}
+
+extern "C" int bm_cuda_moe_grouped_bf16(const float *x, const uint16_t *xb_in,
+                                        const uint16_t *xl_in, const int32_t *ids,
+                                        const float *gates, const void *fc1, const void *fc2,
+                                        bm_act act, int split, float *out, int64_t T, int64_t d,
+                                        int64_t X, int64_t F, void *workspace,
+                                        size_t workspace_bytes, cudaStream_t stream) {
+    return bm_cuda_moe_grouped_bf16_ex(x, xb_in, xl_in, ids, gates, fc1, fc2, act, split, out,
+                                       T, d, X, F, workspace, workspace_bytes, 0, stream);
 }
 
 extern "C" int bm_cuda_moe_grouped(const float *x, const int32_t *ids, const float *gates,

@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "moe_dispatch.cuh"
 
 
 namespace {
@@ -170,6 +171,27 @@ __global__ __launch_bounds__(DISPATCH_THREADS) void dispatch_kernel(
         }
         __syncwarp();
     }
+}
+
+// ---- dispatch by the last block of a launch (moe_dispatch.cuh) ---------------------------
+// What the engine's routing kernel runs after its routing (norm_route_kernel<., NR_PRE_DISP>),
+// here on ids written beforehand, for the tests (bm_cuda_moe_dispatch under
+// BLACKMAMBA_MOE_DISPATCH_LAST=1): `gridDim.x` blocks of NR's 256 threads draw tickets, the
+// last one builds perm / offsets. Counts (when asked) from the offsets afterwards.
+__device__ unsigned g_dispatch_ticket;  // 0 at load; 0 again after every launch
+std::atomic<long long> g_dispatch_last{0};
+
+__global__ __launch_bounds__(256) void dispatch_last_kernel(const int32_t *__restrict__ ids,
+                                                            int T, int X,
+                                                            int32_t *__restrict__ counts,
+                                                            int32_t *__restrict__ offsets,
+                                                            int32_t *__restrict__ perm) {
+    extern __shared__ int sm[];
+    if (!bm_last_block(&g_dispatch_ticket)) return;
+    bm_dispatch_block(ids, T, X, offsets, perm, sm);
+    __syncthreads();  // offsets written by thread 0: visible to the block after the barrier
+    if (counts)
+        for (int e = threadIdx.x; e < X; e += blockDim.x) counts[e] = offsets[e + 1] - offsets[e];
 }
 
 // ---- gather / act / scatter --------------------------------------------------------------
@@ -337,10 +359,25 @@ extern "C" int bm_cuda_moe_dispatch(const int32_t *ids, int64_t T, int64_t X, in
         if (offsets) BM_CUDA_TRY(cudaMemsetAsync(offsets, 0, (X + 1) * sizeof(int32_t), stream));
         return 0;
     }
+    const char *last = getenv("BLACKMAMBA_MOE_DISPATCH_LAST");
+    if (last && last[0] == '1') {  // a few blocks, so that the ticket really picks one of several
+        int32_t *off = offsets;
+        if (!off) return BM_CUDA_ARG_FAIL("moe_dispatch: the last-block form needs offsets");
+        const unsigned blocks = 1 + (unsigned)(T % 7);
+        const size_t smem = (size_t)bm_dispatch_smem_ints((int)X, 256 / 32) * sizeof(int);
+        dispatch_last_kernel<<<blocks, 256, smem, stream>>>(ids, (int)T, (int)X, counts, off, perm);
+        BM_CUDA_LAUNCHED();
+        g_dispatch_last.fetch_add(1, std::memory_order_relaxed);
+        return 0;
+    }
     const size_t smem = (size_t)((DISPATCH_THREADS / 32) * X + X + 1) * sizeof(int);
     dispatch_kernel<<<1, DISPATCH_THREADS, smem, stream>>>(ids, (int)T, (int)X, counts, offsets, perm);
     BM_CUDA_LAUNCHED();
     return 0;
+}
+
+extern "C" long long bm_cuda_moe_dispatch_last_calls(void) {
+    return g_dispatch_last.load(std::memory_order_relaxed);
 }
 
 extern "C" size_t bm_cuda_moe_experts_workspace(int64_t T, int64_t d, int64_t X, int64_t F,

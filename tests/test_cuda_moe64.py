@@ -1,0 +1,293 @@
+"""The MoE half of the batched decode (session 6, moe64): the grouped experts' dispatch built
+by the routing kernel's last block (norm_route_kernel<., NR_PRE_DISP>, cuda/moe_dispatch.cuh;
+BLACKMAMBA_MOE_ROUTE_DISPATCH) and the decode GEMMs launched with programmatic dependent
+launch, fc2 requesting its first weight stages before its wait (grouped.cu launch_grouped;
+BLACKMAMBA_MOE_DEC_PDL 0 / 1 / 2). Skipped where no GPU is visible.
+
+None of them changes arithmetic: the dispatch is the same permutation and offsets as
+dispatch_kernel's (asserted equal, unrouted ids included, through bm_cuda_moe_dispatch's
+last-block form BLACKMAMBA_MOE_DISPATCH_LAST=1), and the GEMMs read the same bytes in the same
+order, so the decode logits must be bit-identical with and without each switch (asserted
+equal), besides the CPU model's tolerance (test_cuda_dec64's: 1e-2 under unsplit bf16 above
+8 rows, TOL_SPLIT at 8 rows where the products split). Each path is asserted taken through
+native counters (counted at launch, i.e. at graph capture).
+"""
+import ctypes
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from blackmamba import _lib, cuda, model_cuda
+from blackmamba.config import Config
+from blackmamba.model import Model, random_tensors
+
+from conftest import rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not model_cuda.is_available(),
+                                 reason="no CUDA device, or blackmamba built without CUDA")]
+
+TOL_SPLIT = 1e-4
+SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAMBA_MOE_DEC_PDL_CAP",
+            "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN")
+LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
+
+
+def _lib_c():
+    lib = ctypes.CDLL(_lib.C().__file__)
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    lib.bm_cuda_moe_dispatch.argtypes = [P, I64, I64, P, P, P, P]
+    lib.bm_cuda_moe_dispatch.restype = ctypes.c_int
+    lib.bm_cuda_last_error.restype = ctypes.c_char_p
+    lib.bm_cuda_moe_grouped_bf16_ex.argtypes = [P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
+                                                P, I64, I64, I64, I64, P, ctypes.c_size_t,
+                                                ctypes.c_int, P]
+    lib.bm_cuda_moe_grouped_bf16_ex.restype = ctypes.c_int
+    lib.bm_cuda_moe_grouped_workspace.argtypes = [I64, I64, I64, I64, ctypes.c_int]
+    lib.bm_cuda_moe_grouped_workspace.restype = ctypes.c_size_t
+    for f in ("bm_cuda_moe_dispatch_last_calls", "bm_cuda_norm_route_dispatch_calls",
+              "bm_cuda_moe_grouped_pdl_launches", "bm_cuda_norm_route_pre_calls",
+              "bm_cuda_moe_grouped_expert_launches"):
+        getattr(lib, f).restype = ctypes.c_longlong
+    return lib
+
+
+LIB = _lib_c()
+
+
+@pytest.fixture
+def env():
+    """Sets switches for one test and restores them after."""
+    saved = {k: os.environ.get(k) for k in SWITCHES}
+
+    def set_(**kv):
+        for k in SWITCHES:
+            os.environ.pop(k, None)
+        os.environ.update({k: str(v) for k, v in kv.items()})
+    yield set_
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def rng_for(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def dispatch(ids, X):
+    """bm_cuda_moe_dispatch on the device -> (counts, offsets, perm) int32 host arrays."""
+    T = ids.size
+    D = cuda.to_device
+    di = D(np.ascontiguousarray(ids, np.int32))
+    counts, offsets = D(np.full(X, -7, np.int32)), D(np.full(X + 1, -7, np.int32))
+    perm = D(np.full(max(T, 1), -7, np.int32))
+    st = LIB.bm_cuda_moe_dispatch(di.ptr, T, X, counts.ptr, offsets.ptr, perm.ptr, LEGACY_STREAM)
+    assert st == 0, LIB.bm_cuda_last_error().decode()
+    return counts.numpy(), offsets.numpy(), perm.numpy()[:T]
+
+
+@pytest.mark.parametrize("T", [9, 64, 100, 300, 2000])
+@pytest.mark.parametrize("X", [1, 2, 8])
+def test_dispatch_last_block(env, T, X):
+    # the last-block dispatch (the code of the fused routing) against dispatch_kernel and a
+    # stable argsort, ids outside [0, X) included (counted nowhere); T = 300 and 2000 take
+    # several rounds of the block's 256 threads; two calls in a row with different block
+    # counts (1 + T % 7, then the next T's) check that the ticket counter resets itself
+    rng = rng_for("dispatch last", T, X)
+    ids = rng.integers(0, X, T)
+    ids[rng.random(T) < 0.1] = -1
+    ids[rng.random(T) < 0.05] = X
+    ids[rng.random(T) < 0.02] = 1 << 30
+    env(BLACKMAMBA_MOE_DISPATCH_LAST=0)
+    n0 = LIB.bm_cuda_moe_dispatch_last_calls()
+    c0, o0, p0 = dispatch(ids, X)
+    assert LIB.bm_cuda_moe_dispatch_last_calls() == n0
+    env(BLACKMAMBA_MOE_DISPATCH_LAST=1)
+    ok = (ids >= 0) & (ids < X)
+    want = np.nonzero(ok)[0][np.argsort(ids[ok], kind="stable")]
+    for t2 in (T, T + 1):   # the second call: another block count (1 + t2 % 7)
+        ids2 = ids if t2 == T else np.append(ids, X - 1)
+        ok2 = (ids2 >= 0) & (ids2 < X)
+        want2 = np.nonzero(ok2)[0][np.argsort(ids2[ok2], kind="stable")]
+        c1, o1, p1 = dispatch(ids2, X)
+        n = int(o1[X])
+        assert n == ok2.sum()
+        np.testing.assert_array_equal(p1[:n], want2)
+        np.testing.assert_array_equal(c1, np.bincount(ids2[ok2], minlength=X))
+        if t2 == T:
+            np.testing.assert_array_equal(o1, o0)
+            np.testing.assert_array_equal(c1, c0)
+            np.testing.assert_array_equal(p1[:n], p0[:n])
+            np.testing.assert_array_equal(p0[:n], want)
+    assert LIB.bm_cuda_moe_dispatch_last_calls() == n0 + 2
+
+
+# bm_cuda_moe_grouped_bf16_ex's flags (cuda/bm_cuda.h)
+DISPATCHED, PDL, PDL_EARLY, PDL_EXPERT = 1, 2, 4, 8
+# (T, X, d, F, kind): K tails (d, F not multiples of 64), N tails, several k tiles, experts
+# over several row tiles of 32 / 16 ("last", "skewed"), empty experts, X = 1
+GEMM_CASES = [(64, 8, 184, 248, "uniform"), (100, 1, 48, 72, "uniform"),
+              (150, 4, 200, 136, "skewed"), (9, 8, 64, 40, "uniform"), (70, 3, 136, 64, "last")]
+
+
+def grouped_ex(x, ids, gates, fc1, fc2, split, flags):
+    D = cuda.to_device
+    T, d = x.shape
+    X, F = fc1.shape[0], fc1.shape[1] // 2
+    dx, di, dg = D(x), D(ids.astype(np.int32)), D(gates)
+    d1, d2 = D(fc1), D(fc2)
+    out = D(np.full((T, d), np.float32(3.0)))
+    nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, split)
+    ws = D(np.zeros(nb, np.uint8))
+    st = LIB.bm_cuda_moe_grouped_bf16_ex(dx.ptr, None, None, di.ptr, dg.ptr, d1.ptr, d2.ptr, 2,
+                                         split, out.ptr, T, d, X, F, ws.ptr, nb, flags,
+                                         LEGACY_STREAM)
+    assert st == 0, LIB.bm_cuda_last_error().decode()
+    return out.numpy()
+
+
+@pytest.mark.parametrize("T,X,d,F,kind", GEMM_CASES)
+@pytest.mark.parametrize("split", [0, 1])
+def test_grouped_pdl_forms(env, T, X, d, F, kind, split):
+    # the kernels' PDL forms (fc2's weights before the wait, fc1 one CTA row per expert with
+    # its row-tile loop) against the plain launch: the same tiles, the same k order, so
+    # bit-identical. Called on the legacy stream with BLACKMAMBA_CUDA_PDL=0 (plain launches,
+    # the waits no-ops: the forms' indexing and pipelines, not the overlap, which the engine
+    # tests below take)
+    from blackmamba import ref
+    rng = rng_for("pdl forms", T, X, d, F, kind, split)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    if kind == "uniform":
+        ids = rng.integers(0, X, T)
+    elif kind == "skewed":
+        ids = np.where(rng.random(T) < 0.8, 0, 2 * rng.integers(0, max(X // 2, 1), T) + 1)
+        ids = np.minimum(ids, X - 1)
+    else:
+        ids = np.full(T, X - 1)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
+    fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
+    env(BLACKMAMBA_CUDA_PDL=0)
+    old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
+    want = ref.moe_experts(x, ids, gates, fc1, fc2, "silu")
+    assert rel_err(old, want) < (5e-5 if split else 1.5e-2)
+    for flags in (PDL, PDL_EARLY, PDL_EXPERT):
+        e0 = LIB.bm_cuda_moe_grouped_expert_launches()
+        got = grouped_ex(x, ids, gates, fc1, fc2, split, flags)
+        assert LIB.bm_cuda_moe_grouped_expert_launches() - e0 == (flags == PDL_EXPERT)
+        np.testing.assert_array_equal(got, old, err_msg=str(flags))
+
+
+def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None):
+    # test_cuda_dec64's small config: hidden 64, F = 40, two MoE layers (8 and 3 experts)
+    base = dict(num_layers=len(layers), hidden_size=64, state_size=16, conv_dimension=4,
+                vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=list(layers))
+    cfg = Config.from_dict(base)
+    t = random_tensors(cfg, seed=seed)
+    if bias is not None:   # skewed routing: experts with several row tiles, unused experts
+        for k in [k for k in t if k.endswith("router.bias")]:
+            t[k] = np.asarray(bias[: t[k].size], np.float32)
+    return (model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math),
+            Model(cfg, t, dtype="bfloat16"))
+
+
+def steps(g, ids, n, c=None):
+    """Prefill ids, then n steps on a fresh state (a fresh graph capture, so the switches
+    apply); returns the GPU logits (n, B, V) and, given the CPU model, its logits."""
+    B = ids.shape[0]
+    sg = g.new_state(B)
+    g.prefill(ids, sg, logits=None)
+    sc = None
+    if c is not None:
+        sc = c.new_state(B)
+        c.prefill(ids, sc, logits=None)
+    rng = np.random.default_rng(B)
+    outg, outc = [], []
+    for _ in range(n):
+        tok = rng.integers(0, g.vocab_size, B)
+        outg.append(g.step(tok, sg))
+        if c is not None:
+            outc.append(c.step(tok, sc))
+    return np.stack(outg), (np.stack(outc) if c is not None else None)
+
+
+def counts():
+    return (LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_moe_grouped_pdl_launches(),
+            LIB.bm_cuda_norm_route_pre_calls(), LIB.bm_cuda_moe_grouped_expert_launches())
+
+
+CASES = [(12, "bf16", None), (64, "bf16", None), (64, "bf16x2", None), (8, "bf16", None),
+         (96, "bf16", [4, 3, -9, -9, -9, -9, -9, -9])]
+
+
+# BLACKMAMBA_MOE_DEC_PDL -> (GEMMs launched with PDL a MoE layer, fc1 one row per expert)
+PDL_MODES = {"0": (0, False), "1": (2, False), "2": (2, False), "3": (2, True),
+             "4": (1, False), "5": (1, True)}
+
+
+@pytest.mark.parametrize("B,math,bias", CASES)
+def test_route_dispatch_and_pdl(env, B, math, bias):
+    # every combination of the switches against all off: logits bit-identical; the default
+    # (unset) fuses the dispatch and takes PDL mode 2 up to 8 rows, above 3 where
+    # 2X <= B <= 32X and 2 elsewhere, fc2 capped above 8 rows (engine.cu moe_dec_pdl_flags);
+    # against the CPU model within the math's tolerance
+    g, c = make(200 + B, math=math, bias=bias)
+    ids = np.random.default_rng(B + 7).integers(0, g.vocab_size, (B, 5))
+    env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0)
+    k0 = counts()
+    old, want = steps(g, ids, 3, c)
+    k1 = counts()
+    assert k1[0] == k0[0] and k1[1] == k0[1] and k1[3] == k0[3]   # none of the paths taken
+    assert k1[2] >= k0[2] + 2                     # the batched routing (two MoE layers)
+    split = math == "bf16x2" or B <= 8
+    assert rel_err(old, want) < (TOL_SPLIT if split else 1e-2)
+    combos = [(d, p, None) for d in ("0", "1", None) for p in list(PDL_MODES) + [None]]
+    combos += [("1", p, c) for p in ("1", "2", "3") for c in ("0", "1")]  # fc2 capped or not
+    for disp, pdl, cap in combos:
+        if disp == "0" and pdl == "0":
+            continue
+        kv = {}
+        if disp is not None:
+            kv["BLACKMAMBA_MOE_ROUTE_DISPATCH"] = disp
+        if pdl is not None:
+            kv["BLACKMAMBA_MOE_DEC_PDL"] = pdl
+        if cap is not None:
+            kv["BLACKMAMBA_MOE_DEC_PDL_CAP"] = cap
+        env(**kv)
+        k0 = counts()
+        got, _ = steps(g, ids, 3)
+        k1 = counts()
+        on_d = disp != "0"
+        if pdl is not None:
+            n_p, on_x = PDL_MODES[pdl]
+            xm = 2 if on_x else 0                 # fc1 one row per expert, of 2 MoE layers
+        else:   # the default: 2 up to 8 rows; above, 3 for the layers with 2X <= B <= 32X
+            n_p = 2
+            xm = 0 if B <= 8 else sum(2 * X <= B <= 32 * X for X in (8, 3))
+        nr = k1[2] - k0[2]                        # batched routings captured (2 a capture)
+        assert nr >= 2, kv
+        assert k1[0] - k0[0] == (nr if on_d else 0), kv
+        assert k1[1] - k0[1] == n_p * nr, kv          # n_p GEMMs of each MoE layer with PDL
+        assert k1[3] - k0[3] == xm * nr // 2, kv
+        np.testing.assert_array_equal(got, old, err_msg=str(kv))
+
+
+def test_pdl_switch_off(env):
+    # BLACKMAMBA_CUDA_PDL=0 turns the attribute off here too (mode 3 forced) (the kernels' waits are then
+    # no-ops; fc2's early loads run after fc1 completed): the same logits, no PDL launches
+    g, _ = make(301)
+    ids = np.random.default_rng(3).integers(0, g.vocab_size, (40, 4))
+    env(BLACKMAMBA_MOE_DEC_PDL=3)
+    k0 = counts()
+    ref, _ = steps(g, ids, 2)
+    assert counts()[1] > k0[1]
+    env(BLACKMAMBA_MOE_DEC_PDL=3, BLACKMAMBA_CUDA_PDL=0)
+    k0 = counts()
+    got, _ = steps(g, ids, 2)
+    assert counts()[1] == k0[1]
+    assert counts()[0] >= k0[0] + 2
+    np.testing.assert_array_equal(got, ref)

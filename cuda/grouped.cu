@@ -217,9 +217,13 @@ __device__ __forceinline__ void b_sources(const GroupedArgs &p, int n0, int (&sr
     }
 }
 
-template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
+// XM: the PDL_EXPERT form (FC1, decode tiles), its own instantiation: its row-tile loop
+// costs registers and instructions (133 -> 193 registers, 219 -> 233 instructions a k tile
+// in the 32x64 fc1 tile), which the other launches need not pay.
+template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT, bool XM = false>
 __global__ void __launch_bounds__(WM * WN * 32, (Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>::MINB))
 grouped_gemm_kernel(const GroupedArgs p) {
+    static_assert(!XM || MODE == MODE_FC1, "the PDL_EXPERT form is fc1's");
     using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
     extern __shared__ __align__(128) unsigned char smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -235,7 +239,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
     // reads its expert's rows from the offsets, and runs every row tile of them (each after
     // the first reloads the weights; the grid has X rows instead of an upper bound of tiles).
     // Each tile's k loop and epilogue are the other forms', so the outputs are bit-identical.
-    const bool xm = MODE == MODE_FC1 && p.pdl == PDL_EXPERT;
+    constexpr bool xm = XM;  // the launcher takes this form exactly where p.pdl == PDL_EXPERT
     if (p.pdl != PDL_NONE && !xm && (MODE == MODE_FC1 || p.pdl == PDL_WAIT)) {
         if (MODE == MODE_FC1) bm_pdl_wait();
         else bm_pdl_wait_only();
@@ -817,19 +821,30 @@ int dec_launch(GroupedArgs p, int64_t T, cudaStream_t stream) {
 
 // Launch one grouped GEMM of this configuration over an upper bound of row tiles.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
-int gemm_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
+int gemm_launch(const GroupedArgs &p_in, int64_t T, cudaStream_t stream) {
     using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
-    auto kernel = grouped_gemm_kernel<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
-    static std::atomic<unsigned> optin{0};
-    int st = bm_smem_optin(kernel, C::SMEM, optin);
+    GroupedArgs p = p_in;
+    // The PDL_EXPERT form is instantiated for the decode fc1 tiles (at most 32 rows) only;
+    // elsewhere it is the wait-first form (as on grouped_dec_kernel).
+    constexpr bool XM_OK = MODE == MODE_FC1 && BM <= 32;
+    if (!XM_OK && p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;
+    const bool xm = XM_OK && p.pdl == PDL_EXPERT;
+    auto kernel = grouped_gemm_kernel<BM, NB, WM, WN, STAGES, MODE, SPLIT, false>;
+    static std::atomic<unsigned> optin{0}, optin_xm{0};
+    int st;
+    if (xm) {
+        kernel = grouped_gemm_kernel<BM, NB, WM, WN, STAGES, MODE, SPLIT, XM_OK>;
+        st = bm_smem_optin(kernel, C::SMEM, optin_xm);
+    } else {
+        st = bm_smem_optin(kernel, C::SMEM, optin);
+    }
     if (st) return st;
     // PDL_EXPERT: one CTA row per expert (FC1); else an upper bound of row tiles
-    const int64_t ytiles = MODE == MODE_FC1 && p.pdl == PDL_EXPERT ? p.X : row_tiles(T, p.X, BM);
+    const int64_t ytiles = xm ? p.X : row_tiles(T, p.X, BM);
     if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
     const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
     if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p))) return st;
-    if (MODE == MODE_FC1 && p.pdl == PDL_EXPERT)
-        expert_launches.fetch_add(1, std::memory_order_relaxed);
+    if (xm) expert_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
 

@@ -59,6 +59,44 @@ static inline int bm_smem_optin(K kernel, int bytes, std::atomic<unsigned> &done
     return 0;
 }
 
+// cudaLaunchKernelEx with the launch attributes the engine uses: programmatic stream
+// serialization (pdl; see bm_launch_pdl) and, cluster_x > 1, thread-block clusters of
+// cluster_x CTAs along x (spread: ask the scheduler to put a cluster's CTAs on distinct SMs).
+// One place that builds the launch configuration for bm_launch_pdl, the grouped decode GEMMs
+// (grouped.cu launch_grouped) and the x_proj / dt_proj kernels (xdt.cu).
+template <typename... KArgs, typename... Args>
+static inline cudaError_t bm_launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                       size_t smem, cudaStream_t stream, bool pdl,
+                                       unsigned cluster_x, bool spread, Args... args) {
+    cudaLaunchAttribute attr[3];
+    unsigned n = 0;
+    if (cluster_x > 1) {
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n].val.clusterDim.x = cluster_x;
+        attr[n].val.clusterDim.y = 1;
+        attr[n].val.clusterDim.z = 1;
+        n++;
+        if (spread) {
+            attr[n].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+            attr[n].val.clusterSchedulingPolicyPreference = cudaClusterSchedulingPolicySpread;
+            n++;
+        }
+    }
+    if (pdl) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n].val.programmaticStreamSerializationAllowed = 1;
+        n++;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = n;
+    return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
+}
+
 // Programmatic dependent launch (Hopper): a kernel launched through bm_launch_pdl may start
 // while the kernel before it in the stream is still finishing, which removes most of the
 // launch gap between the ~160 small kernels of a batch-1 decode graph. Such a kernel must call
@@ -73,15 +111,6 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     if (e != cudaSuccess) return e;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
     // BLACKMAMBA_CUDA_PDL=0 turns it off (A/B measurements, or a driver that misbehaves).
     // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
     // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
@@ -91,8 +120,8 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
     if (e != cudaSuccess) return e;
     const char *env = getenv("BLACKMAMBA_CUDA_PDL");
     const bool small = (int64_t)grid.x * grid.y * grid.z <= 8 * (int64_t)sms;
-    cfg.numAttrs = major >= 9 && small && !(env && env[0] == '0') ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
+    const bool pdl = major >= 9 && small && !(env && env[0] == '0');
+    return bm_launch_ex(kernel, grid, block, smem, stream, pdl, 1, false, args...);
 }
 
 // The early form of the decode kernels (BLACKMAMBA_CUDA_PDL_EARLY, default on; "0" turns it

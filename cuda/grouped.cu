@@ -786,17 +786,7 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
             smem = pad;
         }
     }
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(nt);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    BM_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, p));
+    BM_CUDA_TRY(bm_launch_ex(kernel, grid, dim3(nt), (size_t)smem, stream, true, 1, false, p));
     pdl_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }

@@ -107,23 +107,20 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     // end instead, so that the next kernel's CTAs (the scan's 2944 at B = 64) are not
     // resident, waiting, while this one computes (not measured; see cuda/NOTES.md).
     if (!late) bm_pdl_trigger();
-    // Before the wait: the weight tile (rows past Nout zero-filled).
-    for (int i = tid; i < XDT_TN * kl4; i += XDT_THREADS) {
-        const int r = i / kl4, c4 = i - r * kl4;
-        const bool ok = n0 + r < Nout;
-        xdt_cp16(xdt_smem_u32(Ws + r * S + 4 * c4),
-                 W + (int64_t)(ok ? n0 + r : 0) * K + k0 + 4 * c4, ok ? 16 : 0);
-    }
-    xdt_cp_commit();
+    // rows [r0, r0 + nrows) of src (leading dimension ld), this CTA's K slice, into dst (rows
+    // of S floats); rows past `lim` zero-filled. cp.async.cg: from L2.
+    auto load_tile = [&](float *dst, const float *src, int64_t ld, int nrows, int r0, int lim) {
+        for (int i = tid; i < nrows * kl4; i += XDT_THREADS) {
+            const int r = i / kl4, c4 = i - r * kl4;
+            const bool ok = r0 + r < lim;
+            xdt_cp16(xdt_smem_u32(dst + r * S + 4 * c4),
+                     src + (int64_t)(ok ? r0 + r : 0) * ld + k0 + 4 * c4, ok ? 16 : 0);
+        }
+        xdt_cp_commit();
+    };
+    load_tile(Ws, W, K, XDT_TN, n0, Nout);  // before the wait: the weight tile
     bm_pdl_wait_only();
-    // After it: the activation tile (rows past M zero-filled), from L2 (cp.async.cg).
-    for (int i = tid; i < TM * kl4; i += XDT_THREADS) {
-        const int r = i / kl4, c4 = i - r * kl4;
-        const bool ok = m0 + r < M;
-        xdt_cp16(xdt_smem_u32(As + r * S + 4 * c4),
-                 A + (int64_t)(ok ? m0 + r : 0) * lda + k0 + 4 * c4, ok ? 16 : 0);
-    }
-    xdt_cp_commit();
+    load_tile(As, A, lda, TM, m0, M);       // after it: the activation tile
     xdt_cp_wait_all();
     __syncthreads();
 
@@ -206,34 +203,9 @@ std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0}, g_xdt_optin_w{0};
 template <typename... KArgs, typename... Args>
 cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, bool spread,
                        size_t smem, cudaStream_t stream, Args... args) {
-    cudaLaunchAttribute attr[3];
-    int n = 0;
-    if (cluster_x > 1) {
-        attr[n].id = cudaLaunchAttributeClusterDimension;
-        attr[n].val.clusterDim.x = (unsigned)cluster_x;
-        attr[n].val.clusterDim.y = 1;
-        attr[n].val.clusterDim.z = 1;
-        n++;
-        if (spread) {  // a cluster's CTAs on distinct SMs where possible (not measured)
-            attr[n].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
-            attr[n].val.clusterSchedulingPolicyPreference = cudaClusterSchedulingPolicySpread;
-            n++;
-        }
-    }
     const char *env = getenv("BLACKMAMBA_CUDA_PDL");
-    if (!(env && env[0] == '0')) {
-        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[n].val.programmaticStreamSerializationAllowed = 1;
-        n++;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(XDT_THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = n;
-    return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
+    return bm_launch_ex(kernel, grid, dim3(XDT_THREADS), smem, stream, !(env && env[0] == '0'),
+                        (unsigned)cluster_x, spread, args...);
 }
 
 // A 9.0 device with `smem` bytes of shared memory a block; *optin: the device's most.

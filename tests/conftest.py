@@ -151,3 +151,45 @@ def pytest_terminal_summary(terminalreporter):
                       f"{outcomes}")
         total += r["examples"]
     tr.write_line(f"total: {total} fuzz cases (BLACKMAMBA_FUZZ_EXAMPLES sets cases per target)")
+
+
+@pytest.fixture
+def env(request):
+    """env(NAME=value, ...) sets switches (environment variables the engine reads at graph
+    capture) for one test: every name in the calling module's SWITCHES is unset first, and
+    all of them are restored after the test."""
+    switches = request.module.SWITCHES
+    saved = {k: os.environ.get(k) for k in switches}
+
+    def set_(**kv):
+        for k in switches:
+            os.environ.pop(k, None)
+        os.environ.update({k: str(v) for k, v in kv.items()})
+    yield set_
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def decode_steps(g, c, ids, n, state=None):
+    """Prefill ids (B, L) on the GPU model g (from a copy of `state`, else a fresh state: a
+    fresh graph capture, so switches set before apply) and, unless c is None, on the CPU model
+    c; then n steps of the same random tokens (seeded by B). Returns the GPU logits (n, B, V)
+    and the CPU ones (None without c)."""
+    B = ids.shape[0]
+    sg = state.copy() if state is not None else g.new_state(B)
+    g.prefill(ids, sg, logits=None)
+    sc = None
+    if c is not None:
+        sc = c.new_state(B)
+        c.prefill(ids, sc, logits=None)
+    rng = np.random.default_rng(B)
+    outg, outc = [], []
+    for _ in range(n):
+        tok = rng.integers(0, g.vocab_size, B)
+        outg.append(g.step(tok, sg))
+        if c is not None:
+            outc.append(c.step(tok, sc))
+    return np.stack(outg), (np.stack(outc) if c is not None else None)

@@ -18,7 +18,6 @@ Tolerances (relative L2 of the logits, float64 norms):
     under bf16x2 (the y sum in another order).
 """
 import ctypes
-import os
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from blackmamba import _lib, model_cuda
 from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import rel_err
+from conftest import decode_steps as steps, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -49,23 +48,6 @@ def counters():
     return lib.bm_cuda_step_scan4_calls(), lib.bm_cuda_norm_route_pre_calls()
 
 
-@pytest.fixture
-def env():
-    """Sets switches for one test and restores them after."""
-    saved = {k: os.environ.get(k) for k in SWITCHES}
-
-    def set_(**kv):
-        for k in SWITCHES:
-            os.environ.pop(k, None)
-        os.environ.update({k: str(v) for k, v in kv.items()})
-    yield set_
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def make(seed, math="bf16", **over):
     # hidden 64: dt rank 4 (the float4 step needs R % 4 == 0), E = 128, F = 40 (% 8 == 0)
     base = dict(num_layers=1, hidden_size=64, state_size=16, conv_dimension=4, vocab_size=97,
@@ -76,21 +58,6 @@ def make(seed, math="bf16", **over):
     t = random_tensors(cfg, seed=seed)
     return (model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math),
             Model(cfg, t, dtype="bfloat16"))
-
-
-def steps(g, c, ids, n, state=None):
-    """Prefill ids on both models, then n steps; returns the GPU and CPU logits (n, B, V)."""
-    B = ids.shape[0]
-    sg, sc = (state.copy() if state is not None else g.new_state(B)), c.new_state(B)
-    g.prefill(ids, sg, logits=None)
-    c.prefill(ids, sc, logits=None)
-    rng = np.random.default_rng(B)
-    outg, outc = [], []
-    for _ in range(n):
-        tok = rng.integers(0, g.vocab_size, B)
-        outg.append(g.step(tok, sg))
-        outc.append(c.step(tok, sc))
-    return np.stack(outg), np.stack(outc)
 
 
 @pytest.mark.parametrize("B", [2, 5, 8])

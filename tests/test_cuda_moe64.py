@@ -13,7 +13,6 @@ equal), besides the CPU model's tolerance (test_cuda_dec64's: 1e-2 under unsplit
 native counters (counted at launch, i.e. at graph capture).
 """
 import ctypes
-import os
 import zlib
 
 import numpy as np
@@ -23,7 +22,7 @@ from blackmamba import _lib, cuda, model_cuda
 from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import rel_err
+from conftest import decode_steps as steps, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -55,23 +54,6 @@ def _lib_c():
 
 
 LIB = _lib_c()
-
-
-@pytest.fixture
-def env():
-    """Sets switches for one test and restores them after."""
-    saved = {k: os.environ.get(k) for k in SWITCHES}
-
-    def set_(**kv):
-        for k in SWITCHES:
-            os.environ.pop(k, None)
-        os.environ.update({k: str(v) for k, v in kv.items()})
-    yield set_
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def rng_for(*key):
@@ -195,26 +177,6 @@ def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None):
             Model(cfg, t, dtype="bfloat16"))
 
 
-def steps(g, ids, n, c=None):
-    """Prefill ids, then n steps on a fresh state (a fresh graph capture, so the switches
-    apply); returns the GPU logits (n, B, V) and, given the CPU model, its logits."""
-    B = ids.shape[0]
-    sg = g.new_state(B)
-    g.prefill(ids, sg, logits=None)
-    sc = None
-    if c is not None:
-        sc = c.new_state(B)
-        c.prefill(ids, sc, logits=None)
-    rng = np.random.default_rng(B)
-    outg, outc = [], []
-    for _ in range(n):
-        tok = rng.integers(0, g.vocab_size, B)
-        outg.append(g.step(tok, sg))
-        if c is not None:
-            outc.append(c.step(tok, sc))
-    return np.stack(outg), (np.stack(outc) if c is not None else None)
-
-
 def counts():
     return (LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_moe_grouped_pdl_launches(),
             LIB.bm_cuda_norm_route_pre_calls(), LIB.bm_cuda_moe_grouped_expert_launches())
@@ -239,7 +201,7 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
     ids = np.random.default_rng(B + 7).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0)
     k0 = counts()
-    old, want = steps(g, ids, 3, c)
+    old, want = steps(g, c, ids, 3)
     k1 = counts()
     assert k1[0] == k0[0] and k1[1] == k0[1] and k1[3] == k0[3]   # none of the paths taken
     assert k1[2] >= k0[2] + 2                     # the batched routing (two MoE layers)
@@ -259,7 +221,7 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
             kv["BLACKMAMBA_MOE_DEC_PDL_CAP"] = cap
         env(**kv)
         k0 = counts()
-        got, _ = steps(g, ids, 3)
+        got, _ = steps(g, None, ids, 3)
         k1 = counts()
         on_d = disp != "0"
         if pdl is not None:
@@ -283,11 +245,11 @@ def test_pdl_switch_off(env):
     ids = np.random.default_rng(3).integers(0, g.vocab_size, (40, 4))
     env(BLACKMAMBA_MOE_DEC_PDL=3)
     k0 = counts()
-    ref, _ = steps(g, ids, 2)
+    ref, _ = steps(g, None, ids, 2)
     assert counts()[1] > k0[1]
     env(BLACKMAMBA_MOE_DEC_PDL=3, BLACKMAMBA_CUDA_PDL=0)
     k0 = counts()
-    got, _ = steps(g, ids, 2)
+    got, _ = steps(g, None, ids, 2)
     assert counts()[1] == k0[1]
     assert counts()[0] >= k0[0] + 2
     np.testing.assert_array_equal(got, ref)

@@ -15,7 +15,6 @@ Greedy tokens: equal, except where the reference's top-2 gap is within the logit
 difference (a near-tie that either rounding may decide).
 """
 import ctypes
-import os
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from blackmamba import _lib, cuda, model_cuda
 from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import rel_err
+from conftest import decode_steps as steps, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -49,22 +48,6 @@ def launches():
     """(x_proj, dt_proj) launches of xdt.cu so far (counted at capture)."""
     L = lib()
     return L.bm_cuda_xdt_launches(0), L.bm_cuda_xdt_launches(1)
-
-
-@pytest.fixture
-def env():
-    saved = {k: os.environ.get(k) for k in SWITCHES}
-
-    def set_(**kv):
-        for k in SWITCHES:
-            os.environ.pop(k, None)
-        os.environ.update({k: str(v) for k, v in kv.items()})
-    yield set_
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def products(xc, xw, dtw, R, N):
@@ -131,22 +114,6 @@ def model(seed, dtype, math, **over):
     cfg = Config.from_dict(base)
     t = random_tensors(cfg, seed=seed)
     return (model_cuda.CudaModel(cfg, t, dtype=dtype, math=math), Model(cfg, t, dtype=dtype))
-
-
-def steps(g, c, ids, n):
-    """Prefill ids on both models, then n steps (the same random tokens); returns the GPU and
-    CPU logits (n, B, V)."""
-    B = ids.shape[0]
-    sg, sc = g.new_state(B), c.new_state(B)
-    g.prefill(ids, sg, logits=None)
-    c.prefill(ids, sc, logits=None)
-    rng = np.random.default_rng(B)
-    outg, outc = [], []
-    for _ in range(n):
-        tok = rng.integers(0, g.vocab_size, B)
-        outg.append(g.step(tok, sg))
-        outc.append(c.step(tok, sc))
-    return np.stack(outg), np.stack(outc)
 
 
 def assert_greedy_equal(got, ref):

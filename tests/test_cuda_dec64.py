@@ -26,7 +26,7 @@ from blackmamba import _lib, model_cuda
 from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import decode_steps as steps, rel_err
+from conftest import decode_steps as steps, rel_err, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -50,11 +50,7 @@ def counters():
 
 def make(seed, math="bf16", **over):
     # hidden 64: dt rank 4 (the float4 step needs R % 4 == 0), E = 128, F = 40 (% 8 == 0)
-    base = dict(num_layers=1, hidden_size=64, state_size=16, conv_dimension=4, vocab_size=97,
-                ffn_hidden_size=40, mamba_moe_layers=["r", "8", "r", "3"])
-    base.update(over)
-    base["num_layers"] = len(base["mamba_moe_layers"])
-    cfg = Config.from_dict(base)
+    cfg = small_config(**{"hidden_size": 64, "mamba_moe_layers": ["r", "8", "r", "3"], **over})
     t = random_tensors(cfg, seed=seed)
     return (model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math),
             Model(cfg, t, dtype="bfloat16"))

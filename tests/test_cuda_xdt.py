@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 
 from blackmamba import _lib, cuda, model_cuda
-from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import decode_steps as steps, rel_err
+from conftest import decode_steps as steps, rel_err, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -107,11 +106,7 @@ def test_xdt_products_unsupported(E, R, N):
 
 
 def model(seed, dtype, math, **over):
-    base = dict(num_layers=4, hidden_size=64, state_size=16, conv_dimension=4, vocab_size=97,
-                ffn_hidden_size=40, mamba_moe_layers=["r", "8", "r", "3"])
-    base.update(over)
-    base["num_layers"] = len(base["mamba_moe_layers"])
-    cfg = Config.from_dict(base)
+    cfg = small_config(**{"hidden_size": 64, "mamba_moe_layers": ["r", "8", "r", "3"], **over})
     t = random_tensors(cfg, seed=seed)
     return (model_cuda.CudaModel(cfg, t, dtype=dtype, math=math), Model(cfg, t, dtype=dtype))
 

@@ -97,31 +97,39 @@ static inline cudaError_t bm_launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
 }
 
+// May a launch carry the programmatic-stream-serialization attribute here? A device of
+// compute capability 9.0 or more, and BLACKMAMBA_CUDA_PDL not "0" (it turns PDL off
+// everywhere: A/B measurements, or a driver that misbehaves). The one test of both, asked by
+// every launcher that sets the attribute (bm_launch_pdl, grouped.cu, xdt.cu). False on errors.
+static inline bool bm_pdl_allowed() {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+        return false;
+    const char *env = getenv("BLACKMAMBA_CUDA_PDL");
+    return major >= 9 && !(env && env[0] == '0');
+}
+
 // Programmatic dependent launch (Hopper): a kernel launched through bm_launch_pdl may start
 // while the kernel before it in the stream is still finishing, which removes most of the
 // launch gap between the ~160 small kernels of a batch-1 decode graph. Such a kernel must call
 // bm_pdl_wait() first, before touching memory: griddepcontrol.wait returns once the previous
 // grid has completed and its writes are visible, so the stream order is kept (and, every PDL
 // kernel waiting, transitively). On a kernel launched normally the wait is a no-op.
-// Returns a cudaError_t like a launch; on devices below 9.0 the attribute is left off.
+// Returns a cudaError_t like a launch; where bm_pdl_allowed() says no, the attribute is off.
 template <typename... KArgs, typename... Args>
 static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block,
                                         size_t smem, cudaStream_t stream, Args... args) {
-    int dev = 0, major = 0;
+    int dev = 0, sms = 0;
     cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (e != cudaSuccess) return e;
-    // BLACKMAMBA_CUDA_PDL=0 turns it off (A/B measurements, or a driver that misbehaves).
     // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
     // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
     // GEMM (cuda/NOTES.md, gpuperf run 2).
-    int sms = 0;
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (e != cudaSuccess) return e;
-    const char *env = getenv("BLACKMAMBA_CUDA_PDL");
     const bool small = (int64_t)grid.x * grid.y * grid.z <= 8 * (int64_t)sms;
-    const bool pdl = major >= 9 && small && !(env && env[0] == '0');
-    return bm_launch_ex(kernel, grid, block, smem, stream, pdl, 1, false, args...);
+    return bm_launch_ex(kernel, grid, block, smem, stream, small && bm_pdl_allowed(), 1, false,
+                        args...);
 }
 
 // The early form of the decode kernels (BLACKMAMBA_CUDA_PDL_EARLY, default on; "0" turns it

@@ -758,15 +758,7 @@ int64_t row_tiles(int64_t T, int64_t X, int BM) {
 template <typename K>
 int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
                    const GroupedArgs &p) {
-    int on = 0;
-    if (p.pdl != PDL_NONE) {
-        int dev = 0, major = 0;
-        BM_CUDA_TRY(cudaGetDevice(&dev));
-        BM_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-        const char *env = getenv("BLACKMAMBA_CUDA_PDL");
-        on = major >= 9 && !(env && env[0] == '0');
-    }
-    if (!on) {
+    if (p.pdl == PDL_NONE || !bm_pdl_allowed()) {
         kernel<<<grid, nt, smem, stream>>>(p);
         BM_CUDA_LAUNCHED();
         return 0;

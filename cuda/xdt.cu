@@ -203,8 +203,7 @@ std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0}, g_xdt_optin_w{0};
 template <typename... KArgs, typename... Args>
 cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, bool spread,
                        size_t smem, cudaStream_t stream, Args... args) {
-    const char *env = getenv("BLACKMAMBA_CUDA_PDL");
-    return bm_launch_ex(kernel, grid, dim3(XDT_THREADS), smem, stream, !(env && env[0] == '0'),
+    return bm_launch_ex(kernel, grid, dim3(XDT_THREADS), smem, stream, bm_pdl_allowed(),
                         (unsigned)cluster_x, spread, args...);
 }
 

@@ -5,6 +5,8 @@
                                             [--env BLACKMAMBA_DECODE_NORM_FUSE]
 
 --env: A/B another switch read at graph capture instead ("old" = 0, "early" = 1).
+--sets "a:K=V,K2=V2;b:K=V": named sets of switches instead (the first is "old", the second
+"early"; each set unsets the other sets' names).
 
 For each batch size and mode (alternating, `rounds` times): a fresh state, the same 32-token
 prompt, 6 graph steps with the same tokens (their logits must be bit-identical between the
@@ -35,6 +37,7 @@ def main():
     ap.add_argument("--env", default="BLACKMAMBA_CUDA_PDL_EARLY")
     ap.add_argument("--values", default="0,1", help="the switch's values (the first is 'old')")
     ap.add_argument("--trace-batch", type=int, default=1, help="the traced decode's batch")
+    ap.add_argument("--sets", default=None, help='"name:K=V,K=V;name:K=V" (see above)')
     args = ap.parse_args()
     C = _lib.C()
     cfg = Config.from_dict(dict(SHAPE_2_8B))
@@ -45,7 +48,25 @@ def main():
     vals = args.values.split(",")
     MODES = tuple(("old" if i == 0 else "early" if i == 1 else f"v{v}", v)
                   for i, v in enumerate(vals))
-    print(f"A/B of {args.env}: " + ", ".join(f"{n} = {v}" for n, v in MODES), flush=True)
+    sets = {}
+    if args.sets:
+        for i, part in enumerate(args.sets.split(";")):
+            name, _, kvs = part.partition(":")
+            sets[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+        MODES = tuple(("old" if i == 0 else "early" if i == 1 else n, n)
+                      for i, n in enumerate(sets))
+        keys = sorted({k for kv in sets.values() for k in kv})
+
+        class SetEnv(dict):  # os.environ[args.env] = name -> that set's switches
+            def __setitem__(self, key, name):
+                for k in keys:
+                    os.environ.pop(k, None)
+                os.environ.update(sets[name])
+        setenv = SetEnv()
+    else:
+        setenv = os.environ
+    print(f"A/B of {args.env if not sets else 'sets'}: " + ", ".join(
+        f"{n} = {sets.get(v, v)}" for n, v in MODES), flush=True)
     for B in [int(b) for b in args.batches.split(",")]:
         prompt = rng.integers(0, cfg.real_vocab_size, (B, 32))
         toks = rng.integers(0, cfg.real_vocab_size, (6, B))
@@ -53,7 +74,7 @@ def main():
         ref = {}
         for r in range(args.rounds):
             for name, env in MODES:
-                os.environ[args.env] = env
+                setenv[args.env] = env
                 st = model.new_state(B)
                 model.prefill(prompt, st, logits=None)
                 lg = np.stack([np.asarray(model.step(toks[i], st)) for i in range(6)])
@@ -76,7 +97,7 @@ def main():
         from trace_model import kernels_of, report
         torch.cuda.init()
         for name, env in MODES:
-            os.environ[args.env] = env
+            setenv[args.env] = env
             TB = args.trace_batch
             st = model.new_state(TB)
             model.prefill(rng.integers(0, cfg.real_vocab_size, (TB, 32)), st, logits=None)

@@ -81,6 +81,41 @@ __device__ __forceinline__ uint32_t pack_bf16(uint16_t lo, uint16_t hi) {
     return (uint32_t)lo | ((uint32_t)hi << 16);
 }
 
+// One BK-deep k tile of a warp's MMAs from shared memory (grouped_gemm_kernel and
+// grouped_dec_kernel): its MI A row tiles (and their low parts where SPLIT) and its NI weight
+// n8 tiles through ldmatrix, b_base(j) the first shared-memory row of weight pair j, into acc.
+template <int MI, int NI, bool SPLIT, typename BBase>
+__device__ __forceinline__ void mma_k_tile(float (&acc)[MI][NI][4], uint32_t sA, uint32_t sL,
+                                           uint32_t sB, int a_row, int a_chk, int b_row,
+                                           int b_chk, const BBase &b_base) {
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ks++) {
+        uint32_t a[MI][4], al[SPLIT ? MI : 1][4], b[NI][2];
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) {
+            const uint32_t off = swz(a_row + mi * 16, ks * 2 + a_chk);
+            ldmatrix_x4(a[mi], sA + off);
+            if constexpr (SPLIT) ldmatrix_x4(al[mi], sL + off);
+        }
+#pragma unroll
+        for (int j = 0; j < NI / 2; j++) {
+            uint32_t r[4];
+            ldmatrix_x4(r, sB + swz(b_base(j) + b_row, ks * 2 + b_chk));
+            b[2 * j][0] = r[0];
+            b[2 * j][1] = r[1];
+            b[2 * j + 1][0] = r[2];
+            b[2 * j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++) {
+                mma_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                if constexpr (SPLIT) mma_bf16(acc[mi][ni], al[mi], b[ni][0], b[ni][1]);
+            }
+    }
+}
+
 // ---- step 2: x -> bf16 (hi, lo) in token order; zero the rows nobody writes -------------------
 __global__ void to_bf16_kernel(const float *__restrict__ x,      // (T, d)
                                const int32_t *__restrict__ ids,  // (T)
@@ -373,32 +408,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
         const uint32_t sA = sbase + (kt % STAGES) * C::STAGE;
         const uint32_t sL = sA + C::A_BYTES;
         const uint32_t sB = sA + C::A_BYTES * (SPLIT ? 2 : 1);
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ks++) {
-            uint32_t a[C::MI][4], al[SPLIT ? C::MI : 1][4], b[C::NI][2];
-#pragma unroll
-            for (int mi = 0; mi < C::MI; mi++) {
-                const uint32_t off = swz(a_row + mi * 16, ks * 2 + a_chk);
-                ldmatrix_x4(a[mi], sA + off);
-                if constexpr (SPLIT) ldmatrix_x4(al[mi], sL + off);
-            }
-#pragma unroll
-            for (int j = 0; j < C::NI / 2; j++) {
-                uint32_t r[4];
-                ldmatrix_x4(r, sB + swz(b_base(j) + b_row, ks * 2 + b_chk));
-                b[2 * j][0] = r[0];
-                b[2 * j][1] = r[1];
-                b[2 * j + 1][0] = r[2];
-                b[2 * j + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < C::MI; mi++)
-#pragma unroll
-                for (int ni = 0; ni < C::NI; ni++) {
-                    mma_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-                    if constexpr (SPLIT) mma_bf16(acc[mi][ni], al[mi], b[ni][0], b[ni][1]);
-                }
-        }
+        mma_k_tile<C::MI, C::NI, SPLIT>(acc, sA, sL, sB, a_row, a_chk, b_row, b_chk, b_base);
     }
     cp_async_wait<0>();
 
@@ -642,32 +652,7 @@ grouped_dec_kernel(const GroupedArgs p) {
         const uint32_t sL = sA + C::A_BYTES;
         const uint32_t sB = sA + C::A_BYTES * (SPLIT ? 2 : 1);
         rs = rs + 1 == STAGES ? 0 : rs + 1;
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ks++) {
-            uint32_t a[C::MI][4], al[SPLIT ? C::MI : 1][4], b[C::NI][2];
-#pragma unroll
-            for (int mi = 0; mi < C::MI; mi++) {
-                const uint32_t off = swz(a_row + mi * 16, ks * 2 + a_chk);
-                ldmatrix_x4(a[mi], sA + off);
-                if constexpr (SPLIT) ldmatrix_x4(al[mi], sL + off);
-            }
-#pragma unroll
-            for (int jj = 0; jj < C::NI / 2; jj++) {
-                uint32_t r[4];
-                ldmatrix_x4(r, sB + swz(b_base(jj) + b_row, ks * 2 + b_chk));
-                b[2 * jj][0] = r[0];
-                b[2 * jj][1] = r[1];
-                b[2 * jj + 1][0] = r[2];
-                b[2 * jj + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < C::MI; mi++)
-#pragma unroll
-                for (int ni = 0; ni < C::NI; ni++) {
-                    mma_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-                    if constexpr (SPLIT) mma_bf16(acc[mi][ni], al[mi], b[ni][0], b[ni][1]);
-                }
-        }
+        mma_k_tile<C::MI, C::NI, SPLIT>(acc, sA, sL, sB, a_row, a_chk, b_row, b_chk, b_base);
     }
     cp_async_wait<0>();
 

@@ -193,3 +193,16 @@ def decode_steps(g, c, ids, n, state=None):
         if c is not None:
             outc.append(c.step(tok, sc))
     return np.stack(outg), (np.stack(outc) if c is not None else None)
+
+
+def teacher_forced(m, prompt, want):
+    """Prefill prompt (B, L) on model m, then step along the reference tokens want (B, n)
+    (teacher forcing): the logits before each of them, (B, n, V), as the golden's
+    gen_logits."""
+    st = m.new_state(prompt.shape[0])
+    lg = m.prefill(prompt, st, logits="last")
+    steps = []
+    for j in range(want.shape[1]):
+        steps.append(lg)
+        lg = m.step(want[:, j], st)
+    return np.stack(steps, 1)

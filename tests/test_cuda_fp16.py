@@ -29,7 +29,7 @@ import blackmamba as bm
 from blackmamba import model_cuda
 from blackmamba.model import Model, random_tensors
 
-from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config as make_cfg
+from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config as make_cfg, teacher_forced
 
 _needs_gpu = pytest.mark.skipif(not model_cuda.is_available(),
                                 reason="no CUDA device, or blackmamba built without CUDA")
@@ -160,16 +160,11 @@ def test_golden_float16(gold_parts, golden, math):
         assert err < 5e-3 and agree >= 0.98
     # generation: prefill (12 tokens: GEMVs) and steps; device greedy and generate()
     prompt, want = golden["gen_prompt"], golden["gen_tokens"]
-    st = m.new_state(prompt.shape[0])
-    lg = m.prefill(prompt, st, logits="last")
-    steps = []
-    for j in range(want.shape[1]):
-        steps.append(lg)
-        lg = m.step(want[:, j], st)
-    gerr = rel_err(np.stack(steps, 1), golden["gen_logits"])
+    steps = teacher_forced(m, prompt, want)
+    gerr = rel_err(steps, golden["gen_logits"])
     print(f"golden fp16 {math}: generation logits rel L2 {gerr:.3e}")
     assert gerr < TOL_F32
-    np.testing.assert_array_equal(np.stack(steps, 1).argmax(-1), want)
+    np.testing.assert_array_equal(steps.argmax(-1), want)
     np.testing.assert_array_equal(m.greedy(prompt, want.shape[1]), want)
     if math != "fp32":
         return

@@ -148,20 +148,30 @@ def test_grouped_against_reference(monkeypatch, T, X, d, F, kind, split, tiles):
         assert rel_err(got, emulated_bf16(x, ids, gates, fc1, fc2, act)) < TOL_EMULATED
 
 
-def test_grouped_no_gates_and_unrouted_rows():
-    # ids outside [0, X) are routed nowhere: their rows are zero (out starts as 7.0)
-    rng = rng_for("unrouted")
+def unrouted_case(key):
+    """150 tokens over 4 experts with every 7th id -1 and every 11th from the 4th X: routed
+    nowhere. Returns x, ids, fc1, fc2 and check(out): those rows zero (out was filled with
+    7.0 before the call), the others the float64 reference's (split products)."""
+    rng = rng_for(key)
     T, X, d, F = 150, 4, 64, 40
     x = rng.standard_normal((T, d)).astype(np.float32)
     ids = rng.integers(0, X, T)
     ids[::7] = -1
     ids[3::11] = X
     fc1, fc2 = weights(rng, X, d, F)
-    got = grouped(x, ids, None, fc1, fc2, "silu", 1, out_fill=7.0)
     bad = (ids < 0) | (ids >= X)
-    assert np.all(got[bad] == 0)
-    want = ref.moe_experts(x[~bad], ids[~bad], None, fc1, fc2, "silu")
-    assert rel_err(got[~bad], want) < TOL_BF16X2
+
+    def check(got):
+        assert np.all(got[bad] == 0)
+        want = ref.moe_experts(x[~bad], ids[~bad], None, fc1, fc2, "silu")
+        assert rel_err(got[~bad], want) < TOL_BF16X2
+    return x, ids, fc1, fc2, check
+
+
+def test_grouped_no_gates_and_unrouted_rows():
+    # ids outside [0, X) are routed nowhere: their rows are zero
+    x, ids, fc1, fc2, check = unrouted_case("unrouted")
+    check(grouped(x, ids, None, fc1, fc2, "silu", 1, out_fill=7.0))
 
 
 @pytest.mark.parametrize("T,X,d,F", [(65, 8, 64, 24), (400, 4, 200, 136), (3000, 8, 64, 32)])
@@ -380,16 +390,7 @@ def test_grouped_dec_kernel(monkeypatch, T, X, d, F, kind, split):
 
 def test_grouped_dec_unrouted_rows(monkeypatch):
     # ids outside [0, X) (rows zeroed by the conversion pass) on the decode kernel
-    rng = rng_for("dec unrouted")
-    T, X, d, F = 150, 4, 64, 40
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    ids = rng.integers(0, X, T)
-    ids[::7] = -1
-    ids[3::11] = X
-    fc1, fc2 = weights(rng, X, d, F)
+    x, ids, fc1, fc2, check = unrouted_case("dec unrouted")
     got, n = grouped_dec(monkeypatch, "0088", x, ids, None, fc1, fc2, "silu", 1, 7.0)
     assert n == 2
-    bad = (ids < 0) | (ids >= X)
-    assert np.all(got[bad] == 0)
-    want = ref.moe_experts(x[~bad], ids[~bad], None, fc1, fc2, "silu")
-    assert rel_err(got[~bad], want) < TOL_BF16X2
+    check(got)

@@ -25,7 +25,7 @@ from blackmamba import model_cuda
 from blackmamba.config import load_config
 from blackmamba.model import Model, random_tensors
 
-from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config
+from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config, teacher_forced
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -103,13 +103,7 @@ def test_golden_forward_bf16_math(gold_parts, golden):
     # generation: the prompt's prefill (12 tokens) splits, the decode steps at batch 2
     # multiply fp32 activations (GEMV) whatever `math` is
     prompt, want = golden["gen_prompt"], golden["gen_tokens"]
-    st = m.new_state(prompt.shape[0])
-    logits = m.prefill(prompt, st, logits="last")
-    steps = []
-    for j in range(want.shape[1]):
-        steps.append(logits)
-        logits = m.step(want[:, j], st)      # teacher-forced along the reference tokens
-    steps = np.stack(steps, 1)
+    steps = teacher_forced(m, prompt, want)
     assert record("golden_gen_logits_bf16math", rel_err(steps, golden["gen_logits"])) \
         < TOL_SPLIT
     np.testing.assert_array_equal(steps.argmax(-1), want)

@@ -397,6 +397,10 @@ long long bm_cuda_pdl_early_launches(int kind);
 long long bm_cuda_step_scan4_calls(void);
 /* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
 long long bm_cuda_step_scan4_rows_calls(void);
+/* ... of them in the early PDL form (BLACKMAMBA_SCAN4_EARLY: step_scan4_early_kernel) */
+long long bm_cuda_step_scan4_early_calls(void);
+/* Multiprocessors of the current device, or -1 (util.cu). */
+int bm_cuda_sm_count(void);
 /* ... of them computing delta themselves (no dt_proj GEMM; BLACKMAMBA_SCAN4_DT). */
 long long bm_cuda_step_scan4_dt_calls(void);
 /* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */

@@ -1094,6 +1094,111 @@ __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT 
     }
 }
 
+// step_scan4_kernel<1> in an early PDL form for the batched decode (BLACKMAMBA_SCAN4_EARLY):
+// one wave of CTAs (grid-stride, IT (b, e, lane) items a thread), launched with PDL, which
+// reads its items' recurrent state (12 MB at B = 64 of the 2.8B shape) BEFORE
+// griddepcontrol.wait, i.e. while x_proj and dt_proj (latency-bound: HBM idles) still run,
+// then waits and computes and stores as step_scan4_kernel<1> (same arithmetic, same order:
+// bit-identical). Why: step_scan4_kernel's 2944 CTAs at B = 64 are more than a wave, so
+// bm_launch_pdl launches them plainly and the scan (10-11 us a layer) reads its 12 MB and
+// writes them back only after dt_proj completes. The state is written only by this kernel of
+// this layer one step before (each engine pass starts with the plainly launched embed_kernel),
+// as the batch-1 early scan argues (common.cuh bm_pdl_trigger). After the wait every
+// activation is read from L2 (__ldcg: no ld.global.nc, which ptxas may hoist above the wait,
+// and no stale L1 lines). The float4 index of lane g of (b, e) is (b E + e) G + g = the item.
+std::atomic<long long> g_scan4_early{0};  // launches (tests)
+template <int IT>
+__global__ void __launch_bounds__(256, IT == 1 ? 8 : IT == 2 ? 6 : 4) step_scan4_early_kernel(
+    float *__restrict__ ssm, const float *__restrict__ xc, const float *__restrict__ z,
+    const float *__restrict__ dbc, const float *__restrict__ delta, const float *__restrict__ dt_b,
+    const float *__restrict__ A, const float *__restrict__ D, float *__restrict__ y,
+    uint16_t *__restrict__ yb, uint16_t *__restrict__ yl, int64_t BE, int E, int N, int R,
+    int g4) {
+    bm_pdl_trigger();
+    const int G = 1 << g4;
+    const int64_t total = BE << g4, stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    float4 *s4 = reinterpret_cast<float4 *>(ssm);
+    float4 s[IT];
+#pragma unroll
+    for (int k = 0; k < IT; k++) {  // the state: before the wait (items past the end: clamped)
+        const int64_t i = min(t0 + k * stride, total - 1);
+        s[k] = __ldcg(s4 + i);
+    }
+    bm_pdl_wait_only();
+#pragma unroll
+    for (int k = 0; k < IT; k++) {
+        const int64_t iv = t0 + k * stride;
+        if (iv - threadIdx.x % 32 >= total) break;  // the whole warp is past the end
+        const bool valid = iv < total;               // (total is a multiple of G)
+        const int64_t i = valid ? iv : total - 1;
+        const int64_t w = i >> g4;
+        const int g = (int)(i & (G - 1));
+        const int64_t b = w / E;
+        const int e = (int)(w % E);
+        const float dl = __ldcg(delta + w), xv = __ldcg(xc + w), zv = __ldcg(z + w);
+        const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
+        const float *row = dbc + b * (R + 2 * N);
+        const float4 bb = __ldcg(reinterpret_cast<const float4 *>(row + R) + g);
+        const float4 cc = __ldcg(reinterpret_cast<const float4 *>(row + R + N) + g);
+        const float dt = bm_softplus(dl + dt_b[e]);
+        const float dx = dt * xv;
+        float4 h;
+        h.x = fmaf(expf(dt * a.x), s[k].x, dx * bb.x);
+        h.y = fmaf(expf(dt * a.y), s[k].y, dx * bb.y);
+        h.z = fmaf(expf(dt * a.z), s[k].z, dx * bb.z);
+        h.w = fmaf(expf(dt * a.w), s[k].w, dx * bb.w);
+        if (valid) s4[i] = h;
+        float ya = h.x * cc.x;
+        ya = fmaf(h.y, cc.y, ya);
+        ya = fmaf(h.z, cc.z, ya);
+        ya = fmaf(h.w, cc.w, ya);
+        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+        if (valid && g == 0) {
+            const float v = fmaf(D[e], xv, ya) * bm_silu(zv);
+            if (yb) bm_store_bf16(v, yb, yl, w);
+            else y[w] = v;
+        }
+    }
+}
+
+// BLACKMAMBA_SCAN4_EARLY: the batched decode's float4 scan step (one row a lane, delta from
+// dt_proj) as step_scan4_early_kernel where one wave of it holds every item with at most IT
+// items a thread: unset IT <= 2 (the default), "1" IT <= 6, "0" never (the plain
+// step_scan4_kernel). Read at graph capture. Measured on the H200 (2.8B shape, same process,
+// bit-identical logits; cuda/NOTES.md session 7): B = 16 (IT 1) 1.937-1.948 -> 1.934-1.936
+// ms, B = 32 (IT 2) 2.138-2.140 -> 2.121-2.123, B = 64 (IT 6) 2.325-2.327 -> 2.328-2.330:
+// there the six items a thread, each with its L2 loads after the wait, cost what the early
+// state reads save.
+int scan4_early_max_it() {
+    const char *e = getenv("BLACKMAMBA_SCAN4_EARLY");
+    return e && e[0] == '0' ? 0 : e && e[0] == '1' ? 6 : 2;
+}
+// Launches it for `items` (b, e, lane) items if one wave holds them with at most max_it a
+// thread: *done = 1, else 0 (the caller takes step_scan4_kernel); returns a CUDA status.
+template <typename... Args>
+int scan4_early_launch(int64_t items, int max_it, cudaStream_t st, int *done, Args... args) {
+    *done = 0;
+    int dev = 0, sms = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (!bm_pdl_allowed() || sms <= 0) return 0;
+    auto go = [&](auto kernel, int it, int bps) -> int {
+        const int64_t blocks = bm_cdiv(items, 256 * (int64_t)it);
+        if (it > max_it || blocks > (int64_t)sms * bps) return 0;
+        BM_CUDA_TRY(bm_launch_ex(kernel, dim3((unsigned)blocks), dim3(256), 0, st, true, 1, false,
+                                 args...));
+        g_scan4_early.fetch_add(1, std::memory_order_relaxed);
+        *done = 1;
+        return 0;
+    };
+    // (IT, CTAs an SM): (1, 8) to B = 22, (2, 6) to 34, (6, 4) to 68 at the 2.8B shape, 132 SMs
+    int r = go(step_scan4_early_kernel<1>, 1, 8);
+    if (!r && !*done) r = go(step_scan4_early_kernel<2>, 2, 6);
+    if (!r && !*done) r = go(step_scan4_early_kernel<6>, 6, 4);
+    return r;
+}
+
 // BLACKMAMBA_SCAN4_ROWS: batch rows a lane of step_scan4_kernel (1, 2 or 4; default
 // SCAN4_ROWS_DEFAULT, from the measurements in cuda/NOTES.md).
 constexpr int SCAN4_ROWS_DEFAULT = 1;
@@ -1677,16 +1782,24 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         g_scan4.fetch_add(1, std::memory_order_relaxed);
         if (rb > 1) g_scan4_rows.fetch_add(1, std::memory_order_relaxed);
         if (fdt) g_scan4_dt.fetch_add(1, std::memory_order_relaxed);
+        int early = 0;
+        const int max_it = scan4_early_max_it();
+        if (!fdt && rb == 1 && max_it > 0)
+            TRY(scan4_early_launch((B * E) << g4, max_it, st, &early, ssm, (const float *)ws->xc,
+                                   (const float *)z, (const float *)ws->dbc, dl, ly.dt_b, ly.A,
+                                   ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
+                                   ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4));
         auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
                           : rb == 2 ? step_scan4_kernel<2, true>
                                     : step_scan4_kernel<1, true>)
                        : (rb == 4   ? step_scan4_kernel<4>
                           : rb == 2 ? step_scan4_kernel<2>
                                     : step_scan4_kernel<1>);
-        BM_LAUNCH_PDL(k4, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
-                      ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
-                      ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
-                      fdt ? dtw : nullptr);
+        if (!early)
+            BM_LAUNCH_PDL(k4, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
+                          ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
+                          ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
+                          fdt ? dtw : nullptr);
         TRY(mark(m, P_SCAN));
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
         return mark(m, P_OUT);
@@ -2532,6 +2645,10 @@ extern "C" long long bm_cuda_step_scan4_calls(void) {
 
 extern "C" long long bm_cuda_step_scan4_rows_calls(void) {
     return g_scan4_rows.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_step_scan4_early_calls(void) {
+    return g_scan4_early.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_step_scan4_dt_calls(void) {

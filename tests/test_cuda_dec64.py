@@ -36,7 +36,7 @@ TOL_SPLIT = 1e-4
 TOL_SAME = 1e-6
 SWITCHES = ("BLACKMAMBA_DECODE_GEMM_MIN", "BLACKMAMBA_SCAN4", "BLACKMAMBA_DECODE_NORM_BF",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_SCAN4_ROWS", "BLACKMAMBA_MOE_GROUPED_TILES",
-            "BLACKMAMBA_SCAN4_DT")
+            "BLACKMAMBA_SCAN4_DT", "BLACKMAMBA_SCAN4_EARLY")
 
 
 def counters():
@@ -258,3 +258,38 @@ def test_scan4_dt_default(env):
         got, want = steps(g, c, ids, 2)
         assert (counters5()[2] >= n0 + 2) == taken, B
         assert rel_err(got, want) < TOL_SPLIT
+
+
+# ---- session 7: the batched scan step reading its state before the PDL wait -----------------
+
+@pytest.mark.parametrize("B,math", [(12, "bf16"), (40, "bf16x2"), (64, "bf16"), (600, "bf16"),
+                                    (1000, "bf16"), (4000, "bf16")])
+def test_scan4_early(env, B, math):
+    # BLACKMAMBA_SCAN4_EARLY=1 (step_scan4_early_kernel: one wave of CTAs, IT items a thread,
+    # the state read before the wait) against 0: the same arithmetic per (b, e) in the same
+    # order, so bit-identical logits. Taken for each Mamba layer of each capture where one wave
+    # holds the B E G items (hidden 64: E = 128, G = 4 lanes): IT = 1 (8 CTAs of 256 an SM),
+    # 2 (6) or, forced ("1") only, 6 (4); B = 600 and 1000 need IT 2 and 6 on a 132-SM GPU,
+    # B = 4000 fits no wave there (the plain kernel)
+    lib = ctypes.CDLL(_lib.C().__file__)
+    lib.bm_cuda_step_scan4_early_calls.restype = ctypes.c_longlong
+    sms = lib.bm_cuda_sm_count()
+    assert sms > 0
+    items = B * 128 * 4
+    g, c = make(90 + B, math=math)
+    ids = np.random.default_rng(B + 3).integers(0, g.vocab_size, (B, 3))
+    env(BLACKMAMBA_SCAN4_EARLY=0)
+    n0 = lib.bm_cuda_step_scan4_early_calls()
+    old, want = steps(g, c if B <= 64 else None, ids, 2)
+    assert lib.bm_cuda_step_scan4_early_calls() == n0
+    if want is not None:
+        assert rel_err(old, want) < (TOL_SPLIT if math == "bf16x2" else 1e-2)
+    for val, cap in (("1", 24), (None, 12)):   # forced: IT <= 6; the default: IT <= 2
+        env(**({} if val is None else {"BLACKMAMBA_SCAN4_EARLY": val}))
+        fits = items <= sms * 256 * cap
+        n0, s0 = lib.bm_cuda_step_scan4_early_calls(), counters()[0]
+        got, _ = steps(g, None, ids, 2)
+        ns = counters()[0] - s0                        # float4 scan steps captured
+        assert ns >= 2
+        assert lib.bm_cuda_step_scan4_early_calls() - n0 == (ns if fits else 0), val
+        np.testing.assert_array_equal(got, old)

@@ -983,6 +983,34 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
+// One (b, e) lane's update in the float4 step (step_scan4_kernel and its early form, which so
+// do the same arithmetic in the same order): the lane's 4 states s -> h = exp(dt A) s + dt x B
+// (dt = softplus(dt_raw)) into *dst where valid, y = (C . h summed over the G lanes + D x)
+// silu(z) into y[w] (or bf16 yb, yl) by lane 0.
+__device__ __forceinline__ void scan4_item(float4 s, float4 a, float4 bb, float4 cc,
+                                           float dt_raw, float xv, float zv, float De, int G,
+                                           int g, bool valid, int64_t w, float4 *dst, float *y,
+                                           uint16_t *yb, uint16_t *yl) {
+    const float dt = bm_softplus(dt_raw);
+    const float dx = dt * xv;
+    float4 h;
+    h.x = fmaf(expf(dt * a.x), s.x, dx * bb.x);
+    h.y = fmaf(expf(dt * a.y), s.y, dx * bb.y);
+    h.z = fmaf(expf(dt * a.z), s.z, dx * bb.z);
+    h.w = fmaf(expf(dt * a.w), s.w, dx * bb.w);
+    if (valid) *dst = h;
+    float ya = h.x * cc.x;
+    ya = fmaf(h.y, cc.y, ya);
+    ya = fmaf(h.z, cc.z, ya);
+    ya = fmaf(h.w, cc.w, ya);
+    for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
+    if (valid && g == 0) {
+        const float v = fmaf(De, xv, ya) * bm_silu(zv);
+        if (yb) bm_store_bf16(v, yb, yl, w);
+        else y[w] = v;
+    }
+}
+
 // step_scan_kernel's !FUSED_DT case (delta from the dt_proj GEMM: batched decode) with
 // G = N/4 lanes per (b, e), each owning 4 consecutive states: one 16-byte load and store of
 // the state per lane (the scalar kernel's lanes stride n by G: 4-byte accesses, ~1.6 TB/s on
@@ -1073,24 +1101,8 @@ __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT 
         const float *row = dbc + b * (R + 2 * N);
         const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
         const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
-        const float dt = bm_softplus(dl[j] + dtb);
-        const float dx = dt * xv[j];
-        float4 h;
-        h.x = fmaf(expf(dt * a.x), s[j].x, dx * bb.x);
-        h.y = fmaf(expf(dt * a.y), s[j].y, dx * bb.y);
-        h.z = fmaf(expf(dt * a.z), s[j].z, dx * bb.z);
-        h.w = fmaf(expf(dt * a.w), s[j].w, dx * bb.w);
-        if (valid) reinterpret_cast<float4 *>(ssm + w * N)[g] = h;
-        float ya = h.x * cc.x;
-        ya = fmaf(h.y, cc.y, ya);
-        ya = fmaf(h.z, cc.z, ya);
-        ya = fmaf(h.w, cc.w, ya);
-        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
-        if (valid && g == 0) {
-            const float v = fmaf(De, xv[j], ya) * bm_silu(zv[j]);
-            if (yb) bm_store_bf16(v, yb, yl, w);
-            else y[w] = v;
-        }
+        scan4_item(s[j], a, bb, cc, dl[j] + dtb, xv[j], zv[j], De, G, g, valid, w,
+                   reinterpret_cast<float4 *>(ssm + w * N) + g, y, yb, yl);
     }
 }
 
@@ -1141,24 +1153,8 @@ __global__ void __launch_bounds__(256, IT == 1 ? 8 : IT == 2 ? 6 : 4) step_scan4
         const float *row = dbc + b * (R + 2 * N);
         const float4 bb = __ldcg(reinterpret_cast<const float4 *>(row + R) + g);
         const float4 cc = __ldcg(reinterpret_cast<const float4 *>(row + R + N) + g);
-        const float dt = bm_softplus(dl + dt_b[e]);
-        const float dx = dt * xv;
-        float4 h;
-        h.x = fmaf(expf(dt * a.x), s[k].x, dx * bb.x);
-        h.y = fmaf(expf(dt * a.y), s[k].y, dx * bb.y);
-        h.z = fmaf(expf(dt * a.z), s[k].z, dx * bb.z);
-        h.w = fmaf(expf(dt * a.w), s[k].w, dx * bb.w);
-        if (valid) s4[i] = h;
-        float ya = h.x * cc.x;
-        ya = fmaf(h.y, cc.y, ya);
-        ya = fmaf(h.z, cc.z, ya);
-        ya = fmaf(h.w, cc.w, ya);
-        for (int o = G / 2; o > 0; o >>= 1) ya += __shfl_xor_sync(0xffffffffu, ya, o);
-        if (valid && g == 0) {
-            const float v = fmaf(D[e], xv, ya) * bm_silu(zv);
-            if (yb) bm_store_bf16(v, yb, yl, w);
-            else y[w] = v;
-        }
+        scan4_item(s[k], a, bb, cc, dl + dt_b[e], xv, zv, D[e], G, g, valid, w, s4 + i, y, yb,
+                   yl);
     }
 }
 

@@ -67,9 +67,9 @@
 bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const void *x_w,
                const void *dbc, const void *dt_w, const void *delta);
 int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
-                 int64_t E, cudaStream_t stream, bool late, bool spread);
+                 int64_t E, cudaStream_t stream);
 int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
-                  int64_t E, int64_t R, cudaStream_t stream, bool late, bool wide);
+                  int64_t E, int64_t R, cudaStream_t stream);
 
 #define TRY(call)                     \
     do {                              \
@@ -1223,15 +1223,13 @@ bool scan4_dt_on(int64_t B) {
 // of cuBLAS's tf32 K-split GEMM, its reduction kernel and the tf32 dt_proj GEMM. Unset: at
 // more than GEMV_ROWS rows (XDT_DEC_DEFAULT; measured on the H200, cuda/NOTES.md session 6
 // xdt64: B = 16 1.964 against 2.025 ms/step, B = 64 2.357 against 2.356); "1": at every
-// batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never. Variants of "1",
-// not measured yet (an A/B for the next session; cuda/NOTES.md session 6 xdt64): "2" / "3"
-// dt_proj's / both kernels' PDL trigger at their end instead of first (bit-identical
-// results); "4" dt_proj in 64-row tiles (its sums in another order); "5" = 4 + 2; "6" x_proj's
-// clusters launched with the spread scheduling policy (bit-identical).
+// batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never. (Its variants,
+// a PDL trigger at a kernel's end, dt_proj in 64-row tiles, x_proj's clusters spread, all
+// measured no faster and removed: cuda/NOTES.md sessions 6 and 7.)
 constexpr bool XDT_DEC_DEFAULT = true;
 int xdt_dec_mode(int64_t B) {
     const char *e = getenv("BLACKMAMBA_XDT_DEC");
-    if (e && e[0] >= '0' && e[0] <= '6') return e[0] - '0';
+    if (e && (e[0] == '0' || e[0] == '1')) return e[0] - '0';
     return XDT_DEC_DEFAULT && B > GEMV_ROWS ? 1 : 0;
 }
 
@@ -1738,7 +1736,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const bool xdt = B > ws->gv && xmode && xw32 && dtw &&
                      bm_xdt_ok(B, E, R, N, ws->xc, xw32, ws->dbc, dtw, ws->delta);
     if (xdt)
-        TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st, xmode == 3, xmode == 6));
+        TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st));
     else TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
     TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
@@ -1761,8 +1759,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
     if (!fused && !fdt) {
         if (xdt)
-            TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st,
-                              xmode == 2 || xmode == 3 || xmode == 5, xmode >= 4));
+            TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st));
         else TRY(dt_proj(m, ws, ly, B));
         TRY(mark(m, P_DT));
     }

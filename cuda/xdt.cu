@@ -86,8 +86,7 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     const float *W,   // (Nout, K) float32 weights, never written after upload (read before it)
     float *C,         // (M, ldc)
     int64_t ldc, int M, int Nout, int K,
-    int kc,           // K columns a CTA: CL, slice blockIdx.x; else all of K
-    int late) {       // 1: trigger the next kernel at the end, not first (BLACKMAMBA_XDT_DEC)
+    int kc) {         // K columns a CTA: CL, slice blockIdx.x; else all of K
     constexpr int WK = 8 / WM;  // warps along K
     constexpr int TM = 16 * WM; // rows a CTA
     constexpr int TO = TM * XDT_TN;
@@ -103,10 +102,9 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     const int n0 = (int)blockIdx.y * XDT_TN, m0 = (int)blockIdx.z * TM;
     // Trigger first: the next kernel's CTAs may take free slots and load their own weights
     // (the dt_proj CTAs behind x_proj, the scan behind dt_proj); each waits on this grid's
-    // completion before reading what it writes (common.cuh bm_pdl_trigger). late: at the
-    // end instead, so that the next kernel's CTAs (the scan's 2944 at B = 64) are not
-    // resident, waiting, while this one computes (not measured; see cuda/NOTES.md).
-    if (!late) bm_pdl_trigger();
+    // completion before reading what it writes (common.cuh bm_pdl_trigger). (Triggering at
+    // the end instead measured slower: cuda/NOTES.md sessions 6 and 7.)
+    bm_pdl_trigger();
     // rows [r0, r0 + nrows) of src (leading dimension ld), this CTA's K slice, into dst (rows
     // of S floats); rows past `lim` zero-filled. cp.async.cg: from L2.
     auto load_tile = [&](float *dst, const float *src, int64_t ld, int nrows, int r0, int lim) {
@@ -193,18 +191,17 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
         }
         cl.sync();  // no CTA leaves (freeing its shared memory) while others still read it
     }
-    if (late) bm_pdl_trigger();
 }
 
-std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0}, g_xdt_optin_w{0};
+std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0};
 
 // The launch: cluster dimension (x_proj) and programmatic stream serialization together
 // (bm_launch_pdl sets only the latter); BLACKMAMBA_CUDA_PDL=0 turns PDL off as there.
 template <typename... KArgs, typename... Args>
-cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, bool spread,
-                       size_t smem, cudaStream_t stream, Args... args) {
+cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, size_t smem,
+                       cudaStream_t stream, Args... args) {
     return bm_launch_ex(kernel, grid, dim3(XDT_THREADS), smem, stream, bm_pdl_allowed(),
-                        (unsigned)cluster_x, spread, args...);
+                        (unsigned)cluster_x, false, args...);
 }
 
 // A 9.0 device with `smem` bytes of shared memory a block; *optin: the device's most.
@@ -241,12 +238,12 @@ bool bm_xdt_ok(int64_t M, int64_t E, int64_t R, int64_t N, const void *xc, const
         return false;
     }
     return major >= 9 && (size_t)xdt_smem_floats(1, true, (int)xdt_kc(E)) * 4 <= (size_t)optin &&
-           (size_t)xdt_smem_floats(4, false, (int)R) * 4 <= (size_t)optin;  // >= WM 2's
+           (size_t)xdt_smem_floats(2, false, (int)R) * 4 <= (size_t)optin;
 }
 
 // dbc (M, P) = xc (M, E) @ x_w^T, x_w (P, E) float32: the cluster K-split kernel.
 int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64_t P,
-                 int64_t E, cudaStream_t stream, bool late, bool spread) {
+                 int64_t E, cudaStream_t stream) {
     if (E % 4 || (((uintptr_t)xc | (uintptr_t)x_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt x_proj: needs E % 4 == 0 and 16-byte aligned rows");
     const int kc = (int)xdt_kc(E);
@@ -258,30 +255,28 @@ int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64
     if (int st = bm_smem_optin(k, optin, g_xdt_optin_x)) return st;
     g_xdt[0].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(XDT_CS, (unsigned)bm_cdiv(P, XDT_TN), (unsigned)bm_cdiv(M, 16));
-    BM_CUDA_TRY(xdt_launch(k, grid, XDT_CS, spread, smem, stream, xc, (int64_t)E, x_w, dbc,
-                           (int64_t)P,
-                           (int)M, (int)P, (int)E, kc, late ? 1 : 0));
+    BM_CUDA_TRY(xdt_launch(k, grid, XDT_CS, smem, stream, xc, (int64_t)E, x_w, dbc, (int64_t)P,
+                           (int)M, (int)P, (int)E, kc));
     return 0;
 }
 
-// delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T, dt_w (E, R) float32. wide: 64-row tiles
-// (xdt_gemm_kernel<4, false>: 92 CTAs at the 2.8B shape and B = 64, one an SM next to
-// x_proj's, where the 32-row tiles' 184 do not all fit beside it), not measured yet.
+// delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T, dt_w (E, R) float32: 32-row tiles
+// (xdt_gemm_kernel<2, false>; 64-row tiles measured slower, cuda/NOTES.md session 7).
 int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, int64_t M,
-                  int64_t E, int64_t R, cudaStream_t stream, bool late, bool wide) {
+                  int64_t E, int64_t R, cudaStream_t stream) {
     if (R % 4 || P % 4 || (((uintptr_t)dbc | (uintptr_t)dt_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt dt_proj: needs R, P % 4 == 0 and 16-byte aligned rows");
-    const int WM = wide ? 4 : 2;
+    constexpr int WM = 2;
     const size_t smem = (size_t)xdt_smem_floats(WM, false, (int)R) * 4;
     int optin = 0;
     if (int st = xdt_check_dev(smem, &optin)) return st;
-    auto *k = wide ? xdt_gemm_kernel<4, false> : xdt_gemm_kernel<2, false>;
+    auto *k = xdt_gemm_kernel<WM, false>;
     if (smem > 48 * 1024)
-        if (int st = bm_smem_optin(k, optin, wide ? g_xdt_optin_w : g_xdt_optin_d)) return st;
+        if (int st = bm_smem_optin(k, optin, g_xdt_optin_d)) return st;
     g_xdt[1].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(1, (unsigned)bm_cdiv(E, XDT_TN), (unsigned)bm_cdiv(M, 16 * WM));
-    BM_CUDA_TRY(xdt_launch(k, grid, 1, false, smem, stream, dbc, P, dt_w, delta, E, (int)M,
-                           (int)E, (int)R, (int)R, late ? 1 : 0));
+    BM_CUDA_TRY(xdt_launch(k, grid, 1, smem, stream, dbc, P, dt_w, delta, E, (int)M, (int)E,
+                           (int)R, (int)R));
     return 0;
 }
 
@@ -293,8 +288,8 @@ extern "C" int bm_cuda_xdt_products(const float *xc, const float *x_w, const flo
         return BM_CUDA_ARG_FAIL("xdt: shape, alignment or device not supported");
     cudaStream_t st = (cudaStream_t)stream;
     const int64_t P = R + 2 * N;
-    if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st, false, false)) return s;
-    if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st, false, false)) return s;
+    if (int s = bm_xdt_xproj(xc, x_w, dbc, M, P, E, st)) return s;
+    if (int s = bm_xdt_dtproj(dbc, P, dt_w, delta, M, E, R, st)) return s;
     BM_CUDA_TRY(cudaStreamSynchronize(st));
     return 0;
 }

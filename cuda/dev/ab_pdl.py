@@ -48,23 +48,23 @@ def main():
     vals = args.values.split(",")
     MODES = tuple(("old" if i == 0 else "early" if i == 1 else f"v{v}", v)
                   for i, v in enumerate(vals))
-    sets = {}
+    sets = {}  # --sets: name -> its switches
     if args.sets:
-        for i, part in enumerate(args.sets.split(";")):
+        for part in args.sets.split(";"):
             name, _, kvs = part.partition(":")
             sets[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
         MODES = tuple(("old" if i == 0 else "early" if i == 1 else n, n)
                       for i, n in enumerate(sets))
-        keys = sorted({k for kv in sets.values() for k in kv})
+    keys = sorted({k for kv in sets.values() for k in kv})
 
-        class SetEnv(dict):  # os.environ[args.env] = name -> that set's switches
-            def __setitem__(self, key, name):
-                for k in keys:
-                    os.environ.pop(k, None)
-                os.environ.update(sets[name])
-        setenv = SetEnv()
-    else:
-        setenv = os.environ
+    def apply(v):
+        """Switch to mode value v: the switch's value, or (--sets) a set's name."""
+        if not sets:
+            os.environ[args.env] = v
+            return
+        for k in keys:
+            os.environ.pop(k, None)
+        os.environ.update(sets[v])
     print(f"A/B of {args.env if not sets else 'sets'}: " + ", ".join(
         f"{n} = {sets.get(v, v)}" for n, v in MODES), flush=True)
     for B in [int(b) for b in args.batches.split(",")]:
@@ -74,7 +74,7 @@ def main():
         ref = {}
         for r in range(args.rounds):
             for name, env in MODES:
-                setenv[args.env] = env
+                apply(env)
                 st = model.new_state(B)
                 model.prefill(prompt, st, logits=None)
                 lg = np.stack([np.asarray(model.step(toks[i], st)) for i in range(6)])
@@ -97,7 +97,7 @@ def main():
         from trace_model import kernels_of, report
         torch.cuda.init()
         for name, env in MODES:
-            setenv[args.env] = env
+            apply(env)
             TB = args.trace_batch
             st = model.new_state(TB)
             model.prefill(rng.integers(0, cfg.real_vocab_size, (TB, 32)), st, logits=None)

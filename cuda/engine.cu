@@ -1175,9 +1175,8 @@ int scan4_early_max_it() {
 template <typename... Args>
 int scan4_early_launch(int64_t items, int max_it, cudaStream_t st, int *done, Args... args) {
     *done = 0;
-    int dev = 0, sms = 0;
-    BM_CUDA_TRY(cudaGetDevice(&dev));
-    BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int sms = 0;
+    TRY(bm_sm_count(&sms));
     if (!bm_pdl_allowed() || sms <= 0) return 0;
     auto go = [&](auto kernel, int it, int bps) -> int {
         const int64_t blocks = bm_cdiv(items, 256 * (int64_t)it);

@@ -777,14 +777,6 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, int sms, cudaS
 // Sequence-parallel scan: the launches that took it (tests assert the path was taken).
 std::atomic<long long> g_scan_segmented{0};
 
-int sm_count(int *sms) {
-    int dev = 0;
-    *sms = 132;
-    BM_CUDA_TRY(cudaGetDevice(&dev));
-    BM_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev));
-    return 0;
-}
-
 // Threads per channel of the sequence-parallel scan: at most 8 states per thread, the
 // throughput winner at b = 8 (TPC = 2 at N = 16); the segments, not more threads per channel,
 // fill the machine.
@@ -889,7 +881,7 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         return BM_CUDA_ARG_FAIL("scan: 16-bit activations write y in their own dtype only");
     int sms = 132;
     {
-        const int st0 = sm_count(&sms);
+        const int st0 = bm_sm_count(&sms);
         if (st0) return st0;
     }
     // Sequence parallelism (see the top of the file).
@@ -1013,7 +1005,7 @@ extern "C" int bm_cuda_scan_forward_act(const void *u, const void *delta, const 
 extern "C" size_t bm_cuda_scan_workspace(int64_t E, int64_t N) {
     // The auto rule's S * b is at most 8 * sms / (blocks per batch row) for any b and L.
     int sms = 132;
-    if (E <= 0 || N < 1 || sm_count(&sms)) return 0;
+    if (E <= 0 || N < 1 || bm_sm_count(&sms)) return 0;
     const int64_t nblk1 = bm_cdiv(E, SCAN_THREADS / seg_tpc(N));
     return (size_t)(8 * (int64_t)sms / nblk1 * E * (N + 1)) * sizeof(float);
 }

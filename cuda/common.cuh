@@ -45,6 +45,15 @@ static inline int bm_cuda_fail_cuda_(const char *file, int line, cudaError_t e) 
 
 static inline int64_t bm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Multiprocessors of the current device into *sms; returns 0 or, as BM_CUDA_TRY, the failing
+// CUDA status (recorded). The one SM-count query of the launchers (one-wave rules, grid caps).
+static inline int bm_sm_count(int *sms) {
+    int dev = 0;
+    BM_CUDA_TRY(cudaGetDevice(&dev));
+    BM_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev));
+    return 0;
+}
+
 // Raise `kernel`'s dynamic shared-memory cap to `bytes` once per device (bit d of `done`).
 // Once, not per call: cudaFuncSetAttribute is not a stream operation, and launchers must stay
 // capturable into CUDA graphs. Concurrent first calls just set the same value twice.
@@ -120,10 +129,9 @@ static inline bool bm_pdl_allowed() {
 template <typename... KArgs, typename... Args>
 static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block,
                                         size_t smem, cudaStream_t stream, Args... args) {
-    int dev = 0, sms = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (e != cudaSuccess) return e;
+    int sms = 0;
+    const int st = bm_sm_count(&sms);
+    if (st) return (cudaError_t)st;
     // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
     // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
     // GEMM (cuda/NOTES.md, gpuperf run 2).

@@ -1175,9 +1175,8 @@ int scan4_early_max_it() {
 template <typename... Args>
 int scan4_early_launch(int64_t items, int max_it, cudaStream_t st, int *done, Args... args) {
     *done = 0;
-    int dev = 0, sms = 0;
-    BM_CUDA_TRY(cudaGetDevice(&dev));
-    BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int sms = 0;
+    TRY(bm_sm_count(&sms));
     if (!bm_pdl_allowed() || sms <= 0) return 0;
     auto go = [&](auto kernel, int it, int bps) -> int {
         const int64_t blocks = bm_cdiv(items, 256 * (int64_t)it);
@@ -1782,17 +1781,18 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                                    (const float *)z, (const float *)ws->dbc, dl, ly.dt_b, ly.A,
                                    ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
                                    ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4));
-        auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
-                          : rb == 2 ? step_scan4_kernel<2, true>
-                                    : step_scan4_kernel<1, true>)
-                       : (rb == 4   ? step_scan4_kernel<4>
-                          : rb == 2 ? step_scan4_kernel<2>
-                                    : step_scan4_kernel<1>);
-        if (!early)
+        if (!early) {
+            auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
+                              : rb == 2 ? step_scan4_kernel<2, true>
+                                        : step_scan4_kernel<1, true>)
+                           : (rb == 4   ? step_scan4_kernel<4>
+                              : rb == 2 ? step_scan4_kernel<2>
+                                        : step_scan4_kernel<1>);
             BM_LAUNCH_PDL(k4, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
                           ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
                           ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
                           fdt ? dtw : nullptr);
+        }
         TRY(mark(m, P_SCAN));
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
         return mark(m, P_OUT);

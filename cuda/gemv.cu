@@ -481,9 +481,11 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     // The batch-1 graph's products in the early form (gemv1_kernel): the engine's weights, one
     // row of x, and a grid that bm_launch_pdl launches with PDL (one wave; the LM head's 6288
     // blocks are not, and run gemv_kernel as before).
-    int dev = 0, sms = 0;
-    BM_CUDA_TRY(cudaGetDevice(&dev));
-    BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int sms = 0;
+    {
+        const int st0 = bm_sm_count(&sms);
+        if (st0) return st0;
+    }
     const bool early = p.w_static && p.M == 1 && X == 1 && !p.ids && bm_pdl_early() &&
                        (int64_t)grid.x * grid.y <= 8 * (int64_t)sms;
     // The norm prologue rides along where its row fits 48 KB of shared memory, float4-wise:

@@ -753,9 +753,9 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
         // gather on the SMs that free first (up to the shared-memory limit: 9 of fc2's 24 KB
         // CTAs at T = 64) instead of spreading over all of them as a plain launch does.
         // Padding the shared memory caps them at ceil(CTAs / SMs) an SM (of 220 KB).
-        int dev = 0, sms = 0;
-        BM_CUDA_TRY(cudaGetDevice(&dev));
-        BM_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        int sms = 0;
+        const int st = bm_sm_count(&sms);
+        if (st) return st;
         const int64_t per = bm_cdiv((int64_t)grid.x * grid.y * grid.z, sms > 0 ? sms : 1);
         const int pad = (int)((220 * 1024 / (per > 0 ? per : 1)) & ~127);
         if (pad > smem) {

@@ -716,19 +716,17 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
 // VAR 3 0.7393 / 0.7402 ms), so the condition is gone. VAR 4 measured 0.3-0.5% under VAR 3 at
 // b = 8, within the rounds' spread: not the default. BLACKMAMBA_SCAN_VAR=0..4 overrides the
 // default, for same-process A/B measurements of the whole model.
-int default_var(int tpc, int64_t blocks, int sms) {
+int default_var(int tpc) {
     static const int env = [] {
         const char *v = getenv("BLACKMAMBA_SCAN_VAR");
         return v && v[0] >= '0' && v[0] <= '4' && v[1] == 0 ? v[0] - '0' : -1;
     }();
     if (env >= 0) return env;
-    (void)blocks;
-    (void)sms;
     return tpc >= 2 ? 3 : 1;
 }
 
 template <int NT, int TPC>
-int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, int sms, cudaStream_t stream) {
+int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
@@ -748,7 +746,7 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, int sms, cudaS
         }
         return BM_CUDA_ARG_FAIL("scan: 16-bit activations need one pass at threads_per_channel >= 2");
     }
-    if (var < 0) var = default_var(TPC, (int64_t)grid.x * grid.y, sms);
+    if (var < 0) var = default_var(TPC);
     if (var >= 2 && TPC < 2) var = 1;  // the packed layout does not fit 48 KB at TPC = 1
     if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
         grid.z = (unsigned)(p.nseg - 1);
@@ -776,14 +774,6 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, int sms, cudaS
 
 // Sequence-parallel scan: the launches that took it (tests assert the path was taken).
 std::atomic<long long> g_scan_segmented{0};
-
-int sm_count(int *sms) {
-    int dev = 0;
-    *sms = 132;
-    BM_CUDA_TRY(cudaGetDevice(&dev));
-    BM_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev));
-    return 0;
-}
 
 // Threads per channel of the sequence-parallel scan: at most 8 states per thread, the
 // throughput winner at b = 8 (TPC = 2 at N = 16); the segments, not more threads per channel,
@@ -889,7 +879,7 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         return BM_CUDA_ARG_FAIL("scan: 16-bit activations write y in their own dtype only");
     int sms = 132;
     {
-        const int st0 = sm_count(&sms);
+        const int st0 = bm_sm_count(&sms);
         if (st0) return st0;
     }
     // Sequence parallelism (see the top of the file).
@@ -945,15 +935,15 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
         const int64_t per = bm_cdiv(N, tpc);  // states per thread
         const int nt = per <= 4 ? 4 : per <= 8 ? 8 : 16;
         switch (tpc * 100 + nt) {
-            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, adt, sms, stream); break;
-            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, adt, sms, stream); break;
-            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, adt, sms, stream); break;
-            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, adt, sms, stream); break;
-            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, adt, sms, stream); break;
-            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, adt, sms, stream); break;
-            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, adt, sms, stream); break;
-            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, adt, sms, stream); break;
-            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, adt, sms, stream); break;
+            case 104: st = scan_fwd_launch<4, 1>(p, (int)b, var, adt, stream); break;
+            case 108: st = scan_fwd_launch<8, 1>(p, (int)b, var, adt, stream); break;
+            case 116: st = scan_fwd_launch<16, 1>(p, (int)b, var, adt, stream); break;
+            case 204: st = scan_fwd_launch<4, 2>(p, (int)b, var, adt, stream); break;
+            case 208: st = scan_fwd_launch<8, 2>(p, (int)b, var, adt, stream); break;
+            case 216: st = scan_fwd_launch<16, 2>(p, (int)b, var, adt, stream); break;
+            case 404: st = scan_fwd_launch<4, 4>(p, (int)b, var, adt, stream); break;
+            case 408: st = scan_fwd_launch<8, 4>(p, (int)b, var, adt, stream); break;
+            case 416: st = scan_fwd_launch<16, 4>(p, (int)b, var, adt, stream); break;
         }
         if (st == -1) st = BM_CUDA_ARG_FAIL("scan: no kernel for this N");
     }
@@ -1013,7 +1003,7 @@ extern "C" int bm_cuda_scan_forward_act(const void *u, const void *delta, const 
 extern "C" size_t bm_cuda_scan_workspace(int64_t E, int64_t N) {
     // The auto rule's S * b is at most 8 * sms / (blocks per batch row) for any b and L.
     int sms = 132;
-    if (E <= 0 || N < 1 || sm_count(&sms)) return 0;
+    if (E <= 0 || N < 1 || bm_sm_count(&sms)) return 0;
     const int64_t nblk1 = bm_cdiv(E, SCAN_THREADS / seg_tpc(N));
     return (size_t)(8 * (int64_t)sms / nblk1 * E * (N + 1)) * sizeof(float);
 }

@@ -58,9 +58,6 @@ extern "C" int bm_cuda_i32_to_i64(const int32_t *src, int64_t *dst, int64_t n, c
 // Multiprocessors of the current device, or -1 (tests: the one-wave rules of the early decode
 // kernels depend on it).
 extern "C" int bm_cuda_sm_count(void) {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-        return -1;
-    return sms;
+    int sms = 0;
+    return bm_sm_count(&sms) ? -1 : sms;
 }

@@ -482,10 +482,7 @@ int gemv_launch_mt(const GemvParams &p, int X, int ks, cudaStream_t stream) {
     // row of x, and a grid that bm_launch_pdl launches with PDL (one wave; the LM head's 6288
     // blocks are not, and run gemv_kernel as before).
     int sms = 0;
-    {
-        const int st0 = bm_sm_count(&sms);
-        if (st0) return st0;
-    }
+    if (const int st0 = bm_sm_count(&sms)) return st0;
     const bool early = p.w_static && p.M == 1 && X == 1 && !p.ids && bm_pdl_early() &&
                        (int64_t)grid.x * grid.y <= 8 * (int64_t)sms;
     // The norm prologue rides along where its row fits 48 KB of shared memory, float4-wise:

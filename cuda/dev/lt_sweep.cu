@@ -16,14 +16,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                               \
-    do {                                                                                    \
-        cudaError_t e_ = (x);                                                               \
-        if (e_ != cudaSuccess) {                                                            \
-            printf("CUDA error %s at line %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                                        \
-        }                                                                                   \
-    } while (0)
+#include "dev_check.cuh"
 #define CB(x)                                                                  \
     do {                                                                       \
         cublasStatus_t s_ = (x);                                               \

@@ -20,14 +20,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                               \
-    do {                                                                                    \
-        cudaError_t e_ = (x);                                                               \
-        if (e_ != cudaSuccess) {                                                            \
-            printf("CUDA error %s at line %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                                        \
-        }                                                                                   \
-    } while (0)
+#include "dev_check.cuh"
 
 __device__ uint32_t g_sink;
 
@@ -130,6 +123,18 @@ __device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
         " @!P bra WAIT_%=;\n}\n" ::"r"(smem_u32(b)),
         "r"(parity));
 }
+// Thread 0 sets up a ring's S full (one arrival: the producer's expect_tx) and S empty (NC
+// arrivals: the consumer warps) mbarriers; the whole CTA waits for it.
+__device__ __forceinline__ void ring_init(uint64_t *full, uint64_t *empty, int S, int NC) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, NC);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+}
 __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes,
                                          uint64_t *bar) {
     asm volatile(
@@ -150,14 +155,7 @@ __global__ void slice_bulk_kernel(const uint4 *__restrict__ p, size_t n16, int c
     const size_t per = n16 / gridDim.x;
     const uint4 *q = p + blockIdx.x * per;
     const int nch = (int)(per / chunk16);
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < S; s++) {
-            mbar_init(full + s, 1);
-            mbar_init(empty + s, NC);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    ring_init(full, empty, S, NC);
     uint32_t acc = 0;
     if (warp == NC) {
         if (lane == 0) {
@@ -196,14 +194,7 @@ __global__ void rows_bulk_kernel(const unsigned char *__restrict__ p, size_t byt
     const size_t nch_all = bytes / chunk;
     const size_t c0 = nch_all * blockIdx.x / gridDim.x, c1 = nch_all * (blockIdx.x + 1) / gridDim.x;
     const int nch = (int)(c1 - c0);
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < S; s++) {
-            mbar_init(full + s, 1);
-            mbar_init(empty + s, NC);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    ring_init(full, empty, S, NC);
     if (warp == NC) {
         if (lane == 0) {
             for (int c = 0; c < nch; c++) {

@@ -13,11 +13,11 @@
 // products they replace: 24 against 11 significant bits per operand).
 //
 // One kernel template, xdt_gemm_kernel<WM, CL>: C (M, Nout) = A (M, K) @ W^T, W (Nout, K).
-// A CTA computes a (16 WM rows) x (32 columns) tile over its K columns with 8 warps: WM warps
-// along the rows, 8 / WM warps along K (each warp every (8/WM)-th float4 column); a lane holds
-// a 4 x 4 register tile (rows rg + 4i, columns cg + 8j of its warp's 16 x 32; rg = lane / 8,
-// cg = lane % 8) and per float4 column reads 4 A and 4 W float4 from shared memory for 64
-// FMAs. The warps' partial tiles are summed through shared memory in warp order.
+// A CTA computes a (16 WM rows) x (32 columns) tile over its K columns with NW warps (8; x_proj
+// 16 at up to 32 rows: xdt_xproj_warps): WM warps along the rows, NW / WM warps along K (each
+// warp every (NW/WM)-th float4 column); a lane holds a 4 x 4 register tile (rows rg + 4i,
+// columns cg + 8j of its warp's 16 x 32; rg = lane / 8, cg = lane % 8) and per float4 column
+// reads 4 A and 4 W float4 from shared memory for 64 FMAs. The warps' partial tiles are summed through shared memory in warp order.
 //  - dt_proj (CL false, WM 2): a CTA has the whole K = R; grid (1, cdiv(E, 32), cdiv(M, 32)),
 //    184 CTAs at the 2.8B shape, 23.5 KB of shared memory each.
 //  - x_proj (CL true, WM 1): K = E is cut into XDT_CS slices, one CTA each, the slices of a
@@ -45,7 +45,7 @@ namespace cg = cooperative_groups;
 
 namespace {
 
-constexpr int XDT_THREADS = 256;
+constexpr int XDT_THREADS = 256;  // 8 warps (NW); x_proj takes 16 at up to 32 rows
 constexpr int XDT_TN = 32;  // output columns a CTA
 constexpr int XDT_CS = 8;   // x_proj: CTAs of a cluster, = K slices
 
@@ -72,22 +72,23 @@ __device__ __forceinline__ void xdt_cp_wait_all() {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-// Floats of shared memory for a CTA of xdt_gemm_kernel<WM, CL> with kc columns of K.
-__host__ __device__ inline int xdt_smem_floats(int WM, bool CL, int kc) {
-    const int S = xdt_stride(kc), TM = 16 * WM, WK = 8 / WM;
+// Floats of shared memory for a CTA of xdt_gemm_kernel<WM, CL, NW> with kc columns of K.
+__host__ __device__ inline int xdt_smem_floats(int WM, bool CL, int kc, int NW = 8) {
+    const int S = xdt_stride(kc), TM = 16 * WM, WK = NW / WM;
     const int tiles = (XDT_TN + TM) * S, red = WK * TM * XDT_TN;
     return (tiles > red ? tiles : red) + (CL ? TM * XDT_TN : 0);
 }
 
-template <int WM, bool CL>
-__global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
+template <int WM, bool CL, int NW = 8>
+__global__ void __launch_bounds__(32 * NW, 16 / NW) xdt_gemm_kernel(
     const float *A,   // (M, lda): activations written by the kernel before (read after the wait)
     int64_t lda,
     const float *W,   // (Nout, K) float32 weights, never written after upload (read before it)
     float *C,         // (M, ldc)
     int64_t ldc, int M, int Nout, int K,
     int kc) {         // K columns a CTA: CL, slice blockIdx.x; else all of K
-    constexpr int WK = 8 / WM;  // warps along K
+    constexpr int NT = 32 * NW; // threads
+    constexpr int WK = NW / WM; // warps along K
     constexpr int TM = 16 * WM; // rows a CTA
     constexpr int TO = TM * XDT_TN;
     static_assert(WM == 1 || WM == 2 || WM == 4, "xdt_gemm_kernel: WM");
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     // rows [r0, r0 + nrows) of src (leading dimension ld), this CTA's K slice, into dst (rows
     // of S floats); rows past `lim` zero-filled. cp.async.cg: from L2.
     auto load_tile = [&](float *dst, const float *src, int64_t ld, int nrows, int r0, int lim) {
-        for (int i = tid; i < nrows * kl4; i += XDT_THREADS) {
+        for (int i = tid; i < nrows * kl4; i += NT) {
             const int r = i / kl4, c4 = i - r * kl4;
             const bool ok = r0 + r < lim;
             xdt_cp16(xdt_smem_u32(dst + r * S + 4 * c4),
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
             red[(wk * TM + wm * 16 + rg + 4 * i) * XDT_TN + cgp + 8 * j] = acc[i][j];
     __syncthreads();
     if constexpr (!CL) {
-        for (int o = tid; o < TO; o += XDT_THREADS) {
+        for (int o = tid; o < TO; o += NT) {
             float v = red[o];
 #pragma unroll
             for (int q = 1; q < WK; q++) v += red[q * TO + o];
@@ -169,8 +170,8 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     } else {
         // This CTA's sums over its K slice, then the cluster's: rank q owns outputs
         // [q TO/CS, (q+1) TO/CS) of the tile and sums them over ranks 0..CS-1 in order.
-        float *cpart = sm + xdt_smem_floats(WM, false, kc);  // (TO)
-        for (int o = tid; o < TO; o += XDT_THREADS) {
+        float *cpart = sm + xdt_smem_floats(WM, false, kc, NW);  // (TO)
+        for (int o = tid; o < TO; o += NT) {
             float v = red[o];
 #pragma unroll
             for (int q = 1; q < WK; q++) v += red[q * TO + o];
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
         cg::cluster_group cl = cg::this_cluster();
         cl.sync();  // every rank's cpart written and visible cluster-wide
         constexpr int PER = TO / XDT_CS;
-        static_assert(TO % XDT_CS == 0 && PER <= XDT_THREADS, "xdt_gemm_kernel: cluster split");
+        static_assert(TO % XDT_CS == 0 && PER <= NT, "xdt_gemm_kernel: cluster split");
         const int q = (int)cl.block_rank();
         if (tid < PER) {
             const int o = q * PER + tid;
@@ -193,15 +194,26 @@ __global__ void __launch_bounds__(XDT_THREADS, 2) xdt_gemm_kernel(
     }
 }
 
-std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_d{0};
+std::atomic<unsigned> g_xdt_optin_x{0}, g_xdt_optin_x16{0}, g_xdt_optin_d{0};
 
 // The launch: cluster dimension (x_proj) and programmatic stream serialization together
 // (bm_launch_pdl sets only the latter); BLACKMAMBA_CUDA_PDL=0 turns PDL off as there.
 template <typename... KArgs, typename... Args>
-cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int cluster_x, size_t smem,
-                       cudaStream_t stream, Args... args) {
-    return bm_launch_ex(kernel, grid, dim3(XDT_THREADS), smem, stream, bm_pdl_allowed(),
+cudaError_t xdt_launch(void (*kernel)(KArgs...), dim3 grid, int threads, int cluster_x,
+                       size_t smem, cudaStream_t stream, Args... args) {
+    return bm_launch_ex(kernel, grid, dim3(threads), smem, stream, bm_pdl_allowed(),
                         (unsigned)cluster_x, false, args...);
+}
+
+// x_proj's warps a CTA at M rows, 8 or 16 (16: the K slice split over twice the warps, half
+// the FMAs a thread). BLACKMAMBA_XDT_WARPS=8 / 16 forces one; unset: 16 up to 32 rows, else
+// 8 (measured on the H200, 2.8B shape, same process, 3 rounds, cuda/NOTES.md session 9:
+// B = 16 1.953 -> 1.935 ms a step, B = 32 2.147 -> 2.128; B = 64 2.354 -> 2.418, x_proj 9.0
+// -> 12.3 us a call). Read at launch, i.e. at graph capture.
+int xdt_xproj_warps(int64_t M) {
+    const char *e = getenv("BLACKMAMBA_XDT_WARPS");
+    const int v = e ? atoi(e) : 0;
+    return v == 8 || v == 16 ? v : M <= 32 ? 16 : 8;
 }
 
 // A 9.0 device with `smem` bytes of shared memory a block; *optin: the device's most.
@@ -247,16 +259,17 @@ int bm_xdt_xproj(const float *xc, const float *x_w, float *dbc, int64_t M, int64
     if (E % 4 || (((uintptr_t)xc | (uintptr_t)x_w) & 15))
         return BM_CUDA_ARG_FAIL("xdt x_proj: needs E % 4 == 0 and 16-byte aligned rows");
     const int kc = (int)xdt_kc(E);
-    const size_t smem = (size_t)xdt_smem_floats(1, true, kc) * 4;
+    const int nw = xdt_xproj_warps(M);
+    const size_t smem = (size_t)xdt_smem_floats(1, true, kc, nw) * 4;
     int optin = 0;
     if (int st = xdt_check_dev(smem, &optin)) return st;
-    auto *k = xdt_gemm_kernel<1, true>;
+    auto *k = nw == 16 ? xdt_gemm_kernel<1, true, 16> : xdt_gemm_kernel<1, true>;
     // the device's most, once (bm_smem_optin sets it once per device, whatever E comes later)
-    if (int st = bm_smem_optin(k, optin, g_xdt_optin_x)) return st;
+    if (int st = bm_smem_optin(k, optin, nw == 16 ? g_xdt_optin_x16 : g_xdt_optin_x)) return st;
     g_xdt[0].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(XDT_CS, (unsigned)bm_cdiv(P, XDT_TN), (unsigned)bm_cdiv(M, 16));
-    BM_CUDA_TRY(xdt_launch(k, grid, XDT_CS, smem, stream, xc, (int64_t)E, x_w, dbc, (int64_t)P,
-                           (int)M, (int)P, (int)E, kc));
+    BM_CUDA_TRY(xdt_launch(k, grid, 32 * nw, XDT_CS, smem, stream, xc, (int64_t)E, x_w, dbc,
+                           (int64_t)P, (int)M, (int)P, (int)E, kc));
     return 0;
 }
 
@@ -275,8 +288,8 @@ int bm_xdt_dtproj(const float *dbc, int64_t P, const float *dt_w, float *delta, 
         if (int st = bm_smem_optin(k, optin, g_xdt_optin_d)) return st;
     g_xdt[1].fetch_add(1, std::memory_order_relaxed);
     const dim3 grid(1, (unsigned)bm_cdiv(E, XDT_TN), (unsigned)bm_cdiv(M, 16 * WM));
-    BM_CUDA_TRY(xdt_launch(k, grid, 1, smem, stream, dbc, P, dt_w, delta, E, (int)M, (int)E,
-                           (int)R, (int)R));
+    BM_CUDA_TRY(xdt_launch(k, grid, XDT_THREADS, 1, smem, stream, dbc, P, dt_w, delta, E,
+                           (int)M, (int)E, (int)R, (int)R));
     return 0;
 }
 

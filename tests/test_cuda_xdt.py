@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.gpu,
 
 TOL_F32 = 1e-5
 TOL_SPLIT = 1e-4
-SWITCHES = ("BLACKMAMBA_XDT_DEC", "BLACKMAMBA_SCAN4_DT", "BLACKMAMBA_DECODE_GEMM_MIN")
+SWITCHES = ("BLACKMAMBA_XDT_DEC", "BLACKMAMBA_SCAN4_DT", "BLACKMAMBA_DECODE_GEMM_MIN",
+            "BLACKMAMBA_XDT_WARPS")
 
 
 def lib():
@@ -72,7 +73,10 @@ SHAPES = [(64, 2944, 92, 16), (12, 2944, 92, 16), (12, 128, 4, 16), (70, 200, 12
 
 @pytest.mark.parametrize("M,E,R,N", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_xdt_products(M, E, R, N, seed):
+@pytest.mark.parametrize("warps", [8, 16])
+def test_xdt_products(env, M, E, R, N, seed, warps):
+    # warps: x_proj's warps a CTA (BLACKMAMBA_XDT_WARPS; 16 split each K slice twice as far)
+    env(BLACKMAMBA_XDT_WARPS=warps)
     rng = np.random.default_rng(seed * 100 + M)
     P = R + 2 * N
     xc = rng.standard_normal((M, E)).astype(np.float32)
@@ -152,6 +156,15 @@ def test_xdt_decode(env, B, dtype, math):
         dflt, _ = steps(g, c, ids, 3)
         assert launches()[0] >= n2[0] + 2
         np.testing.assert_array_equal(dflt, new)
+    # x_proj with 8 and with 16 warps a CTA: the same products summed in another order; the
+    # default takes 16 up to 32 rows, 8 above
+    w = {}
+    for nw in (8, 16):
+        env(BLACKMAMBA_XDT_DEC=1, BLACKMAMBA_XDT_WARPS=nw)
+        w[nw], _ = steps(g, c, ids, 3)
+    assert rel_err(w[16], w[8]) < (TOL_SPLIT if exact else 2e-3)
+    assert_greedy_equal(w[16], w[8])
+    np.testing.assert_array_equal(new, w[16 if B <= 32 else 8])
 
 
 def test_xdt_decode_default_small(env):

@@ -158,6 +158,34 @@ static void sweep(const char *name, cublasHandle_t h, cublasLtHandle_t lt, int M
                " %7.2f us %6.0f GB/s  (%.3fx default) rel diff %.1e\n",
                i, id, tile, splitk, red, swz, stages, ctas, res[i].workspaceSize, t,
                wbytes / (t * 1e3), t / t0, err);
+        // The same algorithm with split-K 1..4 under each reduction scheme (1 in place: no
+        // separate reduction kernel; 2 compute type; 4 output type), where cuBLASLt accepts it.
+        if (i > 2) continue;
+        for (int sk = 1; sk <= 4; sk++)
+            for (int rs : {1, 2, 4}) {
+                if (sk == 1 && rs != 1) continue;
+                cublasLtMatmulAlgo_t a2 = al;
+                cublasLtMatmulAlgoConfigSetAttribute(&a2, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof sk);
+                const int rsv = sk == 1 ? 0 : rs;
+                cublasLtMatmulAlgoConfigSetAttribute(&a2, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &rsv, sizeof rsv);
+                cublasLtMatmulHeuristicResult_t chk;
+                if (cublasLtMatmulAlgoCheck(lt, op, la, lb, lc, lc, &a2, &chk) != CUBLAS_STATUS_SUCCESS ||
+                    chk.workspaceSize > ws_bytes) {
+                    printf("    splitK %d red %d: not supported\n", sk, rsv);
+                    continue;
+                }
+                auto call2 = [&](float *out) {
+                    CB(cublasLtMatmul(lt, op, &one, W, la, x, lb, &zero, out, lc, out, lc, &a2, ws,
+                                      ws_bytes, st));
+                };
+                CK(cudaMemset(y, 0, (size_t)batch * M * N * 4));
+                call2(y);
+                CK(cudaStreamSynchronize(st));
+                const float e2 = rel_diff(y, ref, (size_t)batch * M * N);
+                const float t2 = graph_us([&] { call2(y); });
+                printf("    splitK %d red %d: %7.2f us (%.3fx default) rel diff %.1e\n", sk, rsv, t2,
+                       t2 / t0, e2);
+            }
     }
     cublasLtMatmulPreferenceDestroy(pref);
     cublasLtMatrixLayoutDestroy(la);

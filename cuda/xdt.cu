@@ -12,12 +12,13 @@
 // while the kernel before still runs, and both in plain fp32 FMAs (more exact than the tf32
 // products they replace: 24 against 11 significant bits per operand).
 //
-// One kernel template, xdt_gemm_kernel<WM, CL>: C (M, Nout) = A (M, K) @ W^T, W (Nout, K).
+// One kernel template, xdt_gemm_kernel<WM, CL, NW>: C (M, Nout) = A (M, K) @ W^T, W (Nout, K).
 // A CTA computes a (16 WM rows) x (32 columns) tile over its K columns with NW warps (8; x_proj
 // 16 at up to 32 rows: xdt_xproj_warps): WM warps along the rows, NW / WM warps along K (each
 // warp every (NW/WM)-th float4 column); a lane holds a 4 x 4 register tile (rows rg + 4i,
 // columns cg + 8j of its warp's 16 x 32; rg = lane / 8, cg = lane % 8) and per float4 column
-// reads 4 A and 4 W float4 from shared memory for 64 FMAs. The warps' partial tiles are summed through shared memory in warp order.
+// reads 4 A and 4 W float4 from shared memory for 64 FMAs. The warps' partial tiles are
+// summed through shared memory in warp order.
 //  - dt_proj (CL false, WM 2): a CTA has the whole K = R; grid (1, cdiv(E, 32), cdiv(M, 32)),
 //    184 CTAs at the 2.8B shape, 23.5 KB of shared memory each.
 //  - x_proj (CL true, WM 1): K = E is cut into XDT_CS slices, one CTA each, the slices of a

@@ -394,6 +394,9 @@ long long bm_cuda_small_tf32_calls(void);
  * scan, 3 norm + route, 4 RMSNorm; cuda/common.cuh bm_pdl_early); -1 for another kind. */
 long long bm_cuda_pdl_early_launches(int kind);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
+/* Batched-decode out_proj products run as two K halves summed by the routing kernel
+ * (BLACKMAMBA_OUT_KSPLIT). */
+long long bm_cuda_out_ksplit_calls(void);
 long long bm_cuda_step_scan4_calls(void);
 /* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
 long long bm_cuda_step_scan4_rows_calls(void);

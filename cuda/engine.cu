@@ -186,6 +186,7 @@ struct Ws {
     float *logits;          // (LB, V)
     int32_t *amax;          // (T)
     unsigned *ticket;       // (1) decode: norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
+    float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
     cudaGraphExec_t exec;   // decode graph (decode workspaces)
     uint64_t serial;        // the state it was captured for
 };
@@ -758,7 +759,9 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     uint16_t *__restrict__ olo,       // (T, d) or NULL: its low parts (split products)
     int32_t *perm,                    // (T) NR_PRE_DISP: the dispatch (else unused)
     int32_t *offsets,                 // (X+1) NR_PRE_DISP
-    unsigned *ticket) {               // (1) NR_PRE_DISP: 0 before and after each launch
+    unsigned *ticket,                 // (1) NR_PRE_DISP: 0 before and after each launch
+    const float *x2) {                // (T, d) or NULL: a second part of x (x + x2), see
+                                      // out_ksplit_on
     constexpr bool EARLY = MODE == NR_EARLY, ROW = MODE != NR_PLAIN;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nv = d / 4;
@@ -796,9 +799,14 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const float4 *xr = reinterpret_cast<const float4 *>(x + off);
     const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
     float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    const float4 *x2r = x2 ? reinterpret_cast<const float4 *>(x2 + off) : nullptr;
     float ss = 0.f;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
         float4 r = EARLY ? __ldcg(xr + i) : xr[i];
+        if (x2r) {
+            const float4 q = EARLY ? __ldcg(x2r + i) : x2r[i];
+            r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
+        }
         if (rr) {
             const float4 q = EARLY ? __ldcg(rr + i) : rr[i];
             r = make_float4(r.x + q.x, r.y + q.y, r.z + q.z, r.w + q.w);
@@ -1679,13 +1687,48 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     return mark(m, P_OUT);
 }
 
+// BLACKMAMBA_OUT_KSPLIT: in the batched decode, a Mamba layer followed by a MoE layer whose
+// norm + routing is norm_route_kernel runs out_proj as two products over the halves of E (a
+// strided-batched GEMM into ws->hk, no split-K reduction kernel) and the routing kernel sums
+// the two halves (x + x2) before the residual ("1", the default), or as one product ("0":
+// cuBLAS's split-K kernel and its reduction kernel). Read at graph capture. Measured on the
+// H200 (2.8B shape, same process, 3 rounds, cuda/NOTES.md session 9): B = 64 2.353 -> 2.320
+// ms a step, B = 32 2.123 -> 2.096, B = 16 1.930 -> 1.913; logits bit-identical (the same
+// partial products, summed in the same order).
+constexpr bool OUT_KSPLIT_DEFAULT = true;
+bool out_ksplit_on() {
+    const char *e = getenv("BLACKMAMBA_OUT_KSPLIT");
+    if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+    return OUT_KSPLIT_DEFAULT;
+}
+std::atomic<long long> g_out_ksplit{0};  // out_proj products as two K halves (tests)
+
+// out_proj of the batched decode as two K halves: out[h] (B, d) = y_bf16[:, h E/2 : (h+1) E/2]
+// @ out_w[:, h E/2 : (h+1) E/2]^T, h = 0, 1, out (2, B, d) (bf16 operands from ws->xbf, fp32
+// products and outputs). The caller checked out_pair_ok.
+bool out_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t B) {
+    return bf16_math(m) && B > ws->gv && mp_on() && !split_x(m, ws, B) && ws->hk &&
+           !ly.out_b && m->cfg.E % 16 == 0;
+}
+int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B) {
+    const int64_t d = m->cfg.d, E = m->cfg.E, K2 = E / 2;
+    const float one = 1.f, zero = 0.f;
+    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)B, (int)K2, &one, ly.out_w, CUDA_R_16BF,
+        (int)E, (long long)K2, ws->xbf, CUDA_R_16BF, (int)E, (long long)K2, &zero, out,
+        CUDA_R_32F, (int)d, (long long)(B * d), 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    g_out_ksplit.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+
 // The same for one token per row: xn (B, d) -> out (B, d).
 // xbf_ready: the norm wrote bf16(xn) into ws->xbf (ws->xlo) for in_proj (in_proj_batched()).
 // nin: the layer's input norm still to do (forward(): batch 1), carried by in_proj's GEMV
 // where that is one (it writes xn = ws->xn), else run first.
+// pair (out_pair_ok): out_proj as two K halves into out (2, B, d) (the routing sums them).
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                const float *xn, float *out, int64_t B, bool xbf_ready,
-               const NormIn *nin = nullptr) {
+               const NormIn *nin = nullptr, bool pair = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
@@ -1794,9 +1837,17 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                           fdt ? dtw : nullptr);
         }
         TRY(mark(m, P_SCAN));
+        if (pair && ybf && !ysplit) {
+            TRY(out_pair(m, ws, ly, out, B));
+            return mark(m, P_OUT);
+        }
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, B, d, E, ybf));
+        if (pair)  // the whole product in the first half: the second is zero
+            BM_CUDA_TRY(cudaMemsetAsync(out + B * d, 0, (size_t)(B * d) * sizeof(float), st));
         return mark(m, P_OUT);
     }
+    if (pair)  // the scalar step paths below write out (B, d): the second half zero
+        BM_CUDA_TRY(cudaMemsetAsync(out + B * d, 0, (size_t)(B * d) * sizeof(float), st));
     const bool early = fused && b1_early(B);
     if (early) bm_pdl_early_count(BM_EARLY_SCAN);
     if (c.wdtype == BM_BF16) {
@@ -2096,15 +2147,19 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
     // norm rode on in_proj (the launch's other blocks still read the old one while block 0
     // writes the sum: so it goes to the other buffer, and the two take turns).
     float *rc = ws->r;
+    // A MoE layer: the norm and the routing in one kernel, at every size (at T = 2048 on
+    // the H200 the separate rms_norm + route_top1 took 14 + 29 us a layer).
+    auto nr_ok = [&](const LayerDev &l, const float *r) {
+        return !l.mamba && l.X >= 2 && l.X <= ROUTE_SMALL_MAX_X && T <= INT32_MAX &&
+               d % 4 == 0 && d <= NR_MAX_D &&
+               (((uintptr_t)ws->h | (uintptr_t)r | (uintptr_t)ws->xn | (uintptr_t)l.norm_w |
+                 (uintptr_t)l.router_w) & 15) == 0;
+    };
+    bool hpair = false;  // the last Mamba layer left its output as two halves in ws->hk
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
-        // A MoE layer: the norm and the routing in one kernel, at every size (at T = 2048 on
-        // the H200 the separate rms_norm + route_top1 took 14 + 29 us a layer).
-        const bool nr = !ly.mamba && ly.X >= 2 && ly.X <= ROUTE_SMALL_MAX_X &&
-                        T <= INT32_MAX && d % 4 == 0 && d <= NR_MAX_D &&
-                        (((uintptr_t)ws->h | (uintptr_t)rc | (uintptr_t)ws->xn |
-                          (uintptr_t)ly.norm_w | (uintptr_t)ly.router_w) & 15) == 0;
+        const bool nr = nr_ok(ly, rc);
         // The norm also writes the bf16 input (+ low parts) of the product that follows where
         // that product is a bf16 GEMM that would convert xn itself (grouped_moe, in_proj).
         const bool split = split_x(m, ws, T);
@@ -2136,10 +2191,11 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                 }
             }
             BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), smem, st,
-                          ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc, ly.router_w,
-                          ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
-                          xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, perm, offsets,
-                          ws->ticket);
+                          hpair ? ws->hk : ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc,
+                          ly.router_w, ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates,
+                          (int)d, ly.X, xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
+                          perm, offsets, ws->ticket, hpair ? ws->hk + T * d : nullptr);
+            hpair = false;
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, perm != nullptr));
             continue;
         }
@@ -2159,11 +2215,17 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                                  st));
         TRY(mark(m, P_NORM));
         if (ly.mamba) {
+            // out_proj as two K halves, summed by the next layer's routing kernel
+            const bool pair = ws->decode && !ly.X && out_ksplit_on() && li + 1 < c.num_layers &&
+                              nr_ok(m->layers[li + 1], rc) && out_pair_ok(m, ws, ly, B) &&
+                              (((uintptr_t)ws->hk) & 15) == 0;
             if (ws->decode)
-                TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, xb));
+                TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
+                               pair ? ws->hk : ws->h, B, xb, nullptr, pair));
             else
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
                                   xb));
+            hpair = pair;
             if (ly.X) {  // parallel "rX": h = mamba(norm(r)) + mlp(norm_moe(r))
                 TRY(bm_cuda_rms_norm(rc, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
                                      st));
@@ -2261,6 +2323,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->logits = a.take<float>(w->LB * V);
     w->amax = a.take<int32_t>(T);
     w->ticket = decode ? a.take<unsigned>(1) : nullptr;
+    w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
     w->bytes = a.off;
 }
 
@@ -2630,6 +2693,10 @@ size_t ssm_row(const bm_cuda_model *m) { return (size_t)(m->cfg.E * m->cfg.N) * 
 
 extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_out_ksplit_calls(void) {
+    return g_out_ksplit.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_step_scan4_calls(void) {

@@ -134,6 +134,18 @@ static void sweep(const char *name, cublasHandle_t h, cublasLtHandle_t lt, int M
     int got = 0;
     CB(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, want, res.data(), &got));
     printf("  heuristic offered %d algorithms\n", got);
+    // One algorithm: its relative difference from the reference and its us a call.
+    auto time_algo = [&](const cublasLtMatmulAlgo_t &a, float *err) {
+        auto call = [&] {
+            CB(cublasLtMatmul(lt, op, &one, W, la, x, lb, &zero, y, lc, y, lc, &a, ws, ws_bytes,
+                              st));
+        };
+        CK(cudaMemset(y, 0, (size_t)batch * M * N * 4));
+        call();
+        CK(cudaStreamSynchronize(st));
+        *err = rel_diff(y, ref, (size_t)batch * M * N);
+        return graph_us(call);
+    };
     for (int i = 0; i < got; i++) {
         const cublasLtMatmulAlgo_t &al = res[i].algo;
         int id = 0, tile = 0, splitk = 0, red = 0, swz = 0, stages = 0, ctas = 0;
@@ -145,15 +157,8 @@ static void sweep(const char *name, cublasHandle_t h, cublasLtHandle_t lt, int M
         cublasLtMatmulAlgoConfigGetAttribute(&al, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swz, sizeof swz, &sz);
         cublasLtMatmulAlgoConfigGetAttribute(&al, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages, &sz);
         cublasLtMatmulAlgoConfigGetAttribute(&al, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &ctas, sizeof ctas, &sz);
-        auto call = [&](float *out) {
-            CB(cublasLtMatmul(lt, op, &one, W, la, x, lb, &zero, out, lc, out, lc, &al, ws,
-                              ws_bytes, st));
-        };
-        CK(cudaMemset(y, 0, (size_t)batch * M * N * 4));
-        call(y);
-        CK(cudaStreamSynchronize(st));
-        const float err = rel_diff(y, ref, (size_t)batch * M * N);
-        const float t = graph_us([&] { call(y); });
+        float err = 0.f;
+        const float t = time_algo(al, &err);
         printf("  lt %2d: algo %3d tile %3d splitK %2d red %d swz %d stages %3d cluster %2d ws %7zu:"
                " %7.2f us %6.0f GB/s  (%.3fx default) rel diff %.1e\n",
                i, id, tile, splitk, red, swz, stages, ctas, res[i].workspaceSize, t,
@@ -174,15 +179,8 @@ static void sweep(const char *name, cublasHandle_t h, cublasLtHandle_t lt, int M
                     printf("    splitK %d red %d: not supported\n", sk, rsv);
                     continue;
                 }
-                auto call2 = [&](float *out) {
-                    CB(cublasLtMatmul(lt, op, &one, W, la, x, lb, &zero, out, lc, out, lc, &a2, ws,
-                                      ws_bytes, st));
-                };
-                CK(cudaMemset(y, 0, (size_t)batch * M * N * 4));
-                call2(y);
-                CK(cudaStreamSynchronize(st));
-                const float e2 = rel_diff(y, ref, (size_t)batch * M * N);
-                const float t2 = graph_us([&] { call2(y); });
+                float e2 = 0.f;
+                const float t2 = time_algo(a2, &e2);
                 printf("    splitK %d red %d: %7.2f us (%.3fx default) rel diff %.1e\n", sk, rsv, t2,
                        t2 / t0, e2);
             }

@@ -393,17 +393,17 @@ long long bm_cuda_small_tf32_calls(void);
 /* Launches of the early PDL decode kernels of one kind (0 batch-1 GEMV, 1 fc2 rows, 2 step
  * scan, 3 norm + route, 4 RMSNorm; cuda/common.cuh bm_pdl_early); -1 for another kind. */
 long long bm_cuda_pdl_early_launches(int kind);
-/* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
 /* Batched-decode out_proj products run as two K halves summed by the routing kernel
  * (BLACKMAMBA_OUT_KSPLIT). */
 long long bm_cuda_out_ksplit_calls(void);
+/* Multiprocessors of the current device, or -1 (util.cu). */
+int bm_cuda_sm_count(void);
+/* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */
 long long bm_cuda_step_scan4_calls(void);
 /* ... of them with more than one batch row a lane (BLACKMAMBA_SCAN4_ROWS). */
 long long bm_cuda_step_scan4_rows_calls(void);
 /* ... of them in the early PDL form (BLACKMAMBA_SCAN4_EARLY: step_scan4_early_kernel) */
 long long bm_cuda_step_scan4_early_calls(void);
-/* Multiprocessors of the current device, or -1 (util.cu). */
-int bm_cuda_sm_count(void);
 /* ... of them computing delta themselves (no dt_proj GEMM; BLACKMAMBA_SCAN4_DT). */
 long long bm_cuda_step_scan4_dt_calls(void);
 /* Batch-1 in_proj launches that carried the Mamba RMSNorm (gemv.cu, GemvParams::norm_h). */

@@ -1705,7 +1705,7 @@ std::atomic<long long> g_out_ksplit{0};  // out_proj products as two K halves (t
 
 // out_proj of the batched decode as two K halves: out[h] (B, d) = y_bf16[:, h E/2 : (h+1) E/2]
 // @ out_w[:, h E/2 : (h+1) E/2]^T, h = 0, 1, out (2, B, d) (bf16 operands from ws->xbf, fp32
-// products and outputs). The caller checked out_pair_ok.
+// products and outputs). The caller checked out_pair_ok (E % 16: 16-byte aligned bf16 halves).
 bool out_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t B) {
     return bf16_math(m) && B > ws->gv && mp_on() && !split_x(m, ws, B) && ws->hk &&
            !ly.out_b && m->cfg.E % 16 == 0;

@@ -396,6 +396,9 @@ long long bm_cuda_pdl_early_launches(int kind);
 /* Batched-decode out_proj products run as two K halves summed by the routing kernel
  * (BLACKMAMBA_OUT_KSPLIT). */
 long long bm_cuda_out_ksplit_calls(void);
+/* Batched-decode L2 staging launches: the next MoE layer's first fc1 bytes brought into L2
+ * from a side branch of the graph (BLACKMAMBA_L2SIDE). */
+long long bm_cuda_l2side_calls(void);
 /* Multiprocessors of the current device, or -1 (util.cu). */
 int bm_cuda_sm_count(void);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */

@@ -214,6 +214,11 @@ struct bm_cuda_model {
     float *final_w, *final_b;  // (d)
     std::vector<LayerDev> layers;
     cudaStream_t stream;
+    // The batched decode's L2 staging branch (l2side_fork): its stream, the fork and join
+    // events, and whether a branch is open (joined before the step's final norm).
+    cudaStream_t side;
+    cudaEvent_t side_fork, side_join;
+    bool side_open;
     cublasHandle_t blas;
     void *blas_ws;
     float *wf;                 // bf16 -> fp32 expansion scratch (lazy), wf_elems floats
@@ -1721,14 +1726,79 @@ int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B
     return 0;
 }
 
+// ---- L2 staging from a side branch of the batched decode graph (BLACKMAMBA_L2SIDE) --------
+// The batched decode's Mamba half is latency-bound (B = 64 on the H200: ~41 us a layer for
+// ~12 us of bytes), so HBM idles there, while the MoE layer after it streams 274 MB of
+// expert weights. A 16-block kernel on a parallel branch of the graph, forked from the main
+// chain after the conv step, brings the first MB of the next MoE layer's fc1 into L2
+// (cp.async.bulk.prefetch.L2, evict_last, so that the lines outlive the scan's state traffic
+// until fc1 reads them). Nothing on the chain waits for it: the four earlier L2 experiments
+// (NOTES) issued their prefetches from a kernel of the chain, which then completed only once
+// its bytes had arrived. The branch joins the chain before the step's final norm.
+// Measured (H200, 2.8B shape, same process; cuda/NOTES.md session 10): 16 MB B = 64 2.316 ->
+// 2.279 ms, B = 32 -2.1%, B = 16 -2.4%, B = 8 -0.2%; 24 / 32 / 48 MB, no evict_last, or
+// forks at other points were slower, and at batch 1 (expert unknown until the routing) the
+// same branch staging the next in_proj or out_proj was slower. Logits are bit-identical (a
+// hint changes no value). BLACKMAMBA_L2SIDE=<MB> (0: off), read at graph capture.
+constexpr int L2SIDE_MB_DEFAULT = 16;
+constexpr int L2SIDE_BLOCKS = 16;
+int64_t l2side_bytes() {
+    const char *e = getenv("BLACKMAMBA_L2SIDE");
+    char *end = nullptr;
+    const long v = e && *e ? strtol(e, &end, 10) : L2SIDE_MB_DEFAULT;
+    if (e && *e && (*end || v < 0)) return (int64_t)L2SIDE_MB_DEFAULT << 20;  // not a count
+    return (int64_t)std::min<long>(v, 1024) << 20;
+}
+std::atomic<long long> g_l2side{0};  // staging launches (tests)
+
+// bytes at p into L2 as evict_last lines, each block its 1/grid share, one <= 32 KB bulk
+// prefetch a lane at a time. The kernel completes once its prefetches have.
+__global__ void __launch_bounds__(32) l2_side_kernel(const char *p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+    const int64_t share = ((bytes + gridDim.x - 1) / gridDim.x + 15) & ~(int64_t)15;
+    const int64_t b0 = (int64_t)blockIdx.x * share, b1 = min(bytes, b0 + share);
+    for (int64_t o = b0 + (int64_t)threadIdx.x * 32768; o < b1; o += 32 * 32768) {
+        const unsigned n = (unsigned)min((int64_t)32768, b1 - o);
+        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p + o),
+                     "r"(n), "l"(pol) : "memory");
+    }
+#endif
+}
+// Fork the side branch off m->stream here and stage bytes at p (16-byte aligned) into L2.
+int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes) {
+    bytes &= ~(int64_t)15;
+    if (!p || bytes <= 0) return 0;
+    if (((uintptr_t)p & 15) != 0) return BM_CUDA_ARG_FAIL("engine: L2 staging needs 16-byte alignment");
+    BM_CUDA_TRY(cudaEventRecord(m->side_fork, m->stream));
+    BM_CUDA_TRY(cudaStreamWaitEvent(m->side, m->side_fork, 0));
+    l2_side_kernel<<<L2SIDE_BLOCKS, 32, 0, m->side>>>((const char *)p, bytes);
+    BM_CUDA_LAUNCHED();
+    m->side_open = true;
+    g_l2side.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+// The side branch back into m->stream (a capture must end with every fork joined).
+int l2side_join(bm_cuda_model *m) {
+    if (!m->side_open) return 0;
+    BM_CUDA_TRY(cudaEventRecord(m->side_join, m->side));
+    BM_CUDA_TRY(cudaStreamWaitEvent(m->stream, m->side_join, 0));
+    m->side_open = false;
+    return 0;
+}
+
 // The same for one token per row: xn (B, d) -> out (B, d).
 // xbf_ready: the norm wrote bf16(xn) into ws->xbf (ws->xlo) for in_proj (in_proj_batched()).
 // nin: the layer's input norm still to do (forward(): batch 1), carried by in_proj's GEMV
 // where that is one (it writes xn = ws->xn), else run first.
 // pair (out_pair_ok): out_proj as two K halves into out (2, B, d) (the routing sums them).
+// stage, stage_bytes: weights of a later kernel to bring into L2 from a side branch forked
+// after the conv step (l2side_fork).
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                const float *xn, float *out, int64_t B, bool xbf_ready,
-               const NormIn *nin = nullptr, bool pair = false) {
+               const NormIn *nin = nullptr, bool pair = false, const void *stage = nullptr,
+               int64_t stage_bytes = 0) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
@@ -1767,6 +1837,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
     TRY(mark(m, P_CONV));
+    TRY(l2side_fork(m, stage, stage_bytes));
     // Float32 dt_proj weights (the copy under bf16 math, dt_w itself for fp32 weights): the
     // FDT scan's and the xdt kernels'; x_proj's likewise.
     const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
@@ -2156,6 +2227,8 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                  (uintptr_t)l.router_w) & 15) == 0;
     };
     bool hpair = false;  // the last Mamba layer left its output as two halves in ws->hk
+    m->side_open = false;
+    const int64_t side_bytes = ws->decode && T > ws->gv ? l2side_bytes() : 0;
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
@@ -2219,9 +2292,14 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             const bool pair = ws->decode && !ly.X && out_ksplit_on() && li + 1 < c.num_layers &&
                               nr_ok(m->layers[li + 1], rc) && out_pair_ok(m, ws, ly, B) &&
                               (((uintptr_t)ws->hk) & 15) == 0;
+            // The next MoE layer's first fc1 bytes into L2 during this step (l2side_fork).
+            const LayerDev *nx = li + 1 < c.num_layers ? &m->layers[li + 1] : nullptr;
+            const bool stage = side_bytes && !ly.X && nx && !nx->mamba && nx->X >= 2 && nx->fc1;
+            const int64_t fc1_bytes = stage ? nx->X * m->G * d * (int64_t)wsize(m) : 0;
             if (ws->decode)
                 TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
-                               pair ? ws->hk : ws->h, B, xb, nullptr, pair));
+                               pair ? ws->hk : ws->h, B, xb, nullptr, pair,
+                               stage ? nx->fc1 : nullptr, std::min(side_bytes, fc1_bytes)));
             else
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
                                   xb));
@@ -2239,6 +2317,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace));
         }
     }
+    TRY(l2side_join(m));
     TRY(bm_cuda_layer_norm(ws->h, rc, m->final_w, m->final_b, EPS, ws->yf, T, d, st));
     return mark(m, P_FINAL);
 }
@@ -2586,6 +2665,9 @@ int model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w, bm_cuda_mo
     }
 
     BM_CUDA_TRY(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    BM_CUDA_TRY(cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking));
+    BM_CUDA_TRY(cudaEventCreateWithFlags(&m->side_fork, cudaEventDisableTiming));
+    BM_CUDA_TRY(cudaEventCreateWithFlags(&m->side_join, cudaEventDisableTiming));
     TRY(bm_cuda_cublas_create((void **)&m->blas));
     TRY(dev_alloc(&m->blas_ws, BLAS_WS_BYTES, "cuBLAS workspace"));
 
@@ -2695,6 +2777,10 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
 }
 
+extern "C" long long bm_cuda_l2side_calls(void) {
+    return g_l2side.load(std::memory_order_relaxed);
+}
+
 extern "C" long long bm_cuda_out_ksplit_calls(void) {
     return g_out_ksplit.load(std::memory_order_relaxed);
 }
@@ -2763,6 +2849,12 @@ extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
     cudaFree(m->blas_ws);
     if (m->blas) bm_cuda_cublas_destroy(m->blas);
     for (cudaEvent_t e : m->prof_ev) cudaEventDestroy(e);
+    if (m->side) {
+        cudaStreamSynchronize(m->side);
+        cudaStreamDestroy(m->side);
+    }
+    if (m->side_fork) cudaEventDestroy(m->side_fork);
+    if (m->side_join) cudaEventDestroy(m->side_join);
     if (m->stream) cudaStreamDestroy(m->stream);
     cudaGetLastError();  // frees at interpreter exit may find the runtime unloading
     delete m;

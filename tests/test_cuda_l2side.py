@@ -1,0 +1,76 @@
+"""The batched decode's L2 staging branch (BLACKMAMBA_L2SIDE, session 10): after each Mamba
+layer's conv step a kernel on a parallel branch of the decode graph brings the first MB of the
+next MoE layer's fc1 weights into L2; the branch joins the main chain before the final norm.
+A prefetch is a hint, so the logits must be bit-identical with the branch on, off and at any
+size (one larger than the layer's fc1 is clamped to it); the launches are counted (native
+counter, at graph capture) so that the branch is asserted forked where it applies (a Mamba
+layer followed by a MoE layer, batched decode) and nowhere else (batch 1, whose expert is not
+known before the routing; Mamba -> Mamba; the prefill). The logits are also checked against
+the CPU model (bf16 math: 1e-2, as tests/test_cuda_outk.py).
+"""
+import ctypes
+
+import numpy as np
+import pytest
+
+from blackmamba import _lib, model_cuda
+from blackmamba.model import Model, random_tensors
+
+from conftest import decode_steps as steps, rel_err, small_config
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not model_cuda.is_available(),
+                                 reason="no CUDA device, or blackmamba built without CUDA")]
+
+SWITCHES = ("BLACKMAMBA_L2SIDE",)
+
+
+def calls():
+    L = ctypes.CDLL(_lib.C().__file__)
+    L.bm_cuda_l2side_calls.restype = ctypes.c_longlong
+    return L.bm_cuda_l2side_calls()
+
+
+# (B, hidden, layers, forks a capture): the 2.8B width at 64 and 16 rows; a small config with
+# two Mamba -> MoE pairs; Mamba -> Mamba (no fork) then Mamba -> MoE; batch 1 (no fork)
+CASES = [(64, 1472, ("r", "8"), 1), (16, 1472, ("r", "2"), 1),
+         (40, 64, ("r", "8", "r", "3"), 2), (12, 64, ("r", "r", "8"), 1),
+         (1, 64, ("r", "8", "r", "3"), 0)]
+
+
+@pytest.mark.parametrize("B,hidden,layers,forks", CASES)
+def test_l2side_decode(env, B, hidden, layers, forks):
+    cfg = small_config(hidden_size=hidden, mamba_moe_layers=list(layers))
+    t = random_tensors(cfg, seed=B + hidden)
+    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
+    c = Model(cfg, t, dtype="bfloat16")
+    ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 5))
+    env()  # unset: the default (16 MB)
+    n0 = calls()
+    new, want = steps(g, c, ids, 3)
+    assert calls() == n0 + forks               # one launch a staged layer, captured once
+    assert np.isfinite(new).all()
+    assert rel_err(new, want) < 1e-2
+    again, _ = steps(g, None, ids, 3)
+    np.testing.assert_array_equal(again, new)  # deterministic
+    env(BLACKMAMBA_L2SIDE=0)
+    n1 = calls()
+    off, _ = steps(g, None, ids, 3)
+    assert calls() == n1
+    np.testing.assert_array_equal(off, new)    # a hint: no value changes
+    for v in ("1", "1024", "junk"):            # 1 MB; more than fc1 (clamped); not a count
+        env(BLACKMAMBA_L2SIDE=v)
+        n2 = calls()
+        other, _ = steps(g, None, ids, 2)
+        assert calls() == n2 + forks
+        np.testing.assert_array_equal(other, new[:2])
+
+
+def test_l2side_not_in_prefill(env):
+    cfg = small_config(hidden_size=64, mamba_moe_layers=["r", "8", "r", "3"])
+    g = model_cuda.CudaModel(cfg, random_tensors(cfg, seed=3), dtype="bfloat16")
+    ids = np.random.default_rng(3).integers(0, g.vocab_size, (4, 40))
+    env()
+    n0 = calls()
+    g.prefill(ids, g.new_state(4), logits=None)
+    assert calls() == n0

@@ -173,6 +173,16 @@ def env(request):
             os.environ[k] = v
 
 
+def native_count(name):
+    """The value of blackmamba._C's native counter `name` (a `long long name(void)`; the
+    engine's path counters, counted at launch or graph capture)."""
+    import ctypes
+    from blackmamba import _lib
+    f = getattr(ctypes.CDLL(_lib.C().__file__), name)
+    f.restype = ctypes.c_longlong
+    return f()
+
+
 def decode_steps(g, c, ids, n, state=None):
     """Prefill ids (B, L) on the GPU model g (from a copy of `state`, else a fresh state: a
     fresh graph capture, so switches set before apply) and, unless c is None, on the CPU model

@@ -8,15 +8,13 @@ layer followed by a MoE layer, batched decode) and nowhere else (batch 1, whose 
 known before the routing; Mamba -> Mamba; the prefill). The logits are also checked against
 the CPU model (bf16 math: 1e-2, as tests/test_cuda_outk.py).
 """
-import ctypes
-
 import numpy as np
 import pytest
 
-from blackmamba import _lib, model_cuda
+from blackmamba import model_cuda
 from blackmamba.model import Model, random_tensors
 
-from conftest import decode_steps as steps, rel_err, small_config
+from conftest import decode_steps as steps, native_count, rel_err, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -26,9 +24,7 @@ SWITCHES = ("BLACKMAMBA_L2SIDE",)
 
 
 def calls():
-    L = ctypes.CDLL(_lib.C().__file__)
-    L.bm_cuda_l2side_calls.restype = ctypes.c_longlong
-    return L.bm_cuda_l2side_calls()
+    return native_count("bm_cuda_l2side_calls")
 
 
 # (B, hidden, layers, forks a capture): the 2.8B width at 64 and 16 rows; a small config with

@@ -10,15 +10,13 @@ reduction kernel, here summed by the routing kernel before the residual; a last-
 in h may move a later bf16 rounding of the MoE input: 1e-3 between the two paths, 1e-2 against
 the CPU model (bf16 math), as tests/test_cuda_xdt.py.
 """
-import ctypes
-
 import numpy as np
 import pytest
 
-from blackmamba import _lib, model_cuda
+from blackmamba import model_cuda
 from blackmamba.model import Model, random_tensors
 
-from conftest import decode_steps as steps, rel_err, small_config
+from conftest import decode_steps as steps, native_count, rel_err, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -28,9 +26,7 @@ SWITCHES = ("BLACKMAMBA_OUT_KSPLIT",)
 
 
 def calls():
-    L = ctypes.CDLL(_lib.C().__file__)
-    L.bm_cuda_out_ksplit_calls.restype = ctypes.c_longlong
-    return L.bm_cuda_out_ksplit_calls()
+    return native_count("bm_cuda_out_ksplit_calls")
 
 
 # (B, hidden, layers, math, pairs): the 2.8B width; the small config; a Mamba layer followed by

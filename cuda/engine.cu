@@ -1735,8 +1735,8 @@ int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B
 // until fc1 reads them). Nothing on the chain waits for it: the four earlier L2 experiments
 // (NOTES) issued their prefetches from a kernel of the chain, which then completed only once
 // its bytes had arrived. The branch joins the chain before the step's final norm.
-// Measured (H200, 2.8B shape, same process; cuda/NOTES.md session 10): 16 MB B = 64 2.316 ->
-// 2.279 ms, B = 32 -2.1%, B = 16 -2.4%, B = 8 -0.2%; 24 / 32 / 48 MB, no evict_last, or
+// Measured (H200, 2.8B shape, same process; cuda/NOTES.md session 10): 16 MB B = 64 2.320 ->
+// 2.279 ms, B = 32 -2.1%, B = 16 -2.4%, B = 8 -0.9%; 24 / 32 / 48 MB, no evict_last, or
 // forks at other points were slower, and at batch 1 (expert unknown until the routing) the
 // same branch staging the next in_proj or out_proj was slower. Logits are bit-identical (a
 // hint changes no value). BLACKMAMBA_L2SIDE=<MB> (0: off), read at graph capture.
@@ -1770,7 +1770,8 @@ __global__ void __launch_bounds__(32) l2_side_kernel(const char *p, int64_t byte
 int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes) {
     bytes &= ~(int64_t)15;
     if (!p || bytes <= 0) return 0;
-    if (((uintptr_t)p & 15) != 0) return BM_CUDA_ARG_FAIL("engine: L2 staging needs 16-byte alignment");
+    if (((uintptr_t)p & 15) != 0)
+        return BM_CUDA_ARG_FAIL("engine: L2 staging needs 16-byte alignment");
     BM_CUDA_TRY(cudaEventRecord(m->side_fork, m->stream));
     BM_CUDA_TRY(cudaStreamWaitEvent(m->side, m->side_fork, 0));
     l2_side_kernel<<<L2SIDE_BLOCKS, 32, 0, m->side>>>((const char *)p, bytes);

@@ -16,6 +16,9 @@ source tools/device_env.sh
 [ -f .shared/golden/tiny-a/golden.npz ] && export BM_GOLDEN="$PWD/.shared/golden/tiny-a/golden.npz"
 note "$(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
 note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# The device copy's .git may be stale (session 10: it printed the previous session's HEAD), so
+# also a digest of the sources, to compare with `bash tools/src_digest.sh` here.
+note "sources $(bash tools/src_digest.sh)"
 run() {  # run NAME TIMEOUT CMD...
     local name=$1 to=$2
     shift 2

@@ -26,7 +26,7 @@ from blackmamba import _lib, model_cuda
 from blackmamba.config import Config
 from blackmamba.model import Model, random_tensors
 
-from conftest import decode_steps as steps, rel_err, small_config
+from conftest import decode_steps as steps, native_count, rel_err, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -42,10 +42,7 @@ SWITCHES = ("BLACKMAMBA_DECODE_GEMM_MIN", "BLACKMAMBA_SCAN4", "BLACKMAMBA_DECODE
 def counters():
     """(float4 scan steps, norm_route_pre launches) so far in this process (counted at graph
     capture)."""
-    lib = ctypes.CDLL(_lib.C().__file__)
-    lib.bm_cuda_step_scan4_calls.restype = ctypes.c_longlong
-    lib.bm_cuda_norm_route_pre_calls.restype = ctypes.c_longlong
-    return lib.bm_cuda_step_scan4_calls(), lib.bm_cuda_norm_route_pre_calls()
+    return native_count("bm_cuda_step_scan4_calls"), native_count("bm_cuda_norm_route_pre_calls")
 
 
 def make(seed, math="bf16", **over):
@@ -152,12 +149,9 @@ def test_norm_route_pre(env, B, math, seed):
 def counters5():
     """(step_scan4 launches with RB > 1, grouped_dec_kernel launches, step_scan4 launches
     computing delta) so far (at capture)."""
-    lib = ctypes.CDLL(_lib.C().__file__)
-    lib.bm_cuda_step_scan4_rows_calls.restype = ctypes.c_longlong
-    lib.bm_cuda_moe_grouped_dec_launches.restype = ctypes.c_longlong
-    lib.bm_cuda_step_scan4_dt_calls.restype = ctypes.c_longlong
-    return (lib.bm_cuda_step_scan4_rows_calls(), lib.bm_cuda_moe_grouped_dec_launches(),
-            lib.bm_cuda_step_scan4_dt_calls())
+    return (native_count("bm_cuda_step_scan4_rows_calls"),
+            native_count("bm_cuda_moe_grouped_dec_launches"),
+            native_count("bm_cuda_step_scan4_dt_calls"))
 
 
 @pytest.mark.parametrize("B,math", [(13, "bf16"), (40, "bf16x2"), (64, "bf16")])

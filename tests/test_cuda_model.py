@@ -25,7 +25,8 @@ from blackmamba import model_cuda
 from blackmamba.config import load_config
 from blackmamba.model import Model, random_tensors
 
-from conftest import GOLDEN, LAYER_KIND_CONFIGS, rel_err, small_config, teacher_forced
+from conftest import (GOLDEN, LAYER_KIND_CONFIGS, native_count, rel_err, small_config,
+                      teacher_forced)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -271,14 +272,8 @@ def test_bf16_split_rows_rule(ci):
 def native_counters():
     """(sequence-parallel scans, K-split x_proj products, tf32 x_proj / dt_proj products) so
     far in this process."""
-    import ctypes
-    from blackmamba import _lib
-    lib = ctypes.CDLL(_lib.C().__file__)
-    lib.bm_cuda_scan_segmented_calls.restype = ctypes.c_longlong
-    lib.bm_cuda_xproj_ksplit_calls.restype = ctypes.c_longlong
-    lib.bm_cuda_small_tf32_calls.restype = ctypes.c_longlong
-    return (lib.bm_cuda_scan_segmented_calls(), lib.bm_cuda_xproj_ksplit_calls(),
-            lib.bm_cuda_small_tf32_calls())
+    return (native_count("bm_cuda_scan_segmented_calls"),
+            native_count("bm_cuda_xproj_ksplit_calls"), native_count("bm_cuda_small_tf32_calls"))
 
 
 @pytest.mark.parametrize("math", ["fp32", "bf16x2", "bf16"])

@@ -18,7 +18,7 @@ import pytest
 from blackmamba import _lib, model_cuda
 from blackmamba.model import Model, random_tensors
 
-from conftest import LAYER_KIND_CONFIGS, rel_err, small_config as make_cfg
+from conftest import LAYER_KIND_CONFIGS, native_count, rel_err, small_config as make_cfg
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
@@ -49,15 +49,11 @@ def counts():
 
 
 def head_calls():
-    lib = ctypes.CDLL(_lib.C().__file__)
-    lib.bm_cuda_gemv_head_calls.restype = ctypes.c_longlong
-    return lib.bm_cuda_gemv_head_calls()
+    return native_count("bm_cuda_gemv_head_calls")
 
 
 def norm_fused_calls():
-    lib = ctypes.CDLL(_lib.C().__file__)
-    lib.bm_cuda_gemv1_norm_calls.restype = ctypes.c_longlong
-    return lib.bm_cuda_gemv1_norm_calls()
+    return native_count("bm_cuda_gemv1_norm_calls")
 
 
 def run(g, B, prompt, toks, graph=True):

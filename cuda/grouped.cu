@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled (grouped_tma.cuh; no libcuda link)
+
 #include "common.cuh"
 
 
@@ -170,6 +172,8 @@ struct GroupedArgs {
     // Host side (launch_grouped), with pdl: pad the dynamic shared memory so that at most
     // ceil(CTAs / SMs) CTAs fit an SM (BM_MOE_GROUPED_FC2_CAP). 0: no padding.
     int cap;
+    // (T, K) scratch for FC1's A gathered into slot order (the TMA core's fc1), or NULL.
+    uint16_t *xg;
 };
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
 
@@ -785,6 +789,9 @@ int dec_launch(GroupedArgs p, int64_t T, cudaStream_t stream) {
 }
 
 #include "grouped_wgmma.cuh"  // the Hopper (wgmma) core of the prefill tiles
+// Default: the TMA core (grouped_tma.cuh) where the wgmma core would run.
+constexpr int TMA_DEFAULT_ON = 1;
+#include "grouped_tma.cuh"    // ... with a bulk-tensor-copy producer
 
 // Launch one grouped GEMM of this configuration over an upper bound of row tiles.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
@@ -838,6 +845,12 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
         const int wm = wgmma_mode();
         if (wm && (big || wm == 2) && wgmma_usable()) {
             p.pdl = PDL_NONE;
+            const int tm = tma_mode();
+            if (tm && (big || tm == 2)) {
+                bool taken = false;
+                const int st = tma_launch<MODE>(p, T, stream, &taken);
+                if (st || taken) return st;
+            }
             return wgmma_dispatch<MODE>(p, T, stream);
         }
     }
@@ -894,11 +907,11 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
 #undef BM_DEC_LAUNCH
 }
 
-// Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | xl (T, d) | al (T, F), each
-// 256-byte aligned; the last two only when split.
+// Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | then split: xl (T, d) |
+// al (T, F), unsplit: xg (T, d); each 256-byte aligned.
 struct GroupedWs {
     int32_t *perm, *offsets;
-    uint16_t *xb, *ab, *xl, *al;
+    uint16_t *xb, *ab, *xl, *al, *xg;
     size_t bytes;
 };
 GroupedWs grouped_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, bool split) {
@@ -914,6 +927,8 @@ GroupedWs grouped_ws(char *base, int64_t T, int64_t d, int64_t X, int64_t F, boo
     w.xb = (uint16_t *)take(T * d * 2);
     w.ab = (uint16_t *)take(T * F * 2);
     w.xl = split ? (uint16_t *)take(T * d * 2) : nullptr;
+    // unsplit: fc1's A gathered in slot order for the TMA core (the same bytes as xl)
+    w.xg = split ? nullptr : (uint16_t *)take(T * d * 2);
     w.al = split ? (uint16_t *)take(T * F * 2) : nullptr;
     w.bytes = off;
     return w;
@@ -931,6 +946,11 @@ extern "C" int bm_cuda_moe_grouped_mode(void) {
 // How many GEMMs ran on the wgmma core (grouped_wgmma.cuh) in this process: for the tests.
 extern "C" long long bm_cuda_moe_grouped_wgmma_launches(void) {
     return wgmma_launches.load(std::memory_order_relaxed);
+}
+
+// How many GEMMs ran on the TMA core (grouped_tma.cuh) in this process: for the tests.
+extern "C" long long bm_cuda_moe_grouped_tma_launches(void) {
+    return tma_launches.load(std::memory_order_relaxed);
 }
 
 // How many GEMMs ran on the decode kernel (grouped_dec_kernel) in this process: for the tests.
@@ -1011,6 +1031,7 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
     GroupedArgs p1{xb, xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
                    ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act,
                    !pdl ? PDL_NONE : (flags & BM_MOE_GROUPED_PDL_EXPERT) ? PDL_EXPERT : PDL_WAIT};
+    p1.xg = ws.xg;
     st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
                : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
     if (st) return st;

@@ -53,6 +53,7 @@ def _lib_c():
     lib.bm_cuda_moe_grouped_workspace.restype = ctypes.c_size_t
     lib.bm_cuda_last_error.restype = ctypes.c_char_p
     lib.bm_cuda_moe_grouped_wgmma_launches.restype = ctypes.c_longlong
+    lib.bm_cuda_moe_grouped_tma_launches.restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_dec_launches.restype = ctypes.c_longlong
     return lib
 
@@ -265,8 +266,10 @@ needs_wgmma = pytest.mark.skipif(not HOPPER, reason="the wgmma core needs comput
 
 
 def wgmma_run(monkeypatch, mode, fn):
-    """fn() under BLACKMAMBA_MOE_WGMMA=mode -> (its result, wgmma GEMM launches it made)."""
+    """fn() under BLACKMAMBA_MOE_WGMMA=mode, the TMA producer off (the cp.async wgmma core;
+    grouped_tma.cuh: below) -> (its result, wgmma GEMM launches it made)."""
     monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA", mode)
+    monkeypatch.setenv("BLACKMAMBA_MOE_TMA", "0")
     n0 = LIB.bm_cuda_moe_grouped_wgmma_launches()
     r = fn()
     return r, LIB.bm_cuda_moe_grouped_wgmma_launches() - n0
@@ -328,6 +331,68 @@ def test_wgmma_small_calls_keep_the_old_core(monkeypatch):
     got, n = wgmma_run(monkeypatch, "", lambda: grouped(x, ids, None, fc1, fc2, "gelu", 0))
     assert n == 0
     assert rel_err(got, ref.moe_experts(x, ids, None, fc1, fc2, "gelu")) < TOL_BF16
+
+
+# ---- the TMA core (grouped_tma.cuh): the wgmma tiles fed by the copy engine ------------------
+
+def tma_run(monkeypatch, mode, fn):
+    """fn() under BLACKMAMBA_MOE_TMA=mode -> (its result, TMA-core launches, cp.async
+    wgmma-core launches)."""
+    monkeypatch.setenv("BLACKMAMBA_MOE_TMA", mode)
+    t0, w0 = LIB.bm_cuda_moe_grouped_tma_launches(), LIB.bm_cuda_moe_grouped_wgmma_launches()
+    r = fn()
+    return (r, LIB.bm_cuda_moe_grouped_tma_launches() - t0,
+            LIB.bm_cuda_moe_grouped_wgmma_launches() - w0)
+
+
+@needs_wgmma
+@pytest.mark.parametrize("T,X,d,F,kind", CASES + [(4100, 8, 264, 392, "uniform"),
+                                                  (3000, 5, 1472, 72, "skewed")])
+def test_tma_against_wgmma(monkeypatch, T, X, d, F, kind):
+    # BLACKMAMBA_MOE_TMA=force (with the wgmma core forced): every unsplit call on the TMA
+    # core, whose tile (2 x 64 rows, 256 weight rows) and k order are the cp.async core's
+    # "66": bit-identical to it, whatever the tails (K below one tile, K and N tails, one
+    # partial row tile, empty experts, rows past T), and against float64 as the other cores
+    monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA", "force")
+    monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA_TILES", "66")
+    rng = rng_for("tma", T, X, d, F, kind)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, kind)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    act = list(ACTS)[T % 3]
+    got, n_t, n_w = tma_run(monkeypatch, "force",
+                            lambda: grouped(x, ids, gates, fc1, fc2, act, 0, out_fill=7.0))
+    assert (n_t, n_w) == (2, 0)
+    old, n_t, n_w = tma_run(monkeypatch, "0",
+                            lambda: grouped(x, ids, gates, fc1, fc2, act, 0, out_fill=7.0))
+    assert (n_t, n_w) == (0, 2)
+    np.testing.assert_array_equal(got, old)
+    assert rel_err(got, ref.moe_experts(x, ids, gates, fc1, fc2, act)) < TOL_BF16
+    assert rel_err(got, emulated_bf16(x, ids, gates, fc1, fc2, act)) < TOL_EMULATED
+
+
+@needs_wgmma
+def test_tma_default_and_switch(monkeypatch):
+    # prefill-sized unsplit calls take the TMA core by default (BLACKMAMBA_MOE_TMA unset),
+    # the cp.async wgmma core under BLACKMAMBA_MOE_TMA=0; smaller ones and split calls never
+    rng = rng_for("tma default")
+    T, X, d, F = 2600, 3, 104, 56
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, "skewed")
+    fc1, fc2 = weights(rng, X, d, F)
+    for k in ("BLACKMAMBA_MOE_WGMMA", "BLACKMAMBA_MOE_WGMMA_TILES"):
+        monkeypatch.delenv(k, raising=False)
+    new, n_t, n_w = tma_run(monkeypatch, "", lambda: grouped(x, ids, None, fc1, fc2, "silu", 0))
+    assert (n_t, n_w) == (2, 0)
+    _, n_t, n_w = tma_run(monkeypatch, "0", lambda: grouped(x, ids, None, fc1, fc2, "silu", 0))
+    assert (n_t, n_w) == (0, 2)
+    _, n_t, _ = tma_run(monkeypatch, "", lambda: grouped(x, ids, None, fc1, fc2, "silu", 1))
+    assert n_t == 0
+    _, n_t, _ = tma_run(monkeypatch, "", lambda: grouped(x[:300], ids[:300], None, fc1, fc2,
+                                                          "silu", 0))
+    assert n_t == 0
+    assert rel_err(new, emulated_bf16(x, ids, None, fc1, fc2, "silu")) < TOL_EMULATED
 
 
 # ---- the decode kernel (grouped.cu grouped_dec_kernel): variants 6..9 of the decode roles ------

@@ -5,9 +5,12 @@ one process (prefill; decode, where the core is not used, with --decode).
 Dev script for the GPU machine (torch for the dense reference and the timing; the package's
 C symbols through ctypes):
 
-    python3 cuda/dev/bench_grouped.py [--no-model] [--decode] [--cublas]
+    python3 cuda/dev/bench_grouped.py [--no-model] [--decode] [--cublas] [--no-sweep]
 
-(--cublas: the model A/B also on the cuBLAS path, BLACKMAMBA_MOE_GROUPED=0.)
+(--cublas: the model A/B also on the cuBLAS path, BLACKMAMBA_MOE_GROUPED=0; --no-sweep: not
+the cp.async wgmma core's tile variants.) The "wgmma" column is the cp.async core
+(BLACKMAMBA_MOE_TMA=0), "tma" the same tiles fed by the copy engine (grouped_tma.cuh), the
+default for the prefill sizes; the model A/B's "1" is the default.
 
 Shapes: BlackMamba-2.8B (d=1472, F=3872, X=8), random bf16 weights, uniform random routing.
 Grouped and dense are timed as CUDA-graph replays (median); the cuBLAS path synchronises the
@@ -67,7 +70,8 @@ def kernels(d=1472, F=3872, X=8):
     print(f"experts d={d} F={F} X={X}: FLOPs 6 T d F; weights {wbytes / 1e6:.0f} MB")
     # wgmma tile variants (grouped_wgmma.cuh wgmma_dispatch): fc1 varied with fc2 = 1, then fc2
     wg = ("11", "21", "31", "41", "44", "66", "76", "86", "96", "99", "69", "79", "89", "00")
-    for T in (2048, 16384):
+    os.environ["BLACKMAMBA_MOE_TMA"] = "0"
+    for T in (() if "--no-sweep" in sys.argv else (2048, 16384)):
         x = torch.randn(T, d, device=DEV)
         ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)
         g = torch.rand(T, device=DEV) * 0.9 + 0.1
@@ -87,7 +91,7 @@ def kernels(d=1472, F=3872, X=8):
         print(f"wgmma tiles T={T}: " + ", ".join(res) + " ms", flush=True)
     print(f"{'T':>6} {'split':>5} {'mma.sync':>8} {'wgmma':>8} {'TFLOP/s':>7} {'cuBLAS':>8} "
           f"{'dense':>8} {'dense/mma':>9} {'dense/wg':>8} {'rel(wg,mma)':>11} {'rel(wg,cublas)':>14}"
-          "  (ms)")
+          f" {'tma':>8} {'TFLOP/s':>7} {'dense/tma':>9} {'tma==wg':>7}  (ms)")
     for T, split in ((64, 0), (512, 0), (2048, 0), (2048, 1), (16384, 0)):
         x = torch.randn(T, d, device=DEV)
         ids = torch.randint(0, X, (T,), device=DEV, dtype=torch.int32)
@@ -126,6 +130,13 @@ def kernels(d=1472, F=3872, X=8):
         rel = ((out - out_old).norm() / out_old.norm()).item()
         rel_m = ((out - out_mma).norm() / out_mma.norm()).item()
         ms_g = bench_graph(grouped)
+        out_t = torch.empty(T, d, device=DEV)
+        os.environ["BLACKMAMBA_MOE_TMA"] = "1"
+        run_into(out_t)
+        ms_t = bench_graph(grouped)
+        os.environ["BLACKMAMBA_MOE_TMA"] = "0"
+        torch.cuda.synchronize()
+        same_t = bool(torch.equal(out_t, out))
         ms_o = bench_events(old) if T >= 256 else float("nan")
         ms_d = float("nan")
         if not split:  # dense gated MLP of the same FLOPs: (T, d) @ (d, 2F), act*up, @ (F, d)
@@ -139,11 +150,13 @@ def kernels(d=1472, F=3872, X=8):
             ms_d = bench_graph(dense)
         fl = 6 * T * d * F
         print(f"{T:>6} {split:>5} {ms_m:>8.4f} {ms_g:>8.4f} {fl / ms_g / 1e9:>7.0f} {ms_o:>8.4f} "
-              f"{ms_d:>8.4f} {ms_d / ms_m:>9.2f} {ms_d / ms_g:>8.2f} {rel_m:>11.2e} {rel:>14.2e}",
+              f"{ms_d:>8.4f} {ms_d / ms_m:>9.2f} {ms_d / ms_g:>8.2f} {rel_m:>11.2e} {rel:>14.2e}"
+              f" {ms_t:>8.4f} {fl / ms_t / 1e9:>7.0f} {ms_d / ms_t:>9.2f} {str(same_t):>7}",
               flush=True)
         del ws, ws_old
         torch.cuda.empty_cache()
     os.environ.pop("BLACKMAMBA_MOE_WGMMA")
+    os.environ.pop("BLACKMAMBA_MOE_TMA")
 
 
 def model_ab():

@@ -147,6 +147,20 @@ __global__ void __launch_bounds__(TM_NT, 1)
             int e, row0, rows;
             if (!tma_tile(offs, X, t / ncols, e, row0, rows)) continue;
             const int n0 = (t % ncols) * OUT_COLS;
+            const int rbase = cw * 64 + (warp & 3) * 16 + (lane >> 2);
+            // FC2: this thread's two rows' tokens and gates, in flight during the k loop
+            int tok[2] = {0, 0};
+            float gt[2] = {1.f, 1.f};
+            if constexpr (MODE == MODE_FC2) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = rbase + 8 * h;
+                    if (r < rows) {
+                        tok[h] = __ldg(p.perm + row0 + r);
+                        if (p.gates) gt[h] = __ldg(p.gates + tok[h]);
+                    }
+                }
+            }
             float acc[TM_BN / 2];
 #pragma unroll
             for (int i = 0; i < TM_BN / 2; i++) acc[i] = 0.f;
@@ -175,7 +189,6 @@ __global__ void __launch_bounds__(TM_NT, 1)
             if (prev >= 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
 
             // Epilogue: grouped_wgmma_kernel's (its accumulator layout), BN = 256.
-            const int rbase = cw * 64 + (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int r = rbase + 8 * h;
@@ -195,9 +208,8 @@ __global__ void __launch_bounds__(TM_NT, 1)
                         *reinterpret_cast<uint32_t *>(p.ab + slot * N + col) = pack_bf16(h0, h1);
                     }
                 } else {
-                    const int tok = __ldg(p.perm + slot);
-                    const float g = p.gates ? __ldg(p.gates + tok) : 1.f;
-                    float *dst = p.out + (int64_t)tok * N;
+                    const float g = gt[h];
+                    float *dst = p.out + (int64_t)tok[h] * N;
 #pragma unroll
                     for (int i = 0; i < TM_BN / 8; i++) {
                         const int col = n0 + i * 8 + 2 * (lane & 3);

@@ -374,8 +374,9 @@ def test_tma_against_wgmma(monkeypatch, T, X, d, F, kind):
 
 @needs_wgmma
 def test_tma_default_and_switch(monkeypatch):
-    # prefill-sized unsplit calls take the TMA core by default (BLACKMAMBA_MOE_TMA unset),
-    # the cp.async wgmma core under BLACKMAMBA_MOE_TMA=0; smaller ones and split calls never
+    # unsplit calls from 512 rows take the TMA core by default (BLACKMAMBA_MOE_TMA unset),
+    # the cp.async wgmma core (prefill sizes) or the decode tiles (below) under
+    # BLACKMAMBA_MOE_TMA=0; smaller ones and split calls never
     rng = rng_for("tma default")
     T, X, d, F = 2600, 3, 104, 56
     x = rng.standard_normal((T, d)).astype(np.float32)
@@ -392,6 +393,13 @@ def test_tma_default_and_switch(monkeypatch):
     _, n_t, _ = tma_run(monkeypatch, "", lambda: grouped(x[:300], ids[:300], None, fc1, fc2,
                                                           "silu", 0))
     assert n_t == 0
+    mid, n_t, n_w = tma_run(monkeypatch, "", lambda: grouped(x[:600], ids[:600], None, fc1, fc2,
+                                                              "silu", 0))
+    assert (n_t, n_w) == (2, 0)
+    dec, n_t, n_w = tma_run(monkeypatch, "0", lambda: grouped(x[:600], ids[:600], None, fc1,
+                                                               fc2, "silu", 0))
+    assert (n_t, n_w) == (0, 0)   # the mma.sync decode tiles
+    assert rel_err(mid, dec) < 1e-3
     assert rel_err(new, emulated_bf16(x, ids, None, fc1, fc2, "silu")) < TOL_EMULATED
 
 

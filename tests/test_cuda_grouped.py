@@ -403,6 +403,47 @@ def test_tma_default_and_switch(monkeypatch):
     assert rel_err(new, emulated_bf16(x, ids, None, fc1, fc2, "silu")) < TOL_EMULATED
 
 
+@needs_wgmma
+def test_engine_tma_core(monkeypatch):
+    # the engine takes the TMA core from 512 rows: a 600-token prefill, and a batch-520 state's
+    # prefill and decode steps (captured in a graph: plain launches in stream order there),
+    # against BLACKMAMBA_MOE_TMA=0 (the cp.async wgmma core or the mma.sync tiles) and the CPU
+    from blackmamba import model_cuda
+    from blackmamba.config import Config
+    from blackmamba.model import Model, random_tensors
+    cfg = Config.from_dict(dict(num_layers=4, hidden_size=24, state_size=16, conv_dimension=4,
+                                vocab_size=97, ffn_hidden_size=40,
+                                mamba_moe_layers=["r", "8", "r", "1"]))
+    t = random_tensors(cfg, seed=43)
+    cpu = Model(cfg, t, dtype="bfloat16")
+    rng = np.random.default_rng(5)
+    long_ids = rng.integers(0, 90, (1, 600))
+    ids = rng.integers(0, 90, (520, 4))
+    outs, launches = {}, {}
+    for mode in ("", "0"):
+        monkeypatch.setenv("BLACKMAMBA_MOE_TMA", mode)
+        n0 = LIB.bm_cuda_moe_grouped_tma_launches()
+        g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
+        full = g(long_ids)
+        sg = g.new_state(520)
+        g.prefill(ids[:, :2], sg, logits=None)
+        steps = np.stack([g.step(ids[:, k], sg, graph=k > 2) for k in (2, 3)])
+        launches[mode] = LIB.bm_cuda_moe_grouped_tma_launches() - n0
+        outs[mode] = (full, steps)
+    # two grouped MoE layers (8 experts and the dense "1"), fc1 and fc2 each: the 600-token
+    # forward, the 1040-row prefill and the two 520-row steps
+    assert launches == {"": 2 * 2 * 4, "0": 0}
+    want_full = cpu(long_ids)
+    sc = cpu.new_state(520)
+    cpu.prefill(ids[:, :2], sc, logits=None)
+    want_steps = np.stack([cpu.step(ids[:, k], sc) for k in (2, 3)])
+    for mode, (full, steps) in outs.items():
+        assert rel_err(full, want_full) < 2e-2, mode
+        assert rel_err(steps, want_steps) < 2e-2, mode
+    assert rel_err(outs[""][0], outs["0"][0]) < 2e-3
+    assert rel_err(outs[""][1], outs["0"][1]) < 2e-3
+
+
 # ---- the decode kernel (grouped.cu grouped_dec_kernel): variants 6..9 of the decode roles ------
 
 # T < 1024: the decode roles (digits 3 and 4 of BLACKMAMBA_MOE_GROUPED_TILES). Experts with

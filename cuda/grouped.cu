@@ -25,7 +25,9 @@
 // engine.cu split_x): each weight fragment meets the hi and the lo activation fragments,
 // two MMAs into one fp32 accumulator: the activations keep 16 significant bits.
 // On a compute capability 9.0 device the unsplit prefill tiles run on the wgmma core instead
-// (grouped_wgmma.cuh; BLACKMAMBA_MOE_WGMMA): same walk, loads and epilogues.
+// (grouped_wgmma.cuh; BLACKMAMBA_MOE_WGMMA): same walk, loads and epilogues; by default, from
+// 512 rows, its tiles fed by the bulk tensor copy engine (grouped_tma.cuh; BLACKMAMBA_MOE_TMA),
+// fc1's A rows gathered into slot order first.
 //
 // Needs bf16 weights, d % 8 == 0 and F % 8 == 0 (16-byte cp.async rows), 16-byte aligned x,
 // fc1, fc2 and 8-byte aligned out (bm_cuda_moe_grouped_supported); else moe.cu's cuBLAS path.

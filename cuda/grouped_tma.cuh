@@ -149,18 +149,7 @@ __global__ void __launch_bounds__(TM_NT, 1)
             const int n0 = (t % ncols) * OUT_COLS;
             const int rbase = cw * 64 + (warp & 3) * 16 + (lane >> 2);
             // FC2: this thread's two rows' tokens and gates, in flight during the k loop
-            int tok[2] = {0, 0};
-            float gt[2] = {1.f, 1.f};
-            if constexpr (MODE == MODE_FC2) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = rbase + 8 * h;
-                    if (r < rows) {
-                        tok[h] = __ldg(p.perm + row0 + r);
-                        if (p.gates) gt[h] = __ldg(p.gates + tok[h]);
-                    }
-                }
-            }
+            const WgRows w = wg_rows<MODE>(p, rbase, rows, row0);
             float acc[TM_BN / 2];
 #pragma unroll
             for (int i = 0; i < TM_BN / 2; i++) acc[i] = 0.f;
@@ -168,19 +157,11 @@ __global__ void __launch_bounds__(TM_NT, 1)
             for (int kt = 0; kt < KT; kt++, it++) {
                 const int s = it % TM_S;
                 mbar_wait(full0 + 8 * s, (unsigned)(it / TM_S) & 1u);
-                {  // (a warpgroup past the tile's rows multiplies rows nobody stores)
-                    const uint32_t sA = sbase + s * TM_STAGE + cw * (64 * 128);
-                    const uint32_t sB = sbase + s * TM_STAGE + TM_A;
-                    wg_fence();
-                    wg_fence_acc(acc);
-#pragma unroll
-                    for (int ks = 0; ks < BK / 16; ks++)
-                        wgmma_bf16<TM_BN>(acc, wg_desc(sA + ks * 32), wg_desc(sB + ks * 32));
-                    wg_commit();
-                    wg_fence_acc(acc);
-                    wg_wait<1>();  // the group of the previous k tile retired
-                    wg_fence_acc(acc);
-                }
+                // (a warpgroup past the tile's rows multiplies rows nobody stores)
+                wg_k_tile<TM_BN>(acc, sbase + s * TM_STAGE + cw * (64 * 128),
+                                 sbase + s * TM_STAGE + TM_A);
+                wg_wait<1>();  // the group of the previous k tile retired
+                wg_fence_acc(acc);
                 if (prev >= 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
                 prev = s;
             }
@@ -189,36 +170,7 @@ __global__ void __launch_bounds__(TM_NT, 1)
             if (prev >= 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
 
             // Epilogue: grouped_wgmma_kernel's (its accumulator layout), BN = 256.
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int r = rbase + 8 * h;
-                if (r >= rows) continue;
-                const int64_t slot = row0 + r;
-                if constexpr (MODE == MODE_FC1) {
-#pragma unroll
-                    for (int i = 0; i < TM_BN / 16; i++) {  // gate block i, up block i + BN/16
-                        const int col = n0 + i * 8 + 2 * (lane & 3);
-                        if (col >= N) continue;
-                        const int gi = 4 * i + 2 * h, ui = 4 * (i + TM_BN / 16) + 2 * h;
-                        const float v0 = bm_act_fn(acc[gi], p.act) * acc[ui];
-                        const float v1 = bm_act_fn(acc[gi + 1], p.act) * acc[ui + 1];
-                        uint16_t h0, h1, l0, l1;
-                        bm_f32_to_bf16_split(v0, h0, l0);
-                        bm_f32_to_bf16_split(v1, h1, l1);
-                        *reinterpret_cast<uint32_t *>(p.ab + slot * N + col) = pack_bf16(h0, h1);
-                    }
-                } else {
-                    const float g = gt[h];
-                    float *dst = p.out + (int64_t)tok[h] * N;
-#pragma unroll
-                    for (int i = 0; i < TM_BN / 8; i++) {
-                        const int col = n0 + i * 8 + 2 * (lane & 3);
-                        if (col >= N) continue;
-                        *reinterpret_cast<float2 *>(dst + col) =
-                            make_float2(g * acc[4 * i + 2 * h], g * acc[4 * i + 2 * h + 1]);
-                    }
-                }
-            }
+            wg_epilogue<TM_BN, MODE>(acc, p, w, rbase, rows, row0, n0);
         }
     }
 #endif

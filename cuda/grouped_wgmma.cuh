@@ -180,6 +180,78 @@ template <int N>
 __device__ __forceinline__ void wgmma_bf16(float (&)[N / 2], uint64_t, uint64_t) {}
 #endif
 
+// One k tile (64 wide) of a warpgroup's 64 x BN product from the swizzled stage (A rows at sA,
+// weight rows at sB) as one committed wgmma group (both wgmma cores).
+template <int BN>
+__device__ __forceinline__ void wg_k_tile(float (&acc)[BN / 2], uint32_t sA, uint32_t sB) {
+    wg_fence();
+    wg_fence_acc(acc);
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ks++)
+        wgmma_bf16<BN>(acc, wg_desc(sA + ks * 32), wg_desc(sB + ks * 32));
+    wg_commit();
+    wg_fence_acc(acc);
+}
+
+// ---- the epilogue (both wgmma cores: this kernel and grouped_tma.cuh's) --------------------------
+// FC2's two output rows of this thread (rbase, rbase + 8 of the tile): their tokens and gates.
+struct WgRows {
+    int tok[2];
+    float g[2];
+};
+template <int MODE>
+__device__ __forceinline__ WgRows wg_rows(const GroupedArgs &p, int rbase, int rows, int row0) {
+    WgRows w{{0, 0}, {1.f, 1.f}};
+    if constexpr (MODE == MODE_FC2) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (rbase + 8 * h >= rows) continue;
+            w.tok[h] = __ldg(p.perm + row0 + rbase + 8 * h);
+            if (p.gates) w.g[h] = __ldg(p.gates + w.tok[h]);
+        }
+    }
+    return w;
+}
+// A 64 x BN warpgroup tile's accumulators (acc layout above) out: FC1 act(gate) * up as bf16
+// into ab (slot order), FC2 gate * row into out[token]; rows past `rows` and columns past N
+// are not stored. rbase = this thread's first tile row (warpgroup, warp and lane).
+template <int BN, int MODE>
+__device__ __forceinline__ void wg_epilogue(const float (&acc)[BN / 2], const GroupedArgs &p,
+                                            const WgRows &w, int rbase, int rows, int row0,
+                                            int n0) {
+    const int lane = threadIdx.x & 31, N = p.N;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = rbase + 8 * h;
+        if (r >= rows) continue;
+        const int64_t slot = row0 + r;
+        if constexpr (MODE == MODE_FC1) {
+#pragma unroll
+            for (int i = 0; i < BN / 16; i++) {  // gate block i, up block i + BN/16
+                const int col = n0 + i * 8 + 2 * (lane & 3);
+                if (col >= N) continue;  // N % 8 == 0: col + 1 < N too
+                const int gi = 4 * i + 2 * h, ui = 4 * (i + BN / 16) + 2 * h;
+                const float v0 = bm_act_fn(acc[gi], p.act) * acc[ui];
+                const float v1 = bm_act_fn(acc[gi + 1], p.act) * acc[ui + 1];
+                uint16_t h0, h1, l0, l1;
+                bm_f32_to_bf16_split(v0, h0, l0);
+                bm_f32_to_bf16_split(v1, h1, l1);
+                *reinterpret_cast<uint32_t *>(p.ab + slot * N + col) = pack_bf16(h0, h1);
+            }
+        } else {
+            const float g = w.g[h];
+            float *dst = p.out + (int64_t)w.tok[h] * N;
+#pragma unroll
+            for (int i = 0; i < BN / 8; i++) {
+                const int col = n0 + i * 8 + 2 * (lane & 3);
+                if (col >= N) continue;
+                *reinterpret_cast<float2 *>(dst + col) =
+                    make_float2(g * acc[4 * i + 2 * h], g * acc[4 * i + 2 * h + 1]);
+            }
+        }
+    }
+}
+
 // ---- the kernel ---------------------------------------------------------------------------------
 // Tile: WG warpgroups (BM = 64 WG rows), BN weight rows, S stages refilled LAG k-tiles after
 // they were read (loads run S - LAG tiles ahead), MINB CTAs per SM; EARLY: a k-tile's refill
@@ -279,15 +351,8 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
             cp_async_commit();
         }
         if (active) {
-            const uint32_t sA = sbase + (kt % S) * C::STAGE + wg * (64 * 128);
-            const uint32_t sB = sbase + (kt % S) * C::STAGE + C::A_BYTES;
-            wg_fence();
-            wg_fence_acc(acc);
-#pragma unroll
-            for (int ks = 0; ks < BK / 16; ks++)
-                wgmma_bf16<BN>(acc, wg_desc(sA + ks * 32), wg_desc(sB + ks * 32));
-            wg_commit();
-            wg_fence_acc(acc);
+            wg_k_tile<BN>(acc, sbase + (kt % S) * C::STAGE + wg * (64 * 128),
+                          sbase + (kt % S) * C::STAGE + C::A_BYTES);
         }
         if (!EARLY) {
             if (nk < KT) load_stage(nk % S, nk);
@@ -304,37 +369,7 @@ __global__ void __launch_bounds__(WG * 128, MINB) grouped_wgmma_kernel(const Gro
 
     // Epilogue from the accumulators (layout above); as grouped_gemm_kernel's.
     const int rbase = wg * 64 + (warp & 3) * 16 + (lane >> 2);
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int r = rbase + 8 * h;
-        if (r >= rows) continue;
-        const int64_t slot = row0 + r;
-        if constexpr (MODE == MODE_FC1) {
-#pragma unroll
-            for (int i = 0; i < BN / 16; i++) {  // gate block i, up block i + BN/16
-                const int col = n0 + i * 8 + 2 * (lane & 3);
-                if (col >= N) continue;  // N % 8 == 0: col + 1 < N too
-                const int gi = 4 * i + 2 * h, ui = 4 * (i + BN / 16) + 2 * h;
-                const float v0 = bm_act_fn(acc[gi], p.act) * acc[ui];
-                const float v1 = bm_act_fn(acc[gi + 1], p.act) * acc[ui + 1];
-                uint16_t h0, h1, l0, l1;
-                bm_f32_to_bf16_split(v0, h0, l0);
-                bm_f32_to_bf16_split(v1, h1, l1);
-                *reinterpret_cast<uint32_t *>(p.ab + slot * N + col) = pack_bf16(h0, h1);
-            }
-        } else {
-            const int t = __ldg(p.perm + slot);
-            const float g = p.gates ? __ldg(p.gates + t) : 1.f;
-            float *dst = p.out + (int64_t)t * N;
-#pragma unroll
-            for (int i = 0; i < BN / 8; i++) {
-                const int col = n0 + i * 8 + 2 * (lane & 3);
-                if (col >= N) continue;
-                *reinterpret_cast<float2 *>(dst + col) =
-                    make_float2(g * acc[4 * i + 2 * h], g * acc[4 * i + 2 * h + 1]);
-            }
-        }
-    }
+    wg_epilogue<BN, MODE>(acc, p, wg_rows<MODE>(p, rbase, rows, row0), rbase, rows, row0, n0);
 #endif
 }
 

@@ -111,6 +111,16 @@ def make_ids(rng, T, X, kind):
     return np.full(T, X - 1)  # "last": one expert takes everything
 
 
+def case_inputs(tag, T, X, d, F, kind):
+    """x, ids, gates, fc1, fc2 and an activation for one case, seeded by its key."""
+    rng = rng_for(tag, T, X, d, F, kind)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    ids = make_ids(rng, T, X, kind)
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1, fc2 = weights(rng, X, d, F)
+    return x, ids, gates, fc1, fc2, list(ACTS)[T % 3]
+
+
 def weights(rng, X, d, F):
     fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
     fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
@@ -283,12 +293,7 @@ def test_wgmma_against_reference(monkeypatch, T, X, d, F, kind, tiles):
     # tile, empty experts, K and column tails) run on it too; every tile variant
     # (BLACKMAMBA_MOE_WGMMA_TILES: fc1, fc2 digits), same tolerances as the mma.sync core
     monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA_TILES", tiles)
-    rng = rng_for("wgmma", T, X, d, F, kind)
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    ids = make_ids(rng, T, X, kind)
-    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
-    fc1, fc2 = weights(rng, X, d, F)
-    act = list(ACTS)[T % 3]
+    x, ids, gates, fc1, fc2, act = case_inputs("wgmma", T, X, d, F, kind)
     got, n = wgmma_run(monkeypatch, "force",
                        lambda: grouped(x, ids, gates, fc1, fc2, act, 0))
     assert n == 2  # fc1 and fc2 both on the wgmma core
@@ -355,12 +360,7 @@ def test_tma_against_wgmma(monkeypatch, T, X, d, F, kind):
     # partial row tile, empty experts, rows past T), and against float64 as the other cores
     monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA", "force")
     monkeypatch.setenv("BLACKMAMBA_MOE_WGMMA_TILES", "66")
-    rng = rng_for("tma", T, X, d, F, kind)
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    ids = make_ids(rng, T, X, kind)
-    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
-    fc1, fc2 = weights(rng, X, d, F)
-    act = list(ACTS)[T % 3]
+    x, ids, gates, fc1, fc2, act = case_inputs("tma", T, X, d, F, kind)
     got, n_t, n_w = tma_run(monkeypatch, "force",
                             lambda: grouped(x, ids, gates, fc1, fc2, act, 0, out_fill=7.0))
     assert (n_t, n_w) == (2, 0)

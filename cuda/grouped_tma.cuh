@@ -199,9 +199,14 @@ PFN_cuTensorMapEncodeTiled_v12000 tma_encoder() {
     if (s == 0) {
         void *f = nullptr;
         cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-        const bool ok = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
-                                                         cudaEnableDefault, &q) == cudaSuccess &&
-                        q == cudaDriverEntryPointSuccess && f;
+#if CUDART_VERSION >= 12050
+        const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                               cudaEnableDefault, &q);
+#else  // toolkits 12.0-12.4 (13.0 has only the versioned form)
+        const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f,
+                                                      cudaEnableDefault, &q);
+#endif
+        const bool ok = e == cudaSuccess && q == cudaDriverEntryPointSuccess && f;
         (void)cudaGetLastError();
         if (ok) fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
         state.store(ok ? 1 : 2, std::memory_order_release);

@@ -289,7 +289,10 @@ __device__ __forceinline__ float bm_act_fn(float v, int act) {
         case BM_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
         case BM_ACT_GELU_TANH:
             return 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v, v * v, v)));
-        case BM_ACT_SILU: return v / (1.f + expf(-v));
+        // the fast exp and divide: ~5 instructions instead of ~25 (expf's range reduction,
+        // the IEEE division), a few ulp (the outputs are rounded to bf16 or summed in fp32);
+        // in the prefill fc1 epilogues -5.5% for the whole MoE layer at T = 16384 (s11)
+        case BM_ACT_SILU: return __fdividef(v, 1.f + __expf(-v));
         default: return v;
     }
 }

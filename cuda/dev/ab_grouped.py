@@ -24,9 +24,10 @@ P, I64, I32, SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_size_t
 D, F, X = 1472, 3872, 8
 
 
-def grouped_call(T, seed=0):
+def grouped_call(T, seed=0, act=2):
     """A function running bm_cuda_moe_grouped once on torch's current stream, at T tokens
-    (uniform random routing) and the 2.8B shape's d, F, X; and its output tensor."""
+    (uniform random routing) and the 2.8B shape's d, F, X, activation `act` (bm_act: 0 exact
+    GELU, the model's default, 1 tanh GELU, 2 SiLU); and its output tensor."""
     lib = ctypes.CDLL(_lib.C().__file__)
     lib.bm_cuda_moe_grouped.argtypes = [P, P, P, P, P, I32, I32, P, I64, I64, I64, I64, P, SZ, P]
     lib.bm_cuda_moe_grouped_workspace.argtypes = [I64, I64, I64, I64, I32]
@@ -45,7 +46,7 @@ def grouped_call(T, seed=0):
     def run():
         s = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         st = lib.bm_cuda_moe_grouped(x.data_ptr(), ids.data_ptr(), g.data_ptr(), w1.data_ptr(),
-                                     w2.data_ptr(), 2, 0, out.data_ptr(), T, D, X, F,
+                                     w2.data_ptr(), act, 0, out.data_ptr(), T, D, X, F,
                                      ws.data_ptr(), nb, s)
         assert st == 0
     return run, out
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--sets", required=True, help='"name:K=V,K=V;name:K=V"')
     ap.add_argument("--tokens", default="2048,16384")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--act", type=int, default=2, help="0 exact GELU, 1 tanh GELU, 2 SiLU")
     args = ap.parse_args()
     sets = {}
     for part in args.sets.split(";"):
@@ -64,7 +66,7 @@ def main():
     keys = sorted({k for kv in sets.values() for k in kv})
     ok = True
     for T in [int(t) for t in args.tokens.split(",")]:
-        run, out = grouped_call(T)
+        run, out = grouped_call(T, act=args.act)
         ms = {n: [] for n in sets}
         ref = {}
         for _ in range(args.rounds):
@@ -79,7 +81,7 @@ def main():
         first = next(iter(sets))
         same = all(torch.equal(ref[first], ref[n]) for n in sets)
         ok &= same
-        print(f"T={T}: " + "  ".join(f"{n} " + " ".join(f"{v:.4f}" for v in ms[n]) + " ms"
+        print(f"T={T} act={args.act}: " + "  ".join(f"{n} " + " ".join(f"{v:.4f}" for v in ms[n]) + " ms"
                                      for n in sets) + f"  | bit-identical: {same}", flush=True)
     print("ALL BIT-IDENTICAL" if ok else "MISMATCH")
     return 0 if ok else 1

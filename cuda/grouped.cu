@@ -213,11 +213,13 @@ struct Tile {
 // (decode) may start next to the kernel that writes them, this SM's L1 may hold lines of
 // them from an earlier layer, and ptxas does not order ld.global.nc against
 // griddepcontrol.wait (cuda/common.cuh).
-__device__ __forceinline__ bool find_tile(const GroupedArgs &p, int BM, int &e, int &row0,
+// walk_tile: the walk itself for row tile `tile`, offset i read by off(i) (also the TMA core's,
+// from its shared-memory copy of the offsets).
+template <typename Off>
+__device__ __forceinline__ bool walk_tile(Off off, int X, int BM, int tile, int &e, int &row0,
                                           int &rows) {
-    int tile = blockIdx.y;
-    for (e = 0; e < p.X; e++) {
-        const int beg = __ldcg(p.offsets + e), end = __ldcg(p.offsets + e + 1);
+    for (e = 0; e < X; e++) {
+        const int beg = off(e), end = off(e + 1);
         const int nt = (end - beg + BM - 1) / BM;
         if (tile < nt) {
             row0 = beg + tile * BM;
@@ -227,6 +229,11 @@ __device__ __forceinline__ bool find_tile(const GroupedArgs &p, int BM, int &e, 
         tile -= nt;
     }
     return false;
+}
+__device__ __forceinline__ bool find_tile(const GroupedArgs &p, int BM, int &e, int &row0,
+                                          int &rows) {
+    return walk_tile([&](int i) { return __ldcg(p.offsets + i); }, p.X, BM, (int)blockIdx.y, e,
+                     row0, rows);
 }
 
 // The loaders' source rows (both cores; fixed over K): chunk tid & 7 of tile rows
@@ -846,20 +853,21 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
     if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles (the caller asks at decode)
     if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
         const int wm = wgmma_mode(), tm = tma_mode();
-        // the TMA core also below the prefill size, from TMA_MIN_ROWS (short prompts: at
-        // T = 512 0.117 against the decode tiles' 0.151 ms for the layer, at 256 0.114
-        // against 0.108; H200, s11)
-        const bool tma_rows = big || T >= TMA_MIN_ROWS;
-        if (wm && tm && (tma_rows || tm == 2) && wgmma_usable()) {
-            GroupedArgs pt = p;
-            pt.pdl = PDL_NONE;  // plain launches (stream order), as the wgmma core's
-            bool taken = false;
-            const int st = tma_launch<MODE>(pt, T, stream, &taken);
-            if (st || taken) return st;
-        }
-        if (wm && (big || wm == 2) && wgmma_usable()) {
-            p.pdl = PDL_NONE;
-            return wgmma_dispatch<MODE>(p, T, stream);
+        if (wm && wgmma_usable()) {
+            // the TMA core also below the prefill size, from TMA_MIN_ROWS (short prompts: at
+            // T = 512 0.117 against the decode tiles' 0.151 ms for the layer, at 256 0.114
+            // against 0.108; H200, s11)
+            if (tm && (big || T >= TMA_MIN_ROWS || tm == 2)) {
+                GroupedArgs pt = p;
+                pt.pdl = PDL_NONE;  // plain launches (stream order), as the wgmma core's
+                bool taken = false;
+                const int st = tma_launch<MODE>(pt, T, stream, &taken);
+                if (st || taken) return st;
+            }
+            if (big || wm == 2) {
+                p.pdl = PDL_NONE;
+                return wgmma_dispatch<MODE>(p, T, stream);
+            }
         }
     }
     const int role = (big ? 0 : 2) + (MODE == MODE_FC2 ? 1 : 0);

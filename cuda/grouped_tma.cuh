@@ -8,7 +8,7 @@
 //   - a persistent grid (one CTA an SM) walks the tiles t = blockIdx.x, + gridDim.x, ... (row
 //     tile t / ncols over the experts' offsets, column tile t % ncols), so a CTA's next tile's
 //     loads overlap its epilogue;
-//   - warp-specialised: warpgroup 0 is the producer (one thread issues the copies: four
+//   - warp-specialised: warpgroup 0 is the producer (one thread issues the copies: three
 //     2D bulk tensor copies of 64 x 128 bf16 per k tile, completing on the stage's "full"
 //     mbarrier), warpgroups 1 and 2 the consumers (64 rows each, wgmma m64n256k16 from the
 //     swizzled stages, one group in flight; each warp hands a stage back on its "empty"
@@ -68,20 +68,11 @@ constexpr int TM_STAGE = TM_A + TM_BN * 128;  // + the weights: 48 KB
 constexpr int TM_SMEM = TM_STAGE * TM_S + 1024;  // + slack to align the stages to 1024
 constexpr int TM_NT = 384;                  // producer warpgroup + 2 consumer warpgroups
 
-// Which expert, first slot and rows has row tile y (the offsets in shared memory)?
+// Which expert, first slot and rows has row tile y (grouped.cu's walk_tile over the offsets
+// in shared memory)?
 __device__ __forceinline__ bool tma_tile(const int *offs, int X, int y, int &e, int &row0,
                                          int &rows) {
-    for (e = 0; e < X; e++) {
-        const int beg = offs[e], end = offs[e + 1];
-        const int nt = (end - beg + TM_BM - 1) / TM_BM;
-        if (y < nt) {
-            row0 = beg + y * TM_BM;
-            rows = min(TM_BM, end - row0);
-            return true;
-        }
-        y -= nt;
-    }
-    return false;
+    return walk_tile([&](int i) { return offs[i]; }, X, TM_BM, y, e, row0, rows);
 }
 
 template <int MODE>
@@ -251,8 +242,7 @@ int tma_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream, bool *taken
     if (wrows > INT32_MAX / 2) return 0;
     const int out_cols = MODE == MODE_FC1 ? TM_BN / 2 : TM_BN;
     const int64_t ncols = bm_cdiv(p.N, out_cols);
-    const int64_t ytiles = bm_cdiv(T, TM_BM) + (p.X < T ? p.X : T);
-    const int64_t ntiles = ncols * ytiles;
+    const int64_t ntiles = ncols * row_tiles(T, p.X, TM_BM);
     if (ntiles > INT32_MAX) return 0;
     CUtensorMap ma, mw;
     const void *a = MODE == MODE_FC1 ? (const void *)p.xg : (const void *)p.A;

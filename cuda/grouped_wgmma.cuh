@@ -383,7 +383,7 @@ int wgmma_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream) {
     static std::atomic<unsigned> optin{0};
     int st = bm_smem_optin(kernel, C::SMEM, optin);
     if (st) return st;
-    const int64_t ytiles = bm_cdiv(T, C::BM) + (p.X < T ? p.X : T);
+    const int64_t ytiles = row_tiles(T, p.X, C::BM);
     if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
     const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
     kernel<<<grid, C::NT, C::SMEM, stream>>>(p);

@@ -255,7 +255,12 @@ enum { BM_MOE_GROUPED_DISPATCHED = 1, BM_MOE_GROUPED_PDL = 2, BM_MOE_GROUPED_PDL
        BM_MOE_GROUPED_FC2_PLAIN = 16,
        /* fc2 launched with PDL: its dynamic shared memory padded so that at most
         * ceil(CTAs / SMs) of its CTAs fit an SM (they gather where fc1's leave first) */
-       BM_MOE_GROUPED_FC2_CAP = 32 };
+       BM_MOE_GROUPED_FC2_CAP = 32,
+       /* the routing from ids alone: no perm / offsets built or read where both GEMMs run on
+        * the decode tiles that derive them per CTA (bm_cuda_moe_grouped_ids_ok: unsplit, at
+        * most 256 tokens and 64 experts, the default tile choice); elsewhere the dispatch is
+        * launched as without the flag. Overrides BM_MOE_GROUPED_DISPATCHED where taken. */
+       BM_MOE_GROUPED_IDS = 64 };
 int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb, const uint16_t *xl,
                                 const int32_t *ids, const float *gates, const void *fc1,
                                 const void *fc2, bm_act act, int split, float *out, int64_t T,
@@ -266,6 +271,9 @@ void bm_cuda_moe_grouped_dispatch_bufs(void *workspace, int64_t T, int64_t d, in
 long long bm_cuda_moe_grouped_pdl_launches(void);
 /* ... of them fc1 in the one-row-per-expert form (BM_MOE_GROUPED_PDL_EXPERT). */
 long long bm_cuda_moe_grouped_expert_launches(void);
+/* Calls that took BM_MOE_GROUPED_IDS, and whether a call of these sizes would. */
+long long bm_cuda_moe_grouped_ids_calls(void);
+int bm_cuda_moe_grouped_ids_ok(int64_t T, int64_t X, int split);
 
 /* ---- sinkhorn.cu (SPEC 3.2): one block, all iterations in one launch -------------------- */
 /* P (T, X) = diag(d0) C diag(d1) after iterating to mean|d1 - d1_prev| <= tol or max_iters
@@ -415,6 +423,7 @@ long long bm_cuda_gemv1_norm_calls(void);
 long long bm_cuda_gemv_head_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
+long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;
  * -1 for another kind. */
 long long bm_cuda_xdt_launches(int kind);

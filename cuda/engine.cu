@@ -1282,6 +1282,16 @@ int moe_dec_pdl_flags(int64_t T, int64_t X) {
                              BM_MOE_GROUPED_PDL_EXPERT | BM_MOE_GROUPED_FC2_PLAIN};
     return f[v] | (f[v] && cap ? BM_MOE_GROUPED_FC2_CAP : 0);
 }
+// BLACKMAMBA_MOE_IDS=0: the batched decode's grouped experts read the dispatch built by the
+// routing kernel's last block (NR_PRE_DISP) instead of deriving it from the ids in each CTA
+// (BM_MOE_GROUPED_IDS, grouped.cu ids_list; read at graph capture). Measured on the H200 (2.8B
+// shape, same process): see cuda/NOTES.md session 12.
+bool moe_ids_on() {
+    const char *e = getenv("BLACKMAMBA_MOE_IDS");
+    return !(e && e[0] == '0');
+}
+std::atomic<long long> g_nr_ids{0};  // routing kernels whose layer's GEMMs read the ids (tests)
+
 // BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
 bool nr_pre_on() {
     const char *e = getenv("BLACKMAMBA_NORM_ROUTE_PRE");
@@ -2129,11 +2139,12 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
 // routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
 // (norm_route_kernel).
 // xbf_ready: the norm wrote bf16(x) (and its low parts when split) into ws->xbf (ws->xlo);
-// only where grouped_moe(). dispatched: the routing also wrote the grouped path's perm and
-// offsets into ws->moe (norm_route_kernel<., NR_PRE_DISP>); only where grouped_moe().
+// only where grouped_moe(). disp (only where grouped_moe()): BM_MOE_GROUPED_DISPATCHED, the
+// routing also wrote the grouped path's perm and offsets into ws->moe (norm_route_kernel<.,
+// NR_PRE_DISP>); BM_MOE_GROUPED_IDS, the GEMMs derive them from the ids; 0 neither.
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
         int64_t T, const bm_cuda_trace *trace, bool routed = false, bool xbf_ready = false,
-        bool dispatched = false) {
+        int disp = 0) {
     const bm_cuda_config &c = m->cfg;
     cudaStream_t st = m->stream;
     const int32_t *ids = nullptr;
@@ -2171,7 +2182,7 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         const bool split = split_x(m, ws, T);
         // The decode's GEMMs with PDL (moe_dec_pdl_flags; at capture), and no dispatch launch
         // where the routing built it.
-        const int flags = (dispatched ? BM_MOE_GROUPED_DISPATCHED : 0) |
+        const int flags = disp |
                           (ws->decode ? moe_dec_pdl_flags(T, ly.X) : 0);
         TRY(bm_cuda_moe_grouped_bf16_ex(x, xbf_ready ? ws->xbf : nullptr,
                                         xbf_ready && split ? ws->xlo : nullptr, ids, gates,
@@ -2250,11 +2261,19 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             // The dispatch in the routing's last block (NR_PRE_DISP) where the grouped
             // experts follow (their workspace holds perm and offsets).
             int32_t *perm = nullptr, *offsets = nullptr;
+            int disp = 0;  // the grouped experts' flag: dispatch built here, or from the ids
             size_t smem = (size_t)d * 4;
             if (!early && ws->decode && T > ws->gv && d <= 128 * NR_PRE && nr_pre_on()) {
                 nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
-                if (ws->ticket && route_dispatch_on() && grouped_moe(m, ws, ly, ws->xn, ws->h, T)) {
+                if (moe_ids_on() && grouped_moe(m, ws, ly, ws->xn, ws->h, T) &&
+                    bm_cuda_moe_grouped_ids_ok(T, ly.X, split)) {
+                    // the GEMMs derive the dispatch from the ids: no last-block dispatch
+                    disp = BM_MOE_GROUPED_IDS;
+                    g_nr_ids.fetch_add(1, std::memory_order_relaxed);
+                } else if (ws->ticket && route_dispatch_on() &&
+                           grouped_moe(m, ws, ly, ws->xn, ws->h, T)) {
+                    disp = BM_MOE_GROUPED_DISPATCHED;
                     nr_kernel = xb ? norm_route_kernel<true, NR_PRE_DISP>
                                    : norm_route_kernel<false, NR_PRE_DISP>;
                     bm_cuda_moe_grouped_dispatch_bufs(ws->moe, T, d, ly.X, c.F, split, &perm,
@@ -2270,7 +2289,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                           (int)d, ly.X, xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
                           perm, offsets, ws->ticket, hpair ? ws->hk + T * d : nullptr);
             hpair = false;
-            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, perm != nullptr));
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, disp));
             continue;
         }
         const bool xb = lo_ok && ly.mamba && in_proj_batched(m, ws, T) &&
@@ -2808,6 +2827,9 @@ extern "C" long long bm_cuda_norm_route_dispatch_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
+}
+extern "C" long long bm_cuda_norm_route_ids_calls(void) {
+    return g_nr_ids.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_small_tf32_calls(void) {

@@ -176,6 +176,11 @@ struct GroupedArgs {
     int cap;
     // (T, K) scratch for FC1's A gathered into slot order (the TMA core's fc1), or NULL.
     uint16_t *xg;
+    // The routing itself (T ids), or NULL: then perm and offsets were not built, and each CTA
+    // of the decode tiles derives what it needs of them from the ids (ids_offsets / ids_list;
+    // BM_MOE_GROUPED_IDS; T <= IDS_MAX_T, X <= IDS_MAX_X).
+    const int32_t *ids;
+    int T;
 };
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
 
@@ -236,17 +241,76 @@ __device__ __forceinline__ bool find_tile(const GroupedArgs &p, int BM, int &e, 
                      row0, rows);
 }
 
+// ---- the dispatch from the ids, inside a CTA (BM_MOE_GROUPED_IDS) ----------------------------
+// At decode sizes the routing kernel's last block used to build perm and offsets for the two
+// GEMMs (moe_dispatch.cuh), on the critical path between the routing and fc1 (a ticket, a
+// fence, one block's counting sort: ~3 us of the 9.9 us routing kernel at B = 64 on the H200).
+// Instead each CTA of the decode tiles reads the T ids (one L2 round trip, all loads issued
+// at once) and derives, in its shared memory, exactly the values the dispatch would have
+// written: the offsets (exclusive prefix counts per expert, ids outside [0, X) counted
+// nowhere) and an expert's tokens in increasing order (perm[offsets[e] + i] == list[i]).
+// Warp 0 of the block does it; the caller synchronises the block after.
+constexpr int IDS_MAX_T = 256;  // tokens (the fc1 expert form runs up to 32 X)
+constexpr int IDS_MAX_X = 64;   // experts
+constexpr int IDS_CHUNKS = IDS_MAX_T / 32;
+
+// This lane's ids of the T, chunk c = ids[32 c + lane] (-1 past T).
+__device__ __forceinline__ void ids_load(const int32_t *ids, int T, int (&id)[IDS_CHUNKS]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < IDS_CHUNKS; c++) {
+        const int m = 32 * c + lane;
+        id[c] = m < T ? __ldcg(ids + m) : -1;
+    }
+}
+// soff[0..X] = the dispatch's offsets.
+__device__ __forceinline__ void ids_offsets(const int (&id)[IDS_CHUNKS], int X, int *soff) {
+    const int lane = threadIdx.x & 31;
+    for (int i = lane; i <= X; i += 32) soff[i] = 0;
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < IDS_CHUNKS; c++)
+        if (id[c] >= 0 && id[c] < X) atomicAdd(&soff[id[c] + 1], 1);
+    __syncwarp();
+    if (lane == 0)
+        for (int i = 1; i <= X; i++) soff[i] += soff[i - 1];
+    __syncwarp();
+}
+// Expert e's tokens in increasing order into list; returns their count (every lane), and in
+// *below the tokens of experts before e (its offset).
+__device__ __forceinline__ int ids_list(const int (&id)[IDS_CHUNKS], int e, int *list,
+                                        int *below) {
+    const int lane = threadIdx.x & 31;
+    const unsigned lt = (1u << lane) - 1u;
+    int run = 0, lo = 0;
+#pragma unroll
+    for (int c = 0; c < IDS_CHUNKS; c++) {
+        const unsigned eq = __ballot_sync(0xffffffffu, id[c] == e);
+        if (id[c] == e) list[run + __popc(eq & lt)] = 32 * c + lane;
+        run += __popc(eq);
+        lo += __popc(__ballot_sync(0xffffffffu, id[c] >= 0 && id[c] < e));
+    }
+    *below = lo;
+    return run;
+}
+
 // The loaders' source rows (both cores; fixed over K): chunk tid & 7 of tile rows
 // (tid >> 3) + i NT/8, -1 = none (zeros). Row indices as 32-bit values, the addresses formed
 // per load: fewer registers than 64-bit pointers where a thread loads many rows.
 // A: the gathered token rows (FC1: through perm) of the tile's `rows`.
+// list (BM_MOE_GROUPED_IDS): the expert's tokens from shared memory, slot row0 + r being
+// list[row0 + r - beg], instead of perm.
 template <int ITERS, int NT, int MODE>
 __device__ __forceinline__ void a_sources(const GroupedArgs &p, int row0, int rows,
-                                          int (&src)[ITERS]) {
+                                          int (&src)[ITERS], const int *list = nullptr,
+                                          int beg = 0) {
 #pragma unroll
     for (int i = 0; i < ITERS; i++) {
         const int r = (threadIdx.x >> 3) + i * (NT / 8);
-        src[i] = r >= rows ? -1 : MODE == MODE_FC1 ? __ldcg(p.perm + row0 + r) : row0 + r;
+        src[i] = r >= rows          ? -1
+                 : MODE != MODE_FC1 ? row0 + r
+                 : list             ? list[row0 + r - beg]
+                                    : __ldcg(p.perm + row0 + r);
     }
 }
 // B: NB weight rows from output column n0; FC1: rows [0, NB/2) the gate columns, [NB/2, NB)
@@ -292,9 +356,33 @@ grouped_gemm_kernel(const GroupedArgs p) {
         if (MODE == MODE_FC1) bm_pdl_wait();
         else bm_pdl_wait_only();
     }
-    int e = 0, row0 = 0, rows = 0, row_end = 0;
-    if (xm) e = blockIdx.y;
-    else if (!find_tile(p, BM, e, row0, rows)) return;
+    // BM_MOE_GROUPED_IDS (decode tiles; the host takes it only for fc1's expert form and fc2):
+    // the offsets and the expert's tokens from the ids (ids_list), not perm and offsets. fc2
+    // reads the ids where it read the offsets: before its wait in the PDL_EARLY form (written
+    // by the routing kernel two launches back, complete by then: see the early loads below).
+    constexpr bool IDS_OK = BM <= 32 && !SPLIT;
+    __shared__ int s_ids[IDS_OK ? IDS_MAX_X + 1 + IDS_MAX_T : 1];  // offsets (X+1), tokens
+    int *const s_list = s_ids + (IDS_OK ? IDS_MAX_X + 1 : 0);
+    const bool by_ids = IDS_OK && p.ids != nullptr;
+    int e = 0, row0 = 0, rows = 0, row_end = 0, ebeg = 0;
+    if (xm) {
+        e = blockIdx.y;
+    } else if (by_ids) {
+        if (warp == 0) {
+            int id[IDS_CHUNKS];
+            ids_load(p.ids, p.T, id);
+            ids_offsets(id, p.X, s_ids);
+            const bool ok = walk_tile([&](int i) { return s_ids[i]; }, p.X, BM,
+                                      (int)blockIdx.y, e, row0, rows);
+            if (ok) ids_list(id, e, s_list, &ebeg);
+        }
+        __syncthreads();
+        if (!walk_tile([&](int i) { return s_ids[i]; }, p.X, BM, (int)blockIdx.y, e, row0, rows))
+            return;
+        ebeg = s_ids[e];
+    } else if (!find_tile(p, BM, e, row0, rows)) {
+        return;
+    }
     const int K = p.K, N = p.N;
     const int n0 = blockIdx.x * C::OUT_COLS;  // first output column
     if (n0 >= N) return;
@@ -342,8 +430,25 @@ grouped_gemm_kernel(const GroupedArgs p) {
         for (int s = 0; s < STAGES - 1; s++)
             if (s < KT) load_b(s, s);  // uncommitted: they join the first tile's first group
         bm_pdl_wait();                 // the routing (and dispatch) completed; fc2 may start
-        const int beg = __ldcg(p.offsets + e);
-        row_end = __ldcg(p.offsets + e + 1);
+        int beg;
+        if (by_ids) {
+            if (warp == 0) {
+                int id[IDS_CHUNKS], below;
+                ids_load(p.ids, p.T, id);
+                const int n = ids_list(id, e, s_list, &below);
+                if (lane == 0) {
+                    s_ids[0] = below;
+                    s_ids[1] = below + n;
+                }
+            }
+            __syncthreads();
+            beg = s_ids[0];
+            row_end = s_ids[1];
+            ebeg = beg;
+        } else {
+            beg = __ldcg(p.offsets + e);
+            row_end = __ldcg(p.offsets + e + 1);
+        }
         if (beg >= row_end) {  // no tokens: let the early copies land before the CTA leaves
             cp_async_commit();
             cp_async_wait<0>();
@@ -354,7 +459,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
     }
     bool first = true;
   for (;;) {  // the row tiles: one, or (xm) every tile of the expert (not re-indented)
-    a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src);
+    a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src, by_ids ? s_list : nullptr, ebeg);
     float acc[C::MI][C::NI][4];
 #pragma unroll
     for (int mi = 0; mi < C::MI; mi++)
@@ -450,7 +555,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
             } else {
-                const int t = __ldcg(p.perm + slot);
+                const int t = by_ids ? s_list[slot - ebeg] : __ldcg(p.perm + slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
                 float *dst = p.out + (int64_t)t * N;
 #pragma unroll
@@ -737,6 +842,7 @@ grouped_dec_kernel(const GroupedArgs p) {
 std::atomic<long long> dec_launches{0};  // grouped_dec_kernel launches (the tests)
 std::atomic<long long> pdl_launches{0};  // decode GEMMs launched with PDL (the tests)
 std::atomic<long long> expert_launches{0};  // fc1 launches in the PDL_EXPERT form (the tests)
+std::atomic<long long> ids_calls{0};  // layers whose GEMMs read the ids (BM_MOE_GROUPED_IDS)
 
 // Row tiles a launch needs at most: tokens T' <= T over m <= min(X, T) experts with tokens
 // make sum_e ceil(n_e / BM) = m + sum_e floor((n_e - 1) / BM) <= m + floor((T - m) / BM),
@@ -857,6 +963,8 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
             // the TMA core also below the prefill size, from TMA_MIN_ROWS (short prompts: at
             // T = 512 0.117 against the decode tiles' 0.151 ms for the layer, at 256 0.114
             // against 0.108; H200, s11)
+            if (p.ids && (big || wm == 2 || tm == 2))
+                return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
             if (tm && (big || T >= TMA_MIN_ROWS || tm == 2)) {
                 GroupedArgs pt = p;
                 pt.pdl = PDL_NONE;  // plain launches (stream order), as the wgmma core's
@@ -885,6 +993,8 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
         if (role == 3 && T <= 16 * (int64_t)p.X) v = SPLIT ? 7 : 5;
         else v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
     }
+    if (p.ids && (role < 2 || v > 5))  // ids_route_ok() keeps this from happening
+        return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
 #define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
 #define BM_DEC_LAUNCH(BM, NB, WK, ST) return dec_launch<BM, NB, WK, ST, MODE, SPLIT>(p, T, stream)
     switch (role * 10 + v) {
@@ -921,6 +1031,20 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
     }
 #undef BM_GROUPED_LAUNCH
 #undef BM_DEC_LAUNCH
+}
+
+// Can both GEMMs of a call take their routing from the ids (BM_MOE_GROUPED_IDS)? Where
+// gemm_dispatch picks grouped_gemm_kernel's decode tiles (BM <= 32, unsplit) for both roles:
+// not big, not a forced wgmma / TMA core, tile variants 1..5 (or the defaults), and the sizes
+// the in-CTA dispatch holds.
+bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
+    const bool big = T >= 64 * X && T >= 1024;
+    if (split || big || T < 1 || T > IDS_MAX_T || X < 1 || X > IDS_MAX_X) return false;
+    const int wm = wgmma_mode(), tm = tma_mode();
+    if (wm && (wm == 2 || tm == 2) && wgmma_usable()) return false;
+    for (int role = 2; role < 4; role++)
+        if (tiles[role] < '0' || tiles[role] > '5') return false;
+    return true;
 }
 
 // Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | then split: xl (T, d) |
@@ -983,6 +1107,16 @@ extern "C" long long bm_cuda_moe_grouped_pdl_launches(void) {
 extern "C" long long bm_cuda_moe_grouped_expert_launches(void) {
     return expert_launches.load(std::memory_order_relaxed);
 }
+// How many calls ran both GEMMs on the routing from the ids (BM_MOE_GROUPED_IDS taken).
+extern "C" long long bm_cuda_moe_grouped_ids_calls(void) {
+    return ids_calls.load(std::memory_order_relaxed);
+}
+extern "C" int bm_cuda_moe_grouped_ids_ok(int64_t T, int64_t X, int split) {
+    const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
+    char tiles[5] = "0000";
+    for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
+    return ids_route_ok(T, X, split != 0, tiles);
+}
 
 // perm and offsets inside a bm_cuda_moe_grouped workspace of these sizes: where a caller
 // that builds the dispatch itself (engine.cu's routing kernel) writes it for
@@ -1027,10 +1161,17 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
     const GroupedWs ws = grouped_ws((char *)workspace, T, d, X, F, split != 0);
     if (!workspace || workspace_bytes < ws.bytes)
         return BM_CUDA_ARG_FAIL("moe_grouped: workspace too small (bm_cuda_moe_grouped_workspace)");
+    const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
+    char tiles[5] = "0000";
+    for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
+    // BM_MOE_GROUPED_IDS: no perm / offsets at all where both GEMMs run on the decode tiles
+    // that derive them from the ids; elsewhere the dispatch launch, as without the flag.
+    const bool by_ids = (flags & BM_MOE_GROUPED_IDS) && ids_route_ok(T, X, split != 0, tiles);
     int st;
-    if (!(flags & BM_MOE_GROUPED_DISPATCHED) &&
+    if (!by_ids && !(flags & BM_MOE_GROUPED_DISPATCHED) &&
         (st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream)))
         return st;
+    if (by_ids) ids_calls.fetch_add(1, std::memory_order_relaxed);
     const uint16_t *xb = xb_in, *xl = xl_in;
     if (!xb) {
         to_bf16_kernel<<<(unsigned)T, 128, 0, stream>>>(x, ids, ws.xb, split ? ws.xl : nullptr,
@@ -1039,15 +1180,14 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
         xb = ws.xb;
         xl = split ? ws.xl : nullptr;
     }
-    const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
-    char tiles[5] = "0000";
-    for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
     const bool pdl =
         flags & (BM_MOE_GROUPED_PDL | BM_MOE_GROUPED_PDL_EARLY | BM_MOE_GROUPED_PDL_EXPERT);
     GroupedArgs p1{xb, xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
                    ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act,
                    !pdl ? PDL_NONE : (flags & BM_MOE_GROUPED_PDL_EXPERT) ? PDL_EXPERT : PDL_WAIT};
     p1.xg = ws.xg;
+    p1.ids = by_ids ? ids : nullptr;
+    p1.T = (int)T;
     st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
                : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
     if (st) return st;
@@ -1060,6 +1200,8 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
                        ? PDL_EARLY
                        : PDL_WAIT,
                    (flags & BM_MOE_GROUPED_FC2_CAP) ? 1 : 0};
+    p2.ids = by_ids ? ids : nullptr;
+    p2.T = (int)T;
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)
                  : gemm_dispatch<MODE_FC2, false>(p2, T, tiles, stream);
 }

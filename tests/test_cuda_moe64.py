@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.gpu,
 
 TOL_SPLIT = 1e-4
 SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAMBA_MOE_DEC_PDL_CAP",
+            "BLACKMAMBA_MOE_IDS", "BLACKMAMBA_MOE_GROUPED_TILES",
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
@@ -48,8 +49,11 @@ def _lib_c():
     lib.bm_cuda_moe_grouped_workspace.restype = ctypes.c_size_t
     for f in ("bm_cuda_moe_dispatch_last_calls", "bm_cuda_norm_route_dispatch_calls",
               "bm_cuda_moe_grouped_pdl_launches", "bm_cuda_norm_route_pre_calls",
-              "bm_cuda_moe_grouped_expert_launches"):
+              "bm_cuda_moe_grouped_expert_launches", "bm_cuda_moe_grouped_ids_calls",
+              "bm_cuda_norm_route_ids_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
+    lib.bm_cuda_moe_grouped_ids_ok.argtypes = [I64, I64, ctypes.c_int]
+    lib.bm_cuda_moe_grouped_ids_ok.restype = ctypes.c_int
     return lib
 
 
@@ -109,7 +113,7 @@ def test_dispatch_last_block(env, T, X):
 
 
 # bm_cuda_moe_grouped_bf16_ex's flags (cuda/bm_cuda.h)
-DISPATCHED, PDL, PDL_EARLY, PDL_EXPERT = 1, 2, 4, 8
+DISPATCHED, PDL, PDL_EARLY, PDL_EXPERT, IDS = 1, 2, 4, 8, 64
 # (T, X, d, F, kind): K tails (d, F not multiples of 64), N tails, several k tiles, experts
 # over several row tiles of 32 / 16 ("last", "skewed"), empty experts, X = 1
 GEMM_CASES = [(64, 8, 184, 248, "uniform"), (100, 1, 48, 72, "uniform"),
@@ -164,6 +168,63 @@ def test_grouped_pdl_forms(env, T, X, d, F, kind, split):
         np.testing.assert_array_equal(got, old, err_msg=str(flags))
 
 
+# (T, X, d, F, kind) for the routing from the ids: GEMM_CASES, the most tokens (256) and
+# experts (64) it takes and one past each, tokens routed nowhere (ids -1 and X)
+IDS_CASES = GEMM_CASES + [(256, 8, 64, 40, "skewed"), (257, 8, 64, 40, "uniform"),
+                          (40, 64, 32, 24, "uniform"), (40, 65, 32, 24, "uniform"),
+                          (33, 5, 48, 40, "unrouted"), (64, 8, 64, 40, "last")]
+
+
+@pytest.mark.parametrize("T,X,d,F,kind", IDS_CASES)
+@pytest.mark.parametrize("split", [0, 1])
+def test_grouped_ids(env, T, X, d, F, kind, split):
+    # BM_MOE_GROUPED_IDS: each CTA of the decode tiles derives its expert's offset and tokens
+    # from the ids (grouped.cu ids_list), with no perm / offsets built; taken unsplit up to 256
+    # tokens and 64 experts with the default tiles (or variants 1..5), else the dispatch is
+    # launched as without it. Either way, and with every PDL form, bit-identical to the plain
+    # call (the same tiles, k order and epilogue rows)
+    from blackmamba import ref
+    rng = rng_for("ids", T, X, d, F, kind, split)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    if kind == "skewed":
+        ids = np.where(rng.random(T) < 0.8, 0, rng.integers(0, X, T))
+    elif kind == "last":
+        ids = np.full(T, X - 1)
+    else:
+        ids = rng.integers(0, X, T)
+    if kind == "unrouted":
+        ids[rng.random(T) < 0.2] = -1
+        ids[rng.random(T) < 0.1] = X
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
+    fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
+    env(BLACKMAMBA_CUDA_PDL=0)
+    old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
+    ok = (ids >= 0) & (ids < X)
+    if ok.all():
+        want = ref.moe_experts(x, ids, gates, fc1, fc2, "silu")
+        assert rel_err(old, want) < (5e-5 if split else 1.5e-2)
+    else:
+        np.testing.assert_array_equal(old[~ok], 0)   # routed nowhere: zero rows
+    taken = not split and T <= 256 and X <= 64
+    assert LIB.bm_cuda_moe_grouped_ids_ok(T, X, split) == taken
+    for tiles in (None, "0011", "0055", "0023", "0096"):
+        kv = {"BLACKMAMBA_CUDA_PDL": 0}
+        if tiles:
+            kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
+        env(**kv)
+        on = taken and tiles != "0096"   # variants 6..9: grouped_dec_kernel, not taken
+        assert LIB.bm_cuda_moe_grouped_ids_ok(T, X, split) == on
+        base = old if tiles is None else grouped_ex(x, ids, gates, fc1, fc2, split, 0)
+        if tiles is not None:   # another tile: the same values up to fp32 summation order
+            assert rel_err(base, old) < 2e-3
+        for flags in (IDS, IDS | PDL, IDS | PDL_EARLY, IDS | PDL_EXPERT):
+            n0 = LIB.bm_cuda_moe_grouped_ids_calls()
+            got = grouped_ex(x, ids, gates, fc1, fc2, split, flags)
+            assert LIB.bm_cuda_moe_grouped_ids_calls() - n0 == on, (tiles, flags)
+            np.testing.assert_array_equal(got, base, err_msg=f"{tiles} {flags}")
+
+
 def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None):
     # test_cuda_dec64's small config: hidden 64, F = 40, two MoE layers (8 and 3 experts)
     base = dict(num_layers=len(layers), hidden_size=64, state_size=16, conv_dimension=4,
@@ -197,9 +258,11 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
     # (unset) fuses the dispatch and takes PDL mode 2 up to 8 rows, above 3 where
     # 2X <= B <= 32X and 2 elsewhere, fc2 capped above 8 rows (engine.cu moe_dec_pdl_flags);
     # against the CPU model within the math's tolerance
+    # (the dispatch built by the routing kernel: BLACKMAMBA_MOE_IDS=0 throughout; the routing
+    # from the ids is test_route_ids's)
     g, c = make(200 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 7).integers(0, g.vocab_size, (B, 5))
-    env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0)
+    env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0, BLACKMAMBA_MOE_IDS=0)
     k0 = counts()
     old, want = steps(g, c, ids, 3)
     k1 = counts()
@@ -212,7 +275,7 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
     for disp, pdl, cap in combos:
         if disp == "0" and pdl == "0":
             continue
-        kv = {}
+        kv = {"BLACKMAMBA_MOE_IDS": 0}
         if disp is not None:
             kv["BLACKMAMBA_MOE_ROUTE_DISPATCH"] = disp
         if pdl is not None:
@@ -238,6 +301,41 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
         np.testing.assert_array_equal(got, old, err_msg=str(kv))
 
 
+@pytest.mark.parametrize("B,math,bias", CASES)
+def test_route_ids(env, B, math, bias):
+    # the batched decode's default above 8 unsplit rows: the routing kernel builds no dispatch
+    # and the grouped GEMMs derive it from the ids (BLACKMAMBA_MOE_IDS, default on), with
+    # every PDL mode: logits bit-identical to the dispatch built by the routing kernel
+    # (BLACKMAMBA_MOE_IDS=0), besides the CPU model; at 8 rows or split products the switch
+    # changes nothing (not taken)
+    g, c = make(400 + B, math=math, bias=bias)
+    ids = np.random.default_rng(B + 9).integers(0, g.vocab_size, (B, 5))
+    env(BLACKMAMBA_MOE_IDS=0)
+    k0 = (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls())
+    old, want = steps(g, c, ids, 3)
+    assert (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls()) == k0
+    split = math == "bf16x2" or B <= 8
+    assert rel_err(old, want) < (TOL_SPLIT if split else 1e-2)
+    for kv in ({}, {"BLACKMAMBA_MOE_IDS": 1}, {"BLACKMAMBA_MOE_DEC_PDL": 2},
+               {"BLACKMAMBA_MOE_DEC_PDL": 3}, {"BLACKMAMBA_MOE_DEC_PDL": 0},
+               {"BLACKMAMBA_MOE_DEC_PDL": 1, "BLACKMAMBA_MOE_DEC_PDL_CAP": 0},
+               {"BLACKMAMBA_MOE_ROUTE_DISPATCH": 0}):
+        env(**kv)
+        k0 = (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls(),
+              LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_norm_route_pre_calls())
+        got, _ = steps(g, None, ids, 3)
+        k1 = (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls(),
+              LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_norm_route_pre_calls())
+        nr = k1[3] - k0[3]                        # batched routings captured (2 a capture)
+        assert nr >= 2, kv
+        n_ids = 0 if split else nr                # both MoE layers (8 and 3 experts)
+        assert k1[0] - k0[0] == n_ids, kv
+        assert k1[1] - k0[1] == n_ids, kv         # each taken by the grouped call too
+        fused = kv.get("BLACKMAMBA_MOE_ROUTE_DISPATCH") != 0
+        assert k1[2] - k0[2] == (nr - n_ids if fused else 0), kv   # else the last-block one
+        np.testing.assert_array_equal(got, old, err_msg=str(kv))
+
+
 def test_pdl_switch_off(env):
     # BLACKMAMBA_CUDA_PDL=0 turns the attribute off here too (mode 3 forced) (the kernels' waits are then
     # no-ops; fc2's early loads run after fc1 completed): the same logits, no PDL launches
@@ -248,8 +346,9 @@ def test_pdl_switch_off(env):
     ref, _ = steps(g, None, ids, 2)
     assert counts()[1] > k0[1]
     env(BLACKMAMBA_MOE_DEC_PDL=3, BLACKMAMBA_CUDA_PDL=0)
-    k0 = counts()
+    k0, i0 = counts(), LIB.bm_cuda_norm_route_ids_calls()
     got, _ = steps(g, None, ids, 2)
     assert counts()[1] == k0[1]
-    assert counts()[0] >= k0[0] + 2
+    # the batched routing, the dispatch built by it or (the default) read from the ids
+    assert LIB.bm_cuda_norm_route_ids_calls() - i0 >= 2
     np.testing.assert_array_equal(got, ref)

@@ -989,45 +989,54 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
     // 2-warp k slices, 74 against 80 us for the layer's experts and 2.34-2.45 against 2.54-2.58
     // ms/step; unsplit (batch 64) variant 5, the 16-row tiles, 84.4 against 85.5 us and
     // 2.467-2.473 against 2.484-2.493 ms/step. More rows: variant 2 as before.
+    // Session 12 (cuda/NOTES.md; same process, whole step in the graph, fc2 launched early
+    // with PDL and capped, the routing from the ids): deeper fc2 pipelines win, unsplit: up to
+    // 4 rows an expert on average (B = 16, 32 at X = 8) variant 1, 16-row tiles with 7 k tiles
+    // in flight (1.840 -> 1.770 ms at B = 16 against variant 5, 2.016 -> 1.961 at 32); up to
+    // 32 rows variant 4, 32-row tiles with 5 (2.281 -> 2.197 at B = 64: a 16-row tile reads an
+    // expert's weights twice once it has more than 16 tokens). Logits bit-identical (the same
+    // k order per output).
     if (v < 1 || v > (role >= 2 ? 9 : 5)) {
-        if (role == 3 && T <= 16 * (int64_t)p.X) v = SPLIT ? 7 : 5;
+        if (role == 3 && SPLIT && T <= 16 * (int64_t)p.X) v = 7;
+        else if (role == 3 && !SPLIT && T <= 4 * (int64_t)p.X) v = 1;
+        else if (role == 3 && !SPLIT && T <= 32 * (int64_t)p.X) v = 4;
         else v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
     }
     if (p.ids && (role < 2 || v > 5))  // ids_route_ok() keeps this from happening
         return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
 #define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
 #define BM_DEC_LAUNCH(BM, NB, WK, ST) return dec_launch<BM, NB, WK, ST, MODE, SPLIT>(p, T, stream)
-    switch (role * 10 + v) {
-        case 0 * 10 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
-        case 0 * 10 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
-        case 0 * 10 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
-        case 0 * 10 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
-        case 0 * 10 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
-        case 1 * 10 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
-        case 1 * 10 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
-        case 1 * 10 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
-        case 1 * 10 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
-        case 1 * 10 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
-        case 2 * 10 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
-        case 2 * 10 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
-        case 2 * 10 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
-        case 2 * 10 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
-        case 2 * 10 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
-        case 3 * 10 + 1: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);
-        case 3 * 10 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
-        case 3 * 10 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
-        case 3 * 10 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
-        case 3 * 10 + 5: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
+    switch (role * 100 + v) {
+        case 0 * 100 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
+        case 0 * 100 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
+        case 0 * 100 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
+        case 0 * 100 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
+        case 0 * 100 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
+        case 1 * 100 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
+        case 1 * 100 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
+        case 1 * 100 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
+        case 1 * 100 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
+        case 1 * 100 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
+        case 2 * 100 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
+        case 2 * 100 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
+        case 2 * 100 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
+        case 2 * 100 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
+        case 2 * 100 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
+        case 3 * 100 + 1: BM_GROUPED_LAUNCH(16, 32, 1, 1, 8);    // one warp, 7 k tiles in flight
+        case 3 * 100 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
+        case 3 * 100 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
+        case 3 * 100 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
+        case 3 * 100 + 5: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
         // grouped_dec_kernel (BM, NB, WK warps on k slices, stages): decode fc1 ...
-        case 2 * 10 + 6: BM_DEC_LAUNCH(16, 64, 1, 4);
-        case 2 * 10 + 7: BM_DEC_LAUNCH(32, 64, 1, 4);
-        case 2 * 10 + 8: BM_DEC_LAUNCH(16, 64, 2, 4);
-        case 2 * 10 + 9: BM_DEC_LAUNCH(16, 128, 1, 4);
+        case 2 * 100 + 6: BM_DEC_LAUNCH(16, 64, 1, 4);
+        case 2 * 100 + 7: BM_DEC_LAUNCH(32, 64, 1, 4);
+        case 2 * 100 + 8: BM_DEC_LAUNCH(16, 64, 2, 4);
+        case 2 * 100 + 9: BM_DEC_LAUNCH(16, 128, 1, 4);
         // ... and decode fc2
-        case 3 * 10 + 6: BM_DEC_LAUNCH(16, 32, 1, 6);
-        case 3 * 10 + 7: BM_DEC_LAUNCH(16, 32, 2, 4);
-        case 3 * 10 + 8: BM_DEC_LAUNCH(16, 32, 4, 3);
-        default: BM_DEC_LAUNCH(32, 32, 2, 4);  // 3 * 10 + 9
+        case 3 * 100 + 6: BM_DEC_LAUNCH(16, 32, 1, 6);
+        case 3 * 100 + 7: BM_DEC_LAUNCH(16, 32, 2, 4);
+        case 3 * 100 + 8: BM_DEC_LAUNCH(16, 32, 4, 3);
+        default: BM_DEC_LAUNCH(32, 32, 2, 4);  // 3 * 100 + 9
     }
 #undef BM_GROUPED_LAUNCH
 #undef BM_DEC_LAUNCH

@@ -120,6 +120,28 @@ GEMM_CASES = [(64, 8, 184, 248, "uniform"), (100, 1, 48, 72, "uniform"),
               (150, 4, 200, 136, "skewed"), (9, 8, 64, 40, "uniform"), (70, 3, 136, 64, "last")]
 
 
+def moe_case(tag, T, X, d, F, kind, split):
+    """x (T, d), ids (T) by kind (uniform; skewed: 80% on expert 0, the rest on odd experts;
+    last: all on expert X-1; unrouted: uniform with ~20% -1 and ~10% X), gates, bf16 fc1, fc2."""
+    from blackmamba import ref
+    rng = rng_for(tag, T, X, d, F, kind, split)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    if kind in ("uniform", "unrouted"):
+        ids = rng.integers(0, X, T)
+    elif kind == "skewed":
+        ids = np.where(rng.random(T) < 0.8, 0, 2 * rng.integers(0, max(X // 2, 1), T) + 1)
+        ids = np.minimum(ids, X - 1)
+    else:
+        ids = np.full(T, X - 1)
+    if kind == "unrouted":
+        ids[rng.random(T) < 0.2] = -1
+        ids[rng.random(T) < 0.1] = X
+    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
+    fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
+    fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
+    return x, ids, gates, fc1, fc2
+
+
 def grouped_ex(x, ids, gates, fc1, fc2, split, flags):
     D = cuda.to_device
     T, d = x.shape
@@ -145,18 +167,7 @@ def test_grouped_pdl_forms(env, T, X, d, F, kind, split):
     # the waits no-ops: the forms' indexing and pipelines, not the overlap, which the engine
     # tests below take)
     from blackmamba import ref
-    rng = rng_for("pdl forms", T, X, d, F, kind, split)
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    if kind == "uniform":
-        ids = rng.integers(0, X, T)
-    elif kind == "skewed":
-        ids = np.where(rng.random(T) < 0.8, 0, 2 * rng.integers(0, max(X // 2, 1), T) + 1)
-        ids = np.minimum(ids, X - 1)
-    else:
-        ids = np.full(T, X - 1)
-    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
-    fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
-    fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
+    x, ids, gates, fc1, fc2 = moe_case("pdl forms", T, X, d, F, kind, split)
     env(BLACKMAMBA_CUDA_PDL=0)
     old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
     want = ref.moe_experts(x, ids, gates, fc1, fc2, "silu")
@@ -184,20 +195,7 @@ def test_grouped_ids(env, T, X, d, F, kind, split):
     # launched as without it. Either way, and with every PDL form, bit-identical to the plain
     # call (the same tiles, k order and epilogue rows)
     from blackmamba import ref
-    rng = rng_for("ids", T, X, d, F, kind, split)
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    if kind == "skewed":
-        ids = np.where(rng.random(T) < 0.8, 0, rng.integers(0, X, T))
-    elif kind == "last":
-        ids = np.full(T, X - 1)
-    else:
-        ids = rng.integers(0, X, T)
-    if kind == "unrouted":
-        ids[rng.random(T) < 0.2] = -1
-        ids[rng.random(T) < 0.1] = X
-    gates = rng.uniform(0.1, 1.0, T).astype(np.float32)
-    fc1 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, 2 * F, d))).astype(np.float32))
-    fc2 = ref.f32_to_bf16((0.3 * rng.standard_normal((X, d, F))).astype(np.float32))
+    x, ids, gates, fc1, fc2 = moe_case("ids", T, X, d, F, kind, split)
     env(BLACKMAMBA_CUDA_PDL=0)
     old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
     ok = (ids >= 0) & (ids < X)

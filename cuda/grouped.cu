@@ -18,6 +18,8 @@
 //      row of out[perm[slot]] (top-1: each row has exactly one writer, no atomics).
 // Each GEMM launches an upper bound of row tiles, ceil(T/BM) + min(X, T) per column tile;
 // a CTA finds its (expert, row tile) by walking the offsets and leaves if it has none.
+// Batched decode (BM_MOE_GROUPED_IDS, up to 256 tokens): no step 1; each CTA of the decode
+// tiles derives the offsets and its expert's tokens from the ids itself (ids_list).
 //
 // The GEMM core: mma.sync m16n8k16 bf16 -> fp32, ldmatrix from XOR-swizzled shared memory,
 // a STAGES-deep cp.async pipeline over K tiles of 64 (K tails and rows past an expert's end
@@ -1006,37 +1008,37 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
         return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
 #define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
 #define BM_DEC_LAUNCH(BM, NB, WK, ST) return dec_launch<BM, NB, WK, ST, MODE, SPLIT>(p, T, stream)
-    switch (role * 100 + v) {
-        case 0 * 100 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
-        case 0 * 100 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
-        case 0 * 100 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
-        case 0 * 100 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
-        case 0 * 100 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
-        case 1 * 100 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
-        case 1 * 100 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
-        case 1 * 100 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
-        case 1 * 100 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
-        case 1 * 100 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
-        case 2 * 100 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
-        case 2 * 100 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
-        case 2 * 100 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
-        case 2 * 100 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
-        case 2 * 100 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
-        case 3 * 100 + 1: BM_GROUPED_LAUNCH(16, 32, 1, 1, 8);    // one warp, 7 k tiles in flight
-        case 3 * 100 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
-        case 3 * 100 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
-        case 3 * 100 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
-        case 3 * 100 + 5: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
+    switch (role * 10 + v) {
+        case 0 * 10 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);  // 8 warps of 64 x 32, 2 per SM
+        case 0 * 10 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);  // 4 warps of 64 x 64, 2 per SM
+        case 0 * 10 + 3: BM_GROUPED_LAUNCH(128, 256, 2, 4, 3);  // 8 warps of 64 x 64, 1 per SM
+        case 0 * 10 + 4: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);   // 4 warps of 32 x 64, 3 per SM
+        case 0 * 10 + 5: BM_GROUPED_LAUNCH(128, 128, 2, 2, 4);  // 4 stages, 1 per SM
+        case 1 * 10 + 1: BM_GROUPED_LAUNCH(128, 128, 2, 4, 3);
+        case 1 * 10 + 2: BM_GROUPED_LAUNCH(128, 128, 2, 2, 3);
+        case 1 * 10 + 3: BM_GROUPED_LAUNCH(64, 128, 2, 2, 3);
+        case 1 * 10 + 4: BM_GROUPED_LAUNCH(64, 64, 2, 2, 4);    // 4 warps of 32 x 32, 3 per SM
+        case 1 * 10 + 5: BM_GROUPED_LAUNCH(128, 64, 2, 2, 4);   // 4 warps of 64 x 32
+        case 2 * 10 + 1: BM_GROUPED_LAUNCH(32, 128, 1, 4, 4);   // 2 per SM
+        case 2 * 10 + 2: BM_GROUPED_LAUNCH(32, 64, 1, 2, 4);    // twice the CTAs, 4 per SM
+        case 2 * 10 + 3: BM_GROUPED_LAUNCH(16, 128, 1, 4, 4);
+        case 2 * 10 + 4: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);    // deeper, 3 per SM
+        case 2 * 10 + 5: BM_GROUPED_LAUNCH(16, 64, 1, 2, 4);
+        case 3 * 10 + 1: BM_GROUPED_LAUNCH(16, 32, 1, 1, 8);    // one warp, 7 k tiles in flight
+        case 3 * 10 + 2: BM_GROUPED_LAUNCH(32, 32, 1, 1, 4);    // one warp, up to 6 per SM
+        case 3 * 10 + 3: BM_GROUPED_LAUNCH(32, 64, 1, 2, 6);
+        case 3 * 10 + 4: BM_GROUPED_LAUNCH(32, 32, 1, 1, 6);
+        case 3 * 10 + 5: BM_GROUPED_LAUNCH(16, 32, 1, 1, 4);
         // grouped_dec_kernel (BM, NB, WK warps on k slices, stages): decode fc1 ...
-        case 2 * 100 + 6: BM_DEC_LAUNCH(16, 64, 1, 4);
-        case 2 * 100 + 7: BM_DEC_LAUNCH(32, 64, 1, 4);
-        case 2 * 100 + 8: BM_DEC_LAUNCH(16, 64, 2, 4);
-        case 2 * 100 + 9: BM_DEC_LAUNCH(16, 128, 1, 4);
+        case 2 * 10 + 6: BM_DEC_LAUNCH(16, 64, 1, 4);
+        case 2 * 10 + 7: BM_DEC_LAUNCH(32, 64, 1, 4);
+        case 2 * 10 + 8: BM_DEC_LAUNCH(16, 64, 2, 4);
+        case 2 * 10 + 9: BM_DEC_LAUNCH(16, 128, 1, 4);
         // ... and decode fc2
-        case 3 * 100 + 6: BM_DEC_LAUNCH(16, 32, 1, 6);
-        case 3 * 100 + 7: BM_DEC_LAUNCH(16, 32, 2, 4);
-        case 3 * 100 + 8: BM_DEC_LAUNCH(16, 32, 4, 3);
-        default: BM_DEC_LAUNCH(32, 32, 2, 4);  // 3 * 100 + 9
+        case 3 * 10 + 6: BM_DEC_LAUNCH(16, 32, 1, 6);
+        case 3 * 10 + 7: BM_DEC_LAUNCH(16, 32, 2, 4);
+        case 3 * 10 + 8: BM_DEC_LAUNCH(16, 32, 4, 3);
+        default: BM_DEC_LAUNCH(32, 32, 2, 4);  // 3 * 10 + 9
     }
 #undef BM_GROUPED_LAUNCH
 #undef BM_DEC_LAUNCH

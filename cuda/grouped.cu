@@ -16,7 +16,7 @@
 //      part) in slot order; the (T, 2F) fp32 hidden never exists;
 //   4. fc2: A = ab (slot order); the epilogue multiplies by g[perm[slot]] and writes the fp32
 //      row of out[perm[slot]] (top-1: each row has exactly one writer, no atomics).
-// Each GEMM launches an upper bound of row tiles, ceil(T/BM) + min(X, T) per column tile;
+// Each GEMM launches an upper bound of row tiles (row_tiles(T, X, BM)) per column tile;
 // a CTA finds its (expert, row tile) by walking the offsets and leaves if it has none.
 // Batched decode (BM_MOE_GROUPED_IDS, up to 256 tokens): no step 1; each CTA of the decode
 // tiles derives the offsets and its expert's tokens from the ids itself (ids_list).

@@ -2253,7 +2253,8 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         const bool lo_ok = !split || (ws->xlo && T <= ws->Ts);
         if (nr) {
             const bool tr = trace && trace->logits && trace->logits[li];
-            const bool xb = lo_ok && grouped_moe(m, ws, ly, ws->xn, ws->h, T);
+            const bool gm = grouped_moe(m, ws, ly, ws->xn, ws->h, T);
+            const bool xb = lo_ok && gm;
             const bool early = ws->decode && b1_early(T);
             if (early) bm_pdl_early_count(BM_EARLY_NORM_ROUTE);
             auto *nr_kernel = xb ? (early ? norm_route_kernel<true, NR_EARLY>
@@ -2268,13 +2269,11 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             if (!early && ws->decode && T > ws->gv && d <= 128 * NR_PRE && nr_pre_on()) {
                 nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
-                if (moe_ids_on() && grouped_moe(m, ws, ly, ws->xn, ws->h, T) &&
-                    bm_cuda_moe_grouped_ids_ok(T, ly.X, split)) {
+                if (gm && moe_ids_on() && bm_cuda_moe_grouped_ids_ok(T, ly.X, split)) {
                     // the GEMMs derive the dispatch from the ids: no last-block dispatch
                     disp = BM_MOE_GROUPED_IDS;
                     g_nr_ids.fetch_add(1, std::memory_order_relaxed);
-                } else if (ws->ticket && route_dispatch_on() &&
-                           grouped_moe(m, ws, ly, ws->xn, ws->h, T)) {
+                } else if (gm && ws->ticket && route_dispatch_on()) {
                     disp = BM_MOE_GROUPED_DISPATCHED;
                     nr_kernel = xb ? norm_route_kernel<true, NR_PRE_DISP>
                                    : norm_route_kernel<false, NR_PRE_DISP>;

@@ -1044,6 +1044,13 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
 #undef BM_DEC_LAUNCH
 }
 
+// BLACKMAMBA_MOE_GROUPED_TILES: one variant digit per role ("0" the default), into t[0..3].
+void grouped_tiles(char (&t)[5]) {
+    const char *e = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
+    memcpy(t, "0000", 5);
+    for (int i = 0; e && i < 4 && e[i]; i++) t[i] = e[i];
+}
+
 // Can both GEMMs of a call take their routing from the ids (BM_MOE_GROUPED_IDS)? Where
 // gemm_dispatch picks grouped_gemm_kernel's decode tiles (BM <= 32, unsplit) for both roles:
 // not big, not a forced wgmma / TMA core, tile variants 1..5 (or the defaults), and the sizes
@@ -1123,9 +1130,8 @@ extern "C" long long bm_cuda_moe_grouped_ids_calls(void) {
     return ids_calls.load(std::memory_order_relaxed);
 }
 extern "C" int bm_cuda_moe_grouped_ids_ok(int64_t T, int64_t X, int split) {
-    const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
-    char tiles[5] = "0000";
-    for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
+    char tiles[5];
+    grouped_tiles(tiles);
     return ids_route_ok(T, X, split != 0, tiles);
 }
 
@@ -1172,9 +1178,8 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
     const GroupedWs ws = grouped_ws((char *)workspace, T, d, X, F, split != 0);
     if (!workspace || workspace_bytes < ws.bytes)
         return BM_CUDA_ARG_FAIL("moe_grouped: workspace too small (bm_cuda_moe_grouped_workspace)");
-    const char *tiles_env = getenv("BLACKMAMBA_MOE_GROUPED_TILES");
-    char tiles[5] = "0000";
-    for (int i = 0; tiles_env && i < 4 && tiles_env[i]; i++) tiles[i] = tiles_env[i];
+    char tiles[5];
+    grouped_tiles(tiles);
     // BM_MOE_GROUPED_IDS: no perm / offsets at all where both GEMMs run on the decode tiles
     // that derive them from the ids; elsewhere the dispatch launch, as without the flag.
     const bool by_ids = (flags & BM_MOE_GROUPED_IDS) && ids_route_ok(T, X, split != 0, tiles);

@@ -739,8 +739,9 @@ __global__ __launch_bounds__(256) void route_small_kernel(
 //             decode's dispatch_kernel launch (3.7 us + a launch a MoE layer at B = 64) goes
 //             (BLACKMAMBA_MOE_ROUTE_DISPATCH, session 6 moe64). Since session 12 only where
 //             the grouped GEMMs cannot derive the dispatch from the ids themselves
-//             (BLACKMAMBA_MOE_IDS, bm_cuda_moe_grouped_ids_ok): then this is NR_PRE_ROW. The dynamic shared memory
-//             then holds max(d, bm_dispatch_smem_ints(X, 8)) values (the row is dead by then).
+//             (BLACKMAMBA_MOE_IDS, bm_cuda_moe_grouped_ids_ok; there NR_PRE_ROW). The
+//             dynamic shared memory then holds max(d, bm_dispatch_smem_ints(X, 8)) values
+//             (the row is dead by then).
 // The early loads are __ldca, not __ldg: ptxas moves ld.global.nc across griddepcontrol.wait
 // (cuda/NOTES.md, session 4 pdl1).
 constexpr int NR_THREADS = 256;

@@ -56,6 +56,17 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int sr
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(src_bytes));
 }
+// ... as an evict_first line in L2 (pol: createpolicy's, evict_first_policy).
+__device__ __forceinline__ void cp_async16_pol(uint32_t dst, const void *src, int src_bytes,
+                                               uint64_t pol) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+                 "l"(src), "r"(src_bytes), "l"(pol));
+}
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t h;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(h));
+    return h;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -183,6 +194,11 @@ struct GroupedArgs {
     // BM_MOE_GROUPED_IDS; T <= IDS_MAX_T, X <= IDS_MAX_X).
     const int32_t *ids;
     int T;
+    // The weight loads as evict_first L2 lines (decode roles, unsplit tiles; grouped_wpol):
+    // each weight byte is read once a step, so its lines need not displace the evict_last
+    // lines that the batched decode's L2 staging brought in for the next MoE layer (engine.cu
+    // l2side_fork), and reading a staged line demotes it once used. Values unchanged.
+    int wpol;
 };
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
 
@@ -397,6 +413,10 @@ grouped_gemm_kernel(const GroupedArgs p) {
     const uint16_t *Alk = SPLIT ? p.Alo + kc * 8 : nullptr;
 
     const uint32_t sbase = smem_u32(smem);
+    // (Not on the split tiles: with the hint, batch 8's split fc1 stopped with an illegal
+    // instruction on the H200, cause not found; cuda/NOTES.md session 13.)
+    const bool wpol = !SPLIT && p.wpol;
+    const uint64_t pol = wpol ? evict_first_policy() : 0;
     auto load_a = [&](int stage, int kt) {
         const uint32_t sA = sbase + stage * C::STAGE;
         const uint32_t sL = sA + C::A_BYTES;
@@ -418,7 +438,8 @@ grouped_gemm_kernel(const GroupedArgs p) {
             const int r = (tid >> 3) + i * (C::NT / 8);
             const bool ok = b_row_src[i] >= 0 && k_ok;
             const int64_t o = ok ? (int64_t)b_row_src[i] * K + kt * BK : 0;
-            cp_async16(sB + swz(r, kc), We + o, ok ? 16 : 0);
+            if (wpol) cp_async16_pol(sB + swz(r, kc), We + o, ok ? 16 : 0, pol);
+            else cp_async16(sB + swz(r, kc), We + o, ok ? 16 : 0);
         }
     };
     auto load_stage = [&](int stage, int kt) {
@@ -1051,6 +1072,16 @@ void grouped_tiles(char (&t)[5]) {
     for (int i = 0; e && i < 4 && e[i]; i++) t[i] = e[i];
 }
 
+// BLACKMAMBA_MOE_WPOL: "0" loads the decode roles' weights without the evict_first hint
+// (GroupedArgs::wpol); unset or anything else: with it. Read per call (decode: at capture).
+// Measured (H200, same process, with the staging at 32 MB against 16 MB and no hint; cuda/
+// NOTES.md session 13): B = 16 -1.4 to -1.8%, B = 32 -0.7 to -1.1%, B = 64 even.
+std::atomic<long long> wpol_calls{0};
+int grouped_wpol() {
+    const char *e = getenv("BLACKMAMBA_MOE_WPOL");
+    return e && strcmp(e, "0") == 0 ? 0 : 1;
+}
+
 // Can both GEMMs of a call take their routing from the ids (BM_MOE_GROUPED_IDS)? Where
 // gemm_dispatch picks grouped_gemm_kernel's decode tiles (BM <= 32, unsplit) for both roles:
 // not big, not a forced wgmma / TMA core, tile variants 1..5 (or the defaults), and the sizes
@@ -1129,6 +1160,9 @@ extern "C" long long bm_cuda_moe_grouped_expert_launches(void) {
 extern "C" long long bm_cuda_moe_grouped_ids_calls(void) {
     return ids_calls.load(std::memory_order_relaxed);
 }
+extern "C" long long bm_cuda_moe_grouped_wpol_calls(void) {
+    return wpol_calls.load(std::memory_order_relaxed);
+}
 extern "C" int bm_cuda_moe_grouped_ids_ok(int64_t T, int64_t X, int split) {
     char tiles[5];
     grouped_tiles(tiles);
@@ -1204,6 +1238,8 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
     p1.xg = ws.xg;
     p1.ids = by_ids ? ids : nullptr;
     p1.T = (int)T;
+    p1.wpol = pdl && !split ? grouped_wpol() : 0;
+    if (p1.wpol) wpol_calls.fetch_add(1, std::memory_order_relaxed);
     st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
                : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
     if (st) return st;
@@ -1218,6 +1254,7 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
                    (flags & BM_MOE_GROUPED_FC2_CAP) ? 1 : 0};
     p2.ids = by_ids ? ids : nullptr;
     p2.T = (int)T;
+    p2.wpol = p1.wpol;
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)
                  : gemm_dispatch<MODE_FC2, false>(p2, T, tiles, stream);
 }

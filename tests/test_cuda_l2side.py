@@ -41,7 +41,7 @@ def test_l2side_decode(env, B, hidden, layers, forks):
     g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
     c = Model(cfg, t, dtype="bfloat16")
     ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 5))
-    env()  # unset: the default (16 MB)
+    env()  # unset: the default (32 MB)
     n0 = calls()
     new, want = steps(g, c, ids, 3)
     assert calls() == n0 + forks               # one launch a staged layer, captured once

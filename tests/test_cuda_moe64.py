@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.gpu,
 
 TOL_SPLIT = 1e-4
 SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAMBA_MOE_DEC_PDL_CAP",
-            "BLACKMAMBA_MOE_IDS", "BLACKMAMBA_MOE_GROUPED_TILES",
+            "BLACKMAMBA_MOE_IDS", "BLACKMAMBA_MOE_GROUPED_TILES", "BLACKMAMBA_MOE_WPOL",
+            "BLACKMAMBA_L2SIDE",
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
@@ -50,7 +51,7 @@ def _lib_c():
     for f in ("bm_cuda_moe_dispatch_last_calls", "bm_cuda_norm_route_dispatch_calls",
               "bm_cuda_moe_grouped_pdl_launches", "bm_cuda_norm_route_pre_calls",
               "bm_cuda_moe_grouped_expert_launches", "bm_cuda_moe_grouped_ids_calls",
-              "bm_cuda_norm_route_ids_calls"):
+              "bm_cuda_norm_route_ids_calls", "bm_cuda_moe_grouped_wpol_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_ids_ok.argtypes = [I64, I64, ctypes.c_int]
     lib.bm_cuda_moe_grouped_ids_ok.restype = ctypes.c_int
@@ -331,6 +332,33 @@ def test_route_ids(env, B, math, bias):
         assert k1[1] - k0[1] == n_ids, kv         # each taken by the grouped call too
         fused = kv.get("BLACKMAMBA_MOE_ROUTE_DISPATCH") != 0
         assert k1[2] - k0[2] == (nr - n_ids if fused else 0), kv   # else the last-block one
+        np.testing.assert_array_equal(got, old, err_msg=str(kv))
+
+
+@pytest.mark.parametrize("B,math,bias", CASES)
+def test_weight_policy(env, B, math, bias):
+    # the decode tiles' weight loads as evict_first L2 lines (default on, unsplit only) and
+    # the L2 staging's size: hints, so the logits are bit-identical to the plain loads and to
+    # no staging at all, besides the CPU model; the hint is counted where taken (each grouped
+    # call of an unsplit batched capture), never on split products
+    g, c = make(500 + B, math=math, bias=bias)
+    ids = np.random.default_rng(B + 11).integers(0, g.vocab_size, (B, 5))
+    env(BLACKMAMBA_MOE_WPOL=0, BLACKMAMBA_L2SIDE=0)
+    k0 = LIB.bm_cuda_moe_grouped_wpol_calls()
+    old, want = steps(g, c, ids, 3)
+    assert LIB.bm_cuda_moe_grouped_wpol_calls() == k0
+    split = math == "bf16x2" or B <= 8
+    assert rel_err(old, want) < (TOL_SPLIT if split else 1e-2)
+    for kv in ({}, {"BLACKMAMBA_L2SIDE": 0}, {"BLACKMAMBA_L2SIDE": 1},
+               {"BLACKMAMBA_MOE_WPOL": "junk", "BLACKMAMBA_MOE_DEC_PDL": 3},
+               {"BLACKMAMBA_MOE_IDS": 0}):
+        env(**kv)
+        k0 = (LIB.bm_cuda_moe_grouped_wpol_calls(), LIB.bm_cuda_norm_route_pre_calls())
+        got, _ = steps(g, None, ids, 3)
+        k1 = (LIB.bm_cuda_moe_grouped_wpol_calls(), LIB.bm_cuda_norm_route_pre_calls())
+        nr = k1[1] - k0[1]                        # batched routings captured (2 a capture)
+        assert nr >= 2, kv
+        assert k1[0] - k0[0] == (0 if split else nr), kv
         np.testing.assert_array_equal(got, old, err_msg=str(kv))
 
 

@@ -15,6 +15,7 @@ modes), then the median of 50 graph replays after 10 (cuda_bench_step, CUDA even
 """
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -52,7 +53,8 @@ def main():
     if args.sets:
         for part in args.sets.split(";"):
             name, _, kvs = part.partition(":")
-            sets[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+            # pairs split at a comma before the next NAME= (values may hold commas)
+            sets[name] = dict(kv.split("=", 1) for kv in re.split(r",(?=[A-Z_0-9]+=)", kvs) if kv)
         MODES = tuple(("old" if i == 0 else "early" if i == 1 else n, n)
                       for i, n in enumerate(sets))
     keys = sorted({k for kv in sets.values() for k in kv})

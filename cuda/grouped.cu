@@ -414,7 +414,8 @@ grouped_gemm_kernel(const GroupedArgs p) {
 
     const uint32_t sbase = smem_u32(smem);
     // (Not on the split tiles: with the hint, batch 8's split fc1 stopped with an illegal
-    // instruction on the H200, cause not found; cuda/NOTES.md session 13.)
+    // instruction on the H200; its SASS used a policy descriptor register that the kernel
+    // also writes with other values, likely a ptxas fault; cuda/NOTES.md session 13.)
     const bool wpol = !SPLIT && p.wpol;
     const uint64_t pol = wpol ? evict_first_policy() : 0;
     auto load_a = [&](int stage, int kt) {

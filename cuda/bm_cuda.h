@@ -273,7 +273,7 @@ long long bm_cuda_moe_grouped_pdl_launches(void);
 long long bm_cuda_moe_grouped_expert_launches(void);
 /* Calls that took BM_MOE_GROUPED_IDS, and whether a call of these sizes would. */
 long long bm_cuda_moe_grouped_ids_calls(void);
-// Grouped calls whose decode tiles load the weights as evict_first L2 lines (BLACKMAMBA_MOE_WPOL).
+/* Grouped calls whose decode tiles load the weights as evict_first L2 lines (BLACKMAMBA_MOE_WPOL). */
 long long bm_cuda_moe_grouped_wpol_calls(void);
 int bm_cuda_moe_grouped_ids_ok(int64_t T, int64_t X, int split);
 

@@ -1755,8 +1755,8 @@ int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B
 // hint changes no value). BLACKMAMBA_L2SIDE=<MB> (0: off), read at graph capture.
 // Session 13: 32 MB, now that the expert GEMMs load their weights as evict_first lines
 // (grouped.cu GroupedArgs::wpol), so that the staged lines are demoted once read and the
-// streamed ones do not stay: against 16 MB without the hint, B = 16 -1.4 to -1.8%, B = 32
-// -0.7 to -1.1%, B = 64 even (either change alone: at most half of that).
+// streamed ones do not stay: against 16 MB without the hint, B = 16 -0.7 to -1.8%, B = 32
+// -0.6 to -1.1%, B = 64 even (either change alone: at most half of that).
 constexpr int L2SIDE_MB_DEFAULT = 32;
 constexpr int L2SIDE_BLOCKS = 16;
 int64_t l2side_bytes() {

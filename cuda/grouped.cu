@@ -1075,8 +1075,8 @@ void grouped_tiles(char (&t)[5]) {
 
 // BLACKMAMBA_MOE_WPOL: "0" loads the decode roles' weights without the evict_first hint
 // (GroupedArgs::wpol); unset or anything else: with it. Read per call (decode: at capture).
-// Measured (H200, same process, with the staging at 32 MB against 16 MB and no hint; cuda/
-// NOTES.md session 13): B = 16 -1.4 to -1.8%, B = 32 -0.7 to -1.1%, B = 64 even.
+// Measured (H200, same process, with the staging at 32 MB against 16 MB and no hint;
+// cuda/NOTES.md session 13): B = 16 -0.7 to -1.8%, B = 32 -0.6 to -1.1%, B = 64 even.
 std::atomic<long long> wpol_calls{0};
 int grouped_wpol() {
     const char *e = getenv("BLACKMAMBA_MOE_WPOL");

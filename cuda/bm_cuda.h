@@ -125,6 +125,14 @@ int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
 /* One token: x, y (b, E); conv_state (b, K-1, E) shifted in place. */
 int bm_cuda_conv_step(const float *x, float *conv_state, const float *w, const float *bias,
                       float *y, int silu, int64_t b, int64_t E, int64_t K, cudaStream_t stream);
+/* The same where x and z (b, E) are a batched decode's in_proj outputs without the RMSNorm's
+ * row scale (bm_cuda_moe_norm_out): each row's s = rsqrt(sum(ssp[row, :parts]) / d + eps)
+ * (the parts summed in a fixed order) multiplies x before the conv (the state keeps scaled
+ * inputs) and z in place. b <= 65535. */
+int bm_cuda_conv_step_norm(const float *x, float *z, float *conv_state, const float *w,
+                           const float *bias, float *y, int silu, int64_t b, int64_t E,
+                           int64_t K, const float *ssp, int64_t parts, int64_t d, float eps,
+                           cudaStream_t stream);
 
 /* ---- norm.cu: one block per row, float32 ------------------------------------------------ */
 /* res_out = x + residual (residual NULL -> x); out = RMSNorm(res_out) * w. All (T, d).
@@ -266,6 +274,29 @@ int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb, const uint16
                                 const void *fc2, bm_act act, int split, float *out, int64_t T,
                                 int64_t d, int64_t X, int64_t F, void *workspace,
                                 size_t workspace_bytes, int flags, cudaStream_t stream);
+/* The same with the next Mamba layer's RMSNorm in fc2's epilogue (batched decode; the
+ * engine's BLACKMAMBA_DECODE_NORM_FC2): instead of writing out, fc2 adds g * fc2(..) to the
+ * residual res (T, d) in place, writes xbf (T, d) = bf16(res * w), in_proj's input without
+ * the row scale, and ssp (T, bm_cuda_moe_norm_parts(d)) the sums of res^2 over each 32
+ * columns; the row scale rsqrt(sum(ssp row) / d + eps) is applied after in_proj
+ * (bm_cuda_conv_step_norm). Only where bm_cuda_moe_grouped_norm_ok; every id in [0, X)
+ * (the rows of tokens routed nowhere are not written). */
+typedef struct {
+    float *res;
+    const float *w;
+    uint16_t *xbf;
+    float *ssp;
+} bm_cuda_moe_norm_out;
+int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb, const uint16_t *xl,
+                                  const int32_t *ids, const float *gates, const void *fc1,
+                                  const void *fc2, bm_act act, int split, float *out, int64_t T,
+                                  int64_t d, int64_t X, int64_t F, void *workspace,
+                                  size_t workspace_bytes, int flags,
+                                  const bm_cuda_moe_norm_out *norm, cudaStream_t stream);
+int64_t bm_cuda_moe_norm_parts(int64_t d);
+/* Whether a call of these sizes can take the norm epilogue (fc2 on the unsplit decode tiles). */
+int bm_cuda_moe_grouped_norm_ok(int64_t T, int64_t X, int split);
+long long bm_cuda_moe_grouped_norm_calls(void);
 void bm_cuda_moe_grouped_dispatch_bufs(void *workspace, int64_t T, int64_t d, int64_t X,
                                        int64_t F, int split, int32_t **perm, int32_t **offsets);
 long long bm_cuda_moe_grouped_pdl_launches(void);
@@ -426,6 +457,7 @@ long long bm_cuda_gemv_head_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
+long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;
  * -1 for another kind. */
 long long bm_cuda_xdt_launches(int kind);

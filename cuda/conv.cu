@@ -109,6 +109,57 @@ __global__ void conv_step_kernel(const float *__restrict__ x,     // (b, E)
     for (int k = 0; k < K - 1; k++) s[(int64_t)k * E] = win[k + 1];
 }
 
+// bm_cuda_conv_step_norm: x and z lack the RMSNorm's row scale, which comes from the per-row
+// partial sums of squares ssp (b, parts). Grid (E / 128, b): a block's channels are of one
+// row (no division), and each warp sums that row's parts (lanes strided, then a butterfly:
+// the same bits in every warp) while its loads of x, z and the state are in flight; the
+// parts through L1 (__ldca), as the E / 32 warps of a row ask for the same two lines (5.1
+// against 3.0 us a call with __ldcg and a division per thread, B = 64 of the 2.8B shape). No
+// stale line can be in L1: ssp was written two launches back and nothing on this SM read it
+// since this kernel started (its loads come after its wait, as x's).
+constexpr int CONV_NORM_THREADS = 128;
+struct ConvNorm {
+    float *z;
+    const float *ssp;
+    int parts;
+    float inv_d, eps;
+};
+
+template <int K>
+__global__ void conv_step_norm_kernel(const float *__restrict__ x, float *__restrict__ state,
+                                      const float *__restrict__ w,
+                                      const float *__restrict__ bias, float *__restrict__ y,
+                                      int silu, int E, ConvNorm nm) {
+    bm_pdl_wait();
+    const int e0 = blockIdx.x * CONV_NORM_THREADS + threadIdx.x;
+    if (e0 - (int)(threadIdx.x & 31) >= E) return;  // whole warps past E; the rest shuffle
+    const bool valid = e0 < E;
+    const int e = valid ? e0 : E - 1;
+    const int64_t row = blockIdx.y, be = row * E + e;
+    float *s = state + row * (K - 1) * E + e;
+    float win[K];
+#pragma unroll
+    for (int k = 0; k < K - 1; k++) win[k] = s[(int64_t)k * E];
+    win[K - 1] = x[be];
+    const float zv = nm.z[be];
+    const float *q = nm.ssp + row * nm.parts;
+    float a = 0.f;
+#pragma unroll 2
+    for (int i = threadIdx.x & 31; i < nm.parts; i += 32) a += __ldca(q + i);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+    const float sc = rsqrtf(a * nm.inv_d + nm.eps);
+    if (!valid) return;
+    win[K - 1] *= sc;
+    nm.z[be] = zv * sc;
+    float acc = bias ? bias[e] : 0.f;
+#pragma unroll
+    for (int k = 0; k < K; k++) acc = fmaf(w[(int64_t)e * K + k], win[k], acc);
+    y[be] = silu ? bm_silu(acc) : acc;
+#pragma unroll
+    for (int k = 0; k < K - 1; k++) s[(int64_t)k * E] = win[k + 1];
+}
+
 template <int K>
 int conv_fwd_launch(const float *x, const float *w, const float *bias, const float *conv_in,
                     float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
@@ -128,6 +179,16 @@ int conv_step_launch(const float *x, float *state, const float *w, const float *
                      int silu, int64_t b, int64_t E, cudaStream_t stream) {
     BM_LAUNCH_PDL(conv_step_kernel<K>, dim3((unsigned)bm_cdiv(b * E, 256)), dim3(256), 0, stream,
                   x, state, w, bias, y, silu, b * E, (int)E);
+    return 0;
+}
+
+template <int K>
+int conv_step_norm_launch(const float *x, float *state, const float *w, const float *bias,
+                          float *y, int silu, int64_t b, int64_t E, ConvNorm nm,
+                          cudaStream_t stream) {
+    BM_LAUNCH_PDL(conv_step_norm_kernel<K>,
+                  dim3((unsigned)bm_cdiv(E, CONV_NORM_THREADS), (unsigned)b),
+                  dim3(CONV_NORM_THREADS), 0, stream, x, state, w, bias, y, silu, (int)E, nm);
     return 0;
 }
 
@@ -174,5 +235,27 @@ extern "C" int bm_cuda_conv_step(const float *x, float *conv_state, const float 
         case 6: return conv_step_launch<6>(x, conv_state, w, bias, y, silu, b, E, stream);
         case 7: return conv_step_launch<7>(x, conv_state, w, bias, y, silu, b, E, stream);
         default: return conv_step_launch<8>(x, conv_state, w, bias, y, silu, b, E, stream);
+    }
+}
+
+extern "C" int bm_cuda_conv_step_norm(const float *x, float *z, float *conv_state,
+                                      const float *w, const float *bias, float *y, int silu,
+                                      int64_t b, int64_t E, int64_t K, const float *ssp,
+                                      int64_t parts, int64_t d, float eps, cudaStream_t stream) {
+    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
+    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
+        return BM_CUDA_ARG_FAIL("conv_step_norm: needs 1 <= E < 2^31 - 128 and b <= 65535");
+    if (!z || !ssp || parts < 1 || parts > INT32_MAX || d < 1)
+        return BM_CUDA_ARG_FAIL("conv_step_norm: needs z, ssp, parts >= 1 and d >= 1");
+    if (b <= 0) return 0;
+    const ConvNorm nm{z, ssp, (int)parts, 1.f / (float)d, eps};
+    switch (K) {
+        case 2: return conv_step_norm_launch<2>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 3: return conv_step_norm_launch<3>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 4: return conv_step_norm_launch<4>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 5: return conv_step_norm_launch<5>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 6: return conv_step_norm_launch<6>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 7: return conv_step_norm_launch<7>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        default: return conv_step_norm_launch<8>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
     }
 }

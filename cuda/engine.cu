@@ -187,6 +187,8 @@ struct Ws {
     int32_t *amax;          // (T)
     unsigned *ticket;       // (1) decode: norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
     float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
+    float *ssp;             // (T, bm_cuda_moe_norm_parts(d)) decode, T >= 2: the norm in fc2
+                            // (norm_fc2_on): the residual's partial sums of squares
     cudaGraphExec_t exec;   // decode graph (decode workspaces)
     uint64_t serial;        // the state it was captured for
 };
@@ -1476,6 +1478,15 @@ bool norm_bf_on() {
     return !(e && e[0] == '0');
 }
 
+// BLACKMAMBA_DECODE_NORM_FC2=0: the batched decode keeps the Mamba layer's RMSNorm kernel
+// after a MoE layer, instead of fc2's norm epilogue and the scaled conv step (forward();
+// read at graph capture).
+bool norm_fc2_on() {
+    const char *e = getenv("BLACKMAMBA_DECODE_NORM_FC2");
+    return !(e && e[0] == '0');
+}
+std::atomic<long long> g_norm_fc2{0};  // Mamba layers normed in fc2 (the tests)
+
 // xb (M, K) = bf16(x (M, ldx)[:, :K]) (+ xlo, the low parts): the vectorised kernel where
 // the layout allows it.
 int to_bf16(bm_cuda_model *m, const float *x, int64_t ldx, uint16_t *xb, int64_t M, int64_t K,
@@ -1816,7 +1827,7 @@ int l2side_join(bm_cuda_model *m) {
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                const float *xn, float *out, int64_t B, bool xbf_ready,
                const NormIn *nin = nullptr, bool pair = false, const void *stage = nullptr,
-               int64_t stage_bytes = 0) {
+               int64_t stage_bytes = 0, bool fc2_normed = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
@@ -1849,6 +1860,12 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
+    } else if (fc2_normed) {
+        // in_proj of bf16(r * w) as fc2's epilogue left it; the row scale here (forward())
+        TRY(in_proj(m, ws, ly, xn, B, true));
+        TRY(mark(m, P_IN));
+        TRY(bm_cuda_conv_step_norm(x, z, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K,
+                                   ws->ssp, bm_cuda_moe_norm_parts(d), d, EPS, st));
     } else {
         TRY(in_proj(m, ws, ly, xn, B, xbf_ready));
         TRY(mark(m, P_IN));
@@ -2151,7 +2168,7 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
 // NR_PRE_DISP>); BM_MOE_GROUPED_IDS, the GEMMs derive them from the ids; 0 neither.
 int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x, float *out,
         int64_t T, const bm_cuda_trace *trace, bool routed = false, bool xbf_ready = false,
-        int disp = 0) {
+        int disp = 0, const bm_cuda_moe_norm_out *nout = nullptr) {
     const bm_cuda_config &c = m->cfg;
     cudaStream_t st = m->stream;
     const int32_t *ids = nullptr;
@@ -2191,10 +2208,10 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         // where the routing built it.
         const int flags = disp |
                           (ws->decode ? moe_dec_pdl_flags(T, ly.X) : 0);
-        TRY(bm_cuda_moe_grouped_bf16_ex(x, xbf_ready ? ws->xbf : nullptr,
-                                        xbf_ready && split ? ws->xlo : nullptr, ids, gates,
-                                        ly.fc1, ly.fc2, c.act, split, out, T, c.d, ly.X, c.F,
-                                        ws->moe, ws->moe_bytes, flags, st));
+        TRY(bm_cuda_moe_grouped_bf16_norm(x, xbf_ready ? ws->xbf : nullptr,
+                                          xbf_ready && split ? ws->xlo : nullptr, ids, gates,
+                                          ly.fc1, ly.fc2, c.act, split, out, T, c.d, ly.X, c.F,
+                                          ws->moe, ws->moe_bytes, flags, nout, st));
     } else if (!ws->decode && c.swiglu && T > MOE_GEMV_MAX) {
         if (ly.X == 1) {  // dense: every token on "expert 0", no gate
             BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
@@ -2246,6 +2263,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                  (uintptr_t)l.router_w) & 15) == 0;
     };
     bool hpair = false;  // the last Mamba layer left its output as two halves in ws->hk
+    bool fc2_normed = false;  // the last MoE layer's fc2 did this Mamba layer's norm
     m->side_open = false;
     const int64_t side_bytes = ws->decode && T > ws->gv ? l2side_bytes() : 0;
     for (int64_t li = 0; li < c.num_layers; li++) {
@@ -2295,7 +2313,20 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                           (int)d, ly.X, xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
                           perm, offsets, ws->ticket, hpair ? ws->hk + T * d : nullptr);
             hpair = false;
-            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, disp));
+            // The next Mamba layer's RMSNorm in this fc2's epilogue (norm_fc2_on): fc2 adds
+            // its rows to the residual rc in place and writes that layer's in_proj input
+            // bf16(rc * w) without the row scale, and the sums of squares in parts (ws->ssp),
+            // from which its conv step scales x and z (mamba_step). No norm kernel between.
+            const LayerDev *nx = li + 1 < c.num_layers ? &m->layers[li + 1] : nullptr;
+            const bool fuse = gm && ws->decode && T > ws->gv && !split && ws->ssp && nx &&
+                              nx->mamba && !nx->X && !nx->in_b && T <= 65535 &&
+                              in_proj_batched(m, ws, T) && norm_bf_on() && norm_fc2_on() &&
+                              bm_cuda_moe_grouped_norm_ok(T, ly.X, split);
+            const bm_cuda_moe_norm_out nout{rc, fuse ? nx->norm_w : nullptr, ws->xbf, ws->ssp};
+            TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, disp,
+                    fuse ? &nout : nullptr));
+            if (fuse) g_norm_fc2.fetch_add(1, std::memory_order_relaxed);
+            fc2_normed = fuse;
             continue;
         }
         const bool xb = lo_ok && ly.mamba && in_proj_batched(m, ws, T) &&
@@ -2309,10 +2340,14 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             rc = rn;
             continue;
         }
-        TRY(bm_rms_norm_static_w(ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc,
-                                 xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr, T, d,
-                                 st));
-        TRY(mark(m, P_NORM));
+        const bool normed = fc2_normed;
+        fc2_normed = false;
+        if (!normed) {
+            TRY(bm_rms_norm_static_w(ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc,
+                                     xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
+                                     T, d, st));
+            TRY(mark(m, P_NORM));
+        }
         if (ly.mamba) {
             // out_proj as two K halves, summed by the next layer's routing kernel
             const bool pair = ws->decode && !ly.X && out_ksplit_on() && li + 1 < c.num_layers &&
@@ -2325,7 +2360,8 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             if (ws->decode)
                 TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
                                pair ? ws->hk : ws->h, B, xb, nullptr, pair,
-                               stage ? nx->fc1 : nullptr, std::min(side_bytes, fc1_bytes)));
+                               stage ? nx->fc1 : nullptr, std::min(side_bytes, fc1_bytes),
+                               normed));
             else
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
                                   xb));
@@ -2429,6 +2465,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->amax = a.take<int32_t>(T);
     w->ticket = decode ? a.take<unsigned>(1) : nullptr;
     w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
+    w->ssp = decode && T >= 2 ? a.take<float>(T * bm_cuda_moe_norm_parts(d)) : nullptr;
     w->bytes = a.off;
 }
 
@@ -2836,6 +2873,9 @@ extern "C" long long bm_cuda_norm_route_pre_calls(void) {
 }
 extern "C" long long bm_cuda_norm_route_ids_calls(void) {
     return g_nr_ids.load(std::memory_order_relaxed);
+}
+extern "C" long long bm_cuda_norm_fc2_calls(void) {
+    return g_norm_fc2.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_small_tf32_calls(void) {

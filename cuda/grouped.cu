@@ -199,7 +199,19 @@ struct GroupedArgs {
     // lines that the batched decode's L2 staging brought in for the next MoE layer (engine.cu
     // l2side_fork), and reading a staged line demotes it once used. Values unchanged.
     int wpol;
+    // FC2 only (grouped_gemm_kernel's unsplit decode tiles, norm_route_ok): the next Mamba
+    // layer's RMSNorm moved here (bm_cuda_moe_norm_out): instead of out, res (T, N) += g * acc
+    // in place, nbf (T, N) = bf16(res * nw) (in_proj's input without the row scale) and ssp
+    // (T, N / 32) the sums of res^2 over each 32-column group, in a fixed order. Every id must
+    // be routed (in [0, X)): rows of no expert are not written. NULL: out as usual.
+    float *res;
+    const float *nw;
+    uint16_t *nbf;
+    float *ssp;
 };
+// Columns per partial sum of squares of the norm epilogue (GroupedArgs::res): each decode
+// fc2 tile's warp covers 32 columns (Tile::WTN; gemm_launch refuses others).
+constexpr int NORM_PART_COLS = 32;
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
 
 // Tile BM x NB (NB weight rows: FC1 NB/2 gate + NB/2 up, i.e. NB/2 output columns; FC2 NB
@@ -481,6 +493,44 @@ grouped_gemm_kernel(const GroupedArgs p) {
         row0 = beg;
         rows = min(BM, row_end - beg);
     }
+    // The norm epilogue's residual values (GroupedArgs::res), requested here so that they
+    // arrive during the k loop: final before the wait (the routing kernel that wrote them is
+    // two launches back, as fc2's early weights argue below), and FC2 has one row tile.
+    // The norm weights of the columns and the rows' tokens and gates likewise (the gates:
+    // same writer as the residual), so the epilogue issues no load.
+    constexpr bool RES = MODE == MODE_FC2 && !SPLIT;
+    constexpr int RMI = RES ? C::MI : 1, RNI = RES ? C::NI : 1;
+    float2 rpre[RMI][2][RNI], wpre[RNI];
+    int tpre[RMI][2];
+    float gpre[RMI][2];
+    if constexpr (RES) {
+        if (p.res) {
+#pragma unroll
+            for (int ni = 0; ni < C::NI; ni++) {
+                const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
+                wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(p.nw + col))
+                                   : make_float2(0.f, 0.f);
+            }
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = wm * C::WTM + mi * 16 + (lane >> 2) + 8 * h;
+                    const int t = r >= rows ? -1
+                                  : by_ids ? s_list[r + row0 - ebeg]
+                                           : __ldcg(p.perm + row0 + r);
+                    tpre[mi][h] = t;
+                    gpre[mi][h] = t >= 0 && p.gates ? __ldcg(p.gates + t) : 1.f;
+#pragma unroll
+                    for (int ni = 0; ni < C::NI; ni++) {
+                        const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
+                        rpre[mi][h][ni] = t >= 0 && col < N
+                            ? __ldcg(reinterpret_cast<const float2 *>(p.res + (int64_t)t * N + col))
+                            : make_float2(0.f, 0.f);
+                    }
+                }
+        }
+    }
     bool first = true;
   for (;;) {  // the row tiles: one, or (xm) every tile of the expert (not re-indented)
     a_sources<C::A_ITERS, C::NT, MODE>(p, row0, rows, a_row_src, by_ids ? s_list : nullptr, ebeg);
@@ -578,6 +628,35 @@ grouped_gemm_kernel(const GroupedArgs p) {
                     if constexpr (SPLIT)
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
+            } else if (RES && p.res) {
+                // The next layer's norm (GroupedArgs::res): the 4 lanes of a row (lane & 3)
+                // hold its 32 columns of this warp; their squares summed in a fixed order.
+                const int t = tpre[RES ? mi : 0][h];
+                const float g = gpre[RES ? mi : 0][h];
+                float *rr = p.res + (int64_t)t * N;
+                uint16_t *nb = p.nbf + (int64_t)t * N;
+                float ss = 0.f;
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++) {
+                    const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
+                    if (col >= N) continue;
+                    const float2 r = rpre[RES ? mi : 0][h][RES ? ni : 0];
+                    const float2 w = wpre[RES ? ni : 0];
+                    // g * acc rounded first (no FMA): the residual's bits are those of the
+                    // plain epilogue's out plus r, as the norm kernel sums them
+                    const float v0 = __fmul_rn(g, acc[mi][ni][2 * h]) + r.x;
+                    const float v1 = __fmul_rn(g, acc[mi][ni][2 * h + 1]) + r.y;
+                    *reinterpret_cast<float2 *>(rr + col) = make_float2(v0, v1);
+                    *reinterpret_cast<uint32_t *>(nb + col) =
+                        pack_bf16(bm_f32_to_bf16_bits(v0 * w.x), bm_f32_to_bf16_bits(v1 * w.y));
+                    ss = fmaf(v0, v0, ss);
+                    ss = fmaf(v1, v1, ss);
+                }
+                const unsigned quad = 0xFu << (lane & ~3);
+                ss += __shfl_xor_sync(quad, ss, 1);
+                ss += __shfl_xor_sync(quad, ss, 2);
+                if ((lane & 3) == 0 && n0 + wn * C::WTN < N)  // (a warp wholly past N: none)
+                    p.ssp[(int64_t)t * ((N + C::WTN - 1) / C::WTN) + (n0 + wn * C::WTN) / C::WTN] = ss;
             } else {
                 const int t = by_ids ? s_list[slot - ebeg] : __ldcg(p.perm + slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
@@ -914,6 +993,7 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
 template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
 int dec_launch(GroupedArgs p, int64_t T, cudaStream_t stream) {
     if (p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;  // grouped_gemm_kernel's form only
+    if (p.res) return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs grouped_gemm_kernel");
     using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
     auto kernel = grouped_dec_kernel<BM, NB, WK, STAGES, MODE, SPLIT>;
     static std::atomic<unsigned> optin{0};
@@ -942,6 +1022,9 @@ int gemm_launch(const GroupedArgs &p_in, int64_t T, cudaStream_t stream) {
     // elsewhere it is the wait-first form (as on grouped_dec_kernel).
     constexpr bool XM_OK = MODE == MODE_FC1 && BM <= 32;
     if (!XM_OK && p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;
+    // the norm epilogue's partial sums are per 32 columns (bm_cuda_moe_norm_out)
+    if (p.res && (MODE != MODE_FC2 || SPLIT || C::WTN != NORM_PART_COLS))
+        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs fc2's unsplit decode tiles");
     const bool xm = XM_OK && p.pdl == PDL_EXPERT;
     auto kernel = grouped_gemm_kernel<BM, NB, WM, WN, STAGES, MODE, SPLIT, false>;
     static std::atomic<unsigned> optin{0}, optin_xm{0};
@@ -1078,6 +1161,7 @@ void grouped_tiles(char (&t)[5]) {
 // Measured (H200, same process, with the staging at 32 MB against 16 MB and no hint;
 // cuda/NOTES.md session 13): B = 16 -0.7 to -1.8%, B = 32 -0.6 to -1.1%, B = 64 even.
 std::atomic<long long> wpol_calls{0};
+std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedArgs::res)
 int grouped_wpol() {
     const char *e = getenv("BLACKMAMBA_MOE_WPOL");
     return e && strcmp(e, "0") == 0 ? 0 : 1;
@@ -1095,6 +1179,19 @@ bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
     for (int role = 2; role < 4; role++)
         if (tiles[role] < '0' || tiles[role] > '5') return false;
     return true;
+}
+
+// Does fc2 of a call of these sizes run on grouped_gemm_kernel's unsplit decode tiles, the one
+// place the norm epilogue (GroupedArgs::res) lives? Not split, not big, no wgmma / TMA core
+// that could take it (conservative: the TMA core may still decline), a decode fc2 tile
+// variant 1..5 (or the default).
+bool norm_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
+    const bool big = T >= 64 * X && T >= 1024;
+    if (split || big || T < 1 || X < 1) return false;
+    const int wm = wgmma_mode(), tm = tma_mode();
+    if (wm && wgmma_usable() && (wm == 2 || (tm && (T >= TMA_MIN_ROWS || tm == 2))))
+        return false;
+    return tiles[3] >= '0' && tiles[3] <= '5';
 }
 
 // Workspace: perm (T) | offsets (X+1) | xb (T, d) | ab (T, F) | then split: xl (T, d) |
@@ -1195,6 +1292,20 @@ extern "C" size_t bm_cuda_moe_grouped_workspace(int64_t T, int64_t d, int64_t X,
     return grouped_ws(nullptr, T, d, X, F, split != 0).bytes;
 }
 
+extern "C" int bm_cuda_moe_grouped_norm_ok(int64_t T, int64_t X, int split) {
+    char tiles[5];
+    grouped_tiles(tiles);
+    return norm_route_ok(T, X, split != 0, tiles);
+}
+
+extern "C" int64_t bm_cuda_moe_norm_parts(int64_t d) {
+    return (d + NORM_PART_COLS - 1) / NORM_PART_COLS;
+}
+
+extern "C" long long bm_cuda_moe_grouped_norm_calls(void) {
+    return norm_calls.load(std::memory_order_relaxed);
+}
+
 extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in,
                                            const uint16_t *xl_in, const int32_t *ids,
                                            const float *gates, const void *fc1,
@@ -1202,7 +1313,25 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
                                            int64_t T, int64_t d, int64_t X, int64_t F,
                                            void *workspace, size_t workspace_bytes, int flags,
                                            cudaStream_t stream) {
+    return bm_cuda_moe_grouped_bf16_norm(x, xb_in, xl_in, ids, gates, fc1, fc2, act, split, out,
+                                         T, d, X, F, workspace, workspace_bytes, flags, nullptr,
+                                         stream);
+}
+
+extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_in,
+                                             const uint16_t *xl_in, const int32_t *ids,
+                                             const float *gates, const void *fc1,
+                                             const void *fc2, bm_act act, int split, float *out,
+                                             int64_t T, int64_t d, int64_t X, int64_t F,
+                                             void *workspace, size_t workspace_bytes, int flags,
+                                             const bm_cuda_moe_norm_out *norm,
+                                             cudaStream_t stream) {
     if (T <= 0 || d <= 0) return 0;
+    if (norm && (!norm->res || !norm->w || !norm->xbf || !norm->ssp ||
+                 (((uintptr_t)norm->res | (uintptr_t)norm->w) & 7) ||
+                 ((uintptr_t)norm->xbf & 3)))
+        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs res, w (8-byte aligned), "
+                                "xbf (4-byte aligned) and ssp");
     if (xb_in && ((split && !xl_in) || (((uintptr_t)xb_in | (uintptr_t)xl_in) & 15)))
         return BM_CUDA_ARG_FAIL("moe_grouped: given bf16 x needs 16-byte alignment and, split, "
                                 "its low parts");
@@ -1218,6 +1347,9 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
     // BM_MOE_GROUPED_IDS: no perm / offsets at all where both GEMMs run on the decode tiles
     // that derive them from the ids; elsewhere the dispatch launch, as without the flag.
     const bool by_ids = (flags & BM_MOE_GROUPED_IDS) && ids_route_ok(T, X, split != 0, tiles);
+    if (norm && !norm_route_ok(T, X, split != 0, tiles))
+        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs fc2 on the unsplit decode "
+                                "tiles (bm_cuda_moe_grouped_norm_ok)");
     int st;
     if (!by_ids && !(flags & BM_MOE_GROUPED_DISPATCHED) &&
         (st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream)))
@@ -1256,6 +1388,13 @@ extern "C" int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb_in
     p2.ids = by_ids ? ids : nullptr;
     p2.T = (int)T;
     p2.wpol = p1.wpol;
+    if (norm) {
+        p2.res = norm->res;
+        p2.nw = norm->w;
+        p2.nbf = norm->xbf;
+        p2.ssp = norm->ssp;
+        norm_calls.fetch_add(1, std::memory_order_relaxed);
+    }
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)
                  : gemm_dispatch<MODE_FC2, false>(p2, T, tiles, stream);
 }

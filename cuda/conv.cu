@@ -84,6 +84,21 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
     }
 }
 
+// The step's output for channel e of a row from its window (the K-1 states, then the new
+// input): y = act(bias + w . window), and the state shifted in place (s: state k at s + k E).
+template <int K>
+__device__ __forceinline__ void conv_step_out(const float (&win)[K], const float *__restrict__ w,
+                                              const float *__restrict__ bias, int e,
+                                              float *__restrict__ y, int64_t be, int silu,
+                                              float *__restrict__ s, int E) {
+    float acc = bias ? bias[e] : 0.f;
+#pragma unroll
+    for (int k = 0; k < K; k++) acc = fmaf(w[(int64_t)e * K + k], win[k], acc);
+    y[be] = silu ? bm_silu(acc) : acc;
+#pragma unroll
+    for (int k = 0; k < K - 1; k++) s[(int64_t)k * E] = win[k + 1];
+}
+
 template <int K>
 __global__ void conv_step_kernel(const float *__restrict__ x,     // (b, E)
                                  float *__restrict__ state,       // (b, K-1, E) in place
@@ -101,12 +116,7 @@ __global__ void conv_step_kernel(const float *__restrict__ x,     // (b, E)
 #pragma unroll
     for (int k = 0; k < K - 1; k++) win[k] = s[(int64_t)k * E];
     win[K - 1] = x[be];
-    float acc = bias ? bias[e] : 0.f;
-#pragma unroll
-    for (int k = 0; k < K; k++) acc = fmaf(w[(int64_t)e * K + k], win[k], acc);
-    y[be] = silu ? bm_silu(acc) : acc;
-#pragma unroll
-    for (int k = 0; k < K - 1; k++) s[(int64_t)k * E] = win[k + 1];
+    conv_step_out<K>(win, w, bias, e, y, be, silu, s, E);
 }
 
 // bm_cuda_conv_step_norm: x and z lack the RMSNorm's row scale, which comes from the per-row
@@ -152,12 +162,7 @@ __global__ void conv_step_norm_kernel(const float *__restrict__ x, float *__rest
     if (!valid) return;
     win[K - 1] *= sc;
     nm.z[be] = zv * sc;
-    float acc = bias ? bias[e] : 0.f;
-#pragma unroll
-    for (int k = 0; k < K; k++) acc = fmaf(w[(int64_t)e * K + k], win[k], acc);
-    y[be] = silu ? bm_silu(acc) : acc;
-#pragma unroll
-    for (int k = 0; k < K - 1; k++) s[(int64_t)k * E] = win[k + 1];
+    conv_step_out<K>(win, w, bias, e, y, be, silu, s, E);
 }
 
 template <int K>

@@ -128,11 +128,12 @@ int bm_cuda_conv_step(const float *x, float *conv_state, const float *w, const f
 /* The same where x and z (b, E) are a batched decode's in_proj outputs without the RMSNorm's
  * row scale (bm_cuda_moe_norm_out): each row's s = rsqrt(sum(ssp[row, :parts]) / d + eps)
  * (the parts summed in a fixed order) multiplies x before the conv (the state keeps scaled
- * inputs) and z in place. b <= 65535. */
-int bm_cuda_conv_step_norm(const float *x, float *z, float *conv_state, const float *w,
-                           const float *bias, float *y, int silu, int64_t b, int64_t E,
-                           int64_t K, const float *ssp, int64_t parts, int64_t d, float eps,
-                           cudaStream_t stream);
+ * inputs) and z: z = zin * s (zin may be z). x and zin have row stride ld (>= E), z E.
+ * b <= 65535. */
+int bm_cuda_conv_step_norm(const float *x, const float *zin, int64_t ld, float *z,
+                           float *conv_state, const float *w, const float *bias, float *y,
+                           int silu, int64_t b, int64_t E, int64_t K, const float *ssp,
+                           int64_t parts, int64_t d, float eps, cudaStream_t stream);
 
 /* ---- norm.cu: one block per row, float32 ------------------------------------------------ */
 /* res_out = x + residual (residual NULL -> x); out = RMSNorm(res_out) * w. All (T, d).

@@ -129,7 +129,9 @@ __global__ void conv_step_kernel(const float *__restrict__ x,     // (b, E)
 // since this kernel started (its loads come after its wait, as x's).
 constexpr int CONV_NORM_THREADS = 128;
 struct ConvNorm {
-    float *z;
+    float *z;            // (b, E) out
+    const float *zin;    // z's input, row stride ld (= z, ld = E: in place)
+    int64_t ld;          // row stride of x and zin
     const float *ssp;
     int parts;
     float inv_d, eps;
@@ -145,13 +147,13 @@ __global__ void conv_step_norm_kernel(const float *__restrict__ x, float *__rest
     if (e0 - (int)(threadIdx.x & 31) >= E) return;  // whole warps past E; the rest shuffle
     const bool valid = e0 < E;
     const int e = valid ? e0 : E - 1;
-    const int64_t row = blockIdx.y, be = row * E + e;
+    const int64_t row = blockIdx.y, be = row * E + e, bl = row * nm.ld + e;
     float *s = state + row * (K - 1) * E + e;
     float win[K];
 #pragma unroll
     for (int k = 0; k < K - 1; k++) win[k] = s[(int64_t)k * E];
-    win[K - 1] = x[be];
-    const float zv = nm.z[be];
+    win[K - 1] = x[bl];
+    const float zv = nm.zin[bl];
     const float *q = nm.ssp + row * nm.parts;
     float a = 0.f;
 #pragma unroll 2
@@ -243,17 +245,18 @@ extern "C" int bm_cuda_conv_step(const float *x, float *conv_state, const float 
     }
 }
 
-extern "C" int bm_cuda_conv_step_norm(const float *x, float *z, float *conv_state,
-                                      const float *w, const float *bias, float *y, int silu,
-                                      int64_t b, int64_t E, int64_t K, const float *ssp,
-                                      int64_t parts, int64_t d, float eps, cudaStream_t stream) {
+extern "C" int bm_cuda_conv_step_norm(const float *x, const float *zin, int64_t ld, float *z,
+                                      float *conv_state, const float *w, const float *bias,
+                                      float *y, int silu, int64_t b, int64_t E, int64_t K,
+                                      const float *ssp, int64_t parts, int64_t d, float eps,
+                                      cudaStream_t stream) {
     if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
     if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
         return BM_CUDA_ARG_FAIL("conv_step_norm: needs 1 <= E < 2^31 - 128 and b <= 65535");
-    if (!z || !ssp || parts < 1 || parts > INT32_MAX || d < 1)
-        return BM_CUDA_ARG_FAIL("conv_step_norm: needs z, ssp, parts >= 1 and d >= 1");
+    if (!z || !zin || ld < E || !ssp || parts < 1 || parts > INT32_MAX || d < 1)
+        return BM_CUDA_ARG_FAIL("conv_step_norm: needs z, zin, ld >= E, ssp, parts >= 1, d >= 1");
     if (b <= 0) return 0;
-    const ConvNorm nm{z, ssp, (int)parts, 1.f / (float)d, eps};
+    const ConvNorm nm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps};
     switch (K) {
         case 2: return conv_step_norm_launch<2>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
         case 3: return conv_step_norm_launch<3>(x, conv_state, w, bias, y, silu, b, E, nm, stream);

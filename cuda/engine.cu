@@ -189,6 +189,8 @@ struct Ws {
     float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
     float *ssp;             // (T, bm_cuda_moe_norm_parts(d)) decode, T >= 2: the norm in fc2
                             // (norm_fc2_on): the residual's partial sums of squares
+    float *xzt;             // (T, 2E) decode, T >= 2: in_proj's x and z side by side where
+                            // the norm ran in fc2 (mamba_step)
     cudaGraphExec_t exec;   // decode graph (decode workspaces)
     uint64_t serial;        // the state it was captured for
 };
@@ -1861,11 +1863,20 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
     } else if (fc2_normed) {
-        // in_proj of bf16(r * w) as fc2's epilogue left it; the row scale here (forward())
-        TRY(in_proj(m, ws, ly, xn, B, true));
+        // in_proj of bf16(r * w) as fc2's epilogue left it (forward()), as one GEMM of 2E
+        // rows into (B, 2E) (x and z of a row side by side); the conv step reads both there,
+        // applies the row scale and writes z apart. One GEMM rather than cuBLAS's batch of
+        // two: its kernel 7.55 against 7.91 us at B = 64, the step -0.1 / -0.4 / -0.6% at
+        // B = 64 / 32 / 16, bit-identical (cuda/NOTES.md session 14).
+        const float one = 1.f, zero = 0.f;
+        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)B,
+                                   (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
+                                   CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F,
+                                   (int)(2 * E), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         TRY(mark(m, P_IN));
-        TRY(bm_cuda_conv_step_norm(x, z, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K,
-                                   ws->ssp, bm_cuda_moe_norm_parts(d), d, EPS, st));
+        TRY(bm_cuda_conv_step_norm(ws->xzt, ws->xzt + E, 2 * E, z, conv, ly.conv_w, ly.conv_b,
+                                   ws->xc, 1, B, E, c.K, ws->ssp, bm_cuda_moe_norm_parts(d), d,
+                                   EPS, st));
     } else {
         TRY(in_proj(m, ws, ly, xn, B, xbf_ready));
         TRY(mark(m, P_IN));
@@ -2318,8 +2329,8 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             // bf16(rc * w) without the row scale, and the sums of squares in parts (ws->ssp),
             // from which its conv step scales x and z (mamba_step). No norm kernel between.
             const LayerDev *nx = li + 1 < c.num_layers ? &m->layers[li + 1] : nullptr;
-            const bool fuse = gm && ws->decode && T > ws->gv && !split && ws->ssp && nx &&
-                              nx->mamba && !nx->X && !nx->in_b && T <= 65535 &&
+            const bool fuse = gm && ws->decode && T > ws->gv && !split && ws->ssp && ws->xzt &&
+                              nx && nx->mamba && !nx->X && !nx->in_b && T <= 65535 &&
                               in_proj_batched(m, ws, T) && norm_bf_on() && norm_fc2_on() &&
                               bm_cuda_moe_grouped_norm_ok(T, ly.X, split);
             const bm_cuda_moe_norm_out nout{rc, fuse ? nx->norm_w : nullptr, ws->xbf, ws->ssp};
@@ -2466,6 +2477,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->ticket = decode ? a.take<unsigned>(1) : nullptr;
     w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
     w->ssp = decode && T >= 2 ? a.take<float>(T * bm_cuda_moe_norm_parts(d)) : nullptr;
+    w->xzt = decode && T >= 2 ? a.take<float>(T * 2 * E) : nullptr;
     w->bytes = a.off;
 }
 

@@ -69,8 +69,8 @@ def _lib_c():
                                                   [ctypes.POINTER(NormOut), P])
     lib.bm_cuda_moe_grouped_bf16_norm.restype = ctypes.c_int
     F32 = ctypes.c_float
-    lib.bm_cuda_conv_step_norm.argtypes = [P, P, P, P, P, P, ctypes.c_int, I64, I64, I64, P, I64,
-                                           I64, F32, P]
+    lib.bm_cuda_conv_step_norm.argtypes = [P, P, I64, P, P, P, P, P, ctypes.c_int, I64, I64, I64,
+                                           P, I64, I64, F32, P]
     lib.bm_cuda_conv_step_norm.restype = ctypes.c_int
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
@@ -470,8 +470,8 @@ def test_conv_step_norm(b, E, K, parts, silu):
     ssp = rng.uniform(0.0, 50.0, (b, parts)).astype(np.float32)
     dx, dz, ds, dw, db, dss = D(x), D(z), D(st), D(w), D(bias), D(ssp)
     y = D(np.full((b, E), np.float32(np.nan)))
-    rc = LIB.bm_cuda_conv_step_norm(dx.ptr, dz.ptr, ds.ptr, dw.ptr, db.ptr, y.ptr, silu, b, E, K,
-                                    dss.ptr, parts, d, eps, LEGACY_STREAM)
+    rc = LIB.bm_cuda_conv_step_norm(dx.ptr, dz.ptr, E, dz.ptr, ds.ptr, dw.ptr, db.ptr, y.ptr,
+                                    silu, b, E, K, dss.ptr, parts, d, eps, LEGACY_STREAM)
     assert rc == 0, LIB.bm_cuda_last_error().decode()
     s = 1.0 / np.sqrt(ssp.astype(np.float64).sum(1) / d + eps)
     xs = x * s[:, None]
@@ -481,8 +481,20 @@ def test_conv_step_norm(b, E, K, parts, silu):
     np.testing.assert_allclose(y.numpy(), want_y, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(dz.numpy(), z * s[:, None], rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(ds.numpy(), win[:, 1:], rtol=2e-6, atol=1e-7)
-    rc = LIB.bm_cuda_conv_step_norm(dx.ptr, dz.ptr, ds.ptr, dw.ptr, db.ptr, y.ptr, silu, 65536,
-                                    E, K, dss.ptr, parts, d, eps, LEGACY_STREAM)
+    # x and z interleaved in one (b, 2E) buffer (row stride 2E), z written apart
+    xz = np.concatenate([x, z], 1)
+    dxz, dz2, ds2 = D(xz), D(np.full((b, E), np.float32(np.nan))), D(st)
+    y2 = D(np.full((b, E), np.float32(np.nan)))
+    rc = LIB.bm_cuda_conv_step_norm(dxz.ptr, dxz.ptr + 4 * E, 2 * E, dz2.ptr, ds2.ptr, dw.ptr,
+                                    db.ptr, y2.ptr, silu, b, E, K, dss.ptr, parts, d, eps,
+                                    LEGACY_STREAM)
+    assert rc == 0, LIB.bm_cuda_last_error().decode()
+    np.testing.assert_array_equal(y2.numpy(), y.numpy())
+    np.testing.assert_array_equal(dz2.numpy(), dz.numpy())
+    np.testing.assert_array_equal(ds2.numpy(), ds.numpy())
+    np.testing.assert_array_equal(dxz.numpy(), xz)
+    rc = LIB.bm_cuda_conv_step_norm(dx.ptr, dz.ptr, E, dz.ptr, ds.ptr, dw.ptr, db.ptr, y.ptr,
+                                    silu, 65536, E, K, dss.ptr, parts, d, eps, LEGACY_STREAM)
     assert rc != 0 and "b <= 65535" in LIB.bm_cuda_last_error().decode()
 
 

@@ -19,7 +19,10 @@
 // Each GEMM launches an upper bound of row tiles (row_tiles(T, X, BM)) per column tile;
 // a CTA finds its (expert, row tile) by walking the offsets and leaves if it has none.
 // Batched decode (BM_MOE_GROUPED_IDS, up to 256 tokens): no step 1; each CTA of the decode
-// tiles derives the offsets and its expert's tokens from the ids itself (ids_list).
+// tiles derives the offsets and its expert's tokens from the ids itself (ids_list). Where a
+// Mamba layer follows, fc2's epilogue may also do that layer's RMSNorm up to its row scale
+// (GroupedArgs::res, bm_cuda_moe_grouped_bf16_norm): the residual, in_proj's bf16 input and
+// per-row partial sums of squares instead of out.
 //
 // The GEMM core: mma.sync m16n8k16 bf16 -> fp32, ldmatrix from XOR-swizzled shared memory,
 // a STAGES-deep cp.async pipeline over K tiles of 64 (K tails and rows past an expert's end

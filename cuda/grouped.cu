@@ -658,8 +658,12 @@ grouped_gemm_kernel(const GroupedArgs p) {
                 const unsigned quad = 0xFu << (lane & ~3);
                 ss += __shfl_xor_sync(quad, ss, 1);
                 ss += __shfl_xor_sync(quad, ss, 2);
-                if ((lane & 3) == 0 && n0 + wn * C::WTN < N)  // (a warp wholly past N: none)
-                    p.ssp[(int64_t)t * ((N + C::WTN - 1) / C::WTN) + (n0 + wn * C::WTN) / C::WTN] = ss;
+                // part (n0 + wn WTN) / 32 of bm_cuda_moe_norm_parts(N) (WTN = NORM_PART_COLS,
+                // gemm_launch); a warp wholly past N has none
+                const int c0 = n0 + wn * C::WTN;
+                if ((lane & 3) == 0 && c0 < N)
+                    p.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
+                          c0 / NORM_PART_COLS] = ss;
             } else {
                 const int t = by_ids ? s_list[slot - ebeg] : __ldcg(p.perm + slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
@@ -949,6 +953,7 @@ std::atomic<long long> dec_launches{0};  // grouped_dec_kernel launches (the tes
 std::atomic<long long> pdl_launches{0};  // decode GEMMs launched with PDL (the tests)
 std::atomic<long long> expert_launches{0};  // fc1 launches in the PDL_EXPERT form (the tests)
 std::atomic<long long> ids_calls{0};  // layers whose GEMMs read the ids (BM_MOE_GROUPED_IDS)
+std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedArgs::res)
 
 // Row tiles a launch needs at most: tokens T' <= T over m <= min(X, T) experts with tokens
 // make sum_e ceil(n_e / BM) = m + sum_e floor((n_e - 1) / BM) <= m + floor((T - m) / BM),
@@ -1063,9 +1068,13 @@ int gemm_launch(const GroupedArgs &p_in, int64_t T, cudaStream_t stream) {
 // fc1 variants 6..9 were 5-9 us slower than 32x64 two-warp tiles.
 constexpr char DEFAULT_TILES[] = "2222";
 
+// The prefill roles (many rows per expert) against the decode roles: the tile choice's split,
+// which ids_route_ok and norm_route_ok follow.
+bool big_call(int64_t T, int64_t X) { return T >= 64 * X && T >= 1024; }
+
 template <int MODE, bool SPLIT>
 int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stream) {
-    const bool big = T >= 64 * (int64_t)p.X && T >= 1024;
+    const bool big = big_call(T, p.X);
     if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles (the caller asks at decode)
     if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
         const int wm = wgmma_mode(), tm = tma_mode();
@@ -1164,7 +1173,6 @@ void grouped_tiles(char (&t)[5]) {
 // Measured (H200, same process, with the staging at 32 MB against 16 MB and no hint;
 // cuda/NOTES.md session 13): B = 16 -0.7 to -1.8%, B = 32 -0.6 to -1.1%, B = 64 even.
 std::atomic<long long> wpol_calls{0};
-std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedArgs::res)
 int grouped_wpol() {
     const char *e = getenv("BLACKMAMBA_MOE_WPOL");
     return e && strcmp(e, "0") == 0 ? 0 : 1;
@@ -1175,8 +1183,7 @@ int grouped_wpol() {
 // not big, not a forced wgmma / TMA core, tile variants 1..5 (or the defaults), and the sizes
 // the in-CTA dispatch holds.
 bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
-    const bool big = T >= 64 * X && T >= 1024;
-    if (split || big || T < 1 || T > IDS_MAX_T || X < 1 || X > IDS_MAX_X) return false;
+    if (split || big_call(T, X) || T < 1 || T > IDS_MAX_T || X < 1 || X > IDS_MAX_X) return false;
     const int wm = wgmma_mode(), tm = tma_mode();
     if (wm && (wm == 2 || tm == 2) && wgmma_usable()) return false;
     for (int role = 2; role < 4; role++)
@@ -1189,8 +1196,7 @@ bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
 // that could take it (conservative: the TMA core may still decline), a decode fc2 tile
 // variant 1..5 (or the default).
 bool norm_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
-    const bool big = T >= 64 * X && T >= 1024;
-    if (split || big || T < 1 || X < 1) return false;
+    if (split || big_call(T, X) || T < 1 || X < 1) return false;
     const int wm = wgmma_mode(), tm = tma_mode();
     if (wm && wgmma_usable() && (wm == 2 || (tm && (T >= TMA_MIN_ROWS || tm == 2))))
         return false;

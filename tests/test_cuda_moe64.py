@@ -327,6 +327,15 @@ def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None):
             Model(cfg, t, dtype="bfloat16"))
 
 
+def counted_steps(g, c, ids, *names):
+    """steps(g, c, ids, 3) with the native counters `names` read around it: (GPU logits, CPU
+    logits or None, each counter's increase)."""
+    fns = [getattr(LIB, n) for n in names]
+    k0 = [f() for f in fns]
+    got, want = steps(g, c, ids, 3)
+    return got, want, [f() - k for f, k in zip(fns, k0)]
+
+
 def counts():
     return (LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_moe_grouped_pdl_launches(),
             LIB.bm_cuda_norm_route_pre_calls(), LIB.bm_cuda_moe_grouped_expert_launches())
@@ -400,9 +409,9 @@ def test_route_ids(env, B, math, bias):
     g, c = make(400 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 9).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_MOE_IDS=0)
-    k0 = (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls())
-    old, want = steps(g, c, ids, 3)
-    assert (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls()) == k0
+    old, want, n = counted_steps(g, c, ids, "bm_cuda_norm_route_ids_calls",
+                                 "bm_cuda_moe_grouped_ids_calls")
+    assert n == [0, 0]
     split = math == "bf16x2" or B <= 8
     assert rel_err(old, want) < (TOL_SPLIT if split else 1e-2)
     for kv in ({}, {"BLACKMAMBA_MOE_IDS": 1}, {"BLACKMAMBA_MOE_DEC_PDL": 2},
@@ -410,18 +419,15 @@ def test_route_ids(env, B, math, bias):
                {"BLACKMAMBA_MOE_DEC_PDL": 1, "BLACKMAMBA_MOE_DEC_PDL_CAP": 0},
                {"BLACKMAMBA_MOE_ROUTE_DISPATCH": 0}):
         env(**kv)
-        k0 = (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls(),
-              LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_norm_route_pre_calls())
-        got, _ = steps(g, None, ids, 3)
-        k1 = (LIB.bm_cuda_norm_route_ids_calls(), LIB.bm_cuda_moe_grouped_ids_calls(),
-              LIB.bm_cuda_norm_route_dispatch_calls(), LIB.bm_cuda_norm_route_pre_calls())
-        nr = k1[3] - k0[3]                        # batched routings captured (2 a capture)
-        assert nr >= 2, kv
+        got, _, (n_nr, n_grouped, n_disp, nr) = counted_steps(
+            g, None, ids, "bm_cuda_norm_route_ids_calls", "bm_cuda_moe_grouped_ids_calls",
+            "bm_cuda_norm_route_dispatch_calls", "bm_cuda_norm_route_pre_calls")
+        assert nr >= 2, kv                        # batched routings captured (2 a capture)
         n_ids = 0 if split else nr                # both MoE layers (8 and 3 experts)
-        assert k1[0] - k0[0] == n_ids, kv
-        assert k1[1] - k0[1] == n_ids, kv         # each taken by the grouped call too
+        assert n_nr == n_ids, kv
+        assert n_grouped == n_ids, kv             # each taken by the grouped call too
         fused = kv.get("BLACKMAMBA_MOE_ROUTE_DISPATCH") != 0
-        assert k1[2] - k0[2] == (nr - n_ids if fused else 0), kv   # else the last-block one
+        assert n_disp == (nr - n_ids if fused else 0), kv   # else the last-block one
         np.testing.assert_array_equal(got, old, err_msg=str(kv))
 
 
@@ -434,21 +440,18 @@ def test_weight_policy(env, B, math, bias):
     g, c = make(500 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 11).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_MOE_WPOL=0, BLACKMAMBA_L2SIDE=0)
-    k0 = LIB.bm_cuda_moe_grouped_wpol_calls()
-    old, want = steps(g, c, ids, 3)
-    assert LIB.bm_cuda_moe_grouped_wpol_calls() == k0
+    old, want, n = counted_steps(g, c, ids, "bm_cuda_moe_grouped_wpol_calls")
+    assert n == [0]
     split = math == "bf16x2" or B <= 8
     assert rel_err(old, want) < (TOL_SPLIT if split else 1e-2)
     for kv in ({}, {"BLACKMAMBA_L2SIDE": 0}, {"BLACKMAMBA_L2SIDE": 1},
                {"BLACKMAMBA_MOE_WPOL": "junk", "BLACKMAMBA_MOE_DEC_PDL": 3},
                {"BLACKMAMBA_MOE_IDS": 0}):
         env(**kv)
-        k0 = (LIB.bm_cuda_moe_grouped_wpol_calls(), LIB.bm_cuda_norm_route_pre_calls())
-        got, _ = steps(g, None, ids, 3)
-        k1 = (LIB.bm_cuda_moe_grouped_wpol_calls(), LIB.bm_cuda_norm_route_pre_calls())
-        nr = k1[1] - k0[1]                        # batched routings captured (2 a capture)
-        assert nr >= 2, kv
-        assert k1[0] - k0[0] == (0 if split else nr), kv
+        got, _, (n_wpol, nr) = counted_steps(g, None, ids, "bm_cuda_moe_grouped_wpol_calls",
+                                             "bm_cuda_norm_route_pre_calls")
+        assert nr >= 2, kv                        # batched routings captured (2 a capture)
+        assert n_wpol == (0 if split else nr), kv
         np.testing.assert_array_equal(got, old, err_msg=str(kv))
 
 
@@ -509,24 +512,22 @@ def test_norm_fc2(env, B, math, bias):
     g, c = make(700 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 13).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_DECODE_NORM_FC2=0)
-    k0 = (LIB.bm_cuda_norm_fc2_calls(), LIB.bm_cuda_moe_grouped_norm_calls())
-    old, want = steps(g, c, ids, 3)
-    assert (LIB.bm_cuda_norm_fc2_calls(), LIB.bm_cuda_moe_grouped_norm_calls()) == k0
+    old, want, n = counted_steps(g, c, ids, "bm_cuda_norm_fc2_calls",
+                                 "bm_cuda_moe_grouped_norm_calls")
+    assert n == [0, 0]
     split = math == "bf16x2" or B <= 8
     e_old = rel_err(old, want)
     assert e_old < (TOL_SPLIT if split else 1e-2)
     for kv in ({}, {"BLACKMAMBA_DECODE_NORM_FC2": 1}, {"BLACKMAMBA_MOE_IDS": 0},
                {"BLACKMAMBA_MOE_DEC_PDL": 0}):
         env(**kv)
-        k0 = (LIB.bm_cuda_norm_fc2_calls(), LIB.bm_cuda_moe_grouped_norm_calls(),
-              LIB.bm_cuda_norm_route_pre_calls())
-        got, _ = steps(g, None, ids, 3)
-        k1 = (LIB.bm_cuda_norm_fc2_calls(), LIB.bm_cuda_moe_grouped_norm_calls(),
-              LIB.bm_cuda_norm_route_pre_calls())
-        caps = (k1[2] - k0[2]) // 2               # captures (two batched routings each)
+        got, _, (n_engine, n_grouped, nr) = counted_steps(
+            g, None, ids, "bm_cuda_norm_fc2_calls", "bm_cuda_moe_grouped_norm_calls",
+            "bm_cuda_norm_route_pre_calls")
+        caps = nr // 2                            # captures (two batched routings each)
         assert caps >= 1, kv
-        assert k1[0] - k0[0] == (0 if split else caps), kv
-        assert k1[1] - k0[1] == k1[0] - k0[0], kv
+        assert n_engine == (0 if split else caps), kv
+        assert n_grouped == n_engine, kv
         if split:
             np.testing.assert_array_equal(got, old, err_msg=str(kv))
             continue

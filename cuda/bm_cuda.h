@@ -441,6 +441,8 @@ long long bm_cuda_out_ksplit_calls(void);
 /* Batched-decode L2 staging launches: the next MoE layer's first fc1 bytes brought into L2
  * from a side branch of the graph (BLACKMAMBA_L2SIDE). */
 long long bm_cuda_l2side_calls(void);
+/* ... of them that also stage the Mamba layer's SSM state first (BLACKMAMBA_L2SIDE_STATE). */
+long long bm_cuda_l2side_state_calls(void);
 /* Multiprocessors of the current device, or -1 (util.cu). */
 int bm_cuda_sm_count(void);
 /* Batched decode steps through the float4 scan step (engine.cu step_scan4_kernel). */

@@ -1003,6 +1003,34 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
+// The scan state's loads and stores as evict_first L2 lines (BLACKMAMBA_SCAN_EVICT): a
+// state line the side branch staged as evict_last (BLACKMAMBA_L2SIDE_STATE) is demoted once
+// read and written back, so staged state does not pile up in L2 across layers.
+__device__ __forceinline__ uint64_t scan_evict_policy() {
+    uint64_t h = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(h));
+#endif
+    return h;
+}
+__device__ __forceinline__ float4 ld_f4_pol(const float4 *p, uint64_t pol) {
+    float4 v;
+    asm volatile("ld.global.L2::cache_hint.v4.f32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p), "l"(pol) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 ld_f4_cg_pol(const float4 *p, uint64_t pol) {  // L2 only
+    float4 v;
+    asm volatile("ld.global.cg.L2::cache_hint.v4.f32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p), "l"(pol) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_f4_pol(float4 *p, float4 v, uint64_t pol) {
+    // no "memory" clobber: the state is read by no later load of the kernel
+    asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p),
+                 "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "l"(pol));
+}
+
 // One (b, e) lane's update in the float4 step (step_scan4_kernel and its early form, which so
 // do the same arithmetic in the same order): the lane's 4 states s -> h = exp(dt A) s + dt x B
 // (dt = softplus(dt_raw)) into *dst where valid, y = (C . h summed over the G lanes + D x)
@@ -1010,15 +1038,22 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
 __device__ __forceinline__ void scan4_item(float4 s, float4 a, float4 bb, float4 cc,
                                            float dt_raw, float xv, float zv, float De, int G,
                                            int g, bool valid, int64_t w, float4 *dst, float *y,
-                                           uint16_t *yb, uint16_t *yl) {
+                                           uint16_t *yb, uint16_t *yl, int ev = 0,
+                                           uint64_t pol = 0) {
     const float dt = bm_softplus(dt_raw);
     const float dx = dt * xv;
     float4 h;
-    h.x = fmaf(expf(dt * a.x), s.x, dx * bb.x);
-    h.y = fmaf(expf(dt * a.y), s.y, dx * bb.y);
-    h.z = fmaf(expf(dt * a.z), s.z, dx * bb.z);
-    h.w = fmaf(expf(dt * a.w), s.w, dx * bb.w);
-    if (valid) *dst = h;
+    // exp(dt A) as 2^(dt A log2 e) on MUFU.EX2, as the prefill scan (scan.cu A2): ~4
+    // instructions a state fewer than expf (session 15: the step -0.2 to -0.5% at B = 64)
+    constexpr float L2E = 1.4426950408889634f;
+    h.x = fmaf(bm_ex2(dt * (a.x * L2E)), s.x, dx * bb.x);
+    h.y = fmaf(bm_ex2(dt * (a.y * L2E)), s.y, dx * bb.y);
+    h.z = fmaf(bm_ex2(dt * (a.z * L2E)), s.z, dx * bb.z);
+    h.w = fmaf(bm_ex2(dt * (a.w * L2E)), s.w, dx * bb.w);
+    if (valid) {
+        if (ev & 2) st_f4_pol(dst, h, pol);
+        else *dst = h;
+    }
     float ya = h.x * cc.x;
     ya = fmaf(h.y, cc.y, ya);
     ya = fmaf(h.z, cc.z, ya);
@@ -1066,18 +1101,20 @@ __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT 
                                   float *__restrict__ y,            // (B, E) or NULL
                                   uint16_t *__restrict__ yb,        // (B, E) or NULL
                                   uint16_t *__restrict__ yl,        // (B, E) or NULL
-                                  int64_t BE, int E, int N, int R, int g4,
-                                  const float *__restrict__ dtw = nullptr) {  // (E, R), FDT
+                                  int B, int E, int N, int R, int g4,
+                                  const float *__restrict__ dtw = nullptr,  // (E, R), FDT
+                                  int ev = 0) {  // scan_evict_mode(): 1 loads, 2 stores hinted
     bm_pdl_wait();
+    const uint64_t pol = (ev & 3) ? scan_evict_policy() : 0;
+    // grid (cdiv(E G, blockDim.x), cdiv(B, RB)): blockIdx.y is the row group (rows qb RB ..
+    // qb RB + RB-1), so no lane divides (two 64-bit divisions a lane cost ~40% of the
+    // kernel's instructions at B = 64)
     const int G = 1 << g4;
-    const int64_t gt = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    const int64_t qv = gt >> g4;  // (row group, e) index: rows qb RB .. qb RB + RB-1
-    const int g = (int)(gt & (G - 1));
-    const int64_t B = BE / E, QE = (B + RB - 1) / RB * E;
-    const bool qvalid = qv < QE;  // groups past the end compute on a clamped index, store nothing
-    const int64_t q = qvalid ? qv : QE - 1;
-    const int64_t qb = q / E;
-    const int e = (int)(q % E);
+    const int lt = blockIdx.x * blockDim.x + threadIdx.x;
+    const int g = lt & (G - 1);
+    const bool qvalid = (lt >> g4) < E;  // lanes past E compute on a clamped e, store nothing
+    const int e = qvalid ? lt >> g4 : E - 1;
+    const int qb = blockIdx.y;
     // The DRAM-bound loads of every row first (state, delta, x, z: RB rows in flight a lane);
     // B and C (one row of dbc shared by the E channels of a batch row: L1 / L2 hits) per row.
     float4 s[RB];
@@ -1086,7 +1123,8 @@ __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT 
     for (int j = 0; j < RB; j++) {
         const int64_t b = min(qb * RB + j, B - 1);
         const int64_t w = b * E + e;
-        s[j] = reinterpret_cast<const float4 *>(ssm + w * N)[g];
+        const float4 *sp = reinterpret_cast<const float4 *>(ssm + w * N) + g;
+        s[j] = (ev & 1) ? ld_f4_pol(sp, pol) : *sp;
         if constexpr (!FDT) dl[j] = delta[w];
         xv[j] = xc[w];
         zv[j] = z[w];
@@ -1122,7 +1160,7 @@ __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT 
         const float4 bb = reinterpret_cast<const float4 *>(row + R)[g];
         const float4 cc = reinterpret_cast<const float4 *>(row + R + N)[g];
         scan4_item(s[j], a, bb, cc, dl[j] + dtb, xv[j], zv[j], De, G, g, valid, w,
-                   reinterpret_cast<float4 *>(ssm + w * N) + g, y, yb, yl);
+                   reinterpret_cast<float4 *>(ssm + w * N) + g, y, yb, yl, ev, pol);
     }
 }
 
@@ -1145,8 +1183,9 @@ __global__ void __launch_bounds__(256, IT == 1 ? 8 : IT == 2 ? 6 : 4) step_scan4
     const float *__restrict__ dbc, const float *__restrict__ delta, const float *__restrict__ dt_b,
     const float *__restrict__ A, const float *__restrict__ D, float *__restrict__ y,
     uint16_t *__restrict__ yb, uint16_t *__restrict__ yl, int64_t BE, int E, int N, int R,
-    int g4) {
+    int g4, int ev) {  // ev: scan_evict_mode() (1 loads, 2 stores as evict_first lines)
     bm_pdl_trigger();
+    const uint64_t pol = (ev & 3) ? scan_evict_policy() : 0;
     const int G = 1 << g4;
     const int64_t total = BE << g4, stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -1155,7 +1194,7 @@ __global__ void __launch_bounds__(256, IT == 1 ? 8 : IT == 2 ? 6 : 4) step_scan4
 #pragma unroll
     for (int k = 0; k < IT; k++) {  // the state: before the wait (items past the end: clamped)
         const int64_t i = min(t0 + k * stride, total - 1);
-        s[k] = __ldcg(s4 + i);
+        s[k] = (ev & 1) ? ld_f4_cg_pol(s4 + i, pol) : __ldcg(s4 + i);
     }
     bm_pdl_wait_only();
 #pragma unroll
@@ -1166,15 +1205,15 @@ __global__ void __launch_bounds__(256, IT == 1 ? 8 : IT == 2 ? 6 : 4) step_scan4
         const int64_t i = valid ? iv : total - 1;
         const int64_t w = i >> g4;
         const int g = (int)(i & (G - 1));
-        const int64_t b = w / E;
-        const int e = (int)(w % E);
+        const int b = (int)w / E;  // 32-bit: the launch has B E G < 2^31 items (v4's rule)
+        const int e = (int)w - b * E;
         const float dl = __ldcg(delta + w), xv = __ldcg(xc + w), zv = __ldcg(z + w);
         const float4 a = reinterpret_cast<const float4 *>(A + (int64_t)e * N)[g];
-        const float *row = dbc + b * (R + 2 * N);
+        const float *row = dbc + (int64_t)b * (R + 2 * N);
         const float4 bb = __ldcg(reinterpret_cast<const float4 *>(row + R) + g);
         const float4 cc = __ldcg(reinterpret_cast<const float4 *>(row + R + N) + g);
         scan4_item(s[k], a, bb, cc, dl + dt_b[e], xv, zv, D[e], G, g, valid, w, s4 + i, y, yb,
-                   yl);
+                   yl, ev, pol);
     }
 }
 
@@ -1212,6 +1251,27 @@ int scan4_early_launch(int64_t items, int max_it, cudaStream_t st, int *done, Ar
     if (!r && !*done) r = go(step_scan4_early_kernel<2>, 2, 6);
     if (!r && !*done) r = go(step_scan4_early_kernel<6>, 6, 4);
     return r;
+}
+
+// BLACKMAMBA_SCAN_EVICT: the float4 scan step's state loads (1), stores (2) or both (3, the
+// default) as evict_first L2 lines (scan_evict_policy); 0: plain. Read at graph capture.
+int scan_evict_mode() {
+    const char *e = getenv("BLACKMAMBA_SCAN_EVICT");
+    char *end = nullptr;
+    const long v = e && *e ? strtol(e, &end, 10) : 3;
+    return (e && *e && *end) || v < 0 || v > 3 ? 3 : (int)v;  // not a mode: the default
+}
+// BLACKMAMBA_L2SIDE_STATE: does the batched decode's side branch stage the Mamba layer's SSM
+// state (`bytes`, B E N floats) into L2 before the next MoE layer's fc1 bytes? Unset: where it
+// is at least L2SIDE_STATE_MIN (measured: B = 64 -0.4 to -0.9%, 32 -0.2 to -0.5%, but 16
+// (3 MB) +0.5 to +0.8% on the 2.8B shape); "0" never, "1" always. Read at graph capture.
+std::atomic<long long> g_l2side_state{0};  // stagings of a layer's state (tests)
+constexpr int64_t L2SIDE_STATE_MIN = 6 << 20;
+bool l2side_state_on(int64_t bytes) {
+    const char *e = getenv("BLACKMAMBA_L2SIDE_STATE");
+    if (e && e[0] == '0') return false;
+    if (e && e[0] == '1') return true;
+    return bytes >= L2SIDE_STATE_MIN;
 }
 
 // BLACKMAMBA_SCAN4_ROWS: batch rows a lane of step_scan4_kernel (1, 2 or 4; default
@@ -1783,28 +1843,39 @@ std::atomic<long long> g_l2side{0};  // staging launches (tests)
 
 // bytes at p into L2 as evict_last lines, each block its 1/grid share, one <= 32 KB bulk
 // prefetch a lane at a time. The kernel completes once its prefetches have.
-__global__ void __launch_bounds__(32) l2_side_kernel(const char *p, int64_t bytes) {
+__global__ void __launch_bounds__(32) l2_side_kernel(const char *p0, int64_t bytes0,
+                                                      const char *p, int64_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
-    const int64_t share = ((bytes + gridDim.x - 1) / gridDim.x + 15) & ~(int64_t)15;
-    const int64_t b0 = (int64_t)blockIdx.x * share, b1 = min(bytes, b0 + share);
-    for (int64_t o = b0 + (int64_t)threadIdx.x * 32768; o < b1; o += 32 * 32768) {
-        const unsigned n = (unsigned)min((int64_t)32768, b1 - o);
-        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p + o),
-                     "r"(n), "l"(pol) : "memory");
+    for (int r = 0; r < 2; r++) {  // range 0 (p0: the SSM state, or empty) first
+        const char *q = r ? p : p0;
+        const int64_t nb = r ? bytes : bytes0;
+        const int64_t share = ((nb + gridDim.x - 1) / gridDim.x + 15) & ~(int64_t)15;
+        const int64_t b0 = (int64_t)blockIdx.x * share, b1 = min(nb, b0 + share);
+        for (int64_t o = b0 + (int64_t)threadIdx.x * 32768; o < b1; o += 32 * 32768) {
+            const unsigned n = (unsigned)min((int64_t)32768, b1 - o);
+            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
+                         ::"l"(q + o), "r"(n), "l"(pol) : "memory");
+        }
     }
 #endif
 }
-// Fork the side branch off m->stream here and stage bytes at p (16-byte aligned) into L2.
-int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes) {
+// Fork the side branch off m->stream here and stage bytes0 at p0, then bytes at p (each
+// 16-byte aligned) into L2.
+int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes, const void *p0 = nullptr,
+                int64_t bytes0 = 0) {
     bytes &= ~(int64_t)15;
-    if (!p || bytes <= 0) return 0;
-    if (((uintptr_t)p & 15) != 0)
+    bytes0 &= ~(int64_t)15;
+    if (!p || bytes < 0) bytes = 0;
+    if (!p0 || bytes0 < 0) bytes0 = 0;
+    if (bytes <= 0 && bytes0 <= 0) return 0;
+    if ((((uintptr_t)p | (uintptr_t)p0) & 15) != 0)
         return BM_CUDA_ARG_FAIL("engine: L2 staging needs 16-byte alignment");
     BM_CUDA_TRY(cudaEventRecord(m->side_fork, m->stream));
     BM_CUDA_TRY(cudaStreamWaitEvent(m->side, m->side_fork, 0));
-    l2_side_kernel<<<L2SIDE_BLOCKS, 32, 0, m->side>>>((const char *)p, bytes);
+    l2_side_kernel<<<L2SIDE_BLOCKS, 32, 0, m->side>>>((const char *)p0, bytes0,
+                                                       (const char *)p, bytes);
     BM_CUDA_LAUNCHED();
     m->side_open = true;
     g_l2side.fetch_add(1, std::memory_order_relaxed);
@@ -1883,7 +1954,6 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(bm_cuda_conv_step(x, conv, ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     }
     TRY(mark(m, P_CONV));
-    TRY(l2side_fork(m, stage, stage_bytes));
     // Float32 dt_proj weights (the copy under bf16 math, dt_w itself for fp32 weights): the
     // FDT scan's and the xdt kernels'; x_proj's likewise.
     const float *dtw = ly.dt_wf ? ly.dt_wf : c.wdtype == BM_F32 ? (const float *)ly.dt_w
@@ -1894,10 +1964,6 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const int xmode = xdt_dec_mode(B);
     const bool xdt = B > ws->gv && xmode && xw32 && dtw &&
                      bm_xdt_ok(B, E, R, N, ws->xc, xw32, ws->dbc, dtw, ws->delta);
-    if (xdt)
-        TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st));
-    else TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
-    TRY(mark(m, P_XPROJ));
     const int64_t BE = B * E;
     const bool fused = B <= ws->gv;  // else dt_proj as a product of B rows first
     // Lanes per (b, e): a warp for the fused dt_proj dot (R terms), else ~4 states per lane.
@@ -1912,10 +1978,23 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // out_proj's bf16 input where out_proj is a bf16 GEMM (linear()'s rule): no to_bf16 pass.
     const int nl4 = (int)(N / 4);
     const bool v4 = !fused && scan4_on() && N % 4 == 0 && R % 4 == 0 && (nl4 & (nl4 - 1)) == 0 &&
-                    nl4 <= 32 && BE * nl4 < INT32_MAX &&
+                    nl4 <= 32 && BE * nl4 < INT32_MAX && B <= 65535 &&  // grid y: rows
                     (((uintptr_t)ssm | (uintptr_t)ws->dbc | (uintptr_t)ly.A) & 15) == 0;
     // ... and delta too (FDT), from float32 dt_proj weights (dtw above)
     const bool fdt = v4 && scan4_dt_on(B) && dtw && ((uintptr_t)dtw & 15) == 0;
+    // The side branch (l2side_fork: the next MoE layer's first fc1 bytes) stages first this
+    // layer's SSM state, which the scan reads three kernels later (l2side_state_on), where
+    // the float4 scan step runs with evict_first state loads and stores (scan_evict_mode),
+    // so that the staged lines are demoted once read and do not pile up in L2 across layers.
+    const int64_t state_bytes = B * E * N * (int64_t)sizeof(float);
+    const bool stage_state = v4 && !fdt && B > ws->gv && scan_evict_mode() == 3 &&
+                             l2side_bytes() && l2side_state_on(state_bytes);
+    if (stage_state) g_l2side_state.fetch_add(1, std::memory_order_relaxed);
+    TRY(l2side_fork(m, stage, stage_bytes, ssm, stage_state ? state_bytes : 0));
+    if (xdt)
+        TRY(bm_xdt_xproj(ws->xc, xw32, ws->dbc, B, R + 2 * N, E, st));
+    else TRY(x_proj(m, ws, ly, B, nullptr, nullptr));
+    TRY(mark(m, P_XPROJ));
     if (!fused && !fdt) {
         if (xdt)
             TRY(bm_xdt_dtproj(ws->dbc, R + 2 * N, dtw, ws->delta, B, E, R, st));
@@ -1930,7 +2009,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         int g4 = 0;
         while ((1 << g4) < nl4) g4++;
         const int rb = scan4_rows();
-        const unsigned b4 = (unsigned)bm_cdiv((bm_cdiv(B, rb) * E) << g4, 256);
+        const dim3 b4((unsigned)bm_cdiv(E << g4, 256), (unsigned)bm_cdiv(B, rb));
         g_scan4.fetch_add(1, std::memory_order_relaxed);
         if (rb > 1) g_scan4_rows.fetch_add(1, std::memory_order_relaxed);
         if (fdt) g_scan4_dt.fetch_add(1, std::memory_order_relaxed);
@@ -1940,7 +2019,8 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             TRY(scan4_early_launch((B * E) << g4, max_it, st, &early, ssm, (const float *)ws->xc,
                                    (const float *)z, (const float *)ws->dbc, dl, ly.dt_b, ly.A,
                                    ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
-                                   ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4));
+                                   ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
+                                   scan_evict_mode()));
         if (!early) {
             auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
                               : rb == 2 ? step_scan4_kernel<2, true>
@@ -1948,10 +2028,10 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                            : (rb == 4   ? step_scan4_kernel<4>
                               : rb == 2 ? step_scan4_kernel<2>
                                         : step_scan4_kernel<1>);
-            BM_LAUNCH_PDL(k4, dim3(b4), dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
+            BM_LAUNCH_PDL(k4, b4, dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
                           ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
-                          ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
-                          fdt ? dtw : nullptr);
+                          ysplit ? ws->xlo : nullptr, (int)B, (int)E, (int)N, (int)R, g4,
+                          fdt ? dtw : nullptr, scan_evict_mode());
         }
         TRY(mark(m, P_SCAN));
         if (pair && ybf && !ysplit) {
@@ -2854,6 +2934,9 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
 
 extern "C" long long bm_cuda_l2side_calls(void) {
     return g_l2side.load(std::memory_order_relaxed);
+}
+extern "C" long long bm_cuda_l2side_state_calls(void) {
+    return g_l2side_state.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_out_ksplit_calls(void) {

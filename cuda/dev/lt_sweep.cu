@@ -5,6 +5,7 @@
 // Products (row-major y (M, N) = x (M, K) W^T, W (N, K) bf16, x bf16, y fp32, fp32 compute):
 //   in_proj: two of N = E = 2944, K = d = 1472 (x and z halves, strided batched as engine.cu)
 //   out_proj: N = d = 1472, K = E = 2944
+//   lm_head: N = V = 50304, K = d = 1472 (M = 64 only)
 // Each line: us a call (median of 9 runs of 50 calls in a CUDA graph), GB/s of weights.
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -209,6 +210,7 @@ int main() {
         sweep("in_proj", h, lt, M, 2944, 1472, 2, ws, ws_bytes);
         sweep("out_proj", h, lt, M, 1472, 2944, 1, ws, ws_bytes);
     }
+    sweep("lm_head", h, lt, 64, 50304, 1472, 1, ws, ws_bytes);  // the decode's logits at B = 64
     printf("done\n");
     return 0;
 }

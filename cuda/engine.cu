@@ -1013,6 +1013,7 @@ __device__ __forceinline__ uint64_t scan_evict_policy() {
 #endif
     return h;
 }
+// (the loads' "memory" clobber keeps them after the PDL wait, as bm_pdl_wait's own does)
 __device__ __forceinline__ float4 ld_f4_pol(const float4 *p, uint64_t pol) {
     float4 v;
     asm volatile("ld.global.L2::cache_hint.v4.f32 {%0, %1, %2, %3}, [%4], %5;"
@@ -1034,7 +1035,8 @@ __device__ __forceinline__ void st_f4_pol(float4 *p, float4 v, uint64_t pol) {
 // One (b, e) lane's update in the float4 step (step_scan4_kernel and its early form, which so
 // do the same arithmetic in the same order): the lane's 4 states s -> h = exp(dt A) s + dt x B
 // (dt = softplus(dt_raw)) into *dst where valid, y = (C . h summed over the G lanes + D x)
-// silu(z) into y[w] (or bf16 yb, yl) by lane 0.
+// silu(z) into y[w] (or bf16 yb, yl) by lane 0. ev & 2: the state stored as an evict_first
+// line (policy pol; scan_evict_mode).
 __device__ __forceinline__ void scan4_item(float4 s, float4 a, float4 bb, float4 cc,
                                            float dt_raw, float xv, float zv, float De, int G,
                                            int g, bool valid, int64_t w, float4 *dst, float *y,
@@ -1043,8 +1045,9 @@ __device__ __forceinline__ void scan4_item(float4 s, float4 a, float4 bb, float4
     const float dt = bm_softplus(dt_raw);
     const float dx = dt * xv;
     float4 h;
-    // exp(dt A) as 2^(dt A log2 e) on MUFU.EX2, as the prefill scan (scan.cu A2): ~4
-    // instructions a state fewer than expf (session 15: the step -0.2 to -0.5% at B = 64)
+    // exp(dt A) as 2^(dt A log2 e) on MUFU.EX2, as the prefill scan (scan.cu A2): fewer
+    // instructions than expf (session 15: the scan 8.96 -> 8.33 us a call, the step -0.2% at
+    // B = 64)
     constexpr float L2E = 1.4426950408889634f;
     h.x = fmaf(bm_ex2(dt * (a.x * L2E)), s.x, dx * bb.x);
     h.y = fmaf(bm_ex2(dt * (a.y * L2E)), s.y, dx * bb.y);

@@ -732,7 +732,11 @@ __global__ __launch_bounds__(256) void route_small_kernel(
 //   NR_PRE    this warp's first router row (NR_PRE float4 a lane: d <= 128 NR_PRE, checked by
 //             the host) loaded into registers before the wait: batched decode (session 4
 //             dec64: 8.3 -> 4.8 us a layer at B = 64, the dots no longer walk the row from L2
-//             after the norm);
+//             after the norm); since session 15 also the norm weights (NR_PRE_W float4 a
+//             thread, as NR_EARLY) and the router bias of the warp's first expert, which
+//             were loads after the row's sum, on the path to fc1's release: norm_route 5.35
+//             -> 4.44 us a call, the step at B = 64 / 32 / 16 -0.85 / -0.9 / -1.3%,
+//             bit-identical;
 //   NR_EARLY  the batch-1 graph's early form (bm_pdl_early): trigger first, then before the
 //             wait the norm weights (the first NR_PRE_W float4 of this thread) and the router
 //             row and bias as NR_PRE; x and residual after it from L2 (__ldcg: no L1 lines of
@@ -778,10 +782,10 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nv = d / 4;
     const float4 *wv = reinterpret_cast<const float4 *>(nw);
-    float4 wpre[EARLY ? NR_PRE_W : 1], rpre[ROW ? NR_PRE : 1];
+    float4 wpre[ROW ? NR_PRE_W : 1], rpre[ROW ? NR_PRE : 1];
     float rb0 = 0.f;
-    if constexpr (EARLY) {
-        bm_pdl_trigger();
+    if constexpr (EARLY) bm_pdl_trigger();
+    if constexpr (ROW) {  // the norm weights before the wait (NR_PRE above)
 #pragma unroll
         for (int j = 0; j < NR_PRE_W; j++) {
             const int i = threadIdx.x + j * NR_THREADS;
@@ -797,8 +801,10 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     }
-    if constexpr (EARLY) {
+    if constexpr (ROW) {
         if (warp < X) rb0 = __ldca(rb + warp);
+    }
+    if constexpr (EARLY) {
         bm_pdl_wait_only();
     } else {
         bm_pdl_wait();
@@ -832,7 +838,7 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     float4 *o = reinterpret_cast<float4 *>(out + off);
     for (int i = threadIdx.x, j = 0; i < nv; i += blockDim.x, j++) {
         float4 w4;
-        if constexpr (EARLY) {
+        if constexpr (ROW) {
             w4 = wpre[0];
 #pragma unroll
             for (int q = 1; q < NR_PRE_W; q++)
@@ -880,7 +886,7 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
                 }
             }
             acc = dot(e, 4 * lane + 128 * NR_PRE, acc);
-            if (lane == 0) sl[e] = acc + (EARLY ? rb0 : rb[e]);
+            if (lane == 0) sl[e] = acc + rb0;
         }
         e += NR_THREADS / 32;
     }

@@ -2,6 +2,7 @@
 on the golden tiny-a model with the byte tokenizer; no lm-eval needed."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -113,4 +114,8 @@ def test_cli_perplexity(model, tmp_path, capsys):
                  "--max-tokens", "20", "-q"]) == 0
     out = capsys.readouterr().out
     ppl20 = math.exp(direct_nll(model, list(TEXT.encode("utf-8"))[:20])[0].mean())
-    assert "20 tokens" in out and f"{ppl20:.4f}" in out and "bits per byte" in out
+    assert "20 tokens" in out and "bits per byte" in out
+    # the printed value (4 decimals) against the direct one: a tolerance, not the formatted
+    # string (470.28005 printed as 470.2801 once the BLAS summed in another order)
+    shown = re.search(r"^perplexity\s+([0-9.]+)", out, re.M)
+    assert shown and float(shown.group(1)) == pytest.approx(ppl20, rel=TOL, abs=1e-4)

@@ -317,6 +317,17 @@ __device__ __forceinline__ void bm_store_bf16(float4 v, uint16_t *hb, uint16_t *
             make_uint2(l[0] | (uint32_t)l[1] << 16, l[2] | (uint32_t)l[3] << 16);
 }
 
+// An L2 cache policy (createpolicy) that marks the lines an access touches evict_first: for
+// the `.L2::cache_hint` forms of ld / st / cp.async (grouped.cu's decode weight tiles,
+// engine.cu's scan state). A line staged evict_last and then read this way is demoted.
+__device__ __forceinline__ uint64_t bm_evict_first_policy() {
+    uint64_t h = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(h));
+#endif
+    return h;
+}
+
 // 2^x on the special-function unit (MUFU.EX2, ~2 ulp; subnormal results flush to 0, which is
 // what a decaying SSM state wants anyway).
 __device__ __forceinline__ float bm_ex2(float x) {

@@ -785,14 +785,12 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
     float4 wpre[ROW ? NR_PRE_W : 1], rpre[ROW ? NR_PRE : 1];
     float rb0 = 0.f;
     if constexpr (EARLY) bm_pdl_trigger();
-    if constexpr (ROW) {  // the norm weights before the wait (NR_PRE above)
+    if constexpr (ROW) {  // before the wait: the norm weights, the router row and bias
 #pragma unroll
         for (int j = 0; j < NR_PRE_W; j++) {
             const int i = threadIdx.x + j * NR_THREADS;
             wpre[j] = i < nv ? __ldca(wv + i) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-    }
-    if constexpr (ROW) {
         const float *w0 = rw + (int64_t)(warp < X ? warp : 0) * d;
 #pragma unroll
         for (int i = 0; i < NR_PRE; i++) {
@@ -800,8 +798,6 @@ __global__ __launch_bounds__(NR_THREADS) void norm_route_kernel(
             rpre[i] = warp < X && k < d ? __ldca(reinterpret_cast<const float4 *>(w0 + k))
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-    }
-    if constexpr (ROW) {
         if (warp < X) rb0 = __ldca(rb + warp);
     }
     if constexpr (EARLY) {
@@ -1009,16 +1005,10 @@ __global__ void step_scan_kernel(float *__restrict__ ssm,         // (B, E, N) i
     if (valid && g == 0) y[w] = fmaf(D[e], xv, ya) * bm_silu(z[w]);
 }
 
-// The scan state's loads and stores as evict_first L2 lines (BLACKMAMBA_SCAN_EVICT): a
-// state line the side branch staged as evict_last (BLACKMAMBA_L2SIDE_STATE) is demoted once
-// read and written back, so staged state does not pile up in L2 across layers.
-__device__ __forceinline__ uint64_t scan_evict_policy() {
-    uint64_t h = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(h));
-#endif
-    return h;
-}
+// The scan state's loads and stores as evict_first L2 lines (BLACKMAMBA_SCAN_EVICT; the policy
+// from common.cuh bm_evict_first_policy): a state line the side branch staged as evict_last
+// (BLACKMAMBA_L2SIDE_STATE) is demoted once read and written back, so staged state does not
+// pile up in L2 across layers.
 // (the loads' "memory" clobber keeps them after the PDL wait, as bm_pdl_wait's own does)
 __device__ __forceinline__ float4 ld_f4_pol(const float4 *p, uint64_t pol) {
     float4 v;
@@ -1114,7 +1104,7 @@ __global__ void __launch_bounds__(256, RB >= 4 ? (FDT ? 3 : 4) : RB >= 2 ? (FDT 
                                   const float *__restrict__ dtw = nullptr,  // (E, R), FDT
                                   int ev = 0) {  // scan_evict_mode(): 1 loads, 2 stores hinted
     bm_pdl_wait();
-    const uint64_t pol = (ev & 3) ? scan_evict_policy() : 0;
+    const uint64_t pol = (ev & 3) ? bm_evict_first_policy() : 0;
     // grid (cdiv(E G, blockDim.x), cdiv(B, RB)): blockIdx.y is the row group (rows qb RB ..
     // qb RB + RB-1), so no lane divides (two 64-bit divisions a lane cost ~40% of the
     // kernel's instructions at B = 64)
@@ -1194,7 +1184,7 @@ __global__ void __launch_bounds__(256, IT == 1 ? 8 : IT == 2 ? 6 : 4) step_scan4
     uint16_t *__restrict__ yb, uint16_t *__restrict__ yl, int64_t BE, int E, int N, int R,
     int g4, int ev) {  // ev: scan_evict_mode() (1 loads, 2 stores as evict_first lines)
     bm_pdl_trigger();
-    const uint64_t pol = (ev & 3) ? scan_evict_policy() : 0;
+    const uint64_t pol = (ev & 3) ? bm_evict_first_policy() : 0;
     const int G = 1 << g4;
     const int64_t total = BE << g4, stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -1263,7 +1253,7 @@ int scan4_early_launch(int64_t items, int max_it, cudaStream_t st, int *done, Ar
 }
 
 // BLACKMAMBA_SCAN_EVICT: the float4 scan step's state loads (1), stores (2) or both (3, the
-// default) as evict_first L2 lines (scan_evict_policy); 0: plain. Read at graph capture.
+// default) as evict_first L2 lines (bm_evict_first_policy); 0: plain. Read at graph capture.
 int scan_evict_mode() {
     const char *e = getenv("BLACKMAMBA_SCAN_EVICT");
     char *end = nullptr;
@@ -1996,7 +1986,8 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     // the float4 scan step runs with evict_first state loads and stores (scan_evict_mode),
     // so that the staged lines are demoted once read and do not pile up in L2 across layers.
     const int64_t state_bytes = B * E * N * (int64_t)sizeof(float);
-    const bool stage_state = v4 && !fdt && B > ws->gv && scan_evict_mode() == 3 &&
+    const int ev = scan_evict_mode();
+    const bool stage_state = v4 && !fdt && B > ws->gv && ev == 3 &&
                              l2side_bytes() && l2side_state_on(state_bytes);
     if (stage_state) g_l2side_state.fetch_add(1, std::memory_order_relaxed);
     TRY(l2side_fork(m, stage, stage_bytes, ssm, stage_state ? state_bytes : 0));
@@ -2029,7 +2020,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                                    (const float *)z, (const float *)ws->dbc, dl, ly.dt_b, ly.A,
                                    ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
                                    ysplit ? ws->xlo : nullptr, BE, (int)E, (int)N, (int)R, g4,
-                                   scan_evict_mode()));
+                                   ev));
         if (!early) {
             auto *k4 = fdt ? (rb == 4   ? step_scan4_kernel<4, true>
                               : rb == 2 ? step_scan4_kernel<2, true>
@@ -2040,7 +2031,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             BM_LAUNCH_PDL(k4, b4, dim3(256), 0, st, ssm, ws->xc, z, ws->dbc, dl,
                           ly.dt_b, ly.A, ly.D, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
                           ysplit ? ws->xlo : nullptr, (int)B, (int)E, (int)N, (int)R, g4,
-                          fdt ? dtw : nullptr, scan_evict_mode());
+                          fdt ? dtw : nullptr, ev);
         }
         TRY(mark(m, P_SCAN));
         if (pair && ybf && !ysplit) {

@@ -59,16 +59,11 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int sr
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(src_bytes));
 }
-// ... as an evict_first line in L2 (pol: createpolicy's, evict_first_policy).
+// ... as an evict_first line in L2 (pol: common.cuh bm_evict_first_policy).
 __device__ __forceinline__ void cp_async16_pol(uint32_t dst, const void *src, int src_bytes,
                                                uint64_t pol) {
     asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
                  "l"(src), "r"(src_bytes), "l"(pol));
-}
-__device__ __forceinline__ uint64_t evict_first_policy() {
-    uint64_t h;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(h));
-    return h;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -432,7 +427,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
     // instruction on the H200; its SASS used a policy descriptor register that the kernel
     // also writes with other values, likely a ptxas fault; cuda/NOTES.md session 13.)
     const bool wpol = !SPLIT && p.wpol;
-    const uint64_t pol = wpol ? evict_first_policy() : 0;
+    const uint64_t pol = wpol ? bm_evict_first_policy() : 0;
     auto load_a = [&](int stage, int kt) {
         const uint32_t sA = sbase + stage * C::STAGE;
         const uint32_t sL = sA + C::A_BYTES;

@@ -21,7 +21,7 @@
 // Batched decode (BM_MOE_GROUPED_IDS, up to 256 tokens): no step 1; each CTA of the decode
 // tiles derives the offsets and its expert's tokens from the ids itself (ids_list). Where a
 // Mamba layer follows, fc2's epilogue may also do that layer's RMSNorm up to its row scale
-// (GroupedArgs::res, bm_cuda_moe_grouped_bf16_norm): the residual, in_proj's bf16 input and
+// (GroupedDecArgs::res, bm_cuda_moe_grouped_bf16_norm): the residual, in_proj's bf16 input and
 // per-row partial sums of squares instead of out.
 //
 // The GEMM core: mma.sync m16n8k16 bf16 -> fp32, ldmatrix from XOR-swizzled shared memory,
@@ -197,17 +197,28 @@ struct GroupedArgs {
     // lines that the batched decode's L2 staging brought in for the next MoE layer (engine.cu
     // l2side_fork), and reading a staged line demotes it once used. Values unchanged.
     int wpol;
-    // FC2 only (grouped_gemm_kernel's unsplit decode tiles, norm_route_ok): the next Mamba
-    // layer's RMSNorm moved here (bm_cuda_moe_norm_out): instead of out, res (T, N) += g * acc
-    // in place, nbf (T, N) = bf16(res * nw) (in_proj's input without the row scale) and ssp
-    // (T, N / 32) the sums of res^2 over each 32-column group, in a fixed order. Every id must
-    // be routed (in [0, X)): rows of no expert are not written. NULL: out as usual.
+};
+// At most 128 bytes: with nvcc 13.0 a by-value kernel parameter struct of more than 128 bytes
+// compiles to other code (the parameter addressed through a register, more integer work), and
+// the prefill kernels that take GroupedArgs ran 11-24% slower with it: the TMA core's fc1 at
+// B = 8, L = 2048 653 -> 812 us a layer once session 14 added the norm epilogue's four
+// pointers here (H200, cuda/NOTES.md session 16). Fields the decode tiles alone need go in
+// GroupedDecArgs.
+static_assert(sizeof(GroupedArgs) <= 128, "GroupedArgs: keep the kernel parameter <= 128 bytes");
+
+// grouped_gemm_kernel's arguments: GroupedArgs and, FC2 only (its unsplit decode tiles,
+// norm_route_ok), the next Mamba layer's RMSNorm moved here (bm_cuda_moe_norm_out): instead
+// of out, res (T, N) += g * acc in place, nbf (T, N) = bf16(res * nw) (in_proj's input
+// without the row scale) and ssp (T, N / 32) the sums of res^2 over each 32-column group, in
+// a fixed order. Every id must be routed (in [0, X)): rows of no expert are not written.
+// res NULL: out as usual.
+struct GroupedDecArgs : GroupedArgs {
     float *res;
     const float *nw;
     uint16_t *nbf;
     float *ssp;
 };
-// Columns per partial sum of squares of the norm epilogue (GroupedArgs::res): each decode
+// Columns per partial sum of squares of the norm epilogue (GroupedDecArgs::res): each decode
 // fc2 tile's warp covers 32 columns (Tile::WTN; gemm_launch refuses others).
 constexpr int NORM_PART_COLS = 32;
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
@@ -362,7 +373,7 @@ __device__ __forceinline__ void b_sources(const GroupedArgs &p, int n0, int (&sr
 // in the 32x64 fc1 tile), which the other launches need not pay.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT, bool XM = false>
 __global__ void __launch_bounds__(WM * WN * 32, (Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>::MINB))
-grouped_gemm_kernel(const GroupedArgs p) {
+grouped_gemm_kernel(const GroupedDecArgs p) {
     static_assert(!XM || MODE == MODE_FC1, "the PDL_EXPERT form is fc1's");
     using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -491,7 +502,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
         row0 = beg;
         rows = min(BM, row_end - beg);
     }
-    // The norm epilogue's residual values (GroupedArgs::res), requested here so that they
+    // The norm epilogue's residual values (GroupedDecArgs::res), requested here so that they
     // arrive during the k loop: final before the wait (the routing kernel that wrote them is
     // two launches back, as fc2's early weights argue below), and FC2 has one row tile.
     // The norm weights of the columns and the rows' tokens and gates likewise (the gates:
@@ -627,7 +638,7 @@ grouped_gemm_kernel(const GroupedArgs p) {
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
             } else if (RES && p.res) {
-                // The next layer's norm (GroupedArgs::res): the 4 lanes of a row (lane & 3)
+                // The next layer's norm (GroupedDecArgs::res): the 4 lanes of a row (lane & 3)
                 // hold its 32 columns of this warp; their squares summed in a fixed order.
                 const int t = tpre[RES ? mi : 0][h];
                 const float g = gpre[RES ? mi : 0][h];
@@ -948,7 +959,7 @@ std::atomic<long long> dec_launches{0};  // grouped_dec_kernel launches (the tes
 std::atomic<long long> pdl_launches{0};  // decode GEMMs launched with PDL (the tests)
 std::atomic<long long> expert_launches{0};  // fc1 launches in the PDL_EXPERT form (the tests)
 std::atomic<long long> ids_calls{0};  // layers whose GEMMs read the ids (BM_MOE_GROUPED_IDS)
-std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedArgs::res)
+std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedDecArgs::res)
 
 // Row tiles a launch needs at most: tokens T' <= T over m <= min(X, T) experts with tokens
 // make sum_e ceil(n_e / BM) = m + sum_e floor((n_e - 1) / BM) <= m + floor((T - m) / BM),
@@ -965,9 +976,8 @@ int64_t row_tiles(int64_t T, int64_t X, int BM) {
 // (121 x 9 CTAs of which ~20% leave at once, 4 resident an SM); these kernels wait before
 // they read what the kernel before writes, whatever the grid, and the rule is about large
 // prefill grids waiting behind a GEMM (cuda/NOTES.md, gpuperf run 2), which keep plain launches.
-template <typename K>
-int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
-                   const GroupedArgs &p) {
+template <typename K, typename Args>
+int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream, const Args &p) {
     if (p.pdl == PDL_NONE || !bm_pdl_allowed()) {
         kernel<<<grid, nt, smem, stream>>>(p);
         BM_CUDA_LAUNCHED();
@@ -994,9 +1004,10 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
 }
 
 template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
-int dec_launch(GroupedArgs p, int64_t T, cudaStream_t stream) {
+int dec_launch(const GroupedDecArgs &pd, int64_t T, cudaStream_t stream) {
+    if (pd.res) return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs grouped_gemm_kernel");
+    GroupedArgs p = pd;
     if (p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;  // grouped_gemm_kernel's form only
-    if (p.res) return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs grouped_gemm_kernel");
     using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
     auto kernel = grouped_dec_kernel<BM, NB, WK, STAGES, MODE, SPLIT>;
     static std::atomic<unsigned> optin{0};
@@ -1018,9 +1029,9 @@ constexpr int64_t TMA_MIN_ROWS = 512;  // ... and from this many rows (gemm_disp
 
 // Launch one grouped GEMM of this configuration over an upper bound of row tiles.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT>
-int gemm_launch(const GroupedArgs &p_in, int64_t T, cudaStream_t stream) {
+int gemm_launch(const GroupedDecArgs &p_in, int64_t T, cudaStream_t stream) {
     using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
-    GroupedArgs p = p_in;
+    GroupedDecArgs p = p_in;
     // The PDL_EXPERT form is instantiated for the decode fc1 tiles (at most 32 rows) only;
     // elsewhere it is the wait-first form (as on grouped_dec_kernel).
     constexpr bool XM_OK = MODE == MODE_FC1 && BM <= 32;
@@ -1068,7 +1079,7 @@ constexpr char DEFAULT_TILES[] = "2222";
 bool big_call(int64_t T, int64_t X) { return T >= 64 * X && T >= 1024; }
 
 template <int MODE, bool SPLIT>
-int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stream) {
+int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t stream) {
     const bool big = big_call(T, p.X);
     if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles (the caller asks at decode)
     if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
@@ -1079,6 +1090,10 @@ int gemm_dispatch(GroupedArgs p, int64_t T, const char *tiles, cudaStream_t stre
             // against 0.108; H200, s11)
             if (p.ids && (big || wm == 2 || tm == 2))
                 return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
+            // (the norm epilogue lives on the decode tiles only: norm_route_ok keeps it off
+            // these two cores)
+            if (p.res && ((tm && (big || T >= TMA_MIN_ROWS || tm == 2)) || big || wm == 2))
+                return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs the decode tiles");
             if (tm && (big || T >= TMA_MIN_ROWS || tm == 2)) {
                 GroupedArgs pt = p;
                 pt.pdl = PDL_NONE;  // plain launches (stream order), as the wgmma core's
@@ -1187,7 +1202,7 @@ bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
 }
 
 // Does fc2 of a call of these sizes run on grouped_gemm_kernel's unsplit decode tiles, the one
-// place the norm epilogue (GroupedArgs::res) lives? Not split, not big, no wgmma / TMA core
+// place the norm epilogue (GroupedDecArgs::res) lives? Not split, not big, no wgmma / TMA core
 // that could take it (conservative: the TMA core may still decline), a decode fc2 tile
 // variant 1..5 (or the default).
 bool norm_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
@@ -1369,9 +1384,9 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     }
     const bool pdl =
         flags & (BM_MOE_GROUPED_PDL | BM_MOE_GROUPED_PDL_EARLY | BM_MOE_GROUPED_PDL_EXPERT);
-    GroupedArgs p1{xb, xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
+    GroupedDecArgs p1{{xb, xl, (const uint16_t *)fc1, ws.perm, ws.offsets, nullptr,
                    ws.ab, ws.al, nullptr, (int)d, (int)F, (int)X, (int)act,
-                   !pdl ? PDL_NONE : (flags & BM_MOE_GROUPED_PDL_EXPERT) ? PDL_EXPERT : PDL_WAIT};
+                   !pdl ? PDL_NONE : (flags & BM_MOE_GROUPED_PDL_EXPERT) ? PDL_EXPERT : PDL_WAIT}};
     p1.xg = ws.xg;
     p1.ids = by_ids ? ids : nullptr;
     p1.T = (int)T;
@@ -1382,13 +1397,13 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     if (st) return st;
     // fc2's early weights need fc1 launched with PDL in front of it (gemm_dispatch keeps
     // both off or both on: the same `big` rule for both at the same T)
-    GroupedArgs p2{ws.ab, ws.al, (const uint16_t *)fc2, ws.perm, ws.offsets, gates,
+    GroupedDecArgs p2{{ws.ab, ws.al, (const uint16_t *)fc2, ws.perm, ws.offsets, gates,
                    nullptr, nullptr, out, (int)F, (int)d, (int)X, (int)act,
                    !pdl || (flags & BM_MOE_GROUPED_FC2_PLAIN) ? PDL_NONE
                    : (flags & (BM_MOE_GROUPED_PDL_EARLY | BM_MOE_GROUPED_PDL_EXPERT))
                        ? PDL_EARLY
                        : PDL_WAIT,
-                   (flags & BM_MOE_GROUPED_FC2_CAP) ? 1 : 0};
+                   (flags & BM_MOE_GROUPED_FC2_CAP) ? 1 : 0}};
     p2.ids = by_ids ? ids : nullptr;
     p2.T = (int)T;
     p2.wpol = p1.wpol;

@@ -21,7 +21,7 @@
 // Batched decode (BM_MOE_GROUPED_IDS, up to 256 tokens): no step 1; each CTA of the decode
 // tiles derives the offsets and its expert's tokens from the ids itself (ids_list). Where a
 // Mamba layer follows, fc2's epilogue may also do that layer's RMSNorm up to its row scale
-// (GroupedDecArgs::res, bm_cuda_moe_grouped_bf16_norm): the residual, in_proj's bf16 input and
+// (GroupedNorm::res, bm_cuda_moe_grouped_bf16_norm): the residual, in_proj's bf16 input and
 // per-row partial sums of squares instead of out.
 //
 // The GEMM core: mma.sync m16n8k16 bf16 -> fp32, ldmatrix from XOR-swizzled shared memory,
@@ -200,25 +200,29 @@ struct GroupedArgs {
 };
 // At most 128 bytes: with nvcc 13.0 a by-value kernel parameter struct of more than 128 bytes
 // compiles to other code (the parameter addressed through a register, more integer work), and
-// the prefill kernels that take GroupedArgs ran 11-24% slower with it: the TMA core's fc1 at
+// the prefill kernels that take GroupedArgs ran 9-24% slower with it: the TMA core's fc1 at
 // B = 8, L = 2048 653 -> 812 us a layer once session 14 added the norm epilogue's four
-// pointers here (H200, cuda/NOTES.md session 16). Fields the decode tiles alone need go in
-// GroupedDecArgs.
+// pointers here (H200, cuda/NOTES.md session 16). More fields go in another parameter, as
+// GroupedNorm does.
 static_assert(sizeof(GroupedArgs) <= 128, "GroupedArgs: keep the kernel parameter <= 128 bytes");
 
-// grouped_gemm_kernel's arguments: GroupedArgs and, FC2 only (its unsplit decode tiles,
-// norm_route_ok), the next Mamba layer's RMSNorm moved here (bm_cuda_moe_norm_out): instead
-// of out, res (T, N) += g * acc in place, nbf (T, N) = bf16(res * nw) (in_proj's input
-// without the row scale) and ssp (T, N / 32) the sums of res^2 over each 32-column group, in
-// a fixed order. Every id must be routed (in [0, X)): rows of no expert are not written.
-// res NULL: out as usual.
-struct GroupedDecArgs : GroupedArgs {
+// grouped_gemm_kernel's second parameter. FC2 only (its unsplit decode tiles, norm_route_ok):
+// the next Mamba layer's RMSNorm moved here (bm_cuda_moe_norm_out): instead of out, res
+// (T, N) += g * acc in place, nbf (T, N) = bf16(res * nw) (in_proj's input without the row
+// scale) and ssp (T, N / 32) the sums of res^2 over each 32-column group, in a fixed order.
+// Every id must be routed (in [0, X)): rows of no expert are not written. res NULL: out as
+// usual.
+struct GroupedNorm {
     float *res;
     const float *nw;
     uint16_t *nbf;
     float *ssp;
 };
-// Columns per partial sum of squares of the norm epilogue (GroupedDecArgs::res): each decode
+// The host side's arguments of one grouped GEMM: both parameters.
+struct GroupedDecArgs : GroupedArgs {
+    GroupedNorm nm;
+};
+// Columns per partial sum of squares of the norm epilogue (GroupedNorm::res): each decode
 // fc2 tile's warp covers 32 columns (Tile::WTN; gemm_launch refuses others).
 constexpr int NORM_PART_COLS = 32;
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
@@ -373,7 +377,7 @@ __device__ __forceinline__ void b_sources(const GroupedArgs &p, int n0, int (&sr
 // in the 32x64 fc1 tile), which the other launches need not pay.
 template <int BM, int NB, int WM, int WN, int STAGES, int MODE, bool SPLIT, bool XM = false>
 __global__ void __launch_bounds__(WM * WN * 32, (Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>::MINB))
-grouped_gemm_kernel(const GroupedDecArgs p) {
+grouped_gemm_kernel(const GroupedArgs p, const GroupedNorm q) {
     static_assert(!XM || MODE == MODE_FC1, "the PDL_EXPERT form is fc1's");
     using C = Tile<BM, NB, WM, WN, STAGES, MODE, SPLIT>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -502,7 +506,7 @@ grouped_gemm_kernel(const GroupedDecArgs p) {
         row0 = beg;
         rows = min(BM, row_end - beg);
     }
-    // The norm epilogue's residual values (GroupedDecArgs::res), requested here so that they
+    // The norm epilogue's residual values (GroupedNorm::res), requested here so that they
     // arrive during the k loop: final before the wait (the routing kernel that wrote them is
     // two launches back, as fc2's early weights argue below), and FC2 has one row tile.
     // The norm weights of the columns and the rows' tokens and gates likewise (the gates:
@@ -513,11 +517,11 @@ grouped_gemm_kernel(const GroupedDecArgs p) {
     int tpre[RMI][2];
     float gpre[RMI][2];
     if constexpr (RES) {
-        if (p.res) {
+        if (q.res) {
 #pragma unroll
             for (int ni = 0; ni < C::NI; ni++) {
                 const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
-                wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(p.nw + col))
+                wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(q.nw + col))
                                    : make_float2(0.f, 0.f);
             }
 #pragma unroll
@@ -534,7 +538,7 @@ grouped_gemm_kernel(const GroupedDecArgs p) {
                     for (int ni = 0; ni < C::NI; ni++) {
                         const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
                         rpre[mi][h][ni] = t >= 0 && col < N
-                            ? __ldcg(reinterpret_cast<const float2 *>(p.res + (int64_t)t * N + col))
+                            ? __ldcg(reinterpret_cast<const float2 *>(q.res + (int64_t)t * N + col))
                             : make_float2(0.f, 0.f);
                     }
                 }
@@ -637,13 +641,13 @@ grouped_gemm_kernel(const GroupedDecArgs p) {
                     if constexpr (SPLIT)
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
-            } else if (RES && p.res) {
-                // The next layer's norm (GroupedDecArgs::res): the 4 lanes of a row (lane & 3)
+            } else if (RES && q.res) {
+                // The next layer's norm (GroupedNorm::res): the 4 lanes of a row (lane & 3)
                 // hold its 32 columns of this warp; their squares summed in a fixed order.
                 const int t = tpre[RES ? mi : 0][h];
                 const float g = gpre[RES ? mi : 0][h];
-                float *rr = p.res + (int64_t)t * N;
-                uint16_t *nb = p.nbf + (int64_t)t * N;
+                float *rr = q.res + (int64_t)t * N;
+                uint16_t *nb = q.nbf + (int64_t)t * N;
                 float ss = 0.f;
 #pragma unroll
                 for (int ni = 0; ni < C::NI; ni++) {
@@ -668,7 +672,7 @@ grouped_gemm_kernel(const GroupedDecArgs p) {
                 // gemm_launch); a warp wholly past N has none
                 const int c0 = n0 + wn * C::WTN;
                 if ((lane & 3) == 0 && c0 < N)
-                    p.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
+                    q.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
                           c0 / NORM_PART_COLS] = ss;
             } else {
                 const int t = by_ids ? s_list[slot - ebeg] : __ldcg(p.perm + slot);
@@ -959,7 +963,7 @@ std::atomic<long long> dec_launches{0};  // grouped_dec_kernel launches (the tes
 std::atomic<long long> pdl_launches{0};  // decode GEMMs launched with PDL (the tests)
 std::atomic<long long> expert_launches{0};  // fc1 launches in the PDL_EXPERT form (the tests)
 std::atomic<long long> ids_calls{0};  // layers whose GEMMs read the ids (BM_MOE_GROUPED_IDS)
-std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedDecArgs::res)
+std::atomic<long long> norm_calls{0};  // calls with the norm epilogue (GroupedNorm::res)
 
 // Row tiles a launch needs at most: tokens T' <= T over m <= min(X, T) experts with tokens
 // make sum_e ceil(n_e / BM) = m + sum_e floor((n_e - 1) / BM) <= m + floor((T - m) / BM),
@@ -976,10 +980,11 @@ int64_t row_tiles(int64_t T, int64_t X, int BM) {
 // (121 x 9 CTAs of which ~20% leave at once, 4 resident an SM); these kernels wait before
 // they read what the kernel before writes, whatever the grid, and the rule is about large
 // prefill grids waiting behind a GEMM (cuda/NOTES.md, gpuperf run 2), which keep plain launches.
-template <typename K, typename Args>
-int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream, const Args &p) {
+template <typename K, typename... More>
+int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
+                   const GroupedArgs &p, const More &...more) {
     if (p.pdl == PDL_NONE || !bm_pdl_allowed()) {
-        kernel<<<grid, nt, smem, stream>>>(p);
+        kernel<<<grid, nt, smem, stream>>>(p, more...);
         BM_CUDA_LAUNCHED();
         return 0;
     }
@@ -998,14 +1003,16 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream, c
             smem = pad;
         }
     }
-    BM_CUDA_TRY(bm_launch_ex(kernel, grid, dim3(nt), (size_t)smem, stream, true, 1, false, p));
+    BM_CUDA_TRY(bm_launch_ex(kernel, grid, dim3(nt), (size_t)smem, stream, true, 1, false, p,
+                             more...));
     pdl_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
 
 template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
 int dec_launch(const GroupedDecArgs &pd, int64_t T, cudaStream_t stream) {
-    if (pd.res) return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs grouped_gemm_kernel");
+    if (pd.nm.res)
+        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs grouped_gemm_kernel");
     GroupedArgs p = pd;
     if (p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;  // grouped_gemm_kernel's form only
     using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
@@ -1037,7 +1044,7 @@ int gemm_launch(const GroupedDecArgs &p_in, int64_t T, cudaStream_t stream) {
     constexpr bool XM_OK = MODE == MODE_FC1 && BM <= 32;
     if (!XM_OK && p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;
     // the norm epilogue's partial sums are per 32 columns (bm_cuda_moe_norm_out)
-    if (p.res && (MODE != MODE_FC2 || SPLIT || C::WTN != NORM_PART_COLS))
+    if (p.nm.res && (MODE != MODE_FC2 || SPLIT || C::WTN != NORM_PART_COLS))
         return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs fc2's unsplit decode tiles");
     const bool xm = XM_OK && p.pdl == PDL_EXPERT;
     auto kernel = grouped_gemm_kernel<BM, NB, WM, WN, STAGES, MODE, SPLIT, false>;
@@ -1054,7 +1061,7 @@ int gemm_launch(const GroupedDecArgs &p_in, int64_t T, cudaStream_t stream) {
     const int64_t ytiles = xm ? p.X : row_tiles(T, p.X, BM);
     if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
     const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
-    if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p))) return st;
+    if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p, p.nm))) return st;
     if (xm) expert_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
@@ -1092,7 +1099,7 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
                 return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
             // (the norm epilogue lives on the decode tiles only: norm_route_ok keeps it off
             // these two cores)
-            if (p.res && ((tm && (big || T >= TMA_MIN_ROWS || tm == 2)) || big || wm == 2))
+            if (p.nm.res && ((tm && (big || T >= TMA_MIN_ROWS || tm == 2)) || big || wm == 2))
                 return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs the decode tiles");
             if (tm && (big || T >= TMA_MIN_ROWS || tm == 2)) {
                 GroupedArgs pt = p;
@@ -1202,7 +1209,7 @@ bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
 }
 
 // Does fc2 of a call of these sizes run on grouped_gemm_kernel's unsplit decode tiles, the one
-// place the norm epilogue (GroupedDecArgs::res) lives? Not split, not big, no wgmma / TMA core
+// place the norm epilogue (GroupedNorm::res) lives? Not split, not big, no wgmma / TMA core
 // that could take it (conservative: the TMA core may still decline), a decode fc2 tile
 // variant 1..5 (or the default).
 bool norm_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
@@ -1408,10 +1415,10 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     p2.T = (int)T;
     p2.wpol = p1.wpol;
     if (norm) {
-        p2.res = norm->res;
-        p2.nw = norm->w;
-        p2.nbf = norm->xbf;
-        p2.ssp = norm->ssp;
+        p2.nm.res = norm->res;
+        p2.nm.nw = norm->w;
+        p2.nm.nbf = norm->xbf;
+        p2.nm.ssp = norm->ssp;
         norm_calls.fetch_add(1, std::memory_order_relaxed);
     }
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)

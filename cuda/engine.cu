@@ -720,6 +720,113 @@ __global__ __launch_bounds__(256) void route_small_kernel(
     if (threadIdx.x == 0) route_pick(sl, X, t, logits, ids, gates);
 }
 
+// The prefill's norm + routing (BLACKMAMBA_NORM_ROUTE_WARP): norm_route_kernel's work with one
+// warp per token instead of a block, the row in registers (NRW_V float4 a lane),
+// so no shared memory and no block barrier (d <= 1536; at most 128 registers, 2 blocks an SM): the sum of squares and each router dot are warp
+// sums (other orders than the block kernel's: not bit-identical to it). Lane 0 takes the
+// argmax as route_pick does (ties -> lowest index). out (the fp32 normed row) may be NULL:
+// where the grouped experts read the bf16 copy (obf), nothing reads it. The block kernel
+// spent its time in a latency chain per token (three barriers and the row through shared
+// memory; 166 us a MoE layer at T = 16384 on the H200 for ~100 us of bytes).
+constexpr int NRW_V = 12;
+template <bool BF>
+__global__ __launch_bounds__(256, 2) void norm_route_warp_kernel(
+    const float *x, const float *residual, const float *__restrict__ nw, float eps,
+    float *out, float *res_out, const float *__restrict__ rw, const float *__restrict__ rb,
+    float *__restrict__ logits, int32_t *__restrict__ ids, float *__restrict__ gates, int d,
+    int X, uint16_t *__restrict__ obf, uint16_t *__restrict__ olo, const float *x2, int64_t T) {
+    bm_pdl_wait();
+    const int lane = threadIdx.x & 31;
+    const int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= T) return;
+    const int nv = d / 4;
+    const int64_t off = t * d;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + off);
+    const float4 *rr = residual ? reinterpret_cast<const float4 *>(residual + off) : nullptr;
+    const float4 *x2r = x2 ? reinterpret_cast<const float4 *>(x2 + off) : nullptr;
+    float4 *ro = reinterpret_cast<float4 *>(res_out + off);
+    // Each input's loads in one loop of independent loads (all in flight at once: a warp has
+    // one token's row to hide the latency with, where the block kernel had 256 threads).
+    float4 v[NRW_V];
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int j = 0; j < NRW_V; j++) v[j] = lane + 32 * j < nv ? xr[lane + 32 * j] : zero;
+    auto add = [&](const float4 *src) {
+        float4 q[NRW_V];
+#pragma unroll
+        for (int j = 0; j < NRW_V; j++) q[j] = lane + 32 * j < nv ? src[lane + 32 * j] : zero;
+#pragma unroll
+        for (int j = 0; j < NRW_V; j++)
+            v[j] = make_float4(v[j].x + q[j].x, v[j].y + q[j].y, v[j].z + q[j].z,
+                               v[j].w + q[j].w);
+    };
+    if (x2r) add(x2r);
+    if (rr) add(rr);
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NRW_V; j++) {
+        const int i = lane + 32 * j;
+        if (i < nv) {
+            const float4 r = v[j];
+            ro[i] = r;
+            ss += r.x * r.x + r.y * r.y + r.z * r.z + r.w * r.w;
+        }
+    }
+    ss = bm_warp_sum(ss);
+    const float s = rsqrtf(ss / (float)d + eps);
+    const float4 *wv = reinterpret_cast<const float4 *>(nw);
+    float4 wn[NRW_V];
+#pragma unroll
+    for (int j = 0; j < NRW_V; j++) wn[j] = lane + 32 * j < nv ? __ldg(wv + lane + 32 * j) : zero;
+#pragma unroll
+    for (int j = 0; j < NRW_V; j++) {
+        const int i = lane + 32 * j;
+        if (i < nv) {
+            const float4 w4 = wn[j], a = v[j];
+            v[j] = make_float4(a.x * s * w4.x, a.y * s * w4.y, a.z * s * w4.z, a.w * s * w4.w);
+            if (out) reinterpret_cast<float4 *>(out + off)[i] = v[j];
+            if (BF) bm_store_bf16(v[j], obf + off, olo ? olo + off : nullptr, i);
+        }
+    }
+    float best = -INFINITY;
+    int bi = 0;
+    for (int e = 0; e < X; e++) {
+        const float4 *w = reinterpret_cast<const float4 *>(rw + (int64_t)e * d);
+        float4 wr[NRW_V];
+#pragma unroll
+        for (int j = 0; j < NRW_V; j++) wr[j] = lane + 32 * j < nv ? __ldg(w + lane + 32 * j) : zero;
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < NRW_V; j++) {
+            const int i = lane + 32 * j;
+            if (i < nv) {
+                const float4 b = wr[j], a = v[j];
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+        }
+        const float l = bm_warp_sum(acc) + rb[e];
+        if (logits && lane == 0) logits[t * X + e] = l;
+        if (l > best) {  // strict: ties keep the lowest index
+            best = l;
+            bi = e;
+        }
+    }
+    if (lane == 0) {
+        ids[t] = bi;
+        gates[t] = 1.f / (1.f + expf(-best));
+    }
+}
+// BLACKMAMBA_NORM_ROUTE_WARP: the prefill (not the decode graphs) routes through
+// norm_route_warp_kernel where d <= 128 NRW_V; "0": norm_route_kernel. Read per call.
+bool nr_warp_on() {
+    const char *e = getenv("BLACKMAMBA_NORM_ROUTE_WARP");
+    return !(e && e[0] == '0' && !e[1]);
+}
+std::atomic<long long> g_nr_warp{0};  // norm_route_warp_kernel launches (tests)
+
 // RMSNorm with the residual add, then top-1 routing of the normed row: one block of
 // NR_THREADS per token (decode and prefill). The norm is norm.cu's rms_norm_kernel<4> at the
 // same block size (same sums, so bit-identical xn and res_out); its output row stays in shared
@@ -2398,11 +2505,26 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                     g_nr_disp.fetch_add(1, std::memory_order_relaxed);
                 }
             }
-            BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), smem, st,
-                          hpair ? ws->hk : ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc,
-                          ly.router_w, ly.router_b, tr ? ws->rlog : nullptr, ws->ids, ws->gates,
-                          (int)d, ly.X, xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
-                          perm, offsets, ws->ticket, hpair ? ws->hk + T * d : nullptr);
+            if (!ws->decode && d <= 128 * NRW_V && nr_warp_on()) {
+                // the prefill: a warp per token; no fp32 xn where the experts read xbf
+                const int64_t blocks = bm_cdiv(T, NR_THREADS / 32);
+                if (blocks > INT32_MAX) return BM_CUDA_ARG_FAIL("engine: too many tokens");
+                BM_LAUNCH_PDL(xb ? norm_route_warp_kernel<true> : norm_route_warp_kernel<false>,
+                              dim3((unsigned)blocks), dim3(NR_THREADS), 0, st,
+                              hpair ? ws->hk : ws->h, li ? rc : nullptr, ly.norm_w, EPS,
+                              xb ? nullptr : ws->xn, rc, ly.router_w, ly.router_b,
+                              tr ? ws->rlog : nullptr, ws->ids, ws->gates, (int)d, ly.X,
+                              xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
+                              hpair ? ws->hk + T * d : nullptr, T);
+                g_nr_warp.fetch_add(1, std::memory_order_relaxed);
+            } else {
+                BM_LAUNCH_PDL(nr_kernel, dim3((unsigned)T), dim3(NR_THREADS), smem, st,
+                              hpair ? ws->hk : ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn,
+                              rc, ly.router_w, ly.router_b, tr ? ws->rlog : nullptr, ws->ids,
+                              ws->gates, (int)d, ly.X, xb ? ws->xbf : nullptr,
+                              xb && split ? ws->xlo : nullptr, perm, offsets, ws->ticket,
+                              hpair ? ws->hk + T * d : nullptr);
+            }
             hpair = false;
             // The next Mamba layer's RMSNorm in this fc2's epilogue (norm_fc2_on): fc2 adds
             // its rows to the residual rc in place and writes that layer's in_proj input
@@ -2434,7 +2556,10 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         const bool normed = fc2_normed;
         fc2_normed = false;
         if (!normed) {
-            TRY(bm_rms_norm_static_w(ws->h, li ? rc : nullptr, ly.norm_w, EPS, ws->xn, rc,
+            // (the prefill's in_proj reads the bf16 row only: no fp32 xn there, 96 MB a
+            // layer less at T = 16384)
+            TRY(bm_rms_norm_static_w(ws->h, li ? rc : nullptr, ly.norm_w, EPS,
+                                     xb && !ws->decode ? nullptr : ws->xn, rc,
                                      xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
                                      T, d, st));
             TRY(mark(m, P_NORM));
@@ -2961,6 +3086,10 @@ extern "C" long long bm_cuda_step_scan4_dt_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_dispatch_calls(void) {
     return g_nr_disp.load(std::memory_order_relaxed);
+}
+
+extern "C" long long bm_cuda_norm_route_warp_calls(void) {
+    return g_nr_warp.load(std::memory_order_relaxed);
 }
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {

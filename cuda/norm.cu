@@ -95,7 +95,7 @@ __global__ void rms_norm_kernel(const float *x, const float *residual,
             wi = wv[i];
         }
         const V v = scale(srow[i], s, wi);
-        o[i] = v;
+        if (out) o[i] = v;
         if (obf) bm_store_bf16(v, obf + off, olo ? olo + off : nullptr, i);
     }
 }
@@ -155,6 +155,8 @@ int rms_norm_launch(const float *x, const float *residual, const float *w, float
     if (T <= 0 || d <= 0) return 0;
     if (T > INT32_MAX || d > NORM_MAX_D) return BM_CUDA_ARG_FAIL("rms_norm: d > 50000 or T too large");
     if (out_lo && !out_bf16) return BM_CUDA_ARG_FAIL("rms_norm: out_lo needs out_bf16");
+    // out NULL: the bf16 row only (the engine's prefill, where in_proj reads nothing else)
+    if (!out && !out_bf16) return BM_CUDA_ARG_FAIL("rms_norm: no output");
     const size_t smem = (size_t)d * sizeof(float);
     const bool vec = d % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
                      (!residual || aligned16(residual)) && (!res_out || aligned16(res_out)) &&

@@ -32,7 +32,8 @@ TOL_SPLIT = 1e-4
 SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAMBA_MOE_DEC_PDL_CAP",
             "BLACKMAMBA_MOE_IDS", "BLACKMAMBA_MOE_GROUPED_TILES", "BLACKMAMBA_MOE_WPOL",
             "BLACKMAMBA_L2SIDE", "BLACKMAMBA_DECODE_NORM_FC2",
-            "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN")
+            "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN",
+            "BLACKMAMBA_NORM_ROUTE_WARP")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -72,7 +73,8 @@ def _lib_c():
     lib.bm_cuda_conv_step_norm.argtypes = [P, P, I64, P, P, P, P, P, ctypes.c_int, I64, I64, I64,
                                            P, I64, I64, F32, P]
     lib.bm_cuda_conv_step_norm.restype = ctypes.c_int
-    for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls"):
+    for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
+              "bm_cuda_norm_route_warp_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     return lib
 
@@ -553,3 +555,34 @@ def test_pdl_switch_off(env):
     # the batched routing, the dispatch built by it or (the default) read from the ids
     assert LIB.bm_cuda_norm_route_ids_calls() - i0 >= 2
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype,math", [("bfloat16", "bf16"), ("bfloat16", "bf16x2"),
+                                        ("float32", "fp32")])
+def test_norm_route_warp(env, dtype, math):
+    # the prefill's norm + routing a warp per token (BLACKMAMBA_NORM_ROUTE_WARP, the default)
+    # against the block kernel ("0"): the same sums in other orders, so close, not bit-equal;
+    # both against the CPU model. bf16: the grouped experts read the bf16 rows only (no fp32
+    # xn written); bf16x2 their low parts too; fp32 weights: the fp32 rows (per-expert path).
+    layers = ["r", "8", "r", "3"]
+    cfg = Config.from_dict(dict(num_layers=4, hidden_size=64, state_size=16, conv_dimension=4,
+                                vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=layers))
+    t = random_tensors(cfg, seed=77)
+    g = model_cuda.CudaModel(cfg, t, dtype=dtype, math=math)
+    c = Model(cfg, t, dtype=dtype)
+    ids = np.random.default_rng(5).integers(0, g.vocab_size, (3, 50))  # T = 150 tokens
+    want = c(ids)
+    got = {}
+    for v in ("1", "0"):
+        env(BLACKMAMBA_NORM_ROUTE_WARP=v)
+        n0 = LIB.bm_cuda_norm_route_warp_calls()
+        got[v] = g(ids)
+        assert LIB.bm_cuda_norm_route_warp_calls() - n0 == (2 if v == "1" else 0)
+    env()
+    n0 = LIB.bm_cuda_norm_route_warp_calls()
+    np.testing.assert_array_equal(g(ids), got["1"])          # the default: the warp kernel
+    assert LIB.bm_cuda_norm_route_warp_calls() - n0 == 2
+    tol = TOL_SPLIT if math != "bf16" else 1e-2
+    assert rel_err(got["1"], want) < tol
+    assert rel_err(got["0"], want) < tol
+    assert rel_err(got["1"], got["0"]) < (TOL_SPLIT if math != "bf16" else 2e-3)

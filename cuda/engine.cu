@@ -721,13 +721,15 @@ __global__ __launch_bounds__(256) void route_small_kernel(
 }
 
 // The prefill's norm + routing (BLACKMAMBA_NORM_ROUTE_WARP): norm_route_kernel's work with one
-// warp per token instead of a block, the row in registers (NRW_V float4 a lane),
-// so no shared memory and no block barrier (d <= 1536; at most 128 registers, 2 blocks an SM): the sum of squares and each router dot are warp
-// sums (other orders than the block kernel's: not bit-identical to it). Lane 0 takes the
-// argmax as route_pick does (ties -> lowest index). out (the fp32 normed row) may be NULL:
-// where the grouped experts read the bf16 copy (obf), nothing reads it. The block kernel
-// spent its time in a latency chain per token (three barriers and the row through shared
-// memory; 166 us a MoE layer at T = 16384 on the H200 for ~100 us of bytes).
+// warp per token instead of a block. The row stays in registers (NRW_V float4 a lane, so
+// d <= 1536; 128 registers, 2 blocks an SM): no shared memory, no block barrier. The sum of
+// squares and each router dot are warp sums, in other orders than the block kernel's (not
+// bit-identical to it). Lane 0 takes the argmax as route_pick does (ties -> lowest index).
+// out (the fp32 normed row) may be NULL: where the grouped experts read the bf16 copy (obf),
+// nothing reads it. Each input's loads sit in one loop of independent loads: a warp has only
+// its token's row to hide the latency with (a first form that loaded x and the residual
+// float4 by float4 was slower than the block kernel). H200, T = 16384 (cuda/NOTES.md session
+// 16): 166 -> 111 us a MoE layer; prefill B = 1 -2.1%, B = 8 -0.8%.
 constexpr int NRW_V = 12;
 template <bool BF>
 __global__ __launch_bounds__(256, 2) void norm_route_warp_kernel(

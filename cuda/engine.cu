@@ -660,6 +660,19 @@ __global__ void select_out_kernel(const float *__restrict__ oall,   // (X, T, d)
 
 // Thread 0 of a routing block: logits[t] = sl (when traced), the argmax (ties -> lowest
 // index) and its sigmoid gate.
+// Top-1 routing, one expert logit at a time: v (expert e) replaces the best so far only if
+// larger (strict: ties keep the lowest index); then the expert and its sigmoid gate.
+__device__ __forceinline__ void route_consider(float v, int e, float &best, int &bi) {
+    if (v > best) {
+        best = v;
+        bi = e;
+    }
+}
+__device__ __forceinline__ void route_store(int64_t t, float best, int bi, int32_t *ids,
+                                            float *gates) {
+    ids[t] = bi;
+    gates[t] = 1.f / (1.f + expf(-best));
+}
 __device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, float *logits,
                                            int32_t *ids, float *gates) {
     float best = -INFINITY;
@@ -667,13 +680,9 @@ __device__ __forceinline__ void route_pick(const float *sl, int X, int64_t t, fl
     for (int e = 0; e < X; e++) {
         const float v = sl[e];
         if (logits) logits[t * X + e] = v;
-        if (v > best) {  // strict: ties keep the lowest index
-            best = v;
-            bi = e;
-        }
+        route_consider(v, e, best, bi);
     }
-    ids[t] = bi;
-    gates[t] = 1.f / (1.f + expf(-best));
+    route_store(t, best, bi, ids, gates);
 }
 
 // Top-1 routing (SPEC 3) for a few tokens (decode): one block per token, one warp per expert
@@ -811,21 +820,15 @@ __global__ __launch_bounds__(256, 2) void norm_route_warp_kernel(
         }
         const float l = bm_warp_sum(acc) + rb[e];
         if (logits && lane == 0) logits[t * X + e] = l;
-        if (l > best) {  // strict: ties keep the lowest index
-            best = l;
-            bi = e;
-        }
+        route_consider(l, e, best, bi);
     }
-    if (lane == 0) {
-        ids[t] = bi;
-        gates[t] = 1.f / (1.f + expf(-best));
-    }
+    if (lane == 0) route_store(t, best, bi, ids, gates);
 }
 // BLACKMAMBA_NORM_ROUTE_WARP: the prefill (not the decode graphs) routes through
 // norm_route_warp_kernel where d <= 128 NRW_V; "0": norm_route_kernel. Read per call.
 bool nr_warp_on() {
     const char *e = getenv("BLACKMAMBA_NORM_ROUTE_WARP");
-    return !(e && e[0] == '0' && !e[1]);
+    return !(e && e[0] == '0');  // as the other switches read "0"
 }
 std::atomic<long long> g_nr_warp{0};  // norm_route_warp_kernel launches (tests)
 

@@ -1097,18 +1097,20 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
             // against 0.108; H200, s11)
             if (p.ids && (big || wm == 2 || tm == 2))
                 return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
+            const bool try_tma = tm && (big || T >= TMA_MIN_ROWS || tm == 2);
+            const bool wgmma = big || wm == 2;  // where the TMA core declines or is off
             // (the norm epilogue lives on the decode tiles only: norm_route_ok keeps it off
             // these two cores)
-            if (p.nm.res && ((tm && (big || T >= TMA_MIN_ROWS || tm == 2)) || big || wm == 2))
+            if (p.nm.res && (try_tma || wgmma))
                 return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs the decode tiles");
-            if (tm && (big || T >= TMA_MIN_ROWS || tm == 2)) {
+            if (try_tma) {
                 GroupedArgs pt = p;
                 pt.pdl = PDL_NONE;  // plain launches (stream order), as the wgmma core's
                 bool taken = false;
                 const int st = tma_launch<MODE>(pt, T, stream, &taken);
                 if (st || taken) return st;
             }
-            if (big || wm == 2) {
+            if (wgmma) {
                 p.pdl = PDL_NONE;
                 return wgmma_dispatch<MODE>(p, T, stream);
             }

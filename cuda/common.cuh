@@ -45,6 +45,15 @@ static inline int bm_cuda_fail_cuda_(const char *file, int line, cudaError_t e) 
 
 static inline int64_t bm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// An on/off switch from the environment (the BLACKMAMBA_* A/B switches): a value starting
+// with '0' turns it off, with '1' on; unset, empty or anything else gives dflt.
+static inline bool bm_env_switch(const char *name, bool dflt) {
+    const char *e = getenv(name);
+    if (e && e[0] == '0') return false;
+    if (e && e[0] == '1') return true;
+    return dflt;
+}
+
 // Multiprocessors of the current device into *sms; returns 0 or, as BM_CUDA_TRY, the failing
 // CUDA status (recorded). The one SM-count query of the launchers (one-wave rules, grid caps).
 static inline int bm_sm_count(int *sms) {
@@ -115,8 +124,7 @@ static inline bool bm_pdl_allowed() {
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
         return false;
-    const char *env = getenv("BLACKMAMBA_CUDA_PDL");
-    return major >= 9 && !(env && env[0] == '0');
+    return major >= 9 && bm_env_switch("BLACKMAMBA_CUDA_PDL", true);
 }
 
 // Programmatic dependent launch (Hopper): a kernel launched through bm_launch_pdl may start
@@ -144,10 +152,7 @@ static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim
 // off, for A/B measurements): the kernel calls bm_pdl_trigger() as its first statement, loads
 // what no kernel of the graph writes (weights; its own layer's recurrent state, written by
 // itself one step before) and only then bm_pdl_wait_only(). Read at launch, i.e. at capture.
-static inline bool bm_pdl_early() {
-    const char *env = getenv("BLACKMAMBA_CUDA_PDL_EARLY");
-    return !(env && env[0] == '0');
-}
+static inline bool bm_pdl_early() { return bm_env_switch("BLACKMAMBA_CUDA_PDL_EARLY", true); }
 
 // Launches of the early kernels so far, by kind (tests assert the path was taken; counted at
 // launch, so a captured graph counts once): 0 gemv1_kernel, 1 expert_rows_early_kernel,

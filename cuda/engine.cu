@@ -826,10 +826,7 @@ __global__ __launch_bounds__(256, 2) void norm_route_warp_kernel(
 }
 // BLACKMAMBA_NORM_ROUTE_WARP: the prefill (not the decode graphs) routes through
 // norm_route_warp_kernel where d <= 128 NRW_V; "0": norm_route_kernel. Read per call.
-bool nr_warp_on() {
-    const char *e = getenv("BLACKMAMBA_NORM_ROUTE_WARP");
-    return !(e && e[0] == '0');  // as the other switches read "0"
-}
+bool nr_warp_on() { return bm_env_switch("BLACKMAMBA_NORM_ROUTE_WARP", true); }
 std::atomic<long long> g_nr_warp{0};  // norm_route_warp_kernel launches (tests)
 
 // RMSNorm with the residual add, then top-1 routing of the normed row: one block of
@@ -1379,10 +1376,7 @@ int scan_evict_mode() {
 std::atomic<long long> g_l2side_state{0};  // stagings of a layer's state (tests)
 constexpr int64_t L2SIDE_STATE_MIN = 6 << 20;
 bool l2side_state_on(int64_t bytes) {
-    const char *e = getenv("BLACKMAMBA_L2SIDE_STATE");
-    if (e && e[0] == '0') return false;
-    if (e && e[0] == '1') return true;
-    return bytes >= L2SIDE_STATE_MIN;
+    return bm_env_switch("BLACKMAMBA_L2SIDE_STATE", bytes >= L2SIDE_STATE_MIN);
 }
 
 // BLACKMAMBA_SCAN4_ROWS: batch rows a lane of step_scan4_kernel (1, 2 or 4; default
@@ -1401,12 +1395,7 @@ int scan4_rows() {
 // against 2.36: the fp32 dot, ~92 float4 L1 loads a (b, e), costs more than the GEMM there);
 // "1" = at every batch (tests, A/B); "0" = never.
 std::atomic<long long> g_scan4_dt{0};  // step_scan4_kernel<., true> launches (tests)
-bool scan4_dt_on(int64_t B) {
-    const char *e = getenv("BLACKMAMBA_SCAN4_DT");
-    if (e && e[0] == '0') return false;
-    if (e && e[0] == '1') return true;
-    return B <= GEMV_ROWS;
-}
+bool scan4_dt_on(int64_t B) { return bm_env_switch("BLACKMAMBA_SCAN4_DT", B <= GEMV_ROWS); }
 
 // BLACKMAMBA_XDT_DEC: the batched decode's x_proj and dt_proj through xdt.cu's PDL kernels
 // (fp32 FMAs on the float32 weights, one cluster K-split kernel and one dt_proj kernel) instead
@@ -1418,19 +1407,14 @@ bool scan4_dt_on(int64_t B) {
 // measured no faster and removed: cuda/NOTES.md sessions 6 and 7.)
 constexpr bool XDT_DEC_DEFAULT = true;
 int xdt_dec_mode(int64_t B) {
-    const char *e = getenv("BLACKMAMBA_XDT_DEC");
-    if (e && (e[0] == '0' || e[0] == '1')) return e[0] - '0';
-    return XDT_DEC_DEFAULT && B > GEMV_ROWS ? 1 : 0;
+    return bm_env_switch("BLACKMAMBA_XDT_DEC", XDT_DEC_DEFAULT && B > GEMV_ROWS) ? 1 : 0;
 }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
 std::atomic<long long> g_nr_disp{0};  // norm_route_kernel<., NR_PRE_DISP> launches (tests)
 // BLACKMAMBA_MOE_ROUTE_DISPATCH=0: the batched decode's routing leaves the dispatch to
 // dispatch_kernel (A/B; session 6 moe64).
-bool route_dispatch_on() {
-    const char *e = getenv("BLACKMAMBA_MOE_ROUTE_DISPATCH");
-    return !(e && e[0] == '0');
-}
+bool route_dispatch_on() { return bm_env_switch("BLACKMAMBA_MOE_ROUTE_DISPATCH", true); }
 // BLACKMAMBA_MOE_DEC_PDL: how the batched decode's grouped expert GEMMs (T rows, X experts)
 // meet PDL (grouped.cu launch_grouped): 0 plain launches, 1 both wait first, 2 also fc2's
 // first weight stages before its wait, 3 also fc1 one CTA row per expert, its first weight
@@ -1464,23 +1448,14 @@ int moe_dec_pdl_flags(int64_t T, int64_t X) {
 // routing kernel's last block (NR_PRE_DISP) instead of deriving it from the ids in each CTA
 // (BM_MOE_GROUPED_IDS, grouped.cu ids_list; read at graph capture). Measured on the H200 (2.8B
 // shape, same process): see cuda/NOTES.md session 12.
-bool moe_ids_on() {
-    const char *e = getenv("BLACKMAMBA_MOE_IDS");
-    return !(e && e[0] == '0');
-}
+bool moe_ids_on() { return bm_env_switch("BLACKMAMBA_MOE_IDS", true); }
 std::atomic<long long> g_nr_ids{0};  // routing kernels whose layer's GEMMs read the ids (tests)
 
 // BLACKMAMBA_NORM_ROUTE_PRE=0: batched decode uses norm_route_kernel (A/B).
-bool nr_pre_on() {
-    const char *e = getenv("BLACKMAMBA_NORM_ROUTE_PRE");
-    return !(e && e[0] == '0');
-}
+bool nr_pre_on() { return bm_env_switch("BLACKMAMBA_NORM_ROUTE_PRE", true); }
 
 // BLACKMAMBA_SCAN4=0: the batched decode keeps the scalar step and the to_bf16 pass (A/B).
-bool scan4_on() {
-    const char *e = getenv("BLACKMAMBA_SCAN4");
-    return !(e && e[0] == '0');
-}
+bool scan4_on() { return bm_env_switch("BLACKMAMBA_SCAN4", true); }
 
 // out[row] = argmax_{i < limit} logits[row, i], ties -> lowest index. One block per row.
 constexpr int ARGMAX_THREADS = 256;
@@ -1613,10 +1588,7 @@ int ensure_wf(bm_cuda_model *m) {
 // GEMMs, x_proj unsplit, the scalar to_bf16, y converted after the scan), for A/B
 // measurements in one process (cuda/dev/ab_mambapath.py;
 // decode graphs are captured per state, so a new state picks up a change).
-bool mp_on() {
-    const char *e = getenv("BLACKMAMBA_MAMBAPATH");
-    return !(e && e[0] == '0');
-}
+bool mp_on() { return bm_env_switch("BLACKMAMBA_MAMBAPATH", true); }
 
 // Decode batches of at least this many rows take the batched paths (decode_body);
 // BLACKMAMBA_DECODE_GEMM_MIN overrides (2..9; 9 = the GEMVs up to 8 rows as before), for A/B.
@@ -1634,10 +1606,7 @@ int64_t dec_gemm_min() {
 // BLACKMAMBA_DECODE_NORM_FUSE=1 only. Off by default: measured slower on the H200 (0.734
 // against 0.684 ms a batch-1 step at the 2.8B shape, same process, bit-identical logits;
 // cuda/NOTES.md "Session 5, lead"). Read at graph capture.
-bool norm_fuse_on() {
-    const char *e = getenv("BLACKMAMBA_DECODE_NORM_FUSE");
-    return e && e[0] == '1';
-}
+bool norm_fuse_on() { return bm_env_switch("BLACKMAMBA_DECODE_NORM_FUSE", false); }
 
 // A Mamba layer's input norm handed to mamba_step: xn = RMSNorm(h + r) * w, the sum to r_out.
 struct NormIn {
@@ -1646,18 +1615,12 @@ struct NormIn {
 };
 
 // BLACKMAMBA_DECODE_NORM_BF=0: the batched decode converts in_proj's input itself (A/B).
-bool norm_bf_on() {
-    const char *e = getenv("BLACKMAMBA_DECODE_NORM_BF");
-    return !(e && e[0] == '0');
-}
+bool norm_bf_on() { return bm_env_switch("BLACKMAMBA_DECODE_NORM_BF", true); }
 
 // BLACKMAMBA_DECODE_NORM_FC2=0: the batched decode keeps the Mamba layer's RMSNorm kernel
 // after a MoE layer, instead of fc2's norm epilogue and the scaled conv step (forward();
 // read at graph capture).
-bool norm_fc2_on() {
-    const char *e = getenv("BLACKMAMBA_DECODE_NORM_FC2");
-    return !(e && e[0] == '0');
-}
+bool norm_fc2_on() { return bm_env_switch("BLACKMAMBA_DECODE_NORM_FC2", true); }
 std::atomic<long long> g_norm_fc2{0};  // Mamba layers normed in fc2 (the tests)
 
 // xb (M, K) = bf16(x (M, ldx)[:, :K]) (+ xlo, the low parts): the vectorised kernel where
@@ -1898,11 +1861,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
 // ms a step, B = 32 2.123 -> 2.096, B = 16 1.930 -> 1.913; logits bit-identical (the same
 // partial products, summed in the same order).
 constexpr bool OUT_KSPLIT_DEFAULT = true;
-bool out_ksplit_on() {
-    const char *e = getenv("BLACKMAMBA_OUT_KSPLIT");
-    if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-    return OUT_KSPLIT_DEFAULT;
-}
+bool out_ksplit_on() { return bm_env_switch("BLACKMAMBA_OUT_KSPLIT", OUT_KSPLIT_DEFAULT); }
 std::atomic<long long> g_out_ksplit{0};  // out_proj products as two K halves (tests)
 
 // out_proj of the batched decode as two K halves: out[h] (B, d) = y_bf16[:, h E/2 : (h+1) E/2]

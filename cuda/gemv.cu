@@ -403,10 +403,7 @@ constexpr int HEAD_PRE = 6;      // pieces a lane holds per row: Kin <= 6 * 32 *
 constexpr int HEAD_THREADS = 256;
 std::atomic<long long> g_gemv_head{0};
 
-bool head_on() {
-    const char *e = getenv("BLACKMAMBA_DECODE_HEAD");
-    return !(e && e[0] == '0');
-}
+bool head_on() { return bm_env_switch("BLACKMAMBA_DECODE_HEAD", true); }
 
 template <typename WT>
 __global__ __launch_bounds__(HEAD_THREADS) void gemv_head_kernel(const GemvParams p) {

@@ -1187,15 +1187,12 @@ void grouped_tiles(char (&t)[5]) {
     for (int i = 0; e && i < 4 && e[i]; i++) t[i] = e[i];
 }
 
-// BLACKMAMBA_MOE_WPOL: "0" loads the decode roles' weights without the evict_first hint
-// (GroupedArgs::wpol); unset or anything else: with it. Read per call (decode: at capture).
+// BLACKMAMBA_MOE_WPOL: "0" (a leading '0', as the other switches) loads the decode roles'
+// weights without the evict_first hint (GroupedArgs::wpol); unset or anything else: with it. Read per call (decode: at capture).
 // Measured (H200, same process, with the staging at 32 MB against 16 MB and no hint;
 // cuda/NOTES.md session 13): B = 16 -0.7 to -1.8%, B = 32 -0.6 to -1.1%, B = 64 even.
 std::atomic<long long> wpol_calls{0};
-int grouped_wpol() {
-    const char *e = getenv("BLACKMAMBA_MOE_WPOL");
-    return e && strcmp(e, "0") == 0 ? 0 : 1;
-}
+int grouped_wpol() { return bm_env_switch("BLACKMAMBA_MOE_WPOL", true) ? 1 : 0; }
 
 // Can both GEMMs of a call take their routing from the ids (BM_MOE_GROUPED_IDS)? Where
 // gemm_dispatch picks grouped_gemm_kernel's decode tiles (BM <= 32, unsplit) for both roles:

@@ -359,8 +359,7 @@ extern "C" int bm_cuda_moe_dispatch(const int32_t *ids, int64_t T, int64_t X, in
         if (offsets) BM_CUDA_TRY(cudaMemsetAsync(offsets, 0, (X + 1) * sizeof(int32_t), stream));
         return 0;
     }
-    const char *last = getenv("BLACKMAMBA_MOE_DISPATCH_LAST");
-    if (last && last[0] == '1') {  // a few blocks, so that the ticket really picks one of several
+    if (bm_env_switch("BLACKMAMBA_MOE_DISPATCH_LAST", false)) {  // a few blocks, so that the ticket really picks one of several
         int32_t *off = offsets;
         if (!off) return BM_CUDA_ARG_FAIL("moe_dispatch: the last-block form needs offsets");
         const unsigned blocks = 1 + (unsigned)(T % 7);

@@ -5,7 +5,9 @@ BLACKMAMBA_MOE_TMA=0 the cp.async wgmma core). Run from cuda/dev:
 
     ncu --clock-control none -k regex:'grouped_tma|grouped_wgmma' -c 2 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-        python3 ncu_grouped.py [T]
+        python3 ncu_grouped.py [T] [act]
+
+act: 0 exact GELU (the model's), 1 tanh GELU, 2 SiLU (the default here).
 """
 import sys
 
@@ -15,7 +17,8 @@ from ab_grouped import grouped_call
 
 
 def main():
-    run, _ = grouped_call(int(sys.argv[1]) if len(sys.argv) > 1 else 16384)
+    run, _ = grouped_call(int(sys.argv[1]) if len(sys.argv) > 1 else 16384,
+                          act=int(sys.argv[2]) if len(sys.argv) > 2 else 2)
     for _ in range(2):
         run()
     torch.cuda.synchronize()

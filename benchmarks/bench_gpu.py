@@ -2,16 +2,16 @@
 
     PYTHONPATH=. python3 benchmarks/bench_gpu.py [--json out.json]
 
-Measures, in one process and with CUDA events (cuda/bench.cu, cuda/engine.cu):
-  - the two ceilings: device-to-device copy bandwidth (2 GiB, bytes read + written) and the
-    cuBLAS bf16 GEMM rate (8192^3, random data);
+Measures, in one process and with CUDA events (cuda/bench.cu, cuda/engine.cu), in this order:
+  - prefill: tokens/s at L = 2048, batch 1 and 8 (logits of the last position only), against
+    the matrix-FLOP floor 2 x active params x tokens / GEMM rate;
   - decode: ms per step at batch 1, 8, 64 (replays of the captured decode graph, back to
     back, after warm-up; median), against the floor of reading the step's weights once
     (batch 1: 628,770,832 active params x 2 bytes / copy bandwidth);
-  - prefill: tokens/s at L = 2048, batch 1 and 8 (logits of the last position only; the
-    prefill synchronises the host once per MoE layer), against the matrix-FLOP floor
-    2 x active params x tokens / GEMM rate;
   - the end-to-end Python step() (incl. logits to the host) and device greedy decoding;
+  - the two ceilings, last (run first, they slowed the model's decode measured after them:
+    see main()): device-to-device copy bandwidth (2 GiB, bytes read + written) and the
+    cuBLAS bf16 GEMM rate (8192^3, random data);
 and prints the released PyTorch reference's numbers on an H200 (issue 4) with speed-ups.
 
 Random weights are generated per tensor in bf16 on the host from one pool of normal numbers
@@ -86,13 +86,6 @@ def main():
     C = _lib.C()
     res = {}
 
-    # -- ceilings -----------------------------------------------------------------------
-    bw = C.cuda_bench_copy(2 << 30, 20)                 # GB/s, read + write
-    peak = C.cuda_bench_gemm(8192, 8192, 8192, 10)      # TFLOP/s
-    res.update(copy_GBps=bw, gemm_bf16_TFLOPs=peak)
-    print(f"ceilings: D2D copy {bw:.0f} GB/s (read+write, 2 GiB), cuBLAS bf16 GEMM "
-          f"{peak:.0f} TFLOP/s (8192^3, random)", flush=True)
-
     # -- model ----------------------------------------------------------------------------
     cfg = Config.from_dict(dict(SHAPE_2_8B))
     total, active = count_parameters(cfg)
@@ -109,15 +102,23 @@ def main():
           f"weights {t1 - t0:.1f} s, upload {t2 - t1:.1f} s", flush=True)
     rng = np.random.default_rng(0)
 
+    # The order of the measurements: the model's own work first (prefill, then decode, as a
+    # server runs them), the synthetic ceilings last. Run first, the ceilings' 2 GiB copies
+    # and 8192^3 GEMMs left the GPU slower for the rest of the process: on one H200 the same
+    # decode graph took 2.153-2.160 ms at batch 64 after them against 2.122-2.131 without
+    # (batch 8 +3%), for seconds and at unchanged clocks, and 2.132-2.133 after three batch-8
+    # prefills of 2048 tokens (cuda/dev/order_probe.py, sustain_probe.py; cuda/NOTES.md
+    # session 17). The tables print at the end, when the floors are known.
+
+    # -- prefill ------------------------------------------------------------------------
+    L = 2048
+    res["prefill"] = {}
+    for B in (1, 8):
+        ids = rng.integers(0, cfg.real_vocab_size, (B, L))
+        ms = median(C.cuda_bench_prefill(model._eng, ids, 2, 5))
+        res["prefill"][B] = dict(ms=ms, tok_s=B * L / ms * 1e3)
+
     # -- decode -------------------------------------------------------------------------
-    # Bytes a step must read at least: all non-expert weights plus the experts its tokens
-    # use (expected distinct experts of 8 under uniform routing: 8 (1 - (7/8)^B)).
-    expert_params = 18 * (2 * 3872 * 1472 + 1472 * 3872)
-    shared = active - expert_params
-    floor_b1_ms = ACTIVE_2_8B * 2 / (bw * 1e9) * 1e3
-    print("\ndecode (graph replay, median of 50 after 10 warm-up; state after a 32-token prompt)")
-    print(f"{'B':>4} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'floor/ms':>9} "
-          f"{'ref ms':>7} {'speed-up':>8}")
     res["decode"] = {}
     for B in (1, 8, 64):
         st = model.new_state(B)
@@ -126,15 +127,7 @@ def main():
         model.step(rng.integers(0, cfg.real_vocab_size, B), st)      # captures the graph
         capture_ms = (time.perf_counter() - tc) * 1e3
         ms = median(C.cuda_bench_step(model._eng, st._h, 10, 50))
-        used = 8 * (1 - (7 / 8) ** B)
-        floor_ms = (shared + expert_params * used) * 2 / (bw * 1e9) * 1e3
-        ref = REF_DECODE_MS.get(B)
-        print(f"{B:>4} {ms:>9.3f} {B / ms * 1e3:>9.0f} {floor_ms:>9.3f} {floor_ms / ms:>9.2f} "
-              f"{ref if ref else '-':>7} {(f'{ref / ms:.1f}x' if ref else '-'):>8}", flush=True)
-        res["decode"][B] = dict(ms=ms, tok_s=B / ms * 1e3, floor_ms=floor_ms,
-                                floor_b1_ms=floor_b1_ms, first_step_ms=capture_ms)
-    print(f"batch-1 floor (628,770,832 x 2 B / {bw:.0f} GB/s) = {floor_b1_ms:.3f} ms; "
-          f"measured/floor = {res['decode'][1]['ms'] / floor_b1_ms:.2f}")
+        res["decode"][B] = dict(ms=ms, tok_s=B / ms * 1e3, first_step_ms=capture_ms)
 
     # end to end from Python: step() with logits copied to the host, and device greedy
     st = model.new_state(1)
@@ -152,26 +145,47 @@ def main():
     greedy_ms = (time.perf_counter() - tc) * 1e3
     prefill32 = median(C.cuda_bench_prefill(model._eng, np.ones((1, 32), np.int64), 1, 3))
     per_tok = (greedy_ms - prefill32) / 128
-    print(f"python step() at B=1 (logits to host): {py_ms:.3f} ms; device greedy: "
-          f"{per_tok:.3f} ms/token (128 tokens after a 32-token prefill of {prefill32:.1f} ms)")
     res.update(python_step_b1_ms=py_ms, greedy_b1_ms_per_token=per_tok,
                greedy_tokens_in_vocab=bool(toks.max() < cfg.real_vocab_size))
 
-    # -- prefill ------------------------------------------------------------------------
-    L = 2048
+    # -- ceilings -----------------------------------------------------------------------
+    bw = C.cuda_bench_copy(2 << 30, 20)                 # GB/s, read + write
+    peak = C.cuda_bench_gemm(8192, 8192, 8192, 10)      # TFLOP/s
+    res.update(copy_GBps=bw, gemm_bf16_TFLOPs=peak)
+    print(f"ceilings (measured after the model): D2D copy {bw:.0f} GB/s (read+write, 2 GiB), "
+          f"cuBLAS bf16 GEMM {peak:.0f} TFLOP/s (8192^3, random)")
+
+    # Bytes a decode step must read at least: all non-expert weights plus the experts its
+    # tokens use (expected distinct experts of 8 under uniform routing: 8 (1 - (7/8)^B)).
+    expert_params = 18 * (2 * 3872 * 1472 + 1472 * 3872)
+    shared = active - expert_params
+    floor_b1_ms = ACTIVE_2_8B * 2 / (bw * 1e9) * 1e3
+    print("\ndecode (graph replay, median of 50 after 10 warm-up; state after a 32-token prompt)")
+    print(f"{'B':>4} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'floor/ms':>9} "
+          f"{'ref ms':>7} {'speed-up':>8}")
+    for B, r in res["decode"].items():
+        ms = r["ms"]
+        used = 8 * (1 - (7 / 8) ** B)
+        floor_ms = (shared + expert_params * used) * 2 / (bw * 1e9) * 1e3
+        ref = REF_DECODE_MS.get(B)
+        print(f"{B:>4} {ms:>9.3f} {B / ms * 1e3:>9.0f} {floor_ms:>9.3f} {floor_ms / ms:>9.2f} "
+              f"{ref if ref else '-':>7} {(f'{ref / ms:.1f}x' if ref else '-'):>8}")
+        r.update(floor_ms=floor_ms, floor_b1_ms=floor_b1_ms)
+    print(f"batch-1 floor (628,770,832 x 2 B / {bw:.0f} GB/s) = {floor_b1_ms:.3f} ms; "
+          f"measured/floor = {res['decode'][1]['ms'] / floor_b1_ms:.2f}")
+    print(f"python step() at B=1 (logits to host): {py_ms:.3f} ms; device greedy: "
+          f"{per_tok:.3f} ms/token (128 tokens after a 32-token prefill of {prefill32:.1f} ms)")
+
     print(f"\nprefill L={L} (logits of the last position; median of 5 after 2 warm-up)")
     print(f"{'B':>4} {'ms':>9} {'tok/s':>10} {'floor ms':>9} {'floor/ms':>9} {'ref tok/s':>10} "
           f"{'speed-up':>8} {'target':>8}")
-    res["prefill"] = {}
-    for B in (1, 8):
-        ids = rng.integers(0, cfg.real_vocab_size, (B, L))
-        ms = median(C.cuda_bench_prefill(model._eng, ids, 2, 5))
-        toks_s = B * L / ms * 1e3
+    for B, r in res["prefill"].items():
+        ms, toks_s = r["ms"], r["tok_s"]
         floor_ms = 2 * active * B * L / (peak * 1e12) * 1e3
         ref = REF_PREFILL_TOKS[B]
         print(f"{B:>4} {ms:>9.2f} {toks_s:>10.0f} {floor_ms:>9.2f} {floor_ms / ms:>9.2f} "
               f"{ref:>10.0f} {toks_s / ref:>7.1f}x {TARGET_PREFILL_TOKS[B]:>8.0f}", flush=True)
-        res["prefill"][B] = dict(ms=ms, tok_s=toks_s, floor_ms=floor_ms)
+        r.update(floor_ms=floor_ms)
 
     # -- where the time goes ----------------------------------------------------------------
     prof = {}

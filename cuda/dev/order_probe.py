@@ -9,7 +9,9 @@ A prefix "copy:" / "gemm:" / "copy,gemm:" first runs bench_gpu.py's ceilings in 
 process (cuda_bench_copy of 2 GiB, cuda_bench_gemm of 8192^3), as bench_gpu.py does; "alloc"
 allocates and frees 4 GiB instead; "sleep" waits 20 s before the model; "after" times the
 batch sizes again after running the ceilings (same model, states and graphs); "pf" runs
-three batch-8 prefills of 2048 tokens after loading the model.
+three batch-8 prefills of 2048 tokens after loading the model; "l2p0" sets the device's
+persisting-L2 set-aside (cudaLimitPersistingL2CacheSize) to 0 before the model, and every run
+prints the set-aside it found.
 """
 import os
 import subprocess
@@ -25,6 +27,13 @@ from blackmamba import _lib, model_cuda
 from blackmamba.config import Config
 C = _lib.C()
 pre, _, order = sys.argv[1].rpartition(":")
+import ctypes
+rt = next(ctypes.CDLL(l.split()[-1]) for l in open("/proc/self/maps") if "libcudart.so" in l)
+lim = ctypes.c_size_t(0)
+rt.cudaDeviceGetLimit(ctypes.byref(lim), 6)      # cudaLimitPersistingL2CacheSize
+found = lim.value
+if "l2p0" in pre:
+    assert rt.cudaDeviceSetLimit(6, ctypes.c_size_t(0)) == 0
 if "copy" in pre:
     C.cuda_bench_copy(2 << 30, 20)
 if "gemm" in pre:
@@ -53,7 +62,7 @@ if "after" in pre:
     C.cuda_bench_gemm(8192, 8192, 8192, 10)
     for B, st in states:
         out.append(f"after B={B} {median(C.cuda_bench_step(model._eng, st._h, 10, 50)):.4f}")
-print(sys.argv[1] + ": " + "  ".join(out), flush=True)
+print(sys.argv[1] + f" (persisting L2 set-aside found {found / 2**20:.2f} MB): " + "  ".join(out), flush=True)
 """
 
 

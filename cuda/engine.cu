@@ -1430,12 +1430,11 @@ bool route_dispatch_on() { return bm_env_switch("BLACKMAMBA_MOE_ROUTE_DISPATCH",
 // bm_cuda_moe_grouped_bf16_ex's flags.
 int moe_dec_pdl_flags(int64_t T, int64_t X) {
     const char *e = getenv("BLACKMAMBA_MOE_DEC_PDL");
-    const char *c = getenv("BLACKMAMBA_MOE_DEC_PDL_CAP");
     const int v = e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0'
                   : T <= GEMV_ROWS                 ? 2
                   : T >= 2 * X && T <= 32 * X      ? 3
                                                    : 2;
-    const bool cap = c && (c[0] == '0' || c[0] == '1') ? c[0] == '1' : T > GEMV_ROWS;
+    const bool cap = bm_env_switch("BLACKMAMBA_MOE_DEC_PDL_CAP", T > GEMV_ROWS);
     static const int f[6] = {0,
                              BM_MOE_GROUPED_PDL,
                              BM_MOE_GROUPED_PDL_EARLY,

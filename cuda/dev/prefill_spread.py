@@ -7,9 +7,7 @@ from one in the code.
 """
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 
@@ -18,6 +16,7 @@ from bench_gpu import SHAPE_2_8B, random_bf16_tensors  # noqa: E402
 
 from blackmamba import _lib, model_cuda  # noqa: E402
 from blackmamba.config import Config  # noqa: E402
+from smi_sampler import smi_samples, span  # noqa: E402
 
 
 def main():
@@ -31,23 +30,15 @@ def main():
     model = model_cuda.CudaModel(cfg, random_bf16_tensors(cfg), dtype="bfloat16")
     ids = np.random.default_rng(0).integers(0, cfg.real_vocab_size, (args.batch, args.length))
     model.prefill(ids, model.new_state(args.batch), logits="last")
-    with tempfile.NamedTemporaryFile("r", suffix=".csv") as f:
-        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
-                                "--format=csv,noheader,nounits", "-lms", "100", "-f", f.name])
-        try:
-            ms = np.asarray(C.cuda_bench_prefill(model._eng, ids, 2, args.iters), np.float64)
-        finally:
-            smi.terminate()
-            smi.wait()
-        rows = [r.split(",") for r in f.read().strip().splitlines() if r.count(",") == 2]
+    with smi_samples(["clocks.sm", "power.draw", "temperature.gpu"]) as rows:
+        ms = np.asarray(C.cuda_bench_prefill(model._eng, ids, 2, args.iters), np.float64)
     print(f"B={args.batch} L={args.length}: ms " + " ".join(f"{x:.2f}" for x in ms))
     print(f"  min {ms.min():.2f} median {np.median(ms):.2f} max {ms.max():.2f} "
           f"(max/min {ms.max() / ms.min():.3f})")
     if rows:
-        a = np.asarray(rows, np.float64)
-        print(f"  nvidia-smi, {len(a)} samples: SM clock {a[:, 0].min():.0f}-{a[:, 0].max():.0f} MHz "
-              f"(median {np.median(a[:, 0]):.0f}), power {a[:, 1].min():.0f}-{a[:, 1].max():.0f} W, "
-              f"temperature {a[:, 2].min():.0f}-{a[:, 2].max():.0f} C")
+        print(f"  nvidia-smi, {len(rows)} samples: SM clock {span(rows, 0)} MHz "
+              f"(median {np.nanmedian(np.asarray(rows)[:, 0]):.0f}), power {span(rows, 1)} W, "
+              f"temperature {span(rows, 2)} C")
     return 0
 
 

@@ -120,7 +120,7 @@ def main():
 
     # -- decode -------------------------------------------------------------------------
     res["decode"] = {}
-    for B in (1, 8, 64):
+    for B in (1, 2, 4, 8, 16, 64):   # (the batch sizes' order does not matter: session 17)
         st = model.new_state(B)
         model.prefill(rng.integers(0, cfg.real_vocab_size, (B, 32)), st, logits=None)
         tc = time.perf_counter()

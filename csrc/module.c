@@ -3111,8 +3111,8 @@ static PyObject *py_cuda_model_info(PyObject *self, PyObject *om) {
     size_t wb = 0, wsb = 0;
     int graphs = 0;
     bm_cuda_model_bytes(em->m, &wb, &wsb, &graphs);
-    return Py_BuildValue("{s:n,s:n,s:i}", "weight_bytes", (Py_ssize_t)wb, "workspace_bytes",
-                         (Py_ssize_t)wsb, "graphs", graphs);
+    return Py_BuildValue("{s:n,s:n,s:i,s:L}", "weight_bytes", (Py_ssize_t)wb, "workspace_bytes",
+                         (Py_ssize_t)wsb, "graphs", graphs, "l2_set_aside", bm_cuda_l2_set_aside());
 }
 
 /* cuda_state_new(model, B) -> state capsule (zeros) */

@@ -134,6 +134,13 @@ int bm_cuda_conv_step_norm(const float *x, const float *zin, int64_t ld, float *
                            float *conv_state, const float *w, const float *bias, float *y,
                            int silu, int64_t b, int64_t E, int64_t K, const float *ssp,
                            int64_t parts, int64_t d, float eps, cudaStream_t stream);
+/* The conv step where x and z (b, E) are each the sum of two parts, the hi and lo products of
+ * a split in_proj run as one GEMM of 2b rows: x[r] = x[r * ld] + x[r * ld + part] (and zin
+ * likewise), the two added in fp32 as a GEMM's beta = 1 pass would; z = that sum (E stride),
+ * no row scale. part >= (b - 1) * ld + E; b <= 65535. */
+int bm_cuda_conv_step_sum(const float *x, const float *zin, int64_t ld, int64_t part, float *z,
+                          float *conv_state, const float *w, const float *bias, float *y,
+                          int silu, int64_t b, int64_t E, int64_t K, cudaStream_t stream);
 
 /* ---- norm.cu: one block per row, float32 ------------------------------------------------ */
 /* res_out = x + residual (residual NULL -> x); out = RMSNorm(res_out) * w. All (T, d).
@@ -438,6 +445,9 @@ long long bm_cuda_pdl_early_launches(int kind);
 /* Batched-decode out_proj products run as two K halves summed by the routing kernel
  * (BLACKMAMBA_OUT_KSPLIT). */
 long long bm_cuda_out_ksplit_calls(void);
+/* Split decode products run as one GEMM of 2B rows (engine.cu stack_on), counted at launch
+ * (graph capture): in_proj and out_proj each count one. */
+long long bm_cuda_decode_stack_calls(void);
 /* Batched-decode L2 staging launches: the next MoE layer's first fc1 bytes brought into L2
  * from a side branch of the graph (BLACKMAMBA_L2SIDE). */
 long long bm_cuda_l2side_calls(void);
@@ -477,6 +487,9 @@ long long bm_cuda_norm_route_dispatch_calls(void);
 int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w,
                          bm_cuda_model **out);
 void bm_cuda_model_free(bm_cuda_model *m);
+/* The current device's persisting-L2 set-aside in bytes (cudaLimitPersistingL2CacheSize;
+ * model creation sets it: BLACKMAMBA_L2_SET_ASIDE), -1 where it cannot be read. */
+long long bm_cuda_l2_set_aside(void);
 /* Device bytes held: weights, and workspaces (prefill + every decode batch size). */
 void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, size_t *workspaces,
                          int *graphs);

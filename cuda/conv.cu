@@ -132,9 +132,10 @@ struct ConvNorm {
     float *z;            // (b, E) out
     const float *zin;    // z's input, row stride ld (= z, ld = E: in place)
     int64_t ld;          // row stride of x and zin
-    const float *ssp;
+    const float *ssp;    // NULL: no row scale (bm_cuda_conv_step_sum)
     int parts;
     float inv_d, eps;
+    int64_t part;        // > 0: x and zin are sums of two parts, the second part elements on
 };
 
 template <int K>
@@ -153,17 +154,24 @@ __global__ void conv_step_norm_kernel(const float *__restrict__ x, float *__rest
 #pragma unroll
     for (int k = 0; k < K - 1; k++) win[k] = s[(int64_t)k * E];
     win[K - 1] = x[bl];
-    const float zv = nm.zin[bl];
-    const float *q = nm.ssp + row * nm.parts;
-    float a = 0.f;
+    float zv = nm.zin[bl];
+    if (nm.part) {  // (uniform over the grid) the second part: hi + lo products
+        win[K - 1] += x[bl + nm.part];
+        zv += nm.zin[bl + nm.part];
+    }
+    if (nm.ssp) {   // (uniform over the grid: the shuffles below see every lane)
+        const float *q = nm.ssp + row * nm.parts;
+        float a = 0.f;
 #pragma unroll 2
-    for (int i = threadIdx.x & 31; i < nm.parts; i += 32) a += __ldca(q + i);
+        for (int i = threadIdx.x & 31; i < nm.parts; i += 32) a += __ldca(q + i);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-    const float sc = rsqrtf(a * nm.inv_d + nm.eps);
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+        const float sc = rsqrtf(a * nm.inv_d + nm.eps);
+        win[K - 1] *= sc;
+        zv *= sc;
+    }
     if (!valid) return;
-    win[K - 1] *= sc;
-    nm.z[be] = zv * sc;
+    nm.z[be] = zv;
     conv_step_out<K>(win, w, bias, e, y, be, silu, s, E);
 }
 
@@ -197,6 +205,20 @@ int conv_step_norm_launch(const float *x, float *state, const float *w, const fl
                   dim3((unsigned)bm_cdiv(E, CONV_NORM_THREADS), (unsigned)b),
                   dim3(CONV_NORM_THREADS), 0, stream, x, state, w, bias, y, silu, (int)E, nm);
     return 0;
+}
+
+int conv_step_norm_switch(const float *x, float *conv_state, const float *w, const float *bias,
+                          float *y, int silu, int64_t b, int64_t E, int64_t K, const ConvNorm &nm,
+                          cudaStream_t stream) {
+    switch (K) {
+        case 2: return conv_step_norm_launch<2>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 3: return conv_step_norm_launch<3>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 4: return conv_step_norm_launch<4>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 5: return conv_step_norm_launch<5>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 6: return conv_step_norm_launch<6>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        case 7: return conv_step_norm_launch<7>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+        default: return conv_step_norm_launch<8>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
+    }
 }
 
 }  // namespace
@@ -256,14 +278,21 @@ extern "C" int bm_cuda_conv_step_norm(const float *x, const float *zin, int64_t 
     if (!z || !zin || ld < E || !ssp || parts < 1 || parts > INT32_MAX || d < 1)
         return BM_CUDA_ARG_FAIL("conv_step_norm: needs z, zin, ld >= E, ssp, parts >= 1, d >= 1");
     if (b <= 0) return 0;
-    const ConvNorm nm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps};
-    switch (K) {
-        case 2: return conv_step_norm_launch<2>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-        case 3: return conv_step_norm_launch<3>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-        case 4: return conv_step_norm_launch<4>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-        case 5: return conv_step_norm_launch<5>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-        case 6: return conv_step_norm_launch<6>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-        case 7: return conv_step_norm_launch<7>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-        default: return conv_step_norm_launch<8>(x, conv_state, w, bias, y, silu, b, E, nm, stream);
-    }
+    const ConvNorm nm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps, 0};
+    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
 }
+
+extern "C" int bm_cuda_conv_step_sum(const float *x, const float *zin, int64_t ld, int64_t part,
+                                     float *z, float *conv_state, const float *w,
+                                     const float *bias, float *y, int silu, int64_t b, int64_t E,
+                                     int64_t K, cudaStream_t stream) {
+    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
+    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
+        return BM_CUDA_ARG_FAIL("conv_step_sum: needs 1 <= E < 2^31 - 128 and b <= 65535");
+    if (!z || !zin || ld < E || part < (b - 1) * ld + E)
+        return BM_CUDA_ARG_FAIL("conv_step_sum: needs z, zin, ld >= E and part past the rows");
+    if (b <= 0) return 0;
+    const ConvNorm nm{z, zin, ld, nullptr, 1, 0.f, 0.f, part};
+    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
+}
+

@@ -10,9 +10,10 @@
 //
 // Matrix products (`linear` below):
 //   - up to GEMV_ROWS rows: the bf16/fp32 GEMV (gemv.cu), fp32 activations, exact; except
-//     decode batches of dec_gemm_min() (8) to GEMV_ROWS rows under BF16 / BF16X2 math, which
+//     decode batches of dec_gemm_min() (2) to GEMV_ROWS rows under BF16 / BF16X2 math, which
 //     take the batched paths below with split activations (Ws::gv, Ws::dsplit, decode_body:
-//     the 8-row GEMVs read the weights at 0.4-1 TB/s, so batch 8 cost more than batch 64);
+//     the 8-row GEMVs read the weights at 0.4-1 TB/s, so batch 8 cost more than batch 64),
+//     each split product as one GEMM of 2B rows where it can (stack_on);
 //   - more rows, bf16 weights, BM_CUDA_MATH_BF16: activations rounded to bf16, cuBLAS bf16
 //     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product); except prefill
 //     products (and MoE layers) of at most cfg.bf16_split_rows rows (default 128), which run
@@ -171,9 +172,10 @@ struct Ws {
     float *gates;           // (T)
     float *rlog;            // (T, Xmax) router logits (tracing)
     float *eh;              // (rows, G) expert hidden of the GEMV path
-    uint16_t *xbf;          // (T, max(d, E, R)) bf16 copy of a GEMM input (BF16 math)
+    uint16_t *xbf;          // (T + Ts, max(d, E, R)) bf16 copy of a GEMM input (BF16 math)
     uint16_t *xlo;          // (Ts, max(d, E, R)) its low part (split products), Ts = the
-                            // rows that may split (T under BF16X2, else <= bf16_split_rows)
+                            // rows that may split (T under BF16X2, else <= bf16_split_rows);
+                            // = xbf + T max(d, E, R) (ws_layout)
     int64_t Ts;
     float *hall;            // (X, T, G) decode, BF16 math, T > GEMV_ROWS: every expert's fc1
     uint16_t *abf;          //   (T, F) the chosen expert's act(fc1) as bf16
@@ -189,8 +191,10 @@ struct Ws {
     float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
     float *ssp;             // (T, bm_cuda_moe_norm_parts(d)) decode, T >= 2: the norm in fc2
                             // (norm_fc2_on): the residual's partial sums of squares
-    float *xzt;             // (T, 2E) decode, T >= 2: in_proj's x and z side by side where
-                            // the norm ran in fc2 (mamba_step)
+    float *xzt;             // (xzt_rows, 2E) decode, T >= 2: in_proj's x and z side by side
+                            // where the norm ran in fc2, or the hi then lo rows of a stacked
+                            // split in_proj (mamba_step)
+    int64_t xzt_rows;
     cudaGraphExec_t exec;   // decode graph (decode workspaces)
     uint64_t serial;        // the state it was captured for
 };
@@ -1400,15 +1404,15 @@ bool scan4_dt_on(int64_t B) { return bm_env_switch("BLACKMAMBA_SCAN4_DT", B <= G
 // BLACKMAMBA_XDT_DEC: the batched decode's x_proj and dt_proj through xdt.cu's PDL kernels
 // (fp32 FMAs on the float32 weights, one cluster K-split kernel and one dt_proj kernel) instead
 // of cuBLAS's tf32 K-split GEMM, its reduction kernel and the tf32 dt_proj GEMM. Unset: at
-// more than GEMV_ROWS rows (XDT_DEC_DEFAULT; measured on the H200, cuda/NOTES.md session 6
-// xdt64: B = 16 1.964 against 2.025 ms/step, B = 64 2.357 against 2.356); "1": at every
-// batched decode size (B > Ws::gv: from dec_gemm_min() rows); "0": never. (Its variants,
+// every batched decode size (B > Ws::gv: from dec_gemm_min() rows; XDT_DEC_DEFAULT; measured
+// on the H200, cuda/NOTES.md session 6 xdt64: B = 16 1.964 against 2.025 ms/step, B = 64
+// 2.357 against 2.356; session 18: at B = 8, 4, 2, where it had been off (the FDT scan
+// computes delta there, so only x_proj changes: no conversion pass, no split products),
+// -5.7 / -5.3 / -6.5% split and -3.4 / -3.6 / -6.0% unsplit); "0": never. (Its variants,
 // a PDL trigger at a kernel's end, dt_proj in 64-row tiles, x_proj's clusters spread, all
 // measured no faster and removed: cuda/NOTES.md sessions 6 and 7.)
 constexpr bool XDT_DEC_DEFAULT = true;
-int xdt_dec_mode(int64_t B) {
-    return bm_env_switch("BLACKMAMBA_XDT_DEC", XDT_DEC_DEFAULT && B > GEMV_ROWS) ? 1 : 0;
-}
+bool xdt_dec_on() { return bm_env_switch("BLACKMAMBA_XDT_DEC", XDT_DEC_DEFAULT); }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
 std::atomic<long long> g_nr_disp{0};  // norm_route_kernel<., NR_PRE_DISP> launches (tests)
@@ -1591,13 +1595,17 @@ bool mp_on() { return bm_env_switch("BLACKMAMBA_MAMBAPATH", true); }
 
 // Decode batches of at least this many rows take the batched paths (decode_body);
 // BLACKMAMBA_DECODE_GEMM_MIN overrides (2..9; 9 = the GEMVs up to 8 rows as before), for A/B.
-// Default 8: measured on the H200 at batch 8 only (2.41 against 3.20 ms/step through the
-// GEMVs; cuda/NOTES.md session 4 dec64). Batches 2..7 keep the GEMVs until measured (the
-// batched path's cost is nearly flat in B, the GEMVs' grows with it: the crossover is
-// expected around 4-6 rows, unmeasured). The tests run 2..8 through both paths.
+// Default 8 until session 18 (measured at batch 8 only: 2.41 against 3.20 ms/step through the
+// GEMVs; cuda/NOTES.md session 4 dec64). Default 2 since session 18, once the split products
+// were stacked (stack_on) and x_proj went through xdt.cu at these sizes: the batched path
+// against the GEMVs on the H200 (2.8B shape, same process), B = 2 1.281 against 1.563 ms/step,
+// 3 1.394 / 1.784, 4 1.471 / 1.939, 6 1.613 / 2.909, 7 1.727 / 3.121 (logits within 8e-5: both
+// are fp32-class, the batched path's products split into bf16 hi + lo). The tests run 2..8
+// through both paths.
+constexpr int64_t DEC_GEMM_MIN_DEFAULT = 2;
 int64_t dec_gemm_min() {
     const char *e = getenv("BLACKMAMBA_DECODE_GEMM_MIN");
-    const int64_t v = e && e[0] ? atoll(e) : GEMV_ROWS;
+    const int64_t v = e && e[0] ? atoll(e) : DEC_GEMM_MIN_DEFAULT;
     return std::min<int64_t>(std::max<int64_t>(v, 2), GEMV_ROWS + 1);
 }
 
@@ -1866,19 +1874,85 @@ std::atomic<long long> g_out_ksplit{0};  // out_proj products as two K halves (t
 // out_proj of the batched decode as two K halves: out[h] (B, d) = y_bf16[:, h E/2 : (h+1) E/2]
 // @ out_w[:, h E/2 : (h+1) E/2]^T, h = 0, 1, out (2, B, d) (bf16 operands from ws->xbf, fp32
 // products and outputs). The caller checked out_pair_ok (E % 16: 16-byte aligned bf16 halves).
+//
+// ---- Split products of the batched decode as one GEMM of 2B rows (BLACKMAMBA_DECODE_STACK) --
+// A split product (bf16 hi + lo activations: decode batches of up to GEMV_ROWS rows under BF16
+// math, every batch under BF16X2) ran as two GEMMs on the same weights, hi, then lo
+// accumulating (beta = 1): the weights read twice, and at these sizes cuBLAS's split-K kernels
+// with their reduction kernels. Where the lo rows lie right after the hi rows, both are one
+// GEMM of 2B rows (the weights read once) and the consumer adds each row's two products in
+// fp32, as the beta = 1 pass did: in_proj's in the conv step (bm_cuda_conv_step_sum), out_proj's
+// in the next layer's routing kernel, which sums out_pair's two halves anyway. Unset / "1": on;
+// "0": the two GEMMs (A/B, tests). Read at graph capture. Measured: cuda/NOTES.md session 18.
+std::atomic<long long> g_stack{0};  // stacked split products (tests)
+bool stack_on() { return bm_env_switch("BLACKMAMBA_DECODE_STACK", true); }
+// in_proj: the Mamba norm writes the lo rows at xbf + B d (ws_layout: room for 2T rows of d),
+// the GEMM writes (2B, 2E) into xzt.
+bool stack_in_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t B) {
+    return ws->decode && B == ws->T && ws->Ts == B && ws->xzt && ws->xzt_rows >= 2 * B &&
+           !ly.in_b && B <= 65535 && in_proj_batched(m, ws, B) && split_x(m, ws, B) &&
+           stack_on();
+}
+// out_proj: the scan writes the lo rows at xlo, which must be xbf + B E (ws_layout, where E is
+// the widest row); the GEMM writes out_pair's (2, B, d).
+bool stack_out_ok(const bm_cuda_model *m, const Ws *ws, int64_t B) {
+    return ws->decode && B == ws->T && ws->xlo && ws->xlo == ws->xbf + B * m->cfg.E &&
+           split_x(m, ws, B) && stack_on();
+}
+
 bool out_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t B) {
-    return bf16_math(m) && B > ws->gv && mp_on() && !split_x(m, ws, B) && ws->hk &&
-           !ly.out_b && m->cfg.E % 16 == 0;
+    return bf16_math(m) && B > ws->gv && mp_on() &&
+           (!split_x(m, ws, B) || stack_out_ok(m, ws, B)) && ws->hk && !ly.out_b &&
+           m->cfg.E % 16 == 0;
 }
 int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B) {
     const int64_t d = m->cfg.d, E = m->cfg.E, K2 = E / 2;
     const float one = 1.f, zero = 0.f;
+    if (split_x(m, ws, B)) {  // stack_out_ok: out[0] = hi rows' products, out[1] = lo rows'
+        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)(2 * B),
+                                   (int)E, &one, ly.out_w, CUDA_R_16BF, (int)E, ws->xbf,
+                                   CUDA_R_16BF, (int)E, &zero, out, CUDA_R_32F, (int)d,
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        g_stack.fetch_add(1, std::memory_order_relaxed);
+        return 0;
+    }
     BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
         m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)B, (int)K2, &one, ly.out_w, CUDA_R_16BF,
         (int)E, (long long)K2, ws->xbf, CUDA_R_16BF, (int)E, (long long)K2, &zero, out,
         CUDA_R_32F, (int)d, (long long)(B * d), 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     g_out_ksplit.fetch_add(1, std::memory_order_relaxed);
     return 0;
+}
+
+// ---- The device's persisting-L2 set-aside (BLACKMAMBA_L2_SET_ASIDE), set at model creation ---
+// The H200s we measure on report cudaLimitPersistingL2CacheSize = 11.25 MB before anything
+// sets it, and L2 set aside for persisting lines is taken from the normal lines even while no
+// persisting access uses it (session 12: 24 MB and up hurt batch 1 and the prefill). Set to 0,
+// the decode staging's evict_last lines (l2_side_kernel below) are ordinary lines like the
+// rest. Measured (H200, 2.8B shape, one process, the same graphs timed under each limit in
+// turn: cuda/dev/ab_l2limit.py, cuda/NOTES.md session 18): 0 against 11.25 MB, B = 64 -0.65%,
+// B = 32 -0.55%, B = 16 -0.1 to -1.9%, B = 8 +0.45%, B = 1 and the prefill even; 4 MB (the
+// device rounds it up to 7.5) half of that. The limit belongs to the device context, which
+// every library in the process shares, so it is set once per model creation, not per call.
+// BLACKMAMBA_L2_SET_ASIDE=<MB> sets another size (clamped to the device's maximum), "keep"
+// leaves the device's value; anything else means the default, 0. A device without persisting
+// L2 (or that refuses the limit) is left as it is: the limit is a hint, never an error.
+void l2_set_aside_apply() {
+    const char *e = getenv("BLACKMAMBA_L2_SET_ASIDE");
+    if (e && !strcmp(e, "keep")) return;
+    long mb = 0;
+    if (e && *e) {
+        char *end = nullptr;
+        const long v = strtol(e, &end, 10);
+        if (!*end && v >= 0) mb = std::min<long>(v, 1024);
+    }
+    int dev = 0, maxp = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&maxp, cudaDevAttrMaxPersistingL2CacheSize, dev) != cudaSuccess ||
+        maxp <= 0 ||
+        cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize,
+                           std::min((size_t)mb << 20, (size_t)maxp)) != cudaSuccess)
+        cudaGetLastError();  // not settable here: leave it (see above)
 }
 
 // ---- L2 staging from a side branch of the batched decode graph (BLACKMAMBA_L2SIDE) --------
@@ -1969,7 +2043,7 @@ int l2side_join(bm_cuda_model *m) {
 int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                const float *xn, float *out, int64_t B, bool xbf_ready,
                const NormIn *nin = nullptr, bool pair = false, const void *stage = nullptr,
-               int64_t stage_bytes = 0, bool fc2_normed = false) {
+               int64_t stage_bytes = 0, bool fc2_normed = false, bool stacked_in = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t d = c.d, E = c.E, N = c.N, R = c.R;
     float *x = ws->xz, *z = ws->xz + B * E;
@@ -2017,6 +2091,19 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
         TRY(bm_cuda_conv_step_norm(ws->xzt, ws->xzt + E, 2 * E, z, conv, ly.conv_w, ly.conv_b,
                                    ws->xc, 1, B, E, c.K, ws->ssp, bm_cuda_moe_norm_parts(d), d,
                                    EPS, st));
+    } else if (stacked_in) {
+        // a split in_proj (stack_in_ok): the norm wrote the bf16 hi rows at xbf and the lo rows
+        // right after them (xbf + B d): one GEMM of 2B rows and 2E outputs into xzt (2B, 2E),
+        // and the conv step adds each row's hi and lo products
+        const float one = 1.f, zero = 0.f;
+        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)(2 * B),
+                                   (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
+                                   CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F,
+                                   (int)(2 * E), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        g_stack.fetch_add(1, std::memory_order_relaxed);
+        TRY(mark(m, P_IN));
+        TRY(bm_cuda_conv_step_sum(ws->xzt, ws->xzt + E, 2 * E, B * 2 * E, z, conv, ly.conv_w,
+                                  ly.conv_b, ws->xc, 1, B, E, c.K, st));
     } else {
         TRY(in_proj(m, ws, ly, xn, B, xbf_ready));
         TRY(mark(m, P_IN));
@@ -2030,8 +2117,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const float *xw32 = ly.x_wf ? ly.x_wf : c.wdtype == BM_F32 ? (const float *)ly.x_w
                                                                 : nullptr;
     // The batched decode's x_proj and dt_proj as xdt.cu's PDL kernels (BLACKMAMBA_XDT_DEC).
-    const int xmode = xdt_dec_mode(B);
-    const bool xdt = B > ws->gv && xmode && xw32 && dtw &&
+    const bool xdt = B > ws->gv && xdt_dec_on() && xw32 && dtw &&
                      bm_xdt_ok(B, E, R, N, ws->xc, xw32, ws->dbc, dtw, ws->delta);
     const int64_t BE = B * E;
     const bool fused = B <= ws->gv;  // else dt_proj as a product of B rows first
@@ -2104,7 +2190,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
                           fdt ? dtw : nullptr, ev);
         }
         TRY(mark(m, P_SCAN));
-        if (pair && ybf && !ysplit) {
+        if (pair && ybf) {  // (split: out_pair_ok checked stack_out_ok)
             TRY(out_pair(m, ws, ly, out, B));
             return mark(m, P_OUT);
         }
@@ -2518,12 +2604,15 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         }
         const bool normed = fc2_normed;
         fc2_normed = false;
+        // a split decode in_proj as one GEMM of 2T rows: the lo rows right after the hi rows
+        const bool stk = xb && split && !normed && ly.mamba && !ly.X && stack_in_ok(m, ws, ly, T);
         if (!normed) {
             // (the prefill's in_proj reads the bf16 row only: no fp32 xn there, 96 MB a
             // layer less at T = 16384)
             TRY(bm_rms_norm_static_w(ws->h, li ? rc : nullptr, ly.norm_w, EPS,
                                      xb && !ws->decode ? nullptr : ws->xn, rc,
-                                     xb ? ws->xbf : nullptr, xb && split ? ws->xlo : nullptr,
+                                     xb ? ws->xbf : nullptr,
+                                     xb && split ? (stk ? ws->xbf + T * d : ws->xlo) : nullptr,
                                      T, d, st));
             TRY(mark(m, P_NORM));
         }
@@ -2540,7 +2629,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                 TRY(mamba_step(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
                                pair ? ws->hk : ws->h, B, xb, nullptr, pair,
                                stage ? nx->fc1 : nullptr, std::min(side_bytes, fc1_bytes),
-                               normed));
+                               normed, stk));
             else
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
                                   xb));
@@ -2614,12 +2703,15 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->rlog = a.take<float>(T * m->Xmax);
     const int64_t eh_rows = (decode || !c.swiglu) ? T : std::min(T, MOE_GEMV_MAX);
     w->eh = m->has_mlp ? a.take<float>(eh_rows * G) : nullptr;
-    w->xbf = bf16_math(m) ? a.take<uint16_t>(T * std::max({d, E, c.R})) : nullptr;
     // rows that may split (split_x): all under BF16X2, the small prefill products under BF16
     w->Ts = !bf16_math(m) ? 0
             : c.math == BM_CUDA_MATH_BF16X2 ? T
             : decode ? (T >= 2 && T <= GEMV_ROWS ? T : 0) : std::min(T, split_limit(c));
-    w->xlo = w->Ts ? a.take<uint16_t>(w->Ts * std::max({d, E, c.R})) : nullptr;
+    // xlo right after xbf's T rows: a split product's hi and lo rows of the widest stride are
+    // one matrix of 2T rows (stack_out_ok), and xbf has room for 2T rows of d (stack_in_ok)
+    const int64_t wmax = std::max({d, E, c.R});
+    w->xbf = bf16_math(m) ? a.take<uint16_t>((T + w->Ts) * wmax) : nullptr;
+    w->xlo = w->Ts ? w->xbf + T * wmax : nullptr;
     const bool all_experts = decode && bf16_math(m) && m->has_mlp && T >= 2;
     w->hall = all_experts ? a.take<float>(m->Xmax * T * G) : nullptr;
     w->abf = all_experts ? a.take<uint16_t>(T * c.F) : nullptr;
@@ -2645,7 +2737,8 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->ticket = decode ? a.take<unsigned>(1) : nullptr;
     w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
     w->ssp = decode && T >= 2 ? a.take<float>(T * bm_cuda_moe_norm_parts(d)) : nullptr;
-    w->xzt = decode && T >= 2 ? a.take<float>(T * 2 * E) : nullptr;
+    w->xzt_rows = decode && T >= 2 ? (w->Ts == T ? 2 * T : T) : 0;  // 2T: stack_in_ok
+    w->xzt = w->xzt_rows ? a.take<float>(w->xzt_rows * 2 * E) : nullptr;
     w->bytes = a.off;
 }
 
@@ -2721,10 +2814,12 @@ int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace 
     // paths (cuBLAS / tf32 GEMMs, the grouped experts) instead of the 8-row GEMVs: those read
     // the weights at ~0.4-1 TB/s (B = 8 on the H200: in_proj 45 us a layer for 17 MB).
     // Up to GEMV_ROWS rows these products split their activations (bf16 hi + lo, as the
-    // small prefills do): the GEMVs they replace are fp32-exact, and the tensor-core work is
-    // free at these sizes; the golden's batch-2 generation keeps its argmax so.
+    // small prefills do): the GEMVs they replace are fp32-exact; the golden's batch-2
+    // generation keeps its argmax so. Split products cost little once stacked (stack_on: at
+    // B = 8 on the H200 1.70 ms/step, unsplit 1.50; the two-GEMM split 1.92).
+    // BLACKMAMBA_DECODE_SPLIT=0 rounds them to bf16 instead, as from GEMV_ROWS + 1 rows (A/B).
     ws->gv = bf16_math(m) && B >= dec_gemm_min() ? 1 : GEMV_ROWS;
-    ws->dsplit = ws->gv == 1 && B <= GEMV_ROWS;
+    ws->dsplit = ws->gv == 1 && B <= GEMV_ROWS && bm_env_switch("BLACKMAMBA_DECODE_SPLIT", true);
     TRY(forward(m, ws, s, B, 1, trace));
     TRY(linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
                m->cfg.d));
@@ -2907,6 +3002,7 @@ int model_create(const bm_cuda_config *cfg, const bm_cuda_weights *w, bm_cuda_mo
         TRY(check_layer_weights(m, li, w->layers[li]));
     }
 
+    l2_set_aside_apply();
     BM_CUDA_TRY(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
     BM_CUDA_TRY(cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking));
     BM_CUDA_TRY(cudaEventCreateWithFlags(&m->side_fork, cudaEventDisableTiming));
@@ -3020,6 +3116,9 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
     return g_xproj_ksplit.load(std::memory_order_relaxed);
 }
 
+extern "C" long long bm_cuda_decode_stack_calls(void) {
+    return g_stack.load(std::memory_order_relaxed);
+}
 extern "C" long long bm_cuda_l2side_calls(void) {
     return g_l2side.load(std::memory_order_relaxed);
 }
@@ -3114,6 +3213,15 @@ extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
     if (m->stream) cudaStreamDestroy(m->stream);
     cudaGetLastError();  // frees at interpreter exit may find the runtime unloading
     delete m;
+}
+
+extern "C" long long bm_cuda_l2_set_aside(void) {
+    size_t v = 0;
+    if (cudaDeviceGetLimit(&v, cudaLimitPersistingL2CacheSize) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    return (long long)v;
 }
 
 extern "C" void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, size_t *workspaces,

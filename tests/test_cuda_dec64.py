@@ -7,8 +7,8 @@ switches, read at graph capture) and with the CPU model. (The helper's two-launc
 cuda/moe_stream.cu, measured slower and stayed on branch dec64, commit 7d81074.)
 
 Tolerances (relative L2 of the logits, float64 norms):
-  TOL_SPLIT 1e-4: decode batches of 2..8 rows under "bf16" math on the batched path (from 8
-    rows by default; BLACKMAMBA_DECODE_GEMM_MIN=2 here) split their activations into bf16
+  TOL_SPLIT 1e-4: decode batches of 2..8 rows under "bf16" math on the batched path (from 2
+    rows by default since session 18, 8 before; BLACKMAMBA_DECODE_GEMM_MIN=2 here) split their activations into bf16
     hi + lo (~1e-5 per product), as the 8-row GEMVs they replace were fp32-exact;
   1e-2 (and > 1e-4, so that the rounding path is really exercised) for batches of more than
     8 rows under "bf16" (activations rounded to bf16: ~3e-3 per product, as in
@@ -36,7 +36,8 @@ TOL_SPLIT = 1e-4
 TOL_SAME = 1e-6
 SWITCHES = ("BLACKMAMBA_DECODE_GEMM_MIN", "BLACKMAMBA_SCAN4", "BLACKMAMBA_DECODE_NORM_BF",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_SCAN4_ROWS", "BLACKMAMBA_MOE_GROUPED_TILES",
-            "BLACKMAMBA_SCAN4_DT", "BLACKMAMBA_SCAN4_EARLY", "BLACKMAMBA_DECODE_NORM_FC2")
+            "BLACKMAMBA_SCAN4_DT", "BLACKMAMBA_SCAN4_EARLY", "BLACKMAMBA_DECODE_NORM_FC2",
+            "BLACKMAMBA_DECODE_STACK", "BLACKMAMBA_DECODE_SPLIT", "BLACKMAMBA_XDT_DEC")
 
 
 def counters():
@@ -57,7 +58,7 @@ def make(seed, math="bf16", **over):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_small_batch_decode_batched_split(env, B, seed):
     # 2..8 rows: the batched path (split products, float4 scan, norm_route_pre, grouped
-    # experts; the default from 8 rows, forced from 2 here) against the CPU model, and
+    # experts; the default from 2 rows, set explicitly here) against the CPU model, and
     # against the 8-row GEMV path it replaces (BLACKMAMBA_DECODE_GEMM_MIN=9)
     g, c = make(seed)
     ids = np.random.default_rng(seed + 10).integers(0, g.vocab_size, (B, 7))
@@ -291,3 +292,35 @@ def test_scan4_early(env, B, math):
         assert ns >= 2
         assert lib.bm_cuda_step_scan4_early_calls() - n0 == (ns if fits else 0), val
         np.testing.assert_array_equal(got, old)
+
+
+def stacks():
+    return native_count("bm_cuda_decode_stack_calls")
+
+
+@pytest.mark.parametrize("B,math,gmin", [(8, "bf16", None), (3, "bf16", 2), (12, "bf16x2", None)])
+def test_split_decode_stacked(env, B, math, gmin):
+    # Session 18: a split decode product (bf16 hi + lo rows) as one GEMM of 2B rows
+    # (BLACKMAMBA_DECODE_STACK): in_proj's two products added by the conv step, out_proj's by
+    # the next layer's routing kernel. Both Mamba layers of "r 8 r 3" precede a routed MoE
+    # layer, so a capture stacks 4 products. Against the two-GEMM path in the same process (the
+    # same fp32 sums of the same products, in GEMMs of other shapes: 1e-5), the CPU model
+    # (TOL_SPLIT) and its argmax.
+    g, c = make(20 + B, math=math)
+    ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 6))
+    kw = {} if gmin is None else {"BLACKMAMBA_DECODE_GEMM_MIN": gmin}
+    env(**kw)
+    n0 = stacks()
+    got, want = steps(g, c, ids, 3)
+    assert stacks() == n0 + 4
+    assert rel_err(got, want) < TOL_SPLIT
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    env(BLACKMAMBA_DECODE_STACK=0, **kw)
+    old, _ = steps(g, None, ids, 3)
+    assert stacks() == n0 + 4                     # the two-GEMM path stacks none
+    assert rel_err(got, old) < 1e-5
+    env(BLACKMAMBA_DECODE_SPLIT=0, **kw)          # bf16-rounded activations: nothing to stack
+    if math == "bf16":
+        rounded, _ = steps(g, None, ids, 3)
+        assert stacks() == n0 + 4
+        assert 1e-4 < rel_err(rounded, want) < 1e-2

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not model_cuda.is_available(),
                                  reason="no CUDA device, or blackmamba built without CUDA")]
 
-SWITCHES = ("BLACKMAMBA_L2SIDE", "BLACKMAMBA_L2SIDE_STATE", "BLACKMAMBA_SCAN_EVICT")
+SWITCHES = ("BLACKMAMBA_L2SIDE", "BLACKMAMBA_L2SIDE_STATE", "BLACKMAMBA_SCAN_EVICT",
+            "BLACKMAMBA_L2_SET_ASIDE")
 
 
 def calls():
@@ -118,3 +119,33 @@ def test_l2side_state(env, B, hidden, layers, mambas, auto):
         if staged:
             assert calls() - f1 >= mambas, kv   # the fork carries it
         np.testing.assert_array_equal(other, new[:2])
+
+
+def test_l2_set_aside(env):
+    """Model creation sets the device's persisting-L2 set-aside (session 18): 0 by default (the
+    H200s report 11.25 MB before), BLACKMAMBA_L2_SET_ASIDE=<MB> that size (the device rounds it
+    up to its granularity and clamps it to its maximum), "keep" the device's value, anything
+    else the default. memory()["l2_set_aside"] reads the device's limit back."""
+    cfg = small_config(hidden_size=64, mamba_moe_layers=["r", "8"])
+    t = random_tensors(cfg, seed=3)
+
+    def made(**kv):
+        env(**kv)
+        return model_cuda.CudaModel(cfg, t, dtype="bfloat16").memory()["l2_set_aside"]
+
+    first = made()
+    if first < 0:
+        pytest.skip("the device's persisting-L2 limit cannot be read")
+    assert first == 0
+    four = made(BLACKMAMBA_L2_SET_ASIDE=4)
+    if four == 0:
+        pytest.skip("this device has no persisting-L2 set-aside")
+    assert four >= 4 << 20
+    assert made(BLACKMAMBA_L2_SET_ASIDE="keep") == four   # left as it was
+    top = made(BLACKMAMBA_L2_SET_ASIDE=1024)
+    assert top >= four
+    assert made(BLACKMAMBA_L2_SET_ASIDE=100000) == top    # clamped alike
+    assert made(BLACKMAMBA_L2_SET_ASIDE="junk") == 0      # not a size: the default
+    assert made(BLACKMAMBA_L2_SET_ASIDE="keep") == 0
+    made(BLACKMAMBA_L2_SET_ASIDE=2)
+    assert made() == 0

@@ -101,8 +101,9 @@ def test_golden_forward_bf16_math(gold_parts, golden):
                    np.mean(logits.argmax(-1) == golden["logits"].argmax(-1)))
     assert err < TOL_SPLIT and agree >= 0.99      # the issue: < 0.05 and >= 99%
     assert err > 0      # not the exact fp32 path (rounded hi + lo parts, tensor cores)
-    # generation: the prompt's prefill (12 tokens) splits, the decode steps at batch 2
-    # multiply fp32 activations (GEMV) whatever `math` is
+    # generation: the prompt's prefill (12 tokens) splits, and so do the decode steps at
+    # batch 2 (the batched path's bf16 hi + lo products since session 18; the GEMVs' fp32
+    # activations before)
     prompt, want = golden["gen_prompt"], golden["gen_tokens"]
     steps = teacher_forced(m, prompt, want)
     assert record("golden_gen_logits_bf16math", rel_err(steps, golden["gen_logits"])) \
@@ -283,8 +284,8 @@ def test_sequence_parallel_scan_and_xproj_ksplit(math, monkeypatch):
     # K-split in 2 (engine.cu x_proj), in prefill and in decode at batch 12; under bf16 (unsplit
     # at 320 rows) x_proj and dt_proj run in tf32 on float32 weight copies (tf32_small()).
     # Against the CPU model with each math's tolerance (module docstring). The decode's
-    # cuBLAS products, that is: BLACKMAMBA_XDT_DEC=0 (by default, decode batches above 8 rows
-    # run them through cuda/xdt.cu's kernels: tests/test_cuda_xdt.py).
+    # cuBLAS products, that is: BLACKMAMBA_XDT_DEC=0 (by default, batched decode runs them
+    # through cuda/xdt.cu's kernels: tests/test_cuda_xdt.py).
     monkeypatch.setenv("BLACKMAMBA_XDT_DEC", "0")
     cfg = make_cfg(mamba_moe_layers=["r", "8", "r", "8"], hidden_size=128)
     t = random_tensors(cfg, seed=41)

@@ -73,6 +73,9 @@ def _lib_c():
     lib.bm_cuda_conv_step_norm.argtypes = [P, P, I64, P, P, P, P, P, ctypes.c_int, I64, I64, I64,
                                            P, I64, I64, F32, P]
     lib.bm_cuda_conv_step_norm.restype = ctypes.c_int
+    lib.bm_cuda_conv_step_sum.argtypes = [P, P, I64, I64, P, P, P, P, P, ctypes.c_int, I64, I64,
+                                          I64, P]
+    lib.bm_cuda_conv_step_sum.restype = ctypes.c_int
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
               "bm_cuda_norm_route_warp_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
@@ -500,6 +503,44 @@ def test_conv_step_norm(b, E, K, parts, silu):
     np.testing.assert_array_equal(dxz.numpy(), xz)
     rc = LIB.bm_cuda_conv_step_norm(dx.ptr, dz.ptr, E, dz.ptr, ds.ptr, dw.ptr, db.ptr, y.ptr,
                                     silu, 65536, E, K, dss.ptr, parts, d, eps, LEGACY_STREAM)
+    assert rc != 0 and "b <= 65535" in LIB.bm_cuda_last_error().decode()
+
+
+@pytest.mark.parametrize("b,E,K,silu", [(3, 40, 4, 1), (8, 2944, 4, 1), (5, 33, 3, 0),
+                                         (1, 7, 2, 1), (16, 100, 8, 1)])
+def test_conv_step_sum(b, E, K, silu):
+    # bm_cuda_conv_step_sum (session 18): x and z as the sums of two parts, the hi and lo
+    # products of a stacked split in_proj, (2b, 2E) rows of x then z, the lo rows b * 2E on;
+    # the conv step on x_hi + x_lo, z = z_hi + z_lo, the state shifted; against float64 on the
+    # float32 sums (each sum is one fp32 addition: exact to the float32 rounding of that sum)
+    D = cuda.to_device
+    rng = rng_for("conv sum", b, E, K)
+    xz = rng.standard_normal((2 * b, 2 * E)).astype(np.float32)
+    xz[b:] *= np.float32(1e-3)              # the lo products: small, as x - bf16(x) is
+    st = rng.standard_normal((b, K - 1, E)).astype(np.float32)
+    w = rng.standard_normal((E, K)).astype(np.float32)
+    bias = rng.standard_normal(E).astype(np.float32)
+    dxz, ds, dw, db = D(xz), D(st), D(w), D(bias)
+    y = D(np.full((b, E), np.float32(np.nan)))
+    z = D(np.full((b, E), np.float32(np.nan)))
+    rc = LIB.bm_cuda_conv_step_sum(dxz.ptr, dxz.ptr + 4 * E, 2 * E, b * 2 * E, z.ptr, ds.ptr,
+                                   dw.ptr, db.ptr, y.ptr, silu, b, E, K, LEGACY_STREAM)
+    assert rc == 0, LIB.bm_cuda_last_error().decode()
+    xs = (xz[:b, :E] + xz[b:, :E]).astype(np.float64)         # float32 sums, then float64
+    win = np.concatenate([st.astype(np.float64), xs[:, None, :]], axis=1)   # (b, K, E)
+    acc = bias + np.einsum("bke,ek->be", win, w.astype(np.float64))
+    want_y = acc / (1 + np.exp(-acc)) if silu else acc
+    np.testing.assert_allclose(y.numpy(), want_y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(z.numpy(), xz[:b, E:] + xz[b:, E:])
+    np.testing.assert_array_equal(ds.numpy(), win[:, 1:].astype(np.float32))
+    np.testing.assert_array_equal(dxz.numpy(), xz)                  # inputs untouched
+    # the lo part overlapping the hi rows, b > 65535: refused with a message
+    rc = LIB.bm_cuda_conv_step_sum(dxz.ptr, dxz.ptr + 4 * E, 2 * E, 2 * E, z.ptr, ds.ptr,
+                                   dw.ptr, db.ptr, y.ptr, silu, max(b, 2), E, K, LEGACY_STREAM)
+    assert rc != 0 and "part past the rows" in LIB.bm_cuda_last_error().decode()
+    rc = LIB.bm_cuda_conv_step_sum(dxz.ptr, dxz.ptr + 4 * E, 2 * E, 65536 * 2 * E, z.ptr,
+                                   ds.ptr, dw.ptr, db.ptr, y.ptr, silu, 65536, E, K,
+                                   LEGACY_STREAM)
     assert rc != 0 and "b <= 65535" in LIB.bm_cuda_last_error().decode()
 
 

@@ -124,9 +124,9 @@ def assert_greedy_equal(got, ref):
     assert mism.mean() <= 0.02
 
 
-# (B, weight dtype, math): bf16 weights under bf16 math (the float32 copies x_wf / dt_wf;
-# the default from 9 rows; 8 rows forced by "1", where the scan computes delta itself and only
-# x_proj is ours), fp32 weights under fp32 and bf16 math (the weights themselves)
+# (B, weight dtype, math): bf16 weights under bf16 math (the float32 copies x_wf / dt_wf; at 8
+# rows the scan computes delta itself and only x_proj is ours), fp32 weights under fp32 and bf16
+# math (the weights themselves)
 CASES = [(12, "bfloat16", "bf16"), (64, "bfloat16", "bf16"), (40, "bfloat16", "bf16x2"),
          (8, "bfloat16", "bf16"), (12, "float32", "fp32"), (64, "float32", "bf16")]
 
@@ -150,12 +150,12 @@ def test_xdt_decode(env, B, dtype, math):
     old_tf32 = math == "bf16" and B > 8                # tf32 products on the old path
     assert rel_err(new, old) < (2e-3 if old_tf32 else TOL_SPLIT)
     assert_greedy_equal(new, old)
-    if B > 8:  # unset: the default (on above 8 rows)
-        env()
-        n2 = launches()
-        dflt, _ = steps(g, c, ids, 3)
-        assert launches()[0] >= n2[0] + 2
-        np.testing.assert_array_equal(dflt, new)
+    # unset: the default (on at every batched size; above 8 rows only before session 18)
+    env()
+    n2 = launches()
+    dflt, _ = steps(g, c, ids, 3)
+    assert launches()[0] >= n2[0] + 2
+    np.testing.assert_array_equal(dflt, new)
     # x_proj with 8 and with 16 warps a CTA: the same products summed in another order; the
     # default takes 16 up to 32 rows, 8 above
     w = {}
@@ -167,15 +167,25 @@ def test_xdt_decode(env, B, dtype, math):
     np.testing.assert_array_equal(new, w[16 if B <= 32 else 8])
 
 
-def test_xdt_decode_default_small(env):
-    # unset at 8 rows: the old path (the switch's default is above 8 rows only)
+@pytest.mark.parametrize("B,gmin", [(8, None), (3, 2)])
+def test_xdt_decode_default_small(env, B, gmin):
+    # unset at up to 8 rows (the batched path from 2 rows by default since session 18; 3 rows
+    # also with BLACKMAMBA_DECODE_GEMM_MIN=2 set): x_proj through xdt.cu since session 18 (it was the cuBLAS
+    # path there before), delta in the scan (FDT: no dt_proj launch); against the old path
+    # ("0": split bf16 products) and the CPU model, both at the split tolerance
     g, c = model(3, "bfloat16", "bf16")
-    ids = np.random.default_rng(1).integers(0, g.vocab_size, (8, 5))
-    env()
+    ids = np.random.default_rng(1).integers(0, g.vocab_size, (B, 5))
+    kw = {} if gmin is None else {"BLACKMAMBA_DECODE_GEMM_MIN": gmin}
+    env(**kw)
     n0 = launches()
     got, want = steps(g, c, ids, 2)
-    assert launches() == n0
+    assert launches() == (n0[0] + 2, n0[1])          # two Mamba layers' x_proj, no dt_proj
     assert rel_err(got, want) < TOL_SPLIT
+    env(BLACKMAMBA_XDT_DEC=0, **kw)
+    old, _ = steps(g, c, ids, 2)
+    assert launches() == (n0[0] + 2, n0[1])
+    assert rel_err(got, old) < TOL_SPLIT
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_xdt_decode_fallback(env):

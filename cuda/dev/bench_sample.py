@@ -11,18 +11,18 @@ back to the host, so it includes a host synchronisation). Also the model-level l
 tiny model: ms per token of CudaModel.sample against CudaModel.greedy.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from blackmamba import _lib, cuda
+sys.path.insert(0, os.path.dirname(__file__))
+from trace_model import trace_events  # noqa: E402
+
+from blackmamba import _lib, cuda  # noqa: E402
 
 V = 50304
 CASES = [  # name, temperature, top_k, top_p, path
@@ -39,16 +39,8 @@ CASES = [  # name, temperature, top_k, top_p, path
 
 
 def kernel_us(fn, name="sample_kernel"):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    path = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)["traceEvents"]
-    os.unlink(path)
-    d = [e["dur"] for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"
-         and name in e.get("name", "")]
+    d = [e["dur"] for e in trace_events(fn)
+         if e.get("cat") == "kernel" and name in e.get("name", "")]
     return statistics.median(d) if d else float("nan")
 
 

@@ -7,19 +7,17 @@ products shows.
     PYTHONPATH=. python3 cuda/dev/host_gap_probe.py [--B 1] [--L 2048] [--n 60]
 """
 import argparse
-import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import SHAPE_2_8B, random_bf16_tensors  # noqa: E402
-from trace_model import short  # noqa: E402
+from trace_model import short, trace_events  # noqa: E402
 
 from blackmamba import _lib, model_cuda  # noqa: E402
 from blackmamba.config import Config  # noqa: E402
@@ -37,22 +35,15 @@ def main():
     ids = np.random.default_rng(1).integers(0, cfg.real_vocab_size, (args.B, args.L)).astype(np.int64)
     torch.cuda.init()
     C.cuda_bench_prefill(model._eng, ids, 1, 2)  # warm: every shape seen once
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        C.cuda_bench_prefill(model._eng, ids, 0, 2)
-        torch.cuda.synchronize()
-    path = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)["traceEvents"]
-    os.unlink(path)
+    ev = trace_events(lambda: C.cuda_bench_prefill(model._eng, ids, 0, 2),
+                      (ProfilerActivity.CPU, ProfilerActivity.CUDA))
     cats = {}
     for e in ev:
-        if e.get("ph") == "X":
-            cats[e.get("cat")] = cats.get(e.get("cat"), 0) + 1
+        cats[e.get("cat")] = cats.get(e.get("cat"), 0) + 1
     print("event categories:", cats)
-    api = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")),
+    api = sorted((e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")),
                  key=lambda e: e["ts"])
-    ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    ks = sorted((e for e in ev if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     corr = {}
     for k in ks:
         c = k.get("args", {}).get("correlation")

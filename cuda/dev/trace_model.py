@@ -36,18 +36,23 @@ def short(name):
     return name[:70]
 
 
-def kernels_of(fn, reps):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+def trace_events(fn, activities=(ProfilerActivity.CUDA,)):
+    """The complete ("X") events of a torch.profiler chrome trace around fn() and a device
+    synchronize (also cuda/dev/bench_sample.py's and host_gap_probe.py's)."""
+    with profile(activities=list(activities)) as prof:
         fn()
         torch.cuda.synchronize()
-    path = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)["traceEvents"]
-    os.unlink(path)
-    ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"),
-                key=lambda e: e["ts"])
-    return ks
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            ev = json.load(f)["traceEvents"]
+    return [e for e in ev if e.get("ph") == "X"]
+
+
+def kernels_of(fn, reps):
+    return sorted((e for e in trace_events(fn) if e.get("cat") == "kernel"),
+                  key=lambda e: e["ts"])
 
 
 def report(label, ks, reps, out):

@@ -1438,7 +1438,9 @@ int moe_dec_pdl_flags(int64_t T, int64_t X) {
                   : T <= GEMV_ROWS                 ? 2
                   : T >= 2 * X && T <= 32 * X      ? 3
                                                    : 2;
-    const bool cap = bm_env_switch("BLACKMAMBA_MOE_DEC_PDL_CAP", T > GEMV_ROWS);
+    // capped also at up to 5 rows (session 18, same process, the stacked split path: B = 2
+    // -3.4%, 3 -0.6%, 4 -0.8%, 5 -1.1%; 6, 7, 8 +1.4, +1.3, +1.0%)
+    const bool cap = bm_env_switch("BLACKMAMBA_MOE_DEC_PDL_CAP", T > GEMV_ROWS || T <= 5);
     static const int f[6] = {0,
                              BM_MOE_GROUPED_PDL,
                              BM_MOE_GROUPED_PDL_EARLY,
@@ -1871,10 +1873,6 @@ constexpr bool OUT_KSPLIT_DEFAULT = true;
 bool out_ksplit_on() { return bm_env_switch("BLACKMAMBA_OUT_KSPLIT", OUT_KSPLIT_DEFAULT); }
 std::atomic<long long> g_out_ksplit{0};  // out_proj products as two K halves (tests)
 
-// out_proj of the batched decode as two K halves: out[h] (B, d) = y_bf16[:, h E/2 : (h+1) E/2]
-// @ out_w[:, h E/2 : (h+1) E/2]^T, h = 0, 1, out (2, B, d) (bf16 operands from ws->xbf, fp32
-// products and outputs). The caller checked out_pair_ok (E % 16: 16-byte aligned bf16 halves).
-//
 // ---- Split products of the batched decode as one GEMM of 2B rows (BLACKMAMBA_DECODE_STACK) --
 // A split product (bf16 hi + lo activations: decode batches of up to GEMV_ROWS rows under BF16
 // math, every batch under BF16X2) ran as two GEMMs on the same weights, hi, then lo
@@ -1900,6 +1898,11 @@ bool stack_out_ok(const bm_cuda_model *m, const Ws *ws, int64_t B) {
            split_x(m, ws, B) && stack_on();
 }
 
+// out_proj of the batched decode as two K halves: out[h] (B, d) = y_bf16[:, h E/2 : (h+1) E/2]
+// @ out_w[:, h E/2 : (h+1) E/2]^T, h = 0, 1, out (2, B, d) (bf16 operands from ws->xbf, fp32
+// products and outputs). The caller checked out_pair_ok (E % 16: 16-byte aligned bf16 halves).
+// Split products (stack_out_ok): the halves are the hi rows' and the lo rows' products over the
+// whole of K instead, one GEMM of 2B rows (the routing kernel sums them alike).
 bool out_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t B) {
     return bf16_math(m) && B > ws->gv && mp_on() &&
            (!split_x(m, ws, B) || stack_out_ok(m, ws, B)) && ws->hk && !ly.out_b &&

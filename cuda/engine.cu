@@ -185,7 +185,8 @@ struct Ws {
                             // workspace (decode, T > GEMV_ROWS, gated, BF16 math)
     size_t moe_bytes;
     int64_t LB;             // rows of logits per block
-    float *logits;          // (LB, V)
+    float *logits;          // (logit_rows, V): LB rows, 2T in a decode whose products may
+    int64_t logit_rows;     // split (Ts == T): room for the stacked head's lo rows
     int32_t *amax;          // (T)
     unsigned *ticket;       // (1) decode: norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
     float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
@@ -2735,7 +2736,8 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
         w->moe = a.take<char>((int64_t)w->moe_bytes);
     }
     w->LB = decode ? T : std::min(T, LOGIT_ROWS);
-    w->logits = a.take<float>(w->LB * V);
+    w->logit_rows = decode && w->Ts == T && T >= 2 ? 2 * T : w->LB;  // stack_head_ok
+    w->logits = a.take<float>(w->logit_rows * V);
     w->amax = a.take<int32_t>(T);
     w->ticket = decode ? a.take<unsigned>(1) : nullptr;
     w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
@@ -2810,6 +2812,26 @@ int decode_ws(bm_cuda_model *m, int64_t B, Ws **out) {
     return 0;
 }
 
+// The LM head of a split decode (stack_head_ok) as one GEMM of 2B rows: the final norm's
+// output yf as bf16 hi rows in xbf and lo rows right after them, the products into logits
+// (2B, V), then the lo rows' products added to the hi rows' in fp32, as linear()'s second
+// (beta = 1) GEMM did: the 148 MB of the 2.8B head read once instead of twice.
+bool stack_head_ok(const bm_cuda_model *m, const Ws *ws, int64_t B) {
+    return ws->decode && B == ws->T && B > ws->gv && ws->Ts == B && ws->xbf &&
+           ws->logit_rows >= 2 * B && split_x(m, ws, B) && stack_on() &&
+           bm_env_switch("BLACKMAMBA_DECODE_STACK_HEAD", true);  // "0": linear()'s two GEMMs
+}
+int head_stacked(bm_cuda_model *m, Ws *ws, int64_t B) {
+    const int64_t d = m->cfg.d, V = m->cfg.V;
+    TRY(to_bf16(m, ws->yf, d, ws->xbf, B, d, ws->xbf + B * d));
+    TRY(gemm(m, m->emb, CUDA_R_16BF, ws->xbf, CUDA_R_16BF, d, ws->logits, V, 2 * B, V, d,
+             CUBLAS_COMPUTE_32F));
+    add_kernel<<<grid_for(B * V), 256, 0, m->stream>>>(ws->logits, ws->logits + B * V, B * V);
+    BM_CUDA_LAUNCHED();
+    g_stack.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+
 // One decode step of ws->tok into ws->logits (B, V): what the graph holds.
 int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace *trace) {
     const int64_t B = ws->T;
@@ -2824,8 +2846,11 @@ int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace 
     ws->gv = bf16_math(m) && B >= dec_gemm_min() ? 1 : GEMV_ROWS;
     ws->dsplit = ws->gv == 1 && B <= GEMV_ROWS && bm_env_switch("BLACKMAMBA_DECODE_SPLIT", true);
     TRY(forward(m, ws, s, B, 1, trace));
-    TRY(linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
-               m->cfg.d));
+    if (stack_head_ok(m, ws, B))
+        TRY(head_stacked(m, ws, B));
+    else
+        TRY(linear(m, ws, ws->yf, m->cfg.d, m->emb, nullptr, ws->logits, m->cfg.V, B, m->cfg.V,
+                   m->cfg.d));
     return mark(m, P_HEAD);
 }
 

@@ -37,7 +37,8 @@ TOL_SAME = 1e-6
 SWITCHES = ("BLACKMAMBA_DECODE_GEMM_MIN", "BLACKMAMBA_SCAN4", "BLACKMAMBA_DECODE_NORM_BF",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_SCAN4_ROWS", "BLACKMAMBA_MOE_GROUPED_TILES",
             "BLACKMAMBA_SCAN4_DT", "BLACKMAMBA_SCAN4_EARLY", "BLACKMAMBA_DECODE_NORM_FC2",
-            "BLACKMAMBA_DECODE_STACK", "BLACKMAMBA_DECODE_SPLIT", "BLACKMAMBA_XDT_DEC")
+            "BLACKMAMBA_DECODE_STACK", "BLACKMAMBA_DECODE_SPLIT", "BLACKMAMBA_XDT_DEC",
+            "BLACKMAMBA_DECODE_STACK_HEAD")
 
 
 def counters():
@@ -298,29 +299,36 @@ def stacks():
     return native_count("bm_cuda_decode_stack_calls")
 
 
-@pytest.mark.parametrize("B,math,gmin", [(8, "bf16", None), (3, "bf16", 2), (12, "bf16x2", None)])
+@pytest.mark.parametrize("B,math,gmin", [(8, "bf16", None), (3, "bf16", 2), (2, "bf16", 2),
+                                         (12, "bf16x2", None)])
 def test_split_decode_stacked(env, B, math, gmin):
     # Session 18: a split decode product (bf16 hi + lo rows) as one GEMM of 2B rows
     # (BLACKMAMBA_DECODE_STACK): in_proj's two products added by the conv step, out_proj's by
     # the next layer's routing kernel. Both Mamba layers of "r 8 r 3" precede a routed MoE
-    # layer, so a capture stacks 4 products. Against the two-GEMM path in the same process (the
-    # same fp32 sums of the same products, in GEMMs of other shapes: 1e-5), the CPU model
-    # (TOL_SPLIT) and its argmax.
+    # layer, so a capture stacks 4 products, and the LM head a fifth (session 19, head_stacked:
+    # its two products added by a pass over the logits). Against the two-GEMM path in the same
+    # process (the same fp32 sums of the same products, in GEMMs of other shapes: 1e-5), the
+    # CPU model (TOL_SPLIT) and its argmax; the head alone against linear()'s two GEMMs.
     g, c = make(20 + B, math=math)
     ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 6))
     kw = {} if gmin is None else {"BLACKMAMBA_DECODE_GEMM_MIN": gmin}
     env(**kw)
     n0 = stacks()
     got, want = steps(g, c, ids, 3)
-    assert stacks() == n0 + 4
+    assert stacks() == n0 + 5
     assert rel_err(got, want) < TOL_SPLIT
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    env(BLACKMAMBA_DECODE_STACK_HEAD=0, **kw)
+    head2, _ = steps(g, None, ids, 3)
+    assert stacks() == n0 + 9                     # the head's two GEMMs: 4 stacked, not 5
+    assert rel_err(got, head2) < 1e-5
+    n0 += 4
     env(BLACKMAMBA_DECODE_STACK=0, **kw)
     old, _ = steps(g, None, ids, 3)
-    assert stacks() == n0 + 4                     # the two-GEMM path stacks none
+    assert stacks() == n0 + 5                     # the two-GEMM path stacks none
     assert rel_err(got, old) < 1e-5
     env(BLACKMAMBA_DECODE_SPLIT=0, **kw)          # bf16-rounded activations: nothing to stack
     if math == "bf16":
         rounded, _ = steps(g, None, ids, 3)
-        assert stacks() == n0 + 4
+        assert stacks() == n0 + 5
         assert 1e-4 < rel_err(rounded, want) < 1e-2

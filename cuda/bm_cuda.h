@@ -141,6 +141,14 @@ int bm_cuda_conv_step_norm(const float *x, const float *zin, int64_t ld, float *
 int bm_cuda_conv_step_sum(const float *x, const float *zin, int64_t ld, int64_t part, float *z,
                           float *conv_state, const float *w, const float *bias, float *y,
                           int silu, int64_t b, int64_t E, int64_t K, cudaStream_t stream);
+/* Both: x and z the sums of two parts (bm_cuda_conv_step_sum), then the row scale from ssp
+ * (bm_cuda_conv_step_norm): a split in_proj stacked on the rows that a split fc2's norm
+ * epilogue left without the scale (bm_cuda_moe_norm_out::xlo). */
+int bm_cuda_conv_step_sum_norm(const float *x, const float *zin, int64_t ld, int64_t part,
+                               float *z, float *conv_state, const float *w, const float *bias,
+                               float *y, int silu, int64_t b, int64_t E, int64_t K,
+                               const float *ssp, int64_t parts, int64_t d, float eps,
+                               cudaStream_t stream);
 
 /* ---- norm.cu: one block per row, float32 ------------------------------------------------ */
 /* res_out = x + residual (residual NULL -> x); out = RMSNorm(res_out) * w. All (T, d).
@@ -288,12 +296,15 @@ int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb, const uint16
  * the row scale, and ssp (T, bm_cuda_moe_norm_parts(d)) the sums of res^2 over each 32
  * columns; the row scale rsqrt(sum(ssp row) / d + eps) is applied after in_proj
  * (bm_cuda_conv_step_norm). Only where bm_cuda_moe_grouped_norm_ok; every id in [0, X)
- * (the rows of tokens routed nowhere are not written). */
+ * (the rows of tokens routed nowhere are not written). A split call (the decode fc2 of
+ * grouped_dec_kernel) also writes xlo (T, d), the low parts of res * w (bf16 hi + lo, as the
+ * split products take them; required there, NULL otherwise). */
 typedef struct {
     float *res;
     const float *w;
     uint16_t *xbf;
     float *ssp;
+    uint16_t *xlo;
 } bm_cuda_moe_norm_out;
 int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb, const uint16_t *xl,
                                   const int32_t *ids, const float *gates, const void *fc1,
@@ -302,7 +313,8 @@ int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb, const uint
                                   size_t workspace_bytes, int flags,
                                   const bm_cuda_moe_norm_out *norm, cudaStream_t stream);
 int64_t bm_cuda_moe_norm_parts(int64_t d);
-/* Whether a call of these sizes can take the norm epilogue (fc2 on the unsplit decode tiles). */
+/* Whether a call of these sizes can take the norm epilogue (fc2 on the unsplit decode tiles of
+ * grouped_gemm_kernel, or split on grouped_dec_kernel's). */
 int bm_cuda_moe_grouped_norm_ok(int64_t T, int64_t X, int split);
 long long bm_cuda_moe_grouped_norm_calls(void);
 void bm_cuda_moe_grouped_dispatch_bufs(void *workspace, int64_t T, int64_t d, int64_t X,

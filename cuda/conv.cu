@@ -296,3 +296,20 @@ extern "C" int bm_cuda_conv_step_sum(const float *x, const float *zin, int64_t l
     return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
 }
 
+extern "C" int bm_cuda_conv_step_sum_norm(const float *x, const float *zin, int64_t ld,
+                                          int64_t part, float *z, float *conv_state,
+                                          const float *w, const float *bias, float *y, int silu,
+                                          int64_t b, int64_t E, int64_t K, const float *ssp,
+                                          int64_t parts, int64_t d, float eps,
+                                          cudaStream_t stream) {
+    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
+    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
+        return BM_CUDA_ARG_FAIL("conv_step_sum_norm: needs 1 <= E < 2^31 - 128 and b <= 65535");
+    if (!z || !zin || ld < E || part < (b - 1) * ld + E || !ssp || parts < 1 ||
+        parts > INT32_MAX || d < 1)
+        return BM_CUDA_ARG_FAIL("conv_step_sum_norm: needs z, zin, ld >= E, part past the rows, "
+                                "ssp, parts >= 1, d >= 1");
+    if (b <= 0) return 0;
+    const ConvNorm nm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps, part};
+    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
+}

@@ -2080,6 +2080,20 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
+    } else if (fc2_normed && stacked_in) {
+        // both below: bf16(r * w) as a split fc2's epilogue left it, hi rows then lo rows
+        // (forward()), one GEMM of 2B rows; the conv step adds each row's two products, then
+        // applies the row scale
+        const float one = 1.f, zero = 0.f;
+        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)(2 * B),
+                                   (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
+                                   CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F,
+                                   (int)(2 * E), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        g_stack.fetch_add(1, std::memory_order_relaxed);
+        TRY(mark(m, P_IN));
+        TRY(bm_cuda_conv_step_sum_norm(ws->xzt, ws->xzt + E, 2 * E, B * 2 * E, z, conv,
+                                       ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, ws->ssp,
+                                       bm_cuda_moe_norm_parts(d), d, EPS, st));
     } else if (fc2_normed) {
         // in_proj of bf16(r * w) as fc2's epilogue left it (forward()), as one GEMM of 2E
         // rows into (B, 2E) (x and z of a row side by side); the conv step reads both there,
@@ -2584,11 +2598,18 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             // bf16(rc * w) without the row scale, and the sums of squares in parts (ws->ssp),
             // from which its conv step scales x and z (mamba_step). No norm kernel between.
             const LayerDev *nx = li + 1 < c.num_layers ? &m->layers[li + 1] : nullptr;
-            const bool fuse = gm && ws->decode && T > ws->gv && !split && ws->ssp && ws->xzt &&
+            // Split (decode batches of up to GEMV_ROWS rows): fc2 on grouped_dec_kernel writes
+            // the low parts of rc * w too, right after the hi rows, for the next in_proj's
+            // stacked GEMM (stack_in_ok), whose conv step adds the two and scales
+            // (bm_cuda_conv_step_sum_norm). BLACKMAMBA_DECODE_NORM_FC2_SPLIT=0: not there (A/B).
+            const bool fuse = gm && ws->decode && T > ws->gv && ws->ssp && ws->xzt &&
                               nx && nx->mamba && !nx->X && !nx->in_b && T <= 65535 &&
                               in_proj_batched(m, ws, T) && norm_bf_on() && norm_fc2_on() &&
+                              (!split || (stack_in_ok(m, ws, *nx, T) &&
+                                          bm_env_switch("BLACKMAMBA_DECODE_NORM_FC2_SPLIT", true))) &&
                               bm_cuda_moe_grouped_norm_ok(T, ly.X, split);
-            const bm_cuda_moe_norm_out nout{rc, fuse ? nx->norm_w : nullptr, ws->xbf, ws->ssp};
+            const bm_cuda_moe_norm_out nout{rc, fuse ? nx->norm_w : nullptr, ws->xbf, ws->ssp,
+                                            split ? ws->xbf + T * d : nullptr};
             TRY(mlp(m, ws, ly, li, ws->xn, ws->h, T, trace, true, xb, disp,
                     fuse ? &nout : nullptr));
             if (fuse) g_norm_fc2.fetch_add(1, std::memory_order_relaxed);
@@ -2609,7 +2630,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         const bool normed = fc2_normed;
         fc2_normed = false;
         // a split decode in_proj as one GEMM of 2T rows: the lo rows right after the hi rows
-        const bool stk = xb && split && !normed && ly.mamba && !ly.X && stack_in_ok(m, ws, ly, T);
+        const bool stk = xb && split && ly.mamba && !ly.X && stack_in_ok(m, ws, ly, T);
         if (!normed) {
             // (the prefill's in_proj reads the bf16 row only: no fp32 xn there, 96 MB a
             // layer less at T = 16384)

@@ -206,7 +206,8 @@ struct GroupedArgs {
 // GroupedNorm does.
 static_assert(sizeof(GroupedArgs) <= 128, "GroupedArgs: keep the kernel parameter <= 128 bytes");
 
-// grouped_gemm_kernel's second parameter. FC2 only (its unsplit decode tiles, norm_route_ok):
+// grouped_gemm_kernel's and grouped_dec_kernel's second parameter. FC2 only (the unsplit decode
+// tiles of grouped_gemm_kernel, the split ones of grouped_dec_kernel: norm_route_ok):
 // the next Mamba layer's RMSNorm moved here (bm_cuda_moe_norm_out): instead of out, res
 // (T, N) += g * acc in place, nbf (T, N) = bf16(res * nw) (in_proj's input without the row
 // scale) and ssp (T, N / 32) the sums of res^2 over each 32-column group, in a fixed order.
@@ -217,6 +218,7 @@ struct GroupedNorm {
     const float *nw;
     uint16_t *nbf;
     float *ssp;
+    uint16_t *nlo;  // grouped_dec_kernel: the low parts of res * nw (split), or NULL
 };
 // The host side's arguments of one grouped GEMM: both parameters.
 struct GroupedDecArgs : GroupedArgs {
@@ -740,7 +742,7 @@ struct DecTile {
 
 template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
 __global__ void __launch_bounds__(32 * WK, (DecTile<BM, NB, WK, STAGES, MODE, SPLIT>::MINB))
-grouped_dec_kernel(const GroupedArgs p) {
+grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
     using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
     extern __shared__ __align__(128) unsigned char smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -789,6 +791,41 @@ grouped_dec_kernel(const GroupedArgs p) {
         b_src[i] = We + (int64_t)src * K;
     }
     const uint32_t q0 = lr * 128 + ((lc ^ lr) << 4), q1 = lr * 128 + (((lc + 4) ^ lr) << 4);
+
+    // The norm epilogue's operands (GroupedNorm::res: grouped_gemm_kernel's, for warp 0, which
+    // alone runs the epilogue), requested here to arrive during the k loop: the residual and
+    // the gates were written by the routing kernel two launches back, as perm (read above).
+    constexpr bool RES = MODE == MODE_FC2;
+    constexpr int RMI = RES ? C::MI : 1, RNI = RES ? C::NI : 1;
+    float2 rpre[RMI][2][RNI], wpre[RNI];
+    int tpre[RMI][2];
+    float gpre[RMI][2];
+    if constexpr (RES) {
+        if (q.res && w == 0) {
+#pragma unroll
+            for (int ni = 0; ni < C::NI; ni++) {
+                const int col = n0 + ni * 8 + 2 * (lane & 3);
+                wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(q.nw + col))
+                                   : make_float2(0.f, 0.f);
+            }
+#pragma unroll
+            for (int mi = 0; mi < C::MI; mi++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = mi * 16 + (lane >> 2) + 8 * h;
+                    const int t = r >= rows ? -1 : __ldcg(p.perm + row0 + r);
+                    tpre[mi][h] = t;
+                    gpre[mi][h] = t >= 0 && p.gates ? __ldcg(p.gates + t) : 1.f;
+#pragma unroll
+                    for (int ni = 0; ni < C::NI; ni++) {
+                        const int col = n0 + ni * 8 + 2 * (lane & 3);
+                        rpre[mi][h][ni] = t >= 0 && col < N
+                            ? __ldcg(reinterpret_cast<const float2 *>(q.res + (int64_t)t * N + col))
+                            : make_float2(0.f, 0.f);
+                    }
+                }
+        }
+    }
 
     const uint32_t wbase = smem_u32(smem) + w * C::WARP_SMEM;
     // parts: 1 the A rows, 2 the weight rows, 3 both (a constant at every call).
@@ -943,6 +980,40 @@ grouped_dec_kernel(const GroupedArgs p) {
                     if constexpr (SPLIT)
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
+            } else if (RES && q.res) {
+                // the next layer's norm, as grouped_gemm_kernel's (its bits: the residual as
+                // the plain epilogue plus the norm kernel, bf16(res * w) and a fixed order of
+                // the squares), and the low parts of res * w where q.nlo (split)
+                const int t = tpre[RES ? mi : 0][h];
+                const float g = gpre[RES ? mi : 0][h];
+                float *rr = q.res + (int64_t)t * N;
+                uint16_t *nb = q.nbf + (int64_t)t * N;
+                uint16_t *nl = q.nlo ? q.nlo + (int64_t)t * N : nullptr;
+                float ss = 0.f;
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni++) {
+                    const int col = n0 + ni * 8 + 2 * (lane & 3);
+                    if (col >= N) continue;
+                    const float2 r = rpre[RES ? mi : 0][h][RES ? ni : 0];
+                    const float2 wv = wpre[RES ? ni : 0];
+                    const float v0 = __fmul_rn(g, acc[mi][ni][2 * h]) + r.x;
+                    const float v1 = __fmul_rn(g, acc[mi][ni][2 * h + 1]) + r.y;
+                    *reinterpret_cast<float2 *>(rr + col) = make_float2(v0, v1);
+                    uint16_t h0, h1, l0, l1;
+                    bm_f32_to_bf16_split(v0 * wv.x, h0, l0);
+                    bm_f32_to_bf16_split(v1 * wv.y, h1, l1);
+                    *reinterpret_cast<uint32_t *>(nb + col) = pack_bf16(h0, h1);
+                    if (nl) *reinterpret_cast<uint32_t *>(nl + col) = pack_bf16(l0, l1);
+                    ss = fmaf(v0, v0, ss);
+                    ss = fmaf(v1, v1, ss);
+                }
+                const unsigned quad = 0xFu << (lane & ~3);
+                ss += __shfl_xor_sync(quad, ss, 1);
+                ss += __shfl_xor_sync(quad, ss, 2);
+                // part n0 / 32 (OUT_COLS = NORM_PART_COLS: dec_launch)
+                if ((lane & 3) == 0)
+                    q.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
+                          n0 / NORM_PART_COLS] = ss;
             } else {
                 const int t = __ldcg(p.perm + slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
@@ -1011,11 +1082,12 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
 
 template <int BM, int NB, int WK, int STAGES, int MODE, bool SPLIT>
 int dec_launch(const GroupedDecArgs &pd, int64_t T, cudaStream_t stream) {
-    if (pd.nm.res)
-        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs grouped_gemm_kernel");
+    using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
+    // the norm epilogue's partial sums are per 32 columns: one a CTA
+    if (pd.nm.res && (MODE != MODE_FC2 || C::OUT_COLS != NORM_PART_COLS))
+        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs fc2's 32-column tiles");
     GroupedArgs p = pd;
     if (p.pdl == PDL_EXPERT) p.pdl = PDL_WAIT;  // grouped_gemm_kernel's form only
-    using C = DecTile<BM, NB, WK, STAGES, MODE, SPLIT>;
     auto kernel = grouped_dec_kernel<BM, NB, WK, STAGES, MODE, SPLIT>;
     static std::atomic<unsigned> optin{0};
     int st = bm_smem_optin(kernel, C::SMEM, optin);
@@ -1023,7 +1095,7 @@ int dec_launch(const GroupedDecArgs &pd, int64_t T, cudaStream_t stream) {
     const int64_t ytiles = row_tiles(T, p.X, BM);
     if (ytiles > 65535) return BM_CUDA_ARG_FAIL("moe_grouped: too many tokens for one launch");
     const dim3 grid((unsigned)bm_cdiv(p.N, C::OUT_COLS), (unsigned)ytiles);
-    if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p))) return st;
+    if ((st = launch_grouped(kernel, grid, C::NT, C::SMEM, stream, p, pd.nm))) return st;
     dec_launches.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
@@ -1207,12 +1279,15 @@ bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
     return true;
 }
 
-// Does fc2 of a call of these sizes run on grouped_gemm_kernel's unsplit decode tiles, the one
-// place the norm epilogue (GroupedNorm::res) lives? Not split, not big, no wgmma / TMA core
-// that could take it (conservative: the TMA core may still decline), a decode fc2 tile
-// variant 1..5 (or the default).
+// Does fc2 of a call of these sizes run on decode tiles that have the norm epilogue
+// (GroupedNorm::res)? Unsplit: grouped_gemm_kernel's (not big, no wgmma / TMA core that could
+// take it (conservative: the TMA core may still decline), a decode fc2 tile variant 1..5 or
+// the default). Split: grouped_dec_kernel's (below).
 bool norm_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
-    if (split || big_call(T, X) || T < 1 || X < 1) return false;
+    if (big_call(T, X) || T < 1 || X < 1) return false;
+    // split: fc2 on grouped_dec_kernel (gemm_dispatch's variant 7 by default up to 16 rows an
+    // expert, or a forced 6..9: all 32-column tiles)
+    if (split) return (tiles[3] == '0' && T <= 16 * X) || (tiles[3] >= '6' && tiles[3] <= '9');
     const int wm = wgmma_mode(), tm = tma_mode();
     if (wm && wgmma_usable() && (wm == 2 || (tm && (T >= TMA_MIN_ROWS || tm == 2))))
         return false;
@@ -1354,9 +1429,11 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     if (T <= 0 || d <= 0) return 0;
     if (norm && (!norm->res || !norm->w || !norm->xbf || !norm->ssp ||
                  (((uintptr_t)norm->res | (uintptr_t)norm->w) & 7) ||
-                 ((uintptr_t)norm->xbf & 3)))
+                 (((uintptr_t)norm->xbf | (uintptr_t)norm->xlo) & 3) ||
+                 (split != 0) != (norm->xlo != nullptr)))
         return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs res, w (8-byte aligned), "
-                                "xbf (4-byte aligned) and ssp");
+                                "xbf (4-byte aligned), ssp, and xlo (4-byte aligned) exactly "
+                                "where split");
     if (xb_in && ((split && !xl_in) || (((uintptr_t)xb_in | (uintptr_t)xl_in) & 15)))
         return BM_CUDA_ARG_FAIL("moe_grouped: given bf16 x needs 16-byte alignment and, split, "
                                 "its low parts");
@@ -1373,8 +1450,8 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     // that derive them from the ids; elsewhere the dispatch launch, as without the flag.
     const bool by_ids = (flags & BM_MOE_GROUPED_IDS) && ids_route_ok(T, X, split != 0, tiles);
     if (norm && !norm_route_ok(T, X, split != 0, tiles))
-        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs fc2 on the unsplit decode "
-                                "tiles (bm_cuda_moe_grouped_norm_ok)");
+        return BM_CUDA_ARG_FAIL("moe_grouped: the norm epilogue needs fc2 on the decode tiles "
+                                "(bm_cuda_moe_grouped_norm_ok)");
     int st;
     if (!by_ids && !(flags & BM_MOE_GROUPED_DISPATCHED) &&
         (st = bm_cuda_moe_dispatch(ids, T, X, nullptr, ws.offsets, ws.perm, stream)))
@@ -1418,6 +1495,7 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
         p2.nm.nw = norm->w;
         p2.nm.nbf = norm->xbf;
         p2.nm.ssp = norm->ssp;
+        p2.nm.nlo = norm->xlo;
         norm_calls.fetch_add(1, std::memory_order_relaxed);
     }
     return split ? gemm_dispatch<MODE_FC2, true>(p2, T, tiles, stream)

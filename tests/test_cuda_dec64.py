@@ -184,7 +184,8 @@ def test_grouped_dec_kernel_in_engine(env, B, math):
     # BLACKMAMBA_MOE_GROUPED_TILES: 6 = one warp a CTA, bit-identical to the old tiles; 8 / 7
     # = k slices of 2 or 4 warps) against the old tiles ("0022") and the CPU model; batch 8
     # takes the split (bf16x2-like) products by default. The Mamba norm as its own kernel
-    # throughout: fc2's norm epilogue (BLACKMAMBA_DECODE_NORM_FC2) is not on grouped_dec_kernel
+    # throughout (fc2's norm epilogue, BLACKMAMBA_DECODE_NORM_FC2, on grouped_dec_kernel's
+    # split tiles too since session 19: test_cuda_moe64 test_norm_fc2)
     g, c = make(70 + B, math=math)
     ids = np.random.default_rng(B + 1).integers(0, g.vocab_size, (B, 6))
     env(BLACKMAMBA_MOE_GROUPED_TILES="0022", BLACKMAMBA_DECODE_NORM_FC2=0)

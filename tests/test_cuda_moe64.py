@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.gpu,
 TOL_SPLIT = 1e-4
 SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAMBA_MOE_DEC_PDL_CAP",
             "BLACKMAMBA_MOE_IDS", "BLACKMAMBA_MOE_GROUPED_TILES", "BLACKMAMBA_MOE_WPOL",
-            "BLACKMAMBA_L2SIDE", "BLACKMAMBA_DECODE_NORM_FC2",
+            "BLACKMAMBA_L2SIDE", "BLACKMAMBA_DECODE_NORM_FC2", "BLACKMAMBA_DECODE_NORM_FC2_SPLIT",
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN",
             "BLACKMAMBA_NORM_ROUTE_WARP")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
@@ -40,7 +40,7 @@ LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.o
 class NormOut(ctypes.Structure):
     """bm_cuda_moe_norm_out (cuda/bm_cuda.h)."""
     _fields_ = [("res", ctypes.c_void_p), ("w", ctypes.c_void_p), ("xbf", ctypes.c_void_p),
-                ("ssp", ctypes.c_void_p)]
+                ("ssp", ctypes.c_void_p), ("xlo", ctypes.c_void_p)]
 
 
 def _lib_c():
@@ -204,9 +204,10 @@ def test_grouped_pdl_forms(env, T, X, d, F, kind, split):
         np.testing.assert_array_equal(got, old, err_msg=str(flags))
 
 
-def grouped_norm(x, ids, gates, fc1, fc2, res, w, flags):
-    """bm_cuda_moe_grouped_bf16_norm, unsplit -> (res after, xbf bits, ssp); or the status
-    and error message where the call fails."""
+def grouped_norm(x, ids, gates, fc1, fc2, res, w, flags, split=0, lo=None):
+    """bm_cuda_moe_grouped_bf16_norm -> (res after, xbf bits, ssp, xlo bits or None); or the
+    status and error message where the call fails. lo (split): pass the low parts' buffer
+    (default: exactly where split)."""
     D = cuda.to_device
     T, d = x.shape
     X, F = fc1.shape[0], fc1.shape[1] // 2
@@ -214,18 +215,19 @@ def grouped_norm(x, ids, gates, fc1, fc2, res, w, flags):
     d1, d2, dr, dw = D(fc1), D(fc2), D(res), D(w)
     out = D(np.full((T, d), np.float32(3.0)))
     xbf = D(np.full((T, d), 0x7FC1, np.uint16))
+    xlo = D(np.full((T, d), 0x7FC1, np.uint16)) if (split if lo is None else lo) else None
     parts = LIB.bm_cuda_moe_norm_parts(d)
     ssp = D(np.full((T, parts), np.float32(np.nan)))
-    nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, 0)
+    nb = LIB.bm_cuda_moe_grouped_workspace(T, d, X, F, split)
     ws = D(np.zeros(nb, np.uint8))
-    no = NormOut(dr.ptr, dw.ptr, xbf.ptr, ssp.ptr)
+    no = NormOut(dr.ptr, dw.ptr, xbf.ptr, ssp.ptr, xlo.ptr if xlo is not None else None)
     st = LIB.bm_cuda_moe_grouped_bf16_norm(dx.ptr, None, None, di.ptr, dg.ptr, d1.ptr, d2.ptr, 2,
-                                           0, out.ptr, T, d, X, F, ws.ptr, nb, flags,
+                                           split, out.ptr, T, d, X, F, ws.ptr, nb, flags,
                                            ctypes.byref(no), LEGACY_STREAM)
     if st:
         return st, LIB.bm_cuda_last_error().decode()
     np.testing.assert_array_equal(out.numpy(), 3.0)   # out itself is left alone
-    return dr.numpy(), xbf.numpy(), ssp.numpy()
+    return dr.numpy(), xbf.numpy(), ssp.numpy(), None if xlo is None else xlo.numpy()
 
 
 NORM_CASES = [(64, 8, 184, 248, "uniform"), (150, 4, 200, 136, "skewed"),
@@ -239,7 +241,10 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
     # norm): res + out of the plain call bit for bit (g * acc rounded, then the sum), xbf =
     # bf16(res * w) bit for bit, ssp the sums of res^2 over 32 columns against float64; with
     # every fc2 tile variant 1..5, perm or ids, PDL forms; refused where fc2 is not on those
-    # tiles (split, grouped_dec_kernel's variants) and then nothing is written
+    # tiles (grouped_dec_kernel's variants unsplit) and then nothing is written. Split
+    # (session 19): fc2 on grouped_dec_kernel's 32-column tiles (the default variant 7 up to
+    # 16 rows an expert, or a forced 6..9) writes the low parts of res * w too (xlo: the split
+    # of the same value), against the split plain call; refused without xlo, and elsewhere
     from blackmamba import ref
     x, ids, gates, fc1, fc2 = moe_case("norm", T, X, d, F, kind, 0)
     rng = rng_for("norm res", T, d)
@@ -260,7 +265,6 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
         want_ss = sq.reshape(T, parts, 32).sum(-1)
         ok = tiles != "0006"
         assert LIB.bm_cuda_moe_grouped_norm_ok(T, X, 0) == ok
-        assert LIB.bm_cuda_moe_grouped_norm_ok(T, X, 1) == 0
         for flags in (0, PDL_EARLY, IDS, IDS | PDL_EARLY, IDS | PDL_EXPERT):
             n0 = LIB.bm_cuda_moe_grouped_norm_calls()
             got = grouped_norm(x, ids, gates, fc1, fc2, res, w, flags)
@@ -269,10 +273,45 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
                 assert LIB.bm_cuda_moe_grouped_norm_calls() == n0
                 continue
             assert LIB.bm_cuda_moe_grouped_norm_calls() == n0 + 1
-            r2, xbf, ssp = got
+            r2, xbf, ssp, _ = got
             np.testing.assert_array_equal(r2, want_res, err_msg=f"{tiles} {flags}")
             np.testing.assert_array_equal(xbf, want_bf, err_msg=f"{tiles} {flags}")
             np.testing.assert_allclose(ssp, want_ss, rtol=2e-6, err_msg=f"{tiles} {flags}")
+    # split
+    xs, ids, gates, fc1, fc2 = moe_case("norm", T, X, d, F, kind, 1)
+    for tiles in (None, "0006", "0007", "0008", "0009", "0002"):
+        kv = {"BLACKMAMBA_CUDA_PDL": 0}
+        if tiles:
+            kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
+        env(**kv)
+        ok = tiles in ("0006", "0007", "0008", "0009") or (tiles is None and T <= 16 * X)
+        assert LIB.bm_cuda_moe_grouped_norm_ok(T, X, 1) == ok, tiles
+        out = grouped_ex(xs, ids, gates, fc1, fc2, 1, 0)
+        want_res = res + out
+        hi = ref.f32_to_bf16(want_res * w)
+        want_lo = ref.f32_to_bf16(want_res * w - ref.bf16_to_f32(hi))
+        sq = np.zeros((T, parts * 32))
+        sq[:, :d] = want_res.astype(np.float64) ** 2
+        want_ss = sq.reshape(T, parts, 32).sum(-1)
+        for flags in (0, PDL_EARLY):
+            n0 = LIB.bm_cuda_moe_grouped_norm_calls()
+            got = grouped_norm(xs, ids, gates, fc1, fc2, res, w, flags, split=1)
+            if not ok:
+                assert got[0] != 0 and "norm epilogue" in got[1], got
+                assert LIB.bm_cuda_moe_grouped_norm_calls() == n0
+                continue
+            assert LIB.bm_cuda_moe_grouped_norm_calls() == n0 + 1
+            r2, xbf, ssp, xlo = got
+            msg = f"split {tiles} {flags}"
+            np.testing.assert_array_equal(r2, want_res, err_msg=msg)
+            np.testing.assert_array_equal(xbf, hi, err_msg=msg)
+            np.testing.assert_array_equal(xlo, want_lo, err_msg=msg)
+            np.testing.assert_allclose(ssp, want_ss, rtol=2e-6, err_msg=msg)
+        if ok:   # the low parts' buffer is required where split, refused where not
+            got = grouped_norm(xs, ids, gates, fc1, fc2, res, w, 0, split=1, lo=False)
+            assert got[0] != 0 and "xlo" in got[1], got
+            got = grouped_norm(x, ids, gates, fc1, fc2, res, w, 0, split=0, lo=True)
+            assert got[0] != 0 and "xlo" in got[1], got
 
 
 # (T, X, d, F, kind) for the routing from the ids: GEMM_CASES, the most tokens (256) and
@@ -549,10 +588,13 @@ def test_conv_step_sum(b, E, K, silu):
 def test_norm_fc2(env, B, math, bias):
     # the Mamba layer's RMSNorm after a MoE layer done by that layer's fc2 (its epilogue adds
     # to the residual and writes bf16(r * w) and partial sums of squares; the conv step
-    # scales x and z by the row's rsqrt: BLACKMAMBA_DECODE_NORM_FC2, default on above 8
-    # unsplit rows) against the norm kernel (=0): the same residual, in_proj's input rounded
+    # scales x and z by the row's rsqrt: BLACKMAMBA_DECODE_NORM_FC2, default on in the
+    # batched decode) against the norm kernel (=0): the same residual, in_proj's input rounded
     # to bf16 before the row scale instead of after, so close to it and to the CPU model;
-    # counted once a capture (layer "8" before "r"; "3" is the last layer), never split
+    # counted once a capture (layer "8" before "r"; "3" is the last layer). Split (session
+    # 19): on grouped_dec_kernel, with the low parts, in_proj stacked (hi + lo added, then the
+    # row scale: bm_cuda_conv_step_sum_norm), so fp32-class like the norm kernel's split;
+    # BLACKMAMBA_DECODE_NORM_FC2_SPLIT=0 keeps the norm kernel there, bit-identical to =0
     g, c = make(700 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 13).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_DECODE_NORM_FC2=0)
@@ -563,17 +605,25 @@ def test_norm_fc2(env, B, math, bias):
     e_old = rel_err(old, want)
     assert e_old < (TOL_SPLIT if split else 1e-2)
     for kv in ({}, {"BLACKMAMBA_DECODE_NORM_FC2": 1}, {"BLACKMAMBA_MOE_IDS": 0},
-               {"BLACKMAMBA_MOE_DEC_PDL": 0}):
+               {"BLACKMAMBA_MOE_DEC_PDL": 0}, {"BLACKMAMBA_DECODE_NORM_FC2_SPLIT": 0},
+               {"BLACKMAMBA_MOE_GROUPED_TILES": "0008"}, {"BLACKMAMBA_MOE_GROUPED_TILES": "0006"}):
+        if not split and "BLACKMAMBA_MOE_GROUPED_TILES" in kv:
+            continue                              # (grouped_dec_kernel's tiles: split only)
         env(**kv)
         got, _, (n_engine, n_grouped, nr) = counted_steps(
             g, None, ids, "bm_cuda_norm_fc2_calls", "bm_cuda_moe_grouped_norm_calls",
             "bm_cuda_norm_route_pre_calls")
         caps = nr // 2                            # captures (two batched routings each)
         assert caps >= 1, kv
-        assert n_engine == (0 if split else caps), kv
+        off = split and "BLACKMAMBA_DECODE_NORM_FC2_SPLIT" in kv
+        assert n_engine == (0 if off else caps), kv
         assert n_grouped == n_engine, kv
-        if split:
+        if off:
             np.testing.assert_array_equal(got, old, err_msg=str(kv))
+            continue
+        if split:
+            assert rel_err(got, old) < 1e-5, kv
+            assert rel_err(got, want) < TOL_SPLIT, kv
             continue
         # measured (H200): new-old 1.0-1.5e-3 at 9-64 rows, both ~2.6e-3 from the CPU model
         e_new, e_diff = rel_err(got, want), rel_err(got, old)

@@ -405,7 +405,7 @@ grouped_gemm_kernel(const GroupedArgs p, const GroupedNorm q) {
     // the offsets and the expert's tokens from the ids (ids_list), not perm and offsets. fc2
     // reads the ids where it read the offsets: before its wait in the PDL_EARLY form (written
     // by the routing kernel two launches back, complete by then: see the early loads below).
-    constexpr bool IDS_OK = BM <= 32 && !SPLIT;
+    constexpr bool IDS_OK = BM <= 32;  // (split too since session 19: fc1 of the split batches)
     __shared__ int s_ids[IDS_OK ? IDS_MAX_X + 1 + IDS_MAX_T : 1];  // offsets (X+1), tokens
     int *const s_list = s_ids + (IDS_OK ? IDS_MAX_X + 1 : 0);
     const bool by_ids = IDS_OK && p.ids != nullptr;
@@ -752,8 +752,31 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
         if (MODE == MODE_FC1) bm_pdl_wait();
         else bm_pdl_wait_only();
     }
-    int e = 0, row0 = 0, rows = 0;
-    if (!find_tile(p, BM, e, row0, rows)) return;  // uniform over the block
+    // BM_MOE_GROUPED_IDS: the offsets and the expert's tokens from the ids, as
+    // grouped_gemm_kernel's (warp 0, then the block synchronised before any CTA leaves)
+    constexpr bool IDS_OK = BM <= 32;
+    __shared__ int s_ids[IDS_OK ? IDS_MAX_X + 1 + IDS_MAX_T : 1];  // offsets (X+1), tokens
+    int *const s_list = s_ids + (IDS_OK ? IDS_MAX_X + 1 : 0);
+    const bool by_ids = IDS_OK && p.ids != nullptr;
+    int e = 0, row0 = 0, rows = 0, ebeg = 0;
+    if (by_ids) {
+        if (w == 0) {
+            int id[IDS_CHUNKS];
+            ids_load(p.ids, p.T, id);
+            ids_offsets(id, p.X, s_ids);
+            const bool ok = walk_tile([&](int i) { return s_ids[i]; }, p.X, BM,
+                                      (int)blockIdx.y, e, row0, rows);
+            if (ok) ids_list(id, e, s_list, &ebeg);
+        }
+        __syncthreads();
+        if (!walk_tile([&](int i) { return s_ids[i]; }, p.X, BM, (int)blockIdx.y, e, row0, rows))
+            return;  // uniform over the block
+        ebeg = s_ids[e];
+    } else if (!find_tile(p, BM, e, row0, rows)) {
+        return;  // uniform over the block
+    }
+    // slot -> token (FC1's A rows, FC2's output rows)
+    auto token = [&](int slot) { return by_ids ? s_list[slot - ebeg] : __ldcg(p.perm + slot); };
     const int K = p.K, N = p.N;
     const int n0 = blockIdx.x * C::OUT_COLS;
     if (n0 >= N) return;
@@ -771,7 +794,7 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
 #pragma unroll
     for (int i = 0; i < C::A_ROWS; i++) {
         const int r = min(lr + 8 * i, rows - 1);
-        const int src = MODE == MODE_FC1 ? __ldcg(p.perm + row0 + r) : row0 + r;
+        const int src = MODE == MODE_FC1 ? token(row0 + r) : row0 + r;
         a_src[i] = p.A + (int64_t)src * K + lc * 8;
     }
     const int64_t a_lo = SPLIT ? p.Alo - p.A : 0;  // the low parts: same layout, other buffer
@@ -813,7 +836,7 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     const int r = mi * 16 + (lane >> 2) + 8 * h;
-                    const int t = r >= rows ? -1 : __ldcg(p.perm + row0 + r);
+                    const int t = r >= rows ? -1 : token(row0 + r);
                     tpre[mi][h] = t;
                     gpre[mi][h] = t >= 0 && p.gates ? __ldcg(p.gates + t) : 1.f;
 #pragma unroll
@@ -1015,7 +1038,7 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
                     q.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
                           n0 / NORM_PART_COLS] = ss;
             } else {
-                const int t = __ldcg(p.perm + slot);
+                const int t = token((int)slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
                 float *dst = p.out + (int64_t)t * N;
 #pragma unroll
@@ -1212,7 +1235,7 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
         else if (role == 3 && !SPLIT && T <= 32 * (int64_t)p.X) v = 4;
         else v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';
     }
-    if (p.ids && (role < 2 || v > 5))  // ids_route_ok() keeps this from happening
+    if (p.ids && role < 2)  // ids_route_ok() keeps this from happening
         return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
 #define BM_GROUPED_LAUNCH(BM, NB, WM, WN, ST) return gemm_launch<BM, NB, WM, WN, ST, MODE, SPLIT>(p, T, stream)
 #define BM_DEC_LAUNCH(BM, NB, WK, ST) return dec_launch<BM, NB, WK, ST, MODE, SPLIT>(p, T, stream)
@@ -1267,15 +1290,17 @@ std::atomic<long long> wpol_calls{0};
 int grouped_wpol() { return bm_env_switch("BLACKMAMBA_MOE_WPOL", true) ? 1 : 0; }
 
 // Can both GEMMs of a call take their routing from the ids (BM_MOE_GROUPED_IDS)? Where
-// gemm_dispatch picks grouped_gemm_kernel's decode tiles (BM <= 32, unsplit) for both roles:
-// not big, not a forced wgmma / TMA core, tile variants 1..5 (or the defaults), and the sizes
-// the in-CTA dispatch holds.
+// gemm_dispatch picks decode tiles (BM <= 32: grouped_gemm_kernel's or grouped_dec_kernel's,
+// split or not) for both roles: not big, not a forced wgmma / TMA core, and the sizes the
+// in-CTA dispatch holds.
 bool ids_route_ok(int64_t T, int64_t X, bool split, const char *tiles) {
-    if (split || big_call(T, X) || T < 1 || T > IDS_MAX_T || X < 1 || X > IDS_MAX_X) return false;
+    if (big_call(T, X) || T < 1 || T > IDS_MAX_T || X < 1 || X > IDS_MAX_X) return false;
     const int wm = wgmma_mode(), tm = tma_mode();
-    if (wm && (wm == 2 || tm == 2) && wgmma_usable()) return false;
+    if (!split && wm && (wm == 2 || tm == 2) && wgmma_usable()) return false;
+    // every decode tile holds at most 32 rows: grouped_gemm_kernel's variants 1..5 and
+    // (session 19, split or not) grouped_dec_kernel's 6..9
     for (int role = 2; role < 4; role++)
-        if (tiles[role] < '0' || tiles[role] > '5') return false;
+        if (tiles[role] < '0' || tiles[role] > '9') return false;
     return true;
 }
 

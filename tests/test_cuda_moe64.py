@@ -293,7 +293,7 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
         sq = np.zeros((T, parts * 32))
         sq[:, :d] = want_res.astype(np.float64) ** 2
         want_ss = sq.reshape(T, parts, 32).sum(-1)
-        for flags in (0, PDL_EARLY):
+        for flags in (0, PDL_EARLY, IDS, IDS | PDL_EARLY):
             n0 = LIB.bm_cuda_moe_grouped_norm_calls()
             got = grouped_norm(xs, ids, gates, fc1, fc2, res, w, flags, split=1)
             if not ok:
@@ -325,10 +325,11 @@ IDS_CASES = GEMM_CASES + [(256, 8, 64, 40, "skewed"), (257, 8, 64, 40, "uniform"
 @pytest.mark.parametrize("split", [0, 1])
 def test_grouped_ids(env, T, X, d, F, kind, split):
     # BM_MOE_GROUPED_IDS: each CTA of the decode tiles derives its expert's offset and tokens
-    # from the ids (grouped.cu ids_list), with no perm / offsets built; taken unsplit up to 256
-    # tokens and 64 experts with the default tiles (or variants 1..5), else the dispatch is
-    # launched as without it. Either way, and with every PDL form, bit-identical to the plain
-    # call (the same tiles, k order and epilogue rows)
+    # from the ids (grouped.cu ids_list), with no perm / offsets built; taken up to 256 tokens
+    # and 64 experts on every decode tile (grouped_gemm_kernel's 1..5, and since session 19
+    # grouped_dec_kernel's 6..9 and split calls), else the dispatch is launched as without it.
+    # Either way, and with every PDL form, bit-identical to the plain call (the same tiles, k
+    # order and epilogue rows)
     from blackmamba import ref
     x, ids, gates, fc1, fc2 = moe_case("ids", T, X, d, F, kind, split)
     env(BLACKMAMBA_CUDA_PDL=0)
@@ -339,14 +340,14 @@ def test_grouped_ids(env, T, X, d, F, kind, split):
         assert rel_err(old, want) < (5e-5 if split else 1.5e-2)
     else:
         np.testing.assert_array_equal(old[~ok], 0)   # routed nowhere: zero rows
-    taken = not split and T <= 256 and X <= 64
+    taken = T <= 256 and X <= 64
     assert LIB.bm_cuda_moe_grouped_ids_ok(T, X, split) == taken
-    for tiles in (None, "0011", "0055", "0023", "0096"):
+    for tiles in (None, "0011", "0055", "0023", "0096", "0077", "0068"):
         kv = {"BLACKMAMBA_CUDA_PDL": 0}
         if tiles:
             kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
         env(**kv)
-        on = taken and tiles != "0096"   # variants 6..9: grouped_dec_kernel, not taken
+        on = taken
         assert LIB.bm_cuda_moe_grouped_ids_ok(T, X, split) == on
         base = old if tiles is None else grouped_ex(x, ids, gates, fc1, fc2, split, 0)
         if tiles is not None:   # another tile: the same values up to fp32 summation order
@@ -446,11 +447,10 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
 
 @pytest.mark.parametrize("B,math,bias", CASES)
 def test_route_ids(env, B, math, bias):
-    # the batched decode's default above 8 unsplit rows: the routing kernel builds no dispatch
-    # and the grouped GEMMs derive it from the ids (BLACKMAMBA_MOE_IDS, default on), with
-    # every PDL mode: logits bit-identical to the dispatch built by the routing kernel
-    # (BLACKMAMBA_MOE_IDS=0), besides the CPU model; at 8 rows or split products the switch
-    # changes nothing (not taken)
+    # the batched decode's default: the routing kernel builds no dispatch and the grouped
+    # GEMMs derive it from the ids (BLACKMAMBA_MOE_IDS, default on; split products too since
+    # session 19), with every PDL mode: logits bit-identical to the dispatch built by the
+    # routing kernel (BLACKMAMBA_MOE_IDS=0), besides the CPU model
     g, c = make(400 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 9).integers(0, g.vocab_size, (B, 5))
     env(BLACKMAMBA_MOE_IDS=0)
@@ -468,7 +468,7 @@ def test_route_ids(env, B, math, bias):
             g, None, ids, "bm_cuda_norm_route_ids_calls", "bm_cuda_moe_grouped_ids_calls",
             "bm_cuda_norm_route_dispatch_calls", "bm_cuda_norm_route_pre_calls")
         assert nr >= 2, kv                        # batched routings captured (2 a capture)
-        n_ids = 0 if split else nr                # both MoE layers (8 and 3 experts)
+        n_ids = nr                                # both MoE layers (8 and 3 experts)
         assert n_nr == n_ids, kv
         assert n_grouped == n_ids, kv             # each taken by the grouped call too
         fused = kv.get("BLACKMAMBA_MOE_ROUTE_DISPATCH") != 0

@@ -2037,6 +2037,18 @@ int l2side_join(bm_cuda_model *m) {
     return 0;
 }
 
+// in_proj as one GEMM of 2E outputs on `rows` bf16 rows of ws->xbf into ws->xzt (rows, 2E):
+// x and z of a row side by side (mamba_step's batched forms).
+int in_proj_xzt(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t rows) {
+    const int64_t d = m->cfg.d, E = m->cfg.E;
+    const float one = 1.f, zero = 0.f;
+    BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)rows,
+                               (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
+                               CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F, (int)(2 * E),
+                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return 0;
+}
+
 // The same for one token per row: xn (B, d) -> out (B, d).
 // xbf_ready: the norm wrote bf16(xn) into ws->xbf (ws->xlo) for in_proj (in_proj_batched()).
 // nin: the layer's input norm still to do (forward(): batch 1), carried by in_proj's GEMV
@@ -2080,48 +2092,32 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
             TRY(linear(m, ws, xn, d, wrows(m, ly.in_w, E, d), ly.in_b ? ly.in_b + E : nullptr,
                        z, E, B, E, d, true));
         TRY(mark(m, P_IN));
-    } else if (fc2_normed && stacked_in) {
-        // both below: bf16(r * w) as a split fc2's epilogue left it, hi rows then lo rows
-        // (forward()), one GEMM of 2B rows; the conv step adds each row's two products, then
-        // applies the row scale
-        const float one = 1.f, zero = 0.f;
-        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)(2 * B),
-                                   (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
-                                   CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F,
-                                   (int)(2 * E), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    } else if (stacked_in) {
+        // a split in_proj (stack_in_ok): the norm (or, fc2_normed, a split fc2's epilogue,
+        // without the row scale) wrote the bf16 hi rows at xbf and the lo rows right after
+        // them (xbf + B d): one GEMM of 2B rows and 2E outputs into xzt (2B, 2E), and the conv
+        // step adds each row's hi and lo products (then applies the row scale)
+        TRY(in_proj_xzt(m, ws, ly, 2 * B));
         g_stack.fetch_add(1, std::memory_order_relaxed);
         TRY(mark(m, P_IN));
-        TRY(bm_cuda_conv_step_sum_norm(ws->xzt, ws->xzt + E, 2 * E, B * 2 * E, z, conv,
-                                       ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, ws->ssp,
-                                       bm_cuda_moe_norm_parts(d), d, EPS, st));
+        if (fc2_normed)
+            TRY(bm_cuda_conv_step_sum_norm(ws->xzt, ws->xzt + E, 2 * E, B * 2 * E, z, conv,
+                                           ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, ws->ssp,
+                                           bm_cuda_moe_norm_parts(d), d, EPS, st));
+        else
+            TRY(bm_cuda_conv_step_sum(ws->xzt, ws->xzt + E, 2 * E, B * 2 * E, z, conv,
+                                      ly.conv_w, ly.conv_b, ws->xc, 1, B, E, c.K, st));
     } else if (fc2_normed) {
         // in_proj of bf16(r * w) as fc2's epilogue left it (forward()), as one GEMM of 2E
         // rows into (B, 2E) (x and z of a row side by side); the conv step reads both there,
         // applies the row scale and writes z apart. One GEMM rather than cuBLAS's batch of
         // two: its kernel 7.55 against 7.91 us at B = 64, the step -0.1 / -0.4 / -0.6% at
         // B = 64 / 32 / 16, bit-identical (cuda/NOTES.md session 14).
-        const float one = 1.f, zero = 0.f;
-        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)B,
-                                   (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
-                                   CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F,
-                                   (int)(2 * E), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        TRY(in_proj_xzt(m, ws, ly, B));
         TRY(mark(m, P_IN));
         TRY(bm_cuda_conv_step_norm(ws->xzt, ws->xzt + E, 2 * E, z, conv, ly.conv_w, ly.conv_b,
                                    ws->xc, 1, B, E, c.K, ws->ssp, bm_cuda_moe_norm_parts(d), d,
                                    EPS, st));
-    } else if (stacked_in) {
-        // a split in_proj (stack_in_ok): the norm wrote the bf16 hi rows at xbf and the lo rows
-        // right after them (xbf + B d): one GEMM of 2B rows and 2E outputs into xzt (2B, 2E),
-        // and the conv step adds each row's hi and lo products
-        const float one = 1.f, zero = 0.f;
-        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * E), (int)(2 * B),
-                                   (int)d, &one, ly.in_w, CUDA_R_16BF, (int)d, ws->xbf,
-                                   CUDA_R_16BF, (int)d, &zero, ws->xzt, CUDA_R_32F,
-                                   (int)(2 * E), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        g_stack.fetch_add(1, std::memory_order_relaxed);
-        TRY(mark(m, P_IN));
-        TRY(bm_cuda_conv_step_sum(ws->xzt, ws->xzt + E, 2 * E, B * 2 * E, z, conv, ly.conv_w,
-                                  ly.conv_b, ws->xc, 1, B, E, c.K, st));
     } else {
         TRY(in_proj(m, ws, ly, xn, B, xbf_ready));
         TRY(mark(m, P_IN));

@@ -339,6 +339,26 @@ __device__ __forceinline__ int ids_list(const int (&id)[IDS_CHUNKS], int e, int 
     return run;
 }
 
+// The CTA's row tile (blockIdx.y) from the ids: warp 0 reads them and writes the offsets into
+// s_ids (X+1) and the tile's expert's tokens into s_list; then the block synchronises (every
+// warp calls this), and each thread walks the offsets to the same tile. False: no tile
+// (uniform over the block). ebeg: the expert's first slot.
+__device__ __forceinline__ bool ids_tile(const GroupedArgs &p, int BM, int *s_ids, int *s_list,
+                                         int &e, int &row0, int &rows, int &ebeg) {
+    if ((threadIdx.x >> 5) == 0) {
+        int id[IDS_CHUNKS];
+        ids_load(p.ids, p.T, id);
+        ids_offsets(id, p.X, s_ids);
+        if (walk_tile([&](int i) { return s_ids[i]; }, p.X, BM, (int)blockIdx.y, e, row0, rows))
+            ids_list(id, e, s_list, &ebeg);
+    }
+    __syncthreads();
+    if (!walk_tile([&](int i) { return s_ids[i]; }, p.X, BM, (int)blockIdx.y, e, row0, rows))
+        return false;
+    ebeg = s_ids[e];
+    return true;
+}
+
 // The loaders' source rows (both cores; fixed over K): chunk tid & 7 of tile rows
 // (tid >> 3) + i NT/8, -1 = none (zeros). Row indices as 32-bit values, the addresses formed
 // per load: fewer registers than 64-bit pointers where a thread loads many rows.
@@ -413,18 +433,7 @@ grouped_gemm_kernel(const GroupedArgs p, const GroupedNorm q) {
     if (xm) {
         e = blockIdx.y;
     } else if (by_ids) {
-        if (warp == 0) {
-            int id[IDS_CHUNKS];
-            ids_load(p.ids, p.T, id);
-            ids_offsets(id, p.X, s_ids);
-            const bool ok = walk_tile([&](int i) { return s_ids[i]; }, p.X, BM,
-                                      (int)blockIdx.y, e, row0, rows);
-            if (ok) ids_list(id, e, s_list, &ebeg);
-        }
-        __syncthreads();
-        if (!walk_tile([&](int i) { return s_ids[i]; }, p.X, BM, (int)blockIdx.y, e, row0, rows))
-            return;
-        ebeg = s_ids[e];
+        if (!ids_tile(p, BM, s_ids, s_list, e, row0, rows, ebeg)) return;
     } else if (!find_tile(p, BM, e, row0, rows)) {
         return;
     }
@@ -752,26 +761,15 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
         if (MODE == MODE_FC1) bm_pdl_wait();
         else bm_pdl_wait_only();
     }
-    // BM_MOE_GROUPED_IDS: the offsets and the expert's tokens from the ids, as
-    // grouped_gemm_kernel's (warp 0, then the block synchronised before any CTA leaves)
+    // BM_MOE_GROUPED_IDS: the offsets and the expert's tokens from the ids (ids_tile), as
+    // grouped_gemm_kernel's
     constexpr bool IDS_OK = BM <= 32;
     __shared__ int s_ids[IDS_OK ? IDS_MAX_X + 1 + IDS_MAX_T : 1];  // offsets (X+1), tokens
     int *const s_list = s_ids + (IDS_OK ? IDS_MAX_X + 1 : 0);
     const bool by_ids = IDS_OK && p.ids != nullptr;
     int e = 0, row0 = 0, rows = 0, ebeg = 0;
     if (by_ids) {
-        if (w == 0) {
-            int id[IDS_CHUNKS];
-            ids_load(p.ids, p.T, id);
-            ids_offsets(id, p.X, s_ids);
-            const bool ok = walk_tile([&](int i) { return s_ids[i]; }, p.X, BM,
-                                      (int)blockIdx.y, e, row0, rows);
-            if (ok) ids_list(id, e, s_list, &ebeg);
-        }
-        __syncthreads();
-        if (!walk_tile([&](int i) { return s_ids[i]; }, p.X, BM, (int)blockIdx.y, e, row0, rows))
-            return;  // uniform over the block
-        ebeg = s_ids[e];
+        if (!ids_tile(p, BM, s_ids, s_list, e, row0, rows, ebeg)) return;  // uniform
     } else if (!find_tile(p, BM, e, row0, rows)) {
         return;  // uniform over the block
     }

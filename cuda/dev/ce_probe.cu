@@ -215,6 +215,28 @@ int main() {
                    W / med(t) / 1e3);
         }
     }
+    // A graph's replay on s0 after an L2 flush (after_launch: more work queued after it;
+    // after_sync(kept): called once both streams are idle), to the end of s0's work: the
+    // median of R after 2.
+    auto none = [] {};
+    auto none_sync = [](bool) {};
+    auto time_graph = [&](cudaGraphExec_t ge, auto &&after_launch, auto &&after_sync) {
+        std::vector<float> t;
+        for (int r = 0; r < R + 2; r++) {
+            read(flush, FLUSH, 0, s0);
+            CK(cudaStreamSynchronize(s0));
+            CK(cudaEventRecord(a, s0));
+            CK(cudaGraphLaunch(ge, s0));
+            after_launch();
+            CK(cudaEventRecord(b, s0));
+            CK(cudaStreamSynchronize(s0));
+            CK(cudaStreamSynchronize(s1));
+            if (r >= 2) t.push_back(el(a, b));
+            after_sync(r >= 2);
+        }
+        return med(t);
+    };
+
     // 4. the same copies captured into a graph (the decode's form): copy node after a kernel
     {
         cudaGraph_t g;
@@ -229,37 +251,11 @@ int main() {
         read(src, W, 0, s0);
         CK(cudaStreamEndCapture(s0, &g));
         CK(cudaGraphInstantiate(&ge, g, 0));
-        std::vector<float> t;
-        for (int r = 0; r < R + 2; r++) {
-            read(flush, FLUSH, 0, s0);
-            CK(cudaEventRecord(a, s0));
-            CK(cudaGraphLaunch(ge, s0));
-            CK(cudaEventRecord(b, s0));
-            CK(cudaStreamSynchronize(s0));
-            if (r >= 2) t.push_back(el(a, b));
-        }
-        printf("4. graph: [copy 17.3 MB on a branch | hog 30 us] -> read src: %.1f us "
-               "(30 + a cold read would be ~%.0f)\n",
-               med(t), 30.f + 0.f);
+        printf("4. graph: [copy 17.3 MB on a branch | hog 30 us] -> read src: %.1f us\n",
+               time_graph(ge, none, none_sync));
     }
     // 5. ways to keep the copy on a copy engine next to a graph
     {
-        auto time_graph = [&](cudaGraphExec_t ge, auto &&after_launch) {
-            std::vector<float> t;
-            for (int r = 0; r < R + 2; r++) {
-                read(flush, FLUSH, 0, s0);
-                CK(cudaStreamSynchronize(s0));
-                CK(cudaEventRecord(a, s0));
-                CK(cudaGraphLaunch(ge, s0));
-                after_launch();
-                CK(cudaEventRecord(b, s0));
-                CK(cudaStreamSynchronize(s0));
-                CK(cudaStreamSynchronize(s1));
-                if (r >= 2) t.push_back(el(a, b));
-            }
-            return med(t);
-        };
-        auto none = [] {};
         cudaGraph_t g;
         cudaGraphExec_t ge_hog, ge_hogread, ge_copyonly, ge_ext;
         // hog 30 us alone; hog then read src (cold)
@@ -286,14 +282,17 @@ int main() {
         CK(cudaStreamEndCapture(s0, &g));
         CK(cudaGraphInstantiate(&ge_ext, g, 0));
         printf("5. graph hog 30 us: %.1f; hog -> read src (cold): %.1f; copy node alone: %.1f\n",
-               time_graph(ge_hog, none), time_graph(ge_hogread, none),
-               time_graph(ge_copyonly, none));
+               time_graph(ge_hog, none, none_sync), time_graph(ge_hogread, none, none_sync),
+               time_graph(ge_copyonly, none, none_sync));
         printf("5. graph [ext event -> hog 30 -> read src] + outside: wait event, copy 17.3 MB "
                "on s1: %.1f\n",
-               time_graph(ge_ext, [&] {
-                   CK(cudaStreamWaitEvent(s1, ev));
-                   CK(cudaMemcpyAsync(dst, src, W, cudaMemcpyDeviceToDevice, s1));
-               }));
+               time_graph(
+                   ge_ext,
+                   [&] {
+                       CK(cudaStreamWaitEvent(s1, ev));
+                       CK(cudaMemcpyAsync(dst, src, W, cudaMemcpyDeviceToDevice, s1));
+                   },
+                   none_sync));
         // the batch API with the overlap hint: not capturable (cudaErrorStreamCaptureUnsupported
         // in run 2), so only outside a graph
         cudaMemcpyAttributes at = {};
@@ -487,29 +486,19 @@ int main() {
             printf("8. graph of %-40s on s1 beside a 200 us hog: done after %.1f us (alone %.1f)\n",
                    names[k], med(t), med(alone));
         }
-        std::vector<float> t, tc, tn;
-        for (int r = 0; r < R + 2; r++) {
-            read(flush, FLUSH, 0, s0);
-            CK(cudaStreamSynchronize(s0));
-            CK(cudaEventRecord(a, s0));
-            CK(cudaGraphLaunch(gmain, s0));
-            CK(cudaGraphLaunch(gw, s1));
-            CK(cudaEventRecord(c, s1));
-            CK(cudaEventRecord(b, s0));
-            CK(cudaStreamSynchronize(s0));
-            CK(cudaStreamSynchronize(s1));
-            if (r >= 2) t.push_back(el(a, b)), tc.push_back(el(a, c));
-            read(flush, FLUSH, 0, s0);
-            CK(cudaStreamSynchronize(s0));
-            CK(cudaEventRecord(a, s0));
-            CK(cudaGraphLaunch(gmain, s0));
-            CK(cudaEventRecord(b, s0));
-            CK(cudaStreamSynchronize(s0));
-            if (r >= 2) tn.push_back(el(a, b));
-        }
+        std::vector<float> tc;
+        const float with = time_graph(
+            gmain,
+            [&] {
+                CK(cudaGraphLaunch(gw, s1));
+                CK(cudaEventRecord(c, s1));
+            },
+            [&](bool kept) {
+                if (kept) tc.push_back(el(a, c));
+            });
         printf("8. main graph [hog 30 -> ext event -> hog 30 -> read src] %.1f us alone, %.1f with "
                "the waiting copy graph on s1 (its copies done after %.1f)\n",
-               med(tn), med(t), med(tc));
+               time_graph(gmain, none, none_sync), with, med(tc));
     }
     // 9. a copy started by a flag that a kernel writes (cuStreamWaitValue32 on s1: the
     //    stream's front end waits, no event node in the kernel's graph), then a batch copy

@@ -1977,13 +1977,19 @@ void l2_set_aside_apply() {
 // (grouped.cu GroupedArgs::wpol), so that the staged lines are demoted once read and the
 // streamed ones do not stay: against 16 MB without the hint, B = 16 -0.7 to -1.8%, B = 32
 // -0.6 to -1.1%, B = 64 even (either change alone: at most half of that).
+// Session 19: by default none up to L2SIDE_MIN_ROWS rows, where the branch's forks cost more
+// than its bytes save (same process, 2.8B shape, H200, split products: off against 32 MB
+// B = 2 -1.9%, B = 4 -1.4%, B = 8 +0.3%, B = 16 +1.5%; cuda/NOTES.md session 19). An explicit
+// BLACKMAMBA_L2SIDE=<MB> applies at every batched size (A/B).
 constexpr int L2SIDE_MB_DEFAULT = 32;
+constexpr int64_t L2SIDE_MIN_ROWS = 5;
 constexpr int L2SIDE_BLOCKS = 16;
-int64_t l2side_bytes() {
+int64_t l2side_bytes(int64_t rows) {
     const char *e = getenv("BLACKMAMBA_L2SIDE");
     char *end = nullptr;
-    const long v = e && *e ? strtol(e, &end, 10) : L2SIDE_MB_DEFAULT;
-    if (e && *e && (*end || v < 0)) return (int64_t)L2SIDE_MB_DEFAULT << 20;  // not a count
+    const long v = e && *e ? strtol(e, &end, 10) : -1;
+    if (!e || !*e || *end || v < 0)  // unset, or not a count: the default
+        return rows >= L2SIDE_MIN_ROWS ? (int64_t)L2SIDE_MB_DEFAULT << 20 : 0;
     return (int64_t)std::min<long>(v, 1024) << 20;
 }
 std::atomic<long long> g_l2side{0};  // staging launches (tests)
@@ -2158,7 +2164,7 @@ int mamba_step(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float 
     const int64_t state_bytes = B * E * N * (int64_t)sizeof(float);
     const int ev = scan_evict_mode();
     const bool stage_state = v4 && !fdt && B > ws->gv && ev == 3 &&
-                             l2side_bytes() && l2side_state_on(state_bytes);
+                             l2side_bytes(B) && l2side_state_on(state_bytes);
     if (stage_state) g_l2side_state.fetch_add(1, std::memory_order_relaxed);
     TRY(l2side_fork(m, stage, stage_bytes, ssm, stage_state ? state_bytes : 0));
     if (xdt)
@@ -2526,7 +2532,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
     bool hpair = false;  // the last Mamba layer left its output as two halves in ws->hk
     bool fc2_normed = false;  // the last MoE layer's fc2 did this Mamba layer's norm
     m->side_open = false;
-    const int64_t side_bytes = ws->decode && T > ws->gv ? l2side_bytes() : 0;
+    const int64_t side_bytes = ws->decode && T > ws->gv ? l2side_bytes(T) : 0;
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w

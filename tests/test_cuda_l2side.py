@@ -72,6 +72,28 @@ def test_l2side_decode(env, B, hidden, layers, forks):
         np.testing.assert_array_equal(other, new[:2])
 
 
+def test_l2side_default_small_batches(env):
+    # session 19: no staging by default below 5 rows (its forks cost more than it saves
+    # there), while an explicit size stages at every batched size; logits unchanged
+    cfg = small_config(hidden_size=64, mamba_moe_layers=["r", "8", "r", "3"])
+    t = random_tensors(cfg, seed=33)
+    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
+    c = Model(cfg, t, dtype="bfloat16")
+    for B, forks in ((3, 0), (4, 0), (5, 2)):
+        ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 5))
+        env()
+        n0 = calls()
+        new, want = steps(g, c, ids, 2)
+        assert calls() == n0 + forks, B
+        assert rel_err(new, want) < 1e-3, B
+        for v, f in (("16", 2), ("junk", forks), ("0", 0)):
+            env(BLACKMAMBA_L2SIDE=v)
+            n1 = calls()
+            other, _ = steps(g, None, ids, 2)
+            assert calls() == n1 + f, (B, v)
+            np.testing.assert_array_equal(other, new)
+
+
 def test_l2side_not_in_prefill(env):
     cfg = small_config(hidden_size=64, mamba_moe_layers=["r", "8", "r", "3"])
     g = model_cuda.CudaModel(cfg, random_tensors(cfg, seed=3), dtype="bfloat16")

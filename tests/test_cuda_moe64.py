@@ -230,6 +230,21 @@ def grouped_norm(x, ids, gates, fc1, fc2, res, w, flags, split=0, lo=None):
     return dr.numpy(), xbf.numpy(), ssp.numpy(), None if xlo is None else xlo.numpy()
 
 
+def norm_want(res, out, w):
+    """What the norm epilogue must leave for fc2's output `out` on the residual res (T, d):
+    (res + out, bf16 bits of (res + out) * w, the bits of its low part, the sums of squares of
+    res + out over each 32 columns in float64)."""
+    from blackmamba import ref
+    T, d = res.shape
+    parts = -(-d // 32)
+    r = res + out
+    hi = ref.f32_to_bf16(r * w)
+    lo = ref.f32_to_bf16(r * w - ref.bf16_to_f32(hi))
+    sq = np.zeros((T, parts * 32))
+    sq[:, :d] = r.astype(np.float64) ** 2
+    return r, hi, lo, sq.reshape(T, parts, 32).sum(-1)
+
+
 NORM_CASES = [(64, 8, 184, 248, "uniform"), (150, 4, 200, 136, "skewed"),
               (9, 8, 64, 40, "uniform"), (70, 3, 136, 64, "last"), (256, 8, 1472, 40, "skewed"),
               (300, 8, 64, 40, "uniform")]
@@ -245,7 +260,6 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
     # (session 19): fc2 on grouped_dec_kernel's 32-column tiles (the default variant 7 up to
     # 16 rows an expert, or a forced 6..9) writes the low parts of res * w too (xlo: the split
     # of the same value), against the split plain call; refused without xlo, and elsewhere
-    from blackmamba import ref
     x, ids, gates, fc1, fc2 = moe_case("norm", T, X, d, F, kind, 0)
     rng = rng_for("norm res", T, d)
     res = rng.standard_normal((T, d)).astype(np.float32)
@@ -258,11 +272,7 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
             kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
         env(**kv)
         out = grouped_ex(x, ids, gates, fc1, fc2, 0, 0)
-        want_res = res + out
-        want_bf = ref.f32_to_bf16(want_res * w)
-        sq = np.zeros((T, parts * 32))
-        sq[:, :d] = want_res.astype(np.float64) ** 2
-        want_ss = sq.reshape(T, parts, 32).sum(-1)
+        want_res, want_bf, _, want_ss = norm_want(res, out, w)
         ok = tiles != "0006"
         assert LIB.bm_cuda_moe_grouped_norm_ok(T, X, 0) == ok
         for flags in (0, PDL_EARLY, IDS, IDS | PDL_EARLY, IDS | PDL_EXPERT):
@@ -287,12 +297,7 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
         ok = tiles in ("0006", "0007", "0008", "0009") or (tiles is None and T <= 16 * X)
         assert LIB.bm_cuda_moe_grouped_norm_ok(T, X, 1) == ok, tiles
         out = grouped_ex(xs, ids, gates, fc1, fc2, 1, 0)
-        want_res = res + out
-        hi = ref.f32_to_bf16(want_res * w)
-        want_lo = ref.f32_to_bf16(want_res * w - ref.bf16_to_f32(hi))
-        sq = np.zeros((T, parts * 32))
-        sq[:, :d] = want_res.astype(np.float64) ** 2
-        want_ss = sq.reshape(T, parts, 32).sum(-1)
+        want_res, hi, want_lo, want_ss = norm_want(res, out, w)
         for flags in (0, PDL_EARLY, IDS, IDS | PDL_EARLY):
             n0 = LIB.bm_cuda_moe_grouped_norm_calls()
             got = grouped_norm(xs, ids, gates, fc1, fc2, res, w, flags, split=1)

@@ -9,6 +9,8 @@
 // the 2.8B shape: with 32 the whole grid is resident at once and every thread loads, then
 // stores, so the loads of one block never overlap the stores of another: 21 us for 48 MB on
 // the H200, 2.3 TB/s, against 3.4 TB/s for the same kernel at b = 8).
+#include <cstdio>
+
 #include "common.cuh"
 
 namespace {
@@ -221,6 +223,36 @@ int conv_step_norm_switch(const float *x, float *conv_state, const float *w, con
     }
 }
 
+// An argument error naming the entry point (`what`: conv_step_fused's callers).
+int arg_fail(const char *what, const char *need) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: needs %s", what, need);
+    return BM_CUDA_ARG_FAIL(msg);
+}
+
+// The three fused conv-step entry points below share their checks and launch: zin (row
+// stride ld) holds the z half, part (> 0) is the distance to the second product's rows (the
+// hi + lo split; 0: one product), ssp (non-null: parts partial sums of squares a row over d
+// columns) the Mamba norm's row scale. `what` names the entry point in the error.
+int conv_step_fused(const char *what, const float *x, const float *zin, int64_t ld,
+                    int64_t part, float *z, float *conv_state, const float *w,
+                    const float *bias, float *y, int silu, int64_t b, int64_t E, int64_t K,
+                    const float *ssp, int64_t parts, int64_t d, float eps,
+                    cudaStream_t stream) {
+    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
+    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
+        return arg_fail(what, "1 <= E < 2^31 - 128 and b <= 65535");
+    if (!z || !zin || ld < E) return arg_fail(what, "z, zin and ld >= E");
+    if (part && part < (b - 1) * ld + E)
+        return arg_fail(what, "part past the rows");
+    if (ssp && (parts < 1 || parts > INT32_MAX || d < 1))
+        return arg_fail(what, "parts >= 1 and d >= 1");
+    if (b <= 0) return 0;
+    const ConvNorm nm = ssp ? ConvNorm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps, part}
+                            : ConvNorm{z, zin, ld, nullptr, 1, 0.f, 0.f, part};
+    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
+}
+
 }  // namespace
 
 extern "C" int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
@@ -272,28 +304,18 @@ extern "C" int bm_cuda_conv_step_norm(const float *x, const float *zin, int64_t 
                                       float *y, int silu, int64_t b, int64_t E, int64_t K,
                                       const float *ssp, int64_t parts, int64_t d, float eps,
                                       cudaStream_t stream) {
-    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
-    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
-        return BM_CUDA_ARG_FAIL("conv_step_norm: needs 1 <= E < 2^31 - 128 and b <= 65535");
-    if (!z || !zin || ld < E || !ssp || parts < 1 || parts > INT32_MAX || d < 1)
-        return BM_CUDA_ARG_FAIL("conv_step_norm: needs z, zin, ld >= E, ssp, parts >= 1, d >= 1");
-    if (b <= 0) return 0;
-    const ConvNorm nm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps, 0};
-    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
+    if (!ssp) return BM_CUDA_ARG_FAIL("conv_step_norm: needs ssp");
+    return conv_step_fused("conv_step_norm", x, zin, ld, 0, z, conv_state, w, bias, y, silu, b,
+                           E, K, ssp, parts, d, eps, stream);
 }
 
 extern "C" int bm_cuda_conv_step_sum(const float *x, const float *zin, int64_t ld, int64_t part,
                                      float *z, float *conv_state, const float *w,
                                      const float *bias, float *y, int silu, int64_t b, int64_t E,
                                      int64_t K, cudaStream_t stream) {
-    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
-    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
-        return BM_CUDA_ARG_FAIL("conv_step_sum: needs 1 <= E < 2^31 - 128 and b <= 65535");
-    if (!z || !zin || ld < E || part < (b - 1) * ld + E)
-        return BM_CUDA_ARG_FAIL("conv_step_sum: needs z, zin, ld >= E and part past the rows");
-    if (b <= 0) return 0;
-    const ConvNorm nm{z, zin, ld, nullptr, 1, 0.f, 0.f, part};
-    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
+    if (part <= 0) return BM_CUDA_ARG_FAIL("conv_step_sum: needs part past the rows");
+    return conv_step_fused("conv_step_sum", x, zin, ld, part, z, conv_state, w, bias, y, silu,
+                           b, E, K, nullptr, 1, 1, 0.f, stream);
 }
 
 extern "C" int bm_cuda_conv_step_sum_norm(const float *x, const float *zin, int64_t ld,
@@ -302,14 +324,8 @@ extern "C" int bm_cuda_conv_step_sum_norm(const float *x, const float *zin, int6
                                           int64_t b, int64_t E, int64_t K, const float *ssp,
                                           int64_t parts, int64_t d, float eps,
                                           cudaStream_t stream) {
-    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv_step: K must be in 2..8");
-    if (E < 1 || E > INT32_MAX - CONV_NORM_THREADS || b > 65535)
-        return BM_CUDA_ARG_FAIL("conv_step_sum_norm: needs 1 <= E < 2^31 - 128 and b <= 65535");
-    if (!z || !zin || ld < E || part < (b - 1) * ld + E || !ssp || parts < 1 ||
-        parts > INT32_MAX || d < 1)
-        return BM_CUDA_ARG_FAIL("conv_step_sum_norm: needs z, zin, ld >= E, part past the rows, "
-                                "ssp, parts >= 1, d >= 1");
-    if (b <= 0) return 0;
-    const ConvNorm nm{z, zin, ld, ssp, (int)parts, 1.f / (float)d, eps, part};
-    return conv_step_norm_switch(x, conv_state, w, bias, y, silu, b, E, K, nm, stream);
+    if (part <= 0 || !ssp)
+        return BM_CUDA_ARG_FAIL("conv_step_sum_norm: needs part past the rows and ssp");
+    return conv_step_fused("conv_step_sum_norm", x, zin, ld, part, z, conv_state, w, bias, y,
+                           silu, b, E, K, ssp, parts, d, eps, stream);
 }

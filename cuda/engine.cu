@@ -1631,6 +1631,9 @@ bool norm_bf_on() { return bm_env_switch("BLACKMAMBA_DECODE_NORM_BF", true); }
 // after a MoE layer, instead of fc2's norm epilogue and the scaled conv step (forward();
 // read at graph capture).
 bool norm_fc2_on() { return bm_env_switch("BLACKMAMBA_DECODE_NORM_FC2", true); }
+// BLACKMAMBA_DECODE_NORM_FC2_SPLIT=0: the split decode (2-8 rows) keeps the norm kernel while
+// the unsplit batches still norm in fc2 (A/B; session 19). Read at graph capture.
+bool norm_fc2_split_on() { return bm_env_switch("BLACKMAMBA_DECODE_NORM_FC2_SPLIT", true); }
 std::atomic<long long> g_norm_fc2{0};  // Mamba layers normed in fc2 (the tests)
 
 // xb (M, K) = bf16(x (M, ldx)[:, :K]) (+ xlo, the low parts): the vectorised kernel where
@@ -1885,6 +1888,9 @@ std::atomic<long long> g_out_ksplit{0};  // out_proj products as two K halves (t
 // "0": the two GEMMs (A/B, tests). Read at graph capture. Measured: cuda/NOTES.md session 18.
 std::atomic<long long> g_stack{0};  // stacked split products (tests)
 bool stack_on() { return bm_env_switch("BLACKMAMBA_DECODE_STACK", true); }
+// BLACKMAMBA_DECODE_STACK_HEAD=0: the split decode's LM head as linear()'s two GEMMs instead of
+// head_stacked's one (A/B, tests; session 19). Read at graph capture.
+bool stack_head_on() { return bm_env_switch("BLACKMAMBA_DECODE_STACK_HEAD", true); }
 // in_proj: the Mamba norm writes the lo rows at xbf + B d (ws_layout: room for 2T rows of d),
 // the GEMM writes (2B, 2E) into xzt.
 bool stack_in_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t B) {
@@ -2608,7 +2614,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                               nx && nx->mamba && !nx->X && !nx->in_b && T <= 65535 &&
                               in_proj_batched(m, ws, T) && norm_bf_on() && norm_fc2_on() &&
                               (!split || (stack_in_ok(m, ws, *nx, T) &&
-                                          bm_env_switch("BLACKMAMBA_DECODE_NORM_FC2_SPLIT", true))) &&
+                                          norm_fc2_split_on())) &&
                               bm_cuda_moe_grouped_norm_ok(T, ly.X, split);
             const bm_cuda_moe_norm_out nout{rc, fuse ? nx->norm_w : nullptr, ws->xbf, ws->ssp,
                                             split ? ws->xbf + T * d : nullptr};
@@ -2841,8 +2847,7 @@ int decode_ws(bm_cuda_model *m, int64_t B, Ws **out) {
 // (beta = 1) GEMM did: the 148 MB of the 2.8B head read once instead of twice.
 bool stack_head_ok(const bm_cuda_model *m, const Ws *ws, int64_t B) {
     return ws->decode && B == ws->T && B > ws->gv && ws->Ts == B && ws->xbf &&
-           ws->logit_rows >= 2 * B && split_x(m, ws, B) && stack_on() &&
-           bm_env_switch("BLACKMAMBA_DECODE_STACK_HEAD", true);  // "0": linear()'s two GEMMs
+           ws->logit_rows >= 2 * B && split_x(m, ws, B) && stack_on() && stack_head_on();
 }
 int head_stacked(bm_cuda_model *m, Ws *ws, int64_t B) {
     const int64_t d = m->cfg.d, V = m->cfg.V;

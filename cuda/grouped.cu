@@ -227,6 +227,82 @@ struct GroupedDecArgs : GroupedArgs {
 // Columns per partial sum of squares of the norm epilogue (GroupedNorm::res): each decode
 // fc2 tile's warp covers 32 columns (Tile::WTN; gemm_launch refuses others).
 constexpr int NORM_PART_COLS = 32;
+
+// The norm epilogue's operands, requested before the k loop so that they arrive during it
+// (grouped_gemm_kernel's unsplit fc2 tiles, every warp; grouped_dec_kernel's, warp 0): the
+// norm weights of this lane's columns cb + ni * 8 + 2 (lane & 3), and for each of its rows
+// rb + mi * 16 + (lane >> 2) + 8 h below `rows` the token tok(row), its gate and its residual
+// values. Rows past `rows` get token -1 and zeros.
+template <int MI, int NI, typename Tok>
+__device__ __forceinline__ void norm_preload(const GroupedNorm &q, const float *gates, int cb,
+                                             int rb, int rows, int N, int lane, Tok tok,
+                                             float2 (&rpre)[MI][2][NI], float2 (&wpre)[NI],
+                                             int (&tpre)[MI][2], float (&gpre)[MI][2]) {
+#pragma unroll
+    for (int ni = 0; ni < NI; ni++) {
+        const int col = cb + ni * 8 + 2 * (lane & 3);
+        wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(q.nw + col))
+                           : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = rb + mi * 16 + (lane >> 2) + 8 * h;
+            const int t = r >= rows ? -1 : tok(r);
+            tpre[mi][h] = t;
+            gpre[mi][h] = t >= 0 && gates ? __ldcg(gates + t) : 1.f;
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++) {
+                const int col = cb + ni * 8 + 2 * (lane & 3);
+                rpre[mi][h][ni] = t >= 0 && col < N
+                    ? __ldcg(reinterpret_cast<const float2 *>(q.res + (int64_t)t * N + col))
+                    : make_float2(0.f, 0.f);
+            }
+        }
+}
+
+// One accumulator row of the norm epilogue (GroupedNorm::res), for the 4 lanes that hold it
+// (lane & 3), columns cb + ni * 8 + 2 (lane & 3): res = g * acc + r in place (g * acc rounded
+// first, no FMA: the residual's bits are the plain epilogue's out plus r, as the norm kernel
+// sums them), nbf = bf16(res * w), with LO the low parts into q.nlo where it is set (split),
+// and the row's sum of squares over these columns in a fixed order into part cb / 32 of
+// bm_cuda_moe_norm_parts(N) (a warp's columns are one part: WTN = NORM_PART_COLS). Token t.
+template <int NI, bool LO>
+__device__ __forceinline__ void norm_epilogue_row(const GroupedNorm &q, const float (&acc)[NI][4],
+                                                  int h, int t, float g, int cb,
+                                                  const float2 (&r)[NI], const float2 (&w)[NI],
+                                                  int N, int lane) {
+    float *rr = q.res + (int64_t)t * N;
+    uint16_t *nb = q.nbf + (int64_t)t * N;
+    uint16_t *nl = LO && q.nlo ? q.nlo + (int64_t)t * N : nullptr;
+    float ss = 0.f;
+#pragma unroll
+    for (int ni = 0; ni < NI; ni++) {
+        const int col = cb + ni * 8 + 2 * (lane & 3);
+        if (col >= N) continue;
+        const float v0 = __fmul_rn(g, acc[ni][2 * h]) + r[ni].x;
+        const float v1 = __fmul_rn(g, acc[ni][2 * h + 1]) + r[ni].y;
+        *reinterpret_cast<float2 *>(rr + col) = make_float2(v0, v1);
+        if constexpr (LO) {
+            uint16_t h0, h1, l0, l1;
+            bm_f32_to_bf16_split(v0 * w[ni].x, h0, l0);
+            bm_f32_to_bf16_split(v1 * w[ni].y, h1, l1);
+            *reinterpret_cast<uint32_t *>(nb + col) = pack_bf16(h0, h1);
+            if (nl) *reinterpret_cast<uint32_t *>(nl + col) = pack_bf16(l0, l1);
+        } else {
+            *reinterpret_cast<uint32_t *>(nb + col) =
+                pack_bf16(bm_f32_to_bf16_bits(v0 * w[ni].x), bm_f32_to_bf16_bits(v1 * w[ni].y));
+        }
+        ss = fmaf(v0, v0, ss);
+        ss = fmaf(v1, v1, ss);
+    }
+    const unsigned quad = 0xFu << (lane & ~3);
+    ss += __shfl_xor_sync(quad, ss, 1);
+    ss += __shfl_xor_sync(quad, ss, 2);
+    if ((lane & 3) == 0 && cb < N)  // a warp wholly past N has no part
+        q.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) + cb / NORM_PART_COLS] = ss;
+}
 enum { PDL_NONE = 0, PDL_WAIT = 1, PDL_EARLY = 2, PDL_EXPERT = 3 };
 
 // Tile BM x NB (NB weight rows: FC1 NB/2 gate + NB/2 up, i.e. NB/2 output columns; FC2 NB
@@ -528,32 +604,12 @@ grouped_gemm_kernel(const GroupedArgs p, const GroupedNorm q) {
     int tpre[RMI][2];
     float gpre[RMI][2];
     if constexpr (RES) {
-        if (q.res) {
-#pragma unroll
-            for (int ni = 0; ni < C::NI; ni++) {
-                const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
-                wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(q.nw + col))
-                                   : make_float2(0.f, 0.f);
-            }
-#pragma unroll
-            for (int mi = 0; mi < C::MI; mi++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = wm * C::WTM + mi * 16 + (lane >> 2) + 8 * h;
-                    const int t = r >= rows ? -1
-                                  : by_ids ? s_list[r + row0 - ebeg]
-                                           : __ldcg(p.perm + row0 + r);
-                    tpre[mi][h] = t;
-                    gpre[mi][h] = t >= 0 && p.gates ? __ldcg(p.gates + t) : 1.f;
-#pragma unroll
-                    for (int ni = 0; ni < C::NI; ni++) {
-                        const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
-                        rpre[mi][h][ni] = t >= 0 && col < N
-                            ? __ldcg(reinterpret_cast<const float2 *>(q.res + (int64_t)t * N + col))
-                            : make_float2(0.f, 0.f);
-                    }
-                }
-        }
+        if (q.res)
+            norm_preload(q, p.gates, n0 + wn * C::WTN, wm * C::WTM, rows, N, lane,
+                         [&](int r) {
+                             return by_ids ? s_list[r + row0 - ebeg] : __ldcg(p.perm + row0 + r);
+                         },
+                         rpre, wpre, tpre, gpre);
     }
     bool first = true;
   for (;;) {  // the row tiles: one, or (xm) every tile of the expert (not re-indented)
@@ -653,38 +709,10 @@ grouped_gemm_kernel(const GroupedArgs p, const GroupedNorm q) {
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
             } else if (RES && q.res) {
-                // The next layer's norm (GroupedNorm::res): the 4 lanes of a row (lane & 3)
-                // hold its 32 columns of this warp; their squares summed in a fixed order.
-                const int t = tpre[RES ? mi : 0][h];
-                const float g = gpre[RES ? mi : 0][h];
-                float *rr = q.res + (int64_t)t * N;
-                uint16_t *nb = q.nbf + (int64_t)t * N;
-                float ss = 0.f;
-#pragma unroll
-                for (int ni = 0; ni < C::NI; ni++) {
-                    const int col = n0 + wn * C::WTN + ni * 8 + 2 * (lane & 3);
-                    if (col >= N) continue;
-                    const float2 r = rpre[RES ? mi : 0][h][RES ? ni : 0];
-                    const float2 w = wpre[RES ? ni : 0];
-                    // g * acc rounded first (no FMA): the residual's bits are those of the
-                    // plain epilogue's out plus r, as the norm kernel sums them
-                    const float v0 = __fmul_rn(g, acc[mi][ni][2 * h]) + r.x;
-                    const float v1 = __fmul_rn(g, acc[mi][ni][2 * h + 1]) + r.y;
-                    *reinterpret_cast<float2 *>(rr + col) = make_float2(v0, v1);
-                    *reinterpret_cast<uint32_t *>(nb + col) =
-                        pack_bf16(bm_f32_to_bf16_bits(v0 * w.x), bm_f32_to_bf16_bits(v1 * w.y));
-                    ss = fmaf(v0, v0, ss);
-                    ss = fmaf(v1, v1, ss);
-                }
-                const unsigned quad = 0xFu << (lane & ~3);
-                ss += __shfl_xor_sync(quad, ss, 1);
-                ss += __shfl_xor_sync(quad, ss, 2);
-                // part (n0 + wn WTN) / 32 of bm_cuda_moe_norm_parts(N) (WTN = NORM_PART_COLS,
-                // gemm_launch); a warp wholly past N has none
-                const int c0 = n0 + wn * C::WTN;
-                if ((lane & 3) == 0 && c0 < N)
-                    q.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
-                          c0 / NORM_PART_COLS] = ss;
+                // The next layer's norm (GroupedNorm::res; norm_epilogue_row)
+                if constexpr (RES)
+                    norm_epilogue_row<C::NI, false>(q, acc[mi], h, tpre[mi][h], gpre[mi][h],
+                                                    n0 + wn * C::WTN, rpre[mi][h], wpre, N, lane);
             } else {
                 const int t = by_ids ? s_list[slot - ebeg] : __ldcg(p.perm + slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;
@@ -822,30 +850,9 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
     int tpre[RMI][2];
     float gpre[RMI][2];
     if constexpr (RES) {
-        if (q.res && w == 0) {
-#pragma unroll
-            for (int ni = 0; ni < C::NI; ni++) {
-                const int col = n0 + ni * 8 + 2 * (lane & 3);
-                wpre[ni] = col < N ? __ldg(reinterpret_cast<const float2 *>(q.nw + col))
-                                   : make_float2(0.f, 0.f);
-            }
-#pragma unroll
-            for (int mi = 0; mi < C::MI; mi++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = mi * 16 + (lane >> 2) + 8 * h;
-                    const int t = r >= rows ? -1 : token(row0 + r);
-                    tpre[mi][h] = t;
-                    gpre[mi][h] = t >= 0 && p.gates ? __ldcg(p.gates + t) : 1.f;
-#pragma unroll
-                    for (int ni = 0; ni < C::NI; ni++) {
-                        const int col = n0 + ni * 8 + 2 * (lane & 3);
-                        rpre[mi][h][ni] = t >= 0 && col < N
-                            ? __ldcg(reinterpret_cast<const float2 *>(q.res + (int64_t)t * N + col))
-                            : make_float2(0.f, 0.f);
-                    }
-                }
-        }
+        if (q.res && w == 0)
+            norm_preload(q, p.gates, n0, 0, rows, N, lane, [&](int r) { return token(row0 + r); },
+                         rpre, wpre, tpre, gpre);
     }
 
     const uint32_t wbase = smem_u32(smem) + w * C::WARP_SMEM;
@@ -1002,39 +1009,11 @@ grouped_dec_kernel(const GroupedArgs p, const GroupedNorm q) {
                         *reinterpret_cast<uint32_t *>(p.al + slot * N + col) = pack_bf16(l0, l1);
                 }
             } else if (RES && q.res) {
-                // the next layer's norm, as grouped_gemm_kernel's (its bits: the residual as
-                // the plain epilogue plus the norm kernel, bf16(res * w) and a fixed order of
-                // the squares), and the low parts of res * w where q.nlo (split)
-                const int t = tpre[RES ? mi : 0][h];
-                const float g = gpre[RES ? mi : 0][h];
-                float *rr = q.res + (int64_t)t * N;
-                uint16_t *nb = q.nbf + (int64_t)t * N;
-                uint16_t *nl = q.nlo ? q.nlo + (int64_t)t * N : nullptr;
-                float ss = 0.f;
-#pragma unroll
-                for (int ni = 0; ni < C::NI; ni++) {
-                    const int col = n0 + ni * 8 + 2 * (lane & 3);
-                    if (col >= N) continue;
-                    const float2 r = rpre[RES ? mi : 0][h][RES ? ni : 0];
-                    const float2 wv = wpre[RES ? ni : 0];
-                    const float v0 = __fmul_rn(g, acc[mi][ni][2 * h]) + r.x;
-                    const float v1 = __fmul_rn(g, acc[mi][ni][2 * h + 1]) + r.y;
-                    *reinterpret_cast<float2 *>(rr + col) = make_float2(v0, v1);
-                    uint16_t h0, h1, l0, l1;
-                    bm_f32_to_bf16_split(v0 * wv.x, h0, l0);
-                    bm_f32_to_bf16_split(v1 * wv.y, h1, l1);
-                    *reinterpret_cast<uint32_t *>(nb + col) = pack_bf16(h0, h1);
-                    if (nl) *reinterpret_cast<uint32_t *>(nl + col) = pack_bf16(l0, l1);
-                    ss = fmaf(v0, v0, ss);
-                    ss = fmaf(v1, v1, ss);
-                }
-                const unsigned quad = 0xFu << (lane & ~3);
-                ss += __shfl_xor_sync(quad, ss, 1);
-                ss += __shfl_xor_sync(quad, ss, 2);
-                // part n0 / 32 (OUT_COLS = NORM_PART_COLS: dec_launch)
-                if ((lane & 3) == 0)
-                    q.ssp[(int64_t)t * ((N + NORM_PART_COLS - 1) / NORM_PART_COLS) +
-                          n0 / NORM_PART_COLS] = ss;
+                // the next layer's norm, as grouped_gemm_kernel's, with the low parts of
+                // res * w where q.nlo (split); part n0 / 32 (OUT_COLS = NORM_PART_COLS)
+                if constexpr (RES)
+                    norm_epilogue_row<C::NI, true>(q, acc[mi], h, tpre[mi][h], gpre[mi][h], n0,
+                                                   rpre[mi][h], wpre, N, lane);
             } else {
                 const int t = token((int)slot);
                 const float g = p.gates ? __ldcg(p.gates + t) : 1.f;

@@ -76,6 +76,9 @@ def _lib_c():
     lib.bm_cuda_conv_step_sum.argtypes = [P, P, I64, I64, P, P, P, P, P, ctypes.c_int, I64, I64,
                                           I64, P]
     lib.bm_cuda_conv_step_sum.restype = ctypes.c_int
+    lib.bm_cuda_conv_step_sum_norm.argtypes = [P, P, I64, I64, P, P, P, P, P, ctypes.c_int, I64,
+                                               I64, I64, P, I64, I64, F32, P]
+    lib.bm_cuda_conv_step_sum_norm.restype = ctypes.c_int
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
               "bm_cuda_norm_route_warp_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
@@ -398,6 +401,53 @@ CASES = [(12, "bf16", None), (64, "bf16", None), (64, "bf16x2", None), (8, "bf16
 # BLACKMAMBA_MOE_DEC_PDL -> (GEMMs launched with PDL a MoE layer, fc1 one row per expert)
 PDL_MODES = {"0": (0, False), "1": (2, False), "2": (2, False), "3": (2, True),
              "4": (1, False), "5": (1, True)}
+
+
+
+@pytest.mark.parametrize("b,E,K,parts,silu", [(3, 40, 4, 2, 1), (8, 2944, 4, 46, 1),
+                                               (5, 33, 3, 3, 0), (1, 7, 2, 1, 1)])
+def test_conv_step_sum_norm(b, E, K, parts, silu):
+    # bm_cuda_conv_step_sum_norm (session 19): the stacked split in_proj's two products
+    # summed, then the norm's row scale s = rsqrt(sum(ssp row) / d + eps): the conv step on
+    # (x_hi + x_lo) * s, z = (z_hi + z_lo) * s, the state shifted with the scaled x; against
+    # float64 on the float32 sums; then each refusal, with the entry point named
+    D = cuda.to_device
+    rng = rng_for("conv sum norm", b, E, K)
+    d, eps = 64, 1e-5
+    xz = rng.standard_normal((2 * b, 2 * E)).astype(np.float32)
+    xz[b:] *= np.float32(1e-3)
+    st = rng.standard_normal((b, K - 1, E)).astype(np.float32)
+    w = rng.standard_normal((E, K)).astype(np.float32)
+    bias = rng.standard_normal(E).astype(np.float32)
+    ssp = rng.uniform(0.0, 50.0, (b, parts)).astype(np.float32)
+    dxz, ds, dw, db, dss = D(xz), D(st), D(w), D(bias), D(ssp)
+    y = D(np.full((b, E), np.float32(np.nan)))
+    z = D(np.full((b, E), np.float32(np.nan)))
+
+    def call(part=b * 2 * E, rows=b, ssp_ptr=dss.ptr, nparts=parts, ld=2 * E):
+        return LIB.bm_cuda_conv_step_sum_norm(dxz.ptr, dxz.ptr + 4 * E, ld, part, z.ptr, ds.ptr,
+                                              dw.ptr, db.ptr, y.ptr, silu, rows, E, K, ssp_ptr,
+                                              nparts, d, eps, LEGACY_STREAM)
+    rc = call()
+    assert rc == 0, LIB.bm_cuda_last_error().decode()
+    s = 1.0 / np.sqrt(ssp.astype(np.float64).sum(1) / d + eps)
+    xs = (xz[:b, :E] + xz[b:, :E]).astype(np.float64) * s[:, None]
+    win = np.concatenate([st.astype(np.float64), xs[:, None, :]], axis=1)   # (b, K, E)
+    acc = bias + np.einsum("bke,ek->be", win, w.astype(np.float64))
+    want_y = acc / (1 + np.exp(-acc)) if silu else acc
+    np.testing.assert_allclose(y.numpy(), want_y, rtol=2e-5, atol=2e-5)
+    zs = (xz[:b, E:] + xz[b:, E:]).astype(np.float64) * s[:, None]
+    np.testing.assert_allclose(z.numpy(), zs, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(ds.numpy(), win[:, 1:], rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(dxz.numpy(), xz)                  # inputs untouched
+    for kw, msg in [(dict(part=0), "conv_step_sum_norm: needs part past the rows and ssp"),
+                    (dict(ssp_ptr=None), "conv_step_sum_norm: needs part past the rows and ssp"),
+                    (dict(part=2 * E, rows=max(b, 2)), "conv_step_sum_norm: needs part past"),
+                    (dict(nparts=0), "conv_step_sum_norm: needs parts >= 1"),
+                    (dict(ld=E - 1), "conv_step_sum_norm: needs z, zin and ld >= E"),
+                    (dict(part=65536 * 2 * E, rows=65536), "b <= 65535")]:
+        assert call(**kw) != 0, kw
+        assert msg in LIB.bm_cuda_last_error().decode(), (kw, LIB.bm_cuda_last_error())
 
 
 @pytest.mark.parametrize("B,math,bias", CASES)

@@ -86,6 +86,12 @@ def report(label, ks, reps, out):
         g = e["ts"] - (ks[i - 1]["ts"] + ks[i - 1]["dur"]) if i else 0.0
         line.append(f"{short(e['name'])[:28]} {g:.1f}/{e['dur']:.1f}")
     print("  " + "\n  ".join(line), file=out)
+    # the gap before each later step's first kernel (graph launch to graph launch)
+    starts = [ks[k * n1]["ts"] - (ks[k * n1 - 1]["ts"] + ks[k * n1 - 1]["dur"])
+              for k in range(1, reps) if k * n1 < len(ks)]
+    if starts:
+        print("gap before each later step's first kernel (us): "
+              + " ".join(f"{g:.1f}" for g in starts), file=out)
     out.flush()
 
 

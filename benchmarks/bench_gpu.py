@@ -5,6 +5,8 @@
 Measures, in one process and with CUDA events (cuda/bench.cu, cuda/engine.cu), in this order:
   - prefill: tokens/s at L = 2048, batch 1 and 8 (logits of the last position only), against
     the matrix-FLOP floor 2 x active params x tokens / GEMM rate;
+  - short prompts at batch 1 (8 to 512 tokens: the time to the first token), against the
+    larger of that FLOP floor and the bytes of the weights the prompt routes to, read once;
   - decode: ms per step at batch 1, 8, 64 (replays of the captured decode graph, back to
     back, after warm-up; median), against the floor of reading the step's weights once
     (batch 1: 628,770,832 active params x 2 bytes / copy bandwidth);
@@ -39,6 +41,8 @@ REF_PREFILL_TOKS = {1: 52e3, 8: 218e3}
 TARGET_DECODE_MS_B1 = 0.40          # ms per token at batch 1
 TARGET_DECODE_TOKS_B64 = 30e3       # tokens/s at batch 64
 TARGET_PREFILL_TOKS = {1: 200e3, 8: 450e3}
+# Prompt lengths of the short-prompt table (batch 1: the time to the first token).
+SHORT_PROMPTS = (8, 16, 32, 128, 512)
 
 
 def random_bf16_tensors(cfg, seed=0, scale=0.5, pool_size=1 << 25, half=False):
@@ -118,6 +122,13 @@ def main():
         ms = median(C.cuda_bench_prefill(model._eng, ids, 2, 5))
         res["prefill"][B] = dict(ms=ms, tok_s=B * L / ms * 1e3)
 
+    # short prompts at batch 1 (time to first token: the last position's logits)
+    res["short_prefill"] = {}
+    for Ls in SHORT_PROMPTS:
+        ids = rng.integers(0, cfg.real_vocab_size, (1, Ls))
+        ms = median(C.cuda_bench_prefill(model._eng, ids, 2, 7))
+        res["short_prefill"][Ls] = dict(ms=ms, tok_s=Ls / ms * 1e3)
+
     # -- decode -------------------------------------------------------------------------
     res["decode"] = {}
     for B in (1, 2, 4, 8, 16, 64):   # (the batch sizes' order does not matter: session 17)
@@ -185,6 +196,19 @@ def main():
         ref = REF_PREFILL_TOKS[B]
         print(f"{B:>4} {ms:>9.2f} {toks_s:>10.0f} {floor_ms:>9.2f} {floor_ms / ms:>9.2f} "
               f"{ref:>10.0f} {toks_s / ref:>7.1f}x {TARGET_PREFILL_TOKS[B]:>8.0f}", flush=True)
+        r.update(floor_ms=floor_ms)
+
+    # A prompt of Ls tokens reads at least the shared weights and the experts it routes to
+    # (expected distinct experts under uniform routing, as for decode), once; and does its
+    # products at most at the GEMM rate: the larger of the two.
+    print("\nshort prompts at batch 1 (time to first token; median of 7 after 2 warm-up)")
+    print(f"{'L':>5} {'ms':>9} {'tok/s':>10} {'floor ms':>9} {'floor/ms':>9}")
+    for Ls, r in res["short_prefill"].items():
+        used = 8 * (1 - (7 / 8) ** Ls)
+        floor_ms = max((shared + expert_params * used) * 2 / (bw * 1e9),
+                       2 * active * Ls / (peak * 1e12)) * 1e3
+        print(f"{Ls:>5} {r['ms']:>9.3f} {r['tok_s']:>10.0f} {floor_ms:>9.3f} "
+              f"{floor_ms / r['ms']:>9.2f}", flush=True)
         r.update(floor_ms=floor_ms)
 
     # -- where the time goes ----------------------------------------------------------------

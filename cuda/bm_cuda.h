@@ -460,6 +460,9 @@ long long bm_cuda_out_ksplit_calls(void);
 /* Split decode products run as one GEMM of 2B rows (engine.cu stack_on), counted at launch
  * (graph capture): in_proj and out_proj each count one. */
 long long bm_cuda_decode_stack_calls(void);
+/* Layers run by the engine's MLP path `path` (0 grouped.cu, 1 cuBLAS experts, 2 every token on
+ * every expert, 3 the gathered GEMV), counted at launch; -1 for another path. */
+long long bm_cuda_mlp_path_calls(int path);
 /* Batched-decode L2 staging launches: the next MoE layer's first fc1 bytes brought into L2
  * from a side branch of the graph (BLACKMAMBA_L2SIDE). */
 long long bm_cuda_l2side_calls(void);

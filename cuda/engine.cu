@@ -44,9 +44,10 @@
 //     (bm_cuda_moe_grouped: each expert's weights once, its own tokens only); otherwise (or
 //     BLACKMAMBA_MOE_GROUPED=0) every token through all experts with two strided-batched
 //     bf16 GEMMs, then each token keeps its expert's rows (expert_all);
-//   - otherwise up to MOE_GEMV_MAX tokens (or an ungated MLP): the gathered GEMV (gemv.cu);
-//   - larger prefills: bm_cuda_moe_experts (bf16 math: grouped.cu, no host sync; else cuBLAS
-//     per expert, one host sync per layer).
+//   - otherwise, prefills of up to GEMV_ROWS tokens under BF16 math (MOE_GEMV_MAX otherwise;
+//     and any ungated MLP): the gathered GEMV (gemv.cu);
+//   - larger prefills: grouped.cu under BF16 math (no host sync), else bm_cuda_moe_experts's
+//     cuBLAS per expert (one host sync per layer).
 // Everything on the decode path is free of host synchronisation, so it is captured.
 // Measured on the H200 at the 2.8B shape: benchmarks/RESULTS.md (GPU section).
 #include <stdio.h>
@@ -84,6 +85,12 @@ constexpr float EPS = 1e-5f;            // RMSNorm and final LayerNorm (SPEC 1)
 constexpr int64_t GEMV_ROWS = 8;        // the GEMV reads W once for up to 8 rows
 constexpr int64_t GEMV_ROWS_EXACT = 64; // bf16 weights, fp32 math: GEMV instead of expansion
 constexpr int64_t MOE_GEMV_MAX = 64;    // tokens: gathered GEMV below, cuBLAS experts above
+// A prefill of more than this many tokens runs its gated MoE layers through grouped.cu where
+// grouped_moe() allows (bf16 math); up to it, expert_gemv. Session 20: 8 (was MOE_GEMV_MAX):
+// the gathered GEMV reads every expert's weights once per 8-token tile, so a 32-token prompt
+// read them 4 times (fc1 222 us a layer on the H200, 83% of a 9.75 ms prefill of 32 tokens).
+// BLACKMAMBA_MOE_GEMV_MAX=<tokens> (GEMV_ROWS..MOE_GEMV_MAX) for A/B, read per forward.
+constexpr int64_t MOE_GROUPED_MIN_DEFAULT = GEMV_ROWS;
 constexpr int64_t LOGIT_ROWS = 1024;    // prefill LM head: rows of logits per block
 constexpr size_t BLAS_WS_BYTES = 32u << 20;  // user workspace: no allocation inside capture
 
@@ -2420,6 +2427,14 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
     return 0;
 }
 
+int64_t moe_grouped_min() {
+    const char *e = getenv("BLACKMAMBA_MOE_GEMV_MAX");
+    char *end = nullptr;
+    const long v = e && *e ? strtol(e, &end, 10) : -1;
+    if (!e || !*e || *end || v < GEMV_ROWS || v > MOE_GEMV_MAX) return MOE_GROUPED_MIN_DEFAULT;
+    return v;
+}
+
 // Does mlp() run this layer's T rows through grouped.cu? Prefills of more than MOE_GEMV_MAX
 // rows and decode batches with the all-experts scratch (more than GEMV_ROWS rows), gated,
 // bf16 weights under BF16 math, sizes and alignments grouped.cu supports.
@@ -2429,8 +2444,12 @@ bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const
     if (!c.swiglu || !bf16_math(m) || !ws->moe || !bm_cuda_moe_grouped_mode() ||
         !bm_cuda_moe_grouped_supported(x, ly.fc1, ly.fc2, c.wdtype, out, c.d, ly.X, c.F))
         return false;
-    return ws->decode ? ws->hall != nullptr && T > ws->gv : T > MOE_GEMV_MAX;
+    return ws->decode ? ws->hall != nullptr && T > ws->gv : T > moe_grouped_min();
 }
+
+// Layers run by each of mlp()'s four paths, in this process (the tests assert the path):
+// 0 grouped.cu, 1 bm_cuda_moe_experts (cuBLAS), 2 expert_all, 3 expert_gemv.
+std::atomic<long long> g_mlp_path[4];
 
 // SPEC 3: x (T, d) -> out (T, d) for layer li (dense MLP or top-1 MoE).
 // routed: ws->ids, ws->gates (and ws->rlog when traced) already hold this layer's routing
@@ -2481,6 +2500,7 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         // where the routing built it.
         const int flags = disp |
                           (ws->decode ? moe_dec_pdl_flags(T, ly.X) : 0);
+        g_mlp_path[0].fetch_add(1, std::memory_order_relaxed);
         TRY(bm_cuda_moe_grouped_bf16_norm(x, xbf_ready ? ws->xbf : nullptr,
                                           xbf_ready && split ? ws->xlo : nullptr, ids, gates,
                                           ly.fc1, ly.fc2, c.act, split, out, T, c.d, ly.X, c.F,
@@ -2490,6 +2510,7 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
             BM_CUDA_TRY(cudaMemsetAsync(ws->ids, 0, (size_t)T * 4, st));
             ids = ws->ids;
         }
+        g_mlp_path[1].fetch_add(1, std::memory_order_relaxed);
         const int mm = split_x(m, ws, T) ? BM_CUDA_MATH_BF16X2 : c.math;
         TRY(bm_cuda_moe_experts(x, ids, gates, ly.fc1, ly.fc2, c.wdtype, c.act, mm, out, T,
                                 c.d, ly.X, c.F, ws->moe, ws->moe_bytes, m->blas, st));
@@ -2498,8 +2519,10 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         if (ws->moe && bm_cuda_moe_grouped_mode() == 2)
             return BM_CUDA_ARG_FAIL("engine: BLACKMAMBA_MOE_GROUPED=force but the grouped "
                                     "decode path does not support this layer");
+        g_mlp_path[2].fetch_add(1, std::memory_order_relaxed);
         TRY(expert_all(m, ws, x, ids, gates, ly, out, T));
     } else {
+        g_mlp_path[3].fetch_add(1, std::memory_order_relaxed);
         TRY(expert_gemv(m, ws, x, ids, gates, ly, out, T));
     }
     return mark(m, P_EXPERTS);
@@ -2752,13 +2775,16 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->oall = all_experts ? a.take<float>(m->Xmax * T * d) : nullptr;
     w->moe_bytes = 0;
     w->moe = nullptr;
-    if (!decode && m->has_gated_mlp && T > MOE_GEMV_MAX) {
+    // grouped.cu from GEMV_ROWS tokens under bf16 math (grouped_moe: moe_grouped_min, which
+    // may be raised per forward), the cuBLAS experts from MOE_GEMV_MAX otherwise
+    const int64_t moe_min = bf16_math(m) ? GEMV_ROWS : MOE_GEMV_MAX;
+    if (!decode && m->has_gated_mlp && T > moe_min) {
         // A MoE layer of at most Ts tokens may run split (BF16X2 layout, larger per token).
         w->moe_bytes = std::max(
             bm_cuda_moe_experts_workspace(T, d, m->Xmax, c.F, c.wdtype, c.math),
-            w->Ts > MOE_GEMV_MAX ? bm_cuda_moe_experts_workspace(w->Ts, d, m->Xmax, c.F,
-                                                                 c.wdtype, BM_CUDA_MATH_BF16X2)
-                                 : (size_t)0);
+            w->Ts > moe_min ? bm_cuda_moe_experts_workspace(w->Ts, d, m->Xmax, c.F, c.wdtype,
+                                                            BM_CUDA_MATH_BF16X2)
+                            : (size_t)0);
         w->moe = a.take<char>((int64_t)w->moe_bytes);
     } else if (all_experts && m->has_gated_mlp) {  // the grouped decode (mlp())
         w->moe_bytes = bm_cuda_moe_grouped_workspace(T, d, m->Xmax, c.F, w->Ts > 0);
@@ -3174,6 +3200,11 @@ extern "C" long long bm_cuda_xproj_ksplit_calls(void) {
 
 extern "C" long long bm_cuda_decode_stack_calls(void) {
     return g_stack.load(std::memory_order_relaxed);
+}
+// Layers run by mlp()'s path `path` (0 grouped.cu, 1 cuBLAS experts, 2 expert_all, 3 the
+// gathered GEMV) so far in this process; counted at launch (a captured graph counts once).
+extern "C" long long bm_cuda_mlp_path_calls(int path) {
+    return path >= 0 && path < 4 ? g_mlp_path[path].load(std::memory_order_relaxed) : -1;
 }
 extern "C" long long bm_cuda_l2side_calls(void) {
     return g_l2side.load(std::memory_order_relaxed);

@@ -55,6 +55,8 @@ def _lib_c():
     lib.bm_cuda_moe_grouped_wgmma_launches.restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_tma_launches.restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_dec_launches.restype = ctypes.c_longlong
+    lib.bm_cuda_mlp_path_calls.argtypes = [I32]
+    lib.bm_cuda_mlp_path_calls.restype = ctypes.c_longlong
     return lib
 
 
@@ -258,6 +260,49 @@ def test_engine_decode_and_prefill_grouped(monkeypatch, math):
     tol_paths = 2e-3 if math == "bf16" else 1e-4
     assert rel_err(outs["force"][0], outs["0"][0]) < tol_paths
     assert rel_err(outs["force"][1], outs["0"][1]) < tol_paths
+
+
+
+def mlp_paths():
+    """Layers run so far by the engine's MLP paths: grouped, cuBLAS, expert_all, GEMV."""
+    return np.array([LIB.bm_cuda_mlp_path_calls(k) for k in range(4)])
+
+
+@pytest.mark.parametrize("B,L", [(1, 9), (1, 32), (2, 16), (1, 64), (1, 65), (1, 8)])
+def test_engine_small_prefill_grouped(monkeypatch, B, L):
+    # Session 20: a bf16-math prefill of more than 8 tokens runs its gated MLP layers through
+    # grouped.cu (the gathered GEMV, which read every expert's weights once per 8-token tile,
+    # kept 9..64 tokens before: BLACKMAMBA_MOE_GEMV_MAX=64 restores that). Each forward's
+    # paths counted, the logits of both against each other and the CPU model (split
+    # activations under 128 tokens: fp32-class either way); 8 tokens stay on the GEMV rows.
+    from blackmamba import model_cuda
+    from blackmamba.config import Config
+    from blackmamba.model import Model, random_tensors
+    cfg = Config.from_dict(dict(num_layers=4, hidden_size=24, state_size=16, conv_dimension=4,
+                                vocab_size=97, ffn_hidden_size=40,
+                                mamba_moe_layers=["r", "8", "r2", "1"]))
+    t = random_tensors(cfg, seed=43)
+    ids = np.random.default_rng(B * 100 + L).integers(0, 90, (B, L))
+    want = Model(cfg, t, dtype="bfloat16")(ids)
+    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
+    outs, paths = {}, {}
+    for mode in ("", "64"):
+        monkeypatch.setenv("BLACKMAMBA_MOE_GEMV_MAX", mode)
+        n0 = mlp_paths()
+        outs[mode] = g(ids)
+        paths[mode] = tuple(mlp_paths() - n0)
+    # every MLP of a forward ("8", "1" and the parallel one of "r2") on one path
+    n = sum(paths[""])
+    assert n == 3 and sum(paths["64"]) == n, paths
+    grouped_now = B * L > 8
+    assert paths[""] == ((n, 0, 0, 0) if grouped_now else (0, 0, 0, n)), paths
+    assert paths["64"] == ((n, 0, 0, 0) if B * L > 64 else (0, 0, 0, n)), paths
+    for mode, out in outs.items():
+        assert out.shape == want.shape
+        assert rel_err(out, want) < 1e-4, (mode, rel_err(out, want))
+    assert rel_err(outs[""], outs["64"]) < 1e-4
+    if not grouped_now or B * L > 64:   # the same path either way
+        np.testing.assert_array_equal(outs[""], outs["64"])
 
 
 # ---- the wgmma core (grouped_wgmma.cuh): prefill tiles on compute capability 9.0 ----------------

@@ -2,7 +2,7 @@
 forward) in one process, at the 2.8B shape with bench_gpu's random bf16 weights (dev only).
 
     PYTHONPATH=. python3 cuda/dev/ab_prefill.py --env BLACKMAMBA_NORM_BF_ONLY --values 0,1
-                                                [--batches 1,8] [--length 2048] [--rounds 3]
+                                                [--batches 1,8] [--length 2048,32] [--rounds 3]
 
 For each batch size and value (alternating, `rounds` times): the last position's logits of
 one prefill (must be bit-identical between the values unless --no-same), then the median of
@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--env", required=True)
     ap.add_argument("--values", default="0,1")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--length", default="2048", help="prompt lengths, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-same", action="store_true", help="values may change the logits")
     args = ap.parse_args()
@@ -36,8 +36,9 @@ def main():
     rng = np.random.default_rng(0)
     vals = args.values.split(",")
     ok = True
-    for B in [int(b) for b in args.batches.split(",")]:
-        ids = rng.integers(0, cfg.real_vocab_size, (B, args.length))
+    for B, L in [(int(b), int(n)) for b in args.batches.split(",")
+                 for n in args.length.split(",")]:
+        ids = rng.integers(0, cfg.real_vocab_size, (B, L))
         ms = {v: [] for v in vals}
         ref = {}
         for _ in range(args.rounds):
@@ -47,13 +48,15 @@ def main():
                 ref.setdefault(v, lg)
                 ms[v].append(float(np.median(C.cuda_bench_prefill(model._eng, ids, 2, 5))))
         same = all(np.array_equal(ref[vals[0]], ref[v]) for v in vals)
+        diff = max(float(np.abs(ref[vals[0]] - ref[v]).max()) for v in vals)
         ok &= same or args.no_same
-        tok = B * args.length
-        print(f"B={B} L={args.length}: " + "  ".join(
+        tok = B * L
+        print(f"B={B} L={L}: " + "  ".join(
             f"{args.env}={v} {' '.join(f'{x:.3f}' for x in ms[v])} ms "
             f"({tok / np.median(ms[v]) * 1e3:,.0f} tok/s)" for v in vals)
             + f"  | {vals[-1]}/{vals[0]} {np.median(ms[vals[-1]]) / np.median(ms[vals[0]]):.4f}"
-            + f"  | logits bit-identical: {same}", flush=True)
+            + f"  | logits bit-identical: {same}" + ("" if same else f" (max |diff| {diff:.2e})"),
+            flush=True)
     print("OK" if ok else "MISMATCH", flush=True)
     return 0 if ok else 1
 

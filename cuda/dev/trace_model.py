@@ -97,7 +97,8 @@ def report(label, ks, reps, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="d1,d8,d64,p1,p8")
+    ap.add_argument("--cases", default="d1,d8,d64,p1,p8",
+                    help="d<B>: decode; p<B>[x<L>]: prefill of L tokens (2048)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = open(args.out, "w") if args.out else sys.stdout
@@ -107,7 +108,9 @@ def main():
     rng = np.random.default_rng(0)
     torch.cuda.init()
     for case in args.cases.split(","):
-        kind, B = case[0], int(case[1:])
+        kind, _, rest = case[0], None, case[1:]
+        B, _, Lp = rest.partition("x")       # "p1x32": a prefill of 32 tokens (default 2048)
+        B, Lp = int(B), int(Lp or 2048)
         st = model.new_state(B)
         model.prefill(rng.integers(0, cfg.real_vocab_size, (B, 32)), st, logits=None)
         if kind == "d":
@@ -118,11 +121,12 @@ def main():
             ms = float(np.median(C.cuda_bench_step(model._eng, st._h, 5, 30)))
             label = f"decode B={B} (events: {ms:.3f} ms/step)"
         else:
-            ids = rng.integers(0, cfg.real_vocab_size, (B, 2048))
+            ids = rng.integers(0, cfg.real_vocab_size, (B, Lp))
             C.cuda_bench_prefill(model._eng, ids, 1, 1)
-            reps = 2
+            reps = 2 if Lp >= 1024 else 4
             ks = kernels_of(lambda: C.cuda_bench_prefill(model._eng, ids, 0, reps), reps)
-            label = f"prefill B={B} L=2048"
+            ms = float(np.median(C.cuda_bench_prefill(model._eng, ids, 2, 5)))
+            label = f"prefill B={B} L={Lp} (events: {ms:.3f} ms)"
         report(label, ks, reps, out)
     return 0
 

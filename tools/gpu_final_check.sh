@@ -36,6 +36,7 @@ grep -E "wgmma tiles|^ +(2048|16384) +0" "$OUT/3_grouped.log" | tee -a "$SUM"
 run 4_scan 120 python3 cuda/dev/bench_scanvar.py
 run 9_model 240 python3 benchmarks/bench_gpu.py
 grep -A4 -E "^decode|^prefill|targets" "$OUT/9_model.log" | tee -a "$SUM"
-run 10_trace 200 python3 cuda/dev/trace_model.py --cases d1,d8,d64,p1,p8
+grep -A6 -E "^short prompts" "$OUT/9_model.log" | tee -a "$SUM"
+run 10_trace 200 python3 cuda/dev/trace_model.py --cases d1,d8,d64,p1,p8,p1x32
 grep -E "^== " "$OUT/10_trace.log" | tee -a "$SUM"
 note "done $(date -u +%FT%TZ)"

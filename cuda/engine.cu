@@ -38,16 +38,16 @@
 //     result is the fp32 model's on the fp16-rounded weights up to summation order.
 // MoE / MLP layers (routing: norm_route_kernel, one block per token, fused with the layer's
 // RMSNorm; route_small_kernel or moe.cu's route_top1 where the norm is separate):
-//   - up to GEMV_ROWS tokens (batch 1, or non-BF16 math): per-token expert rows
-//     (expert_rows_kernel), fp32 activations;
-//   - decode of more tokens with BF16 math: gated layers through grouped.cu's grouped GEMMs
+//   - decode of 2+ rows with BF16 math: gated layers through grouped.cu's grouped GEMMs
 //     (bm_cuda_moe_grouped: each expert's weights once, its own tokens only); otherwise (or
 //     BLACKMAMBA_MOE_GROUPED=0) every token through all experts with two strided-batched
 //     bf16 GEMMs, then each token keeps its expert's rows (expert_all);
-//   - otherwise, prefills of up to GEMV_ROWS tokens under BF16 math (MOE_GEMV_MAX otherwise;
-//     and any ungated MLP): the gathered GEMV (gemv.cu);
-//   - larger prefills: grouped.cu under BF16 math (no host sync), else bm_cuda_moe_experts's
-//     cuBLAS per expert (one host sync per layer).
+//   - prefills of more than MOE_GROUPED_MIN_DEFAULT (5) tokens with BF16 math: grouped.cu
+//     (no host sync);
+//   - otherwise up to GEMV_ROWS tokens (batch 1, small prefills, non-BF16 math): per-token
+//     expert rows (expert_rows_kernel), fp32 activations; up to MOE_GEMV_MAX tokens (and any
+//     ungated MLP) the gathered GEMV (gemv.cu); larger prefills bm_cuda_moe_experts's cuBLAS
+//     per expert (one host sync per layer).
 // Everything on the decode path is free of host synchronisation, so it is captured.
 // Measured on the H200 at the 2.8B shape: benchmarks/RESULTS.md (GPU section).
 #include <stdio.h>
@@ -86,11 +86,13 @@ constexpr int64_t GEMV_ROWS = 8;        // the GEMV reads W once for up to 8 row
 constexpr int64_t GEMV_ROWS_EXACT = 64; // bf16 weights, fp32 math: GEMV instead of expansion
 constexpr int64_t MOE_GEMV_MAX = 64;    // tokens: gathered GEMV below, cuBLAS experts above
 // A prefill of more than this many tokens runs its gated MoE layers through grouped.cu where
-// grouped_moe() allows (bf16 math); up to it, expert_gemv. Session 20: 8 (was MOE_GEMV_MAX):
+// grouped_moe() allows (bf16 math); up to it, expert_gemv. Session 20: 5 (was MOE_GEMV_MAX):
 // the gathered GEMV reads every expert's weights once per 8-token tile, so a 32-token prompt
-// read them 4 times (fc1 222 us a layer on the H200, 83% of a 9.75 ms prefill of 32 tokens).
-// BLACKMAMBA_MOE_GEMV_MAX=<tokens> (GEMV_ROWS..MOE_GEMV_MAX) for A/B, read per forward.
-constexpr int64_t MOE_GROUPED_MIN_DEFAULT = GEMV_ROWS;
+// read them 4 times (fc1 222 us a layer on the H200, 83% of a 9.75 ms prefill of 32 tokens);
+// the per-token expert rows (up to 8 tokens) win at 2-4 tokens (grouped.cu +11 / +7 / +5%)
+// and lose from 6 (-2% at 6, -6% at 8). BLACKMAMBA_MOE_GEMV_MAX=<tokens> (1..MOE_GEMV_MAX)
+// for A/B, read per forward.
+constexpr int64_t MOE_GROUPED_MIN_DEFAULT = 5;
 constexpr int64_t LOGIT_ROWS = 1024;    // prefill LM head: rows of logits per block
 constexpr size_t BLAS_WS_BYTES = 32u << 20;  // user workspace: no allocation inside capture
 
@@ -2431,7 +2433,7 @@ int64_t moe_grouped_min() {
     const char *e = getenv("BLACKMAMBA_MOE_GEMV_MAX");
     char *end = nullptr;
     const long v = e && *e ? strtol(e, &end, 10) : -1;
-    if (!e || !*e || *end || v < GEMV_ROWS || v > MOE_GEMV_MAX) return MOE_GROUPED_MIN_DEFAULT;
+    if (!e || !*e || *end || v < 1 || v > MOE_GEMV_MAX) return MOE_GROUPED_MIN_DEFAULT;
     return v;
 }
 
@@ -2775,9 +2777,9 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->oall = all_experts ? a.take<float>(m->Xmax * T * d) : nullptr;
     w->moe_bytes = 0;
     w->moe = nullptr;
-    // grouped.cu from GEMV_ROWS tokens under bf16 math (grouped_moe: moe_grouped_min, which
-    // may be raised per forward), the cuBLAS experts from MOE_GEMV_MAX otherwise
-    const int64_t moe_min = bf16_math(m) ? GEMV_ROWS : MOE_GEMV_MAX;
+    // grouped.cu from 2 tokens under bf16 math (grouped_moe: moe_grouped_min, set per
+    // forward), the cuBLAS experts from MOE_GEMV_MAX otherwise
+    const int64_t moe_min = bf16_math(m) ? 1 : MOE_GEMV_MAX;
     if (!decode && m->has_gated_mlp && T > moe_min) {
         // A MoE layer of at most Ts tokens may run split (BF16X2 layout, larger per token).
         w->moe_bytes = std::max(

@@ -268,13 +268,14 @@ def mlp_paths():
     return np.array([LIB.bm_cuda_mlp_path_calls(k) for k in range(4)])
 
 
-@pytest.mark.parametrize("B,L", [(1, 9), (1, 32), (2, 16), (1, 64), (1, 65), (1, 8)])
+@pytest.mark.parametrize("B,L", [(1, 9), (1, 32), (2, 16), (1, 64), (1, 65), (1, 8), (1, 6),
+                                 (2, 3), (1, 5), (1, 2)])
 def test_engine_small_prefill_grouped(monkeypatch, B, L):
-    # Session 20: a bf16-math prefill of more than 8 tokens runs its gated MLP layers through
+    # Session 20: a bf16-math prefill of more than 5 tokens runs its gated MLP layers through
     # grouped.cu (the gathered GEMV, which read every expert's weights once per 8-token tile,
-    # kept 9..64 tokens before: BLACKMAMBA_MOE_GEMV_MAX=64 restores that). Each forward's
+    # kept 6..64 tokens before: BLACKMAMBA_MOE_GEMV_MAX=64 restores that). Each forward's
     # paths counted, the logits of both against each other and the CPU model (split
-    # activations under 128 tokens: fp32-class either way); 8 tokens stay on the GEMV rows.
+    # activations under 128 tokens: fp32-class either way); up to 5 tokens stay on the GEMV.
     from blackmamba import model_cuda
     from blackmamba.config import Config
     from blackmamba.model import Model, random_tensors
@@ -294,7 +295,7 @@ def test_engine_small_prefill_grouped(monkeypatch, B, L):
     # every MLP of a forward ("8", "1" and the parallel one of "r2") on one path
     n = sum(paths[""])
     assert n == 3 and sum(paths["64"]) == n, paths
-    grouped_now = B * L > 8
+    grouped_now = B * L > 5
     assert paths[""] == ((n, 0, 0, 0) if grouped_now else (0, 0, 0, n)), paths
     assert paths["64"] == ((n, 0, 0, 0) if B * L > 64 else (0, 0, 0, n)), paths
     for mode, out in outs.items():

@@ -56,6 +56,22 @@ def main():
     emb = [i for i, a in enumerate(api) if "embed" in short(corr.get(a.get("args", {}).get("correlation"), {}).get("name", ""))]
     start = emb[1] if len(emb) > 1 else 0
     t0 = api[start]["ts"]
+    # the second prefill's host time by call name, and between calls (our C code, cuBLAS's own)
+    end = emb[2] if len(emb) > 2 else len(api)
+    tot, cnt, between = {}, {}, 0.0
+    prev = None
+    for a in api[start:end]:
+        tot[a["name"]] = tot.get(a["name"], 0.0) + a["dur"]
+        cnt[a["name"]] = cnt.get(a["name"], 0) + 1
+        if prev is not None:
+            between += max(0.0, a["ts"] - (prev["ts"] + prev["dur"]))
+        prev = a
+    span = api[end - 1]["ts"] + api[end - 1]["dur"] - t0
+    gpu = [k for k in ks if k["ts"] >= api[start]["ts"]][:len(ks) // 2]
+    print(f"one prefill: host span {span:.0f} us, in API calls {sum(tot.values()):.0f} us, "
+          f"between calls {between:.0f} us; GPU kernels {sum(k['dur'] for k in gpu):.0f} us")
+    for name in sorted(tot, key=lambda n: -tot[n])[:12]:
+        print(f"  {tot[name]:>8.0f} us  {cnt[name]:>5} calls  {tot[name] / cnt[name]:>6.2f} us/call  {name}")
     print(f"{'host us':>9} {'dur':>7} {'after prev':>10}  call -> kernel (GPU start us, dur)")
     prev_end = t0
     for a in api[start:start + args.n]:

@@ -2437,9 +2437,9 @@ int64_t moe_grouped_min() {
     return v;
 }
 
-// Does mlp() run this layer's T rows through grouped.cu? Prefills of more than MOE_GEMV_MAX
-// rows and decode batches with the all-experts scratch (more than GEMV_ROWS rows), gated,
-// bf16 weights under BF16 math, sizes and alignments grouped.cu supports.
+// Does mlp() run this layer's T rows through grouped.cu? Prefills of more than
+// moe_grouped_min() rows and decode batches with the all-experts scratch (more than ws->gv
+// rows), gated, bf16 weights under BF16 math, sizes and alignments grouped.cu supports.
 bool grouped_moe(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, const float *x,
                  const float *out, int64_t T) {
     const bm_cuda_config &c = m->cfg;

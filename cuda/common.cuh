@@ -54,6 +54,17 @@ static inline bool bm_env_switch(const char *name, bool dflt) {
     return dflt;
 }
 
+// A whole-number setting from the environment (the BLACKMAMBA_* sizes and modes): the value
+// when the variable is a decimal number (nothing after it) in [lo, hi]; unset, empty,
+// anything else or out of range gives dflt.
+static inline long bm_env_long(const char *name, long lo, long hi, long dflt) {
+    const char *e = getenv(name);
+    if (!e || !*e) return dflt;
+    char *end = nullptr;
+    const long v = strtol(e, &end, 10);
+    return *end || v < lo || v > hi ? dflt : v;
+}
+
 // Multiprocessors of the current device into *sms; returns 0 or, as BM_CUDA_TRY, the failing
 // CUDA status (recorded). The one SM-count query of the launchers (one-wave rules, grid caps).
 static inline int bm_sm_count(int *sms) {

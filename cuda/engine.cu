@@ -50,6 +50,7 @@
 //     per expert (one host sync per layer).
 // Everything on the decode path is free of host synchronisation, so it is captured.
 // Measured on the H200 at the 2.8B shape: benchmarks/RESULTS.md (GPU section).
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -1377,12 +1378,7 @@ int scan4_early_launch(int64_t items, int max_it, cudaStream_t st, int *done, Ar
 
 // BLACKMAMBA_SCAN_EVICT: the float4 scan step's state loads (1), stores (2) or both (3, the
 // default) as evict_first L2 lines (bm_evict_first_policy); 0: plain. Read at graph capture.
-int scan_evict_mode() {
-    const char *e = getenv("BLACKMAMBA_SCAN_EVICT");
-    char *end = nullptr;
-    const long v = e && *e ? strtol(e, &end, 10) : 3;
-    return (e && *e && *end) || v < 0 || v > 3 ? 3 : (int)v;  // not a mode: the default
-}
+int scan_evict_mode() { return (int)bm_env_long("BLACKMAMBA_SCAN_EVICT", 0, 3, 3); }
 // BLACKMAMBA_L2SIDE_STATE: does the batched decode's side branch stage the Mamba layer's SSM
 // state (`bytes`, B E N floats) into L2 before the next MoE layer's fc1 bytes? Unset: where it
 // is at least L2SIDE_STATE_MIN (measured: B = 64 -0.4 to -0.9%, 32 -0.2 to -0.5%, but 16
@@ -1959,12 +1955,7 @@ int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B
 void l2_set_aside_apply() {
     const char *e = getenv("BLACKMAMBA_L2_SET_ASIDE");
     if (e && !strcmp(e, "keep")) return;
-    long mb = 0;
-    if (e && *e) {
-        char *end = nullptr;
-        const long v = strtol(e, &end, 10);
-        if (!*end && v >= 0) mb = std::min<long>(v, 1024);
-    }
+    const long mb = std::min<long>(bm_env_long("BLACKMAMBA_L2_SET_ASIDE", 0, LONG_MAX, 0), 1024);
     int dev = 0, maxp = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&maxp, cudaDevAttrMaxPersistingL2CacheSize, dev) != cudaSuccess ||
@@ -2000,10 +1991,8 @@ constexpr int L2SIDE_MB_DEFAULT = 32;
 constexpr int64_t L2SIDE_MIN_ROWS = 5;
 constexpr int L2SIDE_BLOCKS = 16;
 int64_t l2side_bytes(int64_t rows) {
-    const char *e = getenv("BLACKMAMBA_L2SIDE");
-    char *end = nullptr;
-    const long v = e && *e ? strtol(e, &end, 10) : -1;
-    if (!e || !*e || *end || v < 0)  // unset, or not a count: the default
+    const long v = bm_env_long("BLACKMAMBA_L2SIDE", 0, LONG_MAX, -1);
+    if (v < 0)  // unset, or not a count: the default
         return rows >= L2SIDE_MIN_ROWS ? (int64_t)L2SIDE_MB_DEFAULT << 20 : 0;
     return (int64_t)std::min<long>(v, 1024) << 20;
 }
@@ -2430,11 +2419,7 @@ int expert_all(bm_cuda_model *m, Ws *ws, const float *x, const int32_t *ids,
 }
 
 int64_t moe_grouped_min() {
-    const char *e = getenv("BLACKMAMBA_MOE_GEMV_MAX");
-    char *end = nullptr;
-    const long v = e && *e ? strtol(e, &end, 10) : -1;
-    if (!e || !*e || *end || v < 1 || v > MOE_GEMV_MAX) return MOE_GROUPED_MIN_DEFAULT;
-    return v;
+    return bm_env_long("BLACKMAMBA_MOE_GEMV_MAX", 1, MOE_GEMV_MAX, MOE_GROUPED_MIN_DEFAULT);
 }
 
 // Does mlp() run this layer's T rows through grouped.cu? Prefills of more than

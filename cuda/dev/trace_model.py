@@ -108,8 +108,8 @@ def main():
     rng = np.random.default_rng(0)
     torch.cuda.init()
     for case in args.cases.split(","):
-        kind, _, rest = case[0], None, case[1:]
-        B, _, Lp = rest.partition("x")       # "p1x32": a prefill of 32 tokens (default 2048)
+        kind = case[0]
+        B, _, Lp = case[1:].partition("x")   # "p1x32": a prefill of 32 tokens (default 2048)
         B, Lp = int(B), int(Lp or 2048)
         st = model.new_state(B)
         model.prefill(rng.integers(0, cfg.real_vocab_size, (B, 32)), st, logits=None)

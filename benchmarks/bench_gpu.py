@@ -170,14 +170,19 @@ def main():
     # tokens use (expected distinct experts of 8 under uniform routing: 8 (1 - (7/8)^B)).
     expert_params = 18 * (2 * 3872 * 1472 + 1472 * 3872)
     shared = active - expert_params
+
+    def weights_floor_ms(tokens):
+        """ms to read the shared weights and the experts `tokens` tokens route to, once."""
+        used = 8 * (1 - (7 / 8) ** tokens)
+        return (shared + expert_params * used) * 2 / (bw * 1e9) * 1e3
+
     floor_b1_ms = ACTIVE_2_8B * 2 / (bw * 1e9) * 1e3
     print("\ndecode (graph replay, median of 50 after 10 warm-up; state after a 32-token prompt)")
     print(f"{'B':>4} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'floor/ms':>9} "
           f"{'ref ms':>7} {'speed-up':>8}")
     for B, r in res["decode"].items():
         ms = r["ms"]
-        used = 8 * (1 - (7 / 8) ** B)
-        floor_ms = (shared + expert_params * used) * 2 / (bw * 1e9) * 1e3
+        floor_ms = weights_floor_ms(B)
         ref = REF_DECODE_MS.get(B)
         print(f"{B:>4} {ms:>9.3f} {B / ms * 1e3:>9.0f} {floor_ms:>9.3f} {floor_ms / ms:>9.2f} "
               f"{ref if ref else '-':>7} {(f'{ref / ms:.1f}x' if ref else '-'):>8}")
@@ -204,9 +209,7 @@ def main():
     print("\nshort prompts at batch 1 (time to first token; median of 7 after 2 warm-up)")
     print(f"{'L':>5} {'ms':>9} {'tok/s':>10} {'floor ms':>9} {'floor/ms':>9}")
     for Ls, r in res["short_prefill"].items():
-        used = 8 * (1 - (7 / 8) ** Ls)
-        floor_ms = max((shared + expert_params * used) * 2 / (bw * 1e9),
-                       2 * active * Ls / (peak * 1e12)) * 1e3
+        floor_ms = max(weights_floor_ms(Ls), 2 * active * Ls / (peak * 1e12) * 1e3)
         print(f"{Ls:>5} {r['ms']:>9.3f} {r['tok_s']:>10.0f} {floor_ms:>9.3f} "
               f"{floor_ms / r['ms']:>9.2f}", flush=True)
         r.update(floor_ms=floor_ms)

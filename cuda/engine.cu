@@ -840,8 +840,16 @@ __global__ __launch_bounds__(256, 2) void norm_route_warp_kernel(
     if (lane == 0) route_store(t, best, bi, ids, gates);
 }
 // BLACKMAMBA_NORM_ROUTE_WARP: the prefill (not the decode graphs) routes through
-// norm_route_warp_kernel where d <= 128 NRW_V; "0": norm_route_kernel. Read per call.
+// norm_route_warp_kernel where d <= 128 NRW_V and it has at least nr_warp_min() tokens; "0":
+// norm_route_kernel. Read per call.
 bool nr_warp_on() { return bm_env_switch("BLACKMAMBA_NORM_ROUTE_WARP", true); }
+// Below NRW_MIN_T tokens the block kernel: a warp walks the X router rows one after another
+// (an L2 round trip each), which a short prompt's few warps cannot hide. H200, 2.8B shape,
+// batch 1, same process (cuda/NOTES.md session 21): the block kernel's prefill is 3.4-4.2%
+// faster at 8-128 tokens and 1.7-1.9% at 256-512; the warp kernel 0.6% at 1024 and 1.3% at
+// 2048. BLACKMAMBA_NORM_ROUTE_WARP_MIN=<tokens> moves the line (tests, A/B).
+constexpr long NRW_MIN_T = 1024;
+int64_t nr_warp_min() { return bm_env_long("BLACKMAMBA_NORM_ROUTE_WARP_MIN", 1, INT32_MAX, NRW_MIN_T); }
 std::atomic<long long> g_nr_warp{0};  // norm_route_warp_kernel launches (tests)
 
 // RMSNorm with the residual add, then top-1 routing of the normed row: one block of
@@ -2590,7 +2598,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                     g_nr_disp.fetch_add(1, std::memory_order_relaxed);
                 }
             }
-            if (!ws->decode && d <= 128 * NRW_V && nr_warp_on()) {
+            if (!ws->decode && d <= 128 * NRW_V && T >= nr_warp_min() && nr_warp_on()) {
                 // the prefill: a warp per token; no fp32 xn where the experts read xbf
                 const int64_t blocks = bm_cdiv(T, NR_THREADS / 32);
                 if (blocks > INT32_MAX) return BM_CUDA_ARG_FAIL("engine: too many tokens");

@@ -485,6 +485,10 @@ long long bm_cuda_gemv_head_calls(void);
 /* Batched decode MoE norms through norm_route_pre_kernel (engine.cu). */
 long long bm_cuda_norm_route_pre_calls(void);
 long long bm_cuda_norm_route_warp_calls(void);  /* prefill norm+route launches, a warp per token (BLACKMAMBA_NORM_ROUTE_WARP) */
+/* Prefill norm+route launches of the block kernel with the router row loaded before the wait
+ * (short prompts), and of those the ones that built the grouped experts' dispatch. */
+long long bm_cuda_norm_route_pre_prefill_calls(void);
+long long bm_cuda_norm_route_dispatch_prefill_calls(void);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;

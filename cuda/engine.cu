@@ -198,7 +198,7 @@ struct Ws {
     float *logits;          // (logit_rows, V): LB rows, 2T in a decode whose products may
     int64_t logit_rows;     // split (Ts == T): room for the stacked head's lo rows
     int32_t *amax;          // (T)
-    unsigned *ticket;       // (1) decode: norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
+    unsigned *ticket;       // (1) norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
     float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
     float *ssp;             // (T, bm_cuda_moe_norm_parts(d)) decode, T >= 2: the norm in fc2
                             // (norm_fc2_on): the residual's partial sums of squares
@@ -1429,6 +1429,8 @@ constexpr bool XDT_DEC_DEFAULT = true;
 bool xdt_dec_on() { return bm_env_switch("BLACKMAMBA_XDT_DEC", XDT_DEC_DEFAULT); }
 
 std::atomic<long long> g_nr_pre{0};  // norm_route_kernel<., NR_PRE_ROW> launches (tests)
+// the same in prefills (NR_PRE_ROW or NR_PRE_DISP), and of those NR_PRE_DISP (tests)
+std::atomic<long long> g_nr_pre_fill{0}, g_nr_disp_fill{0};
 std::atomic<long long> g_nr_disp{0};  // norm_route_kernel<., NR_PRE_DISP> launches (tests)
 // BLACKMAMBA_MOE_ROUTE_DISPATCH=0: the batched decode's routing leaves the dispatch to
 // dispatch_kernel (A/B; session 6 moe64).
@@ -2580,6 +2582,9 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             int32_t *perm = nullptr, *offsets = nullptr;
             int disp = 0;  // the grouped experts' flag: dispatch built here, or from the ids
             size_t smem = (size_t)d * 4;
+            // the prefill's warp-per-token kernel (else the block kernel below)
+            const bool warp_nr =
+                !ws->decode && d <= 128 * NRW_V && T >= nr_warp_min() && nr_warp_on();
             if (!early && ws->decode && T > ws->gv && d <= 128 * NR_PRE && nr_pre_on()) {
                 nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
                 g_nr_pre.fetch_add(1, std::memory_order_relaxed);
@@ -2597,8 +2602,25 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                                d, bm_dispatch_smem_ints(ly.X, NR_THREADS / 32)) * 4;
                     g_nr_disp.fetch_add(1, std::memory_order_relaxed);
                 }
+            } else if (!ws->decode && !warp_nr && d <= 128 * NR_PRE && nr_pre_on()) {
+                // A prefill on the block kernel (short prompts): the router row and the norm
+                // weights loaded before the wait, and where the grouped experts follow, their
+                // dispatch built in the routing's last block instead of by a dispatch_kernel
+                // launch (4 us + a launch a MoE layer at 32 tokens). The same bits either way.
+                nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
+                g_nr_pre_fill.fetch_add(1, std::memory_order_relaxed);
+                if (gm && ws->ticket && route_dispatch_on()) {
+                    disp = BM_MOE_GROUPED_DISPATCHED;
+                    nr_kernel = xb ? norm_route_kernel<true, NR_PRE_DISP>
+                                   : norm_route_kernel<false, NR_PRE_DISP>;
+                    bm_cuda_moe_grouped_dispatch_bufs(ws->moe, T, d, ly.X, c.F, split, &perm,
+                                                      &offsets);
+                    smem = (size_t)std::max<int64_t>(
+                               d, bm_dispatch_smem_ints(ly.X, NR_THREADS / 32)) * 4;
+                    g_nr_disp_fill.fetch_add(1, std::memory_order_relaxed);
+                }
             }
-            if (!ws->decode && d <= 128 * NRW_V && T >= nr_warp_min() && nr_warp_on()) {
+            if (warp_nr) {
                 // the prefill: a warp per token; no fp32 xn where the experts read xbf
                 const int64_t blocks = bm_cdiv(T, NR_THREADS / 32);
                 if (blocks > INT32_MAX) return BM_CUDA_ARG_FAIL("engine: too many tokens");
@@ -2789,7 +2811,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->logit_rows = decode && w->Ts == T && T >= 2 ? 2 * T : w->LB;  // stack_head_ok
     w->logits = a.take<float>(w->logit_rows * V);
     w->amax = a.take<int32_t>(T);
-    w->ticket = decode ? a.take<unsigned>(1) : nullptr;
+    w->ticket = a.take<unsigned>(1);  // (the prefill's short prompts use it too)
     w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
     w->ssp = decode && T >= 2 ? a.take<float>(T * bm_cuda_moe_norm_parts(d)) : nullptr;
     w->xzt_rows = decode && T >= 2 ? (w->Ts == T ? 2 * T : T) : 0;  // 2T: stack_in_ok
@@ -3238,6 +3260,14 @@ extern "C" long long bm_cuda_norm_route_warp_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
+}
+// Prefill routings with the early router row (NR_PRE_ROW / NR_PRE_DISP; the block kernel
+// of short prompts), and of those the ones that built the grouped dispatch in the last block.
+extern "C" long long bm_cuda_norm_route_pre_prefill_calls(void) {
+    return g_nr_pre_fill.load(std::memory_order_relaxed);
+}
+extern "C" long long bm_cuda_norm_route_dispatch_prefill_calls(void) {
+    return g_nr_disp_fill.load(std::memory_order_relaxed);
 }
 extern "C" long long bm_cuda_norm_route_ids_calls(void) {
     return g_nr_ids.load(std::memory_order_relaxed);

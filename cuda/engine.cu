@@ -199,7 +199,9 @@ struct Ws {
     int64_t logit_rows;     // split (Ts == T): room for the stacked head's lo rows
     int32_t *amax;          // (T)
     unsigned *ticket;       // (1) norm_route_kernel<., NR_PRE_DISP>'s counter, kept 0
-    float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on)
+    float *hk;              // (2, T, d) decode, T >= 2: out_proj's two K halves (out_ksplit_on);
+                            // (2, hk_rows, d) prefill: a split out_proj's two products
+    int64_t hk_rows;        //   (prefill_pair_ok; T in decode)
     float *ssp;             // (T, bm_cuda_moe_norm_parts(d)) decode, T >= 2: the norm in fc2
                             // (norm_fc2_on): the residual's partial sums of squares
     float *xzt;             // (xzt_rows, 2E) decode, T >= 2: in_proj's x and z side by side
@@ -1850,8 +1852,13 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 }
 
 // SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
+int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T);
+
+// pair (prefill_pair_ok): out is (2, T, d), out_proj's hi rows' and lo rows' products, which
+// the next layer's routing kernel sums (x + x2) before the residual.
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
-                  const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready) {
+                  const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready,
+                  bool pair = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
@@ -1876,7 +1883,10 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
                                 ysplit ? ws->xlo : nullptr, B, L, E, N, 0, -1, 0, ws->scan_ws,
                                 ws->scan_ws_bytes, st));
     TRY(mark(m, P_SCAN));
-    TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
+    if (pair && ysplit)
+        TRY(out_pair_prefill(m, ws, ly, out, T));
+    else
+        TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
     return mark(m, P_OUT);
 }
 
@@ -1946,6 +1956,34 @@ int out_pair(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t B
         (int)E, (long long)K2, ws->xbf, CUDA_R_16BF, (int)E, (long long)K2, &zero, out,
         CUDA_R_32F, (int)d, (long long)(B * d), 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     g_out_ksplit.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+
+// ---- A short prefill's split out_proj as one launch (BLACKMAMBA_PREFILL_STACK_OUT) ----------
+// Under BF16 math a prefill of at most BM_CUDA_BF16_SPLIT_ROWS tokens splits out_proj's input
+// into hi + lo bf16 rows (split_x), and linear() ran two GEMMs on the same 8.7 MB of weights,
+// hi, then lo accumulating (beta = 1), each as cuBLAS's split-K kernel and its reduction: four
+// launches, ~16 us a layer at 32 tokens on the H200 (session 20's trace). Where the next layer
+// routes through a norm_route kernel (which sums a second part of x anyway: the batched
+// decode's out_pair), out_proj is one strided-batched GEMM of the two row blocks into
+// ws->hk (2, T, d), and that kernel adds each row's two products in fp32, as the beta = 1
+// pass did. Unset / "1": on; "0": linear()'s two GEMMs (A/B, tests). Read per call.
+bool prefill_stack_out_on() { return bm_env_switch("BLACKMAMBA_PREFILL_STACK_OUT", true); }
+std::atomic<long long> g_out_pair_fill{0};  // prefill out_proj launches of that form (tests)
+bool prefill_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t T) {
+    return !ws->decode && ws->hk && T <= ws->hk_rows && bf16_math(m) && T > ws->gv &&
+           mp_on() && split_x(m, ws, T) && ws->xlo && !ly.out_b && prefill_stack_out_on() &&
+           (((uintptr_t)ws->hk) & 15) == 0;
+}
+int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T) {
+    const int64_t d = m->cfg.d, E = m->cfg.E;
+    const float one = 1.f, zero = 0.f;
+    // out[0] = hi rows (xbf) @ out_w^T, out[1] = lo rows (xlo) @ out_w^T
+    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)E, &one, ly.out_w, CUDA_R_16BF,
+        (int)E, 0LL, ws->xbf, CUDA_R_16BF, (int)E, (long long)(ws->xlo - ws->xbf), &zero, out,
+        CUDA_R_32F, (int)d, (long long)(T * d), 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    g_out_pair_fill.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
 
@@ -2703,10 +2741,15 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                                pair ? ws->hk : ws->h, B, xb, nullptr, pair,
                                stage ? nx->fc1 : nullptr, std::min(side_bytes, fc1_bytes),
                                normed, stk));
-            else
-                TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn, ws->h, B, L,
-                                  xb));
-            hpair = pair;
+            else {
+                // a short split prefill: out_proj's two products, summed by the routing
+                const bool ppair = !ly.X && li + 1 < c.num_layers &&
+                                   nr_ok(m->layers[li + 1], rc) && prefill_pair_ok(m, ws, ly, T);
+                TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
+                                  ppair ? ws->hk : ws->h, B, L, xb, ppair));
+                hpair = ppair;
+            }
+            if (ws->decode) hpair = pair;
             if (ly.X) {  // parallel "rX": h = mamba(norm(r)) + mlp(norm_moe(r))
                 TRY(bm_cuda_rms_norm(rc, nullptr, ly.norm_moe_w, EPS, ws->xm, nullptr, T, d,
                                      st));
@@ -2812,7 +2855,11 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->logits = a.take<float>(w->logit_rows * V);
     w->amax = a.take<int32_t>(T);
     w->ticket = a.take<unsigned>(1);  // (the prefill's short prompts use it too)
-    w->hk = decode && T >= 2 ? a.take<float>(2 * T * d) : nullptr;
+    // the prefill: the rows that split under BF16 math (prefill_pair_ok), at most
+    // BM_CUDA_BF16_SPLIT_ROWS (BF16X2 splits every length: longer prefills keep linear())
+    w->hk_rows = decode ? T : std::min<int64_t>(w->Ts, BM_CUDA_BF16_SPLIT_ROWS);
+    w->hk = (decode && T >= 2) || (!decode && w->hk_rows > 0) ? a.take<float>(2 * w->hk_rows * d)
+                                                             : nullptr;
     w->ssp = decode && T >= 2 ? a.take<float>(T * bm_cuda_moe_norm_parts(d)) : nullptr;
     w->xzt_rows = decode && T >= 2 ? (w->Ts == T ? 2 * T : T) : 0;  // 2T: stack_in_ok
     w->xzt = w->xzt_rows ? a.take<float>(w->xzt_rows * 2 * E) : nullptr;
@@ -3263,6 +3310,10 @@ extern "C" long long bm_cuda_norm_route_pre_calls(void) {
 }
 // Prefill routings with the early router row (NR_PRE_ROW / NR_PRE_DISP; the block kernel
 // of short prompts), and of those the ones that built the grouped dispatch in the last block.
+// Prefill out_proj launches as one strided batch of the hi and lo rows (prefill_pair_ok).
+extern "C" long long bm_cuda_prefill_out_pair_calls(void) {
+    return g_out_pair_fill.load(std::memory_order_relaxed);
+}
 extern "C" long long bm_cuda_norm_route_pre_prefill_calls(void) {
     return g_nr_pre_fill.load(std::memory_order_relaxed);
 }

@@ -34,7 +34,7 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_L2SIDE", "BLACKMAMBA_DECODE_NORM_FC2", "BLACKMAMBA_DECODE_NORM_FC2_SPLIT",
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN",
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
-            "BLACKMAMBA_NORM_ROUTE_PRE")
+            "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -703,6 +703,37 @@ def test_pdl_switch_off(env):
     # the batched routing, the dispatch built by it or (the default) read from the ids
     assert LIB.bm_cuda_norm_route_ids_calls() - i0 >= 2
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_prefill_stack_out(env, math):
+    # Session 21: a split prefill (bf16 math, at most 128 tokens; bf16x2 splits every length)
+    # runs out_proj as one strided batch of its hi and lo rows into two products, which the
+    # next layer's routing kernel sums (BLACKMAMBA_PREFILL_STACK_OUT; "0": linear()'s two
+    # GEMMs, the second accumulating). The same two fp32 sums in another place: close to 1e-5,
+    # and both against the CPU model. Only Mamba layers followed by a MoE layer of their own
+    # take it ("r" before "r" keeps linear()), and only up to 128 tokens.
+    layers = ["r", "r", "8", "r", "3"]
+    cfg = Config.from_dict(dict(num_layers=5, hidden_size=64, state_size=16, conv_dimension=4,
+                                vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=layers))
+    t = random_tensors(cfg, seed=79)
+    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math)
+    c = Model(cfg, t, dtype="bfloat16")
+    fn = LIB.bm_cuda_prefill_out_pair_calls
+    fn.restype = ctypes.c_longlong
+    for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3)):
+        ids = np.random.default_rng(B * 100 + L).integers(0, g.vocab_size, (B, L))
+        got = {}
+        for v in ("0", "1"):
+            env(BLACKMAMBA_PREFILL_STACK_OUT=v)
+            n0 = fn()
+            got[v] = g(ids)
+            # two Mamba layers before a MoE layer; past 8 rows (GEMVs up to 8), up to 128
+            want_n = 2 if v == "1" and 8 < B * L <= 128 else 0
+            assert fn() - n0 == want_n, (B, L, v)
+        assert rel_err(got["1"], got["0"]) < 1e-5, (B, L)
+        if B * L <= 128 or math == "bf16x2":
+            assert rel_err(got["1"], c(ids)) < TOL_SPLIT, (B, L)
 
 
 @pytest.mark.parametrize("dtype,math", [("bfloat16", "bf16"), ("bfloat16", "bf16x2"),

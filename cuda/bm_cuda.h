@@ -489,6 +489,9 @@ long long bm_cuda_norm_route_warp_calls(void);  /* prefill norm+route launches, 
  * (short prompts), and of those the ones that built the grouped experts' dispatch. */
 long long bm_cuda_norm_route_pre_prefill_calls(void);
 long long bm_cuda_norm_route_dispatch_prefill_calls(void);
+/* Prefill out_proj launches as one strided batch of the split hi and lo rows, summed by the
+ * next routing kernel (engine.cu prefill_pair_ok, BLACKMAMBA_PREFILL_STACK_OUT). */
+long long bm_cuda_prefill_out_pair_calls(void);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;

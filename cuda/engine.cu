@@ -1851,11 +1851,11 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
     return 0;
 }
 
-// SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
 int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T);
 
-// pair (prefill_pair_ok): out is (2, T, d), out_proj's hi rows' and lo rows' products, which
-// the next layer's routing kernel sums (x + x2) before the residual.
+// SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
+// pair (prefill_pair_ok): out is (2, T, d) instead, out_proj's hi rows' and lo rows' products,
+// which the next layer's routing kernel sums (x + x2) before the residual.
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                   const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready,
                   bool pair = false) {
@@ -1883,10 +1883,12 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
                                 ysplit ? ws->xlo : nullptr, B, L, E, N, 0, -1, 0, ws->scan_ws,
                                 ws->scan_ws_bytes, st));
     TRY(mark(m, P_SCAN));
-    if (pair && ysplit)
+    if (pair) {
+        if (!ysplit) return BM_CUDA_ARG_FAIL("engine: out_proj pair without split rows");
         TRY(out_pair_prefill(m, ws, ly, out, T));
-    else
+    } else {
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
+    }
     return mark(m, P_OUT);
 }
 
@@ -3308,12 +3310,12 @@ extern "C" long long bm_cuda_norm_route_warp_calls(void) {
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
 }
-// Prefill routings with the early router row (NR_PRE_ROW / NR_PRE_DISP; the block kernel
-// of short prompts), and of those the ones that built the grouped dispatch in the last block.
 // Prefill out_proj launches as one strided batch of the hi and lo rows (prefill_pair_ok).
 extern "C" long long bm_cuda_prefill_out_pair_calls(void) {
     return g_out_pair_fill.load(std::memory_order_relaxed);
 }
+// Prefill routings with the early router row (NR_PRE_ROW / NR_PRE_DISP; the block kernel
+// of short prompts), and of those the ones that built the grouped dispatch in the last block.
 extern "C" long long bm_cuda_norm_route_pre_prefill_calls(void) {
     return g_nr_pre_fill.load(std::memory_order_relaxed);
 }

@@ -2625,10 +2625,17 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
             // the prefill's warp-per-token kernel (else the block kernel below)
             const bool warp_nr =
                 !ws->decode && d <= 128 * NRW_V && T >= nr_warp_min() && nr_warp_on();
-            if (!early && ws->decode && T > ws->gv && d <= 128 * NR_PRE && nr_pre_on()) {
+            // The router row and the norm weights before the wait (NR_PRE_ROW): the batched
+            // decode, and a prefill on the block kernel (short prompts, session 21). Where the
+            // grouped experts follow, their dispatch from the ids (decode tiles only) or built
+            // in the routing's last block (NR_PRE_DISP) instead of a dispatch_kernel launch (4
+            // us + a launch a MoE layer at 32 tokens). The same bits either way.
+            const bool dec = ws->decode;
+            if (((dec && !early && T > ws->gv) || (!dec && !warp_nr)) && d <= 128 * NR_PRE &&
+                nr_pre_on()) {
                 nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
-                g_nr_pre.fetch_add(1, std::memory_order_relaxed);
-                if (gm && moe_ids_on() && bm_cuda_moe_grouped_ids_ok(T, ly.X, split)) {
+                (dec ? g_nr_pre : g_nr_pre_fill).fetch_add(1, std::memory_order_relaxed);
+                if (dec && gm && moe_ids_on() && bm_cuda_moe_grouped_ids_ok(T, ly.X, split)) {
                     // the GEMMs derive the dispatch from the ids: no last-block dispatch
                     disp = BM_MOE_GROUPED_IDS;
                     g_nr_ids.fetch_add(1, std::memory_order_relaxed);
@@ -2640,24 +2647,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                                                       &offsets);
                     smem = (size_t)std::max<int64_t>(
                                d, bm_dispatch_smem_ints(ly.X, NR_THREADS / 32)) * 4;
-                    g_nr_disp.fetch_add(1, std::memory_order_relaxed);
-                }
-            } else if (!ws->decode && !warp_nr && d <= 128 * NR_PRE && nr_pre_on()) {
-                // A prefill on the block kernel (short prompts): the router row and the norm
-                // weights loaded before the wait, and where the grouped experts follow, their
-                // dispatch built in the routing's last block instead of by a dispatch_kernel
-                // launch (4 us + a launch a MoE layer at 32 tokens). The same bits either way.
-                nr_kernel = xb ? norm_route_kernel<true, NR_PRE_ROW> : norm_route_kernel<false, NR_PRE_ROW>;
-                g_nr_pre_fill.fetch_add(1, std::memory_order_relaxed);
-                if (gm && ws->ticket && route_dispatch_on()) {
-                    disp = BM_MOE_GROUPED_DISPATCHED;
-                    nr_kernel = xb ? norm_route_kernel<true, NR_PRE_DISP>
-                                   : norm_route_kernel<false, NR_PRE_DISP>;
-                    bm_cuda_moe_grouped_dispatch_bufs(ws->moe, T, d, ly.X, c.F, split, &perm,
-                                                      &offsets);
-                    smem = (size_t)std::max<int64_t>(
-                               d, bm_dispatch_smem_ints(ly.X, NR_THREADS / 32)) * 4;
-                    g_nr_disp_fill.fetch_add(1, std::memory_order_relaxed);
+                    (dec ? g_nr_disp : g_nr_disp_fill).fetch_add(1, std::memory_order_relaxed);
                 }
             }
             if (warp_nr) {

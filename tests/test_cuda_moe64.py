@@ -81,7 +81,9 @@ def _lib_c():
                                                I64, I64, P, I64, I64, F32, P]
     lib.bm_cuda_conv_step_sum_norm.restype = ctypes.c_int
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
-              "bm_cuda_norm_route_warp_calls"):
+              "bm_cuda_norm_route_warp_calls", "bm_cuda_prefill_out_pair_calls",
+              "bm_cuda_norm_route_pre_prefill_calls",
+              "bm_cuda_norm_route_dispatch_prefill_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     return lib
 
@@ -368,7 +370,7 @@ def test_grouped_ids(env, T, X, d, F, kind, split):
             np.testing.assert_array_equal(got, base, err_msg=f"{tiles} {flags}")
 
 
-def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None):
+def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None, dtype="bfloat16"):
     # test_cuda_dec64's small config: hidden 64, F = 40, two MoE layers (8 and 3 experts)
     base = dict(num_layers=len(layers), hidden_size=64, state_size=16, conv_dimension=4,
                 vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=list(layers))
@@ -377,8 +379,8 @@ def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None):
     if bias is not None:   # skewed routing: experts with several row tiles, unused experts
         for k in [k for k in t if k.endswith("router.bias")]:
             t[k] = np.asarray(bias[: t[k].size], np.float32)
-    return (model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math),
-            Model(cfg, t, dtype="bfloat16"))
+    return (model_cuda.CudaModel(cfg, t, dtype=dtype, math=math),
+            Model(cfg, t, dtype=dtype))
 
 
 def counted_steps(g, c, ids, *names):
@@ -713,14 +715,8 @@ def test_prefill_stack_out(env, math):
     # GEMMs, the second accumulating). The same two fp32 sums in another place: close to 1e-5,
     # and both against the CPU model. Only Mamba layers followed by a MoE layer of their own
     # take it ("r" before "r" keeps linear()), and only up to 128 tokens.
-    layers = ["r", "r", "8", "r", "3"]
-    cfg = Config.from_dict(dict(num_layers=5, hidden_size=64, state_size=16, conv_dimension=4,
-                                vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=layers))
-    t = random_tensors(cfg, seed=79)
-    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math)
-    c = Model(cfg, t, dtype="bfloat16")
+    g, c = make(79, math=math, layers=("r", "r", "8", "r", "3"))
     fn = LIB.bm_cuda_prefill_out_pair_calls
-    fn.restype = ctypes.c_longlong
     for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3)):
         ids = np.random.default_rng(B * 100 + L).integers(0, g.vocab_size, (B, L))
         got = {}
@@ -744,16 +740,9 @@ def test_prefill_norm_route_pre(env, dtype, math):
     # weights, more than 5 tokens), builds their dispatch in its last block instead of a
     # dispatch_kernel launch: the same bits as the plain block kernel and the dispatch launch
     # (BLACKMAMBA_NORM_ROUTE_PRE=0), and with BLACKMAMBA_MOE_ROUTE_DISPATCH=0 (early row only)
-    layers = ["r", "8", "r", "3"]
-    cfg = Config.from_dict(dict(num_layers=4, hidden_size=64, state_size=16, conv_dimension=4,
-                                vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=layers))
-    t = random_tensors(cfg, seed=78)
-    g = model_cuda.CudaModel(cfg, t, dtype=dtype, math=math)
-    c = Model(cfg, t, dtype=dtype)
-    names = ("bm_cuda_norm_route_pre_prefill_calls", "bm_cuda_norm_route_dispatch_prefill_calls")
-    fns = [getattr(LIB, n) for n in names]
-    for fn in fns:
-        fn.restype = ctypes.c_longlong
+    g, c = make(78, math=math, dtype=dtype)
+    fns = [LIB.bm_cuda_norm_route_pre_prefill_calls,
+           LIB.bm_cuda_norm_route_dispatch_prefill_calls]
     for B, L in ((1, 4), (1, 7), (3, 50), (1, 300)):
         ids = np.random.default_rng(B * 1000 + L).integers(0, g.vocab_size, (B, L))
         grouped = dtype == "bfloat16" and B * L > 5
@@ -781,12 +770,7 @@ def test_norm_route_warp(env, dtype, math):
     # ("0"): the same sums in other orders, so close, not bit-equal;
     # both against the CPU model. bf16: the grouped experts read the bf16 rows only (no fp32
     # xn written); bf16x2 their low parts too; fp32 weights: the fp32 rows (per-expert path).
-    layers = ["r", "8", "r", "3"]
-    cfg = Config.from_dict(dict(num_layers=4, hidden_size=64, state_size=16, conv_dimension=4,
-                                vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=layers))
-    t = random_tensors(cfg, seed=77)
-    g = model_cuda.CudaModel(cfg, t, dtype=dtype, math=math)
-    c = Model(cfg, t, dtype=dtype)
+    g, c = make(77, math=math, dtype=dtype)
     ids = np.random.default_rng(5).integers(0, g.vocab_size, (3, 50))  # T = 150 tokens
     want = c(ids)
     got = {}

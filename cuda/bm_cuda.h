@@ -122,6 +122,13 @@ int bm_cuda_scan_step(float *state, const float *x, const float *delta, const fl
 int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
                          const float *conv_in, float *conv_out, float *y, int silu, int64_t b,
                          int64_t L, int64_t E, int64_t K, cudaStream_t stream);
+/* bm_cuda_conv_forward on the sum of two parts (a split prefill's in_proj as one GEMM of 2T
+ * rows, engine.cu): input x[t, e] = x[t ld + e] + x[part + t ld + e], and z[t, e] = zin[t ld +
+ * e] + zin[part + t ld + e] written (b, L, E) for the scan; t over the b L rows in order. */
+int bm_cuda_conv_forward_sum(const float *x, const float *zin, int64_t ld, int64_t part,
+                             float *z, const float *w, const float *bias, const float *conv_in,
+                             float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
+                             int64_t K, cudaStream_t stream);
 /* One token: x, y (b, E); conv_state (b, K-1, E) shifted in place. */
 int bm_cuda_conv_step(const float *x, float *conv_state, const float *w, const float *bias,
                       float *y, int silu, int64_t b, int64_t E, int64_t K, cudaStream_t stream);
@@ -492,6 +499,9 @@ long long bm_cuda_norm_route_dispatch_prefill_calls(void);
 /* Prefill out_proj launches as one strided batch of the split hi and lo rows, summed by the
  * next routing kernel (engine.cu prefill_pair_ok, BLACKMAMBA_PREFILL_STACK_OUT). */
 long long bm_cuda_prefill_out_pair_calls(void);
+/* Prefill in_proj launches as one GEMM of the split hi and lo rows, summed by the conv
+ * (engine.cu stack_in_fill_ok, BLACKMAMBA_PREFILL_STACK_IN). */
+long long bm_cuda_prefill_stack_in_calls(void);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;

@@ -20,20 +20,29 @@ constexpr int CONV_CT_SMALL = 8;  // for problems under CONV_SMALL elements
 constexpr int64_t CONV_SMALL = 16 << 20;
 constexpr int CONV_THREADS = 128;
 
-template <int K, int CT>
+// SUM (bm_cuda_conv_forward_sum): x is two products of a split in_proj, rows ld apart, the
+// second part elements after the first; the input is their fp32 sum, and the z half (zin, the
+// same layout) is summed alike into z (b, L, E).
+template <int K, int CT, bool SUM = false>
 __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
                                 const float *__restrict__ w,      // (E, K)
                                 const float *__restrict__ bias,   // (E) or NULL
                                 const float *conv_in,             // (b, K-1, E) or NULL
                                 float *conv_out,                  // (b, K-1, E) or NULL
                                 float *__restrict__ y,            // (b, L, E)
-                                int silu, int L, int E) {
+                                int silu, int L, int E, int64_t ld, int64_t part,
+                                const float *__restrict__ zin, float *__restrict__ z) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E) return;
     const int c = blockIdx.y, bi = blockIdx.z;
     const int t0 = c * CT;
-    const float *xb = x + (int64_t)bi * L * E + e;  // x[bi, 0, e]; step E
+    const int64_t step = SUM ? ld : E;                // x's row stride
+    const float *xb = x + (int64_t)bi * L * step + e;  // x[bi, 0, e]
     float *yb = y + (int64_t)bi * L * E + e;
+    auto xat = [&](int pos) {  // the input at step pos of this sequence
+        const int64_t o = (int64_t)pos * step;
+        return SUM ? xb[o] + xb[part + o] : xb[o];
+    };
 
     float wk[K];
 #pragma unroll
@@ -47,7 +56,7 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
         const int pos = t0 - (K - 1) + k;
         float v = 0.f;
         if (pos >= 0) {
-            if (pos < L) v = xb[(int64_t)pos * E];
+            if (pos < L) v = xat(pos);
         } else if (conv_in) {
             v = conv_in[((int64_t)bi * (K - 1) + (K - 1) + pos) * E + e];
         }
@@ -55,7 +64,17 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
     }
     float xs[CT];  // all loads of the chunk issued before the first use
 #pragma unroll
-    for (int i = 0; i < CT; i++) xs[i] = t0 + i < L ? xb[(int64_t)(t0 + i) * E] : 0.f;
+    for (int i = 0; i < CT; i++) xs[i] = t0 + i < L ? xat(t0 + i) : 0.f;
+    if constexpr (SUM) {  // z = z_hi + z_lo for the scan, this thread's steps
+        const float *zb = zin + (int64_t)bi * L * ld + e;
+        float *zo = z + (int64_t)bi * L * E + e;
+#pragma unroll
+        for (int i = 0; i < CT; i++) {
+            if (t0 + i >= L) break;
+            const int64_t o = (int64_t)(t0 + i) * ld;
+            zo[(int64_t)(t0 + i) * E] = zb[o] + zb[part + o];
+        }
+    }
 #pragma unroll
     for (int i = 0; i < CT; i++) {
         if (t0 + i >= L) break;
@@ -77,7 +96,7 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
         for (int j = 0; j < K - 1; j++) {
             const int q = L - (K - 1) + j;
             float v = 0.f;
-            if (q >= 0) v = xb[(int64_t)q * E];
+            if (q >= 0) v = xat(q);
             else if (conv_in) v = conv_in[((int64_t)bi * (K - 1) + (K - 1) + q) * E + e];
             last[j] = v;
         }
@@ -180,13 +199,21 @@ __global__ void conv_step_norm_kernel(const float *__restrict__ x, float *__rest
 template <int K>
 int conv_fwd_launch(const float *x, const float *w, const float *bias, const float *conv_in,
                     float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
-                    cudaStream_t stream) {
+                    cudaStream_t stream, int64_t ld = 0, int64_t part = 0,
+                    const float *zin = nullptr, float *z = nullptr) {
     const bool small = b * L * E < CONV_SMALL && bm_cdiv(L, CONV_CT_SMALL) <= 65535;
     const int ct = small ? CONV_CT_SMALL : CONV_CT;
-    auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL> : conv_fwd_kernel<K, CONV_CT>;
     dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, ct), (unsigned)b);
-    kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu, (int)L,
-                                              (int)E);
+    if (z) {  // SUM
+        auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL, true>
+                             : conv_fwd_kernel<K, CONV_CT, true>;
+        kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu,
+                                                  (int)L, (int)E, ld, part, zin, z);
+    } else {
+        auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL> : conv_fwd_kernel<K, CONV_CT>;
+        kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu,
+                                                  (int)L, (int)E, 0, 0, nullptr, nullptr);
+    }
     BM_CUDA_LAUNCHED();
     return 0;
 }
@@ -255,13 +282,21 @@ int conv_step_fused(const char *what, const float *x, const float *zin, int64_t 
 
 }  // namespace
 
-extern "C" int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
-                                    const float *conv_in, float *conv_out, float *y, int silu,
-                                    int64_t b, int64_t L, int64_t E, int64_t K,
-                                    cudaStream_t stream) {
-    if (K < 2 || K > 8) return BM_CUDA_ARG_FAIL("conv: K must be in 2..8");
-    if (b > 65535 || bm_cdiv(L, CONV_CT) > 65535 || E > INT32_MAX / 2)
-        return BM_CUDA_ARG_FAIL("conv: size too large (b <= 65535, L <= 2M)");
+namespace {
+// bm_cuda_conv_forward and its _sum form (z non-NULL: x and zin as described there).
+int conv_forward(const char *what, const float *x, const float *w, const float *bias,
+                 const float *conv_in, float *conv_out, float *y, int silu, int64_t b, int64_t L,
+                 int64_t E, int64_t K, cudaStream_t stream, int64_t ld = 0, int64_t part = 0,
+                 const float *zin = nullptr, float *z = nullptr) {
+    char msg[160];
+    if (K < 2 || K > 8) {
+        snprintf(msg, sizeof msg, "%s: K must be in 2..8", what);
+        return BM_CUDA_ARG_FAIL(msg);
+    }
+    if (b > 65535 || bm_cdiv(L, CONV_CT) > 65535 || E > INT32_MAX / 2) {
+        snprintf(msg, sizeof msg, "%s: size too large (b <= 65535, L <= 2M)", what);
+        return BM_CUDA_ARG_FAIL(msg);
+    }
     if (b <= 0 || E <= 0) return 0;
     if (L == 0) {
         // No new inputs: the state passes through.
@@ -271,15 +306,37 @@ extern "C" int bm_cuda_conv_forward(const float *x, const float *w, const float 
         else BM_CUDA_TRY(cudaMemsetAsync(conv_out, 0, bytes, stream));
         return 0;
     }
+#define BM_CONV_FWD(KK) conv_fwd_launch<KK>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream, ld, part, zin, z)
     switch (K) {
-        case 2: return conv_fwd_launch<2>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
-        case 3: return conv_fwd_launch<3>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
-        case 4: return conv_fwd_launch<4>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
-        case 5: return conv_fwd_launch<5>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
-        case 6: return conv_fwd_launch<6>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
-        case 7: return conv_fwd_launch<7>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
-        default: return conv_fwd_launch<8>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream);
+        case 2: return BM_CONV_FWD(2);
+        case 3: return BM_CONV_FWD(3);
+        case 4: return BM_CONV_FWD(4);
+        case 5: return BM_CONV_FWD(5);
+        case 6: return BM_CONV_FWD(6);
+        case 7: return BM_CONV_FWD(7);
+        default: return BM_CONV_FWD(8);
     }
+#undef BM_CONV_FWD
+}
+}  // namespace
+
+extern "C" int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
+                                    const float *conv_in, float *conv_out, float *y, int silu,
+                                    int64_t b, int64_t L, int64_t E, int64_t K,
+                                    cudaStream_t stream) {
+    return conv_forward("conv", x, w, bias, conv_in, conv_out, y, silu, b, L, E, K, stream);
+}
+
+extern "C" int bm_cuda_conv_forward_sum(const float *x, const float *zin, int64_t ld,
+                                        int64_t part, float *z, const float *w,
+                                        const float *bias, const float *conv_in, float *conv_out,
+                                        float *y, int silu, int64_t b, int64_t L, int64_t E,
+                                        int64_t K, cudaStream_t stream) {
+    if (!x || !zin || !z || ld < E || part < b * L * ld)
+        return BM_CUDA_ARG_FAIL("conv_forward_sum: needs x, zin, z, ld >= E and the second "
+                                "part past the first (part >= b L ld)");
+    return conv_forward("conv_forward_sum", x, w, bias, conv_in, conv_out, y, silu, b, L, E, K,
+                        stream, ld, part, zin, z);
 }
 
 extern "C" int bm_cuda_conv_step(const float *x, float *conv_state, const float *w,

@@ -1852,20 +1852,47 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 }
 
 int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T);
+int in_proj_xzt(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t rows);
+
+// in_proj_xzt (below), the prefill's form (session 22): a split prefill of at most hk_rows tokens (9-128 under BF16
+// math) ran in_proj as two strided batches (x and z halves) on the same 17 MB of weights, hi,
+// then lo accumulating, each as cuBLAS's split-K kernels and reductions (8.0 + 6.6 us a layer at
+// 32 tokens on the H200, session 21). Now the norm writes the lo rows after the hi rows, one
+// GEMM of 2T rows fills xzt (2T, 2E), and the conv adds each row's two products
+// (bm_cuda_conv_forward_sum) and writes the summed z for the scan. Unset / "1": on; "0": the
+// two batches (A/B, tests). Read per call.
+bool prefill_stack_in_on() { return bm_env_switch("BLACKMAMBA_PREFILL_STACK_IN", true); }
+std::atomic<long long> g_stack_in_fill{0};  // prefill in_proj launches of that form (tests)
+bool stack_in_fill_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t T) {
+    return !ws->decode && ws->xzt && 2 * T <= ws->xzt_rows && T <= ws->Ts && !ly.in_b &&
+           ly.mamba && !ly.X && in_proj_batched(m, ws, T) && split_x(m, ws, T) && ws->xlo &&
+           prefill_stack_in_on();
+}
 
 // SPEC 2 over a prefill of (B, L): xn (T, d) -> out (T, d); conv, ssm advanced in place.
 // pair (prefill_pair_ok): out is (2, T, d) instead, out_proj's hi rows' and lo rows' products,
 // which the next layer's routing kernel sums (x + x2) before the residual.
+// stk (stack_in_fill_ok): in_proj as one GEMM of the hi and lo rows, summed by the conv.
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                   const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready,
-                  bool pair = false) {
+                  bool pair = false, bool stk = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
-    TRY(in_proj(m, ws, ly, xn, T, xbf_ready));                              // x, z
-    TRY(mark(m, P_IN));
-    TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
+    if (stk) {  // stack_in_fill_ok: the norm wrote the lo rows at xbf + T d
+        if (!xbf_ready) return BM_CUDA_ARG_FAIL("engine: stacked in_proj without the norm's rows");
+        TRY(in_proj_xzt(m, ws, ly, 2 * T));                                  // (2T, 2E)
+        g_stack_in_fill.fetch_add(1, std::memory_order_relaxed);
+        TRY(mark(m, P_IN));
+        TRY(bm_cuda_conv_forward_sum(ws->xzt, ws->xzt + E, 2 * E, T * 2 * E, z, ly.conv_w,
+                                     ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
+    } else {
+        TRY(in_proj(m, ws, ly, xn, T, xbf_ready));                          // x, z
+        TRY(mark(m, P_IN));
+        TRY(bm_cuda_conv_forward(x, ly.conv_w, ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K,
+                                 st));
+    }
     TRY(mark(m, P_CONV));
     TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm));                              // (T, R + 2N)
     TRY(mark(m, P_XPROJ));
@@ -2708,7 +2735,9 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
         const bool normed = fc2_normed;
         fc2_normed = false;
         // a split decode in_proj as one GEMM of 2T rows: the lo rows right after the hi rows
-        const bool stk = xb && split && ly.mamba && !ly.X && stack_in_ok(m, ws, ly, T);
+        // (a short split prefill's likewise: stack_in_fill_ok)
+        const bool stk = xb && split && ly.mamba && !ly.X &&
+                         (ws->decode ? stack_in_ok(m, ws, ly, T) : stack_in_fill_ok(m, ws, ly, T));
         if (!normed) {
             // (the prefill's in_proj reads the bf16 row only: no fp32 xn there, 96 MB a
             // layer less at T = 16384)
@@ -2738,7 +2767,7 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                 const bool ppair = !ly.X && li + 1 < c.num_layers &&
                                    nr_ok(m->layers[li + 1], rc) && prefill_pair_ok(m, ws, ly, T);
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
-                                  ppair ? ws->hk : ws->h, B, L, xb, ppair));
+                                  ppair ? ws->hk : ws->h, B, L, xb, ppair, stk));
                 hpair = ppair;
             }
             if (ws->decode) hpair = pair;
@@ -2853,7 +2882,8 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->hk = (decode && T >= 2) || (!decode && w->hk_rows > 0) ? a.take<float>(2 * w->hk_rows * d)
                                                              : nullptr;
     w->ssp = decode && T >= 2 ? a.take<float>(T * bm_cuda_moe_norm_parts(d)) : nullptr;
-    w->xzt_rows = decode && T >= 2 ? (w->Ts == T ? 2 * T : T) : 0;  // 2T: stack_in_ok
+    // 2T: stack_in_ok; the prefill: a split in_proj's 2 hk_rows (stack_in_fill_ok)
+    w->xzt_rows = decode ? (T >= 2 ? (w->Ts == T ? 2 * T : T) : 0) : 2 * w->hk_rows;
     w->xzt = w->xzt_rows ? a.take<float>(w->xzt_rows * 2 * E) : nullptr;
     w->bytes = a.off;
 }
@@ -3299,6 +3329,10 @@ extern "C" long long bm_cuda_norm_route_warp_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
+}
+// Prefill in_proj launches as one GEMM of the hi and lo rows (stack_in_fill_ok).
+extern "C" long long bm_cuda_prefill_stack_in_calls(void) {
+    return g_stack_in_fill.load(std::memory_order_relaxed);
 }
 // Prefill out_proj launches as one strided batch of the hi and lo rows (prefill_pair_ok).
 extern "C" long long bm_cuda_prefill_out_pair_calls(void) {

@@ -34,7 +34,8 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_L2SIDE", "BLACKMAMBA_DECODE_NORM_FC2", "BLACKMAMBA_DECODE_NORM_FC2_SPLIT",
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN",
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
-            "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT")
+            "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
+            "BLACKMAMBA_PREFILL_STACK_IN")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -80,10 +81,15 @@ def _lib_c():
     lib.bm_cuda_conv_step_sum_norm.argtypes = [P, P, I64, I64, P, P, P, P, P, ctypes.c_int, I64,
                                                I64, I64, P, I64, I64, F32, P]
     lib.bm_cuda_conv_step_sum_norm.restype = ctypes.c_int
+    lib.bm_cuda_conv_forward_sum.argtypes = [P, P, I64, I64, P, P, P, P, P, P, ctypes.c_int,
+                                             I64, I64, I64, I64, P]
+    lib.bm_cuda_conv_forward_sum.restype = ctypes.c_int
+    lib.bm_cuda_conv_forward.argtypes = [P, P, P, P, P, P, ctypes.c_int, I64, I64, I64, I64, P]
+    lib.bm_cuda_conv_forward.restype = ctypes.c_int
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
               "bm_cuda_norm_route_warp_calls", "bm_cuda_prefill_out_pair_calls",
               "bm_cuda_norm_route_pre_prefill_calls",
-              "bm_cuda_norm_route_dispatch_prefill_calls"):
+              "bm_cuda_norm_route_dispatch_prefill_calls", "bm_cuda_prefill_stack_in_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     return lib
 
@@ -642,6 +648,63 @@ def test_conv_step_sum(b, E, K, silu):
     assert rc != 0 and "b <= 65535" in LIB.bm_cuda_last_error().decode()
 
 
+@pytest.mark.parametrize("b,L,E,K,silu,state", [(1, 32, 40, 4, 1, True), (2, 9, 2944, 4, 1, False),
+                                                 (3, 50, 33, 3, 0, True), (1, 128, 7, 2, 1, True),
+                                                 (2, 5, 100, 8, 1, False)])
+def test_conv_forward_sum(b, L, E, K, silu, state):
+    # bm_cuda_conv_forward_sum (session 22): the prefill conv on the sum of a stacked split
+    # in_proj's two products, (2T, 2E) rows of x then z (T = b L, the lo rows T * 2E on), and
+    # z = z_hi + z_lo written (b, L, E) for the scan: each input one fp32 addition, then the
+    # same conv, so bit-equal to bm_cuda_conv_forward on the float32 sums; the carried state
+    # (conv_in -> conv_out) alike
+    D = cuda.to_device
+    T = b * L
+    rng = rng_for("conv fwd sum", b, L, E, K)
+    xz = rng.standard_normal((2 * T, 2 * E)).astype(np.float32)
+    xz[T:] *= np.float32(1e-3)              # the lo products: small, as x - bf16(x) is
+    w = rng.standard_normal((E, K)).astype(np.float32)
+    bias = rng.standard_normal(E).astype(np.float32)
+    st = rng.standard_normal((b, K - 1, E)).astype(np.float32)
+    xs = xz[:T, :E] + xz[T:, :E]
+    dxz, dw, db = D(xz), D(w), D(bias)
+    out = {}
+    for form in ("sum", "plain"):
+        ds = D(st) if state else None
+        y = D(np.full((T, E), np.float32(np.nan)))
+        if form == "sum":
+            z = D(np.full((T, E), np.float32(np.nan)))
+            rc = LIB.bm_cuda_conv_forward_sum(dxz.ptr, dxz.ptr + 4 * E, 2 * E, T * 2 * E, z.ptr,
+                                              dw.ptr, db.ptr, ds.ptr if state else None,
+                                              ds.ptr if state else None, y.ptr, silu, b, L, E,
+                                              K, LEGACY_STREAM)
+        else:
+            dx = D(xs)
+            rc = LIB.bm_cuda_conv_forward(dx.ptr, dw.ptr, db.ptr, ds.ptr if state else None,
+                                          ds.ptr if state else None, y.ptr, silu, b, L, E, K,
+                                          LEGACY_STREAM)
+        assert rc == 0, LIB.bm_cuda_last_error().decode()
+        out[form] = (y.numpy(), ds.numpy() if state else None)
+        if form == "sum":
+            np.testing.assert_array_equal(z.numpy(), xz[:T, E:] + xz[T:, E:])
+    np.testing.assert_array_equal(out["sum"][0], out["plain"][0])
+    if state:
+        np.testing.assert_array_equal(out["sum"][1], out["plain"][1])
+    # against float64 on the float32 sums (the plain conv's own reference, to its tolerance)
+    xp = np.concatenate([st if state else np.zeros((b, K - 1, E), np.float32),
+                         xs.reshape(b, L, E)], axis=1).astype(np.float64)
+    acc = bias + sum(w[:, k] * xp[:, k:k + L] for k in range(K))
+    want = acc / (1 + np.exp(-acc)) if silu else acc
+    np.testing.assert_allclose(out["sum"][0].reshape(b, L, E), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(dxz.numpy(), xz)                  # inputs untouched
+    # the lo part overlapping the hi rows, ld below E: refused with a message
+    z = D(np.zeros((T, E), np.float32))
+    for ld, part in ((2 * E, 2 * E * (T - 1)), (E - 1, T * 2 * E)):
+        rc = LIB.bm_cuda_conv_forward_sum(dxz.ptr, dxz.ptr + 4 * E, ld, part, z.ptr, dw.ptr,
+                                          db.ptr, None, None, y.ptr, silu, b, L, E, K,
+                                          LEGACY_STREAM)
+        assert rc != 0 and "part past the first" in LIB.bm_cuda_last_error().decode()
+
+
 @pytest.mark.parametrize("B,math,bias", CASES)
 def test_norm_fc2(env, B, math, bias):
     # the Mamba layer's RMSNorm after a MoE layer done by that layer's fc2 (its epilogue adds
@@ -805,3 +868,28 @@ def test_norm_route_warp(env, dtype, math):
     assert rel_err(got["1"], want) < tol
     assert rel_err(got["0"], want) < tol
     assert rel_err(got["1"], got["0"]) < (TOL_SPLIT if math != "bf16" else 2e-3)
+
+
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_prefill_stack_in(env, math):
+    # Session 22: a split prefill (bf16 math, at most 128 tokens; bf16x2 splits every length,
+    # this form up to 128) runs in_proj as one GEMM of the hi and lo rows (the norm writes them
+    # one after the other), and the conv adds each row's two products and writes the summed z
+    # (BLACKMAMBA_PREFILL_STACK_IN; "0": in_proj()'s two strided batches, the second
+    # accumulating). The same fp32 sums, the products in cuBLAS's order: close to 1e-5; both
+    # against the CPU model. Every Mamba layer takes it, with or without a MoE layer after.
+    g, c = make(81, math=math, layers=("r", "r", "8", "r", "3"))
+    fn = LIB.bm_cuda_prefill_stack_in_calls
+    for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3), (3, 7)):
+        T = B * L
+        ids = np.random.default_rng(B * 100 + L + 7).integers(0, g.vocab_size, (B, L))
+        got = {}
+        for v in ("0", "1"):
+            env(BLACKMAMBA_PREFILL_STACK_IN=v)
+            n0 = fn()
+            got[v] = g(ids)
+            # three Mamba layers; past 8 rows (GEMVs up to 8), up to 128
+            assert fn() - n0 == (3 if v == "1" and 8 < T <= 128 else 0), (B, L, v)
+        assert rel_err(got["1"], got["0"]) < 1e-5, (B, L)
+        if T <= 128 or math == "bf16x2":
+            assert rel_err(got["1"], c(ids)) < TOL_SPLIT, (B, L)

@@ -502,6 +502,9 @@ long long bm_cuda_prefill_out_pair_calls(void);
 /* Prefill in_proj launches as one GEMM of the split hi and lo rows, summed by the conv
  * (engine.cu stack_in_fill_ok, BLACKMAMBA_PREFILL_STACK_IN). */
 long long bm_cuda_prefill_stack_in_calls(void);
+/* Prefill x_proj batches of the split hi and lo rows together (engine.cu xproj_stack_ok,
+ * BLACKMAMBA_PREFILL_STACK_XPROJ). */
+long long bm_cuda_prefill_stack_xproj_calls(void);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;

@@ -340,16 +340,21 @@ __global__ void to_bf16_vec_kernel(const float *__restrict__ x, int64_t ldx,
 
 // x_proj's K-split: dbc[m, j] = sum_s part[s, m, j] (s ascending), and in prefill also
 // Bm[m] = dbc[m, R:R+N], Cm[m] = dbc[m, R+N:] (what split_bc_kernel did). ks * M * P < 2^31.
+// stacked (xproj_stack_ok): part is (ks, 2M, P), each slice's hi rows' products then its lo
+// rows'; each slice's two are summed first, as the lo GEMM's beta = 1 pass did, so the same
+// bits as the two-GEMM form where cuBLAS gives the same products.
 __global__ void xproj_reduce_kernel(const float *__restrict__ part,  // (ks, M, P)
                                     int ks, int M, int P,
                                     float *__restrict__ dbc,         // (M, P)
                                     float *__restrict__ Bm,          // (M, N) or NULL
                                     float *__restrict__ Cm,          // (M, N) or NULL
-                                    int R, int N) {
+                                    int R, int N, int stacked) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= M * P) return;
-    float acc = part[i];
-    for (int k = 1; k < ks; k++) acc += part[(int64_t)k * M * P + i];
+    const int64_t lo = stacked ? (int64_t)M * P : 0, kst = (stacked ? 2 : 1) * (int64_t)M * P;
+    float acc = stacked ? part[i] + part[lo + i] : part[i];
+    for (int k = 1; k < ks; k++)
+        acc += stacked ? part[k * kst + i] + part[k * kst + lo + i] : part[k * kst + i];
     dbc[i] = acc;
     if (Bm) {
         const int m = i / P, j = i - m * P - R;
@@ -1796,6 +1801,19 @@ int in_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, const float *xn, int64
     return 0;
 }
 
+// A short split prefill's K-split x_proj as one strided batch of its hi and lo rows (session
+// 22, as in_proj's stack_in_fill_ok): to_bf16 writes the lo rows right after the hi rows (xbf
+// has room for 2M rows of E where M <= Ts), one batch of 2M rows fills the partials (ks, 2M, P),
+// and the reduction adds each slice's two rows before the slices. Unset / "1": on; "0": the
+// two batches, the second accumulating (A/B, tests). Read per call.
+bool prefill_stack_xproj_on() { return bm_env_switch("BLACKMAMBA_PREFILL_STACK_XPROJ", true); }
+std::atomic<long long> g_xproj_stack{0};  // x_proj batches of that form (tests)
+bool xproj_stack_ok(const bm_cuda_model *m, const Ws *ws, int64_t M, int ks) {
+    return !ws->decode && M <= ws->Ts && (int64_t)ks * 2 * M <= ws->xpart_rows &&
+           (int64_t)ks * 2 * M * (m->cfg.R + 2 * m->cfg.N) < INT32_MAX &&
+           prefill_stack_xproj_on();
+}
+
 // dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
 int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm) {
     const bm_cuda_config &c = m->cfg;
@@ -1811,7 +1829,7 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
             ws->xpart, CUDA_R_32F, (int)P, (long long)(M * P), ks,
             CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
         xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
-            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N);
+            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, 0);
         BM_CUDA_LAUNCHED();
         g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
         g_small_tf32.fetch_add(1, std::memory_order_relaxed);
@@ -1821,17 +1839,21 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
         const bool split = split_x(m, ws, M);
         if (split && (!ws->xlo || M > ws->Ts))
             return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
-        TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E, split ? ws->xlo : nullptr));
-        const int64_t Kc = E / ks;
+        // stacked: the lo rows right after the hi rows, one batch of 2M rows (xproj_stack_ok)
+        const bool stk = split && xproj_stack_ok(m, ws, M, ks);
+        TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E,
+                    split ? (stk ? ws->xbf + M * E : ws->xlo) : nullptr));
+        const int64_t Kc = E / ks, rows = stk ? 2 * M : M;
         const float one = 1.f, zero = 0.f;
-        for (int h = 0; h < (split ? 2 : 1); h++)  // hi, then (split) lo accumulating
+        for (int h = 0; h < (split && !stk ? 2 : 1); h++)  // hi, then (split) lo accumulating
             BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
-                m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)P, (int)M, (int)Kc, &one, ly.x_w,
+                m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)P, (int)rows, (int)Kc, &one, ly.x_w,
                 CUDA_R_16BF, (int)E, (long long)Kc, h ? ws->xlo : ws->xbf, CUDA_R_16BF, (int)E,
                 (long long)Kc, h ? &one : &zero, ws->xpart, CUDA_R_32F, (int)P,
-                (long long)(M * P), ks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                (long long)(rows * P), ks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        if (stk) g_xproj_stack.fetch_add(1, std::memory_order_relaxed);
         xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
-            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N);
+            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, stk ? 1 : 0);
         BM_CUDA_LAUNCHED();
         g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
         return 0;
@@ -2832,18 +2854,20 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
     w->Cm = decode ? nullptr : a.take<float>(T * N);
     w->scan_ws_bytes = decode ? 0 : bm_cuda_scan_workspace(E, N);
     w->scan_ws = w->scan_ws_bytes ? a.take<char>((int64_t)w->scan_ws_bytes) : nullptr;
+    // rows that may split (split_x): all under BF16X2, the small prefill products under BF16
+    w->Ts = !bf16_math(m) ? 0
+            : c.math == BM_CUDA_MATH_BF16X2 ? T
+            : decode ? (T >= 2 && T <= GEMV_ROWS ? T : 0) : std::min(T, split_limit(c));
     // x_proj's K-split partials (xproj_ks: ks * cdiv(M, 128) <= 160, so ks * M <= 20480)
-    w->xpart_rows = bf16_math(m) && T >= 2 ? std::min<int64_t>(20480, 32 * T) : 0;
+    // (the prefill's split rows twice: xproj_stack_ok)
+    w->xpart_rows = bf16_math(m) && T >= 2
+                        ? std::min<int64_t>(20480, 32 * (T + (decode ? 0 : w->Ts))) : 0;
     w->xpart = w->xpart_rows ? a.take<float>(w->xpart_rows * P) : nullptr;
     w->ids = a.take<int32_t>(T);
     w->gates = a.take<float>(T);
     w->rlog = a.take<float>(T * m->Xmax);
     const int64_t eh_rows = (decode || !c.swiglu) ? T : std::min(T, MOE_GEMV_MAX);
     w->eh = m->has_mlp ? a.take<float>(eh_rows * G) : nullptr;
-    // rows that may split (split_x): all under BF16X2, the small prefill products under BF16
-    w->Ts = !bf16_math(m) ? 0
-            : c.math == BM_CUDA_MATH_BF16X2 ? T
-            : decode ? (T >= 2 && T <= GEMV_ROWS ? T : 0) : std::min(T, split_limit(c));
     // xlo right after xbf's T rows: a split product's hi and lo rows of the widest stride are
     // one matrix of 2T rows (stack_out_ok), and xbf has room for 2T rows of d (stack_in_ok)
     const int64_t wmax = std::max({d, E, c.R});
@@ -3329,6 +3353,10 @@ extern "C" long long bm_cuda_norm_route_warp_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
+}
+// Prefill x_proj batches of the hi and lo rows together (xproj_stack_ok).
+extern "C" long long bm_cuda_prefill_stack_xproj_calls(void) {
+    return g_xproj_stack.load(std::memory_order_relaxed);
 }
 // Prefill in_proj launches as one GEMM of the hi and lo rows (stack_in_fill_ok).
 extern "C" long long bm_cuda_prefill_stack_in_calls(void) {

@@ -35,7 +35,7 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN",
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
-            "BLACKMAMBA_PREFILL_STACK_IN")
+            "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -89,7 +89,8 @@ def _lib_c():
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
               "bm_cuda_norm_route_warp_calls", "bm_cuda_prefill_out_pair_calls",
               "bm_cuda_norm_route_pre_prefill_calls",
-              "bm_cuda_norm_route_dispatch_prefill_calls", "bm_cuda_prefill_stack_in_calls"):
+              "bm_cuda_norm_route_dispatch_prefill_calls", "bm_cuda_prefill_stack_in_calls",
+              "bm_cuda_prefill_stack_xproj_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     return lib
 
@@ -376,9 +377,10 @@ def test_grouped_ids(env, T, X, d, F, kind, split):
             np.testing.assert_array_equal(got, base, err_msg=f"{tiles} {flags}")
 
 
-def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None, dtype="bfloat16"):
+def make(seed, math="bf16", layers=("r", "8", "r", "3"), bias=None, dtype="bfloat16",
+         hidden=64):
     # test_cuda_dec64's small config: hidden 64, F = 40, two MoE layers (8 and 3 experts)
-    base = dict(num_layers=len(layers), hidden_size=64, state_size=16, conv_dimension=4,
+    base = dict(num_layers=len(layers), hidden_size=hidden, state_size=16, conv_dimension=4,
                 vocab_size=97, ffn_hidden_size=40, mamba_moe_layers=list(layers))
     cfg = Config.from_dict(base)
     t = random_tensors(cfg, seed=seed)
@@ -873,23 +875,32 @@ def test_norm_route_warp(env, dtype, math):
 @pytest.mark.parametrize("math", ["bf16", "bf16x2"])
 def test_prefill_stack_in(env, math):
     # Session 22: a split prefill (bf16 math, at most 128 tokens; bf16x2 splits every length,
-    # this form up to 128) runs in_proj as one GEMM of the hi and lo rows (the norm writes them
+    # these forms up to 128) runs in_proj as one GEMM of the hi and lo rows (the norm writes them
     # one after the other), and the conv adds each row's two products and writes the summed z
     # (BLACKMAMBA_PREFILL_STACK_IN; "0": in_proj()'s two strided batches, the second
-    # accumulating). The same fp32 sums, the products in cuBLAS's order: close to 1e-5; both
-    # against the CPU model. Every Mamba layer takes it, with or without a MoE layer after.
-    g, c = make(81, math=math, layers=("r", "r", "8", "r", "3"))
-    fn = LIB.bm_cuda_prefill_stack_in_calls
+    # accumulating); and x_proj's K-split as one batch of both (to_bf16 writes them so), the
+    # reduction adding each slice's two (BLACKMAMBA_PREFILL_STACK_XPROJ). The same fp32 sums,
+    # the products in cuBLAS's order: close to 1e-5 (bit-equal on the H200); both against the
+    # CPU model. Every Mamba layer takes them, with or without a MoE layer after. (Hidden 128:
+    # E = 256, so that x_proj's K splits at all: slices of at least 128.)
+    g, c = make(81, math=math, layers=("r", "r", "8", "r", "3"), hidden=128)
+    fi, fx = LIB.bm_cuda_prefill_stack_in_calls, LIB.bm_cuda_prefill_stack_xproj_calls
     for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3), (3, 7)):
         T = B * L
         ids = np.random.default_rng(B * 100 + L + 7).integers(0, g.vocab_size, (B, L))
         got = {}
-        for v in ("0", "1"):
-            env(BLACKMAMBA_PREFILL_STACK_IN=v)
-            n0 = fn()
-            got[v] = g(ids)
-            # three Mamba layers; past 8 rows (GEMVs up to 8), up to 128
-            assert fn() - n0 == (3 if v == "1" and 8 < T <= 128 else 0), (B, L, v)
-        assert rel_err(got["1"], got["0"]) < 1e-5, (B, L)
+        for kv in (dict(BLACKMAMBA_PREFILL_STACK_IN="0", BLACKMAMBA_PREFILL_STACK_XPROJ="0"),
+                   dict(BLACKMAMBA_PREFILL_STACK_XPROJ="0"), {}):
+            env(**kv)
+            n0, x0 = fi(), fx()
+            got[len(kv)] = g(ids)
+            # three Mamba layers; past 8 rows (GEMVs up to 8), in_proj up to 128 (the rows
+            # its scratch holds), x_proj wherever the rows split (bf16x2: every length)
+            on = 8 < T <= 128
+            on_x = 8 < T and (T <= 128 or math == "bf16x2")
+            assert fi() - n0 == (3 if on and len(kv) < 2 else 0), (B, L, kv)
+            assert fx() - x0 == (3 if on_x and not kv else 0), (B, L, kv)
+        for k in (1, 0):
+            assert rel_err(got[k], got[2]) < 1e-5, (B, L, k)
         if T <= 128 or math == "bf16x2":
-            assert rel_err(got["1"], c(ids)) < TOL_SPLIT, (B, L)
+            assert rel_err(got[0], c(ids)) < TOL_SPLIT, (B, L)

@@ -124,11 +124,12 @@ int bm_cuda_conv_forward(const float *x, const float *w, const float *bias,
                          int64_t L, int64_t E, int64_t K, cudaStream_t stream);
 /* bm_cuda_conv_forward on the sum of two parts (a split prefill's in_proj as one GEMM of 2T
  * rows, engine.cu): input x[t, e] = x[t ld + e] + x[part + t ld + e], and z[t, e] = zin[t ld +
- * e] + zin[part + t ld + e] written (b, L, E) for the scan; t over the b L rows in order. */
+ * e] + zin[part + t ld + e] written (b, L, E) for the scan; t over the b L rows in order.
+ * ybf (and ylo) or NULL: y also as bf16 hi (and lo = bf16(y - hi)) parts, (b, L, E). */
 int bm_cuda_conv_forward_sum(const float *x, const float *zin, int64_t ld, int64_t part,
                              float *z, const float *w, const float *bias, const float *conv_in,
-                             float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
-                             int64_t K, cudaStream_t stream);
+                             float *conv_out, float *y, uint16_t *ybf, uint16_t *ylo, int silu,
+                             int64_t b, int64_t L, int64_t E, int64_t K, cudaStream_t stream);
 /* One token: x, y (b, E); conv_state (b, K-1, E) shifted in place. */
 int bm_cuda_conv_step(const float *x, float *conv_state, const float *w, const float *bias,
                       float *y, int silu, int64_t b, int64_t E, int64_t K, cudaStream_t stream);
@@ -505,6 +506,9 @@ long long bm_cuda_prefill_stack_in_calls(void);
 /* Prefill x_proj batches of the split hi and lo rows together (engine.cu xproj_stack_ok,
  * BLACKMAMBA_PREFILL_STACK_XPROJ). */
 long long bm_cuda_prefill_stack_xproj_calls(void);
+/* Prefill bf16 conversions done by the conv (which = 0: x_proj's input) and by x_proj's
+ * K-split reduction (1: dt_proj's input) instead of a launch (BLACKMAMBA_PREFILL_FUSE_BF). */
+long long bm_cuda_prefill_fuse_bf_calls(int which);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;

@@ -22,7 +22,8 @@ constexpr int CONV_THREADS = 128;
 
 // SUM (bm_cuda_conv_forward_sum): x is two products of a split in_proj, rows ld apart, the
 // second part elements after the first; the input is their fp32 sum, and the z half (zin, the
-// same layout) is summed alike into z (b, L, E).
+// same layout) is summed alike into z (b, L, E). ybf (and ylo), SUM only, or NULL: y also as
+// bf16 hi (and lo) parts, (b, L, E), x_proj's split input (bm_f32_to_bf16_split's bits).
 template <int K, int CT, bool SUM = false>
 __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
                                 const float *__restrict__ w,      // (E, K)
@@ -31,7 +32,8 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
                                 float *conv_out,                  // (b, K-1, E) or NULL
                                 float *__restrict__ y,            // (b, L, E)
                                 int silu, int L, int E, int64_t ld, int64_t part,
-                                const float *__restrict__ zin, float *__restrict__ z) {
+                                const float *__restrict__ zin, float *__restrict__ z,
+                                uint16_t *__restrict__ ybf, uint16_t *__restrict__ ylo) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E) return;
     const int c = blockIdx.y, bi = blockIdx.z;
@@ -84,6 +86,11 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
         for (int k = 0; k < K; k++) acc = fmaf(wk[k], win[k], acc);
         if (silu) acc = bm_silu(acc);
         yb[(int64_t)(t0 + i) * E] = acc;
+        if (SUM && ybf) {
+            const int64_t o = ((int64_t)bi * L + t0 + i) * E + e;
+            if (ylo) bm_f32_to_bf16_split(acc, ybf[o], ylo[o]);
+            else ybf[o] = bm_f32_to_bf16_bits(acc);
+        }
 #pragma unroll
         for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
     }
@@ -200,7 +207,8 @@ template <int K>
 int conv_fwd_launch(const float *x, const float *w, const float *bias, const float *conv_in,
                     float *conv_out, float *y, int silu, int64_t b, int64_t L, int64_t E,
                     cudaStream_t stream, int64_t ld = 0, int64_t part = 0,
-                    const float *zin = nullptr, float *z = nullptr) {
+                    const float *zin = nullptr, float *z = nullptr, uint16_t *ybf = nullptr,
+                    uint16_t *ylo = nullptr) {
     const bool small = b * L * E < CONV_SMALL && bm_cdiv(L, CONV_CT_SMALL) <= 65535;
     const int ct = small ? CONV_CT_SMALL : CONV_CT;
     dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, ct), (unsigned)b);
@@ -208,11 +216,12 @@ int conv_fwd_launch(const float *x, const float *w, const float *bias, const flo
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL, true>
                              : conv_fwd_kernel<K, CONV_CT, true>;
         kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu,
-                                                  (int)L, (int)E, ld, part, zin, z);
+                                                  (int)L, (int)E, ld, part, zin, z, ybf, ylo);
     } else {
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL> : conv_fwd_kernel<K, CONV_CT>;
         kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu,
-                                                  (int)L, (int)E, 0, 0, nullptr, nullptr);
+                                                  (int)L, (int)E, 0, 0, nullptr, nullptr,
+                                                  nullptr, nullptr);
     }
     BM_CUDA_LAUNCHED();
     return 0;
@@ -287,7 +296,8 @@ namespace {
 int conv_forward(const char *what, const float *x, const float *w, const float *bias,
                  const float *conv_in, float *conv_out, float *y, int silu, int64_t b, int64_t L,
                  int64_t E, int64_t K, cudaStream_t stream, int64_t ld = 0, int64_t part = 0,
-                 const float *zin = nullptr, float *z = nullptr) {
+                 const float *zin = nullptr, float *z = nullptr, uint16_t *ybf = nullptr,
+                 uint16_t *ylo = nullptr) {
     char msg[160];
     if (K < 2 || K > 8) {
         snprintf(msg, sizeof msg, "%s: K must be in 2..8", what);
@@ -306,7 +316,7 @@ int conv_forward(const char *what, const float *x, const float *w, const float *
         else BM_CUDA_TRY(cudaMemsetAsync(conv_out, 0, bytes, stream));
         return 0;
     }
-#define BM_CONV_FWD(KK) conv_fwd_launch<KK>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream, ld, part, zin, z)
+#define BM_CONV_FWD(KK) conv_fwd_launch<KK>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream, ld, part, zin, z, ybf, ylo)
     switch (K) {
         case 2: return BM_CONV_FWD(2);
         case 3: return BM_CONV_FWD(3);
@@ -330,13 +340,14 @@ extern "C" int bm_cuda_conv_forward(const float *x, const float *w, const float 
 extern "C" int bm_cuda_conv_forward_sum(const float *x, const float *zin, int64_t ld,
                                         int64_t part, float *z, const float *w,
                                         const float *bias, const float *conv_in, float *conv_out,
-                                        float *y, int silu, int64_t b, int64_t L, int64_t E,
-                                        int64_t K, cudaStream_t stream) {
-    if (!x || !zin || !z || ld < E || part < b * L * ld)
-        return BM_CUDA_ARG_FAIL("conv_forward_sum: needs x, zin, z, ld >= E and the second "
-                                "part past the first (part >= b L ld)");
+                                        float *y, uint16_t *ybf, uint16_t *ylo, int silu,
+                                        int64_t b, int64_t L, int64_t E, int64_t K,
+                                        cudaStream_t stream) {
+    if (!x || !zin || !z || ld < E || part < b * L * ld || (ylo && !ybf))
+        return BM_CUDA_ARG_FAIL("conv_forward_sum: needs x, zin, z, ld >= E, the second part "
+                                "past the first (part >= b L ld), and ybf wherever ylo");
     return conv_forward("conv_forward_sum", x, w, bias, conv_in, conv_out, y, silu, b, L, E, K,
-                        stream, ld, part, zin, z);
+                        stream, ld, part, zin, z, ybf, ylo);
 }
 
 extern "C" int bm_cuda_conv_step(const float *x, float *conv_state, const float *w,

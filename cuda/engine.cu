@@ -348,7 +348,9 @@ __global__ void xproj_reduce_kernel(const float *__restrict__ part,  // (ks, M, 
                                     float *__restrict__ dbc,         // (M, P)
                                     float *__restrict__ Bm,          // (M, N) or NULL
                                     float *__restrict__ Cm,          // (M, N) or NULL
-                                    int R, int N, int stacked) {
+                                    int R, int N, int stacked,
+                                    uint16_t *__restrict__ dbf,      // (M, R) or NULL
+                                    uint16_t *__restrict__ dlo) {    // (M, R) or NULL
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= M * P) return;
     const int64_t lo = stacked ? (int64_t)M * P : 0, kst = (stacked ? 2 : 1) * (int64_t)M * P;
@@ -356,10 +358,15 @@ __global__ void xproj_reduce_kernel(const float *__restrict__ part,  // (ks, M, 
     for (int k = 1; k < ks; k++)
         acc += stacked ? part[k * kst + i] + part[k * kst + lo + i] : part[k * kst + i];
     dbc[i] = acc;
-    if (Bm) {
+    if (Bm || dbf) {
         const int m = i / P, j = i - m * P - R;
-        if (j >= 0 && j < N) Bm[m * N + j] = acc;
-        else if (j >= N) Cm[m * N + j - N] = acc;
+        if (j < 0) {  // dt_proj's input, as to_bf16 would write it (dbf: prefill_fuse_bf)
+            if (dbf && dlo) bm_f32_to_bf16_split(acc, dbf[m * R + j + R], dlo[m * R + j + R]);
+            else if (dbf) dbf[m * R + j + R] = bm_f32_to_bf16_bits(acc);
+        } else if (Bm) {
+            if (j < N) Bm[m * N + j] = acc;
+            else Cm[m * N + j - N] = acc;
+        }
     }
 }
 
@@ -1731,7 +1738,7 @@ bool tf32_small(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_
 }
 
 // dt_proj: delta (M, E) = dbc[:, :R] (M, ld P) @ dt_w^T (the bias is added in the scan).
-int dt_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M) {
+int dt_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, bool xbf_ready = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t E = c.E, R = c.R, P = R + 2 * c.N;
     if (tf32_small(m, ws, ly, M)) {
@@ -1739,7 +1746,7 @@ int dt_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M) {
         return gemm(m, ly.dt_wf, CUDA_R_32F, ws->dbc, CUDA_R_32F, P, ws->delta, E, M, E, R,
                     CUBLAS_COMPUTE_32F_FAST_TF32);
     }
-    return linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, M, E, R);
+    return linear(m, ws, ws->dbc, P, ly.dt_w, nullptr, ws->delta, E, M, E, R, xbf_ready);
 }
 
 // K-split of x_proj (BF16 math, more than GEMV_ROWS rows): the product is 124 outputs long
@@ -1814,8 +1821,32 @@ bool xproj_stack_ok(const bm_cuda_model *m, const Ws *ws, int64_t M, int ks) {
            prefill_stack_xproj_on();
 }
 
+// A short split prefill's bf16 conversions in the kernels before (session 22): the conv of a
+// stacked in_proj writes x_proj's bf16 hi and lo rows of xc (conv_fused_bf), and x_proj's
+// K-split reduction writes dt_proj's of dbc (dt_fused_bf), instead of a to_bf16 launch each
+// (1.5 us and a launch gap a Mamba layer at 32 tokens). The same bits (bm_f32_to_bf16_split).
+// Unset / "1": on; "0": the to_bf16 launches (A/B, tests). Read per call.
+bool prefill_fuse_bf_on() { return bm_env_switch("BLACKMAMBA_PREFILL_FUSE_BF", true); }
+std::atomic<long long> g_fuse_bf[2];  // conversions done by the conv, by the reduction (tests)
+// Does x_proj of M rows run its bf16 K-split on split rows, and dt_proj then linear()'s bf16
+// GEMMs (what dt_proj() takes when tf32_small does not)?
+bool xdt_split_bf(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
+    const bm_cuda_config &c = m->cfg;
+    return !ws->decode && split_x(m, ws, M) && !tf32_small(m, ws, ly, M) &&
+           xproj_ks(m, ws, M, c.R + 2 * c.N, c.E) > 1 && M > ws->gv && ws->xlo &&
+           M <= ws->Ts && prefill_fuse_bf_on();
+}
+bool dt_fused_bf(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
+    return xdt_split_bf(m, ws, ly, M);
+}
+bool conv_fused_bf(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
+    return xdt_split_bf(m, ws, ly, M);
+}
+
 // dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
-int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm) {
+// xbf_ready (conv_fused_bf): the conv wrote bf16(xc) where the K-split reads it.
+int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm,
+           bool xbf_ready = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t E = c.E, N = c.N, R = c.R, P = R + 2 * N;
     const int ks = xproj_ks(m, ws, M, P, E);
@@ -1829,7 +1860,7 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
             ws->xpart, CUDA_R_32F, (int)P, (long long)(M * P), ks,
             CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
         xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
-            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, 0);
+            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, 0, nullptr, nullptr);
         BM_CUDA_LAUNCHED();
         g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
         g_small_tf32.fetch_add(1, std::memory_order_relaxed);
@@ -1841,8 +1872,11 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
             return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
         // stacked: the lo rows right after the hi rows, one batch of 2M rows (xproj_stack_ok)
         const bool stk = split && xproj_stack_ok(m, ws, M, ks);
-        TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E,
-                    split ? (stk ? ws->xbf + M * E : ws->xlo) : nullptr));
+        if (!xbf_ready)
+            TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E,
+                        split ? (stk ? ws->xbf + M * E : ws->xlo) : nullptr));
+        // fuse: the reduction also writes dt_proj's bf16 input (its rows of R; dt_fused_bf)
+        const bool fuse = dt_fused_bf(m, ws, ly, M);
         const int64_t Kc = E / ks, rows = stk ? 2 * M : M;
         const float one = 1.f, zero = 0.f;
         for (int h = 0; h < (split && !stk ? 2 : 1); h++)  // hi, then (split) lo accumulating
@@ -1853,7 +1887,8 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
                 (long long)(rows * P), ks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         if (stk) g_xproj_stack.fetch_add(1, std::memory_order_relaxed);
         xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
-            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, stk ? 1 : 0);
+            ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, stk ? 1 : 0,
+            fuse ? ws->xbf : nullptr, fuse && split ? ws->xlo : nullptr);
         BM_CUDA_LAUNCHED();
         g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
         return 0;
@@ -1902,13 +1937,21 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
+    const bool cfuse = stk && conv_fused_bf(m, ws, ly, T);
     if (stk) {  // stack_in_fill_ok: the norm wrote the lo rows at xbf + T d
         if (!xbf_ready) return BM_CUDA_ARG_FAIL("engine: stacked in_proj without the norm's rows");
         TRY(in_proj_xzt(m, ws, ly, 2 * T));                                  // (2T, 2E)
         g_stack_in_fill.fetch_add(1, std::memory_order_relaxed);
         TRY(mark(m, P_IN));
+        // x_proj's split input too (conv_fused_bf), its lo rows where x_proj reads them
+        const int ks = xproj_ks(m, ws, T, c.R + 2 * N, E);
+        uint16_t *cbf = cfuse ? ws->xbf : nullptr;
+        uint16_t *clo = cfuse ? (xproj_stack_ok(m, ws, T, ks) ? ws->xbf + T * E : ws->xlo)
+                              : nullptr;
         TRY(bm_cuda_conv_forward_sum(ws->xzt, ws->xzt + E, 2 * E, T * 2 * E, z, ly.conv_w,
-                                     ly.conv_b, conv, conv, ws->xc, 1, B, L, E, c.K, st));
+                                     ly.conv_b, conv, conv, ws->xc, cbf, clo, 1, B, L, E, c.K,
+                                     st));
+        if (cfuse) g_fuse_bf[0].fetch_add(1, std::memory_order_relaxed);
     } else {
         TRY(in_proj(m, ws, ly, xn, T, xbf_ready));                          // x, z
         TRY(mark(m, P_IN));
@@ -1916,9 +1959,11 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
                                  st));
     }
     TRY(mark(m, P_CONV));
-    TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm));                              // (T, R + 2N)
+    TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm, cfuse));                       // (T, R + 2N)
     TRY(mark(m, P_XPROJ));
-    TRY(dt_proj(m, ws, ly, T));                                             // bias in scan
+    const bool dfuse = dt_fused_bf(m, ws, ly, T);  // x_proj's reduction wrote dt's bf16 rows
+    if (dfuse) g_fuse_bf[1].fetch_add(1, std::memory_order_relaxed);
+    TRY(dt_proj(m, ws, ly, T, dfuse));                                      // bias in scan
     TRY(mark(m, P_DT));
     // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
     // Where out_proj is a bf16 GEMM (linear()'s rule), the scan writes its input directly:
@@ -3353,6 +3398,10 @@ extern "C" long long bm_cuda_norm_route_warp_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
+}
+// Prefill bf16 conversions done by the conv (0) and by x_proj's reduction (1) (prefill_fuse_bf).
+extern "C" long long bm_cuda_prefill_fuse_bf_calls(int which) {
+    return which == 0 || which == 1 ? g_fuse_bf[which].load(std::memory_order_relaxed) : -1;
 }
 // Prefill x_proj batches of the hi and lo rows together (xproj_stack_ok).
 extern "C" long long bm_cuda_prefill_stack_xproj_calls(void) {

@@ -35,7 +35,8 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_MOE_DISPATCH_LAST", "BLACKMAMBA_CUDA_PDL", "BLACKMAMBA_DECODE_GEMM_MIN",
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
-            "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ")
+            "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ",
+            "BLACKMAMBA_PREFILL_FUSE_BF")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -81,11 +82,13 @@ def _lib_c():
     lib.bm_cuda_conv_step_sum_norm.argtypes = [P, P, I64, I64, P, P, P, P, P, ctypes.c_int, I64,
                                                I64, I64, P, I64, I64, F32, P]
     lib.bm_cuda_conv_step_sum_norm.restype = ctypes.c_int
-    lib.bm_cuda_conv_forward_sum.argtypes = [P, P, I64, I64, P, P, P, P, P, P, ctypes.c_int,
-                                             I64, I64, I64, I64, P]
+    lib.bm_cuda_conv_forward_sum.argtypes = [P, P, I64, I64, P, P, P, P, P, P, P, P,
+                                             ctypes.c_int, I64, I64, I64, I64, P]
     lib.bm_cuda_conv_forward_sum.restype = ctypes.c_int
     lib.bm_cuda_conv_forward.argtypes = [P, P, P, P, P, P, ctypes.c_int, I64, I64, I64, I64, P]
     lib.bm_cuda_conv_forward.restype = ctypes.c_int
+    lib.bm_cuda_prefill_fuse_bf_calls.argtypes = [ctypes.c_int]
+    lib.bm_cuda_prefill_fuse_bf_calls.restype = ctypes.c_longlong
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
               "bm_cuda_norm_route_warp_calls", "bm_cuda_prefill_out_pair_calls",
               "bm_cuda_norm_route_pre_prefill_calls",
@@ -669,15 +672,21 @@ def test_conv_forward_sum(b, L, E, K, silu, state):
     st = rng.standard_normal((b, K - 1, E)).astype(np.float32)
     xs = xz[:T, :E] + xz[T:, :E]
     dxz, dw, db = D(xz), D(w), D(bias)
+    from blackmamba import ref
     out = {}
-    for form in ("sum", "plain"):
+    for form in ("sum", "plain", "sum+bf", "sum+hi"):
         ds = D(st) if state else None
         y = D(np.full((T, E), np.float32(np.nan)))
-        if form == "sum":
+        if form.startswith("sum"):
             z = D(np.full((T, E), np.float32(np.nan)))
+            # y also as bf16 hi (+ lo) parts: x_proj's split input (the engine's conv_fused_bf)
+            hi = D(np.full((T, E), 0x7FC1, np.uint16)) if "+" in form else None
+            lo = D(np.full((T, E), 0x7FC1, np.uint16)) if form == "sum+bf" else None
             rc = LIB.bm_cuda_conv_forward_sum(dxz.ptr, dxz.ptr + 4 * E, 2 * E, T * 2 * E, z.ptr,
                                               dw.ptr, db.ptr, ds.ptr if state else None,
-                                              ds.ptr if state else None, y.ptr, silu, b, L, E,
+                                              ds.ptr if state else None, y.ptr,
+                                              hi.ptr if hi is not None else None,
+                                              lo.ptr if lo is not None else None, silu, b, L, E,
                                               K, LEGACY_STREAM)
         else:
             dx = D(xs)
@@ -686,11 +695,19 @@ def test_conv_forward_sum(b, L, E, K, silu, state):
                                           LEGACY_STREAM)
         assert rc == 0, LIB.bm_cuda_last_error().decode()
         out[form] = (y.numpy(), ds.numpy() if state else None)
-        if form == "sum":
+        if form.startswith("sum"):
             np.testing.assert_array_equal(z.numpy(), xz[:T, E:] + xz[T:, E:])
-    np.testing.assert_array_equal(out["sum"][0], out["plain"][0])
-    if state:
-        np.testing.assert_array_equal(out["sum"][1], out["plain"][1])
+        if "+" in form:   # the bits of bm_f32_to_bf16_split: hi = bf16(y), lo = bf16(y - hi)
+            yv = out[form][0]
+            want_hi = ref.f32_to_bf16(yv)
+            np.testing.assert_array_equal(hi.numpy(), want_hi)
+            if lo is not None:
+                rest = (yv - ref.bf16_to_f32(want_hi)).astype(np.float32)
+                np.testing.assert_array_equal(lo.numpy(), ref.f32_to_bf16(rest))
+    for form in ("plain", "sum+bf", "sum+hi"):
+        np.testing.assert_array_equal(out["sum"][0], out[form][0])
+        if state:
+            np.testing.assert_array_equal(out["sum"][1], out[form][1])
     # against float64 on the float32 sums (the plain conv's own reference, to its tolerance)
     xp = np.concatenate([st if state else np.zeros((b, K - 1, E), np.float32),
                          xs.reshape(b, L, E)], axis=1).astype(np.float64)
@@ -700,9 +717,11 @@ def test_conv_forward_sum(b, L, E, K, silu, state):
     np.testing.assert_array_equal(dxz.numpy(), xz)                  # inputs untouched
     # the lo part overlapping the hi rows, ld below E: refused with a message
     z = D(np.zeros((T, E), np.float32))
-    for ld, part in ((2 * E, 2 * E * (T - 1)), (E - 1, T * 2 * E)):
+    for ld, part, lo in ((2 * E, 2 * E * (T - 1), None), (E - 1, T * 2 * E, None),
+                         (2 * E, T * 2 * E, z)):   # (the last: ylo without ybf)
         rc = LIB.bm_cuda_conv_forward_sum(dxz.ptr, dxz.ptr + 4 * E, ld, part, z.ptr, dw.ptr,
-                                          db.ptr, None, None, y.ptr, silu, b, L, E, K,
+                                          db.ptr, None, None, y.ptr, None,
+                                          lo.ptr if lo is not None else None, silu, b, L, E, K,
                                           LEGACY_STREAM)
         assert rc != 0 and "part past the first" in LIB.bm_cuda_last_error().decode()
 
@@ -874,33 +893,42 @@ def test_norm_route_warp(env, dtype, math):
 
 @pytest.mark.parametrize("math", ["bf16", "bf16x2"])
 def test_prefill_stack_in(env, math):
-    # Session 22: a split prefill (bf16 math, at most 128 tokens; bf16x2 splits every length,
-    # these forms up to 128) runs in_proj as one GEMM of the hi and lo rows (the norm writes them
-    # one after the other), and the conv adds each row's two products and writes the summed z
-    # (BLACKMAMBA_PREFILL_STACK_IN; "0": in_proj()'s two strided batches, the second
-    # accumulating); and x_proj's K-split as one batch of both (to_bf16 writes them so), the
-    # reduction adding each slice's two (BLACKMAMBA_PREFILL_STACK_XPROJ). The same fp32 sums,
-    # the products in cuBLAS's order: close to 1e-5 (bit-equal on the H200); both against the
-    # CPU model. Every Mamba layer takes them, with or without a MoE layer after. (Hidden 128:
-    # E = 256, so that x_proj's K splits at all: slices of at least 128.)
+    # Session 22, the short split prefill's Mamba layer (bf16 math, at most 128 tokens; bf16x2
+    # splits every length):
+    # - in_proj as one GEMM of the hi and lo rows (the norm writes them one after the other),
+    #   the conv adding each row's two products and writing the summed z
+    #   (BLACKMAMBA_PREFILL_STACK_IN; "0": in_proj()'s two strided batches, the second
+    #   accumulating; up to 128 rows, what its scratch holds);
+    # - x_proj's K-split as one batch of both (BLACKMAMBA_PREFILL_STACK_XPROJ), the reduction
+    #   adding each slice's two;
+    # - the bf16 rows of x_proj's input written by that conv and dt_proj's by x_proj's
+    #   reduction instead of to_bf16 launches (BLACKMAMBA_PREFILL_FUSE_BF): the same bits.
+    # The same fp32 sums, the products in cuBLAS's order: close to 1e-5 (bit-equal on the
+    # H200); against the CPU model. Every Mamba layer takes them, with or without a MoE layer
+    # after. (Hidden 128: E = 256, so that x_proj's K splits at all: slices of at least 128.)
     g, c = make(81, math=math, layers=("r", "r", "8", "r", "3"), hidden=128)
-    fi, fx = LIB.bm_cuda_prefill_stack_in_calls, LIB.bm_cuda_prefill_stack_xproj_calls
+    fns = [LIB.bm_cuda_prefill_stack_in_calls, LIB.bm_cuda_prefill_stack_xproj_calls,
+           lambda: LIB.bm_cuda_prefill_fuse_bf_calls(0), lambda: LIB.bm_cuda_prefill_fuse_bf_calls(1)]
+    off = dict(BLACKMAMBA_PREFILL_STACK_IN="0", BLACKMAMBA_PREFILL_STACK_XPROJ="0",
+               BLACKMAMBA_PREFILL_FUSE_BF="0")
     for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3), (3, 7)):
         T = B * L
         ids = np.random.default_rng(B * 100 + L + 7).integers(0, g.vocab_size, (B, L))
         got = {}
-        for kv in (dict(BLACKMAMBA_PREFILL_STACK_IN="0", BLACKMAMBA_PREFILL_STACK_XPROJ="0"),
-                   dict(BLACKMAMBA_PREFILL_STACK_XPROJ="0"), {}):
+        # in_proj up to 128 rows; the others wherever the rows split (bf16x2: every length)
+        short, split = 8 < T <= 128, 8 < T and (T <= 128 or math == "bf16x2")
+        for name, kv in (("off", off), ("in", dict(off, BLACKMAMBA_PREFILL_STACK_IN="1")),
+                         ("in+x", dict(BLACKMAMBA_PREFILL_FUSE_BF="0")),
+                         ("nofuse_in", dict(BLACKMAMBA_PREFILL_STACK_IN="0")), ("all", {})):
             env(**kv)
-            n0, x0 = fi(), fx()
-            got[len(kv)] = g(ids)
-            # three Mamba layers; past 8 rows (GEMVs up to 8), in_proj up to 128 (the rows
-            # its scratch holds), x_proj wherever the rows split (bf16x2: every length)
-            on = 8 < T <= 128
-            on_x = 8 < T and (T <= 128 or math == "bf16x2")
-            assert fi() - n0 == (3 if on and len(kv) < 2 else 0), (B, L, kv)
-            assert fx() - x0 == (3 if on_x and not kv else 0), (B, L, kv)
-        for k in (1, 0):
-            assert rel_err(got[k], got[2]) < 1e-5, (B, L, k)
+            k0 = [f() for f in fns]
+            got[name] = g(ids)
+            on = [kv.get(k, "1") == "1" for k in off]
+            want = [short and on[0], split and on[1], short and on[0] and on[2], split and on[2]]
+            # three Mamba layers
+            assert [f() - k for f, k in zip(fns, k0)] == [3 * w for w in want], (B, L, name)
+        for name in got:
+            assert rel_err(got[name], got["off"]) < 1e-5, (B, L, name)
+        np.testing.assert_array_equal(got["all"], got["in+x"])   # the conversions: same bits
         if T <= 128 or math == "bf16x2":
-            assert rel_err(got[0], c(ids)) < TOL_SPLIT, (B, L)
+            assert rel_err(got["all"], c(ids)) < TOL_SPLIT, (B, L)

@@ -13,7 +13,9 @@
 //     decode batches of dec_gemm_min() (2) to GEMV_ROWS rows under BF16 / BF16X2 math, which
 //     take the batched paths below with split activations (Ws::gv, Ws::dsplit, decode_body:
 //     the 8-row GEMVs read the weights at 0.4-1 TB/s, so batch 8 cost more than batch 64),
-//     each split product as one GEMM of 2B rows where it can (stack_on);
+//     each split product as one GEMM of 2B rows where it can (stack_on), and since session 22
+//     prefills of prefill_gv()'s 2 to GEMV_ROWS tokens likewise (the short prompts' stacked
+//     forms: stack_in_fill_ok, xproj_stack_ok, prefill_pair_ok);
 //   - more rows, bf16 weights, BM_CUDA_MATH_BF16: activations rounded to bf16, cuBLAS bf16
 //     GEMM with fp32 accumulate (tensor cores; ~3e-3 relative per product); except prefill
 //     products (and MoE layers) of at most cfg.bf16_split_rows rows (default 128), which run
@@ -2991,6 +2993,19 @@ int ws_create(bm_cuda_model *m, int64_t T, bool decode, Ws **out) {
     return 0;
 }
 
+// Prefills of 2..GEMV_ROWS tokens under BF16 math (session 22), as the decode batches of those
+// sizes since session 18 (dec_gemm_min): the batched products, split into bf16 hi + lo (the
+// short prompts' stacked in_proj / x_proj / out_proj and fused conversions), instead of the
+// GEMVs, which read the weights at well under the copy rate (an 8-token prompt took longer than
+// a 16-token one: 3.3 against 2.6 ms on the H200). BLACKMAMBA_PREFILL_GEMM_MIN=<tokens>
+// (2..9; 9: the GEMVs up to 8 as before) moves the line (A/B, tests). Read per call.
+constexpr int64_t PREFILL_GEMM_MIN_DEFAULT = 2;
+int64_t prefill_gv(const bm_cuda_model *m, int64_t T) {
+    const int64_t lo = bm_env_long("BLACKMAMBA_PREFILL_GEMM_MIN", 2, GEMV_ROWS + 1,
+                                   PREFILL_GEMM_MIN_DEFAULT);
+    return bf16_math(m) && T >= lo ? 1 : GEMV_ROWS;
+}
+
 int prefill_ws(bm_cuda_model *m, int64_t T, Ws **out) {
     if (!m->pre || m->pre->T < T) {
         if (m->pre) {
@@ -3518,6 +3533,7 @@ extern "C" int bm_cuda_model_prefill(bm_cuda_model *m, bm_cuda_state *s, const i
     if (T > INT32_MAX) return BM_CUDA_ARG_FAIL("prefill: too many tokens");
     Ws *ws = nullptr;
     TRY(prefill_ws(m, T, &ws));
+    ws->gv = prefill_gv(m, T);
     if (needs_wf(m, T)) TRY(ensure_wf(m));  // every product of this call has <= T rows
     cudaStream_t st = m->stream;
     BM_CUDA_TRY(cudaMemcpyAsync(ws->tok, ids, (size_t)T * 4,

@@ -36,7 +36,7 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
             "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ",
-            "BLACKMAMBA_PREFILL_FUSE_BF")
+            "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -808,8 +808,9 @@ def test_prefill_stack_out(env, math):
             env(BLACKMAMBA_PREFILL_STACK_OUT=v)
             n0 = fn()
             got[v] = g(ids)
-            # two Mamba layers before a MoE layer; past 8 rows (GEMVs up to 8), up to 128
-            want_n = 2 if v == "1" and 8 < B * L <= 128 else 0
+            # two Mamba layers before a MoE layer; from 2 rows (session 22: the GEMVs only for
+            # a 1-token prefill, BLACKMAMBA_PREFILL_GEMM_MIN), up to 128
+            want_n = 2 if v == "1" and 1 < B * L <= 128 else 0
             assert fn() - n0 == want_n, (B, L, v)
         assert rel_err(got["1"], got["0"]) < 1e-5, (B, L)
         if B * L <= 128 or math == "bf16x2":
@@ -911,12 +912,13 @@ def test_prefill_stack_in(env, math):
            lambda: LIB.bm_cuda_prefill_fuse_bf_calls(0), lambda: LIB.bm_cuda_prefill_fuse_bf_calls(1)]
     off = dict(BLACKMAMBA_PREFILL_STACK_IN="0", BLACKMAMBA_PREFILL_STACK_XPROJ="0",
                BLACKMAMBA_PREFILL_FUSE_BF="0")
-    for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3), (3, 7)):
+    for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3), (3, 7), (1, 1)):
         T = B * L
         ids = np.random.default_rng(B * 100 + L + 7).integers(0, g.vocab_size, (B, L))
         got = {}
-        # in_proj up to 128 rows; the others wherever the rows split (bf16x2: every length)
-        short, split = 8 < T <= 128, 8 < T and (T <= 128 or math == "bf16x2")
+        # from 2 rows (the GEMVs only for a 1-token prefill: test_prefill_gemm_min); in_proj up
+        # to 128 rows; the others wherever the rows split (bf16x2: every length)
+        short, split = 1 < T <= 128, 1 < T and (T <= 128 or math == "bf16x2")
         for name, kv in (("off", off), ("in", dict(off, BLACKMAMBA_PREFILL_STACK_IN="1")),
                          ("in+x", dict(BLACKMAMBA_PREFILL_FUSE_BF="0")),
                          ("nofuse_in", dict(BLACKMAMBA_PREFILL_STACK_IN="0")), ("all", {})):
@@ -932,3 +934,29 @@ def test_prefill_stack_in(env, math):
         np.testing.assert_array_equal(got["all"], got["in+x"])   # the conversions: same bits
         if T <= 128 or math == "bf16x2":
             assert rel_err(got["all"], c(ids)) < TOL_SPLIT, (B, L)
+
+
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_prefill_gemm_min(env, math):
+    # Session 22: prefills of 2..8 tokens take the batched products (split into bf16 hi + lo,
+    # the short prompts' stacked forms) instead of the fp32 GEMVs, as decode batches of those
+    # sizes have since session 18 (BLACKMAMBA_PREFILL_GEMM_MIN, default 2; 9: the GEMVs up to
+    # 8 tokens as before; a malformed or out-of-range value is the default). Both fp32-class:
+    # close to each other and to the CPU model; a 1-token prefill stays on the GEMVs.
+    g, c = make(82, math=math, layers=("r", "8", "r", "3"))
+    fn = LIB.bm_cuda_prefill_stack_in_calls
+    for B, L in ((1, 2), (1, 5), (2, 4), (1, 8), (1, 1)):
+        T = B * L
+        ids = np.random.default_rng(T * 31 + B).integers(0, g.vocab_size, (B, L))
+        want = c(ids)
+        got = {}
+        for v in ("9", None, "junk", "1", "10"):
+            env(**({} if v is None else dict(BLACKMAMBA_PREFILL_GEMM_MIN=v)))
+            n0 = fn()
+            got[v] = g(ids)
+            batched = T >= 2 and v != "9"
+            assert fn() - n0 == (2 if batched else 0), (B, L, v)   # two Mamba layers
+            assert rel_err(got[v], want) < TOL_SPLIT, (B, L, v)
+        for v in ("junk", "1", "10"):
+            np.testing.assert_array_equal(got[v], got[None])
+        assert rel_err(got[None], got["9"]) < 1e-4, (B, L)

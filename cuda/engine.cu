@@ -1824,29 +1824,23 @@ bool xproj_stack_ok(const bm_cuda_model *m, const Ws *ws, int64_t M, int ks) {
 }
 
 // A short split prefill's bf16 conversions in the kernels before (session 22): the conv of a
-// stacked in_proj writes x_proj's bf16 hi and lo rows of xc (conv_fused_bf), and x_proj's
-// K-split reduction writes dt_proj's of dbc (dt_fused_bf), instead of a to_bf16 launch each
+// stacked in_proj writes x_proj's bf16 hi and lo rows of xc, and x_proj's K-split reduction
+// writes dt_proj's of dbc (both where fuse_bf_ok), instead of a to_bf16 launch each
 // (1.5 us and a launch gap a Mamba layer at 32 tokens). The same bits (bm_f32_to_bf16_split).
 // Unset / "1": on; "0": the to_bf16 launches (A/B, tests). Read per call.
 bool prefill_fuse_bf_on() { return bm_env_switch("BLACKMAMBA_PREFILL_FUSE_BF", true); }
 std::atomic<long long> g_fuse_bf[2];  // conversions done by the conv, by the reduction (tests)
 // Does x_proj of M rows run its bf16 K-split on split rows, and dt_proj then linear()'s bf16
-// GEMMs (what dt_proj() takes when tf32_small does not)?
-bool xdt_split_bf(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
+// GEMMs (what dt_proj() takes when tf32_small does not), with the conversions fused?
+bool fuse_bf_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
     const bm_cuda_config &c = m->cfg;
     return !ws->decode && split_x(m, ws, M) && !tf32_small(m, ws, ly, M) &&
            xproj_ks(m, ws, M, c.R + 2 * c.N, c.E) > 1 && M > ws->gv && ws->xlo &&
            M <= ws->Ts && prefill_fuse_bf_on();
 }
-bool dt_fused_bf(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
-    return xdt_split_bf(m, ws, ly, M);
-}
-bool conv_fused_bf(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t M) {
-    return xdt_split_bf(m, ws, ly, M);
-}
 
 // dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
-// xbf_ready (conv_fused_bf): the conv wrote bf16(xc) where the K-split reads it.
+// xbf_ready (fuse_bf_ok): the conv wrote bf16(xc) where the K-split reads it.
 int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm,
            bool xbf_ready = false) {
     const bm_cuda_config &c = m->cfg;
@@ -1877,8 +1871,8 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
         if (!xbf_ready)
             TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E,
                         split ? (stk ? ws->xbf + M * E : ws->xlo) : nullptr));
-        // fuse: the reduction also writes dt_proj's bf16 input (its rows of R; dt_fused_bf)
-        const bool fuse = dt_fused_bf(m, ws, ly, M);
+        // fuse: the reduction also writes dt_proj's bf16 input (its rows of R; fuse_bf_ok)
+        const bool fuse = fuse_bf_ok(m, ws, ly, M);
         const int64_t Kc = E / ks, rows = stk ? 2 * M : M;
         const float one = 1.f, zero = 0.f;
         for (int h = 0; h < (split && !stk ? 2 : 1); h++)  // hi, then (split) lo accumulating
@@ -1939,13 +1933,13 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
-    const bool cfuse = stk && conv_fused_bf(m, ws, ly, T);
+    const bool cfuse = stk && fuse_bf_ok(m, ws, ly, T);
     if (stk) {  // stack_in_fill_ok: the norm wrote the lo rows at xbf + T d
         if (!xbf_ready) return BM_CUDA_ARG_FAIL("engine: stacked in_proj without the norm's rows");
         TRY(in_proj_xzt(m, ws, ly, 2 * T));                                  // (2T, 2E)
         g_stack_in_fill.fetch_add(1, std::memory_order_relaxed);
         TRY(mark(m, P_IN));
-        // x_proj's split input too (conv_fused_bf), its lo rows where x_proj reads them
+        // x_proj's split input too (fuse_bf_ok), its lo rows where x_proj reads them
         const int ks = xproj_ks(m, ws, T, c.R + 2 * N, E);
         uint16_t *cbf = cfuse ? ws->xbf : nullptr;
         uint16_t *clo = cfuse ? (xproj_stack_ok(m, ws, T, ks) ? ws->xbf + T * E : ws->xlo)
@@ -1963,7 +1957,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     TRY(mark(m, P_CONV));
     TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm, cfuse));                       // (T, R + 2N)
     TRY(mark(m, P_XPROJ));
-    const bool dfuse = dt_fused_bf(m, ws, ly, T);  // x_proj's reduction wrote dt's bf16 rows
+    const bool dfuse = fuse_bf_ok(m, ws, ly, T);  // x_proj's reduction wrote dt's bf16 rows
     if (dfuse) g_fuse_bf[1].fetch_add(1, std::memory_order_relaxed);
     TRY(dt_proj(m, ws, ly, T, dfuse));                                      // bias in scan
     TRY(mark(m, P_DT));

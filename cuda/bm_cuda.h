@@ -509,6 +509,9 @@ long long bm_cuda_prefill_stack_xproj_calls(void);
 /* Prefill bf16 conversions done by the conv (which = 0: x_proj's input) and by x_proj's
  * K-split reduction (1: dt_proj's input) instead of a launch (BLACKMAMBA_PREFILL_FUSE_BF). */
 long long bm_cuda_prefill_fuse_bf_calls(int which);
+/* Prefill Mamba layers whose x_proj and dt_proj ran on xdt.cu's fp32 kernels (2..128 tokens
+ * under bf16 math; engine.cu xdt_fill_ok, BLACKMAMBA_PREFILL_XDT). */
+long long bm_cuda_prefill_xdt_calls(void);
 long long bm_cuda_norm_route_ids_calls(void);  /* ... whose GEMMs read the ids (BM_MOE_GROUPED_IDS) */
 long long bm_cuda_norm_fc2_calls(void);  /* Mamba layers whose norm ran in the MoE fc2 before (BLACKMAMBA_DECODE_NORM_FC2) */
 /* Launches of cuda/xdt.cu's batched-decode x_proj (kind 0) and dt_proj (kind 1) kernels;

@@ -1839,6 +1839,23 @@ bool fuse_bf_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_
            M <= ws->Ts && prefill_fuse_bf_on();
 }
 
+// A prefill of 2..XDT_FILL_MAX tokens under BF16 math runs x_proj and dt_proj through xdt.cu's
+// fp32 kernels on the float32 weight copies (x_wf, dt_wf), as the batched decode has since
+// session 6, then split_bc_kernel: three launches instead of the split path's bf16 K-split
+// GEMM, its reduction and dt_proj's two GEMMs, and fp32 products instead of split bf16 ones.
+// H200, 2.8B shape, batch 1, same process (cuda/NOTES.md session 22): 2 / 4 / 9 / 32 / 64 /
+// 128 tokens -19 / -6.6 / -6.0 / -4.5 / -4.1 / -0.2%; logits within 5e-5. Longer split
+// prefills (bf16x2) keep the split path (xproj_stack_ok, fuse_bf_ok). Unset / "1": on; "0":
+// the split path (A/B, tests). Read per call.
+constexpr int64_t XDT_FILL_MAX = 128;
+std::atomic<long long> g_xdt_fill{0};  // prefill Mamba layers that took it (tests)
+bool xdt_fill_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64_t T) {
+    const bm_cuda_config &c = m->cfg;
+    return !ws->decode && T >= 2 && T <= XDT_FILL_MAX && bf16_math(m) && ly.x_wf && ly.dt_wf &&
+           bm_env_switch("BLACKMAMBA_PREFILL_XDT", true) &&
+           bm_xdt_ok(T, c.E, c.R, c.N, ws->xc, ly.x_wf, ws->dbc, ly.dt_wf, ws->delta);
+}
+
 // dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
 // xbf_ready (fuse_bf_ok): the conv wrote bf16(xc) where the K-split reads it.
 int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm,
@@ -1933,7 +1950,8 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
-    const bool cfuse = stk && fuse_bf_ok(m, ws, ly, T);
+    const bool xdt = xdt_fill_ok(m, ws, ly, T);
+    const bool cfuse = stk && !xdt && fuse_bf_ok(m, ws, ly, T);
     if (stk) {  // stack_in_fill_ok: the norm wrote the lo rows at xbf + T d
         if (!xbf_ready) return BM_CUDA_ARG_FAIL("engine: stacked in_proj without the norm's rows");
         TRY(in_proj_xzt(m, ws, ly, 2 * T));                                  // (2T, 2E)
@@ -1955,11 +1973,21 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
                                  st));
     }
     TRY(mark(m, P_CONV));
-    TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm, cfuse));                       // (T, R + 2N)
-    TRY(mark(m, P_XPROJ));
-    const bool dfuse = fuse_bf_ok(m, ws, ly, T);  // x_proj's reduction wrote dt's bf16 rows
-    if (dfuse) g_fuse_bf[1].fetch_add(1, std::memory_order_relaxed);
-    TRY(dt_proj(m, ws, ly, T, dfuse));                                      // bias in scan
+    if (xdt) {  // xdt_fill_ok: xdt.cu's fp32 kernels, B and C split out of dbc
+        TRY(bm_xdt_xproj(ws->xc, ly.x_wf, ws->dbc, T, c.R + 2 * N, E, st));
+        split_bc_kernel<<<grid_for(T * N), 256, 0, st>>>(ws->dbc, ws->Bm, ws->Cm, T, (int)c.R,
+                                                         (int)N);
+        BM_CUDA_LAUNCHED();
+        TRY(mark(m, P_XPROJ));
+        TRY(bm_xdt_dtproj(ws->dbc, c.R + 2 * N, ly.dt_wf, ws->delta, T, E, c.R, st));
+        g_xdt_fill.fetch_add(1, std::memory_order_relaxed);
+    } else {
+        TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm, cfuse));                   // (T, R + 2N)
+        TRY(mark(m, P_XPROJ));
+        const bool dfuse = fuse_bf_ok(m, ws, ly, T);  // x_proj's reduction wrote dt's bf16 rows
+        if (dfuse) g_fuse_bf[1].fetch_add(1, std::memory_order_relaxed);
+        TRY(dt_proj(m, ws, ly, T, dfuse));                                  // bias in scan
+    }
     TRY(mark(m, P_DT));
     // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
     // Where out_proj is a bf16 GEMM (linear()'s rule), the scan writes its input directly:
@@ -3407,6 +3435,10 @@ extern "C" long long bm_cuda_norm_route_warp_calls(void) {
 
 extern "C" long long bm_cuda_norm_route_pre_calls(void) {
     return g_nr_pre.load(std::memory_order_relaxed);
+}
+// Prefill Mamba layers whose x_proj and dt_proj ran on xdt.cu's kernels (xdt_fill_ok).
+extern "C" long long bm_cuda_prefill_xdt_calls(void) {
+    return g_xdt_fill.load(std::memory_order_relaxed);
 }
 // Prefill bf16 conversions done by the conv (0) and by x_proj's reduction (1) (prefill_fuse_bf).
 extern "C" long long bm_cuda_prefill_fuse_bf_calls(int which) {

@@ -36,7 +36,7 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
             "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ",
-            "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN")
+            "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN", "BLACKMAMBA_PREFILL_XDT")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -93,7 +93,7 @@ def _lib_c():
               "bm_cuda_norm_route_warp_calls", "bm_cuda_prefill_out_pair_calls",
               "bm_cuda_norm_route_pre_prefill_calls",
               "bm_cuda_norm_route_dispatch_prefill_calls", "bm_cuda_prefill_stack_in_calls",
-              "bm_cuda_prefill_stack_xproj_calls"):
+              "bm_cuda_prefill_stack_xproj_calls", "bm_cuda_prefill_xdt_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     return lib
 
@@ -907,6 +907,8 @@ def test_prefill_stack_in(env, math):
     # The same fp32 sums, the products in cuBLAS's order: close to 1e-5 (bit-equal on the
     # H200); against the CPU model. Every Mamba layer takes them, with or without a MoE layer
     # after. (Hidden 128: E = 256, so that x_proj's K splits at all: slices of at least 128.)
+    # With xdt.cu's x_proj / dt_proj off (BLACKMAMBA_PREFILL_XDT=0): up to 128 tokens they take
+    # the short prefill's x_proj and dt_proj by default (test_prefill_xdt).
     g, c = make(81, math=math, layers=("r", "r", "8", "r", "3"), hidden=128)
     fns = [LIB.bm_cuda_prefill_stack_in_calls, LIB.bm_cuda_prefill_stack_xproj_calls,
            lambda: LIB.bm_cuda_prefill_fuse_bf_calls(0), lambda: LIB.bm_cuda_prefill_fuse_bf_calls(1)]
@@ -922,7 +924,7 @@ def test_prefill_stack_in(env, math):
         for name, kv in (("off", off), ("in", dict(off, BLACKMAMBA_PREFILL_STACK_IN="1")),
                          ("in+x", dict(BLACKMAMBA_PREFILL_FUSE_BF="0")),
                          ("nofuse_in", dict(BLACKMAMBA_PREFILL_STACK_IN="0")), ("all", {})):
-            env(**kv)
+            env(BLACKMAMBA_PREFILL_XDT="0", **kv)
             k0 = [f() for f in fns]
             got[name] = g(ids)
             on = [kv.get(k, "1") == "1" for k in off]
@@ -960,3 +962,25 @@ def test_prefill_gemm_min(env, math):
         for v in ("junk", "1", "10"):
             np.testing.assert_array_equal(got[v], got[None])
         assert rel_err(got[None], got["9"]) < 1e-4, (B, L)
+
+
+@pytest.mark.parametrize("math", ["bf16", "bf16x2"])
+def test_prefill_xdt(env, math):
+    # Session 22: a prefill of 2..128 tokens under bf16 math runs x_proj and dt_proj through
+    # xdt.cu's fp32 kernels on the float32 weight copies (BLACKMAMBA_PREFILL_XDT; "0": the
+    # split path, test_prefill_stack_in). fp32 products against split bf16 ones: close, and
+    # both against the CPU model; a 1-token prefill and longer ones keep their paths.
+    g, c = make(83, math=math, layers=("r", "r", "8", "r", "3"), hidden=128)
+    fn = LIB.bm_cuda_prefill_xdt_calls
+    for B, L in ((1, 2), (1, 9), (2, 40), (1, 128), (1, 129), (1, 1)):
+        T = B * L
+        ids = np.random.default_rng(T * 7 + B).integers(0, g.vocab_size, (B, L))
+        got = {}
+        for v in ("0", None):
+            env(**({} if v is None else dict(BLACKMAMBA_PREFILL_XDT=v)))
+            n0 = fn()
+            got[v] = g(ids)
+            assert fn() - n0 == (3 if v is None and 2 <= T <= 128 else 0), (B, L, v)
+        assert rel_err(got[None], got["0"]) < 1e-4, (B, L)
+        if T <= 128 or math == "bf16x2":
+            assert rel_err(got[None], c(ids)) < TOL_SPLIT, (B, L)

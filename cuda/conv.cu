@@ -316,7 +316,9 @@ int conv_forward(const char *what, const float *x, const float *w, const float *
         else BM_CUDA_TRY(cudaMemsetAsync(conv_out, 0, bytes, stream));
         return 0;
     }
-#define BM_CONV_FWD(KK) conv_fwd_launch<KK>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream, ld, part, zin, z, ybf, ylo)
+#define BM_CONV_FWD(KK)                                                                     \
+    conv_fwd_launch<KK>(x, w, bias, conv_in, conv_out, y, silu, b, L, E, stream, ld, part, zin, \
+                        z, ybf, ylo)
     switch (K) {
         case 2: return BM_CONV_FWD(2);
         case 3: return BM_CONV_FWD(3);

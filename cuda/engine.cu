@@ -1924,10 +1924,11 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T);
 int in_proj_xzt(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t rows);
 
-// in_proj_xzt (below), the prefill's form (session 22): a split prefill of at most hk_rows tokens (9-128 under BF16
-// math) ran in_proj as two strided batches (x and z halves) on the same 17 MB of weights, hi,
-// then lo accumulating, each as cuBLAS's split-K kernels and reductions (8.0 + 6.6 us a layer at
-// 32 tokens on the H200, session 21). Now the norm writes the lo rows after the hi rows, one
+// in_proj_xzt (below), the prefill's form (session 22): a split prefill of at most hk_rows
+// tokens (2-128 under BF16 math) ran in_proj as two strided batches (x and z halves) on the
+// same 17 MB of weights, hi, then lo accumulating, each as cuBLAS's split-K kernels and
+// reductions (8.0 + 6.6 us a layer at 32 tokens on the H200, session 21). Now the norm writes
+// the lo rows after the hi rows, one
 // GEMM of 2T rows fills xzt (2T, 2E), and the conv adds each row's two products
 // (bm_cuda_conv_forward_sum) and writes the summed z for the scan. Unset / "1": on; "0": the
 // two batches (A/B, tests). Read per call.
@@ -3440,7 +3441,7 @@ extern "C" long long bm_cuda_norm_route_pre_calls(void) {
 extern "C" long long bm_cuda_prefill_xdt_calls(void) {
     return g_xdt_fill.load(std::memory_order_relaxed);
 }
-// Prefill bf16 conversions done by the conv (0) and by x_proj's reduction (1) (prefill_fuse_bf).
+// Prefill bf16 conversions done by the conv (0) and by x_proj's reduction (1) (fuse_bf_ok).
 extern "C" long long bm_cuda_prefill_fuse_bf_calls(int which) {
     return which == 0 || which == 1 ? g_fuse_bf[which].load(std::memory_order_relaxed) : -1;
 }

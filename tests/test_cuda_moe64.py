@@ -911,7 +911,8 @@ def test_prefill_stack_in(env, math):
     # the short prefill's x_proj and dt_proj by default (test_prefill_xdt).
     g, c = make(81, math=math, layers=("r", "r", "8", "r", "3"), hidden=128)
     fns = [LIB.bm_cuda_prefill_stack_in_calls, LIB.bm_cuda_prefill_stack_xproj_calls,
-           lambda: LIB.bm_cuda_prefill_fuse_bf_calls(0), lambda: LIB.bm_cuda_prefill_fuse_bf_calls(1)]
+           lambda: LIB.bm_cuda_prefill_fuse_bf_calls(0),
+           lambda: LIB.bm_cuda_prefill_fuse_bf_calls(1)]
     off = dict(BLACKMAMBA_PREFILL_STACK_IN="0", BLACKMAMBA_PREFILL_STACK_XPROJ="0",
                BLACKMAMBA_PREFILL_FUSE_BF="0")
     for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3), (3, 7), (1, 1)):

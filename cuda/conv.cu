@@ -86,11 +86,7 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
         for (int k = 0; k < K; k++) acc = fmaf(wk[k], win[k], acc);
         if (silu) acc = bm_silu(acc);
         yb[(int64_t)(t0 + i) * E] = acc;
-        if (SUM && ybf) {
-            const int64_t o = ((int64_t)bi * L + t0 + i) * E + e;
-            if (ylo) bm_f32_to_bf16_split(acc, ybf[o], ylo[o]);
-            else ybf[o] = bm_f32_to_bf16_bits(acc);
-        }
+        if (SUM && ybf) bm_store_bf16(acc, ybf, ylo, ((int64_t)bi * L + t0 + i) * E + e);
 #pragma unroll
         for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
     }

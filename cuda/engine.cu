@@ -362,9 +362,8 @@ __global__ void xproj_reduce_kernel(const float *__restrict__ part,  // (ks, M, 
     dbc[i] = acc;
     if (Bm || dbf) {
         const int m = i / P, j = i - m * P - R;
-        if (j < 0) {  // dt_proj's input, as to_bf16 would write it (dbf: prefill_fuse_bf)
-            if (dbf && dlo) bm_f32_to_bf16_split(acc, dbf[m * R + j + R], dlo[m * R + j + R]);
-            else if (dbf) dbf[m * R + j + R] = bm_f32_to_bf16_bits(acc);
+        if (j < 0) {  // dt_proj's input, as to_bf16 would write it (dbf: fuse_bf_ok)
+            if (dbf) bm_store_bf16(acc, dbf, dlo, m * R + j + R);
         } else if (Bm) {
             if (j < N) Bm[m * N + j] = acc;
             else Cm[m * N + j - N] = acc;

@@ -328,6 +328,7 @@ long long bm_cuda_moe_grouped_norm_calls(void);
 void bm_cuda_moe_grouped_dispatch_bufs(void *workspace, int64_t T, int64_t d, int64_t X,
                                        int64_t F, int split, int32_t **perm, int32_t **offsets);
 long long bm_cuda_moe_grouped_pdl_launches(void);
+long long bm_cuda_moe_grouped_plain_tile_calls(void);  // GEMMs on the plain-launch tile defaults
 /* ... of them fc1 in the one-row-per-expert form (BM_MOE_GROUPED_PDL_EXPERT). */
 long long bm_cuda_moe_grouped_expert_launches(void);
 /* Calls that took BM_MOE_GROUPED_IDS, and whether a call of these sizes would. */

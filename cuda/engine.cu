@@ -1922,6 +1922,7 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 
 int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T);
 int in_proj_xzt(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t rows);
+int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes, const void *p0, int64_t bytes0);
 
 // in_proj_xzt (below), the prefill's form (session 22): a split prefill of at most hk_rows
 // tokens (2-128 under BF16 math) ran in_proj as two strided batches (x and z halves) on the
@@ -1943,9 +1944,12 @@ bool stack_in_fill_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, 
 // pair (prefill_pair_ok): out is (2, T, d) instead, out_proj's hi rows' and lo rows' products,
 // which the next layer's routing kernel sums (x + x2) before the residual.
 // stk (stack_in_fill_ok): in_proj as one GEMM of the hi and lo rows, summed by the conv.
+// stage, stage_bytes: the next MoE layer's first fc1 bytes into L2 from the side branch,
+// forked after the conv (prefill_l2side_ok).
 int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, float *ssm,
                   const float *xn, float *out, int64_t B, int64_t L, bool xbf_ready,
-                  bool pair = false, bool stk = false) {
+                  bool pair = false, bool stk = false, const void *stage = nullptr,
+                  int64_t stage_bytes = 0) {
     const bm_cuda_config &c = m->cfg;
     const int64_t T = B * L, d = c.d, E = c.E, N = c.N;
     float *x = ws->xz, *z = ws->xz + T * E;
@@ -1973,6 +1977,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
                                  st));
     }
     TRY(mark(m, P_CONV));
+    TRY(l2side_fork(m, stage, stage_bytes, nullptr, 0));
     if (xdt) {  // xdt_fill_ok: xdt.cu's fp32 kernels, B and C split out of dbc
         TRY(bm_xdt_xproj(ws->xc, ly.x_wf, ws->dbc, T, c.R + 2 * N, E, st));
         split_bc_kernel<<<grid_for(T * N), 256, 0, st>>>(ws->dbc, ws->Bm, ws->Cm, T, (int)c.R,
@@ -2188,8 +2193,8 @@ __global__ void __launch_bounds__(32) l2_side_kernel(const char *p0, int64_t byt
 }
 // Fork the side branch off m->stream here and stage bytes0 at p0, then bytes at p (each
 // 16-byte aligned) into L2.
-int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes, const void *p0 = nullptr,
-                int64_t bytes0 = 0) {
+int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes, const void *p0,
+                int64_t bytes0) {
     bytes &= ~(int64_t)15;
     bytes0 &= ~(int64_t)15;
     if (!p || bytes < 0) bytes = 0;
@@ -2213,6 +2218,20 @@ int l2side_join(bm_cuda_model *m) {
     BM_CUDA_TRY(cudaStreamWaitEvent(m->stream, m->side_join, 0));
     m->side_open = false;
     return 0;
+}
+
+// The same staging in a prefill of up to BLACKMAMBA_PREFILL_L2SIDE tokens (session 23; from
+// l2side_bytes' L2SIDE_MIN_ROWS unless BLACKMAMBA_L2SIDE names a size): forked
+// after each Mamba layer's conv, as in the batched decode (mamba_prefill). A short prompt's
+// MoE layer streams every expert's weights through the grouped decode tiles while its Mamba
+// half leaves HBM mostly idle. H200, 2.8B shape, batch 1, same process, 5 rounds (cuda/NOTES.md
+// session 23): 8 / 16 / 32 / 64 / 128 / 256 / 512 tokens -1.2 / -0.3 / -0.5 / -1.6 / -1.2 /
+// -1.3 / -0.8%, 1024 even (+0.2%, the TMA core); logits bit-identical (a hint). Read per
+// call; "0": off.
+constexpr long PREFILL_L2SIDE_DEFAULT = 512;
+bool prefill_l2side_ok(int64_t T) {
+    return T >= 2 && T <= bm_env_long("BLACKMAMBA_PREFILL_L2SIDE", 0, LONG_MAX,
+                                      PREFILL_L2SIDE_DEFAULT);
 }
 
 // in_proj as one GEMM of 2E outputs on `rows` bf16 rows of ws->xbf into ws->xzt (rows, 2E):
@@ -2716,7 +2735,8 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
     bool hpair = false;  // the last Mamba layer left its output as two halves in ws->hk
     bool fc2_normed = false;  // the last MoE layer's fc2 did this Mamba layer's norm
     m->side_open = false;
-    const int64_t side_bytes = ws->decode && T > ws->gv ? l2side_bytes(T) : 0;
+    const int64_t side_bytes = ws->decode ? (T > ws->gv ? l2side_bytes(T) : 0)
+                                          : prefill_l2side_ok(T) ? l2side_bytes(T) : 0;
     for (int64_t li = 0; li < c.num_layers; li++) {
         const LayerDev &ly = m->layers[li];
         // r = h + r (r = h for the first layer); xn = RMSNorm(r) * w
@@ -2858,7 +2878,8 @@ int forward(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
                 const bool ppair = !ly.X && li + 1 < c.num_layers &&
                                    nr_ok(m->layers[li + 1], rc) && prefill_pair_ok(m, ws, ly, T);
                 TRY(mamba_prefill(m, ws, ly, s->conv[li], s->ssm[li], ws->xn,
-                                  ppair ? ws->hk : ws->h, B, L, xb, ppair, stk));
+                                  ppair ? ws->hk : ws->h, B, L, xb, ppair, stk,
+                                  stage ? nx->fc1 : nullptr, std::min(side_bytes, fc1_bytes)));
                 hpair = ppair;
             }
             if (ws->decode) hpair = pair;

@@ -1153,6 +1153,21 @@ int gemm_launch(const GroupedDecArgs &p_in, int64_t T, cudaStream_t stream) {
 // fc1 variants 6..9 were 5-9 us slower than 32x64 two-warp tiles.
 constexpr char DEFAULT_TILES[] = "2222";
 
+// The decode tiles launched plainly, in stream order (short prefills, ops calls: no PDL, no
+// graph, no norm epilogue), take their own defaults (session 23). The decode's above were
+// chosen in the captured decode step, where fc1 and fc2 meet PDL and the L2 staging; a
+// short prefill's same-process sweep of every variant (H200, 2.8B shape, batch 1, split
+// products up to 128 tokens; cuda/NOTES.md session 23) found smaller fc1 tiles and other
+// fc2 tiles faster there. Rows an expert on average r = T / X. BLACKMAMBA_MOE_PLAIN_TILES=0:
+// the decode's defaults (A/B). A variant digit in BLACKMAMBA_MOE_GROUPED_TILES wins over both.
+bool plain_tiles_on() { return bm_env_switch("BLACKMAMBA_MOE_PLAIN_TILES", true); }
+std::atomic<long long> plain_calls{0};  // GEMMs that took plain_tile (tests)
+int plain_tile(int role, bool split, int64_t T, int64_t X) {
+    if (role == 2) return T <= 8 * X ? 5 : T <= 16 * X ? 1 : 2;  // fc1: 16x64, 32x128, 32x64
+    if (T <= 6 * X) return 1;                                    // fc2: 16x32, 8 stages
+    return split && T <= 16 * X ? 2 : 3;                         // 32x32 x 4, 32x64 x 6
+}
+
 // The prefill roles (many rows per expert) against the decode roles: the tile choice's split,
 // which ids_route_ok and norm_route_ok follow.
 bool big_call(int64_t T, int64_t X) { return T >= 64 * X && T >= 1024; }
@@ -1206,6 +1221,11 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
     // 32 rows variant 4, 32-row tiles with 5 (2.281 -> 2.197 at B = 64: a 16-row tile reads an
     // expert's weights twice once it has more than 16 tokens). Logits bit-identical (the same
     // k order per output).
+    if ((v < 1 || v > (role >= 2 ? 9 : 5)) && role >= 2 && p.pdl == PDL_NONE && !p.nm.res &&
+        plain_tiles_on()) {
+        v = plain_tile(role, SPLIT, T, p.X);
+        plain_calls.fetch_add(1, std::memory_order_relaxed);
+    }
     if (v < 1 || v > (role >= 2 ? 9 : 5)) {
         if (role == 3 && SPLIT && T <= 16 * (int64_t)p.X) v = 7;
         else if (role == 3 && !SPLIT && T <= 4 * (int64_t)p.X) v = 1;
@@ -1348,6 +1368,10 @@ extern "C" long long bm_cuda_moe_grouped_dec_launches(void) {
 }
 
 // How many GEMMs were launched with PDL (BM_MOE_GROUPED_PDL) in this process: for the tests.
+extern "C" long long bm_cuda_moe_grouped_plain_tile_calls(void) {
+    return plain_calls.load(std::memory_order_relaxed);
+}
+
 extern "C" long long bm_cuda_moe_grouped_pdl_launches(void) {
     return pdl_launches.load(std::memory_order_relaxed);
 }

@@ -5,8 +5,8 @@ A prefetch is a hint, so the logits must be bit-identical with the branch on, of
 size (one larger than the layer's fc1 is clamped to it); the launches are counted (native
 counter, at graph capture) so that the branch is asserted forked where it applies (a Mamba
 layer followed by a MoE layer, batched decode) and nowhere else (batch 1, whose expert is not
-known before the routing; Mamba -> Mamba; the prefill). The logits are also checked against
-the CPU model (bf16 math: 1e-2, as tests/test_cuda_outk.py).
+known before the routing; Mamba -> Mamba). The logits are also checked against the CPU model
+(bf16 math: 1e-2, as tests/test_cuda_outk.py). Session 23: short prefills fork it too.
 
 Session 15: the branch also stages the Mamba layer's SSM state first (BLACKMAMBA_L2SIDE_STATE:
 by default where the state is at least 6 MB), and the float4 scan step loads and stores the
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu,
                                  reason="no CUDA device, or blackmamba built without CUDA")]
 
 SWITCHES = ("BLACKMAMBA_L2SIDE", "BLACKMAMBA_L2SIDE_STATE", "BLACKMAMBA_SCAN_EVICT",
-            "BLACKMAMBA_L2_SET_ASIDE")
+            "BLACKMAMBA_L2_SET_ASIDE", "BLACKMAMBA_PREFILL_L2SIDE")
 
 
 def calls():
@@ -51,7 +51,7 @@ def test_l2side_decode(env, B, hidden, layers, forks):
     g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
     c = Model(cfg, t, dtype="bfloat16")
     ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 5))
-    env()  # unset: the default (32 MB)
+    env(BLACKMAMBA_PREFILL_L2SIDE=0)  # the default (32 MB); the prompt's forks off
     n0 = calls()
     new, want = steps(g, c, ids, 3)
     assert calls() == n0 + forks               # one launch a staged layer, captured once
@@ -59,13 +59,13 @@ def test_l2side_decode(env, B, hidden, layers, forks):
     assert rel_err(new, want) < 1e-2
     again, _ = steps(g, None, ids, 3)
     np.testing.assert_array_equal(again, new)  # deterministic
-    env(BLACKMAMBA_L2SIDE=0)
+    env(BLACKMAMBA_L2SIDE=0, BLACKMAMBA_PREFILL_L2SIDE=0)
     n1 = calls()
     off, _ = steps(g, None, ids, 3)
     assert calls() == n1
     np.testing.assert_array_equal(off, new)    # a hint: no value changes
     for v in ("1", "1024", "junk"):            # 1 MB; more than fc1 (clamped); not a count
-        env(BLACKMAMBA_L2SIDE=v)
+        env(BLACKMAMBA_L2SIDE=v, BLACKMAMBA_PREFILL_L2SIDE=0)
         n2 = calls()
         other, _ = steps(g, None, ids, 2)
         assert calls() == n2 + forks
@@ -81,27 +81,44 @@ def test_l2side_default_small_batches(env):
     c = Model(cfg, t, dtype="bfloat16")
     for B, forks in ((3, 0), (4, 0), (5, 2)):
         ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 5))
-        env()
+        env(BLACKMAMBA_PREFILL_L2SIDE=0)
         n0 = calls()
         new, want = steps(g, c, ids, 2)
         assert calls() == n0 + forks, B
         assert rel_err(new, want) < 1e-3, B
         for v, f in (("16", 2), ("junk", forks), ("0", 0)):
-            env(BLACKMAMBA_L2SIDE=v)
+            env(BLACKMAMBA_L2SIDE=v, BLACKMAMBA_PREFILL_L2SIDE=0)
             n1 = calls()
             other, _ = steps(g, None, ids, 2)
             assert calls() == n1 + f, (B, v)
             np.testing.assert_array_equal(other, new)
 
 
-def test_l2side_not_in_prefill(env):
+def test_l2side_prefill(env):
+    # session 23: a prefill of up to BLACKMAMBA_PREFILL_L2SIDE tokens (default 512, and from
+    # the staging's own 5 rows) forks the branch after each Mamba layer followed by a MoE layer
+    # (two here), the logits bit-identical to the prefill without it; longer prefills do not
     cfg = small_config(hidden_size=64, mamba_moe_layers=["r", "8", "r", "3"])
-    g = model_cuda.CudaModel(cfg, random_tensors(cfg, seed=3), dtype="bfloat16")
-    ids = np.random.default_rng(3).integers(0, g.vocab_size, (4, 40))
-    env()
-    n0 = calls()
-    g.prefill(ids, g.new_state(4), logits=None)
-    assert calls() == n0
+    t = random_tensors(cfg, seed=3)
+    g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
+    c = Model(cfg, t, dtype="bfloat16")
+    for B, L, forks in ((4, 40, 2), (1, 4, 0), (1, 5, 2), (2, 256, 2), (1, 513, 0)):
+        ids = np.random.default_rng(B * L).integers(0, g.vocab_size, (B, L))
+        env()
+        n0 = calls()
+        new = np.asarray(g.prefill(ids, g.new_state(B), logits="last"))
+        assert calls() == n0 + forks, (B, L)
+        want = c.prefill(ids, c.new_state(B), logits="last")
+        assert rel_err(new, want) < 1e-2, (B, L)
+        for kv, f in (({"BLACKMAMBA_PREFILL_L2SIDE": 0}, 0),
+                      ({"BLACKMAMBA_PREFILL_L2SIDE": 1000}, 2 if B * L >= 5 else 0),
+                      ({"BLACKMAMBA_L2SIDE": 1}, forks if B * L >= 5 else 2),  # 1 MB: any size
+                      ({"BLACKMAMBA_L2SIDE": 0}, 0)):
+            env(**kv)
+            n1 = calls()
+            other = np.asarray(g.prefill(ids, g.new_state(B), logits="last"))
+            assert calls() == n1 + f, (B, L, kv)
+            np.testing.assert_array_equal(other, new)   # a hint: no value changes
 
 
 # (B, hidden, layers, Mamba layers): the 2.8B width at 64 rows (state 12 MB: staged by
@@ -120,7 +137,7 @@ def test_l2side_state(env, B, hidden, layers, mambas, auto):
     g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
     c = Model(cfg, t, dtype="bfloat16")
     ids = np.random.default_rng(B).integers(0, g.vocab_size, (B, 5))
-    env()
+    env(BLACKMAMBA_PREFILL_L2SIDE=0)
     n0 = state_calls()
     new, want = steps(g, c, ids, 3)
     assert state_calls() == n0 + (mambas if auto else 0)
@@ -134,7 +151,7 @@ def test_l2side_state(env, B, hidden, layers, mambas, auto):
                        ({"BLACKMAMBA_SCAN_EVICT": 2}, False),
                        ({"BLACKMAMBA_SCAN_EVICT": "junk"}, auto),  # not a mode: the default
                        ({"BLACKMAMBA_L2SIDE_STATE": 1, "BLACKMAMBA_L2SIDE": 0}, False)):
-        env(**kv)
+        env(BLACKMAMBA_PREFILL_L2SIDE=0, **kv)
         n1, f1 = state_calls(), calls()
         other, _ = steps(g, None, ids, 2)
         assert state_calls() == n1 + (mambas if staged else 0), kv
@@ -152,7 +169,7 @@ def test_l2_set_aside(env):
     t = random_tensors(cfg, seed=3)
 
     def made(**kv):
-        env(**kv)
+        env(BLACKMAMBA_PREFILL_L2SIDE=0, **kv)
         return model_cuda.CudaModel(cfg, t, dtype="bfloat16").memory()["l2_set_aside"]
 
     first = made()

@@ -36,7 +36,8 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_NORM_ROUTE_WARP", "BLACKMAMBA_NORM_ROUTE_WARP_MIN",
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
             "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ",
-            "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN", "BLACKMAMBA_PREFILL_XDT")
+            "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN", "BLACKMAMBA_PREFILL_XDT",
+            "BLACKMAMBA_MOE_PLAIN_TILES", "BLACKMAMBA_PREFILL_L2SIDE")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -61,7 +62,8 @@ def _lib_c():
     for f in ("bm_cuda_moe_dispatch_last_calls", "bm_cuda_norm_route_dispatch_calls",
               "bm_cuda_moe_grouped_pdl_launches", "bm_cuda_norm_route_pre_calls",
               "bm_cuda_moe_grouped_expert_launches", "bm_cuda_moe_grouped_ids_calls",
-              "bm_cuda_norm_route_ids_calls", "bm_cuda_moe_grouped_wpol_calls"):
+              "bm_cuda_norm_route_ids_calls", "bm_cuda_moe_grouped_wpol_calls",
+              "bm_cuda_moe_grouped_plain_tile_calls"):
         getattr(lib, f).restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_ids_ok.argtypes = [I64, I64, ctypes.c_int]
     lib.bm_cuda_moe_grouped_ids_ok.restype = ctypes.c_int
@@ -206,10 +208,11 @@ def test_grouped_pdl_forms(env, T, X, d, F, kind, split):
     # its row-tile loop) against the plain launch: the same tiles, the same k order, so
     # bit-identical. Called on the legacy stream with BLACKMAMBA_CUDA_PDL=0 (plain launches,
     # the waits no-ops: the forms' indexing and pipelines, not the overlap, which the engine
-    # tests below take)
+    # tests below take). The plain launch on the decode's tiles (its own defaults are
+    # test_grouped_plain_tiles').
     from blackmamba import ref
     x, ids, gates, fc1, fc2 = moe_case("pdl forms", T, X, d, F, kind, split)
-    env(BLACKMAMBA_CUDA_PDL=0)
+    env(BLACKMAMBA_CUDA_PDL=0, BLACKMAMBA_MOE_PLAIN_TILES=0)
     old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
     want = ref.moe_experts(x, ids, gates, fc1, fc2, "silu")
     assert rel_err(old, want) < (5e-5 if split else 1.5e-2)
@@ -218,6 +221,48 @@ def test_grouped_pdl_forms(env, T, X, d, F, kind, split):
         got = grouped_ex(x, ids, gates, fc1, fc2, split, flags)
         assert LIB.bm_cuda_moe_grouped_expert_launches() - e0 == (flags == PDL_EXPERT)
         np.testing.assert_array_equal(got, old, err_msg=str(flags))
+
+
+def plain_want(T, X, split):
+    """grouped.cu plain_tile's variant digits (fc1, fc2) for a plain launch of T rows."""
+    v1 = 5 if T <= 8 * X else 1 if T <= 16 * X else 2
+    v2 = 1 if T <= 6 * X else 2 if split and T <= 16 * X else 3
+    return v1, v2
+
+
+# (T, X, d, F, kind): each band of plain_tile's rule at X = 8, an empty expert, K / N tails
+PLAIN_CASES = [(16, 8, 184, 248, "uniform"), (48, 8, 200, 136, "skewed"),
+               (64, 8, 64, 40, "uniform"), (100, 8, 136, 64, "uniform"),
+               (200, 8, 184, 248, "last"), (300, 8, 64, 72, "uniform")]
+
+
+@pytest.mark.parametrize("T,X,d,F,kind", PLAIN_CASES)
+@pytest.mark.parametrize("split", [0, 1])
+def test_grouped_plain_tiles(env, T, X, d, F, kind, split):
+    # A plain launch (no PDL flag: the prefill's, ops calls) of the decode tiles takes
+    # plain_tile's defaults: the counter, the float64 reference, and bit-equality with the
+    # variants forced through BLACKMAMBA_MOE_GROUPED_TILES (the rule picks what it says);
+    # BLACKMAMBA_MOE_PLAIN_TILES=0 and the PDL launches keep the decode's defaults.
+    from blackmamba import ref
+    x, ids, gates, fc1, fc2 = moe_case("plain tiles", T, X, d, F, kind, split)
+    want = ref.moe_experts(x, ids, gates, fc1, fc2, "silu")
+    env()
+    n0 = LIB.bm_cuda_moe_grouped_plain_tile_calls()
+    got = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
+    assert LIB.bm_cuda_moe_grouped_plain_tile_calls() - n0 == 2
+    assert rel_err(got, want) < (5e-5 if split else 1.5e-2)
+    v1, v2 = plain_want(T, X, split)
+    env(BLACKMAMBA_MOE_GROUPED_TILES=f"00{v1}{v2}")
+    n0 = LIB.bm_cuda_moe_grouped_plain_tile_calls()
+    np.testing.assert_array_equal(grouped_ex(x, ids, gates, fc1, fc2, split, 0), got)
+    assert LIB.bm_cuda_moe_grouped_plain_tile_calls() == n0  # a forced digit wins
+    env(BLACKMAMBA_MOE_PLAIN_TILES=0)
+    old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
+    assert LIB.bm_cuda_moe_grouped_plain_tile_calls() == n0
+    assert rel_err(old, want) < (5e-5 if split else 1.5e-2)
+    env(BLACKMAMBA_CUDA_PDL=0)  # the PDL form's tiles, launched plainly (as above)
+    np.testing.assert_array_equal(grouped_ex(x, ids, gates, fc1, fc2, split, PDL), old)
+    assert LIB.bm_cuda_moe_grouped_plain_tile_calls() == n0
 
 
 def grouped_norm(x, ids, gates, fc1, fc2, res, w, flags, split=0, lo=None):
@@ -283,7 +328,7 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
     parts = -(-d // 32)
     assert LIB.bm_cuda_moe_norm_parts(d) == parts
     for tiles in (None, "0001", "0002", "0003", "0004", "0005", "0006"):
-        kv = {"BLACKMAMBA_CUDA_PDL": 0}
+        kv = {"BLACKMAMBA_CUDA_PDL": 0, "BLACKMAMBA_MOE_PLAIN_TILES": 0}  # the same tiles
         if tiles:
             kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
         env(**kv)
@@ -306,7 +351,7 @@ def test_grouped_norm_epilogue(env, T, X, d, F, kind):
     # split
     xs, ids, gates, fc1, fc2 = moe_case("norm", T, X, d, F, kind, 1)
     for tiles in (None, "0006", "0007", "0008", "0009", "0002"):
-        kv = {"BLACKMAMBA_CUDA_PDL": 0}
+        kv = {"BLACKMAMBA_CUDA_PDL": 0, "BLACKMAMBA_MOE_PLAIN_TILES": 0}
         if tiles:
             kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
         env(**kv)
@@ -353,7 +398,7 @@ def test_grouped_ids(env, T, X, d, F, kind, split):
     # order and epilogue rows)
     from blackmamba import ref
     x, ids, gates, fc1, fc2 = moe_case("ids", T, X, d, F, kind, split)
-    env(BLACKMAMBA_CUDA_PDL=0)
+    env(BLACKMAMBA_CUDA_PDL=0, BLACKMAMBA_MOE_PLAIN_TILES=0)  # plain calls on the decode's tiles
     old = grouped_ex(x, ids, gates, fc1, fc2, split, 0)
     ok = (ids >= 0) & (ids < X)
     if ok.all():
@@ -364,7 +409,7 @@ def test_grouped_ids(env, T, X, d, F, kind, split):
     taken = T <= 256 and X <= 64
     assert LIB.bm_cuda_moe_grouped_ids_ok(T, X, split) == taken
     for tiles in (None, "0011", "0055", "0023", "0096", "0077", "0068"):
-        kv = {"BLACKMAMBA_CUDA_PDL": 0}
+        kv = {"BLACKMAMBA_CUDA_PDL": 0, "BLACKMAMBA_MOE_PLAIN_TILES": 0}
         if tiles:
             kv["BLACKMAMBA_MOE_GROUPED_TILES"] = tiles
         env(**kv)

@@ -501,6 +501,7 @@ long long bm_cuda_norm_route_dispatch_prefill_calls(void);
 /* Prefill out_proj launches as one strided batch of the split hi and lo rows, summed by the
  * next routing kernel (engine.cu prefill_pair_ok, BLACKMAMBA_PREFILL_STACK_OUT). */
 long long bm_cuda_prefill_out_pair_calls(void);
+long long bm_cuda_prefill_out_one_calls(void);  // of those, one GEMM of the 2T stacked rows
 /* Prefill in_proj launches as one GEMM of the split hi and lo rows, summed by the conv
  * (engine.cu stack_in_fill_ok, BLACKMAMBA_PREFILL_STACK_IN). */
 long long bm_cuda_prefill_stack_in_calls(void);

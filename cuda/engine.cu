@@ -1920,7 +1920,9 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
     return 0;
 }
 
-int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T);
+int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T,
+                     const uint16_t *lo, bool stacked);
+bool prefill_out_one_on();
 int in_proj_xzt(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t rows);
 int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes, const void *p0, int64_t bytes0);
 
@@ -2001,14 +2003,17 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const bool ysplit = ybf && split_x(m, ws, T);
     if (ysplit && (!ws->xlo || T > ws->Ts))
         return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
+    // the low parts: after the hi rows where out_proj is one GEMM of both (prefill_out_one_on;
+    // xbf holds T + Ts rows of max(d, E, R)), else at xlo
+    const bool one = pair && prefill_out_one_on();
+    uint16_t *ylo = !ysplit ? nullptr : one ? ws->xbf + T * E : ws->xlo;
     TRY(bm_cuda_scan_forward_ws(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1,
-                                ssm, ssm, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr,
-                                ysplit ? ws->xlo : nullptr, B, L, E, N, 0, -1, 0, ws->scan_ws,
-                                ws->scan_ws_bytes, st));
+                                ssm, ssm, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr, ylo,
+                                B, L, E, N, 0, -1, 0, ws->scan_ws, ws->scan_ws_bytes, st));
     TRY(mark(m, P_SCAN));
     if (pair) {
         if (!ysplit) return BM_CUDA_ARG_FAIL("engine: out_proj pair without split rows");
-        TRY(out_pair_prefill(m, ws, ly, out, T));
+        TRY(out_pair_prefill(m, ws, ly, out, T, ylo, one));
     } else {
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
     }
@@ -2100,14 +2105,32 @@ bool prefill_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, i
            mp_on() && split_x(m, ws, T) && ws->xlo && !ly.out_b && prefill_stack_out_on() &&
            (((uintptr_t)ws->hk) & 15) == 0;
 }
-int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T) {
+// Session 23: the scan writes the lo rows right after the hi rows (xbf + T E, room that the
+// stacked x_proj already uses), and out_proj is one GEMM of 2T rows into the same (2, T, d),
+// instead of a strided batch of two. Unset / "1": on; "0": the batch (A/B, tests). Read per
+// call.
+bool prefill_out_one_on() { return bm_env_switch("BLACKMAMBA_PREFILL_OUT_ONE", true); }
+std::atomic<long long> g_out_one_fill{0};  // of those, one GEMM of 2T rows (tests)
+// lo: where the scan wrote the low parts; stacked: at xbf + T E, out_proj one GEMM (else the
+// batch's second block)
+int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T,
+                     const uint16_t *lo, bool stacked) {
     const int64_t d = m->cfg.d, E = m->cfg.E;
     const float one = 1.f, zero = 0.f;
-    // out[0] = hi rows (xbf) @ out_w^T, out[1] = lo rows (xlo) @ out_w^T
-    BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
-        m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)E, &one, ly.out_w, CUDA_R_16BF,
-        (int)E, 0LL, ws->xbf, CUDA_R_16BF, (int)E, (long long)(ws->xlo - ws->xbf), &zero, out,
-        CUDA_R_32F, (int)d, (long long)(T * d), 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (stacked) {  // rows 0..T-1 hi, T..2T-1 lo: out (2T, d)
+        if (lo != ws->xbf + T * E) return BM_CUDA_ARG_FAIL("engine: out_proj rows not stacked");
+        BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)(2 * T),
+                                   (int)E, &one, ly.out_w, CUDA_R_16BF, (int)E, ws->xbf,
+                                   CUDA_R_16BF, (int)E, &zero, out, CUDA_R_32F, (int)d,
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        g_out_one_fill.fetch_add(1, std::memory_order_relaxed);
+    } else {  // out[0] = hi rows (xbf) @ out_w^T, out[1] = lo rows @ out_w^T
+        BM_CUBLAS_TRY(cublasGemmStridedBatchedEx(
+            m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)T, (int)E, &one, ly.out_w,
+            CUDA_R_16BF, (int)E, 0LL, ws->xbf, CUDA_R_16BF, (int)E, (long long)(lo - ws->xbf),
+            &zero, out, CUDA_R_32F, (int)d, (long long)(T * d), 2, CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT));
+    }
     g_out_pair_fill.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
@@ -3476,6 +3499,10 @@ extern "C" long long bm_cuda_prefill_stack_in_calls(void) {
 // Prefill out_proj launches as one strided batch of the hi and lo rows (prefill_pair_ok).
 extern "C" long long bm_cuda_prefill_out_pair_calls(void) {
     return g_out_pair_fill.load(std::memory_order_relaxed);
+}
+// Of those, one GEMM of the 2T stacked rows (prefill_out_one_on).
+extern "C" long long bm_cuda_prefill_out_one_calls(void) {
+    return g_out_one_fill.load(std::memory_order_relaxed);
 }
 // Prefill routings with the early router row (NR_PRE_ROW / NR_PRE_DISP; the block kernel
 // of short prompts), and of those the ones that built the grouped dispatch in the last block.

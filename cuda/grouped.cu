@@ -1154,13 +1154,20 @@ int gemm_launch(const GroupedDecArgs &p_in, int64_t T, cudaStream_t stream) {
 constexpr char DEFAULT_TILES[] = "2222";
 
 // The decode tiles launched plainly, in stream order (short prefills, ops calls: no PDL, no
-// graph, no norm epilogue), take their own defaults (session 23). The decode's above were
-// chosen in the captured decode step, where fc1 and fc2 meet PDL and the L2 staging; a
-// short prefill's same-process sweep of every variant (H200, 2.8B shape, batch 1, split
-// products up to 128 tokens; cuda/NOTES.md session 23) found smaller fc1 tiles and other
-// fc2 tiles faster there. Rows an expert on average r = T / X. BLACKMAMBA_MOE_PLAIN_TILES=0:
-// the decode's defaults (A/B). A variant digit in BLACKMAMBA_MOE_GROUPED_TILES wins over both.
+// graph, no norm epilogue, no routing from the ids), take their own defaults (session 23).
+// The decode's above were chosen in the captured decode step, where fc1 and fc2 meet PDL and
+// the L2 staging; a short prefill's same-process sweep of every variant (H200, 2.8B shape,
+// batch 1, 8 to 384 tokens; cuda/NOTES.md session 23) found smaller fc1 tiles and other fc2
+// tiles faster there, and the TMA core faster from TMA_MIN_ROWS_PLAIN rows (unsplit) instead
+// of TMA_MIN_ROWS. Rows an expert on average r = T / X. BLACKMAMBA_MOE_PLAIN_TILES=0: the
+// decode's defaults and TMA_MIN_ROWS (A/B). A variant digit in BLACKMAMBA_MOE_GROUPED_TILES
+// wins over both.
 bool plain_tiles_on() { return bm_env_switch("BLACKMAMBA_MOE_PLAIN_TILES", true); }
+bool plain_defaults(const GroupedDecArgs &p) {
+    return p.pdl == PDL_NONE && !p.nm.res && !p.ids && plain_tiles_on();
+}
+// 320 tokens at X = 8 -0.9%, 384 -2.3%, 448 -7.5%, 2 x 192 -3.1%; 256 +5%, 129 +15%
+constexpr int64_t TMA_MIN_ROWS_PLAIN = 320;
 std::atomic<long long> plain_calls{0};  // GEMMs that took plain_tile (tests)
 int plain_tile(int role, bool split, int64_t T, int64_t X) {
     if (role == 2) return T <= 8 * X ? 5 : T <= 16 * X ? 1 : 2;  // fc1: 16x64, 32x128, 32x64
@@ -1184,7 +1191,8 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
             // against 0.108; H200, s11)
             if (p.ids && (big || wm == 2 || tm == 2))
                 return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
-            const bool try_tma = tm && (big || T >= TMA_MIN_ROWS || tm == 2);
+            const int64_t tma_min = plain_defaults(p) ? TMA_MIN_ROWS_PLAIN : TMA_MIN_ROWS;
+            const bool try_tma = tm && (big || T >= tma_min || tm == 2);
             const bool wgmma = big || wm == 2;  // where the TMA core declines or is off
             // (the norm epilogue lives on the decode tiles only: norm_route_ok keeps it off
             // these two cores)
@@ -1221,8 +1229,7 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
     // 32 rows variant 4, 32-row tiles with 5 (2.281 -> 2.197 at B = 64: a 16-row tile reads an
     // expert's weights twice once it has more than 16 tokens). Logits bit-identical (the same
     // k order per output).
-    if ((v < 1 || v > (role >= 2 ? 9 : 5)) && role >= 2 && p.pdl == PDL_NONE && !p.nm.res &&
-        plain_tiles_on()) {
+    if ((v < 1 || v > (role >= 2 ? 9 : 5)) && role >= 2 && plain_defaults(p)) {
         v = plain_tile(role, SPLIT, T, p.X);
         plain_calls.fetch_add(1, std::memory_order_relaxed);
     }

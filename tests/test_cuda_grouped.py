@@ -420,9 +420,9 @@ def test_tma_against_wgmma(monkeypatch, T, X, d, F, kind):
 
 @needs_wgmma
 def test_tma_default_and_switch(monkeypatch):
-    # unsplit calls from 512 rows take the TMA core by default (BLACKMAMBA_MOE_TMA unset),
-    # the cp.async wgmma core (prefill sizes) or the decode tiles (below) under
-    # BLACKMAMBA_MOE_TMA=0; smaller ones and split calls never
+    # unsplit calls from 512 rows (plain ones, as here, from 320) take the TMA core by default
+    # (BLACKMAMBA_MOE_TMA unset), the cp.async wgmma core (prefill sizes) or the decode tiles
+    # (below) under BLACKMAMBA_MOE_TMA=0; smaller ones and split calls never
     rng = rng_for("tma default")
     T, X, d, F = 2600, 3, 104, 56
     x = rng.standard_normal((T, d)).astype(np.float32)
@@ -447,6 +447,20 @@ def test_tma_default_and_switch(monkeypatch):
     assert (n_t, n_w) == (0, 0)   # the mma.sync decode tiles
     assert rel_err(mid, dec) < 1e-3
     assert rel_err(new, emulated_bf16(x, ids, None, fc1, fc2, "silu")) < TOL_EMULATED
+    # session 23: a plain call (no PDL: the prefill's) from 320 rows (TMA_MIN_ROWS_PLAIN);
+    # BLACKMAMBA_MOE_PLAIN_TILES=0 keeps the decode's 512
+    monkeypatch.delenv("BLACKMAMBA_MOE_PLAIN_TILES", raising=False)
+    for n, want_t in ((319, 0), (320, 2), (400, 2)):
+        got, n_t, n_w = tma_run(monkeypatch, "", lambda: grouped(x[:n], ids[:n], None, fc1, fc2,
+                                                                  "silu", 0))
+        assert (n_t, n_w) == (want_t, 0), n
+        monkeypatch.setenv("BLACKMAMBA_MOE_PLAIN_TILES", "0")
+        old, n_t, n_w = tma_run(monkeypatch, "", lambda: grouped(x[:n], ids[:n], None, fc1,
+                                                                  fc2, "silu", 0))
+        monkeypatch.delenv("BLACKMAMBA_MOE_PLAIN_TILES")
+        assert (n_t, n_w) == (0, 0), n
+        assert rel_err(got, old) < 1e-3, n
+        assert rel_err(got, emulated_bf16(x[:n], ids[:n], None, fc1, fc2, "silu")) < TOL_EMULATED
 
 
 @needs_wgmma

@@ -37,7 +37,8 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
             "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ",
             "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN", "BLACKMAMBA_PREFILL_XDT",
-            "BLACKMAMBA_MOE_PLAIN_TILES", "BLACKMAMBA_PREFILL_L2SIDE")
+            "BLACKMAMBA_MOE_PLAIN_TILES", "BLACKMAMBA_PREFILL_L2SIDE",
+            "BLACKMAMBA_PREFILL_OUT_ONE")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
 
@@ -93,6 +94,7 @@ def _lib_c():
     lib.bm_cuda_prefill_fuse_bf_calls.restype = ctypes.c_longlong
     for f in ("bm_cuda_moe_grouped_norm_calls", "bm_cuda_norm_fc2_calls",
               "bm_cuda_norm_route_warp_calls", "bm_cuda_prefill_out_pair_calls",
+              "bm_cuda_prefill_out_one_calls",
               "bm_cuda_norm_route_pre_prefill_calls",
               "bm_cuda_norm_route_dispatch_prefill_calls", "bm_cuda_prefill_stack_in_calls",
               "bm_cuda_prefill_stack_xproj_calls", "bm_cuda_prefill_xdt_calls"):
@@ -844,22 +846,26 @@ def test_prefill_stack_out(env, math):
     # GEMMs, the second accumulating). The same two fp32 sums in another place: close to 1e-5,
     # and both against the CPU model. Only Mamba layers followed by a MoE layer of their own
     # take it ("r" before "r" keeps linear()), and only up to 128 tokens.
+    # Session 23: the scan writes the lo rows right after the hi rows and out_proj is one GEMM
+    # of 2T rows (BLACKMAMBA_PREFILL_OUT_ONE; "0": the strided batch), counted apart.
     g, c = make(79, math=math, layers=("r", "r", "8", "r", "3"))
-    fn = LIB.bm_cuda_prefill_out_pair_calls
+    fn, fn1 = LIB.bm_cuda_prefill_out_pair_calls, LIB.bm_cuda_prefill_out_one_calls
     for B, L in ((1, 9), (2, 40), (1, 128), (1, 129), (1, 3)):
         ids = np.random.default_rng(B * 100 + L).integers(0, g.vocab_size, (B, L))
         got = {}
-        for v in ("0", "1"):
-            env(BLACKMAMBA_PREFILL_STACK_OUT=v)
-            n0 = fn()
-            got[v] = g(ids)
+        for v, one in (("0", "1"), ("1", "0"), ("1", "1")):
+            env(BLACKMAMBA_PREFILL_STACK_OUT=v, BLACKMAMBA_PREFILL_OUT_ONE=one)
+            n0, m0 = fn(), fn1()
+            got[v + one] = g(ids)
             # two Mamba layers before a MoE layer; from 2 rows (session 22: the GEMVs only for
             # a 1-token prefill, BLACKMAMBA_PREFILL_GEMM_MIN), up to 128
             want_n = 2 if v == "1" and 1 < B * L <= 128 else 0
             assert fn() - n0 == want_n, (B, L, v)
-        assert rel_err(got["1"], got["0"]) < 1e-5, (B, L)
+            assert fn1() - m0 == (want_n if one == "1" else 0), (B, L, v, one)
+        assert rel_err(got["10"], got["01"]) < 1e-5, (B, L)
+        assert rel_err(got["11"], got["01"]) < 1e-5, (B, L)
         if B * L <= 128 or math == "bf16x2":
-            assert rel_err(got["1"], c(ids)) < TOL_SPLIT, (B, L)
+            assert rel_err(got["11"], c(ids)) < TOL_SPLIT, (B, L)
 
 
 @pytest.mark.parametrize("dtype,math", [("bfloat16", "bf16"), ("bfloat16", "bf16x2"),

@@ -783,8 +783,14 @@ int seg_tpc(int64_t N) { return N > 16 ? 4 : N > 8 ? 2 : 1; }
 // Segments the auto rule picks: enough blocks for about one full wave (8 blocks of 64
 // threads per SM: 1056 on the H200), each segment at least 64 steps, at most 64 segments;
 // fewer than 3 segments is not worth the second pass (b = 8 at E = 2944 already has 736
-// blocks and stays unsegmented).
+// blocks and stays unsegmented). Session 23: none below SEG_MIN_L steps, where the two
+// passes' fixed cost (~25 us at the 2.8B shape: pass 2's fold and VAR 1 steps) outweighs the
+// one pass's ~70 ns a step. The model's prefill (H200, 2.8B shape, same process, one pass
+// against the segments; cuda/NOTES.md session 23): b = 1, L = 192 / 256 / 320 / 448 / 512
+// -8.6 / -7.4 / -4.8 / -4.2 / -1.5%, L = 1024 / 2048 +3.6 / +9.1%; b = 2, L = 256 -5%, 1024 even.
+constexpr int64_t SEG_MIN_L = 768;
 int64_t auto_segments(int64_t b, int64_t L, int64_t E, int tpc, int sms) {
+    if (L < SEG_MIN_L) return 1;
     const int64_t nblk = bm_cdiv(E, SCAN_THREADS / tpc) * b;
     int64_t S = 8 * (int64_t)sms / nblk;
     S = std::min<int64_t>(std::min<int64_t>(S, L / 64), 64);

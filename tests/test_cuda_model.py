@@ -279,10 +279,11 @@ def native_counters():
 
 @pytest.mark.parametrize("math", ["fp32", "bf16x2", "bf16"])
 def test_sequence_parallel_scan_and_xproj_ksplit(math, monkeypatch):
-    # hidden 128 -> E = 256: a batch-1 prefill of 320 tokens has 8 scan blocks per segment, so
-    # the scan runs in 5 segments (cuda/scan.cu); under bf16 math x_proj (256 deep) runs
-    # K-split in 2 (engine.cu x_proj), in prefill and in decode at batch 12; under bf16 (unsplit
-    # at 320 rows) x_proj and dt_proj run in tf32 on float32 weight copies (tf32_small()).
+    # hidden 128 -> E = 256: a batch-1 prefill of 800 tokens has 8 scan blocks per segment, so
+    # the scan runs in 12 segments (cuda/scan.cu; none under 768 steps since session 23); under
+    # bf16 math x_proj (256 deep) runs K-split in 2 (engine.cu x_proj), in prefill and in
+    # decode at batch 12; under bf16 (unsplit at 800 rows) x_proj and dt_proj run in tf32 on
+    # float32 weight copies (tf32_small()).
     # Against the CPU model with each math's tolerance (module docstring). The decode's
     # cuBLAS products, that is: BLACKMAMBA_XDT_DEC=0 (by default, batched decode runs them
     # through cuda/xdt.cu's kernels: tests/test_cuda_xdt.py).
@@ -291,8 +292,11 @@ def test_sequence_parallel_scan_and_xproj_ksplit(math, monkeypatch):
     t = random_tensors(cfg, seed=41)
     c = Model(cfg, t, dtype="bfloat16")
     g = model_cuda.CudaModel(cfg, t, dtype="bfloat16", math=math)
-    lo, hi = {"fp32": (0, TOL_F32), "bf16x2": (0, TOL_SPLIT), "bf16": (1e-4, 2e-2)}[math]
-    ids = np.random.default_rng(5).integers(0, g.vocab_size, (1, 320))
+    # bf16 (unsplit bf16 products) over 800 tokens: 0.028 measured (0.02 bounded it over the
+    # 320 tokens this test took before session 23: more near-tied routes flip over a longer
+    # prompt); the issue's bf16 bound, 0.05. fp32 and bf16x2 keep their tight bounds.
+    lo, hi = {"fp32": (0, TOL_F32), "bf16x2": (0, TOL_SPLIT), "bf16": (1e-4, 5e-2)}[math]
+    ids = np.random.default_rng(5).integers(0, g.vocab_size, (1, 800))
     n_scan, n_x, n_t = native_counters()
     err = record(f"seqpar_prefill_{math}", rel_err(g(ids), c(ids)))
     assert lo < err < hi
@@ -307,7 +311,7 @@ def test_sequence_parallel_scan_and_xproj_ksplit(math, monkeypatch):
     for k in range(3):
         tok = ids12[:, k]
         err = record(f"seqpar_step_B12_{math}", rel_err(g.step(tok, sg), c.step(tok, sc)))
-        assert (lo if math != "bf16" else 0) < err < hi
+        assert (lo if math != "bf16" else 0) < err < (2e-2 if math == "bf16" else hi)
     if math != "fp32":  # the prefill, and the steps' graph capture (replays run no host code)
         assert native_counters()[1] >= n_x2 + 4
     if math == "bf16":  # decode is never split: tf32 x_proj + dt_proj at batch 12 too

@@ -351,9 +351,9 @@ def test_selective_scan_variant_bad():
 def test_selective_scan_segmented_auto_rule():
     # b = 1 at the 2.8B width (E = 2944) picks segments by itself, through ops (the scratch
     # from the stream-ordered pool) and through _ws with bm_cuda_scan_workspace's bytes; b = 8
-    # fills the machine already and does not
+    # fills the machine already and does not, nor (session 23) a sequence under 768 steps
     lib = native()
-    kw = scan_inputs(rng_for("scanseg-auto"), 1, 640, 2944, 16, "all")
+    kw = scan_inputs(rng_for("scanseg-auto"), 1, 1024, 2944, 16, "all")
     yr, finr = ref.selective_scan(**kw)
     n0 = lib.bm_cuda_scan_segmented_calls()
     dev = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
@@ -362,7 +362,7 @@ def test_selective_scan_segmented_auto_rule():
     check("selective_scan_segmented", H(y), yr, TOL_SCAN)
     check("selective_scan_segmented", H(fin), finr, TOL_SCAN)
     wsb = lib.bm_cuda_scan_workspace(2944, 16)
-    assert wsb >= 10 * 2944 * 17 * 4       # S = 10 here (640 / 64); 11 at L = 2048
+    assert wsb >= 11 * 2944 * 17 * 4       # S = 11 here (8 x 132 SMs / 92 blocks)
     y2, fin2 = scan_ws_call(kw, 0, in_place=True, ws_floats=wsb // 4)
     assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
     check("selective_scan_segmented", y2, yr, TOL_SCAN)
@@ -375,6 +375,11 @@ def test_selective_scan_segmented_auto_rule():
     y8, _ = ops.selective_scan(**dev8)
     assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
     check("selective_scan", H(y8), ref.selective_scan(**kw8)[0], TOL_SCAN)
+    kw5 = scan_inputs(rng_for("scanseg-auto767"), 1, 767, 2944, 16, "all")
+    dev5 = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw5.items()}
+    y5, _ = ops.selective_scan(**dev5)
+    assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
+    check("selective_scan", H(y5), ref.selective_scan(**kw5)[0], TOL_SCAN)
 
 
 # ---- causal conv1d ------------------------------------------------------------------------------

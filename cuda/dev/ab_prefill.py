@@ -3,6 +3,7 @@ forward) in one process, at the 2.8B shape with bench_gpu's random bf16 weights 
 
     PYTHONPATH=. python3 cuda/dev/ab_prefill.py --env BLACKMAMBA_NORM_BF_ONLY --values 0,1
                                                 [--batches 1,8] [--length 2048,32] [--rounds 3]
+    (--env A+B --values 0+0,1+1 sets several switches together)
 
 For each batch size and value (alternating, `rounds` times): the last position's logits of
 one prefill (must be bit-identical between the values unless --no-same), then the median of
@@ -43,7 +44,9 @@ def main():
         ref = {}
         for _ in range(args.rounds):
             for v in vals:
-                os.environ[args.env] = v
+                # several switches at once: --env A+B --values 0+0,1+1
+                for name, x in zip(args.env.split("+"), v.split("+")):
+                    os.environ[name] = x
                 lg = np.asarray(model.prefill(ids, model.new_state(B), logits="last"))
                 ref.setdefault(v, lg)
                 ms[v].append(float(np.median(C.cuda_bench_prefill(model._eng, ids, 2, 5))))

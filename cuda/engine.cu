@@ -44,7 +44,7 @@
 //     (bm_cuda_moe_grouped: each expert's weights once, its own tokens only); otherwise (or
 //     BLACKMAMBA_MOE_GROUPED=0) every token through all experts with two strided-batched
 //     bf16 GEMMs, then each token keeps its expert's rows (expert_all);
-//   - prefills of more than MOE_GROUPED_MIN_DEFAULT (5) tokens with BF16 math: grouped.cu
+//   - prefills of more than MOE_GROUPED_MIN_DEFAULT (4) tokens with BF16 math: grouped.cu
 //     (no host sync);
 //   - otherwise up to GEMV_ROWS tokens (batch 1, small prefills, non-BF16 math): per-token
 //     expert rows (expert_rows_kernel), fp32 activations; up to MOE_GEMV_MAX tokens (and any
@@ -93,9 +93,11 @@ constexpr int64_t MOE_GEMV_MAX = 64;    // tokens: gathered GEMV below, cuBLAS e
 // the gathered GEMV reads every expert's weights once per 8-token tile, so a 32-token prompt
 // read them 4 times (fc1 222 us a layer on the H200, 83% of a 9.75 ms prefill of 32 tokens);
 // the per-token expert rows (up to 8 tokens) win at 2-4 tokens (grouped.cu +11 / +7 / +5%)
-// and lose from 6 (-2% at 6, -6% at 8). BLACKMAMBA_MOE_GEMV_MAX=<tokens> (1..MOE_GEMV_MAX)
-// for A/B, read per forward.
-constexpr int64_t MOE_GROUPED_MIN_DEFAULT = 5;
+// and lose from 6 (-2% at 6, -6% at 8). Session 23: 4, since the grouped tiles' plain-launch
+// defaults (grouped.cu plain_tile): 5 tokens -3.5%, 4 / 3 / 2 still +2.7 / +11 / +13% (H200,
+// 2.8B shape, same process). BLACKMAMBA_MOE_GEMV_MAX=<tokens> (1..MOE_GEMV_MAX) for A/B, read
+// per forward.
+constexpr int64_t MOE_GROUPED_MIN_DEFAULT = 4;
 constexpr int64_t LOGIT_ROWS = 1024;    // prefill LM head: rows of logits per block
 constexpr size_t BLAS_WS_BYTES = 32u << 20;  // user workspace: no allocation inside capture
 

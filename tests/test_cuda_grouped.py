@@ -269,13 +269,14 @@ def mlp_paths():
 
 
 @pytest.mark.parametrize("B,L", [(1, 9), (1, 32), (2, 16), (1, 64), (1, 65), (1, 8), (1, 6),
-                                 (2, 3), (1, 5), (1, 2)])
+                                 (2, 3), (1, 5), (1, 4), (1, 2)])
 def test_engine_small_prefill_grouped(monkeypatch, B, L):
-    # Session 20: a bf16-math prefill of more than 5 tokens runs its gated MLP layers through
-    # grouped.cu (the gathered GEMV, which read every expert's weights once per 8-token tile,
-    # kept 6..64 tokens before: BLACKMAMBA_MOE_GEMV_MAX=64 restores that). Each forward's
-    # paths counted, the logits of both against each other and the CPU model (split
-    # activations under 128 tokens: fp32-class either way); up to 5 tokens stay on the GEMV.
+    # Session 20: a bf16-math prefill of more than 5 tokens (4 since session 23) runs its gated
+    # MLP layers through grouped.cu (the gathered GEMV, which read every expert's weights once
+    # per 8-token tile, kept 6..64 tokens before: BLACKMAMBA_MOE_GEMV_MAX=64 restores that).
+    # Each forward's paths counted, the logits of both against each other and the CPU model
+    # (split activations under 128 tokens: fp32-class either way); up to 4 tokens stay on the
+    # GEMV.
     from blackmamba import model_cuda
     from blackmamba.config import Config
     from blackmamba.model import Model, random_tensors
@@ -295,7 +296,7 @@ def test_engine_small_prefill_grouped(monkeypatch, B, L):
     # every MLP of a forward ("8", "1" and the parallel one of "r2") on one path
     n = sum(paths[""])
     assert n == 3 and sum(paths["64"]) == n, paths
-    grouped_now = B * L > 5
+    grouped_now = B * L > 4
     assert paths[""] == ((n, 0, 0, 0) if grouped_now else (0, 0, 0, n)), paths
     assert paths["64"] == ((n, 0, 0, 0) if B * L > 64 else (0, 0, 0, n)), paths
     for mode, out in outs.items():

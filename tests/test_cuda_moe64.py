@@ -873,7 +873,7 @@ def test_prefill_stack_out(env, math):
 def test_prefill_norm_route_pre(env, dtype, math):
     # Session 21: a prefill on the block routing kernel (under 1024 tokens) loads the router
     # row and norm weights before its PDL wait and, where the grouped experts follow (bf16
-    # weights, more than 5 tokens), builds their dispatch in its last block instead of a
+    # weights, more than 4 tokens), builds their dispatch in its last block instead of a
     # dispatch_kernel launch: the same bits as the plain block kernel and the dispatch launch
     # (BLACKMAMBA_NORM_ROUTE_PRE=0), and with BLACKMAMBA_MOE_ROUTE_DISPATCH=0 (early row only)
     g, c = make(78, math=math, dtype=dtype)
@@ -881,7 +881,7 @@ def test_prefill_norm_route_pre(env, dtype, math):
            LIB.bm_cuda_norm_route_dispatch_prefill_calls]
     for B, L in ((1, 4), (1, 7), (3, 50), (1, 300)):
         ids = np.random.default_rng(B * 1000 + L).integers(0, g.vocab_size, (B, L))
-        grouped = dtype == "bfloat16" and B * L > 5
+        grouped = dtype == "bfloat16" and B * L > 4
         got = {}
         for kv in ({"BLACKMAMBA_NORM_ROUTE_PRE": "0"}, {},
                    {"BLACKMAMBA_MOE_ROUTE_DISPATCH": "0"}):

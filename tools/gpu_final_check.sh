@@ -15,9 +15,10 @@ note() { echo "$*" | tee -a "$SUM"; }
 source tools/device_env.sh
 [ -f .shared/golden/tiny-a/golden.npz ] && export BM_GOLDEN="$PWD/.shared/golden/tiny-a/golden.npz"
 note "$(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
-note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-# The device copy's .git may be stale (session 10: it printed the previous session's HEAD), so
-# also a digest of the sources, to compare with `bash tools/src_digest.sh` here.
+# The device copy's .git may be stale (sessions 10, 22, 23: it printed an earlier session's
+# HEAD), so the line says so, and the digest of the sources is the one to compare with
+# `bash tools/src_digest.sh` here.
+note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') (the device copy's .git: may be stale)"
 note "sources $(bash tools/src_digest.sh)"
 run() {  # run NAME TIMEOUT CMD...
     local name=$1 to=$2

@@ -2006,7 +2006,7 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     if (ysplit && (!ws->xlo || T > ws->Ts))
         return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
     // the low parts: after the hi rows where out_proj is one GEMM of both (prefill_out_one_on;
-    // xbf holds T + Ts rows of max(d, E, R)), else at xlo
+    // xbf holds the workspace's rows plus Ts of max(d, E, R), and T <= Ts), else at xlo
     const bool one = pair && prefill_out_one_on();
     uint16_t *ylo = !ysplit ? nullptr : one ? ws->xbf + T * E : ws->xlo;
     TRY(bm_cuda_scan_forward_ws(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1,

@@ -1374,11 +1374,12 @@ extern "C" long long bm_cuda_moe_grouped_dec_launches(void) {
     return dec_launches.load(std::memory_order_relaxed);
 }
 
-// How many GEMMs were launched with PDL (BM_MOE_GROUPED_PDL) in this process: for the tests.
+// How many GEMMs took the plain-launch tile defaults (plain_tile) in this process: the tests.
 extern "C" long long bm_cuda_moe_grouped_plain_tile_calls(void) {
     return plain_calls.load(std::memory_order_relaxed);
 }
 
+// How many GEMMs were launched with PDL (BM_MOE_GROUPED_PDL) in this process: for the tests.
 extern "C" long long bm_cuda_moe_grouped_pdl_launches(void) {
     return pdl_launches.load(std::memory_order_relaxed);
 }

@@ -1858,9 +1858,11 @@ bool xdt_fill_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, int64
 }
 
 // dbc (M, P) = xc (M, E) @ x_w^T; with Bm (prefill) also Bm, Cm (M, N) split out of it.
-// xbf_ready (fuse_bf_ok): the conv wrote bf16(xc) where the K-split reads it.
+// xbf_ready (fuse_bf_ok and a stacked in_proj): the conv wrote bf16(xc) where the K-split
+// reads it. dt_bf (fuse_bf_ok, decided once by the caller, which tells dt_proj the same): the
+// K-split's reduction also writes dt_proj's bf16 input.
 int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, float *Cm,
-           bool xbf_ready = false) {
+           bool xbf_ready = false, bool dt_bf = false) {
     const bm_cuda_config &c = m->cfg;
     const int64_t E = c.E, N = c.N, R = c.R, P = R + 2 * N;
     const int ks = xproj_ks(m, ws, M, P, E);
@@ -1889,8 +1891,6 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
         if (!xbf_ready)
             TRY(to_bf16(m, ws->xc, E, ws->xbf, M, E,
                         split ? (stk ? ws->xbf + M * E : ws->xlo) : nullptr));
-        // fuse: the reduction also writes dt_proj's bf16 input (its rows of R; fuse_bf_ok)
-        const bool fuse = fuse_bf_ok(m, ws, ly, M);
         const int64_t Kc = E / ks, rows = stk ? 2 * M : M;
         const float one = 1.f, zero = 0.f;
         for (int h = 0; h < (split && !stk ? 2 : 1); h++)  // hi, then (split) lo accumulating
@@ -1902,11 +1902,12 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
         if (stk) g_xproj_stack.fetch_add(1, std::memory_order_relaxed);
         xproj_reduce_kernel<<<(unsigned)bm_cdiv(M * P, 256), 256, 0, m->stream>>>(
             ws->xpart, ks, (int)M, (int)P, ws->dbc, Bm, Cm, (int)R, (int)N, stk ? 1 : 0,
-            fuse ? ws->xbf : nullptr, fuse && split ? ws->xlo : nullptr);
+            dt_bf ? ws->xbf : nullptr, dt_bf && split ? ws->xlo : nullptr);
         BM_CUDA_LAUNCHED();
         g_xproj_ksplit.fetch_add(1, std::memory_order_relaxed);
         return 0;
     }
+    if (dt_bf) return BM_CUDA_ARG_FAIL("engine: dt_proj's bf16 rows asked of an unsplit x_proj");
     if (tf32_small(m, ws, ly, M)) {  // too few rows or too short a K for the split
         g_small_tf32.fetch_add(1, std::memory_order_relaxed);
         TRY(gemm(m, ly.x_wf, CUDA_R_32F, ws->xc, CUDA_R_32F, E, ws->dbc, P, M, P, E,
@@ -1923,8 +1924,14 @@ int x_proj(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t M, float *Bm, f
 }
 
 int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T,
-                     const uint16_t *lo, bool stacked);
+                     bool stacked);
 bool prefill_out_one_on();
+// Where a split prefill's scan writes the low parts of bf16(y): right after the T hi rows where
+// out_proj is one GEMM of both (stacked: prefill_out_one_on; xbf holds the workspace's rows
+// plus Ts of max(d, E, R), and T <= Ts), else at xlo.
+uint16_t *prefill_ylo(const Ws *ws, int64_t T, int64_t E, bool stacked) {
+    return stacked ? ws->xbf + T * E : ws->xlo;
+}
 int in_proj_xzt(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t rows);
 int l2side_fork(bm_cuda_model *m, const void *p, int64_t bytes, const void *p0, int64_t bytes0);
 
@@ -1959,7 +1966,9 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     float *x = ws->xz, *z = ws->xz + T * E;
     cudaStream_t st = m->stream;
     const bool xdt = xdt_fill_ok(m, ws, ly, T);
-    const bool cfuse = stk && !xdt && fuse_bf_ok(m, ws, ly, T);
+    // fbf (fuse_bf_ok, decided once here): x_proj's reduction writes dt_proj's bf16 input, and
+    // with a stacked in_proj (cfuse) the conv writes x_proj's
+    const bool fbf = !xdt && fuse_bf_ok(m, ws, ly, T), cfuse = stk && fbf;
     if (stk) {  // stack_in_fill_ok: the norm wrote the lo rows at xbf + T d
         if (!xbf_ready) return BM_CUDA_ARG_FAIL("engine: stacked in_proj without the norm's rows");
         TRY(in_proj_xzt(m, ws, ly, 2 * T));                                  // (2T, 2E)
@@ -1991,11 +2000,10 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
         TRY(bm_xdt_dtproj(ws->dbc, c.R + 2 * N, ly.dt_wf, ws->delta, T, E, c.R, st));
         g_xdt_fill.fetch_add(1, std::memory_order_relaxed);
     } else {
-        TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm, cfuse));                   // (T, R + 2N)
+        TRY(x_proj(m, ws, ly, T, ws->Bm, ws->Cm, cfuse, fbf));              // (T, R + 2N)
         TRY(mark(m, P_XPROJ));
-        const bool dfuse = fuse_bf_ok(m, ws, ly, T);  // x_proj's reduction wrote dt's bf16 rows
-        if (dfuse) g_fuse_bf[1].fetch_add(1, std::memory_order_relaxed);
-        TRY(dt_proj(m, ws, ly, T, dfuse));                                  // bias in scan
+        if (fbf) g_fuse_bf[1].fetch_add(1, std::memory_order_relaxed);
+        TRY(dt_proj(m, ws, ly, T, fbf));  // bias in scan; fbf: x_proj's reduction wrote its bf16 rows
     }
     TRY(mark(m, P_DT));
     // Sequence-parallel where the grid is small (b = 1, 2 at the 2.8B shape; cuda/scan.cu).
@@ -2005,17 +2013,15 @@ int mamba_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *conv, flo
     const bool ysplit = ybf && split_x(m, ws, T);
     if (ysplit && (!ws->xlo || T > ws->Ts))
         return BM_CUDA_ARG_FAIL("engine: split-activation scratch missing or too small");
-    // the low parts: after the hi rows where out_proj is one GEMM of both (prefill_out_one_on;
-    // xbf holds the workspace's rows plus Ts of max(d, E, R), and T <= Ts), else at xlo
-    const bool one = pair && prefill_out_one_on();
-    uint16_t *ylo = !ysplit ? nullptr : one ? ws->xbf + T * E : ws->xlo;
+    const bool one = pair && prefill_out_one_on();  // out_proj's pair as one GEMM
+    uint16_t *ylo = ysplit ? prefill_ylo(ws, T, E, one) : nullptr;
     TRY(bm_cuda_scan_forward_ws(ws->xc, ws->delta, ly.A, ws->Bm, ws->Cm, ly.D, z, ly.dt_b, 1,
                                 ssm, ssm, ybf ? nullptr : ws->y, ybf ? ws->xbf : nullptr, ylo,
                                 B, L, E, N, 0, -1, 0, ws->scan_ws, ws->scan_ws_bytes, st));
     TRY(mark(m, P_SCAN));
     if (pair) {
         if (!ysplit) return BM_CUDA_ARG_FAIL("engine: out_proj pair without split rows");
-        TRY(out_pair_prefill(m, ws, ly, out, T, ylo, one));
+        TRY(out_pair_prefill(m, ws, ly, out, T, one));
     } else {
         TRY(linear(m, ws, ws->y, E, ly.out_w, ly.out_b, out, d, T, d, E, ybf));
     }
@@ -2113,14 +2119,14 @@ bool prefill_pair_ok(const bm_cuda_model *m, const Ws *ws, const LayerDev &ly, i
 // call.
 bool prefill_out_one_on() { return bm_env_switch("BLACKMAMBA_PREFILL_OUT_ONE", true); }
 std::atomic<long long> g_out_one_fill{0};  // of those, one GEMM of 2T rows (tests)
-// lo: where the scan wrote the low parts; stacked: at xbf + T E, out_proj one GEMM (else the
-// batch's second block)
+// stacked: the scan wrote the low parts after the hi rows (prefill_ylo), and out_proj is one
+// GEMM (else the batch's second block, at xlo)
 int out_pair_prefill(bm_cuda_model *m, Ws *ws, const LayerDev &ly, float *out, int64_t T,
-                     const uint16_t *lo, bool stacked) {
+                     bool stacked) {
     const int64_t d = m->cfg.d, E = m->cfg.E;
+    const uint16_t *lo = prefill_ylo(ws, T, E, stacked);
     const float one = 1.f, zero = 0.f;
     if (stacked) {  // rows 0..T-1 hi, T..2T-1 lo: out (2T, d)
-        if (lo != ws->xbf + T * E) return BM_CUDA_ARG_FAIL("engine: out_proj rows not stacked");
         BM_CUBLAS_TRY(cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)d, (int)(2 * T),
                                    (int)E, &one, ly.out_w, CUDA_R_16BF, (int)E, ws->xbf,
                                    CUDA_R_16BF, (int)E, &zero, out, CUDA_R_32F, (int)d,

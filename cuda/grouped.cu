@@ -1183,6 +1183,7 @@ template <int MODE, bool SPLIT>
 int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t stream) {
     const bool big = big_call(T, p.X);
     if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles (the caller asks at decode)
+    const bool plain = plain_defaults(p);  // a plain launch: plain_tile and TMA_MIN_ROWS_PLAIN
     if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
         const int wm = wgmma_mode(), tm = tma_mode();
         if (wm && wgmma_usable()) {
@@ -1191,7 +1192,7 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
             // against 0.108; H200, s11)
             if (p.ids && (big || wm == 2 || tm == 2))
                 return BM_CUDA_ARG_FAIL("moe_grouped: the routing from ids needs the decode tiles");
-            const int64_t tma_min = plain_defaults(p) ? TMA_MIN_ROWS_PLAIN : TMA_MIN_ROWS;
+            const int64_t tma_min = plain ? TMA_MIN_ROWS_PLAIN : TMA_MIN_ROWS;
             const bool try_tma = tm && (big || T >= tma_min || tm == 2);
             const bool wgmma = big || wm == 2;  // where the TMA core declines or is off
             // (the norm epilogue lives on the decode tiles only: norm_route_ok keeps it off
@@ -1229,12 +1230,11 @@ int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t s
     // 32 rows variant 4, 32-row tiles with 5 (2.281 -> 2.197 at B = 64: a 16-row tile reads an
     // expert's weights twice once it has more than 16 tokens). Logits bit-identical (the same
     // k order per output).
-    if ((v < 1 || v > (role >= 2 ? 9 : 5)) && role >= 2 && plain_defaults(p)) {
-        v = plain_tile(role, SPLIT, T, p.X);
-        plain_calls.fetch_add(1, std::memory_order_relaxed);
-    }
-    if (v < 1 || v > (role >= 2 ? 9 : 5)) {
-        if (role == 3 && SPLIT && T <= 16 * (int64_t)p.X) v = 7;
+    if (v < 1 || v > (role >= 2 ? 9 : 5)) {  // no variant digit: the defaults
+        if (role >= 2 && plain) {
+            v = plain_tile(role, SPLIT, T, p.X);
+            plain_calls.fetch_add(1, std::memory_order_relaxed);
+        } else if (role == 3 && SPLIT && T <= 16 * (int64_t)p.X) v = 7;
         else if (role == 3 && !SPLIT && T <= 4 * (int64_t)p.X) v = 1;
         else if (role == 3 && !SPLIT && T <= 32 * (int64_t)p.X) v = 4;
         else v = role == 0 && T < 4096 ? 4 : DEFAULT_TILES[role] - '0';

@@ -53,6 +53,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace {
@@ -270,31 +272,45 @@ __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kerne
     for (int j = 0; j < NT; j++) {
         const int n = sub * NT + j;
         A2[j] = n < N ? p.A[(int64_t)e * N + n] * 1.4426950408889634f : 0.f;
-        if (MODE == 2 && seg > 0) {
-            // True initial state of segment seg: segment 0's end state, then j = 1..seg-1:
-            // h = exp(A * dsum_j) h + H_j. Written by pass 1 (the previous launch).
-            float v = 0.f;
-            if (n < N) {
-                const int64_t be = (int64_t)bi * E + e, bE = (int64_t)gridDim.y * E;
-                v = p.hseg[be * N + n];
-                for (int j2 = 1; j2 < seg; j2++)
-                    v = fmaf(bm_ex2(p.dsum[j2 * bE + be] * A2[j]), v,
-                             p.hseg[(j2 * bE + be) * N + n]);
+    }
+    if (MODE == 2 && seg > 0) {
+        // True initial state of segment seg: segment 0's end state, then j2 = 1..seg-1:
+        // h = exp(A * dsum_j2) h + H_j2. Written by pass 1 (the previous launch). The segments
+        // outside, the states inside: a segment's NT + 1 loads go out together, one load
+        // latency a segment (session 24: the states outside, each state's loads one after
+        // another, cost NT latencies a segment, ~12 us of pass 2 at 7 segments).
+        const int64_t be = (int64_t)bi * E + e, bE = (int64_t)gridDim.y * E;
+        const float *hs0 = p.hseg + be * N + sub * NT;
+#pragma unroll
+        for (int j = 0; j < NT; j++) h[j] = sub * NT + j < N ? hs0[j] : 0.f;
+#pragma unroll 2
+        for (int j2 = 1; j2 < seg; j2++) {
+            const float ds = p.dsum[j2 * bE + be];
+            const float *hs = hs0 + j2 * bE * N;
+            float hn[NT];
+#pragma unroll
+            for (int j = 0; j < NT; j++) hn[j] = sub * NT + j < N ? hs[j] : 0.f;
+#pragma unroll
+            for (int j = 0; j < NT; j++) h[j] = fmaf(bm_ex2(ds * A2[j]), h[j], hn[j]);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            const int n = sub * NT + j;
+            if (MODE == 2) {
+                // Segment 0's initial state, as pass 1 saved it in the (otherwise unused) slot
+                // nseg - 1: state_in itself may already hold the last segment's state_out here
+                // (in place, written by another block of this launch).
+                const int64_t be = ((int64_t)(p.nseg - 1) * gridDim.y + bi) * E + e;
+                h[j] = n < N ? p.hseg[be * N + n] : 0.f;
+            } else {
+                // MODE 0, and segment 0 of pass 1: the given initial state; other pass-1
+                // segments start from zero.
+                h[j] = (n < N && p.state_in && seg == 0)
+                           ? p.state_in[((int64_t)bi * E + e) * N + n] : 0.f;
+                if (MODE == 1 && seg == 0 && active && n < N)  // for pass 2's segment 0 (above)
+                    p.hseg[(((int64_t)(p.nseg - 1) * gridDim.y + bi) * E + e) * N + n] = h[j];
             }
-            h[j] = v;
-        } else if (MODE == 2) {
-            // Segment 0's initial state, as pass 1 saved it in the (otherwise unused) slot
-            // nseg - 1: state_in itself may already hold the last segment's state_out here
-            // (in place, written by another block of this launch).
-            const int64_t be = ((int64_t)(p.nseg - 1) * gridDim.y + bi) * E + e;
-            h[j] = n < N ? p.hseg[be * N + n] : 0.f;
-        } else {
-            // MODE 0, and segment 0 of pass 1: the given initial state; other pass-1 segments
-            // start from zero.
-            h[j] = (n < N && p.state_in && seg == 0) ? p.state_in[((int64_t)bi * E + e) * N + n]
-                                                     : 0.f;
-            if (MODE == 1 && seg == 0 && active && n < N)  // for pass 2's segment 0 (above)
-                p.hseg[(((int64_t)(p.nseg - 1) * gridDim.y + bi) * E + e) * N + n] = h[j];
         }
     }
     float dsum = 0.f;  // light segments: sum of the softplus'd delta
@@ -788,9 +804,15 @@ int seg_tpc(int64_t N) { return N > 16 ? 4 : N > 8 ? 2 : 1; }
 // one pass's ~70 ns a step. The model's prefill (H200, 2.8B shape, same process, one pass
 // against the segments; cuda/NOTES.md session 23): b = 1, L = 192 / 256 / 320 / 448 / 512
 // -8.6 / -7.4 / -4.8 / -4.2 / -1.5%, L = 1024 / 2048 +3.6 / +9.1%; b = 2, L = 256 -5%, 1024 even.
-constexpr int64_t SEG_MIN_L = 768;
-int64_t auto_segments(int64_t b, int64_t L, int64_t E, int tpc, int sms) {
-    if (L < SEG_MIN_L) return 1;
+// Session 24: pass 2's fold took ~12 us (the NT states' loads one after another, now one load
+// latency a segment), after which segments win from 384 steps at b = 1: one pass against the
+// segments, L = 256 / 320 / 384 / 512 / 640 / 1024 +1.1 / -0.8 / -1.0 / -3.1 / -4.7 / -7.5%;
+// at b = 2 and 3 even (+-1%) at 768-1536 steps, so 768 stays there. (The passes on the packed
+// kernel, VAR 3 at 8 segments, measured even with VAR 1's at 320-2048 steps: not kept.)
+// min_l: SEG_MIN_L1 / SEG_MIN_L, or 3 * 64 under BLACKMAMBA_SCAN_SEGMENTS=any (A/B).
+constexpr int64_t SEG_MIN_L1 = 384, SEG_MIN_L = 768;
+int64_t auto_segments(int64_t b, int64_t L, int64_t E, int tpc, int sms, int64_t min_l) {
+    if (L < min_l) return 1;
     const int64_t nblk = bm_cdiv(E, SCAN_THREADS / tpc) * b;
     int64_t S = 8 * (int64_t)sms / nblk;
     S = std::min<int64_t>(std::min<int64_t>(S, L / 64), 64);
@@ -890,12 +912,22 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
     }
     // Sequence parallelism (see the top of the file).
     int64_t S = 1;
-    // BLACKMAMBA_SCAN_SEGMENTS=1 turns the auto rule off (A/B measurements).
+    // BLACKMAMBA_SCAN_SEGMENTS (A/B measurements, where the caller leaves the count to the
+    // auto rule): "1" one pass; "any" the auto rule without SEG_MIN_L; a count n >= 2 that
+    // many segments (one pass where the caller's workspace has no room for them).
     const char *env = getenv("BLACKMAMBA_SCAN_SEGMENTS");
-    if (segments == 0 && env && env[0] == '1' && env[1] == 0) segments = 1;
+    int64_t env_n = 0, min_l = b == 1 ? SEG_MIN_L1 : SEG_MIN_L;
+    if (segments == 0 && env) {
+        char *end = nullptr;
+        const long v = strtol(env, &end, 10);
+        if (!strcmp(env, "any")) min_l = 3 * 64;
+        else if (end != env && *end == 0 && v == 1) segments = 1;
+        else if (end != env && *end == 0 && v >= 2) env_n = std::min<long>(v, 64);
+    }
     // 16-bit activations run one pass (the packed kernel; the segmented passes are VAR 1's).
     if (adt != ACT_F32) segments = 1;
-    if (segments == 0) S = auto_segments(b, L, E, tpc ? tpc : seg_tpc(N), sms);
+    if (segments == 0 && env_n) S = std::min<int64_t>(env_n, bm_cdiv(L, SCAN_TC));
+    else if (segments == 0) S = auto_segments(b, L, E, tpc ? tpc : seg_tpc(N), sms, min_l);
     else if (segments >= 2) S = std::min<int64_t>(segments, bm_cdiv(L, SCAN_TC));
     void *buf = nullptr;
     if (S >= 2) {

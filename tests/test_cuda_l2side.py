@@ -169,7 +169,7 @@ def test_l2_set_aside(env):
     t = random_tensors(cfg, seed=3)
 
     def made(**kv):
-        env(BLACKMAMBA_PREFILL_L2SIDE=0, **kv)
+        env(**kv)
         return model_cuda.CudaModel(cfg, t, dtype="bfloat16").memory()["l2_set_aside"]
 
     first = made()

@@ -264,7 +264,7 @@ def scan_ws_call(kw, segments, tpc=0, in_place=False, ws_floats=None, bf16_out=F
 @pytest.mark.parametrize("b,L,E,N,S,tpc", [(1, 300, 33, 16, 4, 0), (1, 257, 130, 16, 5, 0),
                                            (2, 100, 64, 5, 3, 0), (3, 64, 40, 64, 4, 0),
                                            (1, 33, 70, 16, 3, 4), (2, 200, 36, 8, 64, 1),
-                                           (1, 160, 48, 32, 7, 2)])
+                                           (1, 160, 48, 32, 7, 2), (2, 77, 36, 16, 5, 2)])
 @pytest.mark.parametrize("opts", ["all", "bare", "no_softplus"])
 def test_selective_scan_segmented(b, L, E, N, S, tpc, opts):
     kw = scan_inputs(rng_for("scanseg", b, L, E, N, S, opts), b, L, E, N, opts)
@@ -351,7 +351,8 @@ def test_selective_scan_variant_bad():
 def test_selective_scan_segmented_auto_rule():
     # b = 1 at the 2.8B width (E = 2944) picks segments by itself, through ops (the scratch
     # from the stream-ordered pool) and through _ws with bm_cuda_scan_workspace's bytes; b = 8
-    # fills the machine already and does not, nor (session 23) a sequence under 768 steps
+    # fills the machine already and does not, nor a sequence under 384 steps at b = 1 (session
+    # 24; 768 in session 23) or under 768 at b = 2
     lib = native()
     kw = scan_inputs(rng_for("scanseg-auto"), 1, 1024, 2944, 16, "all")
     yr, finr = ref.selective_scan(**kw)
@@ -375,11 +376,38 @@ def test_selective_scan_segmented_auto_rule():
     y8, _ = ops.selective_scan(**dev8)
     assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
     check("selective_scan", H(y8), ref.selective_scan(**kw8)[0], TOL_SCAN)
-    kw5 = scan_inputs(rng_for("scanseg-auto767"), 1, 767, 2944, 16, "all")
-    dev5 = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw5.items()}
-    y5, _ = ops.selective_scan(**dev5)
-    assert lib.bm_cuda_scan_segmented_calls() == n0 + 2
-    check("selective_scan", H(y5), ref.selective_scan(**kw5)[0], TOL_SCAN)
+    for (b, L), seg in (((1, 383), 0), ((2, 767), 0), ((1, 384), 1)):
+        kw5 = scan_inputs(rng_for("scanseg-auto-min", b, L), b, L, 2944, 16, "all")
+        dev5 = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw5.items()}
+        n5 = lib.bm_cuda_scan_segmented_calls()
+        y5, _ = ops.selective_scan(**dev5)
+        assert lib.bm_cuda_scan_segmented_calls() == n5 + seg, (b, L)
+        check("selective_scan", H(y5), ref.selective_scan(**kw5)[0], TOL_SCAN)
+
+
+def test_selective_scan_segments_switch(monkeypatch):
+    # BLACKMAMBA_SCAN_SEGMENTS, read per call where the caller leaves the count to the auto
+    # rule (A/B measurements): "1" one pass, "any" the rule without its 384-step minimum, a
+    # count n that many segments (one pass where the workspace has no room), junk the rule
+    lib = native()
+    kw = scan_inputs(rng_for("scanseg-switch"), 1, 300, 2944, 16, "all")
+    yr, finr = ref.selective_scan(**kw)
+    wsf = lib.bm_cuda_scan_workspace(2944, 16) // 4
+    # "64": 19 segments of one chunk, and room for 5 only: one pass
+    for val, seg in ((None, 0), ("any", 1), ("5", 1), ("junk", 0), ("1", 0), ("64", 0)):
+        if val is None:
+            monkeypatch.delenv("BLACKMAMBA_SCAN_SEGMENTS", raising=False)
+        else:
+            monkeypatch.setenv("BLACKMAMBA_SCAN_SEGMENTS", val)
+        n0 = lib.bm_cuda_scan_segmented_calls()
+        y, fin = scan_ws_call(kw, 0, ws_floats=wsf if val != "64" else 5 * 2944 * 17)
+        assert lib.bm_cuda_scan_segmented_calls() == n0 + seg, val
+        check("selective_scan_segmented", y, yr, TOL_SCAN)
+        check("selective_scan_segmented", fin, finr, TOL_SCAN)
+        # a count the caller asks for wins over the switch
+        y2, _ = scan_ws_call(kw, 3)
+        assert lib.bm_cuda_scan_segmented_calls() == n0 + seg + 1, val
+        check("selective_scan_segmented", y2, yr, TOL_SCAN)
 
 
 # ---- causal conv1d ------------------------------------------------------------------------------

@@ -21,7 +21,10 @@
 //     and written, ~2% of the GEMM's time at the prefill sizes).
 // Rows past an expert's end (the next expert's slots, or past T: zeros) and weight rows past
 // N (the next rows of the tensor, or zeros past its end) are loaded and multiplied but never
-// stored: an output (r, c) depends only on A row r and weight row c. K tails are zero-filled
+// stored: an output (r, c) depends only on A row r and weight row c. Except (skip, session 24):
+// the second consumer warpgroup of a tile with at most 64 rows (an expert's last row tile, half
+// the time) only hands the stages back, no wgmma and no epilogue, which leaves the SM's tensor
+// cores to the first. K tails are zero-filled
 // by the copy engine (the maps' inner extent is K).
 #pragma once
 
@@ -79,7 +82,7 @@ template <int MODE>
 __global__ void __launch_bounds__(TM_NT, 1)
     grouped_tma_kernel(const __grid_constant__ CUtensorMap map_a,
                        const __grid_constant__ CUtensorMap map_w, const GroupedArgs p,
-                       int ncols, int ntiles) {
+                       int ncols, int ntiles, int skip) {
 #if !BM_WGMMA_DEVICE
     __trap();
 #else
@@ -138,6 +141,8 @@ __global__ void __launch_bounds__(TM_NT, 1)
             int e, row0, rows;
             if (!tma_tile(offs, X, t / ncols, e, row0, rows)) continue;
             const int n0 = (t % ncols) * OUT_COLS;
+            // skip: none of this warpgroup's rows is in the tile (warpgroup-uniform)
+            const bool idle = skip && cw * 64 >= rows;
             const int rbase = cw * 64 + (warp & 3) * 16 + (lane >> 2);
             // FC2: this thread's two rows' tokens and gates, in flight during the k loop
             const WgRows w = wg_rows<MODE>(p, rbase, rows, row0);
@@ -148,7 +153,11 @@ __global__ void __launch_bounds__(TM_NT, 1)
             for (int kt = 0; kt < KT; kt++, it++) {
                 const int s = it % TM_S;
                 mbar_wait(full0 + 8 * s, (unsigned)(it / TM_S) & 1u);
-                // (a warpgroup past the tile's rows multiplies rows nobody stores)
+                if (idle) {  // the stage back at once (after its fill: the phases stay in step)
+                    if (lane == 0) mbar_arrive(empty0 + 8 * s);
+                    continue;
+                }
+                // (without skip, a warpgroup past the tile's rows multiplies rows nobody stores)
                 wg_k_tile<TM_BN>(acc, sbase + s * TM_STAGE + cw * (64 * 128),
                                  sbase + s * TM_STAGE + TM_A);
                 wg_wait<1>();  // the group of the previous k tile retired
@@ -161,7 +170,7 @@ __global__ void __launch_bounds__(TM_NT, 1)
             if (prev >= 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
 
             // Epilogue: grouped_wgmma_kernel's (its accumulator layout), BN = 256.
-            wg_epilogue<TM_BN, MODE>(acc, p, w, rbase, rows, row0, n0);
+            if (!idle) wg_epilogue<TM_BN, MODE>(acc, p, w, rbase, rows, row0, n0);
         }
     }
 #endif
@@ -180,6 +189,9 @@ __global__ void gather_rows_kernel(const uint16_t *__restrict__ xb, const int32_
 
 // Launches of the TMA core (bm_cuda_moe_grouped_tma_launches): the tests assert the path.
 std::atomic<long long> tma_launches{0};
+// BLACKMAMBA_MOE_TMA_SKIP (session 24): unset / "1" a tile's idle second consumer warpgroup
+// skips its wgmma (see the top); "0" it multiplies as before (A/B, tests). Read per call.
+bool tma_skip_on() { return bm_env_switch("BLACKMAMBA_MOE_TMA_SKIP", true); }
 
 // cuTensorMapEncodeTiled from the driver, through the runtime (no link to libcuda); NULL if
 // the driver does not offer it.
@@ -260,7 +272,8 @@ int tma_launch(const GroupedArgs &p, int64_t T, cudaStream_t stream, bool *taken
         BM_CUDA_LAUNCHED();
     }
     const unsigned grid = (unsigned)(ntiles < sms ? ntiles : sms);
-    grouped_tma_kernel<MODE><<<grid, TM_NT, TM_SMEM, stream>>>(ma, mw, p, (int)ncols, (int)ntiles);
+    grouped_tma_kernel<MODE><<<grid, TM_NT, TM_SMEM, stream>>>(ma, mw, p, (int)ncols, (int)ntiles,
+                                                               tma_skip_on() ? 1 : 0);
     BM_CUDA_LAUNCHED();
     tma_launches.fetch_add(1, std::memory_order_relaxed);
     *taken = true;

@@ -292,7 +292,10 @@ enum { BM_MOE_GROUPED_DISPATCHED = 1, BM_MOE_GROUPED_PDL = 2, BM_MOE_GROUPED_PDL
         * the decode tiles that derive them per CTA (bm_cuda_moe_grouped_ids_ok: unsplit, at
         * most 256 tokens and 64 experts, the default tile choice); elsewhere the dispatch is
         * launched as without the flag. Overrides BM_MOE_GROUPED_DISPATCHED where taken. */
-       BM_MOE_GROUPED_IDS = 64 };
+       BM_MOE_GROUPED_IDS = 64,
+       /* a prefill's call (session 24): the plain-launch tile defaults and TMA threshold
+        * (grouped.cu plain_tile) even with PDL flags, and no evict_first weight loads */
+       BM_MOE_GROUPED_PREFILL = 128 };
 int bm_cuda_moe_grouped_bf16_ex(const float *x, const uint16_t *xb, const uint16_t *xl,
                                 const int32_t *ids, const float *gates, const void *fc1,
                                 const void *fc2, bm_act act, int split, float *out, int64_t T,

@@ -1465,12 +1465,8 @@ bool route_dispatch_on() { return bm_env_switch("BLACKMAMBA_MOE_ROUTE_DISPATCH",
 // row per expert would run its tiles one after another); otherwise 2 capped. Uncapped, fc2 launched early lost 6-11 us a layer at
 // B = 64: its CTAs gathered on the SMs that fc1 freed first. Returns
 // bm_cuda_moe_grouped_bf16_ex's flags.
-int moe_dec_pdl_flags(int64_t T, int64_t X) {
-    const char *e = getenv("BLACKMAMBA_MOE_DEC_PDL");
-    const int v = e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0'
-                  : T <= GEMV_ROWS                 ? 2
-                  : T >= 2 * X && T <= 32 * X      ? 3
-                                                   : 2;
+// Mode v's flags, fc2 capped by the rule below (or BLACKMAMBA_MOE_DEC_PDL_CAP).
+int moe_pdl_flags_of(int v, int64_t T) {
     // capped also at up to 5 rows (session 18, same process, the stacked split path: B = 2
     // -3.4%, 3 -0.6%, 4 -0.8%, 5 -1.1%; 6, 7, 8 +1.4, +1.3, +1.0%)
     const bool cap = bm_env_switch("BLACKMAMBA_MOE_DEC_PDL_CAP", T > GEMV_ROWS || T <= 5);
@@ -1481,6 +1477,31 @@ int moe_dec_pdl_flags(int64_t T, int64_t X) {
                              BM_MOE_GROUPED_PDL | BM_MOE_GROUPED_FC2_PLAIN,
                              BM_MOE_GROUPED_PDL_EXPERT | BM_MOE_GROUPED_FC2_PLAIN};
     return f[v] | (f[v] && cap ? BM_MOE_GROUPED_FC2_CAP : 0);
+}
+int env_digit05(const char *name) {  // the switch's leading digit 0..5, or -1
+    const char *e = getenv(name);
+    return e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0' : -1;
+}
+int moe_dec_pdl_mode(int64_t T, int64_t X) {
+    return T <= GEMV_ROWS ? 2 : T >= 2 * X && T <= 32 * X ? 3 : 2;
+}
+int moe_dec_pdl_flags(int64_t T, int64_t X) {
+    const int e = env_digit05("BLACKMAMBA_MOE_DEC_PDL");
+    return moe_pdl_flags_of(e >= 0 ? e : moe_dec_pdl_mode(T, X), T);
+}
+// A prefill's grouped GEMMs with PDL too (session 24), on the prefill's own tiles
+// (BM_MOE_GROUPED_PREFILL): split calls (bf16 math up to 128 tokens) by the decode's rule,
+// unsplit ones mode 2 from 24 rows an expert on average, plain launches below (the TMA core
+// and the large prefill tiles launch plainly anyway). Same process, H200, 2.8B shape, against
+// plain launches (cuda/NOTES.md session 24): b = 1, 5 / 8 / 16 / 32 / 64 / 128 tokens -5.6 /
+// -4.3 / -1.7 / -4.7 / -2.1 / -0.3%, b = 2 x 16 -5.1%, 4 x 16 -4.1%, 2 x 64 -0.8%; unsplit,
+// mode 2: 136 / 160 / 192 / 256 / 300 tokens +2.2 / +1.1 / -0.1 / -2.0 / -3.8%, 4 x 64 -3.0%
+// (mode 3, the decode's rule there: +3.6 to +6.3% at 160-256). BLACKMAMBA_PREFILL_MOE_PDL: a
+// digit as BLACKMAMBA_MOE_DEC_PDL's ("0": plain launches; A/B, tests).
+int moe_prefill_pdl_flags(int64_t T, int64_t X, bool split) {
+    const int e = env_digit05("BLACKMAMBA_PREFILL_MOE_PDL");
+    const int v = e >= 0 ? e : split ? moe_dec_pdl_mode(T, X) : T >= 24 * X ? 2 : 0;
+    return moe_pdl_flags_of(v, T) | BM_MOE_GROUPED_PREFILL;
 }
 // BLACKMAMBA_MOE_IDS=0: the batched decode's grouped experts read the dispatch built by the
 // routing kernel's last block (NR_PRE_DISP) instead of deriving it from the ids in each CTA
@@ -2703,8 +2724,9 @@ int mlp(bm_cuda_model *m, Ws *ws, const LayerDev &ly, int64_t li, const float *x
         const bool split = split_x(m, ws, T);
         // The decode's GEMMs with PDL (moe_dec_pdl_flags; at capture), and no dispatch launch
         // where the routing built it.
-        const int flags = disp |
-                          (ws->decode ? moe_dec_pdl_flags(T, ly.X) : 0);
+        // (a prefill's too, on its own tiles: moe_prefill_pdl_flags)
+        const int flags = disp | (ws->decode ? moe_dec_pdl_flags(T, ly.X)
+                                             : moe_prefill_pdl_flags(T, ly.X, split));
         g_mlp_path[0].fetch_add(1, std::memory_order_relaxed);
         TRY(bm_cuda_moe_grouped_bf16_norm(x, xbf_ready ? ws->xbf : nullptr,
                                           xbf_ready && split ? ws->xlo : nullptr, ids, gates,

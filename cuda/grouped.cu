@@ -223,6 +223,7 @@ struct GroupedNorm {
 // The host side's arguments of one grouped GEMM: both parameters.
 struct GroupedDecArgs : GroupedArgs {
     GroupedNorm nm;
+    int prefill;  // BM_MOE_GROUPED_PREFILL (host side: plain_defaults)
 };
 // Columns per partial sum of squares of the norm epilogue (GroupedNorm::res): each decode
 // fc2 tile's warp covers 32 columns (Tile::WTN; gemm_launch refuses others).
@@ -1154,7 +1155,8 @@ int gemm_launch(const GroupedDecArgs &p_in, int64_t T, cudaStream_t stream) {
 constexpr char DEFAULT_TILES[] = "2222";
 
 // The decode tiles launched plainly, in stream order (short prefills, ops calls: no PDL, no
-// graph, no norm epilogue, no routing from the ids), take their own defaults (session 23).
+// graph, no norm epilogue, no routing from the ids), take their own defaults (session 23), and
+// so do a prefill's with PDL flags (BM_MOE_GROUPED_PREFILL, session 24).
 // The decode's above were chosen in the captured decode step, where fc1 and fc2 meet PDL and
 // the L2 staging; a short prefill's same-process sweep of every variant (H200, 2.8B shape,
 // batch 1, 8 to 384 tokens; cuda/NOTES.md session 23) found smaller fc1 tiles and other fc2
@@ -1164,7 +1166,7 @@ constexpr char DEFAULT_TILES[] = "2222";
 // wins over both.
 bool plain_tiles_on() { return bm_env_switch("BLACKMAMBA_MOE_PLAIN_TILES", true); }
 bool plain_defaults(const GroupedDecArgs &p) {
-    return p.pdl == PDL_NONE && !p.nm.res && !p.ids && plain_tiles_on();
+    return (p.pdl == PDL_NONE || p.prefill) && !p.nm.res && !p.ids && plain_tiles_on();
 }
 // 320 tokens at X = 8 -0.9%, 384 -2.3%, 448 -7.5%, 2 x 192 -3.1%; 256 +5%, 129 +15%
 constexpr int64_t TMA_MIN_ROWS_PLAIN = 320;
@@ -1507,7 +1509,9 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     p1.xg = ws.xg;
     p1.ids = by_ids ? ids : nullptr;
     p1.T = (int)T;
-    p1.wpol = pdl && !split ? grouped_wpol() : 0;
+    const bool prefill = flags & BM_MOE_GROUPED_PREFILL;
+    p1.prefill = prefill;
+    p1.wpol = pdl && !split && !prefill ? grouped_wpol() : 0;
     if (p1.wpol) wpol_calls.fetch_add(1, std::memory_order_relaxed);
     st = split ? gemm_dispatch<MODE_FC1, true>(p1, T, tiles, stream)
                : gemm_dispatch<MODE_FC1, false>(p1, T, tiles, stream);
@@ -1524,6 +1528,7 @@ extern "C" int bm_cuda_moe_grouped_bf16_norm(const float *x, const uint16_t *xb_
     p2.ids = by_ids ? ids : nullptr;
     p2.T = (int)T;
     p2.wpol = p1.wpol;
+    p2.prefill = prefill;
     if (norm) {
         p2.nm.res = norm->res;
         p2.nm.nw = norm->w;

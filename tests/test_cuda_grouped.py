@@ -9,6 +9,7 @@ BLACKMAMBA_MOE_GROUPED=force makes an unsupported case fail instead of falling b
 is how the tests below assert that the grouped path was the one taken.
 """
 import ctypes
+import os
 import zlib
 
 import numpy as np
@@ -55,6 +56,8 @@ def _lib_c():
     lib.bm_cuda_moe_grouped_wgmma_launches.restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_tma_launches.restype = ctypes.c_longlong
     lib.bm_cuda_moe_grouped_dec_launches.restype = ctypes.c_longlong
+    lib.bm_cuda_moe_grouped_pdl_launches.restype = ctypes.c_longlong
+    lib.bm_cuda_moe_grouped_plain_tile_calls.restype = ctypes.c_longlong
     lib.bm_cuda_mlp_path_calls.argtypes = [I32]
     lib.bm_cuda_mlp_path_calls.restype = ctypes.c_longlong
     return lib
@@ -276,7 +279,8 @@ def test_engine_small_prefill_grouped(monkeypatch, B, L):
     # per 8-token tile, kept 6..64 tokens before: BLACKMAMBA_MOE_GEMV_MAX=64 restores that).
     # Each forward's paths counted, the logits of both against each other and the CPU model
     # (split activations under 128 tokens: fp32-class either way); up to 4 tokens stay on the
-    # GEMV.
+    # GEMV. Session 24: the grouped GEMMs of a prefill launch with PDL on the prefill's plain
+    # tiles, bit-identical to plain launches (BLACKMAMBA_PREFILL_MOE_PDL=0).
     from blackmamba import model_cuda
     from blackmamba.config import Config
     from blackmamba.model import Model, random_tensors
@@ -287,12 +291,17 @@ def test_engine_small_prefill_grouped(monkeypatch, B, L):
     ids = np.random.default_rng(B * 100 + L).integers(0, 90, (B, L))
     want = Model(cfg, t, dtype="bfloat16")(ids)
     g = model_cuda.CudaModel(cfg, t, dtype="bfloat16")
-    outs, paths = {}, {}
-    for mode in ("", "64"):
-        monkeypatch.setenv("BLACKMAMBA_MOE_GEMV_MAX", mode)
-        n0 = mlp_paths()
+    outs, paths, pdl = {}, {}, {}
+    for mode in ("", "64", "plain"):
+        monkeypatch.setenv("BLACKMAMBA_MOE_GEMV_MAX", "" if mode == "plain" else mode)
+        monkeypatch.setenv("BLACKMAMBA_PREFILL_MOE_PDL", "0" if mode == "plain" else "")
+        n0, p0 = mlp_paths(), LIB.bm_cuda_moe_grouped_pdl_launches()
+        t0 = LIB.bm_cuda_moe_grouped_plain_tile_calls()
         outs[mode] = g(ids)
         paths[mode] = tuple(mlp_paths() - n0)
+        pdl[mode] = LIB.bm_cuda_moe_grouped_pdl_launches() - p0
+        # every grouped GEMM on the plain tiles, with PDL or not (hidden 24: decode tiles)
+        assert LIB.bm_cuda_moe_grouped_plain_tile_calls() - t0 == 2 * paths[mode][0], mode
     # every MLP of a forward ("8", "1" and the parallel one of "r2") on one path
     n = sum(paths[""])
     assert n == 3 and sum(paths["64"]) == n, paths
@@ -305,6 +314,12 @@ def test_engine_small_prefill_grouped(monkeypatch, B, L):
     assert rel_err(outs[""], outs["64"]) < 1e-4
     if not grouped_now or B * L > 64:   # the same path either way
         np.testing.assert_array_equal(outs[""], outs["64"])
+    np.testing.assert_array_equal(outs[""], outs["plain"])
+    assert paths["plain"] == paths[""]
+    # fc1 and fc2 of each grouped layer with PDL (unless BLACKMAMBA_CUDA_PDL is off), none
+    # under "0"
+    pdl_on = os.environ.get("BLACKMAMBA_CUDA_PDL", "1")[:1] != "0"
+    assert pdl[""] == (2 * paths[""][0] if pdl_on else 0) and pdl["plain"] == 0, pdl
 
 
 # ---- the wgmma core (grouped_wgmma.cuh): prefill tiles on compute capability 9.0 ----------------

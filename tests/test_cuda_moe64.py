@@ -37,7 +37,7 @@ SWITCHES = ("BLACKMAMBA_MOE_ROUTE_DISPATCH", "BLACKMAMBA_MOE_DEC_PDL", "BLACKMAM
             "BLACKMAMBA_NORM_ROUTE_PRE", "BLACKMAMBA_PREFILL_STACK_OUT",
             "BLACKMAMBA_PREFILL_STACK_IN", "BLACKMAMBA_PREFILL_STACK_XPROJ",
             "BLACKMAMBA_PREFILL_FUSE_BF", "BLACKMAMBA_PREFILL_GEMM_MIN", "BLACKMAMBA_PREFILL_XDT",
-            "BLACKMAMBA_MOE_PLAIN_TILES", "BLACKMAMBA_PREFILL_L2SIDE",
+            "BLACKMAMBA_MOE_PLAIN_TILES", "BLACKMAMBA_PREFILL_L2SIDE", "BLACKMAMBA_PREFILL_MOE_PDL",
             "BLACKMAMBA_PREFILL_OUT_ONE")
 LEGACY_STREAM = ctypes.c_void_p(1)   # cudaStreamLegacy: the stream blackmamba.ops uses
 
@@ -158,7 +158,7 @@ def test_dispatch_last_block(env, T, X):
 
 
 # bm_cuda_moe_grouped_bf16_ex's flags (cuda/bm_cuda.h)
-DISPATCHED, PDL, PDL_EARLY, PDL_EXPERT, IDS = 1, 2, 4, 8, 64
+DISPATCHED, PDL, PDL_EARLY, PDL_EXPERT, IDS, PREFILL = 1, 2, 4, 8, 64, 128
 # (T, X, d, F, kind): K tails (d, F not multiples of 64), N tails, several k tiles, experts
 # over several row tiles of 32 / 16 ("last", "skewed"), empty experts, X = 1
 GEMM_CASES = [(64, 8, 184, 248, "uniform"), (100, 1, 48, 72, "uniform"),
@@ -244,7 +244,8 @@ def test_grouped_plain_tiles(env, T, X, d, F, kind, split):
     # A plain launch (no PDL flag: the prefill's, ops calls) of the decode tiles takes
     # plain_tile's defaults: the counter, the float64 reference, and bit-equality with the
     # variants forced through BLACKMAMBA_MOE_GROUPED_TILES (the rule picks what it says);
-    # BLACKMAMBA_MOE_PLAIN_TILES=0 and the PDL launches keep the decode's defaults.
+    # BLACKMAMBA_MOE_PLAIN_TILES=0 and the PDL launches keep the decode's defaults, except a
+    # prefill's (PREFILL, session 24): its PDL forms on plain_tile's, bit-identical.
     from blackmamba import ref
     x, ids, gates, fc1, fc2 = moe_case("plain tiles", T, X, d, F, kind, split)
     want = ref.moe_experts(x, ids, gates, fc1, fc2, "silu")
@@ -265,6 +266,9 @@ def test_grouped_plain_tiles(env, T, X, d, F, kind, split):
     env(BLACKMAMBA_CUDA_PDL=0)  # the PDL form's tiles, launched plainly (as above)
     np.testing.assert_array_equal(grouped_ex(x, ids, gates, fc1, fc2, split, PDL), old)
     assert LIB.bm_cuda_moe_grouped_plain_tile_calls() == n0
+    for flags in (PDL | PREFILL, PDL_EARLY | PREFILL, PDL_EXPERT | PREFILL, PREFILL):
+        np.testing.assert_array_equal(grouped_ex(x, ids, gates, fc1, fc2, split, flags), got)
+    assert LIB.bm_cuda_moe_grouped_plain_tile_calls() == n0 + 8
 
 
 def grouped_norm(x, ids, gates, fc1, fc2, res, w, flags, split=0, lo=None):
@@ -519,10 +523,12 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
     # moe_dec_pdl_flags);
     # against the CPU model within the math's tolerance
     # (the dispatch built by the routing kernel: BLACKMAMBA_MOE_IDS=0 throughout; the routing
-    # from the ids is test_route_ids's)
+    # from the ids is test_route_ids's; the prompt's GEMMs launched plainly, so that the PDL
+    # launches counted are the decode's)
     g, c = make(200 + B, math=math, bias=bias)
     ids = np.random.default_rng(B + 7).integers(0, g.vocab_size, (B, 5))
-    env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0, BLACKMAMBA_MOE_IDS=0)
+    env(BLACKMAMBA_MOE_ROUTE_DISPATCH=0, BLACKMAMBA_MOE_DEC_PDL=0, BLACKMAMBA_MOE_IDS=0,
+        BLACKMAMBA_PREFILL_MOE_PDL=0)
     k0 = counts()
     old, want = steps(g, c, ids, 3)
     k1 = counts()
@@ -535,7 +541,7 @@ def test_route_dispatch_and_pdl(env, B, math, bias):
     for disp, pdl, cap in combos:
         if disp == "0" and pdl == "0":
             continue
-        kv = {"BLACKMAMBA_MOE_IDS": 0}
+        kv = {"BLACKMAMBA_MOE_IDS": 0, "BLACKMAMBA_PREFILL_MOE_PDL": 0}
         if disp is not None:
             kv["BLACKMAMBA_MOE_ROUTE_DISPATCH"] = disp
         if pdl is not None:

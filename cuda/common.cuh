@@ -179,6 +179,28 @@ static inline void bm_pdl_early_count(int kind) {
     bm_pdl_early_counts()[kind].fetch_add(1, std::memory_order_relaxed);
 }
 
+// The prefill's conv and selective scan launched through bm_launch_pdl (session 24) for
+// sequences of `tokens` (b L) up to 32 or from 512. Both call bm_pdl_wait_only() first: no
+// early trigger, so the kernel after them starts as their blocks exit, not parked beside them.
+// Same process, H200, 2.8B shape, b = 1, against plain launches (cuda/NOTES.md session 24):
+// 8 / 32 / 512 / 1024 tokens -2.7 / -1.1 / -2.1 / -1.2%, b = 8 x 2048 -0.7 to -1.8% (its
+// spread); but 64 even and 128 +3.3% (cause not found), so not from 33 to 511 tokens.
+// BLACKMAMBA_CONV_SCAN_PDL: "0" never, "1" at every length (A/B, tests); unset: that rule.
+// Read per launch.
+static inline bool bm_conv_scan_pdl(int64_t tokens) {
+    const char *e = getenv("BLACKMAMBA_CONV_SCAN_PDL");
+    if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+    return tokens <= 32 || tokens >= 512;
+}
+template <typename... KArgs, typename... Args>
+static inline cudaError_t bm_launch_maybe_pdl(bool pdl, void (*kernel)(KArgs...), dim3 grid,
+                                              dim3 block, size_t smem, cudaStream_t stream,
+                                              Args... args) {
+    if (pdl) return bm_launch_pdl(kernel, grid, block, smem, stream, args...);
+    kernel<<<grid, block, smem, stream>>>(args...);
+    return cudaGetLastError();
+}
+
 // Launch `kernel` through bm_launch_pdl and return its status from the enclosing launcher.
 #define BM_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
     BM_CUDA_TRY(bm_launch_pdl(kernel, grid, block, smem, stream, __VA_ARGS__))

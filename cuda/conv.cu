@@ -34,6 +34,7 @@ __global__ void conv_fwd_kernel(const float *__restrict__ x,      // (b, L, E)
                                 int silu, int L, int E, int64_t ld, int64_t part,
                                 const float *__restrict__ zin, float *__restrict__ z,
                                 uint16_t *__restrict__ ybf, uint16_t *__restrict__ ylo) {
+    bm_pdl_wait_only();  // (launched with PDL where bm_conv_scan_pdl; else a no-op)
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E) return;
     const int c = blockIdx.y, bi = blockIdx.z;
@@ -208,18 +209,21 @@ int conv_fwd_launch(const float *x, const float *w, const float *bias, const flo
     const bool small = b * L * E < CONV_SMALL && bm_cdiv(L, CONV_CT_SMALL) <= 65535;
     const int ct = small ? CONV_CT_SMALL : CONV_CT;
     dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, ct), (unsigned)b);
+    const bool pdl = bm_conv_scan_pdl(b * L);
     if (z) {  // SUM
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL, true>
                              : conv_fwd_kernel<K, CONV_CT, true>;
-        kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu,
-                                                  (int)L, (int)E, ld, part, zin, z, ybf, ylo);
+        BM_CUDA_TRY(bm_launch_maybe_pdl(pdl, kernel, grid, dim3(CONV_THREADS), 0, stream, x, w,
+                                        bias, conv_in, conv_out, y, silu, (int)L, (int)E, ld,
+                                        part, zin, z, ybf, ylo));
     } else {
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL> : conv_fwd_kernel<K, CONV_CT>;
-        kernel<<<grid, CONV_THREADS, 0, stream>>>(x, w, bias, conv_in, conv_out, y, silu,
-                                                  (int)L, (int)E, 0, 0, nullptr, nullptr,
-                                                  nullptr, nullptr);
+        BM_CUDA_TRY(bm_launch_maybe_pdl(pdl, kernel, grid, dim3(CONV_THREADS), 0, stream, x, w,
+                                        bias, conv_in, conv_out, y, silu, (int)L, (int)E,
+                                        (int64_t)0, (int64_t)0, (const float *)nullptr,
+                                        (float *)nullptr, (uint16_t *)nullptr,
+                                        (uint16_t *)nullptr));
     }
-    BM_CUDA_LAUNCHED();
     return 0;
 }
 

@@ -240,6 +240,7 @@ std::atomic<long long> g_scan_packed{0};
 
 template <int NT, int TPC, int VAR, int MODE, int ADT = ACT_F32>
 __global__ __launch_bounds__(SCAN_THREADS, VAR >= 2 ? 6 : 8) void scan_fwd_kernel(const ScanParams p) {
+    bm_pdl_wait_only();  // (launched with PDL where bm_conv_scan_pdl; else a no-op)
     constexpr int TC = SCAN_TC;
     static_assert(VAR < 2 || (MODE == 0 && TPC >= 2), "packed variants: one pass, TPC 2 or 4");
     static_assert(ADT == ACT_F32 || VAR >= 2, "16-bit activations: packed variants only");
@@ -747,16 +748,20 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, cudaStream_t s
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
+    // with PDL where the grid is small (bm_conv_scan_pdl, session 24; the kernel waits first)
+    const bool pdl = bm_conv_scan_pdl((int64_t)b * p.L);
+    auto go = [&](void (*k)(const ScanParams)) {
+        return bm_launch_maybe_pdl(pdl, k, grid, dim3(SCAN_THREADS), 0, stream, p);
+    };
     if (adt != ACT_F32) {
         // 16-bit activations: VAR 3, one pass (scan_forward made TPC >= 2 and nseg = 1).
         if constexpr (TPC >= 2) {
             if (p.nseg == 1) {
                 g_scan_packed.fetch_add(1, std::memory_order_relaxed);
                 if (adt == ACT_BF16)
-                    scan_fwd_kernel<NT, TPC, 3, 0, ACT_BF16><<<grid, SCAN_THREADS, 0, stream>>>(p);
+                    BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 3, 0, ACT_BF16>));
                 else
-                    scan_fwd_kernel<NT, TPC, 3, 0, ACT_F16><<<grid, SCAN_THREADS, 0, stream>>>(p);
-                BM_CUDA_LAUNCHED();
+                    BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 3, 0, ACT_F16>));
                 return 0;
             }
         }
@@ -766,25 +771,22 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, cudaStream_t s
     if (var >= 2 && TPC < 2) var = 1;  // the packed layout does not fit 48 KB at TPC = 1
     if (p.nseg > 1) {  // sequence-parallel: the two passes (VAR 1 only)
         grid.z = (unsigned)(p.nseg - 1);
-        scan_fwd_kernel<NT, TPC, 1, 1><<<grid, SCAN_THREADS, 0, stream>>>(p);
-        BM_CUDA_LAUNCHED();
+        BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 1, 1>));
         grid.z = (unsigned)p.nseg;
-        scan_fwd_kernel<NT, TPC, 1, 2><<<grid, SCAN_THREADS, 0, stream>>>(p);
-        BM_CUDA_LAUNCHED();
+        BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 1, 2>));
         return 0;
     }
     if (var == 4 && !(NT == 8 && TPC == 2)) var = 3;  // VAR 4 is built for b=8's shape only
     if (var >= 2) g_scan_packed.fetch_add(1, std::memory_order_relaxed);
     if constexpr (NT == 8 && TPC == 2) {
-        if (var == 4) scan_fwd_kernel<NT, TPC, 4, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+        if (var == 4) BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 4, 0>));
     }
     if constexpr (TPC >= 2) {
-        if (var == 3) scan_fwd_kernel<NT, TPC, 3, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
-        else if (var == 2) scan_fwd_kernel<NT, TPC, 2, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
+        if (var == 3) BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 3, 0>));
+        else if (var == 2) BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 2, 0>));
     }
-    if (var == 1) scan_fwd_kernel<NT, TPC, 1, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
-    else if (var == 0) scan_fwd_kernel<NT, TPC, 0, 0><<<grid, SCAN_THREADS, 0, stream>>>(p);
-    BM_CUDA_LAUNCHED();
+    if (var == 1) BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 1, 0>));
+    else if (var == 0) BM_CUDA_TRY(go(scan_fwd_kernel<NT, TPC, 0, 0>));
     return 0;
 }
 

@@ -807,8 +807,8 @@ int seg_tpc(int64_t N) { return N > 16 ? 4 : N > 8 ? 2 : 1; }
 // against the segments; cuda/NOTES.md session 23): b = 1, L = 192 / 256 / 320 / 448 / 512
 // -8.6 / -7.4 / -4.8 / -4.2 / -1.5%, L = 1024 / 2048 +3.6 / +9.1%; b = 2, L = 256 -5%, 1024 even.
 // Session 24: pass 2's fold took ~12 us (the NT states' loads one after another, now one load
-// latency a segment), after which segments win from 384 steps at b = 1: one pass against the
-// segments, L = 256 / 320 / 384 / 512 / 640 / 1024 +1.1 / -0.8 / -1.0 / -3.1 / -4.7 / -7.5%;
+// latency a segment), after which segments win from 384 steps at b = 1: the segments against
+// one pass, L = 256 / 320 / 384 / 512 / 640 / 1024 +2.9 / -0.8 / -1.2 / -3.1 / -4.5 / -7.7%;
 // at b = 2 and 3 even (+-1%) at 768-1536 steps, so 768 stays there. (The passes on the packed
 // kernel, VAR 3 at 8 segments, measured even with VAR 1's at 320-2048 steps: not kept.)
 // min_l: SEG_MIN_L1 / SEG_MIN_L, or 3 * 64 under BLACKMAMBA_SCAN_SEGMENTS=any (A/B).

@@ -5,6 +5,9 @@ real durations, and the idle time between consecutive kernels ("gap": launch lat
 waits, host syncs), which the event profile of bench_gpu.py cannot separate.
 
     PYTHONPATH=. python3 cuda/dev/trace_model.py [--cases d1,d8,d64,p1,p8] [--out DIR]
+    (a case may carry switches for itself alone: p1x128@BLACKMAMBA_CONV_SCAN_PDL=0@NAME=V; the
+    decode graph of a batch size is captured once, so a decode case's switches count only at
+    its batch size's first case)
 
 Prints, per case: ms per step (kernels + gaps, from the trace), the sum of kernel time, the
 sum of gaps, and a table by kernel name (count per step, us per call, us per step, share).
@@ -98,7 +101,8 @@ def report(label, ks, reps, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="d1,d8,d64,p1,p8",
-                    help="d<B>: decode; p<B>[x<L>]: prefill of L tokens (2048)")
+                    help="d<B>: decode; p<B>[x<L>]: prefill of L tokens (2048); "
+                         "@NAME=VALUE after a case: that switch for the case alone")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = open(args.out, "w") if args.out else sys.stdout
@@ -108,6 +112,9 @@ def main():
     rng = np.random.default_rng(0)
     torch.cuda.init()
     for case in args.cases.split(","):
+        case, *sets = case.split("@")           # "p1x128@NAME=V": switches for this case
+        saved = {k: os.environ.get(k) for k, _ in (kv.split("=", 1) for kv in sets)}
+        os.environ.update(dict(kv.split("=", 1) for kv in sets))
         kind = case[0]
         B, _, Lp = case[1:].partition("x")   # "p1x32": a prefill of 32 tokens (default 2048)
         B, Lp = int(B), int(Lp or 2048)
@@ -127,7 +134,12 @@ def main():
             ks = kernels_of(lambda: C.cuda_bench_prefill(model._eng, ids, 0, reps), reps)
             ms = float(np.median(C.cuda_bench_prefill(model._eng, ids, 2, 5)))
             label = f"prefill B={B} L={Lp} (events: {ms:.3f} ms)"
-        report(label, ks, reps, out)
+        report(label + "".join(f" @{kv}" for kv in sets), ks, reps, out)
+        for k, v in saved.items():  # the switches back as they were
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return 0
 
 

@@ -179,26 +179,45 @@ static inline void bm_pdl_early_count(int kind) {
     bm_pdl_early_counts()[kind].fetch_add(1, std::memory_order_relaxed);
 }
 
-// The prefill's conv and selective scan launched through bm_launch_pdl (session 24) for
-// sequences of `tokens` (b L) up to 32 or from 512. Both call bm_pdl_wait_only() first: no
-// early trigger, so the kernel after them starts as their blocks exit, not parked beside them.
-// Same process, H200, 2.8B shape, b = 1, against plain launches (cuda/NOTES.md session 24):
-// 8 / 32 / 512 / 1024 tokens -2.7 / -1.1 / -2.1 / -1.2%, b = 8 x 2048 -0.7 to -1.8% (its
-// spread); but 64 even and 128 +3.3% (cause not found), so not from 33 to 511 tokens.
-// BLACKMAMBA_CONV_SCAN_PDL: "0" never, "1" at every length (A/B, tests); unset: that rule.
-// Read per launch.
-static inline bool bm_conv_scan_pdl(int64_t tokens) {
-    const char *e = getenv("BLACKMAMBA_CONV_SCAN_PDL");
-    if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-    return tokens <= 32 || tokens >= 512;
+// A grid launched with PDL takes SM slots as the kernel before it frees them, so its blocks
+// gather on the SMs that free first (as many as their resources allow) instead of spreading
+// over all of them as a plain launch does (cuda/NOTES.md, session 6 moe64 and session 25).
+// Padding the dynamic shared memory caps them at ceil(blocks / SMs) an SM (of 220 KB, the
+// kernel's static shared memory included): *smem is raised to that where it is more than
+// asked for, and the kernel's dynamic cap with it. Returns 0 or, as BM_CUDA_TRY, the failing
+// CUDA status (recorded). The grouped decode GEMMs' fc2 cap and the prefill scan's.
+template <typename K>
+static inline int bm_pdl_spread_smem(K kernel, dim3 grid, int *smem) {
+    int sms = 0;
+    const int st = bm_sm_count(&sms);
+    if (st) return st;
+    const int64_t per = bm_cdiv((int64_t)grid.x * grid.y * grid.z, sms > 0 ? sms : 1);
+    cudaFuncAttributes fa;
+    BM_CUDA_TRY(cudaFuncGetAttributes(&fa, kernel));
+    const int pad =
+        (int)((220 * 1024 / (per > 0 ? per : 1) - (int64_t)fa.sharedSizeBytes) & ~(int64_t)127);
+    if (pad > *smem) {
+        BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
+        *smem = pad;
+    }
+    return 0;
 }
+
+// The prefill's conv and selective scan launched through bm_launch_pdl (session 24), at every
+// length since session 25. Both call bm_pdl_wait_only() first: no early trigger, so the kernel
+// after them starts as their blocks exit, not parked beside them. The scan pads its shared
+// memory so that its blocks spread over the SMs (bm_pdl_spread_smem; without that, 128 tokens
+// lost +3.3%: its blocks gathered beside dt_proj's and took ~26 against ~12 us). Same process,
+// H200, 2.8B shape, b = 1, against plain launches (cuda/NOTES.md session 25): 8 / 32 / 64 /
+// 128 / 256 / 512 / 1024 / 2048 tokens -3.7 / -3.2 / -3.6 / -2.5 / -2.5 / -1.9 / -1.3 / -0.4%,
+// b = 8 x 2048 -0.3%. BLACKMAMBA_CONV_SCAN_PDL: "0" plain launches (A/B, tests). Read per launch.
+static inline bool bm_conv_scan_pdl() { return bm_env_switch("BLACKMAMBA_CONV_SCAN_PDL", true); }
 template <typename... KArgs, typename... Args>
 static inline cudaError_t bm_launch_maybe_pdl(bool pdl, void (*kernel)(KArgs...), dim3 grid,
                                               dim3 block, size_t smem, cudaStream_t stream,
                                               Args... args) {
     if (pdl) return bm_launch_pdl(kernel, grid, block, smem, stream, args...);
-    kernel<<<grid, block, smem, stream>>>(args...);
-    return cudaGetLastError();
+    return bm_launch_ex(kernel, grid, block, smem, stream, false, 1, false, args...);
 }
 
 // Launch `kernel` through bm_launch_pdl and return its status from the enclosing launcher.

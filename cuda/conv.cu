@@ -209,7 +209,7 @@ int conv_fwd_launch(const float *x, const float *w, const float *bias, const flo
     const bool small = b * L * E < CONV_SMALL && bm_cdiv(L, CONV_CT_SMALL) <= 65535;
     const int ct = small ? CONV_CT_SMALL : CONV_CT;
     dim3 grid((unsigned)bm_cdiv(E, CONV_THREADS), (unsigned)bm_cdiv(L, ct), (unsigned)b);
-    const bool pdl = bm_conv_scan_pdl(b * L);
+    const bool pdl = bm_conv_scan_pdl();
     if (z) {  // SUM
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL, true>
                              : conv_fwd_kernel<K, CONV_CT, true>;

@@ -3985,6 +3985,74 @@ extern "C" int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64
     return rc;
 }
 
+// The same prefill captured once as a CUDA graph (forward, the last rows' head into the
+// workspace's logits) and replayed `iters` times after `warmup` (dev probe, session 25): what a
+// short prompt would take without the host's launches on its path. The state carries over
+// between replays (the times do not depend on its values).
+extern "C" int bm_cuda_bench_prefill_graph(bm_cuda_model *m, const int32_t *ids, int64_t B,
+                                           int64_t L, int warmup, int iters, float *ms) {
+    if (iters < 1) return BM_CUDA_ARG_FAIL("bench_prefill_graph: iters must be >= 1");
+    const int64_t T = B * L, d = m->cfg.d;
+    bm_cuda_state *s = nullptr;
+    TRY(bm_cuda_state_create(m, B, &s));
+    Ws *ws = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    cudaStream_t st = m->stream;
+    int rc = prefill_ws(m, T, &ws);
+    if (!rc) {
+        ws->gv = prefill_gv(m, T);
+        if (needs_wf(m, T)) rc = ensure_wf(m);
+    }
+    if (!rc) {
+        const cudaError_t e = cudaMemcpyAsync(ws->tok, ids, (size_t)T * 4,
+                                              cudaMemcpyHostToDevice, st);
+        rc = e == cudaSuccess ? blas_prepare(m) : bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    if (!rc) rc = forward(m, ws, s, B, L, nullptr);  // eager once: every shape seen
+    if (!rc) {
+        cudaError_t e = cudaStreamSynchronize(st);
+        if (e == cudaSuccess) e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    if (!rc) {
+        rc = forward(m, ws, s, B, L, nullptr);
+        if (!rc) {
+            const cudaError_t e = cudaMemcpy2DAsync(
+                ws->xn, (size_t)d * 4, ws->yf + (L - 1) * d, (size_t)(L * d) * 4, (size_t)d * 4,
+                (size_t)B, cudaMemcpyDeviceToDevice, st);
+            rc = e == cudaSuccess ? head(m, ws, ws->xn, B, nullptr, 0)
+                                  : bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        }
+        cudaGraph_t g = nullptr;
+        const cudaError_t e = cudaStreamEndCapture(st, &g);
+        if (!rc && e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+        if (!rc) {
+            const cudaError_t ei = cudaGraphInstantiate(&exec, g, 0);
+            if (ei != cudaSuccess) {
+                exec = nullptr;
+                rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, ei);
+            }
+        }
+        if (g) cudaGraphDestroy(g);
+    }
+    if (!rc && (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess))
+        rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, cudaGetLastError());
+    for (int i = 0; i < warmup + iters && !rc; i++) {
+        cudaError_t e = cudaEventRecord(e0, st);
+        if (e == cudaSuccess) e = cudaGraphLaunch(exec, st);
+        if (e == cudaSuccess) e = cudaEventRecord(e1, st);
+        if (e == cudaSuccess) e = cudaEventSynchronize(e1);
+        if (e == cudaSuccess && i >= warmup) e = cudaEventElapsedTime(&ms[i - warmup], e0, e1);
+        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
+    }
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (exec) cudaGraphExecDestroy(exec);
+    bm_cuda_state_free(s);
+    return rc;
+}
+
 // Where the time goes: ms per stage (P_* order; bm_cuda.h lists the names), the mean of
 // iters - 1 runs after one warm-up. ids NULL: one decode step of s, through a graph captured
 // with an event after every stage (the cached decode graph is left alone); else a prefill of

@@ -174,7 +174,9 @@ struct GroupedArgs {
     int N;                    // output columns: FC1: F; FC2: d
     int X;
     int act;
-    // How the launch meets programmatic dependent launch (decode roles only; launch_grouped):
+    // How the launch meets programmatic dependent launch (the decode roles' tiles only, asked
+    // for by a decode and, since session 24, a short prefill: BM_MOE_GROUPED_PREFILL;
+    // launch_grouped):
     // PDL_NONE a plain launch; PDL_WAIT griddepcontrol.wait first (FC1 then lets the next
     // kernel, fc2, be scheduled); PDL_EARLY (FC2): the first STAGES-1 k tiles of weights
     // requested before the wait (see grouped_gemm_kernel); PDL_EXPERT (FC1 on
@@ -1047,11 +1049,12 @@ int64_t row_tiles(int64_t T, int64_t X, int BM) {
 }
 
 // Launch a grouped GEMM, with the programmatic-stream-serialization attribute where p.pdl
-// asks for it (decode roles; BLACKMAMBA_CUDA_PDL=0 and devices below 9.0: never). Not through
-// bm_launch_pdl: its one-wave rule (grids of <= 8 blocks an SM) would drop fc1's at T = 64
-// (121 x 9 CTAs of which ~20% leave at once, 4 resident an SM); these kernels wait before
-// they read what the kernel before writes, whatever the grid, and the rule is about large
-// prefill grids waiting behind a GEMM (cuda/NOTES.md, gpuperf run 2), which keep plain launches.
+// asks for it (the decode roles' tiles; BLACKMAMBA_CUDA_PDL=0 and devices below 9.0: never).
+// Not through bm_launch_pdl: its one-wave rule (grids of <= 8 blocks an SM) would drop fc1's
+// at T = 64 (121 x 9 CTAs of which ~20% leave at once, 4 resident an SM); these kernels wait
+// before they read what the kernel before writes, whatever the grid, and the rule is about
+// large prefill grids waiting behind a GEMM (cuda/NOTES.md, gpuperf run 2), which keep plain
+// launches.
 template <typename K, typename... More>
 int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
                    const GroupedArgs &p, const More &...more) {
@@ -1060,20 +1063,11 @@ int launch_grouped(K kernel, dim3 grid, int nt, int smem, cudaStream_t stream,
         BM_CUDA_LAUNCHED();
         return 0;
     }
+    // fc2's CTAs at most ceil(CTAs / SMs) an SM (up to the shared-memory limit, 9 of its
+    // 24 KB CTAs at T = 64, would gather on the SMs that free first)
     if (p.cap) {
-        // A grid launched early takes SM slots as the kernel before frees them, so its CTAs
-        // gather on the SMs that free first (up to the shared-memory limit: 9 of fc2's 24 KB
-        // CTAs at T = 64) instead of spreading over all of them as a plain launch does.
-        // Padding the shared memory caps them at ceil(CTAs / SMs) an SM (of 220 KB).
-        int sms = 0;
-        const int st = bm_sm_count(&sms);
+        const int st = bm_pdl_spread_smem(kernel, grid, &smem);
         if (st) return st;
-        const int64_t per = bm_cdiv((int64_t)grid.x * grid.y * grid.z, sms > 0 ? sms : 1);
-        const int pad = (int)((220 * 1024 / (per > 0 ? per : 1)) & ~127);
-        if (pad > smem) {
-            BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
-            smem = pad;
-        }
     }
     BM_CUDA_TRY(bm_launch_ex(kernel, grid, dim3(nt), (size_t)smem, stream, true, 1, false, p,
                              more...));
@@ -1184,7 +1178,7 @@ bool big_call(int64_t T, int64_t X) { return T >= 64 * X && T >= 1024; }
 template <int MODE, bool SPLIT>
 int gemm_dispatch(GroupedDecArgs p, int64_t T, const char *tiles, cudaStream_t stream) {
     const bool big = big_call(T, p.X);
-    if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles (the caller asks at decode)
+    if (big) p.pdl = PDL_NONE;  // PDL only on the decode roles' tiles (decode, short prefill)
     const bool plain = plain_defaults(p);  // a plain launch: plain_tile and TMA_MIN_ROWS_PLAIN
     if constexpr (!SPLIT) {  // prefill tiles on the wgmma core where built and enabled
         const int wm = wgmma_mode(), tm = tma_mode();

@@ -53,6 +53,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -742,16 +743,33 @@ int default_var(int tpc) {
     return tpc >= 2 ? 3 : 1;
 }
 
+// BLACKMAMBA_SCAN_PDL_SPREAD (session 25): unset / "1" a scan launched with PDL pads its
+// shared memory so that its blocks spread over the SMs (bm_pdl_spread_smem: ceil(blocks / SMs)
+// an SM) instead of gathering beside dt_proj's on the SMs that free first; "0" not (A/B).
+// At b = 1, L = 128 (184 blocks) the scan with PDL took ~26 against ~12 us unspread.
+bool scan_pdl_spread_on() { return bm_env_switch("BLACKMAMBA_SCAN_PDL_SPREAD", true); }
+
 template <int NT, int TPC>
 int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, cudaStream_t stream) {
     constexpr int CPB = SCAN_THREADS / TPC;
     static_assert(sizeof(ScanSmem<NT, TPC>) <= 48 * 1024, "static shared memory limit");
     static_assert(sizeof(ScanSmemP<NT, TPC>) <= 48 * 1024 || TPC < 2, "static shared memory limit");
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
-    // with PDL where the grid is small (bm_conv_scan_pdl, session 24; the kernel waits first)
-    const bool pdl = bm_conv_scan_pdl((int64_t)b * p.L);
-    auto go = [&](void (*k)(const ScanParams)) {
-        return bm_launch_maybe_pdl(pdl, k, grid, dim3(SCAN_THREADS), 0, stream, p);
+    // with PDL where the grid is small (bm_conv_scan_pdl, bm_launch_pdl's one-wave rule; the
+    // kernel waits first), its blocks spread over the SMs (scan_pdl_spread_on)
+    const bool pdl = bm_conv_scan_pdl();
+    bool spread = pdl && scan_pdl_spread_on();
+    if (spread) {
+        int sms = 0;
+        const int st = bm_sm_count(&sms);
+        if (st) return st;
+        spread = (int64_t)grid.x * grid.y * (p.nseg > 1 ? p.nseg : 1) <= 8 * (int64_t)sms;
+    }
+    auto go = [&](void (*k)(const ScanParams)) -> cudaError_t {
+        int smem = 0;
+        const int st = spread ? bm_pdl_spread_smem(k, grid, &smem) : 0;
+        if (st) return (cudaError_t)st;
+        return bm_launch_maybe_pdl(pdl, k, grid, dim3(SCAN_THREADS), (size_t)smem, stream, p);
     };
     if (adt != ACT_F32) {
         // 16-bit activations: VAR 3, one pass (scan_forward made TPC >= 2 and nseg = 1).
@@ -920,11 +938,10 @@ static int scan_forward(const float *u, const float *delta, const float *A, cons
     const char *env = getenv("BLACKMAMBA_SCAN_SEGMENTS");
     int64_t env_n = 0, min_l = b == 1 ? SEG_MIN_L1 : SEG_MIN_L;
     if (segments == 0 && env) {
-        char *end = nullptr;
-        const long v = strtol(env, &end, 10);
+        const long v = bm_env_long("BLACKMAMBA_SCAN_SEGMENTS", 1, LONG_MAX, 0);
         if (!strcmp(env, "any")) min_l = 3 * 64;
-        else if (end != env && *end == 0 && v == 1) segments = 1;
-        else if (end != env && *end == 0 && v >= 2) env_n = std::min<long>(v, 64);
+        else if (v == 1) segments = 1;
+        else if (v >= 2) env_n = std::min<long>(v, 64);
     }
     // 16-bit activations run one pass (the packed kernel; the segmented passes are VAR 1's).
     if (adt != ACT_F32) segments = 1;

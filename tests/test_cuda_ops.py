@@ -410,28 +410,32 @@ def test_selective_scan_segments_switch(monkeypatch):
         check("selective_scan_segmented", y2, yr, TOL_SCAN)
 
 
-@pytest.mark.parametrize("b,L", [(1, 16), (1, 600), (2, 300)])
+@pytest.mark.parametrize("b,L", [(1, 16), (1, 128), (1, 600), (2, 300), (16, 40)])
 def test_conv_scan_pdl_switch(monkeypatch, b, L):
-    # BLACKMAMBA_CONV_SCAN_PDL (session 24): the conv and the scan launched with PDL (they wait
-    # first) or plainly give the same bits; unset, the rule (up to 32 or from 512 tokens)
+    # BLACKMAMBA_CONV_SCAN_PDL (session 24; on by default since session 25): the conv and the
+    # scan launched with PDL (they wait first) or plainly give the same bits, and so does the
+    # scan's padded shared memory that spreads its blocks (BLACKMAMBA_SCAN_PDL_SPREAD, session
+    # 25: 184 blocks at b = 1 cap at 2 an SM, 110 KB each; b = 16 runs past one wave, unpadded)
     kw = scan_inputs(rng_for("scanpdl", b, L), b, L, 2944, 16, "all")
     dev = {k: (D(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
     rng = rng_for("convpdl", b, L)
     x, w, bias = f32(rng, b, L, 96), f32(rng, 96, 4), f32(rng, 96)
     outs = {}
-    for val in ("0", "1", None):
-        if val is None:
-            monkeypatch.delenv("BLACKMAMBA_CONV_SCAN_PDL", raising=False)
-        else:
-            monkeypatch.setenv("BLACKMAMBA_CONV_SCAN_PDL", val)
+    for val, spread in (("0", None), ("1", "0"), ("1", None), (None, None)):
+        for name, v in (("BLACKMAMBA_CONV_SCAN_PDL", val), ("BLACKMAMBA_SCAN_PDL_SPREAD", spread)):
+            if v is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, v)
         y, fin = ops.selective_scan(**dev)
         cy, cfin = ops.causal_conv1d(D(x), D(w), D(bias), None, "silu")
-        outs[val] = [H(a) for a in (y, fin, cy, cfin)]
-    for val in ("1", None):
-        for a, a0 in zip(outs[val], outs["0"]):
+        outs[val, spread] = [H(a) for a in (y, fin, cy, cfin)]
+    for key in (("1", "0"), ("1", None), (None, None)):
+        for a, a0 in zip(outs[key], outs["0", None]):
             np.testing.assert_array_equal(a, a0)
-    check("selective_scan", outs["0"][0], ref.selective_scan(**kw)[0], TOL_SCAN)
-    check("causal_conv1d", outs["0"][2], ref.causal_conv1d(x, w, bias, None, "silu")[0], TOL_F32)
+    check("selective_scan", outs["0", None][0], ref.selective_scan(**kw)[0], TOL_SCAN)
+    check("causal_conv1d", outs["0", None][2], ref.causal_conv1d(x, w, bias, None, "silu")[0],
+          TOL_F32)
 
 
 # ---- causal conv1d ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Measures, in one process and with CUDA events (cuda/bench.cu, cuda/engine.cu), i
     the matrix-FLOP floor 2 x active params x tokens / GEMM rate;
   - short prompts at batch 1 (8 to 512 tokens: the time to the first token), against the
     larger of that FLOP floor and the bytes of the weights the prompt routes to, read once;
+    both prefill tables time a prompt shape the engine has seen before (its prefill graph
+    replayed: cuda/engine.cu prefill_graph) and, as "eager ms", one seen for the first time;
   - decode: ms per step at batch 1, 8, 64 (replays of the captured decode graph, back to
     back, after warm-up; median), against the floor of reading the step's weights once
     (batch 1: 628,770,832 active params x 2 bytes / copy bandwidth);
@@ -77,6 +79,19 @@ def random_bf16_tensors(cfg, seed=0, scale=0.5, pool_size=1 << 25, half=False):
     return out
 
 
+def eager_and_graph_ms(C, model, ids, warmup, iters):
+    """Median ms of prefills of ids: eager (BLACKMAMBA_PREFILL_GRAPH=0: a prompt shape seen
+    for the first time) and as the engine runs a shape it has seen before (a captured graph
+    replayed, cuda/engine.cu prefill_graph)."""
+    import os
+    os.environ["BLACKMAMBA_PREFILL_GRAPH"] = "0"
+    try:
+        eager = median(C.cuda_bench_prefill(model._eng, ids, warmup, iters))
+    finally:
+        del os.environ["BLACKMAMBA_PREFILL_GRAPH"]
+    return eager, median(C.cuda_bench_prefill(model._eng, ids, warmup, iters))
+
+
 def median(a):
     return float(np.median(np.asarray(a, np.float64)))
 
@@ -119,15 +134,15 @@ def main():
     res["prefill"] = {}
     for B in (1, 8):
         ids = rng.integers(0, cfg.real_vocab_size, (B, L))
-        ms = median(C.cuda_bench_prefill(model._eng, ids, 2, 5))
-        res["prefill"][B] = dict(ms=ms, tok_s=B * L / ms * 1e3)
+        eager, ms = eager_and_graph_ms(C, model, ids, 2, 5)
+        res["prefill"][B] = dict(ms=ms, tok_s=B * L / ms * 1e3, eager_ms=eager)
 
     # short prompts at batch 1 (time to first token: the last position's logits)
     res["short_prefill"] = {}
     for Ls in SHORT_PROMPTS:
         ids = rng.integers(0, cfg.real_vocab_size, (1, Ls))
-        ms = median(C.cuda_bench_prefill(model._eng, ids, 2, 7))
-        res["short_prefill"][Ls] = dict(ms=ms, tok_s=Ls / ms * 1e3)
+        eager, ms = eager_and_graph_ms(C, model, ids, 2, 7)
+        res["short_prefill"][Ls] = dict(ms=ms, tok_s=Ls / ms * 1e3, eager_ms=eager)
 
     # -- decode -------------------------------------------------------------------------
     res["decode"] = {}
@@ -192,26 +207,29 @@ def main():
     print(f"python step() at B=1 (logits to host): {py_ms:.3f} ms; device greedy: "
           f"{per_tok:.3f} ms/token (128 tokens after a 32-token prefill of {prefill32:.1f} ms)")
 
-    print(f"\nprefill L={L} (logits of the last position; median of 5 after 2 warm-up)")
+    print(f"\nprefill L={L} (logits of the last position; median of 5 after 2 warm-up; a shape "
+          "seen before, i.e. a graph replay; 'eager ms': a shape seen for the first time)")
     print(f"{'B':>4} {'ms':>9} {'tok/s':>10} {'floor ms':>9} {'floor/ms':>9} {'ref tok/s':>10} "
-          f"{'speed-up':>8} {'target':>8}")
+          f"{'speed-up':>8} {'target':>8} {'eager ms':>9}")
     for B, r in res["prefill"].items():
         ms, toks_s = r["ms"], r["tok_s"]
         floor_ms = 2 * active * B * L / (peak * 1e12) * 1e3
         ref = REF_PREFILL_TOKS[B]
         print(f"{B:>4} {ms:>9.2f} {toks_s:>10.0f} {floor_ms:>9.2f} {floor_ms / ms:>9.2f} "
-              f"{ref:>10.0f} {toks_s / ref:>7.1f}x {TARGET_PREFILL_TOKS[B]:>8.0f}", flush=True)
+              f"{ref:>10.0f} {toks_s / ref:>7.1f}x {TARGET_PREFILL_TOKS[B]:>8.0f} "
+              f"{r['eager_ms']:>9.2f}", flush=True)
         r.update(floor_ms=floor_ms)
 
     # A prompt of Ls tokens reads at least the shared weights and the experts it routes to
     # (expected distinct experts under uniform routing, as for decode), once; and does its
     # products at most at the GEMM rate: the larger of the two.
-    print("\nshort prompts at batch 1 (time to first token; median of 7 after 2 warm-up)")
-    print(f"{'L':>5} {'ms':>9} {'tok/s':>10} {'floor ms':>9} {'floor/ms':>9}")
+    print("\nshort prompts at batch 1 (time to first token; median of 7 after 2 warm-up; as "
+          "above, 'eager ms' for a shape seen for the first time)")
+    print(f"{'L':>5} {'ms':>9} {'tok/s':>10} {'floor ms':>9} {'floor/ms':>9} {'eager ms':>9}")
     for Ls, r in res["short_prefill"].items():
         floor_ms = max(weights_floor_ms(Ls), 2 * active * Ls / (peak * 1e12) * 1e3)
         print(f"{Ls:>5} {r['ms']:>9.3f} {r['tok_s']:>10.0f} {floor_ms:>9.3f} "
-              f"{floor_ms / r['ms']:>9.2f}", flush=True)
+              f"{floor_ms / r['ms']:>9.2f} {r['eager_ms']:>9.3f}", flush=True)
         r.update(floor_ms=floor_ms)
 
     # -- where the time goes ----------------------------------------------------------------

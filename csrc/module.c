@@ -3238,8 +3238,7 @@ static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
 
 /* cuda_bench_copy(bytes, iters) -> GB/s (read + write); cuda_bench_gemm(m, n, k, iters) ->
  * TFLOP/s; cuda_bench_step(model, state, warmup, iters) -> ms per replay (float32 array);
- * cuda_bench_prefill(model, ids (B, L), warmup, iters[, graph]) -> ms per prefill (float32
- * array); graph true: replays of the prefill captured once as a CUDA graph (dev probe). */
+ * cuda_bench_prefill(model, ids (B, L), warmup, iters) -> ms per prefill (float32 array). */
 static PyObject *py_cuda_bench_copy(PyObject *self, PyObject *args) {
     long long bytes;
     int iters;
@@ -3291,8 +3290,8 @@ static PyObject *py_cuda_bench_step(PyObject *self, PyObject *args) {
 
 static PyObject *py_cuda_bench_prefill(PyObject *self, PyObject *args) {
     PyObject *om, *oids;
-    int warmup, iters, graph = 0;
-    if (!PyArg_ParseTuple(args, "OOii|p", &om, &oids, &warmup, &iters, &graph)) return NULL;
+    int warmup, iters;
+    if (!PyArg_ParseTuple(args, "OOii", &om, &oids, &warmup, &iters)) return NULL;
     EngModel *em = eng_model(om);
     if (!em) return NULL;
     if (iters < 1 || warmup < 0) return PyErr_Format(PyExc_ValueError, "bench_prefill: iters >= 1, warmup >= 0");
@@ -3306,9 +3305,8 @@ static PyObject *py_cuda_bench_prefill(PyObject *self, PyObject *args) {
     }
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = (graph ? bm_cuda_bench_prefill_graph : bm_cuda_bench_prefill)(
-        em->m, (const int32_t *)PyArray_DATA(ids), PyArray_DIM(ids, 0), PyArray_DIM(ids, 1),
-        warmup, iters, (float *)PyArray_DATA(ms));
+    st = bm_cuda_bench_prefill(em->m, (const int32_t *)PyArray_DATA(ids), PyArray_DIM(ids, 0),
+                               PyArray_DIM(ids, 1), warmup, iters, (float *)PyArray_DATA(ms));
     Py_END_ALLOW_THREADS
     Py_DECREF(ids);
     if (eng_check("bench_prefill", st) < 0) {
@@ -3369,7 +3367,7 @@ static PyMethodDef engine_methods[] = {
     {"cuda_bench_gemm", py_cuda_bench_gemm, METH_VARARGS, "cuda_bench_gemm(m, n, k, iters) -> bf16 TFLOP/s"},
     {"cuda_bench_step", py_cuda_bench_step, METH_VARARGS, "cuda_bench_step(model, state, warmup, iters) -> ms per graph replay"},
     {"cuda_bench_profile", py_cuda_bench_profile, METH_VARARGS, "cuda_bench_profile(model, state, ids (B,L) | None, iters) -> {stage: ms}"},
-    {"cuda_bench_prefill", py_cuda_bench_prefill, METH_VARARGS, "cuda_bench_prefill(model, ids (B,L), warmup, iters[, graph]) -> ms per prefill"},
+    {"cuda_bench_prefill", py_cuda_bench_prefill, METH_VARARGS, "cuda_bench_prefill(model, ids (B,L), warmup, iters) -> ms per prefill"},
     {NULL, NULL, 0, NULL},
 };
 #else  /* built without CUDA: only the probe, which says there is no device */

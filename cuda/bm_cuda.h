@@ -591,9 +591,9 @@ int bm_cuda_bench_step(bm_cuda_model *m, bm_cuda_state *s, int warmup, int iters
 /* ms of each of `iters` prefills of ids (B, L) (host) from a zero state, logits LAST. */
 int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64_t B, int64_t L,
                           int warmup, int iters, float *ms);
-/* The same prefill captured once as a CUDA graph and replayed (dev probe: the host's share). */
-int bm_cuda_bench_prefill_graph(bm_cuda_model *m, const int32_t *ids, int64_t B, int64_t L,
-                                int warmup, int iters, float *ms);
+/* Prefill graphs (engine.cu prefill_graph) captured / replayed so far. */
+long long bm_cuda_prefill_graph_captures(void);
+long long bm_cuda_prefill_graph_replays(void);
 /* Time per stage, ms, mean of iters - 1 runs after a warm-up: ids NULL -> one decode step of
  * s (a graph captured with an event after every stage); else a prefill of ids (B, L) (host,
  * B = the state's batch; host waits count). ms has BM_CUDA_PROF_STAGES entries in the order

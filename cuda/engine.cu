@@ -218,6 +218,8 @@ struct Ws {
 
 }  // namespace
 
+extern char **environ;  // the BLACKMAMBA_* switches of the prefill graphs
+
 struct bm_cuda_state {
     int64_t B;
     uint64_t serial;
@@ -256,6 +258,19 @@ struct bm_cuda_model {
     std::vector<cudaEvent_t> prof_ev;
     std::vector<int> prof_kind;
     size_t prof_n;
+    // Prefill graphs (session 25; prefill_graph): the forward of a (B, L) prefill seen before
+    // under the same BLACKMAMBA_* switches, captured on a shadow state of that batch size and
+    // replayed; `pg_seen` holds the keys seen once (not yet captured), `pg_clock` orders the
+    // graphs for eviction. A grown prefill workspace drops them all (prefill_ws).
+    struct PrefillGraph {
+        int64_t B, L;
+        uint64_t env;
+        cudaGraphExec_t exec;  // NULL: this key does not capture (runs eagerly)
+        uint64_t used;
+    };
+    std::vector<PrefillGraph> pg, pg_seen;
+    std::vector<bm_cuda_state *> pg_shadow;
+    uint64_t pg_clock;
 };
 
 namespace {
@@ -3096,6 +3111,145 @@ int ws_create(bm_cuda_model *m, int64_t T, bool decode, Ws **out) {
 // a 16-token one: 3.3 against 2.6 ms on the H200). BLACKMAMBA_PREFILL_GEMM_MIN=<tokens>
 // (2..9; 9: the GEMVs up to 8 as before) moves the line (A/B, tests). Read per call.
 constexpr int64_t PREFILL_GEMM_MIN_DEFAULT = 2;
+
+// ---- prefill graphs (session 25) ------------------------------------------------------------
+//
+// A prefill's host work (~240 launches, ~4-5 us each, cuBLAS's own) leaves the GPU idle at
+// every point where the host falls behind: the first layer of every prompt and the Mamba half
+// of every short prompt's layers. The same forward captured once as a CUDA graph and replayed
+// took 0.17-0.24 ms less from 8 to 128 tokens (-8.6 to -7.1%), 0.33 ms at 512, 0.26 at 2048
+// (-3.1%) on the H200, bit-identical (BLACKMAMBA_PREFILL_GRAPH 0 / 1, cuda/NOTES.md session
+// 25). A graph is bound to the pointers it was captured with, so:
+//   - the key is (B, L) and the BLACKMAMBA_* switches (a digest of their values: A/B runs and
+//     tests that flip them get their own graphs, and a switch read at launch keeps its
+//     meaning);
+//   - the capture and every replay run on a shadow state of the batch size (model-owned):
+//     the caller's state is copied in before and out after (one device copy each way, ~4 MB a
+//     batch row at the 2.8B shape), so that any state of that size can use the graph;
+//   - captured on the prefill workspace of the moment; a grown workspace drops every graph
+//     (prefill_ws);
+//   - a key is captured the second time it is seen (the first prefill of a shape runs
+//     eagerly: a capture costs about as much as one eager prefill), at most PG_MAX graphs are
+//     kept (the least recently used goes), and a key whose capture fails stays eager (float32
+//     weights from 65 tokens: the cuBLAS expert path reads the routing on the host).
+// BLACKMAMBA_PREFILL_GRAPH: "0" every prefill eager (A/B; the tests' references). Read per call.
+constexpr size_t PG_MAX = 16, PG_SEEN_MAX = 64;
+bool prefill_graph_on() { return bm_env_switch("BLACKMAMBA_PREFILL_GRAPH", true); }
+
+// FNV-1a of every BLACKMAMBA_* variable of the environment, in its order.
+uint64_t env_digest() {
+    uint64_t h = 1469598103934665603ull;
+    for (char **e = environ; e && *e; e++) {
+        if (strncmp(*e, "BLACKMAMBA_", 11)) continue;
+        for (const char *c = *e; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ull;
+        h = (h ^ 0xffu) * 1099511628211ull;
+    }
+    return h;
+}
+
+void pg_clear(bm_cuda_model *m) {
+    for (auto &g : m->pg)
+        if (g.exec) cudaGraphExecDestroy(g.exec);
+    m->pg.clear();
+    m->pg_seen.clear();
+}
+
+// Prefill graphs captured and replayed so far (bm_cuda_prefill_graph_captures / _replays).
+std::atomic<long long> g_pg_captures{0}, g_pg_replays{0};
+
+int state_new(bm_cuda_model *m, int64_t B, bm_cuda_state **out);
+
+int pg_shadow(bm_cuda_model *m, int64_t B, bm_cuda_state **out) {
+    for (bm_cuda_state *sh : m->pg_shadow)
+        if (sh->B == B) {
+            *out = sh;
+            return 0;
+        }
+    bm_cuda_state *sh = nullptr;
+    TRY(state_new(m, B, &sh));
+    try {
+        m->pg_shadow.push_back(sh);
+    } catch (...) {
+        bm_cuda_state_free(sh);
+        return BM_CUDA_ARG_FAIL("prefill graph: host allocation failed");
+    }
+    *out = sh;
+    return 0;
+}
+
+// Capture forward(B, L) on the shadow state sh into *exec (NULL where the capture failed: the
+// key then runs eagerly; the failure is not the caller's).
+int pg_capture(bm_cuda_model *m, Ws *ws, bm_cuda_state *sh, int64_t B, int64_t L,
+               cudaGraphExec_t *exec) {
+    *exec = nullptr;
+    cudaStream_t st = m->stream;
+    BM_CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    const int rc = forward(m, ws, sh, B, L, nullptr);
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(st, &g);
+    if (!rc && e == cudaSuccess && cudaGraphInstantiate(exec, g, 0) != cudaSuccess)
+        *exec = nullptr;
+    if (g) cudaGraphDestroy(g);
+    if (!*exec) {
+        cudaGetLastError();  // what the failed capture left
+        m->side_open = false;  // (a fork the dead capture never joined)
+    }
+    if (*exec) g_pg_captures.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+
+// The prefill's forward through a graph where one is kept or due (see above); *replayed false:
+// the caller runs it eagerly.
+int prefill_graph(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, int64_t B, int64_t L,
+                  bool *replayed) {
+    *replayed = false;
+    if (!prefill_graph_on()) return 0;
+    const uint64_t env = env_digest();
+    auto same = [&](const bm_cuda_model::PrefillGraph &g) {
+        return g.B == B && g.L == L && g.env == env;
+    };
+    bm_cuda_model::PrefillGraph *hit = nullptr;
+    for (auto &g : m->pg)
+        if (same(g)) hit = &g;
+    if (!hit) {
+        size_t i = 0;
+        while (i < m->pg_seen.size() && !same(m->pg_seen[i])) i++;
+        try {
+            if (i == m->pg_seen.size()) {  // first sight: eager
+                if (m->pg_seen.size() >= PG_SEEN_MAX) m->pg_seen.erase(m->pg_seen.begin());
+                m->pg_seen.push_back({B, L, env, nullptr, 0});
+                return 0;
+            }
+            m->pg_seen.erase(m->pg_seen.begin() + (ptrdiff_t)i);
+            if (m->pg.size() >= PG_MAX) {  // the least recently used goes
+                size_t lru = 0;
+                for (size_t j = 1; j < m->pg.size(); j++)
+                    if (m->pg[j].used < m->pg[lru].used) lru = j;
+                if (m->pg[lru].exec) cudaGraphExecDestroy(m->pg[lru].exec);
+                m->pg.erase(m->pg.begin() + (ptrdiff_t)lru);
+            }
+            m->pg.push_back({B, L, env, nullptr, 0});
+        } catch (...) {
+            return BM_CUDA_ARG_FAIL("prefill graph: host allocation failed");
+        }
+        hit = &m->pg.back();
+        bm_cuda_state *sh = nullptr;
+        TRY(pg_shadow(m, B, &sh));
+        TRY(pg_capture(m, ws, sh, B, L, &hit->exec));
+    }
+    hit->used = ++m->pg_clock;
+    if (!hit->exec) return 0;
+    bm_cuda_state *sh = nullptr;
+    TRY(pg_shadow(m, B, &sh));
+    cudaStream_t st = m->stream;
+    BM_CUDA_TRY(cudaMemcpyAsync(sh->base, s->base, s->bytes, cudaMemcpyDeviceToDevice, st));
+    BM_CUDA_TRY(cudaGraphLaunch(hit->exec, st));
+    BM_CUDA_TRY(cudaMemcpyAsync(s->base, sh->base, s->bytes, cudaMemcpyDeviceToDevice, st));
+    g_pg_replays.fetch_add(1, std::memory_order_relaxed);
+    *replayed = true;
+    return 0;
+}
+
 int64_t prefill_gv(const bm_cuda_model *m, int64_t T) {
     const int64_t lo = bm_env_long("BLACKMAMBA_PREFILL_GEMM_MIN", 2, GEMV_ROWS + 1,
                                    PREFILL_GEMM_MIN_DEFAULT);
@@ -3106,6 +3260,7 @@ int prefill_ws(bm_cuda_model *m, int64_t T, Ws **out) {
     if (!m->pre || m->pre->T < T) {
         if (m->pre) {
             BM_CUDA_TRY(cudaStreamSynchronize(m->stream));
+            pg_clear(m);  // captured on the old one (a new one may even reuse its address)
             ws_free(m->pre);
             m->pre = nullptr;
         }
@@ -3582,6 +3737,8 @@ extern "C" int bm_cuda_model_create(const bm_cuda_config *cfg, const bm_cuda_wei
 extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
     if (!m) return;
     if (m->stream) cudaStreamSynchronize(m->stream);
+    pg_clear(m);
+    for (bm_cuda_state *sh : m->pg_shadow) bm_cuda_state_free(sh);
     ws_free(m->pre);
     for (Ws *w : m->dec) ws_free(w);
     cudaFree(m->wf);
@@ -3599,6 +3756,9 @@ extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
     cudaGetLastError();  // frees at interpreter exit may find the runtime unloading
     delete m;
 }
+
+extern "C" long long bm_cuda_prefill_graph_captures(void) { return g_pg_captures.load(); }
+extern "C" long long bm_cuda_prefill_graph_replays(void) { return g_pg_replays.load(); }
 
 extern "C" long long bm_cuda_l2_set_aside(void) {
     size_t v = 0;
@@ -3645,7 +3805,9 @@ extern "C" int bm_cuda_model_prefill(bm_cuda_model *m, bm_cuda_state *s, const i
                                 st));
     TRY(blas_prepare(m));
     TRY(mark(m, P_START));
-    TRY(forward(m, ws, s, B, L, trace));
+    bool replayed = false;
+    if (!trace && !m->prof_on) TRY(prefill_graph(m, ws, s, B, L, &replayed));
+    if (!replayed) TRY(forward(m, ws, s, B, L, trace));
     if (logits_mode == BM_CUDA_LOGITS_ALL) {
         TRY(head(m, ws, ws->yf, T, logits, logits_on_device));
     } else if (logits_mode == BM_CUDA_LOGITS_LAST) {
@@ -3981,74 +4143,6 @@ extern "C" int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64
     }
     if (e0) cudaEventDestroy(e0);
     if (e1) cudaEventDestroy(e1);
-    bm_cuda_state_free(s);
-    return rc;
-}
-
-// The same prefill captured once as a CUDA graph (forward, the last rows' head into the
-// workspace's logits) and replayed `iters` times after `warmup` (dev probe, session 25): what a
-// short prompt would take without the host's launches on its path. The state carries over
-// between replays (the times do not depend on its values).
-extern "C" int bm_cuda_bench_prefill_graph(bm_cuda_model *m, const int32_t *ids, int64_t B,
-                                           int64_t L, int warmup, int iters, float *ms) {
-    if (iters < 1) return BM_CUDA_ARG_FAIL("bench_prefill_graph: iters must be >= 1");
-    const int64_t T = B * L, d = m->cfg.d;
-    bm_cuda_state *s = nullptr;
-    TRY(bm_cuda_state_create(m, B, &s));
-    Ws *ws = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    cudaEvent_t e0 = nullptr, e1 = nullptr;
-    cudaStream_t st = m->stream;
-    int rc = prefill_ws(m, T, &ws);
-    if (!rc) {
-        ws->gv = prefill_gv(m, T);
-        if (needs_wf(m, T)) rc = ensure_wf(m);
-    }
-    if (!rc) {
-        const cudaError_t e = cudaMemcpyAsync(ws->tok, ids, (size_t)T * 4,
-                                              cudaMemcpyHostToDevice, st);
-        rc = e == cudaSuccess ? blas_prepare(m) : bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
-    }
-    if (!rc) rc = forward(m, ws, s, B, L, nullptr);  // eager once: every shape seen
-    if (!rc) {
-        cudaError_t e = cudaStreamSynchronize(st);
-        if (e == cudaSuccess) e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
-        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
-    }
-    if (!rc) {
-        rc = forward(m, ws, s, B, L, nullptr);
-        if (!rc) {
-            const cudaError_t e = cudaMemcpy2DAsync(
-                ws->xn, (size_t)d * 4, ws->yf + (L - 1) * d, (size_t)(L * d) * 4, (size_t)d * 4,
-                (size_t)B, cudaMemcpyDeviceToDevice, st);
-            rc = e == cudaSuccess ? head(m, ws, ws->xn, B, nullptr, 0)
-                                  : bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
-        }
-        cudaGraph_t g = nullptr;
-        const cudaError_t e = cudaStreamEndCapture(st, &g);
-        if (!rc && e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
-        if (!rc) {
-            const cudaError_t ei = cudaGraphInstantiate(&exec, g, 0);
-            if (ei != cudaSuccess) {
-                exec = nullptr;
-                rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, ei);
-            }
-        }
-        if (g) cudaGraphDestroy(g);
-    }
-    if (!rc && (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess))
-        rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, cudaGetLastError());
-    for (int i = 0; i < warmup + iters && !rc; i++) {
-        cudaError_t e = cudaEventRecord(e0, st);
-        if (e == cudaSuccess) e = cudaGraphLaunch(exec, st);
-        if (e == cudaSuccess) e = cudaEventRecord(e1, st);
-        if (e == cudaSuccess) e = cudaEventSynchronize(e1);
-        if (e == cudaSuccess && i >= warmup) e = cudaEventElapsedTime(&ms[i - warmup], e0, e1);
-        if (e != cudaSuccess) rc = bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
-    }
-    if (e0) cudaEventDestroy(e0);
-    if (e1) cudaEventDestroy(e1);
-    if (exec) cudaGraphExecDestroy(exec);
     bm_cuda_state_free(s);
     return rc;
 }

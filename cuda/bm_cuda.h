@@ -537,7 +537,8 @@ void bm_cuda_model_free(bm_cuda_model *m);
 /* The current device's persisting-L2 set-aside in bytes (cudaLimitPersistingL2CacheSize;
  * model creation sets it: BLACKMAMBA_L2_SET_ASIDE), -1 where it cannot be read. */
 long long bm_cuda_l2_set_aside(void);
-/* Device bytes held: weights, and workspaces (prefill + every decode batch size). */
+/* Device bytes held: weights, and workspaces (prefill + every decode batch size + the prefill
+ * graphs' shadow states); graphs: the decode graphs and the prefill graphs kept. */
 void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, size_t *workspaces,
                          int *graphs);
 

@@ -3777,6 +3777,8 @@ extern "C" void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, siz
         ws += w->bytes;
         g += w->exec != nullptr;
     }
+    for (const auto &pg : m->pg) g += pg.exec != nullptr;
+    for (const bm_cuda_state *sh : m->pg_shadow) ws += sh->bytes;  // the prefill graphs' states
     if (m->wf) ws += (size_t)m->wf_elems * 4;
     if (weights) *weights = m->wbytes;
     if (workspaces) *workspaces = ws + BLAS_WS_BYTES;

@@ -119,5 +119,6 @@ def test_switches_grown_workspace_and_eviction(monkeypatch):
         run(g, x)
     c2, r2 = counts()
     assert c2 == c1 + 1 + 17
+    assert g.memory()["graphs"] == 16               # (no decode graph in this model)
     same(run(g, ids), eager)                  # evicted and forgotten: first sight, eager
     assert counts() == (c2, r2)

@@ -74,16 +74,21 @@ static inline int bm_sm_count(int *sms) {
     return 0;
 }
 
-// Raise `kernel`'s dynamic shared-memory cap to `bytes` once per device (bit d of `done`).
-// Once, not per call: cudaFuncSetAttribute is not a stream operation, and launchers must stay
-// capturable into CUDA graphs. Concurrent first calls just set the same value twice.
+// Raise `kernel`'s dynamic shared-memory cap to `bytes` once per device (bit d of `done`), never
+// lowering it (bm_pdl_spread_smem may have raised it further for a launch a captured graph
+// still holds). Once, not per call: cudaFuncSetAttribute is not a stream operation, and
+// launchers must stay capturable into CUDA graphs. Concurrent first calls just set it twice.
 template <typename K>
 static inline int bm_smem_optin(K kernel, int bytes, std::atomic<unsigned> &done) {
     int dev = 0;
     BM_CUDA_TRY(cudaGetDevice(&dev));
     const unsigned bit = 1u << (dev & 31);
     if (done.load(std::memory_order_acquire) & bit) return 0;
-    BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    cudaFuncAttributes fa;
+    BM_CUDA_TRY(cudaFuncGetAttributes(&fa, kernel));
+    if (bytes > fa.maxDynamicSharedSizeBytes)
+        BM_CUDA_TRY(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     done.fetch_or(bit, std::memory_order_release);
     return 0;
 }
@@ -184,8 +189,10 @@ static inline void bm_pdl_early_count(int kind) {
 // over all of them as a plain launch does (cuda/NOTES.md, session 6 moe64 and session 25).
 // Padding the dynamic shared memory caps them at ceil(blocks / SMs) an SM (of 220 KB, the
 // kernel's static shared memory included): *smem is raised to that where it is more than
-// asked for, and the kernel's dynamic cap with it. Returns 0 or, as BM_CUDA_TRY, the failing
-// CUDA status (recorded). The grouped decode GEMMs' fc2 cap and the prefill scan's.
+// asked for, and the kernel's dynamic cap with it where that is lower (only ever raised: a
+// captured graph's launch of a larger pad stays valid after a smaller one). Returns 0 or, as
+// BM_CUDA_TRY, the failing CUDA status (recorded). The grouped decode GEMMs' fc2 cap and the
+// prefill scan's.
 template <typename K>
 static inline int bm_pdl_spread_smem(K kernel, dim3 grid, int *smem) {
     int sms = 0;
@@ -197,7 +204,9 @@ static inline int bm_pdl_spread_smem(K kernel, dim3 grid, int *smem) {
     const int pad =
         (int)((220 * 1024 / (per > 0 ? per : 1) - (int64_t)fa.sharedSizeBytes) & ~(int64_t)127);
     if (pad > *smem) {
-        BM_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
+        if (pad > fa.maxDynamicSharedSizeBytes)
+            BM_CUDA_TRY(
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
         *smem = pad;
     }
     return 0;

@@ -143,47 +143,6 @@ static inline bool bm_pdl_allowed() {
     return major >= 9 && bm_env_switch("BLACKMAMBA_CUDA_PDL", true);
 }
 
-// Programmatic dependent launch (Hopper): a kernel launched through bm_launch_pdl may start
-// while the kernel before it in the stream is still finishing, which removes most of the
-// launch gap between the ~160 small kernels of a batch-1 decode graph. Such a kernel must call
-// bm_pdl_wait() first, before touching memory: griddepcontrol.wait returns once the previous
-// grid has completed and its writes are visible, so the stream order is kept (and, every PDL
-// kernel waiting, transitively). On a kernel launched normally the wait is a no-op.
-// Returns a cudaError_t like a launch; where bm_pdl_allowed() says no, the attribute is off.
-template <typename... KArgs, typename... Args>
-static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block,
-                                        size_t smem, cudaStream_t stream, Args... args) {
-    int sms = 0;
-    const int st = bm_sm_count(&sms);
-    if (st) return (cudaError_t)st;
-    // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
-    // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
-    // GEMM (cuda/NOTES.md, gpuperf run 2).
-    const bool small = (int64_t)grid.x * grid.y * grid.z <= 8 * (int64_t)sms;
-    return bm_launch_ex(kernel, grid, block, smem, stream, small && bm_pdl_allowed(), 1, false,
-                        args...);
-}
-
-// The early form of the decode kernels (BLACKMAMBA_CUDA_PDL_EARLY, default on; "0" turns it
-// off, for A/B measurements): the kernel calls bm_pdl_trigger() as its first statement, loads
-// what no kernel of the graph writes (weights; its own layer's recurrent state, written by
-// itself one step before) and only then bm_pdl_wait_only(). Read at launch, i.e. at capture.
-static inline bool bm_pdl_early() { return bm_env_switch("BLACKMAMBA_CUDA_PDL_EARLY", true); }
-
-// Launches of the early kernels so far, by kind (tests assert the path was taken; counted at
-// launch, so a captured graph counts once): 0 gemv1_kernel, 1 expert_rows_early_kernel,
-// 2 step_scan_kernel<.., EARLY>, 3 norm_route_kernel<., NR_EARLY>, 4 rms_norm_kernel<.., EARLY>.
-// Not static: one set for the whole library (vague linkage).
-enum { BM_EARLY_GEMV1, BM_EARLY_ROWS, BM_EARLY_SCAN, BM_EARLY_NORM_ROUTE, BM_EARLY_RMS_NORM,
-       BM_EARLY_KINDS };
-inline std::atomic<long long> *bm_pdl_early_counts() {
-    static std::atomic<long long> c[BM_EARLY_KINDS];
-    return c;
-}
-static inline void bm_pdl_early_count(int kind) {
-    bm_pdl_early_counts()[kind].fetch_add(1, std::memory_order_relaxed);
-}
-
 // A grid launched with PDL takes SM slots as the kernel before it frees them, so its blocks
 // gather on the SMs that free first (as many as their resources allow) instead of spreading
 // over all of them as a plain launch does (cuda/NOTES.md, session 6 moe64 and session 25).
@@ -212,6 +171,56 @@ static inline int bm_pdl_spread_smem(K kernel, dim3 grid, int *smem) {
     return 0;
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched through bm_launch_pdl may start
+// while the kernel before it in the stream is still finishing, which removes most of the
+// launch gap between the ~160 small kernels of a batch-1 decode graph. Such a kernel must call
+// bm_pdl_wait() first, before touching memory: griddepcontrol.wait returns once the previous
+// grid has completed and its writes are visible, so the stream order is kept (and, every PDL
+// kernel waiting, transitively). On a kernel launched normally the wait is a no-op.
+// Returns a cudaError_t like a launch; where bm_pdl_allowed() says no, the attribute is off.
+// spread: where the attribute is set, the blocks spread over the SMs (bm_pdl_spread_smem).
+template <typename... KArgs, typename... Args>
+static inline cudaError_t bm_launch_pdl_spread(bool spread, void (*kernel)(KArgs...), dim3 grid,
+                                               dim3 block, size_t smem, cudaStream_t stream,
+                                               Args... args) {
+    int sms = 0;
+    int st = bm_sm_count(&sms);
+    if (st) return (cudaError_t)st;
+    // Only for grids of at most one full wave (8 blocks per SM): the decode kernels. A large
+    // grid (a prefill norm of 16,384 blocks) scheduled early would wait on the SMs behind a
+    // GEMM (cuda/NOTES.md, gpuperf run 2).
+    const bool small = (int64_t)grid.x * grid.y * grid.z <= 8 * (int64_t)sms;
+    const bool pdl = small && bm_pdl_allowed();
+    int sm = (int)smem;
+    if (pdl && spread && (st = bm_pdl_spread_smem(kernel, grid, &sm))) return (cudaError_t)st;
+    return bm_launch_ex(kernel, grid, block, (size_t)sm, stream, pdl, 1, false, args...);
+}
+template <typename... KArgs, typename... Args>
+static inline cudaError_t bm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                        size_t smem, cudaStream_t stream, Args... args) {
+    return bm_launch_pdl_spread(false, kernel, grid, block, smem, stream, args...);
+}
+
+// The early form of the decode kernels (BLACKMAMBA_CUDA_PDL_EARLY, default on; "0" turns it
+// off, for A/B measurements): the kernel calls bm_pdl_trigger() as its first statement, loads
+// what no kernel of the graph writes (weights; its own layer's recurrent state, written by
+// itself one step before) and only then bm_pdl_wait_only(). Read at launch, i.e. at capture.
+static inline bool bm_pdl_early() { return bm_env_switch("BLACKMAMBA_CUDA_PDL_EARLY", true); }
+
+// Launches of the early kernels so far, by kind (tests assert the path was taken; counted at
+// launch, so a captured graph counts once): 0 gemv1_kernel, 1 expert_rows_early_kernel,
+// 2 step_scan_kernel<.., EARLY>, 3 norm_route_kernel<., NR_EARLY>, 4 rms_norm_kernel<.., EARLY>.
+// Not static: one set for the whole library (vague linkage).
+enum { BM_EARLY_GEMV1, BM_EARLY_ROWS, BM_EARLY_SCAN, BM_EARLY_NORM_ROUTE, BM_EARLY_RMS_NORM,
+       BM_EARLY_KINDS };
+inline std::atomic<long long> *bm_pdl_early_counts() {
+    static std::atomic<long long> c[BM_EARLY_KINDS];
+    return c;
+}
+static inline void bm_pdl_early_count(int kind) {
+    bm_pdl_early_counts()[kind].fetch_add(1, std::memory_order_relaxed);
+}
+
 // The prefill's conv and selective scan launched through bm_launch_pdl (session 24), at every
 // length since session 25. Both call bm_pdl_wait_only() first: no early trigger, so the kernel
 // after them starts as their blocks exit, not parked beside them. The scan pads its shared
@@ -221,11 +230,12 @@ static inline int bm_pdl_spread_smem(K kernel, dim3 grid, int *smem) {
 // 128 / 256 / 512 / 1024 / 2048 tokens -3.7 / -3.2 / -3.6 / -2.5 / -2.5 / -1.9 / -1.3 / -0.4%,
 // b = 8 x 2048 -0.3%. BLACKMAMBA_CONV_SCAN_PDL: "0" plain launches (A/B, tests). Read per launch.
 static inline bool bm_conv_scan_pdl() { return bm_env_switch("BLACKMAMBA_CONV_SCAN_PDL", true); }
+// pdl false: a plain launch; else bm_launch_pdl_spread's (spread: the scan's blocks).
 template <typename... KArgs, typename... Args>
-static inline cudaError_t bm_launch_maybe_pdl(bool pdl, void (*kernel)(KArgs...), dim3 grid,
-                                              dim3 block, size_t smem, cudaStream_t stream,
-                                              Args... args) {
-    if (pdl) return bm_launch_pdl(kernel, grid, block, smem, stream, args...);
+static inline cudaError_t bm_launch_maybe_pdl(bool pdl, bool spread, void (*kernel)(KArgs...),
+                                              dim3 grid, dim3 block, size_t smem,
+                                              cudaStream_t stream, Args... args) {
+    if (pdl) return bm_launch_pdl_spread(spread, kernel, grid, block, smem, stream, args...);
     return bm_launch_ex(kernel, grid, block, smem, stream, false, 1, false, args...);
 }
 

@@ -213,12 +213,12 @@ int conv_fwd_launch(const float *x, const float *w, const float *bias, const flo
     if (z) {  // SUM
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL, true>
                              : conv_fwd_kernel<K, CONV_CT, true>;
-        BM_CUDA_TRY(bm_launch_maybe_pdl(pdl, kernel, grid, dim3(CONV_THREADS), 0, stream, x, w,
+        BM_CUDA_TRY(bm_launch_maybe_pdl(pdl, false, kernel, grid, dim3(CONV_THREADS), 0, stream, x, w,
                                         bias, conv_in, conv_out, y, silu, (int)L, (int)E, ld,
                                         part, zin, z, ybf, ylo));
     } else {
         auto *kernel = small ? conv_fwd_kernel<K, CONV_CT_SMALL> : conv_fwd_kernel<K, CONV_CT>;
-        BM_CUDA_TRY(bm_launch_maybe_pdl(pdl, kernel, grid, dim3(CONV_THREADS), 0, stream, x, w,
+        BM_CUDA_TRY(bm_launch_maybe_pdl(pdl, false, kernel, grid, dim3(CONV_THREADS), 0, stream, x, w,
                                         bias, conv_in, conv_out, y, silu, (int)L, (int)E,
                                         (int64_t)0, (int64_t)0, (const float *)nullptr,
                                         (float *)nullptr, (uint16_t *)nullptr,

@@ -757,19 +757,9 @@ int scan_fwd_launch(const ScanParams &p, int b, int var, int adt, cudaStream_t s
     dim3 grid((unsigned)bm_cdiv(p.E, CPB), (unsigned)b);
     // with PDL where the grid is small (bm_conv_scan_pdl, bm_launch_pdl's one-wave rule; the
     // kernel waits first), its blocks spread over the SMs (scan_pdl_spread_on)
-    const bool pdl = bm_conv_scan_pdl();
-    bool spread = pdl && scan_pdl_spread_on();
-    if (spread) {
-        int sms = 0;
-        const int st = bm_sm_count(&sms);
-        if (st) return st;
-        spread = (int64_t)grid.x * grid.y * (p.nseg > 1 ? p.nseg : 1) <= 8 * (int64_t)sms;
-    }
-    auto go = [&](void (*k)(const ScanParams)) -> cudaError_t {
-        int smem = 0;
-        const int st = spread ? bm_pdl_spread_smem(k, grid, &smem) : 0;
-        if (st) return (cudaError_t)st;
-        return bm_launch_maybe_pdl(pdl, k, grid, dim3(SCAN_THREADS), (size_t)smem, stream, p);
+    const bool pdl = bm_conv_scan_pdl(), spread = scan_pdl_spread_on();
+    auto go = [&](void (*k)(const ScanParams)) {
+        return bm_launch_maybe_pdl(pdl, spread, k, grid, dim3(SCAN_THREADS), 0, stream, p);
     };
     if (adt != ACT_F32) {
         // 16-bit activations: VAR 3, one pass (scan_forward made TPC >= 2 and nseg = 1).

@@ -595,6 +595,8 @@ int bm_cuda_bench_prefill(bm_cuda_model *m, const int32_t *ids, int64_t B, int64
 /* Prefill graphs (engine.cu prefill_graph) captured / replayed so far. */
 long long bm_cuda_prefill_graph_captures(void);
 long long bm_cuda_prefill_graph_replays(void);
+/* Decode graphs (engine.cu ensure_graph: one a state and switch values) captured so far. */
+long long bm_cuda_decode_graph_captures(void);
 /* Time per stage, ms, mean of iters - 1 runs after a warm-up: ids NULL -> one decode step of
  * s (a graph captured with an event after every stage); else a prefill of ids (B, L) (host,
  * B = the state's batch; host waits count). ms has BM_CUDA_PROF_STAGES entries in the order

@@ -212,8 +212,16 @@ struct Ws {
                             // where the norm ran in fc2, or the hi then lo rows of a stacked
                             // split in_proj (mamba_step)
     int64_t xzt_rows;
-    cudaGraphExec_t exec;   // decode graph (decode workspaces)
-    uint64_t serial;        // the state it was captured for
+    // Decode graphs (decode workspaces; ensure_graph): one a state and switch values (a
+    // graph holds the state's buffer addresses), at most dec_graphs_max() kept, the least
+    // recently used replaced; exec is the one ensure_graph picked last.
+    struct DecGraph {
+        uint64_t serial, env, used;  // the state's serial, env_digest(), ensure_graph's clock
+        cudaGraphExec_t exec;
+    };
+    std::vector<DecGraph> graphs;
+    uint64_t clock;
+    cudaGraphExec_t exec;
 };
 
 }  // namespace
@@ -3072,7 +3080,7 @@ void ws_layout(const bm_cuda_model *m, Ws *w, char *base, int64_t T, bool decode
 
 void ws_free(Ws *w) {
     if (!w) return;
-    if (w->exec) cudaGraphExecDestroy(w->exec);
+    for (const Ws::DecGraph &g : w->graphs) cudaGraphExecDestroy(g.exec);
     cudaFree(w->base);
     delete w;
 }
@@ -3091,7 +3099,7 @@ int ws_create(bm_cuda_model *m, int64_t T, bool decode, Ws **out) {
     w->base = (char *)base;
     ws_layout(m, w, w->base, T, decode);
     w->exec = nullptr;
-    w->serial = 0;
+    w->clock = 0;
     // Tokens start valid (id 0): a benchmark may replay before writing any.
     st = (int)cudaMemsetAsync(w->tok, 0, (size_t)T * 4, m->stream);
     // The routing's ticket counter starts at 0 (and each launch leaves it so).
@@ -3329,10 +3337,47 @@ int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace 
     return mark(m, P_HEAD);
 }
 
-// Capture the decode graph of ws for state s (again when it was captured for another state:
-// the graph holds the state's buffer addresses).
+// Decode graphs kept a batch size (ensure_graph): BLACKMAMBA_DECODE_GRAPHS (1..64, default 8;
+// 1 is the single graph of sessions 1-25, captured again whenever another state stepped:
+// ~1 ms a switch at the 2.8B shape, cuda/NOTES.md session 26). Read per call.
+constexpr long DEC_GRAPHS_DEFAULT = 8;
+size_t dec_graphs_max() {
+    return (size_t)bm_env_long("BLACKMAMBA_DECODE_GRAPHS", 1, 64, DEC_GRAPHS_DEFAULT);
+}
+// Decode graphs captured so far (bm_cuda_decode_graph_captures: the tests).
+std::atomic<long long> g_dg_captures{0};
+
+// ws->exec := the decode graph of ws for state s under the current BLACKMAMBA_* switches,
+// captured where none is kept (a graph holds the state's buffer addresses and the switches
+// read at capture). A state's serial is never reused, so a freed state's graph is never
+// replayed: it waits for eviction. Beyond dec_graphs_max() graphs the least recently used one
+// is replaced (its executable updated in place where the topology allows).
 int ensure_graph(bm_cuda_model *m, Ws *ws, bm_cuda_state *s) {
-    if (ws->exec && ws->serial == s->serial) return 0;
+    const uint64_t env = env_digest();
+    for (Ws::DecGraph &g : ws->graphs)
+        if (g.serial == s->serial && g.env == env) {
+            g.used = ++ws->clock;
+            ws->exec = g.exec;
+            return 0;
+        }
+    ws->exec = nullptr;
+    auto lru = [&]() {
+        size_t j = 0;
+        for (size_t i = 1; i < ws->graphs.size(); i++)
+            if (ws->graphs[i].used < ws->graphs[j].used) j = i;
+        return j;
+    };
+    const size_t cap = dec_graphs_max();
+    while (ws->graphs.size() > cap) {  // (the switch lowered)
+        const size_t j = lru();
+        cudaGraphExecDestroy(ws->graphs[j].exec);
+        ws->graphs.erase(ws->graphs.begin() + (ptrdiff_t)j);
+    }
+    try {
+        ws->graphs.reserve(cap);  // (no allocation after the capture)
+    } catch (...) {
+        return BM_CUDA_ARG_FAIL("decode graph: host allocation failed");
+    }
     TRY(blas_prepare(m));
     if (needs_wf(m, ws->T)) TRY(ensure_wf(m));
     BM_CUDA_TRY(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal));
@@ -3344,24 +3389,32 @@ int ensure_graph(bm_cuda_model *m, Ws *ws, bm_cuda_state *s) {
         if (st) return st;  // the launcher's message
         return bm_cuda_fail_cuda_(__FILE__, __LINE__, e);
     }
-    if (ws->exec) {
+    cudaGraphExec_t exec = nullptr;
+    size_t slot = ws->graphs.size();  // a new entry, or the one replaced
+    if (slot == cap) {
+        slot = lru();
+        exec = ws->graphs[slot].exec;
         cudaGraphExecUpdateResultInfo info;
-        if (cudaGraphExecUpdate(ws->exec, g, &info) != cudaSuccess) {
+        if (cudaGraphExecUpdate(exec, g, &info) != cudaSuccess) {
             cudaGetLastError();  // not updatable (topology changed): instantiate anew
-            cudaGraphExecDestroy(ws->exec);
-            ws->exec = nullptr;
+            cudaGraphExecDestroy(exec);
+            exec = nullptr;
+            ws->graphs.erase(ws->graphs.begin() + (ptrdiff_t)slot);
+            slot = ws->graphs.size();
         }
     }
-    if (!ws->exec) {
-        const cudaError_t ei = cudaGraphInstantiate(&ws->exec, g, 0);
+    if (!exec) {
+        const cudaError_t ei = cudaGraphInstantiate(&exec, g, 0);
         if (ei != cudaSuccess) {
-            ws->exec = nullptr;
             cudaGraphDestroy(g);
             return bm_cuda_fail_cuda_(__FILE__, __LINE__, ei);
         }
+        ws->graphs.push_back({0, 0, 0, exec});  // within the reserved capacity
     }
     cudaGraphDestroy(g);
-    ws->serial = s->serial;
+    ws->graphs[slot] = {s->serial, env, ++ws->clock, exec};
+    ws->exec = exec;
+    g_dg_captures.fetch_add(1, std::memory_order_relaxed);
     return 0;
 }
 
@@ -3758,6 +3811,7 @@ extern "C" void bm_cuda_model_free(bm_cuda_model *m) {
 }
 
 extern "C" long long bm_cuda_prefill_graph_captures(void) { return g_pg_captures.load(); }
+extern "C" long long bm_cuda_decode_graph_captures(void) { return g_dg_captures.load(); }
 extern "C" long long bm_cuda_prefill_graph_replays(void) { return g_pg_replays.load(); }
 
 extern "C" long long bm_cuda_l2_set_aside(void) {
@@ -3775,7 +3829,7 @@ extern "C" void bm_cuda_model_bytes(const bm_cuda_model *m, size_t *weights, siz
     int g = 0;
     for (const Ws *w : m->dec) {
         ws += w->bytes;
-        g += w->exec != nullptr;
+        g += (int)w->graphs.size();
     }
     for (const auto &pg : m->pg) g += pg.exec != nullptr;
     for (const bm_cuda_state *sh : m->pg_shadow) ws += sh->bytes;  // the prefill graphs' states

@@ -178,6 +178,31 @@ __device__ T block_exscan(T v, T *scratch, T *total) {
     return base + ex;
 }
 
+// N sums over the block at once (every thread gets them in out[]): each warp's shuffle sums,
+// then thread j < N adds the NW warp sums of value j in warp order (a fixed order: the same
+// bits every run). scratch: NW * N + N entries (the list path's buffer, unused meanwhile).
+template <int N, typename T>
+__device__ void block_sums(T (&v)[N], T *scratch, T (&out)[N]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        T x = v[j];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        if (lane == 0) scratch[warp * N + j] = x;
+    }
+    __syncthreads();
+    if (threadIdx.x < N) {
+        T t = T(0);
+        for (int w = 0; w < NW; w++) t += scratch[w * N + threadIdx.x];
+        scratch[NW * N + threadIdx.x] = t;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; j++) out[j] = scratch[NW * N + j];
+    __syncthreads();
+}
+
 // The inverse CDF over items [0, m) in id order: the first item whose cumulative weight
 // (float64) exceeds u * W, W the total. Thread t owns the contiguous items [t*c, t*c + c);
 // the owner is the last thread with weight whose start <= u * W (the crossing lies in it, or
@@ -370,7 +395,12 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
                     if (c > SAMPLE_LIST || c < 1) continue;
                     const bool enough =
                         use_k ? c >= K : lvl_mass[j] >= a.top_p * Z * (1.0 + 1e-4);
-                    if (enough || (!use_k && lvl < 0)) {   // top-p alone: largest as a try
+                    // top-p alone: the largest level that fits, as a try, where its float32
+                    // sums leave the mass in doubt (a list whose mass is surely short would
+                    // only be sorted to fall through to the generic path: ~30-50 us)
+                    const bool try_p =
+                        !use_k && lvl < 0 && lvl_mass[j] >= a.top_p * Z * (1.0 - 1e-4);
+                    if (enough || try_p) {
                         lvl = j;
                         lvl_count = c;
                         tau = L[j] * T;
@@ -457,42 +487,104 @@ __global__ __launch_bounds__(ST) void sample_kernel(SampleArgs a) {
             }
         }
 
-        // ---- path 4: generic, thresholds by bisection over the order keys ---------------------
+        // ---- path 4: generic, thresholds by a radix search over the order keys -------------
+        // The threshold lies in [lo, hi); each pass cuts it into SPLIT parts of 2^sh keys
+        // (part b = (key - lo) >> sh) and sums, per thread in id order, the counts (top-k) or
+        // weights (top-p) of the keys in [lo, hi) above each cut; one block reduction of those
+        // sums (block_sums) picks the part holding the threshold, and `above` carries what
+        // lies at or above hi. At most 11 passes for 32-bit keys, each computing the weights
+        // of the keys still in range only (the bisection before took 32 passes over every
+        // weight: ~400 us a top-p draw of a 50K row on the H200). The result is the
+        // bisection's, the largest t with the count / mass at or above t >= the target (the
+        // masses are float64 sums in another order: within their rounding).
         path = PATH_GENERIC;
+        constexpr int SPLIT = 8;
+        // the shift that cuts [lo, lo + len) into at most SPLIT parts of 2^sh keys
+        auto shift_for = [](uint32_t len) {
+            const int bits = 32 - __clz(len - 1);   // len >= 2
+            return bits > 3 ? bits - 3 : 0;
+        };
         uint32_t kth = 0;   // keep key >= kth
+        // no key lies above the max's: the search starts below okey(vmax) + 1 (<= 0xff800001)
+        const uint32_t top = okey(vmax) + 1;
         if (use_k) {
-            // the largest t with #(key >= t) >= K
-            unsigned long long lo = 0, hi = 1ull << 32;
+            // the largest t with #(key >= t) >= K: invariant #(key >= lo) >= K > #(key >= hi)
+            uint32_t lo = 0, hi = top;
+            long long above = 0;   // #(key >= hi)
             while (hi - lo > 1) {
-                const unsigned long long mid = (lo + hi) >> 1;
-                long long c = 0;
-                for (int i = tid; i < n; i += ST) c += okey(ld(i)) >= mid;
-                if (block_sum_ll(c, sm) >= K) lo = mid;
-                else hi = mid;
+                const uint32_t len = hi - lo;
+                const int sh = shift_for(len);
+                long long c[SPLIT - 1], tot[SPLIT - 1];
+#pragma unroll
+                for (int q = 0; q < SPLIT - 1; q++) c[q] = 0;
+                for (int i = tid; i < n; i += ST) {
+                    const uint32_t d = okey(ld(i)) - lo;   // keys below lo wrap past len
+                    if (d >= len) continue;
+                    const uint32_t b = d >> sh;
+#pragma unroll
+                    for (int q = 0; q < SPLIT - 1; q++) c[q] += b > (uint32_t)q;
+                }
+                block_sums(c, reinterpret_cast<long long *>(sm.list), tot);
+                int jj = -1;   // the last cut whose count at or above reaches K
+#pragma unroll
+                for (int q = 0; q < SPLIT - 1; q++)
+                    if (above + tot[q] >= K) jj = q;
+                // cuts past hi hold nothing (tot 0): they never pass, and hi stays
+                if (jj + 1 < SPLIT - 1 && ((uint64_t)(jj + 2) << sh) < len) {
+                    hi = lo + ((uint32_t)(jj + 2) << sh);
+                    above += tot[jj + 1];
+                }
+                if (jj >= 0) lo += (uint32_t)(jj + 1) << sh;
             }
-            kth = (uint32_t)lo;
+            kth = lo;
         }
         uint32_t pt = 0;        // top-p: keep key > pt, and key == pt with id <= pcut
         int pcut = n;
         if (use_p) {
-            auto mass_ge = [&](unsigned long long t) {
-                double s = 0.0;
+            // the largest t with mass(key >= t) >= target = top_p * (the kept mass, keys >=
+            // kth): invariant mass(key >= lo) >= target > mass(key >= hi) = above. The first
+            // pass's range holds every kept key, so its in-range total (s[SPLIT - 1]) is the
+            // kept mass; where no pass runs (kth is the max's key), a pass of its own sums it.
+            uint32_t lo = kth, hi = top;
+            double above = 0.0, target = -1.0;
+            if (hi - lo <= 1) {
+                double z = 0.0;
                 for (int i = tid; i < n; i += ST) {
                     const float v = ld(i);
-                    const uint32_t k = okey(v);
-                    if (k >= kth && k >= t) s += (double)weight(v);
+                    if (okey(v) >= kth) z += (double)weight(v);
                 }
-                return block_sum_d(s, sm);
-            };
-            const double target = a.top_p * mass_ge(0);
-            unsigned long long lo = kth, hi = 1ull << 32;   // mass_ge(lo) >= target
-            while (hi - lo > 1) {
-                const unsigned long long mid = (lo + hi) >> 1;
-                if (mass_ge(mid) >= target) lo = mid;
-                else hi = mid;
+                target = a.top_p * block_sum_d(z, sm);
             }
-            pt = (uint32_t)lo;
-            const double above = pt == 0xffffffffu ? 0.0 : mass_ge((unsigned long long)pt + 1);
+            while (hi - lo > 1) {
+                const uint32_t len = hi - lo;
+                const int sh = shift_for(len);
+                double s[SPLIT], tot[SPLIT];
+#pragma unroll
+                for (int q = 0; q < SPLIT; q++) s[q] = 0.0;
+                for (int i = tid; i < n; i += ST) {
+                    const float v = ld(i);
+                    const uint32_t d = okey(v) - lo;
+                    if (d >= len) continue;
+                    const uint32_t b = d >> sh;
+                    const double w = (double)weight(v);
+                    s[SPLIT - 1] += w;
+#pragma unroll
+                    for (int q = 0; q < SPLIT - 1; q++)
+                        if (b > (uint32_t)q) s[q] += w;
+                }
+                block_sums(s, reinterpret_cast<double *>(sm.list), tot);
+                if (target < 0.0) target = a.top_p * tot[SPLIT - 1];
+                int jj = -1;
+#pragma unroll
+                for (int q = 0; q < SPLIT - 1; q++)
+                    if (above + tot[q] >= target) jj = q;
+                if (jj + 1 < SPLIT - 1 && ((uint64_t)(jj + 2) << sh) < len) {
+                    hi = lo + ((uint32_t)(jj + 2) << sh);
+                    above += tot[jj + 1];
+                }
+                if (jj >= 0) lo += (uint32_t)(jj + 1) << sh;
+            }
+            pt = lo;
             const double wt = (double)weight(okey_float(pt));
             // ties at pt (same logit, same weight): the first m of them by id
             const int c = (n + ST - 1) / ST;

@@ -2390,9 +2390,9 @@ static PyObject *py_cuda_sample(PyObject *self, PyObject *args, PyObject *kw) {
     PyObject *seed0 = NULL;
     if (!oseed) oseed = seed0 = PyLong_FromLong(0);
     if (!oseed || parse_sampling(s.fn, temperature, ok, op, oseed, step, &sp) < 0) goto fail;
-    if (path < 0 || path > 3) {
+    if (path < 0 || path > 7) {
         PyErr_Format(PyExc_ValueError, "sample: path must be 0 (auto), or 1 (force the generic "
-                     "path) | 2 (force global-memory reads)");
+                     "path) | 2 (force global-memory reads) | 4 (one block a row at any batch)");
         goto fail;
     }
     sp.row_streams = row_streams;

@@ -381,14 +381,17 @@ typedef struct {
     uint64_t seed;       /* Philox4x32-10 key */
     int64_t step;        /* counter words 0-1: which draw of the stream */
     int row_streams;     /* 1: row r draws at counter word 2 = r; 0: every row at 0 */
-    int path;            /* 0 = auto; tests: | 1 forces the generic (bisection) path,
-                            | 2 the uncached kernel (global-memory reads) */
+    int path;            /* 0 = auto; tests: | 1 forces the generic (radix search) path,
+                            | 2 the uncached kernel (global-memory reads), | 4 one block a
+                            row at every batch (no cluster kernel) */
 } bm_cuda_sampling;
 /* tokens (B) int32 = one draw per row of logits (B, V) among ids < vocab_limit, with the
  * semantics of blackmamba/generation.py sample_probs + sample_next_u (sample.cu says how).
  * status (B) or NULL: error bits |= BM_CUDA_SAMPLE_* (the row's token is then 0), bits 8..15
- * the path, bit 16 set when the row was cached in shared memory; u_out (B) or NULL: each
- * row's uniform. One block per row; no workspace; capturable once called outside a capture
+ * the path, bit 16 set when the row was cached in shared memory, bit 17 when it ran on the
+ * cluster kernel; u_out (B) or NULL: each row's uniform. Up to 16 rows (of up to 98,304 ids,
+ * on compute capability 9+): a cluster of 8 blocks a row; else one block per row. No
+ * workspace; capturable once called outside a capture
  * (the first call per device raises the kernel's shared-memory cap). A bad argument returns
  * BM_CUDA_ERR_ARG naming it. */
 int bm_cuda_sample(const float *logits, int64_t B, int64_t V, int64_t vocab_limit,

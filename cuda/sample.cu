@@ -1,5 +1,6 @@
 // sample.cu: the next token from logits on the device: greedy, temperature, top-k, top-p, one
-// draw by inverse CDF from a counter-based uniform. One block per row (B rows of V logits).
+// draw by inverse CDF from a counter-based uniform. One block per row (B rows of V logits), or
+// for up to 16 rows a cluster of 8 blocks a row (sample_cluster_kernel, below).
 //
 // Semantics: blackmamba/generation.py sample_probs / sample_next_u, the float64 twin.
 //   - Only ids < limit are eligible. Any NaN: status SAMPLE_NAN. Any +inf: the choice is
@@ -41,6 +42,8 @@
 //                 the thresholds by bisection over the 32-bit order keys of the logits, one
 //                 block reduction per step (32 for top-k, 32 for top-p), then the draw pass
 //                 as in 2 with the cut as a predicate. Slow (~70 passes) but rarely taken.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 #include <math.h>
@@ -629,6 +632,343 @@ done:
     }
 }
 
+// ---- the cluster kernel: CG CTAs a row (B <= SC_MAX_ROWS) -------------------------------------
+// sample_kernel runs a row on one SM: at batch 1 its passes (a top-p draw's ~14) run one after
+// another there while the other SMs idle. sample_cluster_kernel shares a row among a cluster
+// of CG CTAs: thread t of CTA r owns the c contiguous ids from (r * CT + t) * c (c = ceil(n /
+// (CG * CT))), which CTA r caches in shared memory, and every reduction is the warps' (lane
+// shuffles), the CTA's (warps in order) and the cluster's (CTAs in rank order, over
+// distributed shared memory): deterministic. Paths: greedy, direct and generic with
+// sample_kernel's arithmetic; no list path (its sort on one SM is slower than the generic
+// passes spread over the cluster). The results obey the same twin tolerance; the masses are
+// summed in another order than sample_kernel's, so a draw within float64 rounding of a
+// boundary may differ between the two kernels.
+namespace cgr = cooperative_groups;
+constexpr int CG = 8;                 // CTAs a row: the portable cluster size
+constexpr int CT = 512;               // threads a CTA
+constexpr int CNW = CT / 32;
+constexpr int SC_MAX_ROWS = 16;       // rows: CG * 16 = 128 CTAs, one wave
+constexpr int SC_MAX_C = 24;          // ids a thread: n <= 98,304, 48 KB a CTA
+
+struct CSmem {
+    unsigned long long w[CNW * 8];    // warp partials (8-byte values, up to 8 a warp)
+    unsigned long long pub[8];        // this CTA's partials, read by the cluster
+    unsigned long long res[8];        // the cluster's results
+};
+
+__device__ __forceinline__ void csync() {
+#if __CUDA_ARCH__ >= 900
+    cgr::this_cluster().sync();
+#else
+    __syncthreads();
+#endif
+}
+template <typename T>
+__device__ __forceinline__ const T *cremote(const T *p, int rank) {
+#if __CUDA_ARCH__ >= 900
+    return cgr::this_cluster().map_shared_rank(p, rank);
+#else
+    return p;
+#endif
+}
+
+// N 8-byte values reduced over the cluster (OP 0: sum, 1: max); every thread gets them.
+template <int OP, int N, typename T>
+__device__ void creduce(const T (&v)[N], CSmem &sm, T (&out)[N]) {
+    static_assert(sizeof(T) == 8 && N <= 8, "up to 8 values of 8 bytes");
+    T *w = reinterpret_cast<T *>(sm.w), *pub = reinterpret_cast<T *>(sm.pub);
+    T *res = reinterpret_cast<T *>(sm.res);
+    auto op = [](T a, T b) { return OP ? (a > b ? a : b) : a + b; };
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        T x = v[j];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+        if (lane == 0) w[warp * N + j] = x;
+    }
+    __syncthreads();
+    if (threadIdx.x < N) {
+        T t = w[threadIdx.x];
+        for (int q = 1; q < CNW; q++) t = op(t, w[q * N + threadIdx.x]);
+        pub[threadIdx.x] = t;
+    }
+    csync();
+    if (threadIdx.x < N) {
+        T t = cremote(pub, 0)[threadIdx.x];
+        for (int r = 1; r < CG; r++) t = op(t, cremote(pub, r)[threadIdx.x]);
+        res[threadIdx.x] = t;
+    }
+    csync();   // every CTA has read every pub; res is visible
+#pragma unroll
+    for (int j = 0; j < N; j++) out[j] = res[j];
+}
+template <int OP, typename T>
+__device__ T creduce1(T v, CSmem &sm) {
+    const T in[1] = {v};
+    T out[1];
+    creduce<OP, 1>(in, sm, out);
+    return out[0];
+}
+
+// Exclusive prefix of v over the cluster's threads in (rank, thread) order; *total the sum.
+template <typename T>
+__device__ T cscan(T v, int rank, CSmem &sm, T *total) {
+    static_assert(sizeof(T) == 8, "8-byte values");
+    T *w = reinterpret_cast<T *>(sm.w), *pub = reinterpret_cast<T *>(sm.pub);
+    T *res = reinterpret_cast<T *>(sm.res);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    T x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    T ex = __shfl_up_sync(0xffffffffu, x, 1);
+    if (lane == 0) ex = T(0);
+    if (lane == 31) w[warp] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        T t = T(0);
+        for (int q = 0; q < CNW; q++) {   // exclusive over warps, in place
+            const T y = w[q];
+            w[q] = t;
+            t += y;
+        }
+        pub[0] = t;
+    }
+    csync();
+    if (threadIdx.x == 0) {
+        T before = T(0), all = T(0);
+        for (int r = 0; r < CG; r++) {
+            const T y = cremote(pub, r)[0];
+            if (r < rank) before += y;
+            all += y;
+        }
+        res[0] = before;
+        res[1] = all;
+    }
+    csync();
+    *total = res[1];
+    return res[0] + w[warp] + ex;
+}
+
+// The inverse CDF over the ids [0, n) of the row (the cluster's contiguous ranges [lo, hi) a
+// thread): sample_kernel's inverse_cdf across the cluster. Returns the id (every thread), -1
+// where every weight is 0.
+template <typename WF>
+__device__ int cinverse_cdf(int lo, int hi, WF w, double u, int rank, CSmem &sm) {
+    double loc = 0.0;
+    for (int i = lo; i < hi; i++) loc += (double)w(i);
+    double tot;
+    const double start = cscan(loc, rank, sm, &tot);
+    const double target = u * tot;
+    const long long g = (long long)rank * CT + threadIdx.x;
+    const long long owner = creduce1<1>(loc > 0.0 && start <= target ? g : -1LL, sm);
+    if (owner < 0) return -1;
+    long long pick = -1;
+    if (g == owner) {
+        double acc = start;
+        int last = -1;
+        for (int i = lo; i < hi; i++) {
+            const float wi = w(i);
+            if (wi > 0.f) {
+                last = i;
+                acc += (double)wi;
+                if (acc > target) {
+                    pick = i;
+                    break;
+                }
+            }
+        }
+        if (pick < 0) pick = last;
+    }
+    return (int)creduce1<1>(pick, sm);
+}
+
+__global__ __launch_bounds__(CT) void sample_cluster_kernel(SampleArgs a, int c) {
+    __shared__ CSmem sm;
+    extern __shared__ float4 ccache4[];   // (CT * c) floats: this CTA's ids
+    float *cache = reinterpret_cast<float *>(ccache4);
+#if __CUDA_ARCH__ >= 900
+    const int rank = (int)cgr::this_cluster().block_rank();
+#else
+    const int rank = 0;
+#endif
+    const int row = blockIdx.y, tid = threadIdx.x, n = a.n;
+    const float *p = a.logits + (int64_t)row * a.V;
+    const int base = rank * CT * c;                    // this CTA's first id
+    const int cnt = max(0, min(n, base + CT * c) - base);
+    for (int i = tid; i < cnt; i += CT) cache[i] = __ldg(p + base + i);
+    __syncthreads();
+    // this thread's ids [lo, hi), read through ld(i)
+    const int lo = min(n, base + tid * c), hi = min(n, lo + c);
+    auto ld = [&](int i) { return cache[i - base]; };
+
+    // ---- pass 1: max, first argmax, NaN and +inf counts ----------------------------------
+    float best = -INFINITY;
+    int bi = n;
+    long long nan = 0, pinf = 0;
+    for (int i = lo; i < hi; i++) {
+        const float v = ld(i);
+        if (v != v) nan++;
+        else {
+            if (v == INFINITY) pinf++;
+            if (v > best) { best = v; bi = i; }
+        }
+    }
+    const unsigned long long key =
+        bi < n ? ((unsigned long long)okey(best) << 32) | (0x7fffffffu - (uint32_t)bi) : 0ull;
+    const unsigned long long packed = creduce1<1>(key, sm);
+    const long long nan_pinf = creduce1<0>((nan << 32) + pinf, sm);
+    const int any_nan = (int)(nan_pinf >> 32) > 0;
+    const long long npinf = nan_pinf & 0xffffffffLL;
+    const float vmax = packed ? okey_float((uint32_t)(packed >> 32)) : -INFINITY;
+    const int amax = packed ? (int)(0x7fffffffu - (uint32_t)(packed & 0xffffffffu)) : 0;
+    const double u = philox_uniform(a.seed, a.step, a.row_streams ? (uint32_t)row : 0u);
+
+    int err = 0, path = PATH_GREEDY, token = 0;
+    if (any_nan) err = BM_CUDA_SAMPLE_NAN;
+    else if (vmax == -INFINITY) err = BM_CUDA_SAMPLE_NEG_INF;
+    if (err || a.T == 0.f) {
+        token = err ? 0 : amax;
+    } else {
+        const bool posinf = npinf > 0;
+        const float T = a.T;
+        auto weight = [&](float v) -> float {
+            if (posinf) return v == INFINITY ? 1.f : 0.f;
+            return expf(-__fdiv_rn(vmax - v, T));
+        };
+        const bool use_k = a.top_k > 0 && a.top_k < n;
+        const bool use_p = a.top_p < 1.0;
+        if (!use_k && !use_p) {
+            path = PATH_DIRECT;
+            const int q = cinverse_cdf(lo, hi, [&](int i) { return weight(ld(i)); }, u, rank, sm);
+            token = q >= 0 ? q : 0;
+        } else {
+            // sample_kernel's generic path (the radix search; see there)
+            path = PATH_GENERIC;
+            constexpr int SPLIT = 8;
+            auto shift_for = [](uint32_t len) {
+                const int bits = 32 - __clz(len - 1);
+                return bits > 3 ? bits - 3 : 0;
+            };
+            const long long K = a.top_k;
+            uint32_t kth = 0;
+            const uint32_t top = okey(vmax) + 1;
+            if (use_k) {
+                uint32_t klo = 0, khi = top;
+                long long above = 0;
+                while (khi - klo > 1) {
+                    const uint32_t len = khi - klo;
+                    const int sh = shift_for(len);
+                    long long cc[SPLIT - 1], tot[SPLIT - 1];
+#pragma unroll
+                    for (int q = 0; q < SPLIT - 1; q++) cc[q] = 0;
+                    for (int i = lo; i < hi; i++) {
+                        const uint32_t d = okey(ld(i)) - klo;   // keys below klo wrap past len
+                        if (d >= len) continue;
+                        const uint32_t b = d >> sh;
+#pragma unroll
+                        for (int q = 0; q < SPLIT - 1; q++) cc[q] += b > (uint32_t)q;
+                    }
+                    creduce<0>(cc, sm, tot);
+                    int jj = -1;
+#pragma unroll
+                    for (int q = 0; q < SPLIT - 1; q++)
+                        if (above + tot[q] >= K) jj = q;
+                    if (jj + 1 < SPLIT - 1 && ((uint64_t)(jj + 2) << sh) < len) {
+                        khi = klo + ((uint32_t)(jj + 2) << sh);
+                        above += tot[jj + 1];
+                    }
+                    if (jj >= 0) klo += (uint32_t)(jj + 1) << sh;
+                }
+                kth = klo;
+            }
+            uint32_t pt = 0;
+            int pcut = n;
+            if (use_p) {
+                uint32_t plo = kth, phi = top;
+                double above = 0.0, target = -1.0;
+                if (phi - plo <= 1) {
+                    double z = 0.0;
+                    for (int i = lo; i < hi; i++) {
+                        const float v = ld(i);
+                        if (okey(v) >= kth) z += (double)weight(v);
+                    }
+                    target = a.top_p * creduce1<0>(z, sm);
+                }
+                while (phi - plo > 1) {
+                    const uint32_t len = phi - plo;
+                    const int sh = shift_for(len);
+                    double sv[SPLIT], tot[SPLIT];
+#pragma unroll
+                    for (int q = 0; q < SPLIT; q++) sv[q] = 0.0;
+                    for (int i = lo; i < hi; i++) {
+                        const float v = ld(i);
+                        const uint32_t d = okey(v) - plo;
+                        if (d >= len) continue;
+                        const uint32_t b = d >> sh;
+                        const double wv = (double)weight(v);
+                        sv[SPLIT - 1] += wv;
+#pragma unroll
+                        for (int q = 0; q < SPLIT - 1; q++)
+                            if (b > (uint32_t)q) sv[q] += wv;
+                    }
+                    creduce<0>(sv, sm, tot);
+                    if (target < 0.0) target = a.top_p * tot[SPLIT - 1];
+                    int jj = -1;
+#pragma unroll
+                    for (int q = 0; q < SPLIT - 1; q++)
+                        if (above + tot[q] >= target) jj = q;
+                    if (jj + 1 < SPLIT - 1 && ((uint64_t)(jj + 2) << sh) < len) {
+                        phi = plo + ((uint32_t)(jj + 2) << sh);
+                        above += tot[jj + 1];
+                    }
+                    if (jj >= 0) plo += (uint32_t)(jj + 1) << sh;
+                }
+                pt = plo;
+                const double wt = (double)weight(okey_float(pt));
+                // ties at pt: the first m of them by id
+                long long loc = 0;
+                for (int i = lo; i < hi; i++) loc += okey(ld(i)) == pt;
+                long long ties;
+                const long long start = cscan(loc, rank, sm, &ties);
+                long long m = ties;
+                if (wt > 0.0) {
+                    const double need = ceil((target - above) / wt);
+                    m = need < 1.0 ? 1 : need > (double)ties ? ties : (long long)need;
+                }
+                if (m < ties) {
+                    long long id = -1;
+                    if (start < m && m <= start + loc) {   // the owner of the m-th tie
+                        long long seen = start;
+                        for (int i = lo; i < hi; i++)
+                            if (okey(ld(i)) == pt && ++seen == m) { id = i; break; }
+                    }
+                    pcut = (int)creduce1<1>(id, sm);
+                }
+            }
+            const int q = cinverse_cdf(
+                lo, hi,
+                [&](int i) {
+                    const float v = ld(i);
+                    const uint32_t k = okey(v);
+                    const bool keep = k >= kth && (k > pt || (k == pt && i <= pcut));
+                    return keep ? weight(v) : 0.f;
+                },
+                u, rank, sm);
+            token = q >= 0 ? q : 0;
+        }
+    }
+    if (rank == 0 && tid == 0) {
+        a.tokens[row] = token;
+        if (a.status)
+            a.status[row] = (a.status[row] & 0xff) | err | (path << 8) | (1 << 16) | (1 << 17);
+        if (a.u_out) a.u_out[row] = u;
+    }
+}
+
 // The largest dynamic shared memory of sample_kernel<true> on the current device (its opt-in
 // limit less its static shared memory), raised to that once per device (bm_smem_optin).
 std::atomic<unsigned> g_optin_done{0};
@@ -652,6 +992,27 @@ int cached_smem_limit(int *out) {
     g_optin_done.fetch_or(bit, std::memory_order_release);
     *out = lim;
     return 0;
+}
+
+// Thread block clusters on the current device (compute capability >= 9), cached per device.
+bool cluster_ok() {
+    static std::atomic<int> ok[32];   // 0 unknown, 1 yes, 2 no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    int v = ok[dev & 31].load(std::memory_order_relaxed);
+    if (!v) {
+        int major = 0;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            major = 0;
+        }
+        v = major >= 9 ? 1 : 2;
+        ok[dev & 31].store(v, std::memory_order_relaxed);
+    }
+    return v == 1;
 }
 
 }  // namespace
@@ -683,6 +1044,29 @@ extern "C" int bm_cuda_sample(const float *logits, int64_t B, int64_t V, int64_t
     a.tokens = tokens;
     a.status = status;
     a.u_out = u_out;
+    // small batches: a cluster of CG CTAs a row (sample_cluster_kernel), unless a test asks
+    // for the one-block kernel (path | 4) or its uncached form (path | 2), or a top-k of at
+    // most SAMPLE_LIST: there the one-block kernel's list path is as fast alone and faster
+    // with a top-p (H200, B = 1, V = 50,304: top_k 50 39-42 us against 38-44, with top_p 0.9
+    // 41-43 against 64-71; cuda/NOTES.md session 26)
+    const int64_t c = bm_cdiv(vocab_limit, (int64_t)CG * CT);
+    const bool list_k = a.top_k > 0 && a.top_k <= SAMPLE_LIST;
+    if (B <= SC_MAX_ROWS && c <= SC_MAX_C && !list_k && !(sp->path & 6) && cluster_ok()) {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(CG, (unsigned)B);
+        cfg.blockDim = dim3(CT);
+        cfg.dynamicSmemBytes = (size_t)(CT * c) * 4;
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = CG;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        BM_CUDA_TRY(cudaLaunchKernelEx(&cfg, sample_cluster_kernel, a, (int)c));
+        return 0;
+    }
     int max_dyn = 0;   // dynamic shared memory the cached kernel may take on this device
     if (int rc = cached_smem_limit(&max_dyn)) return rc;
     if (!(sp->path & 2) && (int64_t)vocab_limit * 4 <= max_dyn)

@@ -81,7 +81,17 @@ def check_rows(logits, T, k=None, p=None, seed=0, step=0, limit=None, path=0):
     # rows that fit in shared memory are cached there, unless path | 2 forbids it
     cached = lim * 4 <= 200 * 1024 and not path & 2
     assert np.all((status >> 16) & 1 == int(cached)) or lim * 4 > 200 * 1024
+    # up to 16 rows run on the cluster kernel (8 CTAs a row), unless path | 2 or | 4 asks for
+    # the one-block kernel
+    assert np.all((status >> 17) & 1 == int(cluster_expected(B, lim, k, path)))
     return (status >> 8) & 0xFF
+
+
+def cluster_expected(B, lim, k, path):
+    """Whether bm_cuda_sample runs the cluster kernel: up to 16 rows of up to 98,304 ids, no
+    top-k of at most 2048 (the one-block kernel's list path), no path | 2 or | 4."""
+    list_k = k is not None and k < lim and k <= 2048
+    return B <= 16 and lim <= 8 * 512 * 24 and not list_k and not path & 6
 
 
 PARAMS = [(0.0, None, None), (1.0, None, None), (0.7, 50, None), (1.0, None, 0.9),
@@ -106,7 +116,13 @@ def test_random_logits_against_twin(V, seed):
                 assert np.all(paths == PATH_GREEDY)
             elif not use_k and not use_p:
                 assert np.all(paths == PATH_DIRECT)
+            elif cluster_expected(6, lim, k, 0):   # the cluster kernel has no list path
+                assert np.all(paths == PATH_GENERIC)
             else:
+                assert np.all((paths == PATH_LIST) | (paths == PATH_GENERIC))
+            # the one-block kernel at these 6 rows (its list path where the sets are small)
+            paths = check_rows(logits, T, k, p, seed=seed, step=V, limit=limit, path=4)
+            if use_k or use_p:
                 assert np.all((paths == PATH_LIST) | (paths == PATH_GENERIC))
             if use_k or use_p:   # the generic path, forced, agrees too
                 assert np.all(check_rows(logits, T, k, p, seed=seed, step=V, limit=limit,
@@ -121,19 +137,28 @@ def test_random_logits_against_twin(V, seed):
 @gpu
 def test_list_and_generic_paths_taken():
     rng = np.random.default_rng(3)
+    # (the one-block kernel, path | 4: the cluster kernel of up to 16 rows has no list path)
     # peaked (LM-like) logits: the top-k / nucleus sets are small -> the list path
     peaked = (rng.standard_normal((8, V_BIG)) * 4).astype(np.float32)
-    assert np.all(check_rows(peaked, 0.8, 50, None, seed=1) == PATH_LIST)
-    assert np.all(check_rows(peaked, 1.0, None, 0.9, seed=2) == PATH_LIST)
-    assert np.all(check_rows(peaked, 1.0, 200, 0.95, seed=3) == PATH_LIST)
+    assert np.all(check_rows(peaked, 0.8, 50, None, seed=1, path=4) == PATH_LIST)
+    assert np.all(check_rows(peaked, 1.0, None, 0.9, seed=2, path=4) == PATH_LIST)
+    assert np.all(check_rows(peaked, 1.0, 200, 0.95, seed=3, path=4) == PATH_LIST)
     # flat logits: the 0.9 nucleus has tens of thousands of ids -> generic
     flat = (rng.standard_normal((4, V_BIG)) * 0.1).astype(np.float32)
-    assert np.all(check_rows(flat, 1.0, None, 0.9, seed=4) == PATH_GENERIC)
+    assert np.all(check_rows(flat, 1.0, None, 0.9, seed=4, path=4) == PATH_GENERIC)
     # top_k beyond the list's capacity -> generic
-    assert np.all(check_rows(flat, 1.0, 5000, None, seed=5) == PATH_GENERIC)
+    assert np.all(check_rows(flat, 1.0, 5000, None, seed=5, path=4) == PATH_GENERIC)
     # top-k on flat logits: the fine levels (within T/32 .. T of the max) -> the list
-    assert np.all(check_rows(flat, 1.0, 50, None, seed=6) == PATH_LIST)
-    assert np.all(check_rows(flat, 1.0, 1, 0.5, seed=7) == PATH_LIST)
+    assert np.all(check_rows(flat, 1.0, 50, None, seed=6, path=4) == PATH_LIST)
+    assert np.all(check_rows(flat, 1.0, 1, 0.5, seed=7, path=4) == PATH_LIST)
+    # by default: a top-k of at most 2048 keeps the one-block kernel (its list path), else
+    # the cluster kernel (generic) up to 16 rows, and one block a row from 17
+    assert np.all(check_rows(peaked, 0.8, 50, None, seed=8) == PATH_LIST)
+    assert np.all(check_rows(peaked, 1.0, 200, 0.95, seed=8) == PATH_LIST)
+    for lg, k, p in [(peaked, None, 0.9), (flat, None, 0.9), (flat, 5000, None)]:
+        assert np.all(check_rows(lg, 1.0, k, p, seed=8) == PATH_GENERIC)
+    many = np.concatenate([peaked, peaked, peaked[:1]])   # one block a row: its list path
+    assert np.all(check_rows(many, 1.0, None, 0.9, seed=9) == PATH_LIST)
 
 
 @gpu
@@ -145,9 +170,11 @@ def test_ties():
         for T, k, p in [(0.0, None, None), (1.0, 1, None), (1.0, 3, None), (0.3, 2, 0.5),
                         (1.0, None, 0.3), (1.0, None, 0.5), (2.0, 7, 0.9)]:
             check_rows(logits, T, k, p, seed=V, step=1)
+            check_rows(logits, T, k, p, seed=V, step=1, path=4)
             if (k is not None and k < V) or p is not None:
                 check_rows(logits, T, k, p, seed=V, step=1, path=1)
                 check_rows(logits, T, k, p, seed=V, step=1, path=3)
+                check_rows(logits, T, k, p, seed=V, step=1, path=5)
         tok, _, _ = dev_sample(logits, 0.0)
         np.testing.assert_array_equal(tok, np.argmax(logits, 1))   # ties -> lowest id
         assert tok[0] == 0
@@ -164,6 +191,10 @@ def test_tied_top_p_cut_keeps_lowest_ids():
     for path in (1, 2, 3):
         tok, _, _ = dev_sample(logits, 1.0, None, 0.5, seed=3, path=path)
         assert set(np.unique(tok)) == {2, 5}
+    # the cluster kernel (up to 16 rows a call)
+    tok = np.concatenate([dev_sample(logits[:16], 1.0, None, 0.5, seed=3, step=s)[0]
+                          for s in range(40)])
+    assert set(np.unique(tok)) == {2, 5}
 
 
 @gpu
@@ -183,11 +214,16 @@ def test_infinities_and_nan():
                     (3.0, 1, 0.9)]:
         check_rows(lg, T, k, p, seed=9, limit=299)
         check_rows(lg, T, k, p, seed=9, limit=299, path=2)
+        check_rows(lg, T, k, p, seed=9, limit=299, path=4)
         if k is not None or p is not None:
             check_rows(lg, T, k, p, seed=9, limit=299, path=1)
             check_rows(lg, T, k, p, seed=9, limit=299, path=3)
-    tok, _, _ = dev_sample(lg, 0.0, limit=299)
-    assert tok[0] == 3 and tok[1] == 17 and tok[3] == 7 and tok[4] == 40
+    for path in (0, 4):
+        tok, _, _ = dev_sample(lg, 0.0, limit=299, path=path)
+        assert tok[0] == 3 and tok[1] == 17 and tok[3] == 7 and tok[4] == 40
+    # the cluster kernel: uniform among the +inf ids too
+    tok = np.concatenate([dev_sample(lg[:1], 1.0, seed=4, step=s)[0] for s in range(600)])
+    assert set(np.unique(tok)) == {3, 100, 250}
     many = np.tile(lg[0], (3000, 1))
     tok, _, _ = dev_sample(many, 1.0, seed=4)
     counts = np.bincount(tok, minlength=V)
@@ -235,6 +271,15 @@ def test_frequencies_chi_square():
             z = ((chi2 / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / sqrt(2 / (9 * dof))
             assert 0.5 * erfc(z / sqrt(2)) > 1e-9, (T, k, p, chi2, dof)
         assert abs(u.mean() - 0.5) < 0.01 and u.min() >= 0 and u.max() < 1
+        # the cluster kernel (16 rows a call: 2,500 calls of distinct steps)
+        if (T, k, p) in [(1.0, None, None), (1.0, None, 0.7)]:
+            tok = np.concatenate([dev_sample(logits[:16], T, k, p, seed=123, step=s)[0]
+                                  for s in range(2500)])
+            counts = np.bincount(tok, minlength=V)
+            assert np.all(counts[probs == 0] == 0)
+            chi2 = float(np.sum((counts[keep] - expect) ** 2 / expect))
+            z = ((chi2 / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / sqrt(2 / (9 * dof))
+            assert 0.5 * erfc(z / sqrt(2)) > 1e-9, ("cluster", T, k, p, chi2, dof)
 
 
 @gpu

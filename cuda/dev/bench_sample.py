@@ -3,8 +3,8 @@ the logits, CUDA events and a CUPTI trace; the package never imports torch).
 
     PYTHONPATH=. python3 cuda/dev/bench_sample.py [--out FILE]
 
-For B in (1, 64), V = 50,304, each case (greedy, plain temperature, top-k, top-p, both, and
-the forced generic path) on LM-like logits (normal * 3: a peaked distribution) and on flat
+For B in (1, 64), V = 50,304, each case (greedy, plain temperature, top-k, top-p, both, the
+forced generic path, the uncached and the one-block kernels; B = 1 runs the cluster kernel) on LM-like logits (normal * 3: a peaked distribution) and on flat
 ones (normal * 0.3): the kernel's own duration (median over the traced calls, CUPTI) and the
 whole call from Python (CUDA events around `iters` calls; each call also reads the status
 back to the host, so it includes a host synchronisation). Also the model-level loop on a
@@ -35,12 +35,15 @@ CASES = [  # name, temperature, top_k, top_p, path
     ("temp_uncached", 1.0, None, None, 2),
     ("k50_p0.9_uncached", 0.8, 50, 0.9, 2),
     ("top_p0.9_gen_unc", 1.0, None, 0.9, 3),
+    ("temp_1block", 1.0, None, None, 4),        # the one-block kernel where the cluster
+    ("top_k50_1block", 0.8, 50, None, 4),       # kernel (B <= 16) would run
+    ("top_p0.9_1block", 1.0, None, 0.9, 4),
 ]
 
 
-def kernel_us(fn, name="sample_kernel"):
+def kernel_us(fn, names=("sample_kernel", "sample_cluster_kernel")):
     d = [e["dur"] for e in trace_events(fn)
-         if e.get("cat") == "kernel" and name in e.get("name", "")]
+         if e.get("cat") == "kernel" and any(n in e.get("name", "") for n in names)]
     return statistics.median(d) if d else float("nan")
 
 
@@ -73,7 +76,8 @@ def main():
                 per_call = a.elapsed_time(b) / args.iters * 1e3
                 st = call()[1]
                 paths = sorted(set(((st >> 8) & 0xFF).tolist()))
-                paths = [f"{q}{'c' if (st >> 16).max() else ''}" for q in paths]
+                paths = [f"{q}{'c' if ((st >> 16) & 1).max() else ''}"
+                         f"{'x' if ((st >> 17) & 1).max() else ''}" for q in paths]  # x: cluster
                 ku = kernel_us(lambda: [call() for _ in range(5)])
                 print(f"{dist:6s} B={B:3d} {name:17s} kernel {ku:8.1f} us   call {per_call:8.1f} us"
                       f"   paths {paths}", file=out)

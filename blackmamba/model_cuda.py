@@ -342,9 +342,10 @@ class CudaModel(TokenModel):
     def memory(self):
         """Device bytes: {'weight_bytes', 'workspace_bytes', 'graphs', 'l2_set_aside'}
         ('graphs': the decode graphs kept, one a state stepped (at most 8 a batch size,
-        BLACKMAMBA_DECODE_GRAPHS), and the prefill graphs kept, one a prompt shape seen twice; 'l2_set_aside': the device's persisting-L2 set-aside, which
-        model creation sets to 0 unless BLACKMAMBA_L2_SET_ASIDE says otherwise; -1 where it
-        cannot be read)."""
+        BLACKMAMBA_DECODE_GRAPHS), and the prefill graphs kept, one a prompt shape seen
+        twice; 'l2_set_aside': the device's persisting-L2 set-aside, which model creation
+        sets to 0 unless BLACKMAMBA_L2_SET_ASIDE says otherwise; -1 where it cannot be
+        read)."""
         return _lib.C().cuda_model_info(self._eng)
 
     # -- checks -----------------------------------------------------------------------------

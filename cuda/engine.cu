@@ -226,7 +226,7 @@ struct Ws {
 
 }  // namespace
 
-extern char **environ;  // the BLACKMAMBA_* switches of the prefill graphs
+extern char **environ;  // the BLACKMAMBA_* switches in the prefill and decode graphs' keys
 
 struct bm_cuda_state {
     int64_t B;
@@ -3339,7 +3339,8 @@ int decode_body(bm_cuda_model *m, Ws *ws, bm_cuda_state *s, const bm_cuda_trace 
 
 // Decode graphs kept a batch size (ensure_graph): BLACKMAMBA_DECODE_GRAPHS (1..64, default 8;
 // 1 is the single graph of sessions 1-25, captured again whenever another state stepped:
-// ~1 ms a switch at the 2.8B shape, cuda/NOTES.md session 26). Read per call.
+// +0.18 / +0.33 ms a B = 1 step at the 2.8B shape on two H200s, cuda/NOTES.md session 26).
+// Read per call.
 constexpr long DEC_GRAPHS_DEFAULT = 8;
 size_t dec_graphs_max() {
     return (size_t)bm_env_long("BLACKMAMBA_DECODE_GRAPHS", 1, 64, DEC_GRAPHS_DEFAULT);
